@@ -1,0 +1,5 @@
+import sys
+
+from dmuh.cli import main
+
+sys.exit(main())

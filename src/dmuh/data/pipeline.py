@@ -1,0 +1,124 @@
+"""Turn decoded uint8 images (held on the training device) into network inputs.
+
+Images are decoded once into one uint8 tensor; augmentation, resizing and normalisation then run
+on the device batch by batch, so the GPU never waits for a CPU data loader.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dmuh.errors import DmuhError
+
+AUGMENTATIONS = ("none", "flip", "flip-crop", "simclr")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(n, H, W, C) uint8 array -> (n, C, H, W) uint8 tensor; 2-D feature arrays pass as float32."""
+    if images.ndim == 2:
+        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+
+
+class InputPipeline:
+    """uint8 (B, C, H, W) -> normalised float (B, C, S, S) at the model's input size.
+
+    `augment`: "none", "flip" (horizontal flip), "flip-crop" (flip plus a random crop of the
+    image padded by 1/8 of its side, the standard CIFAR augmentation) or "simclr" (random resized
+    crop of 20-100% of the area, flip, colour jitter, random grey: the views of self-supervised
+    pre-training). Feature vectors (2-D input) pass through unchanged.
+    """
+
+    def __init__(self, channels: Optional[int], input_size: Optional[int], augment: str = "none"):
+        if augment not in AUGMENTATIONS:
+            raise DmuhError(f"--augment {augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
+        self.channels = channels
+        self.input_size = input_size
+        self.augment = augment
+        if channels == 3:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            mean, std = (0.5,) * (channels or 1), (0.5,) * (channels or 1)
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
+
+    def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None, train: bool = False) -> torch.Tensor:
+        if images.dim() == 2:  # feature vectors
+            return images.float()
+        x = images.float()
+        if train and self.augment != "none":
+            x = self._augment(x, generator)
+        if self.input_size and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=False)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - mean) / std
+
+    def _augment(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        if self.augment == "simclr":
+            return simclr_view(x, generator)
+        n, _, h, w = x.shape
+        device = x.device
+        flip = torch.rand(n, device=device, generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.augment == "flip-crop":
+            pad = max(1, h // 8)
+            padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+            dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+            dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+            rows = (dy[:, None] + torch.arange(h, device=device)[None])[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=device)[None])[:, None, None, :]
+            batch = torch.arange(n, device=device)[:, None, None, None]
+            chan = torch.arange(x.shape[1], device=device)[None, :, None, None]
+            x = padded[batch, chan, rows, cols]
+        return x
+
+
+def simclr_view(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One random SimCLR view per image of a float (B, C, H, W) batch in 0..255, on its device."""
+    n, channels, h, w = x.shape
+    device = x.device
+
+    def uniform(low, high, size=(n,)):
+        return low + (high - low) * torch.rand(size, device=device, generator=generator)
+
+    # Random resized crop (area 0.2-1, aspect 3/4-4/3) and flip, as one affine resampling.
+    area = uniform(0.2, 1.0)
+    log_ratio = uniform(np.log(3 / 4), np.log(4 / 3))
+    width = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+    height = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    centre_x = uniform(-1.0, 1.0) * (1 - width)
+    centre_y = uniform(-1.0, 1.0) * (1 - height)
+    flip = torch.where(torch.rand(n, device=device, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = width * flip
+    theta[:, 0, 2] = centre_x
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = centre_y
+    grid = F.affine_grid(theta, [n, channels, h, w], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if channels != 3:
+        return x
+    # Colour jitter with probability 0.8 (brightness, contrast, saturation 0.4), then grey with 0.2.
+    luma_weights = torch.tensor([0.299, 0.587, 0.114], device=device)[None, :, None, None]
+
+    def luma(images):
+        return (images * luma_weights).sum(1, keepdim=True)
+
+    def factor():
+        return uniform(0.6, 1.4)[:, None, None, None]
+
+    jitter = (torch.rand(n, device=device, generator=generator) < 0.8)[:, None, None, None]
+    jittered = x * factor()  # brightness
+    mean = luma(x).mean(dim=(2, 3), keepdim=True)
+    jittered = (jittered - mean) * factor() + mean  # contrast
+    grey = luma(jittered)
+    jittered = (jittered - grey) * factor() + grey  # saturation
+    x = torch.where(jitter, jittered.clamp(0, 255), x)
+    to_grey = (torch.rand(n, device=device, generator=generator) < 0.2)[:, None, None, None]
+    return torch.where(to_grey, luma(x).expand_as(x), x)

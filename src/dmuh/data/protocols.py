@@ -1,0 +1,288 @@
+"""Evaluation protocols: seeded query / train / database splits of a source.
+
+A `Split` holds index arrays into the source plus the source's fingerprint. It is saved with each
+run and reloaded by evaluation, which calls `Split.check(source)` so that a model is never scored
+on a different data set or split by accident.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from dmuh.data.sources import PathLike, Source, to_multi_hot
+from dmuh.errors import DmuhError
+from dmuh.io import atomic_write_text
+
+SPLIT_FORMAT = "dmuh-split"
+SPLIT_VERSION = 1
+
+
+@dataclass(eq=False)
+class Split:
+    protocol: str
+    seed: int
+    query: np.ndarray  # int64 indices into the source
+    train: np.ndarray
+    database: np.ndarray
+    topk: Optional[int]  # MAP@k of the protocol; None = MAP over the whole ranking
+    fingerprint: str  # Source.fingerprint() of the data the split was made for ("" = unknown)
+    params: dict = field(default_factory=dict)  # the protocol's parameters, for the record
+
+    def __post_init__(self):
+        for role in ("query", "train", "database"):
+            setattr(self, role, np.asarray(getattr(self, role), dtype=np.int64))
+
+    def __repr__(self) -> str:
+        return (f"Split({self.protocol!r}, seed={self.seed}, query={len(self.query)}, train={len(self.train)}, "
+                f"database={len(self.database)}, topk={self.topk})")
+
+    def save(self, path: PathLike) -> None:
+        record = {
+            "format": SPLIT_FORMAT, "version": SPLIT_VERSION,
+            "protocol": self.protocol, "seed": self.seed, "topk": self.topk,
+            "fingerprint": self.fingerprint, "params": self.params,
+            "query": self.query.tolist(), "train": self.train.tolist(), "database": self.database.tolist(),
+        }
+        atomic_write_text(path, json.dumps(record, separators=(",", ":")) + "\n")
+
+    @classmethod
+    def load(cls, path: PathLike) -> "Split":
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+        except OSError as error:
+            raise DmuhError(f"{path}: cannot read split ({error.strerror or error})") from None
+        except ValueError as error:
+            raise DmuhError(f"{path}: corrupt split file ({error})") from None
+        if not isinstance(record, dict) or record.get("format") != SPLIT_FORMAT:
+            raise DmuhError(f"{path}: not a dmuh split file")
+        if record.get("version") != SPLIT_VERSION:
+            raise DmuhError(f"{path}: split format version {record.get('version')!r}, this dmuh reads {SPLIT_VERSION}")
+        arrays = {}
+        for role in ("query", "train", "database"):
+            values = record.get(role)
+            if not isinstance(values, list) or not all(isinstance(v, int) and v >= 0 for v in values):
+                raise DmuhError(f"{path}: field {role!r} must be a list of non-negative integers")
+            arrays[role] = np.array(values, dtype=np.int64)
+        topk = record.get("topk")
+        if topk is not None and (not isinstance(topk, int) or topk < 1):
+            raise DmuhError(f"{path}: field 'topk' must be a positive integer or null")
+        for key, kind in (("protocol", str), ("seed", int), ("fingerprint", str), ("params", dict)):
+            if not isinstance(record.get(key), kind):
+                raise DmuhError(f"{path}: field {key!r} missing or not a {kind.__name__}")
+        return cls(record["protocol"], record["seed"], topk=topk, fingerprint=record["fingerprint"],
+                   params=record["params"], **arrays)
+
+    def check(self, source: Source) -> None:
+        """Refuse a source other than the one the split was made for, or indices beyond it."""
+        if self.fingerprint and source.fingerprint() != self.fingerprint:
+            raise DmuhError(f"split {self.protocol!r} (seed {self.seed}) was made for other data: fingerprint "
+                            f"{self.fingerprint[:12]}..., this data {source.fingerprint()[:12]}...")
+        for role in ("query", "train", "database"):
+            indices = getattr(self, role)
+            if indices.size and (indices.min() < 0 or indices.max() >= len(source)):
+                raise DmuhError(f"split {self.protocol!r}: {role} index {int(indices.max())} out of range "
+                                f"for {len(source)} items")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling helpers
+
+
+class _Data:
+    """What a protocol sees of the data."""
+
+    def __init__(self, labels: np.ndarray, subsets: Optional[np.ndarray], class_names: Sequence[str]):
+        self.labels = labels
+        self.subsets = subsets
+        self.class_names = list(class_names)
+
+    @property
+    def count(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.labels.shape[1]
+
+    def all_but(self, *excluded: np.ndarray) -> np.ndarray:
+        keep = np.ones(self.count, dtype=bool)
+        for indices in excluded:
+            keep[indices] = False
+        return np.flatnonzero(keep)
+
+    def subset(self, name: str) -> np.ndarray:
+        return np.flatnonzero(self.subsets == name)
+
+
+def _sample_per_class(data: _Data, rng: np.random.Generator, counts: Sequence[int],
+                      roles: Sequence[str]) -> list:
+    """Per class, draw counts[r] items for each role r among items carrying the class label and not
+    chosen yet (for multi-label data an item is drawn for at most one class and one role)."""
+    chosen = np.zeros(data.count, dtype=bool)
+    drawn = [[] for _ in counts]
+    needed = sum(counts)
+    for c in range(data.num_classes):
+        available = np.flatnonzero((data.labels[:, c] == 1) & ~chosen)
+        if len(available) < needed:
+            wanted = " + ".join(f"{n} {role}" for n, role in zip(counts, roles))
+            raise DmuhError(f"class {data.class_names[c]!r} has {len(available)} items left to draw, "
+                            f"the protocol needs {wanted}")
+        picked = rng.choice(available, size=needed, replace=False)
+        chosen[picked] = True
+        start = 0
+        for r, n in enumerate(counts):
+            drawn[r].append(picked[start:start + n])
+            start += n
+    return [np.sort(np.concatenate(parts)) for parts in drawn]
+
+
+def _sample_random(data: _Data, rng: np.random.Generator, counts: Sequence[int], roles: Sequence[str]) -> list:
+    """Draw disjoint random sets of counts[r] items."""
+    if sum(counts) > data.count:
+        wanted = " + ".join(f"{n} {role}" for n, role in zip(counts, roles))
+        raise DmuhError(f"the data has {data.count} items, the protocol needs {wanted}")
+    order = rng.permutation(data.count)
+    bounds = np.cumsum([0] + list(counts))
+    return [np.sort(order[bounds[r]:bounds[r + 1]]) for r in range(len(counts))]
+
+
+def _require_classes(data: _Data, protocol: str, expected: int) -> None:
+    if data.num_classes != expected:
+        raise DmuhError(f"protocol {protocol!r} expects {expected} classes, the data has {data.num_classes}; "
+                        "use protocol 'per-class' for other data")
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocols: each returns (query, train, database, topk)
+
+DATABASE_CHOICES = ("rest", "rest-minus-train")
+
+
+def _per_class(data, rng, *, query_per_class: int, train_per_class: int, database: str = "rest",
+               topk: Optional[int] = None):
+    """Per class, query_per_class query and train_per_class train items; database = all but the query
+    ("rest", train inside it) or all but query and train ("rest-minus-train")."""
+    if database not in DATABASE_CHOICES:
+        raise DmuhError(f"database {database!r}: choose one of {', '.join(DATABASE_CHOICES)}")
+    for name, value in (("query_per_class", query_per_class), ("train_per_class", train_per_class)):
+        if not isinstance(value, (int, np.integer)) or value < 0:
+            raise DmuhError(f"{name}: expected a non-negative integer, got {value!r}")
+    query, train = _sample_per_class(data, rng, (query_per_class, train_per_class), ("query", "train"))
+    db = data.all_but(query) if database == "rest" else data.all_but(query, train)
+    return query, train, db, topk
+
+
+def _cifar10(data, rng, *, topk=None):
+    _require_classes(data, "cifar10", 10)
+    return _per_class(data, rng, query_per_class=100, train_per_class=500, topk=topk)
+
+
+def _cifar10_54k(data, rng, *, topk=None):
+    _require_classes(data, "cifar10-54k", 10)
+    return _per_class(data, rng, query_per_class=100, train_per_class=500, database="rest-minus-train", topk=topk)
+
+
+def _cifar10_50k(data, rng, *, topk=None):
+    _require_classes(data, "cifar10-50k", 10)
+    if data.subsets is not None and (data.subsets == "test").any():
+        query = data.subset("test")
+    else:
+        (query,) = _sample_per_class(data, rng, (1000,), ("query",))
+    rest = data.all_but(query)
+    return query, rest, rest, topk
+
+
+def _nuswide21(data, rng, *, topk=5000):
+    _require_classes(data, "nuswide21", 21)
+    return _per_class(data, rng, query_per_class=100, train_per_class=500, topk=topk)
+
+
+def _coco(data, rng, *, topk=5000):
+    query, train = _sample_random(data, rng, (5000, 10000), ("query", "train"))
+    return query, train, data.all_but(query), topk
+
+
+def _imagenet100(data, rng, *, topk=1000):
+    needed = ("test", "train", "database")
+    present = sorted(set(data.subsets.tolist())) if data.subsets is not None else []
+    if not set(needed) <= set(present):
+        raise DmuhError("protocol 'imagenet100' needs the subsets train, test and database (list files given "
+                        f"as a mapping name -> file); this data has: {', '.join(present) or 'no subsets'}")
+    return data.subset("test"), data.subset("train"), data.subset("database"), topk
+
+
+def _clothing1m(data, rng, *, topk=None):
+    if data.num_classes == 14:
+        query, train = _sample_per_class(data, rng, (500, 1000), ("query", "train"))
+    else:
+        query, train = _sample_random(data, rng, (7000, 14000), ("query", "train"))
+    return query, train, data.all_but(query), topk
+
+
+def _digits(data, rng, *, topk=None):
+    return _per_class(data, rng, query_per_class=30, train_per_class=100, topk=topk)
+
+
+PROTOCOLS: dict = {
+    "cifar10": _cifar10,
+    "cifar10-54k": _cifar10_54k,
+    "cifar10-50k": _cifar10_50k,
+    "nuswide21": _nuswide21,
+    "coco": _coco,
+    "imagenet100": _imagenet100,
+    "clothing1m": _clothing1m,
+    "per-class": _per_class,
+    "digits": _digits,
+}
+
+
+def available_protocols() -> list:
+    return sorted(PROTOCOLS)
+
+
+def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fingerprint: str = "",
+               **params) -> Split:
+    """Split a source (or a label array) by a named protocol; the same seed gives the same split.
+
+    With a Source, its subsets and fingerprint are used unless given. `params` go to the protocol:
+    every protocol takes `topk`; 'per-class' takes query_per_class, train_per_class, database.
+    """
+    build: Optional[Callable] = PROTOCOLS.get(protocol)
+    if build is None:
+        raise DmuhError(f"protocol {protocol!r}: choose one of {', '.join(available_protocols())}")
+    if isinstance(source_or_labels, Source):
+        source = source_or_labels
+        labels, class_names = source.labels, source.class_names
+        subsets = source.subsets if subsets is None else subsets
+        fingerprint = fingerprint or source.fingerprint()
+    else:
+        labels = to_multi_hot(source_or_labels)
+        class_names = [str(c) for c in range(labels.shape[1])]
+    if subsets is not None:
+        subsets = np.asarray(subsets, dtype=str)
+        if subsets.shape != (labels.shape[0],):
+            raise DmuhError(f"subsets: {subsets.shape[0]} names for {labels.shape[0]} items")
+    accepted = {name: p for name, p in inspect.signature(build).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise DmuhError(f"protocol {protocol!r}: unknown parameter(s) {', '.join(unknown)} "
+                        f"(it takes {', '.join(accepted)})")
+    missing = [name for name, p in accepted.items() if p.default is p.empty and name not in params]
+    if missing:
+        raise DmuhError(f"protocol {protocol!r}: parameter(s) {', '.join(missing)} required")
+    params = {name: value.item() if isinstance(value, np.generic) else value for name, value in params.items()}
+    if not isinstance(seed, (int, np.integer)):
+        raise DmuhError(f"seed: expected an integer, got {seed!r}")
+    rng = np.random.default_rng(int(seed))
+    query, train, database, topk = build(_Data(labels, subsets, class_names), rng, **params)
+    if topk is not None and (not isinstance(topk, (int, np.integer)) or topk < 1):
+        raise DmuhError(f"topk: expected a positive integer or None, got {topk!r}")
+    return Split(protocol, int(seed), query, train, database, topk=None if topk is None else int(topk),
+                 fingerprint=fingerprint, params=dict(params))

@@ -1,0 +1,14 @@
+"""Hashing methods: one loss module per file, all behind the contract in `base`."""
+
+from dmuh.methods.base import (  # noqa: F401
+    HashingMethod,
+    StepInputs,
+    available,
+    create_method,
+    method_class,
+    pairwise_similarity,
+    register_method,
+)
+
+# Importing a method module registers its names.
+from dmuh.methods import regu, dmuh  # noqa: F401,E402

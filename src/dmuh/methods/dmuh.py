@@ -1,0 +1,87 @@
+"""DMUH: Deep Momentum Uncertainty Hashing (paper Eq. 5-10, Algorithm 1).
+
+  u_i   = |h_i - m_i|                  bit-level uncertainty (Eq. 6), m from the momentum copy
+  ubar_i = mean_k u_ik                 image-level uncertainty (Eq. 7)
+  L = mean_ij e^(ubar_i + ubar_j) [log(1 + e^Theta_ij) - S_ij Theta_ij]
+      + beta * mean_ik e^(u_ik) (h_ik - b_ik)^2 + gamma * mean_ik u_ik          (Eq. 10)
+
+The memory keeps, beside each training item's latest code, its latest image-level uncertainty, so
+e^(ubar_i + ubar_j) can be formed for memory items j. The weights e^u and e^(ubar_i + ubar_j) are
+treated as constants (detached): they say how much attention a bit or pair gets, and letting the
+gradient shrink them would reward the network for hiding uncertainty inside the weights instead
+of through the gamma term. The gamma term keeps its gradient (through h; m has none).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from dmuh.codes import sign
+from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.regu import Regu
+
+
+@register_method("dmuh")
+@register_method("dmuh-wo-u", uncertainty_term=False)
+@register_method("dmuh-wo-eu", bit_weights=False)
+@register_method("dmuh-wo-euij", image_weights=False)
+class DMUH(Regu):
+    """Regu plus bit- and image-level uncertainty from a momentum copy of the network.
+
+    The three switches are the ablations of section 5.4: `uncertainty_term=False` is "w/o u_i",
+    `bit_weights=False` is "w/o e^u_i", `image_weights=False` is "w/o e^(u_i+u_j)".
+    """
+
+    uses_momentum = True
+
+    def __init__(
+        self,
+        bits: int,
+        train_labels: torch.Tensor,
+        alpha: float = 0.7,
+        beta: float = 50.0,
+        gamma: float = 1.0,
+        output: str = "tanh",
+        bit_weights: bool = True,
+        image_weights: bool = True,
+        uncertainty_term: bool = True,
+    ):
+        super().__init__(bits, train_labels, beta=beta, output=output)
+        self.momentum_alpha = float(alpha)
+        self.gamma = float(gamma)
+        self.bit_weights = bool(bit_weights)
+        self.image_weights = bool(image_weights)
+        self.uncertainty_term = bool(uncertainty_term)
+        self.register_buffer("memory_uncertainty", torch.zeros(self.num_train))
+
+    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
+        if step.momentum_outputs is None:
+            raise ValueError("DMUH needs the momentum network's outputs (StepInputs.momentum_outputs)")
+        codes = self.continuous_codes(step.outputs.float())
+        momentum_codes = self.continuous_codes(step.momentum_outputs.detach().float())
+        bit_uncertainty = (codes - momentum_codes).abs()  # Eq. 6
+        image_uncertainty = bit_uncertainty.detach().mean(dim=1)  # Eq. 7
+
+        self.remember(step.indices, codes)
+        with torch.no_grad():
+            self.memory_uncertainty[step.indices] = image_uncertainty
+        pair_weights = None
+        if self.image_weights:
+            pair_weights = torch.exp(image_uncertainty[:, None] + self.memory_uncertainty[None, :])
+        bit_weight = torch.exp(bit_uncertainty.detach()) if self.bit_weights else 1.0
+        quantization = (bit_weight * (codes - sign(codes.detach())).pow(2)).mean()
+
+        self.step_stats = {
+            "bit_uncertainty": bit_uncertainty.detach().mean(),
+            "image_uncertainty": image_uncertainty.mean(),
+            "image_uncertainty_max": image_uncertainty.max(),
+        }
+        terms = {
+            "likelihood": self.likelihood(codes, step.labels, pair_weights),
+            "quantization": self.beta * quantization,
+        }
+        if self.uncertainty_term:
+            terms["uncertainty"] = self.gamma * bit_uncertainty.mean()
+        return terms

@@ -1,0 +1,56 @@
+"""A hashing network: a feature backbone followed by one linear hash layer."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+
+class HashNetwork(nn.Module):
+    """backbone(x) -> features (N, feature_dim); hash_layer(features) -> raw codes z (N, bits).
+
+    z has no activation: each hashing method applies its own (tanh, sigmoid, ...) in the loss.
+    The backbone must expose `feature_dim`, `input_size` (preferred square resolution, None for
+    vector inputs) and `in_channels` (None for vector inputs).
+    """
+
+    def __init__(self, backbone: nn.Module, bits: int, name: str = "", hash_init_std: Optional[float] = 0.01):
+        super().__init__()
+        self.backbone = backbone
+        self.bits = int(bits)
+        self.name = name
+        self.feature_dim = int(backbone.feature_dim)
+        self.input_size: Optional[int] = backbone.input_size
+        self.in_channels: Optional[int] = backbone.in_channels
+        self.hash_layer = nn.Linear(self.feature_dim, self.bits)
+        if hash_init_std is not None:
+            # Small weights keep tanh(z) in its near-linear range at the start of training
+            # (the usual deep-hashing initialisation); None keeps PyTorch's default init.
+            nn.init.normal_(self.hash_layer.weight, mean=0.0, std=hash_init_std)
+            nn.init.zeros_(self.hash_layer.bias)
+        # The create_model(...) arguments that rebuild this architecture (never the weights file).
+        self.config: Dict[str, Any] = {}
+
+    @property
+    def input_shape(self) -> Tuple[int, ...]:
+        """Shape of one input sample: (C, H, W) for images, (D,) for feature vectors."""
+        if self.input_size is None:
+            return (int(self.backbone.input_dim),)
+        return (self.in_channels, self.input_size, self.input_size)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features before the hash layer, (N, feature_dim)."""
+        return self.backbone(x)
+
+    def forward(
+        self, x: torch.Tensor, return_features: bool = False
+    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """Raw hash-layer outputs (N, bits); with return_features also the features, in one pass."""
+        features = self.backbone(x)
+        codes = self.hash_layer(features)
+        return (codes, features) if return_features else codes
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, bits={self.bits}, feature_dim={self.feature_dim}, input_size={self.input_size}"

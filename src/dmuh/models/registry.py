@@ -1,0 +1,99 @@
+"""Models registered by name and created by name (timm-style).
+
+A registered factory builds a *backbone*: an `nn.Module` mapping inputs to features, with
+attributes `feature_dim`, `input_size` and `in_channels` (see `HashNetwork`). Optional
+attributes steer pretrained loading (see `dmuh.models.pretrained`):
+`first_conv` (module path of the first convolution), `ignored_pretrained_keys` (key prefixes of
+a classification head to drop) and `skipped_pretrained_keys` ({key: why} left at random init).
+`create_model` wraps the backbone in a `HashNetwork` with a `bits`-wide hash layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Callable, Dict, Optional, Union
+
+from torch import nn
+
+from dmuh.errors import DmuhError
+from dmuh.models.hashnet import HashNetwork
+from dmuh.models.pretrained import load_pretrained_backbone
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str, **fixed):
+    """Function decorator: `@register_model("resnet18-32", small_input=True)` registers a backbone
+    factory under `name`, with `fixed` keyword arguments the caller cannot override. Stack it to
+    register variants of one factory."""
+
+    def decorate(factory: Callable[..., nn.Module]):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+
+        def build(**params):
+            return factory(**{**params, **fixed})
+
+        build.factory = factory
+        build.fixed = fixed
+        _REGISTRY[name] = build
+        return factory
+
+    return decorate
+
+
+def available_models() -> list:
+    """Names of every registered model."""
+    return sorted(_REGISTRY)
+
+
+def _accepted_options(name: str) -> list:
+    build = _REGISTRY[name]
+    signature = inspect.signature(build.factory)
+    return sorted(set(signature.parameters) - set(build.fixed))
+
+
+def create_model(
+    name: str,
+    bits: int,
+    pretrained: Optional[Union[str, os.PathLike]] = None,
+    in_channels: Optional[int] = None,
+    hash_init_std: Optional[float] = 0.01,
+    **options,
+) -> HashNetwork:
+    """Build the registered backbone `name` plus a `bits`-wide hash layer.
+
+    pretrained: a local torchvision-style state dict (.pth/.pt or .safetensors) loaded into the
+        backbone; nothing is ever downloaded.
+    in_channels: input channels for image models (default: the model's own, 3); not for `mlp`.
+    hash_init_std: the hash layer's weights start as N(0, std^2), bias 0; None keeps PyTorch's init.
+    options: model-specific keyword arguments (e.g. `small_input`, `input_dim`, `hidden`).
+    """
+    if name not in _REGISTRY:
+        raise DmuhError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0:
+        raise DmuhError(f"model {name!r}: bits must be a positive integer, got {bits!r}")
+    if in_channels is not None:
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
+            raise DmuhError(f"model {name!r}: in_channels must be a positive integer, got {in_channels!r}")
+        options["in_channels"] = in_channels
+
+    build = _REGISTRY[name]
+    accepted = _accepted_options(name)
+    for option in options:
+        if option in build.fixed:
+            raise DmuhError(f"model {name!r} fixes {option}={build.fixed[option]!r}; it cannot be changed")
+        if option not in accepted:
+            raise DmuhError(f"model {name!r} has no option {option!r}; it takes: {', '.join(accepted)}")
+
+    backbone = build(**options)
+    if pretrained is not None:
+        if isinstance(pretrained, bool):
+            raise DmuhError(
+                f"model {name!r}: pretrained must be the path of a local weights file (nothing is downloaded)"
+            )
+        load_pretrained_backbone(backbone, pretrained, model_name=name)
+    model = HashNetwork(backbone, bits, name=name, hash_init_std=hash_init_std)
+    model.config = {"name": name, "bits": bits, "hash_init_std": hash_init_std, **options}
+    return model

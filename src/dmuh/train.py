@@ -1,0 +1,408 @@
+"""The one training loop, for every method (CPU or one GPU)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dmuh.config import RunConfig, TrainConfig
+from dmuh.data import open_source
+from dmuh.data.pipeline import InputPipeline, images_to_tensor
+from dmuh.data.protocols import Split, make_split
+from dmuh.errors import DmuhError
+from dmuh.io import atomic_path
+from dmuh.methods import HashingMethod, StepInputs, create_method
+from dmuh.models import create_model
+from dmuh.models.momentum import MomentumNetwork
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.csv"
+SPLIT = "split.json"
+CONFIG = "config.yaml"
+TRACE = "uncertainty_trace.npz"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DmuhError(f"--device {name}: CUDA is not available on this machine")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise DmuhError(f"--device {name!r}: use cpu or cuda[:N]")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    """Everything built from a config: data on the device, split, model, method."""
+
+    config: TrainConfig
+    device: torch.device
+    split: Split
+    source: object
+    pipeline: InputPipeline
+    model: torch.nn.Module
+    method: HashingMethod
+    momentum: Optional[MomentumNetwork]
+    images: torch.Tensor  # every decoded item of the source (CPU), decoded once
+    train_inputs: torch.Tensor  # the training items, on the device
+    train_labels: torch.Tensor
+
+
+def load_split(config: RunConfig, source, run_dir: Path) -> Split:
+    """Reuse the run's saved split (resume, evaluate) or make it from the protocol and save it."""
+    path = run_dir / SPLIT
+    if path.exists():
+        split = Split.load(path)
+        split.check(source)
+        return split
+    split = make_split(config.protocol, source, seed=config.split_seed)
+    split.save(path)
+    return split
+
+
+def decode_all(source, config: RunConfig) -> torch.Tensor:
+    """Every item of the source as one tensor, decoded once (and cached on disk when asked)."""
+    return images_to_tensor(source.decode(None, size=config.image_size, cache_dir=config.cache_dir))
+
+
+def build_model(config: RunConfig, images: torch.Tensor) -> torch.nn.Module:
+    """The configured network for these inputs: feature vectors (N, D) or images (N, C, H, W)."""
+    extra = {"input_dim": images.shape[1]} if images.dim() == 2 else {"in_channels": images.shape[1]}
+    return create_model(config.model, bits=config.bits, pretrained=config.pretrained, **extra, **config.model_params)
+
+
+def build_experiment(config: TrainConfig, run_dir: Path) -> Experiment:
+    device = resolve_device(config.device)
+    source = open_source(config.data, root=config.data_root)
+    split = load_split(config, source, run_dir)
+    images = decode_all(source, config)
+    model = build_model(config, images)
+    if config.init != "scratch":
+        from dmuh.pretrain import load_init
+
+        load_init(config.init, model, split)
+    pipeline = InputPipeline(getattr(source, "channels", None), getattr(model, "input_size", None), config.augment)
+    train_labels = torch.from_numpy(np.asarray(source.labels)[split.train]).float()
+    method = create_method(config.method, bits=config.bits, train_labels=train_labels, **config.method_params)
+    model.to(device)
+    method.to(device)
+    if device.type == "cuda" and config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    momentum = MomentumNetwork(model, method.momentum_alpha) if method.uses_momentum else None
+    train_inputs = images[torch.from_numpy(split.train)].to(device)
+    return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs, train_labels.to(device))
+
+
+def build_optimizer(config: RunConfig, groups: List[dict]) -> torch.optim.Optimizer:
+    """SGD or AdamW over parameter groups; each group's "lr_scale" multiplies the scheduled rate."""
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    raise DmuhError(f"--optimizer {config.optimizer!r}: choose sgd or adamw")
+
+
+def make_optimizer(config: TrainConfig, model: torch.nn.Module, method: HashingMethod) -> torch.optim.Optimizer:
+    hash_params = list(model.hash_layer.parameters())
+    hash_ids = {id(p) for p in hash_params}
+    backbone_params = [p for p in model.parameters() if id(p) not in hash_ids]
+    return build_optimizer(config, [
+        {"params": backbone_params, "lr_scale": config.backbone_lr_scale},
+        {"params": hash_params + list(method.parameters()), "lr_scale": 1.0},
+    ])
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: RunConfig, progress: float) -> float:
+    lr = learning_rate(config, progress)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return lr
+
+
+def learning_rate(config: RunConfig, progress: float) -> float:
+    """Linear warm-up, then cosine decay from lr to lr_end (progress in epochs, fractional)."""
+    if config.warmup_epochs and progress < config.warmup_epochs:
+        return config.lr * (progress + 1e-3) / config.warmup_epochs
+    span = max(config.epochs - config.warmup_epochs, 1e-9)
+    t = min(max((progress - config.warmup_epochs) / span, 0.0), 1.0)
+    return config.lr_end + 0.5 * (config.lr - config.lr_end) * (1.0 + math.cos(math.pi * t))
+
+
+def autocast(config: RunConfig, device: torch.device):
+    enabled = config.amp and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@torch.no_grad()
+def run_network(
+    network,
+    inputs: torch.Tensor,
+    pipeline: InputPipeline,
+    config: RunConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    """`network(x)` over `inputs` (uint8 images or features, any device) in batches; float32 on CPU."""
+    out = []
+    for start in range(0, inputs.shape[0], config.eval_batch_size):
+        batch = inputs[start : start + config.eval_batch_size].to(device, non_blocking=True)
+        x = pipeline(batch)
+        if device.type == "cuda" and config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(config, device):
+            out.append(network(x).float().cpu())
+    return torch.cat(out)
+
+
+def encode(
+    model: torch.nn.Module,
+    method: HashingMethod,
+    inputs: torch.Tensor,
+    pipeline: InputPipeline,
+    config: TrainConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    """Continuous codes (before sign) of `inputs`, float32 on CPU; networks in eval mode."""
+    was_training = model.training
+    model.eval()
+    method.eval()  # methods with their own layers (e.g. OrthoHash's BatchNorm) encode in eval mode
+    try:
+        return run_network(lambda x: method.continuous_codes(model(x).float()), inputs, pipeline, config, device)
+    finally:
+        model.train(was_training)
+        method.train(was_training)
+
+
+def fit_shallow(exp: Experiment) -> None:
+    """Shallow methods (ITQ, LSH): fit the hash layer once on backbone features of the training split."""
+    exp.model.eval()
+    features = run_network(exp.model.features, exp.train_inputs, exp.pipeline, exp.config, exp.device)
+    weight, bias = exp.method.fit(features, exp.train_labels.cpu())
+    with torch.no_grad():
+        exp.model.hash_layer.weight.copy_(weight)
+        exp.model.hash_layer.bias.copy_(bias)
+
+
+def evaluate_map(exp: Experiment, ties: str = "index") -> float:
+    """MAP of the protocol (MAP@all or MAP@k) with sign codes of query and database."""
+    from dmuh.codes import sign
+    from dmuh.metrics import mean_average_precision
+
+    labels = torch.from_numpy(np.asarray(exp.source.labels))
+    codes = {}
+    for part in ("query", "database"):
+        inputs = exp.images[torch.from_numpy(getattr(exp.split, part))]
+        codes[part] = encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
+    query, database = codes["query"], codes["database"]
+    return float(
+        mean_average_precision(
+            sign(query), sign(database), labels[exp.split.query], labels[exp.split.database],
+            topk=exp.split.topk, ties=ties, device=exp.device,
+        )
+    )
+
+
+def save_checkpoint(run_dir: Path, exp: Experiment, optimizer, epoch: int) -> None:
+    state = {
+        "epoch": epoch,
+        "config": exp.config.to_dict(),
+        "model": exp.model.state_dict(),
+        "method": exp.method.state_dict(),
+        "momentum": exp.momentum.state_dict() if exp.momentum is not None else None,
+        "optimizer": optimizer.state_dict(),
+    }
+    with atomic_path(run_dir / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    if not path.is_file():
+        raise DmuhError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise DmuhError(f"{path}: not a readable dmuh checkpoint ({type(exc).__name__})") from None
+
+
+def write_log(path: Path, rows: List[Dict[str, float]]) -> None:
+    columns: List[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_log(path: Path) -> List[Dict[str, float]]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def check_finite(epoch: int, sums: Dict[str, torch.Tensor]) -> None:
+    for name, value in sums.items():
+        if not torch.isfinite(value).all():
+            raise DmuhError(
+                f"epoch {epoch}: loss term {name!r} became non-finite ({float(value)}); "
+                "the last good checkpoint is kept - lower the learning rate or check the data"
+            )
+
+
+class UncertaintyTrace:
+    """Per-bit outputs of both networks for a fixed sample of training items, every epoch (Fig. 1, 3)."""
+
+    def __init__(self, path: Path, count: int, num_train: int):
+        self.path = path
+        self.items = np.arange(min(count, num_train))
+        self.hashing: List[np.ndarray] = []
+        self.momentum: List[np.ndarray] = []
+        self.epochs: List[int] = []
+        if path.exists():
+            with np.load(path) as f:
+                self.hashing = list(f["hashing"])
+                self.momentum = list(f["momentum"])
+                self.epochs = list(f["epochs"])
+
+    @torch.no_grad()
+    def record(self, exp: Experiment, epoch: int) -> None:
+        if exp.momentum is None or len(self.items) == 0:
+            return
+        x = exp.pipeline(exp.train_inputs[torch.from_numpy(self.items).to(exp.device)])
+        with autocast(exp.config, exp.device):
+            h = exp.method.continuous_codes(exp.model(x).float())
+            m = exp.method.continuous_codes(exp.momentum(x).float())
+        self.hashing.append(h.float().cpu().numpy())
+        self.momentum.append(m.float().cpu().numpy())
+        self.epochs.append(epoch)
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, items=self.items, epochs=np.array(self.epochs), hashing=np.stack(self.hashing), momentum=np.stack(self.momentum))
+
+    def truncate(self, epochs: int) -> None:
+        keep = [i for i, e in enumerate(self.epochs) if e <= epochs]
+        self.hashing = [self.hashing[i] for i in keep]
+        self.momentum = [self.momentum[i] for i in keep]
+        self.epochs = [self.epochs[i] for i in keep]
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo=print) -> Dict[str, float]:
+    """Train `config.method`; write config, split, log, checkpoint and trace to `config.out`.
+
+    Returns the last log row (MAP included).
+    """
+    run_dir = Path(config.out)
+    if resume:
+        checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+    elif (run_dir / CHECKPOINT).exists():
+        raise DmuhError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.seed)
+    exp = build_experiment(config, run_dir)
+    optimizer = make_optimizer(config, exp.model, exp.method)
+    start_epoch = 1
+    log = read_log(run_dir / LOG) if resume else []
+    trace = UncertaintyTrace(run_dir / TRACE, config.trace_items, exp.train_inputs.shape[0])
+    if resume:
+        exp.model.load_state_dict(checkpoint["model"])
+        exp.method.load_state_dict(checkpoint["method"])
+        if exp.momentum is not None:
+            exp.momentum.load_state_dict(checkpoint["momentum"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch = checkpoint["epoch"] + 1
+        log = [row for row in log if row["epoch"] < start_epoch]
+        trace.truncate(checkpoint["epoch"])
+    config.save(run_dir / CONFIG)
+
+    if exp.method.shallow:
+        started = time.perf_counter()
+        fit_shallow(exp)
+        seconds = time.perf_counter() - started
+        row = {"epoch": config.epochs, "loss": float("nan"), "seconds": seconds,
+               "images_per_s": exp.train_inputs.shape[0] / seconds, "map": evaluate_map(exp)}
+        write_log(run_dir / LOG, [row])
+        save_checkpoint(run_dir, exp, optimizer, config.epochs)
+        echo(format_row(row))
+        return row
+
+    num_train = exp.train_inputs.shape[0]
+    batch_size = min(config.batch_size, num_train)
+    steps = num_train // batch_size  # drop the ragged last batch: every step sees a full batch
+    last: Dict[str, float] = log[-1] if log else {}
+    for epoch in range(start_epoch, config.epochs + 1):
+        # Seed from (seed, epoch) so a resumed run draws the same batches and augmentations.
+        torch.manual_seed(config.seed * 100_003 + epoch)
+        generator = torch.Generator(device=exp.device).manual_seed(config.seed * 100_003 + epoch)
+        exp.method.on_epoch_start(epoch, config.epochs)
+        exp.model.train()
+        exp.method.train()
+        order = torch.randperm(num_train, device=exp.device, generator=generator)
+        sums: Dict[str, torch.Tensor] = {}
+        started = time.perf_counter()
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
+        for step in bar:
+            lr = set_learning_rate(optimizer, config, epoch - 1 + step / steps)
+            indices = order[step * batch_size : (step + 1) * batch_size]
+            x = exp.pipeline(exp.train_inputs[indices], generator=generator, train=True)
+            if exp.device.type == "cuda" and config.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(config, exp.device):
+                features = exp.model.features(x) if exp.method.uses_features else None
+                outputs = exp.model.hash_layer(features) if features is not None else exp.model(x)
+                momentum_outputs = exp.momentum(x) if exp.momentum is not None else None
+            terms = exp.method(
+                StepInputs(outputs=outputs.float(), labels=exp.train_labels[indices], indices=indices,
+                           momentum_outputs=None if momentum_outputs is None else momentum_outputs.float(),
+                           features=None if features is None else features.float())
+            )
+            loss = sum(terms.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(exp.model.parameters(), config.grad_clip)
+            optimizer.step()
+            if exp.momentum is not None:
+                exp.momentum.update(exp.model)
+            for name, value in {"loss": loss, **terms, **exp.method.step_stats}.items():
+                value = value.detach().float()
+                sums[name] = sums[name] + value if name in sums else value
+            if step % 100 == 99:
+                check_finite(epoch, {k: v for k, v in sums.items() if k in terms})
+        check_finite(epoch, {k: v for k, v in sums.items() if k == "loss" or k in terms})
+        if exp.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        row: Dict[str, float] = {"epoch": epoch, "lr": lr}
+        row.update({name: float(value) / steps for name, value in sums.items()})
+        row["images_per_s"] = steps * batch_size / seconds
+        row["seconds"] = seconds
+        if (config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs:
+            row["map"] = evaluate_map(exp)
+        trace.record(exp, epoch)
+        log.append(row)
+        write_log(run_dir / LOG, log)
+        save_checkpoint(run_dir, exp, optimizer, epoch)
+        last = row
+        echo(format_row(row))
+    return last
+
+
+def format_row(row: Dict[str, float]) -> str:
+    parts = [f"epoch {int(row['epoch'])}"]
+    if not math.isnan(row["loss"]):
+        parts.append(f"loss {row['loss']:.4f}")
+    for key in ("likelihood", "quantization", "uncertainty", "image_uncertainty"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.4f}")
+    parts.append(f"{row['images_per_s']:.0f} img/s")
+    if "map" in row and not math.isnan(row["map"]):
+        parts.append(f"MAP {row['map']:.4f}")
+    return " | ".join(parts)

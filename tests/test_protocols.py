@@ -1,0 +1,187 @@
+import json
+
+import numpy as np
+import pytest
+
+from dmuh.data import DigitsSource, FeatureSource, Split, available_protocols, make_split
+from dmuh.errors import DmuhError
+
+
+def cifar_like_labels(per_class: int = 6000, classes: int = 10) -> np.ndarray:
+    """Shuffled single-label class indices, `per_class` of each class."""
+    labels = np.repeat(np.arange(classes), per_class)
+    return np.random.default_rng(123).permutation(labels)
+
+
+@pytest.fixture(scope="module")
+def cifar_labels():
+    return cifar_like_labels()
+
+
+def assert_disjoint(*arrays):
+    joined = np.concatenate(arrays)
+    assert len(np.unique(joined)) == len(joined)
+
+
+def test_available_protocols():
+    assert set(available_protocols()) >= {"cifar10", "cifar10-54k", "cifar10-50k", "nuswide21", "coco",
+                                          "imagenet100", "clothing1m", "per-class", "digits"}
+
+
+def test_cifar10_sizes_and_relations(cifar_labels):
+    split = make_split("cifar10", cifar_labels, seed=0)
+    assert (len(split.query), len(split.train), len(split.database)) == (1000, 5000, 59000)
+    assert split.topk is None and split.query.dtype == np.int64
+    assert_disjoint(split.query, split.train)
+    assert_disjoint(split.query, split.database)
+    assert np.isin(split.train, split.database).all()
+    assert np.bincount(cifar_labels[split.query], minlength=10).tolist() == [100] * 10
+    assert np.bincount(cifar_labels[split.train], minlength=10).tolist() == [500] * 10
+
+
+def test_cifar10_54k(cifar_labels):
+    split = make_split("cifar10-54k", cifar_labels, seed=0)
+    assert (len(split.query), len(split.train), len(split.database)) == (1000, 5000, 54000)
+    assert_disjoint(split.query, split.train, split.database)
+    # Same seed, same query and train as cifar10: only the database differs.
+    plain = make_split("cifar10", cifar_labels, seed=0)
+    np.testing.assert_array_equal(split.query, plain.query)
+    np.testing.assert_array_equal(split.train, plain.train)
+
+
+def test_cifar10_50k_uses_test_subset(cifar_labels):
+    subsets = np.array(["train"] * 50000 + ["test"] * 10000)
+    split = make_split("cifar10-50k", cifar_labels, subsets=subsets)
+    np.testing.assert_array_equal(split.query, np.arange(50000, 60000))
+    np.testing.assert_array_equal(split.train, np.arange(50000))
+    np.testing.assert_array_equal(split.database, split.train)
+    sampled = make_split("cifar10-50k", cifar_labels, seed=3)  # no subsets: 1,000 per class
+    assert (len(sampled.query), len(sampled.database)) == (10000, 50000)
+    assert np.bincount(cifar_labels[sampled.query]).tolist() == [1000] * 10
+    assert_disjoint(sampled.query, sampled.database)
+
+
+def test_determinism(cifar_labels):
+    first = make_split("cifar10", cifar_labels, seed=7)
+    again = make_split("cifar10", cifar_labels, seed=7)
+    other = make_split("cifar10", cifar_labels, seed=8)
+    for role in ("query", "train", "database"):
+        np.testing.assert_array_equal(getattr(first, role), getattr(again, role))
+    assert not np.array_equal(first.query, other.query)
+    assert not np.array_equal(first.train, other.train)
+
+
+def multi_label_matrix(items: int = 16000, classes: int = 21, seed: int = 0) -> np.ndarray:
+    """Random multi-hot rows with 1 to 3 labels each (every class well represented)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((items, classes), dtype=np.uint8)
+    for row, count in enumerate(rng.integers(1, 4, items)):
+        labels[row, rng.choice(classes, count, replace=False)] = 1
+    return labels
+
+
+def test_nuswide21_multi_label_sampling():
+    labels = multi_label_matrix()
+    split = make_split("nuswide21", labels, seed=0)
+    assert (len(split.query), len(split.train), len(split.database)) == (2100, 10500, 16000 - 2100)
+    assert split.topk == 5000
+    assert_disjoint(split.query, split.train)
+    assert_disjoint(split.query, split.database)
+    # Each class contributed its 100 / 500 items, so each label is carried at least that often.
+    assert (labels[split.query].sum(0) >= 100).all()
+    assert (labels[split.train].sum(0) >= 500).all()
+
+
+def test_coco_imagenet100_clothing1m():
+    labels = multi_label_matrix(items=20000, classes=80, seed=1)
+    coco = make_split("coco", labels, seed=0)
+    assert (len(coco.query), len(coco.train), len(coco.database), coco.topk) == (5000, 10000, 15000, 5000)
+    assert_disjoint(coco.query, coco.train)
+
+    subsets = np.array(["train"] * 5 + ["test"] * 3 + ["database"] * 12)
+    imagenet = make_split("imagenet100", np.eye(4, dtype=np.uint8)[np.arange(20) % 4], subsets=subsets)
+    assert imagenet.query.tolist() == [5, 6, 7] and imagenet.train.tolist() == [0, 1, 2, 3, 4]
+    assert imagenet.database.tolist() == list(range(8, 20)) and imagenet.topk == 1000
+    with pytest.raises(DmuhError, match="imagenet100.*subsets"):
+        make_split("imagenet100", labels)
+
+    clothing = make_split("clothing1m", np.arange(14 * 1600) % 14, seed=0)
+    assert (len(clothing.query), len(clothing.train), len(clothing.database)) == (7000, 14000, 14 * 1600 - 7000)
+    assert np.bincount((np.arange(14 * 1600) % 14)[clothing.query]).tolist() == [500] * 14
+    random_clothing = make_split("clothing1m", np.arange(25000) % 5)
+    assert (len(random_clothing.query), len(random_clothing.train)) == (7000, 14000)
+
+
+def test_per_class_and_digits():
+    source = DigitsSource()
+    split = make_split("digits", source, seed=0)
+    assert (len(split.query), len(split.train), len(split.database)) == (300, 1000, 1497)
+    assert split.fingerprint == source.fingerprint()
+    custom = make_split("per-class", source, query_per_class=10, train_per_class=20,
+                        database="rest-minus-train", topk=50)
+    assert (len(custom.query), len(custom.train), len(custom.database), custom.topk) == (100, 200, 1497, 50)
+    assert_disjoint(custom.query, custom.train, custom.database)
+    assert custom.params == {"query_per_class": 10, "train_per_class": 20, "database": "rest-minus-train", "topk": 50}
+
+
+def test_too_few_items_names_class():
+    labels = np.array([0] * 700 + [1] * 300)
+    source = FeatureSource(np.zeros((1000, 2)), labels, class_names=["cat", "dog"])
+    with pytest.raises(DmuhError, match=r"class 'dog' has 300 items.*100 query \+ 500 train"):
+        make_split("per-class", source, query_per_class=100, train_per_class=500)
+    with pytest.raises(DmuhError, match="expects 10 classes"):
+        make_split("cifar10", labels)
+
+
+def test_bad_protocol_inputs(cifar_labels):
+    with pytest.raises(DmuhError, match="choose one of.*cifar10"):
+        make_split("cifar-ten", cifar_labels)
+    with pytest.raises(DmuhError, match="unknown parameter.*query_per_class"):
+        make_split("cifar10", cifar_labels, query_per_class=5)
+    with pytest.raises(DmuhError, match="train_per_class.*required"):
+        make_split("per-class", cifar_labels, query_per_class=5)
+    with pytest.raises(DmuhError, match="database 'all'"):
+        make_split("per-class", cifar_labels, query_per_class=5, train_per_class=5, database="all")
+
+
+def test_save_load_round_trip(tmp_path):
+    source = DigitsSource()
+    split = make_split("digits", source, seed=4)
+    path = tmp_path / "run/split.json"
+    split.save(path)
+    loaded = Split.load(path)
+    assert (loaded.protocol, loaded.seed, loaded.topk, loaded.fingerprint) == ("digits", 4, None, source.fingerprint())
+    for role in ("query", "train", "database"):
+        np.testing.assert_array_equal(getattr(loaded, role), getattr(split, role))
+        assert getattr(loaded, role).dtype == np.int64
+    loaded.check(source)
+    assert [p.name for p in path.parent.iterdir()] == ["split.json"]  # no temporary file left
+
+
+def test_check_refuses_other_data(tmp_path):
+    source = DigitsSource()
+    split = make_split("digits", source)
+    other = FeatureSource(np.zeros((len(source), 2)), source.labels)
+    with pytest.raises(DmuhError, match="made for other data"):
+        split.check(other)
+    small = FeatureSource(np.zeros((100, 2)), np.arange(100) % 10)
+    unpinned = make_split("per-class", small.labels, query_per_class=2, train_per_class=3)
+    unpinned.check(small)  # made from labels alone: no fingerprint to compare
+    with pytest.raises(DmuhError, match="out of range"):
+        Split("x", 0, [0], [1], [500], topk=None, fingerprint="").check(small)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(DmuhError, match="missing.json"):
+        Split.load(tmp_path / "missing.json")
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"format": "dmuh-split", "query": [1, 2')
+    with pytest.raises(DmuhError, match="corrupt.json: corrupt"):
+        Split.load(corrupt)
+    split = make_split("digits", DigitsSource())
+    split.save(tmp_path / "ok.json")
+    record = json.loads((tmp_path / "ok.json").read_text())
+    record["train"] = [1, "two"]
+    (tmp_path / "bad.json").write_text(json.dumps(record))
+    with pytest.raises(DmuhError, match="bad.json: field 'train'"):
+        Split.load(tmp_path / "bad.json")
