@@ -30,30 +30,33 @@ def step(outputs, momentum=None, indices=(0, 1), labels=LABELS):
 def test_regu_matches_hand_computed_eq4():
     method = create_method("regu", bits=2, train_labels=LABELS, beta=2.0, output="linear")
     terms = method(step(H.clone()))
+    # every term is divided by n B = 2 x 2 (DPSH's normalisation)
     expected_likelihood = sum(sum(row) for row in PAIR_LOSS) / 4
-    # (h - sign h)^2 = [0, .25, .25, .25], mean 0.1875
+    # (h - sign h)^2 = [0, .25, .25, .25], sum 0.75, / 4
     assert terms["likelihood"].item() == pytest.approx(expected_likelihood, rel=1e-6)
     assert terms["quantization"].item() == pytest.approx(2.0 * 0.1875, rel=1e-6)
     assert set(terms) == {"likelihood", "quantization"}
 
 
-def test_regu_pairs_only_with_seen_memory_items():
-    method = create_method("regu", bits=2, train_labels=LABELS, beta=0.0, output="linear")
+def test_regu_pairs_only_with_seen_memory_items_normalised_by_n_times_batch():
+    """One batch item (B = 1), two training items (n = 2), only item 0 seen: l_00 / (n B)."""
+    method = create_method("regu", bits=2, train_labels=LABELS, beta=3.0, output="linear")
     terms = method(step(H[:1].clone(), indices=(0,), labels=LABELS[:1]))
-    assert terms["likelihood"].item() == pytest.approx(PAIR_LOSS[0][0], rel=1e-6)
+    assert terms["likelihood"].item() == pytest.approx(PAIR_LOSS[0][0] / 2, rel=1e-6)
+    assert terms["quantization"].item() == pytest.approx(3.0 * 0.25 / 2, rel=1e-6)
     assert method.seen.tolist() == [True, False]
 
 
 def test_dmuh_matches_hand_computed_eq10():
     method = create_method("dmuh", bits=2, train_labels=LABELS, beta=2.0, gamma=0.5, output="linear")
     terms = method(step(H.clone(), M.clone()))
-    # u = |h - m| = [[0.2, 0], [0, 0.4]]; ubar = [0.1, 0.2]
+    # u = |h - m| = [[0.2, 0], [0, 0.4]]; ubar = [0.1, 0.2]; every term / (n B) = / 4
     ubar = [0.1, 0.2]
     likelihood = sum(math.exp(ubar[i] + ubar[j]) * PAIR_LOSS[i][j] for i in range(2) for j in range(2)) / 4
     quantization = (0 + 0.25 * 1 + 0.25 * 1 + 0.25 * math.exp(0.4)) / 4
     assert terms["likelihood"].item() == pytest.approx(likelihood, rel=1e-6)
     assert terms["quantization"].item() == pytest.approx(2.0 * quantization, rel=1e-6)
-    assert terms["uncertainty"].item() == pytest.approx(0.5 * 0.15, rel=1e-6)
+    assert terms["uncertainty"].item() == pytest.approx(0.5 * 0.6 / 4, rel=1e-6)
     assert method.memory_uncertainty.tolist() == pytest.approx(ubar)
     assert method.step_stats["image_uncertainty"].item() == pytest.approx(0.15)
 

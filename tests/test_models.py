@@ -261,6 +261,14 @@ def test_register_a_custom_model(monkeypatch):
     register_model("test-flatten")(lambda: Flatten())
     model = create_model("test-flatten", bits=BITS)
     assert isinstance(model, HashNetwork) and model(torch.randn(2, 3, 4, 4)).shape == (2, BITS)
-    assert model.config == {"name": "test-flatten", "bits": BITS, "hash_init_std": 0.01}
+    assert model.config == {"name": "test-flatten", "bits": BITS, "hash_init_std": 0.01, "hash_norm": "none"}
     with pytest.raises(ValueError, match="twice"):
         register_model("test-flatten")(lambda: Flatten())
+
+
+def test_hash_norm_batchnorm_centres_each_bit():
+    model = create_model("mlp", bits=4, input_dim=3, hash_norm="batchnorm")
+    z = model(torch.randn(16, 3) + 5.0)  # a large common input component
+    torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    with pytest.raises(DmuhError, match="hash_norm 'layer'"):
+        create_model("mlp", bits=4, input_dim=3, hash_norm="layer")

@@ -28,6 +28,7 @@ class RunConfig:
     model: str = "smallcnn"
     model_params: Dict[str, Any] = field(default_factory=dict)  # e.g. {input_size: 8} for smallcnn on digits
     bits: int = 32
+    hash_norm: str = "batchnorm"  # "batchnorm" after the hash layer (see docs/method.md) or "none" (the paper's net)
     pretrained: Optional[str] = None  # local torchvision-style state dict for the backbone
     # optimisation (paper section 5.2 defaults)
     epochs: int = 50
@@ -43,6 +44,7 @@ class RunConfig:
     device: str = "cpu"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile the network (CUDA; pays a one-off compile time)
     seed: int = 0
     eval_batch_size: int = 1024
     out: str = "runs/run"
@@ -72,7 +74,7 @@ class TrainConfig(RunConfig):
     method_params: Dict[str, Any] = field(default_factory=dict)
     init: str = "scratch"  # "scratch", a `dmuh pretrain` run directory, or a weights file
     backbone_lr_scale: float = 1.0  # learning-rate multiplier for the backbone (the hash layer keeps lr)
-    eval_every: int = 0  # evaluate MAP every N epochs (0: only at the end)
+    eval_every: int = 0  # evaluate MAP every N epochs (0: only at the end; -1: never, for benchmarks)
     trace_items: int = 16  # training items whose per-bit outputs are recorded every epoch
 
 

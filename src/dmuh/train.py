@@ -75,7 +75,8 @@ def decode_all(source, config: RunConfig) -> torch.Tensor:
 def build_model(config: RunConfig, images: torch.Tensor) -> torch.nn.Module:
     """The configured network for these inputs: feature vectors (N, D) or images (N, C, H, W)."""
     extra = {"input_dim": images.shape[1]} if images.dim() == 2 else {"in_channels": images.shape[1]}
-    return create_model(config.model, bits=config.bits, pretrained=config.pretrained, **extra, **config.model_params)
+    return create_model(config.model, bits=config.bits, pretrained=config.pretrained, hash_norm=config.hash_norm,
+                        **extra, **config.model_params)
 
 
 def build_experiment(config: TrainConfig, run_dir: Path) -> Experiment:
@@ -96,6 +97,11 @@ def build_experiment(config: TrainConfig, run_dir: Path) -> Experiment:
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
     momentum = MomentumNetwork(model, method.momentum_alpha) if method.uses_momentum else None
+    if config.compile:
+        # In place, so state_dict keys stay those of the plain model (checkpoints stay portable).
+        model.compile()
+        if momentum is not None:
+            momentum.network.compile()
     train_inputs = images[torch.from_numpy(split.train)].to(device)
     return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs, train_labels.to(device))
 
@@ -355,8 +361,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
             if exp.device.type == "cuda" and config.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(config, exp.device):
-                features = exp.model.features(x) if exp.method.uses_features else None
-                outputs = exp.model.hash_layer(features) if features is not None else exp.model(x)
+                if exp.method.uses_features:
+                    outputs, features = exp.model(x, return_features=True)
+                else:
+                    outputs, features = exp.model(x), None
                 momentum_outputs = exp.momentum(x) if exp.momentum is not None else None
             terms = exp.method(
                 StepInputs(outputs=outputs.float(), labels=exp.train_labels[indices], indices=indices,
@@ -384,7 +392,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
         row.update({name: float(value) / steps for name, value in sums.items()})
         row["images_per_s"] = steps * batch_size / seconds
         row["seconds"] = seconds
-        if (config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs:
+        if config.eval_every >= 0 and ((config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs):
             row["map"] = evaluate_map(exp)
         trace.record(exp, epoch)
         log.append(row)

@@ -2,8 +2,10 @@
 
   u_i   = |h_i - m_i|                  bit-level uncertainty (Eq. 6), m from the momentum copy
   ubar_i = mean_k u_ik                 image-level uncertainty (Eq. 7)
-  L = mean_ij e^(ubar_i + ubar_j) [log(1 + e^Theta_ij) - S_ij Theta_ij]
-      + beta * mean_ik e^(u_ik) (h_ik - b_ik)^2 + gamma * mean_ik u_ik          (Eq. 10)
+  L = [sum_ij e^(ubar_i + ubar_j) (log(1 + e^Theta_ij) - S_ij Theta_ij)
+       + beta * sum_ik e^(u_ik) (h_ik - b_ik)^2 + gamma * sum_ik u_ik] / (n B)     (Eq. 10)
+
+with Regu's (DPSH's) normalisation by n B (seen memory items times batch items).
 
 The memory keeps, beside each training item's latest code, its latest image-level uncertainty, so
 e^(ubar_i + ubar_j) can be formed for memory items j. The weights e^u and e^(ubar_i + ubar_j) are
@@ -71,7 +73,8 @@ class DMUH(Regu):
         if self.image_weights:
             pair_weights = torch.exp(image_uncertainty[:, None] + self.memory_uncertainty[None, :])
         bit_weight = torch.exp(bit_uncertainty.detach()) if self.bit_weights else 1.0
-        quantization = (bit_weight * (codes - sign(codes.detach())).pow(2)).mean()
+        normaliser = self.normaliser(codes.shape[0])
+        quantization = (bit_weight * (codes - sign(codes.detach())).pow(2)).sum() / normaliser
 
         self.step_stats = {
             "bit_uncertainty": bit_uncertainty.detach().mean(),
@@ -83,5 +86,5 @@ class DMUH(Regu):
             "quantization": self.beta * quantization,
         }
         if self.uncertainty_term:
-            terms["uncertainty"] = self.gamma * bit_uncertainty.mean()
+            terms["uncertainty"] = self.gamma * bit_uncertainty.sum() / normaliser
         return terms

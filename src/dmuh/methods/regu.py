@@ -21,12 +21,14 @@ OUTPUT_KINDS = ("tanh", "linear")
 @register_method("regu")
 @register_method("dpsh")
 class Regu(HashingMethod):
-    """L = mean_ij [log(1 + e^Theta_ij) - S_ij Theta_ij] + beta * mean_ik (h_ik - b_ik)^2.
+    """L = [sum_ij (log(1 + e^Theta_ij) - S_ij Theta_ij) + beta * sum_i ||h_i - b_i||^2] / (n B).
 
-    Theta_ij = h_i^T h_j / 2 with h_j from the memory. Both terms are means (over the seen pairs,
-    and over items x bits), so beta does not depend on the batch size, training-set size or bits.
-    `output="tanh"` bounds h to (-1, 1) (our default, see docs/method.md); "linear" is DPSH's
-    unbounded output.
+    Theta_ij = h_i^T h_j / 2 over the B batch items i and the memory items j seen so far (an
+    unseen item has no code yet: DPSH's zero entry adds a constant and no gradient). Dividing
+    every term by n B is DPSH's official normalisation, the one its lambda = 50 (the paper's
+    beta = 50) was tuned with: the likelihood is a mean over pairs, and the quantisation sum over
+    bits is weighted beta / n per item. `output="tanh"` bounds h to (-1, 1) (our default, see
+    docs/method.md); "linear" is DPSH's unbounded output.
     """
 
     def __init__(self, bits: int, train_labels: torch.Tensor, beta: float = 50.0, output: str = "tanh"):
@@ -47,8 +49,18 @@ class Regu(HashingMethod):
         self.memory[indices] = codes.detach().float()
         self.seen[indices] = True
 
+    def normaliser(self, batch_size: int) -> float:
+        """n B: training items times batch items, fixed, as in DPSH.
+
+        Not the number of memory items seen so far: early in the first epoch that would make the
+        quantisation term up to n / B times stronger than later, which drives the codes to the
+        random signs of an untrained network before any similarity is learned.
+        """
+        return float(self.num_train * batch_size)
+
     def likelihood(self, codes: torch.Tensor, labels: torch.Tensor, pair_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mean negative log-likelihood of the batch against every seen memory item.
+        """Negative log-likelihood of the batch against every seen memory item, over n B.
+
 
         softplus(Theta) = log(1 + e^Theta) without overflow for large Theta.
         """
@@ -57,13 +69,12 @@ class Regu(HashingMethod):
         pair_loss = F.softplus(theta) - similar * theta
         if pair_weights is not None:
             pair_loss = pair_loss * pair_weights
-        seen = self.seen.to(pair_loss.dtype)
-        return (pair_loss * seen).sum() / (seen.sum() * codes.shape[0])
+        return (pair_loss * self.seen.to(pair_loss.dtype)).sum() / self.normaliser(codes.shape[0])
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
         codes = self.continuous_codes(step.outputs.float())
         self.remember(step.indices, codes)
-        quantization = (codes - sign(codes.detach())).pow(2).mean()
+        quantization = (codes - sign(codes.detach())).pow(2).sum() / self.normaliser(codes.shape[0])
         return {
             "likelihood": self.likelihood(codes, step.labels),
             "quantization": self.beta * quantization,

@@ -60,6 +60,7 @@ def create_model(
     pretrained: Optional[Union[str, os.PathLike]] = None,
     in_channels: Optional[int] = None,
     hash_init_std: Optional[float] = 0.01,
+    hash_norm: str = "none",
     **options,
 ) -> HashNetwork:
     """Build the registered backbone `name` plus a `bits`-wide hash layer.
@@ -68,6 +69,7 @@ def create_model(
         backbone; nothing is ever downloaded.
     in_channels: input channels for image models (default: the model's own, 3); not for `mlp`.
     hash_init_std: the hash layer's weights start as N(0, std^2), bias 0; None keeps PyTorch's init.
+    hash_norm: "none" or "batchnorm" (a BatchNorm1d on the hash-layer outputs; see HashNetwork).
     options: model-specific keyword arguments (e.g. `small_input`, `input_dim`, `hidden`).
     """
     if name not in _REGISTRY:
@@ -94,6 +96,6 @@ def create_model(
                 f"model {name!r}: pretrained must be the path of a local weights file (nothing is downloaded)"
             )
         load_pretrained_backbone(backbone, pretrained, model_name=name)
-    model = HashNetwork(backbone, bits, name=name, hash_init_std=hash_init_std)
-    model.config = {"name": name, "bits": bits, "hash_init_std": hash_init_std, **options}
+    model = HashNetwork(backbone, bits, name=name, hash_init_std=hash_init_std, hash_norm=hash_norm)
+    model.config = {"name": name, "bits": bits, "hash_init_std": hash_init_std, "hash_norm": hash_norm, **options}
     return model

@@ -1,0 +1,111 @@
+"""The training loop end to end on scikit-learn's digits (CPU, a few seconds per run)."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmuh.config import PretrainConfig, TrainConfig
+from dmuh.errors import DmuhError
+from dmuh.methods import HashingMethod, base
+from dmuh.pretrain import pretrain
+from dmuh.train import learning_rate, train
+
+
+def digits_config(tmp_path, name="run", **overrides):
+    values = dict(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
+                  bits=16, epochs=3, batch_size=64, device="cpu", out=str(tmp_path / name), trace_items=4)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def quiet(line):
+    pass
+
+
+@pytest.mark.parametrize("method", ["regu", "dmuh"])
+def test_training_learns_codes_better_than_chance(tmp_path, method):
+    row = train(digits_config(tmp_path, method=method, epochs=8), progress=False, echo=quiet)
+    # 10 balanced classes: random codes give MAP about 0.1.
+    assert row["map"] > 0.5
+    rows = read_rows(tmp_path / "run" / "log.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    columns = set(rows[0])
+    assert {"loss", "likelihood", "quantization", "lr", "images_per_s"} <= columns
+    if method == "dmuh":
+        assert {"uncertainty", "bit_uncertainty", "image_uncertainty"} <= columns
+        with np.load(tmp_path / "run" / "uncertainty_trace.npz") as trace:
+            assert trace["hashing"].shape == (8, 4, 16) == trace["momentum"].shape
+            assert trace["epochs"].tolist() == list(range(1, 9))
+
+
+def test_resume_gives_the_same_next_epoch_as_an_uninterrupted_run(tmp_path):
+    whole = digits_config(tmp_path, "whole", method="dmuh", epochs=3)
+    train(whole, progress=False, echo=quiet)
+    part = digits_config(tmp_path, "part", method="dmuh", epochs=2)
+    train(part, progress=False, echo=quiet)
+    part.epochs = 3
+    train(part, resume=True, progress=False, echo=quiet)
+    a, b = read_rows(tmp_path / "whole" / "log.csv"), read_rows(tmp_path / "part" / "log.csv")
+    assert len(a) == len(b) == 3
+    for key in ("loss", "likelihood", "quantization", "uncertainty"):
+        assert float(a[2][key]) == pytest.approx(float(b[2][key]), rel=1e-5), key
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    config = digits_config(tmp_path, epochs=1)
+    train(config, progress=False, echo=quiet)
+    with pytest.raises(DmuhError, match="already holds a run"):
+        train(config, progress=False, echo=quiet)
+
+
+class ExplodingLoss(HashingMethod):
+    def forward(self, step):
+        return {"likelihood": step.outputs.sum() * 0, "quantization": step.outputs.sum() * float("inf")}
+
+
+def test_non_finite_loss_stops_with_epoch_and_term(tmp_path, monkeypatch):
+    factory = lambda **params: ExplodingLoss(**params)  # noqa: E731
+    factory.cls, factory.fixed = ExplodingLoss, {}
+    monkeypatch.setitem(base._REGISTRY, "exploding", factory)
+    with pytest.raises(DmuhError, match=r"epoch 1: loss term 'quantization'"):
+        train(digits_config(tmp_path, method="exploding", epochs=1), progress=False, echo=quiet)
+
+
+def test_learning_rate_schedule_decays_from_lr_to_lr_end():
+    config = TrainConfig(lr=0.05, lr_end=0.0005, epochs=10, warmup_epochs=1)
+    assert learning_rate(config, 0.5) == pytest.approx(0.05 * 0.501)
+    assert learning_rate(config, 1.0) == pytest.approx(0.05)
+    assert learning_rate(config, 10.0) == pytest.approx(0.0005)
+    assert 0.0005 < learning_rate(config, 5.0) < 0.05
+
+
+def test_pretrain_then_init(tmp_path):
+    pre = PretrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
+                         objective="simclr+ce", epochs=1, batch_size=64, unlabeled_batch_size=128,
+                         device="cpu", out=str(tmp_path / "pre"))
+    row = pretrain(pre, progress=False, echo=quiet)
+    assert math.isfinite(row["cross_entropy"]) and math.isfinite(row["contrastive"])
+    assert (tmp_path / "pre" / "backbone.safetensors").is_file()
+    config = digits_config(tmp_path, init=str(tmp_path / "pre"), epochs=1)
+    assert math.isfinite(train(config, progress=False, echo=quiet)["map"])
+    # A different query split could have leaked query images into pre-training: refused.
+    other = digits_config(tmp_path, "other", init=str(tmp_path / "pre"), split_seed=1, epochs=1)
+    with pytest.raises(DmuhError, match="different query split"):
+        train(other, progress=False, echo=quiet)
+
+
+def test_init_errors(tmp_path):
+    with pytest.raises(DmuhError, match="no such run directory or weights file"):
+        train(digits_config(tmp_path, init=str(tmp_path / "missing")), progress=False, echo=quiet)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(DmuhError, match="does not fit model backbone"):
+        train(digits_config(tmp_path, "b", init=str(wrong)), progress=False, echo=quiet)
