@@ -49,9 +49,15 @@ def test_training_learns_codes_better_than_chance(tmp_path, method):
 def test_resume_gives_the_same_next_epoch_as_an_uninterrupted_run(tmp_path):
     whole = digits_config(tmp_path, "whole", method="dmuh", epochs=3)
     train(whole, progress=False, echo=quiet)
-    part = digits_config(tmp_path, "part", method="dmuh", epochs=2)
-    train(part, progress=False, echo=quiet)
-    part.epochs = 3
+    part = digits_config(tmp_path, "part", method="dmuh", epochs=3)
+
+    def interrupt_after_epoch_2(line):
+        if line.startswith("epoch 2 "):
+            raise KeyboardInterrupt  # as a user's Ctrl-C after the epoch-2 checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train(part, progress=False, echo=interrupt_after_epoch_2)
+    assert len(read_rows(tmp_path / "part" / "log.csv")) == 2
     train(part, resume=True, progress=False, echo=quiet)
     a, b = read_rows(tmp_path / "whole" / "log.csv"), read_rows(tmp_path / "part" / "log.csv")
     assert len(a) == len(b) == 3
@@ -75,7 +81,7 @@ def test_non_finite_loss_stops_with_epoch_and_term(tmp_path, monkeypatch):
     factory = lambda **params: ExplodingLoss(**params)  # noqa: E731
     factory.cls, factory.fixed = ExplodingLoss, {}
     monkeypatch.setitem(base._REGISTRY, "exploding", factory)
-    with pytest.raises(DmuhError, match=r"epoch 1: loss term 'quantization'"):
+    with pytest.raises(DmuhError, match=r"epoch 1: loss term .quantization. became non-finite at step 1"):
         train(digits_config(tmp_path, method="exploding", epochs=1), progress=False, echo=quiet)
 
 

@@ -12,7 +12,7 @@ import torch
 from dmuh.config import TrainConfig, load_yaml
 from dmuh.errors import DmuhError
 from dmuh.io import atomic_write_text
-from dmuh.train import CHECKPOINT, CONFIG, Experiment, build_experiment, encode, load_checkpoint
+from dmuh.train import CHECKPOINT, CONFIG, Experiment, build_experiment, encode_part, load_checkpoint
 
 
 def load_run(run: str | Path, device: str = "cpu") -> Experiment:
@@ -31,19 +31,13 @@ def load_run(run: str | Path, device: str = "cpu") -> Experiment:
     return exp
 
 
-def encode_split(exp: Experiment, part: str) -> torch.Tensor:
-    """Continuous codes of one part of the split ("query", "train", "database")."""
-    inputs = exp.images[torch.from_numpy(getattr(exp.split, part))]
-    return encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
-
-
 def evaluate_run(run: str | Path, device: str = "cpu", ties: str = "expected", out: Optional[str] = None) -> Dict[str, Any]:
     from dmuh.codes import sign
     from dmuh.metrics import retrieval_report
 
     exp = load_run(run, device)
     labels = torch.from_numpy(np.asarray(exp.source.labels))
-    query, database = sign(encode_split(exp, "query")), sign(encode_split(exp, "database"))
+    query, database = sign(encode_part(exp, "query")), sign(encode_part(exp, "database"))
     report = retrieval_report(
         query, database, labels[exp.split.query], labels[exp.split.database],
         topk=exp.split.topk, ties=ties, device=exp.device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -11,7 +12,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+
+from dmuh import distributed
 
 from dmuh.config import RunConfig, TrainConfig
 from dmuh.data import open_source
@@ -53,6 +57,7 @@ class Experiment:
     images: torch.Tensor  # every decoded item of the source (CPU), decoded once
     train_inputs: torch.Tensor  # the training items, on the device
     train_labels: torch.Tensor
+    context: distributed.Context = distributed.Context()
 
 
 def load_split(config: RunConfig, source, run_dir: Path) -> Split:
@@ -79,10 +84,14 @@ def build_model(config: RunConfig, images: torch.Tensor) -> torch.nn.Module:
                         **extra, **config.model_params)
 
 
-def build_experiment(config: TrainConfig, run_dir: Path) -> Experiment:
+def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Context = distributed.Context()) -> Experiment:
     device = resolve_device(config.device)
     source = open_source(config.data, root=config.data_root)
-    split = load_split(config, source, run_dir)
+    if context.is_main:
+        split = load_split(config, source, run_dir)
+    distributed.barrier(context)  # rank 0 writes the split once; the others read it
+    if not context.is_main:
+        split = load_split(config, source, run_dir)
     images = decode_all(source, config)
     model = build_model(config, images)
     if config.init != "scratch":
@@ -92,6 +101,8 @@ def build_experiment(config: TrainConfig, run_dir: Path) -> Experiment:
     pipeline = InputPipeline(getattr(source, "channels", None), getattr(model, "input_size", None), config.augment)
     train_labels = torch.from_numpy(np.asarray(source.labels)[split.train]).float()
     method = create_method(config.method, bits=config.bits, train_labels=train_labels, **config.method_params)
+    if context.enabled and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch
     model.to(device)
     method.to(device)
     if device.type == "cuda" and config.channels_last:
@@ -103,7 +114,8 @@ def build_experiment(config: TrainConfig, run_dir: Path) -> Experiment:
         if momentum is not None:
             momentum.network.compile()
     train_inputs = images[torch.from_numpy(split.train)].to(device)
-    return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs, train_labels.to(device))
+    return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs,
+                      train_labels.to(device), context)
 
 
 def build_optimizer(config: RunConfig, groups: List[dict]) -> torch.optim.Optimizer:
@@ -196,23 +208,34 @@ def fit_shallow(exp: Experiment) -> None:
         exp.model.hash_layer.bias.copy_(bias)
 
 
+def encode_part(exp: Experiment, part: str) -> torch.Tensor:
+    """Continuous codes of one part of the split ("query", "train", "database"), float32 on CPU.
+
+    Under torchrun each rank encodes a contiguous shard and the shards are gathered on every rank.
+    """
+    indices = getattr(exp.split, part)
+    shards = np.array_split(np.arange(len(indices)), exp.context.world_size)
+    mine = torch.from_numpy(indices[shards[exp.context.rank]])
+    codes = encode(exp.model, exp.method, exp.images[mine], exp.pipeline, exp.config, exp.device)
+    return distributed.all_gather_uneven(exp.context, codes.to(exp.device)).cpu()
+
+
 def evaluate_map(exp: Experiment, ties: str = "index") -> float:
-    """MAP of the protocol (MAP@all or MAP@k) with sign codes of query and database."""
+    """MAP of the protocol (MAP@all or MAP@k) with sign codes of query and database (rank 0 computes it)."""
     from dmuh.codes import sign
     from dmuh.metrics import mean_average_precision
 
-    labels = torch.from_numpy(np.asarray(exp.source.labels))
-    codes = {}
-    for part in ("query", "database"):
-        inputs = exp.images[torch.from_numpy(getattr(exp.split, part))]
-        codes[part] = encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
-    query, database = codes["query"], codes["database"]
-    return float(
-        mean_average_precision(
-            sign(query), sign(database), labels[exp.split.query], labels[exp.split.database],
-            topk=exp.split.topk, ties=ties, device=exp.device,
+    query, database = encode_part(exp, "query"), encode_part(exp, "database")
+    value = float("nan")
+    if exp.context.is_main:
+        labels = torch.from_numpy(np.asarray(exp.source.labels))
+        value = float(
+            mean_average_precision(
+                sign(query), sign(database), labels[exp.split.query], labels[exp.split.database],
+                topk=exp.split.topk, ties=ties, device=exp.device,
+            )
         )
-    )
+    return distributed.broadcast_float(exp.context, value, exp.device)
 
 
 def save_checkpoint(run_dir: Path, exp: Experiment, optimizer, epoch: int) -> None:
@@ -254,11 +277,35 @@ def read_log(path: Path) -> List[Dict[str, float]]:
         return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def check_finite(epoch: int, sums: Dict[str, torch.Tensor]) -> None:
-    for name, value in sums.items():
-        if not torch.isfinite(value).all():
+class FiniteGuard:
+    """Remembers, per loss term, the first step where it was NaN or Inf, without a device sync.
+
+    `check` (every 100 steps and at the end of an epoch) raises for the term that broke first.
+    """
+
+    NEVER = 2**62
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.first_bad: Dict[str, torch.Tensor] = {}
+
+    def observe(self, step: int, terms: Dict[str, torch.Tensor]) -> None:
+        for name, value in terms.items():
+            first = self.first_bad.get(name)
+            if first is None:
+                first = self.first_bad[name] = torch.full((), self.NEVER, dtype=torch.int64, device=self.device)
+            bad = ~torch.isfinite(value.detach())
+            self.first_bad[name] = torch.where(bad & (first == self.NEVER), torch.full_like(first, step), first)
+
+    def check(self, epoch: int) -> None:
+        if not self.first_bad:
+            return
+        names = list(self.first_bad)
+        steps = torch.stack([self.first_bad[name] for name in names]).tolist()
+        first = min(range(len(names)), key=lambda i: steps[i])
+        if steps[first] != self.NEVER:
             raise DmuhError(
-                f"epoch {epoch}: loss term {name!r} became non-finite ({float(value)}); "
+                f"epoch {epoch}: loss term {names[first]!r} became non-finite at step {steps[first] + 1}; "
                 "the last good checkpoint is kept - lower the learning rate or check the data"
             )
 
@@ -302,17 +349,27 @@ class UncertaintyTrace:
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo=print) -> Dict[str, float]:
     """Train `config.method`; write config, split, log, checkpoint and trace to `config.out`.
 
+    Under torchrun (WORLD_SIZE > 1) every process runs this same function: `batch_size` is per
+    process, each step's global batch is one slice of a permutation shared by all ranks (reseeded
+    every epoch, as DistributedSampler.set_epoch does), every rank writes the whole global batch
+    into the method's memory, gradients are averaged, and rank 0 alone logs and writes files.
     Returns the last log row (MAP included).
     """
+    context = distributed.init_from_environment(config.device)
+    if context.enabled and config.device.startswith("cuda"):
+        config = dataclasses.replace(config, device=f"cuda:{context.local_rank}")
+    main_process = context.is_main
     run_dir = Path(config.out)
     if resume:
         checkpoint = load_checkpoint(run_dir / CHECKPOINT)
     elif (run_dir / CHECKPOINT).exists():
         raise DmuhError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(context)
 
     torch.manual_seed(config.seed)
-    exp = build_experiment(config, run_dir)
+    exp = build_experiment(config, run_dir, context)
     optimizer = make_optimizer(config, exp.model, exp.method)
     start_epoch = 1
     log = read_log(run_dir / LOG) if resume else []
@@ -326,7 +383,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
         start_epoch = checkpoint["epoch"] + 1
         log = [row for row in log if row["epoch"] < start_epoch]
         trace.truncate(checkpoint["epoch"])
-    config.save(run_dir / CONFIG)
+    if main_process:
+        config.save(run_dir / CONFIG)
 
     if exp.method.shallow:
         started = time.perf_counter()
@@ -334,46 +392,68 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
         seconds = time.perf_counter() - started
         row = {"epoch": config.epochs, "loss": float("nan"), "seconds": seconds,
                "images_per_s": exp.train_inputs.shape[0] / seconds, "map": evaluate_map(exp)}
-        write_log(run_dir / LOG, [row])
-        save_checkpoint(run_dir, exp, optimizer, config.epochs)
-        echo(format_row(row))
+        if main_process:
+            write_log(run_dir / LOG, [row])
+            save_checkpoint(run_dir, exp, optimizer, config.epochs)
+            echo(format_row(row))
+        distributed.barrier(context)
         return row
 
+    network = exp.model
+    if context.enabled:
+        network = DistributedDataParallel(exp.model, device_ids=[exp.device.index] if exp.device.type == "cuda" else None)
     num_train = exp.train_inputs.shape[0]
-    batch_size = min(config.batch_size, num_train)
-    steps = num_train // batch_size  # drop the ragged last batch: every step sees a full batch
+    batch_size = min(config.batch_size, num_train // context.world_size)
+    global_batch = batch_size * context.world_size
+    steps = num_train // global_batch  # drop the ragged last batch: every step sees a full batch
     last: Dict[str, float] = log[-1] if log else {}
     for epoch in range(start_epoch, config.epochs + 1):
-        # Seed from (seed, epoch) so a resumed run draws the same batches and augmentations.
-        torch.manual_seed(config.seed * 100_003 + epoch)
-        generator = torch.Generator(device=exp.device).manual_seed(config.seed * 100_003 + epoch)
+        # Seeds from (seed, epoch) so a resumed run draws the same batches and augmentations; the
+        # permutation is shared by all ranks, augmentation and dropout differ per rank.
+        epoch_seed = config.seed * 100_003 + epoch
+        torch.manual_seed(epoch_seed + 7919 * context.rank)
+        shuffle = torch.Generator(device=exp.device).manual_seed(epoch_seed)
+        augmentation = torch.Generator(device=exp.device).manual_seed(epoch_seed + 7919 * (context.rank + 1))
         exp.method.on_epoch_start(epoch, config.epochs)
         exp.model.train()
         exp.method.train()
-        order = torch.randperm(num_train, device=exp.device, generator=generator)
+        order = torch.randperm(num_train, device=exp.device, generator=shuffle)
         sums: Dict[str, torch.Tensor] = {}
+        guard = FiniteGuard(exp.device)
         started = time.perf_counter()
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not progress)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not (progress and main_process))
         for step in bar:
             lr = set_learning_rate(optimizer, config, epoch - 1 + step / steps)
-            indices = order[step * batch_size : (step + 1) * batch_size]
-            x = exp.pipeline(exp.train_inputs[indices], generator=generator, train=True)
+            everyone = order[step * global_batch : (step + 1) * global_batch]
+            indices = everyone[context.rank * batch_size : (context.rank + 1) * batch_size]
+            x = exp.pipeline(exp.train_inputs[indices], generator=augmentation, train=True)
             if exp.device.type == "cuda" and config.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(config, exp.device):
                 if exp.method.uses_features:
-                    outputs, features = exp.model(x, return_features=True)
+                    outputs, features = network(x, return_features=True)
                 else:
-                    outputs, features = exp.model(x), None
+                    outputs, features = network(x), None
                 momentum_outputs = exp.momentum(x) if exp.momentum is not None else None
+            momentum_outputs = None if momentum_outputs is None else momentum_outputs.float()
+            shared = {}
+            if context.enabled:  # the whole global batch, for methods that keep a memory
+                shared = dict(
+                    shared_indices=everyone,
+                    shared_outputs=distributed.all_gather(context, outputs.detach().float()),
+                    shared_momentum_outputs=None if momentum_outputs is None else distributed.all_gather(context, momentum_outputs),
+                )
             terms = exp.method(
                 StepInputs(outputs=outputs.float(), labels=exp.train_labels[indices], indices=indices,
-                           momentum_outputs=None if momentum_outputs is None else momentum_outputs.float(),
-                           features=None if features is None else features.float())
+                           momentum_outputs=momentum_outputs,
+                           features=None if features is None else features.float(), **shared)
             )
+            guard.observe(step, terms)
             loss = sum(terms.values())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # DDP averages the network's gradients; a method's own parameters (a classifier, say) too:
+            distributed.average(context, [p.grad for p in exp.method.parameters() if p.grad is not None])
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(exp.model.parameters(), config.grad_clip)
             optimizer.step()
@@ -383,23 +463,30 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
                 value = value.detach().float()
                 sums[name] = sums[name] + value if name in sums else value
             if step % 100 == 99:
-                check_finite(epoch, {k: v for k, v in sums.items() if k in terms})
-        check_finite(epoch, {k: v for k, v in sums.items() if k == "loss" or k in terms})
+                guard.check(epoch)
+        guard.check(epoch)
+        names = sorted(sums)
+        if names:
+            stacked = torch.stack([sums[name] for name in names])
+            distributed.average(context, [stacked])
+            sums = dict(zip(names, stacked))
         if exp.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         row: Dict[str, float] = {"epoch": epoch, "lr": lr}
         row.update({name: float(value) / steps for name, value in sums.items()})
-        row["images_per_s"] = steps * batch_size / seconds
+        row["images_per_s"] = steps * global_batch / seconds
         row["seconds"] = seconds
         if config.eval_every >= 0 and ((config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs):
             row["map"] = evaluate_map(exp)
-        trace.record(exp, epoch)
-        log.append(row)
-        write_log(run_dir / LOG, log)
-        save_checkpoint(run_dir, exp, optimizer, epoch)
+        if main_process:
+            trace.record(exp, epoch)
+            log.append(row)
+            write_log(run_dir / LOG, log)
+            save_checkpoint(run_dir, exp, optimizer, epoch)
+            echo(format_row(row))
+        distributed.barrier(context)
         last = row
-        echo(format_row(row))
     return last
 
 

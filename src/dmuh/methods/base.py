@@ -27,6 +27,17 @@ class StepInputs:
     indices: torch.Tensor  # (B,) positions in the training split (for memories)
     momentum_outputs: Optional[torch.Tensor] = None  # (B, bits) raw outputs of the momentum copy
     features: Optional[torch.Tensor] = None  # (B, D) backbone features, for methods that ask
+    # Under torchrun: the whole global batch of all ranks (detached). A method that keeps a memory
+    # of training outputs writes it from `shared()`, so every rank holds the same memory.
+    shared_indices: Optional[torch.Tensor] = None
+    shared_outputs: Optional[torch.Tensor] = None
+    shared_momentum_outputs: Optional[torch.Tensor] = None
+
+    def shared(self):
+        """(indices, outputs, momentum_outputs) of the global batch: all ranks', or this batch's."""
+        if self.shared_indices is None:
+            return self.indices, self.outputs.detach(), None if self.momentum_outputs is None else self.momentum_outputs.detach()
+        return self.shared_indices, self.shared_outputs, self.shared_momentum_outputs
 
 
 class HashingMethod(nn.Module):

@@ -66,9 +66,11 @@ class DMUH(Regu):
         bit_uncertainty = (codes - momentum_codes).abs()  # Eq. 6
         image_uncertainty = bit_uncertainty.detach().mean(dim=1)  # Eq. 7
 
-        self.remember(step.indices, codes)
         with torch.no_grad():
-            self.memory_uncertainty[step.indices] = image_uncertainty
+            shared_indices, shared_outputs, shared_momentum = step.shared()
+            shared_codes = self.continuous_codes(shared_outputs.float())
+            self.remember(shared_indices, shared_codes)
+            self.memory_uncertainty[shared_indices] = (shared_codes - self.continuous_codes(shared_momentum.float())).abs().mean(dim=1)
         pair_weights = None
         if self.image_weights:
             pair_weights = torch.exp(image_uncertainty[:, None] + self.memory_uncertainty[None, :])

@@ -73,7 +73,8 @@ class Regu(HashingMethod):
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
         codes = self.continuous_codes(step.outputs.float())
-        self.remember(step.indices, codes)
+        shared_indices, shared_outputs, _ = step.shared()
+        self.remember(shared_indices, self.continuous_codes(shared_outputs.float()))
         quantization = (codes - sign(codes.detach())).pow(2).sum() / self.normaliser(codes.shape[0])
         return {
             "likelihood": self.likelihood(codes, step.labels),
