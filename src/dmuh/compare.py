@@ -1,0 +1,214 @@
+"""`dmuh compare`: train several methods at several code lengths with one recipe; MAP tables.
+
+Every (method, bits) run is `dmuh.train.train` on the same base config (data, protocol, backbone,
+optimiser, epochs, seed) with only `method`, `bits`, `method_params` and `out` replaced, so the
+methods differ in their loss alone. The results go to `results.md` (rows = methods, columns = code
+lengths, like Tables 4-5 of the DMUH paper; 16,32,64 bits gives Table 6's shape) and
+`results.csv` (the same table, full precision).
+
+A comparison can be stopped and started again: a run directory that already holds a finished run
+of the same config is reused, an unfinished one is resumed from its checkpoint, and one holding a
+different config is an error (never silently overwritten).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from dmuh.config import TrainConfig, load_yaml
+from dmuh.errors import DmuhError
+from dmuh.io import atomic_write_text
+
+RESULTS_MARKDOWN = "results.md"
+RESULTS_CSV = "results.csv"
+
+# Config fields that say how a run executes, not what it computes: they may differ between a
+# finished run and the comparison that reuses it.
+EXECUTION_FIELDS = ("out", "device", "compile", "channels_last", "eval_batch_size", "cache_dir", "data_root",
+                    "trace_items")
+
+# How the paper writes the method names.
+DISPLAY_NAMES = {
+    "dmuh": "DMUH", "regu": "Regu", "dpsh": "DPSH", "hashnet": "HashNet", "dhn": "DHN", "dsh": "DSH",
+    "csq": "CSQ", "greedyhash": "GreedyHash", "dsdh": "DSDH", "orthohash": "OrthoHash", "itq": "ITQ", "lsh": "LSH",
+}
+
+
+def run_directory(out_dir: Path, method: str, bits: int) -> Path:
+    return Path(out_dir) / f"{method}-{bits}bits"
+
+
+def comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The config fields that decide a run's result, as plain YAML values (tuples become lists)."""
+    values = {k: v for k, v in config.items() if k not in EXECUTION_FIELDS}
+    return yaml.safe_load(yaml.safe_dump(values))
+
+
+def existing_run(config: TrainConfig) -> Tuple[str, Dict[str, float]]:
+    """What `config.out` holds: ("new", {}) nothing yet, ("unfinished", {}) a run to resume, or
+    ("finished", last log row). A run of a different config there is a `DmuhError`."""
+    from dmuh.train import CHECKPOINT, CONFIG, LOG, read_log
+
+    run = Path(config.out)
+    if not (run / CHECKPOINT).exists():
+        return "new", {}
+    saved = comparable(load_yaml(run / CONFIG))
+    wanted = comparable(config.to_dict())
+    differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    if differing:
+        key = differing[0]
+        raise DmuhError(f"{run} holds a run with another config ({key}: {saved.get(key)!r} there, {wanted.get(key)!r} "
+                        "here); remove it or compare into another output directory")
+    log = read_log(run / LOG)
+    if log and int(log[-1]["epoch"]) == config.epochs:
+        return "finished", log[-1]
+    return "unfinished", {}
+
+
+def training_seconds(run: Path) -> float:
+    """Wall-clock seconds of all epochs in a run's log (a resumed run's epochs included)."""
+    from dmuh.train import LOG, read_log
+
+    return float(sum(row.get("seconds", 0.0) for row in read_log(run / LOG)))
+
+
+def compare(
+    methods: Sequence[str],
+    bits: Sequence[int],
+    base: TrainConfig,
+    out_dir: Path,
+    echo: Callable[[str], None] = print,
+    method_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    progress: bool = False,
+) -> List[Dict[str, Any]]:
+    """Train every method at every code length with `base`'s recipe; write and return the results.
+
+    methods: registered method names (see `dmuh.methods.available()`), in table order.
+    bits: code lengths, in column order.
+    base: the shared config; its `method`, `bits` and `out` are replaced per run. Its
+        `method_params` must be empty: hyper-parameters are per method (`method_params`).
+    out_dir: one run directory per (method, bits), named METHOD-Nbits, plus results.md/.csv.
+    echo: where progress lines go (the training loop's epoch lines included).
+    method_params: {method: {param: value}} overrides of a method's defaults.
+    progress: show the training loop's progress bars.
+
+    Returns one dict per run, in table order: method, bits, map (NaN when the run failed),
+    seconds (training time), run (its directory) and, for a run that failed with a DmuhError
+    (e.g. a method constraint), error (the message). Such a failure is reported and the
+    comparison goes on; any other exception stops it, and so does a run directory that holds a
+    run of another config (a `DmuhError`: it is never overwritten).
+    """
+    from dmuh.methods import method_class
+    from dmuh.train import train
+
+    methods = list(dict.fromkeys(methods))
+    bits = list(dict.fromkeys(bits))
+    if not methods or not bits:
+        raise DmuhError("compare: give at least one method and one code length")
+    for method in methods:
+        method_class(method)  # an unknown name fails before anything is trained
+    for length in bits:
+        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+            raise DmuhError(f"compare: code lengths must be positive integers, got {length!r}")
+    if base.method_params:
+        raise DmuhError("compare: the base config's method_params would apply to every method; "
+                        "give hyper-parameters per method instead")
+    method_params = dict(method_params or {})
+    unknown = sorted(set(method_params) - set(methods))
+    if unknown:
+        raise DmuhError(f"compare: parameters given for {unknown[0]!r}, which is not among the compared methods")
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: List[Dict[str, Any]] = []
+    total = len(methods) * len(bits)
+    for method in methods:
+        for length in bits:
+            run = run_directory(out_dir, method, length)
+            config = dataclasses.replace(base, method=method, bits=length, out=str(run),
+                                         method_params=dict(method_params.get(method, {})))
+            where = f"[{len(rows) + 1}/{total}] {method} at {length} bits"
+            row: Dict[str, Any] = {"method": method, "bits": length, "run": str(run)}
+            state, last = existing_run(config)  # a different run in the way stops the comparison
+            if state == "finished":
+                echo(f"{where}: finished run in {run} reused")
+            else:
+                echo(f"{where}: {'resuming' if state == 'unfinished' else 'training'} in {run}")
+                try:
+                    last = train(config, resume=state == "unfinished", progress=progress, echo=echo)
+                except DmuhError as error:
+                    echo(f"{where}: failed: {error}")
+                    row["error"] = str(error)
+            row["map"] = float(last.get("map", math.nan))
+            row["seconds"] = training_seconds(run)
+            rows.append(row)
+            write_tables(rows, out_dir, caption=describe(base))  # partial tables survive an interruption
+    return rows
+
+
+def describe(config: TrainConfig) -> str:
+    """One line naming the shared recipe, for the table caption."""
+    return (f"data {config.data}, protocol {config.protocol}, model {config.model}, {config.epochs} epochs, "
+            f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g}, seed {config.seed}")
+
+
+def _table(rows: Sequence[Mapping[str, Any]]):
+    """(methods in order, bits in order, {(method, bits): row})."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    bits = list(dict.fromkeys(int(r["bits"]) for r in rows))
+    return methods, bits, {(r["method"], int(r["bits"])): r for r in rows}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, caption: str = "") -> None:
+    """results.md (MAP table, best of each column in bold, then training times and failures) and
+    results.csv (method, then one MAP column per code length) in `out_dir`, each written atomically."""
+    methods, bits, cells = _table(rows)
+    best = {b: max((cells[m, b]["map"] for m in methods if (m, b) in cells and _finite(cells[m, b]["map"])),
+                   default=None) for b in bits}
+
+    def map_cell(method: str, length: int) -> str:
+        row = cells.get((method, length))
+        if row is None:
+            return ""
+        if not _finite(row["map"]):
+            return "failed" if row.get("error") else "n/a"
+        text = f"{row['map']:.4f}"
+        return f"**{text}**" if row["map"] == best[length] else text
+
+    def seconds_cell(method: str, length: int) -> str:
+        row = cells.get((method, length))
+        return f"{row['seconds']:.1f}" if row is not None and _finite(row.get("seconds")) else ""
+
+    header = "| Method | " + " | ".join(f"{b} bits" for b in bits) + " |"
+    rule = "|---|" + "---:|" * len(bits)
+    lines = ["# MAP by code length", ""]
+    if caption:
+        lines += [f"Same backbone, recipe and budget for every method: {caption}.", ""]
+    lines += [header, rule]
+    lines += [f"| {DISPLAY_NAMES.get(m, m)} | " + " | ".join(map_cell(m, b) for b in bits) + " |" for m in methods]
+    lines += ["", "Training time (seconds)", "", header, rule]
+    lines += [f"| {DISPLAY_NAMES.get(m, m)} | " + " | ".join(seconds_cell(m, b) for b in bits) + " |" for m in methods]
+    failures = [r for r in rows if r.get("error")]
+    if failures:
+        lines += ["", "Failed runs:", ""]
+        lines += [f"- {r['method']} at {r['bits']} bits: {r['error']}" for r in failures]
+    atomic_write_text(Path(out_dir) / RESULTS_MARKDOWN, "\n".join(lines) + "\n")
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method"] + [f"{b} bits" for b in bits])
+    for method in methods:
+        values = [cells.get((method, b), {}).get("map") for b in bits]
+        writer.writerow([method] + [repr(float(v)) if _finite(v) else "" for v in values])
+    atomic_write_text(Path(out_dir) / RESULTS_CSV, buffer.getvalue())

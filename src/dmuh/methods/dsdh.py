@@ -1,0 +1,87 @@
+"""DSDH (Li et al., NeurIPS 2017): Deep Supervised Discrete Hashing.
+
+Reference: TreezzZ/DSDH_PyTorch (dsdh.py, models/dsdh_loss.py: one W-step and one B-step after
+every epoch of network updates), cross-checked with swuxyj/DeepHash-pytorch DSDH.py (which
+updates B and W at every step).
+
+The method keeps discrete codes B (n x bits, +-1) of all training items and a linear classifier W
+(bits x classes) that predicts the labels Y from B. Alternating:
+
+- network step (every batch):
+    L = mean_ij [log(1 + e^Theta_ij) - S_ij Theta_ij] + eta * mean_ik (B_ik - u_ik)^2,
+  Theta_ij = u_i . U_j / 2 over the memory U of training outputs (DPSH's likelihood: the memory
+  and the likelihood are `Regu`'s);
+- at the start of every epoch after the first, from U:
+    W-step  W = (B^T B + (nu / mu) I)^-1 B^T Y               (ridge regression of Y on B)
+    B-step  discrete cyclic coordinate descent on
+            mu ||Y - B W||^2 + nu ||W||^2 + eta ||B - U||^2, one bit (column of B) at a time:
+            B_:k = sign(P_:k - B_:-k W_-k w_k),  P = Y W^T + (eta / mu) U
+  repeated `dcc_iter` times.
+
+B starts as random signs (seeded). Codes at evaluation are sign(z). Defaults (TreezzZ's): mu =
+0.01, nu = 1, eta = 0.01, dcc_iter = 1, the raw linear output u = z.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from dmuh.codes import sign
+from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.helpers import check_count, check_number, random_sign_codes
+from dmuh.methods.regu import Regu
+
+
+@register_method("dsdh")
+class DSDH(Regu):
+    """DPSH's likelihood plus a pull of the outputs to discrete codes that a linear classifier reads."""
+
+    def __init__(
+        self,
+        bits: int,
+        train_labels: torch.Tensor,
+        mu: float = 0.01,
+        nu: float = 1.0,
+        eta: float = 0.01,
+        dcc_iter: int = 1,
+        output: str = "linear",
+        seed: int = 0,
+    ):
+        super().__init__(bits, train_labels, beta=0.0, output=output)
+        self.mu = check_number("mu", mu, 0.0, strict=True)
+        self.nu = check_number("nu", nu, 0.0)
+        self.eta = check_number("eta", eta, 0.0)
+        self.dcc_iter = check_count("dcc_iter", dcc_iter)
+        check_count("seed", seed, 0)
+        self.register_buffer("binary_codes", random_sign_codes(self.num_train, self.bits, seed))
+        self.register_buffer("classifier", torch.zeros(self.bits, self.num_classes))
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        if epoch > 1:  # the memory holds the outputs of the previous epoch
+            self.update_codes()
+
+    @torch.no_grad()
+    def update_codes(self) -> None:
+        """`dcc_iter` rounds of the W-step and the B-step (discrete cyclic coordinate descent)."""
+        labels, outputs, codes = self.memory_labels, self.memory, self.binary_codes
+        ridge = (self.nu / self.mu) * torch.eye(self.bits, device=codes.device)
+        for _ in range(self.dcc_iter):
+            classifier = torch.linalg.solve(codes.t() @ codes + ridge, codes.t() @ labels)
+            target = labels @ classifier.t() + (self.eta / self.mu) * outputs
+            for k in range(self.bits):
+                w_k = classifier[k]
+                # B_:-k W_-k w_k = B W w_k minus bit k's own share, B_:k (w_k . w_k)
+                others = codes @ (classifier @ w_k) - codes[:, k] * (w_k @ w_k)
+                codes[:, k] = sign(target[:, k] - others)
+        self.classifier.copy_(classifier)
+
+    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
+        outputs = self.continuous_codes(step.outputs.float())
+        shared_indices, shared_outputs, _ = step.shared()
+        self.remember(shared_indices, self.continuous_codes(shared_outputs.float()))
+        return {
+            "likelihood": self.likelihood(outputs, step.labels),
+            "quantization": self.eta * (self.binary_codes[step.indices] - outputs).pow(2).mean(),
+        }

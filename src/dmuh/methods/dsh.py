@@ -1,0 +1,62 @@
+"""DSH (Liu et al., CVPR 2016): Deep Supervised Hashing.
+
+Reference: swuxyj/DeepHash-pytorch DSH.py (itself after the authors' Caffe code and
+weixu000/DSH-pytorch), with its memory of training outputs and its defaults.
+
+  D_ij = ||u_i - U_j||^2               U: memory of the latest output of every training item
+  L = mean_ij [ S_ij D_ij / 2 + (1 - S_ij) max(m - D_ij, 0) / 2 ] + alpha * mean_ik | |u_ik| - 1 |
+
+a contrastive loss that pulls similar pairs together and pushes dissimilar pairs at least m apart
+(m = 2 * bits by default, the paper's choice), plus the L1 regulariser that draws every output
+towards +-1. Defaults: alpha = 0.1 (DeepHash-pytorch, which averages where the paper's
+alpha = 0.01 multiplies sums), the raw linear output u = z.
+
+The memory is `Regu`'s (DPSH's): the batch is paired with every training item seen so far and
+the pair term is divided by n B, the mean over all B x n pairs once every item has been seen.
+Unseen items are left out (DeepHash-pytorch's zero entries would pull similar codes to 0 and push
+dissimilar ones away from 0 in the first epoch).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from dmuh.methods.base import StepInputs, pairwise_similarity, register_method
+from dmuh.methods.helpers import check_number
+from dmuh.methods.regu import Regu
+
+
+@register_method("dsh")
+class DSH(Regu):
+    """Contrastive loss with margin m over the training memory plus an L1 regulariser."""
+
+    def __init__(
+        self,
+        bits: int,
+        train_labels: torch.Tensor,
+        alpha: float = 0.1,
+        margin: Optional[float] = None,
+        output: str = "linear",
+    ):
+        super().__init__(bits, train_labels, beta=0.0, output=output)
+        self.alpha = check_number("alpha", alpha, 0.0)
+        self.margin = 2.0 * self.bits if margin is None else check_number("margin", margin, 0.0, strict=True)
+
+    def contrastive(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum over the batch x seen-memory pairs of the contrastive term, over n B."""
+        squared_norms = codes.pow(2).sum(1, keepdim=True) + self.memory.pow(2).sum(1)
+        distance = (squared_norms - 2.0 * codes @ self.memory.t()).clamp(min=0)
+        similar = pairwise_similarity(labels.float(), self.memory_labels)
+        pair_loss = 0.5 * similar * distance + 0.5 * (1.0 - similar) * (self.margin - distance).clamp(min=0)
+        return (pair_loss * self.seen.to(pair_loss.dtype)).sum() / self.normaliser(codes.shape[0])
+
+    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
+        codes = self.continuous_codes(step.outputs.float())
+        shared_indices, shared_outputs, _ = step.shared()
+        self.remember(shared_indices, self.continuous_codes(shared_outputs.float()))
+        return {
+            "contrastive": self.contrastive(codes, step.labels),
+            "quantization": self.alpha * (codes.abs() - 1.0).abs().mean(),
+        }

@@ -1,0 +1,54 @@
+"""GreedyHash (Su et al., NeurIPS 2018): sign in the forward pass, straight-through backward.
+
+Reference: ssppp/GreedyHash cifar1.py (supervised), cross-checked with swuxyj/DeepHash-pytorch
+GreedyHash.py.
+
+  b = sign(z)                          forward; the backward pass copies the gradient to z
+  L = CE(W b, y) + alpha * mean_ik | |z_ik| - 1 |^3
+
+W is a bias-free linear classifier (bits -> classes) owned by the method, so it joins the
+optimiser. The cube term keeps z near +-1 so that the copied gradient is close to the true one.
+Multi-label items use the cross-entropy to their label distribution (`label_cross_entropy`).
+Defaults: alpha = 0.1 (the official CIFAR-10 value).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from dmuh.codes import sign
+from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.helpers import check_number, label_cross_entropy
+
+
+class SignStraightThrough(torch.autograd.Function):
+    """sign(x) forward (0 -> +1, as `dmuh.codes.sign`), the identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output
+
+
+@register_method("greedyhash")
+class GreedyHash(HashingMethod):
+    """Classification of the binary codes themselves, trained through a straight-through sign."""
+
+    def __init__(self, bits: int, train_labels: torch.Tensor, alpha: float = 0.1):
+        super().__init__(bits, train_labels)
+        self.alpha = check_number("alpha", alpha, 0.0)
+        self.classifier = nn.Linear(self.bits, self.num_classes, bias=False)
+
+    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
+        outputs = step.outputs.float()
+        binary = SignStraightThrough.apply(outputs)
+        return {
+            "classification": label_cross_entropy(self.classifier(binary), step.labels.float()),
+            "quantization": self.alpha * (outputs.abs() - 1.0).abs().pow(3).mean(),
+        }

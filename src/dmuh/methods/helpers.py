@@ -1,0 +1,51 @@
+"""Small pieces shared by the baseline methods (one place each, used by several losses)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dmuh.errors import DmuhError
+
+
+def check_number(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> float:
+    """A method hyper-parameter as a float; a `DmuhError` naming it when it is not a finite number
+    >= minimum (> minimum when `strict`)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise DmuhError(f"method parameter {name}={value!r}: expected a number")
+    if minimum is not None and (number <= minimum if strict else number < minimum):
+        raise DmuhError(f"method parameter {name}={value!r}: must be {'>' if strict else '>='} {minimum:g}")
+    return number
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """A method hyper-parameter as an int >= minimum, or a `DmuhError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DmuhError(f"method parameter {name}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def random_sign_codes(count: int, bits: int, seed: int) -> torch.Tensor:
+    """(count, bits) float +-1 codes, each bit +1 with probability 1/2 (Bernoulli), from a seeded
+    generator so every run (and every rank) draws the same codes."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, 2, (count, bits), generator=generator).float() * 2 - 1
+
+
+def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of softmax(logits) to the label distribution labels / (number of labels).
+
+    One-hot labels give the ordinary cross-entropy; multi-hot labels spread the target evenly
+    over the item's labels (OrthoHash's "label_smoothing" multi-label loss). An item without any
+    label has no target and adds 0. Mean over the batch.
+    """
+    targets = labels / labels.sum(dim=1, keepdim=True).clamp(min=1)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+

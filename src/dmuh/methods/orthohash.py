@@ -1,0 +1,69 @@
+"""OrthoHash (Hoe et al., NeurIPS 2021): one loss, cosine-margin cross-entropy to fixed codes.
+
+Reference: kamwoh/orthohash (functions/loss/orthohash.py, models/alexnet.py, main.py,
+scripts/train_hashing.py).
+
+Each class has a fixed binary code c_y (Bernoulli +-1 bits, the official default codebook "B",
+drawn from a seeded generator). With v = BatchNorm(z):
+
+  cos_iy = v_i . c_y / (||v_i|| ||c_y||)
+  L = CE(s * (cos_i - m * y_i), y_i)   [+ quantization * mean_i (1 - cos(v_i, sign(v_i)))]
+
+the additive cosine margin m pulls v towards its class's code, which makes the codes both
+discriminative and close to binary. The BatchNorm (the method's own, so it is trained with the
+method and used in eval mode when encoding) centres every bit over the data, which balances the
+bits. Multi-label items use the official "label_smoothing" loss: the margin on every label and
+the cross-entropy to labels / (number of labels) (`label_cross_entropy`). Defaults: s = 8,
+m = 0.2, quantization = 0 (the official defaults: the quantisation term is optional).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmuh.codes import sign
+from dmuh.errors import DmuhError
+from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.helpers import check_count, check_number, label_cross_entropy, random_sign_codes
+
+
+@register_method("orthohash")
+class OrthoHash(HashingMethod):
+    """Cosine-margin cross-entropy of BatchNorm(z) to one fixed binary code per class."""
+
+    def __init__(
+        self,
+        bits: int,
+        train_labels: torch.Tensor,
+        scale: float = 8.0,
+        margin: float = 0.2,
+        quantization: float = 0.0,
+        batch_norm: bool = True,
+        seed: int = 0,
+    ):
+        super().__init__(bits, train_labels)
+        self.scale = check_number("scale", scale, 0.0, strict=True)
+        self.margin = check_number("margin", margin, 0.0)
+        self.quantization = check_number("quantization", quantization, 0.0)
+        check_count("seed", seed, 0)
+        if not isinstance(batch_norm, bool):
+            raise DmuhError(f"method parameter batch_norm={batch_norm!r}: expected true or false")
+        self.batch_norm = nn.BatchNorm1d(self.bits, momentum=0.1) if batch_norm else nn.Identity()
+        self.register_buffer("codebook", random_sign_codes(self.num_classes, self.bits, seed))
+
+    def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
+        return self.batch_norm(outputs)
+
+    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
+        codes = self.continuous_codes(step.outputs.float())
+        labels = step.labels.float()
+        cosine = F.normalize(codes, dim=1) @ F.normalize(self.codebook, dim=1).t()
+        terms = {"classification": label_cross_entropy(self.scale * (cosine - self.margin * labels), labels)}
+        if self.quantization:
+            away_from_binary = 1.0 - F.cosine_similarity(codes, sign(codes.detach()), dim=1)
+            terms["quantization"] = self.quantization * away_from_binary.mean()
+        return terms

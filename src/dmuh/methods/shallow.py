@@ -1,0 +1,105 @@
+"""Shallow (unsupervised) hashing on fixed features: ITQ and LSH.
+
+Both are fitted once on backbone features of the training split (or on vectors given as data)
+and are a linear hash layer: code = sign(W x + b). `fit` returns that layer's weight (bits, D)
+and bias (bits,); the training loop copies them into `model.hash_layer` and trains nothing.
+
+ITQ (Gong and Lazebnik, CVPR 2011; reference: the authors' MATLAB ITQ.m, also in
+swuxyj/DeepHash-pytorch's ITQ baselines): centre the features, project them on the top-`bits`
+principal directions W (PCA), then alternate `iterations` times (default 50)
+    B = sign(V R)                     codes of the projected data V = (X - mean) W
+    U S A^T = svd(B^T V),  R = A U^T   the orthogonal rotation closest to mapping V onto B
+starting from a random orthogonal R (seeded). The hash layer is weight = (W R)^T,
+bias = -mean W R.
+
+LSH (Charikar, STOC 2002; random-hyperplane hashing): a Gaussian random projection (seeded),
+centred by the feature mean so every bit splits the data near its middle: weight = P,
+bias = -P mean.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from dmuh.codes import sign
+from dmuh.errors import DmuhError
+from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.helpers import check_count
+
+
+class ShallowMethod(HashingMethod):
+    """A method fitted once on features (`fit`), never trained by gradient."""
+
+    shallow = True
+
+    @property
+    def method_name(self) -> str:
+        return self.name or type(self).__name__.lower()
+
+    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
+        raise DmuhError(f"method {self.method_name!r} is fitted once on backbone features (fit), "
+                        "not trained by gradient")
+
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def check_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The features as float64 (n, D), or a `DmuhError` saying what is wrong with them."""
+        if features.dim() != 2 or features.shape[0] < 2:
+            raise DmuhError(f"{self.method_name}: needs features of shape (n >= 2, D), got {tuple(features.shape)}")
+        if not torch.isfinite(features).all():
+            raise DmuhError(f"{self.method_name}: the features contain NaN or infinite values")
+        return features.detach().double().cpu()
+
+
+@register_method("itq")
+class ITQ(ShallowMethod):
+    """PCA to `bits` dimensions, then the rotation that makes sign() lose least (Iterative Quantization)."""
+
+    def __init__(self, bits: int, train_labels: torch.Tensor, iterations: int = 50, seed: int = 0):
+        super().__init__(bits, train_labels)
+        self.iterations = check_count("iterations", iterations, 0)
+        self.seed = check_count("seed", seed, 0)
+
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.check_features(features)
+        if self.bits > x.shape[1]:
+            raise DmuhError(f"{self.method_name}: bits={self.bits} exceeds the feature dimension {x.shape[1]} "
+                            "(ITQ projects on that many principal directions)")
+        mean = x.mean(dim=0)
+        centred = x - mean
+        # eigh sorts eigenvalues ascending: the last `bits` eigenvectors are the top principal directions.
+        _, eigenvectors = torch.linalg.eigh(centred.t() @ centred)
+        projection = eigenvectors[:, -self.bits:].flip(1)
+        projected = centred @ projection
+        rotation = self.initial_rotation()
+        for _ in range(self.iterations):
+            binary = sign(projected @ rotation)
+            u, _, a_t = torch.linalg.svd(binary.t() @ projected)
+            rotation = a_t.t() @ u.t()
+        weight = projection @ rotation  # (D, bits)
+        return weight.t().float().contiguous(), (-(mean @ weight)).float()
+
+    def initial_rotation(self) -> torch.Tensor:
+        """A random orthogonal bits x bits matrix (the U of the SVD of a Gaussian matrix, as ITQ.m)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        gaussian = torch.randn(self.bits, self.bits, generator=generator, dtype=torch.float64)
+        u, _, _ = torch.linalg.svd(gaussian)
+        return u
+
+
+@register_method("lsh")
+class LSH(ShallowMethod):
+    """Signs of a seeded Gaussian random projection of the mean-centred features."""
+
+    def __init__(self, bits: int, train_labels: torch.Tensor, seed: int = 0):
+        super().__init__(bits, train_labels)
+        self.seed = check_count("seed", seed, 0)
+
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.check_features(features)
+        generator = torch.Generator().manual_seed(self.seed)
+        weight = torch.randn(self.bits, x.shape[1], generator=generator, dtype=torch.float64)
+        return weight.float(), (-(weight @ x.mean(dim=0))).float()
