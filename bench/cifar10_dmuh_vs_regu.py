@@ -5,8 +5,9 @@
 
 With --pretrain-epochs > 0 it first runs `dmuh pretrain` (objective --objective) once on the
 protocol's split and starts every method from it (`--init`), the same backbone for all; with 0
-every method starts from scratch. Every run uses the same model, schedule, seed and split. Runs
-already finished in --out are reused, so the table can be built in several calls.
+every method starts from scratch. The runs go through `dmuh.compare.compare` (the engine of
+`dmuh compare`): the same model, schedule, seed and split for all, and runs already finished in
+--out are reused, so the table can be built in several calls.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import argparse
 import time
 from pathlib import Path
 
-from dmuh.config import PretrainConfig, TrainConfig
+from dmuh.compare import RESULTS_MARKDOWN, compare
+from dmuh.config import PretrainConfig, TrainConfig, parse_params
 from dmuh.pretrain import BACKBONE, pretrain
-from dmuh.train import LOG, read_log, train
+from dmuh.train import LOG, read_log
 
 METHODS = "regu,dmuh,dmuh-wo-u,dmuh-wo-eu,dmuh-wo-euij"
 
@@ -39,8 +41,6 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".data/cache")
     args = parser.parse_args()
 
-    from dmuh.config import parse_params
-
     out = Path(args.out)
     init = "scratch"
     if args.pretrain_epochs > 0:
@@ -53,33 +53,18 @@ def main() -> None:
             print(f"pretrain {args.objective}: {time.perf_counter() - started:.0f} s", flush=True)
         init = str(pre_dir)
 
-    results = {}
-    for bits in [int(b) for b in args.bits.split(",")]:
-        for method in args.methods.split(","):
-            run = out / f"{method}-{bits}"
-            log = read_log(run / LOG)
-            if not (log and int(log[-1]["epoch"]) == args.epochs and "map" in log[-1]):
-                started = time.perf_counter()
-                config = TrainConfig(
-                    data=args.data, protocol="cifar10", model=args.model, method=method, bits=bits,
-                    method_params=parse_params(args.param), epochs=args.epochs, lr=args.lr,
-                    backbone_lr_scale=args.backbone_lr_scale, augment="flip-crop", device=args.device,
-                    init=init, cache_dir=args.cache_dir, out=str(run),
-                )
-                train(config, resume=(run / "checkpoint.pt").exists(), progress=False, echo=lambda line: None)
-                log = read_log(run / LOG)
-                print(f"{method} {bits} bits: MAP {log[-1]['map']:.4f}, {time.perf_counter() - started:.0f} s, "
-                      f"{log[-1]['images_per_s']:,.0f} train img/s", flush=True)
-            results[(method, bits)] = log[-1]["map"]
-
-    bits_list = sorted({b for _, b in results})
-    print(f"\nMAP@all, CIFAR-10 cifar10 protocol (1,000 query / 5,000 train / 59,000 database), {args.model}, "
+    base = TrainConfig(data=args.data, protocol="cifar10", model=args.model, epochs=args.epochs, lr=args.lr,
+                       backbone_lr_scale=args.backbone_lr_scale, augment="flip-crop", device=args.device,
+                       init=init, cache_dir=args.cache_dir, out=str(out))
+    methods = args.methods.split(",")
+    shared_params = parse_params(args.param)
+    rows = compare(methods, [int(b) for b in args.bits.split(",")], base, out,
+                   method_params={m: shared_params for m in methods}, echo=lambda line: None)
+    for row in rows:
+        print(f"{row['method']} {row['bits']} bits: MAP {row['map']:.4f}, {row['seconds']:.0f} s", flush=True)
+    print(f"\nCIFAR-10, cifar10 protocol (1,000 query / 5,000 train / 59,000 database), {args.model}, "
           f"{args.epochs} epochs, init {init}")
-    print("| method | " + " | ".join(f"{b} bits" for b in bits_list) + " |")
-    print("|---|" + "---|" * len(bits_list))
-    for method in args.methods.split(","):
-        print(f"| {method} | " + " | ".join(f"{results[(method, b)]:.4f}" for b in bits_list) + " |")
-
+    print((out / RESULTS_MARKDOWN).read_text())
 
 if __name__ == "__main__":
     main()

@@ -22,13 +22,13 @@ CONFIG_HELP = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
-    """One flag per config field; only flags given on the command line override the YAML."""
+def add_config_flags(parser: argparse.ArgumentParser, config_class, exclude=()) -> None:
+    """One flag per config field (but `exclude`); only flags given on the command line override the YAML."""
     parser.add_argument("--config", help="YAML file of config fields (flags override it)")
     parser.set_defaults(config_class=config_class)
     defaults = config_class()
     for field in dataclasses.fields(config_class):
-        if field.name in ("method_params", "model_params"):
+        if field.name in ("method_params", "model_params", *exclude):
             continue
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
@@ -40,7 +40,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
             parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, type=_typed(field.name, kind), help=helptext)
     if any(f.name == "method_params" for f in dataclasses.fields(config_class)):
         parser.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
-                            help="method hyper-parameter, repeatable (e.g. -p alpha=0.7 -p beta=50)")
+                                help="method hyper-parameter, repeatable (e.g. -p alpha=0.7 -p beta=50; "
+                                 "in compare METHOD.KEY=VALUE)")
     parser.add_argument("--model-param", action="append", default=[], metavar="KEY=VALUE",
                         help="model option, repeatable (e.g. --model-param input_size=8)")
 
@@ -112,6 +113,30 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     row = pretrain(config, progress=not args.quiet)
     print(f"pre-trained backbone in {config.out}/backbone.safetensors (last epoch: loss {row['loss']:.4f}); "
           f"use it with: dmuh train --init {config.out} ...")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dmuh.compare import compare, write_tables
+    from dmuh.config import parse_params
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        bits = [int(b) for b in args.bits_list.split(",")]
+    except ValueError:
+        raise DmuhError(f"--bits {args.bits_list!r}: expected comma-separated integers such as 12,24,32,48") from None
+    per_method: Dict[str, Dict[str, Any]] = {}
+    for key, value in parse_params(args.param).items():
+        if "." not in key:
+            raise DmuhError(f"--param {key}={value}: in compare, name the method, e.g. -p csq.quantization=0.1")
+        method, name = key.split(".", 1)
+        per_method.setdefault(method, {})[name] = value
+    args.param = []
+    base = config_from_args(args)
+    out = Path(base.out)
+    compare(methods, bits, base, out, method_params=per_method, progress=not args.quiet,
+            echo=print if not args.quiet else (lambda line: None))
+    print((out / "results.md").read_text())
     return 0
 
 
@@ -192,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, PretrainConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("compare", help="train several methods at several code lengths; MAP tables (markdown, CSV)",
+                       description="Train each method at each code length with the same data, backbone, recipe and "
+                                   "budget; write --out/results.md and results.csv shaped like the paper's Tables 4-6.")
+    add_config_flags(p, TrainConfig, exclude=("bits", "method"))
+    p.add_argument("--methods", required=True, help="comma-separated method names, e.g. dmuh,regu,hashnet,csq")
+    p.add_argument("--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [12,24,32,48]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run on its saved split")
     p.add_argument("run", help="run directory written by `dmuh train`")

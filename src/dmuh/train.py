@@ -101,8 +101,9 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
     pipeline = InputPipeline(getattr(source, "channels", None), getattr(model, "input_size", None), config.augment)
     train_labels = torch.from_numpy(np.asarray(source.labels)[split.train]).float()
     method = create_method(config.method, bits=config.bits, train_labels=train_labels, **config.method_params)
-    if context.enabled and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics of the global batch
+    if context.enabled and device.type == "cuda":  # BatchNorm statistics of the global batch
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     model.to(device)
     method.to(device)
     if device.type == "cuda" and config.channels_last:
@@ -371,6 +372,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
     torch.manual_seed(config.seed)
     exp = build_experiment(config, run_dir, context)
     optimizer = make_optimizer(config, exp.model, exp.method)
+    if main_process:
+        for note in getattr(exp.method, "notes", []):  # e.g. CSQ's fallback to Bernoulli centres
+            echo(f"{config.method}: {note}")
     start_epoch = 1
     log = read_log(run_dir / LOG) if resume else []
     trace = UncertaintyTrace(run_dir / TRACE, config.trace_items, exp.train_inputs.shape[0])
