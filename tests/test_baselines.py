@@ -401,10 +401,15 @@ def digits_config(tmp_path, method, **overrides):
 
 
 @pytest.mark.parametrize("name", DEEP + ["itq", "lsh"])
-def test_training_smoke_on_digits(tmp_path, name):
-    from dmuh.train import train
+def test_training_smoke_on_digits_through_the_cli(tmp_path, name):
+    from dmuh.cli import main
+    from dmuh.train import read_log
 
-    row = train(digits_config(tmp_path, name), progress=False, echo=lambda line: None)
+    out = tmp_path / name
+    assert main(["train", "--method", name, "--data", "digits", "--protocol", "digits", "--model", "smallcnn",
+                 "--model-param", "input_size=8", "--model-param", "width=16", "--bits", "16", "--epochs", "2",
+                 "--batch-size", "64", "--trace-items", "0", "--quiet", "--out", str(out)]) == 0
+    row = read_log(out / "log.csv")[-1]
     assert math.isfinite(row["map"]) and row["map"] > 0.15  # 10 balanced classes: chance is about 0.1
 
 

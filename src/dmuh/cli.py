@@ -149,12 +149,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _short_report(report: Dict[str, Any]) -> str:
-    lines = []
-    for key, value in report.items():
-        if isinstance(value, float):
-            lines.append(f"{key}: {value:.4f}")
-        elif isinstance(value, (int, str)):
-            lines.append(f"{key}: {value}")
+    """The headline numbers; the JSON file (and --verbose) has everything."""
+    lines = [f"{key}: {report[key]}" for key in ("run", "method", "bits", "protocol") if key in report]
+    for mode, values in report.get("map_by_ties", {}).items():
+        line = f"MAP@all (ties {mode}): {values['map']:.4f}"
+        if values.get("map_at_k") is not None:
+            line += f"   MAP@{report['topk']}: {values['map_at_k']:.4f}"
+        lines.append(line)
+    if "precision_at_k" in report:
+        pairs = list(zip(report["precision_ks"], report["precision_at_k"]))[:5]
+        lines.append("precision@k: " + ", ".join(f"P@{k} {p:.4f}" for k, p in pairs))
+    if "precision_radius2" in report:
+        lines.append(f"precision within Hamming radius 2: {report['precision_radius2']:.4f}")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import torch
 from dmuh.config import TrainConfig, load_yaml
 from dmuh.errors import DmuhError
 from dmuh.io import atomic_write_text
-from dmuh.train import CHECKPOINT, CONFIG, Experiment, build_experiment, encode_part, load_checkpoint
+from dmuh.train import CHECKPOINT, CONFIG, Experiment, build_experiment, encode_part, load_checkpoint, restore_state
 
 
 def load_run(run: str | Path, device: str = "cpu") -> Experiment:
@@ -24,10 +24,7 @@ def load_run(run: str | Path, device: str = "cpu") -> Experiment:
     config = TrainConfig.from_dict({**load_yaml(run / CONFIG), "device": device, "init": "scratch"}, where=str(run / CONFIG))
     checkpoint = load_checkpoint(run / CHECKPOINT)
     exp = build_experiment(config, run)  # reloads and checks the saved split against the data
-    exp.model.load_state_dict(checkpoint["model"])
-    exp.method.load_state_dict(checkpoint["method"])
-    if exp.momentum is not None and checkpoint.get("momentum") is not None:
-        exp.momentum.load_state_dict(checkpoint["momentum"])
+    restore_state(exp, checkpoint, run / CHECKPOINT)
     return exp
 
 
@@ -38,9 +35,11 @@ def evaluate_run(run: str | Path, device: str = "cpu", ties: str = "expected", o
     exp = load_run(run, device)
     labels = torch.from_numpy(np.asarray(exp.source.labels))
     query, database = sign(encode_part(exp, "query")), sign(encode_part(exp, "database"))
+    # The headline tie mode first; "index" too, as the training log reports it (DPSH's convention).
+    modes = [ties] + [mode for mode in ("expected", "index") if mode != ties]
     report = retrieval_report(
         query, database, labels[exp.split.query], labels[exp.split.database],
-        topk=exp.split.topk, ties=ties, device=exp.device,
+        topk=exp.split.topk, ties=modes, device=exp.device,
     )
     report = {"run": str(run), "method": exp.config.method, "bits": exp.config.bits, "protocol": exp.split.protocol, **report}
     atomic_write_text(Path(out) if out else Path(run) / "eval.json", json.dumps(report, indent=2))

@@ -261,6 +261,21 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise DmuhError(f"{path}: not a readable dmuh checkpoint ({type(exc).__name__})") from None
 
 
+def restore_state(exp: Experiment, checkpoint: dict, path: Path, optimizer=None) -> None:
+    """Load a checkpoint's weights (and optimiser state) into a freshly built experiment."""
+    try:
+        exp.model.load_state_dict(checkpoint["model"])
+        exp.method.load_state_dict(checkpoint["method"])
+        if exp.momentum is not None:
+            exp.momentum.load_state_dict(checkpoint["momentum"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else (first[0] if first else type(exc).__name__)
+        raise DmuhError(f"{path}: does not match the run's config.yaml ({detail[:200]})") from None
+
+
 def write_log(path: Path, rows: List[Dict[str, float]]) -> None:
     columns: List[str] = []
     for row in rows:
@@ -379,11 +394,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
     log = read_log(run_dir / LOG) if resume else []
     trace = UncertaintyTrace(run_dir / TRACE, config.trace_items, exp.train_inputs.shape[0])
     if resume:
-        exp.model.load_state_dict(checkpoint["model"])
-        exp.method.load_state_dict(checkpoint["method"])
-        if exp.momentum is not None:
-            exp.momentum.load_state_dict(checkpoint["momentum"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_state(exp, checkpoint, run_dir / CHECKPOINT, optimizer)
         start_epoch = checkpoint["epoch"] + 1
         log = [row for row in log if row["epoch"] < start_epoch]
         trace.truncate(checkpoint["epoch"])
