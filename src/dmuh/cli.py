@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="where the demo runs go [runs/demo]")
     p.add_argument("--force", action="store_true", help="replace earlier demo runs")
     p.set_defaults(func=cmd_demo)
+
+    from dmuh.search_cli import add_commands
+
+    add_commands(sub)  # encode, index build/info, search, export-onnx
     return parser
 
 
