@@ -15,7 +15,7 @@ from dmuh.data import DigitsSource
 from dmuh.encoding import Codes, load_encoder
 from dmuh.errors import DmuhError
 from dmuh.search import Index, rerank_experiment
-from dmuh.search_cli import main
+from dmuh.cli import main
 from dmuh.train import encode, train
 
 BITS = 16

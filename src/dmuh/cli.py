@@ -117,7 +117,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dmuh.compare import compare, write_tables
+    from dmuh.compare import compare
     from dmuh.config import parse_params
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -168,7 +168,7 @@ DEMO_METHODS = ("regu", "dmuh")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dmuh.config import PretrainConfig, TrainConfig
+    from dmuh.config import TrainConfig
     from dmuh.train import train
 
     bits_list = [int(b) for b in args.bits.split(",")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -198,7 +197,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise DmuhError("--tau applies to --rerank")
     _positive(args.rerank, "--rerank")
     index = Index.load(args.index)
-    uncertainty = None
     query_codes = Codes.load(args.queries) if args.queries and args.queries.endswith(".npz") else None
     image_paths = [Path(p) for p in args.image]
     if args.queries and query_codes is None:
@@ -293,18 +291,3 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     print(f"exported {args.out}: inputs {meta['inputs']}, image size {meta['image_size']}, {meta['bits']} bits")
     return 0
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run one of these subcommands alone (as `dmuh.cli.main` will once it calls add_commands)."""
-    parser = argparse.ArgumentParser(prog="dmuh")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DmuhError as exc:
-        print(f"dmuh {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
