@@ -97,3 +97,28 @@ def test_compare_writes_tables(tmp_path, capsys):
     assert "quantization: 0.1" in (out / "csq-16bits" / "config.yaml").read_text()
     assert main(["compare", "--methods", "regu", "-p", "beta=3", *COMMON, "--out", str(out)]) == 2
     assert "name the method" in capsys.readouterr().err
+
+
+def test_pretrain_then_train_with_init_through_the_cli(tmp_path, capsys):
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--data", "digits", "--protocol", "digits", "--model", "smallcnn",
+                 "--model-param", "input_size=8", "--objective", "ce", "--epochs", "1", "--batch-size", "64",
+                 "--quiet", "--out", str(pre)]) == 0
+    assert f"dmuh train --init {pre}" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert main(["train", *COMMON, "--epochs", "1", "--init", str(pre), "--out", str(out)]) == 0
+    assert f"init: {pre}" in (out / "config.yaml").read_text()
+    assert main(["pretrain", "--data", "digits", "--objective", "mae", "--out", str(tmp_path / "x")]) == 2
+    assert "--objective 'mae'" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    from dmuh.config import PretrainConfig, TrainConfig, load_yaml
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config_class = PretrainConfig if "pretrain" in path.name else TrainConfig
+        config_class.from_dict(load_yaml(path), where=str(path))
