@@ -56,7 +56,9 @@ class InputPipeline:
             x = self._augment(x, generator)
         if self.input_size and x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=False)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        if self.mean.device != x.device:  # moved once, not copied to the device every step
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        mean, std = self.mean, self.std
         return (x - mean) / std
 
     def _augment(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

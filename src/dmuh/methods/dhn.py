@@ -41,9 +41,7 @@ class DHN(Regu):
         self.alpha = check_number("alpha", alpha, 0.0)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        codes = self.continuous_codes(step.outputs.float())
-        shared_indices, shared_outputs, _ = step.shared()
-        self.remember(shared_indices, self.continuous_codes(shared_outputs.float()))
+        codes = self.codes_and_remember(step)
         return {
             "likelihood": self.likelihood(codes, step.labels),
             "quantization": self.alpha * log_cosh(codes.abs() - 1.0).mean(),

@@ -78,9 +78,7 @@ class DSDH(Regu):
         self.classifier.copy_(classifier)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        outputs = self.continuous_codes(step.outputs.float())
-        shared_indices, shared_outputs, _ = step.shared()
-        self.remember(shared_indices, self.continuous_codes(shared_outputs.float()))
+        outputs = self.codes_and_remember(step)
         return {
             "likelihood": self.likelihood(outputs, step.labels),
             "quantization": self.eta * (self.binary_codes[step.indices] - outputs).pow(2).mean(),

@@ -53,9 +53,7 @@ class DSH(Regu):
         return (pair_loss * self.seen.to(pair_loss.dtype)).sum() / self.normaliser(codes.shape[0])
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        codes = self.continuous_codes(step.outputs.float())
-        shared_indices, shared_outputs, _ = step.shared()
-        self.remember(shared_indices, self.continuous_codes(shared_outputs.float()))
+        codes = self.codes_and_remember(step)
         return {
             "contrastive": self.contrastive(codes, step.labels),
             "quantization": self.alpha * (codes.abs() - 1.0).abs().mean(),

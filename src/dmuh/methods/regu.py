@@ -49,6 +49,12 @@ class Regu(HashingMethod):
         self.memory[indices] = codes.detach().float()
         self.seen[indices] = True
 
+    def codes_and_remember(self, step: StepInputs) -> torch.Tensor:
+        """The batch's continuous codes, after writing the global batch's codes into the memory."""
+        shared_indices, shared_outputs, _ = step.shared()
+        self.remember(shared_indices, self.continuous_codes(shared_outputs.float()))
+        return self.continuous_codes(step.outputs.float())
+
     def normaliser(self, batch_size: int) -> float:
         """n B: training items times batch items, fixed, as in DPSH.
 
@@ -72,9 +78,7 @@ class Regu(HashingMethod):
         return (pair_loss * self.seen.to(pair_loss.dtype)).sum() / self.normaliser(codes.shape[0])
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        codes = self.continuous_codes(step.outputs.float())
-        shared_indices, shared_outputs, _ = step.shared()
-        self.remember(shared_indices, self.continuous_codes(shared_outputs.float()))
+        codes = self.codes_and_remember(step)
         quantization = (codes - sign(codes.detach())).pow(2).sum() / self.normaliser(codes.shape[0])
         return {
             "likelihood": self.likelihood(codes, step.labels),
