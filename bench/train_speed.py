@@ -22,6 +22,7 @@ CASES = {
     "alexnet-224": dict(model="alexnet", augment="flip-crop"),
     "cnnf-224": dict(model="cnnf", augment="flip-crop"),
     "resnet18-32": dict(model="resnet18-32", augment="flip-crop"),
+    "smallcnn": dict(model="smallcnn", augment="flip-crop"),  # a CPU smoke test of the script
 }
 
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/cifar10-jpeg.zip")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--protocol", default="cifar10", help="split protocol (digits: a CPU smoke test)")
     parser.add_argument("--cases", default="alexnet-224,resnet18-32")
     parser.add_argument("--methods", default="regu,dmuh")
     parser.add_argument("--batch-sizes", default="128")
@@ -44,9 +46,10 @@ def main() -> None:
                 for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
                     out = Path(tmp) / f"{case}-{method}-{batch_size}"
                     config = TrainConfig(
-                        data=args.data, protocol="cifar10", method=method, bits=32, epochs=args.epochs,
+                        data=args.data, protocol=args.protocol, method=method, bits=32, epochs=args.epochs,
                         batch_size=batch_size, device=args.device, eval_every=-1, out=str(out),
-                        compile=args.compile, cache_dir=args.cache_dir, trace_items=0, **CASES[case],
+                        compile=args.compile, cache_dir=args.cache_dir, trace_items=0,
+                        checkpoint_every=args.epochs, **CASES[case],
                     )
                     train(config, progress=False, echo=lambda line: None)
                     speeds = [row["images_per_s"] for row in read_log(out / "log.csv")[1:]]

@@ -457,6 +457,31 @@ def test_compare_resumes_an_interrupted_run(tmp_path):
     assert math.isfinite(rows[0]["map"])
 
 
+def test_compare_in_worker_processes_matches_one_after_another(tmp_path):
+    from dmuh.compare import compare, worker_threads
+
+    base = digits_config(tmp_path, "unused", epochs=1)
+    methods, bits = ["regu", "dmuh", "itq"], [8, 128]
+    lines = []
+    parallel = compare(methods, bits, base, tmp_path / "parallel", echo=lines.append, jobs=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(worker_threads(3))  # the summation order of the workers
+    try:
+        serial = compare(methods, bits, base, tmp_path / "serial", echo=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["method"], r["bits"]) for r in parallel] == [(r["method"], r["bits"]) for r in serial]
+    for a, b in zip(parallel, serial):
+        assert a.get("error") == b.get("error")
+        if math.isfinite(b["map"]):
+            assert a["map"] == pytest.approx(b["map"], abs=1e-6), (a["method"], a["bits"])
+    assert "exceeds the feature dimension" in parallel[-1]["error"]  # a DmuhError in a worker is a failed cell
+    assert sum("(worker)" in line for line in lines) == 6
+    assert "| ITQ | " in (tmp_path / "parallel" / "results.md").read_text()
+    with pytest.raises(DmuhError, match="--jobs must be a positive integer"):
+        compare(methods, bits, base, tmp_path / "parallel", jobs=0)
+
+
 def test_compare_checks_its_arguments_before_training(tmp_path):
     from dmuh.compare import compare
 

@@ -89,14 +89,16 @@ def test_demo_prints_a_map_table(tmp_path):
 
 def test_compare_writes_tables(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", *COMMON, "--methods", "regu,csq", "--bits", "8,16", "--epochs", "1",
-                 "-p", "csq.quantization=0.1", "--out", str(out)]) == 0
+    assert main(["compare", *COMMON, "--methods", "regu,csq", "--bits", "8,16", "--epochs", "1", "--jobs", "2",
+                 "--checkpoint-every", "5", "-p", "csq.quantization=0.1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| Regu |" in printed and "| CSQ |" in printed and "8 bits" in printed and "16 bits" in printed
     assert (out / "results.csv").is_file()
     assert "quantization: 0.1" in (out / "csq-16bits" / "config.yaml").read_text()
     assert main(["compare", "--methods", "regu", "-p", "beta=3", *COMMON, "--out", str(out)]) == 2
     assert "name the method" in capsys.readouterr().err
+    assert main(["compare", "--methods", "regu", "--jobs", "0", *COMMON, "--out", str(out)]) == 2
+    assert "--jobs must be a positive integer" in capsys.readouterr().err
 
 
 def test_pretrain_then_train_with_init_through_the_cli(tmp_path, capsys):

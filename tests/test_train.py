@@ -65,6 +65,32 @@ def test_resume_gives_the_same_next_epoch_as_an_uninterrupted_run(tmp_path):
         assert float(a[2][key]) == pytest.approx(float(b[2][key]), rel=1e-5), key
 
 
+def test_resume_with_sparse_checkpoints_restarts_from_the_last_one(tmp_path):
+    whole = digits_config(tmp_path, "whole", method="dmuh", epochs=4)
+    train(whole, progress=False, echo=quiet)
+    part = digits_config(tmp_path, "part", method="dmuh", epochs=4, checkpoint_every=2)
+
+    def interrupt_after_epoch_3(line):
+        if line.startswith("epoch 3 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(part, progress=False, echo=interrupt_after_epoch_3)
+    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    train(part, resume=True, progress=False, echo=quiet)  # epoch 3 again, then 4
+    a, b = read_rows(tmp_path / "whole" / "log.csv"), read_rows(tmp_path / "part" / "log.csv")
+    assert [row["epoch"] for row in b] == ["1", "2", "3", "4"]
+    for key in ("loss", "likelihood", "uncertainty"):
+        assert float(a[3][key]) == pytest.approx(float(b[3][key]), rel=1e-5), key
+    with np.load(tmp_path / "part" / "uncertainty_trace.npz") as trace:
+        assert trace["epochs"].tolist() == [1, 2, 3, 4]
+
+
+def test_checkpoint_every_must_be_positive(tmp_path):
+    with pytest.raises(DmuhError, match="--checkpoint-every 0"):
+        train(digits_config(tmp_path, epochs=1, checkpoint_every=0), progress=False, echo=quiet)
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     config = digits_config(tmp_path, epochs=1)
     train(config, progress=False, echo=quiet)

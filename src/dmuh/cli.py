@@ -134,7 +134,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     args.param = []
     base = config_from_args(args)
     out = Path(base.out)
-    compare(methods, bits, base, out, method_params=per_method, progress=not args.quiet,
+    compare(methods, bits, base, out, method_params=per_method, progress=not args.quiet, jobs=args.jobs,
             echo=print if not args.quiet else (lambda line: None))
     print((out / "results.md").read_text())
     return 0
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, TrainConfig, exclude=("bits", "method"))
     p.add_argument("--methods", required=True, help="comma-separated method names, e.g. dmuh,regu,hashnet,csq")
     p.add_argument("--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [12,24,32,48]")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process on --device (several small runs share "
+                        "a GPU better than one) [1]")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     p.set_defaults(func=cmd_compare)
 

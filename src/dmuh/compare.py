@@ -32,7 +32,7 @@ RESULTS_CSV = "results.csv"
 # Config fields that say how a run executes, not what it computes: they may differ between a
 # finished run and the comparison that reuses it.
 EXECUTION_FIELDS = ("out", "device", "compile", "channels_last", "eval_batch_size", "cache_dir", "data_root",
-                    "trace_items")
+                    "trace_items", "checkpoint_every")
 
 # How the paper writes the method names.
 DISPLAY_NAMES = {
@@ -79,6 +79,51 @@ def training_seconds(run: Path) -> float:
     return float(sum(row.get("seconds", 0.0) for row in read_log(run / LOG)))
 
 
+def _train_in_worker(config: Dict[str, Any], resume: bool, threads: int) -> Tuple[Dict[str, float], Optional[str]]:
+    """One run in a worker process: (last log row, None) or ({}, the DmuhError's message)."""
+    import torch
+
+    from dmuh.train import train
+
+    torch.set_num_threads(threads)
+    try:
+        return train(TrainConfig.from_dict(config), resume=resume, progress=False, echo=lambda line: None), None
+    except DmuhError as error:
+        return {}, str(error)
+
+
+def worker_threads(jobs: int) -> int:
+    """CPU threads of each of `jobs` worker processes: the machine's cores shared out."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _train_in_parallel(pending: Sequence[Tuple[str, TrainConfig, str]], jobs: int,
+                       echo: Callable[[str], None]) -> Dict[str, Tuple[Dict[str, float], Optional[str]]]:
+    """Train (where, config, state) runs in `jobs` worker processes; {run directory: outcome}.
+
+    Small networks on a GPU are bound by kernel-launch time, not arithmetic: one run leaves most
+    of the device idle, several processes share it. Workers are spawned (CUDA cannot be forked)
+    and split the CPU threads between them.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = worker_threads(jobs)
+    outcomes: Dict[str, Tuple[Dict[str, float], Optional[str]]] = {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for where, config, state in pending:
+            echo(f"{where}: {'resuming' if state == 'unfinished' else 'training'} in {config.out} (worker)")
+            futures[pool.submit(_train_in_worker, config.to_dict(), state == "unfinished", threads)] = (where, config)
+        for future in as_completed(futures):
+            where, config = futures[future]
+            outcomes[config.out] = last, error = future.result()  # any other exception stops the comparison
+            echo(f"{where}: failed: {error}" if error else f"{where}: MAP {last.get('map', math.nan):.4f}")
+    return outcomes
+
+
 def compare(
     methods: Sequence[str],
     bits: Sequence[int],
@@ -87,6 +132,7 @@ def compare(
     echo: Callable[[str], None] = print,
     method_params: Optional[Mapping[str, Mapping[str, Any]]] = None,
     progress: bool = False,
+    jobs: int = 1,
 ) -> List[Dict[str, Any]]:
     """Train every method at every code length with `base`'s recipe; write and return the results.
 
@@ -98,6 +144,10 @@ def compare(
     echo: where progress lines go (the training loop's epoch lines included).
     method_params: {method: {param: value}} overrides of a method's defaults.
     progress: show the training loop's progress bars.
+    jobs: runs trained at once, each in its own process on `base.device` (1: one after another
+        in this process). Every run is seeded alike either way; on the CPU a worker's thread count
+        (`worker_threads`) changes the order of floating-point sums, so results match a sequential
+        run only at that thread count.
 
     Returns one dict per run, in table order: method, bits, map (NaN when the run failed),
     seconds (training time), run (its directory) and, for a run that failed with a DmuhError
@@ -125,31 +175,49 @@ def compare(
     if unknown:
         raise DmuhError(f"compare: parameters given for {unknown[0]!r}, which is not among the compared methods")
 
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise DmuhError(f"compare: --jobs must be a positive integer, got {jobs!r}")
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows: List[Dict[str, Any]] = []
     total = len(methods) * len(bits)
+    planned = []  # (where, config, state, last row of a finished run)
     for method in methods:
         for length in bits:
-            run = run_directory(out_dir, method, length)
-            config = dataclasses.replace(base, method=method, bits=length, out=str(run),
+            config = dataclasses.replace(base, method=method, bits=length, out=str(run_directory(out_dir, method, length)),
                                          method_params=dict(method_params.get(method, {})))
-            where = f"[{len(rows) + 1}/{total}] {method} at {length} bits"
-            row: Dict[str, Any] = {"method": method, "bits": length, "run": str(run)}
             state, last = existing_run(config)  # a different run in the way stops the comparison
-            if state == "finished":
-                echo(f"{where}: finished run in {run} reused")
-            else:
-                echo(f"{where}: {'resuming' if state == 'unfinished' else 'training'} in {run}")
-                try:
-                    last = train(config, resume=state == "unfinished", progress=progress, echo=echo)
-                except DmuhError as error:
-                    echo(f"{where}: failed: {error}")
-                    row["error"] = str(error)
-            row["map"] = float(last.get("map", math.nan))
-            row["seconds"] = training_seconds(run)
-            rows.append(row)
-            write_tables(rows, out_dir, caption=describe(base))  # partial tables survive an interruption
+            planned.append((f"[{len(planned) + 1}/{total}] {method} at {length} bits", config, state, last))
+    outcomes: Dict[str, Tuple[Dict[str, float], Optional[str]]] = {}
+    pending = [(where, config, state) for where, config, state, _ in planned if state != "finished"]
+    if jobs > 1 and len(pending) > 1:
+        if base.cache_dir:  # decode once here, so the workers read the cache instead of all decoding
+            from dmuh.data import open_source
+
+            open_source(base.data, root=base.data_root).decode(None, size=base.image_size, cache_dir=base.cache_dir)
+        outcomes = _train_in_parallel(pending, min(jobs, len(pending)), echo)
+
+    rows: List[Dict[str, Any]] = []
+    for where, config, state, last in planned:
+        row: Dict[str, Any] = {"method": config.method, "bits": config.bits, "run": config.out}
+        error = None
+        if state == "finished":
+            echo(f"{where}: finished run in {config.out} reused")
+        elif config.out in outcomes:
+            last, error = outcomes[config.out]
+        else:
+            echo(f"{where}: {'resuming' if state == 'unfinished' else 'training'} in {config.out}")
+            try:
+                last = train(config, resume=state == "unfinished", progress=progress, echo=echo)
+            except DmuhError as failure:
+                error = str(failure)
+                echo(f"{where}: failed: {error}")
+        if error:
+            row["error"] = error
+        row["map"] = float(last.get("map", math.nan))
+        row["seconds"] = training_seconds(Path(config.out))
+        rows.append(row)
+        write_tables(rows, out_dir, caption=describe(base))  # partial tables survive an interruption
     return rows
 
 

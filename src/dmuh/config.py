@@ -76,6 +76,7 @@ class TrainConfig(RunConfig):
     backbone_lr_scale: float = 1.0  # learning-rate multiplier for the backbone (the hash layer keeps lr)
     eval_every: int = 0  # evaluate MAP every N epochs (0: only at the end; -1: never, for benchmarks)
     trace_items: int = 16  # training items whose per-bit outputs are recorded every epoch
+    checkpoint_every: int = 1  # write checkpoint.pt every N epochs (and always after the last)
 
 
 OBJECTIVES = ("ce", "simclr", "simclr+ce")

@@ -290,7 +290,10 @@ def read_log(path: Path) -> List[Dict[str, float]]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
+    for row in rows:  # whole numbers, so a resumed run rewrites its log as it first wrote it
+        row["epoch"] = int(row["epoch"])
+    return rows
 
 
 class FiniteGuard:
@@ -371,6 +374,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
     into the method's memory, gradients are averaged, and rank 0 alone logs and writes files.
     Returns the last log row (MAP included).
     """
+    if config.checkpoint_every < 1:
+        raise DmuhError(f"--checkpoint-every {config.checkpoint_every}: must be 1 or more")
     context = distributed.init_from_environment(config.device)
     if context.enabled and config.device.startswith("cuda"):
         config = dataclasses.replace(config, device=f"cuda:{context.local_rank}")
@@ -498,7 +503,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
             trace.record(exp, epoch)
             log.append(row)
             write_log(run_dir / LOG, log)
-            save_checkpoint(run_dir, exp, optimizer, epoch)
+            # A checkpoint of ResNet-18 + momentum copy + optimiser is ~135 MB; writing it every
+            # epoch of a short run costs a large share of the run. --resume restarts from the last one.
+            if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
+                save_checkpoint(run_dir, exp, optimizer, epoch)
             echo(format_row(row))
         distributed.barrier(context)
         last = row
