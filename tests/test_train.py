@@ -86,6 +86,22 @@ def test_resume_with_sparse_checkpoints_restarts_from_the_last_one(tmp_path):
         assert trace["epochs"].tolist() == [1, 2, 3, 4]
 
 
+def test_a_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path):
+    config = digits_config(tmp_path, method="dmuh", epochs=2, checkpoint_every=5)
+
+    def interrupt_after_epoch_1(line):
+        if line.startswith("epoch 1 "):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False, echo=interrupt_after_epoch_1)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    train(config, progress=False, echo=quiet)  # nothing to resume: the run starts again
+    assert [row["epoch"] for row in read_rows(tmp_path / "run" / "log.csv")] == ["1", "2"]
+    with np.load(tmp_path / "run" / "uncertainty_trace.npz") as trace:
+        assert trace["epochs"].tolist() == [1, 2]
+
+
 def test_checkpoint_every_must_be_positive(tmp_path):
     with pytest.raises(DmuhError, match="--checkpoint-every 0"):
         train(digits_config(tmp_path, epochs=1, checkpoint_every=0), progress=False, echo=quiet)

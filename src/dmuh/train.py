@@ -332,13 +332,13 @@ class FiniteGuard:
 class UncertaintyTrace:
     """Per-bit outputs of both networks for a fixed sample of training items, every epoch (Fig. 1, 3)."""
 
-    def __init__(self, path: Path, count: int, num_train: int):
+    def __init__(self, path: Path, count: int, num_train: int, resume: bool = False):
         self.path = path
         self.items = np.arange(min(count, num_train))
         self.hashing: List[np.ndarray] = []
         self.momentum: List[np.ndarray] = []
         self.epochs: List[int] = []
-        if path.exists():
+        if resume and path.exists():  # a new run replaces what a run stopped before its first checkpoint left
             with np.load(path) as f:
                 self.hashing = list(f["hashing"])
                 self.momentum = list(f["momentum"])
@@ -397,7 +397,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
             echo(f"{config.method}: {note}")
     start_epoch = 1
     log = read_log(run_dir / LOG) if resume else []
-    trace = UncertaintyTrace(run_dir / TRACE, config.trace_items, exp.train_inputs.shape[0])
+    trace = UncertaintyTrace(run_dir / TRACE, config.trace_items, exp.train_inputs.shape[0], resume)
     if resume:
         restore_state(exp, checkpoint, run_dir / CHECKPOINT, optimizer)
         start_epoch = checkpoint["epoch"] + 1
