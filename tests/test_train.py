@@ -11,7 +11,7 @@ from dmuh.config import PretrainConfig, TrainConfig
 from dmuh.errors import DmuhError
 from dmuh.methods import HashingMethod, base
 from dmuh.pretrain import pretrain
-from dmuh.train import learning_rate, train
+from dmuh.train import learning_rate, load_checkpoint, train
 
 
 def digits_config(tmp_path, name="run", **overrides):
@@ -76,7 +76,7 @@ def test_resume_with_sparse_checkpoints_restarts_from_the_last_one(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(part, progress=False, echo=interrupt_after_epoch_3)
-    assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] == 2
     train(part, resume=True, progress=False, echo=quiet)  # epoch 3 again, then 4
     a, b = read_rows(tmp_path / "whole" / "log.csv"), read_rows(tmp_path / "part" / "log.csv")
     assert [row["epoch"] for row in b] == ["1", "2", "3", "4"]

@@ -193,8 +193,9 @@ def compare(
     if jobs > 1 and len(pending) > 1:
         if base.cache_dir:  # decode once here, so the workers read the cache instead of all decoding
             from dmuh.data import open_source
+            from dmuh.train import decode_all
 
-            open_source(base.data, root=base.data_root).decode(None, size=base.image_size, cache_dir=base.cache_dir)
+            decode_all(open_source(base.data, root=base.data_root), base)
         outcomes = _train_in_parallel(pending, min(jobs, len(pending)), echo)
 
     rows: List[Dict[str, Any]] = []
