@@ -18,8 +18,8 @@ from pathlib import Path
 
 from dmuh.compare import RESULTS_MARKDOWN, compare
 from dmuh.config import PretrainConfig, TrainConfig, parse_params
-from dmuh.pretrain import BACKBONE, pretrain
-from dmuh.train import LOG, read_log
+from dmuh.pretrain import pretrain
+from dmuh.run import BACKBONE, LOG, read_log
 
 METHODS = "regu,dmuh,dmuh-wo-u,dmuh-wo-eu,dmuh-wo-euij"
 

@@ -1,4 +1,4 @@
-"""Search speed: dmuh.search.Index against raw FAISS, and IVF / HNSW recall against exact search.
+"""Search speed: dmuh.index.Index against raw FAISS, and IVF / HNSW recall against exact search.
 
     PYTHONPATH=src python bench/search_speed.py                      # 1,000,000 x 64 bits, 1,000 queries, k=100
     PYTHONPATH=src python bench/search_speed.py --threads 1          # as docs/search.md (a shared 2-core box)
@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from dmuh.search import Index
+from dmuh.index import Index
 
 
 def timed(function, repeats: int):

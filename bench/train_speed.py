@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from dmuh.config import TrainConfig
-from dmuh.train import read_log, train
+from dmuh.run import read_log
+from dmuh.train import train
 
 CASES = {
     "alexnet-224": dict(model="alexnet", augment="flip-crop"),

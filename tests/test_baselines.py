@@ -403,7 +403,7 @@ def digits_config(tmp_path, method, **overrides):
 @pytest.mark.parametrize("name", DEEP + ["itq", "lsh"])
 def test_training_smoke_on_digits_through_the_cli(tmp_path, name):
     from dmuh.cli import main
-    from dmuh.train import read_log
+    from dmuh.run import read_log
 
     out = tmp_path / name
     assert main(["train", "--method", name, "--data", "digits", "--protocol", "digits", "--model", "smallcnn",

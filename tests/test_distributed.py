@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     exp = captured["exp"]
     rank = os.environ.get("RANK", "0")
     torch.save({"row": row, "model": exp.model.state_dict(), "momentum": exp.momentum.state_dict(),
-                "memory": exp.method.memory, "uncertainty": exp.method.memory_uncertainty},
+                "memory": exp.method.memory.codes, "uncertainty": exp.method.memory.uncertainty},
                os.path.join(out, f"state-rank{rank}.pt"))
     """
 )

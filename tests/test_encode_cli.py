@@ -1,7 +1,9 @@
 """`dmuh encode / index / search / export-onnx` end to end on small digits runs (CPU, seconds)."""
 
+import importlib.util
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +14,20 @@ from PIL import Image
 from dmuh.codes import pack_bits, sign
 from dmuh.config import TrainConfig
 from dmuh.data import DigitsSource
-from dmuh.encoding import Codes, load_encoder
-from dmuh.errors import DmuhError
-from dmuh.search import Index, rerank_experiment
 from dmuh.cli import main
-from dmuh.train import encode, train
+from dmuh.codes_file import Codes
+from dmuh.encoding import load_encoder
+from dmuh.errors import DmuhError
+from dmuh.experiment import encode
+from dmuh.index import Index
+from dmuh.train import train
+
+# The re-ranking study lives with the benchmark scripts, not in the library.
+_STUDY = importlib.util.spec_from_file_location(
+    "rerank_cifar10", Path(__file__).resolve().parents[1] / "bench" / "rerank_cifar10.py")
+rerank_cifar10 = importlib.util.module_from_spec(_STUDY)
+_STUDY.loader.exec_module(rerank_cifar10)
+rerank_experiment = rerank_cifar10.rerank_experiment
 
 BITS = 16
 # Encoding, ONNX and the re-ranking measurement run without FAISS (as on the GPU machine); indexes need it.

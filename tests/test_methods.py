@@ -44,7 +44,7 @@ def test_regu_pairs_only_with_seen_memory_items_normalised_by_n_times_batch():
     terms = method(step(H[:1].clone(), indices=(0,), labels=LABELS[:1]))
     assert terms["likelihood"].item() == pytest.approx(PAIR_LOSS[0][0] / 2, rel=1e-6)
     assert terms["quantization"].item() == pytest.approx(3.0 * 0.25 / 2, rel=1e-6)
-    assert method.seen.tolist() == [True, False]
+    assert method.memory.seen.tolist() == [True, False]
 
 
 def test_dmuh_matches_hand_computed_eq10():
@@ -57,7 +57,7 @@ def test_dmuh_matches_hand_computed_eq10():
     assert terms["likelihood"].item() == pytest.approx(likelihood, rel=1e-6)
     assert terms["quantization"].item() == pytest.approx(2.0 * quantization, rel=1e-6)
     assert terms["uncertainty"].item() == pytest.approx(0.5 * 0.6 / 4, rel=1e-6)
-    assert method.memory_uncertainty.tolist() == pytest.approx(ubar)
+    assert method.memory.uncertainty.tolist() == pytest.approx(ubar)
     assert method.step_stats["image_uncertainty"].item() == pytest.approx(0.15)
 
 
@@ -93,7 +93,7 @@ def test_tanh_output_bounds_the_weights():
     method = create_method("dmuh", bits=2, train_labels=LABELS)
     terms = method(step(torch.tensor([[1e4, -1e4], [1e4, 1e4]]), torch.tensor([[-1e4, 1e4], [-1e4, -1e4]])))
     assert all(torch.isfinite(v) for v in terms.values())
-    assert method.memory_uncertainty.max().item() <= 2.0
+    assert method.memory.uncertainty.max().item() <= 2.0
 
 
 def test_unknown_method_and_parameter_errors():

@@ -460,3 +460,13 @@ def test_bad_arguments_name_the_argument():
         mean_average_precision(query, database, -np.ones(3, dtype=int), db_labels)
     with pytest.raises(DmuhError, match="device"):
         mean_average_precision(*problem, device="tpu")
+
+
+def test_ranked_metrics_of_a_hand_made_ranking():
+    from dmuh.metrics import ranked_metrics
+
+    relevant = np.array([[True, False, True], [False, False, False]])
+    out = ranked_metrics(relevant, ks=(1, 2, 5))
+    assert out["map"] == pytest.approx(((1 / 1 + 2 / 3) / 2 + 0.0) / 2)
+    assert out["p@1"] == pytest.approx(0.5) and out["p@2"] == pytest.approx(0.25) and "p@5" not in out
+    assert ranked_metrics(relevant, topk=1)["map"] == pytest.approx(0.5)

@@ -250,7 +250,7 @@ def test_bad_names_and_options():
 
 def test_register_a_custom_model(monkeypatch):
     # A private copy of the registry, so the test model does not leak into other tests.
-    monkeypatch.setattr(model_registry, "_REGISTRY", dict(model_registry._REGISTRY))
+    monkeypatch.setattr(model_registry.MODELS, "entries", dict(model_registry.MODELS.entries))
 
     class Flatten(torch.nn.Module):
         feature_dim, input_size, in_channels = 48, 4, 3

@@ -1,4 +1,5 @@
-"""dmuh.search: the Index API over FAISS binary indexes, its file format, re-ranking; codes files."""
+"""dmuh.index: the Index API over FAISS binary indexes, its file format (dmuh.index_file), re-ranking
+(dmuh.rerank); codes files (dmuh.codes_file)."""
 
 import json
 import struct
@@ -9,15 +10,16 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from dmuh.encoding import Codes  # noqa: E402
+from dmuh.codes import as_packed, unpack_bits  # noqa: E402
+from dmuh.codes_file import Codes  # noqa: E402
 from dmuh.errors import DmuhError  # noqa: E402
-from dmuh.search import (  # noqa: E402
-    Index,
-    as_packed,
-    rerank,
-    uncertainty_weights,
-    unpack,
-)
+from dmuh.index import Index  # noqa: E402
+from dmuh.rerank import rerank, uncertainty_weights  # noqa: E402
+
+
+def unpack(packed, bits):
+    """(n, bytes) packed codes -> (n, bits) bool, True where the bit is 1."""
+    return unpack_bits(packed, bits) > 0
 
 
 def random_signs(rng, n, bits):

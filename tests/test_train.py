@@ -11,7 +11,10 @@ from dmuh.config import PretrainConfig, TrainConfig
 from dmuh.errors import DmuhError
 from dmuh.methods import HashingMethod, base
 from dmuh.pretrain import pretrain
-from dmuh.train import learning_rate, load_checkpoint, train
+from dmuh.registry import Entry
+from dmuh.run import load_checkpoint
+from dmuh.runtime import learning_rate
+from dmuh.train import train
 
 
 def digits_config(tmp_path, name="run", **overrides):
@@ -120,9 +123,7 @@ class ExplodingLoss(HashingMethod):
 
 
 def test_non_finite_loss_stops_with_epoch_and_term(tmp_path, monkeypatch):
-    factory = lambda **params: ExplodingLoss(**params)  # noqa: E731
-    factory.cls, factory.fixed = ExplodingLoss, {}
-    monkeypatch.setitem(base._REGISTRY, "exploding", factory)
+    monkeypatch.setitem(base.METHODS.entries, "exploding", Entry("exploding", ExplodingLoss))
     with pytest.raises(DmuhError, match=r"epoch 1: loss term .quantization. became non-finite at step 1"):
         train(digits_config(tmp_path, method="exploding", epochs=1), progress=False, echo=quiet)
 

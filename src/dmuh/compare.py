@@ -25,6 +25,10 @@ import yaml
 from dmuh.config import TrainConfig, load_yaml
 from dmuh.errors import DmuhError
 from dmuh.io import atomic_write_text
+from dmuh.methods import display_name, method_class
+from dmuh.metrics import DEFAULT_TIES
+from dmuh.run import CHECKPOINT, CONFIG, LOG, read_log
+from dmuh.train import train
 
 RESULTS_MARKDOWN = "results.md"
 RESULTS_CSV = "results.csv"
@@ -33,13 +37,6 @@ RESULTS_CSV = "results.csv"
 # finished run and the comparison that reuses it.
 EXECUTION_FIELDS = ("out", "device", "compile", "channels_last", "eval_batch_size", "cache_dir", "data_root",
                     "trace_items", "checkpoint_every")
-
-# How the paper writes the method names.
-DISPLAY_NAMES = {
-    "dmuh": "DMUH", "regu": "Regu", "dpsh": "DPSH", "hashnet": "HashNet", "dhn": "DHN", "dsh": "DSH",
-    "csq": "CSQ", "greedyhash": "GreedyHash", "dsdh": "DSDH", "orthohash": "OrthoHash", "itq": "ITQ", "lsh": "LSH",
-}
-
 
 def run_directory(out_dir: Path, method: str, bits: int) -> Path:
     return Path(out_dir) / f"{method}-{bits}bits"
@@ -54,8 +51,6 @@ def comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
 def existing_run(config: TrainConfig) -> Tuple[str, Dict[str, float]]:
     """What `config.out` holds: ("new", {}) nothing yet, ("unfinished", {}) a run to resume, or
     ("finished", last log row). A run of a different config there is a `DmuhError`."""
-    from dmuh.train import CHECKPOINT, CONFIG, LOG, read_log
-
     run = Path(config.out)
     if not (run / CHECKPOINT).exists():
         return "new", {}
@@ -74,16 +69,12 @@ def existing_run(config: TrainConfig) -> Tuple[str, Dict[str, float]]:
 
 def training_seconds(run: Path) -> float:
     """Wall-clock seconds of all epochs in a run's log (a resumed run's epochs included)."""
-    from dmuh.train import LOG, read_log
-
     return float(sum(row.get("seconds", 0.0) for row in read_log(run / LOG)))
 
 
 def _train_in_worker(config: Dict[str, Any], resume: bool, threads: int) -> Tuple[Dict[str, float], Optional[str]]:
     """One run in a worker process: (last log row, None) or ({}, the DmuhError's message)."""
     import torch
-
-    from dmuh.train import train
 
     torch.set_num_threads(threads)
     try:
@@ -155,9 +146,6 @@ def compare(
     comparison goes on; any other exception stops it, and so does a run directory that holds a
     run of another config (a `DmuhError`: it is never overwritten).
     """
-    from dmuh.methods import method_class
-    from dmuh.train import train
-
     methods = list(dict.fromkeys(methods))
     bits = list(dict.fromkeys(bits))
     if not methods or not bits:
@@ -193,7 +181,7 @@ def compare(
     if jobs > 1 and len(pending) > 1:
         if base.cache_dir:  # decode once here, so the workers read the cache instead of all decoding
             from dmuh.data import open_source
-            from dmuh.train import decode_all
+            from dmuh.runtime import decode_all
 
             decode_all(open_source(base.data, root=base.data_root), base)
         outcomes = _train_in_parallel(pending, min(jobs, len(pending)), echo)
@@ -216,6 +204,8 @@ def compare(
         if error:
             row["error"] = error
         row["map"] = float(last.get("map", math.nan))
+        # Runs logged before dmuh recorded the tie policy used database order (ties="index").
+        row["ties"] = (last.get("ties") or "index") if math.isfinite(row["map"]) else DEFAULT_TIES
         row["seconds"] = training_seconds(Path(config.out))
         rows.append(row)
         write_tables(rows, out_dir, caption=describe(base))  # partial tables survive an interruption
@@ -252,7 +242,7 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, caption: str 
             return ""
         if not _finite(row["map"]):
             return "failed" if row.get("error") else "n/a"
-        text = f"{row['map']:.4f}"
+        text = f"{row['map']:.4f}" + ("†" if row.get("ties", DEFAULT_TIES) != DEFAULT_TIES else "")
         return f"**{text}**" if row["map"] == best[length] else text
 
     def seconds_cell(method: str, length: int) -> str:
@@ -261,13 +251,17 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, caption: str 
 
     header = "| Method | " + " | ".join(f"{b} bits" for b in bits) + " |"
     rule = "|---|" + "---:|" * len(bits)
-    lines = ["# MAP by code length", ""]
+    lines = [f"# MAP by code length (the protocol's MAP, ties {DEFAULT_TIES})", ""]
     if caption:
         lines += [f"Same backbone, recipe and budget for every method: {caption}.", ""]
     lines += [header, rule]
-    lines += [f"| {DISPLAY_NAMES.get(m, m)} | " + " | ".join(map_cell(m, b) for b in bits) + " |" for m in methods]
+    lines += [f"| {display_name(m)} | " + " | ".join(map_cell(m, b) for b in bits) + " |" for m in methods]
+    other_ties = [r for r in rows if r.get("ties", DEFAULT_TIES) != DEFAULT_TIES]
+    if other_ties:
+        lines += ["", "† MAP with another tie policy (runs logged before dmuh recorded it): "
+                  + ", ".join(f"{r['method']} at {r['bits']} bits (ties {r['ties']})" for r in other_ties)]
     lines += ["", "Training time (seconds)", "", header, rule]
-    lines += [f"| {DISPLAY_NAMES.get(m, m)} | " + " | ".join(seconds_cell(m, b) for b in bits) + " |" for m in methods]
+    lines += [f"| {display_name(m)} | " + " | ".join(seconds_cell(m, b) for b in bits) + " |" for m in methods]
     failures = [r for r in rows if r.get("error")]
     if failures:
         lines += ["", "Failed runs:", ""]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from dmuh.errors import DmuhError
 
 
 @contextlib.contextmanager
@@ -31,3 +34,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def refuse_overwrite(path, force: bool, flag: str = "--out") -> None:
+    """Nothing is overwritten without --force: a DmuhError naming the flag when `path` exists."""
+    if path and Path(path).exists() and not force:
+        raise DmuhError(f"{flag} {path} already exists; pass --force to replace it")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -26,6 +26,9 @@ from dmuh.codes import (
 from dmuh.errors import DmuhError
 
 TIES = ("expected", "index", "optimistic", "pessimistic")
+# The one default tie policy of every MAP dmuh reports (training log, compare, evaluate, demo):
+# the expectation over random orders within a distance, so it does not depend on database order.
+DEFAULT_TIES = "expected"
 EMPTY = ("zero", "drop")
 DEFAULT_PRECISION_KS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000)
 
@@ -541,7 +544,7 @@ class HammingRanking:
 
     # -- metrics
 
-    def average_precision(self, topk: Optional[int] = None, ties: str = "expected") -> Tuple[np.ndarray, np.ndarray]:
+    def average_precision(self, topk: Optional[int] = None, ties: str = DEFAULT_TIES) -> Tuple[np.ndarray, np.ndarray]:
         """Per-query AP@k (k = topk, or all) and number of relevant items in the top k (expected
         number for ties="expected"). AP@k = (1 / relevant in the top k) x sum over the relevant
         items in the top k of the precision at their rank; 0 when the top k holds none."""
@@ -557,7 +560,7 @@ class HammingRanking:
             return _expected_ap(counts, relevant, cut, self._harmonic_numbers()), found.astype(np.float64)
         return _ordered_ap(counts, relevant, cut, self._harmonic_numbers(), ties == "optimistic"), found.astype(np.float64)
 
-    def mean_average_precision(self, topk: Optional[int] = None, ties: str = "expected", empty: str = "zero") -> float:
+    def mean_average_precision(self, topk: Optional[int] = None, ties: str = DEFAULT_TIES, empty: str = "zero") -> float:
         """MAP over the queries. empty="zero": a query without a relevant item in its top k counts
         as AP 0 (DPSH, DeepHash-pytorch); "drop": such queries are left out (HashNet); 0.0 if all are."""
         _check_choice(empty, EMPTY, "empty")
@@ -566,7 +569,7 @@ class HammingRanking:
             ap = ap[found > 0]
         return float(ap.mean()) if len(ap) else 0.0
 
-    def relevant_in_top_k(self, k: int, ties: str = "expected") -> np.ndarray:
+    def relevant_in_top_k(self, k: int, ties: str = DEFAULT_TIES) -> np.ndarray:
         """Per query, the number of relevant items among the first k (expected for ties="expected")."""
         _check_choice(ties, TIES, "ties")
         k = self._clip(k)
@@ -576,14 +579,14 @@ class HammingRanking:
         cut = _Cut(*self.histograms(), k)
         return (cut.relevant_before + cut.relevant_taken(ties)).astype(np.float64)
 
-    def precision_at_k(self, ks: Sequence[int] = DEFAULT_PRECISION_KS, ties: str = "expected") -> List[float]:
+    def precision_at_k(self, ks: Sequence[int] = DEFAULT_PRECISION_KS, ties: str = DEFAULT_TIES) -> List[float]:
         """Mean over queries of (relevant in the top k) / k, one value per k; a k beyond the
         database size is clipped to it."""
         if ties == "index":
             self.rank_by_index(ks=ks)
         return [float(self.relevant_in_top_k(k, ties).mean() / self._clip(k)) for k in ks]
 
-    def recall_at_k(self, ks: Sequence[int] = DEFAULT_PRECISION_KS, ties: str = "expected") -> List[float]:
+    def recall_at_k(self, ks: Sequence[int] = DEFAULT_PRECISION_KS, ties: str = DEFAULT_TIES) -> List[float]:
         """Mean over queries of (relevant in the top k) / (relevant in the database); queries
         without any relevant item are left out (their recall is 0/0)."""
         if ties == "index":
@@ -614,7 +617,7 @@ class HammingRanking:
 
 
 def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None,
-                           ties: str = "expected", device=None, *, empty: str = "zero", bits: Optional[int] = None) -> float:
+                           ties: str = DEFAULT_TIES, device=None, *, empty: str = "zero", bits: Optional[int] = None) -> float:
     """MAP@all (topk=None) or MAP@topk of a Hamming ranking; see `HammingRanking` for the inputs.
 
     ties: "expected" (default; the expected AP over all orders of tied items, He et al. 2018),
@@ -630,14 +633,14 @@ def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk:
 
 
 def precision_at_k(query_codes, db_codes, query_labels, db_labels, ks: Sequence[int] = DEFAULT_PRECISION_KS,
-                   ties: str = "expected", device=None, *, bits: Optional[int] = None) -> List[float]:
+                   ties: str = DEFAULT_TIES, device=None, *, bits: Optional[int] = None) -> List[float]:
     """Precision of the top k for each k (the Top-K curve), averaged over queries."""
     _check_choice(ties, TIES, "ties")
     return HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits).precision_at_k(ks, ties)
 
 
 def recall_at_k(query_codes, db_codes, query_labels, db_labels, ks: Sequence[int] = DEFAULT_PRECISION_KS,
-                ties: str = "expected", device=None, *, bits: Optional[int] = None) -> List[float]:
+                ties: str = DEFAULT_TIES, device=None, *, bits: Optional[int] = None) -> List[float]:
     """Recall of the top k for each k, averaged over queries that have a relevant item."""
     _check_choice(ties, TIES, "ties")
     return HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits).recall_at_k(ks, ties)
@@ -656,7 +659,7 @@ def precision_within_radius(query_codes, db_codes, query_labels, db_labels, radi
 
 
 def retrieval_report(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None,
-                     ties: Union[str, Sequence[str]] = "expected", precision_ks: Sequence[int] = DEFAULT_PRECISION_KS,
+                     ties: Union[str, Sequence[str]] = DEFAULT_TIES, precision_ks: Sequence[int] = DEFAULT_PRECISION_KS,
                      device=None, *, empty: str = "zero", bits: Optional[int] = None) -> Dict:
     """Every metric in one JSON-serialisable dict, from one pass over the database (two with "index").
 
@@ -704,3 +707,27 @@ def retrieval_report(query_codes, db_codes, query_labels, db_labels, topk: Optio
             "mean_relevant_per_query": float(total_relevant.mean()),
         },
     }
+
+
+def ranked_metrics(relevant, topk: Optional[int] = None, ks: Sequence[int] = ()) -> Dict[str, float]:
+    """MAP (@topk, or over the whole ranking) and P@k of rankings already made.
+
+    `relevant` is bool (nq, n), numpy or torch: row q is query q's ranking, in rank order, True
+    where that item is relevant. AP@k follows docs/metrics.md: the mean precision at the relevant
+    ranks within the cut (normalised by R_k), a query with no relevant item there counts 0
+    (empty="zero"). Returns {"map": ..., "p@k": ...} for each k no larger than n.
+    """
+    relevant = torch.as_tensor(relevant if isinstance(relevant, torch.Tensor) else np.asarray(relevant))
+    if relevant.dim() != 2:
+        raise DmuhError(f"relevant: expected a 2-D (queries, ranked items) array, got shape {tuple(relevant.shape)}")
+    depth = relevant.shape[1] if topk is None else min(topk, relevant.shape[1])
+    top = relevant[:, :depth].float()
+    hits = top.cumsum(dim=1)
+    ranks = torch.arange(1, depth + 1, device=top.device, dtype=torch.float32)
+    found = top.sum(dim=1)
+    ap = (top * hits / ranks).sum(dim=1) / found.clamp(min=1)
+    out = {"map": float(ap.mean())}
+    for k in ks:
+        if k <= relevant.shape[1]:
+            out[f"p@{k}"] = float(relevant[:, :k].float().mean())
+    return out

@@ -23,17 +23,17 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+from dmuh.codes import sign
+from dmuh.encoding import load_encoder
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_path
+from dmuh.io import atomic_path, refuse_overwrite
 
 DEFAULT_OPSET = 17
 
 
 def _graph_module(encoder):
-    import torch
-
-    from dmuh.codes import sign
-
     class HashingGraph(torch.nn.Module):
         """pixels (or features) -> (continuous codes, int8 sign codes), for export."""
 
@@ -51,13 +51,8 @@ def _graph_module(encoder):
 
 def export_onnx(run, out, opset: int = DEFAULT_OPSET, image_size: Optional[int] = None, overwrite: bool = False) -> dict:
     """Write `out` (.onnx) for the run; returns the metadata stored in it."""
-    import torch
-
-    from dmuh.encoding import load_encoder
-
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DmuhError(f"{out} already exists; pass --force to replace it")
+    refuse_overwrite(out, overwrite)
     try:
         import onnx
     except ImportError:

@@ -1,5 +1,7 @@
-"""Data sources (images or features with multi-hot labels) and the evaluation protocols that split them."""
+"""Data sources (images or features with multi-hot labels), the evaluation protocols that split them,
+and image files to encode or search with (`dmuh.data.images`)."""
 
+from dmuh.data.images import ImageFiles, list_image_files, match_channels, open_images, read_image  # noqa: F401
 from dmuh.data.protocols import Split, available_protocols, make_split  # noqa: F401
 from dmuh.data.sources import (  # noqa: F401
     IMAGE_EXTENSIONS,

@@ -322,7 +322,7 @@ class _FileStore:
         raise NotImplementedError
 
 
-def _is_hidden(relative: str) -> bool:
+def is_hidden(relative: str) -> bool:
     # Skips macOS zip debris (__MACOSX/, ._name resource forks) and dot-files.
     return any(part.startswith(".") or part == "__MACOSX" for part in relative.split("/"))
 
@@ -340,12 +340,12 @@ class _DirectoryStore(_FileStore):
     def list_files(self) -> list:
         files = []
         for folder, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+            dirnames[:] = [d for d in dirnames if not is_hidden(d)]
             base = Path(folder)
             for filename in filenames:
                 path = base / filename
                 relative = path.relative_to(self.root).as_posix()
-                if not _is_hidden(relative):
+                if not is_hidden(relative):
                     files.append((relative, path.stat().st_size))
         return files
 
@@ -368,7 +368,7 @@ class _ZipStore(_FileStore):
             raise DmuhError(f"{self.root}: cannot open zip ({error})") from None
         self._members = {info.filename: (info.header_offset, info.compress_size, info.file_size,
                                          info.compress_type, info.flag_bits, info.CRC)
-                         for info in infos if not info.is_dir() and not _is_hidden(info.filename)}
+                         for info in infos if not info.is_dir() and not is_hidden(info.filename)}
         self._open_handle()
 
     def _open_handle(self) -> None:

@@ -1,10 +1,12 @@
 """Hashing methods: one loss module per file, all behind the contract in `base`."""
 
 from dmuh.methods.base import (  # noqa: F401
+    METHODS,
     HashingMethod,
     StepInputs,
     available,
     create_method,
+    display_name,
     method_class,
     pairwise_similarity,
     register_method,

@@ -2,20 +2,21 @@
 
 A method is a small `nn.Module` (like a pytorch-metric-learning loss): the training loop hands it a
 `StepInputs` per batch and gets back a dict of named loss terms whose sum is the loss. Anything the
-method needs beyond the network (a memory of training outputs, hash centres, a classifier) lives
-inside it, so its parameters join the optimiser and its buffers join the checkpoint.
+method needs beyond the network lives inside it as components (a `dmuh.methods.memory.TrainingMemory`
+of training codes, hash centres, a classifier), so its parameters join the optimiser and its
+buffers join the checkpoint.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
 from dmuh.errors import DmuhError
+from dmuh.registry import Registry
 
 
 @dataclass
@@ -41,22 +42,58 @@ class StepInputs:
 
 
 class HashingMethod(nn.Module):
-    """Base class. Subclasses set the flags below and implement `forward`."""
+    """Base class: everything the training loop reads of a method is declared here.
+
+    A method is built from its size alone: `bits`, `num_train` (training items, for memories of
+    training codes) and `num_classes`; the training labels are handed over separately
+    (`set_train_labels`), so a checkpoint rebuilds the method from its recorded spec without them.
+    Subclasses implement `forward` and may override the hooks below.
+    """
 
     name: str = ""
-    uses_momentum: bool = False  # the loop keeps a momentum copy and passes its outputs
+    # The loop keeps a momentum copy theta_m <- alpha theta_m + (1 - alpha) theta_h (Eq. 5) when
+    # this is a number, and passes its outputs as StepInputs.momentum_outputs.
+    momentum_alpha: Optional[float] = None
     uses_features: bool = False  # the loop passes backbone features
-    shallow: bool = False  # fitted once on backbone features (`fit`), not trained by gradient
+    shallow: bool = False  # fitted once on features (see `ShallowMethod`); a description, the loop never reads it
+    # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.
+    legacy_state_keys: Dict[str, str] = {}
 
-    def __init__(self, bits: int, train_labels: torch.Tensor):
+    def __init__(self, bits: int, num_train: int, num_classes: int):
         super().__init__()
         self.bits = int(bits)
-        self.num_train, self.num_classes = train_labels.shape
+        self.num_train = int(num_train)
+        self.num_classes = int(num_classes)
         # Per-step numbers for the log (e.g. mean uncertainty), as 0-d tensors: read once per epoch.
         self.step_stats: Dict[str, torch.Tensor] = {}
+        # One-line remarks the loop prints at the start of training (e.g. CSQ's fallback centres).
+        self.notes: List[str] = []
+        self.params: Dict[str, Any] = {}  # the hyper-parameters it was created with (create_method)
+
+    @property
+    def uses_momentum(self) -> bool:
+        return self.momentum_alpha is not None
+
+    def spec(self) -> Dict[str, Any]:
+        """What `create_method(**spec)` needs to rebuild this method (its state comes from a checkpoint)."""
+        return {"name": self.name, "bits": self.bits, "num_train": self.num_train, "num_classes": self.num_classes,
+                "params": dict(self.params)}
+
+    def set_train_labels(self, labels: torch.Tensor) -> None:
+        """The (num_train, num_classes) multi-hot labels of the training split, for the components that keep them."""
+        if tuple(labels.shape) != (self.num_train, self.num_classes):
+            raise DmuhError(f"method {self.name!r}: training labels of shape {tuple(labels.shape)}, "
+                            f"built for {(self.num_train, self.num_classes)}")
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_labels"):
+                module.set_labels(labels)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def train_with(self, trainer):
+        """How the loop fits this method: gradient epochs (the default). `ShallowMethod` fits in closed form."""
+        return trainer.gradient_epochs()
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Hook for schedules inside the loss (HashNet's continuation, DSDH's code update)."""
@@ -65,54 +102,50 @@ class HashingMethod(nn.Module):
         """Map raw outputs to the real-valued codes whose sign is the binary code."""
         return outputs
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = {self.legacy_state_keys.get(key, key): value for key, value in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
 
 def pairwise_similarity(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
     """S_ij = 1 when items share at least one label (single- and multi-label alike)."""
     return (labels_a @ labels_b.t() > 0).to(labels_a.dtype)
 
 
-_REGISTRY: Dict[str, Callable[..., HashingMethod]] = {}
+METHODS = Registry("method", option_word="parameter")
 
 
-def register_method(name: str, **fixed):
-    """Class decorator: `@register_method("dmuh-wo-u", use_uncertainty_term=False)` registers a variant."""
-
-    def decorate(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"method {name!r} registered twice")
-
-        def factory(**params):
-            return cls(**{**params, **fixed})
-
-        factory.cls = cls
-        factory.fixed = fixed
-        _REGISTRY[name] = factory
-        return cls
-
-    return decorate
+def register_method(name: str, display_name: Optional[str] = None, **fixed):
+    """Class decorator: `@register_method("dmuh-wo-u", uncertainty_term=False)` registers a variant;
+    `display_name` is how tables write it (the paper's spelling)."""
+    return METHODS.register(name, display_name=display_name, **fixed)
 
 
 def available() -> list:
     """Names of every registered method."""
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def method_class(name: str):
-    if name not in _REGISTRY:
-        raise DmuhError(f"unknown method {name!r}; available: {', '.join(available())}")
-    return _REGISTRY[name].cls
+    return METHODS.entry(name).factory
 
 
-def create_method(name: str, bits: int, train_labels: torch.Tensor, **params) -> HashingMethod:
-    """Create a registered method; unknown hyper-parameters are an error naming them."""
-    method_class(name)  # validates the name
-    factory = _REGISTRY[name]
-    accepted = set(inspect.signature(factory.cls.__init__).parameters) - {"self", "bits", "train_labels"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise DmuhError(
-            f"method {name!r} has no parameter {unknown[0]!r} (--param); it takes: {', '.join(sorted(accepted - set(factory.fixed)))}"
-        )
-    method = factory(bits=bits, train_labels=train_labels, **params)
+def display_name(name: str) -> str:
+    return METHODS.display_name(name)
+
+
+def create_method(name: str, bits: int, num_train: Optional[int] = None, num_classes: Optional[int] = None,
+                  train_labels: Optional[torch.Tensor] = None, **params) -> HashingMethod:
+    """Create a registered method of the given size; unknown or fixed hyper-parameters are an error
+    naming them. `train_labels` (num_train, num_classes), when given, sets the size and is handed
+    to the method (`set_train_labels`)."""
+    if train_labels is not None:
+        num_train, num_classes = train_labels.shape
+    if num_train is None or num_classes is None:
+        raise TypeError("create_method needs num_train and num_classes (or train_labels)")
+    method = METHODS.create(name, {"bits": bits, "num_train": num_train, "num_classes": num_classes}, params)
     method.name = name
+    method.params = dict(params)
+    if train_labels is not None:
+        method.set_train_labels(train_labels)
     return method

@@ -70,20 +70,21 @@ def bernoulli_centers(num_classes: int, bits: int, seed: int, tries: int) -> tor
     return best
 
 
-@register_method("csq")
+@register_method("csq", display_name="CSQ")
 class CSQ(HashingMethod):
     """BCE of tanh(z) to each item's hash centre plus a quantisation term."""
 
     def __init__(
         self,
         bits: int,
-        train_labels: torch.Tensor,
+        num_train: int,
+        num_classes: int,
         quantization: float = 0.05,
         centers: str = "auto",
         seed: int = 0,
         bernoulli_tries: int = 100,
     ):
-        super().__init__(bits, train_labels)
+        super().__init__(bits, num_train, num_classes)
         if centers not in CENTER_KINDS:
             raise DmuhError(f"method parameter centers={centers!r}: choose one of {', '.join(CENTER_KINDS)}")
         self.quantization = check_number("quantization", quantization, 0.0)

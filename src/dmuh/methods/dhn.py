@@ -6,7 +6,7 @@ has since drifted from the paper; DeepHash-pytorch follows the paper's two terms
   Theta_ij = u_i . U_j / 2             U: memory of the latest output of every training item
   L = mean_ij [log(1 + e^Theta_ij) - S_ij Theta_ij] + alpha * mean_ik log cosh(|u_ik| - 1)
 
-The pairwise likelihood is DPSH's, so the memory and the likelihood are `Regu`'s (same pairing
+The pairwise likelihood is DPSH's, so it holds the same `TrainingMemory` as Regu (same pairing
 with seen memory items, same division by n B, which is the mean over the B x n pairs once every
 item has been seen). The quantisation term is a mean over the batch's entries, as in
 DeepHash-pytorch. Defaults: alpha = 0.1 and the raw linear output u = z (`output="linear"`), as
@@ -21,9 +21,9 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from dmuh.methods.base import StepInputs, register_method
-from dmuh.methods.helpers import check_number
-from dmuh.methods.regu import Regu
+from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.helpers import apply_output, check_number, check_output_kind
+from dmuh.methods.memory import LEGACY_MEMORY_KEYS, TrainingMemory
 
 
 def log_cosh(x: torch.Tensor) -> torch.Tensor:
@@ -32,17 +32,24 @@ def log_cosh(x: torch.Tensor) -> torch.Tensor:
     return magnitude + F.softplus(-2.0 * magnitude) - math.log(2.0)
 
 
-@register_method("dhn")
-class DHN(Regu):
+@register_method("dhn", display_name="DHN")
+class DHN(HashingMethod):
     """DPSH's pairwise likelihood over the training memory plus a log-cosh quantisation term."""
 
-    def __init__(self, bits: int, train_labels: torch.Tensor, alpha: float = 0.1, output: str = "linear"):
-        super().__init__(bits, train_labels, beta=0.0, output=output)
+    legacy_state_keys = LEGACY_MEMORY_KEYS
+
+    def __init__(self, bits: int, num_train: int, num_classes: int, alpha: float = 0.1, output: str = "linear"):
+        super().__init__(bits, num_train, num_classes)
+        self.output = check_output_kind(output)
         self.alpha = check_number("alpha", alpha, 0.0)
+        self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
+
+    def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
+        return apply_output(self.output, outputs)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        codes = self.codes_and_remember(step)
+        codes = self.memory.remember(step, self.continuous_codes)
         return {
-            "likelihood": self.likelihood(codes, step.labels),
+            "likelihood": self.memory.likelihood(codes, step.labels),
             "quantization": self.alpha * log_cosh(codes.abs() - 1.0).mean(),
         }

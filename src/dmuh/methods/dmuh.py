@@ -22,10 +22,11 @@ import torch
 
 from dmuh.codes import sign
 from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.memory import TrainingMemory
 from dmuh.methods.regu import Regu
 
 
-@register_method("dmuh")
+@register_method("dmuh", display_name="DMUH")
 @register_method("dmuh-wo-u", uncertainty_term=False)
 @register_method("dmuh-wo-eu", bit_weights=False)
 @register_method("dmuh-wo-euij", image_weights=False)
@@ -36,12 +37,11 @@ class DMUH(Regu):
     `bit_weights=False` is "w/o e^u_i", `image_weights=False` is "w/o e^(u_i+u_j)".
     """
 
-    uses_momentum = True
-
     def __init__(
         self,
         bits: int,
-        train_labels: torch.Tensor,
+        num_train: int,
+        num_classes: int,
         alpha: float = 0.7,
         beta: float = 50.0,
         gamma: float = 1.0,
@@ -50,13 +50,13 @@ class DMUH(Regu):
         image_weights: bool = True,
         uncertainty_term: bool = True,
     ):
-        super().__init__(bits, train_labels, beta=beta, output=output)
+        super().__init__(bits, num_train, num_classes, beta=beta, output=output)
         self.momentum_alpha = float(alpha)
         self.gamma = float(gamma)
         self.bit_weights = bool(bit_weights)
         self.image_weights = bool(image_weights)
         self.uncertainty_term = bool(uncertainty_term)
-        self.register_buffer("memory_uncertainty", torch.zeros(self.num_train))
+        self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits, uncertainty=True)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
         if step.momentum_outputs is None:
@@ -69,13 +69,13 @@ class DMUH(Regu):
         with torch.no_grad():
             shared_indices, shared_outputs, shared_momentum = step.shared()
             shared_codes = self.continuous_codes(shared_outputs.float())
-            self.remember(shared_indices, shared_codes)
-            self.memory_uncertainty[shared_indices] = (shared_codes - self.continuous_codes(shared_momentum.float())).abs().mean(dim=1)
+            shared_uncertainty = (shared_codes - self.continuous_codes(shared_momentum.float())).abs().mean(dim=1)
+            self.memory.write(shared_indices, shared_codes, shared_uncertainty)
         pair_weights = None
         if self.image_weights:
-            pair_weights = torch.exp(image_uncertainty[:, None] + self.memory_uncertainty[None, :])
+            pair_weights = torch.exp(image_uncertainty[:, None] + self.memory.uncertainty[None, :])
         bit_weight = torch.exp(bit_uncertainty.detach()) if self.bit_weights else 1.0
-        normaliser = self.normaliser(codes.shape[0])
+        normaliser = self.memory.normaliser(codes.shape[0])
         quantization = (bit_weight * (codes - sign(codes.detach())).pow(2)).sum() / normaliser
 
         self.step_stats = {
@@ -84,7 +84,7 @@ class DMUH(Regu):
             "image_uncertainty_max": image_uncertainty.max(),
         }
         terms = {
-            "likelihood": self.likelihood(codes, step.labels, pair_weights),
+            "likelihood": self.memory.likelihood(codes, step.labels, pair_weights),
             "quantization": self.beta * quantization,
         }
         if self.uncertainty_term:

@@ -9,8 +9,8 @@ The method keeps discrete codes B (n x bits, +-1) of all training items and a li
 
 - network step (every batch):
     L = mean_ij [log(1 + e^Theta_ij) - S_ij Theta_ij] + eta * mean_ik (B_ik - u_ik)^2,
-  Theta_ij = u_i . U_j / 2 over the memory U of training outputs (DPSH's likelihood: the memory
-  and the likelihood are `Regu`'s);
+  Theta_ij = u_i . U_j / 2 over the memory U of training outputs (DPSH's likelihood over the
+  same `TrainingMemory` as Regu);
 - at the start of every epoch after the first, from U:
     W-step  W = (B^T B + (nu / mu) I)^-1 B^T Y               (ridge regression of Y on B)
     B-step  discrete cyclic coordinate descent on
@@ -29,19 +29,22 @@ from typing import Dict
 import torch
 
 from dmuh.codes import sign
-from dmuh.methods.base import StepInputs, register_method
-from dmuh.methods.helpers import check_count, check_number, random_sign_codes
-from dmuh.methods.regu import Regu
+from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.helpers import apply_output, check_count, check_number, check_output_kind, random_sign_codes
+from dmuh.methods.memory import LEGACY_MEMORY_KEYS, TrainingMemory
 
 
-@register_method("dsdh")
-class DSDH(Regu):
+@register_method("dsdh", display_name="DSDH")
+class DSDH(HashingMethod):
     """DPSH's likelihood plus a pull of the outputs to discrete codes that a linear classifier reads."""
+
+    legacy_state_keys = LEGACY_MEMORY_KEYS
 
     def __init__(
         self,
         bits: int,
-        train_labels: torch.Tensor,
+        num_train: int,
+        num_classes: int,
         mu: float = 0.01,
         nu: float = 1.0,
         eta: float = 0.01,
@@ -49,7 +52,9 @@ class DSDH(Regu):
         output: str = "linear",
         seed: int = 0,
     ):
-        super().__init__(bits, train_labels, beta=0.0, output=output)
+        super().__init__(bits, num_train, num_classes)
+        self.output = check_output_kind(output)
+        self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
         self.mu = check_number("mu", mu, 0.0, strict=True)
         self.nu = check_number("nu", nu, 0.0)
         self.eta = check_number("eta", eta, 0.0)
@@ -65,7 +70,7 @@ class DSDH(Regu):
     @torch.no_grad()
     def update_codes(self) -> None:
         """`dcc_iter` rounds of the W-step and the B-step (discrete cyclic coordinate descent)."""
-        labels, outputs, codes = self.memory_labels, self.memory, self.binary_codes
+        labels, outputs, codes = self.memory.labels, self.memory.codes, self.binary_codes
         ridge = (self.nu / self.mu) * torch.eye(self.bits, device=codes.device)
         for _ in range(self.dcc_iter):
             classifier = torch.linalg.solve(codes.t() @ codes + ridge, codes.t() @ labels)
@@ -77,9 +82,12 @@ class DSDH(Regu):
                 codes[:, k] = sign(target[:, k] - others)
         self.classifier.copy_(classifier)
 
+    def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
+        return apply_output(self.output, outputs)
+
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        outputs = self.codes_and_remember(step)
+        outputs = self.memory.remember(step, self.continuous_codes)
         return {
-            "likelihood": self.likelihood(outputs, step.labels),
+            "likelihood": self.memory.likelihood(outputs, step.labels),
             "quantization": self.eta * (self.binary_codes[step.indices] - outputs).pow(2).mean(),
         }

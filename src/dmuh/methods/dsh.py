@@ -11,8 +11,8 @@ a contrastive loss that pulls similar pairs together and pushes dissimilar pairs
 towards +-1. Defaults: alpha = 0.1 (DeepHash-pytorch, which averages where the paper's
 alpha = 0.01 multiplies sums), the raw linear output u = z.
 
-The memory is `Regu`'s (DPSH's): the batch is paired with every training item seen so far and
-the pair term is divided by n B, the mean over all B x n pairs once every item has been seen.
+The memory is DPSH's (the `TrainingMemory` Regu holds too): the batch is paired with every
+training item seen so far and the pair term is divided by n B, the mean over all B x n pairs once every item has been seen.
 Unseen items are left out (DeepHash-pytorch's zero entries would pull similar codes to 0 and push
 dissimilar ones away from 0 in the first epoch).
 """
@@ -23,37 +23,46 @@ from typing import Dict, Optional
 
 import torch
 
-from dmuh.methods.base import StepInputs, pairwise_similarity, register_method
-from dmuh.methods.helpers import check_number
-from dmuh.methods.regu import Regu
+from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.helpers import apply_output, check_number, check_output_kind
+from dmuh.methods.memory import LEGACY_MEMORY_KEYS, TrainingMemory
 
 
-@register_method("dsh")
-class DSH(Regu):
+@register_method("dsh", display_name="DSH")
+class DSH(HashingMethod):
     """Contrastive loss with margin m over the training memory plus an L1 regulariser."""
+
+    legacy_state_keys = LEGACY_MEMORY_KEYS
 
     def __init__(
         self,
         bits: int,
-        train_labels: torch.Tensor,
+        num_train: int,
+        num_classes: int,
         alpha: float = 0.1,
         margin: Optional[float] = None,
         output: str = "linear",
     ):
-        super().__init__(bits, train_labels, beta=0.0, output=output)
+        super().__init__(bits, num_train, num_classes)
+        self.output = check_output_kind(output)
+        self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
         self.alpha = check_number("alpha", alpha, 0.0)
         self.margin = 2.0 * self.bits if margin is None else check_number("margin", margin, 0.0, strict=True)
 
     def contrastive(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over the batch x seen-memory pairs of the contrastive term, over n B."""
-        squared_norms = codes.pow(2).sum(1, keepdim=True) + self.memory.pow(2).sum(1)
-        distance = (squared_norms - 2.0 * codes @ self.memory.t()).clamp(min=0)
-        similar = pairwise_similarity(labels.float(), self.memory_labels)
+        memory = self.memory.codes
+        squared_norms = codes.pow(2).sum(1, keepdim=True) + memory.pow(2).sum(1)
+        distance = (squared_norms - 2.0 * codes @ memory.t()).clamp(min=0)
+        similar = self.memory.similarity(labels)
         pair_loss = 0.5 * similar * distance + 0.5 * (1.0 - similar) * (self.margin - distance).clamp(min=0)
-        return (pair_loss * self.seen.to(pair_loss.dtype)).sum() / self.normaliser(codes.shape[0])
+        return self.memory.pair_mean(pair_loss)
+
+    def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
+        return apply_output(self.output, outputs)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        codes = self.codes_and_remember(step)
+        codes = self.memory.remember(step, self.continuous_codes)
         return {
             "contrastive": self.contrastive(codes, step.labels),
             "quantization": self.alpha * (codes.abs() - 1.0).abs().mean(),

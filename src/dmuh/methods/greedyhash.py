@@ -36,12 +36,12 @@ class SignStraightThrough(torch.autograd.Function):
         return grad_output
 
 
-@register_method("greedyhash")
+@register_method("greedyhash", display_name="GreedyHash")
 class GreedyHash(HashingMethod):
     """Classification of the binary codes themselves, trained through a straight-through sign."""
 
-    def __init__(self, bits: int, train_labels: torch.Tensor, alpha: float = 0.1):
-        super().__init__(bits, train_labels)
+    def __init__(self, bits: int, num_train: int, num_classes: int, alpha: float = 0.1):
+        super().__init__(bits, num_train, num_classes)
         self.alpha = check_number("alpha", alpha, 0.0)
         self.classifier = nn.Linear(self.bits, self.num_classes, bias=False)
 

@@ -40,21 +40,22 @@ def class_balanced_pair_loss(theta: torch.Tensor, similar: torch.Tensor) -> torc
             + (pair_loss * dissimilar).sum() / dissimilar.sum().clamp(min=1))
 
 
-@register_method("hashnet")
+@register_method("hashnet", display_name="HashNet")
 class HashNet(HashingMethod):
     """Class-balanced pairwise likelihood on tanh(scale * z), scale raised by continuation."""
 
     def __init__(
         self,
         bits: int,
-        train_labels: torch.Tensor,
+        num_train: int,
+        num_classes: int,
         alpha: Optional[float] = None,
         step_size: int = 200,
         gamma: float = 0.005,
         power: float = 0.5,
         init_scale: float = 1.0,
     ):
-        super().__init__(bits, train_labels)
+        super().__init__(bits, num_train, num_classes)
         self.alpha = 10.0 / self.bits if alpha is None else check_number("alpha", alpha, 0.0, strict=True)
         self.step_size = check_count("step_size", step_size)
         self.gamma = check_number("gamma", gamma, 0.0)

@@ -11,6 +11,20 @@ import torch.nn.functional as F
 from dmuh.errors import DmuhError
 
 
+OUTPUT_KINDS = ("tanh", "linear")
+
+
+def check_output_kind(output: str) -> str:
+    """The `output` hyper-parameter of the DPSH family: "tanh" bounds h to (-1, 1), "linear" keeps z."""
+    if output not in OUTPUT_KINDS:
+        raise DmuhError(f"method parameter output={output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
+    return output
+
+
+def apply_output(output: str, outputs: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(outputs) if output == "tanh" else outputs
+
+
 def check_number(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> float:
     """A method hyper-parameter as a float; a `DmuhError` naming it when it is not a finite number
     >= minimum (> minimum when `strict`)."""

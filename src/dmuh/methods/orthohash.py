@@ -31,21 +31,22 @@ from dmuh.methods.base import HashingMethod, StepInputs, register_method
 from dmuh.methods.helpers import check_count, check_number, label_cross_entropy, random_sign_codes
 
 
-@register_method("orthohash")
+@register_method("orthohash", display_name="OrthoHash")
 class OrthoHash(HashingMethod):
     """Cosine-margin cross-entropy of BatchNorm(z) to one fixed binary code per class."""
 
     def __init__(
         self,
         bits: int,
-        train_labels: torch.Tensor,
+        num_train: int,
+        num_classes: int,
         scale: float = 8.0,
         margin: float = 0.2,
         quantization: float = 0.0,
         batch_norm: bool = True,
         seed: int = 0,
     ):
-        super().__init__(bits, train_labels)
+        super().__init__(bits, num_train, num_classes)
         self.scale = check_number("scale", scale, 0.0, strict=True)
         self.margin = check_number("margin", margin, 0.0)
         self.quantization = check_number("quantization", quantization, 0.0)

@@ -1,25 +1,23 @@
 """Regu: the DPSH pairwise-likelihood loss with a quantisation regulariser (paper Eq. 4).
 
 Each batch is paired with every training item through a memory of the latest output of each
-training item, as DPSH does.
+training item (`TrainingMemory`), as DPSH does.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
 from dmuh.codes import sign
-from dmuh.errors import DmuhError
-from dmuh.methods.base import HashingMethod, StepInputs, pairwise_similarity, register_method
+from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.helpers import apply_output, check_output_kind
+from dmuh.methods.memory import LEGACY_MEMORY_KEYS, TrainingMemory
 
-OUTPUT_KINDS = ("tanh", "linear")
 
-
-@register_method("regu")
-@register_method("dpsh")
+@register_method("regu", display_name="Regu")
+@register_method("dpsh", display_name="DPSH")
 class Regu(HashingMethod):
     """L = [sum_ij (log(1 + e^Theta_ij) - S_ij Theta_ij) + beta * sum_i ||h_i - b_i||^2] / (n B).
 
@@ -31,56 +29,21 @@ class Regu(HashingMethod):
     docs/method.md); "linear" is DPSH's unbounded output.
     """
 
-    def __init__(self, bits: int, train_labels: torch.Tensor, beta: float = 50.0, output: str = "tanh"):
-        super().__init__(bits, train_labels)
-        if output not in OUTPUT_KINDS:
-            raise DmuhError(f"method parameter output={output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
+    legacy_state_keys = LEGACY_MEMORY_KEYS
+
+    def __init__(self, bits: int, num_train: int, num_classes: int, beta: float = 50.0, output: str = "tanh"):
+        super().__init__(bits, num_train, num_classes)
+        self.output = check_output_kind(output)
         self.beta = float(beta)
-        self.output = output
-        self.register_buffer("memory", torch.zeros(self.num_train, self.bits))
-        self.register_buffer("memory_labels", train_labels.float().clone())
-        self.register_buffer("seen", torch.zeros(self.num_train, dtype=torch.bool))
+        self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
 
     def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(outputs) if self.output == "tanh" else outputs
-
-    @torch.no_grad()
-    def remember(self, indices: torch.Tensor, codes: torch.Tensor) -> None:
-        self.memory[indices] = codes.detach().float()
-        self.seen[indices] = True
-
-    def codes_and_remember(self, step: StepInputs) -> torch.Tensor:
-        """The batch's continuous codes, after writing the global batch's codes into the memory."""
-        shared_indices, shared_outputs, _ = step.shared()
-        self.remember(shared_indices, self.continuous_codes(shared_outputs.float()))
-        return self.continuous_codes(step.outputs.float())
-
-    def normaliser(self, batch_size: int) -> float:
-        """n B: training items times batch items, fixed, as in DPSH.
-
-        Not the number of memory items seen so far: early in the first epoch that would make the
-        quantisation term up to n / B times stronger than later, which drives the codes to the
-        random signs of an untrained network before any similarity is learned.
-        """
-        return float(self.num_train * batch_size)
-
-    def likelihood(self, codes: torch.Tensor, labels: torch.Tensor, pair_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Negative log-likelihood of the batch against every seen memory item, over n B.
-
-
-        softplus(Theta) = log(1 + e^Theta) without overflow for large Theta.
-        """
-        theta = 0.5 * codes.float() @ self.memory.t()
-        similar = pairwise_similarity(labels.float(), self.memory_labels)
-        pair_loss = F.softplus(theta) - similar * theta
-        if pair_weights is not None:
-            pair_loss = pair_loss * pair_weights
-        return (pair_loss * self.seen.to(pair_loss.dtype)).sum() / self.normaliser(codes.shape[0])
+        return apply_output(self.output, outputs)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        codes = self.codes_and_remember(step)
-        quantization = (codes - sign(codes.detach())).pow(2).sum() / self.normaliser(codes.shape[0])
+        codes = self.memory.remember(step, self.continuous_codes)
+        quantization = (codes - sign(codes.detach())).pow(2).sum() / self.memory.normaliser(codes.shape[0])
         return {
-            "likelihood": self.likelihood(codes, step.labels),
+            "likelihood": self.memory.likelihood(codes, step.labels),
             "quantization": self.beta * quantization,
         }

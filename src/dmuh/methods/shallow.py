@@ -2,7 +2,8 @@
 
 Both are fitted once on backbone features of the training split (or on vectors given as data)
 and are a linear hash layer: code = sign(W x + b). `fit` returns that layer's weight (bits, D)
-and bias (bits,); the training loop copies them into `model.hash_layer` and trains nothing.
+and bias (bits,); the training loop calls it (through `train_with`, in place of gradient epochs)
+and copies them into `model.hash_layer`.
 
 ITQ (Gong and Lazebnik, CVPR 2011; reference: the authors' MATLAB ITQ.m, also in
 swuxyj/DeepHash-pytorch's ITQ baselines): centre the features, project them on the top-`bits`
@@ -34,6 +35,9 @@ class ShallowMethod(HashingMethod):
 
     shallow = True
 
+    def train_with(self, trainer):
+        return trainer.fit_hash_layer(self.fit)
+
     @property
     def method_name(self) -> str:
         return self.name or type(self).__name__.lower()
@@ -54,12 +58,12 @@ class ShallowMethod(HashingMethod):
         return features.detach().double().cpu()
 
 
-@register_method("itq")
+@register_method("itq", display_name="ITQ")
 class ITQ(ShallowMethod):
     """PCA to `bits` dimensions, then the rotation that makes sign() lose least (Iterative Quantization)."""
 
-    def __init__(self, bits: int, train_labels: torch.Tensor, iterations: int = 50, seed: int = 0):
-        super().__init__(bits, train_labels)
+    def __init__(self, bits: int, num_train: int, num_classes: int, iterations: int = 50, seed: int = 0):
+        super().__init__(bits, num_train, num_classes)
         self.iterations = check_count("iterations", iterations, 0)
         self.seed = check_count("seed", seed, 0)
 
@@ -90,12 +94,12 @@ class ITQ(ShallowMethod):
         return u
 
 
-@register_method("lsh")
+@register_method("lsh", display_name="LSH")
 class LSH(ShallowMethod):
     """Signs of a seeded Gaussian random projection of the mean-centred features."""
 
-    def __init__(self, bits: int, train_labels: torch.Tensor, seed: int = 0):
-        super().__init__(bits, train_labels)
+    def __init__(self, bits: int, num_train: int, num_classes: int, seed: int = 0):
+        super().__init__(bits, num_train, num_classes)
         self.seed = check_count("seed", seed, 0)
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

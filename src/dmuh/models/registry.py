@@ -10,48 +10,27 @@ a classification head to drop) and `skipped_pretrained_keys` ({key: why} left at
 
 from __future__ import annotations
 
-import inspect
 import os
-from typing import Callable, Dict, Optional, Union
-
-from torch import nn
+from typing import Optional, Union
 
 from dmuh.errors import DmuhError
 from dmuh.models.hashnet import HashNetwork
 from dmuh.models.pretrained import load_pretrained_backbone
+from dmuh.registry import Registry
 
-_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+MODELS = Registry("model", option_word="option")
 
 
 def register_model(name: str, **fixed):
     """Function decorator: `@register_model("resnet18-32", small_input=True)` registers a backbone
     factory under `name`, with `fixed` keyword arguments the caller cannot override. Stack it to
     register variants of one factory."""
-
-    def decorate(factory: Callable[..., nn.Module]):
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-
-        def build(**params):
-            return factory(**{**params, **fixed})
-
-        build.factory = factory
-        build.fixed = fixed
-        _REGISTRY[name] = build
-        return factory
-
-    return decorate
+    return MODELS.register(name, **fixed)
 
 
 def available_models() -> list:
     """Names of every registered model."""
-    return sorted(_REGISTRY)
-
-
-def _accepted_options(name: str) -> list:
-    build = _REGISTRY[name]
-    signature = inspect.signature(build.factory)
-    return sorted(set(signature.parameters) - set(build.fixed))
+    return MODELS.names()
 
 
 def create_model(
@@ -71,25 +50,18 @@ def create_model(
     hash_init_std: the hash layer's weights start as N(0, std^2), bias 0; None keeps PyTorch's init.
     hash_norm: "none" or "batchnorm" (a BatchNorm1d on the hash-layer outputs; see HashNetwork).
     options: model-specific keyword arguments (e.g. `small_input`, `input_dim`, `hidden`).
+
+    `model.config` holds the arguments that rebuild the architecture (`create_model(**model.config)`),
+    never the weights file.
     """
-    if name not in _REGISTRY:
-        raise DmuhError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    MODELS.entry(name)
     if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0:
         raise DmuhError(f"model {name!r}: bits must be a positive integer, got {bits!r}")
     if in_channels is not None:
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
             raise DmuhError(f"model {name!r}: in_channels must be a positive integer, got {in_channels!r}")
         options["in_channels"] = in_channels
-
-    build = _REGISTRY[name]
-    accepted = _accepted_options(name)
-    for option in options:
-        if option in build.fixed:
-            raise DmuhError(f"model {name!r} fixes {option}={build.fixed[option]!r}; it cannot be changed")
-        if option not in accepted:
-            raise DmuhError(f"model {name!r} has no option {option!r}; it takes: {', '.join(accepted)}")
-
-    backbone = build(**options)
+    backbone = MODELS.create(name, {}, options)
     if pretrained is not None:
         if isinstance(pretrained, bool):
             raise DmuhError(

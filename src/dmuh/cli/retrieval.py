@@ -1,6 +1,7 @@
 """The `dmuh encode`, `dmuh index build|info`, `dmuh search` and `dmuh export-onnx` subcommands.
 
-`add_commands(subparsers)` adds them to the `dmuh` parser; every handler returns an exit code and
+`add_commands(subparsers)` adds them to the `dmuh` parser; every handler is a thin function over
+`dmuh.encoding`, `dmuh.codes_file`, `dmuh.index` and `dmuh.onnx_export`, returns an exit code and
 raises DmuhError for bad input (the CLI prints it as one line). No output file is replaced unless
 --force is given.
 """
@@ -10,11 +11,28 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from dmuh.cli.common import add_run_flag, check_positive, require_run
 from dmuh.errors import DmuhError
+from dmuh.index import KIND_PARAMS, KINDS
+from dmuh.io import atomic_write_text, refuse_overwrite
+from dmuh.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
+
+# What each parameter of `KIND_PARAMS` means on the command line, and its default when the data decides it.
+_PARAM_HELP = {
+    "nlist": ("number of inverted lists", "round(sqrt(n))"),
+    "nprobe": ("lists searched per query", "nlist // 16"),
+    "m": ("neighbours per node", None),
+    "ef_construction": ("candidate list while building", None),
+    "ef_search": ("candidate list while searching", None),
+}
+
+
+def _param_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_commands(subparsers) -> None:
@@ -22,7 +40,7 @@ def add_commands(subparsers) -> None:
         "encode", help="encode images with a trained run into a codes file",
         description="Encode images into packed binary codes (.npz) with ids, labels when known, the bit length "
                     "and the model's identity; --uncertainty adds DMUH's image- and bit-level uncertainty.")
-    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory written by `dmuh train`")
+    add_run_flag(p, help="run directory written by `dmuh train`", old_flag="--checkpoint")
     p.add_argument("--images", required=True, metavar="DIR|ZIP|LIST",
                    help="a folder or .zip of images (class folders give labels), a .txt list (paths, optionally "
                         "followed by 0/1 labels), or a dmuh data source (digits, cifar-batches:DIR, ...)")
@@ -41,12 +59,11 @@ def add_commands(subparsers) -> None:
     index_commands = index.add_subparsers(dest="index_command", required=True)
     p = index_commands.add_parser("build", help="build an index from a codes file")
     p.add_argument("--codes", required=True, metavar="FILE", help="codes file written by `dmuh encode`")
-    p.add_argument("--kind", default="flat", choices=("flat", "ivf", "hnsw"), help="exact flat, or approximate ivf / hnsw [flat]")
-    p.add_argument("--nlist", type=int, help="ivf: number of inverted lists [round(sqrt(n))]")
-    p.add_argument("--nprobe", type=int, help="ivf: lists searched per query [nlist // 16]")
-    p.add_argument("--m", type=int, help="hnsw: neighbours per node [32]")
-    p.add_argument("--ef-construction", type=int, help="hnsw: candidate list while building [64]")
-    p.add_argument("--ef-search", type=int, help="hnsw: candidate list while searching [128]")
+    p.add_argument("--kind", default="flat", choices=KINDS, help="exact flat, or approximate ivf / hnsw [flat]")
+    for kind, params in KIND_PARAMS.items():
+        for name, default in params.items():
+            text, derived = _PARAM_HELP[name]
+            p.add_argument(_param_flag(name), type=int, help=f"{kind}: {text} [{derived or default}]")
     p.add_argument("--out", required=True, metavar="INDEX", help="index file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_index_build)
@@ -60,14 +77,15 @@ def add_commands(subparsers) -> None:
         description="Rank the index's codes by Hamming distance to each query; --rerank re-ranks the top "
                     "candidates by an uncertainty-weighted Hamming distance (DMUH runs).")
     p.add_argument("--index", required=True, metavar="INDEX")
-    p.add_argument("--checkpoint", metavar="RUN", help="run that encodes the query images (the index's own model)")
+    add_run_flag(p, help="run that encodes the query images (the index's own model)", old_flag="--checkpoint")
     p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="a query image (repeatable)")
     p.add_argument("--queries", metavar="FILE",
                    help="batch of queries: a .txt of image paths (one a line, relative to its folder) or a codes file")
     p.add_argument("--k", type=int, default=10, help="results per query [10]")
-    p.add_argument("--rerank", type=int, nargs="?", const=1000, metavar="DEPTH",
-                   help="re-rank the top DEPTH [1000] by uncertainty-weighted Hamming distance")
-    p.add_argument("--tau", type=float, help="re-ranking temperature: bit weight exp(-u / (tau * the query's mean u)) [1]")
+    p.add_argument("--rerank", type=int, nargs="?", const=DEFAULT_RERANK_DEPTH, metavar="DEPTH",
+                   help=f"re-rank the top DEPTH [{DEFAULT_RERANK_DEPTH}] by uncertainty-weighted Hamming distance")
+    p.add_argument("--tau", type=float,
+                   help=f"re-ranking temperature: bit weight exp(-u / (tau * the query's mean u)) [{DEFAULT_TAU:g}]")
     p.add_argument("--nprobe", type=int, help="ivf: lists searched per query [the index's]")
     p.add_argument("--ef-search", type=int, help="hnsw: candidate list while searching [the index's]")
     p.add_argument("--allow-other-model", action="store_true",
@@ -81,7 +99,7 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "export-onnx", help="export a run's hashing network as ONNX",
         description="ONNX graph: float32 pixels 0..255 (N, C, H, W) -> continuous codes and int8 sign codes.")
-    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory written by `dmuh train`")
+    add_run_flag(p, help="run directory written by `dmuh train`", old_flag="--checkpoint")
     p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset [17]")
     p.add_argument("--image-size", type=int, help="input height and width [the run's decode size]")
@@ -89,28 +107,20 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_export_onnx)
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def _refuse_overwrite(path: Optional[str], force: bool, flag: str = "--out") -> None:
-    if path and Path(path).exists() and not force:
-        raise DmuhError(f"{flag} {path} already exists; pass --force to replace it")
-
-
-def _positive(value, flag: str) -> None:
-    if value is not None and value < 1:
-        raise DmuhError(f"{flag} {value}: expected a positive integer")
+# -- encode, index ----------------------------------------------------------------------------
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from dmuh.encoding import encode_images, load_encoder, open_images
+    from dmuh.data.images import open_images
+    from dmuh.encoding import encode_images, load_encoder
 
-    _refuse_overwrite(args.out, args.force)
-    _positive(args.image_size, "--image-size")
-    _positive(args.batch_size, "--batch-size")
-    encoder = load_encoder(args.checkpoint, args.device)
+    run = require_run(args)
+    refuse_overwrite(args.out, args.force)
+    check_positive(args.image_size, "--image-size")
+    check_positive(args.batch_size, "--batch-size")
+    encoder = load_encoder(run, args.device)
     if args.uncertainty and encoder.momentum_network is None:
-        raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {args.checkpoint} was trained with "
+        raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
                         f"{encoder.config.method!r}")
     if args.batch_size:
         encoder.config.eval_batch_size = args.batch_size
@@ -123,23 +133,27 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index_build(args: argparse.Namespace) -> int:
-    from dmuh.encoding import Codes
-    from dmuh.search import Index
-
-    _refuse_overwrite(args.out, args.force)
-    given = {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.m, "ef_construction": args.ef_construction,
-             "ef_search": args.ef_search}
-    accepted = {"flat": (), "ivf": ("nlist", "nprobe"), "hnsw": ("m", "ef_construction", "ef_search")}[args.kind]
+def _index_params(args: argparse.Namespace) -> Dict[str, int]:
+    """The `KIND_PARAMS` flags given, each checked to belong to --kind and to be positive."""
     params = {}
-    for name, value in given.items():
-        if value is None:
-            continue
-        if name not in accepted:
-            owner = "ivf" if name in ("nlist", "nprobe") else "hnsw"
-            raise DmuhError(f"--{name.replace('_', '-')} applies to --kind {owner}, not {args.kind}")
-        _positive(value, f"--{name.replace('_', '-')}")
-        params[name] = value
+    for kind, names in KIND_PARAMS.items():
+        for name in names:
+            value = getattr(args, name)
+            if value is None:
+                continue
+            if name not in KIND_PARAMS[args.kind]:
+                raise DmuhError(f"{_param_flag(name)} applies to --kind {kind}, not {args.kind}")
+            check_positive(value, _param_flag(name))
+            params[name] = value
+    return params
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from dmuh.codes_file import Codes
+    from dmuh.index import Index
+
+    refuse_overwrite(args.out, args.force)
+    params = _index_params(args)
     codes = Codes.load(args.codes)
     index = Index.build(codes, kind=args.kind, meta={**codes.identity(), "codes_file": str(args.codes)}, **params)
     index.save(args.out, overwrite=args.force)
@@ -149,7 +163,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from dmuh.search import Index
+    from dmuh.index import Index
 
     info = Index.load(args.index).info()
     if args.json:
@@ -165,6 +179,12 @@ def cmd_index_info(args: argparse.Namespace) -> int:
                      f"checkpoint sha256 {str(model.get('checkpoint_sha256'))[:16]}...")
     print("\n".join(lines))
     return 0
+
+
+# -- search -----------------------------------------------------------------------------------
+
+# Queries gathered from one place: (names, packed codes (n, bytes) uint8, bit uncertainty (n, bits) or None).
+Queries = Tuple[List[str], np.ndarray, Optional[np.ndarray]]
 
 
 def _read_query_list(path: Path) -> List[Path]:
@@ -186,69 +206,77 @@ def _check_same_model(index_meta: Dict[str, Any], model: Dict[str, Any], what: s
                         f"({expected[:12]}...); pass --allow-other-model to search anyway")
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from dmuh.encoding import Codes, encode_arrays, load_encoder, read_image
-    from dmuh.search import DEFAULT_TAU, Index
+def _queries_from_codes(args: argparse.Namespace, index, path: str) -> Queries:
+    """The query codes of a codes file written by `dmuh encode`."""
+    from dmuh.codes_file import Codes
 
-    _refuse_overwrite(args.out, args.force)
-    if not args.image and not args.queries:
-        raise DmuhError("give query images with --image (repeatable) or a file of queries with --queries")
-    if args.tau is not None and args.rerank is None:
-        raise DmuhError("--tau applies to --rerank")
-    _positive(args.rerank, "--rerank")
-    index = Index.load(args.index)
-    query_codes = Codes.load(args.queries) if args.queries and args.queries.endswith(".npz") else None
+    codes = Codes.load(path)
+    if codes.bits != index.bits:
+        raise DmuhError(f"--queries {path} holds {codes.bits}-bit codes but --index {args.index} "
+                        f"holds {index.bits}-bit codes")
+    _check_same_model(index.meta, codes.model, f"the codes in {path}", args.allow_other_model)
+    if args.rerank and codes.bit_uncertainty is None:
+        raise DmuhError(f"--rerank needs bit uncertainty: encode {path} with `dmuh encode --uncertainty`")
+    uncertainty = codes.bit_uncertainty.astype(np.float32) if args.rerank else None
+    return list(codes.ids), codes.packed, uncertainty
+
+
+def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> Queries:
+    """Query images encoded with the run of --run, as the index's images were."""
+    from dmuh.data.images import read_image
+    from dmuh.encoding import encode_arrays, load_encoder
+
+    run = args.run
+    if not run:
+        raise DmuhError("query images need --checkpoint/--run RUN (the run that encoded the index)")
+    encoder = load_encoder(run, args.device)
+    if encoder.bits != index.bits:
+        raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but the model of --checkpoint/--run "
+                        f"{run} makes {encoder.bits}-bit codes")
+    _check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
+    if args.rerank and encoder.momentum_network is None:
+        raise DmuhError(f"--rerank needs a DMUH run (a momentum network); {run} was trained with "
+                        f"{encoder.config.method!r}")
+    if encoder.channels is None:
+        raise DmuhError(f"--run {run} encodes feature vectors, not images; pass --queries CODES.npz")
+    size = index.meta.get("image_size") or encoder.image_size
+    images = np.stack([read_image(path, encoder.channels, size) for path in paths])
+    packed, uncertainty = encode_arrays(encoder, images, uncertainty=bool(args.rerank))
+    return [str(p) for p in paths], packed, uncertainty
+
+
+def _gather_queries(args: argparse.Namespace, index) -> Queries:
+    """Every query, codes file first, then --image and the images of a --queries list."""
+    codes_file = args.queries if args.queries and args.queries.endswith(".npz") else None
     image_paths = [Path(p) for p in args.image]
-    if args.queries and query_codes is None:
+    if args.queries and codes_file is None:
         image_paths += _read_query_list(Path(args.queries))
-    names: List[str] = []
-    packed_parts, uncertainty_parts = [], []
-    if query_codes is not None:
-        if query_codes.bits != index.bits:
-            raise DmuhError(f"--queries {args.queries} holds {query_codes.bits}-bit codes but --index {args.index} "
-                            f"holds {index.bits}-bit codes")
-        _check_same_model(index.meta, query_codes.model, f"the codes in {args.queries}", args.allow_other_model)
-        if args.rerank and query_codes.bit_uncertainty is None:
-            raise DmuhError(f"--rerank needs bit uncertainty: encode {args.queries} with `dmuh encode --uncertainty`")
-        names += query_codes.ids
-        packed_parts.append(query_codes.packed)
-        if args.rerank:
-            uncertainty_parts.append(query_codes.bit_uncertainty.astype(np.float32))
+    parts = []
+    if codes_file is not None:
+        parts.append(_queries_from_codes(args, index, codes_file))
     if image_paths:
-        if not args.checkpoint:
-            raise DmuhError("query images need --checkpoint RUN (the run that encoded the index)")
-        encoder = load_encoder(args.checkpoint, args.device)
-        if encoder.bits != index.bits:
-            raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but the model of --checkpoint "
-                            f"{args.checkpoint} makes {encoder.bits}-bit codes")
-        _check_same_model(index.meta, encoder.identity, f"--checkpoint {args.checkpoint}'s codes", args.allow_other_model)
-        if args.rerank and encoder.momentum_network is None:
-            raise DmuhError(f"--rerank needs a DMUH run (a momentum network); {args.checkpoint} was trained with "
-                            f"{encoder.config.method!r}")
-        if encoder.channels is None:
-            raise DmuhError(f"--checkpoint {args.checkpoint} encodes feature vectors, not images; pass --queries CODES.npz")
-        size = index.meta.get("image_size") or encoder.image_size
-        images = np.stack([read_image(path, encoder.channels, size) for path in image_paths])
-        packed, u = encode_arrays(encoder, images, uncertainty=bool(args.rerank))
-        names += [str(p) for p in image_paths]
-        packed_parts.append(packed)
-        if u is not None:
-            uncertainty_parts.append(u)
-    packed = np.concatenate(packed_parts)
+        parts.append(_queries_from_images(args, index, image_paths))
+    names = [name for part in parts for name in part[0]]
+    packed = np.concatenate([part[1] for part in parts])
+    uncertainty = np.concatenate([part[2] for part in parts]) if args.rerank else None
+    return names, packed, uncertainty
+
+
+def _search_report(args: argparse.Namespace, index, queries: Queries) -> Dict[str, Any]:
+    """Search (and re-rank) the queries; the JSON report of `dmuh search`."""
+    names, packed, uncertainty = queries
     search_params = {"nprobe": args.nprobe, "ef_search": args.ef_search}
+    report: Dict[str, Any] = {"index": args.index, "k": args.k, "rerank": args.rerank, "queries": []}
+    weighted = None
     if args.rerank:
         tau = args.tau if args.tau is not None else DEFAULT_TAU
-        result = index.search_reranked(packed, np.concatenate(uncertainty_parts), args.k, depth=args.rerank, tau=tau,
-                                       **search_params)
+        result = index.search_reranked(packed, uncertainty, args.k, depth=args.rerank, tau=tau, **search_params)
         distances, positions, weighted = result["distances"], result["positions"], result["weighted"]
+        report["tau"] = tau
     else:
         distances, positions = index.search_positions(packed, args.k, **search_params)
-        weighted = None
     ids = index.ids_at(positions)
     paths = index.names_at(positions)
-    report = {"index": args.index, "k": args.k, "rerank": args.rerank, "queries": []}
-    if args.rerank:
-        report["tau"] = tau
     for q, name in enumerate(names):
         results = []
         for rank in range(positions.shape[1]):
@@ -259,13 +287,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                 row["weighted_distance"] = round(float(weighted[q, rank]), 4)
             results.append(row)
         report["queries"].append({"query": name, "results": results})
-    text = json.dumps(report, indent=2)
-    if args.out:
-        from dmuh.io import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
-    print(text if args.json else _format_results(report))
-    return 0
+    return report
 
 
 def _format_results(report: Dict[str, Any]) -> str:
@@ -282,12 +304,33 @@ def _format_results(report: Dict[str, Any]) -> str:
     return "\n\n".join(blocks)
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from dmuh.index import Index
+
+    refuse_overwrite(args.out, args.force)
+    if not args.image and not args.queries:
+        raise DmuhError("give query images with --image (repeatable) or a file of queries with --queries")
+    if args.tau is not None and args.rerank is None:
+        raise DmuhError("--tau applies to --rerank")
+    check_positive(args.rerank, "--rerank")
+    index = Index.load(args.index)
+    report = _search_report(args, index, _gather_queries(args, index))
+    text = json.dumps(report, indent=2)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    print(text if args.json else _format_results(report))
+    return 0
+
+
+# -- export-onnx ------------------------------------------------------------------------------
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from dmuh.onnx_export import export_onnx
 
-    _refuse_overwrite(args.out, args.force)
-    _positive(args.image_size, "--image-size")
-    meta = export_onnx(args.checkpoint, args.out, opset=args.opset, image_size=args.image_size, overwrite=args.force)
+    run = require_run(args)
+    refuse_overwrite(args.out, args.force)
+    check_positive(args.image_size, "--image-size")
+    meta = export_onnx(run, args.out, opset=args.opset, image_size=args.image_size, overwrite=args.force)
     print(f"exported {args.out}: inputs {meta['inputs']}, image size {meta['image_size']}, {meta['bits']} bits")
     return 0
-

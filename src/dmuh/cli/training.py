@@ -1,0 +1,101 @@
+"""`dmuh train`, `dmuh pretrain` and `dmuh compare`: thin commands over dmuh.train, dmuh.pretrain
+and dmuh.compare."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Dict, List
+
+from dmuh.cli.common import add_config_flags, config_from_args
+from dmuh.config import PretrainConfig, TrainConfig, load_yaml, parse_params
+from dmuh.errors import DmuhError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a hashing method", description="Train any registered method with the one training loop.")
+    add_config_flags(p, TrainConfig)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--list-methods", action="store_true", help="print the registered method names and exit")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="warm up a backbone (cross-entropy and/or SimCLR) for `train --init`",
+                       description="Pre-train a backbone on the training split (labels) and/or unlabeled database images "
+                                   "(never the query split); objectives: ce, simclr, simclr+ce.")
+    add_config_flags(p, PretrainConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("compare", help="train several methods at several code lengths; MAP tables (markdown, CSV)",
+                       description="Train each method at each code length with the same data, backbone, recipe and "
+                                   "budget; write --out/results.md and results.csv shaped like the paper's Tables 4-6.")
+    add_config_flags(p, TrainConfig, exclude=("bits", "method"))
+    p.add_argument("--methods", required=True, help="comma-separated method names, e.g. dmuh,regu,hashnet,csq")
+    p.add_argument("--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [12,24,32,48]")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, each in its own process on --device (several small runs share "
+                        "a GPU better than one) [1]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dmuh.methods import available
+    from dmuh.run import CONFIG
+    from dmuh.train import train
+
+    if args.list_methods:
+        print("\n".join(available()))
+        return 0
+    if args.resume:
+        if not hasattr(args, "out"):
+            raise DmuhError("--resume needs --out RUN_DIR of the run to continue")
+        config = config_from_args(args, base=load_yaml(Path(args.out) / CONFIG))
+    else:
+        config = config_from_args(args)
+    row = train(config, resume=args.resume, progress=not args.quiet)
+    summary = {k: row[k] for k in ("epoch", "loss", "map", "images_per_s") if k in row}
+    text = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+    if "map" in row:
+        text += f" (MAP ties {row['ties']})"
+    print(f"run {config.out}: {text}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from dmuh.pretrain import pretrain
+    from dmuh.run import BACKBONE
+
+    config = config_from_args(args)
+    row = pretrain(config, progress=not args.quiet)
+    print(f"pre-trained backbone in {config.out}/{BACKBONE} (last epoch: loss {row['loss']:.4f}); "
+          f"use it with: dmuh train --init {config.out} ...")
+    return 0
+
+
+def parse_bits(text: str, flag: str = "--bits") -> List[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise DmuhError(f"{flag} {text!r}: expected comma-separated integers such as 12,24,32,48") from None
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dmuh.compare import RESULTS_MARKDOWN, compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bits = parse_bits(args.bits_list)
+    per_method: Dict[str, Dict[str, Any]] = {}
+    for key, value in parse_params(args.param).items():
+        if "." not in key:
+            raise DmuhError(f"--param {key}={value}: in compare, name the method, e.g. -p csq.quantization=0.1")
+        method, name = key.split(".", 1)
+        per_method.setdefault(method, {})[name] = value
+    args.param = []
+    base = config_from_args(args)
+    out = Path(base.out)
+    compare(methods, bits, base, out, method_params=per_method, progress=not args.quiet, jobs=args.jobs,
+            echo=print if not args.quiet else (lambda line: None))
+    print((out / RESULTS_MARKDOWN).read_text())
+    return 0

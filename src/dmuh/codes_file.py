@@ -1,0 +1,131 @@
+"""Codes files: the packed binary codes of a collection, with its ids, labels and the model's identity.
+
+A codes file (`dmuh encode --out FILE`) is one uncompressed .npz:
+
+    format           "dmuh-codes"
+    meta             JSON: version, bits, count, model identity (run path, checkpoint sha256, method,
+                     model name, epoch), image size and channels the images were decoded at,
+                     the images spec, class names
+    codes            (n, ceil(bits / 8)) uint8, packed by `dmuh.codes.pack_bits` (padding bits zero)
+    ids              (n,) str: the image paths (or source ids such as "digits:17")
+    labels           (n, C) uint8 multi-hot, when the images have labels (class folders, list files)
+    uncertainty      (n,) float32 image-level DMUH uncertainty mean_k |h_k - m_k| (Eq. 7), optional
+    bit_uncertainty  (n, bits) float16 bit-level uncertainty |h_k - m_k| (Eq. 6), optional
+
+It is written atomically; a truncated or corrupted file (the zip's CRC-32 covers every array) is a
+DmuhError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from dmuh.codes import as_packed
+from dmuh.errors import DmuhError
+from dmuh.io import atomic_path
+
+CODES_FORMAT = "dmuh-codes"
+CODES_VERSION = 1
+
+
+@dataclass
+class Codes:
+    """Packed binary codes of n images, with what identifies them and the model that made them."""
+
+    packed: np.ndarray  # (n, ceil(bits / 8)) uint8
+    bits: int
+    ids: List[str]
+    labels: Optional[np.ndarray] = None  # (n, C) uint8 multi-hot
+    class_names: Optional[List[str]] = None
+    model: Dict[str, Any] = field(default_factory=dict)  # see `dmuh.encoding.Encoder.identity`
+    image_size: Optional[int] = None
+    channels: Optional[int] = None
+    images: Optional[str] = None  # the images spec they were encoded from
+    uncertainty: Optional[np.ndarray] = None  # (n,) float32
+    bit_uncertainty: Optional[np.ndarray] = None  # (n, bits) float16
+
+    def __post_init__(self):
+        packed, bits = as_packed(np.asarray(self.packed), int(self.bits))
+        self.packed, self.bits = np.ascontiguousarray(packed, dtype=np.uint8), int(bits)
+        n = self.packed.shape[0]
+        self.ids = [str(i) for i in self.ids]
+        if len(self.ids) != n:
+            raise DmuhError(f"codes: {len(self.ids)} ids for {n} codes")
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.uint8)
+            if self.labels.ndim != 2 or self.labels.shape[0] != n:
+                raise DmuhError(f"codes: labels of shape {self.labels.shape} for {n} codes")
+        if self.uncertainty is not None:
+            self.uncertainty = np.asarray(self.uncertainty, dtype=np.float32)
+            if self.uncertainty.shape != (n,):
+                raise DmuhError(f"codes: uncertainty of shape {self.uncertainty.shape} for {n} codes")
+        if self.bit_uncertainty is not None:
+            self.bit_uncertainty = np.asarray(self.bit_uncertainty, dtype=np.float16)
+            if self.bit_uncertainty.shape != (n, self.bits):
+                raise DmuhError(f"codes: bit uncertainty of shape {self.bit_uncertainty.shape} for {n} {self.bits}-bit codes")
+
+    def __len__(self) -> int:
+        return self.packed.shape[0]
+
+    def identity(self) -> Dict[str, Any]:
+        """What an index built from these codes keeps: the model and how images were decoded."""
+        return {"model": dict(self.model), "image_size": self.image_size, "channels": self.channels}
+
+    def save(self, path, overwrite: bool = True) -> None:
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise DmuhError(f"{path} already exists; pass --force to replace it")
+        meta = {"version": CODES_VERSION, "bits": self.bits, "count": len(self), "model": self.model,
+                "image_size": self.image_size, "channels": self.channels, "images": self.images,
+                "class_names": self.class_names}
+        arrays = {"format": np.array(CODES_FORMAT), "meta": np.array(json.dumps(meta)),
+                  "codes": self.packed, "ids": np.array(self.ids, dtype=str)}
+        for name in ("labels", "uncertainty", "bit_uncertainty"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "Codes":
+        path = Path(path)
+        if not path.is_file():
+            raise DmuhError(f"{path}: codes file not found")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if "format" not in f.files or str(f["format"]) != CODES_FORMAT:
+                    raise DmuhError(f"{path}: not a dmuh codes file (write one with `dmuh encode`)")
+                arrays = {name: f[name] for name in f.files}  # reading checks each member's CRC-32
+        except DmuhError:
+            raise
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+            raise DmuhError(f"{path}: truncated or corrupted codes file ({_first_line(error)})") from None
+        try:
+            meta = json.loads(str(arrays["meta"]))
+        except (KeyError, ValueError):
+            raise DmuhError(f"{path}: corrupted codes file (no readable meta)") from None
+        if meta.get("version") != CODES_VERSION:
+            raise DmuhError(f"{path}: codes format version {meta.get('version')!r}; this dmuh reads version {CODES_VERSION}")
+        if "codes" not in arrays or "ids" not in arrays:
+            raise DmuhError(f"{path}: corrupted codes file (missing codes or ids)")
+        if arrays["codes"].shape[0] != meta.get("count"):
+            raise DmuhError(f"{path}: corrupted codes file (meta says {meta.get('count')} codes, "
+                            f"holds {arrays['codes'].shape[0]})")
+        try:
+            return cls(arrays["codes"], meta["bits"], arrays["ids"].tolist(), labels=arrays.get("labels"),
+                       class_names=meta.get("class_names"), model=meta.get("model") or {},
+                       image_size=meta.get("image_size"), channels=meta.get("channels"), images=meta.get("images"),
+                       uncertainty=arrays.get("uncertainty"), bit_uncertainty=arrays.get("bit_uncertainty"))
+        except DmuhError as error:
+            raise DmuhError(f"{path}: {error}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

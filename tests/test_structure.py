@@ -1,0 +1,195 @@
+"""The package's structure and contracts: no import cycles, methods rebuilt from a checkpoint
+without labels, one registry rule for fixed options."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmuh.cli import main
+from dmuh.config import TrainConfig
+from dmuh.errors import DmuhError
+from dmuh.experiment import encode, load_run
+from dmuh.methods import available, create_method, display_name
+from dmuh.models import create_model
+from dmuh.run import CHECKPOINT, load_checkpoint, load_run_config, rebuild_networks
+from dmuh.train import train
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dmuh"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict:
+    """{module: modules of dmuh it imports}, every import statement (function-local ones too)."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, up level - 1
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def cycles(graph: dict) -> list:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert "dmuh.train" in graph and "dmuh.run" in graph["dmuh.train"]  # the reader sees the imports
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_only_the_loop_and_compare_import_the_loop():
+    importers = sorted(name for name, targets in import_graph().items() if "dmuh.train" in targets)
+    assert importers == ["dmuh.cli.training", "dmuh.compare"]
+
+
+# --- the method contract ------------------------------------------------------------------------
+
+
+def test_overriding_a_fixed_variant_option_is_refused():
+    labels = torch.eye(2)
+    with pytest.raises(DmuhError, match=r"method 'dmuh-wo-u' fixes uncertainty_term=False; it cannot be changed"):
+        create_method("dmuh-wo-u", bits=4, train_labels=labels, uncertainty_term=True)
+    with pytest.raises(DmuhError, match=r"model 'resnet18-32' fixes small_input=True"):
+        create_model("resnet18-32", bits=4, small_input=False)
+
+
+def test_a_fixed_option_given_on_the_command_line_is_an_error(tmp_path, capsys):
+    code = main(["train", "--data", "digits", "--protocol", "digits", "--model", "smallcnn", "--model-param",
+                 "input_size=8", "--method", "dmuh-wo-u", "-p", "uncertainty_term=true", "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 2
+    assert "fixes uncertainty_term=False" in capsys.readouterr().err
+
+
+def test_a_method_is_built_from_its_size_and_labels_are_handed_over():
+    method = create_method("regu", bits=3, num_train=5, num_classes=2)
+    assert method.memory.labels.shape == (5, 2) and not method.memory.labels.any()
+    labels = torch.eye(2)[[0, 1, 1, 0, 1]]
+    method.set_train_labels(labels)
+    assert torch.equal(method.memory.labels, labels)
+    with pytest.raises(DmuhError, match=r"training labels of shape \(4, 2\)"):
+        method.set_train_labels(labels[:4])
+    assert method.spec() == {"name": "regu", "bits": 3, "num_train": 5, "num_classes": 2, "params": {}}
+
+
+def test_the_base_class_declares_what_the_loop_reads():
+    for name in available():
+        method = create_method(name, bits=8, num_train=4, num_classes=2)
+        assert isinstance(method.notes, list) and isinstance(method.step_stats, dict)
+        assert method.uses_momentum == (method.momentum_alpha is not None)
+    assert create_method("dmuh", bits=8, num_train=4, num_classes=2, alpha=0.9).momentum_alpha == 0.9
+    assert create_method("regu", bits=8, num_train=4, num_classes=2).momentum_alpha is None
+    assert display_name("dmuh") == "DMUH" and display_name("dmuh-wo-u") == "dmuh-wo-u"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("structure") / "run"
+    config = TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
+                         method="dmuh", bits=12, epochs=1, batch_size=64, out=str(out))
+    train(config, progress=False, echo=lambda line: None)
+    return out
+
+
+def test_a_checkpoint_rebuilds_network_and_method_without_labels(tiny_run):
+    checkpoint = load_checkpoint(tiny_run / CHECKPOINT)
+    assert checkpoint["model_config"]["name"] == "smallcnn" and checkpoint["method_spec"]["num_train"] == 1000
+    exp = load_run(tiny_run)
+    inputs = exp.images[:50]
+    expected = encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
+    config = load_run_config(tiny_run)
+    model, method, momentum = rebuild_networks(checkpoint, tiny_run / CHECKPOINT, tiny_run, config)
+    assert momentum is not None and method.momentum_alpha == exp.method.momentum_alpha
+    torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
+    assert torch.equal(method.memory.labels, exp.method.memory.labels)  # state, not a stand-in
+
+
+def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run):
+    """Before the specs were recorded and the memory was a component: rebuilt from config and shapes."""
+    checkpoint = load_checkpoint(tiny_run / CHECKPOINT)
+    exp = load_run(tiny_run)
+    inputs = exp.images[:50]
+    expected = encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
+    old = {key: value for key, value in checkpoint.items() if key not in ("model_config", "method_spec")}
+    renamed = {"memory.codes": "memory", "memory.labels": "memory_labels", "memory.seen": "seen",
+               "memory.uncertainty": "memory_uncertainty"}
+    old["method"] = {renamed.get(key, key): value for key, value in checkpoint["method"].items()}
+    config = load_run_config(tiny_run)
+    model, method, _ = rebuild_networks(old, tiny_run / CHECKPOINT, tiny_run, config)
+    torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
+    assert method.num_train == 1000 and method.num_classes == 10
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_run_flag_everywhere_and_the_old_spellings_with_a_notice(tiny_run, tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tiny_run), "--json", str(tmp_path / "a.json")]) == 0
+    captured = capsys.readouterr()
+    assert "deprecated" not in captured.err and "MAP@all (ties expected)" in captured.out
+    assert main(["evaluate", str(tiny_run), "--json", str(tmp_path / "c.json")]) == 0
+    assert capsys.readouterr().err.strip() == f"dmuh: note: a bare RUN argument is deprecated; use --run {tiny_run}"
+    assert main(["encode", "--checkpoint", str(tiny_run), "--images", "digits", "--out", str(tmp_path / "c.npz")]) == 0
+    assert capsys.readouterr().err.strip() == f"dmuh: note: --checkpoint is deprecated; use --run {tiny_run}"
+    assert main(["evaluate"]) == 2
+    assert "--run RUN is required" in capsys.readouterr().err
+
+
+def test_ties_choices_come_from_the_library():
+    from dmuh.cli import build_parser
+    from dmuh.metrics import TIES
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["evaluate", "--run", "x", "--ties", "random"])
+    for mode in TIES:
+        assert build_parser().parse_args(["evaluate", "--run", "x", "--ties", mode]).ties == mode
