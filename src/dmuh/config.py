@@ -77,6 +77,7 @@ class TrainConfig(RunConfig):
     eval_every: int = 0  # evaluate MAP every N epochs (0: only at the end; -1: never, for benchmarks)
     trace_items: int = 16  # training items whose per-bit outputs are recorded every epoch
     checkpoint_every: int = 1  # write checkpoint.pt every N epochs (and always after the last)
+    train_map_items: int = 1000  # training items whose MAP against the training split is logged (0: none)
 
 
 OBJECTIVES = ("ce", "simclr", "simclr+ce")

@@ -88,6 +88,9 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
     checkpoint = load_checkpoint(checkpoint_path)
     model, method, momentum = rebuild_networks(checkpoint, checkpoint_path, run_dir, config)
     momentum_network = momentum.network if momentum is not None else None
+    if method.retrieval_network == "momentum" and momentum_network is not None:
+        # The momentum copy's codes are the retrieval codes; u = |m - h| is the same either way.
+        model, momentum_network = momentum_network, model
     for module in (model, method, momentum_network):
         if module is not None:
             module.to(device)

@@ -7,9 +7,10 @@ finished run's (`load_run`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from dmuh.methods import HashingMethod, create_method
 from dmuh.metrics import DEFAULT_TIES, mean_average_precision
 from dmuh.models.momentum import MomentumNetwork
 from dmuh.run import CHECKPOINT, CONFIG, load_checkpoint, load_init, load_run_config, load_split, restore_state
-from dmuh.runtime import build_model, decode_all, resolve_device, run_network
+from dmuh.runtime import autocast, build_model, decode_all, memory_layout, resolve_device, run_network
 
 
 @dataclass
@@ -68,7 +69,7 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
     method.to(device)
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
-    momentum = MomentumNetwork(model, method.momentum_alpha) if method.uses_momentum else None
+    momentum = MomentumNetwork(model, method.momentum_alpha, method.momentum_dropout) if method.uses_momentum else None
     if config.compile:
         # In place, so state_dict keys stay those of the plain model (checkpoints stay portable).
         model.compile()
@@ -110,28 +111,111 @@ def encode(
         method.train(was_training)
 
 
-def encode_part(exp: Experiment, part: str) -> torch.Tensor:
-    """Continuous codes of one part of the split ("query", "train", "database"), float32 on CPU.
+def retrieval_network(exp: Experiment) -> torch.nn.Module:
+    """The network whose codes are retrieved: the hashing network, or the momentum copy's when the
+    method says so (`HashingMethod.retrieval_network`)."""
+    if exp.method.retrieval_network == "momentum" and exp.momentum is not None:
+        return exp.momentum.network
+    return exp.model
+
+
+def encode_part(exp: Experiment, part: str, positions: Optional[np.ndarray] = None) -> torch.Tensor:
+    """Continuous codes of one part of the split ("query", "train", "database"), or of the items at
+    `positions` of it, float32 on CPU, from the retrieval network in eval mode.
 
     Under torchrun each rank encodes a contiguous shard and the shards are gathered on every rank.
     """
     indices = getattr(exp.split, part)
+    if positions is not None:
+        indices = indices[positions]
     shards = np.array_split(np.arange(len(indices)), exp.context.world_size)
     mine = torch.from_numpy(indices[shards[exp.context.rank]])
-    codes = encode(exp.model, exp.method, exp.images[mine], exp.pipeline, exp.config, exp.device)
+    network = retrieval_network(exp)
+    codes = encode(network, exp.method, exp.images[mine], exp.pipeline, exp.config, exp.device)
     return distributed.all_gather_uneven(exp.context, codes.to(exp.device)).cpu()
 
 
-def evaluate_map(exp: Experiment, ties: str = DEFAULT_TIES) -> float:
-    """MAP of the protocol (MAP@all or MAP@k) with sign codes of query and database (rank 0 computes it)."""
-    query, database = encode_part(exp, "query"), encode_part(exp, "database")
+def _protocol_map(exp: Experiment, query: torch.Tensor, database: torch.Tensor, query_items: np.ndarray,
+                  database_items: np.ndarray, ties: str) -> float:
+    """MAP (the protocol's @k, clipped to the database) of sign codes; rank 0 computes, all get it."""
     value = float("nan")
     if exp.context.is_main:
         labels = torch.from_numpy(np.asarray(exp.source.labels))
-        value = float(
-            mean_average_precision(
-                sign(query), sign(database), labels[exp.split.query], labels[exp.split.database],
-                topk=exp.split.topk, ties=ties, device=exp.device,
-            )
-        )
+        topk = None if exp.split.topk is None else min(exp.split.topk, len(database_items))
+        value = float(mean_average_precision(sign(query), sign(database), labels[query_items], labels[database_items],
+                                             topk=topk, ties=ties, device=exp.device))
     return distributed.broadcast_float(exp.context, value, exp.device)
+
+
+def evaluate_map(exp: Experiment, ties: str = DEFAULT_TIES) -> float:
+    """MAP of the protocol (MAP@all or MAP@k) with sign codes of query and database."""
+    query, database = encode_part(exp, "query"), encode_part(exp, "database")
+    return _protocol_map(exp, query, database, exp.split.query, exp.split.database, ties)
+
+
+def train_map_positions(exp: Experiment) -> np.ndarray:
+    """The fixed training items whose MAP against the training split is logged (evenly spaced)."""
+    count = min(int(exp.config.train_map_items), len(exp.split.train))
+    return np.unique(np.linspace(0, len(exp.split.train) - 1, count).round().astype(np.int64)) if count else np.zeros(0, np.int64)
+
+
+def evaluate_train_map(exp: Experiment, ties: str = DEFAULT_TIES) -> float:
+    """MAP of `train_map_positions` training items against the whole training split (Fig. 3's
+    training curve: how well the codes fit the data they were trained on)."""
+    positions = train_map_positions(exp)
+    if len(positions) == 0:
+        return float("nan")
+    database = encode_part(exp, "train")
+    return _protocol_map(exp, database[torch.from_numpy(positions)], database, exp.split.train[positions],
+                         exp.split.train, ties)
+
+
+@contextlib.contextmanager
+def buffers_kept(*modules: torch.nn.Module) -> Iterator[None]:
+    """Run networks in training mode for a measurement without moving their BatchNorm statistics."""
+    saved = [[buffer.clone() for buffer in module.buffers()] for module in modules]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, buffers in zip(modules, saved):
+                for buffer, value in zip(module.buffers(), buffers):
+                    buffer.copy_(value)
+
+
+@torch.no_grad()
+def paired_codes(exp: Experiment, positions: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Continuous codes (h, m) of the training items at `positions` from the hashing network and
+    the momentum copy as the loss sees them: training mode (batch statistics, dropout as the
+    method's reading says), no augmentation, batches of eval_batch_size; nothing is updated."""
+    if exp.momentum is None:
+        raise DmuhError(f"method {exp.config.method!r} keeps no momentum network, so it has no uncertainty")
+    hashing, momentum = [], []
+    was_training = exp.model.training
+    exp.model.train()
+    try:
+        with buffers_kept(exp.model, exp.momentum):
+            for start in range(0, len(positions), exp.config.eval_batch_size):
+                chunk = torch.from_numpy(np.asarray(positions[start : start + exp.config.eval_batch_size]))
+                x = memory_layout(exp.pipeline(exp.train_inputs[chunk.to(exp.train_inputs.device)]), exp.config, exp.device)
+                with autocast(exp.config, exp.device):
+                    h, m = exp.momentum.paired(lambda: exp.model(x), x)
+                hashing.append(exp.method.continuous_codes(h.float()).cpu())
+                momentum.append(exp.method.continuous_codes(m.float()).cpu())
+    finally:
+        exp.model.train(was_training)
+    return torch.cat(hashing), torch.cat(momentum)
+
+
+def training_uncertainty(exp: Experiment, positions: np.ndarray, passes: int = 1) -> torch.Tensor:
+    """Bit-level uncertainty |h - m| (Eq. 6) of the training items at `positions`, (n, bits), as the
+    loss sees it (`paired_codes`), averaged over `passes` (dropout readings draw new masks each
+    pass); its mean over bits is the image-level uncertainty (Eq. 7)."""
+    if passes < 1:
+        raise DmuhError(f"--passes {passes}: expected a positive integer")
+    total = None
+    for _ in range(passes):
+        h, m = paired_codes(exp, positions)
+        u = (h - m).abs()
+        total = u if total is None else total + u
+    return total / passes

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,16 +42,24 @@ EVAL = "eval.json"
 # -- resolving a run and its config -------------------------------------------------------------
 
 
+def run_directory(run, flag: str = "--run", need: Sequence[str] = ()) -> Path:
+    """A run directory (or the checkpoint.pt inside one) holding config.yaml and the files in `need`,
+    or a one-line DmuhError naming the flag."""
+    path = Path(run)
+    if path.is_file() and path.name == CHECKPOINT:
+        path = path.parent
+    if not (path / CONFIG).is_file():
+        raise DmuhError(f"{flag} {run}: not a run directory (no {CONFIG}); pass the directory `dmuh train --out` wrote")
+    for name in need:
+        if not (path / name).is_file():
+            raise DmuhError(f"{flag} {run}: no {name} in the run directory")
+    return path
+
+
 def resolve_run(run, flag: str = "--run") -> Tuple[Path, Path]:
     """A run directory, or the checkpoint.pt inside one -> (run_dir, checkpoint path)."""
-    run = Path(run)
-    run_dir = run.parent if run.is_file() else run
-    if not (run_dir / CONFIG).is_file():
-        raise DmuhError(f"{flag} {run}: not a run directory (no {CONFIG}); pass the directory `dmuh train --out` wrote")
-    checkpoint = run if run.is_file() else run_dir / CHECKPOINT
-    if not checkpoint.is_file():
-        raise DmuhError(f"{flag} {run}: no {CHECKPOINT} in the run directory")
-    return run_dir, checkpoint
+    run_dir = run_directory(run, flag, need=(CHECKPOINT,))
+    return run_dir, run_dir / CHECKPOINT
 
 
 def load_run_config(run_dir: Path, **overrides) -> TrainConfig:

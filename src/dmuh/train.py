@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dmuh import distributed
 from dmuh.config import TrainConfig
 from dmuh.errors import DmuhError
-from dmuh.experiment import Experiment, build_experiment, evaluate_map
+from dmuh.experiment import Experiment, build_experiment, evaluate_map, evaluate_train_map, paired_codes
 from dmuh.io import atomic_path
 from dmuh.methods import HashingMethod, StepInputs
 from dmuh.metrics import DEFAULT_TIES
@@ -55,16 +55,12 @@ class UncertaintyTrace:
                 self.momentum = list(f["momentum"])
                 self.epochs = list(f["epochs"])
 
-    @torch.no_grad()
     def record(self, exp: Experiment, epoch: int) -> None:
         if exp.momentum is None or len(self.items) == 0:
             return
-        x = exp.pipeline(exp.train_inputs[torch.from_numpy(self.items).to(exp.device)])
-        with autocast(exp.config, exp.device):
-            h = exp.method.continuous_codes(exp.model(x).float())
-            m = exp.method.continuous_codes(exp.momentum(x).float())
-        self.hashing.append(h.float().cpu().numpy())
-        self.momentum.append(m.float().cpu().numpy())
+        h, m = paired_codes(exp, self.items)  # as the loss sees them, without moving BatchNorm statistics
+        self.hashing.append(h.numpy())
+        self.momentum.append(m.numpy())
         self.epochs.append(epoch)
         with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
             np.savez(f, items=self.items, epochs=np.array(self.epochs), hashing=np.stack(self.hashing), momentum=np.stack(self.momentum))
@@ -137,6 +133,8 @@ class Trainer:
         last: Dict[str, float] = self.log[-1] if self.log else {}
         for epoch in range(self.start_epoch, config.epochs + 1):
             row = self.epoch(epoch)
+            if exp.momentum is not None and exp.method.momentum_update == "epoch":
+                exp.momentum.update(exp.model)  # Eq. 5 once per epoch
             evaluate = config.eval_every >= 0 and ((config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs)
             last = self.finish_epoch(row, evaluate)
         return last
@@ -172,12 +170,14 @@ class Trainer:
         indices = everyone[context.rank * self.batch_size : (context.rank + 1) * self.batch_size]
         x = exp.pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True)
         x = memory_layout(x, self.config, exp.device)
+        def hashing_pass():
+            return self.network(x, return_features=True) if exp.method.uses_features else (self.network(x), None)
+
         with autocast(self.config, exp.device):
-            if exp.method.uses_features:
-                outputs, features = self.network(x, return_features=True)
+            if exp.momentum is None:
+                (outputs, features), momentum_outputs = hashing_pass(), None
             else:
-                outputs, features = self.network(x), None
-            momentum_outputs = exp.momentum(x) if exp.momentum is not None else None
+                (outputs, features), momentum_outputs = exp.momentum.paired(hashing_pass, x)
         momentum_outputs = None if momentum_outputs is None else momentum_outputs.float()
         shared = {}
         if context.enabled:  # the whole global batch, for methods that keep a memory
@@ -199,8 +199,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.exp.model.parameters(), self.config.grad_clip)
 
     def after_step(self) -> Dict[str, torch.Tensor]:
-        if self.exp.momentum is not None:
-            self.exp.momentum.update(self.exp.model)
+        if self.exp.momentum is not None and self.exp.method.momentum_update == "step":
+            self.exp.momentum.update(self.exp.model)  # Eq. 5 after every step
         return self.exp.method.step_stats
 
     # -- closed-form fitting (shallow methods) ------------------------------------------------
@@ -229,6 +229,8 @@ class Trainer:
         exp, config, epoch = self.exp, self.config, int(row["epoch"])
         if evaluate:
             row["map"] = evaluate_map(exp)
+            if config.train_map_items:
+                row["train_map"] = evaluate_train_map(exp)
             row["ties"] = DEFAULT_TIES
         if self.main_process:
             self.trace.record(exp, epoch)
@@ -261,5 +263,6 @@ def format_row(row: Dict[str, float]) -> str:
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"{row['images_per_s']:.0f} img/s")
     if "map" in row and not math.isnan(row["map"]):
-        parts.append(f"MAP {row['map']:.4f} (ties {row.get('ties', DEFAULT_TIES)})")
+        train = f", train {row['train_map']:.4f}" if "train_map" in row else ""
+        parts.append(f"MAP {row['map']:.4f}{train} (ties {row.get('ties', DEFAULT_TIES)})")
     return " | ".join(parts)

@@ -20,11 +20,11 @@ from dmuh.errors import DmuhError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dmuh.cli import demo, evaluation, retrieval, training
+    from dmuh.cli import demo, evaluation, figures, retrieval, training
 
     parser = argparse.ArgumentParser(prog="dmuh", description="Deep Momentum Uncertainty Hashing: train, evaluate, search binary codes")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (training, evaluation, demo, retrieval):
+    for module in (training, evaluation, demo, retrieval, figures):
         module.add_commands(sub)
     return parser
 

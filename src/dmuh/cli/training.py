@@ -31,11 +31,21 @@ def add_commands(sub) -> None:
                        description="Train each method at each code length with the same data, backbone, recipe and "
                                    "budget; write --out/results.md and results.csv shaped like the paper's Tables 4-6.")
     add_config_flags(p, TrainConfig, exclude=("bits", "method"))
-    p.add_argument("--methods", required=True, help="comma-separated method names, e.g. dmuh,regu,hashnet,csq")
+    p.add_argument("--methods", default="",
+                   help="comma-separated method names, e.g. dmuh,regu,hashnet,csq (required unless --grid names them)")
     p.add_argument("--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [12,24,32,48]")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, each in its own process on --device (several small runs share "
                         "a GPU better than one) [1]")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds, e.g. 0,1,2: each cell trained once per seed (run directories "
+                        "METHOD-Nbits-seedS), MAP cells mean ± sd (n) [one run at --seed]")
+    p.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=V1,V2,...",
+                   help="one row per value, e.g. dmuh.alpha=0.5,0.7,0.9 (repeatable; two on one method give "
+                        "the cross product; a method not in --methods is added)")
+    p.add_argument("--against", default=None, metavar="NAME",
+                   help="a row (label or method, e.g. regu): add the paired difference of every other row "
+                        "against it, mean over seeds with a 95%% t interval")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     p.set_defaults(func=cmd_compare)
 
@@ -81,21 +91,59 @@ def parse_bits(text: str, flag: str = "--bits") -> List[int]:
         raise DmuhError(f"{flag} {text!r}: expected comma-separated integers such as 12,24,32,48") from None
 
 
+def parse_seeds(text: str, flag: str = "--seeds") -> List[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise DmuhError(f"{flag} {text!r}: expected comma-separated non-negative integers such as 0,1,2") from None
+    if any(s < 0 for s in seeds):
+        raise DmuhError(f"{flag} {text!r}: seeds must be non-negative")
+    return seeds
+
+
+def parse_grid(items: List[str], flag: str = "--grid") -> Dict[str, Dict[str, List[Any]]]:
+    """["dmuh.alpha=0.5,0.7", "dmuh.beta=30,50"] -> {"dmuh": {"alpha": [0.5, 0.7], "beta": [30, 50]}}."""
+    from dmuh.config import parse_value
+
+    grid: Dict[str, Dict[str, List[Any]]] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise DmuhError(f"{flag} {item!r}: expected METHOD.PARAM=V1,V2,..., e.g. {flag} dmuh.alpha=0.5,0.7,0.9")
+        key, text = (part.strip() for part in item.split("=", 1))
+        method, _, name = key.partition(".")
+        if not method or not name:
+            raise DmuhError(f"{flag} {item!r}: name the method, e.g. {flag} dmuh.alpha=0.5,0.7,0.9")
+        values = [parse_value(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise DmuhError(f"{flag} {item!r}: no values; give V1,V2,... after '='")
+        if name in grid.get(method, {}):
+            raise DmuhError(f"{flag} {item!r}: {method}.{name} is already swept by another {flag}")
+        grid.setdefault(method, {})[name] = values
+    return grid
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from dmuh.compare import RESULTS_MARKDOWN, compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bits = parse_bits(args.bits_list)
+    if not methods and not args.grid:
+        raise DmuhError("--methods: give at least one method, e.g. --methods regu,dmuh")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    grid = parse_grid(args.grid)
     per_method: Dict[str, Dict[str, Any]] = {}
     for key, value in parse_params(args.param).items():
         if "." not in key:
             raise DmuhError(f"--param {key}={value}: in compare, name the method, e.g. -p csq.quantization=0.1")
         method, name = key.split(".", 1)
+        if name in grid.get(method, {}):
+            raise DmuhError(f"--grid {method}.{name} and -p {key}={value}: {method}.{name} is given twice; "
+                            "drop one")
         per_method.setdefault(method, {})[name] = value
     args.param = []
     base = config_from_args(args)
     out = Path(base.out)
     compare(methods, bits, base, out, method_params=per_method, progress=not args.quiet, jobs=args.jobs,
-            echo=print if not args.quiet else (lambda line: None))
+            echo=print if not args.quiet else (lambda line: None), seeds=seeds, grid=grid, against=args.against)
     print((out / RESULTS_MARKDOWN).read_text())
     return 0

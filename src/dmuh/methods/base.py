@@ -54,6 +54,13 @@ class HashingMethod(nn.Module):
     # The loop keeps a momentum copy theta_m <- alpha theta_m + (1 - alpha) theta_h (Eq. 5) when
     # this is a number, and passes its outputs as StepInputs.momentum_outputs.
     momentum_alpha: Optional[float] = None
+    # How the momentum copy runs and learns (docs/method.md, "open readings"): its dropout
+    # ("off", "own" masks, or the hashing network's "shared" masks), and when Eq. 5 is applied
+    # ("step": after every optimiser step, "epoch": once at the end of each epoch).
+    momentum_dropout: str = "off"
+    momentum_update: str = "step"
+    # Which network's codes are the retrieval codes: "hashing" (phi_h, the paper's) or "momentum".
+    retrieval_network: str = "hashing"
     uses_features: bool = False  # the loop passes backbone features
     shallow: bool = False  # fitted once on features (see `ShallowMethod`); a description, the loop never reads it
     # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from dmuh.codes import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import check_count, check_number, random_sign_codes
+from dmuh.methods.helpers import check_choice, check_count, check_number, random_sign_codes
 
 CENTER_KINDS = ("auto", "hadamard", "bernoulli")
 
@@ -85,8 +85,7 @@ class CSQ(HashingMethod):
         bernoulli_tries: int = 100,
     ):
         super().__init__(bits, num_train, num_classes)
-        if centers not in CENTER_KINDS:
-            raise DmuhError(f"method parameter centers={centers!r}: choose one of {', '.join(CENTER_KINDS)}")
+        check_choice("centers", centers, CENTER_KINDS)
         self.quantization = check_number("quantization", quantization, 0.0)
         check_count("seed", seed, 0)
         check_count("bernoulli_tries", bernoulli_tries)

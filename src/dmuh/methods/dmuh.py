@@ -21,9 +21,15 @@ from typing import Dict
 import torch
 
 from dmuh.codes import sign
+from dmuh.errors import DmuhError
 from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.helpers import check_choice, check_number
 from dmuh.methods.memory import TrainingMemory
 from dmuh.methods.regu import Regu
+from dmuh.models.momentum import DROPOUT_MODES
+
+MOMENTUM_UPDATES = ("step", "epoch")
+RETRIEVAL_NETWORKS = ("hashing", "momentum")
 
 
 @register_method("dmuh", display_name="DMUH")
@@ -46,16 +52,30 @@ class DMUH(Regu):
         beta: float = 50.0,
         gamma: float = 1.0,
         output: str = "tanh",
+        normalisation: str = "nB",
+        momentum_dropout: str = "off",
+        momentum_update: str = "step",
+        retrieval: str = "hashing",
         bit_weights: bool = True,
         image_weights: bool = True,
         uncertainty_term: bool = True,
     ):
-        super().__init__(bits, num_train, num_classes, beta=beta, output=output)
-        self.momentum_alpha = float(alpha)
-        self.gamma = float(gamma)
-        self.bit_weights = bool(bit_weights)
-        self.image_weights = bool(image_weights)
-        self.uncertainty_term = bool(uncertainty_term)
+        super().__init__(bits, num_train, num_classes, beta=beta, output=output, normalisation=normalisation)
+        alpha = check_number("alpha", alpha, 0.0)
+        if alpha > 1.0:
+            raise DmuhError(f"method parameter alpha={alpha!r}: must be <= 1 (Eq. 5 averages the weights)")
+        self.momentum_alpha = alpha
+        self.momentum_dropout = check_choice("momentum_dropout", momentum_dropout, DROPOUT_MODES)
+        self.momentum_update = check_choice("momentum_update", momentum_update, MOMENTUM_UPDATES)
+        self.retrieval_network = check_choice("retrieval", retrieval, RETRIEVAL_NETWORKS)
+        self.gamma = check_number("gamma", gamma, 0.0)
+        for name, value in (("bit_weights", bit_weights), ("image_weights", image_weights),
+                            ("uncertainty_term", uncertainty_term)):
+            if not isinstance(value, bool):
+                raise DmuhError(f"method parameter {name}={value!r}: expected true or false")
+        self.bit_weights = bit_weights
+        self.image_weights = image_weights
+        self.uncertainty_term = uncertainty_term
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits, uncertainty=True)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
@@ -75,8 +95,7 @@ class DMUH(Regu):
         if self.image_weights:
             pair_weights = torch.exp(image_uncertainty[:, None] + self.memory.uncertainty[None, :])
         bit_weight = torch.exp(bit_uncertainty.detach()) if self.bit_weights else 1.0
-        normaliser = self.memory.normaliser(codes.shape[0])
-        quantization = (bit_weight * (codes - sign(codes.detach())).pow(2)).sum() / normaliser
+        quantization = self.entry_mean((bit_weight * (codes - sign(codes.detach())).pow(2)).sum(), codes.shape[0])
 
         self.step_stats = {
             "bit_uncertainty": bit_uncertainty.detach().mean(),
@@ -84,9 +103,9 @@ class DMUH(Regu):
             "image_uncertainty_max": image_uncertainty.max(),
         }
         terms = {
-            "likelihood": self.memory.likelihood(codes, step.labels, pair_weights),
+            "likelihood": self.memory.likelihood(codes, step.labels, pair_weights, self.normalisation),
             "quantization": self.beta * quantization,
         }
         if self.uncertainty_term:
-            terms["uncertainty"] = self.gamma * bit_uncertainty.sum() / normaliser
+            terms["uncertainty"] = self.gamma * self.entry_mean(bit_uncertainty.sum(), codes.shape[0])
         return terms

@@ -16,9 +16,14 @@ OUTPUT_KINDS = ("tanh", "linear")
 
 def check_output_kind(output: str) -> str:
     """The `output` hyper-parameter of the DPSH family: "tanh" bounds h to (-1, 1), "linear" keeps z."""
-    if output not in OUTPUT_KINDS:
-        raise DmuhError(f"method parameter output={output!r}: choose one of {', '.join(OUTPUT_KINDS)}")
-    return output
+    return check_choice("output", output, OUTPUT_KINDS)
+
+
+def check_choice(name: str, value, choices) -> str:
+    """A method hyper-parameter that takes one of `choices`, or a `DmuhError` naming it."""
+    if value not in choices:
+        raise DmuhError(f"method parameter {name}={value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 def apply_output(output: str, outputs: torch.Tensor) -> torch.Tensor:

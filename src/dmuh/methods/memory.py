@@ -62,13 +62,18 @@ class TrainingMemory(nn.Module):
         """S (B, n) of the batch against every memory item."""
         return pairwise_similarity(labels.float(), self.labels)
 
-    def pair_mean(self, pair_loss: torch.Tensor) -> torch.Tensor:
-        """Sum of a (B, n) pair loss over the seen memory items, over n B."""
-        return (pair_loss * self.seen.to(pair_loss.dtype)).sum() / self.normaliser(pair_loss.shape[0])
+    def pair_mean(self, pair_loss: torch.Tensor, normalisation: str = "nB") -> torch.Tensor:
+        """Sum of a (B, n) pair loss over the seen memory items, over n B ("nB", DPSH's) or over the
+        number of batch x seen pairs ("batch": the mean over the pairs that exist yet)."""
+        seen = self.seen.to(pair_loss.dtype)
+        total = (pair_loss * seen).sum()
+        if normalisation == "batch":
+            return total / (pair_loss.shape[0] * seen.sum()).clamp(min=1)
+        return total / self.normaliser(pair_loss.shape[0])
 
     def likelihood(self, codes: torch.Tensor, labels: torch.Tensor,
-                   pair_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """DPSH's negative log-likelihood of the batch against the memory, over n B.
+                   pair_weights: Optional[torch.Tensor] = None, normalisation: str = "nB") -> torch.Tensor:
+        """DPSH's negative log-likelihood of the batch against the memory (normalised as `pair_mean`).
 
         Theta_ij = h_i^T U_j / 2; softplus(Theta) = log(1 + e^Theta) without overflow.
         """
@@ -77,7 +82,7 @@ class TrainingMemory(nn.Module):
         pair_loss = F.softplus(theta) - similar * theta
         if pair_weights is not None:
             pair_loss = pair_loss * pair_weights
-        return self.pair_mean(pair_loss)
+        return self.pair_mean(pair_loss, normalisation)
 
 
 LEGACY_MEMORY_KEYS = {"memory": "memory.codes", "memory_labels": "memory.labels", "seen": "memory.seen",

@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from dmuh.errors import DmuhError
 from dmuh.models.registry import register_model
 
 
@@ -147,15 +148,19 @@ class ResNetFeatures(nn.Module):
 
 class SmallCNN(nn.Module):
     """Three conv blocks (3x3 conv, BatchNorm, ReLU; the first two halve the size) and global
-    average pooling: a 4*width-d feature (256 by default) for 8-32 px images, quick on a CPU."""
+    average pooling: a 4*width-d feature (256 by default) for 8-32 px images, quick on a CPU.
+
+    `fc` adds a CNN-F-like head (Linear + ReLU + Dropout(`dropout`) per entry, as CNN-F's fc6 and
+    fc7 before its hash layer): the small stand-in for the paper's network on the CPU, with the
+    dropout that some readings of DMUH's momentum copy depend on."""
 
     first_conv = "blocks.0.0"
 
-    def __init__(self, in_channels: int = 3, width: int = 64, input_size: int = 32):
+    def __init__(self, in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Sequence[int] = (),
+                 dropout: float = 0.5):
         super().__init__()
         self.in_channels = in_channels
         self.input_size = input_size
-        self.feature_dim = 4 * width
         channels = [in_channels, width, 2 * width, 4 * width]
         blocks = []
         for index in range(3):
@@ -170,9 +175,11 @@ class SmallCNN(nn.Module):
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = MLPFeatures(4 * width, hidden=fc, dropout=dropout)
+        self.feature_dim = self.head.feature_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.pool(self.blocks(x)), 1)
+        return self.head(torch.flatten(self.pool(self.blocks(x)), 1))
 
 
 class MLPFeatures(nn.Module):
@@ -222,8 +229,13 @@ def resnet50(in_channels: int = 3, small_input: bool = False) -> nn.Module:
 
 
 @register_model("smallcnn")
-def smallcnn(in_channels: int = 3, width: int = 64, input_size: int = 32) -> nn.Module:
-    return SmallCNN(in_channels=in_channels, width=width, input_size=input_size)
+def smallcnn(in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Sequence[int] = (),
+             dropout: float = 0.5) -> nn.Module:
+    if not 0.0 <= float(dropout) < 1.0:
+        raise DmuhError(f"model 'smallcnn': dropout must be in [0, 1), got {dropout!r}")
+    if isinstance(fc, (str, int)) or not all(isinstance(w, int) and w > 0 for w in fc):
+        raise DmuhError(f"model 'smallcnn': fc must be a list of positive widths, e.g. [512, 512], got {fc!r}")
+    return SmallCNN(in_channels=in_channels, width=width, input_size=input_size, fc=fc, dropout=dropout)
 
 
 @register_model("mlp")
