@@ -167,3 +167,12 @@ def test_the_default_reading_is_the_one_docs_method_md_names():
     actual = {"momentum_dropout": method.momentum_dropout, "momentum_update": method.momentum_update,
               "output": method.output, "normalisation": method.normalisation, "retrieval": method.retrieval_network}
     assert documented == actual
+
+
+def test_command_line_words_stay_words_only_true_and_false_are_booleans():
+    from dmuh.config import parse_params
+
+    assert parse_params(["momentum_dropout=off", "flag=true", "other=no", "alpha=0.7", "fc=[512,512]"]) == {
+        "momentum_dropout": "off", "flag": True, "other": "no", "alpha": 0.7, "fc": [512, 512]}
+    # A YAML file's `momentum_dropout: off` arrives as False and still means "off".
+    assert create_method("dmuh", bits=2, num_train=2, num_classes=2, momentum_dropout=False).momentum_dropout == "off"

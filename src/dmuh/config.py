@@ -114,8 +114,15 @@ def load_yaml(path: str | Path) -> Dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """Command-line values use YAML scalars: 0.7 -> float, true -> bool, 12 -> int."""
-    return yaml.safe_load(text)
+    """Command-line values use YAML scalars: 0.7 -> float, true -> bool, 12 -> int.
+
+    Only true and false are booleans (YAML 1.2): YAML 1.1 also reads on/off/yes/no as booleans,
+    which would turn `-p momentum_dropout=off` into False; those words stay words.
+    """
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
+    return value
 
 
 def parse_params(items, flag: str = "--param") -> Dict[str, Any]:

@@ -4,6 +4,7 @@
     evaluation  evaluate
     retrieval   encode, index build|info, search, export-onnx
     demo        demo (compare with a preset)
+    figures     figure uncertainty|curves|topk (the paper's Fig. 1, 3, 4)
 
 Every command is a thin function over the library; a `DmuhError` becomes one line on stderr and
 exit code 2.

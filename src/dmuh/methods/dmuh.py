@@ -65,6 +65,8 @@ class DMUH(Regu):
         if alpha > 1.0:
             raise DmuhError(f"method parameter alpha={alpha!r}: must be <= 1 (Eq. 5 averages the weights)")
         self.momentum_alpha = alpha
+        if momentum_dropout is False:  # `momentum_dropout: off` in a YAML file (YAML 1.1 reads off as false)
+            momentum_dropout = "off"
         self.momentum_dropout = check_choice("momentum_dropout", momentum_dropout, DROPOUT_MODES)
         self.momentum_update = check_choice("momentum_update", momentum_update, MOMENTUM_UPDATES)
         self.retrieval_network = check_choice("retrieval", retrieval, RETRIEVAL_NETWORKS)
