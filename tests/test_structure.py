@@ -168,6 +168,24 @@ def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run):
     model, method, _ = rebuild_networks(old, tiny_run / CHECKPOINT, tiny_run, config)
     torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
     assert method.num_train == 1000 and method.num_classes == 10
+    # Trained before the default reading changed: rebuilt with the reading it was trained with.
+    assert method.momentum_dropout == "off"
+    assert create_method("dmuh", bits=12, num_train=2, num_classes=2).momentum_dropout == "own"
+
+
+def test_resuming_a_checkpoint_of_the_first_layout_keeps_its_reading(tmp_path):
+    out = tmp_path / "run"
+    config = TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
+                         method="dmuh", bits=8, epochs=1, batch_size=64, out=str(out))
+    train(config, progress=False, echo=lambda line: None)
+    checkpoint = load_checkpoint(out / CHECKPOINT)
+    del checkpoint["method_spec"], checkpoint["model_config"]
+    torch.save(checkpoint, out / CHECKPOINT)
+    from dmuh.train import Trainer
+
+    trainer = Trainer(TrainConfig(**{**config.to_dict(), "epochs": 2}), resume=True, progress=False,
+                      echo=lambda line: None)
+    assert trainer.exp.method.momentum_dropout == "off" and trainer.exp.momentum.dropout == "off"
 
 
 # --- the command line ---------------------------------------------------------------------------

@@ -182,8 +182,16 @@ def _legacy_specs(checkpoint: dict, config: TrainConfig, run_dir: Path) -> Tuple
         num_train = 1
     num_classes = next((int(method_state[k].shape[d]) for k, d in _CLASS_SIZED.items() if k in method_state), 1)
     method_spec = {"name": config.method, "bits": config.bits, "num_train": num_train, "num_classes": num_classes,
-                   "params": dict(config.method_params)}
+                   "params": legacy_method_params(config)}
     return model_config, method_spec
+
+
+def legacy_method_params(config: TrainConfig) -> Dict[str, Any]:
+    """The run's method_params plus the old defaults of its method (`HashingMethod.legacy_defaults`),
+    for a checkpoint written before checkpoints recorded their method's spec."""
+    from dmuh.methods import method_class
+
+    return {**method_class(config.method).legacy_defaults, **config.method_params}
 
 
 # -- the log ------------------------------------------------------------------------------------

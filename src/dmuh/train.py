@@ -26,7 +26,10 @@ from dmuh.experiment import Experiment, build_experiment, evaluate_map, evaluate
 from dmuh.io import atomic_path
 from dmuh.methods import HashingMethod, StepInputs
 from dmuh.metrics import DEFAULT_TIES
-from dmuh.run import CHECKPOINT, CONFIG, LOG, TRACE, load_checkpoint, read_log, restore_state, save_checkpoint, write_log
+from dmuh.run import (
+    CHECKPOINT, CONFIG, LOG, TRACE, legacy_method_params, load_checkpoint, read_log, restore_state, save_checkpoint,
+    write_log,
+)
 from dmuh.runtime import autocast, build_optimizer, memory_layout, run_epoch, run_network
 
 
@@ -92,6 +95,9 @@ class Trainer:
         self.run_dir = run_dir = Path(config.out)
         if resume:
             checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+            if "method_spec" not in checkpoint:  # trained before a default changed: keep what it used
+                config = dataclasses.replace(config, method_params=legacy_method_params(config))
+                self.config = config
         elif (run_dir / CHECKPOINT).exists():
             raise DmuhError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         if self.main_process:

@@ -65,6 +65,9 @@ class HashingMethod(nn.Module):
     shallow: bool = False  # fitted once on features (see `ShallowMethod`); a description, the loop never reads it
     # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.
     legacy_state_keys: Dict[str, str] = {}
+    # Hyper-parameters whose default changed since checkpoints recorded a `method_spec`: the value
+    # such a checkpoint was trained with, applied when it is rebuilt or resumed without that key.
+    legacy_defaults: Dict[str, Any] = {}
 
     def __init__(self, bits: int, num_train: int, num_classes: int):
         super().__init__()

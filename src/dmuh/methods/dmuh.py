@@ -43,6 +43,9 @@ class DMUH(Regu):
     `bit_weights=False` is "w/o e^u_i", `image_weights=False` is "w/o e^(u_i+u_j)".
     """
 
+    # Checkpoints written before the default reading was measured (docs/method.md) used "off".
+    legacy_defaults = {"momentum_dropout": "off"}
+
     def __init__(
         self,
         bits: int,
@@ -53,7 +56,7 @@ class DMUH(Regu):
         gamma: float = 1.0,
         output: str = "tanh",
         normalisation: str = "nB",
-        momentum_dropout: str = "off",
+        momentum_dropout: str = "own",
         momentum_update: str = "step",
         retrieval: str = "hashing",
         bit_weights: bool = True,
