@@ -211,3 +211,13 @@ def test_ties_choices_come_from_the_library():
         build_parser().parse_args(["evaluate", "--run", "x", "--ties", "random"])
     for mode in TIES:
         assert build_parser().parse_args(["evaluate", "--run", "x", "--ties", mode]).ties == mode
+
+
+def test_files_written_atomically_get_the_usual_mode(tmp_path):
+    import os
+
+    from dmuh.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == os.stat(tmp_path / "b.txt").st_mode & 0o777
