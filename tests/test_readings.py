@@ -176,3 +176,23 @@ def test_command_line_words_stay_words_only_true_and_false_are_booleans():
         "momentum_dropout": "off", "flag": True, "other": "no", "alpha": 0.7, "fc": [512, 512]}
     # A YAML file's `momentum_dropout: off` arrives as False and still means "off".
     assert create_method("dmuh", bits=2, num_train=2, num_classes=2, momentum_dropout=False).momentum_dropout == "off"
+
+
+def test_uncertainty_batches_are_mixed_like_training_batches(momentum_retrieval_run):
+    """The split is sorted by class; measured in split order, batch statistics would be one class's."""
+    from dmuh.experiment import paired_codes
+
+    exp = load_run(momentum_retrieval_run)
+    positions = np.arange(40)
+    seen = []
+    original = exp.model.forward
+    exp.model.forward = lambda x, **kw: seen.append(x) or original(x, **kw)
+    torch.manual_seed(0)
+    h, _ = paired_codes(exp, positions)
+    exp.model.forward = original
+    assert len(seen) == 1 and seen[0].shape[0] == exp.config.batch_size  # filled up to a training batch
+    torch.manual_seed(0)
+    again, _ = paired_codes(exp, positions)
+    torch.testing.assert_close(again, h, rtol=0, atol=0)  # the same seeded batches every time
+    one, _ = paired_codes(exp, positions[:1])  # a lone item is measured in a filled-up batch
+    assert one.shape == (1, 8) and torch.isfinite(one).all()

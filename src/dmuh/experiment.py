@@ -187,24 +187,39 @@ def buffers_kept(*modules: torch.nn.Module) -> Iterator[None]:
 def paired_codes(exp: Experiment, positions: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
     """Continuous codes (h, m) of the training items at `positions` from the hashing network and
     the momentum copy as the loss sees them: training mode (batch statistics, dropout as the
-    method's reading says), no augmentation, batches of eval_batch_size; nothing is updated."""
+    method's reading says), no augmentation; nothing is updated.
+
+    Batch statistics depend on the batch, so the batches are made like training batches: the
+    items in a seeded random order (a split is often sorted by class, and a one-class batch
+    shifts every output), and a batch smaller than `batch_size` is filled up with random other
+    training items whose outputs are dropped.
+    """
     if exp.momentum is None:
         raise DmuhError(f"method {exp.config.method!r} keeps no momentum network, so it has no uncertainty")
-    hashing, momentum = [], []
+    positions = np.asarray(positions, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(positions))
+    num_train = exp.train_inputs.shape[0]
+    size = max(exp.config.eval_batch_size, exp.config.batch_size)
+    hashing = torch.empty(len(positions), exp.config.bits)
+    momentum = torch.empty(len(positions), exp.config.bits)
     was_training = exp.model.training
     exp.model.train()
     try:
         with buffers_kept(exp.model, exp.momentum):
-            for start in range(0, len(positions), exp.config.eval_batch_size):
-                chunk = torch.from_numpy(np.asarray(positions[start : start + exp.config.eval_batch_size]))
-                x = memory_layout(exp.pipeline(exp.train_inputs[chunk.to(exp.train_inputs.device)]), exp.config, exp.device)
+            for start in range(0, len(positions), size):
+                mine = order[start : start + size]
+                fill = rng.integers(0, num_train, max(0, min(exp.config.batch_size, num_train) - len(mine)))
+                batch = torch.from_numpy(np.concatenate([positions[mine], fill])).to(exp.train_inputs.device)
+                x = memory_layout(exp.pipeline(exp.train_inputs[batch]), exp.config, exp.device)
                 with autocast(exp.config, exp.device):
                     h, m = exp.momentum.paired(lambda: exp.model(x), x)
-                hashing.append(exp.method.continuous_codes(h.float()).cpu())
-                momentum.append(exp.method.continuous_codes(m.float()).cpu())
+                keep = torch.from_numpy(mine)
+                hashing[keep] = exp.method.continuous_codes(h.float()).cpu()[: len(mine)]
+                momentum[keep] = exp.method.continuous_codes(m.float()).cpu()[: len(mine)]
     finally:
         exp.model.train(was_training)
-    return torch.cat(hashing), torch.cat(momentum)
+    return hashing, momentum
 
 
 def training_uncertainty(exp: Experiment, positions: np.ndarray, passes: int = 1) -> torch.Tensor:
