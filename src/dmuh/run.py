@@ -106,7 +106,7 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise DmuhError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)  # no code runs from a file
     except Exception as exc:  # a truncated or foreign file
         raise DmuhError(f"{path}: not a readable dmuh checkpoint ({type(exc).__name__})") from None
 
