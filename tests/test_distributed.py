@@ -96,7 +96,7 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, digits
         torch.testing.assert_close(rank0["model"][name], value, rtol=1e-3, atol=1e-5, msg=name)
     torch.testing.assert_close(rank0["memory"], single["memory"], rtol=1e-3, atol=1e-5)
     # Only rank 0 wrote the run files.
-    assert (two / "checkpoint.pt").is_file() and (two / "log.csv").is_file()
+    assert (two / "checkpoint.safetensors").is_file() and (two / "log.csv").is_file()
 
 
 def test_torchrun_dmuh_train_on_digits_end_to_end(tmp_path):

@@ -13,7 +13,7 @@ from dmuh.errors import DmuhError
 from dmuh.experiment import encode, load_run
 from dmuh.methods import available, create_method, display_name
 from dmuh.models import create_model
-from dmuh.run import CHECKPOINT, load_checkpoint, load_run_config, rebuild_networks
+from dmuh.run import CHECKPOINT, LEGACY_CHECKPOINT, load_checkpoint, load_run_config, rebuild_networks
 from dmuh.train import train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dmuh"
@@ -154,7 +154,23 @@ def test_a_checkpoint_rebuilds_network_and_method_without_labels(tiny_run):
     assert torch.equal(method.memory.labels, exp.method.memory.labels)  # state, not a stand-in
 
 
-def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run):
+def legacy_run(run, tmp_path, checkpoint: dict):
+    """A copy of `run` as dmuh wrote it before checkpoint.safetensors: `checkpoint` as a pickled
+    checkpoint.pt, converted by `dmuh convert-checkpoint` as a user does."""
+    import shutil
+
+    copy = tmp_path / "legacy"
+    shutil.copytree(run, copy)
+    (copy / CHECKPOINT).unlink()
+    torch.save(checkpoint, copy / LEGACY_CHECKPOINT)
+    with pytest.raises(DmuhError, match="old-format checkpoint .*dmuh convert-checkpoint --run"):
+        load_checkpoint(copy / CHECKPOINT)
+    assert main(["convert-checkpoint", "--run", str(copy)]) == 0
+    assert (copy / LEGACY_CHECKPOINT).is_file()  # kept
+    return copy
+
+
+def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run, tmp_path):
     """Before the specs were recorded and the memory was a component: rebuilt from config and shapes."""
     checkpoint = load_checkpoint(tiny_run / CHECKPOINT)
     exp = load_run(tiny_run)
@@ -164,8 +180,11 @@ def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run):
     renamed = {"memory.codes": "memory", "memory.labels": "memory_labels", "memory.seen": "seen",
                "memory.uncertainty": "memory_uncertainty"}
     old["method"] = {renamed.get(key, key): value for key, value in checkpoint["method"].items()}
-    config = load_run_config(tiny_run)
-    model, method, _ = rebuild_networks(old, tiny_run / CHECKPOINT, tiny_run, config)
+    run = legacy_run(tiny_run, tmp_path, old)
+    converted = load_checkpoint(run / CHECKPOINT)
+    assert "model_config" not in converted and list(converted["model"]) == list(old["model"])
+    config = load_run_config(run)
+    model, method, _ = rebuild_networks(converted, run / CHECKPOINT, run, config)
     torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
     assert method.num_train == 1000 and method.num_classes == 10
     # Trained before the default reading changed: rebuilt with the reading it was trained with.
@@ -180,10 +199,10 @@ def test_resuming_a_checkpoint_of_the_first_layout_keeps_its_reading(tmp_path):
     train(config, progress=False, echo=lambda line: None)
     checkpoint = load_checkpoint(out / CHECKPOINT)
     del checkpoint["method_spec"], checkpoint["model_config"]
-    torch.save(checkpoint, out / CHECKPOINT)
+    out = legacy_run(out, tmp_path, checkpoint)
     from dmuh.train import Trainer
 
-    trainer = Trainer(TrainConfig(**{**config.to_dict(), "epochs": 2}), resume=True, progress=False,
+    trainer = Trainer(TrainConfig(**{**config.to_dict(), "epochs": 2, "out": str(out)}), resume=True, progress=False,
                       echo=lambda line: None)
     assert trainer.exp.method.momentum_dropout == "off" and trainer.exp.momentum.dropout == "off"
 

@@ -79,7 +79,7 @@ def test_resume_with_sparse_checkpoints_restarts_from_the_last_one(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(part, progress=False, echo=interrupt_after_epoch_3)
-    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.safetensors")["epoch"] == 2
     train(part, resume=True, progress=False, echo=quiet)  # epoch 3 again, then 4
     a, b = read_rows(tmp_path / "whole" / "log.csv"), read_rows(tmp_path / "part" / "log.csv")
     assert [row["epoch"] for row in b] == ["1", "2", "3", "4"]
@@ -98,7 +98,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(config, progress=False, echo=interrupt_after_epoch_1)
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
     train(config, progress=False, echo=quiet)  # nothing to resume: the run starts again
     assert [row["epoch"] for row in read_rows(tmp_path / "run" / "log.csv")] == ["1", "2"]
     with np.load(tmp_path / "run" / "uncertainty_trace.npz") as trace:
@@ -106,7 +106,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path):
 
 
 def test_checkpoint_every_must_be_positive(tmp_path):
-    with pytest.raises(DmuhError, match="--checkpoint-every 0"):
+    with pytest.raises(DmuhError, match="field 'checkpoint_every': expected an integer >= 1, got 0"):
         train(digits_config(tmp_path, epochs=1, checkpoint_every=0), progress=False, echo=quiet)
 
 

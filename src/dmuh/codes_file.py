@@ -29,6 +29,7 @@ import numpy as np
 from dmuh.codes import as_packed
 from dmuh.errors import DmuhError
 from dmuh.io import atomic_path
+from dmuh.text import plural
 
 CODES_FORMAT = "dmuh-codes"
 CODES_VERSION = 1
@@ -56,7 +57,7 @@ class Codes:
         n = self.packed.shape[0]
         self.ids = [str(i) for i in self.ids]
         if len(self.ids) != n:
-            raise DmuhError(f"codes: {len(self.ids)} ids for {n} codes")
+            raise DmuhError(f"codes: {plural(len(self.ids), 'id')} for {plural(n, 'code')}")
         if self.labels is not None:
             self.labels = np.asarray(self.labels, dtype=np.uint8)
             if self.labels.ndim != 2 or self.labels.shape[0] != n:

@@ -32,11 +32,12 @@ import yaml
 
 from dmuh.config import TrainConfig, load_yaml
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_write_text
+from dmuh.io import atomic_write_text, remove_orphans
 from dmuh.methods import METHODS, create_method, display_name, method_class
 from dmuh.metrics import DEFAULT_TIES
 from dmuh.run import CHECKPOINT, CONFIG, LOG, read_log
 from dmuh.stats import mean, paired_interval, sample_sd
+from dmuh.text import plural
 from dmuh.train import train
 
 RESULTS_MARKDOWN = "results.md"
@@ -314,16 +315,18 @@ def compare(
                 name = f"[{len(planned) + 1}/{total}] {spec.label} at {length} bits"
                 planned.append((name + (f", seed {seed}" if seeds is not None else ""), spec, config))
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out_dir)
     planned = [(where, spec, config, *existing_run(config))  # a different run in the way stops the comparison
                for where, spec, config in planned]
     outcomes: Dict[str, Tuple[Dict[str, float], Optional[str]]] = {}
     pending = [(where, config, state) for where, _, config, state, _ in planned if state != "finished"]
     if jobs > 1 and len(pending) > 1:
-        if base.cache_dir:  # decode once here, so the workers read the cache instead of all decoding
-            from dmuh.data import open_source
-            from dmuh.runtime import decode_all
+        from dmuh.runtime import decode_all, resolve_cache_dir
 
-            decode_all(open_source(base.data, root=base.data_root), base)
+        if resolve_cache_dir(base.cache_dir) is not None:  # decode once here, so the workers read the cache
+            from dmuh.data import open_source
+
+            decode_all(open_source(base.data, root=base.data_root, allow_outside_root=base.allow_outside_root), base)
         outcomes = _train_in_parallel(pending, min(jobs, len(pending)), echo)
 
     caption = describe(base, seeds)
@@ -358,7 +361,7 @@ def compare(
 def describe(config: TrainConfig, seeds: Optional[Sequence[int]] = None) -> str:
     """One line naming the shared recipe, for the table caption."""
     seeding = f"seed {config.seed}" if seeds is None else "seeds " + ", ".join(str(s) for s in seeds)
-    return (f"data {config.data}, protocol {config.protocol}, model {config.model}, {config.epochs} epochs, "
+    return (f"data {config.data}, protocol {config.protocol}, model {config.model}, {plural(config.epochs, 'epoch')}, "
             f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g}, {seeding}")
 
 

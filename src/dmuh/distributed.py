@@ -83,6 +83,15 @@ def broadcast_float(context: Context, value: float, device: torch.device) -> flo
     return float(tensor.item())
 
 
+def broadcast_module(context: Context, module: torch.nn.Module) -> None:
+    """In place: every parameter and buffer of `module` set to rank 0's."""
+    if not context.enabled:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def barrier(context: Context) -> None:
     if context.enabled:
         dist.barrier()

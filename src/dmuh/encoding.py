@@ -5,7 +5,7 @@ images (or feature vectors) into packed sign codes, optionally with DMUH's uncer
     codes = encode_images(encoder, open_images("photos/"), uncertainty=True)   # a dmuh.codes_file.Codes
     codes.save("photos.npz")
 
-The networks are rebuilt by `dmuh.run` from config.yaml and checkpoint.pt: neither the training data
+The networks are rebuilt by `dmuh.run` from config.yaml and checkpoint.safetensors: neither the training data
 nor pretrained weights are needed to encode or search. Both networks run in eval mode: the
 momentum copy shares the hashing network's BatchNorm statistics (it copies its buffers), so
 |h - m| measures how far the weights have moved, as in training, but does not depend on which
@@ -57,7 +57,10 @@ class Encoder:
 
     @property
     def image_size(self) -> Optional[int]:
-        """The size images are decoded at: the run's decode size, else the network's input size."""
+        """The size images are decoded at: the run's `image_size` (config.yaml), else the size the
+        network was trained at (`input_size`, from the checkpoint's `model_config`: a free-size
+        model trained at the images' own size records it), so the codes of the run's own images
+        are `dmuh evaluate`'s. The pipeline then resizes to `input_size` as training did."""
         if self.model.in_channels is None:
             return None
         return self.config.image_size or self.model.input_size
@@ -81,7 +84,7 @@ class Encoder:
 
 
 def load_encoder(run, device: str = "cpu") -> Encoder:
-    """Rebuild a run's hashing network (and momentum copy) from config.yaml and checkpoint.pt."""
+    """Rebuild a run's hashing network (and momentum copy) from config.yaml and checkpoint.safetensors."""
     run_dir, checkpoint_path = resolve_run(run)
     config = load_run_config(run_dir, device=device, compile=False)
     device = resolve_device(device)

@@ -16,15 +16,18 @@ from dmuh.metrics import DEFAULT_TIES, retrieval_report
 from dmuh.run import EVAL
 
 
-def evaluate_run(run: str | Path, device: str = "cpu", ties: str = DEFAULT_TIES, out: Optional[str] = None) -> Dict[str, Any]:
-    exp = load_run(run, device)
+def evaluate_run(run: str | Path, device: str = "cpu", ties: str = DEFAULT_TIES, out: Optional[str] = None,
+                 **data: str) -> Dict[str, Any]:
+    """Every metric of a run on its saved split, written to `out` (else RUN/eval.json); `data`
+    (data=, data_root=) reads the run's data from elsewhere (the split's fingerprint must match)."""
+    exp = load_run(run, device, **data)
     labels = torch.from_numpy(np.asarray(exp.source.labels))
     query, database = sign(encode_part(exp, "query")), sign(encode_part(exp, "database"))
     # The headline tie mode first; "index" too (DPSH's convention, what earlier dmuh logs report).
     modes = [ties] + [mode for mode in (DEFAULT_TIES, "index") if mode != ties]
     report = retrieval_report(
         query, database, labels[exp.split.query], labels[exp.split.database],
-        topk=exp.split.topk, ties=modes, device=exp.device,
+        topk=exp.split.topk, ties=modes, device=exp.device, progress=True,  # a bar for a large database (dmuh.progress)
     )
     report = {"run": str(run), "method": exp.config.method, "bits": exp.config.bits, "protocol": exp.split.protocol, **report}
     atomic_write_text(Path(out) if out else Path(run) / EVAL, json.dumps(report, indent=2))

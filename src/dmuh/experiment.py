@@ -8,25 +8,30 @@ finished run's (`load_run`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed
 
 from dmuh import distributed
 from dmuh.codes import sign
-from dmuh.config import TrainConfig
+from dmuh.config import INIT_WORDS, TrainConfig
 from dmuh.data import open_source
 from dmuh.data.pipeline import InputPipeline
 from dmuh.data.protocols import Split
 from dmuh.errors import DmuhError
 from dmuh.methods import HashingMethod, create_method
 from dmuh.metrics import DEFAULT_TIES, mean_average_precision
+from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
+from dmuh.pretrain import cross_entropy_warmup
 from dmuh.run import CHECKPOINT, CONFIG, load_checkpoint, load_init, load_run_config, load_split, restore_state
 from dmuh.runtime import autocast, build_model, decode_all, memory_layout, resolve_device, run_network
+from dmuh.text import plural
 
 
 @dataclass
@@ -47,21 +52,59 @@ class Experiment:
     context: distributed.Context = distributed.Context()
 
 
-def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Context = distributed.Context()) -> Experiment:
+def trained_model(config: TrainConfig, images: torch.Tensor, run_dir: Path,
+                  checkpoint: Optional[dict] = None) -> torch.nn.Module:
+    """The hashing network of a run. A new run's is built from the config for these images
+    (`build_model`: a free input size becomes theirs); a run with a checkpoint (resumed or
+    evaluated) is rebuilt as it was trained: from the checkpoint's `model_config` (with the input
+    size it recorded), or, for a checkpoint older than `model_config`, from the config at the
+    model's default input size, as such runs were built."""
+    path = Path(run_dir) / CHECKPOINT
+    if checkpoint is None and path.is_file():
+        checkpoint = load_checkpoint(path)
+    if checkpoint is None:
+        return build_model(config, images)
+    model_config = checkpoint.get("model_config")
+    if model_config is None:
+        return build_model(config, images, native_size=False)
+    try:
+        return create_model(**model_config)  # the weights come from the checkpoint
+    except (KeyError, TypeError) as error:
+        raise DmuhError(f"{path}: unreadable network specification ({error})") from None
+
+
+def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Context = distributed.Context(),
+                     checkpoint: Optional[dict] = None, progress: bool = False,
+                     echo: Callable[[str], None] = lambda line: None) -> Experiment:
+    """The experiment of `config` in `run_dir`; `checkpoint` is the run's when the caller has read
+    it already (otherwise one in `run_dir` is read for its network's specification). A new run
+    (no checkpoint) with `init: auto` gets its cross-entropy warm-up here, before the momentum
+    copy is made from the network."""
     device = resolve_device(config.device)
-    source = open_source(config.data, root=config.data_root)
+    source = open_source(config.data, root=config.data_root, allow_outside_root=config.allow_outside_root)
     if context.is_main:
         split = load_split(config, source, run_dir)
     distributed.barrier(context)  # rank 0 writes the split once; the others read it
     if not context.is_main:
         split = load_split(config, source, run_dir)
     images = decode_all(source, config)
-    model = build_model(config, images)
-    if config.init != "scratch":
+    model = trained_model(config, images, run_dir, checkpoint)
+    fresh = checkpoint is None and not (Path(run_dir) / CHECKPOINT).is_file()
+    if config.init not in INIT_WORDS:
         load_init(config.init, model, split)
     pipeline = InputPipeline(getattr(source, "channels", None), getattr(model, "input_size", None), config.augment)
     train_labels = torch.from_numpy(np.asarray(source.labels)[split.train]).float()
     method = create_method(config.method, bits=config.bits, train_labels=train_labels, **config.method_params)
+    if config.init == "auto" and fresh:
+        # Rank 0 warms up with the global batch (as one process would), the others take its weights.
+        model.to(device)
+        if context.is_main:
+            warmup = dataclasses.replace(config, batch_size=config.batch_size * context.world_size)
+            row = cross_entropy_warmup(warmup, model, device, images[torch.from_numpy(split.train)].to(device),
+                                       train_labels.to(device), progress=progress)
+            echo(f"init auto: {plural(int(row['epoch']), 'epoch')} of cross-entropy warm-up on the training split, "
+                 f"loss {row['cross_entropy']:.4f} (--init scratch skips it)")
+        distributed.broadcast_module(context, model)
     if context.enabled and device.type == "cuda":  # BatchNorm statistics of the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -69,25 +112,29 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
     method.to(device)
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
+    train_inputs = images[torch.from_numpy(split.train)].to(device)
     momentum = MomentumNetwork(model, method.momentum_alpha, method.momentum_dropout) if method.uses_momentum else None
     if config.compile:
         # In place, so state_dict keys stay those of the plain model (checkpoints stay portable).
         model.compile()
         if momentum is not None:
             momentum.network.compile()
-    train_inputs = images[torch.from_numpy(split.train)].to(device)
     return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs,
                       train_labels.to(device), context)
 
 
-def load_run(run: str | Path, device: str = "cpu") -> Experiment:
-    """Rebuild a run's experiment (data, saved split, model, method) with its trained weights."""
+def load_run(run: str | Path, device: str = "cpu", **data: str) -> Experiment:
+    """Rebuild a run's experiment (data, saved split, model, method) with its trained weights;
+    `data` (data=, data_root=) overrides where the config says the data is."""
     run = Path(run)
     if not (run / CONFIG).is_file():
         raise DmuhError(f"{run}: not a run directory (no {CONFIG})")
-    config = load_run_config(run, device=device)
+    unknown = sorted(set(data) - {"data", "data_root"})
+    if unknown:
+        raise TypeError(f"load_run: unexpected keyword {unknown[0]!r}")
+    config = load_run_config(run, device=device, **data)
     checkpoint = load_checkpoint(run / CHECKPOINT)
-    exp = build_experiment(config, run)  # reloads and checks the saved split against the data
+    exp = build_experiment(config, run, checkpoint=checkpoint)  # reloads and checks the saved split against the data
     restore_state(checkpoint, run / CHECKPOINT, exp.model, exp.method, exp.momentum)
     return exp
 
@@ -168,6 +215,24 @@ def evaluate_train_map(exp: Experiment, ties: str = DEFAULT_TIES) -> float:
     database = encode_part(exp, "train")
     return _protocol_map(exp, database[torch.from_numpy(positions)], database, exp.split.train[positions],
                          exp.split.train, ties)
+
+
+@torch.no_grad()
+def share_buffers(exp: Experiment) -> None:
+    """Under torchrun, give every rank rank 0's buffers (BatchNorm running statistics) of the
+    network and the momentum copy; a no-op in one process.
+
+    Without SyncBatchNorm (the CPU, gloo) each rank's running statistics follow its own batches,
+    so after an epoch the ranks hold different ones (DDP broadcasts rank 0's only at the start of
+    the next forward pass). The MAP is encoded in shards, one per rank: without this it mixed
+    codes of networks that differ from the checkpoint, which is rank 0's.
+    """
+    if not exp.context.enabled:
+        return
+    for module in (exp.model, exp.momentum):
+        if module is not None:
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
     uncertainty_figure(run)   Fig. 1: two bits' outputs over epochs (uncertainty_trace.npz) and a
                               gallery of the lowest- / highest-uncertainty training images
     curves_figure(runs)       Fig. 3: loss, train MAP and test MAP per epoch (log.csv)
-    topk_figure(runs)         Fig. 4: precision of the top k on the saved split (checkpoint.pt)
+    topk_figure(runs)         Fig. 4: precision of the top k on the saved split (checkpoint.safetensors)
 
 Each returns a dataclass holding the numbers, with `.markdown()` (the tables) and `.draw()` (a
 matplotlib Figure, Agg canvas, never shown); `write_figure` writes both atomically. Drawing uses
@@ -23,6 +23,7 @@ from dmuh.errors import DmuhError
 from dmuh.io import atomic_path, atomic_write_text, refuse_overwrite
 from dmuh.metrics import DEFAULT_TIES
 from dmuh.run import CHECKPOINT, CONFIG, LOG, TRACE, read_log, run_directory
+from dmuh.text import plural
 
 TABLE_KS = (1, 10, 100, 500, 1000, 5000)  # the P@k columns of `dmuh figure topk`'s table
 SPACINGS = ("linear", "log")
@@ -174,7 +175,7 @@ class UncertaintyFigure:
         final = self.final_uncertainty
         last = int(self.epochs[-1])
         out = [f"# Bit- and image-level uncertainty (Fig. 1): {self.method} ({self.run})", "",
-               f"From {self.run / TRACE}: {len(self.items)} trace items, {len(self.epochs)} epochs "
+               f"From {self.run / TRACE}: {plural(len(self.items), 'trace item')}, {plural(len(self.epochs), 'epoch')} "
                f"({int(self.epochs[0])}..{last}), {self.hashing.shape[2]} bits. u = |h - m| per bit "
                "(h the hashing network's output, m the momentum copy's).", "",
                "## Bits shown", "",
@@ -418,7 +419,7 @@ class TopkFigure:
         ks = [k for k in TABLE_KS if any(k in r.table for r in self.runs)]
         ties = sorted({r.ties for r in self.runs})
         out = ["# Precision of the top k (Fig. 4)", "",
-               f"Each run's checkpoint.pt on its split.json: sign codes of the query items ranked against the "
+               f"Each run's {CHECKPOINT} on its split.json: sign codes of the query items ranked against the "
                f"database by Hamming distance, ties {', '.join(ties)}; n/a where k exceeds the database.", "",
                _table(["run", "method", "database", *[f"P@{k}" for k in ks]],
                       [[str(r.run), r.method, r.database_size, *[_fmt(r.table.get(k)) for k in ks]] for r in self.runs])]

@@ -33,6 +33,7 @@ from dmuh.codes import as_packed
 from dmuh.errors import DmuhError
 from dmuh.index_file import FORMAT, FORMAT_VERSION, read_index_file, write_index_file
 from dmuh.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, rerank
+from dmuh.text import plural
 
 KINDS = ("flat", "ivf", "hnsw")
 # Build/search parameters each kind accepts, with defaults (None: derived from the data).
@@ -125,7 +126,7 @@ class Index:
             # sqrt(n) lists, at most n / 39 (FAISS's k-means wants >= 39 training points per list).
             nlist = resolved["nlist"] or max(1, min(int(round(math.sqrt(n))), n // 39))
             if nlist > n:
-                raise DmuhError(f"index parameter nlist={nlist}: more lists than the {n} codes to train them on")
+                raise DmuhError(f"index parameter nlist={nlist}: more lists than the {plural(n, 'code')} to train them on")
             resolved["nlist"] = int(nlist)
             resolved["nprobe"] = int(min(resolved["nprobe"] or max(1, nlist // 16), nlist))
             # The Python wrapper keeps the quantizer alive as long as the index.
@@ -151,7 +152,7 @@ class Index:
         if ids.shape != (n,) or not (np.issubdtype(ids.dtype, np.integer) or n == 0):
             raise DmuhError(f"ids: expected {n} integers, one per code, got shape {ids.shape} dtype {ids.dtype}")
         if names is not None and len(names) != n:
-            raise DmuhError(f"names: {len(names)} names for {n} codes")
+            raise DmuhError(f"names: {plural(len(names), 'name')} for {plural(n, 'code')}")
         if (self.names is None) != (names is None) and len(self):
             raise DmuhError("names: give names for every batch of codes added, or for none")
         self.faiss_index.add(packed)
@@ -247,7 +248,7 @@ class Index:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise DmuhError(f"k={k!r}: expected a positive integer")
         if k > len(self):
-            raise DmuhError(f"k={k} is larger than the index, which holds {len(self)} codes")
+            raise DmuhError(f"k={k} is larger than the index, which holds {plural(len(self), 'code')}")
 
     def _set_search_params(self, nprobe: Optional[int], ef_search: Optional[int]) -> None:
         if nprobe is not None:

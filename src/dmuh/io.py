@@ -1,15 +1,49 @@
-"""Crash-safe file writing: write to a temporary name in the same folder, then rename."""
+"""Crash-safe file writing: write to a temporary name in the same folder, then rename.
+
+    atomic_path(path)       a temporary path beside `path` (".NAME.PID@HOST.RANDOM.tmp"); it replaces
+                            `path` in one rename once the body succeeds
+    atomic_write_text       the same for a string
+    remove_orphans(folder)  delete the temporary files that writers killed mid-write (kill -9, a
+                            power cut) left behind; every atomic write calls it for its folder
+    refuse_overwrite        nothing is overwritten without --force
+
+A write that fails (disk full, quota, "file too large", permission, read-only file system, or a
+torch / numpy / safetensors writer wrapping one of those) is a one-line DmuhError naming the target
+file and the reason; the previous file, if any, is untouched and the temporary file is removed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Optional
 
 from dmuh.errors import DmuhError
+
+TEMP_SUFFIX = ".tmp"
+# Temporary files whose writer cannot be asked (no PID: written before dmuh recorded one; or
+# written on another machine sharing the folder) are orphans once untouched this long.
+ORPHAN_AGE_S = 3600.0
+# ".NAME.PID@HOST.RANDOM.tmp": RANDOM is tempfile's 8 characters, NAME may hold dots itself.
+_TEMP_WITH_PID = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)(?:@(?P<host>[A-Za-z0-9-]*))?\.[a-z0-9_]{8}\.tmp$")
+_TEMP_WITHOUT_PID = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+# Words in a writer's own exception (torch's RuntimeError, safetensors' SafetensorError) that say
+# it failed to write, not that the data could not be serialised.
+_WRITE_FAILURE_WORDS = re.compile(
+    r"i/o|io ?error|os error|errno|write|writing|written|stream|inline_container|unexpected pos|no space|quota|"
+    r"too large|permission|read-only|disk", re.IGNORECASE)
+# What a writer's message says when it names the error without an errno attribute.
+_MESSAGE_ERRNOS = ((r"file too large|os error 27\b", errno.EFBIG), (r"no space left|os error 28\b", errno.ENOSPC),
+                   (r"quota exceeded|os error 122\b", errno.EDQUOT), (r"read-only file system|os error 30\b", errno.EROFS),
+                   (r"permission denied|os error 13\b", errno.EACCES))
+_KEPT = "(the previous file, if any, is kept)"
 
 
 def _umask() -> int:
@@ -18,30 +52,215 @@ def _umask() -> int:
     return mask
 
 
+def _host() -> str:
+    """This machine's name as it goes into temporary names: letters, digits and "-", at most 32."""
+    return re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname().split(".")[0])[:32]
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The start of a temporary name for `path` written by this process: ".NAME.PID@HOST."."""
+    return f".{Path(path).name}.{os.getpid()}@{_host()}."
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
-    A crash or exception leaves any existing file at `path` untouched.
+    A crash or exception leaves any existing file at `path` untouched, and the temporary file is
+    removed (a kill -9 leaves it, named with the writer's PID, for `remove_orphans`). A failed
+    write (`OSError`, or a writer's exception wrapping one) becomes a DmuhError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DmuhError(f"cannot write {path}: cannot create its folder {path.parent} "
+                        f"({_reason_of_errno(error) or error}) {_KEPT}") from None
+    remove_orphans(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as error:
+        raise DmuhError(f"cannot write {path}: {_reason_of_errno(error) or _first_line(error)} {_KEPT}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-        os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            # mkstemp makes the file private (0600); give it the mode a plain open() would have.
+            os.chmod(tmp_path, 0o666 & ~_umask())
+            _fsync(tmp_path)  # a quota or disk-full error some file systems report only here
+            os.replace(tmp_path, path)
+        except DmuhError:
+            raise
+        except Exception as error:
+            reason = write_failure_reason(error, tmp_path)
+            if reason is None:  # not a failed write (a bug in what is written): as it is
+                raise
+            raise DmuhError(f"cannot write {path}: {reason} {_KEPT}") from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # a file system without fsync
+            raise
+    finally:
+        os.close(fd)
+
+
+# -- why a write failed -------------------------------------------------------------------------
+
+
+def _reason_of_errno(error: BaseException) -> Optional[str]:
+    """"no space left on device" for an OSError with an errno; None without one."""
+    code = getattr(error, "errno", None)
+    if not isinstance(error, OSError) or not code:
+        return None
+    text = os.strerror(code)
+    return text[:1].lower() + text[1:]
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else type(error).__name__
+
+
+def _probe(tmp: Path) -> Optional[str]:
+    """Why writing to `tmp` fails now, found by appending to it (a writer that reports a failed
+    write without an errno: numpy's "N requested and M written", torch's "unexpected pos")."""
+    block = b"\0" * (1 << 16)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_APPEND)
+    except OSError as error:
+        return _reason_of_errno(error)
+    try:
+        for _ in range(64):  # up to 4 MiB: past the slack of a partly filled block
+            written = os.write(fd, block)
+            if written < len(block):
+                os.write(fd, block)  # a short write: the next one says why
+        os.fsync(fd)
+    except OSError as error:
+        return _reason_of_errno(error)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return None
+
+
+def write_failure_reason(error: BaseException, tmp: Optional[Path] = None) -> Optional[str]:
+    """Why a write failed, in words ("no space left on device"), or None when `error` is not a
+    failed write. An OSError always is; another exception (torch's RuntimeError, safetensors'
+    SafetensorError) is when it wraps an OSError or its message says it failed to write."""
+    seen: List[BaseException] = []
+    link: Optional[BaseException] = error
+    while link is not None and link not in seen:
+        seen.append(link)
+        reason = _reason_of_errno(link)
+        if reason:
+            return reason
+        link = link.__cause__ or link.__context__
+    message = _first_line(error)
+    if not isinstance(error, OSError) and not _WRITE_FAILURE_WORDS.search(message):
+        return None
+    for words, code in _MESSAGE_ERRNOS:
+        if re.search(words, message, re.IGNORECASE):
+            return _reason_of_errno(OSError(code, ""))
+    probed = _probe(tmp) if tmp is not None else None
+    return probed or f"write failed ({message[:160]})"
+
+
+# -- temporary files left by killed writers -----------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def _started_after(pid: int, when: float) -> bool:
+    """True when process `pid` started after `when` (so it reused the PID of a dead writer whose
+    temporary file was last written at `when`); False when unknown (no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime, counted after the ")" of the name
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK") > when + 1.0
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+
+
+def is_orphan(entry: Path, now: Optional[float] = None) -> bool:
+    """Whether `entry` is a temporary file of `atomic_path` whose writer is gone: written on this
+    machine by a PID that is not a live process (or by one that started after the file was last
+    written: a reused PID); written elsewhere (another host sharing the folder) or without a PID,
+    untouched for `ORPHAN_AGE_S`."""
+    name = entry.name
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return False
+    try:
+        stat = entry.stat()
+    except OSError:
+        return False
+    now = time.time() if now is None else now
+    match = _TEMP_WITH_PID.match(name)
+    if match and match["host"] in (None, _host()):  # a writer on this machine: is it alive?
+        pid = int(match["pid"])
+        if pid == os.getpid():
+            return False
+        return not _pid_alive(pid) or _started_after(pid, stat.st_mtime)
+    if match or _TEMP_WITHOUT_PID.match(name):  # another machine's writer, or an old-style name
+        return now - stat.st_mtime > ORPHAN_AGE_S
+    return False
+
+
+def remove_orphans(folder: str | os.PathLike) -> List[Path]:
+    """Delete the temporary files in `folder` that a killed writer left (see `is_orphan`); the
+    ones of live writers stay. Returns what was removed. Never raises: a folder that cannot be
+    read or a file that cannot be removed is left as it is."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not entry.name.endswith(TEMP_SUFFIX) or not entry.name.startswith("."):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+        except OSError:
+            continue
+        path = Path(entry.path)
+        if is_orphan(path, now):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+# -- --force ------------------------------------------------------------------------------------
 
 
 def refuse_overwrite(path, force: bool, flag: str = "--out") -> None:

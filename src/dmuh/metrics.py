@@ -13,7 +13,7 @@ sorts each query's distances, a chunk of queries at a time.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -172,15 +172,31 @@ class _Inputs:
         return list(zip(set_ids.tolist(), np.split(order, starts[1:])))
 
 
-def _run_tasks(tasks: List[Tuple[float, Callable[[], None]]], threads: int) -> None:
-    """Run (cost, job) pairs on `threads` threads, largest first (numpy and torch release the GIL)."""
-    jobs = [job for _, job in sorted(tasks, key=lambda task: -task[0])]
-    if threads <= 1 or len(jobs) <= 1:
-        for job in jobs:
+def _run_tasks(tasks: List[Tuple[float, Callable[[], None]]], threads: int, bar=None) -> None:
+    """Run (cost, job) pairs on `threads` threads, largest first (numpy and torch release the GIL);
+    `bar` (a tqdm, see `_progress`) advances by each job's cost as it finishes."""
+    ordered = sorted(tasks, key=lambda task: -task[0])
+    if threads <= 1 or len(ordered) <= 1:
+        for cost, job in ordered:
             job()
+            if bar is not None:
+                bar.update(cost)
         return
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda job: job(), jobs))
+        futures = {pool.submit(job): cost for cost, job in ordered}
+        for future in as_completed(futures):
+            future.result()
+            if bar is not None:
+                bar.update(futures[future])
+
+
+def _progress(inputs: "_Inputs", tasks: List[Tuple[float, Callable[[], None]]], desc: str):
+    """A progress bar over the tasks' cost (query x item pairs) when `HammingRanking(progress=True)`
+    and the database is large (dmuh.progress: shown on a terminal only)."""
+    from dmuh.progress import progress_bar
+
+    return progress_bar(float(sum(cost for cost, _ in tasks)), desc, unit="pair", size=inputs.num_items,
+                        enabled=getattr(inputs, "progress", False), unit_scale=True)
 
 
 def _chunks(indices: np.ndarray, size: int):
@@ -240,7 +256,8 @@ def _cpu_histograms(inputs: _Inputs, threads: int) -> Tuple[np.ndarray, np.ndarr
         num_relevant = inputs.relevant_sets([query_set])[0] @ inputs.db_set_sizes
         for group in _chunks(queries, _CPU_RELEVANT_GROUP):  # groups keep threads busy; each gathers its items once
             tasks.append((len(group) * num_relevant, lambda s=query_set, q=group: count_relevant(s, q)))
-    _run_tasks(tasks, threads)
+    with _progress(inputs, tasks, "MAP: Hamming distances") as bar:
+        _run_tasks(tasks, threads, bar)
     return counts, relevant
 
 
@@ -318,9 +335,10 @@ def _cpu_index_stats(inputs: _Inputs, cutoffs, ks, threads: int) -> Tuple[np.nda
             ranks = np.flatnonzero(relevance[order]) + 1
             ap[query], hits[query] = _ap_and_hits_from_ranks(ranks, cutoffs, ks)
 
-    tasks = [(len(chunk), lambda s=query_set, q=chunk: rank_chunk(s, q))
+    tasks = [(len(chunk) * inputs.num_items, lambda s=query_set, q=chunk: rank_chunk(s, q))
              for query_set, queries in inputs.queries_by_set() for chunk in _chunks(queries, chunk_size)]
-    _run_tasks(tasks, threads)
+    with _progress(inputs, tasks, "MAP: ranking (ties index)") as bar:
+        _run_tasks(tasks, threads, bar)
     return ap, hits
 
 
@@ -484,11 +502,14 @@ class HammingRanking:
     "cpu" or "cuda[:N]".
 
     The histograms (`counts`, `relevant`: (Q, b+1) int64, items and relevant items at each
-    distance) are computed on first use; ties="index" metrics make their own pass.
+    distance) are computed on first use; ties="index" metrics make their own pass. `progress`: a
+    progress bar for the CPU passes over a large database (dmuh.progress).
     """
 
-    def __init__(self, query_codes, db_codes, query_labels, db_labels, device=None, bits: Optional[int] = None):
+    def __init__(self, query_codes, db_codes, query_labels, db_labels, device=None, bits: Optional[int] = None,
+                 progress: bool = False):
         self.inputs = _Inputs(query_codes, db_codes, query_labels, db_labels, device, bits)
+        self.inputs.progress = progress
         self.bits, self.num_queries, self.num_items = self.inputs.bits, self.inputs.num_queries, self.inputs.num_items
         self.threads = max(1, torch.get_num_threads())
         self._histograms: Optional[Tuple[np.ndarray, np.ndarray]] = None
@@ -660,8 +681,9 @@ def precision_within_radius(query_codes, db_codes, query_labels, db_labels, radi
 
 def retrieval_report(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None,
                      ties: Union[str, Sequence[str]] = DEFAULT_TIES, precision_ks: Sequence[int] = DEFAULT_PRECISION_KS,
-                     device=None, *, empty: str = "zero", bits: Optional[int] = None) -> Dict:
-    """Every metric in one JSON-serialisable dict, from one pass over the database (two with "index").
+                     device=None, *, empty: str = "zero", bits: Optional[int] = None, progress: bool = False) -> Dict:
+    """Every metric in one JSON-serialisable dict, from one pass over the database (two with "index");
+    `progress` shows a bar for a large database (`HammingRanking`).
 
     `ties` is one mode or a list (the first is the headline). Keys: map (MAP@all), map_at_k
     (MAP@topk, null without topk), topk, ties, empty, map_by_ties ({mode: {map, map_at_k}} for the
@@ -674,7 +696,7 @@ def retrieval_report(query_codes, db_codes, query_labels, db_labels, topk: Optio
     for mode in modes:
         _check_choice(mode, TIES, "ties")
     _check_choice(empty, EMPTY, "empty")
-    ranking = HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits)
+    ranking = HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits, progress=progress)
     headline = modes[0]
     if topk is not None:
         ranking._clip(topk)  # validates topk before any pass

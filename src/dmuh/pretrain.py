@@ -12,20 +12,21 @@ The run directory holds `backbone.safetensors`, the split it was made with and a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
-from dmuh.config import OBJECTIVES, PretrainConfig
+from dmuh.checkpoint_file import save_state
+from dmuh.config import OBJECTIVES, PretrainConfig, TrainConfig, with_absolute_paths
 from dmuh.data import open_source
 from dmuh.data.pipeline import InputPipeline
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_path
-from dmuh.run import BACKBONE, CONFIG, LOG, load_split, write_log
+from dmuh.io import remove_orphans
+from dmuh.preflight import check_pretrain_config
+from dmuh.run import BACKBONE, BACKBONE_KIND, CONFIG, LOG, load_split, write_log
 from dmuh.runtime import autocast, build_model, build_optimizer, decode_all, memory_layout, resolve_device, run_epoch
 
 
@@ -53,10 +54,13 @@ def pretrain(config: PretrainConfig, progress: bool = True, echo=print) -> Dict[
     run_dir = Path(config.out)
     if (run_dir / BACKBONE).exists():
         raise DmuhError(f"{run_dir} already holds a pre-trained backbone; choose another --out")
+    check_pretrain_config(config)
+    config = with_absolute_paths(config)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_orphans(run_dir)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    source = open_source(config.data, root=config.data_root)
+    source = open_source(config.data, root=config.data_root, allow_outside_root=config.allow_outside_root)
     split = load_split(config, source, run_dir)
     config.save(run_dir / CONFIG)
     images = decode_all(source, config)
@@ -64,11 +68,33 @@ def pretrain(config: PretrainConfig, progress: bool = True, echo=print) -> Dict[
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
     labels_all = torch.from_numpy(np.asarray(source.labels)).float()
+    unlabeled_index = np.setdiff1d(split.database, split.query)  # never a query image
+    log: List[Dict[str, float]] = []
 
+    def after_epoch(row: Dict[str, float]) -> None:
+        log.append(row)
+        write_log(run_dir / LOG, log)
+        # A plain state dict (safetensors' load_file reads it) with dmuh's checksum in its metadata.
+        save_state(run_dir / BACKBONE, {k: v.detach().float().cpu() for k, v in model.backbone.state_dict().items()},
+                   BACKBONE_KIND)
+        echo(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    unlabeled = images[torch.from_numpy(unlabeled_index)].to(device) if "simclr" in config.objective else None
+    return train_backbone(model, config, device, images[torch.from_numpy(split.train)].to(device),
+                          labels_all[split.train].to(device), unlabeled, progress=progress, after_epoch=after_epoch)
+
+
+def train_backbone(model: nn.Module, config: PretrainConfig, device: torch.device, labeled: torch.Tensor,
+                   labeled_targets: torch.Tensor, unlabeled: Optional[torch.Tensor] = None, progress: bool = True,
+                   after_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
+                   desc: str = "pretrain") -> Dict[str, float]:
+    """Train `model.backbone` by `config.objective` for `config.epochs` on the labeled items (and,
+    for SimCLR, the unlabeled ones), with heads that are thrown away afterwards; returns the last
+    epoch's row. `dmuh pretrain` and `--init auto`'s warm-up (`cross_entropy_warmup`) both run it."""
     use_ce, use_simclr = "ce" in config.objective.split("+"), "simclr" in config.objective.split("+")
     heads = nn.ModuleDict()
     if use_ce:
-        heads["classifier"] = nn.Linear(model.feature_dim, labels_all.shape[1])
+        heads["classifier"] = nn.Linear(model.feature_dim, labeled_targets.shape[1])
     if use_simclr:
         heads["projector"] = nn.Sequential(
             nn.Linear(model.feature_dim, model.feature_dim), nn.BatchNorm1d(model.feature_dim), nn.ReLU(inplace=True),
@@ -77,19 +103,16 @@ def pretrain(config: PretrainConfig, progress: bool = True, echo=print) -> Dict[
     heads.to(device)
     optimizer = build_optimizer(config, [{"params": list(model.backbone.parameters()) + list(heads.parameters()), "lr_scale": 1.0}])
 
-    labeled = images[torch.from_numpy(split.train)].to(device)
-    labeled_targets = labels_all[split.train].to(device)
-    unlabeled_index = np.setdiff1d(split.database, split.query)  # never a query image
-    unlabeled = images[torch.from_numpy(unlabeled_index)].to(device) if use_simclr else None
-    channels = images.shape[1] if images.dim() == 4 else None
+    channels = labeled.shape[1] if labeled.dim() == 4 else None
     labeled_pipeline = InputPipeline(channels, model.input_size, config.augment)
     view_pipeline = InputPipeline(channels, model.input_size, "simclr")
 
     labeled_batch = min(config.batch_size, labeled.shape[0])
     unlabeled_batch = min(config.unlabeled_batch_size, unlabeled.shape[0]) if use_simclr else 0
+    if use_simclr and unlabeled_batch < 2:
+        raise DmuhError(f"--objective {config.objective}: SimCLR needs at least 2 unlabeled (database, non-query) items")
     steps = unlabeled.shape[0] // unlabeled_batch if use_simclr else labeled.shape[0] // labeled_batch
     items_per_step = (labeled_batch if use_ce else 0) + 2 * unlabeled_batch
-    log: List[Dict[str, float]] = []
     row: Dict[str, float] = {}
     for epoch in range(1, config.epochs + 1):
         generator = torch.Generator(device=device).manual_seed(config.seed * 100_003 + epoch)
@@ -115,12 +138,31 @@ def pretrain(config: PretrainConfig, progress: bool = True, echo=print) -> Dict[
             return terms
 
         result = run_epoch(epoch=epoch, steps=steps, optimizer=optimizer, config=config, device=device,
-                           loss_terms=loss_terms, progress=progress, desc="pretrain")
+                           loss_terms=loss_terms, progress=progress, desc=desc)
         row = {"epoch": epoch, "lr": result.lr, **result.means,
                "images_per_s": steps * items_per_step / result.seconds, "seconds": result.seconds}
-        log.append(row)
-        write_log(run_dir / LOG, log)
-        with atomic_path(run_dir / BACKBONE) as tmp:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in model.backbone.state_dict().items()}, str(tmp))
-        echo(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if after_epoch is not None:
+            after_epoch(row)
     return row
+
+
+def warmup_epochs_of(config: TrainConfig) -> int:
+    """`--init auto`'s warm-up length: `init_epochs`, else a tenth of --epochs (at least 1)."""
+    return config.init_epochs if config.init_epochs is not None else max(1, round(config.epochs / 10))
+
+
+def cross_entropy_warmup(config: TrainConfig, model: nn.Module, device: torch.device, inputs: torch.Tensor,
+                         targets: torch.Tensor, progress: bool = True) -> Dict[str, float]:
+    """`--init auto`: a short cross-entropy warm-up of the backbone on the training split's labels,
+    the same for every method, before hashing starts (a randomly initialised backbone gives the
+    pairwise losses codes without structure to start from, and they fail quietly; docs/method.md).
+
+    It uses the run's optimiser settings, batch size, augmentation and seed, a cosine from --lr to
+    --lr-end over its own epochs, and no labels but the training split's."""
+    warmup = PretrainConfig(
+        objective="ce", augment=config.augment, epochs=warmup_epochs_of(config), batch_size=config.batch_size,
+        optimizer=config.optimizer, lr=config.lr, lr_end=config.lr_end, warmup_epochs=0, momentum=config.momentum,
+        weight_decay=config.weight_decay, device=config.device, amp=config.amp, channels_last=config.channels_last,
+        seed=config.seed, eval_batch_size=config.eval_batch_size,
+    )
+    return train_backbone(model, warmup, device, inputs, targets, progress=progress, desc="warm-up")

@@ -3,7 +3,8 @@
     RUN/config.yaml              the full config (TrainConfig or PretrainConfig)
     RUN/split.json               query/train/database indices and the data's fingerprint
     RUN/log.csv                  one row per epoch
-    RUN/checkpoint.pt            network, method, momentum copy, optimiser, and the specs that rebuild them
+    RUN/checkpoint.safetensors   network, method, momentum copy, optimiser, and the specs that rebuild them
+                                 (dmuh.checkpoint_file: no code runs from it, checksummed)
     RUN/uncertainty_trace.npz    per-bit outputs of both networks for a few training items (DMUH)
     RUN/backbone.safetensors     a `dmuh pretrain` run's backbone
     RUN/eval.json                `dmuh evaluate`'s report
@@ -13,18 +14,26 @@ A checkpoint records `model_config` (the `create_model` arguments) and `method_s
 method from the checkpoint alone: no training data, labels or pretrained weights. Checkpoints
 written before those keys existed are rebuilt from config.yaml, split.json and the shapes of their
 tensors (`_legacy_specs`).
+
+Runs written before that format hold `checkpoint.pt` (a pickle), which is never read in place:
+`dmuh convert-checkpoint --run RUN` (`convert_legacy_checkpoint`) reads it once with torch's
+allow-list unpickler (tensors and plain values only) and writes checkpoint.safetensors.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import math
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
+from dmuh.checkpoint_file import file_kind, load_state, load_weights, save_state
 from dmuh.config import RunConfig, TrainConfig, load_yaml
 from dmuh.data.protocols import Split, make_split
 from dmuh.errors import DmuhError
@@ -33,7 +42,10 @@ from dmuh.io import atomic_path
 CONFIG = "config.yaml"
 SPLIT = "split.json"
 LOG = "log.csv"
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # a pickle (torch.save), before dmuh.checkpoint_file; converted, never loaded
+CHECKPOINT_KIND = "checkpoint"
+BACKBONE_KIND = "backbone"
 TRACE = "uncertainty_trace.npz"
 BACKBONE = "backbone.safetensors"
 EVAL = "eval.json"
@@ -43,21 +55,23 @@ EVAL = "eval.json"
 
 
 def run_directory(run, flag: str = "--run", need: Sequence[str] = ()) -> Path:
-    """A run directory (or the checkpoint.pt inside one) holding config.yaml and the files in `need`,
-    or a one-line DmuhError naming the flag."""
+    """A run directory (or the checkpoint.safetensors or old checkpoint.pt inside one) holding
+    config.yaml and the files in `need`, or a one-line DmuhError naming the flag."""
     path = Path(run)
-    if path.is_file() and path.name == CHECKPOINT:
+    if path.is_file() and path.name in (CHECKPOINT, LEGACY_CHECKPOINT):
         path = path.parent
     if not (path / CONFIG).is_file():
         raise DmuhError(f"{flag} {run}: not a run directory (no {CONFIG}); pass the directory `dmuh train --out` wrote")
     for name in need:
         if not (path / name).is_file():
+            if name == CHECKPOINT and (path / LEGACY_CHECKPOINT).is_file():
+                raise DmuhError(legacy_checkpoint_message(path))
             raise DmuhError(f"{flag} {run}: no {name} in the run directory")
     return path
 
 
 def resolve_run(run, flag: str = "--run") -> Tuple[Path, Path]:
-    """A run directory, or the checkpoint.pt inside one -> (run_dir, checkpoint path)."""
+    """A run directory, or the checkpoint.safetensors inside one -> (run_dir, checkpoint path)."""
     run_dir = run_directory(run, flag, need=(CHECKPOINT,))
     return run_dir, run_dir / CHECKPOINT
 
@@ -77,9 +91,14 @@ def load_split(config: RunConfig, source, run_dir: Path) -> Split:
     path = Path(run_dir) / SPLIT
     if path.exists():
         split = Split.load(path)
+        made = (split.protocol, split.seed, split.params)
+        wanted = (config.protocol, config.split_seed, dict(config.protocol_params))
+        if made != wanted:
+            raise DmuhError(f"{path}: made with protocol {made[0]!r}, split seed {made[1]}, parameters {made[2]}; "
+                            f"the config asks for {wanted[0]!r}, {wanted[1]}, {wanted[2]} (use another --out)")
         split.check(source)
         return split
-    split = make_split(config.protocol, source, seed=config.split_seed)
+    split = make_split(config.protocol, source, seed=config.split_seed, **config.protocol_params)
     split.save(path)
     return split
 
@@ -98,17 +117,73 @@ def save_checkpoint(path: Path, *, epoch: int, config: RunConfig, model, method,
         "momentum": momentum.state_dict() if momentum is not None else None,
         "optimizer": optimizer.state_dict(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_state(path, state, CHECKPOINT_KIND)
+
+
+def legacy_checkpoint_message(run_dir: Path) -> str:
+    return (f"{Path(run_dir) / LEGACY_CHECKPOINT} is an old-format checkpoint (a pickle); convert it once with: "
+            f"dmuh convert-checkpoint --run {run_dir}")
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A run's checkpoint.safetensors (dmuh.checkpoint_file; no code runs from it, checksum checked).
+    An old checkpoint.pt is refused with the command that converts it."""
+    path = Path(path)
+    if path.name == LEGACY_CHECKPOINT and path.is_file():
+        raise DmuhError(legacy_checkpoint_message(path.parent))
     if not path.is_file():
+        if (path.parent / LEGACY_CHECKPOINT).is_file():
+            raise DmuhError(legacy_checkpoint_message(path.parent))
         raise DmuhError(f"checkpoint not found: {path}")
+    state = load_state(path, CHECKPOINT_KIND)
+    if str(map_location) != "cpu":
+        state = _to_device(state, map_location)
+    return state
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def convert_legacy_checkpoint(run, force: bool = False) -> Tuple[Path, Path, dict]:
+    """RUN/checkpoint.pt -> RUN/checkpoint.safetensors, the tree copied as is (so a checkpoint
+    older than `model_config`/`method_spec` still rebuilds through `_legacy_specs`); the old file is
+    kept. Read with torch's allow-list unpickler: tensors and plain values only, no code runs.
+    Returns (old path, new path, state)."""
+    run_dir = run_directory(run)
+    old, new = run_dir / LEGACY_CHECKPOINT, run_dir / CHECKPOINT
+    if not old.is_file():
+        there = f"; it already holds {CHECKPOINT}" if new.is_file() else ""
+        raise DmuhError(f"{run_dir}: no {LEGACY_CHECKPOINT} to convert{there}")
+    if new.exists() and not force:
+        raise DmuhError(f"{new} already exists; pass --force to replace it")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)  # no code runs from a file
-    except Exception as exc:  # a truncated or foreign file
-        raise DmuhError(f"{path}: not a readable dmuh checkpoint ({type(exc).__name__})") from None
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
+            warnings.simplefilter("ignore")
+            state = torch.load(old, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # it names a class or function (code could run): refused
+        raise DmuhError(f"{old}: refused: torch's allow-list unpickler loads only tensors and plain values, and this "
+                        f"file needs more ({_unpickler_reason(error)}); nothing in it was run") from None
+    except Exception as error:  # truncated, not a torch file
+        raise DmuhError(f"{old}: not a readable checkpoint ({type(error).__name__}: {_first_line(error)[:160]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise DmuhError(f"{old}: not a dmuh checkpoint (no network weights)")
+    save_state(new, dict(state), CHECKPOINT_KIND)
+    return old, new, state
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The line of torch's weights_only refusal that names what the file needs (a GLOBAL ...),
+    not its advice to load the file unrestricted."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "nsupported" in line]
+    return (named or lines or [type(error).__name__])[0][:200].rstrip(".")
 
 
 def _first_line(error: BaseException) -> str:
@@ -197,37 +272,95 @@ def legacy_method_params(config: TrainConfig) -> Dict[str, Any]:
 # -- the log ------------------------------------------------------------------------------------
 
 
+class EmptyCell(float):
+    """An empty log.csv cell as `read_log` returns it: NaN to arithmetic and `math.isnan`, and an
+    empty cell again to `write_log`. One convention for MAP cells: an epoch without evaluation has
+    an empty cell (its row has no "map", or this); a MAP that was computed and is NaN is a plain
+    float NaN, written "nan"."""
+
+    def __new__(cls):
+        return super().__new__(cls, "nan")
+
+
+EMPTY = EmptyCell()
+
+
 def write_log(path: Path, rows: List[Dict[str, float]]) -> None:
+    """log.csv: one row per epoch, the union of the rows' keys as columns; a key a row lacks (or
+    None, or `EMPTY`) is an empty cell, a NaN number "nan"."""
     columns: List[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    cells = [{k: "" if v is None or isinstance(v, EmptyCell) else v for k, v in row.items()} for row in rows]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(cells)
 
 
 # Log columns that hold words, not numbers: the tie policy of the row's MAP (dmuh.metrics.TIES).
 TEXT_COLUMNS = ("ties",)
+# Columns computed only by an evaluation: empty in the epochs that did not evaluate.
+EVALUATED_COLUMNS = ("map", "train_map")
+
+
+def _damaged_log(path: Path, line: int, problem: str) -> DmuhError:
+    return DmuhError(f"{path} line {line}: {problem}; repair that line or delete {path.name} "
+                     f"(a resumed run then logs only the epochs it trains)")
 
 
 def read_log(path: Path) -> List[Dict[str, float]]:
-    """log.csv's rows: numbers as floats (empty cells NaN), `TEXT_COLUMNS` as text ("" when empty).
+    """log.csv's rows: numbers as floats (empty cells `EMPTY`, a NaN that `write_log` writes back
+    as an empty cell), `TEXT_COLUMNS` as text ("" when empty), "epoch" as an int.
 
-    A row with a MAP but no "ties" comes from a run before dmuh recorded it: ties="index" then.
+    A damaged file (bytes that are not text, no epoch column, a cell that is not a number, a row
+    of the wrong length) is a DmuhError naming the file and the line. A "nan" MAP in a row whose
+    "ties" is empty was not computed (an earlier dmuh wrote empty cells back as "nan"): `EMPTY`.
     """
     if not path.exists():
         return []
-
-    def value(key, text):
-        if key in TEXT_COLUMNS:
-            return text or ""
-        return float(text) if text not in ("", None) else float("nan")
-
-    with open(path, newline="") as f:
-        rows = [{k: value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
-    for row in rows:  # whole numbers, so a resumed run rewrites its log as it first wrote it
-        row["epoch"] = int(row["epoch"])
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DmuhError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _damaged_log(path, data[:error.start].count(b"\n") + 1, "bytes that are not text") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if not header or "epoch" not in header:
+            raise _damaged_log(path, 1, "no epoch column in the header" if header else "no header (the file is empty)")
+        rows = []
+        for cells in reader:
+            if not cells:
+                continue
+            line = reader.line_num
+            if len(cells) != len(header):
+                raise _damaged_log(path, line, f"{len(cells)} cells, the header has {len(header)} columns")
+            row: Dict[str, Any] = {}
+            for key, cell in zip(header, cells):
+                if key in TEXT_COLUMNS:
+                    row[key] = cell
+                elif cell.strip() == "":
+                    row[key] = EMPTY
+                else:
+                    try:
+                        row[key] = float(cell)
+                    except ValueError:
+                        raise _damaged_log(path, line, f"{cell[:40]!r} in column {key} is not a number") from None
+            epoch = row["epoch"]
+            if isinstance(epoch, EmptyCell) or not math.isfinite(epoch) or epoch != int(epoch) or epoch < 0:
+                raise _damaged_log(path, line, f"epoch {cells[header.index('epoch')][:40]!r} is not a whole number")
+            row["epoch"] = int(epoch)  # whole numbers, so a resumed run rewrites its log as it first wrote it
+            if row.get("ties", None) == "":
+                for key in EVALUATED_COLUMNS:
+                    if key in row and math.isnan(row[key]):
+                        row[key] = EMPTY
+            rows.append(row)
+    except csv.Error as error:
+        raise _damaged_log(path, reader.line_num, f"not CSV ({error})") from None
     return rows
 
 
@@ -257,7 +390,14 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
     else:
         raise DmuhError(f"--init {init}: no such run directory or weights file")
     if weights_file.suffix == ".safetensors":
-        state = load_file(str(weights_file))
+        # A dmuh file (backbone or a run's checkpoint) is checked against its checksum; a foreign
+        # state dict without dmuh metadata (torchvision weights converted) is read as it is.
+        if file_kind(weights_file) == CHECKPOINT_KIND:
+            state = load_state(weights_file, CHECKPOINT_KIND).get("model")
+            if not isinstance(state, dict):
+                raise DmuhError(f"--init {weights_file}: holds no network weights")
+        else:
+            state = load_weights(weights_file, BACKBONE_KIND)
     else:
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)

@@ -5,8 +5,10 @@ epoch scaffolding that `dmuh train` and `dmuh pretrain` share."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -16,6 +18,8 @@ from dmuh.config import RunConfig
 from dmuh.data.pipeline import InputPipeline, images_to_tensor
 from dmuh.errors import DmuhError
 from dmuh.models import create_model
+from dmuh.models.registry import takes_input_size
+from dmuh.progress import progress_bar
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,14 +42,63 @@ def memory_layout(x: torch.Tensor, config: RunConfig, device: torch.device) -> t
     return x
 
 
+def resolve_cache_dir(value) -> Optional[Path]:
+    """The folder of the decoded-data cache (`RunConfig.cache_dir`), or None for no cache.
+
+    "default": $DMUH_CACHE_DIR if set (itself "off" or "none" to turn the cache off), else
+    $XDG_CACHE_HOME/dmuh, else ~/.cache/dmuh; "off", "none" (or None, an older config's) and ""
+    turn it off; anything else is the folder.
+    """
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.lower() in ("", "off", "none"):
+        return None
+    if text.lower() != "default":
+        return Path(text).expanduser()
+    chosen = os.environ.get("DMUH_CACHE_DIR", "").strip()
+    if chosen:
+        return None if chosen.lower() in ("off", "none") else Path(chosen).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    if xdg and os.path.isabs(xdg):  # the XDG spec ignores a relative one
+        return Path(xdg) / "dmuh"
+    return Path.home() / ".cache" / "dmuh"
+
+
+def _worth_caching(source, size: Optional[int]) -> bool:
+    """Whether decoding reads files or resizes: an in-memory array at its own size, or feature
+    vectors, would only be copied into the cache."""
+    from dmuh.data.sources import ArraySource, FeatureSource
+
+    if isinstance(source, FeatureSource):
+        return False
+    if isinstance(source, ArraySource):
+        return size is not None and tuple(source.images.shape[1:3]) != (size, size)
+    return True
+
+
 def decode_all(source, config: RunConfig) -> torch.Tensor:
-    """Every item of the source as one tensor, decoded once (and cached on disk when asked)."""
-    return images_to_tensor(source.decode(None, size=config.image_size, cache_dir=config.cache_dir))
+    """Every item of the source as one tensor, decoded once (and cached in `resolve_cache_dir`'s
+    folder, when it is on and decoding reads files)."""
+    cache_dir = resolve_cache_dir(config.cache_dir)
+    if cache_dir is not None and not _worth_caching(source, config.image_size):
+        cache_dir = None
+    return images_to_tensor(source.decode(None, size=config.image_size, cache_dir=cache_dir))
 
 
-def build_model(config: RunConfig, images: torch.Tensor) -> torch.nn.Module:
-    """The configured network for these inputs: feature vectors (N, D) or images (N, C, H, W)."""
+def build_model(config: RunConfig, images: torch.Tensor, native_size: bool = True) -> torch.nn.Module:
+    """The configured network for these inputs: feature vectors (N, D) or images (N, C, H, W).
+
+    A model that works at any input size (`dmuh.models.registry.takes_input_size`: smallcnn,
+    resnet18-32, resnet50-32) is built at the images' own (square) size unless `model_params`
+    sets `input_size`, so 8x8 digits are not upscaled to 32; `native_size=False` keeps the model's
+    default, as runs were built before their checkpoints recorded the size. A fixed-size model
+    (the ImageNet networks' 224) keeps its size and the input pipeline resizes to it.
+    """
     extra = {"input_dim": images.shape[1]} if images.dim() == 2 else {"in_channels": images.shape[1]}
+    if (native_size and images.dim() == 4 and images.shape[-1] == images.shape[-2] > 0
+            and "input_size" not in config.model_params and takes_input_size(config.model)):
+        extra["input_size"] = int(images.shape[-1])
     return create_model(config.model, bits=config.bits, pretrained=config.pretrained, hash_norm=config.hash_norm,
                         **extra, **config.model_params)
 
@@ -60,11 +113,19 @@ def build_optimizer(config: RunConfig, groups: List[dict]) -> torch.optim.Optimi
     raise DmuhError(f"--optimizer {config.optimizer!r}: choose sgd or adamw")
 
 
+def schedule_epochs(config: RunConfig) -> int:
+    """The epochs the learning-rate schedule spans: `lr_schedule_epochs`, else `epochs`. A run
+    extended by `--resume --epochs N` keeps its own (`dmuh.train.Trainer`), so the added epochs
+    run at lr_end instead of jumping back up the cosine."""
+    return config.lr_schedule_epochs or config.epochs
+
+
 def learning_rate(config: RunConfig, progress: float) -> float:
-    """Linear warm-up, then cosine decay from lr to lr_end (progress in epochs, fractional)."""
+    """Linear warm-up, then cosine decay from lr to lr_end over `schedule_epochs`, then lr_end
+    (progress in epochs, fractional)."""
     if config.warmup_epochs and progress < config.warmup_epochs:
         return config.lr * (progress + 1e-3) / config.warmup_epochs
-    span = max(config.epochs - config.warmup_epochs, 1e-9)
+    span = max(schedule_epochs(config) - config.warmup_epochs, 1e-9)
     t = min(max((progress - config.warmup_epochs) / span, 0.0), 1.0)
     return config.lr_end + 0.5 * (config.lr - config.lr_end) * (1.0 + math.cos(math.pi * t))
 
@@ -83,14 +144,18 @@ def run_network(
     pipeline: InputPipeline,
     config: RunConfig,
     device: torch.device,
+    desc: str = "encoding",
 ) -> torch.Tensor:
-    """`network(x)` over `inputs` (uint8 images or features, any device) in batches; float32 on CPU."""
+    """`network(x)` over `inputs` (uint8 images or features, any device) in batches; float32 on CPU.
+    More than `dmuh.progress.MIN_ITEMS` inputs show a progress bar (`desc`) on a terminal."""
     out = []
-    for start in range(0, inputs.shape[0], config.eval_batch_size):
-        batch = inputs[start : start + config.eval_batch_size].to(device, non_blocking=True)
-        x = memory_layout(pipeline(batch), config, device)
-        with autocast(config, device):
-            out.append(network(x).float().cpu())
+    with progress_bar(inputs.shape[0], desc, unit="item") as bar:
+        for start in range(0, inputs.shape[0], config.eval_batch_size):
+            batch = inputs[start : start + config.eval_batch_size].to(device, non_blocking=True)
+            x = memory_layout(pipeline(batch), config, device)
+            with autocast(config, device):
+                out.append(network(x).float().cpu())
+            bar.update(batch.shape[0])
     return torch.cat(out)
 
 

@@ -4,7 +4,7 @@
     fit       `method.train_with(trainer)`: gradient epochs (`gradient_epochs`), or a closed-form
               fit of the hash layer (`fit_hash_layer`) for shallow methods
     an epoch  `epoch`: `dmuh.runtime.run_epoch` over `step_terms`, one step's loss terms
-    after it  `finish_epoch`: MAP, the uncertainty trace, log.csv and checkpoint.pt
+    after it  `finish_epoch`: MAP, the uncertainty trace, log.csv and checkpoint.safetensors
 """
 
 from __future__ import annotations
@@ -20,17 +20,22 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dmuh import distributed
-from dmuh.config import TrainConfig
+from dmuh.config import TrainConfig, with_absolute_paths
 from dmuh.errors import DmuhError
-from dmuh.experiment import Experiment, build_experiment, evaluate_map, evaluate_train_map, paired_codes
-from dmuh.io import atomic_path
+from dmuh.experiment import (
+    Experiment, build_experiment, evaluate_map, evaluate_train_map, paired_codes, share_buffers,
+)
+from dmuh.io import atomic_path, remove_orphans
 from dmuh.methods import HashingMethod, StepInputs
 from dmuh.metrics import DEFAULT_TIES
 from dmuh.run import (
-    CHECKPOINT, CONFIG, LOG, TRACE, legacy_method_params, load_checkpoint, read_log, restore_state, save_checkpoint,
+    CHECKPOINT, CONFIG, LEGACY_CHECKPOINT, LOG, TRACE, legacy_checkpoint_message, legacy_method_params, load_checkpoint,
+    read_log, restore_state, save_checkpoint,
     write_log,
 )
-from dmuh.runtime import autocast, build_optimizer, memory_layout, run_epoch, run_network
+from dmuh.preflight import check_train_config
+from dmuh.runtime import autocast, build_optimizer, memory_layout, run_epoch, run_network, schedule_epochs
+from dmuh.text import plural
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module, method: HashingMethod) -> torch.optim.Optimizer:
@@ -53,15 +58,37 @@ class UncertaintyTrace:
         self.momentum: List[np.ndarray] = []
         self.epochs: List[int] = []
         if resume and path.exists():  # a new run replaces what a run stopped before its first checkpoint left
-            with np.load(path) as f:
-                self.hashing = list(f["hashing"])
-                self.momentum = list(f["momentum"])
-                self.epochs = list(f["epochs"])
+            self.load_earlier()
 
-    def record(self, exp: Experiment, epoch: int) -> None:
+    def load_earlier(self) -> None:
+        """The earlier epochs of a resumed run; a damaged or mismatched file is one warning line and
+        a trace that starts again (it is a diagnostic: training goes on without it)."""
+        import os
+        import sys
+        import zipfile
+
+        try:
+            with np.load(self.path, allow_pickle=False) as f:
+                hashing, momentum, epochs = f["hashing"], f["momentum"], f["epochs"]
+            shape_ok = (hashing.ndim == 3 and hashing.shape == momentum.shape and epochs.shape == hashing.shape[:1]
+                        and hashing.shape[1] == len(self.items))
+            problem = None if shape_ok else "its arrays do not fit this run's trace items"
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+            problem = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        if problem is None:
+            self.hashing, self.momentum, self.epochs = list(hashing), list(momentum), [int(e) for e in epochs]
+        elif os.environ.get("RANK", "0") == "0":
+            print(f"dmuh: warning: {self.path} is damaged ({problem}); continuing without the earlier epochs' "
+                  "uncertainty trace", file=sys.stderr)
+
+    def record(self, exp: Experiment, epoch: int, save: bool = True) -> None:
+        """Measure this epoch's outputs and, with `save` (rank 0), write the trace file. Under
+        torchrun every rank measures: a SyncBatchNorm network's training-mode pass is a collective."""
         if exp.momentum is None or len(self.items) == 0:
             return
         h, m = paired_codes(exp, self.items)  # as the loss sees them, without moving BatchNorm statistics
+        if not save:
+            return
         self.hashing.append(h.numpy())
         self.momentum.append(m.numpy())
         self.epochs.append(epoch)
@@ -85,8 +112,8 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, echo: Callable[[str], None] = print):
-        if config.checkpoint_every < 1:
-            raise DmuhError(f"--checkpoint-every {config.checkpoint_every}: must be 1 or more")
+        check_train_config(config)  # method, model and files, before any data is read
+        config = with_absolute_paths(config)  # config.yaml then works from any folder
         context = distributed.init_from_environment(config.device)
         if context.enabled and config.device.startswith("cuda"):
             config = dataclasses.replace(config, device=f"cuda:{context.local_rank}")
@@ -97,21 +124,26 @@ class Trainer:
             checkpoint = load_checkpoint(run_dir / CHECKPOINT)
             if "method_spec" not in checkpoint:  # trained before a default changed: keep what it used
                 config = dataclasses.replace(config, method_params=legacy_method_params(config))
-                self.config = config
+            config = extended_schedule(config, checkpoint, echo if context.is_main else (lambda line: None))
+            self.config = config
         elif (run_dir / CHECKPOINT).exists():
             raise DmuhError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        elif (run_dir / LEGACY_CHECKPOINT).exists():
+            raise DmuhError(legacy_checkpoint_message(run_dir))
         if self.main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
+            remove_orphans(run_dir)  # temp files of a run killed mid-write
         distributed.barrier(context)
 
+        self.log = read_log(run_dir / LOG) if resume else []  # a damaged log fails before the data is decoded
         torch.manual_seed(config.seed)
-        self.exp = exp = build_experiment(config, run_dir, context)
+        self.exp = exp = build_experiment(config, run_dir, context, checkpoint=checkpoint if resume else None,
+                                          progress=progress, echo=echo if context.is_main else (lambda line: None))
         self.optimizer = make_optimizer(config, exp.model, exp.method)
         if self.main_process:
             for note in exp.method.notes:  # e.g. CSQ's fallback to Bernoulli centres
                 echo(f"{config.method}: {note}")
         self.start_epoch = 1
-        self.log = read_log(run_dir / LOG) if resume else []
         self.trace = UncertaintyTrace(run_dir / TRACE, config.trace_items, exp.train_inputs.shape[0], resume)
         if resume:
             restore_state(checkpoint, run_dir / CHECKPOINT, exp.model, exp.method, exp.momentum, self.optimizer)
@@ -143,7 +175,21 @@ class Trainer:
                 exp.momentum.update(exp.model)  # Eq. 5 once per epoch
             evaluate = config.eval_every >= 0 and ((config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs)
             last = self.finish_epoch(row, evaluate)
+            self.watch_loss()
         return last
+
+    RISING_EPOCHS = 3
+
+    def watch_loss(self) -> None:
+        """One warning when the training loss has risen `RISING_EPOCHS` epochs in a row: the
+        recipe is not learning (too high a learning rate for this data, say)."""
+        losses = [row["loss"] for row in self.log[-(self.RISING_EPOCHS + 1):]]
+        rising = len(losses) == self.RISING_EPOCHS + 1 and all(b > a for a, b in zip(losses, losses[1:]))
+        if rising and self.main_process and not getattr(self, "warned_rising", False):
+            self.warned_rising = True
+            self.echo(f"warning: the training loss rose {self.RISING_EPOCHS} epochs in a row "
+                      f"({losses[0]:.4f} -> {losses[-1]:.4f}); the run may not be learning: try a lower --lr, "
+                      "a --warmup-epochs, or --init from `dmuh pretrain`")
 
     def epoch(self, epoch: int) -> Dict[str, float]:
         """One epoch of optimiser steps; the log row without MAP."""
@@ -154,7 +200,7 @@ class Trainer:
         torch.manual_seed(epoch_seed + 7919 * context.rank)
         shuffle = torch.Generator(device=exp.device).manual_seed(epoch_seed)
         self.augmentation = torch.Generator(device=exp.device).manual_seed(epoch_seed + 7919 * (context.rank + 1))
-        exp.method.on_epoch_start(epoch, config.epochs)
+        exp.method.on_epoch_start(epoch, schedule_epochs(config))
         exp.model.train()
         exp.method.train()
         self.order = torch.randperm(exp.train_inputs.shape[0], device=exp.device, generator=shuffle)
@@ -231,15 +277,20 @@ class Trainer:
     # -- after an epoch -----------------------------------------------------------------------
 
     def finish_epoch(self, row: Dict[str, float], evaluate: bool) -> Dict[str, float]:
-        """MAP (when asked), then on rank 0 the trace, the log, the checkpoint and the epoch line."""
+        """MAP (when asked), the trace, then on rank 0 the log, the checkpoint and the epoch line.
+
+        Everything here measures the network the checkpoint holds: under torchrun every rank first
+        takes rank 0's BatchNorm statistics (`share_buffers`), and nothing below changes a weight
+        or a buffer (the trace restores the statistics its training-mode pass moves)."""
         exp, config, epoch = self.exp, self.config, int(row["epoch"])
+        share_buffers(exp)
         if evaluate:
             row["map"] = evaluate_map(exp)
             if config.train_map_items:
                 row["train_map"] = evaluate_train_map(exp)
             row["ties"] = DEFAULT_TIES
+        self.trace.record(exp, epoch, save=self.main_process)
         if self.main_process:
-            self.trace.record(exp, epoch)
             self.log.append(row)
             write_log(self.run_dir / LOG, self.log)
             # A checkpoint of ResNet-18 + momentum copy + optimiser is ~135 MB; writing it every
@@ -250,6 +301,29 @@ class Trainer:
             self.echo(format_row(row))
         distributed.barrier(self.context)
         return row
+
+
+def extended_schedule(config: TrainConfig, checkpoint: dict, echo: Callable[[str], None]) -> TrainConfig:
+    """What `--resume --epochs N` means: N is where the run stops, not a new schedule.
+
+    The learning-rate schedule is the one the run was started with (its `lr_schedule_epochs`, else
+    its `epochs`): extending a finished 10-epoch run to 14 trains epochs 11-14 at lr_end instead
+    of jumping back up the cosine; an explicit --lr-schedule-epochs replaces it. Fewer epochs than
+    the checkpoint holds is an error (nothing is thrown away).
+    """
+    done = int(checkpoint["epoch"])
+    if config.epochs < done:
+        raise DmuhError(f"--epochs {config.epochs}: the run in {config.out} has trained {plural(done, 'epoch')} already; "
+                        f"give --epochs {done} or more")
+    saved = checkpoint.get("config") or {}
+    schedule = saved.get("lr_schedule_epochs") or saved.get("epochs")
+    if config.lr_schedule_epochs is None and schedule and schedule != config.epochs:
+        config = dataclasses.replace(config, lr_schedule_epochs=int(schedule))
+        if config.epochs > schedule:
+            echo(f"extending the run to {config.epochs} epochs: the learning-rate schedule of its {plural(int(schedule), 'epoch')} "
+                 f"is kept, epochs {schedule + 1}-{config.epochs} run at lr_end {config.lr_end:g} "
+                 f"(--lr-schedule-epochs N sets another)")
+    return config
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo=print) -> Dict[str, float]:

@@ -5,6 +5,7 @@
     retrieval   encode, index build|info, search, export-onnx
     demo        demo (compare with a preset)
     figures     figure uncertainty|curves|topk (the paper's Fig. 1, 3, 4)
+    checkpoints convert-checkpoint (an old checkpoint.pt to checkpoint.safetensors)
 
 Every command is a thin function over the library; a `DmuhError` becomes one line on stderr and
 exit code 2.
@@ -20,12 +21,26 @@ from dmuh.cli.common import print_deprecations
 from dmuh.errors import DmuhError
 
 
+def package_version() -> str:
+    """The installed dmuh's version (importlib.metadata), else `dmuh.__version__`."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("dmuh")
+    except metadata.PackageNotFoundError:
+        import dmuh
+
+        return getattr(dmuh, "__version__", "unknown")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from dmuh.cli import demo, evaluation, figures, retrieval, training
+    from dmuh.cli import checkpoints, demo, evaluation, figures, retrieval, training
 
     parser = argparse.ArgumentParser(prog="dmuh", description="Deep Momentum Uncertainty Hashing: train, evaluate, search binary codes")
+    parser.add_argument("--version", action="version", version=f"dmuh {package_version()}",
+                        help="print dmuh's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (training, evaluation, demo, retrieval, figures):
+    for module in (training, evaluation, demo, retrieval, figures, checkpoints):
         module.add_commands(sub)
     return parser
 
@@ -33,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dmuh.progress import is_quiet, set_quiet
+
+    quiet_before = is_quiet()
+    set_quiet(quiet_before or bool(getattr(args, "quiet", False)))  # --quiet hides every progress bar (dmuh.progress)
     try:
         code = args.func(args)
         print_deprecations(args)
@@ -40,9 +59,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DmuhError as exc:
         print(f"dmuh {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the command did not expect to fail on: still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"dmuh {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        set_quiet(quiet_before)
 
 
 if __name__ == "__main__":

@@ -9,77 +9,67 @@ from typing import Any, Dict, Optional
 
 from dmuh.errors import DmuhError
 
-CONFIG_HELP = {
-    "data": "data source: digits, a dir or .zip (ImageFolder), idx:DIR, cifar-batches:DIR, list:FILE.txt, features:FILE.npz",
-    "protocol": "split protocol (cifar10, cifar10-54k, cifar10-50k, nuswide21, coco, imagenet100, clothing1m, per-class, digits)",
-    "method": "hashing method (see `dmuh train --list-methods`)",
-    "model": "backbone registered in dmuh.models (cnnf, alexnet, resnet18, resnet18-32, resnet50, smallcnn, mlp, ...)",
-    "device": "cpu or cuda[:N]",
-    "out": "run directory (config, split, log.csv, checkpoint.pt)",
+# Fields given as repeatable KEY=VALUE flags: field -> (flag, short flag, help).
+PARAM_FLAGS = {
+    "method_params": ("--param", "-p", "method hyper-parameter, repeatable (e.g. -p alpha=0.7 -p beta=50; in compare "
+                                       "METHOD.KEY=VALUE)"),
+    "model_params": ("--model-param", None, "model option, repeatable (e.g. --model-param width=32)"),
+    "protocol_params": ("--protocol-param", None, "protocol parameter, repeatable (e.g. --protocol-param "
+                                                  "query_per_class=50 with --protocol per-class)"),
 }
 
 
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, config_class, exclude=()) -> None:
-    """One flag per config field (but `exclude`); only flags given on the command line override the YAML."""
-    parser.add_argument("--config", help="YAML file of config fields (flags override it)")
+    """One flag per config field (but `exclude`), help from the schema (`dmuh.config.help_line`);
+    only flags given on the command line override the YAML. Values stay text here and are read
+    and checked against the schema by `config_from_args`, so every bad value gets the same
+    one-line message."""
+    from dmuh.config import help_line
+
+    parser.add_argument("--config", help="YAML file of config fields (flags override it) [default: none]")
     parser.set_defaults(config_class=config_class)
-    defaults = config_class()
+    names = {f.name for f in dataclasses.fields(config_class)}
     for field in dataclasses.fields(config_class):
-        if field.name in ("method_params", "model_params", *exclude):
+        if field.name in PARAM_FLAGS or field.name in exclude:
             continue
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        kind = type(default).__name__ if default is not None else "str"
-        helptext = CONFIG_HELP.get(field.name, "") + f" [default: {default}]"
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, type=_parse_bool, metavar="BOOL", help=helptext)
-        else:
-            parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, type=_typed(kind), help=helptext)
-    if any(f.name == "method_params" for f in dataclasses.fields(config_class)):
-        parser.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
-                            help="method hyper-parameter, repeatable (e.g. -p alpha=0.7 -p beta=50; "
-                                 "in compare METHOD.KEY=VALUE)")
-    parser.add_argument("--model-param", action="append", default=[], metavar="KEY=VALUE",
-                        help="model option, repeatable (e.g. --model-param input_size=8)")
+        parser.add_argument(flag_name(field.name), dest=field.name, default=argparse.SUPPRESS,
+                            metavar=field.name.upper(), help=help_line(config_class, field.name))
+    for name, (flag, short, helptext) in PARAM_FLAGS.items():
+        if name in names and name not in exclude:
+            spellings = [flag] + ([short] if short else [])
+            parser.add_argument(*spellings, dest=name, action="append", default=[], metavar="KEY=VALUE",
+                                help=helptext)
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _typed(kind: str):
-    def convert(text: str):
-        if text.lower() == "none":
-            return None
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        return text
-
-    convert.__name__ = kind
-    return convert
-
-
-def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None):
-    """base (a resumed run's config) < YAML (--config) < explicit flags < --param / --model-param."""
-    from dmuh.config import load_yaml, parse_params
+def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None, base_where: str = "config"):
+    """base (a resumed run's config, read from `base_where`) < YAML (--config) < explicit flags <
+    --param / --model-param / --protocol-param. Every value is checked against the schema; an
+    error names the flag, or the file and field, it came from."""
+    from dmuh.config import load_yaml, parse_flag, parse_params
 
     config_class = args.config_class
     values: Dict[str, Any] = dict(base or {})
+    where = base_where
     if args.config:
         values.update(load_yaml(args.config))
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
-    values.update(explicit)
-    for key, items, flag in (("method_params", getattr(args, "param", []), "--param"), ("model_params", args.model_param, "--model-param")):
-        params = parse_params(items, flag)
+        where = args.config
+    origins: Dict[str, str] = {}
+    for field in dataclasses.fields(config_class):
+        if field.name in PARAM_FLAGS or not hasattr(args, field.name):
+            continue
+        flag = flag_name(field.name)
+        values[field.name] = parse_flag(config_class, field.name, getattr(args, field.name), flag)
+        origins[field.name] = flag
+    for name, (flag, _, _) in PARAM_FLAGS.items():
+        params = parse_params(getattr(args, name, None) or [], flag)
         if params:
-            values[key] = {**values.get(key, {}), **params}
-    return config_class.from_dict(values, where=args.config or "config")
+            current = values.get(name, {})
+            values[name] = {**(current if isinstance(current, dict) else {}), **params}
+    return config_class.from_dict(values, where=where, origins=origins)
 
 
 # -- the run directory: --run everywhere; the old spellings keep working for now ------------------
@@ -124,4 +114,4 @@ def require_run(args: argparse.Namespace) -> str:
 
 def check_positive(value, flag: str) -> None:
     if value is not None and value < 1:
-        raise DmuhError(f"{flag} {value}: expected a positive integer")
+        raise DmuhError(f"{flag}: expected a positive integer, got {value}")

@@ -17,10 +17,11 @@ DEMO_METHODS = ("regu", "dmuh")
 
 def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="train Regu and DMUH on digits on the CPU and print a MAP table")
-    p.add_argument("--bits", default="16,32", help="comma-separated code lengths [16,32]")
-    p.add_argument("--epochs", type=int, default=30, help="epochs per run [30]")
-    p.add_argument("--out", default="runs/demo", help="where the demo runs go [runs/demo]")
-    p.add_argument("--force", action="store_true", help="replace earlier demo runs")
+    p.add_argument("--bits", default="16,32", metavar="B1,B2,...", help="comma-separated code lengths [default: 16,32]")
+    p.add_argument("--epochs", type=int, default=30, metavar="N", help="epochs per run [default: 30]")
+    p.add_argument("--out", default="runs/demo", metavar="DIR",
+                   help="folder of the demo runs and their results.md / results.csv [default: runs/demo]")
+    p.add_argument("--force", action="store_true", help="replace earlier demo runs and results [default: off]")
     p.set_defaults(func=cmd_demo)
 
 
@@ -31,20 +32,28 @@ def demo_config(epochs: int, out: Path) -> TrainConfig:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dmuh.compare import compare, run_directory
-    from dmuh.run import CHECKPOINT
+    from dmuh.cli.common import check_positive
+    from dmuh.compare import RESULTS_CSV, RESULTS_MARKDOWN, compare, run_directory
+    from dmuh.io import refuse_overwrite, remove_orphans
+    from dmuh.run import CHECKPOINT, LEGACY_CHECKPOINT
 
     bits = parse_bits(args.bits)
+    check_positive(args.epochs, "--epochs")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DmuhError(f"--out {out} is a file, not a folder; choose another --out")
+    for name in (RESULTS_MARKDOWN, RESULTS_CSV):
+        refuse_overwrite(out / name, args.force, "--out")
+    remove_orphans(out)
     for method in DEMO_METHODS:
         for length in bits:
             run = run_directory(out, method, length)
-            if (run / CHECKPOINT).exists():
+            if (run / CHECKPOINT).exists() or (run / LEGACY_CHECKPOINT).exists():
                 if not args.force:
                     raise DmuhError(f"{run} already holds a run; pass --force to replace the demo runs")
                 shutil.rmtree(run)
     started = time.perf_counter()
-    print(f"training {', '.join(DEMO_METHODS)} at {args.bits} bits on digits ...", flush=True)
+    print(f"training {' and '.join(DEMO_METHODS)} at {', '.join(map(str, bits))} bits on digits ...", flush=True)
     rows = compare(DEMO_METHODS, bits, demo_config(args.epochs, out), out, echo=lambda line: None)
     seconds = time.perf_counter() - started
     print()

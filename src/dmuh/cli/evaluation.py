@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any, Dict
 
 from dmuh.cli.common import add_run_flag, require_run
@@ -12,19 +13,45 @@ from dmuh.metrics import DEFAULT_TIES, TIES
 
 def add_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained run on its saved split")
-    add_run_flag(p, help="run directory written by `dmuh train`", positional=True)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_run_flag(p, help="run directory written by `dmuh train` (required)", positional=True)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [default: cpu]")
     p.add_argument("--ties", default=DEFAULT_TIES, choices=TIES,
-                   help=f"tie handling of the headline numbers [{DEFAULT_TIES}]; the report has every mode")
-    p.add_argument("--json", help="where to write the report (default RUN/eval.json)")
-    p.add_argument("--verbose", action="store_true", help="print the whole JSON report")
+                   help=f"tie handling of the headline numbers: {', '.join(TIES)} (the report has every mode) "
+                        f"[default: {DEFAULT_TIES}]")
+    p.add_argument("--json", metavar="FILE", help="where to write the report (an existing FILE needs --force; "
+                                                  "RUN/eval.json is the run's own and is replaced) [default: RUN/eval.json]")
+    p.add_argument("--force", action="store_true", help="replace an existing --json FILE [default: off]")
+    p.add_argument("--data", metavar="SPEC", default=None,
+                   help="read the run's data from here instead of the config's path (moved data; the split's "
+                        "fingerprint must still match) [default: the run's config]")
+    p.add_argument("--data-root", metavar="DIR", default=None,
+                   help="image root of a list-file source, instead of the config's [default: the run's config]")
+    p.add_argument("--verbose", action="store_true", help="print the whole JSON report [default: off]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars [default: off]")
     p.set_defaults(func=cmd_evaluate)
+
+
+def report_path(args: argparse.Namespace, run: str) -> Path:
+    """--json FILE, or RUN/eval.json; refused (one line) when it exists and --force is not given."""
+    from dmuh.io import refuse_overwrite
+    from dmuh.run import EVAL, run_directory
+
+    run_dir = run_directory(run)  # a missing run says so before anything else
+    if args.json:
+        refuse_overwrite(args.json, args.force, "--json")
+        return Path(args.json)
+    return run_dir / EVAL  # the run's own report, recomputed from the run: replaced like log.csv
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dmuh.evaluate import evaluate_run
+    from dmuh.io import remove_orphans
 
-    report = evaluate_run(require_run(args), device=args.device, ties=args.ties, out=args.json)
+    run = require_run(args)
+    out = report_path(args, run)
+    remove_orphans(out.parent)
+    data = {k: v for k, v in (("data", args.data), ("data_root", args.data_root)) if v is not None}
+    report = evaluate_run(run, device=args.device, ties=args.ties, out=str(out), **data)
     print(json.dumps(report, indent=2) if args.verbose else short_report(report))
     return 0
 

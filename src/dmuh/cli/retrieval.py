@@ -18,8 +18,9 @@ import numpy as np
 from dmuh.cli.common import add_run_flag, check_positive, require_run
 from dmuh.errors import DmuhError
 from dmuh.index import KIND_PARAMS, KINDS
-from dmuh.io import atomic_write_text, refuse_overwrite
+from dmuh.io import atomic_write_text, refuse_overwrite, remove_orphans
 from dmuh.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
+from dmuh.text import plural
 
 # What each parameter of `KIND_PARAMS` means on the command line, and its default when the data decides it.
 _PARAM_HELP = {
@@ -29,6 +30,9 @@ _PARAM_HELP = {
     "ef_construction": ("candidate list while building", None),
     "ef_search": ("candidate list while searching", None),
 }
+DEVICE_HELP = "cpu or cuda[:N] [default: cpu]"
+FORCE_HELP = "replace --out if it exists [default: off]"
+QUIET_HELP = "no progress bar [default: off]"
 
 
 def _param_flag(name: str) -> str:
@@ -40,71 +44,85 @@ def add_commands(subparsers) -> None:
         "encode", help="encode images with a trained run into a codes file",
         description="Encode images into packed binary codes (.npz) with ids, labels when known, the bit length "
                     "and the model's identity; --uncertainty adds DMUH's image- and bit-level uncertainty.")
-    add_run_flag(p, help="run directory written by `dmuh train`", old_flag="--checkpoint")
+    add_run_flag(p, help="run directory written by `dmuh train` (required)", old_flag="--checkpoint")
     p.add_argument("--images", required=True, metavar="DIR|ZIP|LIST",
                    help="a folder or .zip of images (class folders give labels), a .txt list (paths, optionally "
-                        "followed by 0/1 labels), or a dmuh data source (digits, cifar-batches:DIR, ...)")
-    p.add_argument("--root", help="folder or .zip the paths of a list file are relative to [the list's folder]")
-    p.add_argument("--out", required=True, metavar="FILE", help="codes file to write (.npz)")
+                        "followed by 0/1 labels), or a dmuh data source (digits, cifar-batches:DIR, ...) (required)")
+    p.add_argument("--root", metavar="DIR|ZIP",
+                   help="folder or .zip the paths of a list file are relative to [default: the list's folder]")
+    p.add_argument("--out", required=True, metavar="FILE", help="codes file to write (.npz) (required)")
     p.add_argument("--uncertainty", action="store_true",
-                   help="store each image's DMUH uncertainty (momentum network; DMUH runs only)")
-    p.add_argument("--image-size", type=int, help="decode images at this size [the run's]")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [cpu]")
-    p.add_argument("--batch-size", type=int, help="images per forward pass [the run's eval_batch_size]")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+                   help="store each image's DMUH uncertainty (momentum network; DMUH runs only) [default: off]")
+    p.add_argument("--image-size", type=int, metavar="N", help="decode images at N x N pixels [default: the run's]")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass [default: the run's eval_batch_size]")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_encode)
 
     index = subparsers.add_parser("index", help="build or inspect a search index of codes",
                                   description="FAISS binary indexes in a checked file (see docs/search.md).")
     index_commands = index.add_subparsers(dest="index_command", required=True)
     p = index_commands.add_parser("build", help="build an index from a codes file")
-    p.add_argument("--codes", required=True, metavar="FILE", help="codes file written by `dmuh encode`")
-    p.add_argument("--kind", default="flat", choices=KINDS, help="exact flat, or approximate ivf / hnsw [flat]")
+    p.add_argument("--codes", required=True, metavar="FILE", help="codes file written by `dmuh encode` (required)")
+    p.add_argument("--kind", default="flat", choices=KINDS,
+                   help="flat (exact), or ivf / hnsw (approximate) [default: flat]")
     for kind, params in KIND_PARAMS.items():
         for name, default in params.items():
             text, derived = _PARAM_HELP[name]
-            p.add_argument(_param_flag(name), type=int, help=f"{kind}: {text} [{derived or default}]")
-    p.add_argument("--out", required=True, metavar="INDEX", help="index file to write")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+            p.add_argument(_param_flag(name), type=int, metavar="N",
+                           help=f"{kind} only: {text}, a positive integer [default: {derived or default}]")
+    p.add_argument("--out", required=True, metavar="INDEX", help="index file to write (required)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_index_build)
     p = index_commands.add_parser("info", help="print an index file's header (verifies its checksum)")
-    p.add_argument("index", metavar="INDEX")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("index", metavar="INDEX", help="index file written by `dmuh index build` (required)")
+    p.add_argument("--json", action="store_true", help="print JSON [default: off]")
     p.set_defaults(func=cmd_index_info)
 
     p = subparsers.add_parser(
         "search", help="search an index with query images or codes",
         description="Rank the index's codes by Hamming distance to each query; --rerank re-ranks the top "
                     "candidates by an uncertainty-weighted Hamming distance (DMUH runs).")
-    p.add_argument("--index", required=True, metavar="INDEX")
-    add_run_flag(p, help="run that encodes the query images (the index's own model)", old_flag="--checkpoint")
-    p.add_argument("--image", action="append", default=[], metavar="IMAGE", help="a query image (repeatable)")
+    p.add_argument("--index", required=True, metavar="INDEX", help="index file written by `dmuh index build` (required)")
+    add_run_flag(p, help="run that encodes the query images [default: the run recorded in the index]",
+                 old_flag="--checkpoint")
+    p.add_argument("--image", action="append", default=[], metavar="IMAGE",
+                   help="a query image, repeatable [default: none]")
     p.add_argument("--queries", metavar="FILE",
-                   help="batch of queries: a .txt of image paths (one a line, relative to its folder) or a codes file")
-    p.add_argument("--k", type=int, default=10, help="results per query [10]")
+                   help="batch of queries: a .txt of image paths (one a line, relative to its folder) or a codes "
+                        "file (.npz) [default: none]")
+    p.add_argument("--k", type=int, default=10, metavar="N", help="results per query [default: 10]")
     p.add_argument("--rerank", type=int, nargs="?", const=DEFAULT_RERANK_DEPTH, metavar="DEPTH",
-                   help=f"re-rank the top DEPTH [{DEFAULT_RERANK_DEPTH}] by uncertainty-weighted Hamming distance")
-    p.add_argument("--tau", type=float,
-                   help=f"re-ranking temperature: bit weight exp(-u / (tau * the query's mean u)) [{DEFAULT_TAU:g}]")
-    p.add_argument("--nprobe", type=int, help="ivf: lists searched per query [the index's]")
-    p.add_argument("--ef-search", type=int, help="hnsw: candidate list while searching [the index's]")
+                   help=f"re-rank the top DEPTH (alone: {DEFAULT_RERANK_DEPTH}) by uncertainty-weighted Hamming "
+                        "distance [default: off]")
+    p.add_argument("--tau", type=float, metavar="T",
+                   help=f"re-ranking temperature: bit weight exp(-u / (tau * the query's mean u)) [default: {DEFAULT_TAU:g}]")
+    p.add_argument("--nprobe", type=int, metavar="N", help="ivf: lists searched per query [default: the index's]")
+    p.add_argument("--ef-search", type=int, metavar="N", help="hnsw: candidate list while searching [default: the index's]")
     p.add_argument("--allow-other-model", action="store_true",
-                   help="search even if the queries' model is not the one that encoded the index")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [cpu]")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--out", metavar="FILE", help="also write the results (JSON) to FILE")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+                   help="search even if the queries' model is not the one that encoded the index [default: off]")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--json", action="store_true", help="print the results as JSON [default: off]")
+    p.add_argument("--out", metavar="FILE", help="also write the results (JSON) to FILE [default: none]")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_search)
 
     p = subparsers.add_parser(
         "export-onnx", help="export a run's hashing network as ONNX",
         description="ONNX graph: float32 pixels 0..255 (N, C, H, W) -> continuous codes and int8 sign codes.")
-    add_run_flag(p, help="run directory written by `dmuh train`", old_flag="--checkpoint")
-    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset [17]")
-    p.add_argument("--image-size", type=int, help="input height and width [the run's decode size]")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_run_flag(p, help="run directory written by `dmuh train` (required)", old_flag="--checkpoint")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write (required)")
+    p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset [default: 17]")
+    p.add_argument("--image-size", type=int, metavar="N", help="input height and width [default: the run's decode size]")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_export_onnx)
+
+
+def _output_folder(path) -> None:
+    """Clear the temporary files killed writers left in an output's folder (dmuh.io.remove_orphans)."""
+    if path:
+        remove_orphans(Path(path).parent)
 
 
 # -- encode, index ----------------------------------------------------------------------------
@@ -113,9 +131,11 @@ def add_commands(subparsers) -> None:
 def cmd_encode(args: argparse.Namespace) -> int:
     from dmuh.data.images import open_images
     from dmuh.encoding import encode_images, load_encoder
+    from dmuh.progress import progress_bar
 
     run = require_run(args)
     refuse_overwrite(args.out, args.force)
+    _output_folder(args.out)
     check_positive(args.image_size, "--image-size")
     check_positive(args.batch_size, "--batch-size")
     encoder = load_encoder(run, args.device)
@@ -125,11 +145,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.batch_size:
         encoder.config.eval_batch_size = args.batch_size
     source = open_images(args.images, args.root, encoder.channels or 3)
-    codes = encode_images(encoder, source, uncertainty=args.uncertainty, image_size=args.image_size, images_spec=args.images)
+    with progress_bar(len(source.ids), "encoding", unit="image") as bar:  # a large collection, on a terminal
+        codes = encode_images(encoder, source, uncertainty=args.uncertainty, image_size=args.image_size,
+                              images_spec=args.images, progress=lambda done, total: bar.update(done - bar.n))
     codes.save(args.out, overwrite=args.force)
     extra = ", labels" if codes.labels is not None else ""
     extra += ", uncertainty" if codes.uncertainty is not None else ""
-    print(f"encoded {len(codes)} images into {codes.bits}-bit codes{extra}: {args.out}")
+    print(f"encoded {plural(len(codes), 'image')} into {codes.bits}-bit codes{extra}: {args.out}")
     return 0
 
 
@@ -153,11 +175,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from dmuh.index import Index
 
     refuse_overwrite(args.out, args.force)
+    _output_folder(args.out)
     params = _index_params(args)
     codes = Codes.load(args.codes)
     index = Index.build(codes, kind=args.kind, meta={**codes.identity(), "codes_file": str(args.codes)}, **params)
     index.save(args.out, overwrite=args.force)
-    print(f"index {args.out}: {args.kind}, {len(index)} codes of {index.bits} bits"
+    print(f"index {args.out}: {args.kind}, {plural(len(index), 'code')} of {plural(index.bits, 'bit')}"
           + (f", {', '.join(f'{k}={v}' for k, v in index.params.items())}" if index.params else ""))
     return 0
 
@@ -226,12 +249,10 @@ def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> 
     from dmuh.data.images import read_image
     from dmuh.encoding import encode_arrays, load_encoder
 
-    run = args.run
-    if not run:
-        raise DmuhError("query images need --checkpoint/--run RUN (the run that encoded the index)")
+    run = args.run or _recorded_run(args, index)
     encoder = load_encoder(run, args.device)
     if encoder.bits != index.bits:
-        raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but the model of --checkpoint/--run "
+        raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but the model of --run "
                         f"{run} makes {encoder.bits}-bit codes")
     _check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
     if args.rerank and encoder.momentum_network is None:
@@ -243,6 +264,22 @@ def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> 
     images = np.stack([read_image(path, encoder.channels, size) for path in paths])
     packed, uncertainty = encode_arrays(encoder, images, uncertainty=bool(args.rerank))
     return [str(p) for p in paths], packed, uncertainty
+
+
+def _recorded_run(args: argparse.Namespace, index) -> str:
+    """The run that encoded the index's codes, from its header, for query images given without --run."""
+    from dmuh.run import run_directory
+
+    recorded = (index.meta.get("model") or {}).get("run")
+    if not recorded:
+        raise DmuhError(f"query images need --run RUN (the run that encoded the index): --index {args.index} "
+                        "records no run")
+    try:
+        run_directory(recorded)
+    except DmuhError:
+        raise DmuhError(f"query images need --run RUN (the run that encoded the index): the run --index "
+                        f"{args.index} records, {recorded}, is no longer there") from None
+    return recorded
 
 
 def _gather_queries(args: argparse.Namespace, index) -> Queries:
@@ -308,6 +345,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from dmuh.index import Index
 
     refuse_overwrite(args.out, args.force)
+    _output_folder(args.out)
     if not args.image and not args.queries:
         raise DmuhError("give query images with --image (repeatable) or a file of queries with --queries")
     if args.tau is not None and args.rerank is None:
@@ -330,6 +368,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     run = require_run(args)
     refuse_overwrite(args.out, args.force)
+    _output_folder(args.out)
     check_positive(args.image_size, "--image-size")
     meta = export_onnx(run, args.out, opset=args.opset, image_size=args.image_size, overwrite=args.force)
     print(f"exported {args.out}: inputs {meta['inputs']}, image size {meta['image_size']}, {meta['bits']} bits")

@@ -61,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not hasattr(args, "out"):
             raise DmuhError("--resume needs --out RUN_DIR of the run to continue")
-        config = config_from_args(args, base=load_yaml(Path(args.out) / CONFIG))
+        saved = Path(args.out) / CONFIG
+        config = config_from_args(args, base=load_yaml(saved), base_where=str(saved))
     else:
         config = config_from_args(args)
     row = train(config, resume=args.resume, progress=not args.quiet)
@@ -132,7 +133,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     grid = parse_grid(args.grid)
     per_method: Dict[str, Dict[str, Any]] = {}
-    for key, value in parse_params(args.param).items():
+    for key, value in parse_params(args.method_params, "--param").items():
         if "." not in key:
             raise DmuhError(f"--param {key}={value}: in compare, name the method, e.g. -p csq.quantization=0.1")
         method, name = key.split(".", 1)
@@ -140,7 +141,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise DmuhError(f"--grid {method}.{name} and -p {key}={value}: {method}.{name} is given twice; "
                             "drop one")
         per_method.setdefault(method, {})[name] = value
-    args.param = []
+    args.method_params = []
     base = config_from_args(args)
     out = Path(base.out)
     compare(methods, bits, base, out, method_params=per_method, progress=not args.quiet, jobs=args.jobs,

@@ -64,7 +64,10 @@ class ImageFiles:
 
     def decode(self, indices=None, size: Optional[int] = None) -> np.ndarray:
         indices = range(len(self)) if indices is None else indices
-        archive = zipfile.ZipFile(self.zip_path) if self.zip_path is not None else None
+        try:
+            archive = zipfile.ZipFile(self.zip_path) if self.zip_path is not None else None
+        except (OSError, zipfile.BadZipFile) as error:
+            raise DmuhError(f"{self.zip_path}: cannot open zip ({_first_line(error)})") from None
         try:
             def one(i):
                 relative = self.ids[int(i)]
@@ -113,6 +116,10 @@ def open_images(spec: str, root: Optional[str] = None, channels: int = 3):
     folder, else unlabeled files. A .txt list: `path 0 1 0 ...` lines (labeled, as HashNet's lists)
     or bare paths (unlabeled), relative to --root or else to the list's folder. Anything else goes
     to `dmuh.data.open_source` (digits, cifar-batches:DIR, idx:DIR, features:FILE.npz, ...).
+
+    The images to encode are the user's own files, named by the user: a list may point outside its
+    root (`../x.jpg`, absolute paths), unlike the list files of a training data set
+    (`--allow-outside-root`).
     """
     path = Path(spec)
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:  # one image
@@ -123,9 +130,9 @@ def open_images(spec: str, root: Optional[str] = None, channels: int = 3):
         except (OSError, zipfile.BadZipFile) as error:
             raise DmuhError(f"--images {spec}: cannot read ({_first_line(error)})") from None
         if not files:  # CIFAR batches, IDX files, ...
-            return open_source(spec, root=root)
-        if all("/" in f for f in files):
-            return open_source(f"folder:{spec}", channels=channels)
+            return open_source(spec, root=root, allow_outside_root=True)
+        if all("/" in f for f in files):  # an empty folder among them does not matter for encoding
+            return open_source(f"folder:{spec}", channels=channels, allow_empty_classes=True)
         if path.is_dir():
             return ImageFiles(files, base=path, channels=channels)
         return ImageFiles(files, zip_path=path, channels=channels)
@@ -135,12 +142,14 @@ def open_images(spec: str, root: Optional[str] = None, channels: int = 3):
         except (OSError, UnicodeDecodeError) as error:
             raise DmuhError(f"--images {spec}: cannot read list file ({_first_line(error)})") from None
         base = Path(root) if root else path.parent
+        if not lines:
+            raise DmuhError(f"--images {spec}: the list file names no images")
         if lines and all(len(fields) > 1 for fields in lines):
-            return open_source(f"list:{spec}", root=str(base), channels=channels)
+            return open_source(f"list:{spec}", root=str(base), channels=channels, allow_outside_root=True)
         if not base.is_dir() and base.suffix.lower() == ".zip":
             return ImageFiles([" ".join(f) for f in lines], zip_path=base, channels=channels)
         return ImageFiles([" ".join(f) for f in lines], base=base, channels=channels)
-    return open_source(spec, root=root)
+    return open_source(spec, root=root, allow_outside_root=True)
 
 
 def match_channels(images: np.ndarray, channels: Optional[int]) -> np.ndarray:

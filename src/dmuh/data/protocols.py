@@ -3,10 +3,16 @@
 A `Split` holds index arrays into the source plus the source's fingerprint. It is saved with each
 run and reloaded by evaluation, which calls `Split.check(source)` so that a model is never scored
 on a different data set or split by accident.
+
+Every protocol here keeps the query apart from train and database. `split.json` carries a SHA-256
+checksum of its content; loading verifies it (files of older versions have none) and checks the
+split as a whole: no empty role, no index twice in a role, no query item in train or database.
+`check(source)` also regenerates the split from its protocol and seed and compares the sizes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -33,22 +39,47 @@ class Split:
     topk: Optional[int]  # MAP@k of the protocol; None = MAP over the whole ranking
     fingerprint: str  # Source.fingerprint() of the data the split was made for ("" = unknown)
     params: dict = field(default_factory=dict)  # the protocol's parameters, for the record
+    path: Optional[str] = field(default=None, repr=False)  # the split.json it was loaded from, for messages
 
     def __post_init__(self):
         for role in ("query", "train", "database"):
             setattr(self, role, np.asarray(getattr(self, role), dtype=np.int64))
+
+    def _where(self) -> str:
+        return str(self.path) if self.path else f"split {self.protocol!r} (seed {self.seed})"
+
+    def _record(self) -> dict:
+        return {"protocol": self.protocol, "seed": self.seed, "topk": self.topk, "fingerprint": self.fingerprint,
+                "params": self.params, "query": self.query.tolist(), "train": self.train.tolist(),
+                "database": self.database.tolist()}
+
+    def validate(self) -> None:
+        """Refuse a split no protocol makes: an empty role, an index twice in a role, or a query
+        item that is also a train or database item (the model would be scored on what it saw)."""
+        where = self._where()
+        for role in ("query", "train", "database"):
+            indices = getattr(self, role)
+            if indices.size == 0:
+                raise DmuhError(f"{where}: role {role!r} is empty")
+            if indices.min() < 0:
+                raise DmuhError(f"{where}: role {role!r} holds the negative index {int(indices.min())}")
+            unique, counts = np.unique(indices, return_counts=True)
+            if len(unique) != len(indices):
+                raise DmuhError(f"{where}: role {role!r} holds index {int(unique[np.argmax(counts > 1)])} "
+                                f"{int(counts.max())} times")
+        for role in ("train", "database"):
+            shared = np.intersect1d(self.query, getattr(self, role))
+            if shared.size:
+                raise DmuhError(f"{where}: {shared.size} query item(s) are also {role} items (e.g. index "
+                                f"{int(shared[0])}); the query must be kept apart from {role}")
 
     def __repr__(self) -> str:
         return (f"Split({self.protocol!r}, seed={self.seed}, query={len(self.query)}, train={len(self.train)}, "
                 f"database={len(self.database)}, topk={self.topk})")
 
     def save(self, path: PathLike) -> None:
-        record = {
-            "format": SPLIT_FORMAT, "version": SPLIT_VERSION,
-            "protocol": self.protocol, "seed": self.seed, "topk": self.topk,
-            "fingerprint": self.fingerprint, "params": self.params,
-            "query": self.query.tolist(), "train": self.train.tolist(), "database": self.database.tolist(),
-        }
+        content = self._record()
+        record = {"format": SPLIT_FORMAT, "version": SPLIT_VERSION, **content, "checksum": _checksum(content)}
         atomic_write_text(path, json.dumps(record, separators=(",", ":")) + "\n")
 
     @classmethod
@@ -67,28 +98,57 @@ class Split:
         arrays = {}
         for role in ("query", "train", "database"):
             values = record.get(role)
-            if not isinstance(values, list) or not all(isinstance(v, int) and v >= 0 for v in values):
+            if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
                 raise DmuhError(f"{path}: field {role!r} must be a list of non-negative integers")
             arrays[role] = np.array(values, dtype=np.int64)
         topk = record.get("topk")
-        if topk is not None and (not isinstance(topk, int) or topk < 1):
+        if topk is not None and (type(topk) is not int or topk < 1):
             raise DmuhError(f"{path}: field 'topk' must be a positive integer or null")
         for key, kind in (("protocol", str), ("seed", int), ("fingerprint", str), ("params", dict)):
-            if not isinstance(record.get(key), kind):
+            if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
                 raise DmuhError(f"{path}: field {key!r} missing or not a {kind.__name__}")
-        return cls(record["protocol"], record["seed"], topk=topk, fingerprint=record["fingerprint"],
-                   params=record["params"], **arrays)
+        if "checksum" in record:  # files written before checksums were added have none
+            content = {key: record.get(key) for key in _CHECKSUM_FIELDS}
+            if record["checksum"] != _checksum(content):
+                raise DmuhError(f"{path}: field 'checksum' does not match the content: the split was edited "
+                                "or corrupted after it was saved")
+        split = cls(record["protocol"], record["seed"], topk=topk, fingerprint=record["fingerprint"],
+                    params=record["params"], path=str(path), **arrays)
+        split.validate()
+        return split
 
     def check(self, source: Source) -> None:
-        """Refuse a source other than the one the split was made for, or indices beyond it."""
+        """Refuse a source other than the one the split was made for, indices beyond it, a split
+        that is not whole (`validate`), or role sizes other than the protocol gives for this data."""
+        where = self._where()
         if self.fingerprint and source.fingerprint() != self.fingerprint:
-            raise DmuhError(f"split {self.protocol!r} (seed {self.seed}) was made for other data: fingerprint "
-                            f"{self.fingerprint[:12]}..., this data {source.fingerprint()[:12]}...")
+            raise DmuhError(f"{where}: split {self.protocol!r} (seed {self.seed}) was made for other data: "
+                            f"fingerprint {self.fingerprint[:12]}..., this data {source.fingerprint()[:12]}...")
         for role in ("query", "train", "database"):
             indices = getattr(self, role)
             if indices.size and (indices.min() < 0 or indices.max() >= len(source)):
-                raise DmuhError(f"split {self.protocol!r}: {role} index {int(indices.max())} out of range "
+                raise DmuhError(f"{where}: split {self.protocol!r}: {role} index {int(indices.max())} out of range "
                                 f"for {len(source)} items")
+        self.validate()
+        try:  # the fingerprint is compared above; "-" spares make_split hashing the data again
+            expected = make_split(self.protocol, source, seed=self.seed, fingerprint=self.fingerprint or "-",
+                                  **self.params)
+        except DmuhError as error:
+            raise DmuhError(f"{where}: cannot remake the split from its protocol to check it ({error})") from None
+        for role in ("query", "train", "database"):
+            have, want = len(getattr(self, role)), len(getattr(expected, role))
+            if have != want:
+                raise DmuhError(f"{where}: role {role!r} holds {have} items, protocol {self.protocol!r} "
+                                f"(seed {self.seed}) gives {want} for this data")
+
+
+_CHECKSUM_FIELDS = ("protocol", "seed", "topk", "fingerprint", "params", "query", "train", "database")
+
+
+def _checksum(content: dict) -> str:
+    """SHA-256 of the split's content, as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps({key: content[key] for key in _CHECKSUM_FIELDS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +232,8 @@ def _per_class(data, rng, *, query_per_class: int, train_per_class: int, databas
     if database not in DATABASE_CHOICES:
         raise DmuhError(f"database {database!r}: choose one of {', '.join(DATABASE_CHOICES)}")
     for name, value in (("query_per_class", query_per_class), ("train_per_class", train_per_class)):
-        if not isinstance(value, (int, np.integer)) or value < 0:
-            raise DmuhError(f"{name}: expected a non-negative integer, got {value!r}")
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise DmuhError(f"{name}: expected a positive integer, got {value!r} (a role must not be empty)")
     query, train = _sample_per_class(data, rng, (query_per_class, train_per_class), ("query", "train"))
     db = data.all_but(query) if database == "rest" else data.all_but(query, train)
     return query, train, db, topk
@@ -282,7 +342,13 @@ def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fin
         raise DmuhError(f"seed: expected an integer, got {seed!r}")
     rng = np.random.default_rng(int(seed))
     query, train, database, topk = build(_Data(labels, subsets, class_names), rng, **params)
-    if topk is not None and (not isinstance(topk, (int, np.integer)) or topk < 1):
+    if topk is not None and (not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1):
         raise DmuhError(f"topk: expected a positive integer or None, got {topk!r}")
-    return Split(protocol, int(seed), query, train, database, topk=None if topk is None else int(topk),
-                 fingerprint=fingerprint, params=dict(params))
+    for role, indices in (("query", query), ("train", train), ("database", database)):
+        if len(indices) == 0:
+            raise DmuhError(f"protocol {protocol!r}: the split of these {labels.shape[0]} items has no {role} "
+                            "items; choose another protocol or its parameters")
+    split = Split(protocol, int(seed), query, train, database, topk=None if topk is None else int(topk),
+                  fingerprint=fingerprint, params=dict(params))
+    split.validate()  # every protocol keeps the query apart; a new one that did not would stop here
+    return split

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
@@ -32,6 +33,7 @@ PathLike = Union[str, os.PathLike]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 DEFAULT_MAX_WORKERS = 8
+MAX_LABEL_BYTES = 1 << 32  # an (N, C) multi-hot matrix larger than this is a corrupt label, not data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +49,12 @@ def to_multi_hot(labels, num_classes: Optional[int] = None, what: str = "labels"
         needed = int(labels.max()) + 1 if labels.size else 0
         num_classes = needed if num_classes is None else num_classes
         if needed > num_classes:
-            raise DmuhError(f"{what}: class index {needed - 1} but only {num_classes} classes")
+            row = int(np.argmax(labels))
+            raise DmuhError(f"{what}: class index {needed - 1} (row {row}) but only {num_classes} classes")
+        if labels.shape[0] * num_classes > MAX_LABEL_BYTES:
+            row = int(np.argmax(labels))
+            raise DmuhError(f"{what}: class index {int(labels[row])} (row {row}) would make a "
+                            f"{labels.shape[0]} x {num_classes} label matrix; is that label corrupt?")
         one_hot = np.zeros((labels.shape[0], num_classes), dtype=np.uint8)
         one_hot[np.arange(labels.shape[0]), labels] = 1
         return one_hot
@@ -140,9 +147,14 @@ class Source:
         if cached is not None:
             return cached
         decoded = self._decode(indices, size, workers)
-        with atomic_path(cache_file) as tmp:
-            with open(tmp, "wb") as handle:  # np.save on a name would append ".npy"
-                np.save(handle, decoded)
+        try:
+            with atomic_path(cache_file) as tmp:
+                with open(tmp, "wb") as handle:  # np.save on a name would append ".npy"
+                    np.save(handle, decoded)
+        except DmuhError as error:  # a full or read-only cache folder costs a decode next time, not this run
+            import sys
+
+            print(f"dmuh: warning: decoded images not cached: {error}", file=sys.stderr)
         return decoded
 
     def _decode(self, indices: np.ndarray, size: Optional[int], workers: Optional[int]) -> np.ndarray:
@@ -166,13 +178,20 @@ class Source:
 
         rest = np.arange(1, n)
         workers = workers or _default_workers()
-        if workers == 1 or n < 64:
-            fill(rest)
-        else:
-            chunks = np.array_split(rest, min(len(rest), workers * 8))
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for future in [pool.submit(fill, chunk) for chunk in chunks]:
-                    future.result()
+        from dmuh.progress import progress_bar  # shown for a large source on a terminal
+
+        with progress_bar(n, "decoding images", unit="image") as bar:
+            bar.update(1)
+            if workers == 1 or n < 64:
+                for chunk in np.array_split(rest, max(1, len(rest) // 256)):
+                    fill(chunk)
+                    bar.update(len(chunk))
+            else:
+                chunks = np.array_split(rest, min(len(rest), workers * 8))
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    for chunk, future in [(chunk, pool.submit(fill, chunk)) for chunk in chunks]:
+                        future.result()
+                        bar.update(len(chunk))
         return out
 
     def _read_array(self, i: int, size: Optional[int]) -> np.ndarray:
@@ -193,9 +212,10 @@ class Source:
             return None
         try:
             cached = np.load(cache_file, allow_pickle=False)
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):
             return None
-        return cached if cached.shape[:1] == (count,) else None
+        ok = isinstance(cached, np.ndarray) and cached.dtype == np.uint8 and cached.shape[:1] == (count,)
+        return cached if ok else None
 
     # -- identity ----------------------------------------------------------------------------
 
@@ -248,10 +268,19 @@ class FeatureSource(Source):
 
     def __init__(self, features, labels, class_names=None, ids=None, subsets=None, name: str = "features"):
         features = np.asarray(features)
-        if features.ndim != 2 or not np.issubdtype(features.dtype, np.number):
-            raise DmuhError(f"{name}: expected an (N, D) numeric feature array, "
+        if features.ndim != 2 or not np.issubdtype(features.dtype, np.number) or np.iscomplexobj(features):
+            raise DmuhError(f"{name}: 'features' must be an (N, D) numeric array, "
                             f"got {features.dtype} {features.shape}")
-        self.features = np.ascontiguousarray(features, dtype=np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused below
+            self.features = np.ascontiguousarray(features, dtype=np.float32)
+        finite = np.isfinite(self.features).all(axis=1)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise DmuhError(f"{name}: 'features' row {int(bad[0])} (counting from 0) holds NaN or Inf; "
+                            f"{len(bad)} of {len(finite)} rows do")
+        labels = np.asarray(labels)
+        if labels.ndim >= 1 and labels.shape[0] != features.shape[0]:
+            raise DmuhError(f"{name}: 'features' has {features.shape[0]} rows but 'labels' has {labels.shape[0]}")
         self._init_common(labels, class_names, ids, subsets, None, name)
         if len(self) != self.features.shape[0]:
             raise DmuhError(f"{name}: {self.features.shape[0]} feature rows but {len(self)} labels")
@@ -261,22 +290,24 @@ class FeatureSource(Source):
         """A .npz with arrays `features` and `labels` (optional `class_names`, `ids`, `subsets`),
         or a features .npy together with a labels .npy."""
         path = Path(path)
-        try:
-            if path.suffix == ".npz":
-                with np.load(path, allow_pickle=False) as arrays:
-                    missing = {"features", "labels"} - set(arrays.files)
-                    if missing:
-                        raise DmuhError(f"{path}: missing array(s) {', '.join(sorted(missing))} "
-                                        f"(has {', '.join(arrays.files)})")
-                    optional = {key: arrays[key].tolist() for key in ("class_names", "ids", "subsets")
-                                if key in arrays.files}
-                    return cls(arrays["features"], arrays["labels"], name=str(path), **optional)
-            if labels is None:
-                raise DmuhError(f"{path}: a features .npy needs labels=<labels .npy> "
-                                "(or use one .npz holding both)")
-            return cls(np.load(path, allow_pickle=False), np.load(labels, allow_pickle=False), name=str(path))
-        except (OSError, ValueError) as error:
-            raise DmuhError(f"{path}: cannot read features ({error})") from None
+        if path.suffix == ".npz":
+            arrays = _load_npz(path, required=("features", "labels"), optional=("class_names", "ids", "subsets"))
+            optional = {}
+            for key in ("class_names", "ids", "subsets"):
+                if key in arrays:
+                    if arrays[key].ndim != 1:
+                        raise DmuhError(f"{path}: key {key!r} must be a 1-D array of names, got shape "
+                                        f"{arrays[key].shape}")
+                    optional[key] = arrays[key].tolist()
+            _check_label_array(arrays["labels"], f"{path}: key 'labels'")
+            return cls(arrays["features"], arrays["labels"], name=str(path), **optional)
+        if labels is None:
+            raise DmuhError(f"{path}: a features .npy needs labels=<labels .npy> "
+                            "(or use one .npz holding both)")
+        features = _load_npy(path, "features")
+        label_array = _load_npy(Path(labels), "labels")
+        _check_label_array(label_array, f"{labels}")
+        return cls(features, label_array, name=str(path))
 
     def read(self, i: int) -> Image.Image:
         raise DmuhError("a feature source holds feature vectors, not images")
@@ -289,6 +320,74 @@ class FeatureSource(Source):
     def _hash_content(self, digest) -> None:
         digest.update(repr(self.features.shape).encode())
         digest.update(self.features.data)
+
+
+_NPY_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    """One array from a .npy file; DmuhError naming the file when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as error:
+        raise DmuhError(f"{path}: cannot read {what} ({error.strerror or error})") from None
+    if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
+        raise DmuhError(f"{path}: cannot read {what}: not a .npy file")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except _NPY_ERRORS as error:
+        raise DmuhError(f"{path}: cannot read {what} ({_one_line(error)})") from None
+    if not isinstance(array, np.ndarray):  # a .npz under a .npy name
+        array.close()
+        raise DmuhError(f"{path}: expected one {what} array (.npy), got a .npz archive")
+    return array
+
+
+def _load_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ()) -> dict:
+    """The named arrays of a .npz, read in full; DmuhError naming the file (and key) otherwise."""
+    if not path.is_file():
+        raise DmuhError(f"{path}: features file not found")
+    if not zipfile.is_zipfile(path):
+        raise DmuhError(f"{path}: cannot read features: not a .npz archive (truncated, or not a zip file)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except _NPY_ERRORS as error:
+        raise DmuhError(f"{path}: cannot read features: not a readable .npz ({_one_line(error)})") from None
+    if isinstance(archive, np.ndarray):
+        raise DmuhError(f"{path}: expected a .npz archive of arrays {', '.join(required)}, got a single .npy array")
+    with archive:
+        files = list(archive.files)
+        missing = [key for key in required if key not in files]
+        if missing:
+            raise DmuhError(f"{path}: missing array(s) {', '.join(missing)} (has {', '.join(files) or 'none'})")
+        arrays = {}
+        for key in list(required) + [key for key in optional if key in files]:
+            try:
+                arrays[key] = archive[key]
+            except _NPY_ERRORS as error:
+                raise DmuhError(f"{path}: cannot read key {key!r} ({_one_line(error)})") from None
+    return arrays
+
+
+def _check_label_array(labels: np.ndarray, what: str) -> None:
+    """Labels must be (N,) non-negative integer class indices or an (N, C) 0/1 multi-hot matrix."""
+    if labels.ndim == 1:
+        if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0):
+            raise DmuhError(f"{what}: (N,) labels must be non-negative integer class indices, got {labels.dtype}")
+    elif labels.ndim == 2:
+        if not (np.issubdtype(labels.dtype, np.number) or labels.dtype == bool) or np.iscomplexobj(labels):
+            raise DmuhError(f"{what}: (N, C) labels must be a 0/1 multi-hot matrix, got {labels.dtype}")
+        bad = ~np.isin(labels, (0, 1)).all(axis=1)
+        if bad.any():
+            raise DmuhError(f"{what}: (N, C) labels must hold only 0 and 1; row {int(np.argmax(bad))} does not")
+    else:
+        raise DmuhError(f"{what}: expected (N,) class indices or an (N, C) multi-hot matrix, got shape {labels.shape}")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,6 +407,9 @@ class _FileStore:
             return _DirectoryStore(root)
         if root.is_file() and zipfile.is_zipfile(root):
             return _ZipStore(root)
+        if root.is_file():
+            raise DmuhError(f"{root}: not a zip file (truncated, or another format); "
+                            "expected a directory or a .zip of images")
         raise DmuhError(f"{root}: not found, or neither a directory nor a zip file")
 
     def describe(self, relative: str) -> str:
@@ -319,6 +421,10 @@ class _FileStore:
 
     def list_files(self) -> list:
         """[(relative posix path, size in bytes)] of all visible files."""
+        raise NotImplementedError
+
+    def list_dirs(self) -> set:
+        """Relative posix paths of all visible folders (empty ones included)."""
         raise NotImplementedError
 
 
@@ -338,16 +444,31 @@ class _DirectoryStore(_FileStore):
             raise DmuhError(f"{self.describe(relative)}: cannot read image ({error.strerror or error})") from None
 
     def list_files(self) -> list:
-        files = []
-        for folder, dirnames, filenames in os.walk(self.root, followlinks=True):
+        files, self._dirs = [], set()
+        for folder, dirnames, filenames in os.walk(self.root, followlinks=True, onerror=self._walk_error):
             dirnames[:] = [d for d in dirnames if not is_hidden(d)]
             base = Path(folder)
+            if base != self.root:
+                self._dirs.add(base.relative_to(self.root).as_posix())
             for filename in filenames:
                 path = base / filename
                 relative = path.relative_to(self.root).as_posix()
                 if not is_hidden(relative):
-                    files.append((relative, path.stat().st_size))
+                    try:
+                        size = path.stat().st_size
+                    except OSError as error:  # e.g. a dangling symlink
+                        raise DmuhError(f"{path}: cannot read ({error.strerror or error})") from None
+                    files.append((relative, size))
         return files
+
+    def list_dirs(self) -> set:
+        if not hasattr(self, "_dirs"):
+            self.list_files()
+        return set(self._dirs)
+
+    @staticmethod
+    def _walk_error(error: OSError) -> None:
+        raise DmuhError(f"{error.filename}: cannot list folder ({error.strerror or error})")
 
 
 class _ZipStore(_FileStore):
@@ -369,6 +490,11 @@ class _ZipStore(_FileStore):
         self._members = {info.filename: (info.header_offset, info.compress_size, info.file_size,
                                          info.compress_type, info.flag_bits, info.CRC)
                          for info in infos if not info.is_dir() and not is_hidden(info.filename)}
+        self._dirs = {info.filename.rstrip("/") for info in infos if info.is_dir() and not is_hidden(info.filename)}
+        for name in self._members:  # folders a zip does not list on their own
+            parts = name.split("/")[:-1]
+            self._dirs.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+        self._dirs.discard("")
         self._open_handle()
 
     def _open_handle(self) -> None:
@@ -377,7 +503,7 @@ class _ZipStore(_FileStore):
         weakref.finalize(self, self._handle.close)
 
     def __getstate__(self):  # picklable for DataLoader workers: the handle is reopened there
-        return {"root": self.root, "_members": self._members}
+        return {"root": self.root, "_members": self._members, "_dirs": self._dirs}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -420,6 +546,9 @@ class _ZipStore(_FileStore):
     def list_files(self) -> list:
         return [(name, member[2]) for name, member in self._members.items()]
 
+    def list_dirs(self) -> set:
+        return set(self._dirs)
+
 
 # signature, versions, flags, method, time, date, crc, sizes, name length, extra length
 _ZIP_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
@@ -432,14 +561,22 @@ class _FileImageSource(Source):
 
     def read(self, i: int) -> Image.Image:
         relative = self.ids[i]
-        data = self.store.read_bytes(relative)
+        try:
+            data = self.store.read_bytes(relative)
+        except DmuhError as error:
+            raise DmuhError(f"{error}{self._listed_at(i)}") from None
         mode = "L" if self.channels == 1 else "RGB"
         try:
             image = Image.open(io.BytesIO(data))  # in-memory bytes: nothing to close
             image.load()
             return image if image.mode == mode else image.convert(mode)
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise DmuhError(f"{self.store.describe(relative)}: cannot decode image ({error})") from None
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+            raise DmuhError(f"{self.store.describe(relative)}: cannot decode image ({_one_line(error)})"
+                            f"{self._listed_at(i)}") from None
+
+    def _listed_at(self, i: int) -> str:
+        """Where item `i` was listed, for messages ("" for a folder tree)."""
+        return ""
 
 
 class ImageFolderSource(_FileImageSource):
@@ -448,9 +585,10 @@ class ImageFolderSource(_FileImageSource):
     The class of an image is the name of its parent directory; images may sit at any depth. When
     images sit one level above their class folder (`train/<class>/x.jpg`), that top-level folder
     is the item's subset. Items are sorted by path. `channels` (default 3) picks RGB or grayscale.
+    A class folder with no image in it is refused unless `allow_empty_classes` (it is then ignored).
     """
 
-    def __init__(self, path: PathLike, channels: int = 3):
+    def __init__(self, path: PathLike, channels: int = 3, allow_empty_classes: bool = False):
         if channels not in (1, 3):
             raise DmuhError(f"channels: expected 1 or 3, got {channels!r}")
         self.store = _FileStore.open(path)
@@ -463,6 +601,8 @@ class ImageFolderSource(_FileImageSource):
         ids = [relative for relative, _ in files]
         self._file_sizes = np.array([size for _, size in files], dtype=np.int64)
         folders = [relative.split("/")[:-1] for relative in ids]
+        if not allow_empty_classes:
+            _refuse_empty_class_folders(path, self.store.list_dirs(), folders)
         class_names = sorted({parts[-1] for parts in folders})
         class_index = {name: c for c, name in enumerate(class_names)}
         labels = np.array([class_index[parts[-1]] for parts in folders], dtype=np.int64)
@@ -472,6 +612,18 @@ class ImageFolderSource(_FileImageSource):
     def _hash_content(self, digest) -> None:
         digest.update("\n".join(self.ids).encode())
         digest.update(self._file_sizes.tobytes())
+
+
+def _refuse_empty_class_folders(path, dirs: set, folders: list) -> None:
+    """A folder with no subfolder and no image, at the depth of a class folder, is a class with
+    no items (an emptied or half-copied class): refuse it rather than drop the class unseen."""
+    with_images = {"/".join(parts) for parts in folders}
+    class_depths = {len(parts) for parts in folders}
+    parents = {d.rsplit("/", 1)[0] for d in dirs if "/" in d}
+    empty = sorted(d for d in dirs if d not in with_images and d not in parents and d.count("/") + 1 in class_depths)
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DmuhError(f"{path}: class folder {empty[0]!r} holds no images{more} (remove it or add images)")
 
 
 def _split_folders(folders: list) -> Optional[list]:
@@ -494,25 +646,32 @@ class ListFileSource(_FileImageSource):
 
     `list_files`: one list file, or a mapping name -> list file (e.g. train/test/database); the name
     (for a single file its stem) becomes the item's subset. Paths are relative to `root` (a directory
-    or a zip). A missing image is reported when it is read.
+    or a zip); a path that leaves it (`../x.jpg`, an absolute path elsewhere; judged on the text,
+    symlinks are not followed) is refused unless `allow_outside_root`. A missing image is reported
+    when it is read, with the list file and line that named it.
     """
 
     def __init__(self, list_files: Union[PathLike, Mapping[str, PathLike]], root: PathLike,
-                 class_names: Optional[Sequence[str]] = None, channels: int = 3):
+                 class_names: Optional[Sequence[str]] = None, channels: int = 3, allow_outside_root: bool = False):
         if channels not in (1, 3):
             raise DmuhError(f"channels: expected 1 or 3, got {channels!r}")
         named = dict(list_files) if isinstance(list_files, Mapping) else {Path(list_files).stem: list_files}
         if not named:
             raise DmuhError("list_files: no list file given")
         self.store = _FileStore.open(root)
-        ids, rows, subsets = [], [], []
+        inside = _RootCheck(root, isinstance(self.store, _ZipStore))
+        ids, rows, subsets, self._origins = [], [], [], []
         width = len(class_names) if class_names is not None else None
         for name, list_file in named.items():
-            for path, row in _parse_list_file(Path(list_file), width):
+            for number, path, row in _parse_list_file(Path(list_file), width):
+                if not allow_outside_root and not inside(path):
+                    raise DmuhError(f"{list_file} line {number}: path {path!r} escapes --data-root {root}; "
+                                    "pass --allow-outside-root true to allow it")
                 width = len(row)
                 ids.append(path)
                 rows.append(row)
                 subsets.append(name)
+                self._origins.append((str(list_file), number))
         if not ids:
             raise DmuhError(f"{', '.join(str(f) for f in named.values())}: no items in the list file(s)")
         labels = np.array(rows, dtype=np.uint8)
@@ -522,13 +681,44 @@ class ListFileSource(_FileImageSource):
         # The lists name the data; stat-ing every image would not be cheap on large sets.
         digest.update("\n".join(self.ids).encode())
 
+    def _listed_at(self, i: int) -> str:
+        origins = getattr(self, "_origins", None)
+        if not origins:
+            return ""
+        list_file, number = origins[i]
+        return f" (listed in {list_file} line {number})"
+
+
+class _RootCheck:
+    """Whether a list-file path stays inside the root, judged on the text (symlinks not followed)."""
+
+    def __init__(self, root: PathLike, is_zip: bool):
+        self.root = os.path.normpath(os.path.abspath(root))
+        self.is_zip = is_zip
+
+    def __call__(self, path: str) -> bool:
+        if os.path.isabs(path):
+            if self.is_zip:
+                return False
+            normal = os.path.normpath(path)
+            return normal == self.root or normal.startswith(self.root.rstrip(os.sep) + os.sep)
+        normal = os.path.normpath(path)
+        return normal != os.pardir and not normal.startswith(os.pardir + os.sep)
+
 
 def _parse_list_file(list_file: Path, width: Optional[int]):
-    """Yield (path, multi-hot row) per non-empty line; all rows must have `width` labels."""
+    """Yield (line number, path, multi-hot row) per non-empty line; all rows must have `width` labels."""
     try:
-        text = list_file.read_text()
+        raw = list_file.read_bytes()
     except OSError as error:
         raise DmuhError(f"{list_file}: cannot read list file ({error.strerror or error})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is dropped
+    except UnicodeDecodeError as error:
+        data = bytes(error.object)
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DmuhError(f"{list_file} line {line}: not UTF-8 text (byte {data[error.start]:#04x}); "
+                        "save the list file as UTF-8") from None
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -537,10 +727,12 @@ def _parse_list_file(list_file: Path, width: Optional[int]):
         if width is not None and len(values) != width:
             raise DmuhError(f"{list_file} line {number}: expected {width} labels, got {len(values)}")
         if not values or any(value not in ("0", "1") for value in values):
+            shown = line.strip()
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
             raise DmuhError(f"{list_file} line {number}: expected a path then 0/1 multi-hot labels, "
-                            f"got {line.strip()!r}")
+                            f"got {shown!r}")
         width = len(values)
-        yield path, [int(value) for value in values]
+        yield number, path, [int(value) for value in values]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,8 +757,10 @@ def _load_cifar_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
             batch = _CifarUnpickler(handle, encoding="bytes").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
-        raise DmuhError(f"{path}: cannot read CIFAR batch ({error})") from None
+    except OSError as error:
+        raise DmuhError(f"{path}: cannot read CIFAR batch ({error.strerror or error})") from None
+    except Exception as error:  # a truncated or foreign pickle fails in many ways; all mean "not a batch"
+        raise DmuhError(f"{path}: cannot read CIFAR batch ({type(error).__name__}: {_one_line(error)})") from None
     if not isinstance(batch, dict):
         raise DmuhError(f"{path}: not a CIFAR batch (expected a dict)")
     return batch
@@ -588,27 +782,49 @@ class CifarBatchesSource(ArraySource):
             label_key, meta_file, names_key = prefix + b"labels", folder / "meta", prefix + b"label_names"
         else:
             raise DmuhError(f"{folder}: no CIFAR batches (expected data_batch_1..5 and test_batch, or train and test)")
-        images, labels, ids, subsets = [], [], [], []
+        images, labels, ids, subsets, label_files = [], [], [], [], []
         for batch_file in batch_files:
             if not batch_file.is_file():
                 raise DmuhError(f"{batch_file}: missing CIFAR batch")
             batch = _load_cifar_pickle(batch_file)
             if b"data" not in batch or label_key not in batch:
                 raise DmuhError(f"{batch_file}: expected keys b'data' and {label_key!r}")
-            data = np.asarray(batch[b"data"])
-            batch_labels = np.asarray(batch[label_key], dtype=np.int64)
+            try:
+                data, batch_labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
+            except (ValueError, TypeError) as error:
+                raise DmuhError(f"{batch_file}: b'data' or {label_key!r} is not an array "
+                                f"({_one_line(error)})") from None
             if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
                 raise DmuhError(f"{batch_file}: b'data' must be (N, 3072) uint8, got {data.dtype} {data.shape}")
+            if batch_labels.ndim != 1 or not (np.issubdtype(batch_labels.dtype, np.integer) or batch_labels.size == 0):
+                raise DmuhError(f"{batch_file}: {label_key!r} must be a list of integer class indices")
             if batch_labels.shape != (data.shape[0],):
                 raise DmuhError(f"{batch_file}: {batch_labels.shape[0]} labels for {data.shape[0]} images")
+            batch_labels = batch_labels.astype(np.int64)
+            if batch_labels.size and batch_labels.min() < 0:
+                row = int(np.argmin(batch_labels))
+                raise DmuhError(f"{batch_file}: {label_key!r} row {row} is {int(batch_labels[row])}, not a class index")
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(batch_labels)
+            label_files.append(batch_file)
             ids.extend(f"{batch_file.name}:{row}" for row in range(data.shape[0]))
             subsets.extend(["test" if batch_file.name.startswith("test") else "train"] * data.shape[0])
-        labels = np.concatenate(labels)
         class_names = None
         if meta_file.is_file():
-            class_names = [name.decode() for name in _load_cifar_pickle(meta_file).get(names_key, [])] or None
+            names = _load_cifar_pickle(meta_file).get(names_key, [])
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, (bytes, str)) for n in names):
+                raise DmuhError(f"{meta_file}: {names_key!r} must be a list of class names")
+            try:
+                class_names = [n.decode() if isinstance(n, bytes) else n for n in names] or None
+            except UnicodeDecodeError:
+                raise DmuhError(f"{meta_file}: {names_key!r} holds a name that is not UTF-8") from None
+        if class_names:
+            for batch_file, batch_labels in zip(label_files, labels):
+                if batch_labels.size and batch_labels.max() >= len(class_names):
+                    row = int(np.argmax(batch_labels))
+                    raise DmuhError(f"{batch_file}: {label_key!r} row {row} is class {int(batch_labels[row])}, "
+                                    f"but {meta_file.name} names {len(class_names)} classes")
+        labels = np.concatenate(labels)
         num_classes = len(class_names) if class_names else int(labels.max()) + 1
         self._init_images(np.ascontiguousarray(np.concatenate(images)), to_multi_hot(labels, num_classes, str(folder)),
                           class_names, ids, subsets, str(folder))
@@ -625,8 +841,9 @@ def read_idx(path: PathLike) -> np.ndarray:
     try:
         with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
             data = handle.read()
-    except (OSError, EOFError) as error:
-        raise DmuhError(f"{path}: cannot read IDX file ({error})") from None
+    except (OSError, EOFError, zlib.error) as error:
+        reason = getattr(error, "strerror", None) or _one_line(error)
+        raise DmuhError(f"{path}: cannot read IDX file ({reason})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DmuhError(f"{path}: not an IDX file (bad magic number {data[:4].hex() or 'empty'})")
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
@@ -634,7 +851,7 @@ def read_idx(path: PathLike) -> np.ndarray:
     if ndim == 0 or len(data) < header:
         raise DmuhError(f"{path}: truncated IDX header")
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) - header != expected:
         raise DmuhError(f"{path}: IDX header says {shape} ({expected} bytes of data) "
                         f"but the file holds {len(data) - header}")
@@ -687,8 +904,36 @@ class IdxSource(ArraySource):
             all_labels.append(classes.astype(np.int64))
             ids.extend(f"{images_file.name}:{row}" for row in range(pixels.shape[0]))
             subsets.extend([_idx_subset(images_file)] * pixels.shape[0])
+        _check_idx_labels([labels_file for _, labels_file in pairs], all_labels, class_names)
         labels = to_multi_hot(np.concatenate(all_labels), len(class_names) if class_names else None, str(images))
         self._init_images(np.concatenate(all_images), labels, class_names, ids, subsets, str(images))
+
+
+def _check_idx_labels(files: list, labels: list, class_names) -> None:
+    """Every label must be a class: below len(class_names) when given; else, with several label
+    files (train + t10k), every file must reach the same highest class, as each split of the MNIST
+    family holds every class (a corrupt label such as 10 among 0-9 would otherwise add a class)."""
+    for labels_file, classes in zip(files, labels):
+        if classes.size and classes.min() < 0:
+            row = int(np.argmin(classes))
+            raise DmuhError(f"{labels_file}: label {int(classes[row])} at row {row} is not a class index")
+    if class_names:
+        for labels_file, classes in zip(files, labels):
+            if classes.size and classes.max() >= len(class_names):
+                row = int(np.argmax(classes))
+                raise DmuhError(f"{labels_file}: label {int(classes[row])} at row {row} is out of range for "
+                                f"{len(class_names)} class names (0-{len(class_names) - 1})")
+        return
+    tops = [int(classes.max()) if classes.size else None for classes in labels]
+    present = [top for top in tops if top is not None]
+    if len(present) < 2 or present.count(max(present)) > 1:
+        return
+    highest = max(present)
+    labels_file, classes = next((f, c) for f, c, top in zip(files, labels, tops) if top == highest)
+    row = int(np.argmax(classes))
+    below = max(top for top in present if top != highest)
+    raise DmuhError(f"{labels_file}: label {highest} at row {row} is out of range: the other label files "
+                    f"hold classes 0-{below} (pass class_names if it is a class)")
 
 
 def _idx_image_files(folder: Path) -> list:
@@ -756,13 +1001,14 @@ SOURCE_KINDS: dict = {
 }
 
 
-def open_source(spec: str, root: Optional[PathLike] = None, **kw) -> Source:
+def open_source(spec: str, root: Optional[PathLike] = None, allow_outside_root: bool = False, **kw) -> Source:
     """Open a data source from a spec string.
 
     "digits"; "KIND:TARGET" with KIND one of folder, cifar-batches, idx, list, features; or a path:
     a directory (CIFAR batches if it holds data_batch_1 or CIFAR-100's train/test/meta, IDX files
     if it holds *idx3-ubyte*, else an ImageFolder tree), a .zip (ImageFolder), a .txt list file
     (needs `root`), a .npz of `features` + `labels`. Extra keywords go to the source's constructor.
+    `allow_outside_root` lets a list file name images outside `root` (`../x.jpg`, absolute paths).
     """
     spec = str(spec)
     if spec == "digits":
@@ -771,6 +1017,8 @@ def open_source(spec: str, root: Optional[PathLike] = None, **kw) -> Source:
     if sep and kind in SOURCE_KINDS:
         if kind != "list" and not Path(target).exists():
             raise DmuhError(f"data source {target}: not found")
+        if kind == "list":
+            kw["allow_outside_root"] = allow_outside_root
         return SOURCE_KINDS[kind](target, root, **kw)
     path = Path(spec)
     if not path.exists():
@@ -786,7 +1034,7 @@ def open_source(spec: str, root: Optional[PathLike] = None, **kw) -> Source:
     if suffix == ".zip":
         return ImageFolderSource(path, **kw)
     if suffix == ".txt":
-        return _open_list(spec, root, **kw)
+        return _open_list(spec, root, allow_outside_root=allow_outside_root, **kw)
     if suffix in (".npz", ".npy"):
         return FeatureSource.load(path, **kw)
     if "idx3-ubyte" in path.name:

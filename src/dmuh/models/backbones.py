@@ -3,12 +3,19 @@
 Every backbone maps its input to a flat feature vector and carries `feature_dim`, `input_size`
 and `in_channels`; the pretrained-loading hints are described in `dmuh.models.registry`.
 torchvision models are always built with `weights=None`: weights only come from local files.
+
+Input size. A backbone whose factory takes an `input_size` option works at any size (`smallcnn`,
+`resnet18-32`, `resnet50-32`: convolutions and global pooling; default 32): `dmuh train` then
+gives it the size of the decoded images (`dmuh.runtime.build_model`; digits run at 8x8) unless
+`input_size` is set, and the checkpoint records the size used. The ImageNet networks (`cnnf`,
+`alexnet`, `resnet18`, `resnet50`) take 224x224: images of another size are resized to 224 by the
+input pipeline, batch by batch on the device (`--image-size 224` decodes them at 224 once instead).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torchvision
@@ -115,19 +122,22 @@ class ResNetFeatures(nn.Module):
     """torchvision ResNet without fc: globally pooled features (512-d for 18, 2048-d for 50).
 
     small_input replaces the stem (7x7 stride-2 conv + max-pool) by a 3x3 stride-1 conv and no
-    pool, as usual for 32x32 images; pretrained weights then load for everything but conv1.
+    pool, as usual for 32x32 images; pretrained weights then load for everything but conv1. That
+    network takes any `input_size` (default 32); the ImageNet stem's is 224.
     """
 
     first_conv = "conv1"
     ignored_pretrained_keys = ("fc.",)
 
-    def __init__(self, depth: int, in_channels: int = 3, small_input: bool = False):
+    def __init__(self, depth: int, in_channels: int = 3, small_input: bool = False, input_size: Optional[int] = None):
         super().__init__()
         constructors = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}
         resnet = constructors[depth](weights=None)
         self.in_channels = in_channels
         self.small_input = small_input
-        self.input_size = 32 if small_input else 224
+        if input_size is not None and not small_input:
+            raise ValueError("the ImageNet stem takes 224 px inputs; input_size is for small_input=True")
+        self.input_size = (input_size or 32) if small_input else 224
         self.feature_dim = resnet.fc.in_features
         resnet.fc = nn.Identity()
         if small_input:
@@ -149,6 +159,10 @@ class ResNetFeatures(nn.Module):
 class SmallCNN(nn.Module):
     """Three conv blocks (3x3 conv, BatchNorm, ReLU; the first two halve the size) and global
     average pooling: a 4*width-d feature (256 by default) for 8-32 px images, quick on a CPU.
+
+    Any `input_size` works (the weights do not depend on it); images of another size are resized
+    to it by the input pipeline. `dmuh train` sets it to the decoded images' size when it is not
+    given (8 for digits); 32 is the default of `create_model` and of runs that did not record it.
 
     `fc` adds a CNN-F-like head (Linear + ReLU + Dropout(`dropout`) per entry, as CNN-F's fc6 and
     fc7 before its hash layer): the small stand-in for the paper's network on the CPU, with the
@@ -216,21 +230,40 @@ def alexnet(in_channels: int = 3, dropout: float = 0.5) -> nn.Module:
     return AlexNetFeatures(in_channels=in_channels, dropout=dropout)
 
 
+def _check_input_size(name: str, input_size) -> int:
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+        raise DmuhError(f"model {name!r}: input_size must be a positive number of pixels, got {input_size!r}")
+    return input_size
+
+
 @register_model("resnet18")
-@register_model("resnet18-32", small_input=True)
 def resnet18(in_channels: int = 3, small_input: bool = False) -> nn.Module:
     return ResNetFeatures(18, in_channels=in_channels, small_input=small_input)
 
 
+# The small-stem variants take any input size (`input_size`, default 32), so they are factories of
+# their own; `small_input` is fixed to True (giving it is an error that says so).
+@register_model("resnet18-32", small_input=True)
+def resnet18_small(in_channels: int = 3, input_size: int = 32, small_input: bool = True) -> nn.Module:
+    input_size = _check_input_size("resnet18-32", input_size)
+    return ResNetFeatures(18, in_channels=in_channels, small_input=True, input_size=input_size)
+
+
 @register_model("resnet50")
-@register_model("resnet50-32", small_input=True)
 def resnet50(in_channels: int = 3, small_input: bool = False) -> nn.Module:
     return ResNetFeatures(50, in_channels=in_channels, small_input=small_input)
+
+
+@register_model("resnet50-32", small_input=True)
+def resnet50_small(in_channels: int = 3, input_size: int = 32, small_input: bool = True) -> nn.Module:
+    input_size = _check_input_size("resnet50-32", input_size)
+    return ResNetFeatures(50, in_channels=in_channels, small_input=True, input_size=input_size)
 
 
 @register_model("smallcnn")
 def smallcnn(in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Sequence[int] = (),
              dropout: float = 0.5) -> nn.Module:
+    _check_input_size("smallcnn", input_size)
     if not 0.0 <= float(dropout) < 1.0:
         raise DmuhError(f"model 'smallcnn': dropout must be in [0, 1), got {dropout!r}")
     if isinstance(fc, (str, int)) or not all(isinstance(w, int) and w > 0 for w in fc):

@@ -6,6 +6,12 @@ attributes steer pretrained loading (see `dmuh.models.pretrained`):
 `first_conv` (module path of the first convolution), `ignored_pretrained_keys` (key prefixes of
 a classification head to drop) and `skipped_pretrained_keys` ({key: why} left at random init).
 `create_model` wraps the backbone in a `HashNetwork` with a `bits`-wide hash layer.
+
+A factory with an `input_size` option declares that the backbone works at any input size
+(`takes_input_size`): `dmuh train` then builds it at the size of the decoded images unless the
+user sets one, and `model.config` always records the size, so a checkpoint rebuilds (and `dmuh
+encode` / `export-onnx` feed) the network at the size it was trained at. A factory without it has
+a fixed size (the ImageNet networks' 224), to which the input pipeline resizes.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ def available_models() -> list:
     return MODELS.names()
 
 
+def takes_input_size(name: str) -> bool:
+    """Whether model `name` works at any input size: its factory has an `input_size` option."""
+    return "input_size" in MODELS.entry(name).options()
+
+
 def create_model(
     name: str,
     bits: int,
@@ -49,7 +60,8 @@ def create_model(
     in_channels: input channels for image models (default: the model's own, 3); not for `mlp`.
     hash_init_std: the hash layer's weights start as N(0, std^2), bias 0; None keeps PyTorch's init.
     hash_norm: "none" or "batchnorm" (a BatchNorm1d on the hash-layer outputs; see HashNetwork).
-    options: model-specific keyword arguments (e.g. `small_input`, `input_dim`, `hidden`).
+    options: model-specific keyword arguments (e.g. `small_input`, `input_dim`, `hidden`,
+        `input_size` for the models that take any size; see `takes_input_size`).
 
     `model.config` holds the arguments that rebuild the architecture (`create_model(**model.config)`),
     never the weights file.
@@ -69,5 +81,7 @@ def create_model(
             )
         load_pretrained_backbone(backbone, pretrained, model_name=name)
     model = HashNetwork(backbone, bits, name=name, hash_init_std=hash_init_std, hash_norm=hash_norm)
+    if takes_input_size(name):  # the size it is built for, given or the default: what a checkpoint rebuilds
+        options["input_size"] = int(backbone.input_size)
     model.config = {"name": name, "bits": bits, "hash_init_std": hash_init_std, "hash_norm": hash_norm, **options}
     return model
