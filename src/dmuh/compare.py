@@ -30,9 +30,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from dmuh.config import TrainConfig, load_yaml
+from dmuh.config import TrainConfig, load_yaml, with_absolute_paths
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_write_text, remove_orphans
+from dmuh.io import atomic_write_text, refuse_overwrite, remove_orphans
 from dmuh.methods import METHODS, create_method, display_name, method_class
 from dmuh.metrics import DEFAULT_TIES
 from dmuh.run import CHECKPOINT, CONFIG, LOG, read_log
@@ -48,7 +48,7 @@ SEEDS_CSV_COLUMNS = ("label", "method", "params", "bits", "seed", "map", "ties",
 # Config fields that say how a run executes, not what it computes: they may differ between a
 # finished run and the comparison that reuses it.
 EXECUTION_FIELDS = ("out", "device", "compile", "channels_last", "eval_batch_size", "cache_dir", "data_root",
-                    "trace_items", "checkpoint_every", "train_map_items")
+                    "allow_outside_root", "trace_items", "checkpoint_every", "train_map_items")
 
 def _safe_name(text: str) -> str:
     """A directory-name-safe spelling: spaces become '-', anything but letters, digits and ._=+- '_'."""
@@ -168,7 +168,7 @@ def existing_run(config: TrainConfig) -> Tuple[str, Dict[str, float]]:
     if not (run / CHECKPOINT).exists():
         return "new", {}
     saved = comparable(load_yaml(run / CONFIG))
-    wanted = comparable(config.to_dict())
+    wanted = comparable(with_absolute_paths(config).to_dict())  # as the run's config.yaml stores it
     differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if differing:
         key = differing[0]
@@ -240,6 +240,7 @@ def compare(
     seeds: Optional[Sequence[int]] = None,
     grid: Optional[Mapping[str, Mapping[str, Sequence[Any]]]] = None,
     against: Optional[str] = None,
+    force: bool = True,
 ) -> List[Dict[str, Any]]:
     """Train every method at every code length with `base`'s recipe; write and return the results.
 
@@ -271,7 +272,8 @@ def compare(
     failure is reported and the comparison goes on; any other exception stops it, and so does a
     run directory that holds a run of another config (a `DmuhError`: it is never overwritten).
     Bad arguments (unknown methods or parameters, --against not among the rows) fail before
-    anything is trained.
+    anything is trained. force=False refuses an out_dir holding the tables of an earlier
+    comparison (the CLI without --force); its finished runs are reused either way.
     """
     methods = list(dict.fromkeys(methods))
     bits = list(dict.fromkeys(bits))
@@ -298,6 +300,7 @@ def compare(
         against = resolve_against(against, specs)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise DmuhError(f"compare: --jobs must be a positive integer, got {jobs!r}")
+    refuse_overwrite(Path(out_dir) / RESULTS_MARKDOWN, force, "--out")
 
     out_dir = Path(out_dir)
     run_seeds = seeds if seeds is not None else [base.seed]

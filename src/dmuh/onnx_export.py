@@ -49,10 +49,28 @@ def _graph_module(encoder):
     return HashingGraph().eval()
 
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 4, 4096  # as the config's image_size
+
+
+def _opset_range():
+    """The opsets this torch's TorchScript exporter writes (7 to 20 when torch does not say)."""
+    try:
+        from torch.onnx import _constants
+
+        return _constants.ONNX_MIN_OPSET, getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 7, 20
+
+
 def export_onnx(run, out, opset: int = DEFAULT_OPSET, image_size: Optional[int] = None, overwrite: bool = False) -> dict:
     """Write `out` (.onnx) for the run; returns the metadata stored in it."""
     out = Path(out)
     refuse_overwrite(out, overwrite)
+    low, high = _opset_range()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise DmuhError(f"--opset: expected an integer >= {low} and <= {high} (what this torch exports), got {opset!r}")
+    if image_size is not None and not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise DmuhError(f"--image-size: expected an integer >= {MIN_IMAGE_SIZE} and <= {MAX_IMAGE_SIZE}, got {image_size}")
     try:
         import onnx
     except ImportError:
@@ -71,6 +89,7 @@ def export_onnx(run, out, opset: int = DEFAULT_OPSET, image_size: Optional[int] 
         # The legacy exporter announces its deprecation; the trace sees the static H, W checks.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)  # e.g. an opset above what the exporter was tested with
         try:
             torch.onnx.export(
                 graph, (example,), buffer, dynamo=False, opset_version=int(opset),

@@ -40,7 +40,16 @@ def check_method(config: TrainConfig) -> None:
         raise DmuhError(f"method {config.method!r}: {error}") from None
 
 
+def check_files(config: RunConfig) -> None:
+    from dmuh.runtime import resolve_cache_dir
+
+    cache = resolve_cache_dir(config.cache_dir)
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise DmuhError(f"--cache-dir {config.cache_dir}: is a file, not a folder (or use off)")
+
+
 def check_train_config(config: TrainConfig) -> None:
+    check_files(config)
     check_model(config)
     check_method(config)
     if config.init not in INIT_WORDS and not Path(config.init).exists():
@@ -48,4 +57,5 @@ def check_train_config(config: TrainConfig) -> None:
 
 
 def check_pretrain_config(config: RunConfig) -> None:
+    check_files(config)
     check_model(config)

@@ -29,7 +29,7 @@ from dmuh.io import atomic_path, remove_orphans
 from dmuh.methods import HashingMethod, StepInputs
 from dmuh.metrics import DEFAULT_TIES
 from dmuh.run import (
-    CHECKPOINT, CONFIG, LEGACY_CHECKPOINT, LOG, TRACE, legacy_checkpoint_message, legacy_method_params, load_checkpoint,
+    CHECKPOINT, CONFIG, LEGACY_CHECKPOINT, LOG, SPLIT, TRACE, legacy_checkpoint_message, legacy_method_params, load_checkpoint,
     read_log, restore_state, save_checkpoint,
     write_log,
 )
@@ -130,6 +130,11 @@ class Trainer:
             raise DmuhError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         elif (run_dir / LEGACY_CHECKPOINT).exists():
             raise DmuhError(legacy_checkpoint_message(run_dir))
+        elif (run_dir / CONFIG).exists() and not (run_dir / SPLIT).exists():
+            # A run stopped before its first checkpoint leaves config.yaml and split.json, and is
+            # started again; a config.yaml alone is someone's file, not replaced.
+            raise DmuhError(f"--out {run_dir} holds a {CONFIG} that no dmuh run wrote (no {SPLIT}); "
+                            "choose another --out or move the file")
         if self.main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_orphans(run_dir)  # temp files of a run killed mid-write

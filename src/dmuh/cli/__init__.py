@@ -14,6 +14,7 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -66,6 +67,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or a case no check foresaw: one line, the traceback on request
+        if os.environ.get("DMUH_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"dmuh {args.command}: internal error: {type(exc).__name__}: {first} (set DMUH_DEBUG=1 for the "
+              "traceback, and please report it)", file=sys.stderr)
+        return 1
     finally:
         set_quiet(quiet_before)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 from dmuh.cli.common import add_run_flag, require_run
+from dmuh.errors import DmuhError
 from dmuh.metrics import DEFAULT_TIES, TIES
 
 
@@ -18,9 +19,9 @@ def add_commands(sub) -> None:
     p.add_argument("--ties", default=DEFAULT_TIES, choices=TIES,
                    help=f"tie handling of the headline numbers: {', '.join(TIES)} (the report has every mode) "
                         f"[default: {DEFAULT_TIES}]")
-    p.add_argument("--json", metavar="FILE", help="where to write the report (an existing FILE needs --force; "
-                                                  "RUN/eval.json is the run's own and is replaced) [default: RUN/eval.json]")
-    p.add_argument("--force", action="store_true", help="replace an existing --json FILE [default: off]")
+    p.add_argument("--json", metavar="FILE", help="where to write the report (an existing file needs --force) "
+                                                  "[default: RUN/eval.json]")
+    p.add_argument("--force", action="store_true", help="replace the report file if it exists [default: off]")
     p.add_argument("--data", metavar="SPEC", default=None,
                    help="read the run's data from here instead of the config's path (moved data; the split's "
                         "fingerprint must still match) [default: the run's config]")
@@ -40,7 +41,11 @@ def report_path(args: argparse.Namespace, run: str) -> Path:
     if args.json:
         refuse_overwrite(args.json, args.force, "--json")
         return Path(args.json)
-    return run_dir / EVAL  # the run's own report, recomputed from the run: replaced like log.csv
+    out = run_dir / EVAL
+    if out.exists() and not args.force:
+        raise DmuhError(f"{out} already exists (the report of an earlier `dmuh evaluate`); pass --force to "
+                        "replace it or --json FILE to write elsewhere")
+    return out
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -15,16 +15,16 @@ from dmuh.errors import DmuhError
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a hashing method", description="Train any registered method with the one training loop.")
     add_config_flags(p, TrainConfig)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--list-methods", action="store_true", help="print the registered method names and exit")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (see README on --epochs) [default: off]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar [default: off]")
+    p.add_argument("--list-methods", action="store_true", help="print the registered method names and exit [default: off]")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="warm up a backbone (cross-entropy and/or SimCLR) for `train --init`",
                        description="Pre-train a backbone on the training split (labels) and/or unlabeled database images "
                                    "(never the query split); objectives: ce, simclr, simclr+ce.")
     add_config_flags(p, PretrainConfig)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar [default: off]")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("compare", help="train several methods at several code lengths; MAP tables (markdown, CSV)",
@@ -32,21 +32,24 @@ def add_commands(sub) -> None:
                                    "budget; write --out/results.md and results.csv shaped like the paper's Tables 4-6.")
     add_config_flags(p, TrainConfig, exclude=("bits", "method"))
     p.add_argument("--methods", default="",
-                   help="comma-separated method names, e.g. dmuh,regu,hashnet,csq (required unless --grid names them)")
-    p.add_argument("--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [12,24,32,48]")
+                   help="comma-separated method names, e.g. dmuh,regu,hashnet,csq (required unless --grid names them) [default: none]")
+    p.add_argument("--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [default: 12,24,32,48]")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, each in its own process on --device (several small runs share "
-                        "a GPU better than one) [1]")
+                        "a GPU better than one) [default: 1]")
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds, e.g. 0,1,2: each cell trained once per seed (run directories "
-                        "METHOD-Nbits-seedS), MAP cells mean ± sd (n) [one run at --seed]")
+                        "METHOD-Nbits-seedS), MAP cells mean ± sd (n) [default: one run at --seed]")
     p.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=V1,V2,...",
                    help="one row per value, e.g. dmuh.alpha=0.5,0.7,0.9 (repeatable; two on one method give "
-                        "the cross product; a method not in --methods is added)")
+                        "the cross product; a method not in --methods is added) [default: none]")
     p.add_argument("--against", default=None, metavar="NAME",
                    help="a row (label or method, e.g. regu): add the paired difference of every other row "
-                        "against it, mean over seeds with a 95%% t interval")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+                        "against it, mean over seeds with a 95%% t interval [default: none]")
+    p.add_argument("--force", action="store_true",
+                   help="replace the tables (results.md, results.csv) of an earlier compare in --out; its finished "
+                        "runs are reused either way [default: off]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines [default: off]")
     p.set_defaults(func=cmd_compare)
 
 
@@ -145,6 +148,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     out = Path(base.out)
     compare(methods, bits, base, out, method_params=per_method, progress=not args.quiet, jobs=args.jobs,
-            echo=print if not args.quiet else (lambda line: None), seeds=seeds, grid=grid, against=args.against)
+            echo=print if not args.quiet else (lambda line: None), seeds=seeds, grid=grid, against=args.against,
+            force=args.force)
     print((out / RESULTS_MARKDOWN).read_text())
     return 0

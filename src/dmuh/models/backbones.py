@@ -260,10 +260,16 @@ def resnet50_small(in_channels: int = 3, input_size: int = 32, small_input: bool
     return ResNetFeatures(50, in_channels=in_channels, small_input=True, input_size=input_size)
 
 
+def _check_width(model: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
+        raise DmuhError(f"model {model!r}: {name} must be an integer in [1, 65536], got {value!r}")
+
+
 @register_model("smallcnn")
 def smallcnn(in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Sequence[int] = (),
              dropout: float = 0.5) -> nn.Module:
     _check_input_size("smallcnn", input_size)
+    _check_width("smallcnn", "width", width)
     if not 0.0 <= float(dropout) < 1.0:
         raise DmuhError(f"model 'smallcnn': dropout must be in [0, 1), got {dropout!r}")
     if isinstance(fc, (str, int)) or not all(isinstance(w, int) and w > 0 for w in fc):
@@ -273,4 +279,8 @@ def smallcnn(in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Se
 
 @register_model("mlp")
 def mlp(input_dim: int, hidden: Sequence[int] = (1024,), dropout: float = 0.0) -> nn.Module:
+    if isinstance(hidden, (str, int)) or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in hidden):
+        raise DmuhError(f"model 'mlp': hidden must be a list of positive widths, e.g. [1024], got {hidden!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise DmuhError(f"model 'mlp': dropout must be a number in [0, 1), got {dropout!r}")
     return MLPFeatures(input_dim=input_dim, hidden=hidden, dropout=dropout)

@@ -30,7 +30,9 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt file, pickle with objects, wrong format
-        raise DmuhError(f"cannot read pretrained weights {path}: {type(error).__name__}: {error}") from None
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise DmuhError(f"cannot read pretrained weights {path}: {type(error).__name__}: {first} (a state dict of "
+                        "tensors is expected; nothing else is loaded)") from None
     # Accept the common training-checkpoint wrappers around the state dict itself.
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
