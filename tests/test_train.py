@@ -158,3 +158,20 @@ def test_init_errors(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
     with pytest.raises(DmuhError, match="does not fit model backbone"):
         train(digits_config(tmp_path, "b", init=str(wrong)), progress=False, echo=quiet)
+
+
+def test_a_loss_rising_three_epochs_in_a_row_warns_once():
+    from types import SimpleNamespace
+
+    from dmuh.train import Trainer
+
+    lines = []
+    trainer = SimpleNamespace(log=[], main_process=True, echo=lines.append, RISING_EPOCHS=Trainer.RISING_EPOCHS)
+    for loss in (0.6, 1.0, 0.9, 1.1, 1.2):  # falls once, then rises twice: no warning yet
+        trainer.log.append({"loss": loss})
+        Trainer.watch_loss(trainer)
+    assert lines == []
+    for loss in (1.3, 1.4, 1.5):
+        trainer.log.append({"loss": loss})
+        Trainer.watch_loss(trainer)
+    assert len(lines) == 1 and "rose 3 epochs in a row (0.9000 -> 1.3000)" in lines[0]
