@@ -176,3 +176,13 @@ def test_config_yaml_stores_absolute_paths(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     assert main(["evaluate", "--run", str(work / "run")]) == 0, capsys.readouterr().err
+
+
+def test_yaml_tags_that_would_build_python_objects_are_refused(tmp_path, capsys):
+    # load_yaml's loader is a SafeLoader: a tag naming a Python callable is an error, never a call.
+    marker = tmp_path / "marker"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"epochs: !!python/object/apply:os.system ['touch {marker}']\n")
+    code, err, out = run_train(tmp_path, capsys, "--config", str(config))
+    assert code == 2 and "not valid YAML" in err and len(err.splitlines()) == 1, err
+    assert not marker.exists() and not out.exists()

@@ -9,6 +9,7 @@ and the CLI's flags are generated from them. A bad value is one `DmuhError` line
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -21,6 +22,7 @@ import yaml
 from dmuh.errors import DmuhError
 
 Choices = Union[Sequence[str], Callable[[], Sequence[str]]]
+IMAGE_SIZES = (4, 4096)  # the image sizes (pixels) dmuh decodes and exports at, smallest and largest
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ class RunConfig:
                                                   "database (rest|rest-minus-train), topk (flag: --protocol-param)")
     split_seed: int = setting(0, "seed of the split", minimum=0)
     image_size: Optional[int] = setting(None, "decode size in pixels; none keeps the native size (must be uniform)",
-                                        minimum=4, maximum=4096)
+                                        minimum=IMAGE_SIZES[0], maximum=IMAGE_SIZES[1])
     augment: str = setting("none", "training augmentation", choices=_augmentations)
     cache_dir: Optional[str] = setting("default", "decoded images are cached here between runs: default "
                                                   "($DMUH_CACHE_DIR, else ~/.cache/dmuh), off, or a folder")
@@ -193,9 +195,14 @@ class PretrainConfig(RunConfig):
 _KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "text", dict: "a mapping KEY: VALUE"}
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)  # annotations are strings here (postponed evaluation)
+
+
 def _field_kind(cls, name: str) -> Tuple[type, bool]:
     """(int | float | bool | str | dict, whether None is allowed) of a field's annotation."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _hints(cls)[name]
     optional = False
     if typing.get_origin(hint) is Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -203,6 +210,7 @@ def _field_kind(cls, name: str) -> Tuple[type, bool]:
     return (typing.get_origin(hint) or hint), optional
 
 
+@functools.lru_cache(maxsize=None)
 def _fields(cls) -> Dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 

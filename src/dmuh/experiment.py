@@ -95,13 +95,13 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
     pipeline = InputPipeline(getattr(source, "channels", None), getattr(model, "input_size", None), config.augment)
     train_labels = torch.from_numpy(np.asarray(source.labels)[split.train]).float()
     method = create_method(config.method, bits=config.bits, train_labels=train_labels, **config.method_params)
+    train_inputs = images[torch.from_numpy(split.train)].to(device)
     if config.init == "auto" and fresh:
         # Rank 0 warms up with the global batch (as one process would), the others take its weights.
         model.to(device)
         if context.is_main:
             warmup = dataclasses.replace(config, batch_size=config.batch_size * context.world_size)
-            row = cross_entropy_warmup(warmup, model, device, images[torch.from_numpy(split.train)].to(device),
-                                       train_labels.to(device), progress=progress)
+            row = cross_entropy_warmup(warmup, model, device, train_inputs, train_labels.to(device), progress=progress)
             echo(f"init auto: {plural(int(row['epoch']), 'epoch')} of cross-entropy warm-up on the training split, "
                  f"loss {row['cross_entropy']:.4f} (--init scratch skips it)")
         distributed.broadcast_module(context, model)
@@ -112,7 +112,6 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
     method.to(device)
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_inputs = images[torch.from_numpy(split.train)].to(device)
     momentum = MomentumNetwork(model, method.momentum_alpha, method.momentum_dropout) if method.uses_momentum else None
     if config.compile:
         # In place, so state_dict keys stay those of the plain model (checkpoints stay portable).

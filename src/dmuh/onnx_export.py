@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from dmuh.codes import sign
+from dmuh.config import IMAGE_SIZES
 from dmuh.encoding import load_encoder
 from dmuh.errors import DmuhError
 from dmuh.io import atomic_path, refuse_overwrite
@@ -49,9 +50,6 @@ def _graph_module(encoder):
     return HashingGraph().eval()
 
 
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 4, 4096  # as the config's image_size
-
-
 def _opset_range():
     """The opsets this torch's TorchScript exporter writes (7 to 20 when torch does not say)."""
     try:
@@ -69,8 +67,8 @@ def export_onnx(run, out, opset: int = DEFAULT_OPSET, image_size: Optional[int] 
     low, high = _opset_range()
     if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
         raise DmuhError(f"--opset: expected an integer >= {low} and <= {high} (what this torch exports), got {opset!r}")
-    if image_size is not None and not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise DmuhError(f"--image-size: expected an integer >= {MIN_IMAGE_SIZE} and <= {MAX_IMAGE_SIZE}, got {image_size}")
+    if image_size is not None and not IMAGE_SIZES[0] <= image_size <= IMAGE_SIZES[1]:
+        raise DmuhError(f"--image-size: expected an integer >= {IMAGE_SIZES[0]} and <= {IMAGE_SIZES[1]}, got {image_size}")
     try:
         import onnx
     except ImportError:
