@@ -35,9 +35,13 @@ def check_method(config: TrainConfig) -> None:
     from dmuh.methods import create_method
 
     try:
-        create_method(config.method, bits=config.bits, num_train=2, num_classes=2, **config.method_params)
+        method = create_method(config.method, bits=config.bits, num_train=2, num_classes=2, **config.method_params)
     except TypeError as error:  # a factory refusing an argument the registry let through
         raise DmuhError(f"method {config.method!r}: {error}") from None
+    data = str(config.data)
+    if method.needs_images and (data.startswith("features:") or data.lower().endswith(".npz")):
+        raise DmuhError(f"--method {config.method}: trains an image network end to end, not on --data {config.data} "
+                        "(fit a shallow method such as itq on feature vectors)")
 
 
 def check_files(config: RunConfig) -> None:

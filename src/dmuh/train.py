@@ -263,16 +263,22 @@ class Trainer:
     # -- closed-form fitting (shallow methods) ------------------------------------------------
 
     def fit_hash_layer(self, fit) -> Dict[str, float]:
-        """Fit the hash layer once, `fit(features, labels) -> (weight, bias)` on backbone features
-        of the training split (ITQ, LSH); one log row, numbered as the last epoch."""
+        """Fit the hash function once on backbone features of the training split: `fit(features,
+        labels)` returns (weight, bias) of the linear hash layer (ITQ, LSH) or a fitted head
+        (`dmuh.models.heads`, e.g. SDH's kernel map) that replaces it; one log row, numbered as
+        the last epoch."""
         exp = self.exp
         started = time.perf_counter()
         exp.model.eval()
         features = run_network(exp.model.features, exp.train_inputs, exp.pipeline, self.config, exp.device)
-        weight, bias = fit(features, exp.train_labels.cpu())
-        with torch.no_grad():
-            exp.model.hash_layer.weight.copy_(weight)
-            exp.model.hash_layer.bias.copy_(bias)
+        fitted = fit(features, exp.train_labels.cpu())
+        if isinstance(fitted, torch.nn.Module):
+            exp.model.install_head(fitted)
+        else:
+            weight, bias = fitted
+            with torch.no_grad():
+                exp.model.hash_layer.weight.copy_(weight)
+                exp.model.hash_layer.bias.copy_(bias)
         seconds = time.perf_counter() - started
         self.log = []  # a fit replaces whatever an earlier one logged
         row = {"epoch": self.config.epochs, "loss": float("nan"), "seconds": seconds,

@@ -63,6 +63,9 @@ class HashingMethod(nn.Module):
     retrieval_network: str = "hashing"
     uses_features: bool = False  # the loop passes backbone features
     shallow: bool = False  # fitted once on features (see `ShallowMethod`); a description, the loop never reads it
+    # Trains its backbone end to end on images (DDSH): refused on `features:` data, whose "backbone"
+    # is a vector model, since its reference results and defaults are those of an image network.
+    needs_images: bool = False
     # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.
     legacy_state_keys: Dict[str, str] = {}
     # Hyper-parameters whose default changed since checkpoints recorded a `method_spec`: the value

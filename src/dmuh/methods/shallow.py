@@ -31,7 +31,11 @@ from dmuh.methods.helpers import check_count
 
 
 class ShallowMethod(HashingMethod):
-    """A method fitted once on features (`fit`), never trained by gradient."""
+    """A method fitted once on features (`fit`), never trained by gradient.
+
+    `fit(features (n, D), labels (n, C))` returns (weight (bits, D), bias (bits,)) of a linear
+    hash layer, or a fitted head from `dmuh.models.heads` when the out-of-sample function is not
+    linear (SDH's kernel map, FastH's trees)."""
 
     shallow = True
 
@@ -46,7 +50,7 @@ class ShallowMethod(HashingMethod):
         raise DmuhError(f"method {self.method_name!r} is fitted once on backbone features (fit), "
                         "not trained by gradient")
 
-    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def fit(self, features: torch.Tensor, labels: torch.Tensor):
         raise NotImplementedError  # pragma: no cover - abstract
 
     def check_features(self, features: torch.Tensor) -> torch.Tensor:

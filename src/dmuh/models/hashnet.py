@@ -1,4 +1,4 @@
-"""A hashing network: a feature backbone followed by one linear hash layer."""
+"""A hashing network: a feature backbone followed by one linear hash layer (or a fitted head)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,23 @@ class HashNetwork(nn.Module):
             # (the usual deep-hashing initialisation); None keeps PyTorch's default init.
             nn.init.normal_(self.hash_layer.weight, mean=0.0, std=hash_init_std)
             nn.init.zeros_(self.hash_layer.bias)
+        # A shallow method's fitted out-of-sample function (dmuh.models.heads), used in place of
+        # hash_norm(hash_layer(.)) once installed; None: the linear hash layer.
+        self.head: Optional[nn.Module] = None
         # The create_model(...) arguments that rebuild this architecture (never the weights file).
         self.config: Dict[str, Any] = {}
+
+    def install_head(self, head: nn.Module) -> None:
+        """Compute raw codes with a fitted head from now on, and record it in `config` so a
+        checkpoint rebuilds it (`create_model(..., head=head.config)`)."""
+        self.head = head.to(self.hash_layer.weight.device)
+        self.config["head"] = dict(head.config)
+
+    def hash_outputs(self, features: torch.Tensor) -> torch.Tensor:
+        """Raw codes z of backbone features."""
+        if self.head is not None:
+            return self.head(features)
+        return self.hash_norm(self.hash_layer(features))
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
@@ -61,7 +76,7 @@ class HashNetwork(nn.Module):
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         """Raw hash-layer outputs (N, bits); with return_features also the features, in one pass."""
         features = self.backbone(x)
-        codes = self.hash_norm(self.hash_layer(features))
+        codes = self.hash_outputs(features)
         return (codes, features) if return_features else codes
 
     def extra_repr(self) -> str:

@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 from dmuh.errors import DmuhError
 from dmuh.models.hashnet import HashNetwork
+from dmuh.models.heads import create_head
 from dmuh.models.pretrained import load_pretrained_backbone
 from dmuh.registry import Registry
 
@@ -51,6 +52,7 @@ def create_model(
     in_channels: Optional[int] = None,
     hash_init_std: Optional[float] = 0.01,
     hash_norm: str = "none",
+    head: Optional[dict] = None,
     **options,
 ) -> HashNetwork:
     """Build the registered backbone `name` plus a `bits`-wide hash layer.
@@ -60,6 +62,8 @@ def create_model(
     in_channels: input channels for image models (default: the model's own, 3); not for `mlp`.
     hash_init_std: the hash layer's weights start as N(0, std^2), bias 0; None keeps PyTorch's init.
     hash_norm: "none" or "batchnorm" (a BatchNorm1d on the hash-layer outputs; see HashNetwork).
+    head: the recorded config of a fitted hash head (`dmuh.models.heads`), rebuilt empty for a
+        checkpoint to fill; None: the linear hash layer.
     options: model-specific keyword arguments (e.g. `small_input`, `input_dim`, `hidden`,
         `input_size` for the models that take any size; see `takes_input_size`).
 
@@ -84,4 +88,6 @@ def create_model(
     if takes_input_size(name):  # the size it is built for, given or the default: what a checkpoint rebuilds
         options["input_size"] = int(backbone.input_size)
     model.config = {"name": name, "bits": bits, "hash_init_std": hash_init_std, "hash_norm": hash_norm, **options}
+    if head is not None:
+        model.install_head(create_head(head))
     return model
