@@ -35,6 +35,7 @@ from dmuh.errors import DmuhError
 from dmuh.io import atomic_write_text, refuse_overwrite, remove_orphans
 from dmuh.methods import METHODS, create_method, display_name, method_class
 from dmuh.metrics import DEFAULT_TIES
+from dmuh.paper import PAPER_DATASETS, PAPER_TITLES, paper_map
 from dmuh.run import CHECKPOINT, CONFIG, LOG, read_log
 from dmuh.stats import mean, paired_interval, sample_sd
 from dmuh.text import plural
@@ -241,6 +242,7 @@ def compare(
     grid: Optional[Mapping[str, Mapping[str, Sequence[Any]]]] = None,
     against: Optional[str] = None,
     force: bool = True,
+    paper: Optional[str] = None,
 ) -> List[Dict[str, Any]]:
     """Train every method at every code length with `base`'s recipe; write and return the results.
 
@@ -265,6 +267,8 @@ def compare(
         parameter may not also be in `method_params`.
     against: a row label or a method name with one row: results.md gets a table of the paired
         difference of every other row against it (mean over seeds, 95% t interval, n).
+    paper: one of `dmuh.paper.PAPER_DATASETS` ("cifar10", ...): beside each MAP column, the
+        DMUH paper's figure for that method and code length (Tables 4-5), where it has one.
 
     Returns one dict per run, in table order (row, bits, seed): label, method, params, bits, seed,
     map (NaN when the run failed), ties, seconds (training time), run (its directory) and, for a
@@ -298,6 +302,8 @@ def compare(
         check_values(spec, bits)
     if against is not None:
         against = resolve_against(against, specs)
+    if paper is not None and paper not in PAPER_DATASETS:
+        raise DmuhError(f"compare: paper figures {paper!r}: choose one of {', '.join(PAPER_DATASETS)}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise DmuhError(f"compare: --jobs must be a positive integer, got {jobs!r}")
     refuse_overwrite(Path(out_dir) / RESULTS_MARKDOWN, force, "--out")
@@ -357,7 +363,7 @@ def compare(
         row["seconds"] = training_seconds(Path(config.out))
         rows.append(row)
         # partial tables survive an interruption
-        write_tables(rows, out_dir, caption=caption, against=against, per_seed=seeds is not None)
+        write_tables(rows, out_dir, caption=caption, against=against, per_seed=seeds is not None, paper=paper)
     return rows
 
 
@@ -417,14 +423,16 @@ def format_difference(differences: Sequence[float]) -> str:
 
 
 def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, caption: str = "", against: Optional[str] = None,
-                 per_seed: Optional[bool] = None) -> None:
+                 per_seed: Optional[bool] = None, paper: Optional[str] = None) -> None:
     """results.md (MAP table, best of each column in bold, then the paired difference against
     `against`, training times and failures), results.csv (row label, then one MAP column per code
     length: the mean over seeds) and results_seeds.csv (one line per run) in `out_dir`, each
     written atomically.
 
     rows: `compare`'s run dicts (label defaults to method, seed to none). per_seed: MAP cells as
-    mean ± sd (n) over seeds; None: when some cell holds more than one run.
+    mean ± sd (n) over seeds; None: when some cell holds more than one run. paper: a data set of
+    `dmuh.paper`: the MAP table (markdown and CSV) gets the paper's figure beside each measured
+    column, for the rows that are a plain method of the paper's tables (not grid rows).
     """
     labels, bits, cells, method_of = _table(rows)
     if per_seed is None:
@@ -454,16 +462,30 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, caption: str 
         seconds = [float(r["seconds"]) for r in runs if _finite(r.get("seconds"))]
         return f"{mean(seconds):.1f}" if seconds else ""
 
+    def paper_cell(label: str, length: int) -> str:
+        figure = paper_map(paper, method_of[label], length) if label == method_of[label] else None
+        return "" if figure is None else f"{figure:.3f}"
+
     header = "| Method | " + " | ".join(f"{b} bits" for b in bits) + " |"
     rule = "|---|" + "---:|" * len(bits)
+    map_header, map_rule = header, rule
+    if paper is not None:
+        map_header = "| Method | " + " | ".join(f"{b} bits | paper" for b in bits) + " |"
+        map_rule = "|---|" + "---:|" * (2 * len(bits))
     if per_seed:
         lines = [f"# MAP by code length, mean ± sd over seeds (the protocol's MAP, ties {DEFAULT_TIES})", ""]
     else:
         lines = [f"# MAP by code length (the protocol's MAP, ties {DEFAULT_TIES})", ""]
     if caption:
         lines += [f"Same backbone, recipe and budget for every method: {caption}.", ""]
-    lines += [header, rule]
-    lines += [f"| {name(label)} | " + " | ".join(map_cell(label, b) for b in bits) + " |" for label in labels]
+    lines += [map_header, map_rule]
+    if paper is None:
+        lines += [f"| {name(label)} | " + " | ".join(map_cell(label, b) for b in bits) + " |" for label in labels]
+    else:
+        lines += [f"| {name(label)} | " + " | ".join(f"{map_cell(label, b)} | {paper_cell(label, b)}" for b in bits)
+                  + " |" for label in labels]
+        lines += ["", f"paper: the DMUH paper's MAP for the method at that code length on {PAPER_TITLES[paper]} "
+                  "(its own backbone, data and budget: set beside the measured figure for reading, not as a check)."]
     if per_seed:
         lines += ["", "Each cell: mean ± sample standard deviation (ddof=1) over the n seeds that finished; "
                   "a failed seed is left out of n (see Failed runs). Bold: the best mean of its column."]
@@ -497,10 +519,11 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, caption: str 
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method"] + [f"{b} bits" for b in bits])
+    writer.writerow(["method"] + [f"{b} bits" for b in bits] + ([f"paper {b} bits" for b in bits] if paper else []))
     for label in labels:
         values = [means.get((label, b)) for b in bits]
-        writer.writerow([label] + [repr(float(v)) if _finite(v) else "" for v in values])
+        figures = [paper_cell(label, b) for b in bits] if paper else []
+        writer.writerow([label] + [repr(float(v)) if _finite(v) else "" for v in values] + figures)
     atomic_write_text(Path(out_dir) / RESULTS_CSV, buffer.getvalue())
 
     buffer = io.StringIO()

@@ -32,7 +32,12 @@ def add_commands(sub) -> None:
                                    "budget; write --out/results.md and results.csv shaped like the paper's Tables 4-6.")
     add_config_flags(p, TrainConfig, exclude=("bits", "method"))
     p.add_argument("--methods", default="",
-                   help="comma-separated method names, e.g. dmuh,regu,hashnet,csq (required unless --grid names them) [default: none]")
+                   help="comma-separated method names, e.g. dmuh,regu,hashnet,csq, or paper for the eleven of the "
+                        "paper's Tables 4-5 in its row order (required unless --grid names them) [default: none]")
+    p.add_argument("--paper-figures", default="auto",
+                   help="print the DMUH paper's MAP beside each measured one: auto (from --protocol: cifar10*, "
+                        "clothing1m, nuswide21, coco), none, or one of cifar10, clothing1m, nuswide, coco "
+                        "[default: auto]")
     p.add_argument("--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [default: 12,24,32,48]")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, each in its own process on --device (several small runs share "
@@ -128,8 +133,10 @@ def parse_grid(items: List[str], flag: str = "--grid") -> Dict[str, Dict[str, Li
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from dmuh.compare import RESULTS_MARKDOWN, compare
+    from dmuh.paper import PAPER_DATASETS, PAPER_METHODS, dataset_for_protocol
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [name for m in methods for name in (PAPER_METHODS if m == "paper" else [m])]
     bits = parse_bits(args.bits_list)
     if not methods and not args.grid:
         raise DmuhError("--methods: give at least one method, e.g. --methods regu,dmuh")
@@ -146,9 +153,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
         per_method.setdefault(method, {})[name] = value
     args.method_params = []
     base = config_from_args(args)
+    if args.paper_figures == "auto":
+        paper = dataset_for_protocol(base.protocol)
+    elif args.paper_figures == "none":
+        paper = None
+    elif args.paper_figures in PAPER_DATASETS:
+        paper = args.paper_figures
+    else:
+        raise DmuhError(f"--paper-figures {args.paper_figures}: expected auto, none or one of {', '.join(PAPER_DATASETS)}")
     out = Path(base.out)
     compare(methods, bits, base, out, method_params=per_method, progress=not args.quiet, jobs=args.jobs,
             echo=print if not args.quiet else (lambda line: None), seeds=seeds, grid=grid, against=args.against,
-            force=args.force)
+            force=args.force, paper=paper)
     print((out / RESULTS_MARKDOWN).read_text())
     return 0
