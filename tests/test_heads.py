@@ -61,3 +61,31 @@ def test_a_bad_head_config_is_one_line_error():
         create_head({"kind": "nope"})
     with pytest.raises(DmuhError, match="kind"):
         create_head(["rbf"])
+
+
+def test_fitted_heads_export_to_onnx_with_a_free_batch_size(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    trees, base = [], []
+    for k in range(2):
+        model = GradientBoostingRegressor(n_estimators=3, max_depth=2, random_state=k).fit(x, np.sign(x[:, k]))
+        base.append(float(model.init_.constant_.reshape(-1)[0]))
+        trees.append([{"feature": e.tree_.feature, "threshold": e.tree_.threshold,
+                       "children_left": e.tree_.children_left, "children_right": e.tree_.children_right,
+                       "value": e.tree_.value.reshape(-1) * model.learning_rate} for e in model.estimators_[:, 0]])
+    heads = {"trees": TreesHead.fitted(trees, base),
+             "rbf": RBFHead.fitted(torch.randn(4, 3), 0.9, torch.randn(2, 4), torch.randn(2))}
+    for kind, head in heads.items():
+        network = create_model("mlp", bits=2, input_dim=3, hidden=[])
+        network.install_head(head)
+        network.eval()
+        path = tmp_path / f"{kind}.onnx"
+        torch.onnx.export(network, (torch.zeros(2, 3),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["z"], dynamic_axes={"x": {0: "batch"}, "z": {0: "batch"}})
+        session = onnxruntime.InferenceSession(str(path))
+        batch = x[:7]
+        got = session.run(None, {"x": batch})[0]
+        assert np.allclose(got, network(torch.from_numpy(batch)).detach().numpy(), atol=1e-5), kind
