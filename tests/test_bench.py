@@ -33,3 +33,12 @@ def test_train_speed_prints_its_table():
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("| smallcnn | dmuh | 128 | False | ")
     assert float(last.split("|")[5].replace(",", "")) > 0
+
+
+def test_shallow_fit_prints_a_row_per_method_and_skips_unknown_names():
+    result = run_bench("shallow_fit.py", "--n", "400", "--dim", "16", "--bits", "8", "--methods", "sdh,itq,nope",
+                       "--timeout", "120")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["sdh", "itq"]
+    assert "nope" in result.stdout  # named as skipped
