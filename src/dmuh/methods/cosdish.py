@@ -75,13 +75,9 @@ class COSDISH(ShallowMethod):
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.check_features(features)
-        if labels is None or labels.dim() != 2 or labels.shape[0] != x.shape[0]:
-            raise DmuhError(f"{self.method_name}: needs labels of shape (n={x.shape[0]}, classes), "
-                            f"got {None if labels is None else tuple(labels.shape)}")
-        if not torch.isfinite(labels).all():
-            raise DmuhError(f"{self.method_name}: the labels contain NaN or infinite values")
+        labels = self.check_labels(labels, x.shape[0])
         check_columns(self.method_name, self.columns, x.shape[0])
-        codes = self.fit_codes(labels.detach().cpu().double())
+        codes = self.fit_codes(labels)
         return self.regression(x, codes)
 
     def fit_codes(self, labels: torch.Tensor) -> torch.Tensor:

@@ -144,12 +144,8 @@ class LFH(ShallowMethod):
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.check_features(features)
-        if labels is None or labels.shape[0] != x.shape[0]:
-            raise DmuhError(f"{self.method_name}: needs one label row per training item "
-                            f"({x.shape[0]}), got {None if labels is None else tuple(labels.shape)}")
-        if x.shape[0] < self.bits:
-            raise DmuhError(f"{self.method_name}: {x.shape[0]} training items for bits={self.bits}: "
-                            "needs at least as many training items as bits")
+        labels = self.check_labels(labels, x.shape[0])
+        self.check_enough_items(x.shape[0])
         u = self.factorise(labels)
         if not torch.isfinite(u).all():
             raise DmuhError(f"{self.method_name}: the latent factors diverged (non-finite); try a smaller beta")

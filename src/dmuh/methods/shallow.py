@@ -20,7 +20,7 @@ bias = -P mean.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -60,6 +60,22 @@ class ShallowMethod(HashingMethod):
         if not torch.isfinite(features).all():
             raise DmuhError(f"{self.method_name}: the features contain NaN or infinite values")
         return features.detach().double().cpu()
+
+    def check_labels(self, labels: Optional[torch.Tensor], count: int) -> torch.Tensor:
+        """The training labels as float64 (count, C), or a `DmuhError` (for the supervised ones)."""
+        if labels is None or labels.dim() != 2 or labels.shape[0] != count:
+            raise DmuhError(f"{self.method_name}: needs labels of shape (n={count}, classes), "
+                            f"got {None if labels is None else tuple(labels.shape)}")
+        if not torch.isfinite(labels).all():
+            raise DmuhError(f"{self.method_name}: the labels contain NaN or infinite values")
+        return labels.detach().double().cpu()
+
+    def check_enough_items(self, count: int) -> None:
+        """Codes of `bits` bits need at least as many training items (the regressions and the code
+        solvers are under-determined otherwise)."""
+        if count < self.bits:
+            raise DmuhError(f"{self.method_name}: {count} training items for bits={self.bits}: "
+                            "needs at least as many training items as bits")
 
 
 @register_method("itq", display_name="ITQ")
