@@ -33,7 +33,8 @@ DEEP = ["hashnet", "dhn", "dsh", "csq", "greedyhash", "dsdh", "orthohash"]
 
 
 def test_available_lists_every_method():
-    expected = {"dmuh", "regu", "hashnet", "dhn", "dsh", "csq", "greedyhash", "dsdh", "orthohash", "itq", "lsh"}
+    expected = {"dmuh", "regu", "hashnet", "dhn", "dsh", "csq", "greedyhash", "dsdh", "orthohash", "itq", "lsh",
+                "sdh", "lfh", "cosdish", "ddsh", "fasth"}
     assert expected <= set(available())
 
 

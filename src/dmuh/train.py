@@ -271,7 +271,11 @@ class Trainer:
         started = time.perf_counter()
         exp.model.eval()
         features = run_network(exp.model.features, exp.train_inputs, exp.pipeline, self.config, exp.device)
+        noted = len(exp.method.notes)
         fitted = fit(features, exp.train_labels.cpu())
+        if self.main_process:
+            for note in exp.method.notes[noted:]:  # remarks of the fit itself (e.g. FastH's constant bits)
+                self.echo(note)
         if isinstance(fitted, torch.nn.Module):
             exp.model.install_head(fitted)
         else:

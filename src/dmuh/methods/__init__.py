@@ -14,4 +14,4 @@ from dmuh.methods.base import (  # noqa: F401
 
 # Importing a method module registers its names.
 from dmuh.methods import regu, dmuh, hashnet, dhn, dsh, csq, greedyhash, dsdh, orthohash, shallow  # noqa: F401,E402
-from dmuh.methods import ddsh, cosdish, sdh, lfh  # noqa: F401,E402
+from dmuh.methods import ddsh, cosdish, sdh, lfh, fasth  # noqa: F401,E402
