@@ -71,9 +71,6 @@ def main() -> None:
     parser.add_argument("--model", default="smallcnn")
     parser.add_argument("--model-param", action="append", default=["width=32", "fc=[512,512]", "dropout=0.5"])
     parser.add_argument("--init", default="scratch")
-    # 1: the backbone rate the screening in docs/method.md was measured with (before the 0.1 default
-    # after a learned start); "none" takes today's default.
-    parser.add_argument("--backbone-lr-scale", default="1")
     parser.add_argument("--bits", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
@@ -88,8 +85,7 @@ def main() -> None:
     base = TrainConfig(data=args.data, protocol=args.protocol, model=args.model,
                        model_params=parse_params(args.model_param, "--model-param"), init=args.init, bits=args.bits,
                        epochs=args.epochs, seed=args.seed, augment=args.augment, device=args.device,
-                       cache_dir=args.cache_dir, checkpoint_every=args.epochs,
-                       backbone_lr_scale=None if args.backbone_lr_scale == "none" else float(args.backbone_lr_scale))
+                       cache_dir=args.cache_dir, checkpoint_every=args.epochs)
     names = [n.strip() for n in args.readings.split(",") if n.strip()]
     unknown = [n for n in names if n not in READINGS]
     if unknown:
