@@ -175,24 +175,3 @@ def test_a_loss_rising_three_epochs_in_a_row_warns_once():
         trainer.log.append({"loss": loss})
         Trainer.watch_loss(trainer)
     assert len(lines) == 1 and "rose 3 epochs in a row (0.9000 -> 1.3000)" in lines[0]
-
-
-def test_the_backbone_learns_ten_times_slower_after_a_learned_start(tmp_path):
-    from dmuh.config import TrainConfig
-    from dmuh.runtime import backbone_lr_scale_of
-    from dmuh.train import make_optimizer
-    from dmuh.methods import create_method
-    from dmuh.models import create_model
-
-    weights = tmp_path / "w.safetensors"
-    weights.write_bytes(b"")
-    assert backbone_lr_scale_of(TrainConfig()) == 0.1  # --init auto: a cross-entropy warm-up first
-    assert backbone_lr_scale_of(TrainConfig(init="scratch")) == 1.0
-    assert backbone_lr_scale_of(TrainConfig(init="scratch", pretrained=str(weights))) == 0.1
-    assert backbone_lr_scale_of(TrainConfig(init=str(tmp_path))) == 0.1
-    assert backbone_lr_scale_of(TrainConfig(init="auto", backbone_lr_scale=1.0)) == 1.0
-    model = create_model("mlp", bits=4, input_dim=3, hidden=[5])
-    method = create_method("regu", bits=4, num_train=2, num_classes=2)
-    groups = make_optimizer(TrainConfig(lr=0.05), model, method).param_groups
-    assert [g["lr_scale"] for g in groups] == [0.1, 1.0]
-    assert {id(p) for p in groups[1]["params"]} >= {id(p) for p in model.hash_layer.parameters()}

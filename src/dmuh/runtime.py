@@ -120,20 +120,6 @@ def schedule_epochs(config: RunConfig) -> int:
     return config.lr_schedule_epochs or config.epochs
 
 
-LEARNED_START_BACKBONE_LR_SCALE = 0.1
-
-
-def backbone_lr_scale_of(config) -> float:
-    """The backbone's learning-rate multiplier: `backbone_lr_scale`, else 0.1 when the backbone
-    starts from learned weights and 1 from random ones. Fine-tuning a learned backbone 10x slower
-    than the new hash layer is HashNet's recipe; measured here (docs/method.md) it keeps what the
-    warm-up taught, which a pairwise loss at the full rate undoes on natural images."""
-    if config.backbone_lr_scale is not None:
-        return float(config.backbone_lr_scale)
-    learned = config.init != "scratch" or config.pretrained is not None
-    return LEARNED_START_BACKBONE_LR_SCALE if learned else 1.0
-
-
 def learning_rate(config: RunConfig, progress: float) -> float:
     """Linear warm-up, then cosine decay from lr to lr_end over `schedule_epochs`, then lr_end
     (progress in epochs, fractional)."""
