@@ -51,15 +51,10 @@ from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
 from dmuh.methods.helpers import check_count, check_number
 from dmuh.methods.shallow import ShallowMethod
-from dmuh.models.heads import RBFHead
+from dmuh.models.heads import RBFHead, squared_distances
 
 SIGMA_RULES = ("nearest", "mean")
 CHUNK = 8192  # rows of the kernel map computed at once: bounds the n x m distance temporaries
-
-
-def squared_distances(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """||x_i - a_k||^2 (N, m) by the expansion ||x||^2 - 2 x.a + ||a||^2, clamped at 0 against rounding."""
-    return ((x * x).sum(1, keepdim=True) - 2 * x @ anchors.t() + (anchors * anchors).sum(1)).clamp(min=0)
 
 
 def ridge(inputs: torch.Tensor, targets: torch.Tensor, lam: float, gram: Optional[torch.Tensor] = None) -> torch.Tensor:

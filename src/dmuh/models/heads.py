@@ -41,6 +41,12 @@ def create_head(config: Mapping[str, Any]) -> nn.Module:
     return HEADS.create(str(config["kind"]), {}, options)
 
 
+def squared_distances(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """||x_i - a_k||^2 (N, m) by the expansion ||x||^2 - 2 x.a + ||a||^2 (one matmul), clamped at 0
+    against rounding."""
+    return ((x * x).sum(1, keepdim=True) - 2 * x @ anchors.t() + (anchors * anchors).sum(1)).clamp(min=0)
+
+
 def _size(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise DmuhError(f"hash head: {name} must be an integer >= {minimum}, got {value!r}")
@@ -72,11 +78,9 @@ class RBFHead(nn.Module):
         return head
 
     def kernel_features(self, x: torch.Tensor) -> torch.Tensor:
-        """phi(x), (N, m). Squared distances by the expansion ||x||^2 - 2 x.a + ||a||^2 (one matmul),
-        clamped at 0 against rounding."""
-        x = x.to(self.anchors.dtype)
-        squared = (x * x).sum(1, keepdim=True) - 2 * x @ self.anchors.t() + (self.anchors * self.anchors).sum(1)
-        return torch.exp(-squared.clamp(min=0) / (2 * self.sigma * self.sigma))
+        """phi(x), (N, m)."""
+        squared = squared_distances(x.to(self.anchors.dtype), self.anchors)
+        return torch.exp(-squared / (2 * self.sigma * self.sigma))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.kernel_features(features) @ self.weight.t() + self.bias
