@@ -175,3 +175,27 @@ def test_a_loss_rising_three_epochs_in_a_row_warns_once():
         trainer.log.append({"loss": loss})
         Trainer.watch_loss(trainer)
     assert len(lines) == 1 and "rose 3 epochs in a row (0.9000 -> 1.3000)" in lines[0]
+
+
+def test_the_default_start_warms_up_half_the_epochs_then_trains_the_backbone_ten_times_slower(tmp_path):
+    from dmuh.methods import create_method
+    from dmuh.models import create_model
+    from dmuh.pretrain import backbone_lr_scale_of, warmup_epochs_of
+    from dmuh.train import make_optimizer
+
+    assert warmup_epochs_of(TrainConfig(epochs=50)) == 25
+    assert warmup_epochs_of(TrainConfig(epochs=1)) == 1
+    assert warmup_epochs_of(TrainConfig(epochs=50, init_epochs=3)) == 3
+    assert backbone_lr_scale_of(TrainConfig()) == 0.1  # --init auto
+    assert backbone_lr_scale_of(TrainConfig(init="scratch")) == 1.0
+    assert backbone_lr_scale_of(TrainConfig(init=str(tmp_path))) == 1.0  # a pretrain run keeps the full rate
+    assert backbone_lr_scale_of(TrainConfig(backbone_lr_scale=1.0)) == 1.0
+    model = create_model("mlp", bits=4, input_dim=3, hidden=[5])
+    method = create_method("regu", bits=4, num_train=2, num_classes=2)
+    groups = make_optimizer(TrainConfig(lr=0.05), model, method).param_groups
+    assert [g["lr_scale"] for g in groups] == [0.1, 1.0]
+    assert {id(p) for p in groups[1]["params"]} >= {id(p) for p in model.hash_layer.parameters()}
+    lines = []
+    train(digits_config(tmp_path, epochs=4, method="regu", trace_items=0, train_map_items=0), progress=False,
+          echo=lines.append)
+    assert any(line.startswith("init auto: 2 epochs of cross-entropy warm-up") for line in lines), lines

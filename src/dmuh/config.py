@@ -156,10 +156,11 @@ class TrainConfig(RunConfig):
     init: str = setting("auto", "backbone initialisation: auto (random, then a short cross-entropy warm-up on "
                                 "the training split's labels, the same for every method), scratch (random, no "
                                 "warm-up), a `dmuh pretrain` run directory, or a weights file")
-    init_epochs: Optional[int] = setting(None, "epochs of --init auto's warm-up; none: a tenth of --epochs, at "
+    init_epochs: Optional[int] = setting(None, "epochs of --init auto's warm-up; none: half of --epochs, at "
                                                "least 1", minimum=1, maximum=100_000)
-    backbone_lr_scale: float = setting(1.0, "learning-rate multiplier of the backbone (the hash layer keeps --lr)",
-                                       minimum=0, maximum=100)
+    backbone_lr_scale: Optional[float] = setting(
+        None, "learning-rate multiplier of the backbone (the hash layer keeps --lr); none: 0.1 after --init auto's "
+              "warm-up, 1 with any other --init", minimum=0, maximum=100)
     eval_every: int = setting(0, "evaluate MAP every N epochs (0: at the end only; -1: never)", minimum=-1)
     trace_items: int = setting(16, "training items whose per-bit outputs are recorded every epoch", minimum=0)
     checkpoint_every: int = setting(1, "write the checkpoint every N epochs (and after the last)", minimum=1)

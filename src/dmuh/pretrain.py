@@ -147,8 +147,24 @@ def train_backbone(model: nn.Module, config: PretrainConfig, device: torch.devic
 
 
 def warmup_epochs_of(config: TrainConfig) -> int:
-    """`--init auto`'s warm-up length: `init_epochs`, else a tenth of --epochs (at least 1)."""
-    return config.init_epochs if config.init_epochs is not None else max(1, round(config.epochs / 10))
+    """`--init auto`'s warm-up length: `init_epochs`, else half of --epochs (at least 1).
+
+    Half, not a tenth: on natural images a warm-up of a tenth left the pairwise phase to learn the
+    features it then fails to learn (docs/method.md, "The default start")."""
+    return config.init_epochs if config.init_epochs is not None else max(1, round(config.epochs / 2))
+
+
+AUTO_WARMUP_BACKBONE_LR_SCALE = 0.1
+
+
+def backbone_lr_scale_of(config: TrainConfig) -> float:
+    """The backbone's learning-rate multiplier: `backbone_lr_scale`, else 0.1 after `--init auto`'s
+    warm-up and 1 with any other start. After the warm-up the hashing phase fine-tunes the backbone
+    10x slower than the new hash layer (HashNet's recipe), which keeps what the warm-up taught;
+    measured for `--init auto` only (docs/method.md), so a pretrain run or weights file keeps 1."""
+    if config.backbone_lr_scale is not None:
+        return float(config.backbone_lr_scale)
+    return AUTO_WARMUP_BACKBONE_LR_SCALE if config.init == "auto" else 1.0
 
 
 def cross_entropy_warmup(config: TrainConfig, model: nn.Module, device: torch.device, inputs: torch.Tensor,

@@ -34,6 +34,7 @@ from dmuh.run import (
     write_log,
 )
 from dmuh.preflight import check_train_config
+from dmuh.pretrain import backbone_lr_scale_of
 from dmuh.runtime import autocast, build_optimizer, memory_layout, run_epoch, run_network, schedule_epochs
 from dmuh.text import plural
 
@@ -43,7 +44,7 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, method: HashingM
     hash_ids = {id(p) for p in hash_params}
     backbone_params = [p for p in model.parameters() if id(p) not in hash_ids]
     return build_optimizer(config, [
-        {"params": backbone_params, "lr_scale": config.backbone_lr_scale},
+        {"params": backbone_params, "lr_scale": backbone_lr_scale_of(config)},
         {"params": hash_params + list(method.parameters()), "lr_scale": 1.0},
     ])
 
