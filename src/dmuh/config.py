@@ -153,7 +153,7 @@ class TrainConfig(RunConfig):
 
     method: str = setting("dmuh", "hashing method (see `dmuh train --list-methods`)")
     method_params: Dict[str, Any] = setting({}, "method hyper-parameters, e.g. {alpha: 0.7} (flag: --param)")
-    init: str = setting("auto", "backbone initialisation: auto (random, then a short cross-entropy warm-up on "
+    init: str = setting("auto", "backbone initialisation: auto (random, then a cross-entropy warm-up of --init-epochs on "
                                 "the training split's labels, the same for every method), scratch (random, no "
                                 "warm-up), a `dmuh pretrain` run directory, or a weights file")
     init_epochs: Optional[int] = setting(None, "epochs of --init auto's warm-up; none: half of --epochs, at "

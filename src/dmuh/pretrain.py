@@ -169,7 +169,7 @@ def backbone_lr_scale_of(config: TrainConfig) -> float:
 
 def cross_entropy_warmup(config: TrainConfig, model: nn.Module, device: torch.device, inputs: torch.Tensor,
                          targets: torch.Tensor, progress: bool = True) -> Dict[str, float]:
-    """`--init auto`: a short cross-entropy warm-up of the backbone on the training split's labels,
+    """`--init auto`: a cross-entropy warm-up of the backbone on the training split's labels,
     the same for every method, before hashing starts (a randomly initialised backbone gives the
     pairwise losses codes without structure to start from, and they fail quietly; docs/method.md).
 
