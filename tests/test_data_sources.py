@@ -336,9 +336,40 @@ def test_feature_source(tmp_path):
     np.save(tmp_path / "y.npy", to_multi_hot(labels))
     pair = open_source(f"features:{tmp_path / 'x.npy'}", labels=tmp_path / "y.npy")
     assert pair.fingerprint() == source.fingerprint()
-    np.savez(tmp_path / "bad.npz", features=features)
+    np.savez(tmp_path / "bad.npz", labels=labels)
     with pytest.raises(DmuhError, match="bad.npz: missing array"):
         open_source(str(tmp_path / "bad.npz"))
+
+
+def test_unlabeled_sources_list_the_same_items_without_labels(tmp_path):
+    """A features file without labels, `unlabeled:` of a labeled one, a flat image folder and
+    `unlabeled:` of a class tree: (N, 0) labels, and the same items and fingerprint as the
+    labeled reading, so a run trained on one is evaluated on the other."""
+    features = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    np.savez(tmp_path / "feats.npz", features=features, labels=np.array([0, 1, 2, 0, 1, 2]))
+    np.savez(tmp_path / "plain.npz", features=features)
+    labeled = open_source(str(tmp_path / "feats.npz"))
+    for spec in (str(tmp_path / "plain.npz"), f"unlabeled:{tmp_path / 'feats.npz'}"):
+        source = open_source(spec)
+        assert source.labels.shape == (6, 0) and not source.labeled and source.class_names == []
+        assert source.fingerprint() == labeled.fingerprint(labels=False) != labeled.fingerprint()
+    assert labeled.labeled
+    tree = tmp_path / "tree"
+    for subset, name in (("train", "cat"), ("train", "dog"), ("test", "cat")):
+        (tree / subset / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (4, 4), (40 * i, 0, 0)).save(tree / subset / name / f"{i}.png")
+    with_labels, without = open_source(str(tree)), open_source(f"unlabeled:{tree}")
+    assert with_labels.labels.shape == (6, 2) and without.labels.shape == (6, 0)
+    assert without.ids == with_labels.ids and without.fingerprint() == with_labels.fingerprint(labels=False)
+    assert list(without.subsets) == list(with_labels.subsets)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.new("RGB", (4, 4), (0, 40 * i, 0)).save(flat / f"{i}.jpg")
+    source = open_source(str(flat))
+    assert source.labels.shape == (3, 0) and source.ids == ["0.jpg", "1.jpg", "2.jpg"] and source.subsets is None
+    assert source.decode().shape == (3, 4, 4, 3)
 
 
 def test_open_source_errors(tmp_path):

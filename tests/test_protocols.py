@@ -61,6 +61,32 @@ def test_cifar10_50k_uses_test_subset(cifar_labels):
     assert_disjoint(sampled.query, sampled.database)
 
 
+def test_unsupervised_protocols_need_no_labels(cifar_labels):
+    """cifar10-unsup: the test subset queries, the rest train = database, MAP@1000; on data without
+    labels too (no label column is read), and the per-class protocols refuse such data by name."""
+    subsets = np.array(["train"] * 50000 + ["test"] * 10000)
+    unlabeled = np.zeros((60000, 0), dtype=np.uint8)
+    for labels in (cifar_labels, unlabeled):
+        split = make_split("cifar10-unsup", labels, subsets=subsets)
+        np.testing.assert_array_equal(split.query, np.arange(50000, 60000))
+        np.testing.assert_array_equal(split.train, np.arange(50000))
+        np.testing.assert_array_equal(split.database, split.train)
+        assert split.topk == 1000
+    sampled = make_split("cifar10-unsup", unlabeled, seed=2)  # no test subset: 10,000 random queries
+    assert (len(sampled.query), len(sampled.train), sampled.topk) == (10000, 50000, 1000)
+    assert_disjoint(sampled.query, sampled.train)
+    small = make_split("unsupervised", unlabeled[:50], seed=0, query=5, topk=10)
+    assert (len(small.query), len(small.train), small.topk) == (5, 45, 10)
+    np.testing.assert_array_equal(small.train, small.database)
+    np.testing.assert_array_equal(small.query, make_split("unsupervised", unlabeled[:50], seed=0, query=5).query)
+    for protocol in ("cifar10", "per-class", "digits"):
+        params = {"query_per_class": 1, "train_per_class": 1} if protocol == "per-class" else {}
+        with pytest.raises(DmuhError, match="no labels.*cifar10-unsup"):
+            make_split(protocol, unlabeled, **params)
+    with pytest.raises(DmuhError, match="query: expected a positive integer"):
+        make_split("unsupervised", unlabeled[:50], query=0)
+
+
 def test_determinism(cifar_labels):
     first = make_split("cifar10", cifar_labels, seed=7)
     again = make_split("cifar10", cifar_labels, seed=7)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dmuh.codes import sign
+from dmuh.errors import DmuhError
 from dmuh.experiment import encode_part, load_run
 from dmuh.io import atomic_write_text
 from dmuh.metrics import DEFAULT_TIES, retrieval_report
@@ -21,6 +22,10 @@ def evaluate_run(run: str | Path, device: str = "cpu", ties: str = DEFAULT_TIES,
     """Every metric of a run on its saved split, written to `out` (else RUN/eval.json); `data`
     (data=, data_root=) reads the run's data from elsewhere (the split's fingerprint must match)."""
     exp = load_run(run, device, **data)
+    if not exp.source.labeled:
+        raise DmuhError(f"{run}: its data {exp.config.data} has no labels, so retrieval has nothing to be scored "
+                        "against; pass --data with the same items read with their labels (for an unlabeled "
+                        "reading of a class-folder tree, the tree itself)")
     labels = torch.from_numpy(np.asarray(exp.source.labels))
     query, database = sign(encode_part(exp, "query")), sign(encode_part(exp, "database"))
     # The headline tie mode first; "index" too (DPSH's convention, what earlier dmuh logs report).

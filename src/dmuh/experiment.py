@@ -24,11 +24,11 @@ from dmuh.data import open_source
 from dmuh.data.pipeline import InputPipeline
 from dmuh.data.protocols import Split
 from dmuh.errors import DmuhError
-from dmuh.methods import HashingMethod, create_method
+from dmuh.methods import HashingMethod, create_method, method_class
 from dmuh.metrics import DEFAULT_TIES, mean_average_precision
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
-from dmuh.pretrain import cross_entropy_warmup
+from dmuh.pretrain import auto_warmup_applies, cross_entropy_warmup
 from dmuh.run import CHECKPOINT, CONFIG, load_checkpoint, load_init, load_run_config, load_split, restore_state
 from dmuh.runtime import autocast, build_model, decode_all, memory_layout, resolve_device, run_network
 from dmuh.text import plural
@@ -93,15 +93,31 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
     if config.init not in INIT_WORDS:
         load_init(config.init, model, split)
     pipeline = InputPipeline(getattr(source, "channels", None), getattr(model, "input_size", None), config.augment)
-    train_labels = torch.from_numpy(np.asarray(source.labels)[split.train]).float()
+    uses_labels = method_class(config.method).uses_labels  # known before any label is read
+    if uses_labels and not source.labeled:
+        raise DmuhError(f"method {config.method!r} learns from labels, and --data {config.data} has none; "
+                        "choose a label-free method (dmuh train --list-methods)")
+    train_labels = training_labels(source, split, uses_labels)
     method = create_method(config.method, bits=config.bits, train_labels=train_labels, **config.method_params)
     train_inputs = images[torch.from_numpy(split.train)].to(device)
-    if config.init == "auto" and fresh:
+    if config.init == "auto" and fresh and not auto_warmup_applies(config, uses_labels):
+        if images.dim() == 4:  # a vector model has no backbone to speak of
+            echo(f"init auto: {config.method!r} learns without labels, so its backbone gets no cross-entropy "
+                 "warm-up (start it from `dmuh pretrain --objective simclr` with --init RUN, or train on feature vectors)")
+    elif config.init == "auto" and fresh:
+        if not source.labeled:
+            raise DmuhError(f"--init-epochs {config.init_epochs}: the warm-up of --init auto trains on labels, and "
+                            f"--data {config.data} has none; give --init scratch or --init RUN")
+        warmup_labels = train_labels
+        if not uses_labels:  # asked for with --init-epochs: the backbone sees labels, the method still none
+            echo(f"init auto: --init-epochs {config.init_epochs} warms the backbone up on the training labels, "
+                 f"so this run of label-free {config.method!r} is not label-free")
+            warmup_labels = training_labels(source, split)
         # Rank 0 warms up with the global batch (as one process would), the others take its weights.
         model.to(device)
         if context.is_main:
             warmup = dataclasses.replace(config, batch_size=config.batch_size * context.world_size)
-            row = cross_entropy_warmup(warmup, model, device, train_inputs, train_labels.to(device), progress=progress)
+            row = cross_entropy_warmup(warmup, model, device, train_inputs, warmup_labels.to(device), progress=progress)
             echo(f"init auto: {plural(int(row['epoch']), 'epoch')} of cross-entropy warm-up on the training split, "
                  f"loss {row['cross_entropy']:.4f} (--init scratch skips it)")
         distributed.broadcast_module(context, model)
@@ -120,6 +136,14 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
             momentum.network.compile()
     return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs,
                       train_labels.to(device), context)
+
+
+def training_labels(source, split: Split, uses_labels: bool = True) -> torch.Tensor:
+    """The (num_train, C) float labels of the training split; for a label-free method (num_train, 0),
+    so that no label column is ever read for it."""
+    if not uses_labels:
+        return torch.zeros(len(split.train), 0)
+    return torch.from_numpy(np.asarray(source.labels)[split.train]).float()
 
 
 def load_run(run: str | Path, device: str = "cpu", **data: str) -> Experiment:
@@ -155,6 +179,21 @@ def encode(
     finally:
         model.train(was_training)
         method.train(was_training)
+
+
+@torch.no_grad()
+def reference_features(exp: Experiment) -> torch.Tensor:
+    """The fixed representation of the training split that label-free methods preserve, float32 on
+    CPU: the data's own vectors for feature data, else the backbone's features of the images (no
+    augmentation, eval mode) as the network stands now (after --init)."""
+    if exp.train_inputs.dim() == 2:
+        return exp.train_inputs.float().cpu()
+    was_training = exp.model.training
+    exp.model.eval()
+    try:
+        return run_network(exp.model.features, exp.train_inputs, exp.pipeline, exp.config, exp.device)
+    finally:
+        exp.model.train(was_training)
 
 
 def retrieval_network(exp: Experiment) -> torch.nn.Module:
@@ -194,7 +233,10 @@ def _protocol_map(exp: Experiment, query: torch.Tensor, database: torch.Tensor, 
 
 
 def evaluate_map(exp: Experiment, ties: str = DEFAULT_TIES) -> float:
-    """MAP of the protocol (MAP@all or MAP@k) with sign codes of query and database."""
+    """MAP of the protocol (MAP@all or MAP@k) with sign codes of query and database; NaN on data
+    without labels (nothing to score against)."""
+    if not exp.source.labeled:
+        return float("nan")
     query, database = encode_part(exp, "query"), encode_part(exp, "database")
     return _protocol_map(exp, query, database, exp.split.query, exp.split.database, ties)
 
@@ -209,7 +251,7 @@ def evaluate_train_map(exp: Experiment, ties: str = DEFAULT_TIES) -> float:
     """MAP of `train_map_positions` training items against the whole training split (Fig. 3's
     training curve: how well the codes fit the data they were trained on)."""
     positions = train_map_positions(exp)
-    if len(positions) == 0:
+    if len(positions) == 0 or not exp.source.labeled:
         return float("nan")
     database = encode_part(exp, "train")
     return _protocol_map(exp, database[torch.from_numpy(positions)], database, exp.split.train[positions],

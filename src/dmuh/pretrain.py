@@ -157,14 +157,21 @@ def warmup_epochs_of(config: TrainConfig) -> int:
 AUTO_WARMUP_BACKBONE_LR_SCALE = 0.1
 
 
-def backbone_lr_scale_of(config: TrainConfig) -> float:
+def auto_warmup_applies(config: TrainConfig, uses_labels: bool = True) -> bool:
+    """Whether `--init auto` warms the backbone up on the training labels: for every method that
+    learns from labels; for a label-free one (`HashingMethod.uses_labels` false) only when
+    --init-epochs asks for it, since the warm-up reads labels the method itself never sees."""
+    return config.init == "auto" and (uses_labels or bool(config.init_epochs))
+
+
+def backbone_lr_scale_of(config: TrainConfig, uses_labels: bool = True) -> float:
     """The backbone's learning-rate multiplier: `backbone_lr_scale`, else 0.1 after `--init auto`'s
     warm-up and 1 with any other start. After the warm-up the hashing phase fine-tunes the backbone
     10x slower than the new hash layer (HashNet's recipe), which keeps what the warm-up taught;
     measured for `--init auto` only (docs/method.md), so a pretrain run or weights file keeps 1."""
     if config.backbone_lr_scale is not None:
         return float(config.backbone_lr_scale)
-    return AUTO_WARMUP_BACKBONE_LR_SCALE if config.init == "auto" else 1.0
+    return AUTO_WARMUP_BACKBONE_LR_SCALE if auto_warmup_applies(config, uses_labels) else 1.0
 
 
 def cross_entropy_warmup(config: TrainConfig, model: nn.Module, device: torch.device, inputs: torch.Tensor,

@@ -21,9 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dmuh import distributed
 from dmuh.config import TrainConfig, with_absolute_paths
+from dmuh.data.pipeline import InputPipeline
 from dmuh.errors import DmuhError
 from dmuh.experiment import (
-    Experiment, build_experiment, evaluate_map, evaluate_train_map, paired_codes, share_buffers,
+    Experiment, build_experiment, evaluate_map, evaluate_train_map, paired_codes, reference_features, share_buffers,
 )
 from dmuh.io import atomic_path, remove_orphans
 from dmuh.methods import HashingMethod, StepInputs
@@ -44,7 +45,7 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, method: HashingM
     hash_ids = {id(p) for p in hash_params}
     backbone_params = [p for p in model.parameters() if id(p) not in hash_ids]
     return build_optimizer(config, [
-        {"params": backbone_params, "lr_scale": backbone_lr_scale_of(config)},
+        {"params": backbone_params, "lr_scale": backbone_lr_scale_of(config, method.uses_labels)},
         {"params": hash_params + list(method.parameters()), "lr_scale": 1.0},
     ])
 
@@ -171,6 +172,14 @@ class Trainer:
         if context.enabled:
             self.network = DistributedDataParallel(exp.model, device_ids=[exp.device.index] if exp.device.type == "cuda" else None)
         num_train = exp.train_inputs.shape[0]
+        if exp.method.uses_reference_features and self.start_epoch == 1:
+            # A resumed run's method has them from its checkpoint (the backbone has moved since).
+            exp.method.set_reference_features(reference_features(exp).to(exp.device))
+        if exp.method.views == 2:
+            if exp.train_inputs.dim() != 4:
+                raise DmuhError(f"method {config.method!r} learns from two augmented views of each image; "
+                                f"--data {config.data} holds feature vectors")
+            self.view_pipeline = InputPipeline(exp.pipeline.channels, exp.pipeline.input_size, exp.method.view_augment)
         self.batch_size = min(config.batch_size, num_train // context.world_size)
         self.global_batch = self.batch_size * context.world_size
         self.steps = num_train // self.global_batch  # drop the ragged last batch: every step sees a full batch
@@ -226,10 +235,17 @@ class Trainer:
         exp, context = self.exp, self.context
         everyone = self.order[step * self.global_batch : (step + 1) * self.global_batch]
         indices = everyone[context.rank * self.batch_size : (context.rank + 1) * self.batch_size]
-        x = exp.pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True)
-        x = memory_layout(x, self.config, exp.device)
+        pipeline = self.view_pipeline if exp.method.views == 2 else exp.pipeline
+        x = memory_layout(pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True), self.config, exp.device)
         def hashing_pass():
             return self.network(x, return_features=True) if exp.method.uses_features else (self.network(x), None)
+
+        view_outputs = None
+        if exp.method.views == 2:
+            second = memory_layout(pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True),
+                                   self.config, exp.device)
+            with autocast(self.config, exp.device):
+                view_outputs = self.network(second).float()
 
         with autocast(self.config, exp.device):
             if exp.momentum is None:
@@ -246,7 +262,7 @@ class Trainer:
             )
         return exp.method(
             StepInputs(outputs=outputs.float(), labels=exp.train_labels[indices], indices=indices,
-                       momentum_outputs=momentum_outputs,
+                       momentum_outputs=momentum_outputs, view_outputs=view_outputs,
                        features=None if features is None else features.float(), **shared)
         )
 

@@ -4,6 +4,7 @@ and dmuh.compare."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -59,12 +60,13 @@ def add_commands(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dmuh.methods import available
+    from dmuh.methods import available, method_class
     from dmuh.run import CONFIG
     from dmuh.train import train
 
     if args.list_methods:
-        print("\n".join(available()))
+        print("\n".join(name if method_class(name).uses_labels else f"{name}  (learns without labels)"
+                        for name in available()))
         return 0
     if args.resume:
         if not hasattr(args, "out"):
@@ -76,7 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     row = train(config, resume=args.resume, progress=not args.quiet)
     summary = {k: row[k] for k in ("epoch", "loss", "map", "images_per_s") if k in row}
     text = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-    if "map" in row:
+    if "map" in row and math.isnan(row["map"]):
+        text += " (no MAP: the data has no labels; `dmuh evaluate --run RUN --data LABELED` scores it)"
+    elif "map" in row:
         text += f" (MAP ties {row['ties']})"
     print(f"run {config.out}: {text}")
     return 0

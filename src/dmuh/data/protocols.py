@@ -121,7 +121,8 @@ class Split:
         """Refuse a source other than the one the split was made for, indices beyond it, a split
         that is not whole (`validate`), or role sizes other than the protocol gives for this data."""
         where = self._where()
-        if self.fingerprint and source.fingerprint() != self.fingerprint:
+        # A split made on an unlabeled reading of the data carries the items' fingerprint alone.
+        if self.fingerprint and self.fingerprint not in (source.fingerprint(), source.fingerprint(labels=False)):
             raise DmuhError(f"{where}: split {self.protocol!r} (seed {self.seed}) was made for other data: "
                             f"fingerprint {self.fingerprint[:12]}..., this data {source.fingerprint()[:12]}...")
         for role in ("query", "train", "database"):
@@ -213,6 +214,9 @@ def _sample_random(data: _Data, rng: np.random.Generator, counts: Sequence[int],
     return [np.sort(order[bounds[r]:bounds[r + 1]]) for r in range(len(counts))]
 
 
+UNLABELED_HINT = "use protocol 'cifar10-unsup' or 'unsupervised' for data without labels"
+
+
 def _require_classes(data: _Data, protocol: str, expected: int) -> None:
     if data.num_classes != expected:
         raise DmuhError(f"protocol {protocol!r} expects {expected} classes, the data has {data.num_classes}; "
@@ -232,8 +236,7 @@ def _per_class(data, rng, *, query_per_class: int, train_per_class: int, databas
     if database not in DATABASE_CHOICES:
         raise DmuhError(f"database {database!r}: choose one of {', '.join(DATABASE_CHOICES)}")
     for name, value in (("query_per_class", query_per_class), ("train_per_class", train_per_class)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise DmuhError(f"{name}: expected a positive integer, got {value!r} (a role must not be empty)")
+        _count_param(name, value)
     query, train = _sample_per_class(data, rng, (query_per_class, train_per_class), ("query", "train"))
     db = data.all_but(query) if database == "rest" else data.all_but(query, train)
     return query, train, db, topk
@@ -257,6 +260,31 @@ def _cifar10_50k(data, rng, *, topk=None):
         (query,) = _sample_per_class(data, rng, (1000,), ("query",))
     rest = data.all_but(query)
     return query, rest, rest, topk
+
+
+def _count_param(name: str, value) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise DmuhError(f"{name}: expected a positive integer, got {value!r} (a role must not be empty)")
+    return int(value)
+
+
+def _unsupervised(data, rng, *, query: int = 1000, topk=None):
+    """Label-free: `query` random query items; train = database = the rest (unsupervised hashing
+    trains on the database it searches, without its labels)."""
+    (query_items,) = _sample_random(data, rng, (_count_param("query", query),), ("query",))
+    rest = data.all_but(query_items)
+    return query_items, rest, rest, topk
+
+
+def _cifar10_unsup(data, rng, *, topk=1000):
+    """The unsupervised CIFAR-10 protocol of CIBHash and DistillHash: the 10,000 test images are
+    the queries (10,000 random items when the data has no test subset), the other 50,000 are
+    train and database; MAP@1000 (the report adds MAP@all). Needs no labels."""
+    if data.subsets is not None and (data.subsets == "test").any():
+        query = data.subset("test")
+        rest = data.all_but(query)
+        return query, rest, rest, topk
+    return _unsupervised(data, rng, query=min(10_000, data.count - 1) if data.count > 1 else 1, topk=topk)
 
 
 def _nuswide21(data, rng, *, topk=5000):
@@ -294,6 +322,8 @@ PROTOCOLS: dict = {
     "cifar10": _cifar10,
     "cifar10-54k": _cifar10_54k,
     "cifar10-50k": _cifar10_50k,
+    "cifar10-unsup": _cifar10_unsup,
+    "unsupervised": _unsupervised,
     "nuswide21": _nuswide21,
     "coco": _coco,
     "imagenet100": _imagenet100,
@@ -301,6 +331,10 @@ PROTOCOLS: dict = {
     "per-class": _per_class,
     "digits": _digits,
 }
+
+
+# The protocols that split without reading a label (random draws, subsets).
+LABEL_FREE_PROTOCOLS = frozenset({"cifar10-unsup", "unsupervised", "coco", "imagenet100", "clothing1m"})
 
 
 def available_protocols() -> list:
@@ -340,6 +374,8 @@ def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fin
     params = {name: value.item() if isinstance(value, np.generic) else value for name, value in params.items()}
     if not isinstance(seed, (int, np.integer)):
         raise DmuhError(f"seed: expected an integer, got {seed!r}")
+    if labels.shape[1] == 0 and protocol not in LABEL_FREE_PROTOCOLS:
+        raise DmuhError(f"protocol {protocol!r} draws items by class, and the data has no labels; {UNLABELED_HINT}")
     rng = np.random.default_rng(int(seed))
     query, train, database, topk = build(_Data(labels, subsets, class_names), rng, **params)
     if topk is not None and (not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1):

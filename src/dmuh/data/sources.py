@@ -1,7 +1,9 @@
 """Data sources: images (or feature vectors) plus a multi-hot label matrix.
 
 Every source, single- or multi-label, exposes its labels as an (N, C) uint8 multi-hot matrix; two
-items are relevant to each other when they share a label. Images are decoded once into one uint8
+items are relevant to each other when they share a label. A source without labels (an image
+folder with no class folders, `unlabeled:PATH`, a features file without `labels`) has C = 0:
+label-free methods train on it, and evaluation needs the same items read with their labels. Images are decoded once into one uint8
 array by `Source.decode`; protocols (dmuh.data.protocols) split a source into query / train /
 database index sets and pin the split to `Source.fingerprint()`.
 """
@@ -116,7 +118,12 @@ class Source:
         if self.subsets is not None and self.subsets.shape != (count,):
             raise DmuhError(f"{what}: {self.subsets.shape[0]} subset names for {count} items")
         self.channels = channels
-        self._fingerprint: Optional[str] = None
+        self._fingerprints: dict = {}  # labels included or not -> digest
+
+    @property
+    def labeled(self) -> bool:
+        """Whether the items carry labels (C > 0); an unlabeled source has an (N, 0) label matrix."""
+        return self.labels.shape[1] > 0
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -219,17 +226,21 @@ class Source:
 
     # -- identity ----------------------------------------------------------------------------
 
-    def fingerprint(self) -> str:
-        """sha256 hex digest identifying the data: the same data gives the same digest."""
-        if self._fingerprint is None:
+    def fingerprint(self, labels: bool = True) -> str:
+        """sha256 hex digest identifying the data: the same data gives the same digest.
+        `labels=False` leaves the labels out: the digest of the items alone, which is an unlabeled
+        source's fingerprint, so a split made on an unlabeled reading also fits the labeled one."""
+        labels = labels and self.labeled
+        if self._fingerprints.get(labels) is None:
             digest = hashlib.sha256()
             self._hash_content(digest)
-            digest.update(b"\0labels\0" + repr(self.labels.shape).encode() + self.labels.tobytes())
-            digest.update(b"\0classes\0" + "\n".join(self.class_names).encode())
+            if labels:
+                digest.update(b"\0labels\0" + repr(self.labels.shape).encode() + self.labels.tobytes())
+                digest.update(b"\0classes\0" + "\n".join(self.class_names).encode())
             if self.subsets is not None:
                 digest.update(b"\0subsets\0" + "\n".join(self.subsets.tolist()).encode())
-            self._fingerprint = digest.hexdigest()
-        return self._fingerprint
+            self._fingerprints[labels] = digest.hexdigest()
+        return self._fingerprints[labels]
 
     def _hash_content(self, digest) -> None:
         """Feed what identifies the images (pixels, or ids and file sizes) into `digest`."""
@@ -286,12 +297,13 @@ class FeatureSource(Source):
             raise DmuhError(f"{name}: {self.features.shape[0]} feature rows but {len(self)} labels")
 
     @classmethod
-    def load(cls, path: PathLike, labels: Optional[PathLike] = None) -> "FeatureSource":
-        """A .npz with arrays `features` and `labels` (optional `class_names`, `ids`, `subsets`),
-        or a features .npy together with a labels .npy."""
+    def load(cls, path: PathLike, labels: Optional[PathLike] = None, labeled: bool = True) -> "FeatureSource":
+        """A .npz with an array `features` and optional `labels`, `class_names`, `ids`, `subsets`,
+        or a features .npy with an optional labels .npy. Without labels (or with `labeled=False`,
+        which drops them) the source is unlabeled: (N, 0) labels."""
         path = Path(path)
         if path.suffix == ".npz":
-            arrays = _load_npz(path, required=("features", "labels"), optional=("class_names", "ids", "subsets"))
+            arrays = _load_npz(path, required=("features",), optional=("labels", "class_names", "ids", "subsets"))
             optional = {}
             for key in ("class_names", "ids", "subsets"):
                 if key in arrays:
@@ -299,14 +311,19 @@ class FeatureSource(Source):
                         raise DmuhError(f"{path}: key {key!r} must be a 1-D array of names, got shape "
                                         f"{arrays[key].shape}")
                     optional[key] = arrays[key].tolist()
-            _check_label_array(arrays["labels"], f"{path}: key 'labels'")
-            return cls(arrays["features"], arrays["labels"], name=str(path), **optional)
-        if labels is None:
-            raise DmuhError(f"{path}: a features .npy needs labels=<labels .npy> "
-                            "(or use one .npz holding both)")
+            if labeled and "labels" in arrays:
+                _check_label_array(arrays["labels"], f"{path}: key 'labels'")
+                label_array = arrays["labels"]
+            else:
+                optional.pop("class_names", None)
+                label_array = np.zeros((arrays["features"].shape[0] if arrays["features"].ndim else 0, 0), np.uint8)
+            return cls(arrays["features"], label_array, name=str(path), **optional)
         features = _load_npy(path, "features")
-        label_array = _load_npy(Path(labels), "labels")
-        _check_label_array(label_array, f"{labels}")
+        if labels is not None and labeled:
+            label_array = _load_npy(Path(labels), "labels")
+            _check_label_array(label_array, f"{labels}")
+        else:
+            label_array = np.zeros((features.shape[0] if features.ndim else 0, 0), np.uint8)
         return cls(features, label_array, name=str(path))
 
     def read(self, i: int) -> Image.Image:
@@ -586,28 +603,41 @@ class ImageFolderSource(_FileImageSource):
     images sit one level above their class folder (`train/<class>/x.jpg`), that top-level folder
     is the item's subset. Items are sorted by path. `channels` (default 3) picks RGB or grayscale.
     A class folder with no image in it is refused unless `allow_empty_classes` (it is then ignored).
+
+    Without labels: a folder whose images all sit at its top level (no class folders) is an
+    unlabeled source, and `labeled=False` reads any tree so (every image at any depth, folder
+    names ignored but for the subset). Both readings of one tree list the same items in the same
+    order with the same fingerprint, so a run trained on the unlabeled reading is evaluated on
+    the labeled one.
     """
 
-    def __init__(self, path: PathLike, channels: int = 3, allow_empty_classes: bool = False):
+    def __init__(self, path: PathLike, channels: int = 3, allow_empty_classes: bool = False, labeled: bool = True):
         if channels not in (1, 3):
             raise DmuhError(f"channels: expected 1 or 3, got {channels!r}")
         self.store = _FileStore.open(path)
         files = sorted((relative, size) for relative, size in self.store.list_files()
                        if os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS)
-        files = [(relative, size) for relative, size in files if "/" in relative]  # class = parent folder
+        in_folders = [(relative, size) for relative, size in files if "/" in relative]  # class = parent folder
+        if labeled and in_folders:
+            files = in_folders
+        elif labeled:
+            labeled = False  # images, but no class folders: an unlabeled collection
         if not files:
-            raise DmuhError(f"{path}: no images in <class>/<image> folders "
-                            f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
+            where = "<class>/<image> folders" if labeled else "it"
+            raise DmuhError(f"{path}: no images in {where} (extensions {', '.join(sorted(IMAGE_EXTENSIONS))})")
         ids = [relative for relative, _ in files]
         self._file_sizes = np.array([size for _, size in files], dtype=np.int64)
         folders = [relative.split("/")[:-1] for relative in ids]
+        subsets = _split_folders(folders) if all(folders) else None
+        if not labeled:
+            self._init_common(np.zeros((len(ids), 0), dtype=np.uint8), [], ids, subsets, channels, str(path))
+            return
         if not allow_empty_classes:
             _refuse_empty_class_folders(path, self.store.list_dirs(), folders)
         class_names = sorted({parts[-1] for parts in folders})
         class_index = {name: c for c, name in enumerate(class_names)}
         labels = np.array([class_index[parts[-1]] for parts in folders], dtype=np.int64)
-        self._init_common(to_multi_hot(labels, len(class_names)), class_names, ids,
-                          _split_folders(folders), channels, str(path))
+        self._init_common(to_multi_hot(labels, len(class_names)), class_names, ids, subsets, channels, str(path))
 
     def _hash_content(self, digest) -> None:
         digest.update("\n".join(self.ids).encode())
@@ -980,6 +1010,13 @@ def _open_folder(target: str, root, **kw) -> ImageFolderSource:
     return ImageFolderSource(target, **kw)
 
 
+def _open_unlabeled(target: str, root, **kw) -> Source:
+    """An image folder or .zip read without labels, or a features file with its labels dropped."""
+    if Path(target).suffix.lower() in (".npz", ".npy"):
+        return FeatureSource.load(target, labeled=False)
+    return ImageFolderSource(target, labeled=False, **kw)
+
+
 def _open_cifar(target: str, root, **kw) -> CifarBatchesSource:
     return CifarBatchesSource(target, **kw)
 
@@ -998,13 +1035,15 @@ SOURCE_KINDS: dict = {
     "idx": _open_idx,
     "list": _open_list,
     "features": _open_features,
+    "unlabeled": _open_unlabeled,
 }
 
 
 def open_source(spec: str, root: Optional[PathLike] = None, allow_outside_root: bool = False, **kw) -> Source:
     """Open a data source from a spec string.
 
-    "digits"; "KIND:TARGET" with KIND one of folder, cifar-batches, idx, list, features; or a path:
+    "digits"; "KIND:TARGET" with KIND one of folder, cifar-batches, idx, list, features, unlabeled
+    (an image folder, .zip or features file read without its labels); or a path:
     a directory (CIFAR batches if it holds data_batch_1 or CIFAR-100's train/test/meta, IDX files
     if it holds *idx3-ubyte*, else an ImageFolder tree), a .zip (ImageFolder), a .txt list file
     (needs `root`), a .npz of `features` + `labels`. Extra keywords go to the source's constructor.

@@ -28,6 +28,9 @@ class StepInputs:
     indices: torch.Tensor  # (B,) positions in the training split (for memories)
     momentum_outputs: Optional[torch.Tensor] = None  # (B, bits) raw outputs of the momentum copy
     features: Optional[torch.Tensor] = None  # (B, D) backbone features, for methods that ask
+    # (B, bits) raw outputs of a second augmented view of the same items (methods with views = 2);
+    # `outputs` is then the first view's.
+    view_outputs: Optional[torch.Tensor] = None
     # Under torchrun: the whole global batch of all ranks (detached). A method that keeps a memory
     # of training outputs writes it from `shared()`, so every rank holds the same memory.
     shared_indices: Optional[torch.Tensor] = None
@@ -62,6 +65,17 @@ class HashingMethod(nn.Module):
     # Which network's codes are the retrieval codes: "hashing" (phi_h, the paper's) or "momentum".
     retrieval_network: str = "hashing"
     uses_features: bool = False  # the loop passes backbone features
+    # Learns without labels: the loop builds it with no label column ((n, 0) training labels,
+    # (B, 0) step labels), so no label of a training or database item reaches it, and `--init
+    # auto` does not warm up on labels for it. Labels are read only to evaluate.
+    uses_labels: bool = True
+    # Augmented views of each batch the loop passes: 2 gives StepInputs.view_outputs, both views
+    # drawn with `view_augment` (contrastive methods); 1 is the run's --augment.
+    views: int = 1
+    view_augment: str = "simclr"
+    # Wants the fixed representation of every training item before the first step
+    # (`set_reference_features`): the data's vectors, or the backbone's features of the images.
+    uses_reference_features: bool = False
     shallow: bool = False  # fitted once on features (see `ShallowMethod`); a description, the loop never reads it
     # Trains its backbone end to end on images (DDSH): refused on `features:` data, whose "backbone"
     # is a vector model, since its reference results and defaults are those of an image network.
@@ -100,6 +114,11 @@ class HashingMethod(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "set_labels"):
                 module.set_labels(labels)
+
+    def set_reference_features(self, features: torch.Tensor) -> None:
+        """The (num_train, D) reference representation of the training split, once, before the
+        first step of a new run (a resumed run has it from its checkpoint). Methods with
+        `uses_reference_features` override it."""
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -73,12 +73,17 @@ class TrainingMemory(nn.Module):
 
     def likelihood(self, codes: torch.Tensor, labels: torch.Tensor,
                    pair_weights: Optional[torch.Tensor] = None, normalisation: str = "nB") -> torch.Tensor:
-        """DPSH's negative log-likelihood of the batch against the memory (normalised as `pair_mean`).
+        """DPSH's negative log-likelihood of the batch against the memory, S from the labels."""
+        return self.pair_likelihood(codes, self.similarity(labels), pair_weights, normalisation)
+
+    def pair_likelihood(self, codes: torch.Tensor, similar: torch.Tensor,
+                        pair_weights: Optional[torch.Tensor] = None, normalisation: str = "nB") -> torch.Tensor:
+        """DPSH's negative log-likelihood of the batch against the memory for a given S (B, n)
+        (normalised as `pair_mean`); label-free methods bring their own S.
 
         Theta_ij = h_i^T U_j / 2; softplus(Theta) = log(1 + e^Theta) without overflow.
         """
         theta = 0.5 * codes.float() @ self.codes.t()
-        similar = self.similarity(labels)
         pair_loss = F.softplus(theta) - similar * theta
         if pair_weights is not None:
             pair_loss = pair_loss * pair_weights

@@ -82,6 +82,8 @@ class ShallowMethod(HashingMethod):
 class ITQ(ShallowMethod):
     """PCA to `bits` dimensions, then the rotation that makes sign() lose least (Iterative Quantization)."""
 
+    uses_labels = False
+
     def __init__(self, bits: int, num_train: int, num_classes: int, iterations: int = 50, seed: int = 0):
         super().__init__(bits, num_train, num_classes)
         self.iterations = check_count("iterations", iterations, 0)
@@ -117,6 +119,8 @@ class ITQ(ShallowMethod):
 @register_method("lsh", display_name="LSH")
 class LSH(ShallowMethod):
     """Signs of a seeded Gaussian random projection of the mean-centred features."""
+
+    uses_labels = False
 
     def __init__(self, bits: int, num_train: int, num_classes: int, seed: int = 0):
         super().__init__(bits, num_train, num_classes)
