@@ -24,7 +24,7 @@ from dmuh.data import open_source
 from dmuh.data.pipeline import InputPipeline
 from dmuh.data.protocols import Split
 from dmuh.errors import DmuhError
-from dmuh.methods import HashingMethod, create_method, method_class
+from dmuh.methods import METHODS, HashingMethod, create_method, method_class
 from dmuh.metrics import DEFAULT_TIES, mean_average_precision
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
@@ -98,7 +98,8 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
         raise DmuhError(f"method {config.method!r} learns from labels, and --data {config.data} has none; "
                         "choose a label-free method (dmuh train --list-methods)")
     train_labels = training_labels(source, split, uses_labels)
-    method = create_method(config.method, bits=config.bits, train_labels=train_labels, **config.method_params)
+    method = create_method(config.method, bits=config.bits, train_labels=train_labels,
+                           **method_params_for(config, model, images))
     train_inputs = images[torch.from_numpy(split.train)].to(device)
     if config.init == "auto" and fresh and not auto_warmup_applies(config, uses_labels):
         if images.dim() == 4:  # a vector model has no backbone to speak of
@@ -136,6 +137,16 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
             momentum.network.compile()
     return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs,
                       train_labels.to(device), context)
+
+
+def method_params_for(config: TrainConfig, model: torch.nn.Module, images: torch.Tensor) -> dict:
+    """The method's hyper-parameters, plus the size of the reference representation for a method
+    that builds layers on it (`reference_dim`, e.g. RPH's decoder): the data's vector length, or
+    the backbone's feature size. It is recorded in the checkpoint's method spec with the rest."""
+    params = dict(config.method_params)
+    if "reference_dim" in METHODS.entry(config.method).options() and "reference_dim" not in params:
+        params["reference_dim"] = int(images.shape[1]) if images.dim() == 2 else int(model.feature_dim)
+    return params
 
 
 def training_labels(source, split: Split, uses_labels: bool = True) -> torch.Tensor:

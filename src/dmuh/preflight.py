@@ -39,9 +39,13 @@ def check_method(config: TrainConfig) -> None:
     except TypeError as error:  # a factory refusing an argument the registry let through
         raise DmuhError(f"method {config.method!r}: {error}") from None
     data = str(config.data)
-    if method.needs_images and (data.startswith("features:") or data.lower().endswith(".npz")):
+    vectors = data.startswith("features:") or data.lower().endswith((".npz", ".npy"))
+    if method.needs_images and vectors:
         raise DmuhError(f"--method {config.method}: trains an image network end to end, not on --data {config.data} "
                         "(fit a shallow method such as itq on feature vectors)")
+    if method.needs_vectors and not vectors:
+        raise DmuhError(f"--method {config.method}: maps a fixed representation to codes and needs feature vectors "
+                        f"as --data (features:FILE.npz), not {config.data}")
 
 
 def check_files(config: RunConfig) -> None:

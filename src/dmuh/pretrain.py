@@ -25,20 +25,10 @@ from dmuh.data import open_source
 from dmuh.data.pipeline import InputPipeline
 from dmuh.errors import DmuhError
 from dmuh.io import remove_orphans
+from dmuh.methods.helpers import nt_xent
 from dmuh.preflight import check_pretrain_config
 from dmuh.run import BACKBONE, BACKBONE_KIND, CONFIG, LOG, load_split, write_log
 from dmuh.runtime import autocast, build_model, build_optimizer, decode_all, memory_layout, resolve_device, run_epoch
-
-
-
-def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's loss: each view must pick its partner among the 2B - 1 other views."""
-    z = F.normalize(torch.cat([first, second]).float(), dim=1)
-    logits = z @ z.t() / temperature
-    logits.fill_diagonal_(float("-inf"))
-    n = first.shape[0]
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, partner)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

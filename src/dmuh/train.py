@@ -366,13 +366,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
     return Trainer(config, resume, progress, echo).run()
 
 
+_NOT_LOSS_TERMS = frozenset({"epoch", "lr", "loss", "images_per_s", "seconds", "map", "train_map", "ties"})
+
+
 def format_row(row: Dict[str, float]) -> str:
     parts = [f"epoch {int(row['epoch'])}"]
     if not math.isnan(row["loss"]):
         parts.append(f"loss {row['loss']:.4f}")
-    for key in ("likelihood", "quantization", "uncertainty", "image_uncertainty"):
-        if key in row:
-            parts.append(f"{key} {row[key]:.4f}")
+    for key, value in row.items():  # the method's loss terms and step statistics
+        if key not in _NOT_LOSS_TERMS and isinstance(value, float) and not math.isnan(value):
+            parts.append(f"{key} {value:.4f}")
     parts.append(f"{row['images_per_s']:.0f} img/s")
     if "map" in row and not math.isnan(row["map"]):
         train = f", train {row['train_map']:.4f}" if "train_map" in row else ""

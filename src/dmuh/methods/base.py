@@ -80,6 +80,9 @@ class HashingMethod(nn.Module):
     # Trains its backbone end to end on images (DDSH): refused on `features:` data, whose "backbone"
     # is a vector model, since its reference results and defaults are those of an image network.
     needs_images: bool = False
+    # Maps a fixed representation given as data (`features:` vectors) to codes, and its search
+    # needs a query's representation (rank-preserving hashing's decoder re-ranking).
+    needs_vectors: bool = False
     # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.
     legacy_state_keys: Dict[str, str] = {}
     # Hyper-parameters whose default changed since checkpoints recorded a `method_spec`: the value

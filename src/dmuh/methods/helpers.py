@@ -68,3 +68,14 @@ def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     targets = labels / labels.sum(dim=1, keepdim=True).clamp(min=1)
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
+
+
+def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent: each of the 2B rows must pick its other view among the 2B - 1 others;
+    the mean cross-entropy over the 2B rows (SimCLR pre-training, CIBHash)."""
+    rows = F.normalize(torch.cat([first, second]).float(), dim=1)
+    logits = rows @ rows.t() / temperature
+    logits = logits.masked_fill(torch.eye(rows.shape[0], dtype=torch.bool, device=rows.device), float("-inf"))
+    count = first.shape[0]
+    other_view = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(rows.device)
+    return F.cross_entropy(logits, other_view)

@@ -51,10 +51,13 @@ class Regu(HashingMethod):
             return total / (batch_size * self.bits)
         return total / self.memory.normaliser(batch_size)
 
+    def quantization(self, codes: torch.Tensor) -> torch.Tensor:
+        """beta * sum_i ||h_i - b_i||^2, normalised as the likelihood."""
+        return self.beta * self.entry_mean((codes - sign(codes.detach())).pow(2).sum(), codes.shape[0])
+
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
         codes = self.memory.remember(step, self.continuous_codes)
-        quantization = self.entry_mean((codes - sign(codes.detach())).pow(2).sum(), codes.shape[0])
         return {
             "likelihood": self.memory.likelihood(codes, step.labels, normalisation=self.normalisation),
-            "quantization": self.beta * quantization,
+            "quantization": self.quantization(codes),
         }

@@ -1,0 +1,73 @@
+"""Bi-half (Li & van Gemert, AAAI 2021): binarise every bit at its batch median, for maximal bit entropy.
+
+Reference: liyunqianggyn/Deep-Unsupervised-Image-Hashing (ImageHashing/Cifar10_I.py, Cifar10_II.py
+for the layer and the loss, cal_map_single.py for the retrieval codes).
+
+The bi-half layer, on a batch U = z (B, bits):
+
+  forward:  per bit (column), the floor(B/2) largest values -> +1, the others -> -1 (with odd B the
+            extra item gets -1), so every bit is +1 for half the batch: a uniform bit, maximal entropy
+  backward: dL/dU = dL/dB + gamma * (U - B) / (B * bits)
+
+the straight-through gradient plus that of gamma / (2 B bits) * ||U - B||^2, which pulls U towards
+its codes. The loss is GreedyHash-unsup's without the cubic term (x: the reference features):
+
+  L = mean_(i,j) in P ( cos(b_i, b_j) - cos(x_i, x_j) )^2
+
+with the same pairings P (`pairs`, see `greedyhash_unsup`). The layer depends on the batch, so the
+retrieval codes are the plain sign(z), as in the official evaluation. Defaults: gamma = 6 (the
+official image-hashing value), pairs = "halves" (the official pairing). No label is read.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.greedyhash_unsup import PAIRINGS, similarity_mse
+from dmuh.methods.helpers import check_choice, check_number
+from dmuh.methods.reference import ReferenceFeatures
+
+
+class BiHalf(torch.autograd.Function):
+    """Per-column batch-median binarisation forward; straight-through plus gamma * (U - B) / U.numel() backward."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, gamma: float) -> torch.Tensor:
+        count = values.shape[0]
+        # A stable sort: tied values keep their batch order, so the codes do not depend on chance.
+        order = values.sort(dim=0, descending=True, stable=True).indices
+        ranked = torch.full_like(values, -1.0)
+        ranked[: count // 2] = 1.0
+        codes = torch.empty_like(values).scatter_(0, order, ranked)
+        ctx.save_for_backward(values, codes)
+        ctx.gamma = gamma
+        return codes
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        values, codes = ctx.saved_tensors
+        return grad_output + ctx.gamma * (values - codes) / values.numel(), None
+
+
+@register_method("bihalf", display_name="BiHalf")
+class BiHalfHash(HashingMethod):
+    """Cosine similarities of bi-half codes regressed onto the reference features'."""
+
+    uses_labels = False
+    uses_reference_features = True
+
+    def __init__(self, bits: int, num_train: int, num_classes: int, gamma: float = 6.0, pairs: str = "halves"):
+        super().__init__(bits, num_train, num_classes)
+        self.gamma = check_number("gamma", gamma, 0.0)
+        self.pairs = check_choice("pairs", pairs, PAIRINGS)
+        self.reference = ReferenceFeatures()
+
+    def set_reference_features(self, features: torch.Tensor) -> None:
+        self.reference.set(features)
+
+    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
+        binary = BiHalf.apply(step.outputs.float(), self.gamma)
+        return {"similarity": similarity_mse(binary, self.reference.of(step.indices), self.pairs)}

@@ -1,0 +1,123 @@
+"""DistillHash (Yang, Liu, Deng, Liu and Tao, CVPR 2019): hashing from a distilled set of pairs.
+
+No code of the authors is public and the method section could not be read here, so this is a
+reading of the abstract's three steps (docs/method.md, "Label-free methods"):
+
+1. Initial similarity signals from the local structure of pre-trained features: the symmetric
+   cosine K-nearest-neighbour graph of the reference features (`dmuh.methods.reference`):
+   s_ij = 1 when j is among the K nearest neighbours of i or i among those of j, else 0.
+2. Distillation: a pair is kept only when its neighbourhoods agree with its signal. With
+   eta_ij = |N_K(i) & N_K(j)| / K, the share of nearest neighbours the two items have in common,
+       similar pairs     s_ij = 1 and eta_ij >= p   (`similar_threshold`, default 0.3)
+       dissimilar pairs  s_ij = 0 and eta_ij <= o   (`dissimilar_threshold`, default 0: no
+                                                     neighbour in common)
+   and every other pair (neighbours that share too few neighbours, non-neighbours that share
+   some) is left out: its signal is the unconfident one. An item is similar to itself.
+3. A Bayesian pairwise likelihood on the distilled pairs: DPSH's
+       L = [sum_(i,j) kept (log(1 + e^Theta_ij) - s_ij Theta_ij) + beta sum_i ||h_i - b_i||^2] / (n B),
+   Theta_ij = h_i^T h_j / 2, over the batch against a memory of every training item's latest
+   code, exactly as Regu (the two differ only in where S comes from).
+
+Only the K-NN table (n, K) is kept in the state; the batch's S and weights are made from it at
+every step with sparse products (B K^2 terms), so nothing of size n^2 is ever held.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from dmuh.errors import DmuhError
+from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.helpers import check_count, check_number
+from dmuh.methods.reference import ReferenceFeatures
+from dmuh.methods.regu import Regu
+
+_KNN_CHUNK = 1024  # query rows per similarity block: bounds the (chunk, n) temporary
+
+
+@torch.no_grad()
+def cosine_knn(features: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, k) int64 indices of each row's k nearest other rows by cosine similarity."""
+    unit = torch.nn.functional.normalize(features.float(), dim=1)
+    n = unit.shape[0]
+    rows = []
+    for start in range(0, n, _KNN_CHUNK):
+        similarity = unit[start:start + _KNN_CHUNK] @ unit.t()
+        own = torch.arange(start, min(start + _KNN_CHUNK, n), device=unit.device)
+        similarity[torch.arange(len(own), device=unit.device), own] = -float("inf")  # not one's own neighbour
+        rows.append(similarity.topk(k, dim=1).indices)
+    return torch.cat(rows)
+
+
+def neighbour_matrix(knn: torch.Tensor) -> torch.Tensor:
+    """The (n, n) sparse 0/1 matrix whose row i marks the K nearest neighbours of i."""
+    n, k = knn.shape
+    rows = torch.arange(n, device=knn.device).repeat_interleave(k)
+    values = torch.ones(rows.numel(), device=knn.device)
+    return torch.sparse_coo_tensor(torch.stack([rows, knn.reshape(-1)]), values, (n, n)).coalesce()
+
+
+def distilled_pairs(neighbours: torch.Tensor, batch: torch.Tensor, similar_threshold: float,
+                    dissimilar_threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(S (B, n), kept (B, n)), both 0/1 float, of the batch items against every training item;
+    `neighbours` is `neighbour_matrix` of the K-NN table."""
+    k = int(round(neighbours._values().numel() / neighbours.shape[0]))
+    own = neighbours.index_select(0, batch)  # (B, n): the batch items' neighbours
+    listed_by = neighbours.t().index_select(0, batch)  # (B, n): the items that list a batch item
+    shared = torch.sparse.mm(own, neighbours.t()).to_dense() / k  # eta_ij
+    signal = torch.maximum(own.to_dense(), listed_by.to_dense())
+    rows = torch.arange(len(batch), device=batch.device)
+    signal[rows, batch] = 1.0  # an item is similar to itself
+    shared[rows, batch] = 1.0
+    similar = (signal > 0) & (shared >= similar_threshold)
+    dissimilar = (signal == 0) & (shared <= dissimilar_threshold)
+    return similar.float(), (similar | dissimilar).float()
+
+
+@register_method("distillhash", display_name="DistillHash")
+class DistillHash(Regu):
+    """Regu's likelihood and quantisation on the distilled pairs of the reference features' K-NN graph."""
+
+    uses_labels = False
+    uses_reference_features = True
+
+    def __init__(self, bits: int, num_train: int, num_classes: int, neighbours: int = 20,
+                 similar_threshold: float = 0.3, dissimilar_threshold: float = 0.0, beta: float = 50.0,
+                 output: str = "tanh", normalisation: str = "nB"):
+        super().__init__(bits, num_train, num_classes, beta=beta, output=output, normalisation=normalisation)
+        self.neighbours = check_count("neighbours", neighbours, 1)
+        self.similar_threshold = check_number("similar_threshold", similar_threshold, 0.0)
+        self.dissimilar_threshold = check_number("dissimilar_threshold", dissimilar_threshold, 0.0)
+        if not self.dissimilar_threshold < self.similar_threshold <= 1:
+            raise DmuhError(f"method parameters dissimilar_threshold={dissimilar_threshold!r}, similar_threshold="
+                            f"{similar_threshold!r}: need 0 <= dissimilar_threshold < similar_threshold <= 1")
+        self.reference = ReferenceFeatures()
+        self.register_buffer("knn", torch.zeros(0, self.neighbours, dtype=torch.int64))
+        self._neighbours: Optional[torch.Tensor] = None  # neighbour_matrix(knn), made on first use
+
+    def set_reference_features(self, features: torch.Tensor) -> None:
+        if self.neighbours >= features.shape[0]:
+            raise DmuhError(f"method parameter neighbours={self.neighbours}: needs more training items than "
+                            f"neighbours, got {features.shape[0]}")
+        self.reference.set(features)
+        self.knn = cosine_knn(self.reference.all(), self.neighbours)
+        self._neighbours = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        saved = state_dict.get(prefix + "knn")
+        if saved is not None:  # the table's length is the training split's
+            self.knn = torch.zeros(saved.shape, dtype=torch.int64, device=self.knn.device)
+            self._neighbours = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
+        if self._neighbours is None or self._neighbours.device != self.knn.device:
+            self._neighbours = neighbour_matrix(self.knn)
+        codes = self.memory.remember(step, self.continuous_codes)
+        similar, kept = distilled_pairs(self._neighbours, step.indices, self.similar_threshold, self.dissimilar_threshold)
+        return {
+            "likelihood": self.memory.pair_likelihood(codes, similar, kept, normalisation=self.normalisation),
+            "quantization": self.quantization(codes),
+        }
