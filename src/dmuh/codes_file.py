@@ -11,6 +11,8 @@ A codes file (`dmuh encode --out FILE`) is one uncompressed .npz:
     labels           (n, C) uint8 multi-hot, when the images have labels (class folders, list files)
     uncertainty      (n,) float32 image-level DMUH uncertainty mean_k |h_k - m_k| (Eq. 7), optional
     bit_uncertainty  (n, bits) float16 bit-level uncertainty |h_k - m_k| (Eq. 6), optional
+    features         (n, D) float32 the items' own representation (`dmuh encode --features`): the
+                     queries of decoder re-ranking, optional (a database needs none)
 
 It is written atomically; a truncated or corrupted file (the zip's CRC-32 covers every array) is a
 DmuhError naming the file.
@@ -50,6 +52,7 @@ class Codes:
     images: Optional[str] = None  # the images spec they were encoded from
     uncertainty: Optional[np.ndarray] = None  # (n,) float32
     bit_uncertainty: Optional[np.ndarray] = None  # (n, bits) float16
+    features: Optional[np.ndarray] = None  # (n, D) float32
 
     def __post_init__(self):
         packed, bits = as_packed(np.asarray(self.packed), int(self.bits))
@@ -70,6 +73,10 @@ class Codes:
             self.bit_uncertainty = np.asarray(self.bit_uncertainty, dtype=np.float16)
             if self.bit_uncertainty.shape != (n, self.bits):
                 raise DmuhError(f"codes: bit uncertainty of shape {self.bit_uncertainty.shape} for {n} {self.bits}-bit codes")
+        if self.features is not None:
+            self.features = np.asarray(self.features, dtype=np.float32)
+            if self.features.ndim != 2 or self.features.shape[0] != n or not np.isfinite(self.features).all():
+                raise DmuhError(f"codes: features of shape {self.features.shape} for {n} codes (finite values needed)")
 
     def __len__(self) -> int:
         return self.packed.shape[0]
@@ -87,7 +94,7 @@ class Codes:
                 "class_names": self.class_names}
         arrays = {"format": np.array(CODES_FORMAT), "meta": np.array(json.dumps(meta)),
                   "codes": self.packed, "ids": np.array(self.ids, dtype=str)}
-        for name in ("labels", "uncertainty", "bit_uncertainty"):
+        for name in ("labels", "uncertainty", "bit_uncertainty", "features"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
@@ -122,7 +129,8 @@ class Codes:
             return cls(arrays["codes"], meta["bits"], arrays["ids"].tolist(), labels=arrays.get("labels"),
                        class_names=meta.get("class_names"), model=meta.get("model") or {},
                        image_size=meta.get("image_size"), channels=meta.get("channels"), images=meta.get("images"),
-                       uncertainty=arrays.get("uncertainty"), bit_uncertainty=arrays.get("bit_uncertainty"))
+                       uncertainty=arrays.get("uncertainty"), bit_uncertainty=arrays.get("bit_uncertainty"),
+                       features=arrays.get("features"))
         except DmuhError as error:
             raise DmuhError(f"{path}: {error}") from None
 

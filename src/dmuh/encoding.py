@@ -83,6 +83,14 @@ class Encoder:
         return h, (h - m).abs()
 
 
+    def features(self, inputs) -> np.ndarray:
+        """The items' own representation (n, D) float32: feature vectors as they are, else the
+        backbone's features of the images (the reference representation of label-free methods)."""
+        if self.channels is None:
+            return inputs.float().numpy()
+        return run_network(self.model.features, inputs, self.pipeline, self.config, self.device).numpy()
+
+
 def load_encoder(run, device: str = "cpu") -> Encoder:
     """Rebuild a run's hashing network (and momentum copy) from config.yaml and checkpoint.safetensors."""
     run_dir, checkpoint_path = resolve_run(run)
@@ -117,26 +125,33 @@ def encode_arrays(encoder: Encoder, images: np.ndarray, uncertainty: bool = Fals
 
 
 def encode_images(encoder: Encoder, source, uncertainty: bool = False, image_size: Optional[int] = None,
-                  images_spec: Optional[str] = None, progress=None) -> Codes:
-    """Encode every item of `source` (from `dmuh.data.open_images` or dmuh.data) into a `Codes`."""
+                  images_spec: Optional[str] = None, progress=None, features: bool = False) -> Codes:
+    """Encode every item of `source` (from `dmuh.data.open_images` or dmuh.data) into a `Codes`;
+    `features` also stores each item's own representation (`Encoder.features`)."""
     size = image_size or encoder.image_size
     if getattr(source, "channels", 1) is None:  # feature vectors are never resized
         size = None
-    packed, bit_uncertainty = [], []
+    packed, bit_uncertainty, representation = [], [], []
     for start in range(0, len(source.ids), ENCODE_CHUNK):
         indices = np.arange(start, min(start + ENCODE_CHUNK, len(source.ids)))
-        p, u = encode_arrays(encoder, source.decode(indices, size=size), uncertainty)
+        items = source.decode(indices, size=size)
+        p, u = encode_arrays(encoder, items, uncertainty)
         packed.append(p)
         if u is not None:
             bit_uncertainty.append(u)
+        if features:
+            representation.append(encoder.features(images_to_tensor(match_channels(items, encoder.channels))))
         if progress is not None:
             progress(int(indices[-1]) + 1, len(source.ids))
     u = np.concatenate(bit_uncertainty) if uncertainty else None
     labels = getattr(source, "labels", None)
+    if labels is not None and np.asarray(labels).shape[1:] == (0,):  # an unlabeled source
+        labels = None
     return Codes(
         np.concatenate(packed), encoder.bits, source.ids,
         labels=None if labels is None else np.asarray(labels),
         class_names=getattr(source, "class_names", None) if labels is not None else None,
         model=encoder.identity, image_size=size, channels=encoder.channels, images=images_spec,
         uncertainty=None if u is None else u.mean(axis=1), bit_uncertainty=u,
+        features=np.concatenate(representation) if features else None,
     )

@@ -23,6 +23,9 @@ def evaluate_run(run: str | Path, device: str = "cpu", ties: str = DEFAULT_TIES,
     (data=, data_root=) reads the run's data from elsewhere (the split's fingerprint must match)."""
     exp = load_run(run, device, **data)
     if not exp.source.labeled:
+        if data.get("data"):
+            raise DmuhError(f"--data {data['data']}: has no labels, so retrieval has nothing to be scored against; "
+                            "give the same items read with their labels")
         raise DmuhError(f"{run}: its data {exp.config.data} has no labels, so retrieval has nothing to be scored "
                         "against; pass --data with the same items read with their labels (for an unlabeled "
                         "reading of a class-folder tree, the tree itself)")

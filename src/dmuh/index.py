@@ -17,6 +17,9 @@ nearest k by (distance, position)). IVF and HNSW are approximate: they may miss 
 a query that finds fewer than k codes gets id -1 and distance -1 in the remaining slots.
 
 The file format is `dmuh.index_file`; the re-ranking of `Index.search_reranked` is `dmuh.rerank`.
+An index may carry a decoder of its codes (`dmuh.decoder`, rank-preserving hashing): then
+`Index.search_decoded` re-ranks the Hamming candidates by the cosine of each query's own features
+to the candidates' decoded features, and the database's original features are never needed.
 FAISS is imported lazily (on first use), so the rest of dmuh works without it.
 """
 
@@ -30,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dmuh.codes import as_packed
+from dmuh.decoder import FeatureDecoder
 from dmuh.errors import DmuhError
 from dmuh.index_file import FORMAT, FORMAT_VERSION, read_index_file, write_index_file
 from dmuh.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, rerank
@@ -88,6 +92,7 @@ class Index:
         self.names = names
         self.meta = dict(meta or {})  # where the codes came from: model identity, image size, ...
         self._database: Optional[np.ndarray] = None  # packed codes by position, for re-ranking
+        self.decoder = None  # a dmuh.decoder.FeatureDecoder of these codes, or None
 
     # -- building -------------------------------------------------------------------------------
 
@@ -244,6 +249,49 @@ class Index:
             "ids": self.ids_at(positions),
         }
 
+    def attach_decoder(self, decoder) -> None:
+        """Keep a `dmuh.decoder.FeatureDecoder` of these codes with the index (and in its file)."""
+        if decoder.bits != self.bits:
+            raise DmuhError(f"decoder: reads {decoder.bits}-bit codes, the index holds {self.bits}-bit codes")
+        self.decoder = decoder.cpu().eval()
+
+    def search_decoded(self, query_codes, query_features, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
+                       nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Rank-preserving hashing's search: the top `depth` codes by Hamming distance (the graph
+        search of an hnsw index, or any kind), re-ranked by the cosine of each query's features
+        (nq, D) to the candidates' features decoded from their codes; keeps the k best. Ties go
+        by Hamming distance, then position.
+
+        Returns {"cosine": float32 (nq, k), "distances": int32 Hamming, "ids": int64, "positions": int64}.
+        """
+        if self.decoder is None:
+            raise DmuhError("this index holds no decoder; build it from the codes of a run that trains one "
+                            "(e.g. --method rph)")
+        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
+        features = np.asarray(query_features, dtype=np.float32)
+        if features.shape != (packed.shape[0], self.decoder.dim) or not np.isfinite(features).all():
+            raise DmuhError(f"query features: expected {packed.shape[0]} finite rows of {self.decoder.dim} values, "
+                            f"got shape {features.shape}")
+        self._check_k(k)
+        depth = min(max(int(depth), int(k)), len(self))
+        distances, positions = self.search_positions(packed, depth, nprobe=nprobe, ef_search=ef_search)
+        found = positions >= 0
+        unique, inverse = np.unique(positions[found], return_inverse=True)
+        decoded = self.decoder.decode_packed(self.codes_at(unique))  # each candidate decoded once
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        queries = features / np.where(norms > 0, norms, 1)
+        cosine = np.full(positions.shape, -np.inf, dtype=np.float32)
+        rows = np.nonzero(found)[0]
+        cosine[found] = np.einsum("nd,nd->n", decoded[inverse], queries[rows])
+        order = np.lexsort((np.where(found, positions, np.iinfo(np.int64).max), distances, -cosine), axis=1)[:, :k]
+        positions = np.take_along_axis(positions, order, axis=1)
+        return {
+            "cosine": np.take_along_axis(cosine, order, axis=1),
+            "distances": np.take_along_axis(distances, order, axis=1),
+            "positions": positions,
+            "ids": self.ids_at(positions),
+        }
+
     def _check_k(self, k) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise DmuhError(f"k={k!r}: expected a positive integer")
@@ -269,7 +317,7 @@ class Index:
     def info(self) -> Dict[str, Any]:
         return {"format": FORMAT, "version": FORMAT_VERSION, "kind": self.kind, "bits": self.bits,
                 "count": len(self), "params": dict(self.params), "has_names": self.names is not None,
-                "meta": dict(self.meta)}
+                "meta": dict(self.meta), "decoder": None if self.decoder is None else self.decoder.config}
 
     def save(self, path, overwrite: bool = True) -> None:
         """Write the index file atomically (a temporary name, then one rename)."""
@@ -281,6 +329,8 @@ class Index:
                     ("ids", self.ids.astype("<i8").tobytes())]
         if self.names is not None:
             sections.append(("names", json.dumps(self.names, ensure_ascii=False).encode("utf-8")))
+        if self.decoder is not None:  # tensors only (safetensors), its sizes in the header
+            sections.append(("decoder", self.decoder.to_bytes()))
         write_index_file(path, self.info(), sections)
 
     @classmethod
@@ -300,4 +350,12 @@ class Index:
                 or index.d != 8 * byte_width(bits):
             raise DmuhError(f"{path}: corrupted index (header says {count} {bits}-bit codes, "
                             f"the payload holds {index.ntotal} of {index.d} bits)")
-        return cls(index, header["kind"], bits, header["params"], ids, names, header.get("meta"))
+        loaded = cls(index, header["kind"], bits, header["params"], ids, names, header.get("meta"))
+        if header.get("decoder") is not None:
+            if "decoder" not in sections:
+                raise DmuhError(f"{path}: corrupted index (the header names a decoder, the payload holds none)")
+            decoder = FeatureDecoder.from_bytes(header["decoder"], sections["decoder"], str(path))
+            if decoder.bits != bits:
+                raise DmuhError(f"{path}: corrupted index (a decoder of {decoder.bits}-bit codes for {bits}-bit codes)")
+            loaded.decoder = decoder
+        return loaded

@@ -53,6 +53,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="codes file to write (.npz) (required)")
     p.add_argument("--uncertainty", action="store_true",
                    help="store each image's DMUH uncertainty (momentum network; DMUH runs only) [default: off]")
+    p.add_argument("--features", action="store_true",
+                   help="store each item's own representation (its feature vector, or the backbone's features), "
+                        "which queries need for `dmuh search --rerank decoder` [default: off]")
     p.add_argument("--image-size", type=int, metavar="N", help="decode images at N x N pixels [default: the run's]")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass [default: the run's eval_batch_size]")
@@ -72,6 +75,9 @@ def add_commands(subparsers) -> None:
             text, derived = _PARAM_HELP[name]
             p.add_argument(_param_flag(name), type=int, metavar="N",
                            help=f"{kind} only: {text}, a positive integer [default: {derived or default}]")
+    p.add_argument("--decoder", metavar="RUN",
+                   help="keep this run's decoder of the codes in the index, for `search --rerank decoder` "
+                        "[default: the codes' own run when it trains one (--method rph)]")
     p.add_argument("--out", required=True, metavar="INDEX", help="index file to write (required)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_index_build)
@@ -93,9 +99,14 @@ def add_commands(subparsers) -> None:
                    help="batch of queries: a .txt of image paths (one a line, relative to its folder) or a codes "
                         "file (.npz) [default: none]")
     p.add_argument("--k", type=int, default=10, metavar="N", help="results per query [default: 10]")
-    p.add_argument("--rerank", type=int, nargs="?", const=DEFAULT_RERANK_DEPTH, metavar="DEPTH",
-                   help=f"re-rank the top DEPTH (alone: {DEFAULT_RERANK_DEPTH}) by uncertainty-weighted Hamming "
-                        "distance [default: off]")
+    p.add_argument("--rerank", nargs="?", const="uncertainty", metavar="uncertainty|decoder",
+                   help="re-rank the top --depth candidates: 'uncertainty' (the default when the flag stands "
+                        "alone) by DMUH's uncertainty-weighted Hamming distance, 'decoder' by the cosine of the "
+                        "query's features to the candidates' features decoded from their codes (an index with a "
+                        "decoder; queries encoded with --features); a number N is 'uncertainty' with --depth N "
+                        "[default: off]")
+    p.add_argument("--depth", type=int, metavar="N",
+                   help=f"candidates by Hamming distance that --rerank re-orders [default: {DEFAULT_RERANK_DEPTH}]")
     p.add_argument("--tau", type=float, metavar="T",
                    help=f"re-ranking temperature: bit weight exp(-u / (tau * the query's mean u)) [default: {DEFAULT_TAU:g}]")
     p.add_argument("--nprobe", type=int, metavar="N", help="ivf: lists searched per query [default: the index's]")
@@ -147,10 +158,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
     source = open_images(args.images, args.root, encoder.channels or 3)
     with progress_bar(len(source.ids), "encoding", unit="image") as bar:  # a large collection, on a terminal
         codes = encode_images(encoder, source, uncertainty=args.uncertainty, image_size=args.image_size,
-                              images_spec=args.images, progress=lambda done, total: bar.update(done - bar.n))
+                              images_spec=args.images, progress=lambda done, total: bar.update(done - bar.n),
+                              features=args.features)
     codes.save(args.out, overwrite=args.force)
     extra = ", labels" if codes.labels is not None else ""
     extra += ", uncertainty" if codes.uncertainty is not None else ""
+    extra += ", features" if codes.features is not None else ""
     print(f"encoded {plural(len(codes), 'image')} into {codes.bits}-bit codes{extra}: {args.out}")
     return 0
 
@@ -178,11 +191,38 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     _output_folder(args.out)
     params = _index_params(args)
     codes = Codes.load(args.codes)
+    decoder = _codes_decoder(args, codes)  # before the build: a wrong --decoder fails fast
     index = Index.build(codes, kind=args.kind, meta={**codes.identity(), "codes_file": str(args.codes)}, **params)
+    if decoder is not None:
+        index.attach_decoder(decoder)
     index.save(args.out, overwrite=args.force)
     print(f"index {args.out}: {args.kind}, {plural(len(index), 'code')} of {plural(index.bits, 'bit')}"
-          + (f", {', '.join(f'{k}={v}' for k, v in index.params.items())}" if index.params else ""))
+          + (f", {', '.join(f'{k}={v}' for k, v in index.params.items())}" if index.params else "")
+          + (f", decoder to {decoder.dim} features" if decoder is not None else ""))
     return 0
+
+
+def _codes_decoder(args: argparse.Namespace, codes):
+    """The decoder of --decoder RUN, or of the codes' own run when its method trains one; None otherwise.
+    The run must be the one whose checkpoint made the codes."""
+    from dmuh.encoding import load_encoder
+    from dmuh.methods import method_class
+
+    run = args.decoder
+    if run is None:
+        method, recorded = codes.model.get("method"), codes.model.get("run")
+        try:
+            trains_decoder = method is not None and method_class(method).trains_decoder
+        except DmuhError:  # a method this dmuh does not know: no decoder to look for
+            trains_decoder = False
+        if not trains_decoder or not recorded or not Path(recorded).is_dir():
+            return None
+        run = recorded
+    encoder = load_encoder(run)
+    if not encoder.method.trains_decoder:
+        raise DmuhError(f"--decoder {run}: its method {encoder.config.method!r} trains no decoder (rph does)")
+    _check_same_model(codes.identity(), encoder.identity, f"--decoder {run}'s decoder", allow=False)
+    return encoder.method.decoder
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
@@ -197,6 +237,9 @@ def cmd_index_info(args: argparse.Namespace) -> int:
              f"kind: {info['kind']}", f"bits: {info['bits']}", f"count: {info['count']}"]
     if info["params"]:
         lines.append("params: " + ", ".join(f"{k}={v}" for k, v in info["params"].items()))
+    if info.get("decoder"):
+        lines.append(f"decoder: {info['decoder']['bits']} bits -> {info['decoder']['hidden']} -> "
+                     f"{info['decoder']['dim']} features (search --rerank decoder)")
     if model:
         lines.append(f"model: {model.get('method')} / {model.get('model')}, run {model.get('run')}, "
                      f"checkpoint sha256 {str(model.get('checkpoint_sha256'))[:16]}...")
@@ -206,8 +249,9 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 # -- search -----------------------------------------------------------------------------------
 
-# Queries gathered from one place: (names, packed codes (n, bytes) uint8, bit uncertainty (n, bits) or None).
-Queries = Tuple[List[str], np.ndarray, Optional[np.ndarray]]
+# Queries gathered from one place: (names, packed codes (n, bytes) uint8, bit uncertainty (n, bits)
+# or None, their own features (n, D) or None).
+Queries = Tuple[List[str], np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]
 
 
 def _read_query_list(path: Path) -> List[Path]:
@@ -238,15 +282,18 @@ def _queries_from_codes(args: argparse.Namespace, index, path: str) -> Queries:
         raise DmuhError(f"--queries {path} holds {codes.bits}-bit codes but --index {args.index} "
                         f"holds {index.bits}-bit codes")
     _check_same_model(index.meta, codes.model, f"the codes in {path}", args.allow_other_model)
-    if args.rerank and codes.bit_uncertainty is None:
+    if args.rerank == "uncertainty" and codes.bit_uncertainty is None:
         raise DmuhError(f"--rerank needs bit uncertainty: encode {path} with `dmuh encode --uncertainty`")
-    uncertainty = codes.bit_uncertainty.astype(np.float32) if args.rerank else None
-    return list(codes.ids), codes.packed, uncertainty
+    if args.rerank == "decoder" and codes.features is None:
+        raise DmuhError(f"--rerank decoder needs the queries' own features: encode {path} with `dmuh encode --features`")
+    uncertainty = codes.bit_uncertainty.astype(np.float32) if args.rerank == "uncertainty" else None
+    return list(codes.ids), codes.packed, uncertainty, codes.features if args.rerank == "decoder" else None
 
 
 def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> Queries:
     """Query images encoded with the run of --run, as the index's images were."""
     from dmuh.data.images import read_image
+    from dmuh.data.pipeline import images_to_tensor
     from dmuh.encoding import encode_arrays, load_encoder
 
     run = args.run or _recorded_run(args, index)
@@ -255,15 +302,16 @@ def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> 
         raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but the model of --run "
                         f"{run} makes {encoder.bits}-bit codes")
     _check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
-    if args.rerank and encoder.momentum_network is None:
+    if args.rerank == "uncertainty" and encoder.momentum_network is None:
         raise DmuhError(f"--rerank needs a DMUH run (a momentum network); {run} was trained with "
                         f"{encoder.config.method!r}")
     if encoder.channels is None:
         raise DmuhError(f"--run {run} encodes feature vectors, not images; pass --queries CODES.npz")
     size = index.meta.get("image_size") or encoder.image_size
     images = np.stack([read_image(path, encoder.channels, size) for path in paths])
-    packed, uncertainty = encode_arrays(encoder, images, uncertainty=bool(args.rerank))
-    return [str(p) for p in paths], packed, uncertainty
+    packed, uncertainty = encode_arrays(encoder, images, uncertainty=args.rerank == "uncertainty")
+    features = encoder.features(images_to_tensor(images)) if args.rerank == "decoder" else None
+    return [str(p) for p in paths], packed, uncertainty, features
 
 
 def _recorded_run(args: argparse.Namespace, index) -> str:
@@ -295,21 +343,26 @@ def _gather_queries(args: argparse.Namespace, index) -> Queries:
         parts.append(_queries_from_images(args, index, image_paths))
     names = [name for part in parts for name in part[0]]
     packed = np.concatenate([part[1] for part in parts])
-    uncertainty = np.concatenate([part[2] for part in parts]) if args.rerank else None
-    return names, packed, uncertainty
+    uncertainty = np.concatenate([part[2] for part in parts]) if args.rerank == "uncertainty" else None
+    features = np.concatenate([part[3] for part in parts]) if args.rerank == "decoder" else None
+    return names, packed, uncertainty, features
 
 
 def _search_report(args: argparse.Namespace, index, queries: Queries) -> Dict[str, Any]:
     """Search (and re-rank) the queries; the JSON report of `dmuh search`."""
-    names, packed, uncertainty = queries
+    names, packed, uncertainty, features = queries
     search_params = {"nprobe": args.nprobe, "ef_search": args.ef_search}
     report: Dict[str, Any] = {"index": args.index, "k": args.k, "rerank": args.rerank, "queries": []}
-    weighted = None
-    if args.rerank:
+    weighted = cosine = None
+    if args.rerank == "uncertainty":
         tau = args.tau if args.tau is not None else DEFAULT_TAU
-        result = index.search_reranked(packed, uncertainty, args.k, depth=args.rerank, tau=tau, **search_params)
+        result = index.search_reranked(packed, uncertainty, args.k, depth=args.depth, tau=tau, **search_params)
         distances, positions, weighted = result["distances"], result["positions"], result["weighted"]
-        report["tau"] = tau
+        report.update(tau=tau, depth=args.depth)
+    elif args.rerank == "decoder":
+        result = index.search_decoded(packed, features, args.k, depth=args.depth, **search_params)
+        distances, positions, cosine = result["distances"], result["positions"], result["cosine"]
+        report["depth"] = args.depth
     else:
         distances, positions = index.search_positions(packed, args.k, **search_params)
     ids = index.ids_at(positions)
@@ -322,6 +375,8 @@ def _search_report(args: argparse.Namespace, index, queries: Queries) -> Dict[st
             row = {"rank": rank + 1, "id": int(ids[q, rank]), "path": paths[q][rank], "distance": int(distances[q, rank])}
             if weighted is not None:
                 row["weighted_distance"] = round(float(weighted[q, rank]), 4)
+            if cosine is not None:
+                row["decoded_cosine"] = round(float(cosine[q, rank]), 4)
             results.append(row)
         report["queries"].append({"query": name, "results": results})
     return report
@@ -329,16 +384,36 @@ def _search_report(args: argparse.Namespace, index, queries: Queries) -> Dict[st
 
 def _format_results(report: Dict[str, Any]) -> str:
     blocks = []
+    score = {"uncertainty": ("weighted", "weighted_distance"), "decoder": ("cosine", "decoded_cosine")}.get(report["rerank"])
     for query in report["queries"]:
         lines = [f"query {query['query']}"]
-        weighted = bool(report["rerank"])
-        lines.append(f"  {'rank':>4}  {'distance':>8}" + (f"  {'weighted':>8}" if weighted else "") + f"  {'id':>8}  path")
+        lines.append(f"  {'rank':>4}  {'distance':>8}" + (f"  {score[0]:>8}" if score else "") + f"  {'id':>8}  path")
         for row in query["results"]:
             lines.append(f"  {row['rank']:>4}  {row['distance']:>8}"
-                         + (f"  {row['weighted_distance']:>8.3f}" if weighted else "")
+                         + (f"  {row[score[1]]:>8.3f}" if score else "")
                          + f"  {row['id']:>8}  {row['path'] if row['path'] is not None else '-'}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+RERANK_MODES = ("uncertainty", "decoder")
+
+
+def _rerank_mode(args: argparse.Namespace) -> None:
+    """Normalise --rerank / --depth: args.rerank one of RERANK_MODES or None, args.depth a positive
+    count (a bare number after --rerank is the older spelling of `uncertainty --depth N`)."""
+    if args.rerank is not None and args.rerank.isdigit():
+        if args.depth is not None:
+            raise DmuhError(f"--rerank {args.rerank}: give the depth once, as --depth")
+        check_positive(int(args.rerank), "--rerank")
+        args.rerank, args.depth = "uncertainty", int(args.rerank)
+    if args.rerank is not None and args.rerank not in RERANK_MODES:
+        raise DmuhError(f"--rerank {args.rerank!r}: choose {' or '.join(RERANK_MODES)} (or a depth, for uncertainty)")
+    if args.depth is not None and args.rerank is None:
+        raise DmuhError("--depth applies to --rerank")
+    check_positive(args.depth, "--depth")
+    if args.depth is None:
+        args.depth = DEFAULT_RERANK_DEPTH
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -348,9 +423,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     _output_folder(args.out)
     if not args.image and not args.queries:
         raise DmuhError("give query images with --image (repeatable) or a file of queries with --queries")
-    if args.tau is not None and args.rerank is None:
-        raise DmuhError("--tau applies to --rerank")
-    check_positive(args.rerank, "--rerank")
+    _rerank_mode(args)
+    if args.tau is not None and args.rerank != "uncertainty":
+        raise DmuhError("--tau applies to --rerank uncertainty")
     index = Index.load(args.index)
     report = _search_report(args, index, _gather_queries(args, index))
     text = json.dumps(report, indent=2)

@@ -83,6 +83,9 @@ class HashingMethod(nn.Module):
     # Maps a fixed representation given as data (`features:` vectors) to codes, and its search
     # needs a query's representation (rank-preserving hashing's decoder re-ranking).
     needs_vectors: bool = False
+    # Trains a `dmuh.decoder.FeatureDecoder` of its codes (`self.decoder`), which `dmuh index
+    # build` keeps in the index for `dmuh search --rerank decoder`.
+    trains_decoder: bool = False
     # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.
     legacy_state_keys: Dict[str, str] = {}
     # Hyper-parameters whose default changed since checkpoints recorded a `method_spec`: the value

@@ -61,6 +61,7 @@ class RankPreservingHashing(HashingMethod):
     uses_labels = False
     uses_reference_features = True
     needs_vectors = True
+    trains_decoder = True
 
     def __init__(self, bits: int, num_train: int, num_classes: int, reference_dim: int = 1,
                  temperature: float = 0.05, quantization: float = 0.1, reconstruction: float = 1.0,
