@@ -3,6 +3,13 @@
     PYTHONPATH=src python bench/search_speed.py                      # 1,000,000 x 64 bits, 1,000 queries, k=100
     PYTHONPATH=src python bench/search_speed.py --threads 1          # as docs/search.md (a shared 2-core box)
     PYTHONPATH=src python bench/search_speed.py --n 100000 --quick   # a smaller run
+    PYTHONPATH=src python bench/search_speed.py --decoder-dim 512 --depth 1000   # + decoder re-ranking
+
+`--decoder-dim D` also times rank-preserving hashing's search (`Index.search_decoded`): the HNSW
+candidates (top --depth) re-ranked by the cosine of D-dimensional query features to features
+decoded from the candidates' codes, with an untrained decoder of the default size (its weights do
+not change the cost); its recall columns compare the re-ranked top k with Hamming's exact top k,
+which it is not meant to match, so they are left out.
 
 Random codes (uniform bits, the default): the worst case for IVF and HNSW (no cluster structure,
 and at 64 bits most distances fall in a narrow band around 32), so their recall there is a floor.
@@ -59,6 +66,8 @@ def main() -> None:
                              "(closer to trained codes: classes form clusters)")
     parser.add_argument("--flat-only", action="store_true", help="only the flat comparison")
     parser.add_argument("--threads", type=int, help="FAISS (OpenMP) threads [FAISS's default: one per CPU]")
+    parser.add_argument("--decoder-dim", type=int, help="also time HNSW + decoder re-ranking with D-dim features")
+    parser.add_argument("--depth", type=int, default=1000, help="candidates the decoder re-ranks")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -130,6 +139,20 @@ def main() -> None:
             t, (distances, ids) = timed(lambda: hnsw.search(queries, args.k, ef_search=max(ef, args.k)), args.repeats)
             rows.append(("dmuh hnsw", f"M={args.hnsw_m} efSearch={max(ef, args.k)}", hnsw_build, t,
                          *recall(exact_ids, exact_distances, ids, distances, args.k)))
+            print(rows[-1], flush=True)
+        if args.decoder_dim:
+            import torch
+
+            from dmuh.decoder import FeatureDecoder
+
+            torch.manual_seed(args.seed)
+            hnsw.attach_decoder(FeatureDecoder(args.bits, args.decoder_dim))
+            features = rng.normal(size=(args.queries, args.decoder_dim)).astype(np.float32)
+            ef = max(args.depth, args.k)
+            t, _ = timed(lambda: hnsw.search_decoded(queries, features, args.k, depth=args.depth, ef_search=ef),
+                         args.repeats)
+            rows.append(("dmuh hnsw + decoder re-rank", f"M={args.hnsw_m} efSearch={ef} depth={args.depth} "
+                         f"D={args.decoder_dim}", hnsw_build, t, float("nan"), float("nan")))
             print(rows[-1], flush=True)
 
     print()

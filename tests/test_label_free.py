@@ -17,7 +17,7 @@ from PIL import Image
 from dmuh.cli import main
 from dmuh.errors import DmuhError
 from dmuh.methods import StepInputs, available, create_method, method_class
-from dmuh.methods.distillhash import cosine_knn, distilled_pairs, neighbour_matrix
+from dmuh.methods.distillhash import cosine_knn, distilled_pairs, reverse_neighbours
 from dmuh.methods.rph import rank_divergence
 
 LABEL_FREE = {"itq", "lsh", "distillhash", "dsg", "rph", "greedyhash-unsup", "bihalf", "cibhash"}
@@ -130,11 +130,9 @@ def test_cosine_knn_of_the_fan_gives_the_hand_neighbour_lists():
     knn = cosine_knn(fan_features(), 2)
     assert knn.shape == (5, 2) and knn.dtype == torch.int64
     assert [set(row.tolist()) for row in knn] == NEIGHBOURS
-    dense = neighbour_matrix(knn).to_dense()
-    expected = torch.zeros(5, 5)
-    for i, row in enumerate(NEIGHBOURS):
-        expected[i, list(row)] = 1.0
-    assert torch.equal(dense, expected)
+    pointers, items = reverse_neighbours(knn)  # who lists a: 0 <- {1}, 1 <- {0, 2}, 2 <- {0, 1, 3, 4}, ...
+    listed_by = [set(items[pointers[a]:pointers[a + 1]].tolist()) for a in range(5)]
+    assert listed_by == [{i for i, row in enumerate(NEIGHBOURS) if a in row} for a in range(5)]
 
 
 @pytest.mark.parametrize("similar_threshold, dissimilar_threshold, similar, kept", [
@@ -143,14 +141,15 @@ def test_cosine_knn_of_the_fan_gives_the_hand_neighbour_lists():
     (0.6, 0.5, SIMILAR_06, KEPT_06_05),
 ])
 def test_distilled_pairs_of_the_fan(similar_threshold, dissimilar_threshold, similar, kept):
-    neighbours = neighbour_matrix(cosine_knn(fan_features(), 2))
-    got_similar, got_kept = distilled_pairs(neighbours, torch.arange(5), similar_threshold, dissimilar_threshold)
+    knn = cosine_knn(fan_features(), 2)
+    reverse = reverse_neighbours(knn)
+    got_similar, got_kept = distilled_pairs(knn, reverse, torch.arange(5), similar_threshold, dissimilar_threshold)
     assert got_similar.dtype == torch.float32 and got_kept.dtype == torch.float32
     assert got_similar.tolist() == [[float(v) for v in row] for row in similar]
     assert got_kept.tolist() == [[float(v) for v in row] for row in kept]
     # A batch that is a subset, in another order, gets the matching rows.
     batch = torch.tensor([3, 0])
-    sub_similar, sub_kept = distilled_pairs(neighbours, batch, similar_threshold, dissimilar_threshold)
+    sub_similar, sub_kept = distilled_pairs(knn, reverse, batch, similar_threshold, dissimilar_threshold)
     assert sub_similar.tolist() == [[float(v) for v in similar[i]] for i in (3, 0)]
     assert sub_kept.tolist() == [[float(v) for v in kept[i]] for i in (3, 0)]
 

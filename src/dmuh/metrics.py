@@ -753,3 +753,43 @@ def ranked_metrics(relevant, topk: Optional[int] = None, ks: Sequence[int] = ())
         if k <= relevant.shape[1]:
             out[f"p@{k}"] = float(relevant[:, :k].float().mean())
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Nearest-neighbour search quality (no labels): how many of the original features' neighbours a
+# search over codes returns.
+
+_NEIGHBOUR_CHUNK = 1024  # queries per similarity block: bounds the (chunk, n) temporary
+
+
+@torch.no_grad()
+def true_neighbours(query_features, db_features, k: int) -> np.ndarray:
+    """(nq, k) int64 positions of each query's k nearest database rows by cosine similarity
+    (ties: the lower position first), in order."""
+    queries = torch.nn.functional.normalize(torch.as_tensor(np.asarray(query_features), dtype=torch.float32), dim=1)
+    database = torch.nn.functional.normalize(torch.as_tensor(np.asarray(db_features), dtype=torch.float32), dim=1)
+    if queries.dim() != 2 or database.dim() != 2 or queries.shape[1] != database.shape[1]:
+        raise DmuhError(f"features: query {tuple(queries.shape)} and database {tuple(database.shape)} must be "
+                        "(n, D) of the same D")
+    if not 1 <= k <= database.shape[0]:
+        raise DmuhError(f"k={k}: expected 1 to {database.shape[0]} (the database size)")
+    rows = []
+    for start in range(0, queries.shape[0], _NEIGHBOUR_CHUNK):
+        similarity = queries[start:start + _NEIGHBOUR_CHUNK] @ database.t()
+        # A stable descending order puts the lower position first among equal similarities.
+        rows.append(torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :k])
+    return torch.cat(rows).numpy().astype(np.int64)
+
+
+def neighbour_recall(retrieved, neighbours, k: Optional[int] = None) -> float:
+    """Recall@k of nearest-neighbour search: the mean over queries of |retrieved[:k] & neighbours[:k]| / k,
+    the share of each query's k true nearest neighbours (`true_neighbours`) among its first k
+    results (positions; -1, no result, never counts)."""
+    retrieved, neighbours = np.asarray(retrieved), np.asarray(neighbours)
+    k = neighbours.shape[1] if k is None else int(k)
+    if retrieved.ndim != 2 or neighbours.ndim != 2 or retrieved.shape[0] != neighbours.shape[0]:
+        raise DmuhError(f"recall: retrieved {retrieved.shape} and neighbours {neighbours.shape} need one row per query")
+    if not 1 <= k <= min(retrieved.shape[1], neighbours.shape[1]):
+        raise DmuhError(f"recall@{k}: needs at least k results and k neighbours per query")
+    hits = [len(set(row[:k][row[:k] >= 0].tolist()) & set(truth[:k].tolist())) for row, truth in zip(retrieved, neighbours)]
+    return float(np.mean(hits) / k)

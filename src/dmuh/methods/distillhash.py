@@ -19,7 +19,7 @@ reading of the abstract's three steps (docs/method.md, "Label-free methods"):
    code, exactly as Regu (the two differ only in where S comes from).
 
 Only the K-NN table (n, K) is kept in the state; the batch's S and weights are made from it at
-every step with sparse products (B K^2 terms), so nothing of size n^2 is ever held.
+every step from it and its transpose (B K^2 additions), so nothing of size n^2 is ever held.
 """
 
 from __future__ import annotations
@@ -51,24 +51,42 @@ def cosine_knn(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def neighbour_matrix(knn: torch.Tensor) -> torch.Tensor:
-    """The (n, n) sparse 0/1 matrix whose row i marks the K nearest neighbours of i."""
+def reverse_neighbours(knn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(pointers (n + 1,), items): items[pointers[a]:pointers[a + 1]] are the items that list a
+    among their K nearest neighbours (a CSR table of the transposed K-NN graph)."""
     n, k = knn.shape
-    rows = torch.arange(n, device=knn.device).repeat_interleave(k)
-    values = torch.ones(rows.numel(), device=knn.device)
-    return torch.sparse_coo_tensor(torch.stack([rows, knn.reshape(-1)]), values, (n, n)).coalesce()
+    listed = knn.reshape(-1)
+    order = torch.argsort(listed, stable=True)
+    items = torch.arange(n, device=knn.device).repeat_interleave(k)[order]
+    pointers = torch.zeros(n + 1, dtype=torch.int64, device=knn.device)
+    pointers[1:] = torch.cumsum(torch.bincount(listed, minlength=n), 0)
+    return pointers, items
 
 
-def distilled_pairs(neighbours: torch.Tensor, batch: torch.Tensor, similar_threshold: float,
-                    dissimilar_threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rows_of(pointers: torch.Tensor, items: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(which key, item) for every item of the CSR rows of `keys` (a flat batch of rows)."""
+    starts, counts = pointers[keys], pointers[keys + 1] - pointers[keys]
+    which = torch.arange(len(keys), device=keys.device).repeat_interleave(counts)
+    offsets = torch.arange(int(counts.sum()), device=keys.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return which, items[starts[which] + offsets]
+
+
+def distilled_pairs(knn: torch.Tensor, reverse: Tuple[torch.Tensor, torch.Tensor], batch: torch.Tensor,
+                    similar_threshold: float, dissimilar_threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(S (B, n), kept (B, n)), both 0/1 float, of the batch items against every training item;
-    `neighbours` is `neighbour_matrix` of the K-NN table."""
-    k = int(round(neighbours._values().numel() / neighbours.shape[0]))
-    own = neighbours.index_select(0, batch)  # (B, n): the batch items' neighbours
-    listed_by = neighbours.t().index_select(0, batch)  # (B, n): the items that list a batch item
-    shared = torch.sparse.mm(own, neighbours.t()).to_dense() / k  # eta_ij
-    signal = torch.maximum(own.to_dense(), listed_by.to_dense())
+    `reverse` is `reverse_neighbours(knn)`. B K^2 additions: nothing of size n^2."""
+    n, k = knn.shape
     rows = torch.arange(len(batch), device=batch.device)
+    signal = torch.zeros(len(batch), n, device=knn.device)
+    signal[rows.repeat_interleave(k), knn[batch].reshape(-1)] = 1.0  # j among the neighbours of i
+    which, item = _rows_of(*reverse, batch)
+    signal[which, item] = 1.0  # i among the neighbours of j
+    # |N(i) & N(j)|: for each neighbour a of i, every j that lists a too.
+    pair, neighbour = rows.repeat_interleave(k), knn[batch].reshape(-1)
+    which, item = _rows_of(*reverse, neighbour)
+    shared = torch.zeros(len(batch), n, device=knn.device)
+    shared.index_put_((pair[which], item), torch.ones(len(item), device=knn.device), accumulate=True)
+    shared /= k  # eta_ij
     signal[rows, batch] = 1.0  # an item is similar to itself
     shared[rows, batch] = 1.0
     similar = (signal > 0) & (shared >= similar_threshold)
@@ -95,7 +113,7 @@ class DistillHash(Regu):
                             f"{similar_threshold!r}: need 0 <= dissimilar_threshold < similar_threshold <= 1")
         self.reference = ReferenceFeatures()
         self.register_buffer("knn", torch.zeros(0, self.neighbours, dtype=torch.int64))
-        self._neighbours: Optional[torch.Tensor] = None  # neighbour_matrix(knn), made on first use
+        self._reverse: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # reverse_neighbours(knn), on first use
 
     def set_reference_features(self, features: torch.Tensor) -> None:
         if self.neighbours >= features.shape[0]:
@@ -103,20 +121,21 @@ class DistillHash(Regu):
                             f"neighbours, got {features.shape[0]}")
         self.reference.set(features)
         self.knn = cosine_knn(self.reference.all(), self.neighbours)
-        self._neighbours = None
+        self._reverse = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         saved = state_dict.get(prefix + "knn")
         if saved is not None:  # the table's length is the training split's
             self.knn = torch.zeros(saved.shape, dtype=torch.int64, device=self.knn.device)
-            self._neighbours = None
+            self._reverse = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        if self._neighbours is None or self._neighbours.device != self.knn.device:
-            self._neighbours = neighbour_matrix(self.knn)
+        if self._reverse is None or self._reverse[0].device != self.knn.device:
+            self._reverse = reverse_neighbours(self.knn)
         codes = self.memory.remember(step, self.continuous_codes)
-        similar, kept = distilled_pairs(self._neighbours, step.indices, self.similar_threshold, self.dissimilar_threshold)
+        similar, kept = distilled_pairs(self.knn, self._reverse, step.indices, self.similar_threshold,
+                                        self.dissimilar_threshold)
         return {
             "likelihood": self.memory.pair_likelihood(codes, similar, kept, normalisation=self.normalisation),
             "quantization": self.quantization(codes),
