@@ -109,7 +109,7 @@ def test_truncated_or_foreign_npz_names_the_file(tmp_path, capsys):
 @pytest.mark.parametrize(
     "arrays, message",
     [
-        ({"features": np.ones((3, 2))}, "missing array(s) labels"),
+        ({"labels": [0, 1, 0]}, "missing array(s) features"),
         ({"features": np.ones((3, 2, 2)), "labels": [0, 1, 0]}, "'features' must be an (N, D) numeric array"),
         ({"features": np.array([["a", "b"]] * 3), "labels": [0, 1, 0]}, "'features' must be an (N, D) numeric"),
         ({"features": np.ones((3, 2)), "labels": [0.0, 1.5, 0.0]}, "key 'labels': (N,) labels must be non-negative integer"),
