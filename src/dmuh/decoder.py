@@ -62,9 +62,17 @@ class FeatureDecoder(nn.Module):
 
         if not isinstance(config, dict) or set(config) != {"bits", "dim", "hidden"}:
             raise DmuhError(f"{where}: unreadable decoder description {config!r}")
-        decoder = cls(**config)
         try:
-            decoder.load_state_dict(load(data))
-        except (SafetensorError, RuntimeError, KeyError) as error:
+            state = load(bytes(data))
+        except (SafetensorError, RuntimeError, ValueError) as error:
             raise DmuhError(f"{where}: corrupted decoder ({str(error).splitlines()[0]})") from None
+        bits, dim, hidden = (config[key] for key in ("bits", "dim", "hidden"))
+        # The sizes are checked against the stored tensors before anything is built from them.
+        expected = {"layers.0.weight": (hidden, bits), "layers.0.bias": (hidden,),
+                    "layers.2.weight": (dim, hidden), "layers.2.bias": (dim,)}
+        shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
+        if shapes != expected or not all(tensor.dtype == torch.float32 for tensor in state.values()):
+            raise DmuhError(f"{where}: corrupted decoder (its tensors {shapes} do not match its description {config})")
+        decoder = cls(**config)
+        decoder.load_state_dict(state)
         return decoder.eval()

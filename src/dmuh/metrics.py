@@ -766,11 +766,12 @@ _NEIGHBOUR_CHUNK = 1024  # queries per similarity block: bounds the (chunk, n) t
 def true_neighbours(query_features, db_features, k: int) -> np.ndarray:
     """(nq, k) int64 positions of each query's k nearest database rows by cosine similarity
     (ties: the lower position first), in order."""
-    queries = torch.nn.functional.normalize(torch.as_tensor(np.asarray(query_features), dtype=torch.float32), dim=1)
-    database = torch.nn.functional.normalize(torch.as_tensor(np.asarray(db_features), dtype=torch.float32), dim=1)
+    queries = torch.as_tensor(np.asarray(query_features), dtype=torch.float32)
+    database = torch.as_tensor(np.asarray(db_features), dtype=torch.float32)
     if queries.dim() != 2 or database.dim() != 2 or queries.shape[1] != database.shape[1]:
         raise DmuhError(f"features: query {tuple(queries.shape)} and database {tuple(database.shape)} must be "
                         "(n, D) of the same D")
+    queries, database = torch.nn.functional.normalize(queries, dim=1), torch.nn.functional.normalize(database, dim=1)
     if not 1 <= k <= database.shape[0]:
         raise DmuhError(f"k={k}: expected 1 to {database.shape[0]} (the database size)")
     rows = []
@@ -786,9 +787,9 @@ def neighbour_recall(retrieved, neighbours, k: Optional[int] = None) -> float:
     the share of each query's k true nearest neighbours (`true_neighbours`) among its first k
     results (positions; -1, no result, never counts)."""
     retrieved, neighbours = np.asarray(retrieved), np.asarray(neighbours)
-    k = neighbours.shape[1] if k is None else int(k)
-    if retrieved.ndim != 2 or neighbours.ndim != 2 or retrieved.shape[0] != neighbours.shape[0]:
+    if retrieved.ndim != 2 or neighbours.ndim != 2 or retrieved.shape[0] != neighbours.shape[0] or not len(retrieved):
         raise DmuhError(f"recall: retrieved {retrieved.shape} and neighbours {neighbours.shape} need one row per query")
+    k = neighbours.shape[1] if k is None else int(k)
     if not 1 <= k <= min(retrieved.shape[1], neighbours.shape[1]):
         raise DmuhError(f"recall@{k}: needs at least k results and k neighbours per query")
     hits = [len(set(row[:k][row[:k] >= 0].tolist()) & set(truth[:k].tolist())) for row, truth in zip(retrieved, neighbours)]
