@@ -240,14 +240,7 @@ class Index:
         if uncertainty.shape != (packed.shape[0], self.bits):
             raise DmuhError(f"bit uncertainty: expected shape {(packed.shape[0], self.bits)}, got {uncertainty.shape}")
         order, weighted = rerank(packed, uncertainty, self.codes_at(np.clip(positions, 0, None)), positions, self.bits, tau)
-        order = order[:, :k]
-        positions = np.take_along_axis(positions, order, axis=1)
-        return {
-            "weighted": np.take_along_axis(weighted, order, axis=1),
-            "distances": np.take_along_axis(distances, order, axis=1),
-            "positions": positions,
-            "ids": self.ids_at(positions),
-        }
+        return self._reordered(order[:, :k], positions, weighted=weighted, distances=distances)
 
     def attach_decoder(self, decoder) -> None:
         """Keep a `dmuh.decoder.FeatureDecoder` of these codes with the index (and in its file)."""
@@ -284,13 +277,14 @@ class Index:
         rows = np.nonzero(found)[0]
         cosine[found] = np.einsum("nd,nd->n", decoded[inverse], queries[rows])
         order = np.lexsort((np.where(found, positions, np.iinfo(np.int64).max), distances, -cosine), axis=1)[:, :k]
-        positions = np.take_along_axis(positions, order, axis=1)
-        return {
-            "cosine": np.take_along_axis(cosine, order, axis=1),
-            "distances": np.take_along_axis(distances, order, axis=1),
-            "positions": positions,
-            "ids": self.ids_at(positions),
-        }
+        return self._reordered(order, positions, cosine=cosine, distances=distances)
+
+    def _reordered(self, order: np.ndarray, positions: np.ndarray, **columns: np.ndarray) -> Dict[str, np.ndarray]:
+        """A re-ranked result: each of `columns` and the positions taken in `order`, plus the ids."""
+        result = {name: np.take_along_axis(values, order, axis=1) for name, values in columns.items()}
+        result["positions"] = np.take_along_axis(positions, order, axis=1)
+        result["ids"] = self.ids_at(result["positions"])
+        return result
 
     def _check_k(self, k) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
