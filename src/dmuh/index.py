@@ -40,6 +40,7 @@ from dmuh.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, rerank
 from dmuh.text import plural
 
 KINDS = ("flat", "ivf", "hnsw")
+_DECODE_CHUNK = 64  # queries whose candidates' decoded features are held at once (decoder re-ranking)
 # Build/search parameters each kind accepts, with defaults (None: derived from the data).
 KIND_PARAMS: Dict[str, Dict[str, Optional[int]]] = {
     "flat": {},
@@ -271,11 +272,15 @@ class Index:
         found = positions >= 0
         unique, inverse = np.unique(positions[found], return_inverse=True)
         decoded = self.decoder.decode_packed(self.codes_at(unique))  # each candidate decoded once
+        slot = np.zeros(positions.shape, dtype=np.int64)
+        slot[found] = inverse  # row of `decoded` per candidate
         norms = np.linalg.norm(features, axis=1, keepdims=True)
         queries = features / np.where(norms > 0, norms, 1)
-        cosine = np.full(positions.shape, -np.inf, dtype=np.float32)
-        rows = np.nonzero(found)[0]
-        cosine[found] = np.einsum("nd,nd->n", decoded[inverse], queries[rows])
+        cosine = np.empty(positions.shape, dtype=np.float32)
+        for start in range(0, len(queries), _DECODE_CHUNK):  # bounds the (chunk, depth, D) temporary
+            rows = slice(start, start + _DECODE_CHUNK)
+            cosine[rows] = np.einsum("nrd,nd->nr", decoded[slot[rows]], queries[rows])
+        cosine[~found] = -np.inf
         order = np.lexsort((np.where(found, positions, np.iinfo(np.int64).max), distances, -cosine), axis=1)[:, :k]
         return self._reordered(order, positions, cosine=cosine, distances=distances)
 
