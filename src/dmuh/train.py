@@ -235,17 +235,15 @@ class Trainer:
         exp, context = self.exp, self.context
         everyone = self.order[step * self.global_batch : (step + 1) * self.global_batch]
         indices = everyone[context.rank * self.batch_size : (context.rank + 1) * self.batch_size]
-        pipeline = self.view_pipeline if exp.method.views == 2 else exp.pipeline
-        x = memory_layout(pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True), self.config, exp.device)
+        if exp.method.views == 2:
+            # Both views in one forward pass: DDP allows one per backward, and BatchNorm sees both.
+            x = torch.cat([self.view_pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True)
+                           for _ in range(2)])
+        else:
+            x = exp.pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True)
+        x = memory_layout(x, self.config, exp.device)
         def hashing_pass():
             return self.network(x, return_features=True) if exp.method.uses_features else (self.network(x), None)
-
-        view_outputs = None
-        if exp.method.views == 2:
-            second = memory_layout(pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True),
-                                   self.config, exp.device)
-            with autocast(self.config, exp.device):
-                view_outputs = self.network(second).float()
 
         with autocast(self.config, exp.device):
             if exp.momentum is None:
@@ -253,6 +251,11 @@ class Trainer:
             else:
                 (outputs, features), momentum_outputs = exp.momentum.paired(hashing_pass, x)
         momentum_outputs = None if momentum_outputs is None else momentum_outputs.float()
+        view_outputs = None
+        if exp.method.views == 2:  # the first half is the first view (two-view methods keep no momentum copy)
+            outputs, view_outputs = outputs.chunk(2)
+            features = None if features is None else features.chunk(2)[0]
+            view_outputs = view_outputs.float()
         shared = {}
         if context.enabled:  # the whole global batch, for methods that keep a memory
             shared = dict(
