@@ -28,7 +28,7 @@ from dmuh.data.images import match_channels
 from dmuh.data.pipeline import InputPipeline, images_to_tensor
 from dmuh.errors import DmuhError
 from dmuh.io import file_sha256
-from dmuh.run import load_checkpoint, load_run_config, rebuild_networks, resolve_run
+from dmuh.run import VOCABULARY, load_checkpoint, load_run_config, rebuild_networks, resolve_run
 from dmuh.runtime import resolve_device, run_network
 
 ENCODE_CHUNK = 4096  # images decoded at a time: bounds memory for large collections
@@ -46,6 +46,7 @@ class Encoder:
     pipeline: InputPipeline
     device: Any
     identity: Dict[str, Any]  # run, checkpoint_sha256, method, model, bits, epoch
+    vocabulary: Any = None  # a cross-modal run's `Vocabulary` (vocabulary.json), when its data had words
 
     @property
     def bits(self) -> int:
@@ -83,6 +84,30 @@ class Encoder:
         return h, (h - m).abs()
 
 
+    def text_vectors(self, texts) -> np.ndarray:
+        """(n, V) vectors of texts (strings), as the run's training texts were made; a text with no
+        word of the vocabulary is refused (it would match nothing)."""
+        if not self.method.uses_text:
+            raise DmuhError(f"{self.run_dir} was trained with {self.config.method!r}, which hashes images only; "
+                            "text queries need a cross-modal run (dmuh-cross, dcmh, ugach)")
+        if self.vocabulary is None:
+            raise DmuhError(f"{self.run_dir} has no {VOCABULARY}: its data gave text vectors without words, so "
+                            "texts cannot be encoded (encode text vectors with `dmuh encode --texts PAIRED_DATA`)")
+        return self.vocabulary.vectorize(list(texts), require_known=True)
+
+    def text_codes(self, vectors: np.ndarray) -> np.ndarray:
+        """Packed sign codes of (n, V) text vectors by the run's text network."""
+        from dmuh.experiment import encode_texts
+
+        if not self.method.uses_text:
+            raise DmuhError(f"{self.run_dir} was trained with {self.config.method!r}, which hashes images only")
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.method.text_dim:
+            raise DmuhError(f"text vectors of shape {vectors.shape}: the run's text network takes "
+                            f"{self.method.text_dim} columns")
+        h = encode_texts(self.method, torch.from_numpy(vectors), self.config, self.device)
+        return pack_bits(sign(h).numpy())
+
     def features(self, inputs) -> np.ndarray:
         """The items' own representation (n, D) float32: feature vectors as they are, else the
         backbone's features of the images (the reference representation of label-free methods)."""
@@ -109,7 +134,12 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
     identity = {"run": str(run_dir.resolve()), "checkpoint_sha256": file_sha256(checkpoint_path),
                 "method": config.method, "model": config.model, "bits": int(config.bits),
                 "epoch": int(checkpoint.get("epoch", 0))}
-    return Encoder(run_dir, config, model, method, momentum_network, pipeline, device, identity)
+    vocabulary = None
+    if method.uses_text and (run_dir / VOCABULARY).is_file():
+        from dmuh.data.paired import Vocabulary
+
+        vocabulary = Vocabulary.load(run_dir / VOCABULARY)
+    return Encoder(run_dir, config, model, method, momentum_network, pipeline, device, identity, vocabulary)
 
 
 def encode_arrays(encoder: Encoder, images: np.ndarray, uncertainty: bool = False):
@@ -122,6 +152,35 @@ def encode_arrays(encoder: Encoder, images: np.ndarray, uncertainty: bool = Fals
     h, u = encoder.continuous(images_to_tensor(images), uncertainty)
     packed = pack_bits(sign(h).numpy())
     return packed, (None if u is None else u.numpy())
+
+
+def encode_texts(encoder: Encoder, spec: str) -> Codes:
+    """The text codes of `spec`: paired data (its text vectors, ids and labels) or a .txt file of
+    texts, one per line (ids "line:N"), vectorised with the run's vocabulary."""
+    from dmuh.data import open_source
+
+    path = Path(spec)
+    labels = class_names = None
+    if path.suffix.lower() == ".txt" and path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DmuhError(f"--texts {spec}: cannot read ({str(error).splitlines()[0][:120]})") from None
+        numbered = [(i + 1, line.strip()) for i, line in enumerate(lines) if line.strip()]
+        if not numbered:
+            raise DmuhError(f"--texts {spec}: holds no text")
+        ids = [f"line:{n}" for n, _ in numbered]
+        vectors = encoder.text_vectors([text for _, text in numbered])
+    else:
+        source = open_source(spec)
+        if getattr(source, "text", None) is None:
+            raise DmuhError(f"--texts {spec}: not paired data (no text vectors); give paired data or a .txt of texts")
+        vectors, ids = source.text, source.ids
+        if source.labeled:
+            labels, class_names = source.labels, source.class_names
+    identity = {**encoder.identity, "modality": "text"}
+    return Codes(encoder.text_codes(vectors), encoder.bits, ids, labels=labels, class_names=class_names,
+                 model=identity, images=spec)
 
 
 def encode_images(encoder: Encoder, source, uncertainty: bool = False, image_size: Optional[int] = None,

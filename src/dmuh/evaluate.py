@@ -11,7 +11,7 @@ import torch
 
 from dmuh.codes import sign
 from dmuh.errors import DmuhError
-from dmuh.experiment import encode_part, load_run
+from dmuh.experiment import encode_part, encode_text_part, load_run
 from dmuh.io import atomic_write_text
 from dmuh.metrics import DEFAULT_TIES, retrieval_report
 from dmuh.run import EVAL
@@ -30,13 +30,21 @@ def evaluate_run(run: str | Path, device: str = "cpu", ties: str = DEFAULT_TIES,
                         "against; pass --data with the same items read with their labels (for an unlabeled "
                         "reading of a class-folder tree, the tree itself)")
     labels = torch.from_numpy(np.asarray(exp.source.labels))
-    query, database = sign(encode_part(exp, "query")), sign(encode_part(exp, "database"))
     # The headline tie mode first; "index" too (DPSH's convention, what earlier dmuh logs report).
     modes = [ties] + [mode for mode in (DEFAULT_TIES, "index") if mode != ties]
-    report = retrieval_report(
-        query, database, labels[exp.split.query], labels[exp.split.database],
-        topk=exp.split.topk, ties=modes, device=exp.device, progress=True,  # a bar for a large database (dmuh.progress)
-    )
-    report = {"run": str(run), "method": exp.config.method, "bits": exp.config.bits, "protocol": exp.split.protocol, **report}
+
+    def scored(query, database):
+        return retrieval_report(
+            sign(query), sign(database), labels[exp.split.query], labels[exp.split.database],
+            topk=exp.split.topk, ties=modes, device=exp.device, progress=True,  # a bar for a large database (dmuh.progress)
+        )
+
+    head = {"run": str(run), "method": exp.config.method, "bits": exp.config.bits, "protocol": exp.split.protocol}
+    images = encode_part(exp, "query"), encode_part(exp, "database")
+    if exp.method.uses_text:  # cross-modal: image queries against the database's texts, and the reverse
+        texts = encode_text_part(exp, "query"), encode_text_part(exp, "database")
+        report = {**head, "directions": {"i2t": scored(images[0], texts[1]), "t2i": scored(texts[0], images[1])}}
+    else:
+        report = {**head, **scored(*images)}
     atomic_write_text(Path(out) if out else Path(run) / EVAL, json.dumps(report, indent=2))
     return report

@@ -50,6 +50,7 @@ class Experiment:
     train_inputs: torch.Tensor  # the training items, on the device
     train_labels: torch.Tensor
     context: distributed.Context = distributed.Context()
+    train_text: Optional[torch.Tensor] = None  # (num_train, V) on the device, for methods with uses_text
 
 
 def trained_model(config: TrainConfig, images: torch.Tensor, run_dir: Path,
@@ -98,8 +99,12 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
         raise DmuhError(f"method {config.method!r} learns from labels, and --data {config.data} has none; "
                         "choose a label-free method (dmuh train --list-methods)")
     train_labels = training_labels(source, split, uses_labels)
+    uses_text = method_class(config.method).uses_text
+    if uses_text and getattr(source, "text", None) is None:
+        raise DmuhError(f"method {config.method!r} learns from image-text pairs, and --data {config.data} has no text; "
+                        "give paired data (paired:PATH: a .npz of image and text, a .mat, or images with a .txt each)")
     method = create_method(config.method, bits=config.bits, train_labels=train_labels,
-                           **method_params_for(config, model, images))
+                           **method_params_for(config, model, images, source))
     train_inputs = images[torch.from_numpy(split.train)].to(device)
     if config.init == "auto" and fresh and not auto_warmup_applies(config, uses_labels):
         if images.dim() == 4:  # a vector model has no backbone to speak of
@@ -135,17 +140,26 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
         model.compile()
         if momentum is not None:
             momentum.network.compile()
+    train_text = torch.from_numpy(source.text[split.train]).to(device) if uses_text else None
     return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs,
-                      train_labels.to(device), context)
+                      train_labels.to(device), context, train_text)
 
 
-def method_params_for(config: TrainConfig, model: torch.nn.Module, images: torch.Tensor) -> dict:
-    """The method's hyper-parameters, plus the size of the reference representation for a method
-    that builds layers on it (`reference_dim`, e.g. RPH's decoder): the data's vector length, or
-    the backbone's feature size. It is recorded in the checkpoint's method spec with the rest."""
+def method_params_for(config: TrainConfig, model: torch.nn.Module, images: torch.Tensor, source=None) -> dict:
+    """The method's hyper-parameters, plus the sizes of what it builds layers on: the reference
+    representation (`reference_dim`, e.g. RPH's decoder: the data's vector length, or the
+    backbone's feature size) and the text vector (`text_dim`, a cross-modal method's text network).
+    They are recorded in the checkpoint's method spec with the rest."""
     params = dict(config.method_params)
-    if "reference_dim" in METHODS.entry(config.method).options() and "reference_dim" not in params:
+    options = METHODS.entry(config.method).options()
+    if "reference_dim" in options and "reference_dim" not in params:
         params["reference_dim"] = int(images.shape[1]) if images.dim() == 2 else int(model.feature_dim)
+    if "text_dim" in options and getattr(source, "text", None) is not None:
+        given = params.get("text_dim")
+        if given is not None and int(given) != source.text.shape[1]:
+            raise DmuhError(f"method parameter text_dim={given}: --data {config.data} has text vectors of "
+                            f"{source.text.shape[1]} columns")
+        params["text_dim"] = int(source.text.shape[1])
     return params
 
 
@@ -229,6 +243,41 @@ def encode_part(exp: Experiment, part: str, positions: Optional[np.ndarray] = No
     network = retrieval_network(exp)
     codes = encode(network, exp.method, exp.images[mine], exp.pipeline, exp.config, exp.device)
     return distributed.all_gather_uneven(exp.context, codes.to(exp.device)).cpu()
+
+
+def encode_text_part(exp: Experiment, part: str, positions: Optional[np.ndarray] = None) -> torch.Tensor:
+    """Continuous codes of the texts of one part of the split (cross-modal methods), float32 on CPU,
+    from the method's text network in eval mode."""
+    indices = getattr(exp.split, part)
+    if positions is not None:
+        indices = indices[positions]
+    return encode_texts(exp.method, torch.from_numpy(exp.source.text[indices]), exp.config, exp.device)
+
+
+def encode_texts(method: HashingMethod, text: torch.Tensor, config: TrainConfig, device: torch.device) -> torch.Tensor:
+    """Continuous codes of (n, V) text vectors by a cross-modal method's text network (eval mode)."""
+    was_training = method.training
+    method.eval()
+    try:
+        return run_network(method.encode_text, text, InputPipeline(None, None, "none"), config, device, desc="encoding texts")
+    finally:
+        method.train(was_training)
+
+
+CROSS_MODAL_DIRECTIONS = ("i2t", "t2i")
+
+
+def evaluate_cross_modal_map(exp: Experiment, ties: str = DEFAULT_TIES) -> dict:
+    """{"i2t": MAP of image queries against the database's texts, "t2i": text queries against its
+    images} of the protocol (MAP@all or MAP@k); NaN on data without labels."""
+    if not exp.source.labeled:
+        return {direction: float("nan") for direction in CROSS_MODAL_DIRECTIONS}
+    images = encode_part(exp, "query"), encode_part(exp, "database")
+    texts = encode_text_part(exp, "query"), encode_text_part(exp, "database")
+    return {
+        "i2t": _protocol_map(exp, images[0], texts[1], exp.split.query, exp.split.database, ties),
+        "t2i": _protocol_map(exp, texts[0], images[1], exp.split.query, exp.split.database, ties),
+    }
 
 
 def _protocol_map(exp: Experiment, query: torch.Tensor, database: torch.Tensor, query_items: np.ndarray,

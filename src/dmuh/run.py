@@ -49,6 +49,7 @@ BACKBONE_KIND = "backbone"
 TRACE = "uncertainty_trace.npz"
 BACKBONE = "backbone.safetensors"
 EVAL = "eval.json"
+VOCABULARY = "vocabulary.json"  # the words of a cross-modal run's text vectors (dmuh.data.paired.Vocabulary)
 
 
 # -- resolving a run and its config -------------------------------------------------------------

@@ -70,6 +70,7 @@ def _worth_caching(source, size: Optional[int]) -> bool:
     vectors, would only be copied into the cache."""
     from dmuh.data.sources import ArraySource, FeatureSource
 
+    source = getattr(source, "image", source)  # paired data decodes its image modality
     if isinstance(source, FeatureSource):
         return False
     if isinstance(source, ArraySource):

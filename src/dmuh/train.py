@@ -24,13 +24,14 @@ from dmuh.config import TrainConfig, with_absolute_paths
 from dmuh.data.pipeline import InputPipeline
 from dmuh.errors import DmuhError
 from dmuh.experiment import (
-    Experiment, build_experiment, evaluate_map, evaluate_train_map, paired_codes, reference_features, share_buffers,
+    Experiment, build_experiment, evaluate_cross_modal_map, evaluate_map, evaluate_train_map, paired_codes,
+    reference_features, share_buffers,
 )
 from dmuh.io import atomic_path, remove_orphans
 from dmuh.methods import HashingMethod, StepInputs
 from dmuh.metrics import DEFAULT_TIES
 from dmuh.run import (
-    CHECKPOINT, CONFIG, LEGACY_CHECKPOINT, LOG, SPLIT, TRACE, legacy_checkpoint_message, legacy_method_params, load_checkpoint,
+    CHECKPOINT, CONFIG, LEGACY_CHECKPOINT, LOG, SPLIT, TRACE, VOCABULARY, legacy_checkpoint_message, legacy_method_params, load_checkpoint,
     read_log, restore_state, save_checkpoint,
     write_log,
 )
@@ -157,6 +158,11 @@ class Trainer:
             self.start_epoch = checkpoint["epoch"] + 1
             self.log = [row for row in self.log if row["epoch"] < self.start_epoch]
             self.trace.truncate(checkpoint["epoch"])
+        if exp.method.uses_text and context.enabled:
+            raise DmuhError(f"method {config.method!r}: cross-modal methods train in one process (not under torchrun)")
+        vocabulary = getattr(exp.source, "vocabulary", None)
+        if self.main_process and exp.method.uses_text and vocabulary is not None:
+            vocabulary.save(run_dir / VOCABULARY)  # `dmuh search --text` vectorises queries with it
         if self.main_process:
             config.save(run_dir / CONFIG)
 
@@ -175,6 +181,8 @@ class Trainer:
         if exp.method.uses_reference_features and self.start_epoch == 1:
             # A resumed run's method has them from its checkpoint (the backbone has moved since).
             exp.method.set_reference_features(reference_features(exp).to(exp.device))
+        if exp.method.uses_text:
+            exp.method.set_train_text(exp.train_text)
         if exp.method.views == 2:
             if exp.train_inputs.dim() != 4:
                 raise DmuhError(f"method {config.method!r} learns from two augmented views of each image; "
@@ -266,6 +274,7 @@ class Trainer:
         return exp.method(
             StepInputs(outputs=outputs.float(), labels=exp.train_labels[indices], indices=indices,
                        momentum_outputs=momentum_outputs, view_outputs=view_outputs,
+                       text=None if exp.train_text is None else exp.train_text[indices],
                        features=None if features is None else features.float(), **shared)
         )
 
@@ -278,6 +287,7 @@ class Trainer:
     def after_step(self) -> Dict[str, torch.Tensor]:
         if self.exp.momentum is not None and self.exp.method.momentum_update == "step":
             self.exp.momentum.update(self.exp.model)  # Eq. 5 after every step
+        self.exp.method.on_step_end()
         return self.exp.method.step_stats
 
     # -- closed-form fitting (shallow methods) ------------------------------------------------
@@ -319,7 +329,12 @@ class Trainer:
         or a buffer (the trace restores the statistics its training-mode pass moves)."""
         exp, config, epoch = self.exp, self.config, int(row["epoch"])
         share_buffers(exp)
-        if evaluate:
+        if evaluate and exp.method.uses_text:  # both directions; "map" is their mean
+            maps = evaluate_cross_modal_map(exp)
+            row["map_i2t"], row["map_t2i"] = maps["i2t"], maps["t2i"]
+            row["map"] = (maps["i2t"] + maps["t2i"]) / 2
+            row["ties"] = DEFAULT_TIES
+        elif evaluate:
             row["map"] = evaluate_map(exp)
             if config.train_map_items:
                 row["train_map"] = evaluate_train_map(exp)
@@ -369,7 +384,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
     return Trainer(config, resume, progress, echo).run()
 
 
-_NOT_LOSS_TERMS = frozenset({"epoch", "lr", "loss", "images_per_s", "seconds", "map", "train_map", "ties"})
+_NOT_LOSS_TERMS = frozenset({"epoch", "lr", "loss", "images_per_s", "seconds", "map", "train_map", "ties",
+                             "map_i2t", "map_t2i"})
 
 
 def format_row(row: Dict[str, float]) -> str:
@@ -382,5 +398,7 @@ def format_row(row: Dict[str, float]) -> str:
     parts.append(f"{row['images_per_s']:.0f} img/s")
     if "map" in row and not math.isnan(row["map"]):
         train = f", train {row['train_map']:.4f}" if "train_map" in row else ""
+        if "map_i2t" in row:
+            train += f", I->T {row['map_i2t']:.4f}, T->I {row['map_t2i']:.4f}"
         parts.append(f"MAP {row['map']:.4f}{train} (ties {row.get('ties', DEFAULT_TIES)})")
     return " | ".join(parts)

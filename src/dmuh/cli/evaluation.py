@@ -64,6 +64,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def short_report(report: Dict[str, Any]) -> str:
     """The headline numbers; the JSON file (and --verbose) has everything."""
     lines = [f"{key}: {report[key]}" for key in ("run", "method", "bits", "protocol") if key in report]
+    for direction, scores in report.get("directions", {}).items():  # a cross-modal run
+        lines.append({"i2t": "image -> text:", "t2i": "text -> image:"}.get(direction, direction))
+        lines += ["  " + line for line in short_report({**scores, "topk": report.get("topk", scores.get("topk"))}).splitlines()]
     for mode, values in report.get("map_by_ties", {}).items():
         line = f"MAP@all (ties {mode}): {values['map']:.4f}"
         if values.get("map_at_k") is not None:

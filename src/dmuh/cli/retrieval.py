@@ -45,9 +45,13 @@ def add_commands(subparsers) -> None:
         description="Encode images into packed binary codes (.npz) with ids, labels when known, the bit length "
                     "and the model's identity; --uncertainty adds DMUH's image- and bit-level uncertainty.")
     add_run_flag(p, help="run directory written by `dmuh train` (required)", old_flag="--checkpoint")
-    p.add_argument("--images", required=True, metavar="DIR|ZIP|LIST",
+    p.add_argument("--images", metavar="DIR|ZIP|LIST",
                    help="a folder or .zip of images (class folders give labels), a .txt list (paths, optionally "
-                        "followed by 0/1 labels), or a dmuh data source (digits, cifar-batches:DIR, ...) (required)")
+                        "followed by 0/1 labels), or a dmuh data source (digits, cifar-batches:DIR, paired data: its "
+                        "images) (this or --texts is required)")
+    p.add_argument("--texts", metavar="PAIRED|TXT",
+                   help="encode text with a cross-modal run's text network: paired data (its text vectors) or a "
+                        ".txt of texts, one a line, made into vectors with the run's vocabulary")
     p.add_argument("--root", metavar="DIR|ZIP",
                    help="folder or .zip the paths of a list file are relative to [default: the list's folder]")
     p.add_argument("--out", required=True, metavar="FILE", help="codes file to write (.npz) (required)")
@@ -95,6 +99,9 @@ def add_commands(subparsers) -> None:
                  old_flag="--checkpoint")
     p.add_argument("--image", action="append", default=[], metavar="IMAGE",
                    help="a query image, repeatable [default: none]")
+    p.add_argument("--text", action="append", default=[], metavar="TEXT",
+                   help="a text query, repeatable (a cross-modal run's text network encodes it; typically against "
+                        "an index of image codes) [default: none]")
     p.add_argument("--queries", metavar="FILE",
                    help="batch of queries: a .txt of image paths (one a line, relative to its folder) or a codes "
                         "file (.npz) [default: none]")
@@ -145,11 +152,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from dmuh.progress import progress_bar
 
     run = require_run(args)
+    if (args.images is None) == (args.texts is None):
+        raise DmuhError("give what to encode: --images (images or image features) or --texts (a cross-modal run's text)")
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
     check_positive(args.image_size, "--image-size")
     check_positive(args.batch_size, "--batch-size")
     encoder = load_encoder(run, args.device)
+    if args.texts is not None:
+        return _encode_texts(args, encoder)
     if args.uncertainty and encoder.momentum_network is None:
         raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
                         f"{encoder.config.method!r}")
@@ -254,6 +265,21 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 Queries = Tuple[List[str], np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]
 
 
+def _encode_texts(args: argparse.Namespace, encoder) -> int:
+    from dmuh.encoding import encode_texts
+
+    for flag, value in (("--uncertainty", args.uncertainty), ("--features", args.features), ("--image-size", args.image_size)):
+        if value:
+            raise DmuhError(f"{flag} applies to --images, not --texts")
+    if args.batch_size:
+        encoder.config.eval_batch_size = args.batch_size
+    codes = encode_texts(encoder, args.texts)
+    codes.save(args.out, overwrite=args.force)
+    extra = ", labels" if codes.labels is not None else ""
+    print(f"encoded {plural(len(codes), 'text')} into {codes.bits}-bit codes{extra}: {args.out}")
+    return 0
+
+
 def _read_query_list(path: Path) -> List[Path]:
     try:
         lines = path.read_text().splitlines()
@@ -314,6 +340,21 @@ def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> 
     return [str(p) for p in paths], packed, uncertainty, features
 
 
+def _queries_from_texts(args: argparse.Namespace, index) -> Queries:
+    """Text queries encoded by the text network of the cross-modal run of --run (or the index's)."""
+    from dmuh.encoding import load_encoder
+
+    if args.rerank is not None:
+        raise DmuhError(f"--rerank {args.rerank} re-ranks image queries; text queries are ranked by Hamming distance")
+    run = args.run or _recorded_run(args, index)
+    encoder = load_encoder(run, args.device)
+    if encoder.bits != index.bits:
+        raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but --run {run} makes {encoder.bits}-bit codes")
+    _check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
+    packed = encoder.text_codes(encoder.text_vectors(args.text))
+    return list(args.text), packed, None, None
+
+
 def _recorded_run(args: argparse.Namespace, index) -> str:
     """The run that encoded the index's codes, from its header, for query images given without --run."""
     from dmuh.run import run_directory
@@ -341,6 +382,8 @@ def _gather_queries(args: argparse.Namespace, index) -> Queries:
         parts.append(_queries_from_codes(args, index, codes_file))
     if image_paths:
         parts.append(_queries_from_images(args, index, image_paths))
+    if args.text:
+        parts.append(_queries_from_texts(args, index))
     names = [name for part in parts for name in part[0]]
     packed = np.concatenate([part[1] for part in parts])
     uncertainty = np.concatenate([part[2] for part in parts]) if args.rerank == "uncertainty" else None
@@ -421,8 +464,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
-    if not args.image and not args.queries:
-        raise DmuhError("give query images with --image (repeatable) or a file of queries with --queries")
+    if not args.image and not args.queries and not args.text:
+        raise DmuhError("give query images with --image (repeatable), text with --text (repeatable) or a file of "
+                        "queries with --queries")
     _rerank_mode(args)
     if args.tau is not None and args.rerank != "uncertainty":
         raise DmuhError("--tau applies to --rerank uncertainty")

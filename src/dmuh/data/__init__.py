@@ -16,3 +16,5 @@ from dmuh.data.sources import (  # noqa: F401
     read_idx,
     to_multi_hot,
 )
+from dmuh.data.paired import PairedSource, Vocabulary, open_paired  # noqa: F401,E402  (registers paired:)
+from dmuh.data import paired_files  # noqa: F401,E402  (registers the .mat and folder readers)

@@ -292,6 +292,21 @@ def _nuswide21(data, rng, *, topk=5000):
     return _per_class(data, rng, query_per_class=100, train_per_class=500, topk=topk)
 
 
+def _nuswide10(data, rng, *, topk=None):
+    """The cross-modal NUS-WIDE protocol of DCMH (10 most frequent concepts): 2,100 query and
+    10,500 train pairs, drawn here per class (210 and 1,050 of each); database = all but the query."""
+    _require_classes(data, "nuswide10", 10)
+    return _per_class(data, rng, query_per_class=210, train_per_class=1050, topk=topk)
+
+
+def _mirflickr25k(data, rng, *, train: int = 5000, topk=None):
+    """The cross-modal MIRFlickr-25K protocol: 2,000 random query pairs, the rest are the database,
+    `train` random database pairs train (5,000 as UGACH, DJSRH and most unsupervised work; 10,000 as
+    DCMH: `train=10000`). MAP@all. Draws without reading a label."""
+    query, train_items = _sample_random(data, rng, (2000, _count_param("train", train)), ("query", "train"))
+    return query, train_items, data.all_but(query), topk
+
+
 def _coco(data, rng, *, topk=5000):
     query, train = _sample_random(data, rng, (5000, 10000), ("query", "train"))
     return query, train, data.all_but(query), topk
@@ -325,6 +340,8 @@ PROTOCOLS: dict = {
     "cifar10-unsup": _cifar10_unsup,
     "unsupervised": _unsupervised,
     "nuswide21": _nuswide21,
+    "nuswide10": _nuswide10,
+    "mirflickr25k": _mirflickr25k,
     "coco": _coco,
     "imagenet100": _imagenet100,
     "clothing1m": _clothing1m,
@@ -334,7 +351,7 @@ PROTOCOLS: dict = {
 
 
 # The protocols that split without reading a label (random draws, subsets).
-LABEL_FREE_PROTOCOLS = frozenset({"cifar10-unsup", "unsupervised", "coco", "imagenet100", "clothing1m"})
+LABEL_FREE_PROTOCOLS = frozenset({"cifar10-unsup", "unsupervised", "coco", "imagenet100", "clothing1m", "mirflickr25k"})
 
 
 def available_protocols() -> list:

@@ -1012,9 +1012,21 @@ def _open_folder(target: str, root, **kw) -> ImageFolderSource:
 
 def _open_unlabeled(target: str, root, **kw) -> Source:
     """An image folder or .zip read without labels, or a features file with its labels dropped."""
+    if Path(target).suffix.lower() == ".mat" or (Path(target).suffix.lower() == ".npz" and _is_paired(target)):
+        return SOURCE_KINDS["paired"](target, root, labeled=False, **kw)
     if Path(target).suffix.lower() in (".npz", ".npy"):
         return FeatureSource.load(target, labeled=False)
     return ImageFolderSource(target, labeled=False, **kw)
+
+
+def _is_paired(path) -> bool:
+    """Whether a .npz holds paired data (`image` and `text`, read by `dmuh.data.paired`) rather than `features`."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return {"image", "text"} <= names and "features" not in names
 
 
 def _open_cifar(target: str, root, **kw) -> CifarBatchesSource:
@@ -1043,10 +1055,11 @@ def open_source(spec: str, root: Optional[PathLike] = None, allow_outside_root: 
     """Open a data source from a spec string.
 
     "digits"; "KIND:TARGET" with KIND one of folder, cifar-batches, idx, list, features, unlabeled
-    (an image folder, .zip or features file read without its labels); or a path:
+    (an image folder, .zip or features file read without its labels), paired (images or image
+    features with text: `dmuh.data.paired`); or a path:
     a directory (CIFAR batches if it holds data_batch_1 or CIFAR-100's train/test/meta, IDX files
     if it holds *idx3-ubyte*, else an ImageFolder tree), a .zip (ImageFolder), a .txt list file
-    (needs `root`), a .npz of `features` + `labels`. Extra keywords go to the source's constructor.
+    (needs `root`), a .npz of `features` + `labels` (or of `image` + `text`: paired), a .mat (paired). Extra keywords go to the source's constructor.
     `allow_outside_root` lets a list file name images outside `root` (`../x.jpg`, absolute paths).
     """
     spec = str(spec)
@@ -1074,6 +1087,8 @@ def open_source(spec: str, root: Optional[PathLike] = None, allow_outside_root: 
         return ImageFolderSource(path, **kw)
     if suffix == ".txt":
         return _open_list(spec, root, allow_outside_root=allow_outside_root, **kw)
+    if suffix == ".mat" or (suffix == ".npz" and _is_paired(path)):
+        return SOURCE_KINDS["paired"](str(path), root, **kw)
     if suffix in (".npz", ".npy"):
         return FeatureSource.load(path, **kw)
     if "idx3-ubyte" in path.name:

@@ -31,6 +31,9 @@ class StepInputs:
     # (B, bits) raw outputs of a second augmented view of the same items (methods with views = 2);
     # `outputs` is then the first view's.
     view_outputs: Optional[torch.Tensor] = None
+    # (B, V) text vectors of the batch's items (methods with uses_text, on paired data); the
+    # method runs its own text network on them.
+    text: Optional[torch.Tensor] = None
     # Under torchrun: the whole global batch of all ranks (detached). A method that keeps a memory
     # of training outputs writes it from `shared()`, so every rank holds the same memory.
     shared_indices: Optional[torch.Tensor] = None
@@ -86,6 +89,10 @@ class HashingMethod(nn.Module):
     # Trains a `dmuh.decoder.FeatureDecoder` of its codes (`self.decoder`), which `dmuh index
     # build` keeps in the index for `dmuh search --rerank decoder`.
     trains_decoder: bool = False
+    # Learns from image-text pairs (`dmuh.data.paired`): the loop passes StepInputs.text and hands
+    # the training texts over once (`set_train_text`); the method holds the text network
+    # (`encode_text`), the loop's network is the image network. See `dmuh.methods.crossmodal`.
+    uses_text: bool = False
     # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.
     legacy_state_keys: Dict[str, str] = {}
     # Hyper-parameters whose default changed since checkpoints recorded a `method_spec`: the value
@@ -125,6 +132,17 @@ class HashingMethod(nn.Module):
         """The (num_train, D) reference representation of the training split, once, before the
         first step of a new run (a resumed run has it from its checkpoint). Methods with
         `uses_reference_features` override it."""
+
+    def set_train_text(self, text: torch.Tensor) -> None:
+        """The (num_train, V) text vectors of the training split, on every start of a run (new or
+        resumed: they are data, not state). Methods with `uses_text` may keep them."""
+
+    def on_step_end(self) -> None:
+        """Hook after every optimiser step (a cross-modal method's momentum copy of its text network)."""
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Continuous codes of (n, V) text vectors; only methods with `uses_text` have a text network."""
+        raise DmuhError(f"method {self.name!r} has no text network: it hashes images only")
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
