@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dmuh.stats import seeds_cell as cell
+
 FEATURE_METHODS = ("itq", "lsh", "greedyhash-unsup", "bihalf", "distillhash", "dsg", "rph")
 IMAGE_METHODS = ("cibhash",)
 BITS = (16, 32, 64)
@@ -138,16 +140,6 @@ def neighbour_recalls(run: Path, features: dict, ks, depth: int) -> dict:
         result["decoder_seconds"] = time.perf_counter() - started
         result.update({f"decoder@{k}": neighbour_recall(decoded, truth, k) for k in ks})
     return result
-
-
-def cell(values, digits: int = 4) -> str:
-    """mean, and the seeds' range when there are several: 0.4512 (0.4490-0.4533, 3 seeds)."""
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f}, {len(values)} seeds)"
 
 
 def cmd_report(args) -> None:

@@ -78,3 +78,14 @@ def paired_interval(differences: Iterable[float], confidence: float = 0.95) -> I
         return Interval(centre, math.nan, n)
     half = t_quantile(n - 1, (1 + confidence) / 2) * sample_sd(differences) / math.sqrt(n)
     return Interval(centre, half, n)
+
+
+def seeds_cell(values: Iterable[float], digits: int = 4) -> str:
+    """A table cell of one figure over seeds: its mean and the seeds' range, "0.4512 (0.4490-0.4533,
+    3 seeds)"; one seed is the bare figure, none (or only NaN/None) "-"."""
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f}, {len(values)} seeds)"

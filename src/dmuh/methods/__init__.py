@@ -18,4 +18,4 @@ from dmuh.methods import ddsh, cosdish, sdh, lfh, fasth  # noqa: F401,E402
 from dmuh.methods import dsg  # noqa: F401,E402
 from dmuh.methods import greedyhash_unsup, bihalf, cibhash  # noqa: F401,E402
 from dmuh.methods import distillhash, rph  # noqa: F401,E402
-from dmuh.methods import dcmh, dmuh_crossmodal  # noqa: F401,E402
+from dmuh.methods import dcmh, dmuh_crossmodal, ugach  # noqa: F401,E402

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs
 from dmuh.methods.helpers import check_count, check_number
 from dmuh.models.momentum import MomentumNetwork
