@@ -270,3 +270,43 @@ def test_synthetic_tags_follow_their_probabilities():
 def test_paired_data_trains_single_modal_methods_on_its_images(pairs):
     source = open_source(str(pairs / "pairs.npz"))
     assert source.text.shape[0] == 60 and source.decode().shape == (60, 8)
+
+
+def test_images_with_a_text_file_each_train_an_image_network_and_resume(tmp_path, capsys):
+    """A paired folder (class folders of 8x8 PNGs, a .txt beside each) through a small CNN, then
+    --resume to a second epoch: the text network and its momentum copy come back from the checkpoint."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(8):
+            pixels = np.full((8, 8, 3), 40 * c, np.uint8) + rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+            (tmp_path / "data" / name / f"{i}.txt").write_text(" ".join(tag_texts([c], CLASSES, seed=i)))
+    run = tmp_path / "run"
+    command = ["train", "--method", "dmuh-cross", "--data", f"paired:{tmp_path / 'data'}", "--protocol", "per-class",
+               "--protocol-param", "query_per_class=2", "--protocol-param", "train_per_class=6", "--model", "smallcnn",
+               "--model-param", "width=8", "--epochs", "1", "--batch-size", "8", "--bits", "8", "--quiet",
+               "--init", "scratch", "-p", "text_hidden=[8]", "--out", str(run)]
+    assert main(command) == 0
+    assert Vocabulary.load(run / "vocabulary.json").words
+    command[command.index("--epochs") + 1] = "2"
+    assert main(command + ["--resume"]) == 0
+    rows = (run / "log.csv").read_text().splitlines()
+    assert len(rows) == 3 and "map_t2i" in rows[0]
+
+
+def test_ugach_trains_on_unlabeled_pairs_and_is_scored_with_labels(pairs, tmp_path, capsys):
+    run = tmp_path / "ugach"
+    assert main(["train", "--method", "ugach", "--data", f"unlabeled:{pairs / 'pairs.npz'}", "--protocol", "unsupervised",
+                 "--protocol-param", "query=12", *TINY, "-p", "text_hidden=[16]", "-p", "generator_hidden=[16]",
+                 "-p", "neighbours=3", "-p", "sample_ratio=4", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--data", str(pairs / "pairs.npz")]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["directions"]) == {"i2t", "t2i"}
+    # a supervised cross-modal method refuses the unlabeled reading
+    assert main(["train", "--method", "dcmh", "--data", f"unlabeled:{pairs / 'pairs.npz'}", "--protocol", "unsupervised",
+                 "--protocol-param", "query=12", *TINY, "--out", str(tmp_path / "dcmh")]) == 2
+    assert "labels" in error_line(capsys)
