@@ -20,6 +20,7 @@ from dmuh.models.momentum import MomentumNetwork
 
 
 def check_hidden(name: str, value) -> list:
+    """A list of MLP layer widths (a bare integer is one layer), or a DmuhError naming the parameter."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)):

@@ -70,7 +70,7 @@ from torch import nn
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import StepInputs, register_method
-from dmuh.methods.crossmodal import CrossModalMethod
+from dmuh.methods.crossmodal import CrossModalMethod, check_hidden
 from dmuh.methods.distillhash import cosine_knn
 from dmuh.methods.helpers import check_choice, check_count, check_number
 from dmuh.methods.memory import TrainingMemory
@@ -190,17 +190,6 @@ def generator_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.T
     return -(queries[:, None, :] - candidates[None, :, :]).pow(2).sum(dim=-1)
 
 
-def check_widths(name: str, value) -> list:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise DmuhError(f"method parameter {name}={value!r}: expected a list of layer widths, e.g. [1024]")
-    for width in value:
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise DmuhError(f"method parameter {name}={value!r}: layer widths must be integers >= 1")
-    return list(value)
-
-
 @register_method("ugach", display_name="UGACH")
 class UGACH(CrossModalMethod):
     """Generator picks hard cross-modal negatives; the hashing networks learn a triplet hinge against them."""
@@ -229,13 +218,13 @@ class UGACH(CrossModalMethod):
         text_hidden: Sequence[int] = (8192,),
         text_dropout: float = 0.0,
     ):
-        super().__init__(bits, num_train, num_classes, text_dim, check_widths("text_hidden", text_hidden), text_dropout)
+        super().__init__(bits, num_train, num_classes, text_dim, text_hidden, text_dropout)
         self.reference_dim = check_count("reference_dim", reference_dim)
         self.neighbours = check_count("neighbours", neighbours)
         self.margin = self.bits / 8.0 if margin is None else check_number("margin", margin, 0.0)
         self.selections = check_count("selections", selections)
         self.sample_ratio = check_count("sample_ratio", sample_ratio)
-        hidden = check_widths("generator_hidden", generator_hidden)
+        hidden = check_hidden("generator_hidden", generator_hidden)
         self.text_metric = check_choice("text_metric", text_metric, TEXT_METRICS)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         self.discriminator_epochs = check_count("discriminator_epochs", discriminator_epochs)
