@@ -161,7 +161,9 @@ def encode_texts(encoder: Encoder, spec: str) -> Codes:
 
     path = Path(spec)
     labels = class_names = None
-    if path.suffix.lower() == ".txt" and path.is_file():
+    if path.suffix.lower() == ".txt" and not path.exists():
+        raise DmuhError(f"--texts {spec}: not found")
+    if path.suffix.lower() == ".txt":
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as error:
