@@ -48,10 +48,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--images", metavar="DIR|ZIP|LIST",
                    help="a folder or .zip of images (class folders give labels), a .txt list (paths, optionally "
                         "followed by 0/1 labels), or a dmuh data source (digits, cifar-batches:DIR, paired data: its "
-                        "images) (this or --texts is required)")
+                        "images); this or --texts [default: none]")
     p.add_argument("--texts", metavar="PAIRED|TXT",
                    help="encode text with a cross-modal run's text network: paired data (its text vectors) or a "
-                        ".txt of texts, one a line, made into vectors with the run's vocabulary")
+                        ".txt of texts, one a line, made into vectors with the run's vocabulary [default: none]")
     p.add_argument("--root", metavar="DIR|ZIP",
                    help="folder or .zip the paths of a list file are relative to [default: the list's folder]")
     p.add_argument("--out", required=True, metavar="FILE", help="codes file to write (.npz) (required)")
