@@ -105,7 +105,7 @@ def test_dmuh_cross_loss_matches_a_hand_computation():
     for x, name in (("img", "image"), ("txt", "text")):
         quantization = 2.0 * (np.exp(u[x]) * (h[x] - np.sign(h[x])) ** 2).sum() / n_b
         assert terms[f"{name}_quantization"].item() == pytest.approx(quantization, rel=1e-5)
-        assert terms[f"{name}_uncertainty"].item() == pytest.approx(0.5 * u[x].sum() / n_b, rel=1e-5)
+        assert terms[f"{name}_uncertainty_term"].item() == pytest.approx(0.5 * u[x].sum() / n_b, rel=1e-5)
     assert method.text_memory.uncertainty[:2].numpy() == pytest.approx(ubar["txt"], rel=1e-5)
 
 

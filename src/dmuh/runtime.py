@@ -236,6 +236,8 @@ def run_epoch(
             after_backward()
         optimizer.step()
         extra = after_step() if after_step is not None else {}
+        if step == 0 and set(extra) & set(terms):  # a statistic would be summed into a loss term's column
+            raise ValueError(f"step statistics named like loss terms: {sorted(set(extra) & set(terms))}")
         for name, value in {"loss": loss, **terms, **extra}.items():
             value = value.detach().float()
             sums[name] = sums[name] + value if name in sums else value

@@ -84,8 +84,8 @@ class DMUHCrossModal(CrossModalMethod):
         normaliser = memory.normaliser(codes.shape[0])
         weight = torch.exp(bits.detach()) if self.bit_weights else 1.0
         terms = {"quantization": self.beta * (weight * (codes - sign(codes.detach())).pow(2)).sum() / normaliser}
-        if self.uncertainty_term:
-            terms["uncertainty"] = self.gamma * bits.sum() / normaliser
+        if self.uncertainty_term:  # "_term": the step statistics hold the mean uncertainties themselves
+            terms["uncertainty_term"] = self.gamma * bits.sum() / normaliser
         return terms
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
