@@ -84,12 +84,15 @@ class Encoder:
         return h, (h - m).abs()
 
 
+    def require_text_network(self) -> None:
+        if not self.method.uses_text:
+            raise DmuhError(f"{self.run_dir} was trained with {self.config.method!r}, which hashes images only; "
+                            "text needs a cross-modal run (dmuh-cross, dcmh, ugach)")
+
     def text_vectors(self, texts) -> np.ndarray:
         """(n, V) vectors of texts (strings), as the run's training texts were made; a text with no
         word of the vocabulary is refused (it would match nothing)."""
-        if not self.method.uses_text:
-            raise DmuhError(f"{self.run_dir} was trained with {self.config.method!r}, which hashes images only; "
-                            "text queries need a cross-modal run (dmuh-cross, dcmh, ugach)")
+        self.require_text_network()
         if self.vocabulary is None:
             raise DmuhError(f"{self.run_dir} has no {VOCABULARY}: its data gave text vectors without words, so "
                             "texts cannot be encoded (encode text vectors with `dmuh encode --texts PAIRED_DATA`)")
@@ -99,8 +102,7 @@ class Encoder:
         """Packed sign codes of (n, V) text vectors by the run's text network."""
         from dmuh.experiment import encode_texts
 
-        if not self.method.uses_text:
-            raise DmuhError(f"{self.run_dir} was trained with {self.config.method!r}, which hashes images only")
+        self.require_text_network()
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.method.text_dim:
             raise DmuhError(f"text vectors of shape {vectors.shape}: the run's text network takes "

@@ -28,7 +28,7 @@ from dmuh.experiment import (
     reference_features, share_buffers,
 )
 from dmuh.io import atomic_path, remove_orphans
-from dmuh.methods import HashingMethod, StepInputs
+from dmuh.methods import HashingMethod, StepInputs, method_class
 from dmuh.metrics import DEFAULT_TIES
 from dmuh.run import (
     CHECKPOINT, CONFIG, LEGACY_CHECKPOINT, LOG, SPLIT, TRACE, VOCABULARY, legacy_checkpoint_message, legacy_method_params, load_checkpoint,
@@ -118,6 +118,8 @@ class Trainer:
         check_train_config(config)  # method, model and files, before any data is read
         config = with_absolute_paths(config)  # config.yaml then works from any folder
         context = distributed.init_from_environment(config.device)
+        if context.enabled and method_class(config.method).uses_text:  # refused before any data is read
+            raise DmuhError(f"method {config.method!r}: cross-modal methods train in one process (not under torchrun)")
         if context.enabled and config.device.startswith("cuda"):
             config = dataclasses.replace(config, device=f"cuda:{context.local_rank}")
         self.config, self.context, self.progress, self.echo = config, context, progress, echo
@@ -158,8 +160,6 @@ class Trainer:
             self.start_epoch = checkpoint["epoch"] + 1
             self.log = [row for row in self.log if row["epoch"] < self.start_epoch]
             self.trace.truncate(checkpoint["epoch"])
-        if exp.method.uses_text and context.enabled:
-            raise DmuhError(f"method {config.method!r}: cross-modal methods train in one process (not under torchrun)")
         vocabulary = getattr(exp.source, "vocabulary", None)
         if self.main_process and exp.method.uses_text and vocabulary is not None:
             vocabulary.save(run_dir / VOCABULARY)  # `dmuh search --text` vectorises queries with it

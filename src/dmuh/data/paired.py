@@ -167,13 +167,14 @@ class PairedSource(Source):
             digest.update(b"\0vocabulary\0" + "\n".join(self.vocabulary.words).encode())
 
 
-def image_part(image: np.ndarray, labels: np.ndarray, where: str, **names) -> Source:
-    """The image modality from an array: (N, D) feature vectors or (N, H, W[, C]) uint8 images."""
+def image_part(image: np.ndarray, labels: np.ndarray, where: str, what: str = "image", **names) -> Source:
+    """The image modality from an array: (N, D) feature vectors or (N, H, W[, C]) uint8 images;
+    `what` names the array in messages (a .mat's field)."""
     image = np.asarray(image)
     if image.ndim == 2:
         if np.issubdtype(image.dtype, np.number) and not np.isfinite(image).all(axis=1).all():
             bad = np.flatnonzero(~np.isfinite(image).all(axis=1))
-            raise DmuhError(f"{where}: image feature row {int(bad[0])} (counting from 0) holds NaN or Inf; "
+            raise DmuhError(f"{where}: {what} row {int(bad[0])} (counting from 0) holds NaN or Inf; "
                             f"{len(bad)} of {len(image)} rows do")
         return FeatureSource(image, labels, name=where, **names)
     if image.ndim in (3, 4) and image.dtype == np.uint8:

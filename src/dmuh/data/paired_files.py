@@ -238,14 +238,7 @@ def _items_first(path: Path, fields: List[Tuple[str, str, np.ndarray]]) -> Tuple
 
 
 def _image_array(path: Path, name: str, image: np.ndarray) -> np.ndarray:
-    if image.ndim == 2:
-        with np.errstate(over="ignore"):
-            image = np.ascontiguousarray(image, dtype=np.float32)
-        finite = np.isfinite(image).all(axis=1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
-            raise DmuhError(f"{path}: image field {name!r} row {int(bad[0])} (counting from 0) holds NaN or Inf; "
-                            f"{len(bad)} of {len(finite)} rows do")
+    if image.ndim == 2:  # feature vectors: `image_part` checks them
         return image
     if image.dtype != np.uint8:
         raise DmuhError(f"{path}: image field {name!r} is {image.dtype} {image.shape}; images must be uint8 "
@@ -291,7 +284,8 @@ def load_paired_mat(path: PathLike, labeled: bool = True, image_field: Optional[
     else:
         labels = no_labels(count)
     ids = [f"{path.name}:{row}" for row in range(count)]
-    return PairedSource(image_part(image, labels, str(path), ids=ids), text, None, str(path))
+    return PairedSource(image_part(image, labels, str(path), what=f"image field {roles[0][1]!r}", ids=ids),
+                        text, None, str(path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -362,7 +362,7 @@ class UGACH(CrossModalMethod):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.phase != "generator"):
             items = torch.cat([i2t.positives.reshape(-1), i2t.negatives.reshape(-1)])
             text_inputs = torch.cat([step.text.float(), self.train_text[items]])
-            text_codes = self.continuous_codes(self.text_network(text_inputs).float())
+            text_codes = self.encode_text(text_inputs)
             query_text = text_codes[:batch]
             positive_text, negative_text = text_codes[batch:].view(2, batch, count, self.bits)
             hinge_i2t = triplet_hinge(image_codes, positive_text, negative_text, self.margin)
