@@ -33,7 +33,7 @@ def subcommands(parser, path=()):
 
 
 OWNED = ("encode", "index build", "index info", "search", "export-onnx", "evaluate", "figure uncertainty",
-         "figure curves", "figure topk", "demo")
+         "figure curves", "figure topk", "demo", "serve")
 
 
 def test_every_flag_states_its_default_and_choices():

@@ -3,8 +3,10 @@
     training    train, pretrain, compare
     evaluation  evaluate
     retrieval   encode, index build|info, search, export-onnx
+    serving     serve (a search page and a JSON API over HTTP)
     demo        demo (compare with a preset)
     figures     figure uncertainty|curves|topk (the paper's Fig. 1, 3, 4)
+    inspection  inspect (items ranked by DMUH's uncertainty and their training loss)
     checkpoints convert-checkpoint (an old checkpoint.pt to checkpoint.safetensors)
 
 Every command is a thin function over the library; a `DmuhError` becomes one line on stderr and
@@ -35,13 +37,13 @@ def package_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dmuh.cli import checkpoints, demo, evaluation, figures, retrieval, training
+    from dmuh.cli import checkpoints, demo, evaluation, figures, inspection, retrieval, serving, training
 
     parser = argparse.ArgumentParser(prog="dmuh", description="Deep Momentum Uncertainty Hashing: train, evaluate, search binary codes")
     parser.add_argument("--version", action="version", version=f"dmuh {package_version()}",
                         help="print dmuh's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (training, evaluation, demo, retrieval, figures, checkpoints):
+    for module in (training, evaluation, demo, retrieval, serving, figures, inspection, checkpoints):
         module.add_commands(sub)
     return parser
 

@@ -26,20 +26,28 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
-def read_image(path, channels: int, size: Optional[int], data: Optional[bytes] = None, name: Optional[str] = None) -> np.ndarray:
-    """One image file (or its bytes) -> (size, size, channels) uint8; DmuhError naming it if unreadable."""
+def read_image(path, channels: int, size: Optional[int], data: Optional[bytes] = None, name: Optional[str] = None,
+               max_pixels: Optional[int] = None) -> np.ndarray:
+    """One image file (or its bytes) -> (size, size, channels) uint8; DmuhError naming it if unreadable.
+
+    `max_pixels` refuses an image whose header declares more pixels before any is decoded (a
+    decompression bomb: a few KB of PNG can declare gigabytes of pixels)."""
     from PIL import Image, UnidentifiedImageError
 
     name = name or str(path)
     try:
         image = Image.open(io.BytesIO(data) if data is not None else path)
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise DmuhError(f"{name}: {image.width} x {image.height} pixels, more than the {max_pixels:,} allowed")
         image.load()
         image = image.convert("L" if channels == 1 else "RGB")
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)  # as dmuh.data sources resize
     except FileNotFoundError:
         raise DmuhError(f"{name}: image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    except UnidentifiedImageError:  # PIL's message names its file object, not the file
+        raise DmuhError(f"{name}: cannot read image (not a format Pillow knows)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DmuhError(f"{name}: cannot read image ({_first_line(error)})") from None
     array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
