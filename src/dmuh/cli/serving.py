@@ -46,7 +46,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--allow-other-model", action="store_true",
                    help="serve even if --run's model is not the one that encoded the index [default: off]")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn's log level (info logs every request) [default: warning]")
+                   help="uvicorn's log level: critical, error, warning, info (logs every request) or debug "
+                        "[default: warning]")
     p.set_defaults(func=cmd_serve)
 
 
