@@ -49,7 +49,7 @@ def read_image(path, channels: int, size: Optional[int], data: Optional[bytes] =
         raise DmuhError(f"{name}: cannot read image (not a format Pillow knows)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DmuhError(f"{name}: cannot read image ({_first_line(error)})") from None
-    array = np.asarray(image, dtype=np.uint8)
+    array = np.array(image, dtype=np.uint8)  # writable: torch.from_numpy warns on a read-only view
     return array[:, :, None] if array.ndim == 2 else array
 
 
