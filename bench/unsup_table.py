@@ -62,9 +62,10 @@ def cmd_features(args) -> None:
     if not (run / "checkpoint.safetensors").exists():
         model_params = [f"{key}={json.dumps(value)}" for key, value in (pretrain.get("model_params") or {}).items()]
         # The data as --init was pre-trained on (its split's fingerprint must match); LSH reads no label.
-        dmuh("train", "--method", "lsh", "--data", args.data, "--protocol", "cifar10-unsup",
+        dmuh("train", "--method", "lsh", "--data", args.data, "--protocol", args.protocol,
              "--model", pretrain["model"], *sum((["--model-param", p] for p in model_params), []),
-             "--init", args.init, "--bits", 16, "--cache-dir", args.cache_dir, "--out", run, "--quiet", threads=args.threads)
+             "--init", args.init, "--bits", 16, "--cache-dir", args.cache_dir, "--out", run, "--quiet",
+             "--eval-every", -1, "--train-map-items", 0, threads=args.threads)  # the run is only the encoder
     encoder = load_encoder(run)
     source = open_source(args.data)
     images = source.decode(cache_dir=resolve_cache_dir(args.cache_dir))  # the training run's cache, when kept
@@ -205,6 +206,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--cache-dir", default="default")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--protocol", default="cifar10-unsup",
+                   help="the protocol --init was pre-trained with (its split's query is checked) [default: cifar10-unsup]")
     p.set_defaults(func=cmd_features)
     p = commands.add_parser("train")
     p.add_argument("--features", help="features file of `features`: the feature methods run on it")

@@ -168,7 +168,8 @@ def existing_run(config: TrainConfig) -> Tuple[str, Dict[str, float]]:
     run = Path(config.out)
     if not (run / CHECKPOINT).exists():
         return "new", {}
-    saved = comparable(load_yaml(run / CONFIG))
+    # A field the saved config lacks (added to dmuh after the run) has its default, as load_run_config reads it.
+    saved = comparable({**TrainConfig().to_dict(), **load_yaml(run / CONFIG)})
     wanted = comparable(with_absolute_paths(config).to_dict())  # as the run's config.yaml stores it
     differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if differing:

@@ -166,6 +166,10 @@ class TrainConfig(RunConfig):
     checkpoint_every: int = setting(1, "write the checkpoint every N epochs (and after the last)", minimum=1)
     train_map_items: int = setting(1000, "training items whose MAP against the training split is logged (0: none)",
                                    minimum=0)
+    label_noise: float = setting(0.0, "share of the training labels flipped to another class (uniform) before "
+                                      "training, for label-noise studies; recorded in RUN/label_noise.json "
+                                      "(single-label data only)", minimum=0, maximum=1)
+    label_noise_seed: int = setting(0, "seed of --label-noise's choice of items and classes", minimum=0)
 
 
 OBJECTIVES = ("ce", "simclr", "simclr+ce")

@@ -21,6 +21,7 @@ from dmuh import distributed
 from dmuh.codes import sign
 from dmuh.config import INIT_WORDS, TrainConfig
 from dmuh.data import open_source
+from dmuh.data.noise import LabelNoise
 from dmuh.data.pipeline import InputPipeline
 from dmuh.data.protocols import Split
 from dmuh.errors import DmuhError
@@ -29,7 +30,8 @@ from dmuh.metrics import DEFAULT_TIES, mean_average_precision
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
 from dmuh.pretrain import auto_warmup_applies, cross_entropy_warmup
-from dmuh.run import CHECKPOINT, CONFIG, load_checkpoint, load_init, load_run_config, load_split, restore_state
+from dmuh.run import (CHECKPOINT, CONFIG, LABEL_NOISE, load_checkpoint, load_init, load_label_noise, load_run_config,
+                      load_split, restore_state)
 from dmuh.runtime import autocast, build_model, decode_all, memory_layout, resolve_device, run_network
 from dmuh.text import plural
 
@@ -51,6 +53,7 @@ class Experiment:
     train_labels: torch.Tensor
     context: distributed.Context = distributed.Context()
     train_text: Optional[torch.Tensor] = None  # (num_train, V) on the device, for methods with uses_text
+    label_noise: Optional[LabelNoise] = None  # the flips of --label-noise: train_labels holds the noisy labels
 
 
 def trained_model(config: TrainConfig, images: torch.Tensor, run_dir: Path,
@@ -99,6 +102,13 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
         raise DmuhError(f"method {config.method!r} learns from labels, and --data {config.data} has none; "
                         "choose a label-free method (dmuh train --list-methods)")
     train_labels = training_labels(source, split, uses_labels)
+    label_noise = None
+    if uses_labels and (config.label_noise or (Path(run_dir) / LABEL_NOISE).exists()):  # preflight refuses label-free
+        label_noise = load_label_noise(config, train_labels.numpy(), run_dir, save=context.is_main)
+        if label_noise is not None:
+            train_labels = torch.from_numpy(label_noise.apply(train_labels.numpy())).float()
+            echo(f"label noise: {plural(len(label_noise.positions), 'training label')} of {len(split.train)} flipped "
+                 f"to another class (--label-noise {label_noise.rate:g}, seed {label_noise.seed}; {LABEL_NOISE})")
     uses_text = method_class(config.method).uses_text
     if uses_text and getattr(source, "text", None) is None:
         raise DmuhError(f"method {config.method!r} learns from image-text pairs, and --data {config.data} has no text; "
@@ -142,7 +152,7 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
             momentum.network.compile()
     train_text = torch.from_numpy(source.text[split.train]).to(device) if uses_text else None
     return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs,
-                      train_labels.to(device), context, train_text)
+                      train_labels.to(device), context, train_text, label_noise)
 
 
 def method_params_for(config: TrainConfig, model: torch.nn.Module, images: torch.Tensor, source=None) -> dict:
@@ -350,19 +360,22 @@ def buffers_kept(*modules: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def paired_codes(exp: Experiment, positions: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Continuous codes (h, m) of the training items at `positions` from the hashing network and
-    the momentum copy as the loss sees them: training mode (batch statistics, dropout as the
-    method's reading says), no augmentation; nothing is updated.
+def paired_codes(exp: Experiment, positions: np.ndarray,
+                 inputs: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Continuous codes (h, m) of the training items at `positions` (or of `inputs[positions]`,
+    other items on the training device) from the hashing network and the momentum copy as the
+    loss sees them: training mode (batch statistics, dropout as the method's reading says), no
+    augmentation; nothing is updated.
 
     Batch statistics depend on the batch, so the batches are made like training batches: the
     items in a seeded random order (a split is often sorted by class, and a one-class batch
-    shifts every output), and a batch smaller than `batch_size` is filled up with random other
+    shifts every output), and a batch smaller than `batch_size` is filled up with random
     training items whose outputs are dropped.
     """
     if exp.momentum is None:
         raise DmuhError(f"method {exp.config.method!r} keeps no momentum network, so it has no uncertainty")
     positions = np.asarray(positions, dtype=np.int64)
+    items = exp.train_inputs if inputs is None else inputs
     rng = np.random.default_rng(0)
     order = rng.permutation(len(positions))
     num_train = exp.train_inputs.shape[0]
@@ -376,8 +389,9 @@ def paired_codes(exp: Experiment, positions: np.ndarray) -> Tuple[torch.Tensor, 
             for start in range(0, len(positions), size):
                 mine = order[start : start + size]
                 fill = rng.integers(0, num_train, max(0, min(exp.config.batch_size, num_train) - len(mine)))
-                batch = torch.from_numpy(np.concatenate([positions[mine], fill])).to(exp.train_inputs.device)
-                x = memory_layout(exp.pipeline(exp.train_inputs[batch]), exp.config, exp.device)
+                chosen = items[torch.from_numpy(positions[mine]).to(items.device)].to(exp.train_inputs.device)
+                batch = torch.cat([chosen, exp.train_inputs[torch.from_numpy(fill).to(exp.train_inputs.device)]])
+                x = memory_layout(exp.pipeline(batch), exp.config, exp.device)
                 with autocast(exp.config, exp.device):
                     h, m = exp.momentum.paired(lambda: exp.model(x), x)
                 keep = torch.from_numpy(mine)
@@ -388,15 +402,19 @@ def paired_codes(exp: Experiment, positions: np.ndarray) -> Tuple[torch.Tensor, 
     return hashing, momentum
 
 
-def training_uncertainty(exp: Experiment, positions: np.ndarray, passes: int = 1) -> torch.Tensor:
-    """Bit-level uncertainty |h - m| (Eq. 6) of the training items at `positions`, (n, bits), as the
-    loss sees it (`paired_codes`), averaged over `passes` (dropout readings draw new masks each
-    pass); its mean over bits is the image-level uncertainty (Eq. 7)."""
+def training_uncertainty(exp: Experiment, positions: np.ndarray, passes: int = 1,
+                         inputs: Optional[torch.Tensor] = None, progress: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """Bit-level uncertainty |h - m| (Eq. 6) of the training items at `positions` (or of
+    `inputs[positions]`, see `paired_codes`), (n, bits), as the loss sees it, averaged over
+    `passes` (dropout readings draw new masks each pass); its mean over bits is the image-level
+    uncertainty (Eq. 7). `progress` is called after each pass."""
     if passes < 1:
         raise DmuhError(f"--passes {passes}: expected a positive integer")
     total = None
     for _ in range(passes):
-        h, m = paired_codes(exp, positions)
+        h, m = paired_codes(exp, positions, inputs)
+        if progress is not None:
+            progress()
         u = (h - m).abs()
         total = u if total is None else total + u
     return total / passes

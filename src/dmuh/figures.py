@@ -79,17 +79,12 @@ def write_figure(figure, png, md, force: bool = False) -> Tuple[Path, Path]:
     """Draw `figure` (an *Figure dataclass) to `png` and its tables to `md`, each atomically."""
     png, md = Path(png), Path(md)
     check_outputs(png, md, force)
-    canvas_figure = figure.draw()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(canvas_figure)
-    with atomic_path(png) as tmp:
-        canvas_figure.savefig(tmp, format="png", dpi=110)
+    save_png(figure.draw(), png)
     atomic_write_text(md, figure.markdown())
     return png, md
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -204,7 +199,7 @@ class UncertaintyFigure:
         gallery = self.images is not None and len(self.source_indices) > 0
         columns = max(len(self.gallery_low), len(self.gallery_high)) if gallery else 0
         width = max(4.0 * len(self.bits), 1.3 * columns, 6.0)
-        fig = _new_figure(width, 3.4 + (2.8 if gallery else 0))
+        fig = new_figure(width, 3.4 + (2.8 if gallery else 0))
         top, bottom = fig.subfigures(2, 1, height_ratios=[3.4, 2.8]) if gallery else (fig, None)
         axes = np.atleast_1d(top.subplots(1, len(self.bits), squeeze=False)[0])
         colours = _colours(len(self.shown))
@@ -220,24 +215,43 @@ class UncertaintyFigure:
             _integer_ticks(ax)
         axes[0].legend(fontsize=6, ncol=2)
         if gallery:
-            rows = [(self.gallery_low, "lowest", 0), (self.gallery_high, "highest", len(self.gallery_low))]
-            grid = bottom.subplots(2, columns, squeeze=False)
-            for r, (positions, name, start) in enumerate(rows):
-                for c in range(columns):
-                    ax = grid[r, c]
-                    ax.axis("off")
-                    if c >= len(positions):
-                        continue
-                    image = self.images[start + c]
-                    if image.shape[0] == 1:
-                        ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
-                    else:
-                        ax.imshow(np.transpose(image, (1, 2, 0)))
-                    ax.set_title(f"{self.image_uncertainty[positions[c]]:.3g}", fontsize=8)
-            bottom.suptitle("image-level uncertainty: lowest (top row), highest (bottom row)", fontsize=9)
+            low = len(self.gallery_low)
+            draw_gallery(bottom, [(self.images[:low], [f"{self.image_uncertainty[p]:.3g}" for p in self.gallery_low]),
+                                  (self.images[low:], [f"{self.image_uncertainty[p]:.3g}" for p in self.gallery_high])],
+                         "image-level uncertainty: lowest (top row), highest (bottom row)")
         if self.notes:
             top.suptitle("; ".join(self.notes), fontsize=7)
         return fig
+
+
+def draw_gallery(container, rows: Sequence[Tuple[np.ndarray, Sequence[str]]], title: str, fontsize: int = 8) -> None:
+    """Rows of images ((n, C, H, W) uint8, grey or RGB), each image titled, on a matplotlib Figure
+    or SubFigure; shorter rows leave their last cells blank (Fig. 1's gallery, `dmuh inspect`'s)."""
+    columns = max((len(images) for images, _ in rows), default=0)
+    grid = container.subplots(len(rows), max(columns, 1), squeeze=False)
+    for r, (images, titles) in enumerate(rows):
+        for c in range(max(columns, 1)):
+            ax = grid[r, c]
+            ax.axis("off")
+            if c >= len(images):
+                continue
+            image = images[c]
+            if image.shape[0] == 1:
+                ax.imshow(image[0], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(np.transpose(image, (1, 2, 0)))
+            ax.set_title(titles[c], fontsize=fontsize)
+    container.suptitle(title, fontsize=9)
+
+
+def save_png(figure, path) -> Path:
+    """A matplotlib Figure (Agg canvas) written to `path` atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    return Path(path)
 
 
 def uncertainty_figure(run, bits_shown: int = 2, gallery: int = 8, passes: int = 1, items_shown: int = 4,
@@ -350,7 +364,7 @@ class CurvesFigure:
         return "\n".join(out) + "\n"
 
     def draw(self):
-        fig = _new_figure(11, 4)
+        fig = new_figure(11, 4)
         loss_ax, map_ax = fig.subplots(1, 2)
         for colour, r in zip(_colours(len(self.runs)), self.runs):
             loss_ax.plot(*r.column("loss"), "-", color=colour, label=r.label)
@@ -426,7 +440,7 @@ class TopkFigure:
         return "\n".join(out) + "\n"
 
     def draw(self):
-        fig = _new_figure(7, 4.5)
+        fig = new_figure(7, 4.5)
         ax = fig.subplots()
         for colour, r in zip(_colours(len(self.runs)), self.runs):
             ax.plot(r.ks, r.precision, "-", color=colour, label=r.label)

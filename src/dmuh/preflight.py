@@ -38,6 +38,9 @@ def check_method(config: TrainConfig) -> None:
         method = create_method(config.method, bits=config.bits, num_train=2, num_classes=2, **config.method_params)
     except TypeError as error:  # a factory refusing an argument the registry let through
         raise DmuhError(f"method {config.method!r}: {error}") from None
+    if config.label_noise and not method.uses_labels:
+        raise DmuhError(f"--label-noise {config.label_noise:g}: method {config.method!r} learns without labels, so "
+                        "there is no label to flip")
     data = str(config.data)
     vectors = data.startswith("features:") or data.lower().endswith((".npz", ".npy"))
     if method.needs_images and vectors:

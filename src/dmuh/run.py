@@ -6,6 +6,7 @@
     RUN/checkpoint.safetensors   network, method, momentum copy, optimiser, and the specs that rebuild them
                                  (dmuh.checkpoint_file: no code runs from it, checksummed)
     RUN/uncertainty_trace.npz    per-bit outputs of both networks for a few training items (DMUH)
+    RUN/label_noise.json         the training labels flipped by --label-noise (dmuh.data.noise.LabelNoise)
     RUN/backbone.safetensors     a `dmuh pretrain` run's backbone
     RUN/eval.json                `dmuh evaluate`'s report
 
@@ -49,6 +50,7 @@ BACKBONE_KIND = "backbone"
 TRACE = "uncertainty_trace.npz"
 BACKBONE = "backbone.safetensors"
 EVAL = "eval.json"
+LABEL_NOISE = "label_noise.json"
 VOCABULARY = "vocabulary.json"  # the words of a cross-modal run's text vectors (dmuh.data.paired.Vocabulary)
 
 
@@ -102,6 +104,28 @@ def load_split(config: RunConfig, source, run_dir: Path) -> Split:
     split = make_split(config.protocol, source, seed=config.split_seed, **config.protocol_params)
     split.save(path)
     return split
+
+
+def load_label_noise(config: TrainConfig, train_labels: np.ndarray, run_dir: Path, save: bool = True):
+    """The `LabelNoise` of a run with `label_noise` > 0 (None otherwise): the run's recorded flips
+    (RUN/label_noise.json, made with the same rate and seed, for the same training labels), or new
+    ones from `dmuh.data.noise` (saved when `save`: rank 0 of a new run)."""
+    from dmuh.data.noise import LabelNoise
+
+    path = Path(run_dir) / LABEL_NOISE
+    if path.exists():
+        noise = LabelNoise.load(path)
+        if (noise.rate, noise.seed) != (float(config.label_noise), int(config.label_noise_seed)):
+            raise DmuhError(f"{path}: made with label noise {noise.rate:g} (seed {noise.seed}); the config asks for "
+                            f"{config.label_noise:g} (seed {config.label_noise_seed}) (use another --out)")
+        noise.apply(train_labels, where=str(path))  # checks it fits these labels
+        return noise
+    if not config.label_noise:
+        return None
+    noise = LabelNoise.make(train_labels, config.label_noise, config.label_noise_seed)
+    if save:
+        noise.save(path)
+    return noise
 
 
 # -- checkpoints --------------------------------------------------------------------------------

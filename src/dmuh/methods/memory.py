@@ -17,6 +17,13 @@ from torch import nn
 from dmuh.methods.base import StepInputs, pairwise_similarity
 
 
+def pair_nll(codes: torch.Tensor, other_codes: torch.Tensor, similar: torch.Tensor) -> torch.Tensor:
+    """DPSH's negative log-likelihood of every pair (i, j), (B, n): log(1 + e^Theta_ij) - S_ij Theta_ij
+    with Theta_ij = h_i^T U_j / 2 (softplus: no overflow)."""
+    theta = 0.5 * codes.float() @ other_codes.float().t()
+    return F.softplus(theta) - similar * theta
+
+
 class TrainingMemory(nn.Module):
     """codes (n, bits), labels (n, C), seen (n,) and, when asked, image-level uncertainty (n,)."""
 
@@ -83,8 +90,7 @@ class TrainingMemory(nn.Module):
 
         Theta_ij = h_i^T U_j / 2; softplus(Theta) = log(1 + e^Theta) without overflow.
         """
-        theta = 0.5 * codes.float() @ self.codes.t()
-        pair_loss = F.softplus(theta) - similar * theta
+        pair_loss = pair_nll(codes, self.codes, similar)
         if pair_weights is not None:
             pair_loss = pair_loss * pair_weights
         return self.pair_mean(pair_loss, normalisation)
