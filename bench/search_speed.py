@@ -50,6 +50,28 @@ def recall(exact_ids, exact_distances, ids, distances, k):
     return float(found_ids), float(within)
 
 
+def make_codes(n: int, queries: int, bits: int, data: str = "random", seed: int = 0):
+    """(database (n, ceil(bits / 8)), queries) packed uint8 codes: uniform random bits, or
+    ("clustered") codes around 10,000 random centres with 10% of bits flipped; padding bits zero."""
+    rng = np.random.default_rng(seed)
+    width = (bits + 7) // 8
+    if data == "random":
+        database = rng.integers(0, 256, size=(n, width), dtype=np.uint8)
+        query_codes = rng.integers(0, 256, size=(queries, width), dtype=np.uint8)
+    else:
+        centres = rng.random((10_000, 8 * width)) < 0.5
+
+        def around(count):
+            flipped = centres[rng.integers(0, len(centres), size=count)] ^ (rng.random((count, 8 * width)) < 0.1)
+            return np.packbits(flipped, axis=1)
+
+        database, query_codes = around(n), around(queries)
+    if bits % 8:  # keep the padding bits zero
+        database[:, -1] &= 0xFF ^ ((1 << (8 * width - bits)) - 1)
+        query_codes[:, -1] &= 0xFF ^ ((1 << (8 * width - bits)) - 1)
+    return database, query_codes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="database codes")
@@ -76,22 +98,8 @@ def main() -> None:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
 
-    rng = np.random.default_rng(args.seed)
-    width = (args.bits + 7) // 8
-    if args.data == "random":
-        database = rng.integers(0, 256, size=(args.n, width), dtype=np.uint8)
-        queries = rng.integers(0, 256, size=(args.queries, width), dtype=np.uint8)
-    else:
-        centres = rng.random((10_000, 8 * width)) < 0.5
-
-        def around(count):
-            bits = centres[rng.integers(0, len(centres), size=count)] ^ (rng.random((count, 8 * width)) < 0.1)
-            return np.packbits(bits, axis=1)
-
-        database, queries = around(args.n), around(args.queries)
-    if args.bits % 8:  # keep the padding bits zero
-        database[:, -1] &= 0xFF ^ ((1 << (8 * width - args.bits)) - 1)
-        queries[:, -1] &= 0xFF ^ ((1 << (8 * width - args.bits)) - 1)
+    database, queries = make_codes(args.n, args.queries, args.bits, args.data, args.seed)
+    width = database.shape[1]
     print(f"{args.n:,} {args.data} {args.bits}-bit codes, {args.queries:,} queries, k={args.k}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, FAISS {faiss.__version__} "
           f"with {faiss.omp_get_max_threads()} threads", flush=True)
@@ -147,7 +155,7 @@ def main() -> None:
 
             torch.manual_seed(args.seed)
             hnsw.attach_decoder(FeatureDecoder(args.bits, args.decoder_dim))
-            features = rng.normal(size=(args.queries, args.decoder_dim)).astype(np.float32)
+            features = np.random.default_rng(args.seed).normal(size=(args.queries, args.decoder_dim)).astype(np.float32)
             ef = max(args.depth, args.k)
             t, _ = timed(lambda: hnsw.search_decoded(queries, features, args.k, depth=args.depth, ef_search=ef),
                          args.repeats)

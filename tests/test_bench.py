@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,3 +44,17 @@ def test_shallow_fit_prints_a_row_per_method_and_skips_unknown_names():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["sdh", "itq"]
     assert "nope" in result.stdout  # named as skipped
+
+
+def test_search_backends_prints_both_tables():
+    pytest.importorskip("faiss")
+    pytest.importorskip("pymilvus", reason="the milvus backend needs pymilvus and milvus-lite")
+    result = run_bench("search_backends.py", "--n", "3000", "--queries", "20", "--k", "10", "--skip-hnsw",
+                       "--repeats", "1", "--encode-items", "40", "--encode-procs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    milvus = next(row for row in rows if row.startswith("| Milvus Lite 2.5.1 | BIN_FLAT | exact"))
+    assert milvus.rstrip(" |").endswith("| 1.000 | 1.000")  # exact: the same codes as FAISS flat
+    assert any(row.startswith("| Milvus Lite 2.5.1 | BIN_IVF_FLAT | not run") for row in rows)
+    assert any(row.startswith("| 1 | 40 | ") for row in rows)  # one torchrun process encoded the 40 items
+

@@ -32,8 +32,8 @@ def subcommands(parser, path=()):
     yield " ".join(path), parser
 
 
-OWNED = ("encode", "index build", "index info", "search", "export-onnx", "evaluate", "figure uncertainty",
-         "figure curves", "figure topk", "demo", "serve")
+OWNED = ("encode", "index build", "index info", "index add", "index remove", "search", "export-onnx", "evaluate",
+         "figure uncertainty", "figure curves", "figure topk", "demo", "serve", "inspect")
 
 
 def test_every_flag_states_its_default_and_choices():

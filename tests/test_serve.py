@@ -418,3 +418,21 @@ def test_the_page_in_headless_chromium(server, served):
     assert "image-level uncertainty" in dom and f"{expected['query']['uncertainty']:.3e}"[:4] in dom
     assert dom.count("<li>bit ") == 8 and loaded == 6
     assert (ARTIFACTS / "serve_page.png").stat().st_size > 1000
+
+
+def test_the_service_works_unchanged_over_milvus(served, client, tmp_path):
+    pytest.importorskip("pymilvus")
+    out = tmp_path / "milvus.dmuhidx"
+    assert main(["index", "build", "--codes", str(served["root"] / "codes.npz"), "--backend", "milvus",
+                 "--uri", str(tmp_path / "codes.db"), "--out", str(out)]) == 0
+    service = SearchService.open(out, images=str(served["db"]))
+    try:
+        milvus = TestClient(create_app(service))
+        path, data = query_image(served, 3)
+        for request in (dict(content=data, headers={"content-type": "image/png"}, params={"k": 9}),
+                        dict(json={"codes": "00ff", "k": 9})):
+            assert milvus.post("/search", **request).json() == client.post("/search", **request).json()
+        assert milvus.get("/info").json()["backend"] == "milvus"
+        assert milvus.get("/thumbnail/5").content == client.get("/thumbnail/5").content
+    finally:
+        service.index.close()

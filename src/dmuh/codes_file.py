@@ -16,6 +16,15 @@ A codes file (`dmuh encode --out FILE`) is one uncompressed .npz:
 
 It is written atomically; a truncated or corrupted file (the zip's CRC-32 covers every array) is a
 DmuhError naming the file.
+
+A large collection is encoded in shards (`dmuh encode --shards DIR`, `dmuh.encode_shards`): codes
+files DIR/shard-00000.npz, ... and DIR/manifest.json, JSON:
+
+    format "dmuh-codes-manifest", version, bits, count, shard_size, model (identity), images,
+    shards: [{file, count, sha256}] in item order
+
+`Codes.load` of the manifest (or of DIR) checks every shard's size and sha256 and concatenates
+them; `manifest_shards` yields them one at a time (a Milvus index takes them so, never holding all).
 """
 
 from __future__ import annotations
@@ -24,17 +33,21 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from dmuh.codes import as_packed
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_path
+from dmuh.io import atomic_path, atomic_write_text, file_sha256
 from dmuh.text import plural
 
 CODES_FORMAT = "dmuh-codes"
 CODES_VERSION = 1
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dmuh-codes-manifest"
+MANIFEST_VERSION = 1
+_OPTIONAL_ARRAYS = ("labels", "uncertainty", "bit_uncertainty", "features")
 
 
 @dataclass
@@ -102,7 +115,10 @@ class Codes:
 
     @classmethod
     def load(cls, path) -> "Codes":
+        """A codes file, or every shard of a manifest (manifest.json or its folder) concatenated."""
         path = Path(path)
+        if is_manifest(path):
+            return concatenate(list(manifest_shards(path)))
         if not path.is_file():
             raise DmuhError(f"{path}: codes file not found")
         try:
@@ -138,3 +154,90 @@ class Codes:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+# -- shards and their manifest ----------------------------------------------------------------
+
+
+def is_manifest(path) -> bool:
+    """Whether `path` names a manifest: a .json file, or a folder (which holds manifest.json)."""
+    path = Path(path)
+    return path.suffix.lower() == ".json" or path.is_dir()
+
+
+def concatenate(parts: Sequence[Codes]) -> Codes:
+    """The codes of `parts` one after another (the first part's model, image size and class names);
+    an optional array is kept when every part has it."""
+    if not parts:
+        raise DmuhError("codes: nothing to concatenate")
+    first = parts[0]
+    optional = {}
+    for name in _OPTIONAL_ARRAYS:
+        arrays = [getattr(part, name) for part in parts]
+        optional[name] = np.concatenate(arrays) if all(a is not None for a in arrays) else None
+    return Codes(np.concatenate([part.packed for part in parts]), first.bits, [i for part in parts for i in part.ids],
+                 class_names=first.class_names if optional["labels"] is not None else None, model=dict(first.model),
+                 image_size=first.image_size, channels=first.channels, images=first.images, **optional)
+
+
+def write_manifest(folder, shards: List[Dict[str, Any]], bits: int, shard_size: int, model: Dict[str, Any],
+                   images: Optional[str]) -> Path:
+    """DIR/manifest.json (atomically) for `shards`: [{file, count, sha256}] in item order."""
+    folder = Path(folder)
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "bits": int(bits),
+                "count": int(sum(shard["count"] for shard in shards)), "shard_size": int(shard_size),
+                "model": model, "images": images, "shards": shards}
+    path = folder / MANIFEST
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def read_manifest(path) -> Dict[str, Any]:
+    """The checked manifest of `path` (manifest.json, or a folder holding one), with "folder"."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DmuhError(f"{path}: manifest not found (`dmuh encode --shards` writes it when every shard is "
+                        "done)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise DmuhError(f"{path}: unreadable manifest ({_first_line(error)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DmuhError(f"{path}: not a dmuh codes manifest (write one with `dmuh encode --shards`)")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise DmuhError(f"{path}: manifest version {manifest.get('version')!r}; this dmuh reads version "
+                        f"{MANIFEST_VERSION}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not shards or not isinstance(manifest.get("bits"), int) or \
+            not all(_shard_entry(shard) for shard in shards):
+        raise DmuhError(f"{path}: corrupted manifest (its shards list is missing or malformed)")
+    if sum(int(shard["count"]) for shard in shards) != manifest.get("count"):
+        raise DmuhError(f"{path}: corrupted manifest (the shards' counts do not add up to its count)")
+    return {**manifest, "folder": path.parent, "path": path}
+
+
+def _shard_entry(shard) -> bool:
+    """Whether a manifest's shard entry is {file (a name in the manifest's folder), count, sha256}."""
+    return (isinstance(shard, dict) and isinstance(shard.get("file"), str) and Path(shard["file"]).name == shard["file"]
+            and isinstance(shard.get("count"), int) and shard["count"] > 0 and isinstance(shard.get("sha256"), str))
+
+
+def manifest_shards(path) -> Iterator[Codes]:
+    """The shards of a manifest, in order, each checked (sha256, count, bits, model)."""
+    manifest = read_manifest(path)
+    where = manifest["path"]
+    expected_model = (manifest.get("model") or {}).get("checkpoint_sha256")
+    for shard in manifest["shards"]:
+        shard_path = manifest["folder"] / shard["file"]
+        if not shard_path.is_file():
+            raise DmuhError(f"{where}: shard {shard_path} is missing")
+        if file_sha256(shard_path) != shard["sha256"]:
+            raise DmuhError(f"{where}: shard {shard_path} changed since the manifest was written (sha256 mismatch)")
+        codes = Codes.load(shard_path)
+        if len(codes) != shard["count"] or codes.bits != manifest["bits"] or \
+                codes.model.get("checkpoint_sha256") != expected_model:
+            raise DmuhError(f"{where}: shard {shard_path} holds {len(codes)} {codes.bits}-bit codes of another "
+                            f"encode than the manifest lists ({shard['count']} {manifest['bits']}-bit codes)")
+        yield codes

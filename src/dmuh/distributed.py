@@ -95,3 +95,10 @@ def broadcast_module(context: Context, module: torch.nn.Module) -> None:
 def barrier(context: Context) -> None:
     if context.enabled:
         dist.barrier()
+
+
+def broadcast_tensor(context: Context, tensor: torch.Tensor) -> torch.Tensor:
+    """In place: `tensor` set to rank 0's (every rank passes one of the same shape and dtype)."""
+    if context.enabled:
+        dist.broadcast(tensor, src=0)
+    return tensor

@@ -188,31 +188,35 @@ def encode_texts(encoder: Encoder, spec: str) -> Codes:
 
 
 def encode_images(encoder: Encoder, source, uncertainty: bool = False, image_size: Optional[int] = None,
-                  images_spec: Optional[str] = None, progress=None, features: bool = False) -> Codes:
-    """Encode every item of `source` (from `dmuh.data.open_images` or dmuh.data) into a `Codes`;
-    `features` also stores each item's own representation (`Encoder.features`)."""
+                  images_spec: Optional[str] = None, progress=None, features: bool = False,
+                  items: Optional[np.ndarray] = None) -> Codes:
+    """Encode every item of `source` (from `dmuh.data.open_images` or dmuh.data), or the items at
+    the indices `items` (a shard of it), into a `Codes`; `features` also stores each item's own
+    representation (`Encoder.features`)."""
     size = image_size or encoder.image_size
     if getattr(source, "channels", 1) is None:  # feature vectors are never resized
         size = None
+    items = np.arange(len(source.ids)) if items is None else np.asarray(items, dtype=np.int64)
     packed, bit_uncertainty, representation = [], [], []
-    for start in range(0, len(source.ids), ENCODE_CHUNK):
-        indices = np.arange(start, min(start + ENCODE_CHUNK, len(source.ids)))
-        items = source.decode(indices, size=size)
-        p, u = encode_arrays(encoder, items, uncertainty)
+    for start in range(0, len(items), ENCODE_CHUNK):
+        indices = items[start:start + ENCODE_CHUNK]
+        batch = source.decode(indices, size=size)
+        p, u = encode_arrays(encoder, batch, uncertainty)
         packed.append(p)
         if u is not None:
             bit_uncertainty.append(u)
         if features:
-            representation.append(encoder.features(images_to_tensor(match_channels(items, encoder.channels))))
+            representation.append(encoder.features(images_to_tensor(match_channels(batch, encoder.channels))))
         if progress is not None:
-            progress(int(indices[-1]) + 1, len(source.ids))
+            progress(start + len(indices), len(items))
     u = np.concatenate(bit_uncertainty) if uncertainty else None
     labels = getattr(source, "labels", None)
     if labels is not None and np.asarray(labels).shape[1:] == (0,):  # an unlabeled source
         labels = None
     return Codes(
-        np.concatenate(packed), encoder.bits, source.ids,
-        labels=None if labels is None else np.asarray(labels),
+        np.concatenate(packed), encoder.bits,
+        [source.ids[i] for i in items],
+        labels=None if labels is None else np.asarray(labels)[items],
         class_names=getattr(source, "class_names", None) if labels is not None else None,
         model=encoder.identity, image_size=size, channels=encoder.channels, images=images_spec,
         uncertainty=None if u is None else u.mean(axis=1), bit_uncertainty=u,

@@ -5,7 +5,8 @@
     header     JSON: format "dmuh-index", version, bits, count, kind, params, meta, has_names,
                sections ({name: [offset, size]} in the payload), payload_size, payload_sha256
     payload    the sections one after another: `faiss.serialize_index_binary` bytes, the int64 ids
-               and the optional names (JSON)
+               and the optional names (JSON); an index of backend "milvus" (`dmuh.index_milvus`)
+               holds its codes, ids and names in a Milvus collection, which its header names
 
 It is written atomically; reading verifies magic, format, version, the header's CRC32 and the
 payload's size and sha256, and any failure is a DmuhError naming the file. `dmuh.index.Index`

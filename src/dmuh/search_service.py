@@ -54,13 +54,14 @@ class ServiceLimits:
                 raise DmuhError(f"limit {name}={value!r}: expected a positive number")
 
 
-def check_same_model(index_meta: Dict[str, Any], model: Dict[str, Any], what: str, allow: bool) -> None:
+def check_same_model(index_meta: Dict[str, Any], model: Dict[str, Any], what: str, allow: bool,
+                     doing: str = "search") -> None:
     """Refuse codes of another model than the one that encoded the index (by checkpoint sha256)."""
     expected = (index_meta.get("model") or {}).get("checkpoint_sha256")
     actual = (model or {}).get("checkpoint_sha256")
     if expected and actual and expected != actual and not allow:
         raise DmuhError(f"{what} come from another model (checkpoint sha256 {actual[:12]}...) than the index's "
-                        f"({expected[:12]}...); pass --allow-other-model to search anyway")
+                        f"({expected[:12]}...); pass --allow-other-model to {doing} anyway")
 
 
 def result_rows(index, positions: np.ndarray, distances: np.ndarray,
@@ -188,8 +189,7 @@ class SearchService:
         self.index_path = index_path
         self._index_lock = threading.Lock()
         self._model_lock = threading.Lock()
-        order = np.argsort(index.ids, kind="stable")  # id -> position, by binary search (no dict of a million ints)
-        self._sorted_ids, self._id_order = index.ids[order], order
+        self._id_positions = None  # (sorted ids, their positions), made at the first thumbnail
 
     @classmethod
     def open(cls, index_path, run: Optional[str] = None, images: Optional[str] = None, device: str = "cpu",
@@ -237,7 +237,7 @@ class SearchService:
         index = self.index
         model = dict(index.meta.get("model") or {})
         return {"index": self.index_path, "kind": index.kind, "bits": index.bits, "count": len(index),
-                "params": dict(index.params), "has_paths": index.names is not None, "model": model,
+                "backend": index.backend, "params": dict(index.params), "has_paths": index.has_names, "model": model,
                 "run": None if self.encoder is None else self.encoder.identity,
                 "queries": {"image": self.encodes_images, "text": self.encodes_text, "codes": True},
                 "uncertainty": self.reports_uncertainty, "thumbnails": self.thumbnails is not None,
@@ -313,18 +313,27 @@ class SearchService:
 
     def position_of(self, id_: int) -> int:
         """The index position of user id `id_`; LookupError if the index holds no such id."""
-        at = int(np.searchsorted(self._sorted_ids, id_))
-        if at >= len(self._sorted_ids) or self._sorted_ids[at] != id_:
+        with self._index_lock:
+            if self._id_positions is None:  # by binary search: no dict of a million ints
+                ids = np.asarray(self.index.ids, dtype=np.int64)  # a Milvus index reads them once, here
+                order = np.argsort(ids, kind="stable")
+                self._id_positions = ids[order], order
+        sorted_ids, positions = self._id_positions
+        at = int(np.searchsorted(sorted_ids, id_))
+        if at >= len(sorted_ids) or sorted_ids[at] != id_:
             raise LookupError(f"id {id_}: not in the index")
-        return int(self._id_order[at])
+        return int(positions[at])
 
     def thumbnail(self, id_: int) -> bytes:
         """A JPEG preview of database image `id_`; LookupError when there is none to serve."""
         if self.thumbnails is None:
             raise LookupError("this service serves no images (start it with --images ROOT)")
-        if self.index.names is None:
+        if not self.index.has_names:
             raise LookupError("the index holds no paths of its images")
-        return self.thumbnails.get(self.index.names[self.position_of(id_)])
+        position = self.position_of(id_)
+        with self._index_lock:
+            name = self.index.names_at(np.array([[position]]))[0][0]
+        return self.thumbnails.get(name)
 
     # -- shared steps --------------------------------------------------------------------------
 

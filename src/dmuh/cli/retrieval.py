@@ -1,25 +1,29 @@
-"""The `dmuh encode`, `dmuh index build|info`, `dmuh search` and `dmuh export-onnx` subcommands.
+"""The `dmuh encode`, `dmuh index build|info|add|remove`, `dmuh search` and `dmuh export-onnx` subcommands.
 
 `add_commands(subparsers)` adds them to the `dmuh` parser; every handler is a thin function over
 `dmuh.encoding`, `dmuh.codes_file`, `dmuh.index` and `dmuh.onnx_export`, returns an exit code and
 raises DmuhError for bad input (the CLI prints it as one line). No output file is replaced unless
---force is given.
+--force is given, except the index that `dmuh index add|remove` update in place (their point).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from dmuh.cli.common import add_run_flag, check_positive, require_run
+from dmuh.encode_shards import DEFAULT_SHARD_SIZE
 from dmuh.errors import DmuhError
 from dmuh.index import KIND_PARAMS, KINDS
+from dmuh.index_base import BACKENDS
 from dmuh.io import atomic_write_text, refuse_overwrite, remove_orphans
 from dmuh.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
+from dmuh.search_service import RERANK_MODES, check_same_model, result_rows
 from dmuh.text import plural
 
 # What each parameter of `KIND_PARAMS` means on the command line, and its default when the data decides it.
@@ -31,6 +35,8 @@ _PARAM_HELP = {
     "ef_search": ("candidate list while searching", None),
 }
 DEVICE_HELP = "cpu or cuda[:N] [default: cpu]"
+CODES_HELP = ("codes file written by `dmuh encode`, or the manifest of `dmuh encode --shards` (DIR/manifest.json or "
+              "DIR) (required)")
 FORCE_HELP = "replace --out if it exists [default: off]"
 QUIET_HELP = "no progress bar [default: off]"
 
@@ -54,7 +60,13 @@ def add_commands(subparsers) -> None:
                         ".txt of texts, one a line, made into vectors with the run's vocabulary [default: none]")
     p.add_argument("--root", metavar="DIR|ZIP",
                    help="folder or .zip the paths of a list file are relative to [default: the list's folder]")
-    p.add_argument("--out", required=True, metavar="FILE", help="codes file to write (.npz) (required)")
+    p.add_argument("--out", metavar="FILE", help="codes file to write (.npz); this or --shards [default: none]")
+    p.add_argument("--shards", metavar="DIR",
+                   help="write shards DIR/shard-00000.npz, ... and DIR/manifest.json instead, resumably: a rerun "
+                        "encodes only the shards not complete yet; under torchrun each process encodes its share "
+                        "[default: none]")
+    p.add_argument("--shard-size", type=int, metavar="N",
+                   help=f"items per shard, with --shards [default: {DEFAULT_SHARD_SIZE}]")
     p.add_argument("--uncertainty", action="store_true",
                    help="store each image's DMUH uncertainty (momentum network; DMUH runs only) [default: off]")
     p.add_argument("--features", action="store_true",
@@ -63,17 +75,24 @@ def add_commands(subparsers) -> None:
     p.add_argument("--image-size", type=int, metavar="N", help="decode images at N x N pixels [default: the run's]")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass [default: the run's eval_batch_size]")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists; with --shards encode every shard again [default: off]")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_encode)
 
-    index = subparsers.add_parser("index", help="build or inspect a search index of codes",
-                                  description="FAISS binary indexes in a checked file (see docs/search.md).")
+    index = subparsers.add_parser(
+        "index", help="build, inspect or update a search index of codes",
+        description="Indexes of codes: FAISS binary indexes in a checked file, or a Milvus collection that the "
+                    "file names (see docs/search.md).")
     index_commands = index.add_subparsers(dest="index_command", required=True)
     p = index_commands.add_parser("build", help="build an index from a codes file")
-    p.add_argument("--codes", required=True, metavar="FILE", help="codes file written by `dmuh encode` (required)")
+    p.add_argument("--codes", required=True, metavar="FILE", help=CODES_HELP)
+    p.add_argument("--backend", default="faiss", choices=BACKENDS,
+                   help="faiss (the index file holds the codes) or milvus (a Milvus collection holds them; the "
+                        "index file names it) [default: faiss]")
     p.add_argument("--kind", default="flat", choices=KINDS,
-                   help="flat (exact), or ivf / hnsw (approximate) [default: flat]")
+                   help="flat (exact), or ivf / hnsw (approximate); milvus: flat (BIN_FLAT) or ivf (BIN_IVF_FLAT, "
+                        "on a server) [default: flat]")
     for kind, params in KIND_PARAMS.items():
         for name, default in params.items():
             text, derived = _PARAM_HELP[name]
@@ -82,13 +101,44 @@ def add_commands(subparsers) -> None:
     p.add_argument("--decoder", metavar="RUN",
                    help="keep this run's decoder of the codes in the index, for `search --rerank decoder` "
                         "[default: the codes' own run when it trains one (--method rph)]")
+    p.add_argument("--uri", metavar="URI",
+                   help="milvus: a Milvus Lite file FILE.db (Milvus inside this process) or a Milvus server or "
+                        "cluster http://HOST:19530; needed with --backend milvus [default: none]")
+    p.add_argument("--collection", metavar="NAME",
+                   help="milvus: the collection to create [default: the --out file's name, in letters, digits and _]")
     p.add_argument("--out", required=True, metavar="INDEX", help="index file to write (required)")
-    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists; with --backend milvus also drop and recreate --collection "
+                        "[default: off]")
     p.set_defaults(func=cmd_index_build)
     p = index_commands.add_parser("info", help="print an index file's header (verifies its checksum)")
     p.add_argument("index", metavar="INDEX", help="index file written by `dmuh index build` (required)")
     p.add_argument("--json", action="store_true", help="print JSON [default: off]")
     p.set_defaults(func=cmd_index_info)
+    p = index_commands.add_parser(
+        "add", help="add codes to an index, in place",
+        description="Add codes to the index (its collection, for milvus) and rewrite the index file atomically: "
+                    "updating INDEX in place is what this does, so no --force is needed. New codes get the next "
+                    "ids (one past the largest ever given) and their codes file's ids as paths.")
+    p.add_argument("--index", required=True, metavar="INDEX", help="index file to update (required)")
+    p.add_argument("--codes", required=True, metavar="FILE", help=CODES_HELP)
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="add codes even if another model encoded them than the index's codes [default: off]")
+    p.set_defaults(func=cmd_index_add)
+    p = index_commands.add_parser(
+        "remove", help="remove codes from an index, in place",
+        description="Remove codes from the index (its collection, for milvus) and rewrite the index file "
+                    "atomically, in place (no --force needed). An id or path the index does not hold is an error, "
+                    "and then nothing is removed; a search never returns a removed code.")
+    p.add_argument("--index", required=True, metavar="INDEX", help="index file to update (required)")
+    p.add_argument("--ids", metavar="FILE",
+                   help="the ids to remove, one integer a line: the index's own integer ids (the `id` of `dmuh "
+                        "search` results; an index built from a codes file numbers its codes 0, 1, ... in file "
+                        "order); this or --names [default: none]")
+    p.add_argument("--names", metavar="FILE",
+                   help="the paths to remove, one a line, as the index holds them (the `path` of `dmuh search` "
+                        "results: the codes file's ids); every code of a path goes; this or --ids [default: none]")
+    p.set_defaults(func=cmd_index_remove)
 
     p = subparsers.add_parser(
         "search", help="search an index with query images or codes",
@@ -116,7 +166,8 @@ def add_commands(subparsers) -> None:
                    help=f"candidates by Hamming distance that --rerank re-orders [default: {DEFAULT_RERANK_DEPTH}]")
     p.add_argument("--tau", type=float, metavar="T",
                    help=f"re-ranking temperature: bit weight exp(-u / (tau * the query's mean u)) [default: {DEFAULT_TAU:g}]")
-    p.add_argument("--nprobe", type=int, metavar="N", help="ivf: lists searched per query [default: the index's]")
+    p.add_argument("--nprobe", type=int, metavar="N",
+                   help="ivf (faiss or milvus): lists searched per query [default: the index's]")
     p.add_argument("--ef-search", type=int, metavar="N", help="hnsw: candidate list while searching [default: the index's]")
     p.add_argument("--allow-other-model", action="store_true",
                    help="search even if the queries' model is not the one that encoded the index [default: off]")
@@ -154,10 +205,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
     run = require_run(args)
     if (args.images is None) == (args.texts is None):
         raise DmuhError("give what to encode: --images (images or image features) or --texts (a cross-modal run's text)")
+    _check_encode_output(args)
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
     check_positive(args.image_size, "--image-size")
     check_positive(args.batch_size, "--batch-size")
+    check_positive(args.shard_size, "--shard-size")
+    if args.shards is not None:
+        return _encode_shards(args, run)
     encoder = load_encoder(run, args.device)
     if args.texts is not None:
         return _encode_texts(args, encoder)
@@ -179,6 +234,51 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_encode_output(args: argparse.Namespace) -> None:
+    """One output: --out, or --shards (which torchrun's processes need, each writing its own)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and args.shards is None:
+        raise DmuhError(f"under torchrun ({world_size} processes) give --shards DIR: each process writes its own shards")
+    if (args.out is None) == (args.shards is None):
+        raise DmuhError("give where to write: --out FILE (one codes file) or --shards DIR (shards and a manifest)")
+    if args.shards is not None and args.texts is not None:
+        raise DmuhError("--shards applies to --images, not --texts")
+    if args.shard_size is not None and args.shards is None:
+        raise DmuhError("--shard-size applies to --shards")
+
+
+def _encode_shards(args: argparse.Namespace, run: str) -> int:
+    """Every process of a torchrun (or the one process) encodes its share of the shards."""
+    from dmuh import distributed
+    from dmuh.data.images import open_images
+    from dmuh.encode_shards import describe, encode_in_shards
+    from dmuh.encoding import load_encoder
+    from dmuh.progress import progress_bar
+
+    context = distributed.init_from_environment(args.device)
+    device = f"cuda:{context.local_rank}" if context.enabled and args.device.startswith("cuda") else args.device
+    encoder = load_encoder(run, device)
+    if args.uncertainty and encoder.momentum_network is None:
+        raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
+                        f"{encoder.config.method!r}")
+    if args.batch_size:
+        encoder.config.eval_batch_size = args.batch_size
+    source = open_images(args.images, args.root, encoder.channels or 3)
+    with progress_bar(len(source.ids), "encoding", unit="image", enabled=context.is_main) as bar:
+
+        def advance(done: int, total: int) -> None:  # this process's share of the items
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = encode_in_shards(encoder, source, args.shards, args.shard_size or DEFAULT_SHARD_SIZE,
+                                  context=context, uncertainty=args.uncertainty, features=args.features,
+                                  image_size=args.image_size, images_spec=args.images, force=args.force,
+                                  progress=advance)
+    if context.is_main:
+        print(describe(result))
+    return 0
+
+
 def _index_params(args: argparse.Namespace) -> Dict[str, int]:
     """The `KIND_PARAMS` flags given, each checked to belong to --kind and to be positive."""
     params = {}
@@ -194,22 +294,128 @@ def _index_params(args: argparse.Namespace) -> Dict[str, int]:
     return params
 
 
+def _codes_parts(path: str) -> Iterator:
+    """The codes of --codes: one codes file, or the shards of a manifest one at a time."""
+    from dmuh.codes_file import Codes, is_manifest, manifest_shards
+
+    if is_manifest(path):
+        yield from manifest_shards(path)
+    else:
+        yield Codes.load(path)
+
+
+def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The milvus backend's flags, checked; none for faiss."""
+    from dmuh.index_milvus import MILVUS_KINDS, check_collection_name, collection_name_for
+
+    if args.backend != "milvus":
+        for flag, value in (("--uri", args.uri), ("--collection", args.collection)):
+            if value is not None:
+                raise DmuhError(f"{flag} applies to --backend milvus")
+        return {}
+    if args.kind not in MILVUS_KINDS:
+        raise DmuhError(f"--kind {args.kind}: --backend milvus has flat (BIN_FLAT) and ivf (BIN_IVF_FLAT)")
+    if args.uri is None:
+        raise DmuhError("--backend milvus needs --uri: a Milvus Lite file (FILE.db) or a server (http://HOST:19530)")
+    collection = check_collection_name(args.collection or collection_name_for(args.out))
+    return {"backend": "milvus", "uri": args.uri, "collection": collection, "force": args.force}
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from dmuh.codes_file import Codes
+    from dmuh.codes_file import is_manifest, read_manifest
     from dmuh.index import Index
+    from dmuh.index_base import resolve_params
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
     params = _index_params(args)
-    codes = Codes.load(args.codes)
-    decoder = _codes_decoder(args, codes)  # before the build: a wrong --decoder fails fast
-    index = Index.build(codes, kind=args.kind, meta={**codes.identity(), "codes_file": str(args.codes)}, **params)
-    if decoder is not None:
-        index.attach_decoder(decoder)
-    index.save(args.out, overwrite=args.force)
-    print(f"index {args.out}: {args.kind}, {plural(len(index), 'code')} of {plural(index.bits, 'bit')}"
-          + (f", {', '.join(f'{k}={v}' for k, v in index.params.items())}" if index.params else "")
-          + (f", decoder to {decoder.dim} features" if decoder is not None else ""))
+    milvus = _milvus_flags(args)
+    parts = _codes_parts(args.codes)
+    if milvus and is_manifest(args.codes):  # shard by shard: a Milvus index need not fit in memory
+        if args.kind == "ivf":  # its lists are sized by every shard's codes, not the first one's
+            from dmuh.index_milvus import KIND_PARAMS as MILVUS_KIND_PARAMS
+
+            params = resolve_params(args.kind, MILVUS_KIND_PARAMS, params, read_manifest(args.codes)["count"])
+        first = next(parts)
+    else:
+        first = _concatenated(parts)
+        parts = iter(())
+    decoder = _codes_decoder(args, first)  # before the build: a wrong --decoder fails fast
+    with Index.build(first, kind=args.kind, meta={**first.identity(), "codes_file": str(args.codes)}, **milvus,
+                     **params) as index:
+        for shard in parts:
+            index.add(shard, names=list(shard.ids))
+        if decoder is not None:
+            index.attach_decoder(decoder)
+        index.save(args.out, overwrite=args.force)
+        where = f", Milvus collection {index.collection!r} at {index.uri}" if milvus else ""
+        print(f"index {args.out}: {args.kind}, {plural(len(index), 'code')} of {plural(index.bits, 'bit')}"
+              + (f", {', '.join(f'{k}={v}' for k, v in index.params.items())}" if index.params else "")
+              + (f", decoder to {decoder.dim} features" if decoder is not None else "") + where)
+    return 0
+
+
+def _concatenated(parts):
+    from dmuh.codes_file import concatenate
+
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else concatenate(parts)
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from dmuh.index import Index
+
+    with Index.load(args.index) as index:
+        before = len(index)
+        for codes in _codes_parts(args.codes):
+            if codes.bits != index.bits:
+                raise DmuhError(f"--codes {args.codes} holds {codes.bits}-bit codes but --index {args.index} holds "
+                                f"{index.bits}-bit codes")
+            check_same_model(index.meta, codes.model, f"the codes in {args.codes}", args.allow_other_model,
+                              doing="add them")
+            index.add(codes, names=list(codes.ids) if index.has_names else None)
+        index.save(args.index)  # in place, atomically: a failure above leaves the file as it was
+        print(f"index {args.index}: added {plural(len(index) - before, 'code')}, {plural(len(index), 'code')} now")
+    return 0
+
+
+def _read_lines(path: str, flag: str) -> List[Tuple[int, str]]:
+    """(line number, text) of the non-empty lines of a list file that are not # comments."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DmuhError(f"{flag} {path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    entries = [(n + 1, line.strip()) for n, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
+    if not entries:
+        raise DmuhError(f"{flag} {path}: lists nothing to remove")
+    return entries
+
+
+def _read_ids(path: str) -> np.ndarray:
+    ids = []
+    for number, text in _read_lines(path, "--ids"):
+        try:
+            ids.append(int(text))
+        except ValueError:
+            raise DmuhError(f"--ids {path} line {number}: {text[:80]!r} is not an integer id (the index's ids are "
+                            "integers; give paths with --names)") from None
+    return np.array(ids, dtype=np.int64)
+
+
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    from dmuh.index import Index
+
+    if (args.ids is None) == (args.names is None):
+        raise DmuhError("give what to remove: --ids FILE (integer ids, one a line) or --names FILE (paths, one a line)")
+    flag, path = ("--ids", args.ids) if args.ids is not None else ("--names", args.names)
+    wanted = _read_ids(args.ids) if args.ids is not None else [text for _, text in _read_lines(args.names, "--names")]
+    with Index.load(args.index) as index:
+        try:
+            removed = index.remove(wanted if args.ids is not None else index.ids_named(wanted))
+        except DmuhError as error:
+            raise DmuhError(f"{flag} {path}: {error}") from None
+        index.save(args.index)
+        print(f"index {args.index}: removed {plural(removed, 'code')}, {plural(len(index), 'code')} left")
     return 0
 
 
@@ -232,20 +438,24 @@ def _codes_decoder(args: argparse.Namespace, codes):
     encoder = load_encoder(run)
     if not encoder.method.trains_decoder:
         raise DmuhError(f"--decoder {run}: its method {encoder.config.method!r} trains no decoder (rph does)")
-    _check_same_model(codes.identity(), encoder.identity, f"--decoder {run}'s decoder", allow=False)
+    check_same_model(codes.identity(), encoder.identity, f"--decoder {run}'s decoder", allow=False)
     return encoder.method.decoder
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
     from dmuh.index import Index
 
-    info = Index.load(args.index).info()
+    with Index.load(args.index) as index:
+        info = index.info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     model = info["meta"].get("model") or {}
     lines = [f"index: {args.index}", f"format: {info['format']} version {info['version']} (checksum ok)",
-             f"kind: {info['kind']}", f"bits: {info['bits']}", f"count: {info['count']}"]
+             f"backend: {info['backend']}", f"kind: {info['kind']}", f"bits: {info['bits']}", f"count: {info['count']}"]
+    if info.get("milvus"):
+        lines.append(f"milvus: collection {info['milvus']['collection']} ({info['milvus']['index_type']}) at "
+                     f"{info['milvus']['uri']}")
     if info["params"]:
         lines.append("params: " + ", ".join(f"{k}={v}" for k, v in info["params"].items()))
     if info.get("decoder"):
@@ -291,14 +501,6 @@ def _read_query_list(path: Path) -> List[Path]:
     return [p if p.is_absolute() else path.parent / p for p in paths]
 
 
-def _check_same_model(index_meta: Dict[str, Any], model: Dict[str, Any], what: str, allow: bool) -> None:
-    expected = (index_meta.get("model") or {}).get("checkpoint_sha256")
-    actual = (model or {}).get("checkpoint_sha256")
-    if expected and actual and expected != actual and not allow:
-        raise DmuhError(f"{what} come from another model (checkpoint sha256 {actual[:12]}...) than the index's "
-                        f"({expected[:12]}...); pass --allow-other-model to search anyway")
-
-
 def _queries_from_codes(args: argparse.Namespace, index, path: str) -> Queries:
     """The query codes of a codes file written by `dmuh encode`."""
     from dmuh.codes_file import Codes
@@ -307,7 +509,7 @@ def _queries_from_codes(args: argparse.Namespace, index, path: str) -> Queries:
     if codes.bits != index.bits:
         raise DmuhError(f"--queries {path} holds {codes.bits}-bit codes but --index {args.index} "
                         f"holds {index.bits}-bit codes")
-    _check_same_model(index.meta, codes.model, f"the codes in {path}", args.allow_other_model)
+    check_same_model(index.meta, codes.model, f"the codes in {path}", args.allow_other_model)
     if args.rerank == "uncertainty" and codes.bit_uncertainty is None:
         raise DmuhError(f"--rerank needs bit uncertainty: encode {path} with `dmuh encode --uncertainty`")
     if args.rerank == "decoder" and codes.features is None:
@@ -327,7 +529,7 @@ def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> 
     if encoder.bits != index.bits:
         raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but the model of --run "
                         f"{run} makes {encoder.bits}-bit codes")
-    _check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
+    check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
     if args.rerank == "uncertainty" and encoder.momentum_network is None:
         raise DmuhError(f"--rerank needs a DMUH run (a momentum network); {run} was trained with "
                         f"{encoder.config.method!r}")
@@ -350,7 +552,7 @@ def _queries_from_texts(args: argparse.Namespace, index) -> Queries:
     encoder = load_encoder(run, args.device)
     if encoder.bits != index.bits:
         raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but --run {run} makes {encoder.bits}-bit codes")
-    _check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
+    check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
     packed = encoder.text_codes(encoder.text_vectors(args.text))
     return list(args.text), packed, None, None
 
@@ -408,20 +610,8 @@ def _search_report(args: argparse.Namespace, index, queries: Queries) -> Dict[st
         report["depth"] = args.depth
     else:
         distances, positions = index.search_positions(packed, args.k, **search_params)
-    ids = index.ids_at(positions)
-    paths = index.names_at(positions)
-    for q, name in enumerate(names):
-        results = []
-        for rank in range(positions.shape[1]):
-            if positions[q, rank] < 0:
-                continue
-            row = {"rank": rank + 1, "id": int(ids[q, rank]), "path": paths[q][rank], "distance": int(distances[q, rank])}
-            if weighted is not None:
-                row["weighted_distance"] = round(float(weighted[q, rank]), 4)
-            if cosine is not None:
-                row["decoded_cosine"] = round(float(cosine[q, rank]), 4)
-            results.append(row)
-        report["queries"].append({"query": name, "results": results})
+    rows = result_rows(index, positions, distances, weighted_distance=weighted, decoded_cosine=cosine)
+    report["queries"] = [{"query": name, "results": results} for name, results in zip(names, rows)]
     return report
 
 
@@ -439,7 +629,6 @@ def _format_results(report: Dict[str, Any]) -> str:
     return "\n\n".join(blocks)
 
 
-RERANK_MODES = ("uncertainty", "decoder")
 
 
 def _rerank_mode(args: argparse.Namespace) -> None:
@@ -470,8 +659,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     _rerank_mode(args)
     if args.tau is not None and args.rerank != "uncertainty":
         raise DmuhError("--tau applies to --rerank uncertainty")
-    index = Index.load(args.index)
-    report = _search_report(args, index, _gather_queries(args, index))
+    with Index.load(args.index) as index:
+        report = _search_report(args, index, _gather_queries(args, index))
     text = json.dumps(report, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")
