@@ -39,7 +39,7 @@ import numpy as np
 
 from dmuh.codes import as_packed
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_path, atomic_write_text, file_sha256
+from dmuh.io import atomic_path, atomic_write_text, file_sha256, read_json_record
 from dmuh.text import plural
 
 CODES_FORMAT = "dmuh-codes"
@@ -197,18 +197,8 @@ def read_manifest(path) -> Dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DmuhError(f"{path}: manifest not found (`dmuh encode --shards` writes it when every shard is "
-                        "done)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise DmuhError(f"{path}: unreadable manifest ({_first_line(error)})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise DmuhError(f"{path}: not a dmuh codes manifest (write one with `dmuh encode --shards`)")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise DmuhError(f"{path}: manifest version {manifest.get('version')!r}; this dmuh reads version "
-                        f"{MANIFEST_VERSION}")
+    manifest = read_json_record(path, MANIFEST_FORMAT, MANIFEST_VERSION, "codes manifest",
+                                missing="`dmuh encode --shards` writes it when every shard is done")
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not shards or not isinstance(manifest.get("bits"), int) or \
             not all(_shard_entry(shard) for shard in shards):

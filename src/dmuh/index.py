@@ -40,8 +40,8 @@ import numpy as np
 
 from dmuh.errors import DmuhError
 from dmuh.index_base import (  # noqa: F401 - byte_width and _as_packed are also this module's API
-    BACKENDS, CodeIndex, _as_packed, byte_width, check_ids, check_ids_known, decoder_from_sections, decoder_sections,
-    next_id_after, ordered_by_distance_then_position, resolve_params, unique_ids)
+    BACKENDS, CodeIndex, _as_packed, build_inputs, byte_width, check_ids_known, decoder_from_sections,
+    decoder_sections, next_id_after, ordered_by_distance_then_position, resolve_params, unique_ids)
 from dmuh.index_file import FORMAT, FORMAT_VERSION, read_index_file, write_index_file
 
 KINDS = ("flat", "ivf", "hnsw")
@@ -122,14 +122,8 @@ class Index(CodeIndex):
         _faiss()
         if kind not in KINDS:
             raise DmuhError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}")
-        packed, bits = _as_packed(codes, bits)
-        if names is None and hasattr(codes, "ids"):
-            names = list(codes.ids)
-        if meta is None and hasattr(codes, "identity"):
-            meta = codes.identity()
+        packed, bits, names, meta = build_inputs(codes, bits, names, meta)
         n = packed.shape[0]
-        if n == 0:
-            raise DmuhError("cannot build an index from zero codes")
         resolved = resolve_params(kind, KIND_PARAMS, params, n)
         index = _new_faiss_index(kind, bits, resolved, training=packed)
         built = cls(index, kind, bits, resolved, np.zeros(0, dtype=np.int64), [] if names is not None else None, meta)
@@ -139,12 +133,7 @@ class Index(CodeIndex):
     def add(self, codes, ids=None, names: Optional[Sequence[str]] = None) -> None:
         """Append codes; ids default to the next ids (one past the largest ever added: len(index)
         onwards for an index of default ids), so a default id is never one the index held."""
-        packed, _ = _as_packed(codes, self.bits)
-        n = packed.shape[0]
-        if ids is None:
-            ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
-        ids = check_ids(ids, n)
-        self._check_names_given(names, n)
+        packed, ids = self._add_inputs(codes, ids, names)
         self.faiss_index.add(packed)
         self.ids = np.concatenate([self.ids, ids])
         self.next_id = max(self.next_id, next_id_after(ids))

@@ -49,6 +49,19 @@ def _as_packed(codes, bits: Optional[int] = None, what: str = "codes") -> Tuple[
     return np.ascontiguousarray(packed, dtype=np.uint8), int(bits)
 
 
+def build_inputs(codes, bits: Optional[int], names: Optional[Sequence[str]], meta: Optional[Dict[str, Any]]):
+    """What a backend's `build` takes from `codes`: (packed, bits, names, meta), names and meta
+    defaulting to a codes file's own ids and model identity; zero codes are refused."""
+    packed, bits = _as_packed(codes, bits)
+    if names is None and hasattr(codes, "ids"):
+        names = list(codes.ids)
+    if meta is None and hasattr(codes, "identity"):
+        meta = codes.identity()
+    if packed.shape[0] == 0:
+        raise DmuhError("cannot build an index from zero codes")
+    return packed, bits, names, meta
+
+
 def resolve_params(kind: str, kind_params: Dict[str, Dict[str, Optional[int]]], params: Dict[str, Any],
                    n: int) -> Dict[str, int]:
     """The build/search parameters of `kind` (one of `kind_params`), the given ones checked to be
@@ -247,6 +260,16 @@ class CodeIndex:
             raise DmuhError(f"k={k!r}: expected a positive integer")
         if k > len(self):
             raise DmuhError(f"k={k} is larger than the index, which holds {plural(len(self), 'code')}")
+
+    def _add_inputs(self, codes, ids, names: Optional[Sequence[str]]) -> Tuple[np.ndarray, np.ndarray]:
+        """Codes to add, packed, and their ids (default: the next ids, from `next_id`), checked."""
+        packed, _ = _as_packed(codes, self.bits)
+        n = packed.shape[0]
+        if ids is None:
+            ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        ids = check_ids(ids, n)
+        self._check_names_given(names, n)
+        return packed, ids
 
     def _check_names_given(self, names: Optional[Sequence[str]], n: int) -> None:
         if names is not None and len(names) != n:

@@ -56,7 +56,7 @@ import numpy as np
 
 from dmuh.errors import DmuhError
 from dmuh.index_base import (
-    CodeIndex, _as_packed, byte_width, check_ids, check_ids_known, decoder_from_sections, decoder_sections,
+    CodeIndex, _as_packed, build_inputs, byte_width, check_ids_known, decoder_from_sections, decoder_sections,
     next_id_after, ordered_by_distance_then_position, resolve_params, unique_ids)
 from dmuh.index_file import FORMAT, FORMAT_VERSION, write_index_file
 
@@ -286,14 +286,8 @@ class MilvusIndex(CodeIndex):
         if kind not in MILVUS_KINDS:
             kinds = ", ".join(f"{k} ({INDEX_TYPES[k]})" for k in MILVUS_KINDS)
             raise DmuhError(f"index kind {kind!r}: the milvus backend has {kinds}")
-        packed, bits = _as_packed(codes, bits)
-        if names is None and hasattr(codes, "ids"):
-            names = list(codes.ids)
-        if meta is None and hasattr(codes, "identity"):
-            meta = codes.identity()
+        packed, bits, names, meta = build_inputs(codes, bits, names, meta)
         n = packed.shape[0]
-        if n == 0:
-            raise DmuhError("cannot build an index from zero codes")
         resolved = resolve_params(kind, KIND_PARAMS, params, n)
         check_collection_name(collection)
         uri = normalise_uri(uri)
@@ -423,12 +417,8 @@ class MilvusIndex(CodeIndex):
     def add(self, codes, ids=None, names: Optional[Sequence[str]] = None) -> None:
         """Insert codes at the next positions; ids default to the next ids (one past the largest
         given so far). The index file's `save` commits them (see the module's docstring)."""
-        packed, _ = _as_packed(codes, self.bits)
+        packed, ids = self._add_inputs(codes, ids, names)
         n = packed.shape[0]
-        if ids is None:
-            ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
-        ids = check_ids(ids, n)
-        self._check_names_given(names, n)
         names = [str(name) for name in names] if names is not None else [""] * n
         for name in names:
             if len(name.encode("utf-8")) > NAME_LENGTH:

@@ -23,7 +23,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from dmuh.errors import DmuhError
 
@@ -275,3 +275,34 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json_record(path: Path, record_format: str, version: int, what: str, missing: str = "") -> Dict[str, Any]:
+    """A JSON object dmuh wrote (split.json, label_noise.json, a shards manifest), checked to carry
+    its "format" and "version"; a one-line DmuhError naming the file otherwise (`missing`: a hint
+    added when the file is not there)."""
+    import json
+
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DmuhError(f"{path}: {what} not found{f' ({missing})' if missing else ''}") from None
+    except OSError as error:
+        raise DmuhError(f"{path}: cannot read {what} ({error.strerror or error})") from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise DmuhError(f"{path}: corrupt {what} ({_first_line(error)})") from None
+    if not isinstance(record, dict) or record.get("format") != record_format:
+        raise DmuhError(f"{path}: not a dmuh {what}")
+    if record.get("version") != version:
+        raise DmuhError(f"{path}: {what} format version {record.get('version')!r}, this dmuh reads {version}")
+    return record
+
+
+def index_list(record: Dict[str, Any], key: str, path):
+    """Field `key` of a JSON record: a list of non-negative integers, as int64."""
+    import numpy as np
+
+    values = record.get(key)
+    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+        raise DmuhError(f"{path}: field {key!r} must be a list of non-negative integers")
+    return np.array(values, dtype=np.int64)

@@ -19,7 +19,7 @@ from typing import Tuple
 import numpy as np
 
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_write_text
+from dmuh.io import atomic_write_text, index_list, read_json_record
 
 NOISE_FORMAT = "dmuh-label-noise"
 NOISE_VERSION = 1
@@ -105,23 +105,8 @@ class LabelNoise:
     @classmethod
     def load(cls, path) -> "LabelNoise":
         path = Path(path)
-        try:
-            record = json.loads(path.read_text())
-        except OSError as error:
-            raise DmuhError(f"{path}: cannot read ({error.strerror or error})") from None
-        except ValueError as error:
-            raise DmuhError(f"{path}: corrupt label-noise record ({error})") from None
-        if not isinstance(record, dict) or record.get("format") != NOISE_FORMAT:
-            raise DmuhError(f"{path}: not a dmuh label-noise record")
-        if record.get("version") != NOISE_VERSION:
-            raise DmuhError(f"{path}: label-noise format version {record.get('version')!r}, this dmuh reads "
-                            f"{NOISE_VERSION}")
-        arrays = {}
-        for key in ("positions", "original", "noisy"):
-            values = record.get(key)
-            if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
-                raise DmuhError(f"{path}: field {key!r} must be a list of non-negative integers")
-            arrays[key] = np.array(values, dtype=np.int64)
+        record = read_json_record(path, NOISE_FORMAT, NOISE_VERSION, "label-noise record")
+        arrays = {key: index_list(record, key, path) for key in ("positions", "original", "noisy")}
         if not len(arrays["positions"]) == len(arrays["original"]) == len(arrays["noisy"]) == record.get("count"):
             raise DmuhError(f"{path}: fields 'positions', 'original', 'noisy' and 'count' disagree in length")
         if np.any(arrays["original"] == arrays["noisy"]):

@@ -23,7 +23,7 @@ import numpy as np
 
 from dmuh.data.sources import PathLike, Source, to_multi_hot
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_write_text
+from dmuh.io import atomic_write_text, index_list, read_json_record
 
 SPLIT_FORMAT = "dmuh-split"
 SPLIT_VERSION = 1
@@ -85,22 +85,8 @@ class Split:
     @classmethod
     def load(cls, path: PathLike) -> "Split":
         path = Path(path)
-        try:
-            record = json.loads(path.read_text())
-        except OSError as error:
-            raise DmuhError(f"{path}: cannot read split ({error.strerror or error})") from None
-        except ValueError as error:
-            raise DmuhError(f"{path}: corrupt split file ({error})") from None
-        if not isinstance(record, dict) or record.get("format") != SPLIT_FORMAT:
-            raise DmuhError(f"{path}: not a dmuh split file")
-        if record.get("version") != SPLIT_VERSION:
-            raise DmuhError(f"{path}: split format version {record.get('version')!r}, this dmuh reads {SPLIT_VERSION}")
-        arrays = {}
-        for role in ("query", "train", "database"):
-            values = record.get(role)
-            if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
-                raise DmuhError(f"{path}: field {role!r} must be a list of non-negative integers")
-            arrays[role] = np.array(values, dtype=np.int64)
+        record = read_json_record(path, SPLIT_FORMAT, SPLIT_VERSION, "split file")
+        arrays = {role: index_list(record, role, path) for role in ("query", "train", "database")}
         topk = record.get("topk")
         if topk is not None and (type(topk) is not int or topk < 1):
             raise DmuhError(f"{path}: field 'topk' must be a positive integer or null")
