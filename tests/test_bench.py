@@ -58,3 +58,18 @@ def test_search_backends_prints_both_tables():
     assert any(row.startswith("| Milvus Lite 2.5.1 | BIN_IVF_FLAT | not run") for row in rows)
     assert any(row.startswith("| 1 | 40 | ") for row in rows)  # one torchrun process encoded the 40 items
 
+
+
+def test_serve_load_answers_every_good_request_and_refuses_every_malformed_one():
+    pytest.importorskip("faiss")
+    pytest.importorskip("fastapi")
+    result = run_bench("serve_load.py", "--n", "2000", "--hnsw-n", "0", "--seconds", "0.5", "--clients", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| flat")]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [("codes", "0%"), ("codes", "30%"), ("image", "0%"),
+                                                                  ("image", "30%")]
+    for row in rows:
+        ok, good = (int(v.replace(",", "")) for v in row[6].split("/"))
+        refused, bad = (int(v.replace(",", "")) for v in row[7].split("/"))
+        assert good > 0 and ok == good and refused == bad
+    assert all(int(row[7].split("/")[1].replace(",", "")) > 0 for row in rows if row[2].strip() == "30%")
