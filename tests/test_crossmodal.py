@@ -310,3 +310,27 @@ def test_ugach_trains_on_unlabeled_pairs_and_is_scored_with_labels(pairs, tmp_pa
     assert main(["train", "--method", "dcmh", "--data", f"unlabeled:{pairs / 'pairs.npz'}", "--protocol", "unsupervised",
                  "--protocol-param", "query=12", *TINY, "--out", str(tmp_path / "dcmh")]) == 2
     assert "labels" in error_line(capsys)
+
+
+def test_dmuh_serve_answers_text_queries_as_search_does(pairs, trained, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from dmuh.search_service import SearchService
+    from dmuh.serve import create_app
+
+    data = str(pairs / "pairs.npz")
+    assert main(["encode", "--run", str(trained), "--images", data, "--out", str(tmp_path / "images.npz")]) == 0
+    assert main(["index", "build", "--codes", str(tmp_path / "images.npz"), "--out", str(tmp_path / "images.index")]) == 0
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "images.index"), "--text", "cat pet fur", "--k", "5", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["queries"][0]["results"]
+    client = TestClient(create_app(SearchService.open(tmp_path / "images.index")))
+    assert client.get("/info").json()["queries"] == {"image": False, "text": True, "codes": True}
+    body = client.post("/search", json={"text": "cat pet fur", "k": 5}).json()
+    assert body["results"] == expected and body["query"]["uncertainty"] is None
+    error = client.post("/search", json={"text": "zebra quasar", "k": 5})
+    assert error.status_code == 400 and "none of its words" in error.json()["error"]
+    error = client.post("/search", json={"text": "cat", "k": 5, "rerank": "uncertainty"})
+    assert error.status_code == 400 and "text queries are ranked by Hamming distance" in error.json()["error"]
