@@ -1,7 +1,7 @@
 """Encode a large collection in shards, in one process or several (torchrun), and resume a crash.
 
     dmuh encode --run RUN --images DIR --shards OUT [--shard-size 100000]
-    torchrun --nproc_per_node=4 -m dmuh encode --run RUN --images DIR --shards OUT --device cuda
+    torchrun --nproc_per_node=4 -m dmuh -- encode --run RUN --images DIR --shards OUT --device cuda
 
 The items (in the order `dmuh.data.images.open_images` lists them) are cut into shards of
 `shard_size` items. Rank 0 finds which shards are not complete yet and tells every rank; rank r of
@@ -60,7 +60,7 @@ def encode_in_shards(encoder, source, folder, shard_size: int = DEFAULT_SHARD_SI
     """Encode `source` into shards under `folder` (see the module's docstring). Every rank calls
     it; returns {"shards", "encoded" (shards this rank encoded), "skipped" (complete before),
     "manifest" (its path, on rank 0; None on the others), "count"}."""
-    from dmuh.encoding import encode_images
+    from dmuh.encoding import decode_size, encode_images
 
     context = context or distributed.Context()
     folder = Path(folder)
@@ -69,9 +69,7 @@ def encode_in_shards(encoder, source, folder, shard_size: int = DEFAULT_SHARD_SI
     total = len(source.ids)
     if total == 0:
         raise DmuhError(f"--images {images_spec}: no items to encode")
-    size = image_size or encoder.image_size
-    if getattr(source, "channels", 1) is None:  # feature vectors are never resized (as encode_images)
-        size = None
+    size = decode_size(encoder, source, image_size)
     slices = [(start, min(start + shard_size, total)) for start in range(0, total, shard_size)]
     paths = [folder / shard_file(number) for number in range(len(slices))]
     # Rank 0 decides which shards to encode, before any rank writes one, and tells every rank.

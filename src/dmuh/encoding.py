@@ -187,15 +187,21 @@ def encode_texts(encoder: Encoder, spec: str) -> Codes:
                  model=identity, images=spec)
 
 
+def decode_size(encoder: Encoder, source, image_size: Optional[int] = None) -> Optional[int]:
+    """The size `encode_images` decodes `source` at: `image_size`, else the run's; feature vectors
+    (a source without channels) are never resized."""
+    if getattr(source, "channels", 1) is None:
+        return None
+    return image_size or encoder.image_size
+
+
 def encode_images(encoder: Encoder, source, uncertainty: bool = False, image_size: Optional[int] = None,
                   images_spec: Optional[str] = None, progress=None, features: bool = False,
                   items: Optional[np.ndarray] = None) -> Codes:
     """Encode every item of `source` (from `dmuh.data.open_images` or dmuh.data), or the items at
     the indices `items` (a shard of it), into a `Codes`; `features` also stores each item's own
     representation (`Encoder.features`)."""
-    size = image_size or encoder.image_size
-    if getattr(source, "channels", 1) is None:  # feature vectors are never resized
-        size = None
+    size = decode_size(encoder, source, image_size)
     items = np.arange(len(source.ids)) if items is None else np.asarray(items, dtype=np.int64)
     packed, bit_uncertainty, representation = [], [], []
     for start in range(0, len(items), ENCODE_CHUNK):

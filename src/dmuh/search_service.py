@@ -123,11 +123,10 @@ class ThumbnailStore:
             self._zip_names = None
         elif self.root.is_file() and self.root.suffix.lower() == ".zip":
             try:
-                with zipfile.ZipFile(self.root) as archive:
-                    self._zip_names = frozenset(archive.namelist())
+                self._archive = zipfile.ZipFile(self.root)
             except (OSError, zipfile.BadZipFile) as error:
                 raise DmuhError(f"--images {root}: cannot read zip ({error})") from None
-            self._archive = zipfile.ZipFile(self.root)
+            self._zip_names = frozenset(self._archive.namelist())
         else:
             raise DmuhError(f"--images {root}: not a folder or a .zip")
 
@@ -152,12 +151,14 @@ class ThumbnailStore:
         does not hold it, DmuhError when it cannot be read as an image."""
         from PIL import Image
 
+        from dmuh.data.images import read_image
+
         with self._lock:
             if name in self._cache:
                 self._cache.move_to_end(name)
                 return self._cache[name]
         data = self._read(name)
-        array = _decode(data, name, self.max_pixels)
+        array = read_image(None, 3, None, data=data, name=name, max_pixels=self.max_pixels)
         image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
         image.thumbnail((self.size, self.size), Image.BILINEAR)
         out = io.BytesIO()
@@ -168,12 +169,6 @@ class ThumbnailStore:
             while len(self._cache) > self.CACHED:
                 self._cache.popitem(last=False)
         return jpeg
-
-
-def _decode(data: bytes, name: str, max_pixels: int, channels: int = 3, size: Optional[int] = None) -> np.ndarray:
-    from dmuh.data.images import read_image
-
-    return read_image(None, channels, size, data=data, name=name, max_pixels=max_pixels)
 
 
 class SearchService:
@@ -258,6 +253,7 @@ class SearchService:
     def search_image(self, data: bytes, k: int = 10, rerank: Optional[str] = None, depth: Optional[int] = None,
                      tau: Optional[float] = None, name: str = "image") -> Dict[str, Any]:
         """Encode an image (its file's bytes) and search; a DMUH run adds its uncertainty."""
+        from dmuh.data.images import read_image
         from dmuh.data.pipeline import images_to_tensor
         from dmuh.encoding import encode_arrays
 
@@ -268,7 +264,8 @@ class SearchService:
         k = self._check_k(k)
         self._check_rerank(rerank)
         size = self.index.meta.get("image_size") or self.encoder.image_size
-        image = _decode(data, name, self.limits.max_image_pixels, self.encoder.channels, size)[None]
+        image = read_image(None, self.encoder.channels, size, data=data, name=name,
+                           max_pixels=self.limits.max_image_pixels)[None]
         with self._model_lock:
             packed, uncertainty = encode_arrays(self.encoder, image, uncertainty=self.reports_uncertainty)
             features = self.encoder.features(images_to_tensor(image)) if rerank == "decoder" else None

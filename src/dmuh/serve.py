@@ -258,9 +258,7 @@ async def _read_query(request):
         try:
             form = await request.form(max_files=1, max_fields=len(_FORM_FIELDS) + 1,
                                       max_part_size=64 * 1024)  # a text field; the image part is a file
-        except HTTPException:
-            raise
-        except _TooLarge:
+        except (HTTPException, _TooLarge):
             raise
         except Exception as exc:  # python-multipart's parse errors: a malformed body
             raise HTTPException(400, f"malformed form body ({_one_line(exc)})") from None

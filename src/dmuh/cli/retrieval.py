@@ -379,15 +379,16 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_lines(path: str, flag: str) -> List[Tuple[int, str]]:
-    """(line number, text) of the non-empty lines of a list file that are not # comments."""
+def _read_lines(path, flag: str, nothing: str = "lists nothing to remove") -> List[Tuple[int, str]]:
+    """(line number, text) of the non-empty lines of a list file that are not # comments; `nothing`
+    is the error when there are none."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DmuhError(f"{flag} {path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
     entries = [(n + 1, line.strip()) for n, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
     if not entries:
-        raise DmuhError(f"{flag} {path}: lists nothing to remove")
+        raise DmuhError(f"{flag} {path}: {nothing}")
     return entries
 
 
@@ -491,13 +492,7 @@ def _encode_texts(args: argparse.Namespace, encoder) -> int:
 
 
 def _read_query_list(path: Path) -> List[Path]:
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DmuhError(f"--queries {path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
-    paths = [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not paths:
-        raise DmuhError(f"--queries {path}: no query images listed")
+    paths = [Path(text) for _, text in _read_lines(path, "--queries", "no query images listed")]
     return [p if p.is_absolute() else path.parent / p for p in paths]
 
 
@@ -627,8 +622,6 @@ def _format_results(report: Dict[str, Any]) -> str:
                          + f"  {row['id']:>8}  {row['path'] if row['path'] is not None else '-'}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
-
-
 
 
 def _rerank_mode(args: argparse.Namespace) -> None:
