@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--param", action="append", default=[], help="method parameter KEY=VALUE for every run")
     parser.add_argument("--out", default="runs/cifar10-table")
     parser.add_argument("--cache-dir", default=".data/cache")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (mean ± sd and paired intervals)")
+    parser.add_argument("--against", default=None, help="with --seeds: the row every other is paired against")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once on the device (dmuh compare --jobs)")
     parser.add_argument("--checkpoint-every", type=int, default=10,
                         help="epochs between checkpoints (a ResNet-18 run's is ~135 MB) [10]")
@@ -63,9 +65,11 @@ def main() -> None:
     methods = args.methods.split(",")
     shared_params = parse_params(args.param)
     rows = compare(methods, [int(b) for b in args.bits.split(",")], base, out,
-                   method_params={m: shared_params for m in methods}, echo=lambda line: None, jobs=args.jobs)
+                   method_params={m: shared_params for m in methods}, echo=lambda line: None, jobs=args.jobs,
+                   seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, against=args.against)
     for row in rows:
-        print(f"{row['method']} {row['bits']} bits: MAP {row['map']:.4f}, {row['seconds']:.0f} s", flush=True)
+        print(f"{row['method']} {row['bits']} bits seed {row.get('seed', '-')}: MAP {row['map']:.4f}, "
+              f"{row['seconds']:.0f} s", flush=True)
     print(f"\nCIFAR-10, cifar10 protocol (1,000 query / 5,000 train / 59,000 database), {args.model}, "
           f"{args.epochs} epochs, init {init}")
     print((out / RESULTS_MARKDOWN).read_text())
