@@ -1292,7 +1292,7 @@ def _fixture_legacy(fx: Path) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from dmuh.run import load_checkpoint
+    from dmuh.runs.layout import load_checkpoint
 
     state = load_checkpoint(fx / "base" / "checkpoint.safetensors")
     torch.save(state, fx / "legacy.pt")

@@ -5,7 +5,7 @@
 
 With --pretrain-epochs > 0 it first runs `dmuh pretrain` (objective --objective) once on the
 protocol's split and starts every method from it (`--init`), the same backbone for all; with 0
-every method starts from scratch. The runs go through `dmuh.compare.compare` (the engine of
+every method starts from scratch. The runs go through `dmuh.studies.compare.compare` (the engine of
 `dmuh compare`): the same model, schedule, seed and split for all, and runs already finished in
 --out are reused, so the table can be built in several calls.
 """
@@ -16,10 +16,11 @@ import argparse
 import time
 from pathlib import Path
 
-from dmuh.compare import RESULTS_MARKDOWN, compare
-from dmuh.config import PretrainConfig, TrainConfig, parse_params
-from dmuh.pretrain import pretrain
-from dmuh.run import BACKBONE, LOG, read_log
+from dmuh.studies.compare import RESULTS_MARKDOWN, compare
+from dmuh.runs.config import PretrainConfig, TrainConfig
+from dmuh.utils.schema import parse_params
+from dmuh.engine.pretrain import pretrain
+from dmuh.runs.layout import BACKBONE, LOG, read_log
 
 METHODS = "regu,dmuh,dmuh-wo-u,dmuh-wo-eu,dmuh-wo-euij"
 

@@ -19,7 +19,7 @@ import numpy as np
 from dmuh.data import FeatureSource, Vocabulary, open_source
 from dmuh.data.synthetic_pairs import tag_texts
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_path
+from dmuh.utils.io import atomic_path
 
 
 def main(argv=None) -> int:

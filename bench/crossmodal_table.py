@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmuh.stats import seeds_cell as cell
+from dmuh.metrics.stats import seeds_cell as cell
 
 METHODS = ("ugach", "dcmh", "regu-cross", "dmuh-cross")
 BITS = (16, 32, 64)

@@ -7,9 +7,9 @@ Each reading is `dmuh` with the options of docs/method.md ("The open readings") 
 time from today's (`momentum_dropout=off`, `momentum_update=step`, `output=tanh`,
 `normalisation=nB`, `retrieval=hashing`), plus Regu under both normalisations. For each run it
 prints the final mean bit-level uncertainty (training log), the image-level uncertainty of 1,000
-training items as the loss sees it (min / median / max, `dmuh.experiment.training_uncertainty`,
+training items as the loss sees it (min / median / max, `dmuh.engine.builder.training_uncertainty`,
 averaged over --passes where the reading draws dropout masks), train MAP and test MAP (ties
-`dmuh.metrics.DEFAULT_TIES`). One seed: a screening, not a comparison (`dmuh compare --seeds`).
+`dmuh.metrics.ranking.DEFAULT_TIES`). One seed: a screening, not a comparison (`dmuh compare --seeds`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dmuh.config import TrainConfig, parse_params
-from dmuh.metrics import DEFAULT_TIES
+from dmuh.runs.config import TrainConfig
+from dmuh.utils.schema import parse_params
+from dmuh.metrics.ranking import DEFAULT_TIES
 
 TODAY = {"momentum_dropout": "off", "momentum_update": "step", "output": "tanh", "normalisation": "nB",
          "retrieval": "hashing"}
@@ -45,9 +46,9 @@ READINGS = {
 def run_one(name: str, config: dict, passes: int, threads: int) -> dict:
     import torch
 
-    from dmuh.experiment import load_run, training_uncertainty
-    from dmuh.run import CHECKPOINT, LOG, read_log
-    from dmuh.train import train
+    from dmuh.engine.builder import load_run, training_uncertainty
+    from dmuh.runs.layout import CHECKPOINT, LOG, read_log
+    from dmuh.engine.trainer import train
 
     torch.set_num_threads(threads)
     config = TrainConfig.from_dict(config)
@@ -98,7 +99,7 @@ def main() -> None:
         jobs.append((name, config.to_dict()))
     if args.cache_dir:  # decode once, so the workers read the cache
         from dmuh.data import open_source
-        from dmuh.runtime import decode_all
+        from dmuh.engine.runtime import decode_all
 
         decode_all(open_source(base.data), base)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)

@@ -1,4 +1,4 @@
-"""Seconds per exact MAP@all evaluation (`dmuh.metrics.mean_average_precision`) on random codes.
+"""Seconds per exact MAP@all evaluation (`dmuh.metrics.ranking.mean_average_precision`) on random codes.
 
     PYTHONPATH=src python bench/eval_speed.py                         # CPU, and the GPU if there is one
     PYTHONPATH=src python bench/eval_speed.py --device cpu --sizes 1000x59000,7000x1000000
@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from dmuh.metrics import mean_average_precision
+from dmuh.metrics.ranking import mean_average_precision
 
 BITS = 64
 CLASSES = 10

@@ -23,7 +23,7 @@ passes, and the eval reading), and the clean DMUH runs by `dmuh inspect --split 
 per-query AP (MAP@all, ties expected) is written beside them.
 
 Scores of "is this label flipped?", higher = more suspicious: DMUH's image-level uncertainty (two
-readings), the per-item pairwise loss (the small-loss criterion: dmuh.inspect_uncertainty), their
+readings), the per-item pairwise loss (the small-loss criterion: dmuh.studies.inspect), their
 rank average, and cleanlab's `find_label_issues` / label-quality score on out-of-sample predicted
 probabilities of a scikit-learn logistic regression (5-fold `cross_val_predict`) on the same
 features and the same noisy labels.
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmuh.stats import paired_interval, seeds_cell
+from dmuh.metrics.stats import paired_interval, seeds_cell
 
 METHODS = ("regu", "dmuh")
 RATES = (0.0, 0.1, 0.2)
@@ -68,9 +68,9 @@ def dmuh(*args) -> None:
 
 def query_ap(run: Path) -> dict:
     """Per-query AP@all (ties expected) of the run's query split against its database."""
-    from dmuh.codes import sign
-    from dmuh.experiment import encode_part, load_run
-    from dmuh.metrics import HammingRanking
+    from dmuh.codes.binary import sign
+    from dmuh.engine.builder import encode_part, load_run
+    from dmuh.metrics.ranking import HammingRanking
 
     exp = load_run(run)
     labels = np.asarray(exp.source.labels)
@@ -81,7 +81,7 @@ def query_ap(run: Path) -> dict:
 
 
 def cmd_one(args) -> None:
-    from dmuh.run import CHECKPOINT, LOG, read_log
+    from dmuh.runs.layout import CHECKPOINT, LOG, read_log
 
     out = Path(args.out)
     started = time.perf_counter()
@@ -157,7 +157,7 @@ def cleanlab_scores(features: np.ndarray, run: Path, seed: int, cache: Path) -> 
 
     from dmuh.data.noise import LabelNoise
     from dmuh.data.protocols import Split
-    from dmuh.inspect_uncertainty import detection_scores
+    from dmuh.studies.inspect import detection_scores
 
     split = Split.load(run / "split.json")
     noise = LabelNoise.load(run / "label_noise.json")
@@ -188,7 +188,7 @@ def _interval(values) -> str:
 
 
 def cmd_report(args) -> None:
-    from dmuh.inspect_uncertainty import detection_scores, rank_average, spearman
+    from dmuh.studies.inspect import detection_scores, rank_average, spearman
 
     out = Path(args.out)
     lines = []

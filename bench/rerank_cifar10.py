@@ -18,13 +18,13 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
-from dmuh.codes import sign
-from dmuh.encoding import Encoder
+from dmuh.codes.binary import sign
+from dmuh.retrieval.encoder import Encoder
 from dmuh.errors import DmuhError
-from dmuh.experiment import load_run
-from dmuh.io import atomic_write_text
-from dmuh.metrics import mean_average_precision, ranked_metrics
-from dmuh.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
+from dmuh.engine.builder import load_run
+from dmuh.utils.io import atomic_write_text
+from dmuh.metrics.ranking import mean_average_precision, ranked_metrics
+from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
 
 
 def rerank_experiment(run, device: str = "cpu", depth: int = DEFAULT_RERANK_DEPTH,
@@ -33,7 +33,7 @@ def rerank_experiment(run, device: str = "cpu", depth: int = DEFAULT_RERANK_DEPT
     """MAP and P@k of a DMUH run's query split against its database split, per ranking:
 
     - "hamming": Hamming distance, ties by database position (as `dmuh evaluate --ties index`);
-    - "weighted tau=T": the top `depth` re-ranked by the weighted Hamming distance of `dmuh.rerank.rerank`
+    - "weighted tau=T": the top `depth` re-ranked by the weighted Hamming distance of `dmuh.retrieval.rerank.rerank`
       with the query's momentum bit uncertainty u = |h - m| (the rest keeps its Hamming order);
     - "tie-break tau=1": Hamming distance, ties broken by that weighted distance (isolates how
       much comes from ordering within equal distances);
@@ -79,7 +79,7 @@ def rerank_experiment(run, device: str = "cpu", depth: int = DEFAULT_RERANK_DEPT
                 relevant_rows[name].append(ranked_relevant.cpu())
                 continue
             u = uncertainties[source][rows]
-            scale = tau * u.mean(dim=1, keepdim=True)  # as `dmuh.rerank.uncertainty_weights`
+            scale = tau * u.mean(dim=1, keepdim=True)  # as `dmuh.retrieval.rerank.uncertainty_weights`
             weights = torch.exp(-torch.where(scale > 0, u / scale.clamp_min(1e-30), torch.zeros_like(u)))
             weighted = torch.einsum("qrk,qk->qr", differ, weights)
             # Order the head by (weighted, Hamming, position), or (Hamming, weighted, position).

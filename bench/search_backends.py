@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def search_rows(args, database, queries, work: Path):
     """(backend, index, parameters, build s, search s, recall ids, recall ties) rows."""
-    from dmuh.index import Index
+    from dmuh.retrieval.index.faiss import Index
 
     rows = []
     Index.build(database[:1000], bits=args.bits).search(queries[:1], 1)  # imports out of the timings
@@ -75,7 +75,7 @@ def search_rows(args, database, queries, work: Path):
                      lambda: hnsw.search(queries, args.k, ef_search=ef))
         del hnsw
 
-    from dmuh.index_milvus import MilvusIndex, close_connections
+    from dmuh.retrieval.index.milvus import MilvusIndex, close_connections
 
     targets = [("Milvus Lite 2.5.1", str(work / "codes.db"), ("flat",))]
     if args.milvus_uri:
@@ -104,8 +104,8 @@ def encode_rows(args, work: Path):
     --shards` under torchrun; startup is the same command on 8 items (one per shard)."""
     from sklearn.datasets import load_digits
 
-    from dmuh.config import TrainConfig
-    from dmuh.train import train
+    from dmuh.runs.config import TrainConfig
+    from dmuh.engine.trainer import train
 
     digits = load_digits()
     train_features = work / "digits.npz"

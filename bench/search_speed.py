@@ -1,4 +1,4 @@
-"""Search speed: dmuh.index.Index against raw FAISS, and IVF / HNSW recall against exact search.
+"""Search speed: dmuh.retrieval.index.faiss.Index against raw FAISS, and IVF / HNSW recall against exact search.
 
     PYTHONPATH=src python bench/search_speed.py                      # 1,000,000 x 64 bits, 1,000 queries, k=100
     PYTHONPATH=src python bench/search_speed.py --threads 1          # as docs/search.md (a shared 2-core box)
@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from dmuh.index import Index
+from dmuh.retrieval.index.faiss import Index
 
 
 def timed(function, repeats: int):
@@ -104,7 +104,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, FAISS {faiss.__version__} "
           f"with {faiss.omp_get_max_threads()} threads", flush=True)
 
-    Index.build(database[:1000], bits=args.bits).search(queries[:1], 1)  # imports (torch via dmuh.codes) out of the timings
+    Index.build(database[:1000], bits=args.bits).search(queries[:1], 1)  # imports (torch via dmuh.codes.binary) out of the timings
     rows = []
     raw = faiss.IndexBinaryFlat(8 * width)
     raw.add(database)
@@ -151,7 +151,7 @@ def main() -> None:
         if args.decoder_dim:
             import torch
 
-            from dmuh.decoder import FeatureDecoder
+            from dmuh.models.decoder import FeatureDecoder
 
             torch.manual_seed(args.seed)
             hnsw.attach_decoder(FeatureDecoder(args.bits, args.decoder_dim))

@@ -71,9 +71,9 @@ def query_jpegs(count: int, seed: int):
 
 def build(folder: Path, n: int, hnsw_n: int, bits: int, seed: int):
     """The indexes and the run -> {name: index path}, run directory."""
-    from dmuh.config import TrainConfig
-    from dmuh.index import Index
-    from dmuh.train import train
+    from dmuh.runs.config import TrainConfig
+    from dmuh.retrieval.index.faiss import Index
+    from dmuh.engine.trainer import train
 
     codes = random_codes(n, bits, seed)
     paths = {}

@@ -10,7 +10,7 @@ calls it) in its own subprocess, so the peak resident memory (the child's own ru
 method's alone; "RSS before fit" is the child's peak after making the data and importing torch,
 before the fit. Sanity values from the fitted hash function's codes: "class-code match", the
 fraction of training items whose code equals their class's bit-wise majority code, and the MAP@all
-(ties expected, `dmuh.metrics`) of the queries against the training codes. A method name that is
+(ties expected, `dmuh.metrics.ranking`) of the queries against the training codes. A method name that is
 not registered is skipped with a note. Not a test: nothing is asserted.
 """
 
@@ -47,7 +47,7 @@ def child(args) -> None:
     import torch
 
     from dmuh.methods import create_method
-    from dmuh.metrics import mean_average_precision
+    from dmuh.metrics.ranking import mean_average_precision
 
     features, ids = make_data(args.n, args.dim, args.classes, args.spread, args.seed)
     labels = torch.nn.functional.one_hot(ids, args.classes).float()

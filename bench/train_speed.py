@@ -3,7 +3,7 @@
     PYTHONPATH=src python bench/train_speed.py --data .data/cifar10-jpeg.zip --device cuda
 
 Each case trains a few epochs of the cifar10 protocol (5,000 training images) through
-`dmuh.train.train` exactly as `dmuh train` does (data decoded once onto the device, augmentation
+`dmuh.engine.trainer.train` exactly as `dmuh train` does (data decoded once onto the device, augmentation
 there, bf16 autocast, channels_last) and reports the median images/s of the epochs after the first
 (which includes warm-up and, with --compile, compilation). Evaluation is skipped.
 """
@@ -15,9 +15,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from dmuh.config import TrainConfig
-from dmuh.run import read_log
-from dmuh.train import train
+from dmuh.runs.config import TrainConfig
+from dmuh.runs.layout import read_log
+from dmuh.engine.trainer import train
 
 CASES = {
     "alexnet-224": dict(model="alexnet", augment="flip-crop"),

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmuh.stats import seeds_cell as cell
+from dmuh.metrics.stats import seeds_cell as cell
 
 FEATURE_METHODS = ("itq", "lsh", "greedyhash-unsup", "bihalf", "distillhash", "dsg", "rph")
 IMAGE_METHODS = ("cibhash",)
@@ -52,9 +52,9 @@ def cmd_features(args) -> None:
     features of every item, with labels, ids and subsets (for scoring and the protocol)."""
     from dmuh.data import open_source
     from dmuh.data.pipeline import images_to_tensor
-    from dmuh.encoding import load_encoder
-    from dmuh.io import atomic_path
-    from dmuh.runtime import resolve_cache_dir
+    from dmuh.retrieval.encoder import load_encoder
+    from dmuh.utils.io import atomic_path
+    from dmuh.engine.runtime import resolve_cache_dir
     import yaml
 
     pretrain = yaml.safe_load((Path(args.init) / "config.yaml").read_text())
@@ -120,9 +120,9 @@ def cmd_train(args) -> None:
 
 def neighbour_recalls(run: Path, features: dict, ks, depth: int) -> dict:
     """Recall@k of the run's Hamming ranking (flat) and, for a run with a decoder, of HNSW + decoder re-ranking."""
-    from dmuh.encoding import encode_arrays, load_encoder
-    from dmuh.index import Index
-    from dmuh.metrics import neighbour_recall, true_neighbours
+    from dmuh.retrieval.encoder import encode_arrays, load_encoder
+    from dmuh.retrieval.index.faiss import Index
+    from dmuh.metrics.ranking import neighbour_recall, true_neighbours
 
     subsets = features["subsets"]
     query, database = np.flatnonzero(subsets == "test"), np.flatnonzero(subsets != "test")
@@ -144,7 +144,7 @@ def neighbour_recalls(run: Path, features: dict, ks, depth: int) -> dict:
 
 
 def cmd_report(args) -> None:
-    from dmuh.evaluate import evaluate_run
+    from dmuh.studies.evaluate import evaluate_run
     from dmuh.methods import display_name
 
     features = dict(np.load(args.features, allow_pickle=False))

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def dmuh_cache_dir(tmp_path_factory):
-    """The decoded-data cache ("default": $DMUH_CACHE_DIR, see dmuh.runtime.resolve_cache_dir) in a
+    """The decoded-data cache ("default": $DMUH_CACHE_DIR, see dmuh.engine.runtime.resolve_cache_dir) in a
     temporary folder for the whole session, subprocesses included: tests never write into the
     home folder."""
     saved = os.environ.get("DMUH_CACHE_DIR")

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from dmuh.cli import main
-from dmuh.config import TrainConfig
+from dmuh.runs.config import TrainConfig
 from dmuh.errors import DmuhError
-from dmuh.experiment import encode, load_run
+from dmuh.engine.builder import encode, load_run
 from dmuh.methods import available, create_method, display_name
 from dmuh.models import create_model
-from dmuh.run import CHECKPOINT, LEGACY_CHECKPOINT, load_checkpoint, load_run_config, rebuild_networks
-from dmuh.train import train
+from dmuh.runs.layout import CHECKPOINT, LEGACY_CHECKPOINT, load_checkpoint, load_run_config, rebuild_networks
+from dmuh.engine.trainer import train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dmuh"
 
@@ -78,8 +78,61 @@ def cycles(graph: dict) -> list:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "dmuh.train" in graph and "dmuh.run" in graph["dmuh.train"]  # the reader sees the imports
+    assert "dmuh.engine.trainer" in graph and "dmuh.runs.layout" in graph["dmuh.engine.trainer"]  # the reader sees the imports
     assert cycles(graph) == []
+
+
+# The layers, lowest first: a module may import its own layer and those below it, never above.
+LAYERS = ("dmuh.errors", "dmuh.utils", "dmuh.codes", "dmuh.metrics", "dmuh.data", "dmuh.models", "dmuh.methods",
+          "dmuh.runs", "dmuh.engine", "dmuh.retrieval", "dmuh.serve", "dmuh.studies", "dmuh.cli", "dmuh")
+
+
+def layer(module: str) -> int:
+    """The index in LAYERS of the deepest layer that holds `module` (`dmuh` itself: the public API, on top)."""
+    held = [i for i, name in enumerate(LAYERS[:-1]) if module == name or module.startswith(name + ".")]
+    return max(held, default=len(LAYERS) - 1)
+
+
+def upward_imports(graph: dict) -> list:
+    return sorted((source, target) for source, targets in graph.items() for target in targets
+                  if layer(target) > layer(source))
+
+
+def test_every_module_belongs_to_a_layer_and_imports_point_down():
+    graph = import_graph()
+    outside = [module for module in graph if layer(module) == len(LAYERS) - 1]
+    assert sorted(outside) == ["dmuh", "dmuh.__main__"]
+    assert upward_imports(graph) == []
+
+
+def test_an_upward_import_is_found():
+    graph = {"dmuh.codes.binary": {"dmuh.utils.io", "dmuh.engine.trainer"}, "dmuh.cli": {"dmuh.engine.trainer"}}
+    assert upward_imports(graph) == [("dmuh.codes.binary", "dmuh.engine.trainer")]
+    assert layer("dmuh.methods.components.memory") == LAYERS.index("dmuh.methods")
+    assert layer("dmuh") == len(LAYERS) - 1 and layer("dmuh.errors") == 0
+
+
+def function_local_imports(path: Path) -> list:
+    """`dmuh` imports inside functions of one file, as (line, module)."""
+    found = []
+    for function in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dmuh"):
+                    found.append((node.lineno, node.module))
+                elif isinstance(node, ast.Import):
+                    found.extend((node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "dmuh")
+    return found
+
+
+def test_dmuh_is_imported_at_module_level():
+    """Except by the CLI, which defers the library so that `--help` answers without loading torch, and
+    for the Milvus backend, an optional dependency."""
+    optional = {"dmuh.retrieval.index.milvus"}
+    local = {str(path.relative_to(PACKAGE)): [(line, module) for line, module in function_local_imports(path)
+                                               if module not in optional]
+             for path in PACKAGE.rglob("*.py") if "cli" not in path.relative_to(PACKAGE).parts[:1]}
+    assert {name: found for name, found in local.items() if found} == {}
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -88,8 +141,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_only_the_loop_and_compare_import_the_loop():
-    importers = sorted(name for name, targets in import_graph().items() if "dmuh.train" in targets)
-    assert importers == ["dmuh.cli.training", "dmuh.compare"]
+    importers = sorted(name for name, targets in import_graph().items() if "dmuh.engine.trainer" in targets)
+    assert importers == ["dmuh.cli.training", "dmuh.studies.compare"]
 
 
 # --- the method contract ------------------------------------------------------------------------
@@ -200,7 +253,7 @@ def test_resuming_a_checkpoint_of_the_first_layout_keeps_its_reading(tmp_path):
     checkpoint = load_checkpoint(out / CHECKPOINT)
     del checkpoint["method_spec"], checkpoint["model_config"]
     out = legacy_run(out, tmp_path, checkpoint)
-    from dmuh.train import Trainer
+    from dmuh.engine.trainer import Trainer
 
     trainer = Trainer(TrainConfig(**{**config.to_dict(), "epochs": 2, "out": str(out)}), resume=True, progress=False,
                       echo=lambda line: None)
@@ -224,7 +277,7 @@ def test_run_flag_everywhere_and_the_old_spellings_with_a_notice(tiny_run, tmp_p
 
 def test_ties_choices_come_from_the_library():
     from dmuh.cli import build_parser
-    from dmuh.metrics import TIES
+    from dmuh.metrics.ranking import TIES
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["evaluate", "--run", "x", "--ties", "random"])
@@ -235,7 +288,7 @@ def test_ties_choices_come_from_the_library():
 def test_files_written_atomically_get_the_usual_mode(tmp_path):
     import os
 
-    from dmuh.io import atomic_write_text
+    from dmuh.utils.io import atomic_write_text
 
     atomic_write_text(tmp_path / "a.txt", "x")
     (tmp_path / "b.txt").write_text("x")

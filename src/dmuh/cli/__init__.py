@@ -31,13 +31,22 @@ def package_version() -> str:
     try:
         return metadata.version("dmuh")
     except metadata.PackageNotFoundError:
-        import dmuh
+        from dmuh.utils.version import __version__
 
-        return getattr(dmuh, "__version__", "unknown")
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dmuh.cli import checkpoints, demo, evaluation, figures, inspection, retrieval, serving, training
+    from dmuh.cli import (
+        checkpoints,
+        demo,
+        evaluation,
+        figures,
+        inspection,
+        retrieval,
+        serving,
+        training,
+    )
 
     parser = argparse.ArgumentParser(prog="dmuh", description="Deep Momentum Uncertainty Hashing: train, evaluate, search binary codes")
     parser.add_argument("--version", action="version", version=f"dmuh {package_version()}",
@@ -51,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dmuh.progress import is_quiet, set_quiet
+    from dmuh.utils.progress import is_quiet, set_quiet
 
     quiet_before = is_quiet()
-    set_quiet(quiet_before or bool(getattr(args, "quiet", False)))  # --quiet hides every progress bar (dmuh.progress)
+    set_quiet(quiet_before or bool(getattr(args, "quiet", False)))  # --quiet hides every progress bar (dmuh.utils.progress)
     try:
         code = args.func(args)
         print_deprecations(args)

@@ -1,5 +1,5 @@
 """`dmuh convert-checkpoint`: a run's old checkpoint.pt (a pickle) -> checkpoint.safetensors
-(dmuh.checkpoint_file), read once with torch's allow-list unpickler so no code runs."""
+(dmuh.runs.checkpoint), read once with torch's allow-list unpickler so no code runs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
-    from dmuh.run import convert_legacy_checkpoint
+    from dmuh.runs.layout import convert_legacy_checkpoint
 
     old, new, state = convert_legacy_checkpoint(require_run(args), force=args.force)
     print(f"converted {old} -> {new} (epoch {state.get('epoch', '?')}; {old.name} kept, no longer read)")

@@ -24,11 +24,11 @@ def flag_name(field_name: str) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_class, exclude=()) -> None:
-    """One flag per config field (but `exclude`), help from the schema (`dmuh.config.help_line`);
+    """One flag per config field (but `exclude`), help from the schema (`dmuh.runs.config.help_line`);
     only flags given on the command line override the YAML. Values stay text here and are read
     and checked against the schema by `config_from_args`, so every bad value gets the same
     one-line message."""
-    from dmuh.config import help_line
+    from dmuh.utils.schema import help_line
 
     parser.add_argument("--config", help="YAML file of config fields (flags override it) [default: none]")
     parser.set_defaults(config_class=config_class)
@@ -49,7 +49,7 @@ def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = 
     """base (a resumed run's config, read from `base_where`) < YAML (--config) < explicit flags <
     --param / --model-param / --protocol-param. Every value is checked against the schema; an
     error names the flag, or the file and field, it came from."""
-    from dmuh.config import load_yaml, parse_flag, parse_params
+    from dmuh.utils.schema import load_yaml, parse_flag, parse_params
 
     config_class = args.config_class
     values: Dict[str, Any] = dict(base or {})

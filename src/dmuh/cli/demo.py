@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 from dmuh.cli.training import parse_bits
-from dmuh.config import TrainConfig
 from dmuh.errors import DmuhError
-from dmuh.metrics import DEFAULT_TIES
+from dmuh.metrics.ranking import DEFAULT_TIES
+from dmuh.runs.config import TrainConfig
 
 DEMO_METHODS = ("regu", "dmuh")
 
@@ -33,9 +33,14 @@ def demo_config(epochs: int, out: Path) -> TrainConfig:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from dmuh.cli.common import check_positive
-    from dmuh.compare import RESULTS_CSV, RESULTS_MARKDOWN, compare, run_directory
-    from dmuh.io import refuse_overwrite, remove_orphans
-    from dmuh.run import CHECKPOINT, LEGACY_CHECKPOINT
+    from dmuh.runs.layout import CHECKPOINT, LEGACY_CHECKPOINT
+    from dmuh.studies.compare import (
+        RESULTS_CSV,
+        RESULTS_MARKDOWN,
+        compare,
+        run_directory,
+    )
+    from dmuh.utils.io import refuse_overwrite, remove_orphans
 
     bits = parse_bits(args.bits)
     check_positive(args.epochs, "--epochs")

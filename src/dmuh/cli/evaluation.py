@@ -1,4 +1,4 @@
-"""`dmuh evaluate`: every metric of a trained run on its saved split (dmuh.evaluate)."""
+"""`dmuh evaluate`: every metric of a trained run on its saved split (dmuh.studies.evaluate)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 from dmuh.cli.common import add_run_flag, require_run
 from dmuh.errors import DmuhError
-from dmuh.metrics import DEFAULT_TIES, TIES
+from dmuh.metrics.ranking import DEFAULT_TIES, TIES
 
 
 def add_commands(sub) -> None:
@@ -34,8 +34,8 @@ def add_commands(sub) -> None:
 
 def report_path(args: argparse.Namespace, run: str) -> Path:
     """--json FILE, or RUN/eval.json; refused (one line) when it exists and --force is not given."""
-    from dmuh.io import refuse_overwrite
-    from dmuh.run import EVAL, run_directory
+    from dmuh.runs.layout import EVAL, run_directory
+    from dmuh.utils.io import refuse_overwrite
 
     run_dir = run_directory(run)  # a missing run says so before anything else
     if args.json:
@@ -49,8 +49,8 @@ def report_path(args: argparse.Namespace, run: str) -> Path:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dmuh.evaluate import evaluate_run
-    from dmuh.io import remove_orphans
+    from dmuh.studies.evaluate import evaluate_run
+    from dmuh.utils.io import remove_orphans
 
     run = require_run(args)
     out = report_path(args, run)

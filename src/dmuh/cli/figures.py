@@ -1,4 +1,4 @@
-"""`dmuh figure uncertainty|curves|topk`: the paper's Fig. 1, 3 and 4 from run directories (dmuh.figures).
+"""`dmuh figure uncertainty|curves|topk`: the paper's Fig. 1, 3 and 4 from run directories (dmuh.studies.figures).
 
 Each writes PREFIX.png and PREFIX.md (`--out PREFIX`; default RUN/figure-NAME next to the first
 run), atomically, and refuses to overwrite either without --force.
@@ -63,7 +63,7 @@ def _runs(args: argparse.Namespace):
 
 
 def _finish(figure, args, name: str, first_run) -> int:
-    from dmuh.figures import write_figure
+    from dmuh.studies.figures import write_figure
 
     png, md = _outputs(args, name, first_run)
     write_figure(figure, png, md, force=args.force)
@@ -74,9 +74,8 @@ def _finish(figure, args, name: str, first_run) -> int:
 
 
 def _outputs(args, name: str, first_run):
-    from dmuh.figures import check_outputs, output_paths
-
-    from dmuh.io import remove_orphans
+    from dmuh.studies.figures import check_outputs, output_paths
+    from dmuh.utils.io import remove_orphans
 
     png, md = output_paths(args.out, first_run, name)
     check_outputs(png, md, args.force)  # before any run is loaded
@@ -85,7 +84,7 @@ def _outputs(args, name: str, first_run):
 
 
 def cmd_uncertainty(args: argparse.Namespace) -> int:
-    from dmuh.figures import run_directory, uncertainty_figure
+    from dmuh.studies.figures import run_directory, uncertainty_figure
 
     run = require_run(args)
     for value, flag in ((args.bits_shown, "--bits-shown"), (args.passes, "--passes"), (args.items, "--items")):
@@ -98,7 +97,7 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
 
 
 def cmd_curves(args: argparse.Namespace) -> int:
-    from dmuh.figures import run_directory, curves_figure
+    from dmuh.studies.figures import curves_figure, run_directory
 
     runs = _runs(args)
     run_directory(runs[0])
@@ -107,7 +106,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
 
 
 def cmd_topk(args: argparse.Namespace) -> int:
-    from dmuh.figures import run_directory, topk_figure
+    from dmuh.studies.figures import run_directory, topk_figure
 
     runs = _runs(args)
     check_positive(args.max_k, "--max-k")

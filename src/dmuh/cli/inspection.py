@@ -1,4 +1,4 @@
-"""`dmuh inspect`: which items a trained run is unsure of (dmuh.inspect_uncertainty).
+"""`dmuh inspect`: which items a trained run is unsure of (dmuh.studies.inspect).
 
 Writes DIR/items.csv (every item of the chosen part of the split, highest uncertainty first: its
 image-level uncertainty, pairwise training loss, label, and which labels --label-noise flipped),
@@ -13,7 +13,13 @@ from dmuh.errors import DmuhError
 
 
 def add_commands(sub) -> None:
-    from dmuh.inspect_uncertainty import DEFAULT_PASSES, DEFAULT_TOP, READINGS, SORT_KEYS, SPLITS
+    from dmuh.studies.inspect import (
+        DEFAULT_PASSES,
+        DEFAULT_TOP,
+        READINGS,
+        SORT_KEYS,
+        SPLITS,
+    )
 
     p = sub.add_parser("inspect", help="rank a run's items by DMUH's uncertainty and their training loss "
                                        "(review label noise and hard items)",
@@ -58,9 +64,9 @@ def _run(args: argparse.Namespace) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from dmuh.inspect_uncertainty import check_options, check_out, inspect_run
-    from dmuh.run import CHECKPOINT, run_directory
-    from dmuh.text import plural
+    from dmuh.runs.layout import CHECKPOINT, run_directory
+    from dmuh.studies.inspect import check_options, check_out, inspect_run
+    from dmuh.utils.words import plural
 
     run = _run(args)
     if not args.out:

@@ -1,7 +1,7 @@
 """The `dmuh encode`, `dmuh index build|info|add|remove`, `dmuh search` and `dmuh export-onnx` subcommands.
 
 `add_commands(subparsers)` adds them to the `dmuh` parser; every handler is a thin function over
-`dmuh.encoding`, `dmuh.codes_file`, `dmuh.index` and `dmuh.onnx_export`, returns an exit code and
+`dmuh.retrieval.encoder`, `dmuh.codes.file`, `dmuh.retrieval.index.faiss` and `dmuh.retrieval.onnx`, returns an exit code and
 raises DmuhError for bad input (the CLI prints it as one line). No output file is replaced unless
 --force is given, except the index that `dmuh index add|remove` update in place (their point).
 """
@@ -17,14 +17,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from dmuh.cli.common import add_run_flag, check_positive, require_run
-from dmuh.encode_shards import DEFAULT_SHARD_SIZE
 from dmuh.errors import DmuhError
-from dmuh.index import KIND_PARAMS, KINDS
-from dmuh.index_base import BACKENDS
-from dmuh.io import atomic_write_text, refuse_overwrite, remove_orphans
-from dmuh.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
-from dmuh.search_service import RERANK_MODES, check_same_model, result_rows
-from dmuh.text import plural
+from dmuh.retrieval.index.base import BACKENDS
+from dmuh.retrieval.index.faiss import KIND_PARAMS, KINDS
+from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
+from dmuh.retrieval.service import RERANK_MODES, check_same_model, result_rows
+from dmuh.retrieval.shards import DEFAULT_SHARD_SIZE
+from dmuh.utils.io import atomic_write_text, refuse_overwrite, remove_orphans
+from dmuh.utils.words import plural
 
 # What each parameter of `KIND_PARAMS` means on the command line, and its default when the data decides it.
 _PARAM_HELP = {
@@ -189,7 +189,7 @@ def add_commands(subparsers) -> None:
 
 
 def _output_folder(path) -> None:
-    """Clear the temporary files killed writers left in an output's folder (dmuh.io.remove_orphans)."""
+    """Clear the temporary files killed writers left in an output's folder (dmuh.utils.io.remove_orphans)."""
     if path:
         remove_orphans(Path(path).parent)
 
@@ -199,8 +199,8 @@ def _output_folder(path) -> None:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from dmuh.data.images import open_images
-    from dmuh.encoding import encode_images, load_encoder
-    from dmuh.progress import progress_bar
+    from dmuh.retrieval.encoder import encode_images, load_encoder
+    from dmuh.utils.progress import progress_bar
 
     run = require_run(args)
     if (args.images is None) == (args.texts is None):
@@ -249,11 +249,11 @@ def _check_encode_output(args: argparse.Namespace) -> None:
 
 def _encode_shards(args: argparse.Namespace, run: str) -> int:
     """Every process of a torchrun (or the one process) encodes its share of the shards."""
-    from dmuh import distributed
     from dmuh.data.images import open_images
-    from dmuh.encode_shards import describe, encode_in_shards
-    from dmuh.encoding import load_encoder
-    from dmuh.progress import progress_bar
+    from dmuh.retrieval.encoder import load_encoder
+    from dmuh.retrieval.shards import describe, encode_in_shards
+    from dmuh.utils import distributed
+    from dmuh.utils.progress import progress_bar
 
     context = distributed.init_from_environment(args.device)
     device = f"cuda:{context.local_rank}" if context.enabled and args.device.startswith("cuda") else args.device
@@ -296,7 +296,7 @@ def _index_params(args: argparse.Namespace) -> Dict[str, int]:
 
 def _codes_parts(path: str) -> Iterator:
     """The codes of --codes: one codes file, or the shards of a manifest one at a time."""
-    from dmuh.codes_file import Codes, is_manifest, manifest_shards
+    from dmuh.codes.file import Codes, is_manifest, manifest_shards
 
     if is_manifest(path):
         yield from manifest_shards(path)
@@ -306,7 +306,11 @@ def _codes_parts(path: str) -> Iterator:
 
 def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The milvus backend's flags, checked; none for faiss."""
-    from dmuh.index_milvus import MILVUS_KINDS, check_collection_name, collection_name_for
+    from dmuh.retrieval.index.milvus import (
+        MILVUS_KINDS,
+        check_collection_name,
+        collection_name_for,
+    )
 
     if args.backend != "milvus":
         for flag, value in (("--uri", args.uri), ("--collection", args.collection)):
@@ -322,9 +326,9 @@ def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from dmuh.codes_file import is_manifest, read_manifest
-    from dmuh.index import Index
-    from dmuh.index_base import resolve_params
+    from dmuh.codes.file import is_manifest, read_manifest
+    from dmuh.retrieval.index.base import resolve_params
+    from dmuh.retrieval.index.faiss import Index
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
@@ -333,7 +337,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     parts = _codes_parts(args.codes)
     if milvus and is_manifest(args.codes):  # shard by shard: a Milvus index need not fit in memory
         if args.kind == "ivf":  # its lists are sized by every shard's codes, not the first one's
-            from dmuh.index_milvus import KIND_PARAMS as MILVUS_KIND_PARAMS
+            from dmuh.retrieval.index.milvus import KIND_PARAMS as MILVUS_KIND_PARAMS
 
             params = resolve_params(args.kind, MILVUS_KIND_PARAMS, params, read_manifest(args.codes)["count"])
         first = next(parts)
@@ -356,14 +360,14 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def _concatenated(parts):
-    from dmuh.codes_file import concatenate
+    from dmuh.codes.file import concatenate
 
     parts = list(parts)
     return parts[0] if len(parts) == 1 else concatenate(parts)
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
-    from dmuh.index import Index
+    from dmuh.retrieval.index.faiss import Index
 
     with Index.load(args.index) as index:
         before = len(index)
@@ -404,7 +408,7 @@ def _read_ids(path: str) -> np.ndarray:
 
 
 def cmd_index_remove(args: argparse.Namespace) -> int:
-    from dmuh.index import Index
+    from dmuh.retrieval.index.faiss import Index
 
     if (args.ids is None) == (args.names is None):
         raise DmuhError("give what to remove: --ids FILE (integer ids, one a line) or --names FILE (paths, one a line)")
@@ -423,8 +427,8 @@ def cmd_index_remove(args: argparse.Namespace) -> int:
 def _codes_decoder(args: argparse.Namespace, codes):
     """The decoder of --decoder RUN, or of the codes' own run when its method trains one; None otherwise.
     The run must be the one whose checkpoint made the codes."""
-    from dmuh.encoding import load_encoder
     from dmuh.methods import method_class
+    from dmuh.retrieval.encoder import load_encoder
 
     run = args.decoder
     if run is None:
@@ -444,7 +448,7 @@ def _codes_decoder(args: argparse.Namespace, codes):
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from dmuh.index import Index
+    from dmuh.retrieval.index.faiss import Index
 
     with Index.load(args.index) as index:
         info = index.info()
@@ -477,7 +481,7 @@ Queries = Tuple[List[str], np.ndarray, Optional[np.ndarray], Optional[np.ndarray
 
 
 def _encode_texts(args: argparse.Namespace, encoder) -> int:
-    from dmuh.encoding import encode_texts
+    from dmuh.retrieval.encoder import encode_texts
 
     for flag, value in (("--uncertainty", args.uncertainty), ("--features", args.features), ("--image-size", args.image_size)):
         if value:
@@ -498,7 +502,7 @@ def _read_query_list(path: Path) -> List[Path]:
 
 def _queries_from_codes(args: argparse.Namespace, index, path: str) -> Queries:
     """The query codes of a codes file written by `dmuh encode`."""
-    from dmuh.codes_file import Codes
+    from dmuh.codes.file import Codes
 
     codes = Codes.load(path)
     if codes.bits != index.bits:
@@ -517,7 +521,7 @@ def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> 
     """Query images encoded with the run of --run, as the index's images were."""
     from dmuh.data.images import read_image
     from dmuh.data.pipeline import images_to_tensor
-    from dmuh.encoding import encode_arrays, load_encoder
+    from dmuh.retrieval.encoder import encode_arrays, load_encoder
 
     run = args.run or _recorded_run(args, index)
     encoder = load_encoder(run, args.device)
@@ -539,7 +543,7 @@ def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> 
 
 def _queries_from_texts(args: argparse.Namespace, index) -> Queries:
     """Text queries encoded by the text network of the cross-modal run of --run (or the index's)."""
-    from dmuh.encoding import load_encoder
+    from dmuh.retrieval.encoder import load_encoder
 
     if args.rerank is not None:
         raise DmuhError(f"--rerank {args.rerank} re-ranks image queries; text queries are ranked by Hamming distance")
@@ -554,7 +558,7 @@ def _queries_from_texts(args: argparse.Namespace, index) -> Queries:
 
 def _recorded_run(args: argparse.Namespace, index) -> str:
     """The run that encoded the index's codes, from its header, for query images given without --run."""
-    from dmuh.run import run_directory
+    from dmuh.runs.layout import run_directory
 
     recorded = (index.meta.get("model") or {}).get("run")
     if not recorded:
@@ -642,7 +646,7 @@ def _rerank_mode(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from dmuh.index import Index
+    from dmuh.retrieval.index.faiss import Index
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
@@ -665,7 +669,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from dmuh.onnx_export import export_onnx
+    from dmuh.retrieval.onnx import export_onnx
 
     run = require_run(args)
     refuse_overwrite(args.out, args.force)

@@ -1,5 +1,5 @@
 """The `dmuh serve` subcommand: a search service over one index, for a browser and over HTTP
-(`dmuh.serve` on `dmuh.search_service`; docs/search.md, "dmuh serve")."""
+(`dmuh.serve.app` on `dmuh.retrieval.service`; docs/search.md, "dmuh serve")."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 
 from dmuh.cli.common import add_run_flag, check_positive
 from dmuh.errors import DmuhError
-from dmuh.search_service import ServiceLimits
-from dmuh.text import plural
+from dmuh.retrieval.service import ServiceLimits
+from dmuh.utils.words import plural
 
 _DEFAULTS = ServiceLimits()
 
@@ -81,7 +81,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dmuh.search_service import SearchService
+    from dmuh.retrieval.service import SearchService
 
     for value, flag in ((args.threads, "--threads"), (args.max_pixels, "--max-pixels"), (args.max_k, "--max-k")):
         check_positive(value, flag)
@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         print(f"note: listening on {args.host}, beyond this machine; the service has no authentication",
               file=sys.stderr, flush=True)
-    from dmuh.serve import serve
+    from dmuh.serve.app import serve
 
     try:
         serve(service, sock, threads=args.threads, log_level=args.log_level)

@@ -1,5 +1,5 @@
-"""`dmuh train`, `dmuh pretrain` and `dmuh compare`: thin commands over dmuh.train, dmuh.pretrain
-and dmuh.compare."""
+"""`dmuh train`, `dmuh pretrain` and `dmuh compare`: thin commands over dmuh.engine.trainer, dmuh.engine.pretrain
+and dmuh.studies.compare."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from dmuh.cli.common import add_config_flags, config_from_args
-from dmuh.config import PretrainConfig, TrainConfig, load_yaml, parse_params
 from dmuh.errors import DmuhError
+from dmuh.runs.config import PretrainConfig, TrainConfig
+from dmuh.utils.schema import load_yaml, parse_params
 
 
 def add_commands(sub) -> None:
@@ -60,9 +61,9 @@ def add_commands(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dmuh.engine.trainer import train
     from dmuh.methods import available, method_class
-    from dmuh.run import CONFIG
-    from dmuh.train import train
+    from dmuh.runs.layout import CONFIG
 
     if args.list_methods:
         print("\n".join(name if method_class(name).uses_labels else f"{name}  (learns without labels)"
@@ -87,8 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from dmuh.pretrain import pretrain
-    from dmuh.run import BACKBONE
+    from dmuh.engine.pretrain import pretrain
+    from dmuh.runs.layout import BACKBONE
 
     config = config_from_args(args)
     row = pretrain(config, progress=not args.quiet)
@@ -116,7 +117,7 @@ def parse_seeds(text: str, flag: str = "--seeds") -> List[int]:
 
 def parse_grid(items: List[str], flag: str = "--grid") -> Dict[str, Dict[str, List[Any]]]:
     """["dmuh.alpha=0.5,0.7", "dmuh.beta=30,50"] -> {"dmuh": {"alpha": [0.5, 0.7], "beta": [30, 50]}}."""
-    from dmuh.config import parse_value
+    from dmuh.utils.schema import parse_value
 
     grid: Dict[str, Dict[str, List[Any]]] = {}
     for item in items or []:
@@ -136,8 +137,8 @@ def parse_grid(items: List[str], flag: str = "--grid") -> Dict[str, Dict[str, Li
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from dmuh.compare import RESULTS_MARKDOWN, compare
-    from dmuh.paper import PAPER_DATASETS, PAPER_METHODS, dataset_for_protocol
+    from dmuh.studies.compare import RESULTS_MARKDOWN, compare
+    from dmuh.studies.paper import PAPER_DATASETS, PAPER_METHODS, dataset_for_protocol
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = [name for m in methods for name in (PAPER_METHODS if m == "paper" else [m])]

@@ -6,7 +6,7 @@ Exactly round(rate * n) items are flipped (a seeded choice without replacement),
 item gets a class drawn uniformly from the C - 1 classes other than its own (symmetric noise), so
 no "flip" ever keeps the label. Multi-label data is refused: a flip of one class among several has
 no single meaning. `dmuh train --label-noise RATE --label-noise-seed S` applies it to the
-training split and records it in the run (`LabelNoise`, RUN/label_noise.json, `dmuh.run`).
+training split and records it in the run (`LabelNoise`, RUN/label_noise.json, `dmuh.runs.layout`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Tuple
 import numpy as np
 
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_write_text, index_list, read_json_record
+from dmuh.utils.io import atomic_write_text, index_list, read_json_record
 
 NOISE_FORMAT = "dmuh-label-noise"
 NOISE_VERSION = 1

@@ -21,10 +21,17 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from dmuh.errors import DmuhError
 from dmuh.data.sources import (
-    SOURCE_KINDS, ArraySource, FeatureSource, PathLike, Source, _check_label_array, _load_npz,
+    SOURCE_KINDS,
+    ArraySource,
+    FeatureSource,
+    PathLike,
+    Source,
+    _check_label_array,
+    _load_npz,
 )
+from dmuh.errors import DmuhError
+from dmuh.utils.io import atomic_path
 
 WEIGHTINGS = ("binary", "count", "tfidf")
 # scikit-learn's default token pattern keeps words of two or more letters; tags such as "a" or a
@@ -99,7 +106,6 @@ class Vocabulary:
         return cls(value["words"], value.get("weighting", "binary"), value.get("idf"))
 
     def save(self, path: PathLike) -> None:
-        from dmuh.io import atomic_path
 
         with atomic_path(Path(path)) as tmp:
             Path(tmp).write_text(json.dumps(self.to_dict()), encoding="utf-8")

@@ -22,8 +22,21 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dmuh.data.paired import PAIRED_READERS, PairedSource, Vocabulary, check_text_matrix, image_part, no_labels
-from dmuh.data.sources import ImageFolderSource, PathLike, _check_label_array, _one_line, _ZipStore
+from dmuh.data.paired import (
+    PAIRED_READERS,
+    PairedSource,
+    Vocabulary,
+    check_text_matrix,
+    image_part,
+    no_labels,
+)
+from dmuh.data.sources import (
+    ImageFolderSource,
+    PathLike,
+    _check_label_array,
+    _one_line,
+    _ZipStore,
+)
 from dmuh.errors import DmuhError
 
 IMAGE_FIELDS = ("XAll", "IAll", "images", "image", "I")

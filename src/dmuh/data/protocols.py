@@ -23,7 +23,7 @@ import numpy as np
 
 from dmuh.data.sources import PathLike, Source, to_multi_hot
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_write_text, index_list, read_json_record
+from dmuh.utils.io import atomic_write_text, index_list, read_json_record
 
 SPLIT_FORMAT = "dmuh-split"
 SPLIT_VERSION = 1

@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dmuh.errors import DmuhError
-from dmuh.io import atomic_path
+from dmuh.utils.io import atomic_path
+from dmuh.utils.progress import progress_bar
 
 PathLike = Union[str, os.PathLike]
 
@@ -185,7 +186,6 @@ class Source:
 
         rest = np.arange(1, n)
         workers = workers or _default_workers()
-        from dmuh.progress import progress_bar  # shown for a large source on a terminal
 
         with progress_bar(n, "decoding images", unit="image") as bar:
             bar.update(1)

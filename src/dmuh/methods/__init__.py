@@ -1,5 +1,32 @@
 """Hashing methods: one loss module per file, all behind the contract in `base`."""
 
+# Importing a method module registers its names.
+from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402
+    bihalf,
+    cibhash,
+    cosdish,
+    csq,
+    dcmh,
+    ddsh,
+    dhn,
+    distillhash,
+    dmuh,
+    dmuh_crossmodal,
+    dsdh,
+    dsg,  # noqa: F401,E402
+    dsh,
+    fasth,
+    greedyhash,
+    greedyhash_unsup,
+    hashnet,
+    lfh,
+    orthohash,
+    regu,
+    rph,
+    sdh,
+    shallow,
+    ugach,
+)
 from dmuh.methods.base import (  # noqa: F401
     METHODS,
     HashingMethod,
@@ -11,11 +38,3 @@ from dmuh.methods.base import (  # noqa: F401
     pairwise_similarity,
     register_method,
 )
-
-# Importing a method module registers its names.
-from dmuh.methods import regu, dmuh, hashnet, dhn, dsh, csq, greedyhash, dsdh, orthohash, shallow  # noqa: F401,E402
-from dmuh.methods import ddsh, cosdish, sdh, lfh, fasth  # noqa: F401,E402
-from dmuh.methods import dsg  # noqa: F401,E402
-from dmuh.methods import greedyhash_unsup, bihalf, cibhash  # noqa: F401,E402
-from dmuh.methods import distillhash, rph  # noqa: F401,E402
-from dmuh.methods import dcmh, dmuh_crossmodal, ugach  # noqa: F401,E402

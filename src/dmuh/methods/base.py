@@ -2,7 +2,7 @@
 
 A method is a small `nn.Module` (like a pytorch-metric-learning loss): the training loop hands it a
 `StepInputs` per batch and gets back a dict of named loss terms whose sum is the loss. Anything the
-method needs beyond the network lives inside it as components (a `dmuh.methods.memory.TrainingMemory`
+method needs beyond the network lives inside it as components (a `dmuh.methods.components.memory.TrainingMemory`
 of training codes, hash centres, a classifier), so its parameters join the optimiser and its
 buffers join the checkpoint.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dmuh.errors import DmuhError
-from dmuh.registry import Registry
+from dmuh.utils.registry import Registry
 
 
 @dataclass
@@ -86,12 +86,12 @@ class HashingMethod(nn.Module):
     # Maps a fixed representation given as data (`features:` vectors) to codes, and its search
     # needs a query's representation (rank-preserving hashing's decoder re-ranking).
     needs_vectors: bool = False
-    # Trains a `dmuh.decoder.FeatureDecoder` of its codes (`self.decoder`), which `dmuh index
+    # Trains a `dmuh.models.decoder.FeatureDecoder` of its codes (`self.decoder`), which `dmuh index
     # build` keeps in the index for `dmuh search --rerank decoder`.
     trains_decoder: bool = False
     # Learns from image-text pairs (`dmuh.data.paired`): the loop passes StepInputs.text and hands
     # the training texts over once (`set_train_text`); the method holds the text network
-    # (`encode_text`), the loop's network is the image network. See `dmuh.methods.crossmodal`.
+    # (`encode_text`), the loop's network is the image network. See `dmuh.methods.components.crossmodal`.
     uses_text: bool = False
     # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.
     legacy_state_keys: Dict[str, str] = {}

@@ -26,9 +26,9 @@ from typing import Dict
 import torch
 
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.components.functional import check_choice, check_number
+from dmuh.methods.components.reference import ReferenceFeatures
 from dmuh.methods.greedyhash_unsup import PAIRINGS, similarity_mse
-from dmuh.methods.helpers import check_choice, check_number
-from dmuh.methods.reference import ReferenceFeatures
 
 
 class BiHalf(torch.autograd.Function):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.components.functional import check_number, nt_xent
 from dmuh.methods.greedyhash import SignStraightThrough
-from dmuh.methods.helpers import check_number, nt_xent
 
 EPS = 1e-8
 

@@ -12,7 +12,7 @@ A shallow method (`ShallowMethod`): fitted once on features of the training spli
    every item to them, S~ (n x |Omega|: +1 when two items share a label, multi-label included,
    -r otherwise, r = #similar / #dissimilar of the block), then `alternations` times (default
    3, T_alt):
-     - B_Omega bit by bit: the binary quadratic program of `dmuh.methods.discrete` (the authors'
+     - B_Omega bit by bit: the binary quadratic program of `dmuh.methods.components.discrete` (the authors'
        2-approximation by equal-size clustering, then a swap search);
      - B_Gamma = sign(S~_Gamma B_Omega), an entry whose argument is 0 (|.| < 1e-5) keeping its
        old value.
@@ -27,7 +27,7 @@ D x D, formed from the raw features (no standardised copy). 100,000 x 512 featur
 Deviations:
 - dissimilar pairs are -r: COSDISH.m writes S (1 - r) + r (dissimilar +r), DDSH's trainDDSH.m
   S (1 + r) - r; +r would ask dissimilar items to be close, so DDSH's form is taken for both;
-- the solver's swap search and current-bit candidate (see `dmuh.methods.discrete`;
+- the solver's swap search and current-bit candidate (see `dmuh.methods.components.discrete`;
   `search_starts=0` is the authors' solver);
 - the standardisation statistics come from the training split (COSDISH.m standardises the
   training and test features together);
@@ -47,13 +47,21 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
-from dmuh.methods.discrete import (
-    SEARCH_STARTS, check_columns, sampled_objective, sampled_similarity, solve_sampled_codes,
+from dmuh.methods.components.discrete import (
+    SEARCH_STARTS,
+    check_columns,
+    sampled_objective,
+    sampled_similarity,
+    solve_sampled_codes,
 )
-from dmuh.methods.helpers import check_count, check_number, random_sign_codes
+from dmuh.methods.components.functional import (
+    check_count,
+    check_number,
+    random_sign_codes,
+)
 from dmuh.methods.shallow import ShallowMethod
 
 

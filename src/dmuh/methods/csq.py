@@ -30,10 +30,15 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import check_choice, check_count, check_number, random_sign_codes
+from dmuh.methods.components.functional import (
+    check_choice,
+    check_count,
+    check_number,
+    random_sign_codes,
+)
 
 CENTER_KINDS = ("auto", "hadamard", "bernoulli")
 

@@ -23,11 +23,11 @@ from typing import Dict
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.methods.base import StepInputs, register_method
-from dmuh.methods.crossmodal import CrossModalMethod
-from dmuh.methods.helpers import check_number, random_sign_codes
-from dmuh.methods.memory import TrainingMemory
+from dmuh.methods.components.crossmodal import CrossModalMethod
+from dmuh.methods.components.functional import check_number, random_sign_codes
+from dmuh.methods.components.memory import TrainingMemory
 
 
 @register_method("dcmh", display_name="DCMH")

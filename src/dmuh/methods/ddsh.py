@@ -10,7 +10,7 @@ code's sample_column; seeded by (seed, sampling round)). Their similarity to eve
 r = #similar / #dissimilar over the block. One epoch of dmuh is one of the code's iterations:
 
 - at its start (`on_epoch_start`), B_Omega is solved bit by bit from the codes B_Gamma of the
-  other items: the binary quadratic program of `dmuh.methods.discrete` (the authors' equal-size
+  other items: the binary quadratic program of `dmuh.methods.components.discrete` (the authors' equal-size
   clustering 2-approximation, plus a swap search);
 - every batch, the network output h = tanh(z) of every item i outside Omega is pulled to the
   discrete codes of the sampled items through
@@ -44,10 +44,20 @@ from typing import Dict
 import torch
 from torch import nn
 
-from dmuh.codes import sign
-from dmuh.methods.base import HashingMethod, StepInputs, pairwise_similarity, register_method
-from dmuh.methods.discrete import SEARCH_STARTS, check_columns, dissimilar_weight, solve_sampled_codes
-from dmuh.methods.helpers import check_count, random_sign_codes
+from dmuh.codes.binary import sign
+from dmuh.methods.base import (
+    HashingMethod,
+    StepInputs,
+    pairwise_similarity,
+    register_method,
+)
+from dmuh.methods.components.discrete import (
+    SEARCH_STARTS,
+    check_columns,
+    dissimilar_weight,
+    solve_sampled_codes,
+)
+from dmuh.methods.components.functional import check_count, random_sign_codes
 
 
 class TrainingLabels(nn.Module):

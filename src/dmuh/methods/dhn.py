@@ -22,8 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import apply_output, check_number, check_output_kind
-from dmuh.methods.memory import LEGACY_MEMORY_KEYS, TrainingMemory
+from dmuh.methods.components.functional import (
+    apply_output,
+    check_number,
+    check_output_kind,
+)
+from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
 
 
 def log_cosh(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ No code of the authors is public and the method section could not be read here, 
 reading of the abstract's three steps (docs/method.md, "Label-free methods"):
 
 1. Initial similarity signals from the local structure of pre-trained features: the symmetric
-   cosine K-nearest-neighbour graph of the reference features (`dmuh.methods.reference`):
+   cosine K-nearest-neighbour graph of the reference features (`dmuh.methods.components.reference`):
    s_ij = 1 when j is among the K nearest neighbours of i or i among those of j, else 0.
 2. Distillation: a pair is kept only when its neighbourhoods agree with its signal. With
    eta_ij = |N_K(i) & N_K(j)| / K, the share of nearest neighbours the two items have in common,
@@ -30,8 +30,8 @@ import torch
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import StepInputs, register_method
-from dmuh.methods.helpers import check_count, check_number
-from dmuh.methods.reference import ReferenceFeatures
+from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.reference import ReferenceFeatures
 from dmuh.methods.regu import Regu
 
 _KNN_CHUNK = 1024  # query rows per similarity block: bounds the (chunk, n) temporary

@@ -20,11 +20,11 @@ from typing import Dict
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import StepInputs, register_method
-from dmuh.methods.helpers import check_choice, check_number
-from dmuh.methods.memory import TrainingMemory
+from dmuh.methods.components.functional import check_choice, check_number
+from dmuh.methods.components.memory import TrainingMemory
 from dmuh.methods.regu import Regu
 from dmuh.models.momentum import DROPOUT_MODES
 

@@ -22,12 +22,16 @@ from typing import Dict
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import StepInputs, register_method
-from dmuh.methods.crossmodal import CrossModalMethod
-from dmuh.methods.helpers import apply_output, check_number, check_output_kind
-from dmuh.methods.memory import TrainingMemory
+from dmuh.methods.components.crossmodal import CrossModalMethod
+from dmuh.methods.components.functional import (
+    apply_output,
+    check_number,
+    check_output_kind,
+)
+from dmuh.methods.components.memory import TrainingMemory
 
 
 @register_method("dmuh-cross", display_name="DMUH (cross-modal)")

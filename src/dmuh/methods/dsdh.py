@@ -28,10 +28,16 @@ from typing import Dict
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import apply_output, check_count, check_number, check_output_kind, random_sign_codes
-from dmuh.methods.memory import LEGACY_MEMORY_KEYS, TrainingMemory
+from dmuh.methods.components.functional import (
+    apply_output,
+    check_count,
+    check_number,
+    check_output_kind,
+    random_sign_codes,
+)
+from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
 
 
 @register_method("dsdh", display_name="DSDH")

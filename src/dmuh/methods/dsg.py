@@ -61,11 +61,11 @@ from typing import Dict, Tuple, Union
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import check_count, check_number
-from dmuh.methods.reference import ReferenceFeatures
+from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.reference import ReferenceFeatures
 
 Number = Union[float, torch.Tensor]
 HISTOGRAM_BINS = 100

@@ -24,8 +24,12 @@ from typing import Dict, Optional
 import torch
 
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import apply_output, check_number, check_output_kind
-from dmuh.methods.memory import LEGACY_MEMORY_KEYS, TrainingMemory
+from dmuh.methods.components.functional import (
+    apply_output,
+    check_number,
+    check_output_kind,
+)
+from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
 
 
 @register_method("dsh", display_name="DSH")

@@ -19,13 +19,13 @@ from typing import Dict
 import torch
 from torch import nn
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import check_number, label_cross_entropy
+from dmuh.methods.components.functional import check_number, label_cross_entropy
 
 
 class SignStraightThrough(torch.autograd.Function):
-    """sign(x) forward (0 -> +1, as `dmuh.codes.sign`), the identity backward."""
+    """sign(x) forward (0 -> +1, as `dmuh.codes.binary.sign`), the identity backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

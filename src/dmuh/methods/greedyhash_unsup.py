@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.components.functional import check_choice, check_number
+from dmuh.methods.components.reference import ReferenceFeatures, cosine_pairs
 from dmuh.methods.greedyhash import SignStraightThrough
-from dmuh.methods.helpers import check_choice, check_number
-from dmuh.methods.reference import ReferenceFeatures, cosine_pairs
 
 PAIRINGS = ("halves", "all")
 

@@ -25,8 +25,13 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from dmuh.methods.base import HashingMethod, StepInputs, pairwise_similarity, register_method
-from dmuh.methods.helpers import check_count, check_number
+from dmuh.methods.base import (
+    HashingMethod,
+    StepInputs,
+    pairwise_similarity,
+    register_method,
+)
+from dmuh.methods.components.functional import check_count, check_number
 
 
 def class_balanced_pair_loss(theta: torch.Tensor, similar: torch.Tensor) -> torch.Tensor:

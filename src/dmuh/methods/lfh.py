@@ -42,10 +42,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
-from dmuh.methods.helpers import check_count, check_number
+from dmuh.methods.components.functional import check_count, check_number
 from dmuh.methods.shallow import ShallowMethod
 
 CHUNK = 4096  # rows of S (from the labels) at once when the log posterior is computed

@@ -25,10 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import check_count, check_number, label_cross_entropy, random_sign_codes
+from dmuh.methods.components.functional import (
+    check_count,
+    check_number,
+    label_cross_entropy,
+    random_sign_codes,
+)
 
 
 @register_method("orthohash", display_name="OrthoHash")

@@ -10,10 +10,14 @@ from typing import Dict
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import apply_output, check_choice, check_output_kind
-from dmuh.methods.memory import LEGACY_MEMORY_KEYS, TrainingMemory
+from dmuh.methods.components.functional import (
+    apply_output,
+    check_choice,
+    check_output_kind,
+)
+from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
 
 NORMALISATIONS = ("nB", "batch")
 

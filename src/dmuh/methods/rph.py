@@ -4,7 +4,7 @@ A network maps a real-valued representation x (feature vectors given as data) to
 with every training item as a query, retrieval with the codes returns what retrieval with x
 returns; a decoder learns to reconstruct x from the binary codes, and at search time the
 candidates of a graph search over the codes are re-ranked with the decoded features
-(`dmuh.index.Index.search_decoded`), never with the database's original ones.
+(`dmuh.retrieval.index.faiss.Index.search_decoded`), never with the database's original ones.
 
 The authors' code is not public and their method section could not be read here; this is a
 reading of the abstract (docs/method.md, "Label-free methods"). Over a batch of B items with unit
@@ -34,13 +34,13 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from dmuh.codes import sign
-from dmuh.decoder import FeatureDecoder
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.reference import ReferenceFeatures
 from dmuh.methods.greedyhash import SignStraightThrough
-from dmuh.methods.helpers import check_count, check_number
-from dmuh.methods.reference import ReferenceFeatures
+from dmuh.models.decoder import FeatureDecoder
 
 
 def rank_divergence(reference: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -33,7 +33,7 @@ Deviations from the reference:
   anchors; a number sets sigma.
 - The B-step starts DCC from the current codes (the paper's Algorithm 1) rather than from zeros
   as SDH.m does, so each B-step never increases its objective ||B W||^2 - 2 tr(B^T Q).
-- sign(0) = +1 (dmuh.codes.sign), where MATLAB's sign gives 0.
+- sign(0) = +1 (dmuh.codes.binary.sign), where MATLAB's sign gives 0.
 - Only the L2 (ridge) G-step; SDH.m's hinge-loss variant (liblinear) is not implemented.
 
 Memory: phi is n x (m + 1) float64 (800 MB at n = 100,000, m = 1000), computed in chunks; nothing
@@ -46,10 +46,10 @@ from typing import Optional, Union
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
-from dmuh.methods.helpers import check_count, check_number
+from dmuh.methods.components.functional import check_count, check_number
 from dmuh.methods.shallow import ShallowMethod
 from dmuh.models.heads import RBFHead, squared_distances
 

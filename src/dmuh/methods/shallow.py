@@ -24,10 +24,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from dmuh.codes import sign
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.helpers import check_count
+from dmuh.methods.components.functional import check_count
 
 
 class ShallowMethod(HashingMethod):

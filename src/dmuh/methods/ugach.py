@@ -70,11 +70,11 @@ from torch import nn
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import StepInputs, register_method
-from dmuh.methods.crossmodal import CrossModalMethod, check_hidden
+from dmuh.methods.components.crossmodal import CrossModalMethod, check_hidden
+from dmuh.methods.components.functional import check_choice, check_count, check_number
+from dmuh.methods.components.memory import TrainingMemory
+from dmuh.methods.components.reference import ReferenceFeatures
 from dmuh.methods.distillhash import cosine_knn
-from dmuh.methods.helpers import check_choice, check_count, check_number
-from dmuh.methods.memory import TrainingMemory
-from dmuh.methods.reference import ReferenceFeatures
 
 TEXT_METRICS = ("euclidean", "cosine")
 SCHEDULES = ("simultaneous", "alternate")

@@ -6,7 +6,7 @@
 """
 
 from dmuh.models import backbones as _backbones  # noqa: F401  (registers the built-in models)
-from dmuh.models.hashnet import HashNetwork
+from dmuh.models.network import HashNetwork
 from dmuh.models.pretrained import load_pretrained_backbone, read_state_dict
 from dmuh.models.registry import available_models, create_model, register_model
 

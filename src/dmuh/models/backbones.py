@@ -6,7 +6,7 @@ torchvision models are always built with `weights=None`: weights only come from 
 
 Input size. A backbone whose factory takes an `input_size` option works at any size (`smallcnn`,
 `resnet18-32`, `resnet50-32`: convolutions and global pooling; default 32): `dmuh train` then
-gives it the size of the decoded images (`dmuh.runtime.build_model`; digits run at 8x8) unless
+gives it the size of the decoded images (`dmuh.engine.runtime.build_model`; digits run at 8x8) unless
 `input_size` is set, and the checkpoint records the size used. The ImageNet networks (`cnnf`,
 `alexnet`, `resnet18`, `resnet50`) take 224x224: images of another size are resized to 224 by the
 input pipeline, batch by batch on the device (`--image-size 224` decodes them at 224 once instead).

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dmuh.errors import DmuhError
-from dmuh.registry import Registry
+from dmuh.utils.registry import Registry
 
 HEADS = Registry("hash head", option_word="option")
 

@@ -20,10 +20,10 @@ import os
 from typing import Optional, Union
 
 from dmuh.errors import DmuhError
-from dmuh.models.hashnet import HashNetwork
 from dmuh.models.heads import create_head
+from dmuh.models.network import HashNetwork
 from dmuh.models.pretrained import load_pretrained_backbone
-from dmuh.registry import Registry
+from dmuh.utils.registry import Registry
 
 MODELS = Registry("model", option_word="option")
 

@@ -1,0 +1,1 @@
+"""Binary codes: sign, pack, Hamming distance, and the codes file."""

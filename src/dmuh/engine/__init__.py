@@ -1,0 +1,1 @@
+"""Training and inference: building a run's networks, the training loop, pre-training, preflight checks."""

@@ -1,0 +1,72 @@
+"""Checks of a run's config that need the registries, made before any data is read or decoded:
+the method and its hyper-parameters, the model's name and option names, the weights files named.
+
+Field types and ranges are checked by the schema (`dmuh.runs.config.check_values`); this is the rest,
+so a bad `-p alpha=2` fails in a second instead of after minutes of decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dmuh.engine.runtime import resolve_cache_dir
+from dmuh.errors import DmuhError
+from dmuh.methods import create_method
+from dmuh.models.registry import MODELS
+from dmuh.runs.config import INIT_WORDS, RunConfig, TrainConfig
+
+# Arguments of create_model that are not backbone options: their own flags, or set from the data.
+_OWN_FLAGS = {"bits": "--bits", "pretrained": "--pretrained", "hash_norm": "--hash-norm", "name": "--model"}
+_FROM_DATA = ("in_channels", "input_dim")
+
+
+def check_model(config: RunConfig) -> None:
+
+    for key in config.model_params:
+        if key in _OWN_FLAGS:
+            raise DmuhError(f"--model-param {key}: set it with {_OWN_FLAGS[key]}")
+        if key in _FROM_DATA:
+            raise DmuhError(f"--model-param {key}: taken from the data, not set by hand")
+    MODELS.check_options(config.model, [k for k in config.model_params if k != "hash_init_std"])
+    if config.pretrained is not None and not Path(config.pretrained).is_file():
+        raise DmuhError(f"--pretrained {config.pretrained}: no such file")
+
+
+def check_method(config: TrainConfig) -> None:
+    """The method built at a stand-in size: its own checks of every hyper-parameter run now."""
+
+    try:
+        method = create_method(config.method, bits=config.bits, num_train=2, num_classes=2, **config.method_params)
+    except TypeError as error:  # a factory refusing an argument the registry let through
+        raise DmuhError(f"method {config.method!r}: {error}") from None
+    if config.label_noise and not method.uses_labels:
+        raise DmuhError(f"--label-noise {config.label_noise:g}: method {config.method!r} learns without labels, so "
+                        "there is no label to flip")
+    data = str(config.data)
+    vectors = data.startswith("features:") or data.lower().endswith((".npz", ".npy"))
+    if method.needs_images and vectors:
+        raise DmuhError(f"--method {config.method}: trains an image network end to end, not on --data {config.data} "
+                        "(fit a shallow method such as itq on feature vectors)")
+    if method.needs_vectors and not vectors:
+        raise DmuhError(f"--method {config.method}: maps a fixed representation to codes and needs feature vectors "
+                        f"as --data (features:FILE.npz), not {config.data}")
+
+
+def check_files(config: RunConfig) -> None:
+
+    cache = resolve_cache_dir(config.cache_dir)
+    if cache is not None and cache.exists() and not cache.is_dir():
+        raise DmuhError(f"--cache-dir {config.cache_dir}: is a file, not a folder (or use off)")
+
+
+def check_train_config(config: TrainConfig) -> None:
+    check_files(config)
+    check_model(config)
+    check_method(config)
+    if config.init not in INIT_WORDS and not Path(config.init).exists():
+        raise DmuhError(f"--init {config.init}: no such run directory or weights file (or use auto or scratch)")
+
+
+def check_pretrain_config(config: RunConfig) -> None:
+    check_files(config)
+    check_model(config)

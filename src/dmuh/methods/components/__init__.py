@@ -1,0 +1,1 @@
+"""Pieces methods are built from: memories, reference representations, discrete solvers, shared math."""

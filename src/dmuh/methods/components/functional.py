@@ -1,0 +1,80 @@
+"""Small pieces shared by the baseline methods (one place each, used by several losses)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from dmuh.errors import DmuhError
+
+OUTPUT_KINDS = ("tanh", "linear")
+
+
+def check_output_kind(output: str) -> str:
+    """The `output` hyper-parameter of the DPSH family: "tanh" bounds h to (-1, 1), "linear" keeps z."""
+    return check_choice("output", output, OUTPUT_KINDS)
+
+
+def check_choice(name: str, value, choices) -> str:
+    """A method hyper-parameter that takes one of `choices`, or a `DmuhError` naming it."""
+    if value not in choices:
+        raise DmuhError(f"method parameter {name}={value!r}: choose one of {', '.join(choices)}")
+    return value
+
+
+def apply_output(output: str, outputs: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(outputs) if output == "tanh" else outputs
+
+
+def check_number(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> float:
+    """A method hyper-parameter as a float; a `DmuhError` naming it when it is not a finite number
+    >= minimum (> minimum when `strict`)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise DmuhError(f"method parameter {name}={value!r}: expected a number")
+    if minimum is not None and (number <= minimum if strict else number < minimum):
+        raise DmuhError(f"method parameter {name}={value!r}: must be {'>' if strict else '>='} {minimum:g}")
+    return number
+
+
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """A method hyper-parameter as an int >= minimum, or a `DmuhError` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DmuhError(f"method parameter {name}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def random_sign_codes(count: int, bits: int, seed: int) -> torch.Tensor:
+    """(count, bits) float +-1 codes, each bit +1 with probability 1/2 (Bernoulli), from a seeded
+    generator so every run (and every rank) draws the same codes."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, 2, (count, bits), generator=generator).float() * 2 - 1
+
+
+def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of softmax(logits) to the label distribution labels / (number of labels).
+
+    One-hot labels give the ordinary cross-entropy; multi-hot labels spread the target evenly
+    over the item's labels (OrthoHash's "label_smoothing" multi-label loss). An item without any
+    label has no target and adds 0. Mean over the batch.
+    """
+    targets = labels / labels.sum(dim=1, keepdim=True).clamp(min=1)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+
+def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent: each of the 2B rows must pick its other view among the 2B - 1 others;
+    the mean cross-entropy over the 2B rows (SimCLR pre-training, CIBHash)."""
+    rows = F.normalize(torch.cat([first, second]).float(), dim=1)
+    logits = rows @ rows.t() / temperature
+    logits = logits.masked_fill(torch.eye(rows.shape[0], dtype=torch.bool, device=rows.device), float("-inf"))
+    count = first.shape[0]
+    other_view = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(rows.device)
+    return F.cross_entropy(logits, other_view)

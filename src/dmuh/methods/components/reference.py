@@ -1,0 +1,58 @@
+"""The fixed representation a label-free method preserves, as a component it holds.
+
+Label-free methods learn codes that keep the structure of a reference representation of the
+training items: the data's own vectors (`features:` data), or the backbone's features of the
+images when training starts (after `--init`, e.g. a `dmuh pretrain --objective simclr` run).
+The loop computes it once (`dmuh.engine.builder.reference_features`) and hands it to the method
+(`HashingMethod.set_reference_features`), which keeps it here: L2-normalised rows in float16, a
+buffer of the method's state, so a resumed run has the same targets although its backbone has
+moved since (n = 50,000 items of 512 dimensions take 51 MB).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dmuh.errors import DmuhError
+
+
+class ReferenceFeatures(nn.Module):
+    """features (n, D) float16, unit rows; (0, 0) until `set` is called."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("features", torch.zeros(0, 0, dtype=torch.float16))
+
+    @property
+    def ready(self) -> bool:
+        return self.features.numel() > 0
+
+    @torch.no_grad()
+    def set(self, features: torch.Tensor) -> None:
+        if features.dim() != 2 or features.shape[0] < 2:
+            raise DmuhError(f"reference features: expected (n >= 2, D), got {tuple(features.shape)}")
+        if not torch.isfinite(features).all():
+            raise DmuhError("reference features: NaN or infinite values")
+        self.features = F.normalize(features.float(), dim=1).to(torch.float16)
+
+    def of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Unit rows of the training items at `indices`, float32."""
+        if not self.ready:
+            raise DmuhError("reference features: not set (the loop sets them before the first step)")
+        return self.features[indices].float()
+
+    def all(self) -> torch.Tensor:
+        return self.of(torch.arange(self.features.shape[0], device=self.features.device))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        saved = state_dict.get(prefix + "features")
+        if saved is not None:  # its size is the data's, known only from the checkpoint
+            self.features = torch.zeros(saved.shape, dtype=torch.float16, device=self.features.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def cosine_pairs(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """(B, B') cosine similarities of the rows of two matrices."""
+    return F.normalize(first.float(), dim=1) @ F.normalize(second.float(), dim=1).t()

@@ -1,0 +1,1 @@
+"""Retrieval: encoding collections, indexes (FAISS, Milvus), re-ranking, the search service, ONNX."""

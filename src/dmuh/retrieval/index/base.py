@@ -1,0 +1,295 @@
+"""What every code index backend shares: how codes come in, the index parameters, and the searches
+built on top of a backend's nearest-neighbour search (re-ranking, decoder re-ranking).
+
+A backend (`dmuh.retrieval.index.faiss.Index` on FAISS, `dmuh.retrieval.index.milvus.MilvusIndex` on Milvus) subclasses
+`CodeIndex` and provides `search_positions`, `ids_at`, `names_at`, `codes_at`, `add`, `remove`,
+`ids_named`, `save`, `info` and `__len__`; positions are its own handles of stored codes (-1: no
+result), ordered as the codes were added. This module imports no backend, so each backend
+imports it without a cycle.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dmuh.codes.binary import as_packed
+from dmuh.errors import DmuhError
+from dmuh.models.decoder import FeatureDecoder
+from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, rerank
+from dmuh.utils.words import plural
+
+BACKENDS = ("faiss", "milvus")
+_DECODE_CHUNK = 64  # queries whose candidates' decoded features are held at once (decoder re-ranking)
+
+
+def byte_width(bits: int) -> int:
+    return (int(bits) + 7) // 8
+
+
+def _as_packed(codes, bits: Optional[int] = None, what: str = "codes") -> Tuple[np.ndarray, int]:
+    """Codes as an index takes them -> ((n, ceil(bits / 8)) contiguous uint8 numpy array, bits).
+
+    `dmuh.codes.binary.as_packed`'s forms, as numpy or torch (moved to the CPU), a single 1-D code, or a
+    `dmuh.codes.file.Codes`, which brings its bits.
+    """
+    if hasattr(codes, "packed") and hasattr(codes, "bits"):  # dmuh.codes.file.Codes
+        if bits is not None and int(bits) != codes.bits:
+            raise DmuhError(f"{what}: has {codes.bits} bits but bits={bits}")
+        codes, bits = codes.packed, codes.bits
+    if hasattr(codes, "detach"):  # torch tensor
+        codes = codes.detach().cpu().numpy()
+    array = np.asarray(codes)
+    if array.ndim == 1:
+        array = array[None, :]
+    packed, bits = as_packed(array, None if bits is None else int(bits), what)
+    return np.ascontiguousarray(packed, dtype=np.uint8), int(bits)
+
+
+def build_inputs(codes, bits: Optional[int], names: Optional[Sequence[str]], meta: Optional[Dict[str, Any]]):
+    """What a backend's `build` takes from `codes`: (packed, bits, names, meta), names and meta
+    defaulting to a codes file's own ids and model identity; zero codes are refused."""
+    packed, bits = _as_packed(codes, bits)
+    if names is None and hasattr(codes, "ids"):
+        names = list(codes.ids)
+    if meta is None and hasattr(codes, "identity"):
+        meta = codes.identity()
+    if packed.shape[0] == 0:
+        raise DmuhError("cannot build an index from zero codes")
+    return packed, bits, names, meta
+
+
+def resolve_params(kind: str, kind_params: Dict[str, Dict[str, Optional[int]]], params: Dict[str, Any],
+                   n: int) -> Dict[str, int]:
+    """The build/search parameters of `kind` (one of `kind_params`), the given ones checked to be
+    positive integers, the others their defaults; an ivf's nlist and nprobe derived from n codes."""
+    if kind not in kind_params:
+        raise DmuhError(f"index kind {kind!r}: choose one of {', '.join(kind_params)}")
+    unknown = sorted(set(params) - set(kind_params[kind]))
+    if unknown:
+        accepted = ", ".join(kind_params[kind]) or "none"
+        raise DmuhError(f"index kind {kind!r} has no parameter {unknown[0]!r} (it takes: {accepted})")
+    for key, value in params.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise DmuhError(f"index parameter {key}={value!r}: expected a positive integer")
+    resolved = {k: (params.get(k) if params.get(k) is not None else default)
+                for k, default in kind_params[kind].items()}
+    if "nlist" in resolved:
+        # sqrt(n) lists, at most n / 39 (k-means wants >= 39 training points per list).
+        nlist = resolved["nlist"] or max(1, min(int(round(math.sqrt(n))), n // 39))
+        if nlist > n:
+            raise DmuhError(f"index parameter nlist={nlist}: more lists than the {plural(n, 'code')} to train them on")
+        resolved["nlist"] = int(nlist)
+        resolved["nprobe"] = int(min(resolved["nprobe"] or max(1, nlist // 16), nlist))
+    return {k: int(v) for k, v in resolved.items()}
+
+
+def check_ids(ids, n: int) -> np.ndarray:
+    """`ids` as int64, one per code."""
+    ids = np.asarray(ids)
+    if ids.shape != (n,) or not (np.issubdtype(ids.dtype, np.integer) or n == 0):
+        raise DmuhError(f"ids: expected {n} integers, one per code, got shape {ids.shape} dtype {ids.dtype}")
+    return ids.astype(np.int64)
+
+
+def unique_ids(ids) -> np.ndarray:
+    """The distinct int64 ids of a sequence of integer ids (one id alone also)."""
+    ids = np.atleast_1d(np.asarray(ids))
+    return np.unique(check_ids(ids, ids.shape[0]))
+
+
+def next_id_after(ids: np.ndarray) -> int:
+    """The id new codes get by default: one past the largest (0 for none), so it is never taken."""
+    return int(ids.max()) + 1 if len(ids) else 0
+
+
+def check_ids_known(wanted: np.ndarray, known: np.ndarray, where: str) -> None:
+    """DmuhError naming the first id of `wanted` that is not among `known`."""
+    absent = wanted[~np.isin(wanted, known)]
+    if len(absent) == 1:
+        raise DmuhError(f"id {int(absent[0])} is not in {where}; nothing removed")
+    if len(absent):
+        listed = ", ".join(str(int(i)) for i in absent[:5]) + (", ..." if len(absent) > 5 else "")
+        raise DmuhError(f"ids {listed} ({len(absent)} in all) are not in {where}; nothing removed")
+
+
+def ordered_by_distance_then_position(distances: np.ndarray, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Each row sorted by (distance, position), the empty slots (position -1) last with distance -1."""
+    distances = np.asarray(distances, dtype=np.int32).copy()
+    positions = np.asarray(positions, dtype=np.int64)
+    missing = positions < 0
+    distances[missing] = np.iinfo(np.int32).max
+    order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, positions), distances), axis=1)
+    distances = np.take_along_axis(distances, order, axis=1)
+    positions = np.take_along_axis(positions, order, axis=1)
+    distances[positions < 0] = -1
+    return distances, positions
+
+
+class CodeIndex:
+    """The backend-independent part of an index of binary codes (see the module's docstring).
+
+    A backend sets kind, bits, params, meta (where the codes came from: model identity, image
+    size, ...) and decoder (a dmuh.models.decoder.FeatureDecoder of the codes, or None).
+    """
+
+    backend = ""
+    kind: str
+    bits: int
+    params: Dict[str, Any]
+    meta: Dict[str, Any]
+    decoder = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kind={self.kind!r}, bits={self.bits}, count={len(self)}, params={self.params})"
+
+    def __len__(self) -> int:  # pragma: no cover - every backend defines it
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Let go of what the index holds open (a Milvus connection); nothing for FAISS."""
+
+    def __enter__(self) -> "CodeIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def has_names(self) -> bool:
+        raise NotImplementedError
+
+    def search_positions(self, query_codes, k: int, *, nprobe: Optional[int] = None,
+                         ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def ids_at(self, positions: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def codes_at(self, positions: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def search(self, query_codes, k: int, *, nprobe: Optional[int] = None,
+               ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """The k nearest codes of each query: (distances int32 (nq, k), ids int64 (nq, k))."""
+        distances, positions = self.search_positions(query_codes, k, nprobe=nprobe, ef_search=ef_search)
+        return distances, self.ids_at(positions)
+
+    def search_reranked(self, query_codes, bit_uncertainty, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
+                        tau: float = DEFAULT_TAU, nprobe: Optional[int] = None,
+                        ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Uncertainty-aware search: the top `depth` codes by Hamming distance, re-ranked by the
+        weighted Hamming distance of `rerank` (see there); keeps the k best.
+
+        Returns {"weighted": float32 (nq, k), "distances": int32 Hamming (nq, k), "ids": int64,
+        "positions": int64}.
+        """
+        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
+        self._check_k(k)
+        depth = min(max(int(depth), int(k)), len(self))
+        distances, positions = self.search_positions(packed, depth, nprobe=nprobe, ef_search=ef_search)
+        uncertainty = np.asarray(bit_uncertainty, dtype=np.float32)
+        if uncertainty.shape != (packed.shape[0], self.bits):
+            raise DmuhError(f"bit uncertainty: expected shape {(packed.shape[0], self.bits)}, got {uncertainty.shape}")
+        candidates = self._candidate_codes(positions)
+        order, weighted = rerank(packed, uncertainty, candidates, positions, self.bits, tau)
+        return self._reordered(order[:, :k], positions, weighted=weighted, distances=distances)
+
+    def _candidate_codes(self, positions: np.ndarray) -> np.ndarray:
+        """The stored codes at search result positions (empty slots -1 get a zero code, which the
+        re-ranking ignores)."""
+        found = positions >= 0
+        codes = np.zeros((*positions.shape, byte_width(self.bits)), dtype=np.uint8)
+        if found.any():
+            codes[found] = self.codes_at(positions[found])
+        return codes
+
+    def attach_decoder(self, decoder) -> None:
+        """Keep a `dmuh.models.decoder.FeatureDecoder` of these codes with the index (and in its file)."""
+        if decoder.bits != self.bits:
+            raise DmuhError(f"decoder: reads {decoder.bits}-bit codes, the index holds {self.bits}-bit codes")
+        self.decoder = decoder.cpu().eval()
+
+    def search_decoded(self, query_codes, query_features, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
+                       nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Rank-preserving hashing's search: the top `depth` codes by Hamming distance (the graph
+        search of an hnsw index, or any kind), re-ranked by the cosine of each query's features
+        (nq, D) to the candidates' features decoded from their codes; keeps the k best. Ties go
+        by Hamming distance, then position.
+
+        Returns {"cosine": float32 (nq, k), "distances": int32 Hamming, "ids": int64, "positions": int64}.
+        """
+        if self.decoder is None:
+            raise DmuhError("this index holds no decoder; build it from the codes of a run that trains one "
+                            "(e.g. --method rph)")
+        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
+        features = np.asarray(query_features, dtype=np.float32)
+        if features.shape != (packed.shape[0], self.decoder.dim) or not np.isfinite(features).all():
+            raise DmuhError(f"query features: expected {packed.shape[0]} finite rows of {self.decoder.dim} values, "
+                            f"got shape {features.shape}")
+        self._check_k(k)
+        depth = min(max(int(depth), int(k)), len(self))
+        distances, positions = self.search_positions(packed, depth, nprobe=nprobe, ef_search=ef_search)
+        found = positions >= 0
+        unique, inverse = np.unique(positions[found], return_inverse=True)
+        decoded = self.decoder.decode_packed(self.codes_at(unique))  # each candidate decoded once
+        slot = np.zeros(positions.shape, dtype=np.int64)
+        slot[found] = inverse  # row of `decoded` per candidate
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+        queries = features / np.where(norms > 0, norms, 1)
+        cosine = np.empty(positions.shape, dtype=np.float32)
+        for start in range(0, len(queries), _DECODE_CHUNK):  # bounds the (chunk, depth, D) temporary
+            rows = slice(start, start + _DECODE_CHUNK)
+            cosine[rows] = np.einsum("nrd,nd->nr", decoded[slot[rows]], queries[rows])
+        cosine[~found] = -np.inf
+        order = np.lexsort((np.where(found, positions, np.iinfo(np.int64).max), distances, -cosine), axis=1)[:, :k]
+        return self._reordered(order, positions, cosine=cosine, distances=distances)
+
+    def _reordered(self, order: np.ndarray, positions: np.ndarray, **columns: np.ndarray) -> Dict[str, np.ndarray]:
+        """A re-ranked result: each of `columns` and the positions taken in `order`, plus the ids."""
+        result = {name: np.take_along_axis(values, order, axis=1) for name, values in columns.items()}
+        result["positions"] = np.take_along_axis(positions, order, axis=1)
+        result["ids"] = self.ids_at(result["positions"])
+        return result
+
+    def _check_k(self, k) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise DmuhError(f"k={k!r}: expected a positive integer")
+        if k > len(self):
+            raise DmuhError(f"k={k} is larger than the index, which holds {plural(len(self), 'code')}")
+
+    def _add_inputs(self, codes, ids, names: Optional[Sequence[str]]) -> Tuple[np.ndarray, np.ndarray]:
+        """Codes to add, packed, and their ids (default: the next ids, from `next_id`), checked."""
+        packed, _ = _as_packed(codes, self.bits)
+        n = packed.shape[0]
+        if ids is None:
+            ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        ids = check_ids(ids, n)
+        self._check_names_given(names, n)
+        return packed, ids
+
+    def _check_names_given(self, names: Optional[Sequence[str]], n: int) -> None:
+        if names is not None and len(names) != n:
+            raise DmuhError(f"names: {plural(len(names), 'name')} for {plural(n, 'code')}")
+        if self.has_names != (names is not None):
+            raise DmuhError("names: give names for every batch of codes added, or for none")
+
+
+def decoder_sections(decoder) -> List[Tuple[str, bytes]]:
+    """The index file section of a decoder (tensors only, safetensors; its sizes go in the header)."""
+    return [] if decoder is None else [("decoder", decoder.to_bytes())]
+
+
+def decoder_from_sections(path: Path, header: Dict[str, Any], sections: Dict[str, bytes], bits: int):
+    """The decoder an index file holds, checked against the header; None when it holds none."""
+    if header.get("decoder") is None:
+        return None
+    if "decoder" not in sections:
+        raise DmuhError(f"{path}: corrupted index (the header names a decoder, the payload holds none)")
+    decoder = FeatureDecoder.from_bytes(header["decoder"], sections["decoder"], str(path))
+    if decoder.bits != bits:
+        raise DmuhError(f"{path}: corrupted index (a decoder of {decoder.bits}-bit codes for {bits}-bit codes)")
+    return decoder

@@ -1,0 +1,301 @@
+"""Search binary codes: FAISS binary indexes (or a Milvus collection) behind a small API.
+
+    index = Index.build(codes, kind="flat")          # or "ivf" (nlist, nprobe), "hnsw" (m, ef_construction, ef_search)
+    index = Index.build(codes, backend="milvus", uri="codes.db", collection="photos")   # dmuh.retrieval.index.milvus
+    index.add(more_codes, ids)
+    index.remove([17, 18])
+    distances, ids = index.search(query_codes, k=10)
+    index.save("db.dmuhidx"); index = Index.load("db.dmuhidx")   # either backend
+
+Codes are packed uint8 rows (n, ceil(bits / 8)) as `dmuh.codes.binary.pack_bits` makes them, or
+unpacked (n, bits) codes ({-1,+1}, {0,1} or bool; packed here), as numpy or torch, or a
+`dmuh.codes.file.Codes`. FAISS binary indexes need whole bytes: codes whose bit length is not a
+multiple of 8 are padded with zero bits, on the database and the queries alike, so the padding
+never changes a distance.
+
+Result order is defined: by Hamming distance, then by position in the index (the order codes were
+added). For the flat index this is exact brute force, ties at the k-th distance included (the
+nearest k by (distance, position)). IVF and HNSW are approximate: they may miss true neighbours;
+a query that finds fewer than k codes gets id -1 and distance -1 in the remaining slots.
+
+Removing codes rebuilds the FAISS structure from the codes that remain (flat: a copy; ivf: the
+trained lists refilled; hnsw: a new graph, as long as a build), so positions stay 0..n-1 in the
+order the codes were added and nothing removed is ever found.
+
+The file format is `dmuh.retrieval.index.file`; the re-ranking of `Index.search_reranked` is `dmuh.retrieval.rerank`;
+what the backends share is `dmuh.retrieval.index.base`. An index may carry a decoder of its codes
+(`dmuh.models.decoder`, rank-preserving hashing): then `Index.search_decoded` re-ranks the Hamming
+candidates by the cosine of each query's own features to the candidates' decoded features, and
+the database's original features are never needed. FAISS and pymilvus are imported lazily (on
+first use), so the rest of dmuh works without either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dmuh.errors import DmuhError
+from dmuh.retrieval.index.base import (  # noqa: F401 - byte_width and _as_packed are also this module's API
+    BACKENDS,
+    CodeIndex,
+    _as_packed,
+    build_inputs,
+    byte_width,
+    check_ids_known,
+    decoder_from_sections,
+    decoder_sections,
+    next_id_after,
+    ordered_by_distance_then_position,
+    resolve_params,
+    unique_ids,
+)
+from dmuh.retrieval.index.file import (
+    FORMAT,
+    FORMAT_VERSION,
+    read_index_file,
+    write_index_file,
+)
+
+KINDS = ("flat", "ivf", "hnsw")
+# Build/search parameters each kind accepts, with defaults (None: derived from the data).
+KIND_PARAMS: Dict[str, Dict[str, Optional[int]]] = {
+    "flat": {},
+    "ivf": {"nlist": None, "nprobe": None},
+    "hnsw": {"m": 32, "ef_construction": 64, "ef_search": 128},
+}
+
+
+def _faiss():
+    try:
+        import faiss  # noqa: PLC0415 - lazy: only search needs it
+    except ImportError:
+        raise DmuhError("searching needs FAISS: pip install faiss-cpu (or pip install 'dmuh[search]')") from None
+    return faiss
+
+
+def _new_faiss_index(kind: str, bits: int, params: Dict[str, int], training: Optional[np.ndarray] = None):
+    """An empty FAISS binary index of `kind` (an ivf trained on `training`)."""
+    faiss = _faiss()
+    d = 8 * byte_width(bits)
+    if kind == "flat":
+        return faiss.IndexBinaryFlat(d)
+    if kind == "ivf":
+        # The Python wrapper keeps the quantizer alive as long as the index.
+        index = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(d), d, params["nlist"])
+        index.train(training)
+        index.nprobe = params["nprobe"]
+        return index
+    index = faiss.IndexBinaryHNSW(d, int(params["m"]))
+    index.hnsw.efConstruction = int(params["ef_construction"])
+    index.hnsw.efSearch = int(params["ef_search"])
+    return index
+
+
+class Index(CodeIndex):
+    """A FAISS binary index over packed codes plus the ids (int64) and optional names (paths) of its rows."""
+
+    backend = "faiss"
+
+    def __init__(self, faiss_index, kind: str, bits: int, params: Dict[str, Any], ids: np.ndarray,
+                 names: Optional[List[str]] = None, meta: Optional[Dict[str, Any]] = None,
+                 next_id: Optional[int] = None):
+        self.faiss_index = faiss_index
+        self.kind = kind
+        self.bits = bits
+        self.params = params
+        self.ids = np.asarray(ids, dtype=np.int64)
+        # The id the next code added gets by default: past every id ever added, removed ones too.
+        self.next_id = next_id_after(self.ids) if next_id is None else int(next_id)
+        self.names = names
+        self.meta = dict(meta or {})  # where the codes came from: model identity, image size, ...
+        self._database: Optional[np.ndarray] = None  # packed codes by position, for re-ranking
+        self.decoder = None  # a dmuh.models.decoder.FeatureDecoder of these codes, or None
+
+    # -- building -------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, codes, kind: str = "flat", *, backend: str = "faiss", bits: Optional[int] = None, ids=None,
+              names: Optional[Sequence[str]] = None, meta: Optional[Dict[str, Any]] = None, **params):
+        """A new index of `kind` holding `codes` (ids default to 0..n-1; names to the codes' own ids).
+
+        flat: exact. ivf: nlist (default round(sqrt(n)), at most n / 39) inverted lists trained on `codes`, nprobe
+        lists visited per query (default max(1, nlist // 16)). hnsw: graph of degree m (32),
+        ef_construction (64), ef_search (128).
+
+        backend="milvus" builds a `dmuh.retrieval.index.milvus.MilvusIndex` instead (kinds flat and ivf;
+        uri=, collection=, force= as there).
+        """
+        if backend not in BACKENDS:
+            raise DmuhError(f"index backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if backend == "milvus":
+            from dmuh.retrieval.index.milvus import MilvusIndex
+
+            return MilvusIndex.build(codes, kind, bits=bits, ids=ids, names=names, meta=meta, **params)
+        _faiss()
+        if kind not in KINDS:
+            raise DmuhError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}")
+        packed, bits, names, meta = build_inputs(codes, bits, names, meta)
+        n = packed.shape[0]
+        resolved = resolve_params(kind, KIND_PARAMS, params, n)
+        index = _new_faiss_index(kind, bits, resolved, training=packed)
+        built = cls(index, kind, bits, resolved, np.zeros(0, dtype=np.int64), [] if names is not None else None, meta)
+        built.add(packed, ids, names)
+        return built
+
+    def add(self, codes, ids=None, names: Optional[Sequence[str]] = None) -> None:
+        """Append codes; ids default to the next ids (one past the largest ever added: len(index)
+        onwards for an index of default ids), so a default id is never one the index held."""
+        packed, ids = self._add_inputs(codes, ids, names)
+        self.faiss_index.add(packed)
+        self.ids = np.concatenate([self.ids, ids])
+        self.next_id = max(self.next_id, next_id_after(ids))
+        if names is not None:
+            self.names = (self.names or []) + [str(name) for name in names]
+        self._database = None
+
+    def remove(self, ids) -> int:
+        """Remove every code whose id is one of `ids`; returns how many were removed. An id the
+        index does not hold is an error, and then nothing is removed. The FAISS structure is
+        rebuilt from the remaining codes (see the module's docstring)."""
+        wanted = unique_ids(ids)
+        check_ids_known(wanted, self.ids, "the index")
+        keep = np.flatnonzero(~np.isin(self.ids, wanted))
+        remaining = self.codes_at(keep)
+        if self.kind == "ivf":  # the trained coarse quantizer stays: only the lists are refilled
+            self.faiss_index.reset()
+        else:
+            self.faiss_index = _new_faiss_index(self.kind, self.bits, self.params)
+        self.faiss_index.add(remaining)
+        removed = len(self.ids) - len(keep)
+        self.ids = self.ids[keep]
+        if self.names is not None:
+            self.names = [self.names[p] for p in keep]
+        self._database = None
+        return removed
+
+    def ids_named(self, names: Sequence[str]) -> np.ndarray:
+        """The ids of the codes whose name (path) is one of `names` (every code of a repeated name)."""
+        if self.names is None:
+            raise DmuhError("this index holds no names (paths) of its codes; give ids")
+        wanted = set(names)
+        absent = sorted(wanted - set(self.names))
+        if absent:
+            raise DmuhError(f"name {absent[0]!r} is not in the index; nothing removed")
+        return self.ids[[p for p, name in enumerate(self.names) if name in wanted]]
+
+    def __len__(self) -> int:
+        return int(self.faiss_index.ntotal)
+
+    @property
+    def has_names(self) -> bool:
+        return self.names is not None
+
+    # -- searching ------------------------------------------------------------------------------
+
+    def search_positions(self, query_codes, k: int, *, nprobe: Optional[int] = None,
+                         ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Like `search`, with positions in the index (-1: no result) instead of ids."""
+        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
+        self._check_k(k)
+        self._set_search_params(nprobe, ef_search)
+        distances, positions = self.faiss_index.search(packed, int(k))
+        # Define the order: distance, then position (FAISS's heap order already, made explicit);
+        # approximate indexes that find fewer than k leave -1 slots, which go last.
+        return ordered_by_distance_then_position(distances, positions)
+
+    def ids_at(self, positions: np.ndarray) -> np.ndarray:
+        """User ids of index positions (-1, no result, stays -1)."""
+        positions = np.asarray(positions)
+        return np.where(positions >= 0, self.ids[np.clip(positions, 0, None)], -1)
+
+    def names_at(self, positions: np.ndarray) -> List[List[Optional[str]]]:
+        if self.names is None:
+            return [[None] * len(row) for row in positions]
+        return [[self.names[p] if p >= 0 else None for p in row] for row in positions]
+
+    def codes_at(self, positions: np.ndarray) -> np.ndarray:
+        """Packed codes stored at index positions (any shape of non-negative positions)."""
+        if self._database is None:
+            self._database = self._reconstruct_all()
+        return self._database[np.asarray(positions)]
+
+    def _reconstruct_all(self) -> np.ndarray:
+        faiss = _faiss()
+        width = self.faiss_index.code_size
+        if len(self) == 0:
+            return np.zeros((0, width), dtype=np.uint8)
+        if self.kind == "flat":
+            return faiss.vector_to_array(self.faiss_index.xb).reshape(-1, width)
+        if self.kind == "ivf":
+            self.faiss_index.make_direct_map()
+        return self.faiss_index.reconstruct_n(0, len(self)).reshape(-1, width)
+
+    def _set_search_params(self, nprobe: Optional[int], ef_search: Optional[int]) -> None:
+        if nprobe is not None:
+            if self.kind != "ivf":
+                raise DmuhError(f"nprobe applies to ivf indexes, not {self.kind}")
+            self.faiss_index.nprobe = int(nprobe)
+        elif self.kind == "ivf":
+            self.faiss_index.nprobe = self.params["nprobe"]
+        if ef_search is not None:
+            if self.kind != "hnsw":
+                raise DmuhError(f"ef_search applies to hnsw indexes, not {self.kind}")
+            self.faiss_index.hnsw.efSearch = int(ef_search)
+        elif self.kind == "hnsw":
+            self.faiss_index.hnsw.efSearch = self.params["ef_search"]
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def info(self) -> Dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "backend": self.backend, "kind": self.kind,
+                "bits": self.bits, "count": len(self), "params": dict(self.params), "has_names": self.names is not None,
+                "meta": dict(self.meta), "decoder": None if self.decoder is None else self.decoder.config,
+                "next_id": self.next_id}
+
+    def save(self, path, overwrite: bool = True) -> None:
+        """Write the index file atomically (a temporary name, then one rename)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise DmuhError(f"{path} already exists; pass --force to replace it")
+        faiss = _faiss()
+        sections = [("faiss", faiss.serialize_index_binary(self.faiss_index).tobytes()),
+                    ("ids", self.ids.astype("<i8").tobytes())]
+        if self.names is not None:
+            sections.append(("names", json.dumps(self.names, ensure_ascii=False).encode("utf-8")))
+        sections += decoder_sections(self.decoder)
+        write_index_file(path, self.info(), sections)
+
+    @classmethod
+    def load(cls, path) -> CodeIndex:
+        """Read and verify an index file (magic, version, header CRC, payload size and sha256):
+        an `Index`, or a `dmuh.retrieval.index.milvus.MilvusIndex` for a file `dmuh index build --backend
+        milvus` wrote (it connects to the collection the file names and checks it)."""
+        path = Path(path)
+        header, sections = read_index_file(path, KINDS)
+        backend = header.get("backend", "faiss")
+        if backend == "milvus":
+            from dmuh.retrieval.index.milvus import MilvusIndex
+
+            return MilvusIndex.from_file(path, header, sections)
+        if backend != "faiss":
+            raise DmuhError(f"{path}: index backend {backend!r}; this dmuh reads {', '.join(BACKENDS)}")
+        faiss = _faiss()
+        try:
+            index = faiss.deserialize_index_binary(np.frombuffer(sections["faiss"], dtype=np.uint8))
+        except (RuntimeError, KeyError) as error:
+            raise DmuhError(f"{path}: corrupted index (FAISS cannot read it: {str(error).splitlines()[0]})") from None
+        ids = np.frombuffer(sections["ids"], dtype="<i8").astype(np.int64)
+        names = json.loads(sections["names"].decode("utf-8")) if "names" in sections else None
+        count, bits = header["count"], header["bits"]
+        if index.ntotal != count or len(ids) != count or (names is not None and len(names) != count) \
+                or index.d != 8 * byte_width(bits):
+            raise DmuhError(f"{path}: corrupted index (header says {count} {bits}-bit codes, "
+                            f"the payload holds {index.ntotal} of {index.d} bits)")
+        loaded = cls(index, header["kind"], bits, header["params"], ids, names, header.get("meta"),
+                     header.get("next_id"))
+        loaded.decoder = decoder_from_sections(path, header, sections, bits)
+        return loaded

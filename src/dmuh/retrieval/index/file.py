@@ -1,0 +1,89 @@
+"""The index file (.dmuhidx): a small checked container.
+
+    magic      b"DMUHIDX\\n"
+    prefix     header length (uint32), CRC32 of the header JSON (uint32), little-endian
+    header     JSON: format "dmuh-index", version, bits, count, kind, params, meta, has_names,
+               sections ({name: [offset, size]} in the payload), payload_size, payload_sha256
+    payload    the sections one after another: `faiss.serialize_index_binary` bytes, the int64 ids
+               and the optional names (JSON); an index of backend "milvus" (`dmuh.retrieval.index.milvus`)
+               holds its codes, ids and names in a Milvus collection, which its header names
+
+It is written atomically; reading verifies magic, format, version, the header's CRC32 and the
+payload's size and sha256, and any failure is a DmuhError naming the file. `dmuh.retrieval.index.faiss.Index`
+decides what the sections hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Dict, Sequence, Tuple
+
+from dmuh.errors import DmuhError
+from dmuh.utils.io import atomic_path
+
+MAGIC = b"DMUHIDX\n"
+FORMAT = "dmuh-index"
+FORMAT_VERSION = 1
+# magic, header length (uint32), CRC32 of the header JSON (uint32)
+_PREFIX = struct.Struct("<8sII")
+HEADER_FIELDS = frozenset({"bits", "count", "kind", "params", "sections", "payload_size", "payload_sha256"})
+
+
+def write_index_file(path: Path, header: Dict[str, Any], sections: Sequence[Tuple[str, bytes]]) -> None:
+    """Write `header` (format and version included) and the named `sections` atomically (a
+    temporary name, then one rename); the layout, payload size and sha256 are added to the header."""
+    layout, offset = {}, 0
+    for name, data in sections:
+        layout[name] = [offset, len(data)]
+        offset += len(data)
+    payload = b"".join(data for _, data in sections)
+    header = {**header, "sections": layout, "payload_size": len(payload),
+              "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(_PREFIX.pack(MAGIC, len(header_bytes), zlib.crc32(header_bytes)))
+        f.write(header_bytes)
+        f.write(payload)
+
+
+def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
+    """The verified header and sections ({name: bytes}) of an index file whose kind is one of
+    `kinds`; DmuhError naming the file otherwise."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DmuhError(f"{path}: index file not found") from None
+    except OSError as error:
+        raise DmuhError(f"{path}: cannot read index ({error.strerror or error})") from None
+    if len(data) < _PREFIX.size or data[:len(MAGIC)] != MAGIC:
+        raise DmuhError(f"{path}: not a dmuh index file (bad magic; build one with `dmuh index build`)")
+    _, header_size, header_crc = _PREFIX.unpack_from(data)
+    header_bytes = data[_PREFIX.size:_PREFIX.size + header_size]
+    if len(header_bytes) != header_size:
+        raise DmuhError(f"{path}: truncated index (the header is cut off)")
+    if zlib.crc32(header_bytes) != header_crc:
+        raise DmuhError(f"{path}: corrupted index (header checksum mismatch)")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except ValueError:
+        raise DmuhError(f"{path}: corrupted index (unreadable header)") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise DmuhError(f"{path}: not a dmuh index file (format {header.get('format')!r})")
+    if header.get("version") != FORMAT_VERSION:
+        raise DmuhError(f"{path}: index format version {header.get('version')!r}; this dmuh reads version {FORMAT_VERSION}")
+    missing = sorted(HEADER_FIELDS - set(header))
+    if missing or header["kind"] not in kinds:
+        raise DmuhError(f"{path}: corrupted index (header lacks {missing[0] if missing else 'a known kind'})")
+    payload = data[_PREFIX.size + header_size:]
+    if len(payload) != header["payload_size"]:
+        state = "truncated" if len(payload) < header["payload_size"] else "corrupted"
+        raise DmuhError(f"{path}: {state} index (payload of {len(payload)} bytes, the header says {header['payload_size']})")
+    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+        raise DmuhError(f"{path}: corrupted index (payload checksum mismatch)")
+    sections = {name: payload[start:start + size] for name, (start, size) in header["sections"].items()}
+    return header, sections

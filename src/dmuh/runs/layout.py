@@ -1,0 +1,442 @@
+"""A run directory and everything read from or written to it.
+
+    RUN/config.yaml              the full config (TrainConfig or PretrainConfig)
+    RUN/split.json               query/train/database indices and the data's fingerprint
+    RUN/log.csv                  one row per epoch
+    RUN/checkpoint.safetensors   network, method, momentum copy, optimiser, and the specs that rebuild them
+                                 (dmuh.runs.checkpoint: no code runs from it, checksummed)
+    RUN/uncertainty_trace.npz    per-bit outputs of both networks for a few training items (DMUH)
+    RUN/label_noise.json         the training labels flipped by --label-noise (dmuh.data.noise.LabelNoise)
+    RUN/backbone.safetensors     a `dmuh pretrain` run's backbone
+    RUN/eval.json                `dmuh evaluate`'s report
+
+A checkpoint records `model_config` (the `create_model` arguments) and `method_spec` (the
+`create_method` arguments with the method's size), so `rebuild_networks` makes the network and the
+method from the checkpoint alone: no training data, labels or pretrained weights. Checkpoints
+written before those keys existed are rebuilt from config.yaml, split.json and the shapes of their
+tensors (`_legacy_specs`).
+
+Runs written before that format hold `checkpoint.pt` (a pickle), which is never read in place:
+`dmuh convert-checkpoint --run RUN` (`convert_legacy_checkpoint`) reads it once with torch's
+allow-list unpickler (tensors and plain values only) and writes checkpoint.safetensors.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from dmuh.data.noise import LabelNoise
+from dmuh.data.protocols import Split, make_split
+from dmuh.errors import DmuhError
+from dmuh.methods import create_method, method_class
+from dmuh.models import create_model
+from dmuh.models.momentum import MomentumNetwork
+from dmuh.runs.checkpoint import file_kind, load_state, load_weights, save_state
+from dmuh.runs.config import RunConfig, TrainConfig
+from dmuh.utils.io import atomic_path
+from dmuh.utils.schema import load_yaml
+
+CONFIG = "config.yaml"
+SPLIT = "split.json"
+LOG = "log.csv"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # a pickle (torch.save), before dmuh.runs.checkpoint; converted, never loaded
+CHECKPOINT_KIND = "checkpoint"
+BACKBONE_KIND = "backbone"
+TRACE = "uncertainty_trace.npz"
+BACKBONE = "backbone.safetensors"
+EVAL = "eval.json"
+LABEL_NOISE = "label_noise.json"
+VOCABULARY = "vocabulary.json"  # the words of a cross-modal run's text vectors (dmuh.data.paired.Vocabulary)
+
+
+# -- resolving a run and its config -------------------------------------------------------------
+
+
+def run_directory(run, flag: str = "--run", need: Sequence[str] = ()) -> Path:
+    """A run directory (or the checkpoint.safetensors or old checkpoint.pt inside one) holding
+    config.yaml and the files in `need`, or a one-line DmuhError naming the flag."""
+    path = Path(run)
+    if path.is_file() and path.name in (CHECKPOINT, LEGACY_CHECKPOINT):
+        path = path.parent
+    if not (path / CONFIG).is_file():
+        raise DmuhError(f"{flag} {run}: not a run directory (no {CONFIG}); pass the directory `dmuh train --out` wrote")
+    for name in need:
+        if not (path / name).is_file():
+            if name == CHECKPOINT and (path / LEGACY_CHECKPOINT).is_file():
+                raise DmuhError(legacy_checkpoint_message(path))
+            raise DmuhError(f"{flag} {run}: no {name} in the run directory")
+    return path
+
+
+def resolve_run(run, flag: str = "--run") -> Tuple[Path, Path]:
+    """A run directory, or the checkpoint.safetensors inside one -> (run_dir, checkpoint path)."""
+    run_dir = run_directory(run, flag, need=(CHECKPOINT,))
+    return run_dir, run_dir / CHECKPOINT
+
+
+def load_run_config(run_dir: Path, **overrides) -> TrainConfig:
+    """The run's config.yaml as a TrainConfig, with `overrides` (device, ...) applied.
+
+    The checkpoint holds every weight, so the `--init` and `--pretrained` weights are not needed
+    (nor read) again; nothing is compiled for a single pass.
+    """
+    values = {**load_yaml(Path(run_dir) / CONFIG), "init": "scratch", "pretrained": None, "compile": False, **overrides}
+    return TrainConfig.from_dict(values, where=str(Path(run_dir) / CONFIG))
+
+
+def load_split(config: RunConfig, source, run_dir: Path) -> Split:
+    """Reuse the run's saved split (resume, evaluate) or make it from the protocol and save it."""
+    path = Path(run_dir) / SPLIT
+    if path.exists():
+        split = Split.load(path)
+        made = (split.protocol, split.seed, split.params)
+        wanted = (config.protocol, config.split_seed, dict(config.protocol_params))
+        if made != wanted:
+            raise DmuhError(f"{path}: made with protocol {made[0]!r}, split seed {made[1]}, parameters {made[2]}; "
+                            f"the config asks for {wanted[0]!r}, {wanted[1]}, {wanted[2]} (use another --out)")
+        split.check(source)
+        return split
+    split = make_split(config.protocol, source, seed=config.split_seed, **config.protocol_params)
+    split.save(path)
+    return split
+
+
+def load_label_noise(config: TrainConfig, train_labels: np.ndarray, run_dir: Path, save: bool = True):
+    """The `LabelNoise` of a run with `label_noise` > 0 (None otherwise): the run's recorded flips
+    (RUN/label_noise.json, made with the same rate and seed, for the same training labels), or new
+    ones from `dmuh.data.noise` (saved when `save`: rank 0 of a new run)."""
+
+    path = Path(run_dir) / LABEL_NOISE
+    if path.exists():
+        noise = LabelNoise.load(path)
+        if (noise.rate, noise.seed) != (float(config.label_noise), int(config.label_noise_seed)):
+            raise DmuhError(f"{path}: made with label noise {noise.rate:g} (seed {noise.seed}); the config asks for "
+                            f"{config.label_noise:g} (seed {config.label_noise_seed}) (use another --out)")
+        noise.apply(train_labels, where=str(path))  # checks it fits these labels
+        return noise
+    if not config.label_noise:
+        return None
+    noise = LabelNoise.make(train_labels, config.label_noise, config.label_noise_seed)
+    if save:
+        noise.save(path)
+    return noise
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, *, epoch: int, config: RunConfig, model, method, momentum, optimizer) -> None:
+    state = {
+        "epoch": epoch,
+        "config": config.to_dict(),
+        "model_config": dict(model.config),
+        "method_spec": method.spec(),
+        "model": model.state_dict(),
+        "method": method.state_dict(),
+        "momentum": momentum.state_dict() if momentum is not None else None,
+        "optimizer": optimizer.state_dict(),
+    }
+    save_state(path, state, CHECKPOINT_KIND)
+
+
+def legacy_checkpoint_message(run_dir: Path) -> str:
+    return (f"{Path(run_dir) / LEGACY_CHECKPOINT} is an old-format checkpoint (a pickle); convert it once with: "
+            f"dmuh convert-checkpoint --run {run_dir}")
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A run's checkpoint.safetensors (dmuh.runs.checkpoint; no code runs from it, checksum checked).
+    An old checkpoint.pt is refused with the command that converts it."""
+    path = Path(path)
+    if path.name == LEGACY_CHECKPOINT and path.is_file():
+        raise DmuhError(legacy_checkpoint_message(path.parent))
+    if not path.is_file():
+        if (path.parent / LEGACY_CHECKPOINT).is_file():
+            raise DmuhError(legacy_checkpoint_message(path.parent))
+        raise DmuhError(f"checkpoint not found: {path}")
+    state = load_state(path, CHECKPOINT_KIND)
+    if str(map_location) != "cpu":
+        state = _to_device(state, map_location)
+    return state
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def convert_legacy_checkpoint(run, force: bool = False) -> Tuple[Path, Path, dict]:
+    """RUN/checkpoint.pt -> RUN/checkpoint.safetensors, the tree copied as is (so a checkpoint
+    older than `model_config`/`method_spec` still rebuilds through `_legacy_specs`); the old file is
+    kept. Read with torch's allow-list unpickler: tensors and plain values only, no code runs.
+    Returns (old path, new path, state)."""
+    run_dir = run_directory(run)
+    old, new = run_dir / LEGACY_CHECKPOINT, run_dir / CHECKPOINT
+    if not old.is_file():
+        there = f"; it already holds {CHECKPOINT}" if new.is_file() else ""
+        raise DmuhError(f"{run_dir}: no {LEGACY_CHECKPOINT} to convert{there}")
+    if new.exists() and not force:
+        raise DmuhError(f"{new} already exists; pass --force to replace it")
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
+            warnings.simplefilter("ignore")
+            state = torch.load(old, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # it names a class or function (code could run): refused
+        raise DmuhError(f"{old}: refused: torch's allow-list unpickler loads only tensors and plain values, and this "
+                        f"file needs more ({_unpickler_reason(error)}); nothing in it was run") from None
+    except Exception as error:  # truncated, not a torch file
+        raise DmuhError(f"{old}: not a readable checkpoint ({type(error).__name__}: {_first_line(error)[:160]})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise DmuhError(f"{old}: not a dmuh checkpoint (no network weights)")
+    save_state(new, dict(state), CHECKPOINT_KIND)
+    return old, new, state
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The line of torch's weights_only refusal that names what the file needs (a GLOBAL ...),
+    not its advice to load the file unrestricted."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "nsupported" in line]
+    return (named or lines or [type(error).__name__])[0][:200].rstrip(".")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def restore_state(checkpoint: dict, path: Path, model, method, momentum=None, optimizer=None) -> None:
+    """Load a checkpoint's weights (and optimiser state) into freshly built modules."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        method.load_state_dict(checkpoint["method"])
+        if momentum is not None:
+            momentum.load_state_dict(checkpoint["momentum"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        lines = str(exc).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else _first_line(exc)
+        raise DmuhError(f"{path}: does not match the run's config.yaml ({detail[:200]})") from None
+
+
+def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainConfig):
+    """(model, method, momentum copy or None) of a checkpoint, with its weights, in eval mode on the CPU."""
+
+    model_config, method_spec = checkpoint.get("model_config"), checkpoint.get("method_spec")
+    if model_config is None or method_spec is None:
+        model_config, method_spec = _legacy_specs(checkpoint, config, run_dir)
+    try:
+        model = create_model(**model_config)
+        method = create_method(method_spec["name"], bits=method_spec["bits"], num_train=method_spec["num_train"],
+                               num_classes=method_spec["num_classes"], **method_spec["params"])
+    except (KeyError, TypeError) as error:
+        raise DmuhError(f"{path}: unreadable network specification ({_first_line(error)})") from None
+    momentum = None
+    if method.uses_momentum and checkpoint.get("momentum") is not None:
+        momentum = MomentumNetwork(model, method.momentum_alpha)
+    restore_state(checkpoint, path, model, method, momentum)
+    for module in (model, method, momentum):
+        if module is not None:
+            module.eval()
+            module.requires_grad_(False)
+    return model, method, momentum
+
+
+# Buffers whose shape tells a legacy checkpoint's class count: key -> dimension.
+_CLASS_SIZED = {"memory_labels": 1, "class_centers": 0, "codebook": 0, "classifier.weight": 0, "classifier": 1}
+
+
+def _legacy_specs(checkpoint: dict, config: TrainConfig, run_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The specs of a checkpoint written before it recorded them: the network's input channels or
+    width from its first weight, the method's size from split.json and its class-sized buffers."""
+
+    state, method_state = checkpoint.get("model") or {}, checkpoint.get("method") or {}
+    weights = [v for k, v in state.items() if k.startswith("backbone.") and k.endswith("weight") and v.dim() in (2, 4)]
+    first = weights[0] if weights else state.get("hash_layer.weight")
+    if first is None:
+        raise DmuhError(f"{run_dir / CHECKPOINT}: holds no network weights")
+    extra = {"in_channels": int(first.shape[1])} if first.dim() == 4 else {"input_dim": int(first.shape[1])}
+    model_config = create_model(config.model, bits=config.bits, hash_norm=config.hash_norm,
+                                **extra, **config.model_params).config
+    if "memory_labels" in method_state:
+        num_train = int(method_state["memory_labels"].shape[0])
+    elif (Path(run_dir) / SPLIT).is_file():
+        num_train = len(Split.load(Path(run_dir) / SPLIT).train)
+    else:
+        num_train = 1
+    num_classes = next((int(method_state[k].shape[d]) for k, d in _CLASS_SIZED.items() if k in method_state), 1)
+    method_spec = {"name": config.method, "bits": config.bits, "num_train": num_train, "num_classes": num_classes,
+                   "params": legacy_method_params(config)}
+    return model_config, method_spec
+
+
+def legacy_method_params(config: TrainConfig) -> Dict[str, Any]:
+    """The run's method_params plus the old defaults of its method (`HashingMethod.legacy_defaults`),
+    for a checkpoint written before checkpoints recorded their method's spec."""
+
+    return {**method_class(config.method).legacy_defaults, **config.method_params}
+
+
+# -- the log ------------------------------------------------------------------------------------
+
+
+class EmptyCell(float):
+    """An empty log.csv cell as `read_log` returns it: NaN to arithmetic and `math.isnan`, and an
+    empty cell again to `write_log`. One convention for MAP cells: an epoch without evaluation has
+    an empty cell (its row has no "map", or this); a MAP that was computed and is NaN is a plain
+    float NaN, written "nan"."""
+
+    def __new__(cls):
+        return super().__new__(cls, "nan")
+
+
+EMPTY = EmptyCell()
+
+
+def write_log(path: Path, rows: List[Dict[str, float]]) -> None:
+    """log.csv: one row per epoch, the union of the rows' keys as columns; a key a row lacks (or
+    None, or `EMPTY`) is an empty cell, a NaN number "nan"."""
+    columns: List[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    cells = [{k: "" if v is None or isinstance(v, EmptyCell) else v for k, v in row.items()} for row in rows]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(cells)
+
+
+# Log columns that hold words, not numbers: the tie policy of the row's MAP (dmuh.metrics.ranking.TIES).
+TEXT_COLUMNS = ("ties",)
+# Columns computed only by an evaluation: empty in the epochs that did not evaluate.
+EVALUATED_COLUMNS = ("map", "train_map")
+
+
+def _damaged_log(path: Path, line: int, problem: str) -> DmuhError:
+    return DmuhError(f"{path} line {line}: {problem}; repair that line or delete {path.name} "
+                     f"(a resumed run then logs only the epochs it trains)")
+
+
+def read_log(path: Path) -> List[Dict[str, float]]:
+    """log.csv's rows: numbers as floats (empty cells `EMPTY`, a NaN that `write_log` writes back
+    as an empty cell), `TEXT_COLUMNS` as text ("" when empty), "epoch" as an int.
+
+    A damaged file (bytes that are not text, no epoch column, a cell that is not a number, a row
+    of the wrong length) is a DmuhError naming the file and the line. A "nan" MAP in a row whose
+    "ties" is empty was not computed (an earlier dmuh wrote empty cells back as "nan"): `EMPTY`.
+    """
+    if not path.exists():
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DmuhError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _damaged_log(path, data[:error.start].count(b"\n") + 1, "bytes that are not text") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if not header or "epoch" not in header:
+            raise _damaged_log(path, 1, "no epoch column in the header" if header else "no header (the file is empty)")
+        rows = []
+        for cells in reader:
+            if not cells:
+                continue
+            line = reader.line_num
+            if len(cells) != len(header):
+                raise _damaged_log(path, line, f"{len(cells)} cells, the header has {len(header)} columns")
+            row: Dict[str, Any] = {}
+            for key, cell in zip(header, cells):
+                if key in TEXT_COLUMNS:
+                    row[key] = cell
+                elif cell.strip() == "":
+                    row[key] = EMPTY
+                else:
+                    try:
+                        row[key] = float(cell)
+                    except ValueError:
+                        raise _damaged_log(path, line, f"{cell[:40]!r} in column {key} is not a number") from None
+            epoch = row["epoch"]
+            if isinstance(epoch, EmptyCell) or not math.isfinite(epoch) or epoch != int(epoch) or epoch < 0:
+                raise _damaged_log(path, line, f"epoch {cells[header.index('epoch')][:40]!r} is not a whole number")
+            row["epoch"] = int(epoch)  # whole numbers, so a resumed run rewrites its log as it first wrote it
+            if row.get("ties", None) == "":
+                for key in EVALUATED_COLUMNS:
+                    if key in row and math.isnan(row[key]):
+                        row[key] = EMPTY
+            rows.append(row)
+    except csv.Error as error:
+        raise _damaged_log(path, reader.line_num, f"not CSV ({error})") from None
+    return rows
+
+
+# -- initialisation from a pre-training ---------------------------------------------------------
+
+
+def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
+    """Load `--init` (a `dmuh pretrain` run directory or a weights file) into the model's backbone.
+
+    A pretrain run must have been made with the same query split as this run (same data and
+    query indices), since its self-supervised part may have seen every non-query image.
+    Returns a one-line description for the log.
+    """
+    path = Path(init)
+    if path.is_dir():
+        if not (path / BACKBONE).is_file():
+            raise DmuhError(f"--init {init}: no {BACKBONE} in this directory (is it a `dmuh pretrain` run?)")
+        init_split = Split.load(path / SPLIT)
+        if init_split.fingerprint != split.fingerprint or not np.array_equal(init_split.query, split.query):
+            raise DmuhError(
+                f"--init {init}: pre-trained on a different query split (protocol {init_split.protocol}, seed "
+                f"{init_split.seed}); use the same --data, --protocol and --split-seed so no query image was seen"
+            )
+        weights_file = path / BACKBONE
+    elif path.is_file():
+        weights_file = path
+    else:
+        raise DmuhError(f"--init {init}: no such run directory or weights file")
+    if weights_file.suffix == ".safetensors":
+        # A dmuh file (backbone or a run's checkpoint) is checked against its checksum; a foreign
+        # state dict without dmuh metadata (torchvision weights converted) is read as it is.
+        if file_kind(weights_file) == CHECKPOINT_KIND:
+            state = load_state(weights_file, CHECKPOINT_KIND).get("model")
+            if not isinstance(state, dict):
+                raise DmuhError(f"--init {weights_file}: holds no network weights")
+        else:
+            state = load_weights(weights_file, BACKBONE_KIND)
+    else:
+        try:
+            state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DmuhError(f"--init {weights_file}: not a readable state dict ({type(exc).__name__})") from None
+        state = state.get("model", state) if isinstance(state, dict) else state
+    # A whole hashing-network state dict (backbone.* and hash_layer.*) or a backbone's.
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        result = model.backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ
+        raise DmuhError(f"--init {weights_file}: does not fit model backbone ({str(exc).splitlines()[1].strip()})") from None
+    if result.missing_keys or result.unexpected_keys:
+        first = (result.missing_keys or result.unexpected_keys)[:3]
+        kind = "missing" if result.missing_keys else "unexpected"
+        raise DmuhError(f"--init {weights_file}: does not fit model backbone ({kind} keys: {', '.join(first)})")
+    return f"backbone initialised from {weights_file}"

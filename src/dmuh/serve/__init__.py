@@ -1,0 +1,1 @@
+"""`dmuh serve`: the HTTP service and its page."""

@@ -1,0 +1,1 @@
+"""Plumbing every layer may use: safe file writes and JSON records, progress, distributed helpers, words."""
