@@ -20,7 +20,7 @@ import os
 import sys
 from typing import List, Optional
 
-from dmuh.cli.common import print_deprecations
+from dmuh.cli.common import cli_message, print_deprecations
 from dmuh.errors import DmuhError
 
 
@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print_deprecations(args)
         return code
     except DmuhError as exc:
-        print(f"dmuh {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dmuh {args.command}: error: {cli_message(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the command did not expect to fail on: still one line
         where = f"{exc.filename}: " if exc.filename else ""

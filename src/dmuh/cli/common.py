@@ -115,3 +115,23 @@ def require_run(args: argparse.Namespace) -> str:
 def check_positive(value, flag: str) -> None:
     if value is not None and value < 1:
         raise DmuhError(f"{flag}: expected a positive integer, got {value}")
+
+
+# Fields whose flag is not `--` + the field's name with dashes.
+_FLAG_OF_FIELD = {"model_params": "--model-param", "method_params": "--param", "protocol_params": "--protocol-param"}
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag that sets a config field."""
+    return _FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
+def cli_message(error: DmuhError) -> str:
+    """A library error as the command line says it: a message that starts with the config field it
+    names (`init runs/x: ...`) names the flag instead (`--init runs/x: ...`)."""
+    text = str(error)
+    field = getattr(error, "field", None)
+    if field and text[len(field):len(field) + 1] in (" ", ":") and text.startswith(field):
+        return flag_of(field) + text[len(field):]
+    return text
+

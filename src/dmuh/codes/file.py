@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from dmuh.codes.binary import as_packed
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, first_line
 from dmuh.utils.io import atomic_path, atomic_write_text, file_sha256, read_json_record
 from dmuh.utils.words import plural
 
@@ -129,7 +129,7 @@ class Codes:
         except DmuhError:
             raise
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
-            raise DmuhError(f"{path}: truncated or corrupted codes file ({_first_line(error)})") from None
+            raise DmuhError(f"{path}: truncated or corrupted codes file ({first_line(error)})") from None
         try:
             meta = json.loads(str(arrays["meta"]))
         except (KeyError, ValueError):
@@ -149,11 +149,6 @@ class Codes:
                        features=arrays.get("features"))
         except DmuhError as error:
             raise DmuhError(f"{path}: {error}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 # -- shards and their manifest ----------------------------------------------------------------

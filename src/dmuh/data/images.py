@@ -18,12 +18,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from dmuh.data.sources import IMAGE_EXTENSIONS, is_hidden, open_source
-from dmuh.errors import DmuhError
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+from dmuh.errors import DmuhError, first_line
 
 
 def read_image(path, channels: int, size: Optional[int], data: Optional[bytes] = None, name: Optional[str] = None,
@@ -48,7 +43,7 @@ def read_image(path, channels: int, size: Optional[int], data: Optional[bytes] =
     except UnidentifiedImageError:  # PIL's message names its file object, not the file
         raise DmuhError(f"{name}: cannot read image (not a format Pillow knows)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DmuhError(f"{name}: cannot read image ({_first_line(error)})") from None
+        raise DmuhError(f"{name}: cannot read image ({first_line(error)})") from None
     array = np.array(image, dtype=np.uint8)  # writable: torch.from_numpy warns on a read-only view
     return array[:, :, None] if array.ndim == 2 else array
 
@@ -75,7 +70,7 @@ class ImageFiles:
         try:
             archive = zipfile.ZipFile(self.zip_path) if self.zip_path is not None else None
         except (OSError, zipfile.BadZipFile) as error:
-            raise DmuhError(f"{self.zip_path}: cannot open zip ({_first_line(error)})") from None
+            raise DmuhError(f"{self.zip_path}: cannot open zip ({first_line(error)})") from None
         try:
             def one(i):
                 relative = self.ids[int(i)]
@@ -83,7 +78,7 @@ class ImageFiles:
                     try:
                         data = archive.read(relative)
                     except (KeyError, zipfile.BadZipFile, OSError) as error:
-                        raise DmuhError(f"{self.zip_path}:{relative}: cannot read image ({_first_line(error)})") from None
+                        raise DmuhError(f"{self.zip_path}:{relative}: cannot read image ({first_line(error)})") from None
                     return read_image(None, self.channels, size, data=data, name=f"{self.zip_path}:{relative}")
                 path = Path(relative) if self.base is None else self.base / relative
                 return read_image(path, self.channels, size)
@@ -136,7 +131,7 @@ def open_images(spec: str, root: Optional[str] = None, channels: int = 3):
         try:
             files = list_image_files(path)
         except (OSError, zipfile.BadZipFile) as error:
-            raise DmuhError(f"--images {spec}: cannot read ({_first_line(error)})") from None
+            raise DmuhError(f"--images {spec}: cannot read ({first_line(error)})") from None
         if not files:  # CIFAR batches, IDX files, ...
             return open_source(spec, root=root, allow_outside_root=True)
         if all("/" in f for f in files):  # an empty folder among them does not matter for encoding
@@ -148,7 +143,7 @@ def open_images(spec: str, root: Optional[str] = None, channels: int = 3):
         try:
             lines = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
         except (OSError, UnicodeDecodeError) as error:
-            raise DmuhError(f"--images {spec}: cannot read list file ({_first_line(error)})") from None
+            raise DmuhError(f"--images {spec}: cannot read list file ({first_line(error)})") from None
         base = Path(root) if root else path.parent
         if not lines:
             raise DmuhError(f"--images {spec}: the list file names no images")

@@ -30,7 +30,7 @@ from dmuh.data.sources import (
     _check_label_array,
     _load_npz,
 )
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, first_line
 from dmuh.utils.io import atomic_path
 
 WEIGHTINGS = ("binary", "count", "tfidf")
@@ -116,7 +116,7 @@ class Vocabulary:
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
-            raise DmuhError(f"{path}: unreadable vocabulary ({str(error).splitlines()[0][:120]})") from None
+            raise DmuhError(f"{path}: unreadable vocabulary ({first_line(error, 120)})") from None
         return cls.from_dict(value, str(path))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dmuh.engine.runtime import resolve_cache_dir
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DmuhError
 from dmuh.methods import create_method
 from dmuh.models.registry import MODELS
 from dmuh.runs.config import INIT_WORDS, RunConfig, TrainConfig
@@ -24,12 +24,12 @@ def check_model(config: RunConfig) -> None:
 
     for key in config.model_params:
         if key in _OWN_FLAGS:
-            raise DmuhError(f"--model-param {key}: set it with {_OWN_FLAGS[key]}")
+            raise ConfigError(f"model_params {key}: set it with {_OWN_FLAGS[key]}", field="model_params")
         if key in _FROM_DATA:
-            raise DmuhError(f"--model-param {key}: taken from the data, not set by hand")
+            raise ConfigError(f"model_params {key}: taken from the data, not set by hand", field="model_params")
     MODELS.check_options(config.model, [k for k in config.model_params if k != "hash_init_std"])
     if config.pretrained is not None and not Path(config.pretrained).is_file():
-        raise DmuhError(f"--pretrained {config.pretrained}: no such file")
+        raise ConfigError(f"pretrained {config.pretrained}: no such file", field="pretrained")
 
 
 def check_method(config: TrainConfig) -> None:
@@ -40,23 +40,23 @@ def check_method(config: TrainConfig) -> None:
     except TypeError as error:  # a factory refusing an argument the registry let through
         raise DmuhError(f"method {config.method!r}: {error}") from None
     if config.label_noise and not method.uses_labels:
-        raise DmuhError(f"--label-noise {config.label_noise:g}: method {config.method!r} learns without labels, so "
-                        "there is no label to flip")
+        raise ConfigError(f"label_noise {config.label_noise:g}: method {config.method!r} learns without labels, so "
+                        "there is no label to flip", field="label_noise")
     data = str(config.data)
     vectors = data.startswith("features:") or data.lower().endswith((".npz", ".npy"))
     if method.needs_images and vectors:
-        raise DmuhError(f"--method {config.method}: trains an image network end to end, not on --data {config.data} "
-                        "(fit a shallow method such as itq on feature vectors)")
+        raise ConfigError(f"method {config.method}: trains an image network end to end, not on --data {config.data} "
+                        "(fit a shallow method such as itq on feature vectors)", field="method")
     if method.needs_vectors and not vectors:
-        raise DmuhError(f"--method {config.method}: maps a fixed representation to codes and needs feature vectors "
-                        f"as --data (features:FILE.npz), not {config.data}")
+        raise ConfigError(f"method {config.method}: maps a fixed representation to codes and needs feature vectors "
+                        f"as --data (features:FILE.npz), not {config.data}", field="method")
 
 
 def check_files(config: RunConfig) -> None:
 
     cache = resolve_cache_dir(config.cache_dir)
     if cache is not None and cache.exists() and not cache.is_dir():
-        raise DmuhError(f"--cache-dir {config.cache_dir}: is a file, not a folder (or use off)")
+        raise ConfigError(f"cache_dir {config.cache_dir}: is a file, not a folder (or use off)", field="cache_dir")
 
 
 def check_train_config(config: TrainConfig) -> None:
@@ -64,7 +64,7 @@ def check_train_config(config: TrainConfig) -> None:
     check_model(config)
     check_method(config)
     if config.init not in INIT_WORDS and not Path(config.init).exists():
-        raise DmuhError(f"--init {config.init}: no such run directory or weights file (or use auto or scratch)")
+        raise ConfigError(f"init {config.init}: no such run directory or weights file (or use auto or scratch)", field="init")
 
 
 def check_pretrain_config(config: RunConfig) -> None:

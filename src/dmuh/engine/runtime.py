@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dmuh.data.pipeline import InputPipeline, images_to_tensor
 from dmuh.data.sources import ArraySource, FeatureSource
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DmuhError
 from dmuh.models import create_model
 from dmuh.models.registry import takes_input_size
 from dmuh.runs.config import RunConfig
@@ -25,9 +25,9 @@ from dmuh.utils.progress import progress_bar
 
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DmuhError(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"device {name}: CUDA is not available on this machine", field="device")
     if name not in ("cpu",) and not name.startswith("cuda"):
-        raise DmuhError(f"--device {name!r}: use cpu or cuda[:N]")
+        raise ConfigError(f"device {name!r}: use cpu or cuda[:N]", field="device")
     return torch.device(name)
 
 
@@ -111,7 +111,7 @@ def build_optimizer(config: RunConfig, groups: List[dict]) -> torch.optim.Optimi
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    raise DmuhError(f"--optimizer {config.optimizer!r}: choose sgd or adamw")
+    raise ConfigError(f"optimizer {config.optimizer!r}: choose sgd or adamw", field="optimizer")
 
 
 def schedule_epochs(config: RunConfig) -> int:

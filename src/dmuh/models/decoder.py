@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, first_line
 
 
 class FeatureDecoder(nn.Module):
@@ -65,7 +65,7 @@ class FeatureDecoder(nn.Module):
         try:
             state = load(bytes(data))
         except (SafetensorError, RuntimeError, ValueError) as error:
-            raise DmuhError(f"{where}: corrupted decoder ({str(error).splitlines()[0]})") from None
+            raise DmuhError(f"{where}: corrupted decoder ({first_line(error)})") from None
         bits, dim, hidden = (config[key] for key in ("bits", "dim", "hidden"))
         # The sizes are checked against the stored tensors before anything is built from them.
         expected = {"layers.0.weight": (hidden, bits), "layers.0.bias": (hidden,),

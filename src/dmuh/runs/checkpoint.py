@@ -33,13 +33,13 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import safetensors.torch
 import torch
 
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, first_line
 from dmuh.utils.io import atomic_path
 
 FORMAT = "dmuh-checkpoint"
@@ -272,16 +272,11 @@ def file_kind(path) -> Optional[str]:
     return kind if isinstance(kind, str) else ""
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:200]
-
-
 def _tensors(path: Path, data: bytes) -> Dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load(data)
     except Exception as error:  # SafetensorError and friends: offsets, dtypes, sizes
-        raise DmuhError(f"{path}: damaged or truncated safetensors data ({_first_line(error)}); {_DAMAGED}") from None
+        raise DmuhError(f"{path}: damaged or truncated safetensors data ({first_line(error, 200)}); {_DAMAGED}") from None
 
 
 def load_state(path, kind: str) -> dict:
@@ -314,7 +309,7 @@ def load_state(path, kind: str) -> dict:
         if set(tensors) - used:
             raise ValueError(f"holds tensors its tree does not name ({sorted(set(tensors) - used)[0][:80]})")
     except (ValueError, RecursionError) as error:
-        raise DmuhError(f"{path}: malformed {FORMAT} tree ({_first_line(error)})") from None
+        raise DmuhError(f"{path}: malformed {FORMAT} tree ({first_line(error, 200)})") from None
     if not isinstance(state, dict):
         raise DmuhError(f"{path}: malformed {FORMAT} tree (not a dict at the top)")
     return state

@@ -36,7 +36,7 @@ import torch
 
 from dmuh.data.noise import LabelNoise
 from dmuh.data.protocols import Split, make_split
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, first_line
 from dmuh.methods import create_method, method_class
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
@@ -200,7 +200,7 @@ def convert_legacy_checkpoint(run, force: bool = False) -> Tuple[Path, Path, dic
         raise DmuhError(f"{old}: refused: torch's allow-list unpickler loads only tensors and plain values, and this "
                         f"file needs more ({_unpickler_reason(error)}); nothing in it was run") from None
     except Exception as error:  # truncated, not a torch file
-        raise DmuhError(f"{old}: not a readable checkpoint ({type(error).__name__}: {_first_line(error)[:160]})") from None
+        raise DmuhError(f"{old}: not a readable checkpoint ({type(error).__name__}: {first_line(error)[:160]})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise DmuhError(f"{old}: not a dmuh checkpoint (no network weights)")
     save_state(new, dict(state), CHECKPOINT_KIND)
@@ -215,11 +215,6 @@ def _unpickler_reason(error: BaseException) -> str:
     return (named or lines or [type(error).__name__])[0][:200].rstrip(".")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def restore_state(checkpoint: dict, path: Path, model, method, momentum=None, optimizer=None) -> None:
     """Load a checkpoint's weights (and optimiser state) into freshly built modules."""
     try:
@@ -231,7 +226,7 @@ def restore_state(checkpoint: dict, path: Path, model, method, momentum=None, op
             optimizer.load_state_dict(checkpoint["optimizer"])
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         lines = str(exc).strip().splitlines()
-        detail = lines[1].strip() if len(lines) > 1 else _first_line(exc)
+        detail = lines[1].strip() if len(lines) > 1 else first_line(exc)
         raise DmuhError(f"{path}: does not match the run's config.yaml ({detail[:200]})") from None
 
 
@@ -246,7 +241,7 @@ def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainC
         method = create_method(method_spec["name"], bits=method_spec["bits"], num_train=method_spec["num_train"],
                                num_classes=method_spec["num_classes"], **method_spec["params"])
     except (KeyError, TypeError) as error:
-        raise DmuhError(f"{path}: unreadable network specification ({_first_line(error)})") from None
+        raise DmuhError(f"{path}: unreadable network specification ({first_line(error)})") from None
     momentum = None
     if method.uses_momentum and checkpoint.get("momentum") is not None:
         momentum = MomentumNetwork(model, method.momentum_alpha)

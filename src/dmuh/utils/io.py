@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, first_line
 
 TEMP_SUFFIX = ".tmp"
 # Temporary files whose writer cannot be asked (no PID: written before dmuh recorded one; or
@@ -80,7 +80,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as error:
-        raise DmuhError(f"cannot write {path}: {_reason_of_errno(error) or _first_line(error)} {_KEPT}") from None
+        raise DmuhError(f"cannot write {path}: {_reason_of_errno(error) or first_line(error)} {_KEPT}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -131,11 +131,6 @@ def _reason_of_errno(error: BaseException) -> Optional[str]:
     return text[:1].lower() + text[1:]
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0].strip() if lines else type(error).__name__
-
-
 def _probe(tmp: Path) -> Optional[str]:
     """Why writing to `tmp` fails now, found by appending to it (a writer that reports a failed
     write without an errno: numpy's "N requested and M written", torch's "unexpected pos")."""
@@ -170,7 +165,7 @@ def write_failure_reason(error: BaseException, tmp: Optional[Path] = None) -> Op
         if reason:
             return reason
         link = link.__cause__ or link.__context__
-    message = _first_line(error)
+    message = first_line(error)
     if not isinstance(error, OSError) and not _WRITE_FAILURE_WORDS.search(message):
         return None
     for words, code in _MESSAGE_ERRNOS:
@@ -290,7 +285,7 @@ def read_json_record(path: Path, record_format: str, version: int, what: str, mi
     except OSError as error:
         raise DmuhError(f"{path}: cannot read {what} ({error.strerror or error})") from None
     except (UnicodeDecodeError, ValueError) as error:
-        raise DmuhError(f"{path}: corrupt {what} ({_first_line(error)})") from None
+        raise DmuhError(f"{path}: corrupt {what} ({first_line(error)})") from None
     if not isinstance(record, dict) or record.get("format") != record_format:
         raise DmuhError(f"{path}: not a dmuh {what}")
     if record.get("version") != version:

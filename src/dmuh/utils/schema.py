@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 
 import yaml
 
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, first_line
 
 Choices = Union[Sequence[str], Callable[[], Sequence[str]]]
 
@@ -108,7 +108,7 @@ def _checked(cls, name: str, value: Any, label: str) -> Any:
     rule: Rule = _fields(cls)[name].metadata.get("rule", Rule())
 
     def refuse():
-        return DmuhError(f"{label}: expected {expected(cls, name)}, got {value!r}")
+        return ConfigError(f"{label}: expected {expected(cls, name)}, got {value!r}", field=name)
 
     if value is None:
         if optional:
@@ -147,7 +147,7 @@ def check_values(cls, values: Dict[str, Any], where: str = "config", origins: Op
     fields = _fields(cls)
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise DmuhError(f"{where}: unknown field {unknown[0]!r}")
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}", field=unknown[0])
 
     def label(name: str) -> str:
         return origins.get(name) or f"{where}: field {name!r}"
@@ -162,9 +162,9 @@ def check_values(cls, values: Dict[str, Any], where: str = "config", origins: Op
         return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
     if current("lr_end") > current("lr"):
-        raise DmuhError(f"{label('lr_end')}: expected a number <= lr {current('lr'):g}, got {current('lr_end')!r}")
+        raise ConfigError(f"{label('lr_end')}: expected a number <= lr {current('lr'):g}, got {current('lr_end')!r}")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", current("device")):
-        raise DmuhError(f"{label('device')}: expected cpu or cuda[:N], got {current('device')!r}")
+        raise ConfigError(f"{label('device')}: expected cpu or cuda[:N], got {current('device')!r}")
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -190,7 +190,7 @@ def parse_flag(cls, name: str, text: str, flag: str) -> Any:
             return float(stripped)
         except ValueError:
             pass
-    raise DmuhError(f"{flag}: expected {expected(cls, name)}, got {text!r}")
+    raise ConfigError(f"{flag}: expected {expected(cls, name)}, got {text!r}", field=name)
 
 
 # -- reading YAML and KEY=VALUE options -----------------------------------------------------------
@@ -213,15 +213,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise DmuhError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}")
     try:
         values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise DmuhError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
     except OSError as exc:
-        raise DmuhError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(values, dict):
-        raise DmuhError(f"{path}: expected a mapping of config fields")
+        raise ConfigError(f"{path}: expected a mapping of config fields")
     return values
 
 
@@ -246,7 +246,7 @@ def parse_params(items, flag: str = "--param") -> Dict[str, Any]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise DmuhError(f"{flag} {item!r}: expected KEY=VALUE")
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
         params[key.strip()] = parse_value(value)
     return params
 

@@ -54,7 +54,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, first_line
 from dmuh.retrieval.index.base import (
     CodeIndex,
     _as_packed,
@@ -128,14 +128,6 @@ def _pymilvus():
     return pymilvus
 
 
-def _first_line(error: BaseException) -> str:
-    message = getattr(error, "message", None)
-    if message is None and callable(getattr(error, "details", None)):  # a grpc.RpcError
-        message = error.details() or getattr(error.code(), "name", "")
-    lines = str(message if message is not None else error).strip().splitlines()
-    return lines[0][:300] if lines else type(error).__name__
-
-
 @contextlib.contextmanager
 def milvus_errors(what: str) -> Iterator[None]:
     """pymilvus's and gRPC's exceptions as a DmuhError "what: first line of the message"."""
@@ -146,7 +138,7 @@ def milvus_errors(what: str) -> Iterator[None]:
         with _quiet():
             yield
     except (MilvusException, grpc.RpcError) as error:
-        raise DmuhError(f"{what}: {_first_line(error)}") from None
+        raise DmuhError(f"{what}: {first_line(error)}") from None
 
 
 # -- where: the uri and the collection ----------------------------------------------------------
