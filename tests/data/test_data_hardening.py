@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dmuh.cli import main
+from dmuh.cli.common import cli_message
 from dmuh.data import (
     CifarBatchesSource,
     DigitsSource,
@@ -230,8 +231,10 @@ def test_list_path_outside_the_root_when_allowed(tmp_path, list_tree):
     # Query images for `dmuh encode` are the user's own files: their lists may leave the root.
     assert len(open_images(str(listing), root=str(list_tree))) == 3
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(DmuhError, match="--images .*empty.txt: the list file names no images"):
+    # The library names the field (`images`); the command line names the flag (tests/test_errors.py).
+    with pytest.raises(DmuhError, match="^images .*empty.txt: the list file names no images") as caught:
         open_images(str(tmp_path / "empty.txt"))
+    assert caught.value.field == "images" and cli_message(caught.value).startswith("--images ")
 
 
 def test_allow_outside_root_reaches_the_list_source_from_the_config(tmp_path, list_tree, capsys):

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from dmuh.data.sources import IMAGE_EXTENSIONS, is_hidden, open_source
-from dmuh.errors import DmuhError, first_line
+from dmuh.errors import DataError, DmuhError, first_line
 
 
 def read_image(path, channels: int, size: Optional[int], data: Optional[bytes] = None, name: Optional[str] = None,
@@ -131,7 +131,7 @@ def open_images(spec: str, root: Optional[str] = None, channels: int = 3):
         try:
             files = list_image_files(path)
         except (OSError, zipfile.BadZipFile) as error:
-            raise DmuhError(f"--images {spec}: cannot read ({first_line(error)})") from None
+            raise DataError(f"images {spec}: cannot read ({first_line(error)})", field="images") from None
         if not files:  # CIFAR batches, IDX files, ...
             return open_source(spec, root=root, allow_outside_root=True)
         if all("/" in f for f in files):  # an empty folder among them does not matter for encoding
@@ -143,10 +143,10 @@ def open_images(spec: str, root: Optional[str] = None, channels: int = 3):
         try:
             lines = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
         except (OSError, UnicodeDecodeError) as error:
-            raise DmuhError(f"--images {spec}: cannot read list file ({first_line(error)})") from None
+            raise DataError(f"images {spec}: cannot read list file ({first_line(error)})", field="images") from None
         base = Path(root) if root else path.parent
         if not lines:
-            raise DmuhError(f"--images {spec}: the list file names no images")
+            raise DataError(f"images {spec}: the list file names no images", field="images")
         if lines and all(len(fields) > 1 for fields in lines):
             return open_source(f"list:{spec}", root=str(base), channels=channels, allow_outside_root=True)
         if not base.is_dir() and base.suffix.lower() == ".zip":

@@ -18,7 +18,7 @@ from typing import Tuple
 
 import numpy as np
 
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DmuhError
 from dmuh.utils.io import atomic_write_text, index_list, read_json_record
 
 NOISE_FORMAT = "dmuh-label-noise"
@@ -44,13 +44,13 @@ def flip_labels(labels: np.ndarray, rate: float, seed: int = 0) -> Tuple[np.ndar
     single-label (n, C) matrix `labels` moved to a class drawn uniformly among the other C - 1."""
     rate = float(rate)
     if not 0.0 <= rate <= 1.0:
-        raise DmuhError(f"--label-noise {rate:g}: expected a share between 0 and 1")
+        raise ConfigError(f"label_noise {rate:g}: expected a share between 0 and 1", field="label_noise")
     labels = np.asarray(labels)
     classes = single_label_classes(labels)
     n, num_classes = labels.shape
     count = int(round(rate * n))
     if count and num_classes < 2:
-        raise DmuhError("--label-noise: a label can only be flipped to another class, and the data has one class")
+        raise ConfigError("label_noise: a label can only be flipped to another class, and the data has one class", field="label_noise")
     rng = np.random.default_rng(seed)
     flipped = np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
     # A shift of 1..C-1 classes (uniform): every other class equally likely, never the same one.

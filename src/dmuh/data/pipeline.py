@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError
 
 AUGMENTATIONS = ("none", "flip", "flip-crop", "simclr")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,7 +37,7 @@ class InputPipeline:
 
     def __init__(self, channels: Optional[int], input_size: Optional[int], augment: str = "none"):
         if augment not in AUGMENTATIONS:
-            raise DmuhError(f"--augment {augment!r}: choose one of {', '.join(AUGMENTATIONS)}")
+            raise ConfigError(f"augment {augment!r}: choose one of {', '.join(AUGMENTATIONS)}", field="augment")
         self.channels = channels
         self.input_size = input_size
         self.augment = augment

@@ -31,7 +31,7 @@ from dmuh.engine.runtime import (
     resolve_device,
     run_epoch,
 )
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DmuhError
 from dmuh.methods.components.functional import nt_xent
 from dmuh.runs.checkpoint import save_state
 from dmuh.runs.config import (
@@ -53,7 +53,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 def pretrain(config: PretrainConfig, progress: bool = True, echo=print) -> Dict[str, float]:
     if config.objective not in OBJECTIVES:
-        raise DmuhError(f"--objective {config.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        raise ConfigError(f"objective {config.objective!r}: choose one of {', '.join(OBJECTIVES)}", field="objective")
     run_dir = Path(config.out)
     if (run_dir / BACKBONE).exists():
         raise DmuhError(f"{run_dir} already holds a pre-trained backbone; choose another --out")
@@ -113,7 +113,7 @@ def train_backbone(model: nn.Module, config: PretrainConfig, device: torch.devic
     labeled_batch = min(config.batch_size, labeled.shape[0])
     unlabeled_batch = min(config.unlabeled_batch_size, unlabeled.shape[0]) if use_simclr else 0
     if use_simclr and unlabeled_batch < 2:
-        raise DmuhError(f"--objective {config.objective}: SimCLR needs at least 2 unlabeled (database, non-query) items")
+        raise ConfigError(f"objective {config.objective}: SimCLR needs at least 2 unlabeled (database, non-query) items", field="objective")
     steps = unlabeled.shape[0] // unlabeled_batch if use_simclr else labeled.shape[0] // labeled_batch
     items_per_step = (labeled_batch if use_ce else 0) + 2 * unlabeled_batch
     row: Dict[str, float] = {}

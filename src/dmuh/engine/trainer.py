@@ -40,7 +40,7 @@ from dmuh.engine.runtime import (
     run_network,
     schedule_epochs,
 )
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DmuhError, RunError
 from dmuh.methods import HashingMethod, StepInputs, method_class
 from dmuh.metrics.ranking import DEFAULT_TIES
 from dmuh.runs.config import TrainConfig, with_absolute_paths
@@ -162,8 +162,8 @@ class Trainer:
         elif (run_dir / CONFIG).exists() and not (run_dir / SPLIT).exists():
             # A run stopped before its first checkpoint leaves config.yaml and split.json, and is
             # started again; a config.yaml alone is someone's file, not replaced.
-            raise DmuhError(f"--out {run_dir} holds a {CONFIG} that no dmuh run wrote (no {SPLIT}); "
-                            "choose another --out or move the file")
+            raise RunError(f"out {run_dir} holds a {CONFIG} that no dmuh run wrote (no {SPLIT}); "
+                            "choose another --out or move the file", field="out")
         if self.main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_orphans(run_dir)  # temp files of a run killed mid-write
@@ -387,8 +387,8 @@ def extended_schedule(config: TrainConfig, checkpoint: dict, echo: Callable[[str
     """
     done = int(checkpoint["epoch"])
     if config.epochs < done:
-        raise DmuhError(f"--epochs {config.epochs}: the run in {config.out} has trained {plural(done, 'epoch')} already; "
-                        f"give --epochs {done} or more")
+        raise ConfigError(f"epochs {config.epochs}: the run in {config.out} has trained {plural(done, 'epoch')} already; "
+                        f"give --epochs {done} or more", field="epochs")
     saved = checkpoint.get("config") or {}
     schedule = saved.get("lr_schedule_epochs") or saved.get("epochs")
     if config.lr_schedule_epochs is None and schedule and schedule != config.epochs:

@@ -36,7 +36,7 @@ import torch
 
 from dmuh.data.noise import LabelNoise
 from dmuh.data.protocols import Split, make_split
-from dmuh.errors import DmuhError, first_line
+from dmuh.errors import ConfigError, DmuhError, first_line
 from dmuh.methods import create_method, method_class
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
@@ -396,7 +396,7 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
     path = Path(init)
     if path.is_dir():
         if not (path / BACKBONE).is_file():
-            raise DmuhError(f"--init {init}: no {BACKBONE} in this directory (is it a `dmuh pretrain` run?)")
+            raise ConfigError(f"init {init}: no {BACKBONE} in this directory (is it a `dmuh pretrain` run?)", field="init")
         init_split = Split.load(path / SPLIT)
         if init_split.fingerprint != split.fingerprint or not np.array_equal(init_split.query, split.query):
             raise DmuhError(
@@ -407,21 +407,21 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
     elif path.is_file():
         weights_file = path
     else:
-        raise DmuhError(f"--init {init}: no such run directory or weights file")
+        raise ConfigError(f"init {init}: no such run directory or weights file", field="init")
     if weights_file.suffix == ".safetensors":
         # A dmuh file (backbone or a run's checkpoint) is checked against its checksum; a foreign
         # state dict without dmuh metadata (torchvision weights converted) is read as it is.
         if file_kind(weights_file) == CHECKPOINT_KIND:
             state = load_state(weights_file, CHECKPOINT_KIND).get("model")
             if not isinstance(state, dict):
-                raise DmuhError(f"--init {weights_file}: holds no network weights")
+                raise ConfigError(f"init {weights_file}: holds no network weights", field="init")
         else:
             state = load_weights(weights_file, BACKBONE_KIND)
     else:
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise DmuhError(f"--init {weights_file}: not a readable state dict ({type(exc).__name__})") from None
+            raise ConfigError(f"init {weights_file}: not a readable state dict ({type(exc).__name__})", field="init") from None
         state = state.get("model", state) if isinstance(state, dict) else state
     # A whole hashing-network state dict (backbone.* and hash_layer.*) or a backbone's.
     if any(k.startswith("backbone.") for k in state):
@@ -429,9 +429,9 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
     try:
         result = model.backbone.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes differ
-        raise DmuhError(f"--init {weights_file}: does not fit model backbone ({str(exc).splitlines()[1].strip()})") from None
+        raise ConfigError(f"init {weights_file}: does not fit model backbone ({str(exc).splitlines()[1].strip()})", field="init") from None
     if result.missing_keys or result.unexpected_keys:
         first = (result.missing_keys or result.unexpected_keys)[:3]
         kind = "missing" if result.missing_keys else "unexpected"
-        raise DmuhError(f"--init {weights_file}: does not fit model backbone ({kind} keys: {', '.join(first)})")
+        raise ConfigError(f"init {weights_file}: does not fit model backbone ({kind} keys: {', '.join(first)})", field="init")
     return f"backbone initialised from {weights_file}"

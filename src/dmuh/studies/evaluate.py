@@ -11,7 +11,7 @@ import torch
 
 from dmuh.codes.binary import sign
 from dmuh.engine.builder import encode_part, encode_text_part, load_run
-from dmuh.errors import DmuhError
+from dmuh.errors import DataError, DmuhError
 from dmuh.metrics.ranking import DEFAULT_TIES, retrieval_report
 from dmuh.runs.layout import EVAL
 from dmuh.utils.io import atomic_write_text
@@ -24,8 +24,8 @@ def evaluate_run(run: str | Path, device: str = "cpu", ties: str = DEFAULT_TIES,
     exp = load_run(run, device, **data)
     if not exp.source.labeled:
         if data.get("data"):
-            raise DmuhError(f"--data {data['data']}: has no labels, so retrieval has nothing to be scored against; "
-                            "give the same items read with their labels")
+            raise DataError(f"data {data['data']}: has no labels, so retrieval has nothing to be scored against; "
+                            "give the same items read with their labels", field="data")
         raise DmuhError(f"{run}: its data {exp.config.data} has no labels, so retrieval has nothing to be scored "
                         "against; pass --data with the same items read with their labels (for an unlabeled "
                         "reading of a class-folder tree, the tree itself)")

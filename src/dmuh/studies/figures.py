@@ -22,7 +22,7 @@ import numpy as np
 from dmuh.codes.binary import sign
 from dmuh.engine import builder as experiment
 from dmuh.engine.builder import encode_part, load_run
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DmuhError, RunError
 from dmuh.metrics.ranking import DEFAULT_TIES, precision_at_k
 from dmuh.runs.layout import CHECKPOINT, CONFIG, LOG, TRACE, read_log, run_directory
 from dmuh.utils.io import atomic_path, atomic_write_text, refuse_overwrite
@@ -266,22 +266,22 @@ def uncertainty_figure(run, bits_shown: int = 2, gallery: int = 8, passes: int =
         if value < 1:
             raise DmuhError(f"{flag} {value}: expected a positive integer")
     if gallery < 0:
-        raise DmuhError(f"--gallery {gallery}: expected 0 or more")
+        raise ConfigError(f"gallery {gallery}: expected 0 or more", field="gallery")
     run_dir = run_directory(run, need=(CHECKPOINT,))
     method = _method_name(run_dir)
     if not (run_dir / TRACE).is_file():
 
         if load_yaml(run_dir / CONFIG).get("trace_items", 1) == 0:
-            raise DmuhError(f"--run {run}: no {TRACE}: the run was trained with trace_items=0")
-        raise DmuhError(f"--run {run}: no {TRACE}: method {method!r} keeps no momentum copy; "
-                        "`dmuh figure uncertainty` needs a DMUH run")
+            raise RunError(f"run {run}: no {TRACE}: the run was trained with trace_items=0", field="run")
+        raise RunError(f"run {run}: no {TRACE}: method {method!r} keeps no momentum copy; "
+                        "`dmuh figure uncertainty` needs a DMUH run", field="run")
     trace = read_trace(run_dir)
     bits = trace["hashing"].shape[2]
     if bits_shown > bits:
-        raise DmuhError(f"--bits-shown {bits_shown}: the trace has {bits} bits")
+        raise ConfigError(f"bits_shown {bits_shown}: the trace has {bits} bits", field="bits_shown")
     exp = experiment.load_run(run_dir, device=device)
     if exp.momentum is None:
-        raise DmuhError(f"--run {run}: method {method!r} keeps no momentum copy; `dmuh figure uncertainty` needs a DMUH run")
+        raise RunError(f"run {run}: method {method!r} keeps no momentum copy; `dmuh figure uncertainty` needs a DMUH run", field="run")
     chosen, roles = choose_bits(trace["hashing"], bits_shown)
     notes = []
     if len(trace["epochs"]) < 2:
@@ -386,7 +386,7 @@ class CurvesFigure:
 def curves_figure(runs: Sequence) -> CurvesFigure:
     """Fig. 3 of one or more runs, from their log.csv."""
     if not runs:
-        raise DmuhError("--run RUN is required (the run directory `dmuh train --out` wrote); repeat it to compare runs")
+        raise RunError("run RUN is required (the run directory `dmuh train --out` wrote); repeat it to compare runs", field="run")
     curves = []
     for run in runs:
         run_dir = run_directory(run, need=(LOG,))
@@ -403,9 +403,9 @@ def curves_figure(runs: Sequence) -> CurvesFigure:
 def topk_ks(max_k: int, points: int = 50, spacing: str = "linear") -> np.ndarray:
     """About `points` ks from 1 to max_k (both included), linearly or log spaced, unique and sorted."""
     if max_k < 1 or points < 2:
-        raise DmuhError(f"--max-k {max_k} / --points {points}: expected max_k >= 1 and points >= 2")
+        raise ConfigError(f"max_k {max_k} / --points {points}: expected max_k >= 1 and points >= 2", field="max_k")
     if spacing not in SPACINGS:
-        raise DmuhError(f"--spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+        raise ConfigError(f"spacing {spacing!r}: choose one of {', '.join(SPACINGS)}", field="spacing")
     grid = np.geomspace(1, max_k, points) if spacing == "log" else np.linspace(1, max_k, points)
     return np.unique(np.concatenate([[1, max_k], np.round(grid).astype(np.int64)]))
 
@@ -458,7 +458,7 @@ def run_topk(run, max_k: int = 5000, points: int = 50, spacing: str = "linear", 
 
     run_dir = run_directory(run, need=(CHECKPOINT,))
     if max_k < 1:
-        raise DmuhError(f"--max-k {max_k}: expected a positive integer")
+        raise ConfigError(f"max_k {max_k}: expected a positive integer", field="max_k")
     exp = load_run(run_dir, device=device)
     size = len(exp.split.database)
     ks = topk_ks(min(max_k, size), points, spacing)
@@ -476,7 +476,7 @@ def topk_figure(runs: Sequence, max_k: int = 5000, points: int = 50, spacing: st
                 device: str = "cpu") -> TopkFigure:
     """Fig. 4 of one or more runs."""
     if not runs:
-        raise DmuhError("--run RUN is required (the run directory `dmuh train --out` wrote); repeat it to compare runs")
+        raise RunError("run RUN is required (the run directory `dmuh train --out` wrote); repeat it to compare runs", field="run")
     topk_ks(max(max_k, 1), points, spacing)  # bad flags fail before any run is loaded
     for run in runs:
         run_directory(run, need=(CHECKPOINT,))

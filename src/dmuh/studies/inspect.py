@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from dmuh.engine.builder import encode_part, load_run, training_uncertainty
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DmuhError, RunError
 from dmuh.methods.base import pairwise_similarity
 from dmuh.methods.components.memory import pair_nll
 from dmuh.retrieval.encoder import load_encoder
@@ -113,7 +113,7 @@ def has_dropout(network: torch.nn.Module) -> bool:
 def resolve_reading(reading: str, exp) -> Optional[str]:
     """The reading of `reading` for this run: None without a momentum copy; `auto` resolved."""
     if reading not in READINGS:
-        raise DmuhError(f"--reading {reading!r}: choose one of {', '.join(READINGS)}")
+        raise ConfigError(f"reading {reading!r}: choose one of {', '.join(READINGS)}", field="reading")
     if exp.momentum is None:
         return None
     if reading != "auto":
@@ -277,7 +277,7 @@ def check_out(out, force: bool) -> None:
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise DmuhError(f"--out {out}: is a file, not a folder")
+        raise RunError(f"out {out}: is a file, not a folder", field="out")
     for name in OUTPUTS:
         refuse_overwrite(out / name, force, "--out")
 
@@ -289,13 +289,13 @@ def check_options(split: str = "train", reading: str = "auto", passes: Optional[
         if value not in choices:
             raise DmuhError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if sort is not None and sort not in SORT_KEYS:
-        raise DmuhError(f"--sort {sort!r}: choose one of {', '.join(SORT_KEYS)}")
+        raise ConfigError(f"sort {sort!r}: choose one of {', '.join(SORT_KEYS)}", field="sort")
     for value, flag in ((passes, "--passes"), (top, "--top")):
         if value is not None and (isinstance(value, bool) or value < 1):
             raise DmuhError(f"{flag} {value}: expected a positive integer")
     if passes is not None and reading == "eval":
-        raise DmuhError("--passes applies to --reading training (or auto on a network with dropout); "
-                        "--reading eval is one pass")
+        raise ConfigError("passes applies to --reading training (or auto on a network with dropout); "
+                        "--reading eval is one pass", field="passes")
 
 
 def inspect_run(run, split: str = "train", reading: str = "auto", passes: Optional[int] = None,
@@ -313,12 +313,12 @@ def inspect_run(run, split: str = "train", reading: str = "auto", passes: Option
     chosen = resolve_reading(reading, exp)
     if chosen is None:
         if reading != "auto" or passes is not None or sort == "uncertainty":
-            raise DmuhError(f"--run {run}: method {method!r} keeps no momentum copy, so it has no uncertainty "
-                            "(--reading, --passes and --sort uncertainty need a DMUH run)")
+            raise RunError(f"run {run}: method {method!r} keeps no momentum copy, so it has no uncertainty "
+                            "(--reading, --passes and --sort uncertainty need a DMUH run)", field="run")
         notes.append(f"method {method!r} keeps no momentum copy: no uncertainty, items sorted by loss")
     if chosen == "eval" and passes is not None:
-        raise DmuhError(f"--passes {passes}: this run's reading is eval (one pass: the network has no dropout that "
-                        "differs between the two networks); give --reading training for training-mode passes")
+        raise ConfigError(f"passes {passes}: this run's reading is eval (one pass: the network has no dropout that "
+                        "differs between the two networks); give --reading training for training-mode passes", field="passes")
     passes = passes or DEFAULT_PASSES
 
     uncertainty = None
@@ -353,12 +353,12 @@ def inspect_run(run, split: str = "train", reading: str = "auto", passes: Option
     else:
         notes.append(f"method {method!r} learns without labels: no loss column")
     if uncertainty is None and loss is None:
-        raise DmuhError(f"--run {run}: nothing to inspect: method {method!r} keeps no momentum copy (no uncertainty) "
-                        "and the run has no labels (no loss)")
+        raise RunError(f"run {run}: nothing to inspect: method {method!r} keeps no momentum copy (no uncertainty) "
+                        "and the run has no labels (no loss)", field="run")
     if sort is None:
         sort = "uncertainty" if uncertainty is not None else "loss"
     if sort == "loss" and loss is None:
-        raise DmuhError(f"--sort loss: the run has no loss column ({notes[-1]})")
+        raise ConfigError(f"sort loss: the run has no loss column ({notes[-1]})", field="sort")
 
     class_names = getattr(exp.source, "class_names", None)
     if labeled:
