@@ -179,9 +179,10 @@ def test_the_base_class_declares_what_the_loop_reads():
     for name in available():
         method = create_method(name, bits=8, num_train=4, num_classes=2)
         assert isinstance(method.notes, list) and isinstance(method.step_stats, dict)
-        assert method.uses_momentum == (method.momentum_alpha is not None)
-    assert create_method("dmuh", bits=8, num_train=4, num_classes=2, alpha=0.9).momentum_alpha == 0.9
-    assert create_method("regu", bits=8, num_train=4, num_classes=2).momentum_alpha is None
+        needs = method.requirements()
+        assert needs.uses_momentum == (needs.momentum is not None)
+    assert create_method("dmuh", bits=8, num_train=4, num_classes=2, alpha=0.9).requirements().momentum == 0.9
+    assert create_method("regu", bits=8, num_train=4, num_classes=2).requirements().momentum is None
     assert display_name("dmuh") == "DMUH" and display_name("dmuh-wo-u") == "dmuh-wo-u"
 
 
@@ -202,7 +203,7 @@ def test_a_checkpoint_rebuilds_network_and_method_without_labels(tiny_run):
     expected = encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
     config = load_run_config(tiny_run)
     model, method, momentum = rebuild_networks(checkpoint, tiny_run / CHECKPOINT, tiny_run, config)
-    assert momentum is not None and method.momentum_alpha == exp.method.momentum_alpha
+    assert momentum is not None and method.requirements().momentum == exp.requirements.momentum
     torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
     assert torch.equal(method.memory.labels, exp.method.memory.labels)  # state, not a stand-in
 
@@ -241,8 +242,8 @@ def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run, tmp_path):
     torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
     assert method.num_train == 1000 and method.num_classes == 10
     # Trained before the default reading changed: rebuilt with the reading it was trained with.
-    assert method.momentum_dropout == "off"
-    assert create_method("dmuh", bits=12, num_train=2, num_classes=2).momentum_dropout == "own"
+    assert method.requirements().momentum_dropout == "off"
+    assert create_method("dmuh", bits=12, num_train=2, num_classes=2).requirements().momentum_dropout == "own"
 
 
 def test_resuming_a_checkpoint_of_the_first_layout_keeps_its_reading(tmp_path):
@@ -257,7 +258,7 @@ def test_resuming_a_checkpoint_of_the_first_layout_keeps_its_reading(tmp_path):
 
     trainer = Trainer(TrainConfig(**{**config.to_dict(), "epochs": 2, "out": str(out)}), resume=True, progress=False,
                       echo=lambda line: None)
-    assert trainer.exp.method.momentum_dropout == "off" and trainer.exp.momentum.dropout == "off"
+    assert trainer.exp.requirements.momentum_dropout == "off" and trainer.exp.momentum.dropout == "off"
 
 
 # --- the command line ---------------------------------------------------------------------------

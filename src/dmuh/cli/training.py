@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dmuh.runs.layout import CONFIG
 
     if args.list_methods:
-        print("\n".join(name if method_class(name).uses_labels else f"{name}  (learns without labels)"
+        print("\n".join(name if method_class(name).requires.labels else f"{name}  (learns without labels)"
                         for name in available()))
         return 0
     if args.resume:

@@ -25,7 +25,7 @@ from typing import Dict
 
 import torch
 
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
 from dmuh.methods.components.functional import check_choice, check_number
 from dmuh.methods.components.reference import ReferenceFeatures
 from dmuh.methods.greedyhash_unsup import PAIRINGS, similarity_mse
@@ -56,8 +56,7 @@ class BiHalf(torch.autograd.Function):
 class BiHalfHash(HashingMethod):
     """Cosine similarities of bi-half codes regressed onto the reference features'."""
 
-    uses_labels = False
-    uses_reference_features = True
+    requires = Requirements(labels=False, reference_features=True)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, gamma: float = 6.0, pairs: str = "halves"):
         super().__init__(bits, num_train, num_classes)

@@ -18,7 +18,7 @@ official code. The official code binarises deterministically, as here; the paper
 binary layer (b = +1 where p > u, u ~ U(0, 1), straight-through) is `stochastic=True`, in training
 only. The retrieval code sign(z) = sign(sigmoid(z) - 1/2), so `continuous_codes` is the identity.
 Defaults: temperature = 0.3, beta = 0.001 (the official values), stochastic = False. It learns the
-image network end to end from its views, so it needs images (`needs_images`), and reads no label.
+image network end to end from its views, so it needs images (`Requirements.images`), and reads no label.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from dmuh.errors import DmuhError
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
 from dmuh.methods.components.functional import check_number, nt_xent
 from dmuh.methods.greedyhash import SignStraightThrough
 
@@ -47,10 +47,7 @@ def bernoulli_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class CIBHash(HashingMethod):
     """NT-Xent between the binary codes of two views, plus their bit distributions' symmetric KL."""
 
-    uses_labels = False
-    views = 2
-    view_augment = "simclr"
-    needs_images = True
+    requires = Requirements(labels=False, views=2, view_augment="simclr", images=True)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, temperature: float = 0.3, beta: float = 0.001,
                  stochastic: bool = False):

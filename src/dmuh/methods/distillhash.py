@@ -29,7 +29,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from dmuh.errors import DmuhError
-from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.base import Requirements, StepInputs, register_method
 from dmuh.methods.components.functional import check_count, check_number
 from dmuh.methods.components.reference import ReferenceFeatures
 from dmuh.methods.regu import Regu
@@ -98,8 +98,7 @@ def distilled_pairs(knn: torch.Tensor, reverse: Tuple[torch.Tensor, torch.Tensor
 class DistillHash(Regu):
     """Regu's likelihood and quantisation on the distilled pairs of the reference features' K-NN graph."""
 
-    uses_labels = False
-    uses_reference_features = True
+    requires = Requirements(labels=False, reference_features=True)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, neighbours: int = 20,
                  similar_threshold: float = 0.3, dissimilar_threshold: float = 0.0, beta: float = 50.0,

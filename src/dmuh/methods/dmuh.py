@@ -16,13 +16,14 @@ of through the gamma term. The gamma term keeps its gradient (through h; m has n
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict
 
 import torch
 
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
-from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.base import Requirements, StepInputs, register_method
 from dmuh.methods.components.functional import check_choice, check_number
 from dmuh.methods.components.memory import TrainingMemory
 from dmuh.methods.regu import Regu
@@ -67,12 +68,13 @@ class DMUH(Regu):
         alpha = check_number("alpha", alpha, 0.0)
         if alpha > 1.0:
             raise DmuhError(f"method parameter alpha={alpha!r}: must be <= 1 (Eq. 5 averages the weights)")
-        self.momentum_alpha = alpha
         if momentum_dropout is False:  # `momentum_dropout: off` in a YAML file (YAML 1.1 reads off as false)
             momentum_dropout = "off"
-        self.momentum_dropout = check_choice("momentum_dropout", momentum_dropout, DROPOUT_MODES)
-        self.momentum_update = check_choice("momentum_update", momentum_update, MOMENTUM_UPDATES)
-        self.retrieval_network = check_choice("retrieval", retrieval, RETRIEVAL_NETWORKS)
+        # The momentum copy and the retrieval network are hyper-parameters: `requirements()` reports them.
+        self.alpha = alpha
+        self.dropout_reading = check_choice("momentum_dropout", momentum_dropout, DROPOUT_MODES)
+        self.update_reading = check_choice("momentum_update", momentum_update, MOMENTUM_UPDATES)
+        self.retrieval = check_choice("retrieval", retrieval, RETRIEVAL_NETWORKS)
         self.gamma = check_number("gamma", gamma, 0.0)
         for name, value in (("bit_weights", bit_weights), ("image_weights", image_weights),
                             ("uncertainty_term", uncertainty_term)):
@@ -82,6 +84,10 @@ class DMUH(Regu):
         self.image_weights = image_weights
         self.uncertainty_term = uncertainty_term
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits, uncertainty=True)
+
+    def requirements(self) -> Requirements:
+        return replace(self.requires, momentum=self.alpha, momentum_dropout=self.dropout_reading,
+                       momentum_update=self.update_reading, retrieval_network=self.retrieval)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
         if step.momentum_outputs is None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dmuh.errors import DmuhError
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
 from dmuh.methods.components.functional import check_choice, check_number
 from dmuh.methods.components.reference import ReferenceFeatures, cosine_pairs
 from dmuh.methods.greedyhash import SignStraightThrough
@@ -53,8 +53,7 @@ def similarity_mse(codes: torch.Tensor, reference: torch.Tensor, pairs: str) -> 
 class GreedyHashUnsupervised(HashingMethod):
     """Cosine similarities of straight-through sign codes regressed onto the reference features'."""
 
-    uses_labels = False
-    uses_reference_features = True
+    requires = Requirements(labels=False, reference_features=True)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, alpha: float = 0.1, pairs: str = "halves"):
         super().__init__(bits, num_train, num_classes)

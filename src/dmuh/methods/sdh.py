@@ -155,7 +155,7 @@ class SDH(ShallowMethod):
         else:
             sigma = total / max(count, 1)
         if not sigma > 0:
-            raise DmuhError(f"{self.method_name}: the training features are all equal to the anchors (sigma=0); "
+            raise DmuhError(f"{self.name}: the training features are all equal to the anchors (sigma=0); "
                             "set the kernel width with -p sigma=NUMBER")
         return sigma
 
