@@ -112,6 +112,26 @@ def test_an_upward_import_is_found():
     assert layer("dmuh") == len(LAYERS) - 1 and layer("dmuh.errors") == 0
 
 
+def method_file_imports(graph: dict) -> list:
+    """(importer, imported) where a file of dmuh.methods imports a method file: within the layer a
+    method file may import only `dmuh.methods.base` and `dmuh.methods.components.*` (shared math)."""
+    def shared(module: str) -> bool:
+        return module == "dmuh.methods.base" or module.startswith("dmuh.methods.components")
+
+    return sorted((source, target) for source, targets in graph.items()
+                  if source.startswith("dmuh.methods.") for target in targets
+                  if (target == "dmuh.methods" or target.startswith("dmuh.methods.")) and not shared(target))
+
+
+def test_no_method_file_imports_another():
+    assert method_file_imports(import_graph()) == []
+    graph = {"dmuh.methods.ugach": {"dmuh.methods.distillhash", "dmuh.methods.components.reference"},
+             "dmuh.methods.components.memory": {"dmuh.methods.base", "dmuh.methods"},
+             "dmuh.methods": {"dmuh.methods.dmuh"}}
+    assert method_file_imports(graph) == [("dmuh.methods.components.memory", "dmuh.methods"),
+                                          ("dmuh.methods.ugach", "dmuh.methods.distillhash")]
+
+
 def function_local_imports(path: Path) -> list:
     """`dmuh` imports inside functions of one file, as (line, module)."""
     found = []

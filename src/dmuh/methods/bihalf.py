@@ -27,8 +27,7 @@ import torch
 
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
 from dmuh.methods.components.functional import check_choice, check_number
-from dmuh.methods.components.reference import ReferenceFeatures
-from dmuh.methods.greedyhash_unsup import PAIRINGS, similarity_mse
+from dmuh.methods.components.reference import PAIRINGS, ReferenceFeatures, similarity_mse
 
 
 class BiHalf(torch.autograd.Function):

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
-from dmuh.methods.components.functional import check_number, nt_xent
-from dmuh.methods.greedyhash import SignStraightThrough
+from dmuh.methods.components.functional import SignStraightThrough, check_number, nt_xent
 
 EPS = 1e-8
 

@@ -62,7 +62,7 @@ from dmuh.methods.components.functional import (
     check_number,
     random_sign_codes,
 )
-from dmuh.methods.shallow import ShallowMethod
+from dmuh.methods.components.shallow import ShallowMethod
 
 
 @register_method("cosdish", display_name="COSDISH")

@@ -24,9 +24,9 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, StepInputs, register_method
+from dmuh.methods.components.dpsh import PairwiseQuantizationMethod
 from dmuh.methods.components.functional import check_choice, check_number
 from dmuh.methods.components.memory import TrainingMemory
-from dmuh.methods.regu import Regu
 from dmuh.models.momentum import DROPOUT_MODES
 
 MOMENTUM_UPDATES = ("step", "epoch")
@@ -37,7 +37,7 @@ RETRIEVAL_NETWORKS = ("hashing", "momentum")
 @register_method("dmuh-wo-u", uncertainty_term=False)
 @register_method("dmuh-wo-eu", bit_weights=False)
 @register_method("dmuh-wo-euij", image_weights=False)
-class DMUH(Regu):
+class DMUH(PairwiseQuantizationMethod):
     """Regu plus bit- and image-level uncertainty from a momentum copy of the network.
 
     The three switches are the ablations of section 5.4: `uncertainty_term=False` is "w/o u_i",

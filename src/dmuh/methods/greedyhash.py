@@ -19,21 +19,8 @@ from typing import Dict
 import torch
 from torch import nn
 
-from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import check_number, label_cross_entropy
-
-
-class SignStraightThrough(torch.autograd.Function):
-    """sign(x) forward (0 -> +1, as `dmuh.codes.binary.sign`), the identity backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return sign(x)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output
+from dmuh.methods.components.functional import SignStraightThrough, check_number, label_cross_entropy
 
 
 @register_method("greedyhash", display_name="GreedyHash")

@@ -21,32 +21,10 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
-from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
-from dmuh.methods.components.functional import check_choice, check_number
-from dmuh.methods.components.reference import ReferenceFeatures, cosine_pairs
-from dmuh.methods.greedyhash import SignStraightThrough
-
-PAIRINGS = ("halves", "all")
-
-
-def similarity_mse(codes: torch.Tensor, reference: torch.Tensor, pairs: str) -> torch.Tensor:
-    """Mean squared difference of the codes' and the reference's cosine similarities over the
-    batch pairs `pairs` ("halves": i with i + B/2; "all": every i != j)."""
-    count = codes.shape[0]
-    if count < 2:
-        raise DmuhError(f"similarity of codes: a batch of {count} item has no pair (use --batch-size >= 2)")
-    if pairs == "halves":
-        half = count // 2
-        first, second = slice(0, half), slice(half, 2 * half)
-        code_cos = F.cosine_similarity(codes[first], codes[second], dim=1)
-        reference_cos = F.cosine_similarity(reference[first], reference[second], dim=1)
-        return F.mse_loss(code_cos, reference_cos)
-    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=codes.device)
-    difference = cosine_pairs(codes, codes) - cosine_pairs(reference, reference)
-    return difference[off_diagonal].pow(2).mean()
+from dmuh.methods.components.functional import SignStraightThrough, check_choice, check_number
+from dmuh.methods.components.reference import PAIRINGS, ReferenceFeatures, similarity_mse
 
 
 @register_method("greedyhash-unsup", display_name="GreedyHash (unsup.)")

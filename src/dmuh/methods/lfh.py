@@ -46,7 +46,7 @@ from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
 from dmuh.methods.components.functional import check_count, check_number
-from dmuh.methods.shallow import ShallowMethod
+from dmuh.methods.components.shallow import ShallowMethod
 
 CHUNK = 4096  # rows of S (from the labels) at once when the log posterior is computed
 

@@ -37,9 +37,8 @@ import torch.nn.functional as F
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
-from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.functional import SignStraightThrough, check_count, check_number
 from dmuh.methods.components.reference import ReferenceFeatures
-from dmuh.methods.greedyhash import SignStraightThrough
 from dmuh.models.decoder import FeatureDecoder
 
 

@@ -50,7 +50,7 @@ from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
 from dmuh.methods.components.functional import check_count, check_number
-from dmuh.methods.shallow import ShallowMethod
+from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import RBFHead, squared_distances
 
 SIGMA_RULES = ("nearest", "mean")

@@ -73,8 +73,7 @@ from dmuh.methods.base import Requirements, StepInputs, register_method
 from dmuh.methods.components.crossmodal import CrossModalMethod, check_hidden
 from dmuh.methods.components.functional import check_choice, check_count, check_number
 from dmuh.methods.components.memory import TrainingMemory
-from dmuh.methods.components.reference import ReferenceFeatures
-from dmuh.methods.distillhash import cosine_knn
+from dmuh.methods.components.reference import ReferenceFeatures, cosine_knn
 
 TEXT_METRICS = ("euclidean", "cosine")
 SCHEDULES = ("simultaneous", "alternate")

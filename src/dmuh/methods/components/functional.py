@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 
 OUTPUT_KINDS = ("tanh", "linear")
@@ -78,3 +79,15 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
     count = first.shape[0]
     other_view = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(rows.device)
     return F.cross_entropy(logits, other_view)
+
+
+class SignStraightThrough(torch.autograd.Function):
+    """sign(x) forward (0 -> +1, as `dmuh.codes.binary.sign`), the identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output
