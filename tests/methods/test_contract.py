@@ -4,14 +4,18 @@ from its own `requirements()`, gives finite terms that backpropagate, and comes 
 `spec()` and `state_dict()`: the rebuilt method gives identical codes and terms."""
 
 import dataclasses
+import inspect
 
 import pytest
 import torch
 
+from dmuh.cli import main
 from dmuh.codes.binary import sign
+from dmuh.errors import DmuhError
 from dmuh.methods import METHODS, Requirements, StepInputs, available, create_method, method_class
 from dmuh.methods.components.memory import TrainingMemory
 from dmuh.methods.components.pairwise import half_inner_product, mean_over_nb, pair_likelihood, pair_nll
+from dmuh.methods.components.params import declared_parameters
 
 BITS, NUM_TRAIN, NUM_CLASSES, BATCH, DIM, TEXT_DIM = 8, 12, 3, 6, 16, 5
 
@@ -184,3 +188,29 @@ def test_the_pairwise_likelihood_takes_a_similarity_and_a_reduction():
                        pair_likelihood(codes_, store.codes, similar, store.seen, reduction=mean_over_nb))
     assert torch.equal(store.pair_likelihood(codes_, similar, reduction=total),
                        (pair_nll(codes_, store.codes, similar) * store.seen).sum())
+
+
+@pytest.mark.parametrize("name", available())
+def test_declared_hyper_parameters_admit_their_defaults_and_refuse_by_name(name):
+    cls = method_class(name)
+    declared = declared_parameters(cls)
+    defaults = {key: parameter.default for key, parameter in inspect.signature(cls).parameters.items()}
+    assert set(declared) <= set(defaults)
+    for key, parameter in declared.items():
+        assert parameter.check(key, defaults[key]) == defaults[key]
+        if key in METHODS.entry(name).fixed:
+            continue
+        bad = "not-a-word" if parameter.kind is not bool else "yes"
+        with pytest.raises(DmuhError, match=rf"^method parameter {key}='{bad}': "):
+            create_method(name, bits=BITS, num_train=NUM_TRAIN, num_classes=NUM_CLASSES,
+                          **{**toy_params(name), key: bad})
+
+
+def test_list_methods_params_prints_the_declared_parameters(capsys):
+    assert main(["train", "--list-methods", "params"]) == 0
+    out = capsys.readouterr().out
+    assert "\ndmuh\n    alpha=0.7: a number and >= 0 and <= 1; " in out
+    assert "\ndmuh-wo-u\n" in out and "    uncertainty_term=False (fixed)\n" in out
+    assert "    normalisation='nB': one of nB, batch; " in out
+    assert [line for line in out.splitlines() if not line.startswith(" ")] == [
+        name if method_class(name).requires.labels else f"{name}  (learns without labels)" for name in available()]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dmuh.errors import DmuhError
+from dmuh.methods.components.params import Param, declared_parameters
 from dmuh.utils.registry import Registry
 
 
@@ -125,7 +126,8 @@ def _recording_spec(init):
     def __init__(self, *args, **kwargs):
         name = kwargs.pop(SPEC_NAME, None)
         if type(self).__init__ is __init__ and "params" not in self.__dict__:  # the outermost __init__
-            bound = signature.bind(self, *args, **kwargs).arguments
+            binding = signature.bind(self, *args, **kwargs)
+            bound = binding.arguments
             given = {key: value for key, value in list(bound.items())[1:] if key not in SIZES}
             for key, parameter in signature.parameters.items():
                 if parameter.kind is inspect.Parameter.VAR_KEYWORD and key in given:
@@ -137,6 +139,11 @@ def _recording_spec(init):
             object.__setattr__(self, "params", {key: value for key, value in given.items() if key not in fixed})
             if name is not None:
                 object.__setattr__(self, "name", name)
+            # The declared hyper-parameters, checked (and read: "1" -> 1.0) before __init__ runs.
+            for key, parameter in declared_parameters(type(self)).items():
+                if key in bound:
+                    bound[key] = parameter.check(key, bound[key])
+            args, kwargs = binding.args[1:], binding.kwargs
         init(self, *args, **kwargs)
 
     return __init__
@@ -155,6 +162,9 @@ class HashingMethod(nn.Module):
     # What the method needs of the loop and what it yields, declared once per class; `requirements()`
     # resolves it for an instance (DMUH's momentum copy is a hyper-parameter).
     requires: Requirements = Requirements()
+    # {name: Param}: the hyper-parameters declared with what they admit (`dmuh.methods.components.params`),
+    # checked before __init__ runs; a subclass adds to its bases'. The defaults are __init__'s.
+    hyper_parameters: Dict[str, Param] = {}
     # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.
     legacy_state_keys: Dict[str, str] = {}
     # Hyper-parameters whose default changed since checkpoints recorded a `method_spec`: the value

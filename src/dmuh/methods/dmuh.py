@@ -22,12 +22,12 @@ from typing import Dict
 import torch
 
 from dmuh.codes.binary import sign
-from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, StepInputs, register_method
 from dmuh.methods.components.dpsh import PairwiseQuantizationMethod
-from dmuh.methods.components.functional import check_choice, check_number
 from dmuh.methods.components.memory import TrainingMemory
+from dmuh.methods.components.params import Param
 from dmuh.models.momentum import DROPOUT_MODES
+from dmuh.utils.schema import Rule
 
 MOMENTUM_UPDATES = ("step", "epoch")
 RETRIEVAL_NETWORKS = ("hashing", "momentum")
@@ -46,6 +46,18 @@ class DMUH(PairwiseQuantizationMethod):
 
     # Checkpoints written before the default reading was measured (docs/method.md) used "off".
     legacy_defaults = {"momentum_dropout": "off"}
+    hyper_parameters = {
+        "alpha": Param(float, Rule(minimum=0.0, maximum=1.0), "momentum of the copy's weights (Eq. 5)",
+                       why="Eq. 5 averages the weights"),
+        "gamma": Param(float, Rule(minimum=0.0), "weight of the uncertainty term"),
+        "momentum_dropout": Param(str, Rule(choices=DROPOUT_MODES), "the momentum copy's dropout masks",
+                                  aliases=((False, "off"),)),
+        "momentum_update": Param(str, Rule(choices=MOMENTUM_UPDATES), "when Eq. 5 is applied"),
+        "retrieval": Param(str, Rule(choices=RETRIEVAL_NETWORKS), "whose codes are retrieved"),
+        "bit_weights": Param(bool, help="e^u weights of the quantisation (off: w/o e^u_i)"),
+        "image_weights": Param(bool, help="e^(u_i + u_j) weights of the pairs (off: w/o e^(u_i+u_j))"),
+        "uncertainty_term": Param(bool, help="the uncertainty term (off: w/o u_i)"),
+    }
 
     def __init__(
         self,
@@ -65,21 +77,14 @@ class DMUH(PairwiseQuantizationMethod):
         uncertainty_term: bool = True,
     ):
         super().__init__(bits, num_train, num_classes, beta=beta, output=output, normalisation=normalisation)
-        alpha = check_number("alpha", alpha, 0.0)
-        if alpha > 1.0:
-            raise DmuhError(f"method parameter alpha={alpha!r}: must be <= 1 (Eq. 5 averages the weights)")
-        if momentum_dropout is False:  # `momentum_dropout: off` in a YAML file (YAML 1.1 reads off as false)
-            momentum_dropout = "off"
-        # The momentum copy and the retrieval network are hyper-parameters: `requirements()` reports them.
+        # Checked as declared (`hyper_parameters`; a YAML file's `momentum_dropout: off` arrives as
+        # False and reads "off"). The momentum copy and the retrieval network are hyper-parameters:
+        # `requirements()` reports them.
         self.alpha = alpha
-        self.dropout_reading = check_choice("momentum_dropout", momentum_dropout, DROPOUT_MODES)
-        self.update_reading = check_choice("momentum_update", momentum_update, MOMENTUM_UPDATES)
-        self.retrieval = check_choice("retrieval", retrieval, RETRIEVAL_NETWORKS)
-        self.gamma = check_number("gamma", gamma, 0.0)
-        for name, value in (("bit_weights", bit_weights), ("image_weights", image_weights),
-                            ("uncertainty_term", uncertainty_term)):
-            if not isinstance(value, bool):
-                raise DmuhError(f"method parameter {name}={value!r}: expected true or false")
+        self.dropout_reading = momentum_dropout
+        self.update_reading = momentum_update
+        self.retrieval = retrieval
+        self.gamma = gamma
         self.bit_weights = bit_weights
         self.image_weights = image_weights
         self.uncertainty_term = uncertainty_term

@@ -20,16 +20,20 @@ import torch
 from torch import nn
 
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import SignStraightThrough, check_number, label_cross_entropy
+from dmuh.methods.components.functional import SignStraightThrough, label_cross_entropy
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 @register_method("greedyhash", display_name="GreedyHash")
 class GreedyHash(HashingMethod):
     """Classification of the binary codes themselves, trained through a straight-through sign."""
 
+    hyper_parameters = {"alpha": Param(float, Rule(minimum=0.0), "weight of the cubic quantisation term")}
+
     def __init__(self, bits: int, num_train: int, num_classes: int, alpha: float = 0.1):
         super().__init__(bits, num_train, num_classes)
-        self.alpha = check_number("alpha", alpha, 0.0)
+        self.alpha = alpha  # checked as declared
         self.classifier = nn.Linear(self.bits, self.num_classes, bias=False)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:

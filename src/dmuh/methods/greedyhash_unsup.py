@@ -23,8 +23,10 @@ from typing import Dict
 import torch
 
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
-from dmuh.methods.components.functional import SignStraightThrough, check_choice, check_number
+from dmuh.methods.components.functional import SignStraightThrough
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.reference import PAIRINGS, ReferenceFeatures, similarity_mse
+from dmuh.utils.schema import Rule
 
 
 @register_method("greedyhash-unsup", display_name="GreedyHash (unsup.)")
@@ -33,10 +35,14 @@ class GreedyHashUnsupervised(HashingMethod):
 
     requires = Requirements(labels=False, reference_features=True)
 
+    hyper_parameters = {
+        "alpha": Param(float, Rule(minimum=0.0), "weight of the cubic quantisation term"),
+        "pairs": Param(str, Rule(choices=PAIRINGS), "the batch pairs compared: i with i + B/2, or all"),
+    }
+
     def __init__(self, bits: int, num_train: int, num_classes: int, alpha: float = 0.1, pairs: str = "halves"):
         super().__init__(bits, num_train, num_classes)
-        self.alpha = check_number("alpha", alpha, 0.0)
-        self.pairs = check_choice("pairs", pairs, PAIRINGS)
+        self.alpha, self.pairs = alpha, pairs  # checked as declared
         self.reference = ReferenceFeatures()
 
     def set_reference_features(self, features: torch.Tensor) -> None:

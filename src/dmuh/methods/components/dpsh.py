@@ -13,12 +13,10 @@ import torch
 
 from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs
-from dmuh.methods.components.functional import (
-    apply_output,
-    check_choice,
-    check_output_kind,
-)
+from dmuh.methods.components.functional import OUTPUT_KINDS, apply_output
 from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 NORMALISATIONS = ("nB", "batch")
 
@@ -36,13 +34,17 @@ class PairwiseQuantizationMethod(HashingMethod):
     """
 
     legacy_state_keys = LEGACY_MEMORY_KEYS
+    hyper_parameters = {
+        "beta": Param(float, Rule(), "weight of the quantisation term (DPSH's lambda)"),
+        "output": Param(str, Rule(choices=OUTPUT_KINDS), "tanh bounds the codes to (-1, 1); linear keeps z"),
+        "normalisation": Param(str, Rule(choices=NORMALISATIONS), "nB: every term over n B (DPSH's); "
+                               "batch: each a mean over its own entries"),
+    }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, beta: float = 50.0, output: str = "tanh",
                  normalisation: str = "nB"):
         super().__init__(bits, num_train, num_classes)
-        self.output = check_output_kind(output)
-        self.normalisation = check_choice("normalisation", normalisation, NORMALISATIONS)
-        self.beta = float(beta)
+        self.output, self.normalisation, self.beta = output, normalisation, beta  # checked as declared
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
 
     def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
