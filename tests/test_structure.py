@@ -112,6 +112,26 @@ def test_an_upward_import_is_found():
     assert layer("dmuh") == len(LAYERS) - 1 and layer("dmuh.errors") == 0
 
 
+def method_file_imports(graph: dict) -> list:
+    """(importer, imported) where a file of dmuh.methods imports a method file: within the layer a
+    method file may import only `dmuh.methods.base` and `dmuh.methods.components.*` (shared math)."""
+    def shared(module: str) -> bool:
+        return module == "dmuh.methods.base" or module.startswith("dmuh.methods.components")
+
+    return sorted((source, target) for source, targets in graph.items()
+                  if source.startswith("dmuh.methods.") for target in targets
+                  if (target == "dmuh.methods" or target.startswith("dmuh.methods.")) and not shared(target))
+
+
+def test_no_method_file_imports_another():
+    assert method_file_imports(import_graph()) == []
+    graph = {"dmuh.methods.ugach": {"dmuh.methods.distillhash", "dmuh.methods.components.reference"},
+             "dmuh.methods.components.memory": {"dmuh.methods.base", "dmuh.methods"},
+             "dmuh.methods": {"dmuh.methods.dmuh"}}
+    assert method_file_imports(graph) == [("dmuh.methods.components.memory", "dmuh.methods"),
+                                          ("dmuh.methods.ugach", "dmuh.methods.distillhash")]
+
+
 def function_local_imports(path: Path) -> list:
     """`dmuh` imports inside functions of one file, as (line, module)."""
     found = []
@@ -179,9 +199,10 @@ def test_the_base_class_declares_what_the_loop_reads():
     for name in available():
         method = create_method(name, bits=8, num_train=4, num_classes=2)
         assert isinstance(method.notes, list) and isinstance(method.step_stats, dict)
-        assert method.uses_momentum == (method.momentum_alpha is not None)
-    assert create_method("dmuh", bits=8, num_train=4, num_classes=2, alpha=0.9).momentum_alpha == 0.9
-    assert create_method("regu", bits=8, num_train=4, num_classes=2).momentum_alpha is None
+        needs = method.requirements()
+        assert needs.uses_momentum == (needs.momentum is not None)
+    assert create_method("dmuh", bits=8, num_train=4, num_classes=2, alpha=0.9).requirements().momentum == 0.9
+    assert create_method("regu", bits=8, num_train=4, num_classes=2).requirements().momentum is None
     assert display_name("dmuh") == "DMUH" and display_name("dmuh-wo-u") == "dmuh-wo-u"
 
 
@@ -202,7 +223,7 @@ def test_a_checkpoint_rebuilds_network_and_method_without_labels(tiny_run):
     expected = encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
     config = load_run_config(tiny_run)
     model, method, momentum = rebuild_networks(checkpoint, tiny_run / CHECKPOINT, tiny_run, config)
-    assert momentum is not None and method.momentum_alpha == exp.method.momentum_alpha
+    assert momentum is not None and method.requirements().momentum == exp.requirements.momentum
     torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
     assert torch.equal(method.memory.labels, exp.method.memory.labels)  # state, not a stand-in
 
@@ -241,8 +262,8 @@ def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run, tmp_path):
     torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
     assert method.num_train == 1000 and method.num_classes == 10
     # Trained before the default reading changed: rebuilt with the reading it was trained with.
-    assert method.momentum_dropout == "off"
-    assert create_method("dmuh", bits=12, num_train=2, num_classes=2).momentum_dropout == "own"
+    assert method.requirements().momentum_dropout == "off"
+    assert create_method("dmuh", bits=12, num_train=2, num_classes=2).requirements().momentum_dropout == "own"
 
 
 def test_resuming_a_checkpoint_of_the_first_layout_keeps_its_reading(tmp_path):
@@ -257,7 +278,7 @@ def test_resuming_a_checkpoint_of_the_first_layout_keeps_its_reading(tmp_path):
 
     trainer = Trainer(TrainConfig(**{**config.to_dict(), "epochs": 2, "out": str(out)}), resume=True, progress=False,
                       echo=lambda line: None)
-    assert trainer.exp.method.momentum_dropout == "off" and trainer.exp.momentum.dropout == "off"
+    assert trainer.exp.requirements.momentum_dropout == "off" and trainer.exp.momentum.dropout == "off"
 
 
 # --- the command line ---------------------------------------------------------------------------

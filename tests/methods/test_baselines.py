@@ -349,7 +349,7 @@ def quantization_error(features, weight, bias):
 def test_itq_is_a_centred_rotated_pca_that_lowers_the_quantization_error():
     features = anisotropic_features()
     itq = create_method("itq", bits=3, train_labels=torch.eye(2)[[0] * 300])
-    assert itq.shallow
+    assert itq.requirements().shallow
     weight, bias = itq.fit(features, torch.zeros(300, 2))
     assert weight.shape == (3, 6) and bias.shape == (3,)
     torch.testing.assert_close(weight @ weight.t(), torch.eye(3), atol=1e-5, rtol=0)  # (W R)^T, W and R orthonormal
@@ -387,7 +387,7 @@ def test_shallow_methods_are_not_trained_by_gradient(name):
     method = create_method(name, bits=2, train_labels=LABELS)
     with pytest.raises(DmuhError, match="fitted once on backbone features"):
         method(step(H.clone()))
-    assert not getattr(create_method("hashnet", bits=2, train_labels=LABELS), "shallow", False)
+    assert not create_method("hashnet", bits=2, train_labels=LABELS).requirements().shallow
 
 
 # --- the training loop, on digits -------------------------------------------------------------

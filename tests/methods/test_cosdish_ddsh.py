@@ -207,7 +207,7 @@ DDSH_LABELS = torch.eye(2)[[0, 0, 1, 1, 0, 1]]  # six items, two classes
 
 def test_ddsh_samples_columns_and_solves_their_codes_balanced_each_round():
     method = create_method("ddsh", bits=4, train_labels=DDSH_LABELS, columns=4, iterations=2)
-    assert method.needs_images
+    assert method.requirements().images
     method.on_epoch_start(1, 4)
     first = method.omega.clone()
     assert int(method.in_omega.sum()) == 4 and method.in_omega[first].all()

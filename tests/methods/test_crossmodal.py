@@ -111,7 +111,7 @@ def test_dmuh_cross_loss_matches_a_hand_computation():
 
 def test_regu_cross_is_the_loss_without_uncertainty():
     method = create_method("regu-cross", bits=4, num_train=6, num_classes=2, text_dim=3)
-    assert method.momentum_alpha is None and method.text_momentum is None
+    assert method.requirements().momentum is None and method.text_momentum is None
     step = StepInputs(outputs=torch.randn(2, 4), labels=torch.eye(2), indices=torch.tensor([0, 1]), text=torch.randn(2, 3))
     assert set(method(step)) == {"inter", "intra", "image_quantization", "text_quantization"}
 

@@ -144,7 +144,7 @@ def test_trees_on_quantised_features_are_exact_thresholds_on_raw_features():
 def test_fitted_trees_reproduce_the_inferred_codes_and_survive_a_rebuild():
     x, labels = clustered()
     method = create_method("fasth", bits=6, train_labels=labels, **FAST)
-    assert method.shallow
+    assert method.requirements().shallow
     head = method.fit(x, labels)
     z = head(x)
     assert z.shape == (240, 6)

@@ -370,6 +370,6 @@ def test_list_methods_marks_exactly_the_label_free_methods(capsys):
     assert names == available()
     marked = {line[:-len(mark)] for line in lines if line.endswith(mark)}
     assert all(" " not in name for name in names)  # every other line is a bare name
-    assert marked == {name for name in available() if not method_class(name).uses_labels}
+    assert marked == {name for name in available() if not method_class(name).requires.labels}
     assert LABEL_FREE <= marked
     assert "regu" not in marked and "dmuh" not in marked

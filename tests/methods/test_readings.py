@@ -164,8 +164,9 @@ def test_the_default_reading_is_the_one_docs_method_md_names():
     assert line, "docs/method.md names the default reading"
     documented = dict(item.strip().split("=") for item in line.group(1).rstrip(".").split(","))
     method = create_method("dmuh", bits=2, num_train=2, num_classes=2)
-    actual = {"momentum_dropout": method.momentum_dropout, "momentum_update": method.momentum_update,
-              "output": method.output, "normalisation": method.normalisation, "retrieval": method.retrieval_network}
+    needs = method.requirements()
+    actual = {"momentum_dropout": needs.momentum_dropout, "momentum_update": needs.momentum_update,
+              "output": method.output, "normalisation": method.normalisation, "retrieval": needs.retrieval_network}
     assert documented == actual
 
 
@@ -175,7 +176,7 @@ def test_command_line_words_stay_words_only_true_and_false_are_booleans():
     assert parse_params(["momentum_dropout=off", "flag=true", "other=no", "alpha=0.7", "fc=[512,512]"]) == {
         "momentum_dropout": "off", "flag": True, "other": "no", "alpha": 0.7, "fc": [512, 512]}
     # A YAML file's `momentum_dropout: off` arrives as False and still means "off".
-    assert create_method("dmuh", bits=2, num_train=2, num_classes=2, momentum_dropout=False).momentum_dropout == "off"
+    assert create_method("dmuh", bits=2, num_train=2, num_classes=2, momentum_dropout=False).requirements().momentum_dropout == "off"
 
 
 def test_uncertainty_batches_are_mixed_like_training_batches(momentum_retrieval_run):

@@ -26,7 +26,7 @@ def test_registered_with_their_display_names():
     assert display_name("sdh") == "SDH" and display_name("lfh") == "LFH"
     for name in ("sdh", "lfh"):
         method = create_method(name, bits=8, num_train=4, num_classes=2)
-        assert method.shallow
+        assert method.requirements().shallow
         with pytest.raises(DmuhError, match="fitted once on backbone features"):
             method(None)
 

@@ -174,9 +174,10 @@ def test_cibhash_stochastic_codes_only_in_training():
                                          ("cibhash", "CIBHash")])
 def test_created_without_labels(name, shown):
     method = create_method(name, bits=8, train_labels=torch.zeros(6, 0))
-    assert not method.uses_labels and method.num_classes == 0 and display_name(name) == shown
-    assert method.uses_reference_features == (name != "cibhash")
-    assert (method.views, method.needs_images) == ((2, True) if name == "cibhash" else (1, False))
+    needs = method.requirements()
+    assert not needs.labels and method.num_classes == 0 and display_name(name) == shown
+    assert needs.reference_features == (name != "cibhash")
+    assert (needs.views, needs.images) == ((2, True) if name == "cibhash" else (1, False))
 
 
 @pytest.mark.parametrize("name, params, word", [

@@ -434,14 +434,14 @@ def _codes_decoder(args: argparse.Namespace, codes):
     if run is None:
         method, recorded = codes.model.get("method"), codes.model.get("run")
         try:
-            trains_decoder = method is not None and method_class(method).trains_decoder
+            trains_decoder = method is not None and method_class(method).requires.decoder
         except DmuhError:  # a method this dmuh does not know: no decoder to look for
             trains_decoder = False
         if not trains_decoder or not recorded or not Path(recorded).is_dir():
             return None
         run = recorded
     encoder = load_encoder(run)
-    if not encoder.method.trains_decoder:
+    if not encoder.method.requirements().decoder:
         raise DmuhError(f"--decoder {run}: its method {encoder.config.method!r} trains no decoder (rph does)")
     check_same_model(codes.identity(), encoder.identity, f"--decoder {run}'s decoder", allow=False)
     return encoder.method.decoder

@@ -19,7 +19,9 @@ def add_commands(sub) -> None:
     add_config_flags(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (see README on --epochs) [default: off]")
     p.add_argument("--quiet", action="store_true", help="no progress bar [default: off]")
-    p.add_argument("--list-methods", action="store_true", help="print the registered method names and exit [default: off]")
+    p.add_argument("--list-methods", nargs="?", const="names", default=None, choices=("names", "params"),
+                   help="print the registered method names and exit; `--list-methods params` adds each method's "
+                        "hyper-parameters with their defaults and allowed values [default: off]")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="warm up a backbone (cross-entropy and/or SimCLR) for `train --init`",
@@ -62,12 +64,19 @@ def add_commands(sub) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dmuh.engine.trainer import train
-    from dmuh.methods import available, method_class
+    from dmuh.methods import METHODS, available, method_class
+    from dmuh.methods.components.params import parameter_lines
     from dmuh.runs.layout import CONFIG
 
     if args.list_methods:
-        print("\n".join(name if method_class(name).uses_labels else f"{name}  (learns without labels)"
-                        for name in available()))
+        for name in available():
+            print(name if method_class(name).requires.labels else f"{name}  (learns without labels)")
+            if args.list_methods == "params":
+                entry = METHODS.entry(name)
+                for line in parameter_lines(entry.factory, entry.fixed):
+                    print(f"    {line}")
+                for key, value in entry.fixed.items():
+                    print(f"    {key}={value!r} (fixed)")
         return 0
     if args.resume:
         if not hasattr(args, "out"):

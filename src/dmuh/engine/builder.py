@@ -32,7 +32,7 @@ from dmuh.engine.runtime import (
     run_network,
 )
 from dmuh.errors import DmuhError
-from dmuh.methods import METHODS, HashingMethod, create_method, method_class
+from dmuh.methods import METHODS, HashingMethod, Requirements, create_method, method_class
 from dmuh.metrics.ranking import DEFAULT_TIES, mean_average_precision
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
@@ -68,8 +68,13 @@ class Experiment:
     train_inputs: torch.Tensor  # the training items, on the device
     train_labels: torch.Tensor
     context: distributed.Context = distributed.Context()
-    train_text: Optional[torch.Tensor] = None  # (num_train, V) on the device, for methods with uses_text
+    train_text: Optional[torch.Tensor] = None  # (num_train, V) on the device, for methods with Requirements.text
     label_noise: Optional[LabelNoise] = None  # the flips of --label-noise: train_labels holds the noisy labels
+
+    @property
+    def requirements(self) -> Requirements:
+        """What the method needs of the loop and yields: the engine and the studies read it here."""
+        return self.method.requirements()
 
 
 def trained_model(config: TrainConfig, images: torch.Tensor, run_dir: Path,
@@ -113,7 +118,8 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
     if config.init not in INIT_WORDS:
         load_init(config.init, model, split)
     pipeline = InputPipeline(getattr(source, "channels", None), getattr(model, "input_size", None), config.augment)
-    uses_labels = method_class(config.method).uses_labels  # known before any label is read
+    declared = method_class(config.method).requires  # known before any label is read
+    uses_labels = declared.labels
     if uses_labels and not source.labeled:
         raise DmuhError(f"method {config.method!r} learns from labels, and --data {config.data} has none; "
                         "choose a label-free method (dmuh train --list-methods)")
@@ -125,7 +131,7 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
             train_labels = torch.from_numpy(label_noise.apply(train_labels.numpy())).float()
             echo(f"label noise: {plural(len(label_noise.positions), 'training label')} of {len(split.train)} flipped "
                  f"to another class (--label-noise {label_noise.rate:g}, seed {label_noise.seed}; {LABEL_NOISE})")
-    uses_text = method_class(config.method).uses_text
+    uses_text = declared.text
     if uses_text and getattr(source, "text", None) is None:
         raise DmuhError(f"method {config.method!r} learns from image-text pairs, and --data {config.data} has no text; "
                         "give paired data (paired:PATH: a .npz of image and text, a .mat, or images with a .txt each)")
@@ -160,7 +166,8 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
     method.to(device)
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
-    momentum = MomentumNetwork(model, method.momentum_alpha, method.momentum_dropout) if method.uses_momentum else None
+    needs = method.requirements()
+    momentum = MomentumNetwork(model, needs.momentum, needs.momentum_dropout) if needs.uses_momentum else None
     if config.compile:
         # In place, so state_dict keys stay those of the plain model (checkpoints stay portable).
         model.compile()
@@ -249,8 +256,8 @@ def reference_features(exp: Experiment) -> torch.Tensor:
 
 def retrieval_network(exp: Experiment) -> torch.nn.Module:
     """The network whose codes are retrieved: the hashing network, or the momentum copy's when the
-    method says so (`HashingMethod.retrieval_network`)."""
-    if exp.method.retrieval_network == "momentum" and exp.momentum is not None:
+    method says so (`Requirements.retrieval_network`)."""
+    if exp.requirements.retrieval_network == "momentum" and exp.momentum is not None:
         return exp.momentum.network
     return exp.model
 

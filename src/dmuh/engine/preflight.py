@@ -39,15 +39,16 @@ def check_method(config: TrainConfig) -> None:
         method = create_method(config.method, bits=config.bits, num_train=2, num_classes=2, **config.method_params)
     except TypeError as error:  # a factory refusing an argument the registry let through
         raise DmuhError(f"method {config.method!r}: {error}") from None
-    if config.label_noise and not method.uses_labels:
+    needs = method.requirements()
+    if config.label_noise and not needs.labels:
         raise ConfigError(f"label_noise {config.label_noise:g}: method {config.method!r} learns without labels, so "
                         "there is no label to flip", field="label_noise")
     data = str(config.data)
     vectors = data.startswith("features:") or data.lower().endswith((".npz", ".npy"))
-    if method.needs_images and vectors:
+    if needs.images and vectors:
         raise ConfigError(f"method {config.method}: trains an image network end to end, not on --data {config.data} "
                         "(fit a shallow method such as itq on feature vectors)", field="method")
-    if method.needs_vectors and not vectors:
+    if needs.vectors and not vectors:
         raise ConfigError(f"method {config.method}: maps a fixed representation to codes and needs feature vectors "
                         f"as --data (features:FILE.npz), not {config.data}", field="method")
 

@@ -70,7 +70,7 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, method: HashingM
     hash_ids = {id(p) for p in hash_params}
     backbone_params = [p for p in model.parameters() if id(p) not in hash_ids]
     return build_optimizer(config, [
-        {"params": backbone_params, "lr_scale": backbone_lr_scale_of(config, method.uses_labels)},
+        {"params": backbone_params, "lr_scale": backbone_lr_scale_of(config, method.requirements().labels)},
         {"params": hash_params + list(method.parameters()), "lr_scale": 1.0},
     ])
 
@@ -142,7 +142,7 @@ class Trainer:
         check_train_config(config)  # method, model and files, before any data is read
         config = with_absolute_paths(config)  # config.yaml then works from any folder
         context = distributed.init_from_environment(config.device)
-        if context.enabled and method_class(config.method).uses_text:  # refused before any data is read
+        if context.enabled and method_class(config.method).requires.text:  # refused before any data is read
             raise DmuhError(f"method {config.method!r}: cross-modal methods train in one process (not under torchrun)")
         if context.enabled and config.device.startswith("cuda"):
             config = dataclasses.replace(config, device=f"cuda:{context.local_rank}")
@@ -184,8 +184,9 @@ class Trainer:
             self.start_epoch = checkpoint["epoch"] + 1
             self.log = [row for row in self.log if row["epoch"] < self.start_epoch]
             self.trace.truncate(checkpoint["epoch"])
+        self.needs = needs = exp.requirements  # what the method needs of this loop, read once
         vocabulary = getattr(exp.source, "vocabulary", None)
-        if self.main_process and exp.method.uses_text and vocabulary is not None:
+        if self.main_process and needs.text and vocabulary is not None:
             vocabulary.save(run_dir / VOCABULARY)  # `dmuh search --text` vectorises queries with it
         if self.main_process:
             config.save(run_dir / CONFIG)
@@ -202,23 +203,24 @@ class Trainer:
         if context.enabled:
             self.network = DistributedDataParallel(exp.model, device_ids=[exp.device.index] if exp.device.type == "cuda" else None)
         num_train = exp.train_inputs.shape[0]
-        if exp.method.uses_reference_features and self.start_epoch == 1:
+        needs = self.needs
+        if needs.reference_features and self.start_epoch == 1:
             # A resumed run's method has them from its checkpoint (the backbone has moved since).
             exp.method.set_reference_features(reference_features(exp).to(exp.device))
-        if exp.method.uses_text:
+        if needs.text:
             exp.method.set_train_text(exp.train_text)
-        if exp.method.views == 2:
+        if needs.views == 2:
             if exp.train_inputs.dim() != 4:
                 raise DmuhError(f"method {config.method!r} learns from two augmented views of each image; "
                                 f"--data {config.data} holds feature vectors")
-            self.view_pipeline = InputPipeline(exp.pipeline.channels, exp.pipeline.input_size, exp.method.view_augment)
+            self.view_pipeline = InputPipeline(exp.pipeline.channels, exp.pipeline.input_size, needs.view_augment)
         self.batch_size = min(config.batch_size, num_train // context.world_size)
         self.global_batch = self.batch_size * context.world_size
         self.steps = num_train // self.global_batch  # drop the ragged last batch: every step sees a full batch
         last: Dict[str, float] = self.log[-1] if self.log else {}
         for epoch in range(self.start_epoch, config.epochs + 1):
             row = self.epoch(epoch)
-            if exp.momentum is not None and exp.method.momentum_update == "epoch":
+            if exp.momentum is not None and needs.momentum_update == "epoch":
                 exp.momentum.update(exp.model)  # Eq. 5 once per epoch
             evaluate = config.eval_every >= 0 and ((config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs)
             last = self.finish_epoch(row, evaluate)
@@ -267,7 +269,8 @@ class Trainer:
         exp, context = self.exp, self.context
         everyone = self.order[step * self.global_batch : (step + 1) * self.global_batch]
         indices = everyone[context.rank * self.batch_size : (context.rank + 1) * self.batch_size]
-        if exp.method.views == 2:
+        needs = self.needs
+        if needs.views == 2:
             # Both views in one forward pass: DDP allows one per backward, and BatchNorm sees both.
             x = torch.cat([self.view_pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True)
                            for _ in range(2)])
@@ -275,7 +278,7 @@ class Trainer:
             x = exp.pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True)
         x = memory_layout(x, self.config, exp.device)
         def hashing_pass():
-            return self.network(x, return_features=True) if exp.method.uses_features else (self.network(x), None)
+            return self.network(x, return_features=True) if needs.features else (self.network(x), None)
 
         with autocast(self.config, exp.device):
             if exp.momentum is None:
@@ -284,7 +287,7 @@ class Trainer:
                 (outputs, features), momentum_outputs = exp.momentum.paired(hashing_pass, x)
         momentum_outputs = None if momentum_outputs is None else momentum_outputs.float()
         view_outputs = None
-        if exp.method.views == 2:  # the first half is the first view (two-view methods keep no momentum copy)
+        if needs.views == 2:  # the first half is the first view (two-view methods keep no momentum copy)
             outputs, view_outputs = outputs.chunk(2)
             features = None if features is None else features.chunk(2)[0]
             view_outputs = view_outputs.float()
@@ -309,7 +312,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.exp.model.parameters(), self.config.grad_clip)
 
     def after_step(self) -> Dict[str, torch.Tensor]:
-        if self.exp.momentum is not None and self.exp.method.momentum_update == "step":
+        if self.exp.momentum is not None and self.needs.momentum_update == "step":
             self.exp.momentum.update(self.exp.model)  # Eq. 5 after every step
         self.exp.method.on_step_end()
         return self.exp.method.step_stats
@@ -353,7 +356,7 @@ class Trainer:
         or a buffer (the trace restores the statistics its training-mode pass moves)."""
         exp, config, epoch = self.exp, self.config, int(row["epoch"])
         share_buffers(exp)
-        if evaluate and exp.method.uses_text:  # both directions; "map" is their mean
+        if evaluate and self.needs.text:  # both directions; "map" is their mean
             maps = evaluate_cross_modal_map(exp)
             row["map_i2t"], row["map_t2i"] = maps["i2t"], maps["t2i"]
             row["map"] = (maps["i2t"] + maps["t2i"]) / 2

@@ -30,6 +30,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
 from dmuh.methods.base import (  # noqa: F401
     METHODS,
     HashingMethod,
+    Requirements,
     StepInputs,
     available,
     create_method,

@@ -9,6 +9,8 @@ buffers join the checkpoint.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -16,7 +18,61 @@ import torch
 from torch import nn
 
 from dmuh.errors import DmuhError
+from dmuh.methods.components.params import Param, declared_parameters
 from dmuh.utils.registry import Registry
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """The contract between a method and everything that runs it: what it needs and what it yields.
+
+    A class declares it once (`requires = Requirements(...)`); `HashingMethod.requirements()` gives
+    the one for an instance. The loop, preflight, builder, run layout, studies, retrieval and the
+    CLI read a method's capabilities only through it.
+    """
+
+    # The loop keeps a momentum copy theta_m <- alpha theta_m + (1 - alpha) theta_h (Eq. 5) when
+    # this is a number (alpha), and passes its outputs as StepInputs.momentum_outputs.
+    momentum: Optional[float] = None
+    # How the momentum copy runs and learns (docs/method.md, "open readings"): its dropout
+    # ("off", "own" masks, or the hashing network's "shared" masks), and when Eq. 5 is applied
+    # ("step": after every optimiser step, "epoch": once at the end of each epoch).
+    momentum_dropout: str = "off"
+    momentum_update: str = "step"
+    # Augmented views of each batch the loop passes: 2 gives StepInputs.view_outputs, both views
+    # drawn with `view_augment` (contrastive methods); 1 is the run's --augment.
+    views: int = 1
+    view_augment: str = "simclr"
+    # Learns from image-text pairs (`dmuh.data.paired`): the loop passes StepInputs.text and hands
+    # the training texts over once (`set_train_text`); the method holds the text network
+    # (`encode_text`), the loop's network is the image network. See `dmuh.methods.components.crossmodal`.
+    text: bool = False
+    features: bool = False  # the loop passes backbone features (StepInputs.features)
+    # Wants the fixed representation of every training item before the first step
+    # (`set_reference_features`): the data's vectors, or the backbone's features of the images.
+    reference_features: bool = False
+    # False: learns without labels: the loop builds it with no label column ((n, 0) training labels,
+    # (B, 0) step labels), so no label of a training or database item reaches it, and `--init
+    # auto` does not warm up on labels for it. Labels are read only to evaluate.
+    labels: bool = True
+    # Trains its backbone end to end on images (DDSH, CIBHash): refused on `features:` data, whose
+    # "backbone" is a vector model, since its reference results and defaults are those of an image network.
+    images: bool = False
+    # Maps a fixed representation given as data (`features:` vectors) to codes, and its search
+    # needs a query's representation (rank-preserving hashing's decoder re-ranking).
+    vectors: bool = False
+    # Fitted once in closed form on features (`dmuh.methods.shallow.ShallowMethod.train_with`):
+    # no loss terms, no gradient.
+    shallow: bool = False
+    # Yields a trained `dmuh.models.decoder.FeatureDecoder` of its codes (`method.decoder`), which
+    # `dmuh index build` keeps in the index for `dmuh search --rerank decoder`.
+    decoder: bool = False
+    # Which network's codes are the retrieval codes: "hashing" (phi_h, the paper's) or "momentum".
+    retrieval_network: str = "hashing"
+
+    @property
+    def uses_momentum(self) -> bool:
+        return self.momentum is not None
 
 
 @dataclass
@@ -28,10 +84,10 @@ class StepInputs:
     indices: torch.Tensor  # (B,) positions in the training split (for memories)
     momentum_outputs: Optional[torch.Tensor] = None  # (B, bits) raw outputs of the momentum copy
     features: Optional[torch.Tensor] = None  # (B, D) backbone features, for methods that ask
-    # (B, bits) raw outputs of a second augmented view of the same items (methods with views = 2);
+    # (B, bits) raw outputs of a second augmented view of the same items (Requirements.views = 2);
     # `outputs` is then the first view's.
     view_outputs: Optional[torch.Tensor] = None
-    # (B, V) text vectors of the batch's items (methods with uses_text, on paired data); the
+    # (B, V) text vectors of the batch's items (Requirements.text, on paired data); the
     # method runs its own text network on them.
     text: Optional[torch.Tensor] = None
     # Under torchrun: the whole global batch of all ranks (detached). A method that keeps a memory
@@ -47,6 +103,52 @@ class StepInputs:
         return self.shared_indices, self.shared_outputs, self.shared_momentum_outputs
 
 
+# The keyword `create_method` names the registered entry with; the method never sees it.
+SPEC_NAME = "_registered_as"
+SIZES = ("bits", "num_train", "num_classes")
+
+
+def _registered_name(cls, given: Dict[str, Any]) -> Optional[str]:
+    """The name a directly built `cls` is registered under: of its entries whose fixed
+    hyper-parameters are all among `given`, the most specific, then the one written first."""
+    entries = [entry for entry in reversed(list(METHODS.entries.values())) if entry.factory is cls
+               and all(key in given and given[key] == value for key, value in entry.fixed.items())]
+    return max(entries, key=lambda entry: len(entry.fixed)).name if entries else None
+
+
+def _recording_spec(init):
+    """Wrap a method class's __init__ so that the outermost call sets `name` and `params` first:
+    `create_method` names the entry, a direct call is matched to one (`_registered_name`); the
+    params are the hyper-parameters given, less the entry's fixed ones. `spec()` is then complete."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        name = kwargs.pop(SPEC_NAME, None)
+        if type(self).__init__ is __init__ and "params" not in self.__dict__:  # the outermost __init__
+            binding = signature.bind(self, *args, **kwargs)
+            bound = binding.arguments
+            given = {key: value for key, value in list(bound.items())[1:] if key not in SIZES}
+            for key, parameter in signature.parameters.items():
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD and key in given:
+                    given.update(given.pop(key))
+                elif parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+                    given.pop(key, None)
+            name = name or _registered_name(type(self), given)
+            fixed = METHODS.entries[name].fixed if name in METHODS.entries else {}
+            object.__setattr__(self, "params", {key: value for key, value in given.items() if key not in fixed})
+            if name is not None:
+                object.__setattr__(self, "name", name)
+            # The declared hyper-parameters, checked (and read: "1" -> 1.0) before __init__ runs.
+            for key, parameter in declared_parameters(type(self)).items():
+                if key in bound:
+                    bound[key] = parameter.check(key, bound[key])
+            args, kwargs = binding.args[1:], binding.kwargs
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
 class HashingMethod(nn.Module):
     """Base class: everything the training loop reads of a method is declared here.
 
@@ -57,49 +159,27 @@ class HashingMethod(nn.Module):
     """
 
     name: str = ""
-    # The loop keeps a momentum copy theta_m <- alpha theta_m + (1 - alpha) theta_h (Eq. 5) when
-    # this is a number, and passes its outputs as StepInputs.momentum_outputs.
-    momentum_alpha: Optional[float] = None
-    # How the momentum copy runs and learns (docs/method.md, "open readings"): its dropout
-    # ("off", "own" masks, or the hashing network's "shared" masks), and when Eq. 5 is applied
-    # ("step": after every optimiser step, "epoch": once at the end of each epoch).
-    momentum_dropout: str = "off"
-    momentum_update: str = "step"
-    # Which network's codes are the retrieval codes: "hashing" (phi_h, the paper's) or "momentum".
-    retrieval_network: str = "hashing"
-    uses_features: bool = False  # the loop passes backbone features
-    # Learns without labels: the loop builds it with no label column ((n, 0) training labels,
-    # (B, 0) step labels), so no label of a training or database item reaches it, and `--init
-    # auto` does not warm up on labels for it. Labels are read only to evaluate.
-    uses_labels: bool = True
-    # Augmented views of each batch the loop passes: 2 gives StepInputs.view_outputs, both views
-    # drawn with `view_augment` (contrastive methods); 1 is the run's --augment.
-    views: int = 1
-    view_augment: str = "simclr"
-    # Wants the fixed representation of every training item before the first step
-    # (`set_reference_features`): the data's vectors, or the backbone's features of the images.
-    uses_reference_features: bool = False
-    shallow: bool = False  # fitted once on features (see `ShallowMethod`); a description, the loop never reads it
-    # Trains its backbone end to end on images (DDSH): refused on `features:` data, whose "backbone"
-    # is a vector model, since its reference results and defaults are those of an image network.
-    needs_images: bool = False
-    # Maps a fixed representation given as data (`features:` vectors) to codes, and its search
-    # needs a query's representation (rank-preserving hashing's decoder re-ranking).
-    needs_vectors: bool = False
-    # Trains a `dmuh.models.decoder.FeatureDecoder` of its codes (`self.decoder`), which `dmuh index
-    # build` keeps in the index for `dmuh search --rerank decoder`.
-    trains_decoder: bool = False
-    # Learns from image-text pairs (`dmuh.data.paired`): the loop passes StepInputs.text and hands
-    # the training texts over once (`set_train_text`); the method holds the text network
-    # (`encode_text`), the loop's network is the image network. See `dmuh.methods.components.crossmodal`.
-    uses_text: bool = False
+    # What the method needs of the loop and what it yields, declared once per class; `requirements()`
+    # resolves it for an instance (DMUH's momentum copy is a hyper-parameter).
+    requires: Requirements = Requirements()
+    # {name: Param}: the hyper-parameters declared with what they admit (`dmuh.methods.components.params`),
+    # checked before __init__ runs; a subclass adds to its bases'. The defaults are __init__'s.
+    hyper_parameters: Dict[str, Param] = {}
     # Old checkpoints' state-dict keys -> today's, for methods whose state moved into components.
     legacy_state_keys: Dict[str, str] = {}
     # Hyper-parameters whose default changed since checkpoints recorded a `method_spec`: the value
     # such a checkpoint was trained with, applied when it is rebuilt or resumed without that key.
     legacy_defaults: Dict[str, Any] = {}
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_spec(cls.__dict__["__init__"])
+
+    @_recording_spec
     def __init__(self, bits: int, num_train: int, num_classes: int):
+        # `name` and `params` (what `spec()` records) are set before the subclass's own __init__
+        # runs (`_recording_spec`): the registered name and the hyper-parameters it was given.
         super().__init__()
         self.bits = int(bits)
         self.num_train = int(num_train)
@@ -108,11 +188,10 @@ class HashingMethod(nn.Module):
         self.step_stats: Dict[str, torch.Tensor] = {}
         # One-line remarks the loop prints at the start of training (e.g. CSQ's fallback centres).
         self.notes: List[str] = []
-        self.params: Dict[str, Any] = {}  # the hyper-parameters it was created with (create_method)
 
-    @property
-    def uses_momentum(self) -> bool:
-        return self.momentum_alpha is not None
+    def requirements(self) -> Requirements:
+        """This instance's contract: the class's `requires`, unless its hyper-parameters change it."""
+        return self.requires
 
     def spec(self) -> Dict[str, Any]:
         """What `create_method(**spec)` needs to rebuild this method (its state comes from a checkpoint)."""
@@ -131,17 +210,17 @@ class HashingMethod(nn.Module):
     def set_reference_features(self, features: torch.Tensor) -> None:
         """The (num_train, D) reference representation of the training split, once, before the
         first step of a new run (a resumed run has it from its checkpoint). Methods with
-        `uses_reference_features` override it."""
+        `Requirements.reference_features` override it."""
 
     def set_train_text(self, text: torch.Tensor) -> None:
         """The (num_train, V) text vectors of the training split, on every start of a run (new or
-        resumed: they are data, not state). Methods with `uses_text` may keep them."""
+        resumed: they are data, not state). Methods with `Requirements.text` may keep them."""
 
     def on_step_end(self) -> None:
         """Hook after every optimiser step (a cross-modal method's momentum copy of its text network)."""
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        """Continuous codes of (n, V) text vectors; only methods with `uses_text` have a text network."""
+        """Continuous codes of (n, V) text vectors; only methods with `Requirements.text` have a text network."""
         raise DmuhError(f"method {self.name!r} has no text network: it hashes images only")
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
@@ -199,9 +278,8 @@ def create_method(name: str, bits: int, num_train: Optional[int] = None, num_cla
         num_train, num_classes = train_labels.shape
     if num_train is None or num_classes is None:
         raise TypeError("create_method needs num_train and num_classes (or train_labels)")
-    method = METHODS.create(name, {"bits": bits, "num_train": num_train, "num_classes": num_classes}, params)
-    method.name = name
-    method.params = dict(params)
+    sizes = {"bits": bits, "num_train": num_train, "num_classes": num_classes, SPEC_NAME: name}
+    method = METHODS.create(name, sizes, params)
     if train_labels is not None:
         method.set_train_labels(train_labels)
     return method

@@ -25,10 +25,10 @@ from typing import Dict
 
 import torch
 
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import check_choice, check_number
-from dmuh.methods.components.reference import ReferenceFeatures
-from dmuh.methods.greedyhash_unsup import PAIRINGS, similarity_mse
+from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
+from dmuh.methods.components.params import Param
+from dmuh.methods.components.reference import PAIRINGS, ReferenceFeatures, similarity_mse
+from dmuh.utils.schema import Rule
 
 
 class BiHalf(torch.autograd.Function):
@@ -56,13 +56,16 @@ class BiHalf(torch.autograd.Function):
 class BiHalfHash(HashingMethod):
     """Cosine similarities of bi-half codes regressed onto the reference features'."""
 
-    uses_labels = False
-    uses_reference_features = True
+    requires = Requirements(labels=False, reference_features=True)
+
+    hyper_parameters = {
+        "gamma": Param(float, Rule(minimum=0.0), "weight of the bi-half layer's pull of U to B"),
+        "pairs": Param(str, Rule(choices=PAIRINGS), "the batch pairs compared: i with i + B/2, or all"),
+    }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, gamma: float = 6.0, pairs: str = "halves"):
         super().__init__(bits, num_train, num_classes)
-        self.gamma = check_number("gamma", gamma, 0.0)
-        self.pairs = check_choice("pairs", pairs, PAIRINGS)
+        self.gamma, self.pairs = gamma, pairs  # checked as declared
         self.reference = ReferenceFeatures()
 
     def set_reference_features(self, features: torch.Tensor) -> None:

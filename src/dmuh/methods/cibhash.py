@@ -18,7 +18,7 @@ official code. The official code binarises deterministically, as here; the paper
 binary layer (b = +1 where p > u, u ~ U(0, 1), straight-through) is `stochastic=True`, in training
 only. The retrieval code sign(z) = sign(sigmoid(z) - 1/2), so `continuous_codes` is the identity.
 Defaults: temperature = 0.3, beta = 0.001 (the official values), stochastic = False. It learns the
-image network end to end from its views, so it needs images (`needs_images`), and reads no label.
+image network end to end from its views, so it needs images (`Requirements.images`), and reads no label.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from dmuh.errors import DmuhError
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import check_number, nt_xent
-from dmuh.methods.greedyhash import SignStraightThrough
+from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
+from dmuh.methods.components.functional import SignStraightThrough, nt_xent
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 EPS = 1e-8
 
@@ -47,19 +48,18 @@ def bernoulli_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class CIBHash(HashingMethod):
     """NT-Xent between the binary codes of two views, plus their bit distributions' symmetric KL."""
 
-    uses_labels = False
-    views = 2
-    view_augment = "simclr"
-    needs_images = True
+    requires = Requirements(labels=False, views=2, view_augment="simclr", images=True)
+
+    hyper_parameters = {
+        "temperature": Param(float, Rule(above=0.0), "NT-Xent temperature"),
+        "beta": Param(float, Rule(minimum=0.0), "weight of the views' symmetric KL"),
+        "stochastic": Param(bool, help="sample the codes from Bernoulli(p) instead of sign (training only)"),
+    }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, temperature: float = 0.3, beta: float = 0.001,
                  stochastic: bool = False):
         super().__init__(bits, num_train, num_classes)
-        self.temperature = check_number("temperature", temperature, 0.0, strict=True)
-        self.beta = check_number("beta", beta, 0.0)
-        if not isinstance(stochastic, bool):
-            raise DmuhError(f"method parameter stochastic={stochastic!r}: expected true or false")
-        self.stochastic = stochastic
+        self.temperature, self.beta, self.stochastic = temperature, beta, stochastic  # checked as declared
 
     def binarize(self, probabilities: torch.Tensor) -> torch.Tensor:
         """+-1 codes of bit probabilities, straight-through to them."""

@@ -62,7 +62,7 @@ from dmuh.methods.components.functional import (
     check_number,
     random_sign_codes,
 )
-from dmuh.methods.shallow import ShallowMethod
+from dmuh.methods.components.shallow import ShallowMethod
 
 
 @register_method("cosdish", display_name="COSDISH")
@@ -84,7 +84,7 @@ class COSDISH(ShallowMethod):
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.check_features(features)
         labels = self.check_labels(labels, x.shape[0])
-        check_columns(self.method_name, self.columns, x.shape[0])
+        check_columns(self.name, self.columns, x.shape[0])
         codes = self.fit_codes(labels)
         return self.regression(x, codes)
 

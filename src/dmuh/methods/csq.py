@@ -33,12 +33,9 @@ import torch.nn.functional as F
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import (
-    check_choice,
-    check_count,
-    check_number,
-    random_sign_codes,
-)
+from dmuh.methods.components.functional import random_sign_codes
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 CENTER_KINDS = ("auto", "hadamard", "bernoulli")
 
@@ -79,6 +76,14 @@ def bernoulli_centers(num_classes: int, bits: int, seed: int, tries: int) -> tor
 class CSQ(HashingMethod):
     """BCE of tanh(z) to each item's hash centre plus a quantisation term."""
 
+    hyper_parameters = {
+        "quantization": Param(float, Rule(minimum=0.0), "weight of the quantisation term"),
+        "centers": Param(str, Rule(choices=CENTER_KINDS), "Hadamard rows, Bernoulli draws, or auto "
+                         "(Hadamard when bits is a power of two and classes <= 2 bits)"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "bernoulli_tries": Param(int, Rule(minimum=1), "Bernoulli draws, of which the most spread is kept"),
+    }
+
     def __init__(
         self,
         bits: int,
@@ -90,10 +95,7 @@ class CSQ(HashingMethod):
         bernoulli_tries: int = 100,
     ):
         super().__init__(bits, num_train, num_classes)
-        check_choice("centers", centers, CENTER_KINDS)
-        self.quantization = check_number("quantization", quantization, 0.0)
-        check_count("seed", seed, 0)
-        check_count("bernoulli_tries", bernoulli_tries)
+        self.quantization = quantization  # all checked as declared
         self.notes: List[str] = []
         hadamard_fits = is_power_of_two(self.bits) and self.num_classes <= 2 * self.bits
         if centers == "hadamard" and not hadamard_fits:

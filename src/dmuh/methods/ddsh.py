@@ -47,6 +47,7 @@ from torch import nn
 from dmuh.codes.binary import sign
 from dmuh.methods.base import (
     HashingMethod,
+    Requirements,
     StepInputs,
     pairwise_similarity,
     register_method,
@@ -76,7 +77,7 @@ class TrainingLabels(nn.Module):
 class DDSH(HashingMethod):
     """Discrete codes of sampled items solved bit by bit; the network regresses the others onto them."""
 
-    needs_images = True
+    requires = Requirements(images=True)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, columns: int = 100, iterations: int = 3,
                  search_starts: int = SEARCH_STARTS, seed: int = 0):
@@ -94,10 +95,10 @@ class DDSH(HashingMethod):
 
     def set_train_labels(self, labels: torch.Tensor) -> None:
         super().set_train_labels(labels)
-        check_columns(self.name or "ddsh", self.columns, self.num_train)
+        check_columns(self.name, self.columns, self.num_train)
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
-        check_columns(self.name or "ddsh", self.columns, self.num_train)
+        check_columns(self.name, self.columns, self.num_train)
         if (epoch - 1) % self.iterations == 0 or not bool(self.sampled):
             self.sample_columns((epoch - 1) // self.iterations)
         self.update_sampled_codes()

@@ -22,12 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import (
-    apply_output,
-    check_number,
-    check_output_kind,
-)
+from dmuh.methods.components.functional import OUTPUT_KINDS, apply_output
 from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 def log_cosh(x: torch.Tensor) -> torch.Tensor:
@@ -41,11 +39,14 @@ class DHN(HashingMethod):
     """DPSH's pairwise likelihood over the training memory plus a log-cosh quantisation term."""
 
     legacy_state_keys = LEGACY_MEMORY_KEYS
+    hyper_parameters = {
+        "alpha": Param(float, Rule(minimum=0.0), "weight of the quantisation term"),
+        "output": Param(str, Rule(choices=OUTPUT_KINDS), "tanh bounds the codes to (-1, 1); linear keeps z"),
+    }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, alpha: float = 0.1, output: str = "linear"):
         super().__init__(bits, num_train, num_classes)
-        self.output = check_output_kind(output)
-        self.alpha = check_number("alpha", alpha, 0.0)
+        self.output, self.alpha = output, alpha  # checked as declared
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
 
     def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:

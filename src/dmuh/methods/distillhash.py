@@ -29,26 +29,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from dmuh.errors import DmuhError
-from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.base import Requirements, StepInputs, register_method
+from dmuh.methods.components.dpsh import PairwiseQuantizationMethod
 from dmuh.methods.components.functional import check_count, check_number
-from dmuh.methods.components.reference import ReferenceFeatures
-from dmuh.methods.regu import Regu
-
-_KNN_CHUNK = 1024  # query rows per similarity block: bounds the (chunk, n) temporary
-
-
-@torch.no_grad()
-def cosine_knn(features: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, k) int64 indices of each row's k nearest other rows by cosine similarity."""
-    unit = torch.nn.functional.normalize(features.float(), dim=1)
-    n = unit.shape[0]
-    rows = []
-    for start in range(0, n, _KNN_CHUNK):
-        similarity = unit[start:start + _KNN_CHUNK] @ unit.t()
-        own = torch.arange(start, min(start + _KNN_CHUNK, n), device=unit.device)
-        similarity[torch.arange(len(own), device=unit.device), own] = -float("inf")  # not one's own neighbour
-        rows.append(similarity.topk(k, dim=1).indices)
-    return torch.cat(rows)
+from dmuh.methods.components.reference import ReferenceFeatures, cosine_knn
 
 
 def reverse_neighbours(knn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -95,11 +79,10 @@ def distilled_pairs(knn: torch.Tensor, reverse: Tuple[torch.Tensor, torch.Tensor
 
 
 @register_method("distillhash", display_name="DistillHash")
-class DistillHash(Regu):
+class DistillHash(PairwiseQuantizationMethod):
     """Regu's likelihood and quantisation on the distilled pairs of the reference features' K-NN graph."""
 
-    uses_labels = False
-    uses_reference_features = True
+    requires = Requirements(labels=False, reference_features=True)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, neighbours: int = 20,
                  similar_threshold: float = 0.3, dissimilar_threshold: float = 0.0, beta: float = 50.0,

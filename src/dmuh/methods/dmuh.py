@@ -16,17 +16,18 @@ of through the gamma term. The gamma term keeps its gradient (through h; m has n
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict
 
 import torch
 
 from dmuh.codes.binary import sign
-from dmuh.errors import DmuhError
-from dmuh.methods.base import StepInputs, register_method
-from dmuh.methods.components.functional import check_choice, check_number
+from dmuh.methods.base import Requirements, StepInputs, register_method
+from dmuh.methods.components.dpsh import PairwiseQuantizationMethod
 from dmuh.methods.components.memory import TrainingMemory
-from dmuh.methods.regu import Regu
+from dmuh.methods.components.params import Param
 from dmuh.models.momentum import DROPOUT_MODES
+from dmuh.utils.schema import Rule
 
 MOMENTUM_UPDATES = ("step", "epoch")
 RETRIEVAL_NETWORKS = ("hashing", "momentum")
@@ -36,7 +37,7 @@ RETRIEVAL_NETWORKS = ("hashing", "momentum")
 @register_method("dmuh-wo-u", uncertainty_term=False)
 @register_method("dmuh-wo-eu", bit_weights=False)
 @register_method("dmuh-wo-euij", image_weights=False)
-class DMUH(Regu):
+class DMUH(PairwiseQuantizationMethod):
     """Regu plus bit- and image-level uncertainty from a momentum copy of the network.
 
     The three switches are the ablations of section 5.4: `uncertainty_term=False` is "w/o u_i",
@@ -45,6 +46,18 @@ class DMUH(Regu):
 
     # Checkpoints written before the default reading was measured (docs/method.md) used "off".
     legacy_defaults = {"momentum_dropout": "off"}
+    hyper_parameters = {
+        "alpha": Param(float, Rule(minimum=0.0, maximum=1.0), "momentum of the copy's weights (Eq. 5)",
+                       why="Eq. 5 averages the weights"),
+        "gamma": Param(float, Rule(minimum=0.0), "weight of the uncertainty term"),
+        "momentum_dropout": Param(str, Rule(choices=DROPOUT_MODES), "the momentum copy's dropout masks",
+                                  aliases=((False, "off"),)),
+        "momentum_update": Param(str, Rule(choices=MOMENTUM_UPDATES), "when Eq. 5 is applied"),
+        "retrieval": Param(str, Rule(choices=RETRIEVAL_NETWORKS), "whose codes are retrieved"),
+        "bit_weights": Param(bool, help="e^u weights of the quantisation (off: w/o e^u_i)"),
+        "image_weights": Param(bool, help="e^(u_i + u_j) weights of the pairs (off: w/o e^(u_i+u_j))"),
+        "uncertainty_term": Param(bool, help="the uncertainty term (off: w/o u_i)"),
+    }
 
     def __init__(
         self,
@@ -64,24 +77,22 @@ class DMUH(Regu):
         uncertainty_term: bool = True,
     ):
         super().__init__(bits, num_train, num_classes, beta=beta, output=output, normalisation=normalisation)
-        alpha = check_number("alpha", alpha, 0.0)
-        if alpha > 1.0:
-            raise DmuhError(f"method parameter alpha={alpha!r}: must be <= 1 (Eq. 5 averages the weights)")
-        self.momentum_alpha = alpha
-        if momentum_dropout is False:  # `momentum_dropout: off` in a YAML file (YAML 1.1 reads off as false)
-            momentum_dropout = "off"
-        self.momentum_dropout = check_choice("momentum_dropout", momentum_dropout, DROPOUT_MODES)
-        self.momentum_update = check_choice("momentum_update", momentum_update, MOMENTUM_UPDATES)
-        self.retrieval_network = check_choice("retrieval", retrieval, RETRIEVAL_NETWORKS)
-        self.gamma = check_number("gamma", gamma, 0.0)
-        for name, value in (("bit_weights", bit_weights), ("image_weights", image_weights),
-                            ("uncertainty_term", uncertainty_term)):
-            if not isinstance(value, bool):
-                raise DmuhError(f"method parameter {name}={value!r}: expected true or false")
+        # Checked as declared (`hyper_parameters`; a YAML file's `momentum_dropout: off` arrives as
+        # False and reads "off"). The momentum copy and the retrieval network are hyper-parameters:
+        # `requirements()` reports them.
+        self.alpha = alpha
+        self.dropout_reading = momentum_dropout
+        self.update_reading = momentum_update
+        self.retrieval = retrieval
+        self.gamma = gamma
         self.bit_weights = bit_weights
         self.image_weights = image_weights
         self.uncertainty_term = uncertainty_term
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits, uncertainty=True)
+
+    def requirements(self) -> Requirements:
+        return replace(self.requires, momentum=self.alpha, momentum_dropout=self.dropout_reading,
+                       momentum_update=self.update_reading, retrieval_network=self.retrieval)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
         if step.momentum_outputs is None:

@@ -18,13 +18,14 @@ code b = sign(h_x) rather than a shared sign(h_image + h_text)) are documented i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict
 
 import torch
 
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
-from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.base import Requirements, StepInputs, register_method
 from dmuh.methods.components.crossmodal import CrossModalMethod
 from dmuh.methods.components.functional import (
     apply_output,
@@ -55,8 +56,7 @@ class DMUHCrossModal(CrossModalMethod):
         uses_uncertainty = bit_weights or image_weights or uncertainty_term
         super().__init__(bits, num_train, num_classes, text_dim, text_hidden, text_dropout,
                          text_momentum=alpha if uses_uncertainty else None)
-        self.momentum_alpha = alpha if uses_uncertainty else None
-        self.momentum_dropout = "own"  # DMUH's default reading (docs/method.md)
+        self.alpha = alpha if uses_uncertainty else None  # the image network's momentum copy, if any
         self.beta = check_number("beta", beta, 0.0)
         self.gamma = check_number("gamma", gamma, 0.0)
         self.intra = check_number("intra", intra, 0.0)
@@ -64,6 +64,10 @@ class DMUHCrossModal(CrossModalMethod):
         self.bit_weights, self.image_weights, self.uncertainty_term = bit_weights, image_weights, uncertainty_term
         self.image_memory = TrainingMemory(num_train, num_classes, bits, uncertainty=True)
         self.text_memory = TrainingMemory(num_train, num_classes, bits, uncertainty=True)
+
+    def requirements(self) -> Requirements:
+        # DMUH's default reading (docs/method.md): the momentum copy draws its own dropout masks.
+        return replace(self.requires, momentum=self.alpha, momentum_dropout="own")
 
     def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
         return apply_output(self.output, outputs)
@@ -93,7 +97,7 @@ class DMUHCrossModal(CrossModalMethod):
         return terms
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        if self.momentum_alpha is not None and step.momentum_outputs is None:
+        if self.alpha is not None and step.momentum_outputs is None:
             raise ValueError("DMUH across modalities needs the image momentum network's outputs")
         text_outputs, text_momentum = self.text_outputs(step)
         image, image_bits, image_items = self.modality(step.outputs.float(), step.momentum_outputs,
@@ -110,6 +114,6 @@ class DMUHCrossModal(CrossModalMethod):
             terms[f"image_{name}"] = value
         for name, value in self.own_terms(text, text_bits, self.text_memory).items():
             terms[f"text_{name}"] = value
-        if self.momentum_alpha is not None:
+        if self.alpha is not None:
             self.step_stats = {"image_uncertainty": image_items.mean(), "text_uncertainty": text_items.mean()}
         return terms

@@ -30,14 +30,10 @@ import torch
 
 from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import (
-    apply_output,
-    check_count,
-    check_number,
-    check_output_kind,
-    random_sign_codes,
-)
+from dmuh.methods.components.functional import OUTPUT_KINDS, apply_output, random_sign_codes
 from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 @register_method("dsdh", display_name="DSDH")
@@ -45,6 +41,14 @@ class DSDH(HashingMethod):
     """DPSH's likelihood plus a pull of the outputs to discrete codes that a linear classifier reads."""
 
     legacy_state_keys = LEGACY_MEMORY_KEYS
+    hyper_parameters = {
+        "mu": Param(float, Rule(above=0.0), "weight of the classification of the codes, mu ||Y - B W||^2"),
+        "nu": Param(float, Rule(minimum=0.0), "ridge on the classifier W, nu ||W||^2"),
+        "eta": Param(float, Rule(minimum=0.0), "weight of the pull of the codes B to the outputs U"),
+        "dcc_iter": Param(int, Rule(minimum=1), "discrete cyclic coordinate passes per B step"),
+        "output": Param(str, Rule(choices=OUTPUT_KINDS), "tanh bounds the codes to (-1, 1); linear keeps z"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
 
     def __init__(
         self,
@@ -59,13 +63,9 @@ class DSDH(HashingMethod):
         seed: int = 0,
     ):
         super().__init__(bits, num_train, num_classes)
-        self.output = check_output_kind(output)
+        self.output = output  # all checked as declared
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
-        self.mu = check_number("mu", mu, 0.0, strict=True)
-        self.nu = check_number("nu", nu, 0.0)
-        self.eta = check_number("eta", eta, 0.0)
-        self.dcc_iter = check_count("dcc_iter", dcc_iter)
-        check_count("seed", seed, 0)
+        self.mu, self.nu, self.eta, self.dcc_iter = mu, nu, eta, dcc_iter
         self.register_buffer("binary_codes", random_sign_codes(self.num_train, self.bits, seed))
         self.register_buffer("classifier", torch.zeros(self.bits, self.num_classes))
 

@@ -63,7 +63,7 @@ import torch
 
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
 from dmuh.methods.components.functional import check_count, check_number
 from dmuh.methods.components.reference import ReferenceFeatures
 
@@ -165,8 +165,7 @@ def kmeans_clusters(features: torch.Tensor, clusters: int, restarts: int, seed: 
 class DSG(HashingMethod):
     """Confidence- and cluster-weighted pairwise loss to thresholded reference similarities."""
 
-    uses_labels = False
-    uses_reference_features = True
+    requires = Requirements(labels=False, reference_features=True)
 
     def __init__(
         self,

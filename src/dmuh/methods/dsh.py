@@ -24,12 +24,10 @@ from typing import Dict, Optional
 import torch
 
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import (
-    apply_output,
-    check_number,
-    check_output_kind,
-)
+from dmuh.methods.components.functional import OUTPUT_KINDS, apply_output
 from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 @register_method("dsh", display_name="DSH")
@@ -37,6 +35,11 @@ class DSH(HashingMethod):
     """Contrastive loss with margin m over the training memory plus an L1 regulariser."""
 
     legacy_state_keys = LEGACY_MEMORY_KEYS
+    hyper_parameters = {
+        "alpha": Param(float, Rule(minimum=0.0), "weight of the L1 regulariser"),
+        "margin": Param(float, Rule(above=0.0), "the contrastive margin (none: 2 bits)", optional=True),
+        "output": Param(str, Rule(choices=OUTPUT_KINDS), "tanh bounds the codes to (-1, 1); linear keeps z"),
+    }
 
     def __init__(
         self,
@@ -48,10 +51,10 @@ class DSH(HashingMethod):
         output: str = "linear",
     ):
         super().__init__(bits, num_train, num_classes)
-        self.output = check_output_kind(output)
+        self.output = output  # checked as declared
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
-        self.alpha = check_number("alpha", alpha, 0.0)
-        self.margin = 2.0 * self.bits if margin is None else check_number("margin", margin, 0.0, strict=True)
+        self.alpha = alpha
+        self.margin = 2.0 * self.bits if margin is None else margin
 
     def contrastive(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over the batch x seen-memory pairs of the contrastive term, over n B."""

@@ -75,7 +75,7 @@ import torch
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
 from dmuh.methods.components.functional import check_count, check_number
-from dmuh.methods.shallow import ShallowMethod
+from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import TreesHead
 
 
@@ -270,13 +270,13 @@ class FastH(ShallowMethod):
         if target.all() or not target.any():
             # One value for every item: a constant bit carries nothing, so fit random signs (as the code).
             target = rng.random(len(bit)) < 0.5
-            self.notes.append(f"{self.method_name}: bit {k + 1} was inferred constant; fitted to random signs")
+            self.notes.append(f"{self.name}: bit {k + 1} was inferred constant; fitted to random signs")
         options = dict(max_iter=self.trees, max_bins=self.bins, max_depth=self.depth, max_leaf_nodes=None,
                        learning_rate=self.learning_rate, early_stopping=False, random_state=self.seed + k)
         fraction = min(1.0, self.node_features / x.shape[1])
         if fraction < 1.0:
             if "max_features" not in HistGradientBoostingClassifier().get_params():
-                raise DmuhError(f"{self.method_name}: node_features={self.node_features} < {x.shape[1]} features "
+                raise DmuhError(f"{self.name}: node_features={self.node_features} < {x.shape[1]} features "
                                 "needs scikit-learn >= 1.4 (max_features); upgrade it or set node_features large")
             options["max_features"] = fraction
         return HistGradientBoostingClassifier(**options).fit(x, target, sample_weight=weights)

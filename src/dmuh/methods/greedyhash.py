@@ -19,30 +19,21 @@ from typing import Dict
 import torch
 from torch import nn
 
-from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import check_number, label_cross_entropy
-
-
-class SignStraightThrough(torch.autograd.Function):
-    """sign(x) forward (0 -> +1, as `dmuh.codes.binary.sign`), the identity backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return sign(x)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
-        return grad_output
+from dmuh.methods.components.functional import SignStraightThrough, label_cross_entropy
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 @register_method("greedyhash", display_name="GreedyHash")
 class GreedyHash(HashingMethod):
     """Classification of the binary codes themselves, trained through a straight-through sign."""
 
+    hyper_parameters = {"alpha": Param(float, Rule(minimum=0.0), "weight of the cubic quantisation term")}
+
     def __init__(self, bits: int, num_train: int, num_classes: int, alpha: float = 0.1):
         super().__init__(bits, num_train, num_classes)
-        self.alpha = check_number("alpha", alpha, 0.0)
+        self.alpha = alpha  # checked as declared
         self.classifier = nn.Linear(self.bits, self.num_classes, bias=False)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:

@@ -21,45 +21,28 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-import torch.nn.functional as F
 
-from dmuh.errors import DmuhError
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import check_choice, check_number
-from dmuh.methods.components.reference import ReferenceFeatures, cosine_pairs
-from dmuh.methods.greedyhash import SignStraightThrough
-
-PAIRINGS = ("halves", "all")
-
-
-def similarity_mse(codes: torch.Tensor, reference: torch.Tensor, pairs: str) -> torch.Tensor:
-    """Mean squared difference of the codes' and the reference's cosine similarities over the
-    batch pairs `pairs` ("halves": i with i + B/2; "all": every i != j)."""
-    count = codes.shape[0]
-    if count < 2:
-        raise DmuhError(f"similarity of codes: a batch of {count} item has no pair (use --batch-size >= 2)")
-    if pairs == "halves":
-        half = count // 2
-        first, second = slice(0, half), slice(half, 2 * half)
-        code_cos = F.cosine_similarity(codes[first], codes[second], dim=1)
-        reference_cos = F.cosine_similarity(reference[first], reference[second], dim=1)
-        return F.mse_loss(code_cos, reference_cos)
-    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=codes.device)
-    difference = cosine_pairs(codes, codes) - cosine_pairs(reference, reference)
-    return difference[off_diagonal].pow(2).mean()
+from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
+from dmuh.methods.components.functional import SignStraightThrough
+from dmuh.methods.components.params import Param
+from dmuh.methods.components.reference import PAIRINGS, ReferenceFeatures, similarity_mse
+from dmuh.utils.schema import Rule
 
 
 @register_method("greedyhash-unsup", display_name="GreedyHash (unsup.)")
 class GreedyHashUnsupervised(HashingMethod):
     """Cosine similarities of straight-through sign codes regressed onto the reference features'."""
 
-    uses_labels = False
-    uses_reference_features = True
+    requires = Requirements(labels=False, reference_features=True)
+
+    hyper_parameters = {
+        "alpha": Param(float, Rule(minimum=0.0), "weight of the cubic quantisation term"),
+        "pairs": Param(str, Rule(choices=PAIRINGS), "the batch pairs compared: i with i + B/2, or all"),
+    }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, alpha: float = 0.1, pairs: str = "halves"):
         super().__init__(bits, num_train, num_classes)
-        self.alpha = check_number("alpha", alpha, 0.0)
-        self.pairs = check_choice("pairs", pairs, PAIRINGS)
+        self.alpha, self.pairs = alpha, pairs  # checked as declared
         self.reference = ReferenceFeatures()
 
     def set_reference_features(self, features: torch.Tensor) -> None:

@@ -31,7 +31,8 @@ from dmuh.methods.base import (
     pairwise_similarity,
     register_method,
 )
-from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 def class_balanced_pair_loss(theta: torch.Tensor, similar: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,14 @@ def class_balanced_pair_loss(theta: torch.Tensor, similar: torch.Tensor) -> torc
 class HashNet(HashingMethod):
     """Class-balanced pairwise likelihood on tanh(scale * z), scale raised by continuation."""
 
+    hyper_parameters = {
+        "alpha": Param(float, Rule(above=0.0), "the inner-product scale (none: 10 / bits)", optional=True),
+        "step_size": Param(int, Rule(minimum=1), "steps between raises of the continuation scale"),
+        "gamma": Param(float, Rule(minimum=0.0), "continuation: scale = init_scale (1 + gamma step)^power"),
+        "power": Param(float, Rule(minimum=0.0), "continuation power"),
+        "init_scale": Param(float, Rule(above=0.0), "the scale at step 0"),
+    }
+
     def __init__(
         self,
         bits: int,
@@ -61,11 +70,8 @@ class HashNet(HashingMethod):
         init_scale: float = 1.0,
     ):
         super().__init__(bits, num_train, num_classes)
-        self.alpha = 10.0 / self.bits if alpha is None else check_number("alpha", alpha, 0.0, strict=True)
-        self.step_size = check_count("step_size", step_size)
-        self.gamma = check_number("gamma", gamma, 0.0)
-        self.power = check_number("power", power, 0.0)
-        self.init_scale = check_number("init_scale", init_scale, 0.0, strict=True)
+        self.alpha = 10.0 / self.bits if alpha is None else alpha  # checked as declared
+        self.step_size, self.gamma, self.power, self.init_scale = step_size, gamma, power, init_scale
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def scale(self) -> torch.Tensor:

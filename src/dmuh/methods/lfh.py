@@ -46,7 +46,7 @@ from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
 from dmuh.methods.components.functional import check_count, check_number
-from dmuh.methods.shallow import ShallowMethod
+from dmuh.methods.components.shallow import ShallowMethod
 
 CHUNK = 4096  # rows of S (from the labels) at once when the log posterior is computed
 
@@ -148,7 +148,7 @@ class LFH(ShallowMethod):
         self.check_enough_items(x.shape[0])
         u = self.factorise(labels)
         if not torch.isfinite(u).all():
-            raise DmuhError(f"{self.method_name}: the latent factors diverged (non-finite); try a smaller beta")
+            raise DmuhError(f"{self.name}: the latent factors diverged (non-finite); try a smaller beta")
         self.fitted_factors = u
         weight, bias = ridge_extension(x, sign(u), self.lam)
         return weight.float(), bias.float()

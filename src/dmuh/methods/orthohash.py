@@ -26,19 +26,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmuh.codes.binary import sign
-from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import (
-    check_count,
-    check_number,
-    label_cross_entropy,
-    random_sign_codes,
-)
+from dmuh.methods.components.functional import label_cross_entropy, random_sign_codes
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 @register_method("orthohash", display_name="OrthoHash")
 class OrthoHash(HashingMethod):
     """Cosine-margin cross-entropy of BatchNorm(z) to one fixed binary code per class."""
+
+    hyper_parameters = {
+        "scale": Param(float, Rule(above=0.0), "the cosine logits' scale"),
+        "margin": Param(float, Rule(minimum=0.0), "the cosine margin of the true class"),
+        "quantization": Param(float, Rule(minimum=0.0), "weight of the quantisation term"),
+        "batch_norm": Param(bool, help="BatchNorm of z before the codes"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
 
     def __init__(
         self,
@@ -52,12 +56,7 @@ class OrthoHash(HashingMethod):
         seed: int = 0,
     ):
         super().__init__(bits, num_train, num_classes)
-        self.scale = check_number("scale", scale, 0.0, strict=True)
-        self.margin = check_number("margin", margin, 0.0)
-        self.quantization = check_number("quantization", quantization, 0.0)
-        check_count("seed", seed, 0)
-        if not isinstance(batch_norm, bool):
-            raise DmuhError(f"method parameter batch_norm={batch_norm!r}: expected true or false")
+        self.scale, self.margin, self.quantization = scale, margin, quantization  # checked as declared
         self.batch_norm = nn.BatchNorm1d(self.bits, momentum=0.1) if batch_norm else nn.Identity()
         self.register_buffer("codebook", random_sign_codes(self.num_classes, self.bits, seed))
 

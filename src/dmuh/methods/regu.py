@@ -1,30 +1,19 @@
 """Regu: the DPSH pairwise-likelihood loss with a quantisation regulariser (paper Eq. 4).
 
 Each batch is paired with every training item through a memory of the latest output of each
-training item (`TrainingMemory`), as DPSH does.
+training item (`TrainingMemory`), as DPSH does. The loss is
+`dmuh.methods.components.dpsh.PairwiseQuantizationMethod`'s, which DMUH and DistillHash extend.
 """
 
 from __future__ import annotations
 
-from typing import Dict
-
-import torch
-
-from dmuh.codes.binary import sign
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import (
-    apply_output,
-    check_choice,
-    check_output_kind,
-)
-from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
-
-NORMALISATIONS = ("nB", "batch")
+from dmuh.methods.base import register_method
+from dmuh.methods.components.dpsh import NORMALISATIONS, PairwiseQuantizationMethod  # noqa: F401
 
 
 @register_method("regu", display_name="Regu")
 @register_method("dpsh", display_name="DPSH")
-class Regu(HashingMethod):
+class Regu(PairwiseQuantizationMethod):
     """L = [sum_ij (log(1 + e^Theta_ij) - S_ij Theta_ij) + beta * sum_i ||h_i - b_i||^2] / (n B).
 
     Theta_ij = h_i^T h_j / 2 over the B batch items i and the memory items j seen so far (an
@@ -35,33 +24,3 @@ class Regu(HashingMethod):
     over its own entries (pairs of the batch with seen items; batch items x bits). `output="tanh"`
     bounds h to (-1, 1) (our default, see docs/method.md); "linear" is DPSH's unbounded output.
     """
-
-    legacy_state_keys = LEGACY_MEMORY_KEYS
-
-    def __init__(self, bits: int, num_train: int, num_classes: int, beta: float = 50.0, output: str = "tanh",
-                 normalisation: str = "nB"):
-        super().__init__(bits, num_train, num_classes)
-        self.output = check_output_kind(output)
-        self.normalisation = check_choice("normalisation", normalisation, NORMALISATIONS)
-        self.beta = float(beta)
-        self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
-
-    def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
-        return apply_output(self.output, outputs)
-
-    def entry_mean(self, total: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """A sum over the batch's items x bits, normalised: over n B, or its mean over B x bits."""
-        if self.normalisation == "batch":
-            return total / (batch_size * self.bits)
-        return total / self.memory.normaliser(batch_size)
-
-    def quantization(self, codes: torch.Tensor) -> torch.Tensor:
-        """beta * sum_i ||h_i - b_i||^2, normalised as the likelihood."""
-        return self.beta * self.entry_mean((codes - sign(codes.detach())).pow(2).sum(), codes.shape[0])
-
-    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        codes = self.memory.remember(step, self.continuous_codes)
-        return {
-            "likelihood": self.memory.likelihood(codes, step.labels, normalisation=self.normalisation),
-            "quantization": self.quantization(codes),
-        }

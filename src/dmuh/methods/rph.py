@@ -36,10 +36,9 @@ import torch.nn.functional as F
 
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
-from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
+from dmuh.methods.components.functional import SignStraightThrough, check_count, check_number
 from dmuh.methods.components.reference import ReferenceFeatures
-from dmuh.methods.greedyhash import SignStraightThrough
 from dmuh.models.decoder import FeatureDecoder
 
 
@@ -58,10 +57,7 @@ def rank_divergence(reference: torch.Tensor, codes: torch.Tensor, temperature: f
 class RankPreservingHashing(HashingMethod):
     """Codes whose rankings keep the reference features' rankings, plus a decoder of the features."""
 
-    uses_labels = False
-    uses_reference_features = True
-    needs_vectors = True
-    trains_decoder = True
+    requires = Requirements(labels=False, reference_features=True, vectors=True, decoder=True)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, reference_dim: int = 1,
                  temperature: float = 0.05, quantization: float = 0.1, reconstruction: float = 1.0,

@@ -50,7 +50,7 @@ from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
 from dmuh.methods.components.functional import check_count, check_number
-from dmuh.methods.shallow import ShallowMethod
+from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import RBFHead, squared_distances
 
 SIGMA_RULES = ("nearest", "mean")
@@ -155,7 +155,7 @@ class SDH(ShallowMethod):
         else:
             sigma = total / max(count, 1)
         if not sigma > 0:
-            raise DmuhError(f"{self.method_name}: the training features are all equal to the anchors (sigma=0); "
+            raise DmuhError(f"{self.name}: the training features are all equal to the anchors (sigma=0); "
                             "set the kernel width with -p sigma=NUMBER")
         return sigma
 

@@ -20,69 +20,22 @@ bias = -P mean.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Tuple
 
 import torch
 
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
-from dmuh.methods.base import HashingMethod, StepInputs, register_method
+from dmuh.methods.base import Requirements, register_method
 from dmuh.methods.components.functional import check_count
-
-
-class ShallowMethod(HashingMethod):
-    """A method fitted once on features (`fit`), never trained by gradient.
-
-    `fit(features (n, D), labels (n, C))` returns (weight (bits, D), bias (bits,)) of a linear
-    hash layer, or a fitted head from `dmuh.models.heads` when the out-of-sample function is not
-    linear (SDH's kernel map, FastH's trees)."""
-
-    shallow = True
-
-    def train_with(self, trainer):
-        return trainer.fit_hash_layer(self.fit)
-
-    @property
-    def method_name(self) -> str:
-        return self.name or type(self).__name__.lower()
-
-    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        raise DmuhError(f"method {self.method_name!r} is fitted once on backbone features (fit), "
-                        "not trained by gradient")
-
-    def fit(self, features: torch.Tensor, labels: torch.Tensor):
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def check_features(self, features: torch.Tensor) -> torch.Tensor:
-        """The features as float64 (n, D), or a `DmuhError` saying what is wrong with them."""
-        if features.dim() != 2 or features.shape[0] < 2:
-            raise DmuhError(f"{self.method_name}: needs features of shape (n >= 2, D), got {tuple(features.shape)}")
-        if not torch.isfinite(features).all():
-            raise DmuhError(f"{self.method_name}: the features contain NaN or infinite values")
-        return features.detach().double().cpu()
-
-    def check_labels(self, labels: Optional[torch.Tensor], count: int) -> torch.Tensor:
-        """The training labels as float64 (count, C), or a `DmuhError` (for the supervised ones)."""
-        if labels is None or labels.dim() != 2 or labels.shape[0] != count:
-            raise DmuhError(f"{self.method_name}: needs labels of shape (n={count}, classes), "
-                            f"got {None if labels is None else tuple(labels.shape)}")
-        if not torch.isfinite(labels).all():
-            raise DmuhError(f"{self.method_name}: the labels contain NaN or infinite values")
-        return labels.detach().double().cpu()
-
-    def check_enough_items(self, count: int) -> None:
-        """Codes of `bits` bits need at least as many training items (the regressions and the code
-        solvers are under-determined otherwise)."""
-        if count < self.bits:
-            raise DmuhError(f"{self.method_name}: {count} training items for bits={self.bits}: "
-                            "needs at least as many training items as bits")
+from dmuh.methods.components.shallow import ShallowMethod
 
 
 @register_method("itq", display_name="ITQ")
 class ITQ(ShallowMethod):
     """PCA to `bits` dimensions, then the rotation that makes sign() lose least (Iterative Quantization)."""
 
-    uses_labels = False
+    requires = Requirements(shallow=True, labels=False)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, iterations: int = 50, seed: int = 0):
         super().__init__(bits, num_train, num_classes)
@@ -92,7 +45,7 @@ class ITQ(ShallowMethod):
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.check_features(features)
         if self.bits > x.shape[1]:
-            raise DmuhError(f"{self.method_name}: bits={self.bits} exceeds the feature dimension {x.shape[1]} "
+            raise DmuhError(f"{self.name}: bits={self.bits} exceeds the feature dimension {x.shape[1]} "
                             "(ITQ projects on that many principal directions)")
         mean = x.mean(dim=0)
         centred = x - mean
@@ -120,7 +73,7 @@ class ITQ(ShallowMethod):
 class LSH(ShallowMethod):
     """Signs of a seeded Gaussian random projection of the mean-centred features."""
 
-    uses_labels = False
+    requires = Requirements(shallow=True, labels=False)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, seed: int = 0):
         super().__init__(bits, num_train, num_classes)

@@ -69,12 +69,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmuh.errors import DmuhError
-from dmuh.methods.base import StepInputs, register_method
+from dmuh.methods.base import Requirements, StepInputs, register_method
 from dmuh.methods.components.crossmodal import CrossModalMethod, check_hidden
 from dmuh.methods.components.functional import check_choice, check_count, check_number
 from dmuh.methods.components.memory import TrainingMemory
-from dmuh.methods.components.reference import ReferenceFeatures
-from dmuh.methods.distillhash import cosine_knn
+from dmuh.methods.components.reference import ReferenceFeatures, cosine_knn
 
 TEXT_METRICS = ("euclidean", "cosine")
 SCHEDULES = ("simultaneous", "alternate")
@@ -194,8 +193,7 @@ def generator_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.T
 class UGACH(CrossModalMethod):
     """Generator picks hard cross-modal negatives; the hashing networks learn a triplet hinge against them."""
 
-    uses_labels = False
-    uses_reference_features = True
+    requires = Requirements(text=True, labels=False, reference_features=True)
 
     def __init__(
         self,

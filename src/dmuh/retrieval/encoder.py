@@ -94,7 +94,7 @@ class Encoder:
 
 
     def require_text_network(self) -> None:
-        if not self.method.uses_text:
+        if not self.method.requirements().text:
             raise DmuhError(f"{self.run_dir} was trained with {self.config.method!r}, which hashes images only; "
                             "text needs a cross-modal run (dmuh-cross, dcmh, ugach)")
 
@@ -134,7 +134,8 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
     checkpoint = load_checkpoint(checkpoint_path)
     model, method, momentum = rebuild_networks(checkpoint, checkpoint_path, run_dir, config)
     momentum_network = momentum.network if momentum is not None else None
-    if method.retrieval_network == "momentum" and momentum_network is not None:
+    needs = method.requirements()
+    if needs.retrieval_network == "momentum" and momentum_network is not None:
         # The momentum copy's codes are the retrieval codes; u = |m - h| is the same either way.
         model, momentum_network = momentum_network, model
     for module in (model, method, momentum_network):
@@ -145,7 +146,7 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
                 "method": config.method, "model": config.model, "bits": int(config.bits),
                 "epoch": int(checkpoint.get("epoch", 0))}
     vocabulary = None
-    if method.uses_text and (run_dir / VOCABULARY).is_file():
+    if needs.text and (run_dir / VOCABULARY).is_file():
 
         vocabulary = Vocabulary.load(run_dir / VOCABULARY)
     return Encoder(run_dir, config, model, method, momentum_network, pipeline, device, identity, vocabulary)

@@ -223,7 +223,7 @@ class SearchService:
 
     @property
     def encodes_text(self) -> bool:
-        return self.encoder is not None and self.encoder.method.uses_text and self.encoder.vocabulary is not None
+        return self.encoder is not None and self.encoder.method.requirements().text and self.encoder.vocabulary is not None
 
     @property
     def reports_uncertainty(self) -> bool:

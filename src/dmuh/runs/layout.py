@@ -243,8 +243,9 @@ def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainC
     except (KeyError, TypeError) as error:
         raise DmuhError(f"{path}: unreadable network specification ({first_line(error)})") from None
     momentum = None
-    if method.uses_momentum and checkpoint.get("momentum") is not None:
-        momentum = MomentumNetwork(model, method.momentum_alpha)
+    needs = method.requirements()
+    if needs.uses_momentum and checkpoint.get("momentum") is not None:
+        momentum = MomentumNetwork(model, needs.momentum)
     restore_state(checkpoint, path, model, method, momentum)
     for module in (model, method, momentum):
         if module is not None:

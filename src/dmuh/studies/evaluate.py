@@ -41,7 +41,7 @@ def evaluate_run(run: str | Path, device: str = "cpu", ties: str = DEFAULT_TIES,
 
     head = {"run": str(run), "method": exp.config.method, "bits": exp.config.bits, "protocol": exp.split.protocol}
     images = encode_part(exp, "query"), encode_part(exp, "database")
-    if exp.method.uses_text:  # cross-modal: image queries against the database's texts, and the reverse
+    if exp.requirements.text:  # cross-modal: image queries against the database's texts, and the reverse
         texts = encode_text_part(exp, "query"), encode_text_part(exp, "database")
         report = {**head, "directions": {"i2t": scored(images[0], texts[1]), "t2i": scored(texts[0], images[1])}}
     else:

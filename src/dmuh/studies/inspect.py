@@ -12,7 +12,7 @@ Per item of one part of the run's split (train, query or database):
   stores (weight change only: dropout is off, BatchNorm uses its running statistics);
   `training` is the mean over `passes` passes as the loss sees it
   (`dmuh.engine.builder.training_uncertainty`: batch statistics, and dropout as the method's
-  `momentum_dropout` reading says), so with dropout in the network it is mostly the disagreement
+  `Requirements.momentum_dropout` reading says), so with dropout in the network it is mostly the disagreement
   of two dropout samples. `auto` (the default) is `training` when the network has dropout and
   the reading gives the two networks different masks (`own` or `off`), else `eval` (then the
   passes would all give the same number).

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from dmuh.errors import DmuhError
-from dmuh.methods.base import HashingMethod, StepInputs
+from dmuh.methods.base import HashingMethod, Requirements, StepInputs
 from dmuh.methods.components.functional import check_count, check_number
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
@@ -32,7 +32,7 @@ def check_hidden(name: str, value) -> list:
 class CrossModalMethod(HashingMethod):
     """Base of the image-text methods: the text network, its optional momentum copy, text encoding."""
 
-    uses_text = True
+    requires = Requirements(text=True)
 
     def __init__(self, bits: int, num_train: int, num_classes: int, text_dim: int = 1,
                  text_hidden: Sequence[int] = (1024,), text_dropout: float = 0.0,

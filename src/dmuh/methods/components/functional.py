@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from dmuh.errors import DmuhError
+from dmuh.codes.binary import sign
+from dmuh.methods.components.params import check_choice, check_count, check_number  # noqa: F401  (their home before params)
 
 OUTPUT_KINDS = ("tanh", "linear")
 
@@ -18,36 +16,8 @@ def check_output_kind(output: str) -> str:
     return check_choice("output", output, OUTPUT_KINDS)
 
 
-def check_choice(name: str, value, choices) -> str:
-    """A method hyper-parameter that takes one of `choices`, or a `DmuhError` naming it."""
-    if value not in choices:
-        raise DmuhError(f"method parameter {name}={value!r}: choose one of {', '.join(choices)}")
-    return value
-
-
 def apply_output(output: str, outputs: torch.Tensor) -> torch.Tensor:
     return torch.tanh(outputs) if output == "tanh" else outputs
-
-
-def check_number(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> float:
-    """A method hyper-parameter as a float; a `DmuhError` naming it when it is not a finite number
-    >= minimum (> minimum when `strict`)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise DmuhError(f"method parameter {name}={value!r}: expected a number")
-    if minimum is not None and (number <= minimum if strict else number < minimum):
-        raise DmuhError(f"method parameter {name}={value!r}: must be {'>' if strict else '>='} {minimum:g}")
-    return number
-
-
-def check_count(name: str, value, minimum: int = 1) -> int:
-    """A method hyper-parameter as an int >= minimum, or a `DmuhError` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DmuhError(f"method parameter {name}={value!r}: must be an integer >= {minimum}")
-    return value
 
 
 def random_sign_codes(count: int, bits: int, seed: int) -> torch.Tensor:
@@ -78,3 +48,15 @@ def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> to
     count = first.shape[0]
     other_view = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(rows.device)
     return F.cross_entropy(logits, other_view)
+
+
+class SignStraightThrough(torch.autograd.Function):
+    """sign(x) forward (0 -> +1, as `dmuh.codes.binary.sign`), the identity backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        return grad_output

@@ -11,17 +11,17 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmuh.methods.base import StepInputs, pairwise_similarity
-
-
-def pair_nll(codes: torch.Tensor, other_codes: torch.Tensor, similar: torch.Tensor) -> torch.Tensor:
-    """DPSH's negative log-likelihood of every pair (i, j), (B, n): log(1 + e^Theta_ij) - S_ij Theta_ij
-    with Theta_ij = h_i^T U_j / 2 (softplus: no overflow)."""
-    theta = 0.5 * codes.float() @ other_codes.float().t()
-    return F.softplus(theta) - similar * theta
+from dmuh.methods.components.pairwise import (  # noqa: F401  (pair_nll: dmuh.studies.inspect reads it here)
+    Reduction,
+    Similarity,
+    half_inner_product,
+    pair_likelihood,
+    pair_nll,
+    reduction_of,
+)
 
 
 class TrainingMemory(nn.Module):
@@ -69,32 +69,30 @@ class TrainingMemory(nn.Module):
         """S (B, n) of the batch against every memory item."""
         return pairwise_similarity(labels.float(), self.labels)
 
-    def pair_mean(self, pair_loss: torch.Tensor, normalisation: str = "nB") -> torch.Tensor:
+    def pair_mean(self, pair_loss: torch.Tensor, normalisation: str = "nB",
+                  reduction: Optional[Reduction] = None) -> torch.Tensor:
         """Sum of a (B, n) pair loss over the seen memory items, over n B ("nB", DPSH's) or over the
-        number of batch x seen pairs ("batch": the mean over the pairs that exist yet)."""
-        seen = self.seen.to(pair_loss.dtype)
-        total = (pair_loss * seen).sum()
-        if normalisation == "batch":
-            return total / (pair_loss.shape[0] * seen.sum()).clamp(min=1)
-        return total / self.normaliser(pair_loss.shape[0])
+        number of batch x seen pairs ("batch": the mean over the pairs that exist yet); a given
+        `reduction` (`dmuh.methods.components.pairwise`) replaces the word."""
+        return (reduction or reduction_of(normalisation))(pair_loss, self.seen, self.num_train)
 
     def likelihood(self, codes: torch.Tensor, labels: torch.Tensor,
-                   pair_weights: Optional[torch.Tensor] = None, normalisation: str = "nB") -> torch.Tensor:
+                   pair_weights: Optional[torch.Tensor] = None, normalisation: str = "nB",
+                   similarity: Similarity = half_inner_product, reduction: Optional[Reduction] = None) -> torch.Tensor:
         """DPSH's negative log-likelihood of the batch against the memory, S from the labels."""
-        return self.pair_likelihood(codes, self.similarity(labels), pair_weights, normalisation)
+        return self.pair_likelihood(codes, self.similarity(labels), pair_weights, normalisation, similarity, reduction)
 
     def pair_likelihood(self, codes: torch.Tensor, similar: torch.Tensor,
-                        pair_weights: Optional[torch.Tensor] = None, normalisation: str = "nB") -> torch.Tensor:
+                        pair_weights: Optional[torch.Tensor] = None, normalisation: str = "nB",
+                        similarity: Similarity = half_inner_product, reduction: Optional[Reduction] = None
+                        ) -> torch.Tensor:
         """DPSH's negative log-likelihood of the batch against the memory for a given S (B, n)
         (normalised as `pair_mean`); label-free methods bring their own S.
 
-        Theta_ij = h_i^T U_j / 2; softplus(Theta) = log(1 + e^Theta) without overflow.
+        Theta_ij = h_i^T U_j / 2 by default (`similarity`); softplus(Theta) = log(1 + e^Theta) without overflow.
         """
-        pair_loss = pair_nll(codes, self.codes, similar)
-        if pair_weights is not None:
-            pair_loss = pair_loss * pair_weights
-        return self.pair_mean(pair_loss, normalisation)
-
+        return pair_likelihood(codes, self.codes, similar, self.seen, pair_weights, similarity,
+                               reduction or reduction_of(normalisation))
 
 LEGACY_MEMORY_KEYS = {"memory": "memory.codes", "memory_labels": "memory.labels", "seen": "memory.seen",
                       "memory_uncertainty": "memory.uncertainty"}

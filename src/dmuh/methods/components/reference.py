@@ -56,3 +56,40 @@ class ReferenceFeatures(nn.Module):
 def cosine_pairs(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """(B, B') cosine similarities of the rows of two matrices."""
     return F.normalize(first.float(), dim=1) @ F.normalize(second.float(), dim=1).t()
+
+
+PAIRINGS = ("halves", "all")
+
+
+def similarity_mse(codes: torch.Tensor, reference: torch.Tensor, pairs: str) -> torch.Tensor:
+    """Mean squared difference of the codes' and the reference's cosine similarities over the
+    batch pairs `pairs` ("halves": i with i + B/2; "all": every i != j)."""
+    count = codes.shape[0]
+    if count < 2:
+        raise DmuhError(f"similarity of codes: a batch of {count} item has no pair (use --batch-size >= 2)")
+    if pairs == "halves":
+        half = count // 2
+        first, second = slice(0, half), slice(half, 2 * half)
+        code_cos = F.cosine_similarity(codes[first], codes[second], dim=1)
+        reference_cos = F.cosine_similarity(reference[first], reference[second], dim=1)
+        return F.mse_loss(code_cos, reference_cos)
+    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=codes.device)
+    difference = cosine_pairs(codes, codes) - cosine_pairs(reference, reference)
+    return difference[off_diagonal].pow(2).mean()
+
+
+_KNN_CHUNK = 1024  # query rows per similarity block: bounds the (chunk, n) temporary
+
+
+@torch.no_grad()
+def cosine_knn(features: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, k) int64 indices of each row's k nearest other rows by cosine similarity."""
+    unit = torch.nn.functional.normalize(features.float(), dim=1)
+    n = unit.shape[0]
+    rows = []
+    for start in range(0, n, _KNN_CHUNK):
+        similarity = unit[start:start + _KNN_CHUNK] @ unit.t()
+        own = torch.arange(start, min(start + _KNN_CHUNK, n), device=unit.device)
+        similarity[torch.arange(len(own), device=unit.device), own] = -float("inf")  # not one's own neighbour
+        rows.append(similarity.topk(k, dim=1).indices)
+    return torch.cat(rows)
