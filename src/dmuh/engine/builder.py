@@ -8,7 +8,6 @@ finished run's (`load_run`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
@@ -22,7 +21,6 @@ from dmuh.data import open_source
 from dmuh.data.noise import LabelNoise
 from dmuh.data.pipeline import InputPipeline
 from dmuh.data.protocols import Split
-from dmuh.engine.pretrain import auto_warmup_applies, cross_entropy_warmup
 from dmuh.engine.runtime import (
     autocast,
     build_model,
@@ -31,7 +29,7 @@ from dmuh.engine.runtime import (
     resolve_device,
     run_network,
 )
-from dmuh.errors import DmuhError
+from dmuh.errors import DataError, DmuhError
 from dmuh.methods import METHODS, HashingMethod, Requirements, create_method, method_class
 from dmuh.metrics.ranking import DEFAULT_TIES, mean_average_precision
 from dmuh.models import create_model
@@ -98,14 +96,23 @@ def trained_model(config: TrainConfig, images: torch.Tensor, run_dir: Path,
         raise DmuhError(f"{path}: unreadable network specification ({error})") from None
 
 
-def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Context = distributed.Context(),
-                     checkpoint: Optional[dict] = None, progress: bool = False,
-                     echo: Callable[[str], None] = lambda line: None) -> Experiment:
-    """The experiment of `config` in `run_dir`; `checkpoint` is the run's when the caller has read
-    it already (otherwise one in `run_dir` is read for its network's specification). A new run
-    (no checkpoint) with `init: auto` gets its cross-entropy warm-up here, before the momentum
-    copy is made from the network."""
-    device = resolve_device(config.device)
+@dataclass
+class RunData:
+    """A run's data as the builder reads it: the source, its split, every item decoded once (CPU),
+    and the training labels (noisy ones under --label-noise) and texts the method may see."""
+
+    source: object
+    split: Split
+    images: torch.Tensor
+    train_labels: torch.Tensor  # (num_train, C); (num_train, 0) for a label-free method
+    label_noise: Optional[LabelNoise] = None
+    train_text: Optional[torch.Tensor] = None  # (num_train, V), for methods with Requirements.text
+
+
+def open_data(config: TrainConfig, run_dir: Path, context: distributed.Context = distributed.Context(),
+              echo: Callable[[str], None] = lambda line: None) -> RunData:
+    """Open `config.data`, load or make (and on rank 0 save) the split in `run_dir`, decode every item
+    once, and take the training labels the method may read (none for a label-free one)."""
     source = open_source(config.data, root=config.data_root, allow_outside_root=config.allow_outside_root)
     if context.is_main:
         split = load_split(config, source, run_dir)
@@ -113,52 +120,46 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
     if not context.is_main:
         split = load_split(config, source, run_dir)
     images = decode_all(source, config)
-    model = trained_model(config, images, run_dir, checkpoint)
-    fresh = checkpoint is None and not (Path(run_dir) / CHECKPOINT).is_file()
-    if config.init not in INIT_WORDS:
-        load_init(config.init, model, split)
-    pipeline = InputPipeline(getattr(source, "channels", None), getattr(model, "input_size", None), config.augment)
     declared = method_class(config.method).requires  # known before any label is read
-    uses_labels = declared.labels
-    if uses_labels and not source.labeled:
-        raise DmuhError(f"method {config.method!r} learns from labels, and --data {config.data} has none; "
-                        "choose a label-free method (dmuh train --list-methods)")
-    train_labels = training_labels(source, split, uses_labels)
+    if declared.labels and not source.labeled:
+        raise DataError(f"method {config.method!r} learns from labels, and data {config.data} has none; "
+                        "choose a label-free method (dmuh train --list-methods)", field="data")
+    train_labels = training_labels(source, split, declared.labels)
     label_noise = None
-    if uses_labels and (config.label_noise or (Path(run_dir) / LABEL_NOISE).exists()):  # preflight refuses label-free
+    if declared.labels and (config.label_noise or (Path(run_dir) / LABEL_NOISE).exists()):  # preflight refuses label-free
         label_noise = load_label_noise(config, train_labels.numpy(), run_dir, save=context.is_main)
         if label_noise is not None:
             train_labels = torch.from_numpy(label_noise.apply(train_labels.numpy())).float()
             echo(f"label noise: {plural(len(label_noise.positions), 'training label')} of {len(split.train)} flipped "
                  f"to another class (--label-noise {label_noise.rate:g}, seed {label_noise.seed}; {LABEL_NOISE})")
-    uses_text = declared.text
-    if uses_text and getattr(source, "text", None) is None:
-        raise DmuhError(f"method {config.method!r} learns from image-text pairs, and --data {config.data} has no text; "
-                        "give paired data (paired:PATH: a .npz of image and text, a .mat, or images with a .txt each)")
-    method = create_method(config.method, bits=config.bits, train_labels=train_labels,
-                           **method_params_for(config, model, images, source))
-    train_inputs = images[torch.from_numpy(split.train)].to(device)
-    if config.init == "auto" and fresh and not auto_warmup_applies(config, uses_labels):
-        if images.dim() == 4:  # a vector model has no backbone to speak of
-            echo(f"init auto: {config.method!r} learns without labels, so its backbone gets no cross-entropy "
-                 "warm-up (start it from `dmuh pretrain --objective simclr` with --init RUN, or train on feature vectors)")
-    elif config.init == "auto" and fresh:
-        if not source.labeled:
-            raise DmuhError(f"--init-epochs {config.init_epochs}: the warm-up of --init auto trains on labels, and "
-                            f"--data {config.data} has none; give --init scratch or --init RUN")
-        warmup_labels = train_labels
-        if not uses_labels:  # asked for with --init-epochs: the backbone sees labels, the method still none
-            echo(f"init auto: --init-epochs {config.init_epochs} warms the backbone up on the training labels, "
-                 f"so this run of label-free {config.method!r} is not label-free")
-            warmup_labels = training_labels(source, split)
-        # Rank 0 warms up with the global batch (as one process would), the others take its weights.
-        model.to(device)
-        if context.is_main:
-            warmup = dataclasses.replace(config, batch_size=config.batch_size * context.world_size)
-            row = cross_entropy_warmup(warmup, model, device, train_inputs, warmup_labels.to(device), progress=progress)
-            echo(f"init auto: {plural(int(row['epoch']), 'epoch')} of cross-entropy warm-up on the training split, "
-                 f"loss {row['cross_entropy']:.4f} (--init scratch skips it)")
-        distributed.broadcast_module(context, model)
+    if declared.text and getattr(source, "text", None) is None:
+        raise DataError(f"method {config.method!r} learns from image-text pairs, and data {config.data} has no text; "
+                        "give paired data (paired:PATH: a .npz of image and text, a .mat, or images with a .txt each)",
+                        field="data")
+    train_text = torch.from_numpy(source.text[split.train]) if declared.text else None
+    return RunData(source, split, images, train_labels, label_noise, train_text)
+
+
+def build_networks(config: TrainConfig, data: RunData, run_dir: Path,
+                   checkpoint: Optional[dict] = None) -> Tuple[torch.nn.Module, HashingMethod]:
+    """The hashing network (rebuilt as trained when the run has a checkpoint; started from --init
+    RUN|FILE when given) and the method, on the CPU, untrained: the trainer warms the network up
+    (`dmuh.engine.pretrain.warm_up`) before `build_experiment` copies it."""
+    model = trained_model(config, data.images, run_dir, checkpoint)
+    if config.init not in INIT_WORDS:
+        load_init(config.init, model, data.split)
+    method = create_method(config.method, bits=config.bits, train_labels=data.train_labels,
+                           **method_params_for(config, model, data.images, data.source))
+    return model, method
+
+
+def build_experiment(config: TrainConfig, data: RunData, model: torch.nn.Module, method: HashingMethod,
+                     context: distributed.Context = distributed.Context()) -> Experiment:
+    """The experiment of built networks: on the device, in its memory layout, with the momentum copy
+    the method asks for (made from the network as it is now), compiled if the config says so."""
+    device = resolve_device(config.device)
+    pipeline = InputPipeline(getattr(data.source, "channels", None), getattr(model, "input_size", None), config.augment)
+    train_inputs = data.images[torch.from_numpy(data.split.train)].to(device)
     if context.enabled and device.type == "cuda":  # BatchNorm statistics of the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
@@ -173,9 +174,9 @@ def build_experiment(config: TrainConfig, run_dir: Path, context: distributed.Co
         model.compile()
         if momentum is not None:
             momentum.network.compile()
-    train_text = torch.from_numpy(source.text[split.train]).to(device) if uses_text else None
-    return Experiment(config, device, split, source, pipeline, model, method, momentum, images, train_inputs,
-                      train_labels.to(device), context, train_text, label_noise)
+    train_text = data.train_text.to(device) if data.train_text is not None else None
+    return Experiment(config, device, data.split, data.source, pipeline, model, method, momentum, data.images,
+                      train_inputs, data.train_labels.to(device), context, train_text, data.label_noise)
 
 
 def method_params_for(config: TrainConfig, model: torch.nn.Module, images: torch.Tensor, source=None) -> dict:
@@ -215,7 +216,8 @@ def load_run(run: str | Path, device: str = "cpu", **data: str) -> Experiment:
         raise TypeError(f"load_run: unexpected keyword {unknown[0]!r}")
     config = load_run_config(run, device=device, **data)
     checkpoint = load_checkpoint(run / CHECKPOINT)
-    exp = build_experiment(config, run, checkpoint=checkpoint)  # reloads and checks the saved split against the data
+    run_data = open_data(config, run)  # reloads and checks the saved split against the data
+    exp = build_experiment(config, run_data, *build_networks(config, run_data, run, checkpoint))
     restore_state(checkpoint, run / CHECKPOINT, exp.model, exp.method, exp.momentum)
     return exp
 

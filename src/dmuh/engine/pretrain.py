@@ -11,6 +11,7 @@ The run directory holds `backbone.safetensors`, the split it was made with and a
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -31,7 +32,8 @@ from dmuh.engine.runtime import (
     resolve_device,
     run_epoch,
 )
-from dmuh.errors import ConfigError, DmuhError
+from dmuh.errors import ConfigError, DataError, DmuhError
+from dmuh.methods import method_class
 from dmuh.methods.components.functional import nt_xent
 from dmuh.runs.checkpoint import save_state
 from dmuh.runs.config import (
@@ -41,7 +43,9 @@ from dmuh.runs.config import (
     with_absolute_paths,
 )
 from dmuh.runs.layout import BACKBONE, BACKBONE_KIND, CONFIG, LOG, load_split, write_log
+from dmuh.utils import distributed
 from dmuh.utils.io import remove_orphans
+from dmuh.utils.words import plural
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -192,3 +196,37 @@ def cross_entropy_warmup(config: TrainConfig, model: nn.Module, device: torch.de
         seed=config.seed, eval_batch_size=config.eval_batch_size,
     )
     return train_backbone(model, warmup, device, inputs, targets, progress=progress, desc="warm-up")
+
+
+def warm_up(config: TrainConfig, data, model: nn.Module, context: distributed.Context = distributed.Context(),
+            progress: bool = False, echo: Callable[[str], None] = lambda line: None) -> None:
+    """`--init auto` on a new run: the cross-entropy warm-up of the backbone on the training labels
+    (`data`: the builder's RunData), before the momentum copy is made from it. Label-free methods
+    get none unless --init-epochs asks, and then they are told that the run is not label-free."""
+    uses_labels = method_class(config.method).requires.labels
+    if config.init != "auto":
+        return
+    if not auto_warmup_applies(config, uses_labels):
+        if data.images.dim() == 4:  # a vector model has no backbone to speak of
+            echo(f"init auto: {config.method!r} learns without labels, so its backbone gets no cross-entropy "
+                 "warm-up (start it from `dmuh pretrain --objective simclr` with --init RUN, or train on feature vectors)")
+        return
+    if not data.source.labeled:
+        raise DataError(f"init_epochs {config.init_epochs}: the warm-up of --init auto trains on labels, and "
+                        f"--data {config.data} has none; give --init scratch or --init RUN", field="init_epochs")
+    warmup_labels = data.train_labels
+    if not uses_labels:  # asked for with --init-epochs: the backbone sees labels, the method still none
+        echo(f"init auto: --init-epochs {config.init_epochs} warms the backbone up on the training labels, "
+             f"so this run of label-free {config.method!r} is not label-free")
+        warmup_labels = torch.from_numpy(np.asarray(data.source.labels)[data.split.train]).float()
+    # Rank 0 warms up with the global batch (as one process would), the others take its weights.
+    device = resolve_device(config.device)
+    model.to(device)
+    if context.is_main:
+        warmup = dataclasses.replace(config, batch_size=config.batch_size * context.world_size)
+        train_inputs = data.images[torch.from_numpy(data.split.train)].to(device)
+        row = cross_entropy_warmup(warmup, model, device, train_inputs, warmup_labels.to(device), progress=progress)
+        echo(f"init auto: {plural(int(row['epoch']), 'epoch')} of cross-entropy warm-up on the training split, "
+             f"loss {row['cross_entropy']:.4f} (--init scratch skips it)")
+    distributed.broadcast_module(context, model)
+

@@ -23,15 +23,17 @@ from dmuh.data.pipeline import InputPipeline
 from dmuh.engine.builder import (
     Experiment,
     build_experiment,
+    build_networks,
     evaluate_cross_modal_map,
     evaluate_map,
     evaluate_train_map,
+    open_data,
     paired_codes,
     reference_features,
     share_buffers,
 )
 from dmuh.engine.preflight import check_train_config
-from dmuh.engine.pretrain import backbone_lr_scale_of
+from dmuh.engine.pretrain import backbone_lr_scale_of, warm_up
 from dmuh.engine.runtime import (
     autocast,
     build_optimizer,
@@ -171,8 +173,12 @@ class Trainer:
 
         self.log = read_log(run_dir / LOG) if resume else []  # a damaged log fails before the data is decoded
         torch.manual_seed(config.seed)
-        self.exp = exp = build_experiment(config, run_dir, context, checkpoint=checkpoint if resume else None,
-                                          progress=progress, echo=echo if context.is_main else (lambda line: None))
+        said = echo if context.is_main else (lambda line: None)
+        data = open_data(config, run_dir, context, echo=said)
+        model, method = build_networks(config, data, run_dir, checkpoint if resume else None)
+        if not resume and not (run_dir / CHECKPOINT).is_file():  # a new run: --init auto's warm-up
+            warm_up(config, data, model, context, progress=progress, echo=said)
+        self.exp = exp = build_experiment(config, data, model, method, context)
         self.optimizer = make_optimizer(config, exp.model, exp.method)
         if self.main_process:
             for note in exp.method.notes:  # e.g. CSQ's fallback to Bernoulli centres
