@@ -44,7 +44,7 @@ from dmuh.runs.layout import (
     load_label_noise,
     load_run_config,
     load_split,
-    restore_state,
+    rebuild_networks,
 )
 from dmuh.utils import distributed
 from dmuh.utils.words import plural
@@ -154,9 +154,11 @@ def build_networks(config: TrainConfig, data: RunData, run_dir: Path,
 
 
 def build_experiment(config: TrainConfig, data: RunData, model: torch.nn.Module, method: HashingMethod,
-                     context: distributed.Context = distributed.Context()) -> Experiment:
+                     context: distributed.Context = distributed.Context(),
+                     momentum: Optional[MomentumNetwork] = None) -> Experiment:
     """The experiment of built networks: on the device, in its memory layout, with the momentum copy
-    the method asks for (made from the network as it is now), compiled if the config says so."""
+    the method asks for (`momentum` when the caller rebuilt it, else made from the network as it is
+    now), compiled if the config says so."""
     device = resolve_device(config.device)
     pipeline = InputPipeline(getattr(data.source, "channels", None), getattr(model, "input_size", None), config.augment)
     train_inputs = data.images[torch.from_numpy(data.split.train)].to(device)
@@ -168,7 +170,10 @@ def build_experiment(config: TrainConfig, data: RunData, model: torch.nn.Module,
     if device.type == "cuda" and config.channels_last:
         model.to(memory_format=torch.channels_last)
     needs = method.requirements()
-    momentum = MomentumNetwork(model, needs.momentum, needs.momentum_dropout) if needs.uses_momentum else None
+    if momentum is None and needs.uses_momentum:
+        momentum = MomentumNetwork(model, needs.momentum, needs.momentum_dropout)
+    if momentum is not None:
+        momentum.to(device)
     if config.compile:
         # In place, so state_dict keys stay those of the plain model (checkpoints stay portable).
         model.compile()
@@ -217,9 +222,9 @@ def load_run(run: str | Path, device: str = "cpu", **data: str) -> Experiment:
     config = load_run_config(run, device=device, **data)
     checkpoint = load_checkpoint(run / CHECKPOINT)
     run_data = open_data(config, run)  # reloads and checks the saved split against the data
-    exp = build_experiment(config, run_data, *build_networks(config, run_data, run, checkpoint))
-    restore_state(checkpoint, run / CHECKPOINT, exp.model, exp.method, exp.momentum)
-    return exp
+    # The one way a finished run's networks are rebuilt (`dmuh.retrieval.encoder.load_encoder` too).
+    model, method, momentum = rebuild_networks(checkpoint, run / CHECKPOINT, run, config)
+    return build_experiment(config, run_data, model, method, momentum=momentum)
 
 
 def encode(

@@ -245,7 +245,7 @@ def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainC
     momentum = None
     needs = method.requirements()
     if needs.uses_momentum and checkpoint.get("momentum") is not None:
-        momentum = MomentumNetwork(model, needs.momentum)
+        momentum = MomentumNetwork(model, needs.momentum, needs.momentum_dropout)
     restore_state(checkpoint, path, model, method, momentum)
     for module in (model, method, momentum):
         if module is not None:
