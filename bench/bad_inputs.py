@@ -1062,7 +1062,7 @@ def define_security_cases() -> None:
 
 
 def define_retrieval_cases() -> None:
-    E, I, S, X, V, FL = "encode", "index", "search", "export-onnx", "evaluate", "files"
+    E, I, S, X, V, FL = "encode", "index", "search", "export-onnx", "evaluate", "files"  # noqa: E741 - short names of the command kinds
     enc = ["encode", "--run", "run", "--images", "imgs", "--out", "c.npz", "--quiet"]
     base = [run_copy(), copy_fx("imgs")]
     need = ("base",)
@@ -1220,7 +1220,7 @@ def define_figure_cases() -> None:
 
 
 def define_overwrite_cases() -> None:
-    O = "overwrite"
+    O = "overwrite"  # noqa: E741
     need = ("base",)
     user = write("mine.txt", "a user's file, not to be replaced\n")
     case("overwrite/encode-out", O, ["encode", "--run", "run", "--images", "imgs", "--out", "mine.txt", "--quiet"],
@@ -1469,7 +1469,7 @@ class Runner:
 def snapshot(root: Path) -> Dict[str, str]:
     """{relative path: sha256} of every regular file under root."""
     hashes = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             path = Path(dirpath) / name
             if path.is_symlink() or not path.is_file():

@@ -224,7 +224,7 @@ def cmd_report(args) -> None:
         scores = {}
 
         def add(name, seed, value):
-            scores.setdefault(name, {})[seed] = value
+            scores.setdefault(name, {})[seed] = value  # noqa: B023 - called within this iteration
 
         cleanlab_note = None
         for s in args.seeds:

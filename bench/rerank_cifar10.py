@@ -121,7 +121,7 @@ def main() -> None:
                                    taus=[float(t) for t in args.taus.split(",")],
                                    ks=[int(k) for k in args.ks.split(",")])
     except DmuhError as error:
-        raise SystemExit(f"rerank_cifar10: error: {error}")
+        raise SystemExit(f"rerank_cifar10: error: {error}") from None
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     metrics = [key for key in report["results"][0] if key != "ranking"]

@@ -8,7 +8,7 @@ from dmuh.codes.file import Codes
 from test_encode_shards import assert_same_codes, environment, one_file, run  # noqa: F401 - the fixtures
 
 
-def test_torchrun_two_cpu_processes_encode_the_same_shards(run, one_file, tmp_path):
+def test_torchrun_two_cpu_processes_encode_the_same_shards(run, one_file, tmp_path):  # noqa: F811 - fixtures
     folder = tmp_path / "torchrun"
     # "--": without it torchrun takes --run for an abbreviation of its --run-path (docs/search.md).
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "dmuh", "--",

@@ -65,7 +65,7 @@ class Experiment:
     images: torch.Tensor  # every decoded item of the source (CPU), decoded once
     train_inputs: torch.Tensor  # the training items, on the device
     train_labels: torch.Tensor
-    context: distributed.Context = distributed.Context()
+    context: distributed.Context = distributed.SINGLE
     train_text: Optional[torch.Tensor] = None  # (num_train, V) on the device, for methods with Requirements.text
     label_noise: Optional[LabelNoise] = None  # the flips of --label-noise: train_labels holds the noisy labels
 
@@ -109,7 +109,7 @@ class RunData:
     train_text: Optional[torch.Tensor] = None  # (num_train, V), for methods with Requirements.text
 
 
-def open_data(config: TrainConfig, run_dir: Path, context: distributed.Context = distributed.Context(),
+def open_data(config: TrainConfig, run_dir: Path, context: distributed.Context = distributed.SINGLE,
               echo: Callable[[str], None] = lambda line: None) -> RunData:
     """Open `config.data`, load or make (and on rank 0 save) the split in `run_dir`, decode every item
     once, and take the training labels the method may read (none for a label-free one)."""
@@ -154,7 +154,7 @@ def build_networks(config: TrainConfig, data: RunData, run_dir: Path,
 
 
 def build_experiment(config: TrainConfig, data: RunData, model: torch.nn.Module, method: HashingMethod,
-                     context: distributed.Context = distributed.Context(),
+                     context: distributed.Context = distributed.SINGLE,
                      momentum: Optional[MomentumNetwork] = None) -> Experiment:
     """The experiment of built networks: on the device, in its memory layout, with the momentum copy
     the method asks for (`momentum` when the caller rebuilt it, else made from the network as it is
@@ -423,7 +423,7 @@ def paired_codes(exp: Experiment, positions: np.ndarray,
                 batch = torch.cat([chosen, exp.train_inputs[torch.from_numpy(fill).to(exp.train_inputs.device)]])
                 x = memory_layout(exp.pipeline(batch), exp.config, exp.device)
                 with autocast(exp.config, exp.device):
-                    h, m = exp.momentum.paired(lambda: exp.model(x), x)
+                    h, m = exp.momentum.paired(lambda: exp.model(x), x)  # noqa: B023 - called within this iteration
                 keep = torch.from_numpy(mine)
                 hashing[keep] = exp.method.continuous_codes(h.float()).cpu()[: len(mine)]
                 momentum[keep] = exp.method.continuous_codes(m.float()).cpu()[: len(mine)]

@@ -134,12 +134,12 @@ def train_backbone(model: nn.Module, config: PretrainConfig, device: torch.devic
             with autocast(config, device):
                 if use_ce:
                     start = (step * labeled_batch) % (labeled.shape[0] - labeled_batch + 1)
-                    batch = labeled_order[start : start + labeled_batch]
-                    x = memory_layout(labeled_pipeline(labeled[batch], generator=generator, train=True), config, device)
+                    batch = labeled_order[start : start + labeled_batch]  # noqa: B023 - called within this iteration
+                    x = memory_layout(labeled_pipeline(labeled[batch], generator=generator, train=True), config, device)  # noqa: B023 - called within this iteration
                     terms["cross_entropy"] = classification_loss(heads["classifier"](model.features(x)), labeled_targets[batch])
                 if use_simclr:
-                    batch = unlabeled[unlabeled_order[step * unlabeled_batch : (step + 1) * unlabeled_batch]]
-                    views = torch.cat([view_pipeline(batch, generator=generator, train=True) for _ in range(2)])
+                    batch = unlabeled[unlabeled_order[step * unlabeled_batch : (step + 1) * unlabeled_batch]]  # noqa: B023 - called within this iteration
+                    views = torch.cat([view_pipeline(batch, generator=generator, train=True) for _ in range(2)])  # noqa: B023 - called within this iteration
                     projections = heads["projector"](model.features(memory_layout(views, config, device)).float())
                     terms["contrastive"] = nt_xent(*projections.chunk(2), config.temperature)
             return terms
@@ -198,7 +198,7 @@ def cross_entropy_warmup(config: TrainConfig, model: nn.Module, device: torch.de
     return train_backbone(model, warmup, device, inputs, targets, progress=progress, desc="warm-up")
 
 
-def warm_up(config: TrainConfig, data, model: nn.Module, context: distributed.Context = distributed.Context(),
+def warm_up(config: TrainConfig, data, model: nn.Module, context: distributed.Context = distributed.SINGLE,
             progress: bool = False, echo: Callable[[str], None] = lambda line: None) -> None:
     """`--init auto` on a new run: the cross-entropy warm-up of the backbone on the training labels
     (`data`: the builder's RunData), before the momentum copy is made from it. Label-free methods

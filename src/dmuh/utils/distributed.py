@@ -28,6 +28,9 @@ class Context:
         return self.world_size > 1
 
 
+SINGLE = Context()  # one process: the default context of every function that takes one
+
+
 def init_from_environment(device: str) -> Context:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); else one process.
 
