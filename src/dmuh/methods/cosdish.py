@@ -48,7 +48,6 @@ from typing import List, Optional, Tuple
 import torch
 
 from dmuh.codes.binary import sign
-from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
 from dmuh.methods.components.discrete import (
     SEARCH_STARTS,
@@ -58,27 +57,36 @@ from dmuh.methods.components.discrete import (
     solve_sampled_codes,
 )
 from dmuh.methods.components.functional import (
-    check_count,
-    check_number,
     random_sign_codes,
 )
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.shallow import ShallowMethod
+from dmuh.utils.schema import Rule
 
 
 @register_method("cosdish", display_name="COSDISH")
 class COSDISH(ShallowMethod):
     """Discrete codes fitted to sampled columns of the label similarity, then a ridge regression."""
 
+    hyper_parameters = {
+        "columns": Param(int, Rule(minimum=2), "sampled columns (none: bits)", optional=True),
+        "iterations": Param(int, Rule(minimum=0), "sampled blocks (the code's T_sto)"),
+        "alternations": Param(int, Rule(minimum=1), "alternations of B and W per block (T_alt)"),
+        "ridge": Param(float, Rule(above=0.0), "ridge of the out-of-sample regression"),
+        "search_starts": Param(int, Rule(minimum=0), "random starts of the discrete code search"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
+
     def __init__(self, bits: int, num_train: int, num_classes: int, columns: Optional[int] = None,
                  iterations: int = 10, alternations: int = 3, ridge: float = 1.0,
                  search_starts: int = SEARCH_STARTS, seed: int = 0):
         super().__init__(bits, num_train, num_classes)
-        self.columns = self.bits if columns is None else check_count("columns", columns, 2)
-        self.iterations = check_count("iterations", iterations, 0)
-        self.alternations = check_count("alternations", alternations, 1)
-        self.ridge = check_number("ridge", ridge, 0.0, strict=True)
-        self.search_starts = check_count("search_starts", search_starts, 0)
-        self.seed = check_count("seed", seed, 0)
+        self.columns = self.bits if columns is None else columns
+        self.iterations = iterations
+        self.alternations = alternations
+        self.ridge = ridge
+        self.search_starts = search_starts
+        self.seed = seed
         self.objectives: List[List[float]] = []
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -26,17 +26,23 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.methods.base import StepInputs, register_method
 from dmuh.methods.components.crossmodal import CrossModalMethod
-from dmuh.methods.components.functional import check_number, random_sign_codes
+from dmuh.methods.components.functional import random_sign_codes
 from dmuh.methods.components.memory import TrainingMemory
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 @register_method("dcmh", display_name="DCMH")
 class DCMH(CrossModalMethod):
+    hyper_parameters = {
+        "gamma": Param(float, Rule(minimum=0.0), "weight of the pull of both outputs to the shared codes"),
+        "eta": Param(float, Rule(minimum=0.0), "weight of the bit balance terms"),
+    }
+
     def __init__(self, bits: int, num_train: int, num_classes: int, text_dim: int = 1, gamma: float = 1.0,
                  eta: float = 1.0, text_hidden=(8192,), text_dropout: float = 0.0, seed: int = 0):
         super().__init__(bits, num_train, num_classes, text_dim, text_hidden, text_dropout)
-        self.gamma = check_number("gamma", gamma, 0.0)
-        self.eta = check_number("eta", eta, 0.0)
+        self.gamma, self.eta = gamma, eta  # checked as declared
         self.image_memory = TrainingMemory(num_train, num_classes, bits)
         self.text_memory = TrainingMemory(num_train, num_classes, bits)
         self.register_buffer("shared_codes", random_sign_codes(num_train, bits, seed))

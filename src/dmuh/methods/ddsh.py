@@ -58,7 +58,9 @@ from dmuh.methods.components.discrete import (
     dissimilar_weight,
     solve_sampled_codes,
 )
-from dmuh.methods.components.functional import check_count, random_sign_codes
+from dmuh.methods.components.functional import random_sign_codes
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 class TrainingLabels(nn.Module):
@@ -79,13 +81,20 @@ class DDSH(HashingMethod):
 
     requires = Requirements(images=True)
 
+    hyper_parameters = {
+        "columns": Param(int, Rule(minimum=2), "training items sampled as columns per block"),
+        "iterations": Param(int, Rule(minimum=1), "epochs between samplings of the columns"),
+        "search_starts": Param(int, Rule(minimum=0), "random starts of the discrete code search"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
+
     def __init__(self, bits: int, num_train: int, num_classes: int, columns: int = 100, iterations: int = 3,
                  search_starts: int = SEARCH_STARTS, seed: int = 0):
         super().__init__(bits, num_train, num_classes)
-        self.columns = check_count("columns", columns, 2)
-        self.iterations = check_count("iterations", iterations, 1)
-        self.search_starts = check_count("search_starts", search_starts, 0)
-        self.seed = check_count("seed", seed, 0)
+        self.columns = columns
+        self.iterations = iterations
+        self.search_starts = search_starts
+        self.seed = seed
         self.train_labels = TrainingLabels(self.num_train, self.num_classes)
         self.register_buffer("binary_codes", random_sign_codes(self.num_train, self.bits, seed))
         self.register_buffer("omega", torch.zeros(self.columns, dtype=torch.long))

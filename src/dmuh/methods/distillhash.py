@@ -31,8 +31,9 @@ import torch
 from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, StepInputs, register_method
 from dmuh.methods.components.dpsh import PairwiseQuantizationMethod
-from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.reference import ReferenceFeatures, cosine_knn
+from dmuh.utils.schema import Rule
 
 
 def reverse_neighbours(knn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +85,19 @@ class DistillHash(PairwiseQuantizationMethod):
 
     requires = Requirements(labels=False, reference_features=True)
 
+    hyper_parameters = {
+        "neighbours": Param(int, Rule(minimum=1), "nearest neighbours in the reference per item"),
+        "similar_threshold": Param(float, Rule(minimum=0.0), "distilled similar pairs' threshold"),
+        "dissimilar_threshold": Param(float, Rule(minimum=0.0), "distilled dissimilar pairs' threshold"),
+    }
+
     def __init__(self, bits: int, num_train: int, num_classes: int, neighbours: int = 20,
                  similar_threshold: float = 0.3, dissimilar_threshold: float = 0.0, beta: float = 50.0,
                  output: str = "tanh", normalisation: str = "nB"):
         super().__init__(bits, num_train, num_classes, beta=beta, output=output, normalisation=normalisation)
-        self.neighbours = check_count("neighbours", neighbours, 1)
-        self.similar_threshold = check_number("similar_threshold", similar_threshold, 0.0)
-        self.dissimilar_threshold = check_number("dissimilar_threshold", dissimilar_threshold, 0.0)
+        self.neighbours = neighbours
+        self.similar_threshold = similar_threshold
+        self.dissimilar_threshold = dissimilar_threshold
         if not self.dissimilar_threshold < self.similar_threshold <= 1:
             raise DmuhError(f"method parameters dissimilar_threshold={dissimilar_threshold!r}, similar_threshold="
                             f"{similar_threshold!r}: need 0 <= dissimilar_threshold < similar_threshold <= 1")

@@ -24,15 +24,12 @@ from typing import Dict
 import torch
 
 from dmuh.codes.binary import sign
-from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, StepInputs, register_method
 from dmuh.methods.components.crossmodal import CrossModalMethod
-from dmuh.methods.components.functional import (
-    apply_output,
-    check_number,
-    check_output_kind,
-)
+from dmuh.methods.components.functional import OUTPUT_KINDS, apply_output
 from dmuh.methods.components.memory import TrainingMemory
+from dmuh.methods.components.params import Param
+from dmuh.utils.schema import Rule
 
 
 @register_method("dmuh-cross", display_name="DMUH (cross-modal)")
@@ -42,25 +39,27 @@ class DMUHCrossModal(CrossModalMethod):
     """`regu-cross` is the same loss without any uncertainty (no momentum copies): the baseline
     that tells what the uncertainty adds."""
 
+    hyper_parameters = {
+        "alpha": Param(float, Rule(minimum=0.0, maximum=1.0), "momentum of both copies' weights (Eq. 5)",
+                       why="Eq. 5 averages the weights"),
+        "beta": Param(float, Rule(minimum=0.0), "weight of the quantisation terms"),
+        "gamma": Param(float, Rule(minimum=0.0), "weight of the uncertainty terms"),
+        "intra": Param(float, Rule(minimum=0.0), "weight of the within-modality likelihoods"),
+        "output": Param(str, Rule(choices=OUTPUT_KINDS), "tanh bounds the codes to (-1, 1); linear keeps z"),
+        "bit_weights": Param(bool, help="e^u weights of the quantisation"),
+        "image_weights": Param(bool, help="e^(u_i + u_j) weights of the pairs"),
+        "uncertainty_term": Param(bool, help="the uncertainty terms"),
+    }
+
     def __init__(self, bits: int, num_train: int, num_classes: int, text_dim: int = 1, alpha: float = 0.7,
                  beta: float = 50.0, gamma: float = 1.0, intra: float = 1.0, output: str = "tanh",
                  text_hidden=(1024,), text_dropout: float = 0.0, bit_weights: bool = True,
                  image_weights: bool = True, uncertainty_term: bool = True):
-        for name, value in (("bit_weights", bit_weights), ("image_weights", image_weights),
-                            ("uncertainty_term", uncertainty_term)):
-            if not isinstance(value, bool):
-                raise DmuhError(f"method parameter {name}={value!r}: expected true or false")
-        alpha = check_number("alpha", alpha, 0.0)
-        if alpha > 1.0:
-            raise DmuhError(f"method parameter alpha={alpha!r}: must be <= 1 (Eq. 5 averages the weights)")
         uses_uncertainty = bit_weights or image_weights or uncertainty_term
         super().__init__(bits, num_train, num_classes, text_dim, text_hidden, text_dropout,
                          text_momentum=alpha if uses_uncertainty else None)
         self.alpha = alpha if uses_uncertainty else None  # the image network's momentum copy, if any
-        self.beta = check_number("beta", beta, 0.0)
-        self.gamma = check_number("gamma", gamma, 0.0)
-        self.intra = check_number("intra", intra, 0.0)
-        self.output = check_output_kind(output)
+        self.beta, self.gamma, self.intra, self.output = beta, gamma, intra, output  # checked as declared
         self.bit_weights, self.image_weights, self.uncertainty_term = bit_weights, image_weights, uncertainty_term
         self.image_memory = TrainingMemory(num_train, num_classes, bits, uncertainty=True)
         self.text_memory = TrainingMemory(num_train, num_classes, bits, uncertainty=True)

@@ -64,8 +64,9 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
-from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.reference import ReferenceFeatures
+from dmuh.utils.schema import Rule
 
 Number = Union[float, torch.Tensor]
 HISTOGRAM_BINS = 100
@@ -167,6 +168,15 @@ class DSG(HashingMethod):
 
     requires = Requirements(labels=False, reference_features=True)
 
+    hyper_parameters = {
+        "similar_fraction": Param(float, Rule(above=0.0, below=1.0), "fraction of the pairs taken as similar"),
+        "clusters": Param(int, Rule(minimum=2), "k-means clusters of the reference"),
+        "quantization": Param(float, Rule(minimum=0.0), "weight of the quantisation term"),
+        "sample_pairs": Param(int, Rule(minimum=1), "pairs sampled to fit the similarity distributions"),
+        "kmeans_restarts": Param(int, Rule(minimum=1), "k-means restarts"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
+
     def __init__(
         self,
         bits: int,
@@ -180,15 +190,13 @@ class DSG(HashingMethod):
         seed: int = 0,
     ):
         super().__init__(bits, num_train, num_classes)
-        self.similar_fraction = check_number("similar_fraction", similar_fraction, 0.0, strict=True)
-        if self.similar_fraction >= 1.0:
-            raise DmuhError(f"method parameter similar_fraction={similar_fraction!r}: must be < 1")
+        self.similar_fraction = similar_fraction
         # One cluster would drop every dissimilar pair, and the codes would collapse.
-        self.clusters = check_count("clusters", clusters, 2)
-        self.quantization = check_number("quantization", quantization, 0.0)
-        self.sample_pairs = check_count("sample_pairs", sample_pairs, 1)
-        self.kmeans_restarts = check_count("kmeans_restarts", kmeans_restarts, 1)
-        self.seed = check_count("seed", seed, 0)
+        self.clusters = clusters
+        self.quantization = quantization
+        self.sample_pairs = sample_pairs
+        self.kmeans_restarts = kmeans_restarts
+        self.seed = seed
         self.reference = ReferenceFeatures()
         self.register_buffer("cluster_ids", torch.zeros(0, dtype=torch.long))
         self.register_buffer("threshold", torch.zeros(()))

@@ -74,9 +74,10 @@ import torch
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
-from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import TreesHead
+from dmuh.utils.schema import Rule
 
 
 def graphcut_block(pairwise: np.ndarray, unary: np.ndarray) -> np.ndarray:
@@ -223,20 +224,29 @@ def tree_layout(nodes: np.ndarray, edges: Sequence[np.ndarray]) -> dict:
 class FastH(ShallowMethod):
     """Bit by bit: block-GraphCut inference of the bit on the KSH loss, then boosted trees fitted to it."""
 
+    hyper_parameters = {
+        "trees": Param(int, Rule(minimum=1), "boosting rounds per bit"),
+        "depth": Param(int, Rule(minimum=1), "depth of every tree"),
+        "node_features": Param(int, Rule(minimum=1), "features tried per split"),
+        "learning_rate": Param(float, Rule(above=0.0), "boosting learning rate"),
+        "block_size": Param(int, Rule(minimum=1), "items per block of the code inference (one min-cut each)"),
+        "iterations": Param(int, Rule(minimum=1), "sweeps of the code inference over all blocks"),
+        "bins": Param(int, Rule(minimum=2, maximum=255), "histogram bins of the trees (at most 255)"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
+
     def __init__(self, bits: int, num_train: int, num_classes: int, trees: int = 200, depth: int = 4,
                  node_features: int = 200, learning_rate: float = 1.0, block_size: int = 500,
                  iterations: int = 2, bins: int = 255, seed: int = 0):
         super().__init__(bits, num_train, num_classes)
-        self.trees = check_count("trees", trees)
-        self.depth = check_count("depth", depth)
-        self.node_features = check_count("node_features", node_features)
-        self.learning_rate = check_number("learning_rate", learning_rate, 0.0, strict=True)
-        self.block_size = check_count("block_size", block_size)
-        self.iterations = check_count("iterations", iterations)
-        self.bins = check_count("bins", bins, 2)
-        if self.bins > 255:  # scikit-learn's histogram trees take at most 255 bins
-            raise DmuhError(f"method parameter bins={bins!r}: must be <= 255")
-        self.seed = check_count("seed", seed, 0)
+        self.trees = trees
+        self.depth = depth
+        self.node_features = node_features
+        self.learning_rate = learning_rate
+        self.block_size = block_size
+        self.iterations = iterations
+        self.bins = bins
+        self.seed = seed
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> TreesHead:
         # float32, as the network hands features to the head (TreesHead compares them in float64).

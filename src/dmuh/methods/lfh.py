@@ -45,8 +45,9 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
-from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.shallow import ShallowMethod
+from dmuh.utils.schema import Rule
 
 CHUNK = 4096  # rows of S (from the labels) at once when the log posterior is computed
 
@@ -83,6 +84,14 @@ def ridge_extension(features: torch.Tensor, codes: torch.Tensor, lam: float) -> 
 class LFH(ShallowMethod):
     """Latent factors of the label similarities by row-wise Newton-like ascent; codes sign(U), out-of-sample by ridge regression."""
 
+    hyper_parameters = {
+        "beta": Param(float, Rule(above=0.0), "variance of the Gaussian prior on U"),
+        "columns": Param(int, Rule(minimum=1), "sampled columns per update"),
+        "iterations": Param(int, Rule(minimum=0), "outer iterations"),
+        "lam": Param(float, Rule(above=0.0), "ridge of the out-of-sample regression W"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
+
     def __init__(
         self,
         bits: int,
@@ -95,11 +104,11 @@ class LFH(ShallowMethod):
         seed: int = 0,
     ):
         super().__init__(bits, num_train, num_classes)
-        self.beta = check_number("beta", beta, 0.0, strict=True)
-        self.columns = check_count("columns", columns, 1)
-        self.iterations = check_count("iterations", iterations, 0)
-        self.lam = check_number("lam", lam, 0.0, strict=True)
-        self.seed = check_count("seed", seed, 0)
+        self.beta = beta
+        self.columns = columns
+        self.iterations = iterations
+        self.lam = lam
+        self.seed = seed
         self.fitted_factors: Optional[torch.Tensor] = None  # U of the last fit (not state)
 
     def initial_factors(self, n: int) -> torch.Tensor:

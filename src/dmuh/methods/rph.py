@@ -37,9 +37,11 @@ import torch.nn.functional as F
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
-from dmuh.methods.components.functional import SignStraightThrough, check_count, check_number
+from dmuh.methods.components.functional import SignStraightThrough
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.reference import ReferenceFeatures
 from dmuh.models.decoder import FeatureDecoder
+from dmuh.utils.schema import Rule
 
 
 def rank_divergence(reference: torch.Tensor, codes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,17 +61,25 @@ class RankPreservingHashing(HashingMethod):
 
     requires = Requirements(labels=False, reference_features=True, vectors=True, decoder=True)
 
+    hyper_parameters = {
+        "temperature": Param(float, Rule(above=0.0), "softmax temperature of the rank distributions"),
+        "quantization": Param(float, Rule(minimum=0.0), "weight of the quantisation term"),
+        "reconstruction": Param(float, Rule(minimum=0.0), "weight of the decoder's reconstruction of the reference"),
+        "reference_dim": Param(int, Rule(minimum=1),
+                        "the reference representation's length (set by the loop from the data)"),
+        "hidden": Param(int, Rule(minimum=1), "hidden width of the decoder"),
+        "joint": Param(bool, help="let the reconstruction shape the codes too (false: b detached)"),
+    }
+
     def __init__(self, bits: int, num_train: int, num_classes: int, reference_dim: int = 1,
                  temperature: float = 0.05, quantization: float = 0.1, reconstruction: float = 1.0,
                  hidden: int = 1024, joint: bool = False):
         super().__init__(bits, num_train, num_classes)
-        self.temperature = check_number("temperature", temperature, 0.0, strict=True)
-        self.quantization_weight = check_number("quantization", quantization, 0.0)
-        self.reconstruction_weight = check_number("reconstruction", reconstruction, 0.0)
-        self.decoder = FeatureDecoder(self.bits, check_count("reference_dim", reference_dim),
-                                      check_count("hidden", hidden))
-        if not isinstance(joint, bool):
-            raise DmuhError(f"method parameter joint={joint!r}: expected true or false")
+        self.temperature = temperature
+        self.quantization_weight = quantization
+        self.reconstruction_weight = reconstruction
+        self.decoder = FeatureDecoder(self.bits, reference_dim,
+                                      hidden)
         self.joint = joint
         self.reference = ReferenceFeatures()
 

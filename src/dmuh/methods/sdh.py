@@ -49,9 +49,11 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
-from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.functional import check_number
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import RBFHead, squared_distances
+from dmuh.utils.schema import Rule
 
 SIGMA_RULES = ("nearest", "mean")
 CHUNK = 8192  # rows of the kernel map computed at once: bounds the n x m distance temporaries
@@ -93,6 +95,17 @@ def dcc(codes: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, sweeps: int,
 class SDH(ShallowMethod):
     """Codes by discrete cyclic coordinate descent against a ridge classifier, out-of-sample by an RBF kernel map."""
 
+    hyper_parameters = {
+        "anchors": Param(int, Rule(minimum=1), "RBF anchors"),
+        "iterations": Param(int, Rule(minimum=0), "outer iterations"),
+        "g_lambda": Param(float, Rule(above=0.0), "ridge of the classifier G"),
+        "f_lambda": Param(float, Rule(above=0.0), "ridge of the hash function F"),
+        "nu": Param(float, Rule(minimum=0.0), "weight of the fit of B to phi P"),
+        "dcc_iter": Param(int, Rule(minimum=1), "discrete cyclic coordinate passes"),
+        "tol": Param(float, Rule(minimum=0.0), "stop when the objective changes less"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
+
     def __init__(
         self,
         bits: int,
@@ -109,20 +122,20 @@ class SDH(ShallowMethod):
         seed: int = 0,
     ):
         super().__init__(bits, num_train, num_classes)
-        self.anchors = check_count("anchors", anchors, 1)
+        self.anchors = anchors
         if isinstance(sigma, str):
             if sigma not in SIGMA_RULES:
                 raise DmuhError(f"method parameter sigma={sigma!r}: choose one of {', '.join(SIGMA_RULES)}, or a number > 0")
             self.sigma: Union[str, float] = sigma
         else:
             self.sigma = check_number("sigma", sigma, 0.0, strict=True)
-        self.iterations = check_count("iterations", iterations, 0)
-        self.g_lambda = check_number("g_lambda", g_lambda, 0.0, strict=True)
-        self.f_lambda = check_number("f_lambda", f_lambda, 0.0, strict=True)
-        self.nu = check_number("nu", nu, 0.0)
-        self.dcc_iter = check_count("dcc_iter", dcc_iter, 1)
-        self.tol = check_number("tol", tol, 0.0)
-        self.seed = check_count("seed", seed, 0)
+        self.iterations = iterations
+        self.g_lambda = g_lambda
+        self.f_lambda = f_lambda
+        self.nu = nu
+        self.dcc_iter = dcc_iter
+        self.tol = tol
+        self.seed = seed
         self.fitted_codes: Optional[torch.Tensor] = None  # the training codes B of the last fit (not state)
 
     # -- pieces, each testable on its own -----------------------------------------------------------

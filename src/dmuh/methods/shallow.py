@@ -27,8 +27,9 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, register_method
-from dmuh.methods.components.functional import check_count
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.shallow import ShallowMethod
+from dmuh.utils.schema import Rule
 
 
 @register_method("itq", display_name="ITQ")
@@ -36,11 +37,14 @@ class ITQ(ShallowMethod):
     """PCA to `bits` dimensions, then the rotation that makes sign() lose least (Iterative Quantization)."""
 
     requires = Requirements(shallow=True, labels=False)
+    hyper_parameters = {
+        "iterations": Param(int, Rule(minimum=0), "rotation updates (B, then R)"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, iterations: int = 50, seed: int = 0):
         super().__init__(bits, num_train, num_classes)
-        self.iterations = check_count("iterations", iterations, 0)
-        self.seed = check_count("seed", seed, 0)
+        self.iterations, self.seed = iterations, seed  # checked as declared
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.check_features(features)
@@ -74,10 +78,11 @@ class LSH(ShallowMethod):
     """Signs of a seeded Gaussian random projection of the mean-centred features."""
 
     requires = Requirements(shallow=True, labels=False)
+    hyper_parameters = {"seed": Param(int, Rule(minimum=0), "seed of the random draws"),}
 
     def __init__(self, bits: int, num_train: int, num_classes: int, seed: int = 0):
         super().__init__(bits, num_train, num_classes)
-        self.seed = check_count("seed", seed, 0)
+        self.seed = seed  # checked as declared
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.check_features(features)

@@ -71,9 +71,10 @@ from torch import nn
 from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, StepInputs, register_method
 from dmuh.methods.components.crossmodal import CrossModalMethod, check_hidden
-from dmuh.methods.components.functional import check_choice, check_count, check_number
 from dmuh.methods.components.memory import TrainingMemory
+from dmuh.methods.components.params import Param
 from dmuh.methods.components.reference import ReferenceFeatures, cosine_knn
+from dmuh.utils.schema import Rule
 
 TEXT_METRICS = ("euclidean", "cosine")
 SCHEDULES = ("simultaneous", "alternate")
@@ -195,6 +196,20 @@ class UGACH(CrossModalMethod):
 
     requires = Requirements(text=True, labels=False, reference_features=True)
 
+    hyper_parameters = {
+        "reference_dim": Param(int, Rule(minimum=1), "the reference features' length (set by the loop from the data)"),
+        "neighbours": Param(int, Rule(minimum=1), "nearest neighbours in the reference per item"),
+        "margin": Param(float, Rule(minimum=0.0), "the margin (none: bits / 8)", optional=True),
+        "selections": Param(int, Rule(minimum=1)),
+        "sample_ratio": Param(int, Rule(minimum=1)),
+        "text_metric": Param(str, Rule(choices=TEXT_METRICS), "distance of the text reference"),
+        "schedule": Param(str, Rule(choices=SCHEDULES), "order of the discriminator and generator epochs"),
+        "discriminator_epochs": Param(int, Rule(minimum=1)),
+        "generator_epochs": Param(int, Rule(minimum=1)),
+        "warmup_epochs": Param(int, Rule(minimum=0), "epochs before the generator trains"),
+        "generator_weight": Param(float, Rule(minimum=0.0), "weight of the generator's loss"),
+    }
+
     def __init__(
         self,
         bits: int,
@@ -217,18 +232,18 @@ class UGACH(CrossModalMethod):
         text_dropout: float = 0.0,
     ):
         super().__init__(bits, num_train, num_classes, text_dim, text_hidden, text_dropout)
-        self.reference_dim = check_count("reference_dim", reference_dim)
-        self.neighbours = check_count("neighbours", neighbours)
-        self.margin = self.bits / 8.0 if margin is None else check_number("margin", margin, 0.0)
-        self.selections = check_count("selections", selections)
-        self.sample_ratio = check_count("sample_ratio", sample_ratio)
+        self.reference_dim = reference_dim
+        self.neighbours = neighbours
+        self.margin = self.bits / 8.0 if margin is None else margin
+        self.selections = selections
+        self.sample_ratio = sample_ratio
         hidden = check_hidden("generator_hidden", generator_hidden)
-        self.text_metric = check_choice("text_metric", text_metric, TEXT_METRICS)
-        self.schedule = check_choice("schedule", schedule, SCHEDULES)
-        self.discriminator_epochs = check_count("discriminator_epochs", discriminator_epochs)
-        self.generator_epochs = check_count("generator_epochs", generator_epochs)
-        self.warmup_epochs = check_count("warmup_epochs", warmup_epochs, 0)
-        self.generator_weight = check_number("generator_weight", generator_weight, 0.0)
+        self.text_metric = text_metric
+        self.schedule = schedule
+        self.discriminator_epochs = discriminator_epochs
+        self.generator_epochs = generator_epochs
+        self.warmup_epochs = warmup_epochs
+        self.generator_weight = generator_weight
 
         self.generator_image = GeneratorNetwork(self.reference_dim, hidden, self.bits)
         self.generator_text = GeneratorNetwork(self.text_dim, hidden, self.bits)

@@ -15,9 +15,10 @@ import torch
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs
-from dmuh.methods.components.functional import check_count, check_number
+from dmuh.methods.components.params import Param, check_count
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
+from dmuh.utils.schema import Rule
 
 
 def check_hidden(name: str, value) -> list:
@@ -33,6 +34,10 @@ class CrossModalMethod(HashingMethod):
     """Base of the image-text methods: the text network, its optional momentum copy, text encoding."""
 
     requires = Requirements(text=True)
+    hyper_parameters = {
+        "text_dim": Param(int, Rule(minimum=1), "the text vector's length (set by the loop from the data)"),
+        "text_dropout": Param(float, Rule(minimum=0.0), "dropout of the text network"),
+    }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, text_dim: int = 1,
                  text_hidden: Sequence[int] = (1024,), text_dropout: float = 0.0,
@@ -40,10 +45,9 @@ class CrossModalMethod(HashingMethod):
         super().__init__(bits, num_train, num_classes)
 
         # Set by the loop from the data (`method_params_for`); 1 is a stand-in for checks without data.
-        self.text_dim = check_count("text_dim", text_dim)
+        self.text_dim = text_dim  # checked as declared, with text_dropout
         hidden = check_hidden("text_hidden", text_hidden)
-        dropout = check_number("text_dropout", text_dropout, 0.0)
-        self.text_network = create_model("mlp", bits=bits, input_dim=text_dim, hidden=hidden, dropout=dropout)
+        self.text_network = create_model("mlp", bits=bits, input_dim=text_dim, hidden=hidden, dropout=text_dropout)
         self.text_momentum = None if text_momentum is None else MomentumNetwork(self.text_network, text_momentum)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:

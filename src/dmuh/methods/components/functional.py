@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from dmuh.codes.binary import sign
-from dmuh.methods.components.params import check_choice, check_count, check_number  # noqa: F401  (their home before params)
+# The checks' home before params; methods still import them from here.
+from dmuh.methods.components.params import check_choice, check_count, check_number  # noqa: F401
 
 OUTPUT_KINDS = ("tanh", "linear")
 

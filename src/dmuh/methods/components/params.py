@@ -72,14 +72,18 @@ class Param:
         if rule.choices is not None:
             return check_choice(name, value, rule.words())
         if self.kind is int:
-            return check_count(name, value, int(1 if rule.minimum is None else rule.minimum))
+            count = check_count(name, value, int(1 if rule.minimum is None else rule.minimum))
+            if rule.maximum is not None and count > rule.maximum:
+                why = f" ({self.why})" if self.why else ""
+                raise DmuhError(f"method parameter {name}={value!r}: must be <= {rule.maximum:g}{why}")
+            return count
         strict = rule.above is not None
         number = check_number(name, value, rule.above if strict else rule.minimum, strict)
         if rule.maximum is not None and number > rule.maximum:
             why = f" ({self.why})" if self.why else ""
             raise DmuhError(f"method parameter {name}={number!r}: must be <= {rule.maximum:g}{why}")
         if rule.below is not None and number >= rule.below:
-            raise DmuhError(f"method parameter {name}={number!r}: must be < {rule.below:g}")
+            raise DmuhError(f"method parameter {name}={value!r}: must be < {rule.below:g}")
         return number
 
     def allowed(self) -> str:
@@ -90,6 +94,7 @@ class Param:
             words = self.rule.allowed()
         elif self.kind is int:
             words = f"an integer >= {int(1 if self.rule.minimum is None else self.rule.minimum)}"
+            words += "" if self.rule.maximum is None else f" and <= {self.rule.maximum:g}"
         else:
             words = " and ".join(part for part in ("a number", self.rule.allowed()) if part)
         return words + (" (or none)" if self.optional else "")
