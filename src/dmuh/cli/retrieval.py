@@ -328,7 +328,7 @@ def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from dmuh.codes.file import is_manifest, read_manifest
     from dmuh.retrieval.index.base import resolve_params
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import build_index, open_index
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
@@ -345,7 +345,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         first = _concatenated(parts)
         parts = iter(())
     decoder = _codes_decoder(args, first)  # before the build: a wrong --decoder fails fast
-    with Index.build(first, kind=args.kind, meta={**first.identity(), "codes_file": str(args.codes)}, **milvus,
+    with build_index(first, kind=args.kind, meta={**first.identity(), "codes_file": str(args.codes)}, **milvus,
                      **params) as index:
         for shard in parts:
             index.add(shard, names=list(shard.ids))
@@ -367,9 +367,9 @@ def _concatenated(parts):
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import build_index, open_index
 
-    with Index.load(args.index) as index:
+    with open_index(args.index) as index:
         before = len(index)
         for codes in _codes_parts(args.codes):
             if codes.bits != index.bits:
@@ -408,13 +408,13 @@ def _read_ids(path: str) -> np.ndarray:
 
 
 def cmd_index_remove(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import build_index, open_index
 
     if (args.ids is None) == (args.names is None):
         raise DmuhError("give what to remove: --ids FILE (integer ids, one a line) or --names FILE (paths, one a line)")
     flag, path = ("--ids", args.ids) if args.ids is not None else ("--names", args.names)
     wanted = _read_ids(args.ids) if args.ids is not None else [text for _, text in _read_lines(args.names, "--names")]
-    with Index.load(args.index) as index:
+    with open_index(args.index) as index:
         try:
             removed = index.remove(wanted if args.ids is not None else index.ids_named(wanted))
         except DmuhError as error:
@@ -448,9 +448,9 @@ def _codes_decoder(args: argparse.Namespace, codes):
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import build_index, open_index
 
-    with Index.load(args.index) as index:
+    with open_index(args.index) as index:
         info = index.info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -646,7 +646,7 @@ def _rerank_mode(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import build_index, open_index
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
@@ -656,7 +656,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _rerank_mode(args)
     if args.tau is not None and args.rerank != "uncertainty":
         raise DmuhError("--tau applies to --rerank uncertainty")
-    with Index.load(args.index) as index:
+    with open_index(args.index) as index:
         report = _search_report(args, index, _gather_queries(args, index))
     text = json.dumps(report, indent=2)
     if args.out:

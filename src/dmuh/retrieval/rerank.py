@@ -2,7 +2,7 @@
 
 The top candidates by Hamming distance are re-ordered by sum_k w_k [b_qk != b_xk],
 w_k = exp(-u_k / (tau * mean_j u_j)), u the query's bit-level DMUH uncertainty.
-`dmuh.retrieval.index.faiss.Index.search_reranked` applies it to an index; bench/rerank_cifar10.py measures whether
+`dmuh.retrieval.index.base.CodeIndex.search_reranked` applies it to an index; bench/rerank_cifar10.py measures whether
 it helps on a run's split.
 """
 

@@ -34,7 +34,7 @@ from dmuh.data.pipeline import images_to_tensor
 from dmuh.data.sources import IMAGE_EXTENSIONS
 from dmuh.errors import DmuhError
 from dmuh.retrieval.encoder import encode_arrays, load_encoder
-from dmuh.retrieval.index.faiss import Index
+from dmuh.retrieval.index import open_index
 from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
 from dmuh.runs.layout import run_directory
 from dmuh.utils.words import plural
@@ -198,7 +198,7 @@ class SearchService:
 
         limits = limits or ServiceLimits()
         limits.check()
-        index = Index.load(index_path)
+        index = open_index(index_path)
         if run is None:
             recorded = (index.meta.get("model") or {}).get("run")
             try:

@@ -1,15 +1,19 @@
-"""What every code index backend shares: how codes come in, the index parameters, and the searches
-built on top of a backend's nearest-neighbour search (re-ranking, decoder re-ranking).
+"""The index contract every code index backend implements, and what the backends share: how codes
+come in, the index parameters, and the searches built on top of a backend's nearest-neighbour
+search (re-ranking, decoder re-ranking).
 
-A backend (`dmuh.retrieval.index.faiss.Index` on FAISS, `dmuh.retrieval.index.milvus.MilvusIndex` on Milvus) subclasses
-`CodeIndex` and provides `search_positions`, `ids_at`, `names_at`, `codes_at`, `add`, `remove`,
-`ids_named`, `save`, `info` and `__len__`; positions are its own handles of stored codes (-1: no
-result), ordered as the codes were added. This module imports no backend, so each backend
-imports it without a cycle.
+`CodeIndex` is an abstract base class on FAISS's model: `search(codes, k, params=None)`, `add`,
+`remove`, `save`, `info`, `bits`, `count` (`len`), ... A backend (`dmuh.retrieval.index.faiss.FaissIndex`
+on FAISS, `dmuh.retrieval.index.milvus.MilvusIndex` on Milvus) subclasses it and provides
+`search_positions`, `ids_at`, `names_at`, `codes_at`, `add`, `remove`, `ids_named`, `save`, `info`,
+`has_names` and `__len__`; positions are its own handles of stored codes (-1: no result), ordered
+as the codes were added. `dmuh.retrieval.index.build_index` and `open_index` make one. This module
+imports no backend, so each backend imports it without a cycle.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -129,8 +133,9 @@ def ordered_by_distance_then_position(distances: np.ndarray, positions: np.ndarr
     return distances, positions
 
 
-class CodeIndex:
-    """The backend-independent part of an index of binary codes (see the module's docstring).
+class CodeIndex(abc.ABC):
+    """An index of binary codes: the contract every backend implements, and the backend-independent
+    searches on top of it (see the module's docstring).
 
     A backend sets kind, bits, params, meta (where the codes came from: model identity, image
     size, ...) and decoder (a dmuh.models.decoder.FeatureDecoder of the codes, or None).
@@ -146,8 +151,14 @@ class CodeIndex:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, bits={self.bits}, count={len(self)}, params={self.params})"
 
-    def __len__(self) -> int:  # pragma: no cover - every backend defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """How many codes the index holds."""
+
+    @property
+    def count(self) -> int:
+        """How many codes the index holds (len(index))."""
+        return len(self)
 
     def close(self) -> None:
         """Let go of what the index holds open (a Milvus connection); nothing for FAISS."""
@@ -159,18 +170,48 @@ class CodeIndex:
         self.close()
 
     @property
+    @abc.abstractmethod
     def has_names(self) -> bool:
-        raise NotImplementedError
+        """Whether the index holds a name (path) of each code."""
 
+    @abc.abstractmethod
     def search_positions(self, query_codes, k: int, *, nprobe: Optional[int] = None,
                          ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """The k nearest codes of each query by (Hamming distance, position): (distances int32 (nq, k),
+        positions int64 (nq, k), -1 with distance -1 where an approximate search found fewer)."""
 
+    @abc.abstractmethod
     def ids_at(self, positions: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """User ids of index positions (-1, no result, stays -1)."""
 
+    @abc.abstractmethod
+    def names_at(self, positions: np.ndarray) -> List[List[Optional[str]]]:
+        """Names (paths) of index positions, per row (None without names, or for -1)."""
+
+    @abc.abstractmethod
     def codes_at(self, positions: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Packed codes stored at index positions (any shape of non-negative positions)."""
+
+    @abc.abstractmethod
+    def add(self, codes, ids=None, names: Optional[Sequence[str]] = None) -> None:
+        """Add codes; ids default to the next ids (one past the largest ever given)."""
+
+    @abc.abstractmethod
+    def remove(self, ids) -> int:
+        """Remove every code whose id is one of `ids`; returns how many were removed (an unknown id
+        is an error, and then nothing is removed)."""
+
+    @abc.abstractmethod
+    def ids_named(self, names: Sequence[str]) -> np.ndarray:
+        """The ids of the codes whose name (path) is one of `names`."""
+
+    @abc.abstractmethod
+    def info(self) -> Dict[str, Any]:
+        """The index file's header fields: format, version, backend, kind, bits, count, params, ..."""
+
+    @abc.abstractmethod
+    def save(self, path, overwrite: bool = True) -> None:
+        """Write the index file atomically (`open_index` reads it back)."""
 
     def search(self, query_codes, k: int, *, nprobe: Optional[int] = None,
                ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:

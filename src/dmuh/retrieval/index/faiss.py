@@ -1,11 +1,12 @@
-"""Search binary codes: FAISS binary indexes (or a Milvus collection) behind a small API.
+"""The FAISS backend of the index contract (`dmuh.retrieval.index.base.CodeIndex`): FAISS binary indexes.
 
-    index = Index.build(codes, kind="flat")          # or "ivf" (nlist, nprobe), "hnsw" (m, ef_construction, ef_search)
-    index = Index.build(codes, backend="milvus", uri="codes.db", collection="photos")   # dmuh.retrieval.index.milvus
+    from dmuh.retrieval.index import build_index, open_index
+    index = build_index(codes, kind="flat")          # a FaissIndex; "ivf" (nlist, nprobe), "hnsw" (m, ef_construction,
+                                                     # ef_search); backend="milvus": dmuh.retrieval.index.milvus
     index.add(more_codes, ids)
     index.remove([17, 18])
     distances, ids = index.search(query_codes, k=10)
-    index.save("db.dmuhidx"); index = Index.load("db.dmuhidx")   # either backend
+    index.save("db.dmuhidx"); index = open_index("db.dmuhidx")   # either backend
 
 Codes are packed uint8 rows (n, ceil(bits / 8)) as `dmuh.codes.binary.pack_bits` makes them, or
 unpacked (n, bits) codes ({-1,+1}, {0,1} or bool; packed here), as numpy or torch, or a
@@ -22,9 +23,9 @@ Removing codes rebuilds the FAISS structure from the codes that remain (flat: a 
 trained lists refilled; hnsw: a new graph, as long as a build), so positions stay 0..n-1 in the
 order the codes were added and nothing removed is ever found.
 
-The file format is `dmuh.retrieval.index.file`; the re-ranking of `Index.search_reranked` is `dmuh.retrieval.rerank`;
+The file format is `dmuh.retrieval.index.file`; the re-ranking of `search_reranked` is `dmuh.retrieval.rerank`;
 what the backends share is `dmuh.retrieval.index.base`. An index may carry a decoder of its codes
-(`dmuh.models.decoder`, rank-preserving hashing): then `Index.search_decoded` re-ranks the Hamming
+(`dmuh.models.decoder`, rank-preserving hashing): then `search_decoded` re-ranks the Hamming
 candidates by the cosine of each query's own features to the candidates' decoded features, and
 the database's original features are never needed. FAISS and pymilvus are imported lazily (on
 first use), so the rest of dmuh works without either.
@@ -40,7 +41,6 @@ import numpy as np
 
 from dmuh.errors import DmuhError
 from dmuh.retrieval.index.base import (  # noqa: F401 - byte_width and _as_packed are also this module's API
-    BACKENDS,
     CodeIndex,
     _as_packed,
     build_inputs,
@@ -56,7 +56,6 @@ from dmuh.retrieval.index.base import (  # noqa: F401 - byte_width and _as_packe
 from dmuh.retrieval.index.file import (
     FORMAT,
     FORMAT_VERSION,
-    read_index_file,
     write_index_file,
 )
 
@@ -95,7 +94,7 @@ def _new_faiss_index(kind: str, bits: int, params: Dict[str, int], training: Opt
     return index
 
 
-class Index(CodeIndex):
+class FaissIndex(CodeIndex):
     """A FAISS binary index over packed codes plus the ids (int64) and optional names (paths) of its rows."""
 
     backend = "faiss"
@@ -118,23 +117,14 @@ class Index(CodeIndex):
     # -- building -------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, codes, kind: str = "flat", *, backend: str = "faiss", bits: Optional[int] = None, ids=None,
-              names: Optional[Sequence[str]] = None, meta: Optional[Dict[str, Any]] = None, **params):
+    def build(cls, codes, kind: str = "flat", *, bits: Optional[int] = None, ids=None,
+              names: Optional[Sequence[str]] = None, meta: Optional[Dict[str, Any]] = None, **params) -> "FaissIndex":
         """A new index of `kind` holding `codes` (ids default to 0..n-1; names to the codes' own ids).
 
         flat: exact. ivf: nlist (default round(sqrt(n)), at most n / 39) inverted lists trained on `codes`, nprobe
         lists visited per query (default max(1, nlist // 16)). hnsw: graph of degree m (32),
-        ef_construction (64), ef_search (128).
-
-        backend="milvus" builds a `dmuh.retrieval.index.milvus.MilvusIndex` instead (kinds flat and ivf;
-        uri=, collection=, force= as there).
+        ef_construction (64), ef_search (128). `dmuh.retrieval.index.build_index` picks the backend.
         """
-        if backend not in BACKENDS:
-            raise DmuhError(f"index backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if backend == "milvus":
-            from dmuh.retrieval.index.milvus import MilvusIndex
-
-            return MilvusIndex.build(codes, kind, bits=bits, ids=ids, names=names, meta=meta, **params)
         _faiss()
         if kind not in KINDS:
             raise DmuhError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}")
@@ -270,19 +260,9 @@ class Index(CodeIndex):
         write_index_file(path, self.info(), sections)
 
     @classmethod
-    def load(cls, path) -> CodeIndex:
-        """Read and verify an index file (magic, version, header CRC, payload size and sha256):
-        an `Index`, or a `dmuh.retrieval.index.milvus.MilvusIndex` for a file `dmuh index build --backend
-        milvus` wrote (it connects to the collection the file names and checks it)."""
-        path = Path(path)
-        header, sections = read_index_file(path, KINDS)
-        backend = header.get("backend", "faiss")
-        if backend == "milvus":
-            from dmuh.retrieval.index.milvus import MilvusIndex
-
-            return MilvusIndex.from_file(path, header, sections)
-        if backend != "faiss":
-            raise DmuhError(f"{path}: index backend {backend!r}; this dmuh reads {', '.join(BACKENDS)}")
+    def from_file(cls, path: Path, header: Dict[str, Any], sections: Dict[str, bytes]) -> "FaissIndex":
+        """The index of a verified index file's header and sections (`dmuh.retrieval.index.open_index`
+        reads the file and picks the backend)."""
         faiss = _faiss()
         try:
             index = faiss.deserialize_index_binary(np.frombuffer(sections["faiss"], dtype=np.uint8))

@@ -1,7 +1,8 @@
-"""Binary codes in a Milvus collection, behind the same contract as `dmuh.retrieval.index.faiss.Index` (FAISS).
+"""Binary codes in a Milvus collection: `MilvusIndex`, a backend of the index contract
+(`dmuh.retrieval.index.base.CodeIndex`), as `dmuh.retrieval.index.faiss.FaissIndex` is on FAISS.
 
-    index = Index.build(codes, kind="flat", backend="milvus", uri="codes.db", collection="photos")
-    index.save("photos.dmuhidx"); index = Index.load("photos.dmuhidx")     # the same API as FAISS
+    index = build_index(codes, kind="flat", backend="milvus", uri="codes.db", collection="photos")
+    index.save("photos.dmuhidx"); index = open_index("photos.dmuhidx")     # dmuh.retrieval.index; as FAISS
 
 `uri` is a Milvus Lite file (`FILE.db`: Milvus run inside this process, `pip install
 'dmuh[milvus]'`) or a Milvus server or cluster (`http://HOST:19530`). The collection has the
@@ -15,7 +16,7 @@ fields
 and, as its description, JSON: format "dmuh-milvus", bits, kind, has_names, meta (the model's
 identity, image size, ...) and a token drawn at build time. The index file (`dmuh.retrieval.index.file`,
 header `backend: "milvus"`) names the uri, the collection and the token, and records the next
-position and id to give out; `Index.load` checks that the collection exists, carries the same
+position and id to give out; `open_index` checks that the collection exists, carries the same
 token (it was not rebuilt since) and holds codes of the file's bit length.
 
 Kinds: flat (BIN_FLAT, exact) and ivf (BIN_IVF_FLAT with nlist lists, nprobe searched; needs a
@@ -260,8 +261,8 @@ def _chunks(values: Sequence, size: int) -> Iterator[Sequence]:
 
 
 class MilvusIndex(CodeIndex):
-    """Codes in a Milvus collection (see the module's docstring); built by `build` (or `Index.build(...,
-    backend="milvus")`), opened by `dmuh.retrieval.index.faiss.Index.load` of its index file."""
+    """Codes in a Milvus collection (see the module's docstring); built by `build` (or `build_index(...,
+    backend="milvus")`), opened by `dmuh.retrieval.index.open_index` of its index file."""
 
     backend = "milvus"
 
