@@ -1,12 +1,15 @@
 """The index contract (dmuh.retrieval.index.base.CodeIndex) and its factories, build_index and open_index."""
 
+import dataclasses
+import threading
+
 import numpy as np
 import pytest
 
 pytest.importorskip("faiss")
 
 from dmuh.errors import DmuhError  # noqa: E402
-from dmuh.retrieval.index import CodeIndex, FaissIndex, build_index, open_index  # noqa: E402
+from dmuh.retrieval.index import CodeIndex, FaissIndex, SearchParams, build_index, open_index  # noqa: E402
 from dmuh.retrieval.index.file import read_index_file, write_index_file  # noqa: E402
 
 
@@ -18,7 +21,7 @@ def test_the_contract_is_abstract():
     with pytest.raises(TypeError):
         CodeIndex()
     missing = {name for name in CodeIndex.__abstractmethods__}
-    assert {"search_positions", "add", "remove", "save", "info", "__len__", "codes_at", "ids_at"} <= missing
+    assert {"_search_packed", "add", "remove", "save", "info", "__len__", "codes_at", "ids_at"} <= missing
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
@@ -61,3 +64,69 @@ def test_open_index_refuses_an_unknown_backend(tmp_path):
     write_index_file(tmp_path / "b.dmuhidx", {**header, "backend": "annoy"}, list(sections.items()))
     with pytest.raises(DmuhError, match="index backend 'annoy'"):
         open_index(tmp_path / "b.dmuhidx")
+
+
+# -- search parameters per call ---------------------------------------------------------------------
+
+
+def test_search_params_are_a_frozen_checked_value():
+    params = SearchParams(nprobe=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.nprobe = 8
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(DmuhError, match="expected a positive integer"):
+            SearchParams(ef_search=bad)
+    assert SearchParams.of(params, ef_search=9) == SearchParams(nprobe=4, ef_search=9)
+    assert SearchParams.of(None, nprobe=3) == SearchParams(nprobe=3)
+
+
+def ivf_and_hnsw(seed=5, n=3000):
+    database = random_codes(seed, n, bits=64)
+    return (database, build_index(database, kind="ivf", nlist=32, nprobe=1),
+            build_index(database, kind="hnsw", m=8, ef_construction=40, ef_search=16))
+
+
+def test_search_params_apply_to_one_call_and_leave_the_index_as_built():
+    database, ivf, hnsw = ivf_and_hnsw()
+    queries = database[:50] ^ (np.random.default_rng(0).random(database[:50].shape) < 0.2)
+    default = ivf.search(queries, 10)
+    every_list = ivf.search(queries, 10, SearchParams(nprobe=32))
+    np.testing.assert_array_equal(every_list[0], build_index(database).search(queries, 10)[0])  # nprobe = nlist: exact
+    assert not np.array_equal(default[0], every_list[0])  # nprobe=1 misses some
+    assert ivf.faiss_index.nprobe == 1  # the FAISS object is not changed by a search
+    for a, b in zip(default, ivf.search(queries, 10)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ivf.search(queries, 10, nprobe=32)[1], every_list[1])  # the shortcut
+    wide = hnsw.search(queries, 10, SearchParams(ef_search=200))
+    assert hnsw.faiss_index.hnsw.efSearch == 16
+    np.testing.assert_array_equal(hnsw.search(queries, 10, ef_search=200)[1], wide[1])
+    with pytest.raises(DmuhError, match="nprobe applies to ivf indexes, not hnsw"):
+        hnsw.search(queries, 10, SearchParams(nprobe=2))
+    with pytest.raises(DmuhError, match="ef_search applies to hnsw indexes, not ivf"):
+        ivf.search(queries, 10, SearchParams(ef_search=2))
+
+
+def test_concurrent_searches_with_different_params_match_the_sequential_results():
+    database, ivf, hnsw = ivf_and_hnsw(seed=6)
+    queries = database[::7][:200] ^ (np.random.default_rng(1).random((200, 64)) < 0.25)
+    calls = [(ivf, SearchParams(nprobe=1)), (ivf, SearchParams(nprobe=16)),
+             (hnsw, SearchParams(ef_search=10)), (hnsw, SearchParams(ef_search=300))]
+    expected = [index.search(queries, 20, params) for index, params in calls]
+    assert not np.array_equal(expected[0][1], expected[1][1]) and not np.array_equal(expected[2][1], expected[3][1])
+    failures = []
+    barrier = threading.Barrier(2 * len(calls))
+
+    def run(index, params, want):
+        barrier.wait()
+        for _ in range(15):
+            got = index.search(queries, 20, params)
+            if not (np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])):
+                failures.append(params)
+
+    threads = [threading.Thread(target=run, args=(index, params, want))
+               for (index, params), want in zip(calls + calls, expected + expected)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []

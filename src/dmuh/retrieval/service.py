@@ -7,8 +7,8 @@ and a Python API for the same.
     service.thumbnail(42)                                       # JPEG bytes of database image id 42
 
 The model and the index are loaded once. Every method is safe to call from several threads: the
-network and the index are each used under their own lock (FAISS search parameters are set per call
-on a shared index object, so two searches must not interleave). A DMUH run (a momentum network)
+network is used under a lock; index searches run at once (their parameters, `SearchParams`, are
+given per call, nothing is set on the shared index). A DMUH run (a momentum network)
 also reports each image query's image-level uncertainty (the mean of |h - m|, Eq. 7) and its most
 uncertain bits. Every bad query raises DmuhError with a one-line message.
 
@@ -186,7 +186,7 @@ class SearchService:
         self.limits = limits or ServiceLimits()
         self.limits.check()
         self.index_path = index_path
-        self._index_lock = threading.Lock()
+        self._ids_lock = threading.Lock()  # makes `_id_positions` once
         self._model_lock = threading.Lock()
         self._id_positions = None  # (sorted ids, their positions), made at the first thumbnail
 
@@ -308,7 +308,7 @@ class SearchService:
 
     def position_of(self, id_: int) -> int:
         """The index position of user id `id_`; LookupError if the index holds no such id."""
-        with self._index_lock:
+        with self._ids_lock:
             if self._id_positions is None:  # by binary search: no dict of a million ints
                 ids = np.asarray(self.index.ids, dtype=np.int64)  # a Milvus index reads them once, here
                 order = np.argsort(ids, kind="stable")
@@ -326,8 +326,7 @@ class SearchService:
         if not self.index.has_names:
             raise LookupError("the index holds no paths of its images")
         position = self.position_of(id_)
-        with self._index_lock:
-            name = self.index.names_at(np.array([[position]]))[0][0]
+        name = self.index.names_at(np.array([[position]]))[0][0]
         return self.thumbnails.get(name)
 
     # -- shared steps --------------------------------------------------------------------------
@@ -356,15 +355,14 @@ class SearchService:
         depth = int(depth or DEFAULT_RERANK_DEPTH)
         tau = float(tau or DEFAULT_TAU)
         weighted = cosine = None
-        with self._index_lock:
-            if rerank == "uncertainty":
-                result = self.index.search_reranked(packed, uncertainty, k, depth=depth, tau=tau)
-                distances, positions, weighted = result["distances"], result["positions"], result["weighted"]
-            elif rerank == "decoder":
-                result = self.index.search_decoded(packed, features, k, depth=depth)
-                distances, positions, cosine = result["distances"], result["positions"], result["cosine"]
-            else:
-                distances, positions = self.index.search_positions(packed, k)
+        if rerank == "uncertainty":
+            result = self.index.search_reranked(packed, uncertainty, k, depth=depth, tau=tau)
+            distances, positions, weighted = result["distances"], result["positions"], result["weighted"]
+        elif rerank == "decoder":
+            result = self.index.search_decoded(packed, features, k, depth=depth)
+            distances, positions, cosine = result["distances"], result["positions"], result["cosine"]
+        else:
+            distances, positions = self.index.search_positions(packed, k)
         rows = result_rows(self.index, positions, distances, weighted_distance=weighted, decoded_cosine=cosine)[0]
         report: Dict[str, Any] = {"k": k, "rerank": rerank, "results": rows}
         if rerank is not None:

@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from dmuh.errors import DmuhError
-from dmuh.retrieval.index.base import BACKENDS, CodeIndex
+from dmuh.retrieval.index.base import BACKENDS, CodeIndex, SearchParams
 from dmuh.retrieval.index.faiss import KINDS, FaissIndex
 from dmuh.retrieval.index.file import read_index_file
 
-__all__ = ["BACKENDS", "KINDS", "CodeIndex", "FaissIndex", "build_index", "open_index"]
+__all__ = ["BACKENDS", "KINDS", "CodeIndex", "FaissIndex", "SearchParams", "build_index", "open_index"]
 
 
 def build_index(codes, *, backend: str = "faiss", kind: str = "flat", **options) -> CodeIndex:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -28,6 +29,46 @@ from dmuh.utils.words import plural
 
 BACKENDS = ("faiss", "milvus")
 _DECODE_CHUNK = 64  # queries whose candidates' decoded features are held at once (decoder re-ranking)
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """The parameters of one search (FAISS's `SearchParameters`), given per call: nothing is set on
+    a shared index, so searches with different parameters may run at once. None keeps the value
+    the index was built with (its `params`).
+
+    nprobe: ivf, the inverted lists visited per query. ef_search: hnsw, the candidate list while
+    searching.
+    """
+
+    nprobe: Optional[int] = None
+    ef_search: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise DmuhError(f"search parameter {name}={value!r}: expected a positive integer")
+
+    @classmethod
+    def of(cls, params: Optional["SearchParams"] = None, *, nprobe: Optional[int] = None,
+           ef_search: Optional[int] = None) -> "SearchParams":
+        """`params` (default none given) with the keyword shortcuts nprobe= and ef_search= laid over it."""
+        if params is not None and not isinstance(params, SearchParams):
+            raise DmuhError(f"params: expected a SearchParams, got {type(params).__name__}")
+        params = params or cls()
+        if nprobe is None and ef_search is None:
+            return params
+        return cls(nprobe=params.nprobe if nprobe is None else nprobe,
+                   ef_search=params.ef_search if ef_search is None else ef_search)
+
+    def check(self, kind: str) -> "SearchParams":
+        """These parameters, refused where they do not apply to an index of `kind`."""
+        if self.nprobe is not None and kind != "ivf":
+            raise DmuhError(f"nprobe applies to ivf indexes, not {kind}")
+        if self.ef_search is not None and kind != "hnsw":
+            raise DmuhError(f"ef_search applies to hnsw indexes, not {kind}")
+        return self
 
 
 def byte_width(bits: int) -> int:
@@ -174,11 +215,19 @@ class CodeIndex(abc.ABC):
     def has_names(self) -> bool:
         """Whether the index holds a name (path) of each code."""
 
-    @abc.abstractmethod
-    def search_positions(self, query_codes, k: int, *, nprobe: Optional[int] = None,
+    def search_positions(self, query_codes, k: int, params: Optional[SearchParams] = None, *, nprobe: Optional[int] = None,
                          ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """The k nearest codes of each query by (Hamming distance, position): (distances int32 (nq, k),
-        positions int64 (nq, k), -1 with distance -1 where an approximate search found fewer)."""
+        positions int64 (nq, k), -1 with distance -1 where an approximate search found fewer).
+        `params` (or its shortcuts nprobe=, ef_search=) apply to this call only."""
+        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
+        self._check_k(k)
+        params = SearchParams.of(params, nprobe=nprobe, ef_search=ef_search).check(self.kind)
+        return self._search_packed(packed, int(k), params)
+
+    @abc.abstractmethod
+    def _search_packed(self, packed: np.ndarray, k: int, params: SearchParams) -> Tuple[np.ndarray, np.ndarray]:
+        """`search_positions` of checked packed queries, k and parameters; the index is not changed."""
 
     @abc.abstractmethod
     def ids_at(self, positions: np.ndarray) -> np.ndarray:
@@ -213,14 +262,15 @@ class CodeIndex(abc.ABC):
     def save(self, path, overwrite: bool = True) -> None:
         """Write the index file atomically (`open_index` reads it back)."""
 
-    def search(self, query_codes, k: int, *, nprobe: Optional[int] = None,
+    def search(self, query_codes, k: int, params: Optional[SearchParams] = None, *, nprobe: Optional[int] = None,
                ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """The k nearest codes of each query: (distances int32 (nq, k), ids int64 (nq, k))."""
-        distances, positions = self.search_positions(query_codes, k, nprobe=nprobe, ef_search=ef_search)
+        """The k nearest codes of each query: (distances int32 (nq, k), ids int64 (nq, k)); ordered by
+        (distance, position). `params` (or nprobe=, ef_search=) apply to this call only."""
+        distances, positions = self.search_positions(query_codes, k, params, nprobe=nprobe, ef_search=ef_search)
         return distances, self.ids_at(positions)
 
     def search_reranked(self, query_codes, bit_uncertainty, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
-                        tau: float = DEFAULT_TAU, nprobe: Optional[int] = None,
+                        tau: float = DEFAULT_TAU, params: Optional[SearchParams] = None, nprobe: Optional[int] = None,
                         ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Uncertainty-aware search: the top `depth` codes by Hamming distance, re-ranked by the
         weighted Hamming distance of `rerank` (see there); keeps the k best.
@@ -231,7 +281,7 @@ class CodeIndex(abc.ABC):
         packed, _ = _as_packed(query_codes, self.bits, what="query codes")
         self._check_k(k)
         depth = min(max(int(depth), int(k)), len(self))
-        distances, positions = self.search_positions(packed, depth, nprobe=nprobe, ef_search=ef_search)
+        distances, positions = self.search_positions(packed, depth, params, nprobe=nprobe, ef_search=ef_search)
         uncertainty = np.asarray(bit_uncertainty, dtype=np.float32)
         if uncertainty.shape != (packed.shape[0], self.bits):
             raise DmuhError(f"bit uncertainty: expected shape {(packed.shape[0], self.bits)}, got {uncertainty.shape}")
@@ -255,7 +305,8 @@ class CodeIndex(abc.ABC):
         self.decoder = decoder.cpu().eval()
 
     def search_decoded(self, query_codes, query_features, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
-                       nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
+                       params: Optional[SearchParams] = None, nprobe: Optional[int] = None,
+                       ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Rank-preserving hashing's search: the top `depth` codes by Hamming distance (the graph
         search of an hnsw index, or any kind), re-ranked by the cosine of each query's features
         (nq, D) to the candidates' features decoded from their codes; keeps the k best. Ties go
@@ -273,7 +324,7 @@ class CodeIndex(abc.ABC):
                             f"got shape {features.shape}")
         self._check_k(k)
         depth = min(max(int(depth), int(k)), len(self))
-        distances, positions = self.search_positions(packed, depth, nprobe=nprobe, ef_search=ef_search)
+        distances, positions = self.search_positions(packed, depth, params, nprobe=nprobe, ef_search=ef_search)
         found = positions >= 0
         unique, inverse = np.unique(positions[found], return_inverse=True)
         decoded = self.decoder.decode_packed(self.codes_at(unique))  # each candidate decoded once

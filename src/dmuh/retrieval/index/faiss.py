@@ -34,6 +34,7 @@ first use), so the rest of dmuh works without either.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,6 +43,7 @@ import numpy as np
 from dmuh.errors import DmuhError
 from dmuh.retrieval.index.base import (  # noqa: F401 - byte_width and _as_packed are also this module's API
     CodeIndex,
+    SearchParams,
     _as_packed,
     build_inputs,
     byte_width,
@@ -112,6 +114,7 @@ class FaissIndex(CodeIndex):
         self.names = names
         self.meta = dict(meta or {})  # where the codes came from: model identity, image size, ...
         self._database: Optional[np.ndarray] = None  # packed codes by position, for re-ranking
+        self._database_lock = threading.Lock()  # concurrent searches fill `_database` once
         self.decoder = None  # a dmuh.models.decoder.FeatureDecoder of these codes, or None
 
     # -- building -------------------------------------------------------------------------------
@@ -186,13 +189,17 @@ class FaissIndex(CodeIndex):
 
     # -- searching ------------------------------------------------------------------------------
 
-    def search_positions(self, query_codes, k: int, *, nprobe: Optional[int] = None,
-                         ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Like `search`, with positions in the index (-1: no result) instead of ids."""
-        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
-        self._check_k(k)
-        self._set_search_params(nprobe, ef_search)
-        distances, positions = self.faiss_index.search(packed, int(k))
+    def _search_packed(self, packed: np.ndarray, k: int, params: SearchParams) -> Tuple[np.ndarray, np.ndarray]:
+        """One FAISS search with this call's parameters (`faiss.SearchParametersIVF` / `...HNSW`; the
+        index's own where `params` gives none): the FAISS object is never changed by a search."""
+        faiss = _faiss()
+        if self.kind == "ivf":
+            search_params = faiss.SearchParametersIVF(nprobe=int(params.nprobe or self.params["nprobe"]))
+        elif self.kind == "hnsw":
+            search_params = faiss.SearchParametersHNSW(efSearch=int(params.ef_search or self.params["ef_search"]))
+        else:
+            search_params = None
+        distances, positions = self.faiss_index.search(packed, k, params=search_params)
         # Define the order: distance, then position (FAISS's heap order already, made explicit);
         # approximate indexes that find fewer than k leave -1 slots, which go last.
         return ordered_by_distance_then_position(distances, positions)
@@ -209,9 +216,13 @@ class FaissIndex(CodeIndex):
 
     def codes_at(self, positions: np.ndarray) -> np.ndarray:
         """Packed codes stored at index positions (any shape of non-negative positions)."""
-        if self._database is None:
-            self._database = self._reconstruct_all()
-        return self._database[np.asarray(positions)]
+        database = self._database
+        if database is None:
+            with self._database_lock:
+                if self._database is None:
+                    self._database = self._reconstruct_all()
+                database = self._database
+        return database[np.asarray(positions)]
 
     def _reconstruct_all(self) -> np.ndarray:
         faiss = _faiss()
@@ -223,20 +234,6 @@ class FaissIndex(CodeIndex):
         if self.kind == "ivf":
             self.faiss_index.make_direct_map()
         return self.faiss_index.reconstruct_n(0, len(self)).reshape(-1, width)
-
-    def _set_search_params(self, nprobe: Optional[int], ef_search: Optional[int]) -> None:
-        if nprobe is not None:
-            if self.kind != "ivf":
-                raise DmuhError(f"nprobe applies to ivf indexes, not {self.kind}")
-            self.faiss_index.nprobe = int(nprobe)
-        elif self.kind == "ivf":
-            self.faiss_index.nprobe = self.params["nprobe"]
-        if ef_search is not None:
-            if self.kind != "hnsw":
-                raise DmuhError(f"ef_search applies to hnsw indexes, not {self.kind}")
-            self.faiss_index.hnsw.efSearch = int(ef_search)
-        elif self.kind == "hnsw":
-            self.faiss_index.hnsw.efSearch = self.params["ef_search"]
 
     # -- files ----------------------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ import numpy as np
 from dmuh.errors import DmuhError
 from dmuh.retrieval.index.base import (
     CodeIndex,
-    _as_packed,
+    SearchParams,
     build_inputs,
     byte_width,
     check_ids_known,
@@ -283,6 +283,7 @@ class MilvusIndex(CodeIndex):
         self._count = 0
         self._rows: Dict[int, Tuple[int, str, bytes]] = {}  # position -> (id, name, code), from lookups
         self._all: Optional[Tuple[np.ndarray, np.ndarray, List[str]]] = None  # every (position, id, name)
+        self._rows_lock = threading.RLock()  # the two caches above, under concurrent searches
 
     # -- building and opening -------------------------------------------------------------------
 
@@ -492,21 +493,14 @@ class MilvusIndex(CodeIndex):
 
     # -- searching ------------------------------------------------------------------------------
 
-    def search_positions(self, query_codes, k: int, *, nprobe: Optional[int] = None,
-                         ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def _search_packed(self, packed: np.ndarray, k: int, search: SearchParams) -> Tuple[np.ndarray, np.ndarray]:
         """The k nearest codes of each query by (Hamming distance, position): (distances int32 (nq, k),
-        positions int64 (nq, k), -1 where an ivf search found fewer)."""
-        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
-        self._check_k(k)
-        if ef_search is not None:
-            raise DmuhError(f"ef_search applies to hnsw indexes, not {self.kind}")
-        if nprobe is not None and self.kind != "ivf":
-            raise DmuhError(f"nprobe applies to ivf indexes, not {self.kind}")
+        positions int64 (nq, k), -1 where an ivf search found fewer); nprobe per request."""
         if k > MAX_TOPK:
             raise DmuhError(f"k={k}: a Milvus search returns at most {MAX_TOPK} codes a query")
         params: Dict[str, Any] = {"metric_type": "HAMMING"}
         if self.kind == "ivf":
-            params["params"] = {"nprobe": int(nprobe or self.params["nprobe"])}
+            params["params"] = {"nprobe": int(search.nprobe or self.params["nprobe"])}
         distances = np.full((packed.shape[0], k), -1, dtype=np.int32)
         positions = np.full((packed.shape[0], k), -1, dtype=np.int64)
         # flat: a window of nearest codes, widened (x WINDOW_GROWTH, all open queries in one request)
@@ -554,19 +548,20 @@ class MilvusIndex(CodeIndex):
     def _lookup(self, positions: np.ndarray) -> Dict[int, Tuple[int, str, bytes]]:
         """(id, name, code) of each non-negative position, fetched once and cached."""
         wanted = np.unique(positions[positions >= 0]).tolist()
-        missing = [p for p in wanted if p not in self._rows]
-        if len(self._rows) + len(missing) > ROW_CACHE:
-            self._rows = {p: self._rows[p] for p in wanted if p in self._rows}
-        for batch in _chunks(missing, LOOKUP_BATCH):
-            rows = self._call("look up positions", "query", filter=f"pos in {list(batch)}",
-                              output_fields=["pos", "id", "name", "code"])
-            for row in rows:
-                self._rows[int(row["pos"])] = (int(row["id"]), row["name"], _code_bytes(row["code"]))
-        gone = [p for p in missing if p not in self._rows]
-        if gone:
-            raise DmuhError(f"Milvus collection {self.collection!r} at {self.uri}: position {gone[0]} is no longer "
-                            "there (removed while searching?)")
-        return self._rows
+        with self._rows_lock:
+            missing = [p for p in wanted if p not in self._rows]
+            if len(self._rows) + len(missing) > ROW_CACHE:
+                self._rows = {p: self._rows[p] for p in wanted if p in self._rows}
+            for batch in _chunks(missing, LOOKUP_BATCH):
+                rows = self._call("look up positions", "query", filter=f"pos in {list(batch)}",
+                                  output_fields=["pos", "id", "name", "code"])
+                for row in rows:
+                    self._rows[int(row["pos"])] = (int(row["id"]), row["name"], _code_bytes(row["code"]))
+            gone = [p for p in missing if p not in self._rows]
+            if gone:
+                raise DmuhError(f"Milvus collection {self.collection!r} at {self.uri}: position {gone[0]} is no "
+                                "longer there (removed while searching?)")
+            return {p: self._rows[p] for p in wanted}
 
     def ids_at(self, positions: np.ndarray) -> np.ndarray:
         """User ids of index positions (-1, no result, stays -1)."""
@@ -592,6 +587,10 @@ class MilvusIndex(CodeIndex):
 
     def _every_row(self) -> Tuple[np.ndarray, np.ndarray, List[str]]:
         """(positions, ids, names) of every code, by position: one pass over the collection."""
+        with self._rows_lock:
+            return self._every_row_locked()
+
+    def _every_row_locked(self) -> Tuple[np.ndarray, np.ndarray, List[str]]:
         if self._all is None:
             positions, ids, names = [], [], []
             with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: read every row"):
