@@ -1,4 +1,5 @@
-"""The index contract (dmuh.retrieval.index.base.CodeIndex) and its factories, build_index and open_index."""
+"""The index contract (dmuh.retrieval.index.base.CodeIndex), its factories (build_index, open_index), search
+parameters per call (SearchParams) and re-rankers wrapped around an index (dmuh.retrieval.rerank)."""
 
 import dataclasses
 import threading
@@ -11,6 +12,14 @@ pytest.importorskip("faiss")
 from dmuh.errors import DmuhError  # noqa: E402
 from dmuh.retrieval.index import CodeIndex, FaissIndex, SearchParams, build_index, open_index  # noqa: E402
 from dmuh.retrieval.index.file import read_index_file, write_index_file  # noqa: E402
+from dmuh.retrieval.rerank import (  # noqa: E402
+    Query,
+    Reranked,
+    RerankedIndex,
+    Reranker,
+    UncertaintyReranker,
+    reranker_for,
+)
 
 
 def random_codes(seed, n, bits=32):
@@ -130,3 +139,41 @@ def test_concurrent_searches_with_different_params_match_the_sequential_results(
     for thread in threads:
         thread.join()
     assert failures == []
+
+
+# -- re-rankers wrapped around an index ------------------------------------------------------------
+
+
+def test_rerankers_wrap_any_index_and_match_the_index_methods():
+    database, ivf, hnsw = ivf_and_hnsw(seed=7, n=800)
+    queries = database[:20] ^ (np.random.default_rng(2).random((20, 64)) < 0.2)
+    uncertainty = np.random.default_rng(3).random((20, 64)).astype(np.float32)
+    for index in (build_index(database), ivf, hnsw):
+        searcher = RerankedIndex(index, UncertaintyReranker(tau=0.5), depth=50)
+        result = searcher.search(Query(queries, bit_uncertainty=uncertainty), 10, SearchParams.of(
+            None, nprobe=4 if index.kind == "ivf" else None))
+        expected = index.search_reranked(queries, uncertainty, 10, depth=50, tau=0.5,
+                                         nprobe=4 if index.kind == "ivf" else None)
+        assert list(result) == list(expected) == ["weighted", "distances", "positions", "ids"]
+        for key in expected:
+            np.testing.assert_array_equal(result[key], expected[key])
+    assert isinstance(reranker_for("uncertainty", ivf, 2.0), UncertaintyReranker)
+    with pytest.raises(DmuhError, match="holds no decoder"):
+        reranker_for("decoder", ivf)
+    with pytest.raises(DmuhError, match="choose uncertainty or decoder"):
+        reranker_for("cosine", ivf)
+
+
+def test_a_reranker_of_ones_own_goes_through_the_same_contract():
+    class Farthest(Reranker):
+        score = "hamming"
+
+        def rerank(self, query, candidates):
+            order = np.argsort(-candidates.distances, axis=1, kind="stable")
+            return Reranked(order, candidates.distances.astype(np.float32))
+
+    database = random_codes(8, 100)
+    result = RerankedIndex(build_index(database), Farthest(), depth=100).search(Query(database[:3]), 5)
+    everything = build_index(database).search(database[:3], 100)[0]
+    np.testing.assert_array_equal(result["distances"], result["hamming"])
+    assert (result["distances"][:, 0] == everything[:, -1]).all()

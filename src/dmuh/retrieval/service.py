@@ -35,12 +35,12 @@ from dmuh.data.sources import IMAGE_EXTENSIONS
 from dmuh.errors import DmuhError
 from dmuh.retrieval.encoder import encode_arrays, load_encoder
 from dmuh.retrieval.index import open_index
-from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
+from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, RERANK_MODES, Query, RerankedIndex, reranker_for
 from dmuh.runs.layout import run_directory
 from dmuh.utils.words import plural
 
-RERANK_MODES = ("uncertainty", "decoder")
-UNCERTAIN_BITS_SHOWN = 8  # the most uncertain bits reported per image query
+UNCERTAIN_BITS_SHOWN = 8
+SCORE_COLUMNS = {"weighted": "weighted_distance", "cosine": "decoded_cosine"}  # a reranker's score, in result rows  # the most uncertain bits reported per image query
 
 
 @dataclass
@@ -354,16 +354,15 @@ class SearchService:
                                 "with rerank")
         depth = int(depth or DEFAULT_RERANK_DEPTH)
         tau = float(tau or DEFAULT_TAU)
-        weighted = cosine = None
-        if rerank == "uncertainty":
-            result = self.index.search_reranked(packed, uncertainty, k, depth=depth, tau=tau)
-            distances, positions, weighted = result["distances"], result["positions"], result["weighted"]
-        elif rerank == "decoder":
-            result = self.index.search_decoded(packed, features, k, depth=depth)
-            distances, positions, cosine = result["distances"], result["positions"], result["cosine"]
-        else:
+        scores = {}
+        if rerank is None:
             distances, positions = self.index.search_positions(packed, k)
-        rows = result_rows(self.index, positions, distances, weighted_distance=weighted, decoded_cosine=cosine)[0]
+        else:
+            reranker = reranker_for(rerank, self.index, tau)
+            result = RerankedIndex(self.index, reranker, depth).search(Query(packed, uncertainty, features), k)
+            distances, positions = result["distances"], result["positions"]
+            scores[SCORE_COLUMNS[reranker.score]] = result[reranker.score]
+        rows = result_rows(self.index, positions, distances, **scores)[0]
         report: Dict[str, Any] = {"k": k, "rerank": rerank, "results": rows}
         if rerank is not None:
             report["depth"] = depth

@@ -24,11 +24,17 @@ import numpy as np
 from dmuh.codes.binary import as_packed
 from dmuh.errors import DmuhError
 from dmuh.models.decoder import FeatureDecoder
-from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, rerank
+from dmuh.retrieval.rerank import (
+    DEFAULT_RERANK_DEPTH,
+    DEFAULT_TAU,
+    DecoderReranker,
+    Query,
+    RerankedIndex,
+    UncertaintyReranker,
+)
 from dmuh.utils.words import plural
 
 BACKENDS = ("faiss", "milvus")
-_DECODE_CHUNK = 64  # queries whose candidates' decoded features are held at once (decoder re-ranking)
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,7 @@ class CodeIndex(abc.ABC):
         positions int64 (nq, k), -1 with distance -1 where an approximate search found fewer).
         `params` (or its shortcuts nprobe=, ef_search=) apply to this call only."""
         packed, _ = _as_packed(query_codes, self.bits, what="query codes")
-        self._check_k(k)
+        self.check_k(k)
         params = SearchParams.of(params, nprobe=nprobe, ef_search=ef_search).check(self.kind)
         return self._search_packed(packed, int(k), params)
 
@@ -269,34 +275,22 @@ class CodeIndex(abc.ABC):
         distances, positions = self.search_positions(query_codes, k, params, nprobe=nprobe, ef_search=ef_search)
         return distances, self.ids_at(positions)
 
+    def packed_queries(self, query_codes) -> np.ndarray:
+        """Query codes as this index searches them: packed (nq, ceil(bits / 8)) uint8, of its bit length."""
+        return _as_packed(query_codes, self.bits, what="query codes")[0]
+
     def search_reranked(self, query_codes, bit_uncertainty, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
                         tau: float = DEFAULT_TAU, params: Optional[SearchParams] = None, nprobe: Optional[int] = None,
                         ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Uncertainty-aware search: the top `depth` codes by Hamming distance, re-ranked by the
-        weighted Hamming distance of `rerank` (see there); keeps the k best.
+        weighted Hamming distance of `dmuh.retrieval.rerank.UncertaintyReranker`; keeps the k best.
 
         Returns {"weighted": float32 (nq, k), "distances": int32 Hamming (nq, k), "ids": int64,
         "positions": int64}.
         """
-        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
-        self._check_k(k)
-        depth = min(max(int(depth), int(k)), len(self))
-        distances, positions = self.search_positions(packed, depth, params, nprobe=nprobe, ef_search=ef_search)
-        uncertainty = np.asarray(bit_uncertainty, dtype=np.float32)
-        if uncertainty.shape != (packed.shape[0], self.bits):
-            raise DmuhError(f"bit uncertainty: expected shape {(packed.shape[0], self.bits)}, got {uncertainty.shape}")
-        candidates = self._candidate_codes(positions)
-        order, weighted = rerank(packed, uncertainty, candidates, positions, self.bits, tau)
-        return self._reordered(order[:, :k], positions, weighted=weighted, distances=distances)
-
-    def _candidate_codes(self, positions: np.ndarray) -> np.ndarray:
-        """The stored codes at search result positions (empty slots -1 get a zero code, which the
-        re-ranking ignores)."""
-        found = positions >= 0
-        codes = np.zeros((*positions.shape, byte_width(self.bits)), dtype=np.uint8)
-        if found.any():
-            codes[found] = self.codes_at(positions[found])
-        return codes
+        searcher = RerankedIndex(self, UncertaintyReranker(tau), depth)
+        return searcher.search(Query(query_codes, bit_uncertainty=bit_uncertainty), k,
+                               SearchParams.of(params, nprobe=nprobe, ef_search=ef_search))
 
     def attach_decoder(self, decoder) -> None:
         """Keep a `dmuh.models.decoder.FeatureDecoder` of these codes with the index (and in its file)."""
@@ -309,45 +303,17 @@ class CodeIndex(abc.ABC):
                        ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Rank-preserving hashing's search: the top `depth` codes by Hamming distance (the graph
         search of an hnsw index, or any kind), re-ranked by the cosine of each query's features
-        (nq, D) to the candidates' features decoded from their codes; keeps the k best. Ties go
-        by Hamming distance, then position.
+        (nq, D) to the candidates' features decoded from their codes (`dmuh.retrieval.rerank.DecoderReranker`);
+        keeps the k best. Ties go by Hamming distance, then position.
 
         Returns {"cosine": float32 (nq, k), "distances": int32 Hamming, "ids": int64, "positions": int64}.
         """
-        if self.decoder is None:
-            raise DmuhError("this index holds no decoder; build it from the codes of a run that trains one "
-                            "(e.g. --method rph)")
-        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
-        features = np.asarray(query_features, dtype=np.float32)
-        if features.shape != (packed.shape[0], self.decoder.dim) or not np.isfinite(features).all():
-            raise DmuhError(f"query features: expected {packed.shape[0]} finite rows of {self.decoder.dim} values, "
-                            f"got shape {features.shape}")
-        self._check_k(k)
-        depth = min(max(int(depth), int(k)), len(self))
-        distances, positions = self.search_positions(packed, depth, params, nprobe=nprobe, ef_search=ef_search)
-        found = positions >= 0
-        unique, inverse = np.unique(positions[found], return_inverse=True)
-        decoded = self.decoder.decode_packed(self.codes_at(unique))  # each candidate decoded once
-        slot = np.zeros(positions.shape, dtype=np.int64)
-        slot[found] = inverse  # row of `decoded` per candidate
-        norms = np.linalg.norm(features, axis=1, keepdims=True)
-        queries = features / np.where(norms > 0, norms, 1)
-        cosine = np.empty(positions.shape, dtype=np.float32)
-        for start in range(0, len(queries), _DECODE_CHUNK):  # bounds the (chunk, depth, D) temporary
-            rows = slice(start, start + _DECODE_CHUNK)
-            cosine[rows] = np.einsum("nrd,nd->nr", decoded[slot[rows]], queries[rows])
-        cosine[~found] = -np.inf
-        order = np.lexsort((np.where(found, positions, np.iinfo(np.int64).max), distances, -cosine), axis=1)[:, :k]
-        return self._reordered(order, positions, cosine=cosine, distances=distances)
+        searcher = RerankedIndex(self, DecoderReranker(self.decoder), depth)
+        return searcher.search(Query(query_codes, features=query_features), k,
+                               SearchParams.of(params, nprobe=nprobe, ef_search=ef_search))
 
-    def _reordered(self, order: np.ndarray, positions: np.ndarray, **columns: np.ndarray) -> Dict[str, np.ndarray]:
-        """A re-ranked result: each of `columns` and the positions taken in `order`, plus the ids."""
-        result = {name: np.take_along_axis(values, order, axis=1) for name, values in columns.items()}
-        result["positions"] = np.take_along_axis(positions, order, axis=1)
-        result["ids"] = self.ids_at(result["positions"])
-        return result
-
-    def _check_k(self, k) -> None:
+    def check_k(self, k) -> None:
+        """Refuse a k that is not a positive integer, or more than the index holds."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise DmuhError(f"k={k!r}: expected a positive integer")
         if k > len(self):
