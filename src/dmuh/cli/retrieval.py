@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -20,8 +20,7 @@ from dmuh.cli.common import add_run_flag, check_positive, require_run
 from dmuh.errors import DmuhError
 from dmuh.retrieval.index.base import BACKENDS
 from dmuh.retrieval.index.faiss import KIND_PARAMS, KINDS
-from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
-from dmuh.retrieval.service import RERANK_MODES, check_same_model, result_rows
+from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, RERANK_MODES
 from dmuh.retrieval.shards import DEFAULT_SHARD_SIZE
 from dmuh.utils.io import atomic_write_text, refuse_overwrite, remove_orphans
 from dmuh.utils.words import plural
@@ -328,7 +327,7 @@ def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from dmuh.codes.file import is_manifest, read_manifest
     from dmuh.retrieval.index.base import resolve_params
-    from dmuh.retrieval.index import build_index, open_index
+    from dmuh.retrieval.index import build_index
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
@@ -367,16 +366,14 @@ def _concatenated(parts):
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index import build_index, open_index
+    from dmuh.retrieval.index import open_index
+    from dmuh.retrieval.service import check_compatible
 
     with open_index(args.index) as index:
         before = len(index)
         for codes in _codes_parts(args.codes):
-            if codes.bits != index.bits:
-                raise DmuhError(f"--codes {args.codes} holds {codes.bits}-bit codes but --index {args.index} holds "
-                                f"{index.bits}-bit codes")
-            check_same_model(index.meta, codes.model, f"the codes in {args.codes}", args.allow_other_model,
-                              doing="add them")
+            check_compatible(index, f"--index {args.index}", codes.bits, codes.model, f"--codes {args.codes}",
+                             f"the codes in {args.codes}", args.allow_other_model, doing="add them")
             index.add(codes, names=list(codes.ids) if index.has_names else None)
         index.save(args.index)  # in place, atomically: a failure above leaves the file as it was
         print(f"index {args.index}: added {plural(len(index) - before, 'code')}, {plural(len(index), 'code')} now")
@@ -408,7 +405,7 @@ def _read_ids(path: str) -> np.ndarray:
 
 
 def cmd_index_remove(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index import build_index, open_index
+    from dmuh.retrieval.index import open_index
 
     if (args.ids is None) == (args.names is None):
         raise DmuhError("give what to remove: --ids FILE (integer ids, one a line) or --names FILE (paths, one a line)")
@@ -429,6 +426,7 @@ def _codes_decoder(args: argparse.Namespace, codes):
     The run must be the one whose checkpoint made the codes."""
     from dmuh.methods import method_class
     from dmuh.retrieval.encoder import load_encoder
+    from dmuh.retrieval.service import check_same_model
 
     run = args.decoder
     if run is None:
@@ -448,7 +446,7 @@ def _codes_decoder(args: argparse.Namespace, codes):
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index import build_index, open_index
+    from dmuh.retrieval.index import open_index
 
     with open_index(args.index) as index:
         info = index.info()
@@ -475,11 +473,6 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 # -- search -----------------------------------------------------------------------------------
 
-# Queries gathered from one place: (names, packed codes (n, bytes) uint8, bit uncertainty (n, bits)
-# or None, their own features (n, D) or None).
-Queries = Tuple[List[str], np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]
-
-
 def _encode_texts(args: argparse.Namespace, encoder) -> int:
     from dmuh.retrieval.encoder import encode_texts
 
@@ -500,117 +493,11 @@ def _read_query_list(path: Path) -> List[Path]:
     return [p if p.is_absolute() else path.parent / p for p in paths]
 
 
-def _queries_from_codes(args: argparse.Namespace, index, path: str) -> Queries:
-    """The query codes of a codes file written by `dmuh encode`."""
-    from dmuh.codes.file import Codes
-
-    codes = Codes.load(path)
-    if codes.bits != index.bits:
-        raise DmuhError(f"--queries {path} holds {codes.bits}-bit codes but --index {args.index} "
-                        f"holds {index.bits}-bit codes")
-    check_same_model(index.meta, codes.model, f"the codes in {path}", args.allow_other_model)
-    if args.rerank == "uncertainty" and codes.bit_uncertainty is None:
-        raise DmuhError(f"--rerank needs bit uncertainty: encode {path} with `dmuh encode --uncertainty`")
-    if args.rerank == "decoder" and codes.features is None:
-        raise DmuhError(f"--rerank decoder needs the queries' own features: encode {path} with `dmuh encode --features`")
-    uncertainty = codes.bit_uncertainty.astype(np.float32) if args.rerank == "uncertainty" else None
-    return list(codes.ids), codes.packed, uncertainty, codes.features if args.rerank == "decoder" else None
-
-
-def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> Queries:
-    """Query images encoded with the run of --run, as the index's images were."""
-    from dmuh.data.images import read_image
-    from dmuh.data.pipeline import images_to_tensor
-    from dmuh.retrieval.encoder import encode_arrays, load_encoder
-
-    run = args.run or _recorded_run(args, index)
-    encoder = load_encoder(run, args.device)
-    if encoder.bits != index.bits:
-        raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but the model of --run "
-                        f"{run} makes {encoder.bits}-bit codes")
-    check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
-    if args.rerank == "uncertainty" and encoder.momentum_network is None:
-        raise DmuhError(f"--rerank needs a DMUH run (a momentum network); {run} was trained with "
-                        f"{encoder.config.method!r}")
-    if encoder.channels is None:
-        raise DmuhError(f"--run {run} encodes feature vectors, not images; pass --queries CODES.npz")
-    size = index.meta.get("image_size") or encoder.image_size
-    images = np.stack([read_image(path, encoder.channels, size) for path in paths])
-    packed, uncertainty = encode_arrays(encoder, images, uncertainty=args.rerank == "uncertainty")
-    features = encoder.features(images_to_tensor(images)) if args.rerank == "decoder" else None
-    return [str(p) for p in paths], packed, uncertainty, features
-
-
-def _queries_from_texts(args: argparse.Namespace, index) -> Queries:
-    """Text queries encoded by the text network of the cross-modal run of --run (or the index's)."""
-    from dmuh.retrieval.encoder import load_encoder
-
-    if args.rerank is not None:
-        raise DmuhError(f"--rerank {args.rerank} re-ranks image queries; text queries are ranked by Hamming distance")
-    run = args.run or _recorded_run(args, index)
-    encoder = load_encoder(run, args.device)
-    if encoder.bits != index.bits:
-        raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but --run {run} makes {encoder.bits}-bit codes")
-    check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
-    packed = encoder.text_codes(encoder.text_vectors(args.text))
-    return list(args.text), packed, None, None
-
-
-def _recorded_run(args: argparse.Namespace, index) -> str:
-    """The run that encoded the index's codes, from its header, for query images given without --run."""
-    from dmuh.runs.layout import run_directory
-
-    recorded = (index.meta.get("model") or {}).get("run")
-    if not recorded:
-        raise DmuhError(f"query images need --run RUN (the run that encoded the index): --index {args.index} "
-                        "records no run")
-    try:
-        run_directory(recorded)
-    except DmuhError:
-        raise DmuhError(f"query images need --run RUN (the run that encoded the index): the run --index "
-                        f"{args.index} records, {recorded}, is no longer there") from None
-    return recorded
-
-
-def _gather_queries(args: argparse.Namespace, index) -> Queries:
-    """Every query, codes file first, then --image and the images of a --queries list."""
-    codes_file = args.queries if args.queries and args.queries.endswith(".npz") else None
-    image_paths = [Path(p) for p in args.image]
-    if args.queries and codes_file is None:
-        image_paths += _read_query_list(Path(args.queries))
-    parts = []
-    if codes_file is not None:
-        parts.append(_queries_from_codes(args, index, codes_file))
-    if image_paths:
-        parts.append(_queries_from_images(args, index, image_paths))
-    if args.text:
-        parts.append(_queries_from_texts(args, index))
-    names = [name for part in parts for name in part[0]]
-    packed = np.concatenate([part[1] for part in parts])
-    uncertainty = np.concatenate([part[2] for part in parts]) if args.rerank == "uncertainty" else None
-    features = np.concatenate([part[3] for part in parts]) if args.rerank == "decoder" else None
-    return names, packed, uncertainty, features
-
-
-def _search_report(args: argparse.Namespace, index, queries: Queries) -> Dict[str, Any]:
-    """Search (and re-rank) the queries; the JSON report of `dmuh search`."""
-    names, packed, uncertainty, features = queries
-    search_params = {"nprobe": args.nprobe, "ef_search": args.ef_search}
-    report: Dict[str, Any] = {"index": args.index, "k": args.k, "rerank": args.rerank, "queries": []}
-    weighted = cosine = None
-    if args.rerank == "uncertainty":
-        tau = args.tau if args.tau is not None else DEFAULT_TAU
-        result = index.search_reranked(packed, uncertainty, args.k, depth=args.depth, tau=tau, **search_params)
-        distances, positions, weighted = result["distances"], result["positions"], result["weighted"]
-        report.update(tau=tau, depth=args.depth)
-    elif args.rerank == "decoder":
-        result = index.search_decoded(packed, features, args.k, depth=args.depth, **search_params)
-        distances, positions, cosine = result["distances"], result["positions"], result["cosine"]
-        report["depth"] = args.depth
-    else:
-        distances, positions = index.search_positions(packed, args.k, **search_params)
-    rows = result_rows(index, positions, distances, weighted_distance=weighted, decoded_cosine=cosine)
-    report["queries"] = [{"query": name, "results": results} for name, results in zip(names, rows)]
+def _report(args: argparse.Namespace, names: List[str], found: Dict[str, Any]) -> Dict[str, Any]:
+    """The JSON report of `dmuh search`: the service's results, a block per query."""
+    queries = [{"query": name, "results": rows} for name, rows in zip(names, found["results"])]
+    report: Dict[str, Any] = {"index": args.index, "k": args.k, "rerank": args.rerank, "queries": queries}
+    report.update((key, found[key]) for key in ("tau", "depth") if key in found)
     return report
 
 
@@ -646,7 +533,9 @@ def _rerank_mode(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index import build_index, open_index
+    from dmuh.retrieval.index import SearchParams, open_index
+    from dmuh.retrieval.queries import gather_queries
+    from dmuh.retrieval.service import SearchService
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
@@ -656,8 +545,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     _rerank_mode(args)
     if args.tau is not None and args.rerank != "uncertainty":
         raise DmuhError("--tau applies to --rerank uncertainty")
+    check_positive(args.nprobe, "--nprobe")
+    check_positive(args.ef_search, "--ef-search")
+    codes_file = args.queries if args.queries and args.queries.endswith(".npz") else None
+    image_paths = [Path(p) for p in args.image]
+    if args.queries and codes_file is None:
+        image_paths += _read_query_list(Path(args.queries))
     with open_index(args.index) as index:
-        report = _search_report(args, index, _gather_queries(args, index))
+        service = SearchService(index, index_path=args.index)
+        queries = gather_queries(service, codes_file, image_paths, args.text, args.rerank, run=args.run,
+                                 device=args.device, allow_other_model=args.allow_other_model)
+        depth = args.depth if args.rerank is not None else None
+        found = service.search_batch(queries.query(), args.k, args.rerank, depth, args.tau,
+                                     SearchParams(nprobe=args.nprobe, ef_search=args.ef_search))
+        report = _report(args, queries.names, found)
     text = json.dumps(report, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

@@ -221,7 +221,8 @@ class CodeIndex(abc.ABC):
     def has_names(self) -> bool:
         """Whether the index holds a name (path) of each code."""
 
-    def search_positions(self, query_codes, k: int, params: Optional[SearchParams] = None, *, nprobe: Optional[int] = None,
+    def search_positions(self, query_codes, k: int, params: Optional[SearchParams] = None, *,
+                         nprobe: Optional[int] = None,
                          ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """The k nearest codes of each query by (Hamming distance, position): (distances int32 (nq, k),
         positions int64 (nq, k), -1 with distance -1 where an approximate search found fewer).
