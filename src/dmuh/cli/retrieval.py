@@ -1,9 +1,11 @@
 """The `dmuh encode`, `dmuh index build|info|add|remove`, `dmuh search` and `dmuh export-onnx` subcommands.
 
-`add_commands(subparsers)` adds them to the `dmuh` parser; every handler is a thin function over
-`dmuh.retrieval.encoder`, `dmuh.codes.file`, `dmuh.retrieval.index.faiss` and `dmuh.retrieval.onnx`, returns an exit code and
-raises DmuhError for bad input (the CLI prints it as one line). No output file is replaced unless
---force is given, except the index that `dmuh index add|remove` update in place (their point).
+`add_commands(subparsers)` adds them to the `dmuh` parser; every handler reads its flags, calls the
+library (`dmuh.retrieval.encoder`, `dmuh.retrieval.indexing`, `dmuh.retrieval.index`, `dmuh search` on
+the `dmuh.retrieval.service.SearchService` that `dmuh serve` runs, `dmuh.retrieval.onnx`) and formats
+what it returns; it returns an exit code and raises DmuhError for bad input (the CLI prints it as one
+line). No output file is replaced unless --force is given, except the index that `dmuh index
+add|remove` update in place (their point).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -293,16 +295,6 @@ def _index_params(args: argparse.Namespace) -> Dict[str, int]:
     return params
 
 
-def _codes_parts(path: str) -> Iterator:
-    """The codes of --codes: one codes file, or the shards of a manifest one at a time."""
-    from dmuh.codes.file import Codes, is_manifest, manifest_shards
-
-    if is_manifest(path):
-        yield from manifest_shards(path)
-    else:
-        yield Codes.load(path)
-
-
 def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The milvus backend's flags, checked; none for faiss."""
     from dmuh.retrieval.index.milvus import (
@@ -325,32 +317,15 @@ def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from dmuh.codes.file import is_manifest, read_manifest
-    from dmuh.retrieval.index.base import resolve_params
-    from dmuh.retrieval.index import build_index
+    from dmuh.retrieval.indexing import build_from_codes
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
     params = _index_params(args)
     milvus = _milvus_flags(args)
-    parts = _codes_parts(args.codes)
-    if milvus and is_manifest(args.codes):  # shard by shard: a Milvus index need not fit in memory
-        if args.kind == "ivf":  # its lists are sized by every shard's codes, not the first one's
-            from dmuh.retrieval.index.milvus import KIND_PARAMS as MILVUS_KIND_PARAMS
-
-            params = resolve_params(args.kind, MILVUS_KIND_PARAMS, params, read_manifest(args.codes)["count"])
-        first = next(parts)
-    else:
-        first = _concatenated(parts)
-        parts = iter(())
-    decoder = _codes_decoder(args, first)  # before the build: a wrong --decoder fails fast
-    with build_index(first, kind=args.kind, meta={**first.identity(), "codes_file": str(args.codes)}, **milvus,
-                     **params) as index:
-        for shard in parts:
-            index.add(shard, names=list(shard.ids))
-        if decoder is not None:
-            index.attach_decoder(decoder)
+    with build_from_codes(args.codes, args.kind, params, decoder_run=args.decoder, **milvus) as index:
         index.save(args.out, overwrite=args.force)
+        decoder = index.decoder
         where = f", Milvus collection {index.collection!r} at {index.uri}" if milvus else ""
         print(f"index {args.out}: {args.kind}, {plural(len(index), 'code')} of {plural(index.bits, 'bit')}"
               + (f", {', '.join(f'{k}={v}' for k, v in index.params.items())}" if index.params else "")
@@ -358,25 +333,14 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _concatenated(parts):
-    from dmuh.codes.file import concatenate
-
-    parts = list(parts)
-    return parts[0] if len(parts) == 1 else concatenate(parts)
-
-
 def cmd_index_add(args: argparse.Namespace) -> int:
     from dmuh.retrieval.index import open_index
-    from dmuh.retrieval.service import check_compatible
+    from dmuh.retrieval.indexing import add_codes
 
     with open_index(args.index) as index:
-        before = len(index)
-        for codes in _codes_parts(args.codes):
-            check_compatible(index, f"--index {args.index}", codes.bits, codes.model, f"--codes {args.codes}",
-                             f"the codes in {args.codes}", args.allow_other_model, doing="add them")
-            index.add(codes, names=list(codes.ids) if index.has_names else None)
+        added = add_codes(index, args.codes, f"--index {args.index}", args.allow_other_model)
         index.save(args.index)  # in place, atomically: a failure above leaves the file as it was
-        print(f"index {args.index}: added {plural(len(index) - before, 'code')}, {plural(len(index), 'code')} now")
+        print(f"index {args.index}: added {plural(added, 'code')}, {plural(len(index), 'code')} now")
     return 0
 
 
@@ -419,30 +383,6 @@ def cmd_index_remove(args: argparse.Namespace) -> int:
         index.save(args.index)
         print(f"index {args.index}: removed {plural(removed, 'code')}, {plural(len(index), 'code')} left")
     return 0
-
-
-def _codes_decoder(args: argparse.Namespace, codes):
-    """The decoder of --decoder RUN, or of the codes' own run when its method trains one; None otherwise.
-    The run must be the one whose checkpoint made the codes."""
-    from dmuh.methods import method_class
-    from dmuh.retrieval.encoder import load_encoder
-    from dmuh.retrieval.service import check_same_model
-
-    run = args.decoder
-    if run is None:
-        method, recorded = codes.model.get("method"), codes.model.get("run")
-        try:
-            trains_decoder = method is not None and method_class(method).trains_decoder
-        except DmuhError:  # a method this dmuh does not know: no decoder to look for
-            trains_decoder = False
-        if not trains_decoder or not recorded or not Path(recorded).is_dir():
-            return None
-        run = recorded
-    encoder = load_encoder(run)
-    if not encoder.method.trains_decoder:
-        raise DmuhError(f"--decoder {run}: its method {encoder.config.method!r} trains no decoder (rph does)")
-    check_same_model(codes.identity(), encoder.identity, f"--decoder {run}'s decoder", allow=False)
-    return encoder.method.decoder
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:

@@ -46,8 +46,8 @@ from dmuh.retrieval.rerank import (
 from dmuh.runs.layout import run_directory
 from dmuh.utils.words import plural
 
-UNCERTAIN_BITS_SHOWN = 8
-SCORE_COLUMNS = {"weighted": "weighted_distance", "cosine": "decoded_cosine"}  # a reranker's score, in result rows  # the most uncertain bits reported per image query
+UNCERTAIN_BITS_SHOWN = 8  # the most uncertain bits reported per image query
+SCORE_COLUMNS = {"weighted": "weighted_distance", "cosine": "decoded_cosine"}  # a reranker's score, in result rows
 
 
 @dataclass
