@@ -20,6 +20,7 @@ from dmuh.retrieval.rerank import (  # noqa: E402
     UncertaintyReranker,
     reranker_for,
 )
+from dmuh.retrieval.service import SearchService  # noqa: E402
 
 
 def random_codes(seed, n, bits=32):
@@ -177,3 +178,26 @@ def test_a_reranker_of_ones_own_goes_through_the_same_contract():
     everything = build_index(database).search(database[:3], 100)[0]
     np.testing.assert_array_equal(result["distances"], result["hamming"])
     assert (result["distances"][:, 0] == everything[:, -1]).all()
+
+
+def test_the_search_service_searches_concurrently_with_per_call_params():
+    """No lock around the index: `dmuh serve` and `dmuh search` share SearchService.search_batch."""
+    database, ivf, _ = ivf_and_hnsw(seed=9)
+    service = SearchService(ivf, index_path="ivf.dmuhidx")
+    queries = Query(database[::11][:100] ^ (np.random.default_rng(4).random((100, 64)) < 0.25))
+    settings = [SearchParams(nprobe=n) for n in (1, 3, 32)]
+    expected = [service.search_batch(queries, 15, params=params)["results"] for params in settings]
+    assert expected[0] != expected[2]
+    failures = []
+
+    def run(params, want):
+        for _ in range(10):
+            if service.search_batch(queries, 15, params=params)["results"] != want:
+                failures.append(params)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(settings * 2, expected * 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []

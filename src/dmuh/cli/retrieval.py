@@ -200,7 +200,7 @@ def _output_folder(path) -> None:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from dmuh.data.images import open_images
-    from dmuh.retrieval.encoder import encode_images, load_encoder
+    from dmuh.retrieval.encoder import collection_encoder, encode_images, load_encoder
     from dmuh.utils.progress import progress_bar
 
     run = require_run(args)
@@ -214,14 +214,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     check_positive(args.shard_size, "--shard-size")
     if args.shards is not None:
         return _encode_shards(args, run)
-    encoder = load_encoder(run, args.device)
     if args.texts is not None:
-        return _encode_texts(args, encoder)
-    if args.uncertainty and encoder.momentum_network is None:
-        raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
-                        f"{encoder.config.method!r}")
-    if args.batch_size:
-        encoder.config.eval_batch_size = args.batch_size
+        return _encode_texts(args, load_encoder(run, args.device))
+    encoder = collection_encoder(run, args.device, args.uncertainty, args.batch_size)
     source = open_images(args.images, args.root, encoder.channels or 3)
     with progress_bar(len(source.ids), "encoding", unit="image") as bar:  # a large collection, on a terminal
         codes = encode_images(encoder, source, uncertainty=args.uncertainty, image_size=args.image_size,
@@ -251,19 +246,14 @@ def _check_encode_output(args: argparse.Namespace) -> None:
 def _encode_shards(args: argparse.Namespace, run: str) -> int:
     """Every process of a torchrun (or the one process) encodes its share of the shards."""
     from dmuh.data.images import open_images
-    from dmuh.retrieval.encoder import load_encoder
+    from dmuh.retrieval.encoder import collection_encoder
     from dmuh.retrieval.shards import describe, encode_in_shards
     from dmuh.utils import distributed
     from dmuh.utils.progress import progress_bar
 
     context = distributed.init_from_environment(args.device)
     device = f"cuda:{context.local_rank}" if context.enabled and args.device.startswith("cuda") else args.device
-    encoder = load_encoder(run, device)
-    if args.uncertainty and encoder.momentum_network is None:
-        raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
-                        f"{encoder.config.method!r}")
-    if args.batch_size:
-        encoder.config.eval_batch_size = args.batch_size
+    encoder = collection_encoder(run, device, args.uncertainty, args.batch_size)
     source = open_images(args.images, args.root, encoder.channels or 3)
     with progress_bar(len(source.ids), "encoding", unit="image", enabled=context.is_main) as bar:
 
