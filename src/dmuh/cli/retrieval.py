@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from dmuh.cli.common import add_run_flag, check_positive, require_run
+from dmuh.cli.common import add_run_flag, check_positive, flag_name, require_run
 from dmuh.errors import DmuhError
 from dmuh.retrieval.index.base import BACKENDS
 from dmuh.retrieval.index.faiss import KIND_PARAMS, KINDS
@@ -40,10 +40,6 @@ CODES_HELP = ("codes file written by `dmuh encode`, or the manifest of `dmuh enc
               "DIR) (required)")
 FORCE_HELP = "replace --out if it exists [default: off]"
 QUIET_HELP = "no progress bar [default: off]"
-
-
-def _param_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_commands(subparsers) -> None:
@@ -97,7 +93,7 @@ def add_commands(subparsers) -> None:
     for kind, params in KIND_PARAMS.items():
         for name, default in params.items():
             text, derived = _PARAM_HELP[name]
-            p.add_argument(_param_flag(name), type=int, metavar="N",
+            p.add_argument(flag_name(name), type=int, metavar="N",
                            help=f"{kind} only: {text}, a positive integer [default: {derived or default}]")
     p.add_argument("--decoder", metavar="RUN",
                    help="keep this run's decoder of the codes in the index, for `search --rerank decoder` "
@@ -279,8 +275,8 @@ def _index_params(args: argparse.Namespace) -> Dict[str, int]:
             if value is None:
                 continue
             if name not in KIND_PARAMS[args.kind]:
-                raise DmuhError(f"{_param_flag(name)} applies to --kind {kind}, not {args.kind}")
-            check_positive(value, _param_flag(name))
+                raise DmuhError(f"{flag_name(name)} applies to --kind {kind}, not {args.kind}")
+            check_positive(value, flag_name(name))
             params[name] = value
     return params
 
