@@ -42,12 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def search_rows(args, database, queries, work: Path):
     """(backend, index, parameters, build s, search s, recall ids, recall ties) rows."""
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import build_index
 
     rows = []
-    Index.build(database[:1000], bits=args.bits).search(queries[:1], 1)  # imports out of the timings
+    build_index(database[:1000], bits=args.bits).search(queries[:1], 1)  # imports out of the timings
     started = time.perf_counter()
-    flat = Index.build(database, bits=args.bits)
+    flat = build_index(database, bits=args.bits)
     build = time.perf_counter() - started
     t, (exact_distances, exact_ids) = timed(lambda: flat.search(queries, args.k), args.repeats)
     rows.append(("faiss", "flat (IndexBinaryFlat)", "", build, t, 1.0, 1.0))
@@ -59,7 +59,7 @@ def search_rows(args, database, queries, work: Path):
         print(rows[-1], flush=True)
 
     started = time.perf_counter()
-    ivf = Index.build(database, bits=args.bits, kind="ivf")
+    ivf = build_index(database, bits=args.bits, kind="ivf")
     build = time.perf_counter() - started
     for nprobe in args.nprobes:
         measured("faiss", "ivf (IndexBinaryIVF)", f"nlist={ivf.params['nlist']} nprobe={nprobe}", build,
@@ -67,7 +67,7 @@ def search_rows(args, database, queries, work: Path):
     del ivf
     if not args.skip_hnsw:
         started = time.perf_counter()
-        hnsw = Index.build(database, bits=args.bits, kind="hnsw", m=args.hnsw_m)
+        hnsw = build_index(database, bits=args.bits, kind="hnsw", m=args.hnsw_m)
         build = time.perf_counter() - started
         for ef in args.ef_searches:
             ef = max(ef, args.k)

@@ -1,11 +1,11 @@
-"""Search speed: dmuh.retrieval.index.faiss.Index against raw FAISS, and IVF / HNSW recall against exact search.
+"""Search speed: dmuh.retrieval.index.faiss.FaissIndex against raw FAISS, and IVF / HNSW recall against exact search.
 
     PYTHONPATH=src python bench/search_speed.py                      # 1,000,000 x 64 bits, 1,000 queries, k=100
     PYTHONPATH=src python bench/search_speed.py --threads 1          # as docs/search.md (a shared 2-core box)
     PYTHONPATH=src python bench/search_speed.py --n 100000 --quick   # a smaller run
     PYTHONPATH=src python bench/search_speed.py --decoder-dim 512 --depth 1000   # + decoder re-ranking
 
-`--decoder-dim D` also times rank-preserving hashing's search (`Index.search_decoded`): the HNSW
+`--decoder-dim D` also times rank-preserving hashing's search (`CodeIndex.search_decoded`): the HNSW
 candidates (top --depth) re-ranked by the cosine of D-dimensional query features to features
 decoded from the candidates' codes, with an untrained decoder of the default size (its weights do
 not change the cost); its recall columns compare the re-ranked top k with Hamming's exact top k,
@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from dmuh.retrieval.index.faiss import Index
+from dmuh.retrieval.index import build_index
 
 
 def timed(function, repeats: int):
@@ -104,12 +104,12 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, FAISS {faiss.__version__} "
           f"with {faiss.omp_get_max_threads()} threads", flush=True)
 
-    Index.build(database[:1000], bits=args.bits).search(queries[:1], 1)  # imports (torch via dmuh.codes.binary) out of the timings
+    build_index(database[:1000], bits=args.bits).search(queries[:1], 1)  # imports (torch via dmuh.codes.binary) out of the timings
     rows = []
     raw = faiss.IndexBinaryFlat(8 * width)
     raw.add(database)
     started = time.perf_counter()
-    flat = Index.build(database, bits=args.bits, kind="flat")
+    flat = build_index(database, bits=args.bits, kind="flat")
     flat_build = time.perf_counter() - started
     # Interleave the two, alternating which goes first, so drift in machine load hits both alike.
     raw_times, ours_times = [], []
@@ -131,7 +131,7 @@ def main() -> None:
     if args.flat_only:
         args.nprobes, args.quick = "", True
     started = time.perf_counter()
-    ivf = Index.build(database, bits=args.bits, kind="ivf") if args.nprobes else None
+    ivf = build_index(database, bits=args.bits, kind="ivf") if args.nprobes else None
     ivf_build = time.perf_counter() - started
     for nprobe in [int(x) for x in args.nprobes.split(",") if x]:
         t, (distances, ids) = timed(lambda: ivf.search(queries, args.k, nprobe=nprobe), args.repeats)
@@ -141,7 +141,7 @@ def main() -> None:
 
     if not args.quick:
         started = time.perf_counter()
-        hnsw = Index.build(database, bits=args.bits, kind="hnsw", m=args.hnsw_m)
+        hnsw = build_index(database, bits=args.bits, kind="hnsw", m=args.hnsw_m)
         hnsw_build = time.perf_counter() - started
         for ef in [int(x) for x in args.ef_searches.split(",") if x]:
             t, (distances, ids) = timed(lambda: hnsw.search(queries, args.k, ef_search=max(ef, args.k)), args.repeats)

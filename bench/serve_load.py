@@ -72,17 +72,17 @@ def query_jpegs(count: int, seed: int):
 def build(folder: Path, n: int, hnsw_n: int, bits: int, seed: int):
     """The indexes and the run -> {name: index path}, run directory."""
     from dmuh.runs.config import TrainConfig
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import build_index
     from dmuh.engine.trainer import train
 
     codes = random_codes(n, bits, seed)
     paths = {}
     started = time.perf_counter()
-    Index.build(codes, bits=bits, meta={}).save(folder / "flat.dmuhidx")
+    build_index(codes, bits=bits, meta={}).save(folder / "flat.dmuhidx")
     paths["flat"] = (folder / "flat.dmuhidx", n, time.perf_counter() - started)
     if hnsw_n:
         started = time.perf_counter()
-        Index.build(codes[:hnsw_n], kind="hnsw", bits=bits, meta={}, m=16).save(folder / "hnsw.dmuhidx")
+        build_index(codes[:hnsw_n], kind="hnsw", bits=bits, meta={}, m=16).save(folder / "hnsw.dmuhidx")
         paths["hnsw"] = (folder / "hnsw.dmuhidx", hnsw_n, time.perf_counter() - started)
     run = folder / "run"
     train(TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},

@@ -17,7 +17,7 @@ the images as the backbone was pre-trained on them (`--init` checks the split's 
 label-free method is built without a label column either way. Recall@k is the share of a
 query's k nearest database items by cosine of the features that its first k results hold:
 Hamming ranking over a flat index (ties in Hamming distance go by database position), and the
-HNSW candidates re-ranked by the decoder (`Index.search_decoded`).
+HNSW candidates re-ranked by the decoder (`CodeIndex.search_decoded`).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def cmd_train(args) -> None:
 def neighbour_recalls(run: Path, features: dict, ks, depth: int) -> dict:
     """Recall@k of the run's Hamming ranking (flat) and, for a run with a decoder, of HNSW + decoder re-ranking."""
     from dmuh.retrieval.encoder import encode_arrays, load_encoder
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import build_index
     from dmuh.metrics.ranking import neighbour_recall, true_neighbours
 
     subsets = features["subsets"]
@@ -131,10 +131,10 @@ def neighbour_recalls(run: Path, features: dict, ks, depth: int) -> dict:
     encoder = load_encoder(run)
     query_codes, _ = encode_arrays(encoder, x[query])
     db_codes, _ = encode_arrays(encoder, x[database])
-    _, hamming = Index.build(db_codes, kind="flat", bits=encoder.bits).search_positions(query_codes, max(ks))
+    _, hamming = build_index(db_codes, kind="flat", bits=encoder.bits).search_positions(query_codes, max(ks))
     result = {f"hamming@{k}": neighbour_recall(hamming, truth, k) for k in ks}
     if encoder.method.trains_decoder:
-        index = Index.build(db_codes, kind="hnsw", bits=encoder.bits)
+        index = build_index(db_codes, kind="hnsw", bits=encoder.bits)
         index.attach_decoder(encoder.method.decoder)
         started = time.perf_counter()
         decoded = index.search_decoded(query_codes, x[query], max(ks), depth=depth, ef_search=depth)["positions"]

@@ -1,5 +1,5 @@
 """Rank-preserving hashing's search path: the neighbour metrics, `FeatureDecoder`'s bytes, an index
-that carries a decoder (`Index.search_decoded`, its file) and `dmuh search --rerank decoder` end
+that carries a decoder (`CodeIndex.search_decoded`, its file) and `dmuh search --rerank decoder` end
 to end, with the database's features, the training data and the run deleted first."""
 
 import contextlib
@@ -20,7 +20,7 @@ from dmuh.metrics.ranking import neighbour_recall, true_neighbours
 
 faiss = pytest.importorskip("faiss")
 
-from dmuh.retrieval.index.faiss import Index  # noqa: E402
+from dmuh.retrieval.index import build_index, open_index  # noqa: E402
 from dmuh.retrieval.index.file import read_index_file, write_index_file  # noqa: E402
 
 
@@ -202,7 +202,7 @@ def test_decoder_from_bytes_absurd_size_is_a_dmuh_error():
         FeatureDecoder.from_bytes({"bits": 8, "dim": 5, "hidden": 2 ** 62}, seeded_decoder().to_bytes(), "x")
 
 
-# -- Index with a decoder, by hand -----------------------------------------------------------------
+# -- An index with a decoder, by hand -----------------------------------------------------------------
 
 # Six 8-bit codes (bit 0 first, np.packbits order), the query code all zeros. The hand decoder
 # reads bit 0 as direction (1, 0) and bit 1 as (0, 1) and ignores bits 2..7, which only set the
@@ -255,7 +255,7 @@ def hand_cosines():
 
 @pytest.fixture
 def hand_index():
-    index = Index.build(HAND_CODES, kind="flat", bits=8, ids=np.arange(100, 106))
+    index = build_index(HAND_CODES, kind="flat", bits=8, ids=np.arange(100, 106))
     index.attach_decoder(hand_decoder())
     return index
 
@@ -271,7 +271,7 @@ def test_hand_decoder_decodes_as_designed():
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_search_decoded_order_by_hand(kind):
-    index = Index.build(HAND_CODES, kind=kind, bits=8, ids=np.arange(100, 106))
+    index = build_index(HAND_CODES, kind=kind, bits=8, ids=np.arange(100, 106))
     index.attach_decoder(hand_decoder())
     # Hamming alone ranks differently (2, 3 first), so the re-ranking is what is checked.
     _, plain = index.search_positions(HAND_QUERY_CODE, 6)
@@ -318,7 +318,7 @@ def test_search_decoded_several_queries_and_feature_scale(hand_index):
 
 
 def test_search_decoded_refusals(hand_index):
-    bare = Index.build(HAND_CODES, kind="flat", bits=8)
+    bare = build_index(HAND_CODES, kind="flat", bits=8)
     with pytest.raises(DmuhError, match="no decoder"):
         bare.search_decoded(HAND_QUERY_CODE, HAND_QUERY_FEATURES, 3)
     for features in (np.ones((1, 3), np.float32), np.ones((2, 2), np.float32), np.ones(2, np.float32),
@@ -337,7 +337,7 @@ def test_search_decoded_refusals(hand_index):
 def test_save_load_keeps_the_decoder(hand_index, tmp_path):
     path = tmp_path / "hand.dmuhidx"
     hand_index.save(path)
-    loaded = Index.load(path)
+    loaded = open_index(path)
     assert loaded.info()["decoder"] == {"bits": 8, "dim": 2, "hidden": 8}
     assert hand_index.info()["decoder"] == loaded.info()["decoder"]
     assert np.array_equal(loaded.decoder.decode_packed(ALL_8BIT), hand_decoder().decode_packed(ALL_8BIT))
@@ -346,8 +346,8 @@ def test_save_load_keeps_the_decoder(hand_index, tmp_path):
     for key in before:
         assert np.array_equal(before[key], after[key]), key
     # Without a decoder, none comes back.
-    Index.build(HAND_CODES, kind="flat", bits=8).save(tmp_path / "bare.dmuhidx")
-    bare = Index.load(tmp_path / "bare.dmuhidx")
+    build_index(HAND_CODES, kind="flat", bits=8).save(tmp_path / "bare.dmuhidx")
+    bare = open_index(tmp_path / "bare.dmuhidx")
     assert bare.info()["decoder"] is None and bare.decoder is None
     header, sections = read_index_file(tmp_path / "bare.dmuhidx", ("flat",))
     assert "decoder" not in sections
@@ -378,7 +378,7 @@ def saved_hand_index(hand_index, tmp_path):
 def test_rewrite_without_changes_still_loads(saved_hand_index, tmp_path):
     # The corruption tests below re-write files this way: unchanged, it reads back whole.
     copy = _rewrite(saved_hand_index, tmp_path / "copy.dmuhidx")
-    loaded = Index.load(copy)
+    loaded = open_index(copy)
     assert loaded.info()["decoder"] == {"bits": 8, "dim": 2, "hidden": 8}
     assert loaded.search_decoded(HAND_QUERY_CODE, HAND_QUERY_FEATURES, 3, depth=6)["positions"].tolist() == [[0, 2, 4]]
 
@@ -401,7 +401,7 @@ def test_load_refuses_a_corrupted_decoder(saved_hand_index, tmp_path, capsys, ca
         sections_change = {"decoder": sections["decoder"][:-7]}
     bad = _rewrite(saved_hand_index, tmp_path / "bad.dmuhidx", header_change, sections_change)
     with pytest.raises(DmuhError, match=message) as caught:
-        Index.load(bad)
+        open_index(bad)
     assert str(bad) in str(caught.value)
     # The CLI says so in one line, exit 2 (no internal error).
     assert main(["index", "info", str(bad)]) == 2
@@ -412,7 +412,7 @@ def test_load_refuses_a_corrupted_decoder(saved_hand_index, tmp_path, capsys, ca
 def test_load_refuses_an_absurd_decoder_description(saved_hand_index, tmp_path):
     bad = _rewrite(saved_hand_index, tmp_path / "bad.dmuhidx", {"decoder": {"bits": 8, "dim": 2, "hidden": 2 ** 62}})
     with pytest.raises(DmuhError):
-        Index.load(bad)
+        open_index(bad)
 
 
 # -- end to end through the CLI --------------------------------------------------------------------
@@ -476,7 +476,7 @@ def pipeline(tmp_path_factory):
 def test_build_reports_the_decoder(pipeline):
     assert "decoder to 12 features" in pipeline["build_out"]
     assert "hnsw" in pipeline["build_out"]
-    index = Index.load(pipeline["index"])
+    index = open_index(pipeline["index"])
     assert index.kind == "hnsw" and len(index) == 140 and index.bits == 8
     assert index.info()["decoder"] == {"bits": 8, "dim": 12, "hidden": 1024}
     # The stored decoder is the run's.
@@ -495,7 +495,7 @@ def test_search_rerank_decoder_needs_no_run_and_no_database_features(pipeline):
     assert report["rerank"] == "decoder" and report["depth"] == 50 and report["k"] == 5
     assert len(report["queries"]) == 10
 
-    index = Index.load(pipeline["index"])
+    index = open_index(pipeline["index"])
     qcodes = Codes.load(pipeline["qcodes"])
     queries = qcodes.features / np.linalg.norm(qcodes.features, axis=1, keepdims=True)
     direct = index.search_decoded(qcodes.packed, qcodes.features, 5, depth=50)
@@ -553,7 +553,7 @@ def test_index_without_decoder_refuses_rerank_decoder(pipeline):
     code, out, err = _cli("index", "build", "--codes", pipeline["dbcodes"], "--kind", "flat", "--out", bare)
     assert code == 0, err
     assert "decoder" not in out
-    assert Index.load(bare).info()["decoder"] is None
+    assert open_index(bare).info()["decoder"] is None
     code, out, err = _cli("search", "--index", bare, "--queries", pipeline["qcodes"], "--k", 5, "--rerank", "decoder")
     assert code == 2
     assert "no decoder" in err and "internal error" not in err

@@ -19,7 +19,7 @@ from dmuh.codes.file import Codes
 from dmuh.retrieval.encoder import load_encoder
 from dmuh.errors import DmuhError
 from dmuh.engine.builder import encode
-from dmuh.retrieval.index.faiss import Index
+from dmuh.retrieval.index import build_index, open_index
 from dmuh.engine.trainer import train
 
 # The re-ranking study lives with the benchmark scripts, not in the library.
@@ -190,7 +190,7 @@ def test_search_images_and_batches(dmuh_run, digits_index, digits_codes, digits,
     assert all(r["path"] == f"digits:{r['id']}" for r in results)
     # The CLI's ranking is the API's on the same codes.
     codes = Codes.load(digits_codes)
-    distances, ids = Index.load(digits_index).search(codes.packed[5:6], k=10)
+    distances, ids = open_index(digits_index).search(codes.packed[5:6], k=10)
     assert [r["id"] for r in results] == ids[0].tolist() and [r["distance"] for r in results] == distances[0].tolist()
 
     (tmp_path / "queries.txt").write_text("q5.png\nq600.png\n\nq1200.png\n")
@@ -225,7 +225,7 @@ def test_search_refuses_bad_input(dmuh_run, regu_run, digits_index, digits_codes
     save_png(tmp_path / "q.png", digits.decode(np.array([0]))[0])
     query = ("--checkpoint", dmuh_run, "--image", tmp_path / "q.png")
     # An index of 12-bit codes searched with the 16-bit model.
-    Index.build(np.ones((50, 12), dtype=np.float32)).save(tmp_path / "12bit.dmuhidx")
+    build_index(np.ones((50, 12), dtype=np.float32)).save(tmp_path / "12bit.dmuhidx")
     fails_with(capsys, "holds 12-bit codes but the model of --run", "search", "--index", tmp_path / "12bit.dmuhidx", *query)
     # Truncated and corrupted index files.
     data = digits_index.read_bytes()
@@ -274,7 +274,7 @@ def test_index_build_refuses_bad_input(digits_codes, digits_index, tmp_path, cap
         out = tmp_path / f"{kind}.dmuhidx"
         code, stdout, err = run_cli(capsys, "index", "build", "--codes", digits_codes, "--kind", kind, *extra, "--out", out)
         assert code == 0 and kind in stdout, err
-        assert Index.load(out).kind == kind and len(Index.load(out)) == 1797
+        assert open_index(out).kind == kind and len(open_index(out)) == 1797
 
 
 # -- ONNX ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Adding to and removing from a FAISS index (dmuh.retrieval.index.faiss.Index.add / remove), in Python and with
+"""Adding to and removing from a FAISS index (dmuh.retrieval.index.faiss.FaissIndex.add / remove), in Python and with
 `dmuh index add|remove`, which rewrite the index file in place."""
 
 import json
@@ -11,7 +11,7 @@ pytest.importorskip("faiss")
 from dmuh.cli import main  # noqa: E402
 from dmuh.codes.file import Codes  # noqa: E402
 from dmuh.errors import DmuhError  # noqa: E402
-from dmuh.retrieval.index.faiss import Index  # noqa: E402
+from dmuh.retrieval.index import build_index, open_index  # noqa: E402
 
 MODEL = {"checkpoint_sha256": "c" * 64, "method": "regu"}
 # 8-bit codes; distances to the query 0 are their popcounts: 1, 0, 1, 2, 0, 1.
@@ -28,7 +28,7 @@ def brute_force(queries, database, ids, k):
 
 @pytest.mark.parametrize("kind, params", [("flat", {}), ("ivf", {"nlist": 2, "nprobe": 2}), ("hnsw", {"m": 4})])
 def test_a_hand_computed_removal_for_every_kind(kind, params):
-    index = Index.build(np.tile(HAND, (10, 1)), bits=8, kind=kind, ids=np.arange(60) + 100, **params)
+    index = build_index(np.tile(HAND, (10, 1)), bits=8, kind=kind, ids=np.arange(60) + 100, **params)
     assert index.remove(np.arange(100, 160, 6) + 1) == 10  # every copy of HAND[1] (distance 0); HAND[4]'s stay
     distances, ids = index.search(QUERY, k=6)
     assert len(index) == 50
@@ -45,7 +45,7 @@ def test_removal_and_adds_equal_brute_force_on_what_remains(kind, params):
     extra = rng.integers(0, 4, size=(100, 2), dtype=np.uint8)
     queries = rng.integers(0, 4, size=(7, 2), dtype=np.uint8)
     names = [f"{i}.png" for i in range(800)]
-    index = Index.build(database, bits=16, kind=kind, names=names, **params)
+    index = build_index(database, bits=16, kind=kind, names=names, **params)
     removed = rng.choice(800, size=300, replace=False)
     assert index.remove(removed) == 300
     index.add(extra, names=[f"new{i}.png" for i in range(100)])
@@ -63,18 +63,18 @@ def test_removal_and_adds_equal_brute_force_on_what_remains(kind, params):
 
 
 def test_a_removed_largest_id_is_not_given_out_again(tmp_path):
-    index = Index.build(HAND, bits=8)
+    index = build_index(HAND, bits=8)
     index.remove([5])
     index.add(HAND[:1])
     assert index.ids.tolist() == [0, 1, 2, 3, 4, 6]
     index.save(tmp_path / "i.dmuhidx")
-    loaded = Index.load(tmp_path / "i.dmuhidx")
+    loaded = open_index(tmp_path / "i.dmuhidx")
     loaded.add(HAND[:1])
     assert loaded.ids[-1] == 7
 
 
 def test_unknown_ids_and_names_remove_nothing():
-    index = Index.build(HAND, bits=8, names=[f"{i}.jpg" for i in range(6)])
+    index = build_index(HAND, bits=8, names=[f"{i}.jpg" for i in range(6)])
     with pytest.raises(DmuhError, match="^id 9 is not in the index; nothing removed$"):
         index.remove([1, 9])
     with pytest.raises(DmuhError, match=r"^ids 7, 8, 9 \(3 in all\) are not in the index; nothing removed$"):

@@ -16,7 +16,7 @@ pytest.importorskip("milvus_lite", reason="Milvus Lite (milvus-lite 2.5.1) is no
 from dmuh.cli import main  # noqa: E402
 from dmuh.codes.file import Codes, write_manifest  # noqa: E402
 from dmuh.errors import DmuhError  # noqa: E402
-from dmuh.retrieval.index.faiss import Index  # noqa: E402
+from dmuh.retrieval.index import build_index, open_index  # noqa: E402
 from dmuh.retrieval.index.milvus import MilvusIndex, close_connections  # noqa: E402
 from dmuh.utils.io import file_sha256  # noqa: E402
 
@@ -69,7 +69,7 @@ def test_flat_equals_faiss_flat_including_ties_past_the_window(lite, k, distinct
     if cap is not None:  # Milvus's 16,384 results a query, made small: the ~450 copies at the k-th distance pass it
         monkeypatch.setattr("dmuh.retrieval.index.milvus.MAX_TOPK", cap)
     with MilvusIndex.build(database, bits=16, uri=lite, collection=f"ties{k}_{distinct}_{cap}") as milvus:
-        assert_same_results(Index.build(database, bits=16), milvus, queries, k)
+        assert_same_results(build_index(database, bits=16), milvus, queries, k)
     # Without the cap the widened window reaches every code first: no search below a bound is needed.
     assert bool(completions) == (cap is not None)
 
@@ -80,8 +80,8 @@ def test_random_64_bit_codes_add_and_remove_match_faiss(lite):
     extra = rng.integers(0, 256, size=(500, 8), dtype=np.uint8)
     queries = np.concatenate([database[:5], rng.integers(0, 256, size=(10, 8), dtype=np.uint8)])
     names = [f"img/{i}.jpg" for i in range(3000)]
-    faiss_index = Index.build(database, names=names)
-    with Index.build(database, backend="milvus", uri=lite, collection="random64", names=names) as milvus:
+    faiss_index = build_index(database, names=names)
+    with build_index(database, backend="milvus", uri=lite, collection="random64", names=names) as milvus:
         assert isinstance(milvus, MilvusIndex) and (milvus.backend, milvus.kind, len(milvus)) == ("milvus", "flat", 3000)
         assert_same_results(faiss_index, milvus, queries, 50)
         removed = np.arange(0, 3000, 7)
@@ -113,11 +113,11 @@ def test_the_index_file_names_the_collection_and_load_checks_it(lite, tmp_path):
     database = rng.integers(0, 256, size=(400, 3), dtype=np.uint8)
     names = [f"{i}.png" for i in range(400)]
     path = tmp_path / "db.dmuhidx"
-    with Index.build(database, bits=20, backend="milvus", uri=lite, collection="saved", names=names,
+    with build_index(database, bits=20, backend="milvus", uri=lite, collection="saved", names=names,
                      ids=np.arange(400) * 3, meta={"model": MODEL, "image_size": 8}) as index:
         before = index.search(database[:4], 9)
         index.save(path)
-    with Index.load(path) as loaded:
+    with open_index(path) as loaded:
         assert isinstance(loaded, MilvusIndex)
         assert (loaded.kind, loaded.bits, len(loaded), loaded.meta) == ("flat", 20, 400, {"model": MODEL, "image_size": 8})
         assert loaded.names == names and loaded.ids.tolist() == list(range(0, 1200, 3))
@@ -133,7 +133,7 @@ def test_the_index_file_names_the_collection_and_load_checks_it(lite, tmp_path):
     # Rebuilt in place with --force: the old file names another index now.
     MilvusIndex.build(database[:10], bits=20, uri=lite, collection="saved", force=True).close()
     with pytest.raises(DmuhError, match="was rebuilt after this index file was written"):
-        Index.load(path)
+        open_index(path)
 
 
 def test_an_add_that_was_not_saved_is_not_part_of_the_index(lite, tmp_path):
@@ -142,16 +142,16 @@ def test_an_add_that_was_not_saved_is_not_part_of_the_index(lite, tmp_path):
     path = tmp_path / "commit.dmuhidx"
     with MilvusIndex.build(database, bits=16, uri=lite, collection="commit") as index:
         index.save(path)
-    with Index.load(path) as interrupted:  # adds, then "crashes" before rewriting the file
+    with open_index(path) as interrupted:  # adds, then "crashes" before rewriting the file
         interrupted.add(database[:30])
         assert len(interrupted) == 130
-    with Index.load(path) as reader:
+    with open_index(path) as reader:
         assert len(reader) == 100
         _, ids = reader.search(database[:30], 5)
         assert ids.max() < 100
         reader.add(database[:2])  # the interrupted add's rows are cleared first
         reader.save(path)
-    with Index.load(path) as index:
+    with open_index(path) as index:
         assert len(index) == 102 and sorted(index.ids.tolist()) == list(range(102))
 
 
@@ -224,9 +224,9 @@ def test_a_sharded_manifest_streams_into_milvus(lite, tmp_path, capsys):
     out = tmp_path / "sharded.dmuhidx"
     assert main(["index", "build", "--codes", str(folder), "--backend", "milvus", "--uri", lite, "--out", str(out)]) == 0
     assert "250 codes of 16 bits" in capsys.readouterr().out
-    with Index.load(out) as index:
+    with open_index(out) as index:
         assert index.names == [f"photo{i}.jpg" for i in range(250)] and index.ids.tolist() == list(range(250))
-        assert_same_results(Index.build(database, bits=16), index, database[:6], 20)
+        assert_same_results(build_index(database, bits=16), index, database[:6], 20)
 
 
 def test_bad_uris_and_a_missing_collection_are_one_line_errors(lite, tmp_path, capsys):
@@ -262,7 +262,7 @@ def test_bad_uris_and_a_missing_collection_are_one_line_errors(lite, tmp_path, c
 def test_a_milvus_server_flat_and_ivf():
     uri = os.environ["DMUH_MILVUS_URI"]
     database, queries = tied_codes(8, 5000, 400, 8)
-    faiss_flat = Index.build(database)
+    faiss_flat = build_index(database)
     with MilvusIndex.build(database, uri=uri, collection="dmuh_test_flat", force=True) as flat:
         assert_same_results(faiss_flat, flat, queries, 100)
         flat.remove([0, 1, 2])
@@ -271,4 +271,4 @@ def test_a_milvus_server_flat_and_ivf():
     with MilvusIndex.build(database, kind="ivf", uri=uri, collection="dmuh_test_ivf", force=True, nlist=16,
                            nprobe=16) as ivf:  # every list searched: exact distances
         distances, _ = ivf.search(queries, 50)
-        np.testing.assert_array_equal(distances, Index.build(database).search(queries, 50)[0])
+        np.testing.assert_array_equal(distances, build_index(database).search(queries, 50)[0])

@@ -1,5 +1,5 @@
-"""dmuh.retrieval.index.faiss: the Index API over FAISS binary indexes, its file format (dmuh.retrieval.index.file), re-ranking
-(dmuh.retrieval.rerank); codes files (dmuh.codes.file)."""
+"""dmuh.retrieval.index.faiss: FaissIndex (made by build_index, open_index) over FAISS binary indexes, its file
+format (dmuh.retrieval.index.file), re-ranking (dmuh.retrieval.rerank); codes files (dmuh.codes.file)."""
 
 import json
 import struct
@@ -13,7 +13,7 @@ pytest.importorskip("faiss")
 from dmuh.codes.binary import as_packed, unpack_bits  # noqa: E402
 from dmuh.codes.file import Codes  # noqa: E402
 from dmuh.errors import DmuhError  # noqa: E402
-from dmuh.retrieval.index.faiss import Index  # noqa: E402
+from dmuh.retrieval.index import build_index, open_index  # noqa: E402
 from dmuh.retrieval.rerank import rerank, uncertainty_weights  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def hamming_matrix(query_packed, database_packed):
 
 
 def brute_force(query_packed, database_packed, k):
-    """Nearest k by (Hamming distance, position): the order Index.search promises."""
+    """Nearest k by (Hamming distance, position): the order CodeIndex.search promises."""
     distances = hamming_matrix(query_packed, database_packed)
     positions = np.arange(database_packed.shape[0])
     order = np.array([np.lexsort((positions, row))[:k] for row in distances])
@@ -47,7 +47,7 @@ def test_flat_search_equals_brute_force_including_ties(bits):
     distinct = random_signs(rng, 40, bits)
     database = distinct[rng.integers(0, 40, size=700)]
     queries = random_signs(rng, 25, bits)
-    index = Index.build(database, kind="flat")
+    index = build_index(database, kind="flat")
     distances, ids = index.search(queries, k=50)
     expected_distances, expected_positions = brute_force(as_packed(queries)[0], as_packed(database)[0], 50)
     assert distances.dtype == np.int32 and ids.dtype == np.int64
@@ -58,7 +58,7 @@ def test_flat_search_equals_brute_force_including_ties(bits):
 def test_distances_are_hamming_distances_of_sign_codes():
     rng = np.random.default_rng(1)
     database, queries = random_signs(rng, 200, 12), random_signs(rng, 10, 12)
-    distances, ids = Index.build(database).search(queries, k=200)
+    distances, ids = build_index(database).search(queries, k=200)
     dot = queries @ database.T
     expected = ((12 - dot) / 2).astype(int)  # d_H = (bits - <b_q, b_x>) / 2
     np.testing.assert_array_equal(distances, np.take_along_axis(expected, ids, axis=1))
@@ -67,7 +67,7 @@ def test_distances_are_hamming_distances_of_sign_codes():
 def test_user_ids_map_positions_and_add_appends():
     rng = np.random.default_rng(2)
     first, second = random_signs(rng, 100, 16), random_signs(rng, 50, 16)
-    index = Index.build(first, ids=np.arange(100) * 10)
+    index = build_index(first, ids=np.arange(100) * 10)
     index.add(second, ids=np.arange(50) + 5000)
     assert len(index) == 150
     queries = random_signs(rng, 5, 16)
@@ -85,14 +85,14 @@ def test_packed_and_unpacked_inputs_agree_and_12_bit_padding_stays_zero():
     assert bits == 12 and packed.shape == (30, 2) and packed.dtype == np.uint8
     assert not (packed[:, 1] & 0x0F).any()  # the 4 padding bits
     np.testing.assert_array_equal(unpack(packed, 12), signs > 0)
-    a = Index.build(signs).search(signs[:3], k=5)
-    b = Index.build(packed, bits=12).search(packed[:3], k=5)
+    a = build_index(signs).search(signs[:3], k=5)
+    b = build_index(packed, bits=12).search(packed[:3], k=5)
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     # Set padding bits are zeroed (dmuh.codes.binary' rule), so they never change a distance.
     dirty = packed.copy()
     dirty[:, 1] |= 0x0F
-    c = Index.build(dirty, bits=12).search(dirty[:3], k=5)
+    c = build_index(dirty, bits=12).search(dirty[:3], k=5)
     np.testing.assert_array_equal(a[0], c[0])
 
 
@@ -101,11 +101,11 @@ def test_save_load_round_trip(tmp_path, kind, params):
     rng = np.random.default_rng(4)
     database, queries = random_signs(rng, 400, 24), random_signs(rng, 7, 24)
     names = [f"img/{i}.png" for i in range(400)]
-    index = Index.build(database, kind=kind, ids=np.arange(400) + 7, names=names, meta={"model": {"bits": 24}}, **params)
+    index = build_index(database, kind=kind, ids=np.arange(400) + 7, names=names, meta={"model": {"bits": 24}}, **params)
     before = index.search(queries, k=15)
     path = tmp_path / f"{kind}.dmuhidx"
     index.save(path)
-    loaded = Index.load(path)
+    loaded = open_index(path)
     assert (loaded.kind, loaded.bits, len(loaded), loaded.params) == (kind, 24, 400, index.params)
     assert loaded.names == names and loaded.meta == {"model": {"bits": 24}}
     after = loaded.search(queries, k=15)
@@ -123,7 +123,7 @@ def test_approximate_indexes_find_most_neighbours_with_true_distances(kind, para
     flips = rng.random((1600, 32)) < 0.06  # clustered codes, as trained codes are
     database = centres[np.arange(1600) % 16] * np.where(flips, -1.0, 1.0)
     queries = database[:40] * np.where(rng.random((40, 32)) < 0.03, -1.0, 1.0)
-    index = Index.build(database, kind=kind, **params)
+    index = build_index(database, kind=kind, **params)
     distances, ids = index.search(queries, k=10)
     true = hamming_matrix(as_packed(queries)[0], as_packed(database)[0])
     np.testing.assert_array_equal(distances, np.take_along_axis(true, ids, axis=1))
@@ -137,18 +137,18 @@ def test_search_parameters_apply_to_their_kind_only():
     rng = np.random.default_rng(6)
     database = random_signs(rng, 100, 16)
     with pytest.raises(DmuhError, match="no parameter 'nlist'"):
-        Index.build(database, kind="hnsw", nlist=4)
+        build_index(database, kind="hnsw", nlist=4)
     with pytest.raises(DmuhError, match="index kind 'lsh'"):
-        Index.build(database, kind="lsh")
+        build_index(database, kind="lsh")
     with pytest.raises(DmuhError, match="nprobe applies to ivf"):
-        Index.build(database).search(database[:1], k=3, nprobe=2)
-    ivf = Index.build(database, kind="ivf", nlist=2)
+        build_index(database).search(database[:1], k=3, nprobe=2)
+    ivf = build_index(database, kind="ivf", nlist=2)
     assert ivf.search(database[:2], k=3, nprobe=2)[0].shape == (2, 3)
 
 
 def test_k_and_bit_length_are_checked():
     rng = np.random.default_rng(7)
-    index = Index.build(random_signs(rng, 10, 16))
+    index = build_index(random_signs(rng, 10, 16))
     with pytest.raises(DmuhError, match="k=11 is larger than the index, which holds 10 codes"):
         index.search(random_signs(rng, 1, 16), k=11)
     with pytest.raises(DmuhError, match="k=0"):
@@ -168,7 +168,7 @@ def test_k_and_bit_length_are_checked():
 def saved_index(tmp_path):
     rng = np.random.default_rng(8)
     path = tmp_path / "db.dmuhidx"
-    Index.build(random_signs(rng, 300, 16), names=[f"{i}.jpg" for i in range(300)]).save(path)
+    build_index(random_signs(rng, 300, 16), names=[f"{i}.jpg" for i in range(300)]).save(path)
     return path
 
 
@@ -177,7 +177,7 @@ def test_truncated_index_is_refused(saved_index):
     for cut in (len(data) - 1, len(data) // 2, 30, 5, 0):
         saved_index.write_bytes(data[:cut])
         with pytest.raises(DmuhError, match=rf"{saved_index.name}: (truncated|not a dmuh index)"):
-            Index.load(saved_index)
+            open_index(saved_index)
 
 
 def test_corrupted_index_is_refused(saved_index):
@@ -187,16 +187,16 @@ def test_corrupted_index_is_refused(saved_index):
         corrupted[position] ^= 0x10
         saved_index.write_bytes(bytes(corrupted))
         with pytest.raises(DmuhError, match=f"{saved_index.name}: corrupted index \\({what} mismatch\\)"):
-            Index.load(saved_index)
+            open_index(saved_index)
 
 
 def test_foreign_and_future_index_files_are_refused(tmp_path, saved_index):
     other = tmp_path / "other.bin"
     other.write_bytes(b"\x00" * 100)
     with pytest.raises(DmuhError, match="not a dmuh index file"):
-        Index.load(other)
+        open_index(other)
     with pytest.raises(DmuhError, match="index file not found"):
-        Index.load(tmp_path / "missing.dmuhidx")
+        open_index(tmp_path / "missing.dmuhidx")
     data = saved_index.read_bytes()
     magic, size, _ = struct.unpack_from("<8sII", data)
     header = json.loads(data[16:16 + size])
@@ -204,17 +204,17 @@ def test_foreign_and_future_index_files_are_refused(tmp_path, saved_index):
     new_header = json.dumps(header, sort_keys=True).encode()
     saved_index.write_bytes(struct.pack("<8sII", magic, len(new_header), zlib.crc32(new_header)) + new_header + data[16 + size:])
     with pytest.raises(DmuhError, match="index format version 99; this dmuh reads version 1"):
-        Index.load(saved_index)
+        open_index(saved_index)
 
 
 def test_save_does_not_overwrite_unless_asked(saved_index):
     before = saved_index.read_bytes()
-    index = Index.build(np.ones((3, 8), dtype=np.float32))
+    index = build_index(np.ones((3, 8), dtype=np.float32))
     with pytest.raises(DmuhError, match="already exists; pass --force"):
         index.save(saved_index, overwrite=False)
     assert saved_index.read_bytes() == before
     index.save(saved_index)
-    assert len(Index.load(saved_index)) == 3
+    assert len(open_index(saved_index)) == 3
 
 
 # -- re-ranking ---------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def test_rerank_prefers_mismatches_on_uncertain_bits():
         [1, 1, 1, 1, 1, 1, 1, 1],  # identical
     ], dtype=np.float32)
     uncertainty = np.array([[0, 0, 0, 0, 0, 0, 0, 0.8]], dtype=np.float32)
-    index = Index.build(candidates)
+    index = build_index(candidates)
     plain_distances, plain_ids = index.search(query, k=3)
     assert plain_ids.tolist() == [[2, 0, 1]] and plain_distances.tolist() == [[0, 1, 1]]
     result = index.search_reranked(query, uncertainty, k=3, depth=3, tau=1.0)
@@ -250,7 +250,7 @@ def test_rerank_prefers_mismatches_on_uncertain_bits():
 def test_rerank_with_zero_uncertainty_keeps_the_hamming_order():
     rng = np.random.default_rng(9)
     database, queries = random_signs(rng, 500, 16), random_signs(rng, 12, 16)
-    index = Index.build(database)
+    index = build_index(database)
     distances, ids = index.search(queries, k=30)
     result = index.search_reranked(queries, np.zeros((12, 16), np.float32), k=30, depth=100)
     np.testing.assert_array_equal(result["ids"], ids)
@@ -265,7 +265,7 @@ def test_rerank_with_zero_uncertainty_keeps_the_hamming_order():
 
 def test_rerank_needs_one_uncertainty_per_query_bit():
     rng = np.random.default_rng(10)
-    index = Index.build(random_signs(rng, 50, 16))
+    index = build_index(random_signs(rng, 50, 16))
     with pytest.raises(DmuhError, match=r"bit uncertainty: expected shape \(2, 16\)"):
         index.search_reranked(random_signs(rng, 2, 16), np.zeros((2, 12)), k=5)
 
@@ -291,7 +291,7 @@ def test_codes_file_round_trip(tmp_path):
     assert loaded.uncertainty.dtype == np.float32 and loaded.bit_uncertainty.dtype == np.float16
     np.testing.assert_array_equal(loaded.bit_uncertainty, codes.bit_uncertainty)
     assert loaded.model == codes.model and loaded.image_size == 8
-    index = Index.build(loaded)  # a Codes object brings its bits, names and identity
+    index = build_index(loaded)  # a Codes object brings its bits, names and identity
     assert index.names == codes.ids and index.meta["model"] == codes.model
 
 

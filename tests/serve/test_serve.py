@@ -22,7 +22,7 @@ from dmuh.cli import main
 from dmuh.runs.config import TrainConfig
 from dmuh.data import DigitsSource
 from dmuh.errors import DmuhError
-from dmuh.retrieval.index.faiss import Index
+from dmuh.retrieval.index import build_index, open_index
 from dmuh.engine.trainer import train
 
 pytest.importorskip("faiss")
@@ -273,7 +273,7 @@ def test_a_run_without_momentum_reports_no_uncertainty(served, tmp_path):
 
 
 def test_codes_only_service(served):
-    index = Index.load(served["index"])
+    index = open_index(served["index"])
     index.meta = {}  # no recorded run
     client = TestClient(create_app(SearchService(index)))
     assert client.get("/info").json()["queries"] == {"image": False, "text": False, "codes": True}
@@ -295,7 +295,7 @@ def test_no_thumbnail_path_escapes_the_root(served, tmp_path):
     (root / "notes.txt").write_text("not an image")
     names = ["sub/ok.png", "../secret.png", str(secret), "sub/../../secret.png", "link.png", "notes.txt",
              "sub/missing.png", "sub"]
-    index = Index.build(np.zeros((len(names), BITS), dtype=np.uint8) + 1, names=names, meta={})
+    index = build_index(np.zeros((len(names), BITS), dtype=np.uint8) + 1, names=names, meta={})
     client = TestClient(create_app(SearchService(index, thumbnails=_store(root))))
     assert client.get("/thumbnail/0").status_code == 200
     for i in range(1, len(names)):

@@ -1,9 +1,11 @@
 """The `dmuh encode`, `dmuh index build|info|add|remove`, `dmuh search` and `dmuh export-onnx` subcommands.
 
-`add_commands(subparsers)` adds them to the `dmuh` parser; every handler is a thin function over
-`dmuh.retrieval.encoder`, `dmuh.codes.file`, `dmuh.retrieval.index.faiss` and `dmuh.retrieval.onnx`, returns an exit code and
-raises DmuhError for bad input (the CLI prints it as one line). No output file is replaced unless
---force is given, except the index that `dmuh index add|remove` update in place (their point).
+`add_commands(subparsers)` adds them to the `dmuh` parser; every handler reads its flags, calls the
+library (`dmuh.retrieval.encoder`, `dmuh.retrieval.indexing`, `dmuh.retrieval.index`, `dmuh search` on
+the `dmuh.retrieval.service.SearchService` that `dmuh serve` runs, `dmuh.retrieval.onnx`) and formats
+what it returns; it returns an exit code and raises DmuhError for bad input (the CLI prints it as one
+line). No output file is replaced unless --force is given, except the index that `dmuh index
+add|remove` update in place (their point).
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from dmuh.cli.common import add_run_flag, check_positive, require_run
+from dmuh.cli.common import add_run_flag, check_positive, flag_name, require_run
 from dmuh.errors import DmuhError
 from dmuh.retrieval.index.base import BACKENDS
 from dmuh.retrieval.index.faiss import KIND_PARAMS, KINDS
-from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
-from dmuh.retrieval.service import RERANK_MODES, check_same_model, result_rows
+from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, RERANK_MODES
 from dmuh.retrieval.shards import DEFAULT_SHARD_SIZE
 from dmuh.utils.io import atomic_write_text, refuse_overwrite, remove_orphans
 from dmuh.utils.words import plural
@@ -39,10 +40,6 @@ CODES_HELP = ("codes file written by `dmuh encode`, or the manifest of `dmuh enc
               "DIR) (required)")
 FORCE_HELP = "replace --out if it exists [default: off]"
 QUIET_HELP = "no progress bar [default: off]"
-
-
-def _param_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_commands(subparsers) -> None:
@@ -96,7 +93,7 @@ def add_commands(subparsers) -> None:
     for kind, params in KIND_PARAMS.items():
         for name, default in params.items():
             text, derived = _PARAM_HELP[name]
-            p.add_argument(_param_flag(name), type=int, metavar="N",
+            p.add_argument(flag_name(name), type=int, metavar="N",
                            help=f"{kind} only: {text}, a positive integer [default: {derived or default}]")
     p.add_argument("--decoder", metavar="RUN",
                    help="keep this run's decoder of the codes in the index, for `search --rerank decoder` "
@@ -199,7 +196,7 @@ def _output_folder(path) -> None:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from dmuh.data.images import open_images
-    from dmuh.retrieval.encoder import encode_images, load_encoder
+    from dmuh.retrieval.encoder import collection_encoder, encode_images, load_encoder
     from dmuh.utils.progress import progress_bar
 
     run = require_run(args)
@@ -213,14 +210,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     check_positive(args.shard_size, "--shard-size")
     if args.shards is not None:
         return _encode_shards(args, run)
-    encoder = load_encoder(run, args.device)
     if args.texts is not None:
-        return _encode_texts(args, encoder)
-    if args.uncertainty and encoder.momentum_network is None:
-        raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
-                        f"{encoder.config.method!r}")
-    if args.batch_size:
-        encoder.config.eval_batch_size = args.batch_size
+        return _encode_texts(args, load_encoder(run, args.device))
+    encoder = collection_encoder(run, args.device, args.uncertainty, args.batch_size)
     source = open_images(args.images, args.root, encoder.channels or 3)
     with progress_bar(len(source.ids), "encoding", unit="image") as bar:  # a large collection, on a terminal
         codes = encode_images(encoder, source, uncertainty=args.uncertainty, image_size=args.image_size,
@@ -250,19 +242,14 @@ def _check_encode_output(args: argparse.Namespace) -> None:
 def _encode_shards(args: argparse.Namespace, run: str) -> int:
     """Every process of a torchrun (or the one process) encodes its share of the shards."""
     from dmuh.data.images import open_images
-    from dmuh.retrieval.encoder import load_encoder
+    from dmuh.retrieval.encoder import collection_encoder
     from dmuh.retrieval.shards import describe, encode_in_shards
     from dmuh.utils import distributed
     from dmuh.utils.progress import progress_bar
 
     context = distributed.init_from_environment(args.device)
     device = f"cuda:{context.local_rank}" if context.enabled and args.device.startswith("cuda") else args.device
-    encoder = load_encoder(run, device)
-    if args.uncertainty and encoder.momentum_network is None:
-        raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
-                        f"{encoder.config.method!r}")
-    if args.batch_size:
-        encoder.config.eval_batch_size = args.batch_size
+    encoder = collection_encoder(run, device, args.uncertainty, args.batch_size)
     source = open_images(args.images, args.root, encoder.channels or 3)
     with progress_bar(len(source.ids), "encoding", unit="image", enabled=context.is_main) as bar:
 
@@ -288,20 +275,10 @@ def _index_params(args: argparse.Namespace) -> Dict[str, int]:
             if value is None:
                 continue
             if name not in KIND_PARAMS[args.kind]:
-                raise DmuhError(f"{_param_flag(name)} applies to --kind {kind}, not {args.kind}")
-            check_positive(value, _param_flag(name))
+                raise DmuhError(f"{flag_name(name)} applies to --kind {kind}, not {args.kind}")
+            check_positive(value, flag_name(name))
             params[name] = value
     return params
-
-
-def _codes_parts(path: str) -> Iterator:
-    """The codes of --codes: one codes file, or the shards of a manifest one at a time."""
-    from dmuh.codes.file import Codes, is_manifest, manifest_shards
-
-    if is_manifest(path):
-        yield from manifest_shards(path)
-    else:
-        yield Codes.load(path)
 
 
 def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
@@ -326,32 +303,15 @@ def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from dmuh.codes.file import is_manifest, read_manifest
-    from dmuh.retrieval.index.base import resolve_params
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.indexing import build_from_codes
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
     params = _index_params(args)
     milvus = _milvus_flags(args)
-    parts = _codes_parts(args.codes)
-    if milvus and is_manifest(args.codes):  # shard by shard: a Milvus index need not fit in memory
-        if args.kind == "ivf":  # its lists are sized by every shard's codes, not the first one's
-            from dmuh.retrieval.index.milvus import KIND_PARAMS as MILVUS_KIND_PARAMS
-
-            params = resolve_params(args.kind, MILVUS_KIND_PARAMS, params, read_manifest(args.codes)["count"])
-        first = next(parts)
-    else:
-        first = _concatenated(parts)
-        parts = iter(())
-    decoder = _codes_decoder(args, first)  # before the build: a wrong --decoder fails fast
-    with Index.build(first, kind=args.kind, meta={**first.identity(), "codes_file": str(args.codes)}, **milvus,
-                     **params) as index:
-        for shard in parts:
-            index.add(shard, names=list(shard.ids))
-        if decoder is not None:
-            index.attach_decoder(decoder)
+    with build_from_codes(args.codes, args.kind, params, decoder_run=args.decoder, **milvus) as index:
         index.save(args.out, overwrite=args.force)
+        decoder = index.decoder
         where = f", Milvus collection {index.collection!r} at {index.uri}" if milvus else ""
         print(f"index {args.out}: {args.kind}, {plural(len(index), 'code')} of {plural(index.bits, 'bit')}"
               + (f", {', '.join(f'{k}={v}' for k, v in index.params.items())}" if index.params else "")
@@ -359,27 +319,14 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _concatenated(parts):
-    from dmuh.codes.file import concatenate
-
-    parts = list(parts)
-    return parts[0] if len(parts) == 1 else concatenate(parts)
-
-
 def cmd_index_add(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import open_index
+    from dmuh.retrieval.indexing import add_codes
 
-    with Index.load(args.index) as index:
-        before = len(index)
-        for codes in _codes_parts(args.codes):
-            if codes.bits != index.bits:
-                raise DmuhError(f"--codes {args.codes} holds {codes.bits}-bit codes but --index {args.index} holds "
-                                f"{index.bits}-bit codes")
-            check_same_model(index.meta, codes.model, f"the codes in {args.codes}", args.allow_other_model,
-                              doing="add them")
-            index.add(codes, names=list(codes.ids) if index.has_names else None)
+    with open_index(args.index) as index:
+        added = add_codes(index, args.codes, f"--index {args.index}", args.allow_other_model)
         index.save(args.index)  # in place, atomically: a failure above leaves the file as it was
-        print(f"index {args.index}: added {plural(len(index) - before, 'code')}, {plural(len(index), 'code')} now")
+        print(f"index {args.index}: added {plural(added, 'code')}, {plural(len(index), 'code')} now")
     return 0
 
 
@@ -408,13 +355,13 @@ def _read_ids(path: str) -> np.ndarray:
 
 
 def cmd_index_remove(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import open_index
 
     if (args.ids is None) == (args.names is None):
         raise DmuhError("give what to remove: --ids FILE (integer ids, one a line) or --names FILE (paths, one a line)")
     flag, path = ("--ids", args.ids) if args.ids is not None else ("--names", args.names)
     wanted = _read_ids(args.ids) if args.ids is not None else [text for _, text in _read_lines(args.names, "--names")]
-    with Index.load(args.index) as index:
+    with open_index(args.index) as index:
         try:
             removed = index.remove(wanted if args.ids is not None else index.ids_named(wanted))
         except DmuhError as error:
@@ -424,33 +371,10 @@ def cmd_index_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def _codes_decoder(args: argparse.Namespace, codes):
-    """The decoder of --decoder RUN, or of the codes' own run when its method trains one; None otherwise.
-    The run must be the one whose checkpoint made the codes."""
-    from dmuh.methods import method_class
-    from dmuh.retrieval.encoder import load_encoder
-
-    run = args.decoder
-    if run is None:
-        method, recorded = codes.model.get("method"), codes.model.get("run")
-        try:
-            trains_decoder = method is not None and method_class(method).requires.decoder
-        except DmuhError:  # a method this dmuh does not know: no decoder to look for
-            trains_decoder = False
-        if not trains_decoder or not recorded or not Path(recorded).is_dir():
-            return None
-        run = recorded
-    encoder = load_encoder(run)
-    if not encoder.method.requirements().decoder:
-        raise DmuhError(f"--decoder {run}: its method {encoder.config.method!r} trains no decoder (rph does)")
-    check_same_model(codes.identity(), encoder.identity, f"--decoder {run}'s decoder", allow=False)
-    return encoder.method.decoder
-
-
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import open_index
 
-    with Index.load(args.index) as index:
+    with open_index(args.index) as index:
         info = index.info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -475,11 +399,6 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 # -- search -----------------------------------------------------------------------------------
 
-# Queries gathered from one place: (names, packed codes (n, bytes) uint8, bit uncertainty (n, bits)
-# or None, their own features (n, D) or None).
-Queries = Tuple[List[str], np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]
-
-
 def _encode_texts(args: argparse.Namespace, encoder) -> int:
     from dmuh.retrieval.encoder import encode_texts
 
@@ -500,117 +419,11 @@ def _read_query_list(path: Path) -> List[Path]:
     return [p if p.is_absolute() else path.parent / p for p in paths]
 
 
-def _queries_from_codes(args: argparse.Namespace, index, path: str) -> Queries:
-    """The query codes of a codes file written by `dmuh encode`."""
-    from dmuh.codes.file import Codes
-
-    codes = Codes.load(path)
-    if codes.bits != index.bits:
-        raise DmuhError(f"--queries {path} holds {codes.bits}-bit codes but --index {args.index} "
-                        f"holds {index.bits}-bit codes")
-    check_same_model(index.meta, codes.model, f"the codes in {path}", args.allow_other_model)
-    if args.rerank == "uncertainty" and codes.bit_uncertainty is None:
-        raise DmuhError(f"--rerank needs bit uncertainty: encode {path} with `dmuh encode --uncertainty`")
-    if args.rerank == "decoder" and codes.features is None:
-        raise DmuhError(f"--rerank decoder needs the queries' own features: encode {path} with `dmuh encode --features`")
-    uncertainty = codes.bit_uncertainty.astype(np.float32) if args.rerank == "uncertainty" else None
-    return list(codes.ids), codes.packed, uncertainty, codes.features if args.rerank == "decoder" else None
-
-
-def _queries_from_images(args: argparse.Namespace, index, paths: List[Path]) -> Queries:
-    """Query images encoded with the run of --run, as the index's images were."""
-    from dmuh.data.images import read_image
-    from dmuh.data.pipeline import images_to_tensor
-    from dmuh.retrieval.encoder import encode_arrays, load_encoder
-
-    run = args.run or _recorded_run(args, index)
-    encoder = load_encoder(run, args.device)
-    if encoder.bits != index.bits:
-        raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but the model of --run "
-                        f"{run} makes {encoder.bits}-bit codes")
-    check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
-    if args.rerank == "uncertainty" and encoder.momentum_network is None:
-        raise DmuhError(f"--rerank needs a DMUH run (a momentum network); {run} was trained with "
-                        f"{encoder.config.method!r}")
-    if encoder.channels is None:
-        raise DmuhError(f"--run {run} encodes feature vectors, not images; pass --queries CODES.npz")
-    size = index.meta.get("image_size") or encoder.image_size
-    images = np.stack([read_image(path, encoder.channels, size) for path in paths])
-    packed, uncertainty = encode_arrays(encoder, images, uncertainty=args.rerank == "uncertainty")
-    features = encoder.features(images_to_tensor(images)) if args.rerank == "decoder" else None
-    return [str(p) for p in paths], packed, uncertainty, features
-
-
-def _queries_from_texts(args: argparse.Namespace, index) -> Queries:
-    """Text queries encoded by the text network of the cross-modal run of --run (or the index's)."""
-    from dmuh.retrieval.encoder import load_encoder
-
-    if args.rerank is not None:
-        raise DmuhError(f"--rerank {args.rerank} re-ranks image queries; text queries are ranked by Hamming distance")
-    run = args.run or _recorded_run(args, index)
-    encoder = load_encoder(run, args.device)
-    if encoder.bits != index.bits:
-        raise DmuhError(f"--index {args.index} holds {index.bits}-bit codes but --run {run} makes {encoder.bits}-bit codes")
-    check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", args.allow_other_model)
-    packed = encoder.text_codes(encoder.text_vectors(args.text))
-    return list(args.text), packed, None, None
-
-
-def _recorded_run(args: argparse.Namespace, index) -> str:
-    """The run that encoded the index's codes, from its header, for query images given without --run."""
-    from dmuh.runs.layout import run_directory
-
-    recorded = (index.meta.get("model") or {}).get("run")
-    if not recorded:
-        raise DmuhError(f"query images need --run RUN (the run that encoded the index): --index {args.index} "
-                        "records no run")
-    try:
-        run_directory(recorded)
-    except DmuhError:
-        raise DmuhError(f"query images need --run RUN (the run that encoded the index): the run --index "
-                        f"{args.index} records, {recorded}, is no longer there") from None
-    return recorded
-
-
-def _gather_queries(args: argparse.Namespace, index) -> Queries:
-    """Every query, codes file first, then --image and the images of a --queries list."""
-    codes_file = args.queries if args.queries and args.queries.endswith(".npz") else None
-    image_paths = [Path(p) for p in args.image]
-    if args.queries and codes_file is None:
-        image_paths += _read_query_list(Path(args.queries))
-    parts = []
-    if codes_file is not None:
-        parts.append(_queries_from_codes(args, index, codes_file))
-    if image_paths:
-        parts.append(_queries_from_images(args, index, image_paths))
-    if args.text:
-        parts.append(_queries_from_texts(args, index))
-    names = [name for part in parts for name in part[0]]
-    packed = np.concatenate([part[1] for part in parts])
-    uncertainty = np.concatenate([part[2] for part in parts]) if args.rerank == "uncertainty" else None
-    features = np.concatenate([part[3] for part in parts]) if args.rerank == "decoder" else None
-    return names, packed, uncertainty, features
-
-
-def _search_report(args: argparse.Namespace, index, queries: Queries) -> Dict[str, Any]:
-    """Search (and re-rank) the queries; the JSON report of `dmuh search`."""
-    names, packed, uncertainty, features = queries
-    search_params = {"nprobe": args.nprobe, "ef_search": args.ef_search}
-    report: Dict[str, Any] = {"index": args.index, "k": args.k, "rerank": args.rerank, "queries": []}
-    weighted = cosine = None
-    if args.rerank == "uncertainty":
-        tau = args.tau if args.tau is not None else DEFAULT_TAU
-        result = index.search_reranked(packed, uncertainty, args.k, depth=args.depth, tau=tau, **search_params)
-        distances, positions, weighted = result["distances"], result["positions"], result["weighted"]
-        report.update(tau=tau, depth=args.depth)
-    elif args.rerank == "decoder":
-        result = index.search_decoded(packed, features, args.k, depth=args.depth, **search_params)
-        distances, positions, cosine = result["distances"], result["positions"], result["cosine"]
-        report["depth"] = args.depth
-    else:
-        distances, positions = index.search_positions(packed, args.k, **search_params)
-    rows = result_rows(index, positions, distances, weighted_distance=weighted, decoded_cosine=cosine)
-    report["queries"] = [{"query": name, "results": results} for name, results in zip(names, rows)]
+def _report(args: argparse.Namespace, names: List[str], found: Dict[str, Any]) -> Dict[str, Any]:
+    """The JSON report of `dmuh search`: the service's results, a block per query."""
+    queries = [{"query": name, "results": rows} for name, rows in zip(names, found["results"])]
+    report: Dict[str, Any] = {"index": args.index, "k": args.k, "rerank": args.rerank, "queries": queries}
+    report.update((key, found[key]) for key in ("tau", "depth") if key in found)
     return report
 
 
@@ -646,7 +459,9 @@ def _rerank_mode(args: argparse.Namespace) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from dmuh.retrieval.index.faiss import Index
+    from dmuh.retrieval.index import SearchParams, open_index
+    from dmuh.retrieval.queries import gather_queries
+    from dmuh.retrieval.service import SearchService
 
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
@@ -656,8 +471,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     _rerank_mode(args)
     if args.tau is not None and args.rerank != "uncertainty":
         raise DmuhError("--tau applies to --rerank uncertainty")
-    with Index.load(args.index) as index:
-        report = _search_report(args, index, _gather_queries(args, index))
+    check_positive(args.nprobe, "--nprobe")
+    check_positive(args.ef_search, "--ef-search")
+    codes_file = args.queries if args.queries and args.queries.endswith(".npz") else None
+    image_paths = [Path(p) for p in args.image]
+    if args.queries and codes_file is None:
+        image_paths += _read_query_list(Path(args.queries))
+    with open_index(args.index) as index:
+        service = SearchService(index, index_path=args.index)
+        queries = gather_queries(service, codes_file, image_paths, args.text, args.rerank, run=args.run,
+                                 device=args.device, allow_other_model=args.allow_other_model)
+        depth = args.depth if args.rerank is not None else None
+        found = service.search_batch(queries.query(), args.k, args.rerank, depth, args.tau,
+                                     SearchParams(nprobe=args.nprobe, ef_search=args.ef_search))
+        report = _report(args, queries.names, found)
     text = json.dumps(report, indent=2)
     if args.out:
         atomic_write_text(args.out, text + "\n")

@@ -152,6 +152,20 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
     return Encoder(run_dir, config, model, method, momentum_network, pipeline, device, identity, vocabulary)
 
 
+def collection_encoder(run, device: str = "cpu", uncertainty: bool = False,
+                       batch_size: Optional[int] = None) -> Encoder:
+    """The encoder of a run for a collection of images (`encode_images`, `dmuh.retrieval.shards`):
+    `uncertainty` needs a DMUH run (a momentum network); `batch_size` images per forward pass
+    (default: the run's eval_batch_size)."""
+    encoder = load_encoder(run, device)
+    if uncertainty and encoder.momentum_network is None:
+        raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
+                        f"{encoder.config.method!r}")
+    if batch_size:
+        encoder.config.eval_batch_size = batch_size
+    return encoder
+
+
 def encode_arrays(encoder: Encoder, images: np.ndarray, uncertainty: bool = False):
     """(n, H, W, C) uint8 images (or (n, D) features) -> (sign codes packed, bit uncertainty or None)."""
     images = match_channels(images, encoder.channels)

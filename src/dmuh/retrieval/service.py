@@ -1,5 +1,5 @@
-"""Answer one query at a time against one index with one model: what `dmuh serve` runs per request,
-and a Python API for the same.
+"""Answer queries against one index with one model: what `dmuh serve` runs per request and `dmuh
+search` per batch (`search_batch`, with `dmuh.retrieval.queries`), and a Python API for the same.
 
     service = SearchService.open("photos.dmuhidx", run="runs/cifar10-dmuh-32", images="photos/")
     service.search_image(Path("q.jpg").read_bytes(), k=10)     # ranked ids, paths, Hamming distances
@@ -7,8 +7,8 @@ and a Python API for the same.
     service.thumbnail(42)                                       # JPEG bytes of database image id 42
 
 The model and the index are loaded once. Every method is safe to call from several threads: the
-network and the index are each used under their own lock (FAISS search parameters are set per call
-on a shared index object, so two searches must not interleave). A DMUH run (a momentum network)
+network is used under a lock; index searches run at once (their parameters, `SearchParams`, are
+given per call, nothing is set on the shared index). A DMUH run (a momentum network)
 also reports each image query's image-level uncertainty (the mean of |h - m|, Eq. 7) and its most
 uncertain bits. Every bad query raises DmuhError with a one-line message.
 
@@ -34,13 +34,20 @@ from dmuh.data.pipeline import images_to_tensor
 from dmuh.data.sources import IMAGE_EXTENSIONS
 from dmuh.errors import DmuhError
 from dmuh.retrieval.encoder import encode_arrays, load_encoder
-from dmuh.retrieval.index.faiss import Index
-from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
+from dmuh.retrieval.index import SearchParams, open_index
+from dmuh.retrieval.rerank import (
+    DEFAULT_RERANK_DEPTH,
+    DEFAULT_TAU,
+    RERANK_MODES,
+    Query,
+    RerankedIndex,
+    reranker_for,
+)
 from dmuh.runs.layout import run_directory
 from dmuh.utils.words import plural
 
-RERANK_MODES = ("uncertainty", "decoder")
 UNCERTAIN_BITS_SHOWN = 8  # the most uncertain bits reported per image query
+SCORE_COLUMNS = {"weighted": "weighted_distance", "cosine": "decoded_cosine"}  # a reranker's score, in result rows
 
 
 @dataclass
@@ -68,6 +75,38 @@ def check_same_model(index_meta: Dict[str, Any], model: Dict[str, Any], what: st
     if expected and actual and expected != actual and not allow:
         raise DmuhError(f"{what} come from another model (checkpoint sha256 {actual[:12]}...) than the index's "
                         f"({expected[:12]}...); pass --allow-other-model to {doing} anyway")
+
+
+def check_compatible(index, index_name: str, bits: int, model: Optional[Dict[str, Any]], source: str, what: str,
+                     allow_other_model: bool, doing: str = "search", made: bool = False) -> None:
+    """The one check that codes may meet an index: the same bit length, and the model that encoded
+    the index's codes (`check_same_model`). `source` names them in the bit-length message ("--codes
+    FILE" holds, "the model of --run RUN" makes, with `made`), `what` in the model one."""
+    if int(bits) != index.bits:
+        if made:
+            raise DmuhError(f"{index_name} holds {index.bits}-bit codes but {source} makes {bits}-bit codes")
+        raise DmuhError(f"{source} holds {bits}-bit codes but {index_name} holds {index.bits}-bit codes")
+    check_same_model(index.meta, model, what, allow_other_model, doing=doing)
+
+
+def recorded_run(index, index_path, required: bool = False) -> Optional[str]:
+    """The run that encoded the index's codes, from its header: None when it records none or the run
+    is gone, or with `required` a DmuhError saying which (queries to encode need a run)."""
+    recorded = (index.meta.get("model") or {}).get("run")
+    if not required:
+        try:
+            return recorded and str(run_directory(recorded))
+        except DmuhError:
+            return None
+    if not recorded:
+        raise DmuhError(f"query images need --run RUN (the run that encoded the index): --index {index_path} "
+                        "records no run")
+    try:
+        run_directory(recorded)
+    except DmuhError:
+        raise DmuhError(f"query images need --run RUN (the run that encoded the index): the run --index "
+                        f"{index_path} records, {recorded}, is no longer there") from None
+    return recorded
 
 
 def result_rows(index, positions: np.ndarray, distances: np.ndarray,
@@ -186,7 +225,8 @@ class SearchService:
         self.limits = limits or ServiceLimits()
         self.limits.check()
         self.index_path = index_path
-        self._index_lock = threading.Lock()
+        self.run = None if encoder is None else str(encoder.run_dir)  # the run of `encoder`, as given
+        self._ids_lock = threading.Lock()  # makes `_id_positions` once
         self._model_lock = threading.Lock()
         self._id_positions = None  # (sorted ids, their positions), made at the first thumbnail
 
@@ -198,22 +238,22 @@ class SearchService:
 
         limits = limits or ServiceLimits()
         limits.check()
-        index = Index.load(index_path)
-        if run is None:
-            recorded = (index.meta.get("model") or {}).get("run")
-            try:
-                run = recorded and str(run_directory(recorded))
-            except DmuhError:
-                run = None
-        encoder = None
+        index = open_index(index_path)
+        service = cls(index, None, None, limits, str(index_path))
+        run = recorded_run(index, index_path) if run is None else run
         if run:
-            encoder = load_encoder(run, device)
-            if encoder.bits != index.bits:
-                raise DmuhError(f"--index {index_path} holds {index.bits}-bit codes but the model of --run {run} "
-                                f"makes {encoder.bits}-bit codes")
-            check_same_model(index.meta, encoder.identity, f"--run {run}'s codes", allow_other_model)
-        thumbnails = ThumbnailStore(images, limits.thumbnail_px, limits.max_image_pixels) if images else None
-        return cls(index, encoder, thumbnails, limits, str(index_path))
+            service.load_run(run, device, allow_other_model)
+        if images:
+            service.thumbnails = ThumbnailStore(images, limits.thumbnail_px, limits.max_image_pixels)
+        return service
+
+    def load_run(self, run, device: str = "cpu", allow_other_model: bool = False) -> None:
+        """Encode queries with the model of `run`, checked to make codes of the index's bit length
+        and model (`check_compatible`)."""
+        encoder = load_encoder(run, device)
+        check_compatible(self.index, f"--index {self.index_path}", encoder.bits, encoder.identity,
+                         f"the model of --run {run}", f"--run {run}'s codes", allow_other_model, made=True)
+        self.encoder, self.run = encoder, str(run)
 
     # -- what the service holds ----------------------------------------------------------------
 
@@ -264,9 +304,7 @@ class SearchService:
         size = self.index.meta.get("image_size") or self.encoder.image_size
         image = read_image(None, self.encoder.channels, size, data=data, name=name,
                            max_pixels=self.limits.max_image_pixels)[None]
-        with self._model_lock:
-            packed, uncertainty = encode_arrays(self.encoder, image, uncertainty=self.reports_uncertainty)
-            features = self.encoder.features(images_to_tensor(image)) if rerank == "decoder" else None
+        packed, uncertainty, features = self.encode_images(image, self.reports_uncertainty, rerank == "decoder")
         report = self._search(packed, k, rerank, depth, tau, uncertainty, features)
         report["query"] = self._describe(packed, uncertainty)
         return report
@@ -300,15 +338,27 @@ class SearchService:
         if len(text) > self.limits.max_text_chars:
             raise DmuhError(f"text: {len(text):,} characters, more than the {self.limits.max_text_chars:,} allowed")
         k = self._check_k(k)
-        with self._model_lock:
-            packed = self.encoder.text_codes(self.encoder.text_vectors([text]))
+        packed = self.encode_texts([text])
         report = self._search(packed, k, None, None, None, None, None)
         report["query"] = self._describe(packed, None)
         return report
 
+    def encode_images(self, images: np.ndarray, uncertainty: bool = False, features: bool = False):
+        """Decoded images (n, H, W, C) uint8 -> (packed codes, bit uncertainty or None, the images' own
+        features or None), with the service's model."""
+        with self._model_lock:
+            packed, bit_uncertainty = encode_arrays(self.encoder, images, uncertainty=uncertainty)
+            own = self.encoder.features(images_to_tensor(images)) if features else None
+        return packed, bit_uncertainty, own
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Packed codes of texts, with a cross-modal run's text network."""
+        with self._model_lock:
+            return self.encoder.text_codes(self.encoder.text_vectors(list(texts)))
+
     def position_of(self, id_: int) -> int:
         """The index position of user id `id_`; LookupError if the index holds no such id."""
-        with self._index_lock:
+        with self._ids_lock:
             if self._id_positions is None:  # by binary search: no dict of a million ints
                 ids = np.asarray(self.index.ids, dtype=np.int64)  # a Milvus index reads them once, here
                 order = np.argsort(ids, kind="stable")
@@ -326,8 +376,7 @@ class SearchService:
         if not self.index.has_names:
             raise LookupError("the index holds no paths of its images")
         position = self.position_of(id_)
-        with self._index_lock:
-            name = self.index.names_at(np.array([[position]]))[0][0]
+        name = self.index.names_at(np.array([[position]]))[0][0]
         return self.thumbnails.get(name)
 
     # -- shared steps --------------------------------------------------------------------------
@@ -348,6 +397,16 @@ class SearchService:
             raise DmuhError("rerank uncertainty needs a DMUH run (a momentum network)")
 
     def _search(self, packed, k, rerank, depth, tau, uncertainty, features) -> Dict[str, Any]:
+        """One query of a request: `search_batch`, its one row of results."""
+        report = self.search_batch(Query(packed, uncertainty, features), k, rerank, depth, tau)
+        report["results"] = report["results"][0]
+        return report
+
+    def search_batch(self, query: Query, k: int, rerank: Optional[str] = None, depth: Optional[int] = None,
+                     tau: Optional[float] = None, params: Optional[SearchParams] = None) -> Dict[str, Any]:
+        """Search (and re-rank, `rerank` one of `RERANK_MODES`) queries, packed codes with what the
+        re-ranking reads (`dmuh.retrieval.rerank.Query`); `params` apply to the Hamming search.
+        {"k", "rerank", "results": per query its rows (`result_rows`), "depth" and "tau" as used}."""
         for value, flag in ((depth, "depth"), (tau, "tau")):
             if value is not None and (rerank is None or isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not value > 0 or (flag == "depth" and not isinstance(value, int))):
@@ -355,17 +414,15 @@ class SearchService:
                                 "with rerank")
         depth = int(depth or DEFAULT_RERANK_DEPTH)
         tau = float(tau or DEFAULT_TAU)
-        weighted = cosine = None
-        with self._index_lock:
-            if rerank == "uncertainty":
-                result = self.index.search_reranked(packed, uncertainty, k, depth=depth, tau=tau)
-                distances, positions, weighted = result["distances"], result["positions"], result["weighted"]
-            elif rerank == "decoder":
-                result = self.index.search_decoded(packed, features, k, depth=depth)
-                distances, positions, cosine = result["distances"], result["positions"], result["cosine"]
-            else:
-                distances, positions = self.index.search_positions(packed, k)
-        rows = result_rows(self.index, positions, distances, weighted_distance=weighted, decoded_cosine=cosine)[0]
+        scores = {}
+        if rerank is None:
+            distances, positions = self.index.search_positions(query.codes, k, params)
+        else:
+            reranker = reranker_for(rerank, self.index, tau)
+            result = RerankedIndex(self.index, reranker, depth).search(query, k, params)
+            distances, positions = result["distances"], result["positions"]
+            scores[SCORE_COLUMNS[reranker.score]] = result[reranker.score]
+        rows = result_rows(self.index, positions, distances, **scores)
         report: Dict[str, Any] = {"k": k, "rerank": rerank, "results": rows}
         if rerank is not None:
             report["depth"] = depth

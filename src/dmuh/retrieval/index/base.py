@@ -1,16 +1,21 @@
-"""What every code index backend shares: how codes come in, the index parameters, and the searches
-built on top of a backend's nearest-neighbour search (re-ranking, decoder re-ranking).
+"""The index contract every code index backend implements, and what the backends share: how codes
+come in, the index parameters, and the searches built on top of a backend's nearest-neighbour
+search (re-ranking, decoder re-ranking).
 
-A backend (`dmuh.retrieval.index.faiss.Index` on FAISS, `dmuh.retrieval.index.milvus.MilvusIndex` on Milvus) subclasses
-`CodeIndex` and provides `search_positions`, `ids_at`, `names_at`, `codes_at`, `add`, `remove`,
-`ids_named`, `save`, `info` and `__len__`; positions are its own handles of stored codes (-1: no
-result), ordered as the codes were added. This module imports no backend, so each backend
-imports it without a cycle.
+`CodeIndex` is an abstract base class on FAISS's model: `search(codes, k, params=None)`, `add`,
+`remove`, `save`, `info`, `bits`, `count` (`len`), ... A backend (`dmuh.retrieval.index.faiss.FaissIndex`
+on FAISS, `dmuh.retrieval.index.milvus.MilvusIndex` on Milvus) subclasses it and provides
+`search_positions`, `ids_at`, `names_at`, `codes_at`, `add`, `remove`, `ids_named`, `save`, `info`,
+`has_names` and `__len__`; positions are its own handles of stored codes (-1: no result), ordered
+as the codes were added. `dmuh.retrieval.index.build_index` and `open_index` make one. This module
+imports no backend, so each backend imports it without a cycle.
 """
 
 from __future__ import annotations
 
+import abc
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -19,11 +24,57 @@ import numpy as np
 from dmuh.codes.binary import as_packed
 from dmuh.errors import DmuhError
 from dmuh.models.decoder import FeatureDecoder
-from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, rerank
+from dmuh.retrieval.rerank import (
+    DEFAULT_RERANK_DEPTH,
+    DEFAULT_TAU,
+    DecoderReranker,
+    Query,
+    RerankedIndex,
+    UncertaintyReranker,
+)
 from dmuh.utils.words import plural
 
 BACKENDS = ("faiss", "milvus")
-_DECODE_CHUNK = 64  # queries whose candidates' decoded features are held at once (decoder re-ranking)
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """The parameters of one search (FAISS's `SearchParameters`), given per call: nothing is set on
+    a shared index, so searches with different parameters may run at once. None keeps the value
+    the index was built with (its `params`).
+
+    nprobe: ivf, the inverted lists visited per query. ef_search: hnsw, the candidate list while
+    searching.
+    """
+
+    nprobe: Optional[int] = None
+    ef_search: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+                raise DmuhError(f"search parameter {name}={value!r}: expected a positive integer")
+
+    @classmethod
+    def of(cls, params: Optional["SearchParams"] = None, *, nprobe: Optional[int] = None,
+           ef_search: Optional[int] = None) -> "SearchParams":
+        """`params` (default none given) with the keyword shortcuts nprobe= and ef_search= laid over it."""
+        if params is not None and not isinstance(params, SearchParams):
+            raise DmuhError(f"params: expected a SearchParams, got {type(params).__name__}")
+        params = params or cls()
+        if nprobe is None and ef_search is None:
+            return params
+        return cls(nprobe=params.nprobe if nprobe is None else nprobe,
+                   ef_search=params.ef_search if ef_search is None else ef_search)
+
+    def check(self, kind: str) -> "SearchParams":
+        """These parameters, refused where they do not apply to an index of `kind`."""
+        if self.nprobe is not None and kind != "ivf":
+            raise DmuhError(f"nprobe applies to ivf indexes, not {kind}")
+        if self.ef_search is not None and kind != "hnsw":
+            raise DmuhError(f"ef_search applies to hnsw indexes, not {kind}")
+        return self
 
 
 def byte_width(bits: int) -> int:
@@ -129,8 +180,9 @@ def ordered_by_distance_then_position(distances: np.ndarray, positions: np.ndarr
     return distances, positions
 
 
-class CodeIndex:
-    """The backend-independent part of an index of binary codes (see the module's docstring).
+class CodeIndex(abc.ABC):
+    """An index of binary codes: the contract every backend implements, and the backend-independent
+    searches on top of it (see the module's docstring).
 
     A backend sets kind, bits, params, meta (where the codes came from: model identity, image
     size, ...) and decoder (a dmuh.models.decoder.FeatureDecoder of the codes, or None).
@@ -146,8 +198,14 @@ class CodeIndex:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kind={self.kind!r}, bits={self.bits}, count={len(self)}, params={self.params})"
 
-    def __len__(self) -> int:  # pragma: no cover - every backend defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """How many codes the index holds."""
+
+    @property
+    def count(self) -> int:
+        """How many codes the index holds (len(index))."""
+        return len(self)
 
     def close(self) -> None:
         """Let go of what the index holds open (a Milvus connection); nothing for FAISS."""
@@ -159,53 +217,81 @@ class CodeIndex:
         self.close()
 
     @property
+    @abc.abstractmethod
     def has_names(self) -> bool:
-        raise NotImplementedError
+        """Whether the index holds a name (path) of each code."""
 
-    def search_positions(self, query_codes, k: int, *, nprobe: Optional[int] = None,
+    def search_positions(self, query_codes, k: int, params: Optional[SearchParams] = None, *,
+                         nprobe: Optional[int] = None,
                          ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+        """The k nearest codes of each query by (Hamming distance, position): (distances int32 (nq, k),
+        positions int64 (nq, k), -1 with distance -1 where an approximate search found fewer).
+        `params` (or its shortcuts nprobe=, ef_search=) apply to this call only."""
+        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
+        self.check_k(k)
+        params = SearchParams.of(params, nprobe=nprobe, ef_search=ef_search).check(self.kind)
+        return self._search_packed(packed, int(k), params)
 
+    @abc.abstractmethod
+    def _search_packed(self, packed: np.ndarray, k: int, params: SearchParams) -> Tuple[np.ndarray, np.ndarray]:
+        """`search_positions` of checked packed queries, k and parameters; the index is not changed."""
+
+    @abc.abstractmethod
     def ids_at(self, positions: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """User ids of index positions (-1, no result, stays -1)."""
 
+    @abc.abstractmethod
+    def names_at(self, positions: np.ndarray) -> List[List[Optional[str]]]:
+        """Names (paths) of index positions, per row (None without names, or for -1)."""
+
+    @abc.abstractmethod
     def codes_at(self, positions: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Packed codes stored at index positions (any shape of non-negative positions)."""
 
-    def search(self, query_codes, k: int, *, nprobe: Optional[int] = None,
+    @abc.abstractmethod
+    def add(self, codes, ids=None, names: Optional[Sequence[str]] = None) -> None:
+        """Add codes; ids default to the next ids (one past the largest ever given)."""
+
+    @abc.abstractmethod
+    def remove(self, ids) -> int:
+        """Remove every code whose id is one of `ids`; returns how many were removed (an unknown id
+        is an error, and then nothing is removed)."""
+
+    @abc.abstractmethod
+    def ids_named(self, names: Sequence[str]) -> np.ndarray:
+        """The ids of the codes whose name (path) is one of `names`."""
+
+    @abc.abstractmethod
+    def info(self) -> Dict[str, Any]:
+        """The index file's header fields: format, version, backend, kind, bits, count, params, ..."""
+
+    @abc.abstractmethod
+    def save(self, path, overwrite: bool = True) -> None:
+        """Write the index file atomically (`open_index` reads it back)."""
+
+    def search(self, query_codes, k: int, params: Optional[SearchParams] = None, *, nprobe: Optional[int] = None,
                ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """The k nearest codes of each query: (distances int32 (nq, k), ids int64 (nq, k))."""
-        distances, positions = self.search_positions(query_codes, k, nprobe=nprobe, ef_search=ef_search)
+        """The k nearest codes of each query: (distances int32 (nq, k), ids int64 (nq, k)); ordered by
+        (distance, position). `params` (or nprobe=, ef_search=) apply to this call only."""
+        distances, positions = self.search_positions(query_codes, k, params, nprobe=nprobe, ef_search=ef_search)
         return distances, self.ids_at(positions)
 
+    def packed_queries(self, query_codes) -> np.ndarray:
+        """Query codes as this index searches them: packed (nq, ceil(bits / 8)) uint8, of its bit length."""
+        return _as_packed(query_codes, self.bits, what="query codes")[0]
+
     def search_reranked(self, query_codes, bit_uncertainty, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
-                        tau: float = DEFAULT_TAU, nprobe: Optional[int] = None,
+                        tau: float = DEFAULT_TAU, params: Optional[SearchParams] = None, nprobe: Optional[int] = None,
                         ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Uncertainty-aware search: the top `depth` codes by Hamming distance, re-ranked by the
-        weighted Hamming distance of `rerank` (see there); keeps the k best.
+        weighted Hamming distance of `dmuh.retrieval.rerank.UncertaintyReranker`; keeps the k best.
 
         Returns {"weighted": float32 (nq, k), "distances": int32 Hamming (nq, k), "ids": int64,
         "positions": int64}.
         """
-        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
-        self._check_k(k)
-        depth = min(max(int(depth), int(k)), len(self))
-        distances, positions = self.search_positions(packed, depth, nprobe=nprobe, ef_search=ef_search)
-        uncertainty = np.asarray(bit_uncertainty, dtype=np.float32)
-        if uncertainty.shape != (packed.shape[0], self.bits):
-            raise DmuhError(f"bit uncertainty: expected shape {(packed.shape[0], self.bits)}, got {uncertainty.shape}")
-        candidates = self._candidate_codes(positions)
-        order, weighted = rerank(packed, uncertainty, candidates, positions, self.bits, tau)
-        return self._reordered(order[:, :k], positions, weighted=weighted, distances=distances)
-
-    def _candidate_codes(self, positions: np.ndarray) -> np.ndarray:
-        """The stored codes at search result positions (empty slots -1 get a zero code, which the
-        re-ranking ignores)."""
-        found = positions >= 0
-        codes = np.zeros((*positions.shape, byte_width(self.bits)), dtype=np.uint8)
-        if found.any():
-            codes[found] = self.codes_at(positions[found])
-        return codes
+        searcher = RerankedIndex(self, UncertaintyReranker(tau), depth)
+        return searcher.search(Query(query_codes, bit_uncertainty=bit_uncertainty), k,
+                               SearchParams.of(params, nprobe=nprobe, ef_search=ef_search))
 
     def attach_decoder(self, decoder) -> None:
         """Keep a `dmuh.models.decoder.FeatureDecoder` of these codes with the index (and in its file)."""
@@ -214,48 +300,21 @@ class CodeIndex:
         self.decoder = decoder.cpu().eval()
 
     def search_decoded(self, query_codes, query_features, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
-                       nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
+                       params: Optional[SearchParams] = None, nprobe: Optional[int] = None,
+                       ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
         """Rank-preserving hashing's search: the top `depth` codes by Hamming distance (the graph
         search of an hnsw index, or any kind), re-ranked by the cosine of each query's features
-        (nq, D) to the candidates' features decoded from their codes; keeps the k best. Ties go
-        by Hamming distance, then position.
+        (nq, D) to the candidates' features decoded from their codes (`dmuh.retrieval.rerank.DecoderReranker`);
+        keeps the k best. Ties go by Hamming distance, then position.
 
         Returns {"cosine": float32 (nq, k), "distances": int32 Hamming, "ids": int64, "positions": int64}.
         """
-        if self.decoder is None:
-            raise DmuhError("this index holds no decoder; build it from the codes of a run that trains one "
-                            "(e.g. --method rph)")
-        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
-        features = np.asarray(query_features, dtype=np.float32)
-        if features.shape != (packed.shape[0], self.decoder.dim) or not np.isfinite(features).all():
-            raise DmuhError(f"query features: expected {packed.shape[0]} finite rows of {self.decoder.dim} values, "
-                            f"got shape {features.shape}")
-        self._check_k(k)
-        depth = min(max(int(depth), int(k)), len(self))
-        distances, positions = self.search_positions(packed, depth, nprobe=nprobe, ef_search=ef_search)
-        found = positions >= 0
-        unique, inverse = np.unique(positions[found], return_inverse=True)
-        decoded = self.decoder.decode_packed(self.codes_at(unique))  # each candidate decoded once
-        slot = np.zeros(positions.shape, dtype=np.int64)
-        slot[found] = inverse  # row of `decoded` per candidate
-        norms = np.linalg.norm(features, axis=1, keepdims=True)
-        queries = features / np.where(norms > 0, norms, 1)
-        cosine = np.empty(positions.shape, dtype=np.float32)
-        for start in range(0, len(queries), _DECODE_CHUNK):  # bounds the (chunk, depth, D) temporary
-            rows = slice(start, start + _DECODE_CHUNK)
-            cosine[rows] = np.einsum("nrd,nd->nr", decoded[slot[rows]], queries[rows])
-        cosine[~found] = -np.inf
-        order = np.lexsort((np.where(found, positions, np.iinfo(np.int64).max), distances, -cosine), axis=1)[:, :k]
-        return self._reordered(order, positions, cosine=cosine, distances=distances)
+        searcher = RerankedIndex(self, DecoderReranker(self.decoder), depth)
+        return searcher.search(Query(query_codes, features=query_features), k,
+                               SearchParams.of(params, nprobe=nprobe, ef_search=ef_search))
 
-    def _reordered(self, order: np.ndarray, positions: np.ndarray, **columns: np.ndarray) -> Dict[str, np.ndarray]:
-        """A re-ranked result: each of `columns` and the positions taken in `order`, plus the ids."""
-        result = {name: np.take_along_axis(values, order, axis=1) for name, values in columns.items()}
-        result["positions"] = np.take_along_axis(positions, order, axis=1)
-        result["ids"] = self.ids_at(result["positions"])
-        return result
-
-    def _check_k(self, k) -> None:
+    def check_k(self, k) -> None:
+        """Refuse a k that is not a positive integer, or more than the index holds."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise DmuhError(f"k={k!r}: expected a positive integer")
         if k > len(self):

@@ -1,11 +1,12 @@
-"""Search binary codes: FAISS binary indexes (or a Milvus collection) behind a small API.
+"""The FAISS backend of the index contract (`dmuh.retrieval.index.base.CodeIndex`): FAISS binary indexes.
 
-    index = Index.build(codes, kind="flat")          # or "ivf" (nlist, nprobe), "hnsw" (m, ef_construction, ef_search)
-    index = Index.build(codes, backend="milvus", uri="codes.db", collection="photos")   # dmuh.retrieval.index.milvus
+    from dmuh.retrieval.index import build_index, open_index
+    index = build_index(codes, kind="flat")          # a FaissIndex; "ivf" (nlist, nprobe), "hnsw" (m, ef_construction,
+                                                     # ef_search); backend="milvus": dmuh.retrieval.index.milvus
     index.add(more_codes, ids)
     index.remove([17, 18])
     distances, ids = index.search(query_codes, k=10)
-    index.save("db.dmuhidx"); index = Index.load("db.dmuhidx")   # either backend
+    index.save("db.dmuhidx"); index = open_index("db.dmuhidx")   # either backend
 
 Codes are packed uint8 rows (n, ceil(bits / 8)) as `dmuh.codes.binary.pack_bits` makes them, or
 unpacked (n, bits) codes ({-1,+1}, {0,1} or bool; packed here), as numpy or torch, or a
@@ -22,9 +23,9 @@ Removing codes rebuilds the FAISS structure from the codes that remain (flat: a 
 trained lists refilled; hnsw: a new graph, as long as a build), so positions stay 0..n-1 in the
 order the codes were added and nothing removed is ever found.
 
-The file format is `dmuh.retrieval.index.file`; the re-ranking of `Index.search_reranked` is `dmuh.retrieval.rerank`;
+The file format is `dmuh.retrieval.index.file`; the re-ranking of `search_reranked` is `dmuh.retrieval.rerank`;
 what the backends share is `dmuh.retrieval.index.base`. An index may carry a decoder of its codes
-(`dmuh.models.decoder`, rank-preserving hashing): then `Index.search_decoded` re-ranks the Hamming
+(`dmuh.models.decoder`, rank-preserving hashing): then `search_decoded` re-ranks the Hamming
 candidates by the cosine of each query's own features to the candidates' decoded features, and
 the database's original features are never needed. FAISS and pymilvus are imported lazily (on
 first use), so the rest of dmuh works without either.
@@ -33,6 +34,7 @@ first use), so the rest of dmuh works without either.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -40,8 +42,8 @@ import numpy as np
 
 from dmuh.errors import DmuhError
 from dmuh.retrieval.index.base import (  # noqa: F401 - byte_width and _as_packed are also this module's API
-    BACKENDS,
     CodeIndex,
+    SearchParams,
     _as_packed,
     build_inputs,
     byte_width,
@@ -56,7 +58,6 @@ from dmuh.retrieval.index.base import (  # noqa: F401 - byte_width and _as_packe
 from dmuh.retrieval.index.file import (
     FORMAT,
     FORMAT_VERSION,
-    read_index_file,
     write_index_file,
 )
 
@@ -95,7 +96,7 @@ def _new_faiss_index(kind: str, bits: int, params: Dict[str, int], training: Opt
     return index
 
 
-class Index(CodeIndex):
+class FaissIndex(CodeIndex):
     """A FAISS binary index over packed codes plus the ids (int64) and optional names (paths) of its rows."""
 
     backend = "faiss"
@@ -113,28 +114,20 @@ class Index(CodeIndex):
         self.names = names
         self.meta = dict(meta or {})  # where the codes came from: model identity, image size, ...
         self._database: Optional[np.ndarray] = None  # packed codes by position, for re-ranking
+        self._database_lock = threading.Lock()  # concurrent searches fill `_database` once
         self.decoder = None  # a dmuh.models.decoder.FeatureDecoder of these codes, or None
 
     # -- building -------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, codes, kind: str = "flat", *, backend: str = "faiss", bits: Optional[int] = None, ids=None,
-              names: Optional[Sequence[str]] = None, meta: Optional[Dict[str, Any]] = None, **params):
+    def build(cls, codes, kind: str = "flat", *, bits: Optional[int] = None, ids=None,
+              names: Optional[Sequence[str]] = None, meta: Optional[Dict[str, Any]] = None, **params) -> "FaissIndex":
         """A new index of `kind` holding `codes` (ids default to 0..n-1; names to the codes' own ids).
 
         flat: exact. ivf: nlist (default round(sqrt(n)), at most n / 39) inverted lists trained on `codes`, nprobe
         lists visited per query (default max(1, nlist // 16)). hnsw: graph of degree m (32),
-        ef_construction (64), ef_search (128).
-
-        backend="milvus" builds a `dmuh.retrieval.index.milvus.MilvusIndex` instead (kinds flat and ivf;
-        uri=, collection=, force= as there).
+        ef_construction (64), ef_search (128). `dmuh.retrieval.index.build_index` picks the backend.
         """
-        if backend not in BACKENDS:
-            raise DmuhError(f"index backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if backend == "milvus":
-            from dmuh.retrieval.index.milvus import MilvusIndex
-
-            return MilvusIndex.build(codes, kind, bits=bits, ids=ids, names=names, meta=meta, **params)
         _faiss()
         if kind not in KINDS:
             raise DmuhError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}")
@@ -196,13 +189,17 @@ class Index(CodeIndex):
 
     # -- searching ------------------------------------------------------------------------------
 
-    def search_positions(self, query_codes, k: int, *, nprobe: Optional[int] = None,
-                         ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Like `search`, with positions in the index (-1: no result) instead of ids."""
-        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
-        self._check_k(k)
-        self._set_search_params(nprobe, ef_search)
-        distances, positions = self.faiss_index.search(packed, int(k))
+    def _search_packed(self, packed: np.ndarray, k: int, params: SearchParams) -> Tuple[np.ndarray, np.ndarray]:
+        """One FAISS search with this call's parameters (`faiss.SearchParametersIVF` / `...HNSW`; the
+        index's own where `params` gives none): the FAISS object is never changed by a search."""
+        faiss = _faiss()
+        if self.kind == "ivf":
+            search_params = faiss.SearchParametersIVF(nprobe=int(params.nprobe or self.params["nprobe"]))
+        elif self.kind == "hnsw":
+            search_params = faiss.SearchParametersHNSW(efSearch=int(params.ef_search or self.params["ef_search"]))
+        else:
+            search_params = None
+        distances, positions = self.faiss_index.search(packed, k, params=search_params)
         # Define the order: distance, then position (FAISS's heap order already, made explicit);
         # approximate indexes that find fewer than k leave -1 slots, which go last.
         return ordered_by_distance_then_position(distances, positions)
@@ -219,9 +216,13 @@ class Index(CodeIndex):
 
     def codes_at(self, positions: np.ndarray) -> np.ndarray:
         """Packed codes stored at index positions (any shape of non-negative positions)."""
-        if self._database is None:
-            self._database = self._reconstruct_all()
-        return self._database[np.asarray(positions)]
+        database = self._database
+        if database is None:
+            with self._database_lock:
+                if self._database is None:
+                    self._database = self._reconstruct_all()
+                database = self._database
+        return database[np.asarray(positions)]
 
     def _reconstruct_all(self) -> np.ndarray:
         faiss = _faiss()
@@ -233,20 +234,6 @@ class Index(CodeIndex):
         if self.kind == "ivf":
             self.faiss_index.make_direct_map()
         return self.faiss_index.reconstruct_n(0, len(self)).reshape(-1, width)
-
-    def _set_search_params(self, nprobe: Optional[int], ef_search: Optional[int]) -> None:
-        if nprobe is not None:
-            if self.kind != "ivf":
-                raise DmuhError(f"nprobe applies to ivf indexes, not {self.kind}")
-            self.faiss_index.nprobe = int(nprobe)
-        elif self.kind == "ivf":
-            self.faiss_index.nprobe = self.params["nprobe"]
-        if ef_search is not None:
-            if self.kind != "hnsw":
-                raise DmuhError(f"ef_search applies to hnsw indexes, not {self.kind}")
-            self.faiss_index.hnsw.efSearch = int(ef_search)
-        elif self.kind == "hnsw":
-            self.faiss_index.hnsw.efSearch = self.params["ef_search"]
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -270,19 +257,9 @@ class Index(CodeIndex):
         write_index_file(path, self.info(), sections)
 
     @classmethod
-    def load(cls, path) -> CodeIndex:
-        """Read and verify an index file (magic, version, header CRC, payload size and sha256):
-        an `Index`, or a `dmuh.retrieval.index.milvus.MilvusIndex` for a file `dmuh index build --backend
-        milvus` wrote (it connects to the collection the file names and checks it)."""
-        path = Path(path)
-        header, sections = read_index_file(path, KINDS)
-        backend = header.get("backend", "faiss")
-        if backend == "milvus":
-            from dmuh.retrieval.index.milvus import MilvusIndex
-
-            return MilvusIndex.from_file(path, header, sections)
-        if backend != "faiss":
-            raise DmuhError(f"{path}: index backend {backend!r}; this dmuh reads {', '.join(BACKENDS)}")
+    def from_file(cls, path: Path, header: Dict[str, Any], sections: Dict[str, bytes]) -> "FaissIndex":
+        """The index of a verified index file's header and sections (`dmuh.retrieval.index.open_index`
+        reads the file and picks the backend)."""
         faiss = _faiss()
         try:
             index = faiss.deserialize_index_binary(np.frombuffer(sections["faiss"], dtype=np.uint8))

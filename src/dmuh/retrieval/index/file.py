@@ -9,8 +9,9 @@
                holds its codes, ids and names in a Milvus collection, which its header names
 
 It is written atomically; reading verifies magic, format, version, the header's CRC32 and the
-payload's size and sha256, and any failure is a DmuhError naming the file. `dmuh.retrieval.index.faiss.Index`
-decides what the sections hold.
+payload's size and sha256, and any failure is a DmuhError naming the file. Each backend
+(`dmuh.retrieval.index.faiss.FaissIndex`, `dmuh.retrieval.index.milvus.MilvusIndex`) decides what its
+sections hold.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Binary codes in a Milvus collection, behind the same contract as `dmuh.retrieval.index.faiss.Index` (FAISS).
+"""Binary codes in a Milvus collection: `MilvusIndex`, a backend of the index contract
+(`dmuh.retrieval.index.base.CodeIndex`), as `dmuh.retrieval.index.faiss.FaissIndex` is on FAISS.
 
-    index = Index.build(codes, kind="flat", backend="milvus", uri="codes.db", collection="photos")
-    index.save("photos.dmuhidx"); index = Index.load("photos.dmuhidx")     # the same API as FAISS
+    index = build_index(codes, kind="flat", backend="milvus", uri="codes.db", collection="photos")
+    index.save("photos.dmuhidx"); index = open_index("photos.dmuhidx")     # dmuh.retrieval.index; as FAISS
 
 `uri` is a Milvus Lite file (`FILE.db`: Milvus run inside this process, `pip install
 'dmuh[milvus]'`) or a Milvus server or cluster (`http://HOST:19530`). The collection has the
@@ -15,7 +16,7 @@ fields
 and, as its description, JSON: format "dmuh-milvus", bits, kind, has_names, meta (the model's
 identity, image size, ...) and a token drawn at build time. The index file (`dmuh.retrieval.index.file`,
 header `backend: "milvus"`) names the uri, the collection and the token, and records the next
-position and id to give out; `Index.load` checks that the collection exists, carries the same
+position and id to give out; `open_index` checks that the collection exists, carries the same
 token (it was not rebuilt since) and holds codes of the file's bit length.
 
 Kinds: flat (BIN_FLAT, exact) and ivf (BIN_IVF_FLAT with nlist lists, nprobe searched; needs a
@@ -57,7 +58,7 @@ import numpy as np
 from dmuh.errors import DmuhError, first_line
 from dmuh.retrieval.index.base import (
     CodeIndex,
-    _as_packed,
+    SearchParams,
     build_inputs,
     byte_width,
     check_ids_known,
@@ -252,8 +253,8 @@ def _chunks(values: Sequence, size: int) -> Iterator[Sequence]:
 
 
 class MilvusIndex(CodeIndex):
-    """Codes in a Milvus collection (see the module's docstring); built by `build` (or `Index.build(...,
-    backend="milvus")`), opened by `dmuh.retrieval.index.faiss.Index.load` of its index file."""
+    """Codes in a Milvus collection (see the module's docstring); built by `build` (or `build_index(...,
+    backend="milvus")`), opened by `dmuh.retrieval.index.open_index` of its index file."""
 
     backend = "milvus"
 
@@ -274,6 +275,7 @@ class MilvusIndex(CodeIndex):
         self._count = 0
         self._rows: Dict[int, Tuple[int, str, bytes]] = {}  # position -> (id, name, code), from lookups
         self._all: Optional[Tuple[np.ndarray, np.ndarray, List[str]]] = None  # every (position, id, name)
+        self._rows_lock = threading.RLock()  # the two caches above, under concurrent searches
 
     # -- building and opening -------------------------------------------------------------------
 
@@ -483,21 +485,14 @@ class MilvusIndex(CodeIndex):
 
     # -- searching ------------------------------------------------------------------------------
 
-    def search_positions(self, query_codes, k: int, *, nprobe: Optional[int] = None,
-                         ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def _search_packed(self, packed: np.ndarray, k: int, search: SearchParams) -> Tuple[np.ndarray, np.ndarray]:
         """The k nearest codes of each query by (Hamming distance, position): (distances int32 (nq, k),
-        positions int64 (nq, k), -1 where an ivf search found fewer)."""
-        packed, _ = _as_packed(query_codes, self.bits, what="query codes")
-        self._check_k(k)
-        if ef_search is not None:
-            raise DmuhError(f"ef_search applies to hnsw indexes, not {self.kind}")
-        if nprobe is not None and self.kind != "ivf":
-            raise DmuhError(f"nprobe applies to ivf indexes, not {self.kind}")
+        positions int64 (nq, k), -1 where an ivf search found fewer); nprobe per request."""
         if k > MAX_TOPK:
             raise DmuhError(f"k={k}: a Milvus search returns at most {MAX_TOPK} codes a query")
         params: Dict[str, Any] = {"metric_type": "HAMMING"}
         if self.kind == "ivf":
-            params["params"] = {"nprobe": int(nprobe or self.params["nprobe"])}
+            params["params"] = {"nprobe": int(search.nprobe or self.params["nprobe"])}
         distances = np.full((packed.shape[0], k), -1, dtype=np.int32)
         positions = np.full((packed.shape[0], k), -1, dtype=np.int64)
         # flat: a window of nearest codes, widened (x WINDOW_GROWTH, all open queries in one request)
@@ -545,19 +540,20 @@ class MilvusIndex(CodeIndex):
     def _lookup(self, positions: np.ndarray) -> Dict[int, Tuple[int, str, bytes]]:
         """(id, name, code) of each non-negative position, fetched once and cached."""
         wanted = np.unique(positions[positions >= 0]).tolist()
-        missing = [p for p in wanted if p not in self._rows]
-        if len(self._rows) + len(missing) > ROW_CACHE:
-            self._rows = {p: self._rows[p] for p in wanted if p in self._rows}
-        for batch in _chunks(missing, LOOKUP_BATCH):
-            rows = self._call("look up positions", "query", filter=f"pos in {list(batch)}",
-                              output_fields=["pos", "id", "name", "code"])
-            for row in rows:
-                self._rows[int(row["pos"])] = (int(row["id"]), row["name"], _code_bytes(row["code"]))
-        gone = [p for p in missing if p not in self._rows]
-        if gone:
-            raise DmuhError(f"Milvus collection {self.collection!r} at {self.uri}: position {gone[0]} is no longer "
-                            "there (removed while searching?)")
-        return self._rows
+        with self._rows_lock:
+            missing = [p for p in wanted if p not in self._rows]
+            if len(self._rows) + len(missing) > ROW_CACHE:
+                self._rows = {p: self._rows[p] for p in wanted if p in self._rows}
+            for batch in _chunks(missing, LOOKUP_BATCH):
+                rows = self._call("look up positions", "query", filter=f"pos in {list(batch)}",
+                                  output_fields=["pos", "id", "name", "code"])
+                for row in rows:
+                    self._rows[int(row["pos"])] = (int(row["id"]), row["name"], _code_bytes(row["code"]))
+            gone = [p for p in missing if p not in self._rows]
+            if gone:
+                raise DmuhError(f"Milvus collection {self.collection!r} at {self.uri}: position {gone[0]} is no "
+                                "longer there (removed while searching?)")
+            return {p: self._rows[p] for p in wanted}
 
     def ids_at(self, positions: np.ndarray) -> np.ndarray:
         """User ids of index positions (-1, no result, stays -1)."""
@@ -583,6 +579,10 @@ class MilvusIndex(CodeIndex):
 
     def _every_row(self) -> Tuple[np.ndarray, np.ndarray, List[str]]:
         """(positions, ids, names) of every code, by position: one pass over the collection."""
+        with self._rows_lock:
+            return self._every_row_locked()
+
+    def _every_row_locked(self) -> Tuple[np.ndarray, np.ndarray, List[str]]:
         if self._all is None:
             positions, ids, names = [], [], []
             with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: read every row"):
