@@ -16,11 +16,11 @@ import argparse
 import time
 from pathlib import Path
 
-from dmuh.studies.compare import RESULTS_MARKDOWN, compare
-from dmuh.runs.config import PretrainConfig, TrainConfig
-from dmuh.utils.schema import parse_params
 from dmuh.engine.pretrain import pretrain
+from dmuh.runs.config import PretrainConfig, TrainConfig
 from dmuh.runs.layout import BACKBONE, LOG, read_log
+from dmuh.studies.compare import RESULTS_MARKDOWN, compare
+from dmuh.utils.schema import parse_params
 
 METHODS = "regu,dmuh,dmuh-wo-u,dmuh-wo-eu,dmuh-wo-euij"
 

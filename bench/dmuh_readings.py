@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dmuh.metrics.ranking import DEFAULT_TIES
 from dmuh.runs.config import TrainConfig
 from dmuh.utils.schema import parse_params
-from dmuh.metrics.ranking import DEFAULT_TIES
 
 TODAY = {"momentum_dropout": "off", "momentum_update": "step", "output": "tanh", "normalisation": "nB",
          "retrieval": "hashing"}
@@ -47,8 +47,8 @@ def run_one(name: str, config: dict, passes: int, threads: int) -> dict:
     import torch
 
     from dmuh.engine.builder import load_run, training_uncertainty
-    from dmuh.runs.layout import CHECKPOINT, LOG, read_log
     from dmuh.engine.trainer import train
+    from dmuh.runs.layout import CHECKPOINT, LOG, read_log
 
     torch.set_num_threads(threads)
     config = TrainConfig.from_dict(config)

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from dmuh.codes.binary import sign
-from dmuh.retrieval.encoder import Encoder
-from dmuh.errors import DmuhError
 from dmuh.engine.builder import load_run
-from dmuh.utils.io import atomic_write_text
+from dmuh.errors import DmuhError
 from dmuh.metrics.ranking import mean_average_precision, ranked_metrics
+from dmuh.retrieval.encoder import Encoder
 from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
+from dmuh.utils.io import atomic_write_text
 
 
 def rerank_experiment(run, device: str = "cpu", depth: int = DEFAULT_RERANK_DEPTH,
@@ -48,7 +48,7 @@ def rerank_experiment(run, device: str = "cpu", depth: int = DEFAULT_RERANK_DEPT
         raise DmuhError(f"{run}: re-ranking needs a DMUH run (a momentum network); this run is {exp.config.method!r}")
     for module in (exp.model, exp.method, exp.momentum.network):
         module.eval()
-    encoder = Encoder(Path(run), exp.config, exp.model, exp.method, exp.momentum.network, exp.pipeline, exp.device, {})
+    encoder = Encoder(Path(run), exp.config, exp.model, exp.method, exp.momentum.network, exp.pipeline, exp.execution, {})
     split = exp.split
     query_h, query_u = encoder.continuous(exp.images[torch.from_numpy(split.query)], uncertainty=True)
     database_h, _ = encoder.continuous(exp.images[torch.from_numpy(split.database)])

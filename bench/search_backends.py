@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from search_speed import make_codes, recall, timed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +62,7 @@ def search_rows(args, database, queries, work: Path):
     build = time.perf_counter() - started
     for nprobe in args.nprobes:
         measured("faiss", "ivf (IndexBinaryIVF)", f"nlist={ivf.params['nlist']} nprobe={nprobe}", build,
-                 lambda: ivf.search(queries, args.k, nprobe=nprobe))
+                 lambda index=ivf, nprobe=nprobe: index.search(queries, args.k, nprobe=nprobe))
     del ivf
     if not args.skip_hnsw:
         started = time.perf_counter()
@@ -72,7 +71,7 @@ def search_rows(args, database, queries, work: Path):
         for ef in args.ef_searches:
             ef = max(ef, args.k)
             measured("faiss", "hnsw (IndexBinaryHNSW)", f"M={args.hnsw_m} efSearch={ef}", build,
-                     lambda: hnsw.search(queries, args.k, ef_search=ef))
+                     lambda ef=ef: hnsw.search(queries, args.k, ef_search=ef))
         del hnsw
 
     from dmuh.retrieval.index.milvus import MilvusIndex, close_connections
@@ -88,10 +87,10 @@ def search_rows(args, database, queries, work: Path):
             build = time.perf_counter() - started
             name = {"flat": "BIN_FLAT", "ivf": "BIN_IVF_FLAT"}[kind]
             if kind == "flat":
-                measured(label, name, "exact, ties by position", build, lambda: index.search(queries, args.k))
+                measured(label, name, "exact, ties by position", build, lambda index=index: index.search(queries, args.k))
             for nprobe in (args.nprobes if kind == "ivf" else ()):
                 measured(label, name, f"nlist={index.params['nlist']} nprobe={nprobe}", build,
-                         lambda: index.search(queries, args.k, nprobe=nprobe))
+                         lambda index=index, nprobe=nprobe: index.search(queries, args.k, nprobe=nprobe))
             index.close()
     if not args.milvus_uri:
         rows.append(("Milvus Lite 2.5.1", "BIN_IVF_FLAT", "not run: Milvus Lite has BIN_FLAT only", None, None, None, None))
@@ -104,8 +103,8 @@ def encode_rows(args, work: Path):
     --shards` under torchrun; startup is the same command on 8 items (one per shard)."""
     from sklearn.datasets import load_digits
 
-    from dmuh.runs.config import TrainConfig
     from dmuh.engine.trainer import train
+    from dmuh.runs.config import TrainConfig
 
     digits = load_digits()
     train_features = work / "digits.npz"

@@ -134,7 +134,7 @@ def main() -> None:
     ivf = build_index(database, bits=args.bits, kind="ivf") if args.nprobes else None
     ivf_build = time.perf_counter() - started
     for nprobe in [int(x) for x in args.nprobes.split(",") if x]:
-        t, (distances, ids) = timed(lambda: ivf.search(queries, args.k, nprobe=nprobe), args.repeats)
+        t, (distances, ids) = timed(lambda nprobe=nprobe: ivf.search(queries, args.k, nprobe=nprobe), args.repeats)
         rows.append(("dmuh ivf", f"nlist={ivf.params['nlist']} nprobe={nprobe}", ivf_build, t,
                      *recall(exact_ids, exact_distances, ids, distances, args.k)))
         print(rows[-1], flush=True)
@@ -144,7 +144,7 @@ def main() -> None:
         hnsw = build_index(database, bits=args.bits, kind="hnsw", m=args.hnsw_m)
         hnsw_build = time.perf_counter() - started
         for ef in [int(x) for x in args.ef_searches.split(",") if x]:
-            t, (distances, ids) = timed(lambda: hnsw.search(queries, args.k, ef_search=max(ef, args.k)), args.repeats)
+            t, (distances, ids) = timed(lambda ef=ef: hnsw.search(queries, args.k, ef_search=max(ef, args.k)), args.repeats)
             rows.append(("dmuh hnsw", f"M={args.hnsw_m} efSearch={max(ef, args.k)}", hnsw_build, t,
                          *recall(exact_ids, exact_distances, ids, distances, args.k)))
             print(rows[-1], flush=True)

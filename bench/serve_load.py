@@ -71,9 +71,9 @@ def query_jpegs(count: int, seed: int):
 
 def build(folder: Path, n: int, hnsw_n: int, bits: int, seed: int):
     """The indexes and the run -> {name: index path}, run directory."""
-    from dmuh.runs.config import TrainConfig
-    from dmuh.retrieval.index import build_index
     from dmuh.engine.trainer import train
+    from dmuh.retrieval.index import build_index
+    from dmuh.runs.config import TrainConfig
 
     codes = random_codes(n, bits, seed)
     paths = {}

@@ -15,9 +15,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from dmuh.engine.trainer import train
 from dmuh.runs.config import TrainConfig
 from dmuh.runs.layout import read_log
-from dmuh.engine.trainer import train
 
 CASES = {
     "alexnet-224": dict(model="alexnet", augment="flip-crop"),

@@ -50,12 +50,13 @@ def dmuh(*args: str, threads: int) -> None:
 def cmd_features(args) -> None:
     """Fit LSH (instant) on the backbone of --init to get a run, then store its encoder's backbone
     features of every item, with labels, ids and subsets (for scoring and the protocol)."""
+    import yaml
+
     from dmuh.data import open_source
     from dmuh.data.pipeline import images_to_tensor
+    from dmuh.engine.runtime import resolve_cache_dir
     from dmuh.retrieval.encoder import load_encoder
     from dmuh.utils.io import atomic_path
-    from dmuh.engine.runtime import resolve_cache_dir
-    import yaml
 
     pretrain = yaml.safe_load((Path(args.init) / "config.yaml").read_text())
     run = Path(args.out).with_suffix(".run")
@@ -120,9 +121,9 @@ def cmd_train(args) -> None:
 
 def neighbour_recalls(run: Path, features: dict, ks, depth: int) -> dict:
     """Recall@k of the run's Hamming ranking (flat) and, for a run with a decoder, of HNSW + decoder re-ranking."""
+    from dmuh.metrics.ranking import neighbour_recall, true_neighbours
     from dmuh.retrieval.encoder import encode_arrays, load_encoder
     from dmuh.retrieval.index import build_index
-    from dmuh.metrics.ranking import neighbour_recall, true_neighbours
 
     subsets = features["subsets"]
     query, database = np.flatnonzero(subsets == "test"), np.flatnonzero(subsets != "test")
@@ -144,8 +145,8 @@ def neighbour_recalls(run: Path, features: dict, ks, depth: int) -> dict:
 
 
 def cmd_report(args) -> None:
-    from dmuh.studies.evaluate import evaluate_run
     from dmuh.methods import display_name
+    from dmuh.studies.evaluate import evaluate_run
 
     features = dict(np.load(args.features, allow_pickle=False))
     rows = {}  # (method, bits) -> [one dict per seed]

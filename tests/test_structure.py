@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from dmuh.cli import main
-from dmuh.runs.config import TrainConfig
-from dmuh.errors import DmuhError
 from dmuh.engine.builder import encode, load_run
+from dmuh.engine.runtime import Execution
+from dmuh.engine.trainer import train
+from dmuh.errors import DmuhError
 from dmuh.methods import available, create_method, display_name
 from dmuh.models import create_model
+from dmuh.runs.config import TrainConfig
 from dmuh.runs.layout import CHECKPOINT, LEGACY_CHECKPOINT, load_checkpoint, load_run_config, rebuild_networks
-from dmuh.engine.trainer import train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dmuh"
 
@@ -220,11 +221,11 @@ def test_a_checkpoint_rebuilds_network_and_method_without_labels(tiny_run):
     assert checkpoint["model_config"]["name"] == "smallcnn" and checkpoint["method_spec"]["num_train"] == 1000
     exp = load_run(tiny_run)
     inputs = exp.images[:50]
-    expected = encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
+    expected = encode(exp.model, exp.method, inputs, exp.pipeline, exp.execution)
     config = load_run_config(tiny_run)
     model, method, momentum = rebuild_networks(checkpoint, tiny_run / CHECKPOINT, tiny_run, config)
     assert momentum is not None and method.requirements().momentum == exp.requirements.momentum
-    torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
+    torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, Execution.of(config, exp.device)), expected, rtol=0, atol=0)
     assert torch.equal(method.memory.labels, exp.method.memory.labels)  # state, not a stand-in
 
 
@@ -249,7 +250,7 @@ def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run, tmp_path):
     checkpoint = load_checkpoint(tiny_run / CHECKPOINT)
     exp = load_run(tiny_run)
     inputs = exp.images[:50]
-    expected = encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
+    expected = encode(exp.model, exp.method, inputs, exp.pipeline, exp.execution)
     old = {key: value for key, value in checkpoint.items() if key not in ("model_config", "method_spec")}
     renamed = {"memory.codes": "memory", "memory.labels": "memory_labels", "memory.seen": "seen",
                "memory.uncertainty": "memory_uncertainty"}
@@ -259,7 +260,7 @@ def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run, tmp_path):
     assert "model_config" not in converted and list(converted["model"]) == list(old["model"])
     config = load_run_config(run)
     model, method, _ = rebuild_networks(converted, run / CHECKPOINT, run, config)
-    torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, config, exp.device), expected, rtol=0, atol=0)
+    torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, Execution.of(config, exp.device)), expected, rtol=0, atol=0)
     assert method.num_train == 1000 and method.num_classes == 10
     # Trained before the default reading changed: rebuilt with the reading it was trained with.
     assert method.requirements().momentum_dropout == "off"

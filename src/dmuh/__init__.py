@@ -34,6 +34,7 @@ _API = {
     "train": "dmuh.engine.trainer", "pretrain": "dmuh.engine.pretrain", "load_run": "dmuh.engine.builder",
     # retrieval
     "load_encoder": "dmuh.retrieval.encoder", "encode_images": "dmuh.retrieval.encoder",
+    "build_index": "dmuh.retrieval.index", "open_index": "dmuh.retrieval.index", "SearchParams": "dmuh.retrieval.index",
     "SearchService": "dmuh.retrieval.service",
     # studies
     "evaluate_run": "dmuh.studies.evaluate", "compare": "dmuh.studies.compare",

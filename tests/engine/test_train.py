@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from dmuh.runs.config import PretrainConfig, TrainConfig
-from dmuh.errors import DmuhError
-from dmuh.methods import HashingMethod, base
 from dmuh.engine.pretrain import pretrain
-from dmuh.utils.registry import Entry
-from dmuh.runs.layout import load_checkpoint
 from dmuh.engine.runtime import learning_rate
 from dmuh.engine.trainer import train
+from dmuh.errors import DmuhError
+from dmuh.methods import HashingMethod, base
+from dmuh.runs.config import PretrainConfig, TrainConfig
+from dmuh.runs.layout import load_checkpoint
+from dmuh.utils.registry import Entry
 
 
 def digits_config(tmp_path, name="run", **overrides):
@@ -178,10 +178,10 @@ def test_a_loss_rising_three_epochs_in_a_row_warns_once():
 
 
 def test_the_default_start_warms_up_half_the_epochs_then_trains_the_backbone_ten_times_slower(tmp_path):
-    from dmuh.methods import create_method
-    from dmuh.models import create_model
     from dmuh.engine.pretrain import backbone_lr_scale_of, warmup_epochs_of
     from dmuh.engine.trainer import make_optimizer
+    from dmuh.methods import create_method
+    from dmuh.models import create_model
 
     assert warmup_epochs_of(TrainConfig(epochs=50)) == 25
     assert warmup_epochs_of(TrainConfig(epochs=1)) == 1

@@ -6,11 +6,11 @@ import warnings
 import pytest
 import torch
 
-from dmuh.runs.config import TrainConfig
 from dmuh.errors import DmuhError
 from dmuh.methods import StepInputs, available, create_method
 from dmuh.methods.csq import hadamard_matrix
 from dmuh.methods.greedyhash import SignStraightThrough
+from dmuh.runs.config import TrainConfig
 
 LABELS = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two items of different classes
 H = torch.tensor([[1.0, -0.5], [0.5, 0.5]])  # their outputs, 2 bits

@@ -11,7 +11,12 @@ import torch
 from dmuh.errors import DmuhError
 from dmuh.methods import StepInputs, create_method
 from dmuh.methods.components.discrete import (
-    bit_problem, bqp_objective, sampled_objective, sampled_similarity, solve_bqp, solve_sampled_codes,
+    bit_problem,
+    bqp_objective,
+    sampled_objective,
+    sampled_similarity,
+    solve_bqp,
+    solve_sampled_codes,
 )
 
 

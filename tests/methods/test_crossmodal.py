@@ -15,8 +15,8 @@ import torch
 from dmuh.cli import main
 from dmuh.data import Vocabulary, make_split, open_source
 from dmuh.data.synthetic_pairs import RELATED, tag_texts
-from dmuh.errors import DmuhError
 from dmuh.engine.builder import encode_part, encode_text_part, evaluate_cross_modal_map, load_run
+from dmuh.errors import DmuhError
 from dmuh.methods import StepInputs, create_method
 
 CLASSES = ["cat", "ship", "truck"]

@@ -12,7 +12,14 @@ import torch
 from dmuh.errors import DmuhError
 from dmuh.methods import create_method
 from dmuh.methods.fasth import (
-    PairObjective, block_energy, graphcut_block, infer_bit, label_blocks, quantile_edges, quantize, tree_layout,
+    PairObjective,
+    block_energy,
+    graphcut_block,
+    infer_bit,
+    label_blocks,
+    quantile_edges,
+    quantize,
+    tree_layout,
 )
 from dmuh.models.heads import TreesHead, create_head
 

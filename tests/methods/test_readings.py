@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from dmuh.runs.config import TrainConfig
-from dmuh.errors import DmuhError
 from dmuh.engine.builder import encode, evaluate_map, load_run, retrieval_network, training_uncertainty
+from dmuh.engine.trainer import train
+from dmuh.errors import DmuhError
 from dmuh.methods import StepInputs, create_method
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
+from dmuh.runs.config import TrainConfig
 from dmuh.runs.layout import LOG, read_log
-from dmuh.engine.trainer import train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,8 +119,8 @@ def test_retrieval_codes_from_the_momentum_copy(momentum_retrieval_run):
     exp = load_run(momentum_retrieval_run)
     assert retrieval_network(exp) is exp.momentum.network
     inputs = exp.images[torch.from_numpy(exp.split.query[:20])]
-    from_momentum = encode(exp.momentum.network, exp.method, inputs, exp.pipeline, exp.config, exp.device)
-    from_hashing = encode(exp.model, exp.method, inputs, exp.pipeline, exp.config, exp.device)
+    from_momentum = encode(exp.momentum.network, exp.method, inputs, exp.pipeline, exp.execution)
+    from_hashing = encode(exp.model, exp.method, inputs, exp.pipeline, exp.execution)
     assert not torch.allclose(from_momentum, from_hashing)
     from dmuh.retrieval.encoder import encode_arrays, load_encoder
 

@@ -11,11 +11,16 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from dmuh.metrics import ranking as metrics
 from dmuh.codes.binary import pack_bits
 from dmuh.errors import DmuhError
+from dmuh.metrics import ranking as metrics
 from dmuh.metrics.ranking import (
-    HammingRanking, mean_average_precision, pr_curve, precision_at_k, precision_within_radius, recall_at_k,
+    HammingRanking,
+    mean_average_precision,
+    pr_curve,
+    precision_at_k,
+    precision_within_radius,
+    recall_at_k,
     retrieval_report,
 )
 

@@ -14,15 +14,14 @@ import torch
 
 from dmuh.cli import main
 from dmuh.codes.file import Codes
-from dmuh.models.decoder import FeatureDecoder
 from dmuh.errors import DmuhError
 from dmuh.metrics.ranking import neighbour_recall, true_neighbours
+from dmuh.models.decoder import FeatureDecoder
 
 faiss = pytest.importorskip("faiss")
 
 from dmuh.retrieval.index import build_index, open_index  # noqa: E402
 from dmuh.retrieval.index.file import read_index_file, write_index_file  # noqa: E402
-
 
 # -- true_neighbours / neighbour_recall ------------------------------------------------------------
 

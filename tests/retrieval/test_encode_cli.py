@@ -8,19 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from PIL import Image
 
-from dmuh.codes.binary import pack_bits, sign
-from dmuh.runs.config import TrainConfig
-from dmuh.data import DigitsSource
 from dmuh.cli import main
+from dmuh.codes.binary import pack_bits, sign
 from dmuh.codes.file import Codes
-from dmuh.retrieval.encoder import load_encoder
-from dmuh.errors import DmuhError
+from dmuh.data import DigitsSource
 from dmuh.engine.builder import encode
-from dmuh.retrieval.index import build_index, open_index
 from dmuh.engine.trainer import train
+from dmuh.errors import DmuhError
+from dmuh.retrieval.encoder import load_encoder
+from dmuh.retrieval.index import build_index, open_index
+from dmuh.runs.config import TrainConfig
 
 # The re-ranking study lives with the benchmark scripts, not in the library.
 _STUDY = importlib.util.spec_from_file_location(
@@ -106,7 +105,7 @@ def test_encode_gives_the_evaluation_codes_and_uncertainty(dmuh_run, digits_code
     from dmuh.studies.evaluate import load_run
 
     exp = load_run(dmuh_run)
-    h = encode(exp.model, exp.method, exp.images, exp.pipeline, exp.config, exp.device)
+    h = encode(exp.model, exp.method, exp.images, exp.pipeline, exp.execution)
     np.testing.assert_array_equal(codes.packed, pack_bits(sign(h).numpy()))
     exp.momentum.network.eval()
     with torch.no_grad():
@@ -319,7 +318,7 @@ def test_rerank_experiment_reports_every_ranking(dmuh_run, regu_run):
 
     exp = load_run(dmuh_run)
     labels = torch.from_numpy(np.asarray(exp.source.labels))
-    query, database = (encode(exp.model, exp.method, exp.images[torch.from_numpy(part)], exp.pipeline, exp.config, exp.device)
+    query, database = (encode(exp.model, exp.method, exp.images[torch.from_numpy(part)], exp.pipeline, exp.execution)
                        for part in (exp.split.query, exp.split.database))
     reference = mean_average_precision(sign(query), sign(database), labels[exp.split.query], labels[exp.split.database],
                                        topk=None, ties="index")

@@ -13,9 +13,9 @@ import pytest
 
 from dmuh.cli import main
 from dmuh.codes.file import MANIFEST, Codes, read_manifest
+from dmuh.engine.trainer import train
 from dmuh.runs.config import TrainConfig
 from dmuh.utils.io import file_sha256
-from dmuh.engine.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ shards of one process (test_encode_shards.py tests the shards themselves)."""
 import subprocess
 import sys
 
-from dmuh.codes.file import Codes
 from test_encode_shards import assert_same_codes, environment, one_file, run  # noqa: F401 - the fixtures
+
+from dmuh.codes.file import Codes
 
 
 def test_torchrun_two_cpu_processes_encode_the_same_shards(run, one_file, tmp_path):  # noqa: F811 - fixtures

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dmuh.runs.checkpoint import encode_state, file_kind, load_state, load_weights, save_state
 from dmuh.cli import main
-from dmuh.runs.config import TrainConfig
 from dmuh.errors import DmuhError
 from dmuh.models import create_model
+from dmuh.runs.checkpoint import encode_state, file_kind, load_state, load_weights, save_state
+from dmuh.runs.config import TrainConfig
 from dmuh.runs.layout import CHECKPOINT, CONFIG, LEGACY_CHECKPOINT, load_checkpoint, load_init
 
 

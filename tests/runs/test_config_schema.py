@@ -5,9 +5,9 @@ import math
 import pytest
 
 from dmuh.cli import main
+from dmuh.errors import DmuhError
 from dmuh.runs.config import PretrainConfig, TrainConfig
 from dmuh.utils.schema import help_line, parse_flag
-from dmuh.errors import DmuhError
 
 COMMON = ["--data", "digits", "--model", "smallcnn", "--model-param", "width=8",
           "--bits", "8", "--batch-size", "64", "--quiet"]
@@ -158,7 +158,6 @@ def test_resume_extending_a_finished_run_keeps_its_schedule(tmp_path, capsys):
 def test_config_yaml_stores_absolute_paths(tmp_path, monkeypatch, capsys):
     import numpy as np
     import yaml
-
     from sklearn.datasets import load_digits
 
     digits = load_digits()

@@ -15,13 +15,13 @@ import dmuh.engine.trainer as train_module
 from dmuh.cli import main
 from dmuh.codes.binary import pack_bits, sign
 from dmuh.codes.file import Codes
-from dmuh.runs.config import TrainConfig
-from dmuh.studies.evaluate import evaluate_run
 from dmuh.engine.builder import encode_part, evaluate_train_map, load_run, trained_model
-from dmuh.models import create_model
-from dmuh.runs.layout import CHECKPOINT, LOG, load_checkpoint, read_log
 from dmuh.engine.runtime import build_model
 from dmuh.engine.trainer import train
+from dmuh.models import create_model
+from dmuh.runs.config import TrainConfig
+from dmuh.runs.layout import CHECKPOINT, LOG, load_checkpoint, read_log
+from dmuh.studies.evaluate import evaluate_run
 
 SIZE = 64  # not 32, the default size of the free-size models (and larger: resizing to 32 would lose detail)
 # BatchNorm (conv blocks and hash_norm) and dropout (the fc head): everything finish_epoch could move.

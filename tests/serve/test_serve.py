@@ -7,7 +7,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import zipfile
@@ -19,11 +18,11 @@ import pytest
 from PIL import Image
 
 from dmuh.cli import main
-from dmuh.runs.config import TrainConfig
 from dmuh.data import DigitsSource
+from dmuh.engine.trainer import train
 from dmuh.errors import DmuhError
 from dmuh.retrieval.index import build_index, open_index
-from dmuh.engine.trainer import train
+from dmuh.runs.config import TrainConfig
 
 pytest.importorskip("faiss")
 pytest.importorskip("fastapi")

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from dmuh.cli import main
-from dmuh.runs.config import TrainConfig
 from dmuh.errors import DmuhError
+from dmuh.runs.config import TrainConfig
 from dmuh.runs.layout import LOG, read_log
 
 COMMON = ["--data", "digits", "--protocol", "digits", "--model", "smallcnn", "--model-param", "input_size=8",

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dmuh.engine import builder as experiment
 from dmuh.cli import main
 from dmuh.codes.binary import sign
-from dmuh.runs.config import TrainConfig
-from dmuh.studies.figures import TABLE_KS, bit_change, choose_bits, run_topk, topk_ks
-from dmuh.metrics.ranking import DEFAULT_TIES, precision_at_k
-from dmuh.runs.layout import read_log
+from dmuh.engine import builder as experiment
 from dmuh.engine.trainer import train
+from dmuh.metrics.ranking import DEFAULT_TIES, precision_at_k
+from dmuh.runs.config import TrainConfig
+from dmuh.runs.layout import read_log
+from dmuh.studies.figures import TABLE_KS, bit_change, choose_bits, run_topk, topk_ks
 
 
 @pytest.fixture(scope="module", autouse=True)

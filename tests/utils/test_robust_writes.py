@@ -18,8 +18,8 @@ import pytest
 
 from dmuh.cli import main
 from dmuh.errors import DmuhError
-from dmuh.utils.io import atomic_path, atomic_write_text, is_orphan, remove_orphans, temp_prefix
 from dmuh.runs.layout import EMPTY, read_log, write_log
+from dmuh.utils.io import atomic_path, atomic_write_text, is_orphan, remove_orphans, temp_prefix
 
 ENV = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
 
@@ -334,9 +334,9 @@ def test_resolve_cache_dir(monkeypatch, tmp_path):
 def test_decode_all_caches_image_files_by_default_not_in_memory_arrays(monkeypatch, tmp_path):
     from PIL import Image
 
-    from dmuh.runs.config import TrainConfig
     from dmuh.data import open_source
     from dmuh.engine.runtime import decode_all
+    from dmuh.runs.config import TrainConfig
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("DMUH_CACHE_DIR", str(cache))
@@ -369,17 +369,17 @@ class FakeTerminal:
 def test_progress_bars_only_for_large_steps_on_a_terminal_and_not_quiet(monkeypatch):
     import torch
 
-    from dmuh.utils import progress
-    from dmuh.runs.config import TrainConfig
+    from dmuh.engine.runtime import Execution, run_network
     from dmuh.metrics.ranking import HammingRanking
-    from dmuh.engine.runtime import run_network
+    from dmuh.runs.config import TrainConfig
+    from dmuh.utils import progress
 
     terminal = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     config = TrainConfig(eval_batch_size=1000)
 
     def encode(count):
-        return run_network(lambda x: x, torch.zeros(count, 4), lambda x: x, config, torch.device("cpu"))
+        return run_network(lambda x: x, torch.zeros(count, 4), lambda x: x, Execution.of(config, "cpu"))
 
     encode(100)
     assert "".join(terminal.text) == ""  # a few items: no bar
@@ -402,8 +402,8 @@ def test_progress_bars_only_for_large_steps_on_a_terminal_and_not_quiet(monkeypa
 def test_decoding_a_large_image_source_shows_a_bar(monkeypatch, tmp_path):
     from PIL import Image
 
-    from dmuh.utils import progress
     from dmuh.data import open_source
+    from dmuh.utils import progress
 
     for i in range(70):
         (tmp_path / str(i % 2)).mkdir(exist_ok=True)

@@ -406,7 +406,7 @@ def _encode_texts(args: argparse.Namespace, encoder) -> int:
         if value:
             raise DmuhError(f"{flag} applies to --images, not --texts")
     if args.batch_size:
-        encoder.config.eval_batch_size = args.batch_size
+        encoder = encoder.with_batch_size(args.batch_size)
     codes = encode_texts(encoder, args.texts)
     codes.save(args.out, overwrite=args.force)
     extra = ", labels" if codes.labels is not None else ""

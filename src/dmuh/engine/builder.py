@@ -22,6 +22,7 @@ from dmuh.data.noise import LabelNoise
 from dmuh.data.pipeline import InputPipeline
 from dmuh.data.protocols import Split
 from dmuh.engine.runtime import (
+    Execution,
     autocast,
     build_model,
     decode_all,
@@ -68,6 +69,11 @@ class Experiment:
     context: distributed.Context = distributed.SINGLE
     train_text: Optional[torch.Tensor] = None  # (num_train, V) on the device, for methods with Requirements.text
     label_noise: Optional[LabelNoise] = None  # the flips of --label-noise: train_labels holds the noisy labels
+
+    @property
+    def execution(self) -> Execution:
+        """How this experiment's networks run for inference (device, precision, layout, batch size)."""
+        return Execution.of(self.config, self.device)
 
     @property
     def requirements(self) -> Requirements:
@@ -232,15 +238,14 @@ def encode(
     method: HashingMethod,
     inputs: torch.Tensor,
     pipeline: InputPipeline,
-    config: TrainConfig,
-    device: torch.device,
+    execution: Execution,
 ) -> torch.Tensor:
     """Continuous codes (before sign) of `inputs`, float32 on CPU; networks in eval mode."""
     was_training = model.training
     model.eval()
     method.eval()  # methods with their own layers (e.g. OrthoHash's BatchNorm) encode in eval mode
     try:
-        return run_network(lambda x: method.continuous_codes(model(x).float()), inputs, pipeline, config, device)
+        return run_network(lambda x: method.continuous_codes(model(x).float()), inputs, pipeline, execution)
     finally:
         model.train(was_training)
         method.train(was_training)
@@ -256,7 +261,7 @@ def reference_features(exp: Experiment) -> torch.Tensor:
     was_training = exp.model.training
     exp.model.eval()
     try:
-        return run_network(exp.model.features, exp.train_inputs, exp.pipeline, exp.config, exp.device)
+        return run_network(exp.model.features, exp.train_inputs, exp.pipeline, exp.execution)
     finally:
         exp.model.train(was_training)
 
@@ -281,7 +286,7 @@ def encode_part(exp: Experiment, part: str, positions: Optional[np.ndarray] = No
     shards = np.array_split(np.arange(len(indices)), exp.context.world_size)
     mine = torch.from_numpy(indices[shards[exp.context.rank]])
     network = retrieval_network(exp)
-    codes = encode(network, exp.method, exp.images[mine], exp.pipeline, exp.config, exp.device)
+    codes = encode(network, exp.method, exp.images[mine], exp.pipeline, exp.execution)
     return distributed.all_gather_uneven(exp.context, codes.to(exp.device)).cpu()
 
 
@@ -291,15 +296,15 @@ def encode_text_part(exp: Experiment, part: str, positions: Optional[np.ndarray]
     indices = getattr(exp.split, part)
     if positions is not None:
         indices = indices[positions]
-    return encode_text_vectors(exp.method, torch.from_numpy(exp.source.text[indices]), exp.config, exp.device)
+    return encode_text_vectors(exp.method, torch.from_numpy(exp.source.text[indices]), exp.execution)
 
 
-def encode_text_vectors(method: HashingMethod, text: torch.Tensor, config: TrainConfig, device: torch.device) -> torch.Tensor:
+def encode_text_vectors(method: HashingMethod, text: torch.Tensor, execution: Execution) -> torch.Tensor:
     """Continuous codes of (n, V) text vectors by a cross-modal method's text network (eval mode)."""
     was_training = method.training
     method.eval()
     try:
-        return run_network(method.encode_text, text, InputPipeline(None, None, "none"), config, device, desc="encoding texts")
+        return run_network(method.encode_text, text, InputPipeline(None, None, "none"), execution, desc="encoding texts")
     finally:
         method.train(was_training)
 

@@ -138,23 +138,38 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, config: RunConfig, progr
     return lr
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How a network runs for inference: the device, bf16 autocast on CUDA (`amp`), channels_last on
+    CUDA and the batch size. A run's config gives the defaults (`Execution.of`); a caller changes a
+    copy (`dataclasses.replace`), never the validated config."""
+
+    device: torch.device
+    batch_size: int = 1024
+    amp: bool = True
+    channels_last: bool = True
+
+    @classmethod
+    def of(cls, config: RunConfig, device) -> "Execution":
+        return cls(torch.device(device), int(config.eval_batch_size), bool(config.amp), bool(config.channels_last))
+
+
 @torch.no_grad()
 def run_network(
     network,
     inputs: torch.Tensor,
     pipeline: InputPipeline,
-    config: RunConfig,
-    device: torch.device,
+    execution: Execution,
     desc: str = "encoding",
 ) -> torch.Tensor:
     """`network(x)` over `inputs` (uint8 images or features, any device) in batches; float32 on CPU.
     More than `dmuh.utils.progress.MIN_ITEMS` inputs show a progress bar (`desc`) on a terminal."""
     out = []
     with progress_bar(inputs.shape[0], desc, unit="item") as bar:
-        for start in range(0, inputs.shape[0], config.eval_batch_size):
-            batch = inputs[start : start + config.eval_batch_size].to(device, non_blocking=True)
-            x = memory_layout(pipeline(batch), config, device)
-            with autocast(config, device):
+        for start in range(0, inputs.shape[0], execution.batch_size):
+            batch = inputs[start : start + execution.batch_size].to(execution.device, non_blocking=True)
+            x = memory_layout(pipeline(batch), execution, execution.device)
+            with autocast(execution, execution.device):
                 out.append(network(x).float().cpu())
             bar.update(batch.shape[0])
     return torch.cat(out)

@@ -333,7 +333,7 @@ class Trainer:
         exp = self.exp
         started = time.perf_counter()
         exp.model.eval()
-        features = run_network(exp.model.features, exp.train_inputs, exp.pipeline, self.config, exp.device)
+        features = run_network(exp.model.features, exp.train_inputs, exp.pipeline, exp.execution)
         noted = len(exp.method.notes)
         fitted = fit(features, exp.train_labels.cpu())
         if self.main_process:

@@ -15,6 +15,7 @@ images share a batch. Reading image files is `dmuh.data.images`; the codes file 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -29,7 +30,7 @@ from dmuh.data.images import match_channels
 from dmuh.data.paired import Vocabulary
 from dmuh.data.pipeline import InputPipeline, images_to_tensor
 from dmuh.engine.builder import encode_text_vectors
-from dmuh.engine.runtime import resolve_device, run_network
+from dmuh.engine.runtime import Execution, resolve_device, run_network
 from dmuh.errors import DmuhError
 from dmuh.runs.layout import (
     VOCABULARY,
@@ -53,9 +54,17 @@ class Encoder:
     method: Any  # HashingMethod (continuous_codes)
     momentum_network: Any  # the momentum copy's network, or None (not a DMUH run)
     pipeline: InputPipeline
-    device: Any
+    execution: Execution  # device, precision, memory layout, batch size
     identity: Dict[str, Any]  # run, checkpoint_sha256, method, model, bits, epoch
     vocabulary: Any = None  # a cross-modal run's `Vocabulary` (vocabulary.json), when its data had words
+
+    @property
+    def device(self) -> torch.device:
+        return self.execution.device
+
+    def with_batch_size(self, batch_size: int) -> "Encoder":
+        """This encoder with `batch_size` images per forward pass (the run's config is left as it is)."""
+        return dataclasses.replace(self, execution=dataclasses.replace(self.execution, batch_size=int(batch_size)))
 
     @property
     def bits(self) -> int:
@@ -86,7 +95,7 @@ class Encoder:
             h = codes(self.model(x).float())
             return torch.cat([h, codes(self.momentum_network(x).float())], dim=1) if uncertainty else h
 
-        out = run_network(both, inputs, self.pipeline, self.config, self.device)
+        out = run_network(both, inputs, self.pipeline, self.execution)
         if not uncertainty:
             return out, None
         h, m = out[:, :self.bits], out[:, self.bits:]
@@ -115,7 +124,7 @@ class Encoder:
         if vectors.ndim != 2 or vectors.shape[1] != self.method.text_dim:
             raise DmuhError(f"text vectors of shape {vectors.shape}: the run's text network takes "
                             f"{self.method.text_dim} columns")
-        h = encode_text_vectors(self.method, torch.from_numpy(vectors), self.config, self.device)
+        h = encode_text_vectors(self.method, torch.from_numpy(vectors), self.execution)
         return pack_bits(sign(h).numpy())
 
     def features(self, inputs) -> np.ndarray:
@@ -123,7 +132,7 @@ class Encoder:
         backbone's features of the images (the reference representation of label-free methods)."""
         if self.channels is None:
             return inputs.float().numpy()
-        return run_network(self.model.features, inputs, self.pipeline, self.config, self.device).numpy()
+        return run_network(self.model.features, inputs, self.pipeline, self.execution).numpy()
 
 
 def load_encoder(run, device: str = "cpu") -> Encoder:
@@ -149,7 +158,8 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
     if needs.text and (run_dir / VOCABULARY).is_file():
 
         vocabulary = Vocabulary.load(run_dir / VOCABULARY)
-    return Encoder(run_dir, config, model, method, momentum_network, pipeline, device, identity, vocabulary)
+    return Encoder(run_dir, config, model, method, momentum_network, pipeline, Execution.of(config, device), identity,
+                   vocabulary)
 
 
 def collection_encoder(run, device: str = "cpu", uncertainty: bool = False,
@@ -161,9 +171,7 @@ def collection_encoder(run, device: str = "cpu", uncertainty: bool = False,
     if uncertainty and encoder.momentum_network is None:
         raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
                         f"{encoder.config.method!r}")
-    if batch_size:
-        encoder.config.eval_batch_size = batch_size
-    return encoder
+    return encoder.with_batch_size(batch_size) if batch_size else encoder
 
 
 def encode_arrays(encoder: Encoder, images: np.ndarray, uncertainty: bool = False):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dmuh.codes.binary import sign
+
 # The checks' home before params; methods still import them from here.
 from dmuh.methods.components.params import check_choice, check_count, check_number  # noqa: F401
 
