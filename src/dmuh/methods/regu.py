@@ -14,13 +14,5 @@ from dmuh.methods.components.dpsh import NORMALISATIONS, PairwiseQuantizationMet
 @register_method("regu", display_name="Regu")
 @register_method("dpsh", display_name="DPSH")
 class Regu(PairwiseQuantizationMethod):
-    """L = [sum_ij (log(1 + e^Theta_ij) - S_ij Theta_ij) + beta * sum_i ||h_i - b_i||^2] / (n B).
-
-    Theta_ij = h_i^T h_j / 2 over the B batch items i and the memory items j seen so far (an
-    unseen item has no code yet: DPSH's zero entry adds a constant and no gradient). Dividing
-    every term by n B is DPSH's official normalisation, the one its lambda = 50 (the paper's
-    beta = 50) was tuned with: the likelihood is a mean over pairs, and the quantisation sum over
-    bits is weighted beta / n per item. `normalisation="batch"` instead makes every term a mean
-    over its own entries (pairs of the batch with seen items; batch items x bits). `output="tanh"`
-    bounds h to (-1, 1) (our default, see docs/method.md); "linear" is DPSH's unbounded output.
-    """
+    """DPSH (Li et al., IJCAI 2016), the paper's Regu baseline: the pairwise likelihood with a quantisation
+    term over a memory of training codes, as `PairwiseQuantizationMethod` defines it, at its defaults."""
