@@ -67,13 +67,36 @@ DEFAULT_TIMEOUT = 300.0
 
 # The tiny training recipe every training case starts from: digits, 5 query + 20 train items per
 # class, a width-8 smallcnn, 8 bits, 1 epoch (a few seconds of CPU).
-TINY_FLAGS = {"data": "digits", "protocol": "per-class", "model": "smallcnn", "bits": "8", "epochs": "1",
-              "batch_size": "50", "method": "dmuh", "trace_items": "4", "train_map_items": "50", "cache_dir": "off", "init": "scratch"}
+TINY_FLAGS = {
+    "data": "digits",
+    "protocol": "per-class",
+    "model": "smallcnn",
+    "bits": "8",
+    "epochs": "1",
+    "batch_size": "50",
+    "method": "dmuh",
+    "trace_items": "4",
+    "train_map_items": "50",
+    "cache_dir": "off",
+    "init": "scratch",
+}
 TINY_MODEL = {"input_size": "8", "width": "8"}
 TINY_PROTOCOL = {"query_per_class": "5", "train_per_class": "20"}
-TINY_YAML = {"data": "digits", "protocol": "per-class", "protocol_params": {"query_per_class": 5, "train_per_class": 20},
-             "model": "smallcnn", "model_params": {"input_size": 8, "width": 8}, "bits": 8, "epochs": 1,
-             "batch_size": 50, "method": "dmuh", "trace_items": 4, "train_map_items": 50, "cache_dir": "off", "init": "scratch"}
+TINY_YAML = {
+    "data": "digits",
+    "protocol": "per-class",
+    "protocol_params": {"query_per_class": 5, "train_per_class": 20},
+    "model": "smallcnn",
+    "model_params": {"input_size": 8, "width": 8},
+    "bits": 8,
+    "epochs": 1,
+    "batch_size": 50,
+    "method": "dmuh",
+    "trace_items": 4,
+    "train_map_items": 50,
+    "cache_dir": "off",
+    "init": "scratch",
+}
 SMALL_PROTOCOL = {"query_per_class": "2", "train_per_class": "4"}  # for the 6-per-class image fixtures
 
 
@@ -82,7 +105,8 @@ SMALL_PROTOCOL = {"query_per_class": "2", "train_per_class": "4"}  # for the 6-p
 
 
 # Cases run only with --all (the default audit stays within about 10-15 minutes on 2 cores).
-EXTENDED = frozenset("""
+EXTENDED = frozenset(
+    """
 train/batch-size-negative train/batch-size-float train/batch-size-absurd train/batch-size-text train/eval-batch-size-negative
 train/lr-inf train/lr-0 train/lr-text train/lr-end-nan train/lr-end-negative train/lr-schedule-epochs-0 train/weight-decay-nan
 train/weight-decay-absurd train/momentum-negative train/momentum-1 train/momentum-nan train/epochs-negative train/epochs-absurd
@@ -136,7 +160,8 @@ yaml/valid-tiny data/features-missing data/image-truncated data/list-label-width
 resume/no-run security/init-pretrain-dir-with-pickle encode/no-run index/build-kind-unknown index/info-flip-10 search/tau-0
 search/queries-list-empty export-onnx/opset-0 evaluate/ties-unknown figure/topk-no-run figure/topk-points-1
 overwrite/figure-curves-png overwrite/compare-out-is-a-file
-""".split())
+""".split()
+)
 
 
 class Ctx:
@@ -192,8 +217,15 @@ def _dashed(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def tiny(*extra: str, cmd: str = "train", out: Optional[str] = "out", mp: Optional[Dict] = None,
-         pp: Optional[Dict] = None, drop: Sequence[str] = (), **flags) -> List[str]:
+def tiny(
+    *extra: str,
+    cmd: str = "train",
+    out: Optional[str] = "out",
+    mp: Optional[Dict] = None,
+    pp: Optional[Dict] = None,
+    drop: Sequence[str] = (),
+    **flags,
+) -> List[str]:
     """`dmuh CMD` with the tiny recipe; flags=value overrides (None drops), mp / pp update the
     --model-param / --protocol-param sets (a value of None drops the key; a --protocol other than
     per-class drops the tiny per-class parameters unless pp is given)."""
@@ -356,7 +388,9 @@ class OpensMarker:
         return (open, (self.path, "w"))
 
 
-def evil_pickle(rel: str, kind: str = "pickle", wrap: Callable[[object], object] = lambda evil: {"model": evil}) -> Step:
+def evil_pickle(
+    rel: str, kind: str = "pickle", wrap: Callable[[object], object] = lambda evil: {"model": evil}
+) -> Step:
     """A pickle that creates ctx.marker when unpickled: plain pickle, or torch.save's zip format."""
 
     def step(ctx: Ctx) -> None:
@@ -419,8 +453,14 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def image_folder(rel: str, classes: int = 10, per_class: int = 6, empty: Sequence[str] = (),
-                 bad: Optional[Dict[str, bytes]] = None, sizes: Optional[Dict[int, int]] = None) -> Step:
+def image_folder(
+    rel: str,
+    classes: int = 10,
+    per_class: int = 6,
+    empty: Sequence[str] = (),
+    bad: Optional[Dict[str, bytes]] = None,
+    sizes: Optional[Dict[int, int]] = None,
+) -> Step:
     """rel/<class>/<i>.png from the digits (8x8 grayscale); `empty` class folders with no image,
     `bad` {relative path: bytes} written as is, `sizes` {item number: edge} resized images."""
 
@@ -465,8 +505,15 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
-def idx_folder(rel: str, *, train_labels=None, test_labels=None, truncate_images: Optional[int] = None,
-               magic: Optional[bytes] = None, label_count: Optional[int] = None) -> Step:
+def idx_folder(
+    rel: str,
+    *,
+    train_labels=None,
+    test_labels=None,
+    truncate_images: Optional[int] = None,
+    magic: Optional[bytes] = None,
+    label_count: Optional[int] = None,
+) -> Step:
     """rel/train-*-idx?-ubyte (300 digits) and rel/t10k-* (100 digits), then the damage asked for."""
 
     def step(ctx: Ctx) -> None:
@@ -490,8 +537,14 @@ def idx_folder(rel: str, *, train_labels=None, test_labels=None, truncate_images
     return step
 
 
-def list_setup(lines: Callable[[Ctx], List[str]], list_rel: str = "root/list.txt", encoding: str = "utf-8",
-               images: str = "outside", classes: int = 2, per_class: int = 8) -> Step:
+def list_setup(
+    lines: Callable[[Ctx], List[str]],
+    list_rel: str = "root/list.txt",
+    encoding: str = "utf-8",
+    images: str = "outside",
+    classes: int = 2,
+    per_class: int = 8,
+) -> Step:
     """PNGs in <images>/c<C>_<i>.png (next to root/), and a list file of `lines(ctx)`."""
 
     def step(ctx: Ctx) -> None:
@@ -603,6 +656,7 @@ def eval_json(rel: str) -> Callable[[Ctx], Optional[str]]:
 def search_json(k: int, queries: Optional[int] = None, order: str = "distance") -> Callable[[Ctx], Optional[str]]:
     """The --json report: `queries` queries, 1..k results each, ranked by `order` (re-ranked
     results by weighted_distance), no negative Hamming distance."""
+
     def check(ctx: Ctx) -> Optional[str]:
         try:
             report = json.loads(ctx.stdout)
@@ -664,38 +718,70 @@ def define_cases() -> None:
 def define_flag_cases() -> None:
     F = "flags"
     bad_train = {
-        "batch-size-0": dict(batch_size="0"), "batch-size-negative": dict(batch_size="-5"),
-        "batch-size-text": dict(batch_size="abc"), "batch-size-float": dict(batch_size="1.5"),
+        "batch-size-0": dict(batch_size="0"),
+        "batch-size-negative": dict(batch_size="-5"),
+        "batch-size-text": dict(batch_size="abc"),
+        "batch-size-float": dict(batch_size="1.5"),
         "batch-size-absurd": dict(batch_size="1e12"),
-        "eval-batch-size-0": dict(eval_batch_size="0"), "eval-batch-size-negative": dict(eval_batch_size="-1"),
-        "lr-negative": dict(lr="-0.05"), "lr-nan": dict(lr="nan"), "lr-inf": dict(lr="inf"), "lr-1e9": dict(lr="1e9"),
-        "lr-0": dict(lr="0"), "lr-text": dict(lr="fast"), "lr-end-negative": dict(lr_end="-1"),
-        "lr-end-above-lr": dict(lr="0.05", lr_end="1"), "lr-end-nan": dict(lr_end="nan"),
+        "eval-batch-size-0": dict(eval_batch_size="0"),
+        "eval-batch-size-negative": dict(eval_batch_size="-1"),
+        "lr-negative": dict(lr="-0.05"),
+        "lr-nan": dict(lr="nan"),
+        "lr-inf": dict(lr="inf"),
+        "lr-1e9": dict(lr="1e9"),
+        "lr-0": dict(lr="0"),
+        "lr-text": dict(lr="fast"),
+        "lr-end-negative": dict(lr_end="-1"),
+        "lr-end-above-lr": dict(lr="0.05", lr_end="1"),
+        "lr-end-nan": dict(lr_end="nan"),
         "lr-schedule-epochs-0": dict(lr_schedule_epochs="0"),
-        "weight-decay-negative": dict(weight_decay="-1"), "weight-decay-nan": dict(weight_decay="nan"),
+        "weight-decay-negative": dict(weight_decay="-1"),
+        "weight-decay-nan": dict(weight_decay="nan"),
         "weight-decay-absurd": dict(weight_decay="1e6"),
-        "momentum-2": dict(momentum="2"), "momentum-negative": dict(momentum="-0.1"), "momentum-1": dict(momentum="1"),
+        "momentum-2": dict(momentum="2"),
+        "momentum-negative": dict(momentum="-0.1"),
+        "momentum-1": dict(momentum="1"),
         "momentum-nan": dict(momentum="nan"),
         "warmup-epochs-negative": dict(warmup_epochs="-1"),
-        "epochs-0": dict(epochs="0"), "epochs-negative": dict(epochs="-1"), "epochs-float": dict(epochs="2.5"),
+        "epochs-0": dict(epochs="0"),
+        "epochs-negative": dict(epochs="-1"),
+        "epochs-float": dict(epochs="2.5"),
         "epochs-absurd": dict(epochs="1000000"),
-        "bits-0": dict(bits="0"), "bits-100000": dict(bits="100000"), "bits-negative": dict(bits="-8"),
+        "bits-0": dict(bits="0"),
+        "bits-100000": dict(bits="100000"),
+        "bits-negative": dict(bits="-8"),
         "bits-float": dict(bits="8.0"),
-        "amp-maybe": dict(amp="maybe"), "compile-maybe": dict(compile="maybe"), "channels-last-2": dict(channels_last="2"),
+        "amp-maybe": dict(amp="maybe"),
+        "compile-maybe": dict(compile="maybe"),
+        "channels-last-2": dict(channels_last="2"),
         "allow-outside-root-maybe": dict(allow_outside_root="maybe"),
-        "image-size-0": dict(image_size="0"), "image-size-3": dict(image_size="3"),
-        "image-size-100000": dict(image_size="100000"), "image-size-text": dict(image_size="big"),
+        "image-size-0": dict(image_size="0"),
+        "image-size-3": dict(image_size="3"),
+        "image-size-100000": dict(image_size="100000"),
+        "image-size-text": dict(image_size="big"),
         "hash-norm-unknown": dict(hash_norm="layernorm"),
-        "protocol-unknown": dict(protocol="nosuch"), "protocol-cifar10-on-digits": dict(protocol="cifar10"),
-        "split-seed-negative": dict(split_seed="-1"), "seed-negative": dict(seed="-1"), "seed-text": dict(seed="abc"),
-        "model-unknown": dict(model="nosuchnet"), "method-unknown": dict(method="nosuch"),
-        "optimizer-unknown": dict(optimizer="adam"), "augment-unknown": dict(augment="rotate"),
-        "device-gpu": dict(device="gpu"), "device-cuda-99": dict(device="cuda:99"),
-        "grad-clip-0": dict(grad_clip="0"), "grad-clip-negative": dict(grad_clip="-1"), "grad-clip-nan": dict(grad_clip="nan"),
-        "eval-every-minus-2": dict(eval_every="-2"), "trace-items-negative": dict(trace_items="-1"),
-        "checkpoint-every-0": dict(checkpoint_every="0"), "train-map-items-negative": dict(train_map_items="-1"),
-        "backbone-lr-scale-negative": dict(backbone_lr_scale="-1"), "backbone-lr-scale-nan": dict(backbone_lr_scale="nan"),
-        "init-missing": dict(init="no/such/pretrain-run"), "pretrained-missing": dict(pretrained="missing.pth"),
+        "protocol-unknown": dict(protocol="nosuch"),
+        "protocol-cifar10-on-digits": dict(protocol="cifar10"),
+        "split-seed-negative": dict(split_seed="-1"),
+        "seed-negative": dict(seed="-1"),
+        "seed-text": dict(seed="abc"),
+        "model-unknown": dict(model="nosuchnet"),
+        "method-unknown": dict(method="nosuch"),
+        "optimizer-unknown": dict(optimizer="adam"),
+        "augment-unknown": dict(augment="rotate"),
+        "device-gpu": dict(device="gpu"),
+        "device-cuda-99": dict(device="cuda:99"),
+        "grad-clip-0": dict(grad_clip="0"),
+        "grad-clip-negative": dict(grad_clip="-1"),
+        "grad-clip-nan": dict(grad_clip="nan"),
+        "eval-every-minus-2": dict(eval_every="-2"),
+        "trace-items-negative": dict(trace_items="-1"),
+        "checkpoint-every-0": dict(checkpoint_every="0"),
+        "train-map-items-negative": dict(train_map_items="-1"),
+        "backbone-lr-scale-negative": dict(backbone_lr_scale="-1"),
+        "backbone-lr-scale-nan": dict(backbone_lr_scale="nan"),
+        "init-missing": dict(init="no/such/pretrain-run"),
+        "pretrained-missing": dict(pretrained="missing.pth"),
     }
     for name, flags in bad_train.items():
         case(f"train/{name}", F, tiny(**flags))
@@ -719,17 +805,28 @@ def define_flag_cases() -> None:
     # accepted values: must train
     case("train/image-size-8", F, tiny(image_size="8"), expect="ok", check=trained())
     case("train/hash-norm-none", F, tiny(hash_norm="none"), expect="ok", check=trained())
-    case("train/protocol-per-class-folder", F, tiny(data="imgs", pp=SMALL_PROTOCOL), expect="ok",
-         setup=copy_fx("imgs"), check=trained())
+    case(
+        "train/protocol-per-class-folder",
+        F,
+        tiny(data="imgs", pp=SMALL_PROTOCOL),
+        expect="ok",
+        setup=copy_fx("imgs"),
+        check=trained(),
+    )
     case("train/data-root-with-digits", F, tiny(data_root="no/such/root"), expect="either", check=trained())
     case("train/lr-10-max", F, tiny(lr="10", lr_end="0"), expect="either", check=trained())
 
     P = "flags-pretrain"
-    for name, flags in {"epochs-0": dict(epochs="0"), "objective-unknown": dict(objective="byol"),
-                        "unlabeled-batch-size-1": dict(unlabeled_batch_size="1"),
-                        "temperature-0": dict(temperature="0"), "temperature-nan": dict(temperature="nan"),
-                        "projection-dim-0": dict(projection_dim="0"), "lr-nan": dict(lr="nan"),
-                        "batch-size-0": dict(batch_size="0")}.items():
+    for name, flags in {
+        "epochs-0": dict(epochs="0"),
+        "objective-unknown": dict(objective="byol"),
+        "unlabeled-batch-size-1": dict(unlabeled_batch_size="1"),
+        "temperature-0": dict(temperature="0"),
+        "temperature-nan": dict(temperature="nan"),
+        "projection-dim-0": dict(projection_dim="0"),
+        "lr-nan": dict(lr="nan"),
+        "batch-size-0": dict(batch_size="0"),
+    }.items():
         case(f"pretrain/{name}", P, pretrain(**flags))
     case("pretrain/ok", P, pretrain(), expect="ok", check=made("out/backbone.safetensors"))
 
@@ -790,42 +887,96 @@ def define_yaml_cases() -> None:
     case("yaml/not-utf8", Y, run, setup=write("cfg.yaml", "data: digits\nout: caf\xe9\n".encode("latin-1")))
     case("yaml/missing-file", Y, run)
     case("yaml/is-a-directory", Y, run, setup=mkdir("cfg.yaml"))
-    case("yaml/empty-file-with-flags", Y, tiny("--config", "cfg.yaml"), expect="ok", setup=write("cfg.yaml", ""),
-         check=trained())
+    case(
+        "yaml/empty-file-with-flags",
+        Y,
+        tiny("--config", "cfg.yaml"),
+        expect="ok",
+        setup=write("cfg.yaml", ""),
+        check=trained(),
+    )
     case("yaml/valid-tiny", Y, run, expect="ok", setup=yaml_config(), check=trained())
-    case("yaml/flag-overrides-bad-field", Y, run + ["--epochs", "1"], expect="either",
-         setup=yaml_config(raw="epochs: 1.5\n", drop=("epochs",)), check=trained())
-    case("pretrain/yaml-unknown-key", Y, ["pretrain", "--config", "cfg.yaml", "--out", "out", "--quiet"],
-         setup=yaml_config(raw="objective: ce\nnosuch_key: 1\n", drop=("method", "trace_items", "train_map_items", "init")))
-    case("compare/yaml-garbage", Y, ["compare", "--config", "cfg.yaml", "--methods", "dmuh", "--bits", "8", "--out", "out"],
-         setup=write("cfg.yaml", b"\x00\x01\x02garbage\xff\xfe"))
+    case(
+        "yaml/flag-overrides-bad-field",
+        Y,
+        run + ["--epochs", "1"],
+        expect="either",
+        setup=yaml_config(raw="epochs: 1.5\n", drop=("epochs",)),
+        check=trained(),
+    )
+    case(
+        "pretrain/yaml-unknown-key",
+        Y,
+        ["pretrain", "--config", "cfg.yaml", "--out", "out", "--quiet"],
+        setup=yaml_config(
+            raw="objective: ce\nnosuch_key: 1\n", drop=("method", "trace_items", "train_map_items", "init")
+        ),
+    )
+    case(
+        "compare/yaml-garbage",
+        Y,
+        ["compare", "--config", "cfg.yaml", "--methods", "dmuh", "--bits", "8", "--out", "out"],
+        setup=write("cfg.yaml", b"\x00\x01\x02garbage\xff\xfe"),
+    )
 
 
 def define_data_cases() -> None:
     D = "data"
     small = SMALL_PROTOCOL
-    for name, spec in {"missing-path": "no/such/folder", "features-missing": "features:missing.npz",
-                       "idx-missing": "idx:no/such", "list-missing": "list:missing.txt",
-                       "cifar-batches-missing": "cifar-batches:no/such", "unknown-scheme": "hdf5:data.h5"}.items():
+    for name, spec in {
+        "missing-path": "no/such/folder",
+        "features-missing": "features:missing.npz",
+        "idx-missing": "idx:no/such",
+        "list-missing": "list:missing.txt",
+        "cifar-batches-missing": "cifar-batches:no/such",
+        "unknown-scheme": "hdf5:data.h5",
+    }.items():
         case(f"data/{name}", D, tiny(data=spec))
     case("data/plain-file", D, tiny(data="notes.md"), setup=write("notes.md", "# not data\n"))
     # image folders and zips
     case("data/empty-class-folder", D, tiny(data="imgs", pp=small), setup=image_folder("imgs", empty=["c_empty"]))
-    case("data/folder-without-images", D, tiny(data="imgs", pp=small),
-         setup=[mkdir("imgs/a"), mkdir("imgs/b"), write("imgs/a/readme.txt", "x")])
+    case(
+        "data/folder-without-images",
+        D,
+        tiny(data="imgs", pp=small),
+        setup=[mkdir("imgs/a"), mkdir("imgs/b"), write("imgs/a/readme.txt", "x")],
+    )
     case("data/not-a-zip", D, tiny(data="images.zip", pp=small), setup=write("images.zip", "this is not a zip\n" * 20))
-    case("data/zip-truncated", D, tiny(data="images.zip", pp=small),
-         setup=[image_folder("imgs"), zip_folder("imgs", "images.zip"), delete("imgs"), truncate("images.zip", 0.5)])
-    case("data/zip-member-corrupt", D, tiny(data="images.zip", pp=small),
-         setup=[image_folder("imgs"), zip_folder("imgs", "images.zip"), delete("imgs"), flip("images.zip", 200)])
-    case("data/zip-valid", D, tiny(data="images.zip", pp=small), expect="ok",
-         setup=[image_folder("imgs"), zip_folder("imgs", "images.zip"), delete("imgs")], check=trained())
-    case("data/image-garbage-bytes", D, tiny(data="imgs", pp=small),
-         setup=image_folder("imgs", bad={"c0/bad.png": b"\x89PNG\r\n\x1a\n" + b"garbage" * 20}))
+    case(
+        "data/zip-truncated",
+        D,
+        tiny(data="images.zip", pp=small),
+        setup=[image_folder("imgs"), zip_folder("imgs", "images.zip"), delete("imgs"), truncate("images.zip", 0.5)],
+    )
+    case(
+        "data/zip-member-corrupt",
+        D,
+        tiny(data="images.zip", pp=small),
+        setup=[image_folder("imgs"), zip_folder("imgs", "images.zip"), delete("imgs"), flip("images.zip", 200)],
+    )
+    case(
+        "data/zip-valid",
+        D,
+        tiny(data="images.zip", pp=small),
+        expect="ok",
+        setup=[image_folder("imgs"), zip_folder("imgs", "images.zip"), delete("imgs")],
+        check=trained(),
+    )
+    case(
+        "data/image-garbage-bytes",
+        D,
+        tiny(data="imgs", pp=small),
+        setup=image_folder("imgs", bad={"c0/bad.png": b"\x89PNG\r\n\x1a\n" + b"garbage" * 20}),
+    )
     case("data/image-zero-bytes", D, tiny(data="imgs", pp=small), setup=image_folder("imgs", bad={"c1/empty.png": b""}))
-    case("data/image-truncated", D, tiny(data="imgs", pp=small),
-         setup=[image_folder("imgs"), truncate("imgs/c2/0.png", 0.5)])
+    case(
+        "data/image-truncated",
+        D,
+        tiny(data="imgs", pp=small),
+        setup=[image_folder("imgs"), truncate("imgs/c2/0.png", 0.5)],
+    )
     case("data/image-sizes-mixed", D, tiny(data="imgs", pp=small), setup=image_folder("imgs", sizes={3: 12}))
+
     # features .npz
     def nan_row(arrays):
         arrays["features"][7, 3] = np.nan
@@ -849,8 +1000,15 @@ def define_data_cases() -> None:
         arrays["features"] = arrays["features"].astype(str)
 
     mlp = dict(data="features:f.npz", model="mlp", mp={"input_size": None, "width": None, "hidden": "[16]"})
-    for name, edit in {"nan-row": nan_row, "inf-row": inf_row, "no-labels": drop_labels, "labels-too-few": short_labels,
-                       "negative-label": negative_label, "1d-features": one_dim, "text-features": text_features}.items():
+    for name, edit in {
+        "nan-row": nan_row,
+        "inf-row": inf_row,
+        "no-labels": drop_labels,
+        "labels-too-few": short_labels,
+        "negative-label": negative_label,
+        "1d-features": one_dim,
+        "text-features": text_features,
+    }.items():
         case(f"data/features-{name}", D, tiny(**mlp), setup=features_npz("f.npz", edit))
     case("data/features-truncated", D, tiny(**mlp), setup=[features_npz("f.npz"), truncate("f.npz", 0.6)])
     case("data/features-not-npz", D, tiny(**mlp), setup=write("f.npz", "features,labels\n1,2\n"))
@@ -874,43 +1032,103 @@ def define_data_cases() -> None:
     absolute = listed(lambda ctx: str(ctx.p("outside")))
     case("data/list-escapes-root", D, tiny(**lst), setup=list_setup(up))
     case("data/list-absolute-elsewhere", D, tiny(**lst), setup=list_setup(absolute))
-    case("data/list-escapes-root-allowed", D, tiny(allow_outside_root="true", **lst), expect="ok",
-         setup=list_setup(up), check=trained())
-    case("data/list-absolute-allowed", D, tiny(allow_outside_root="true", **lst), expect="ok",
-         setup=list_setup(absolute), check=trained())
-    case("data/list-allowed-but-missing-files", D, tiny(allow_outside_root="true", **lst),
-         setup=[list_setup(up), delete("outside")])
-    case("data/list-etc-passwd", D, tiny(**lst),
-         setup=list_setup(lambda ctx: ["/etc/passwd 1 0"] + listed(lambda c: "../outside")(ctx)[1:]))
+    case(
+        "data/list-escapes-root-allowed",
+        D,
+        tiny(allow_outside_root="true", **lst),
+        expect="ok",
+        setup=list_setup(up),
+        check=trained(),
+    )
+    case(
+        "data/list-absolute-allowed",
+        D,
+        tiny(allow_outside_root="true", **lst),
+        expect="ok",
+        setup=list_setup(absolute),
+        check=trained(),
+    )
+    case(
+        "data/list-allowed-but-missing-files",
+        D,
+        tiny(allow_outside_root="true", **lst),
+        setup=[list_setup(up), delete("outside")],
+    )
+    case(
+        "data/list-etc-passwd",
+        D,
+        tiny(**lst),
+        setup=list_setup(lambda ctx: ["/etc/passwd 1 0"] + listed(lambda c: "../outside")(ctx)[1:]),
+    )
     inside = listed(lambda ctx: "imgs")
     lst_in = lst
-    case("data/list-not-utf8", D, tiny(**lst_in),
-         setup=list_setup(lambda ctx: ["imgs/caf\xe9.png 1 0"] + inside(ctx)[1:], images="root/imgs", encoding="latin-1"))
-    case("data/list-label-width", D, tiny(**lst_in),
-         setup=list_setup(lambda ctx: inside(ctx)[:-1] + ["imgs/c1_7.png 0 1 0"], images="root/imgs"))
-    case("data/list-label-not-binary", D, tiny(**lst_in),
-         setup=list_setup(lambda ctx: inside(ctx)[:-1] + ["imgs/c1_7.png 0 7"], images="root/imgs"))
+    case(
+        "data/list-not-utf8",
+        D,
+        tiny(**lst_in),
+        setup=list_setup(
+            lambda ctx: ["imgs/caf\xe9.png 1 0"] + inside(ctx)[1:], images="root/imgs", encoding="latin-1"
+        ),
+    )
+    case(
+        "data/list-label-width",
+        D,
+        tiny(**lst_in),
+        setup=list_setup(lambda ctx: inside(ctx)[:-1] + ["imgs/c1_7.png 0 1 0"], images="root/imgs"),
+    )
+    case(
+        "data/list-label-not-binary",
+        D,
+        tiny(**lst_in),
+        setup=list_setup(lambda ctx: inside(ctx)[:-1] + ["imgs/c1_7.png 0 7"], images="root/imgs"),
+    )
     case("data/list-empty", D, tiny(**lst_in), setup=list_setup(lambda ctx: [""], images="root/imgs"))
-    case("data/list-missing-image", D, tiny(**lst_in),
-         setup=list_setup(lambda ctx: inside(ctx) + ["imgs/nosuch.png 1 0"], images="root/imgs"))
-    case("data/list-valid", D, tiny(**lst_in), expect="ok", setup=list_setup(inside, images="root/imgs"),
-         check=trained())
-    case("data/list-data-root-missing", D, tiny(**{**lst_in, "data_root": "no/such/root"}),
-         setup=list_setup(inside, images="root/imgs"))
+    case(
+        "data/list-missing-image",
+        D,
+        tiny(**lst_in),
+        setup=list_setup(lambda ctx: inside(ctx) + ["imgs/nosuch.png 1 0"], images="root/imgs"),
+    )
+    case(
+        "data/list-valid", D, tiny(**lst_in), expect="ok", setup=list_setup(inside, images="root/imgs"), check=trained()
+    )
+    case(
+        "data/list-data-root-missing",
+        D,
+        tiny(**{**lst_in, "data_root": "no/such/root"}),
+        setup=list_setup(inside, images="root/imgs"),
+    )
     # CIFAR batches
-    case("data/cifar-garbage-batch", D, tiny(data="cifar-batches:cifar", pp=small),
-         setup=[write("cifar/data_batch_1", b"garbage" * 100), write("cifar/test_batch", b"garbage" * 100)])
-    case("data/cifar-wrong-shape", D, tiny(data="cifar-batches:cifar", pp=small),
-         setup=[write("cifar/data_batch_1", pickle.dumps({b"data": np.zeros((10, 5), np.uint8), b"labels": [0] * 10})),
-                write("cifar/test_batch", pickle.dumps({b"data": np.zeros((10, 5), np.uint8), b"labels": [0] * 10}))])
+    case(
+        "data/cifar-garbage-batch",
+        D,
+        tiny(data="cifar-batches:cifar", pp=small),
+        setup=[write("cifar/data_batch_1", b"garbage" * 100), write("cifar/test_batch", b"garbage" * 100)],
+    )
+    case(
+        "data/cifar-wrong-shape",
+        D,
+        tiny(data="cifar-batches:cifar", pp=small),
+        setup=[
+            write("cifar/data_batch_1", pickle.dumps({b"data": np.zeros((10, 5), np.uint8), b"labels": [0] * 10})),
+            write("cifar/test_batch", pickle.dumps({b"data": np.zeros((10, 5), np.uint8), b"labels": [0] * 10})),
+        ],
+    )
 
 
 def define_run_directory_cases() -> None:
     R = "run-directory"
     ev = ["evaluate", "--run", "run", "--quiet"]
     need = ("base",)
-    case("run/evaluate-ok", R, ev, expect="ok", setup=run_copy(), needs=need,
-         check=all_of(map_printed, eval_json("run/eval.json")))
+    case(
+        "run/evaluate-ok",
+        R,
+        ev,
+        expect="ok",
+        setup=run_copy(),
+        needs=need,
+        check=all_of(map_printed, eval_json("run/eval.json")),
+    )
     case("run/evaluate-missing-run", R, ["evaluate", "--run", "no/such/run"])
     case("run/evaluate-no-run-flag", R, ["evaluate"])
     case("run/evaluate-empty-folder", R, ev, setup=mkdir("run"))
@@ -918,91 +1136,268 @@ def define_run_directory_cases() -> None:
     case("run/config-missing", R, ev, setup=[run_copy(), delete("run/config.yaml")], needs=need)
     case("run/config-garbled", R, ev, setup=[run_copy(), write("run/config.yaml", bytes(range(256)))], needs=need)
     case("run/config-invalid-yaml", R, ev, setup=[run_copy(), write("run/config.yaml", "bits: [8\n")], needs=need)
-    case("run/config-bad-field", R, ev, setup=[run_copy(), set_yaml_field("run/config.yaml", "bits", "abc")], needs=need)
-    case("run/config-bits-changed", R, ev, setup=[run_copy(), set_yaml_field("run/config.yaml", "bits", "16")], needs=need)
-    case("run/config-model-changed", R, ev,
-         setup=[run_copy(), edit_yaml("run/config.yaml", lambda t: t.replace("width: 8", "width: 16"))], needs=need)
-    case("run/config-method-changed", R, ev, setup=[run_copy(), set_yaml_field("run/config.yaml", "method", "hashnet")],
-         needs=need)
-    case("run/config-data-changed", R, ev,
-         setup=[run_copy(), features_npz("f.npz"), set_yaml_field("run/config.yaml", "data", "features:f.npz")], needs=need)
-    case("run/split-missing", R, ev, expect="either", setup=[run_copy(), delete("run/split.json")], needs=need,
-         check=map_printed)
-    case("run/split-queries-are-train-checksum-kept", R, ev,
-         setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "keep")], needs=need)
-    case("run/split-queries-are-train-no-checksum", R, ev,
-         setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "drop")], needs=need)
-    case("run/split-queries-are-train-consistent", R, ev,
-         setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "recompute")], needs=need)
+    case(
+        "run/config-bad-field", R, ev, setup=[run_copy(), set_yaml_field("run/config.yaml", "bits", "abc")], needs=need
+    )
+    case(
+        "run/config-bits-changed",
+        R,
+        ev,
+        setup=[run_copy(), set_yaml_field("run/config.yaml", "bits", "16")],
+        needs=need,
+    )
+    case(
+        "run/config-model-changed",
+        R,
+        ev,
+        setup=[run_copy(), edit_yaml("run/config.yaml", lambda t: t.replace("width: 8", "width: 16"))],
+        needs=need,
+    )
+    case(
+        "run/config-method-changed",
+        R,
+        ev,
+        setup=[run_copy(), set_yaml_field("run/config.yaml", "method", "hashnet")],
+        needs=need,
+    )
+    case(
+        "run/config-data-changed",
+        R,
+        ev,
+        setup=[run_copy(), features_npz("f.npz"), set_yaml_field("run/config.yaml", "data", "features:f.npz")],
+        needs=need,
+    )
+    case(
+        "run/split-missing",
+        R,
+        ev,
+        expect="either",
+        setup=[run_copy(), delete("run/split.json")],
+        needs=need,
+        check=map_printed,
+    )
+    case(
+        "run/split-queries-are-train-checksum-kept",
+        R,
+        ev,
+        setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "keep")],
+        needs=need,
+    )
+    case(
+        "run/split-queries-are-train-no-checksum",
+        R,
+        ev,
+        setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "drop")],
+        needs=need,
+    )
+    case(
+        "run/split-queries-are-train-consistent",
+        R,
+        ev,
+        setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "recompute")],
+        needs=need,
+    )
     case("run/split-truncated", R, ev, setup=[run_copy(), truncate("run/split.json", 0.5)], needs=need)
-    case("run/split-empty-query", R, ev,
-         setup=[run_copy(), edit_split("run/split.json", lambda r: r.update(query=[]), "recompute")], needs=need)
-    case("run/split-index-out-of-range", R, ev,
-         setup=[run_copy(), edit_split("run/split.json", lambda r: r["database"].append(10 ** 6), "recompute")], needs=need)
+    case(
+        "run/split-empty-query",
+        R,
+        ev,
+        setup=[run_copy(), edit_split("run/split.json", lambda r: r.update(query=[]), "recompute")],
+        needs=need,
+    )
+    case(
+        "run/split-index-out-of-range",
+        R,
+        ev,
+        setup=[run_copy(), edit_split("run/split.json", lambda r: r["database"].append(10**6), "recompute")],
+        needs=need,
+    )
     case("run/split-garbage", R, ev, setup=[run_copy(), write("run/split.json", b"\x00garbage\xff")], needs=need)
     case("run/split-not-a-split", R, ev, setup=[run_copy(), write("run/split.json", "[1, 2, 3]\n")], needs=need)
     for offset in (0, 9, 200, "mid", -1):
-        case(f"run/checkpoint-flip-{offset}", R, ev, setup=[run_copy(), flip("run/checkpoint.safetensors", offset)],
-             needs=need)
+        case(
+            f"run/checkpoint-flip-{offset}",
+            R,
+            ev,
+            setup=[run_copy(), flip("run/checkpoint.safetensors", offset)],
+            needs=need,
+        )
     case("run/checkpoint-truncated", R, ev, setup=[run_copy(), truncate("run/checkpoint.safetensors", 0.5)], needs=need)
-    case("run/checkpoint-header-only", R, ev, setup=[run_copy(), truncate("run/checkpoint.safetensors", 64)], needs=need)
+    case(
+        "run/checkpoint-header-only", R, ev, setup=[run_copy(), truncate("run/checkpoint.safetensors", 64)], needs=need
+    )
     case("run/checkpoint-zero-bytes", R, ev, setup=[run_copy(), write("run/checkpoint.safetensors", b"")], needs=need)
     case("run/checkpoint-missing", R, ev, setup=[run_copy(), delete("run/checkpoint.safetensors")], needs=need)
-    case("run/checkpoint-is-a-directory", R, ev,
-         setup=[run_copy(), delete("run/checkpoint.safetensors"), mkdir("run/checkpoint.safetensors")], needs=need)
-    case("run/checkpoint-of-other-run", R, ev,
-         setup=[run_copy(), copy_fx("feat/checkpoint.safetensors", "run/checkpoint.safetensors")], needs=("base", "feat"))
-    case("run/encode-checkpoint-flip", R, ["encode", "--run", "run", "--images", "imgs", "--out", "c.npz", "--quiet"],
-         setup=[run_copy(), copy_fx("imgs"), flip("run/checkpoint.safetensors", "mid")], needs=need)
-    case("run/export-onnx-config-garbled", R, ["export-onnx", "--run", "run", "--out", "m.onnx"],
-         setup=[run_copy(), write("run/config.yaml", "::: not yaml :::\n\t-")], needs=need)
+    case(
+        "run/checkpoint-is-a-directory",
+        R,
+        ev,
+        setup=[run_copy(), delete("run/checkpoint.safetensors"), mkdir("run/checkpoint.safetensors")],
+        needs=need,
+    )
+    case(
+        "run/checkpoint-of-other-run",
+        R,
+        ev,
+        setup=[run_copy(), copy_fx("feat/checkpoint.safetensors", "run/checkpoint.safetensors")],
+        needs=("base", "feat"),
+    )
+    case(
+        "run/encode-checkpoint-flip",
+        R,
+        ["encode", "--run", "run", "--images", "imgs", "--out", "c.npz", "--quiet"],
+        setup=[run_copy(), copy_fx("imgs"), flip("run/checkpoint.safetensors", "mid")],
+        needs=need,
+    )
+    case(
+        "run/export-onnx-config-garbled",
+        R,
+        ["export-onnx", "--run", "run", "--out", "m.onnx"],
+        setup=[run_copy(), write("run/config.yaml", "::: not yaml :::\n\t-")],
+        needs=need,
+    )
     case("run/convert-without-legacy", R, ["convert-checkpoint", "--run", "run"], setup=run_copy(), needs=need)
-    case("run/convert-legacy-ok", R, ["convert-checkpoint", "--run", "run"], expect="ok",
-         setup=[run_copy(), delete("run/checkpoint.safetensors"), copy_fx("legacy.pt", "run/checkpoint.pt")],
-         needs=("base", "legacy"), check=made("run/checkpoint.safetensors"))
-    case("run/convert-legacy-truncated", R, ["convert-checkpoint", "--run", "run"],
-         setup=[run_copy(), delete("run/checkpoint.safetensors"), copy_fx("legacy.pt", "run/checkpoint.pt"),
-                truncate("run/checkpoint.pt", 0.5)], needs=("base", "legacy"))
-    case("run/convert-legacy-not-a-dict", R, ["convert-checkpoint", "--run", "run"],
-         setup=[run_copy(), delete("run/checkpoint.safetensors"), write("run/checkpoint.pt", pickle.dumps([1, 2, 3]))],
-         needs=need)
-    case("run/legacy-only-evaluate", R, ev,
-         setup=[run_copy(), delete("run/checkpoint.safetensors"), copy_fx("legacy.pt", "run/checkpoint.pt")],
-         needs=("base", "legacy"))
+    case(
+        "run/convert-legacy-ok",
+        R,
+        ["convert-checkpoint", "--run", "run"],
+        expect="ok",
+        setup=[run_copy(), delete("run/checkpoint.safetensors"), copy_fx("legacy.pt", "run/checkpoint.pt")],
+        needs=("base", "legacy"),
+        check=made("run/checkpoint.safetensors"),
+    )
+    case(
+        "run/convert-legacy-truncated",
+        R,
+        ["convert-checkpoint", "--run", "run"],
+        setup=[
+            run_copy(),
+            delete("run/checkpoint.safetensors"),
+            copy_fx("legacy.pt", "run/checkpoint.pt"),
+            truncate("run/checkpoint.pt", 0.5),
+        ],
+        needs=("base", "legacy"),
+    )
+    case(
+        "run/convert-legacy-not-a-dict",
+        R,
+        ["convert-checkpoint", "--run", "run"],
+        setup=[run_copy(), delete("run/checkpoint.safetensors"), write("run/checkpoint.pt", pickle.dumps([1, 2, 3]))],
+        needs=need,
+    )
+    case(
+        "run/legacy-only-evaluate",
+        R,
+        ev,
+        setup=[run_copy(), delete("run/checkpoint.safetensors"), copy_fx("legacy.pt", "run/checkpoint.pt")],
+        needs=("base", "legacy"),
+    )
 
 
 def define_resume_cases() -> None:
     R = "resume"
     need = ("base",)
     resume = ["train", "--resume", "--out", "run", "--epochs", "3", "--quiet"]
-    case("resume/ok", R, resume, expect="ok", setup=run_copy(), needs=need, may_change=["run/*"],
-         check=trained("run", min_epoch=3))
-    case("resume/fewer-epochs-than-trained", R, ["train", "--resume", "--out", "run", "--epochs", "1", "--quiet"],
-         setup=run_copy(), needs=need)
-    case("resume/epochs-0", R, ["train", "--resume", "--out", "run", "--epochs", "0", "--quiet"], setup=run_copy(), needs=need)
+    case(
+        "resume/ok",
+        R,
+        resume,
+        expect="ok",
+        setup=run_copy(),
+        needs=need,
+        may_change=["run/*"],
+        check=trained("run", min_epoch=3),
+    )
+    case(
+        "resume/fewer-epochs-than-trained",
+        R,
+        ["train", "--resume", "--out", "run", "--epochs", "1", "--quiet"],
+        setup=run_copy(),
+        needs=need,
+    )
+    case(
+        "resume/epochs-0",
+        R,
+        ["train", "--resume", "--out", "run", "--epochs", "0", "--quiet"],
+        setup=run_copy(),
+        needs=need,
+    )
     case("resume/no-run", R, resume)
     case("resume/empty-folder", R, resume, setup=mkdir("run"))
-    case("resume/log-garbage", R, resume, expect="either", setup=[run_copy(), write("run/log.csv", b"\x00\xffnot,a,log\n")],
-         needs=need, may_change=["run/*"], check=trained("run", min_epoch=3))
-    case("resume/log-wrong-columns", R, resume, expect="either",
-         setup=[run_copy(), write("run/log.csv", "a,b,c\n1,2,3\n")], needs=need, may_change=["run/*"],
-         check=trained("run", min_epoch=3))
-    case("resume/trace-garbage", R, resume, expect="ok",
-         setup=[run_copy(), write("run/uncertainty_trace.npz", b"garbage" * 50)], needs=need, may_change=["run/*"],
-         check=all_of(trained("run", min_epoch=3), stderr_mentions("uncertainty_trace")))
-    case("resume/trace-truncated", R, resume, expect="ok",
-         setup=[run_copy(), truncate("run/uncertainty_trace.npz", 0.5)], needs=need, may_change=["run/*"],
-         check=trained("run", min_epoch=3))
-    case("resume/config-garbled", R, resume, setup=[run_copy(), write("run/config.yaml", bytes(range(200)))], needs=need)
-    case("resume/checkpoint-truncated", R, resume, setup=[run_copy(), truncate("run/checkpoint.safetensors", 0.7)], needs=need)
+    case(
+        "resume/log-garbage",
+        R,
+        resume,
+        expect="either",
+        setup=[run_copy(), write("run/log.csv", b"\x00\xffnot,a,log\n")],
+        needs=need,
+        may_change=["run/*"],
+        check=trained("run", min_epoch=3),
+    )
+    case(
+        "resume/log-wrong-columns",
+        R,
+        resume,
+        expect="either",
+        setup=[run_copy(), write("run/log.csv", "a,b,c\n1,2,3\n")],
+        needs=need,
+        may_change=["run/*"],
+        check=trained("run", min_epoch=3),
+    )
+    case(
+        "resume/trace-garbage",
+        R,
+        resume,
+        expect="ok",
+        setup=[run_copy(), write("run/uncertainty_trace.npz", b"garbage" * 50)],
+        needs=need,
+        may_change=["run/*"],
+        check=all_of(trained("run", min_epoch=3), stderr_mentions("uncertainty_trace")),
+    )
+    case(
+        "resume/trace-truncated",
+        R,
+        resume,
+        expect="ok",
+        setup=[run_copy(), truncate("run/uncertainty_trace.npz", 0.5)],
+        needs=need,
+        may_change=["run/*"],
+        check=trained("run", min_epoch=3),
+    )
+    case(
+        "resume/config-garbled", R, resume, setup=[run_copy(), write("run/config.yaml", bytes(range(200)))], needs=need
+    )
+    case(
+        "resume/checkpoint-truncated",
+        R,
+        resume,
+        setup=[run_copy(), truncate("run/checkpoint.safetensors", 0.7)],
+        needs=need,
+    )
     case("resume/checkpoint-flip", R, resume, setup=[run_copy(), flip("run/checkpoint.safetensors", "mid")], needs=need)
-    case("resume/split-tampered", R, resume,
-         setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "recompute")], needs=need)
+    case(
+        "resume/split-tampered",
+        R,
+        resume,
+        setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "recompute")],
+        needs=need,
+    )
     case("resume/change-bits", R, resume + ["--bits", "16"], setup=run_copy(), needs=need)
     case("resume/change-model-width", R, resume + ["--model-param", "width=16"], setup=run_copy(), needs=need)
-    case("resume/change-data", R, resume + ["--data", "features:f.npz"], setup=[run_copy(), features_npz("f.npz")],
-         needs=need)
-    case("resume/change-protocol-param", R, resume + ["--protocol-param", "query_per_class=6"], setup=run_copy(), needs=need)
+    case(
+        "resume/change-data",
+        R,
+        resume + ["--data", "features:f.npz"],
+        setup=[run_copy(), features_npz("f.npz")],
+        needs=need,
+    )
+    case(
+        "resume/change-protocol-param",
+        R,
+        resume + ["--protocol-param", "query_per_class=6"],
+        setup=run_copy(),
+        needs=need,
+    )
     case("resume/train-into-existing-run", R, tiny(out="run"), setup=run_copy(), needs=need)
 
 
@@ -1021,44 +1416,120 @@ def define_security_cases() -> None:
         "figure-curves": ["figure", "curves", "--run", "run", "--out", "fig"],
     }
     for name, argv in commands.items():
-        case(f"security/pickle-checkpoint-{name}", S, argv, setup=legacy + [evil_pickle("run/checkpoint.pt"), copy_fx("imgs")],
-             needs=need, guard=no_marker, expect="either" if name == "figure-curves" else "error")
-    case("security/torch-zip-checkpoint-convert", S, ["convert-checkpoint", "--run", "run"],
-         setup=legacy + [evil_pickle("run/checkpoint.pt", kind="torch")], needs=need, guard=no_marker)
-    case("security/torch-zip-checkpoint-evaluate", S, ["evaluate", "--run", "run", "--quiet"],
-         setup=legacy + [evil_pickle("run/checkpoint.pt", kind="torch")], needs=need, guard=no_marker)
-    case("security/search-run-with-pickle-checkpoint", S,
-         ["search", "--index", "{fx}/index.dmuhidx", "--run", "run", "--image", "imgs/c0/0.png"],
-         setup=legacy + [evil_pickle("run/checkpoint.pt"), copy_fx("imgs")], needs=("base", "index"), guard=no_marker)
+        case(
+            f"security/pickle-checkpoint-{name}",
+            S,
+            argv,
+            setup=legacy + [evil_pickle("run/checkpoint.pt"), copy_fx("imgs")],
+            needs=need,
+            guard=no_marker,
+            expect="either" if name == "figure-curves" else "error",
+        )
+    case(
+        "security/torch-zip-checkpoint-convert",
+        S,
+        ["convert-checkpoint", "--run", "run"],
+        setup=legacy + [evil_pickle("run/checkpoint.pt", kind="torch")],
+        needs=need,
+        guard=no_marker,
+    )
+    case(
+        "security/torch-zip-checkpoint-evaluate",
+        S,
+        ["evaluate", "--run", "run", "--quiet"],
+        setup=legacy + [evil_pickle("run/checkpoint.pt", kind="torch")],
+        needs=need,
+        guard=no_marker,
+    )
+    case(
+        "security/search-run-with-pickle-checkpoint",
+        S,
+        ["search", "--index", "{fx}/index.dmuhidx", "--run", "run", "--image", "imgs/c0/0.png"],
+        setup=legacy + [evil_pickle("run/checkpoint.pt"), copy_fx("imgs")],
+        needs=("base", "index"),
+        guard=no_marker,
+    )
     case("security/init-pickle", S, tiny(init="evil.pth"), setup=evil_pickle("evil.pth", kind="torch"), guard=no_marker)
     case("security/init-plain-pickle", S, tiny(init="evil.pth"), setup=evil_pickle("evil.pth"), guard=no_marker)
-    case("security/pretrained-pickle", S, tiny(pretrained="evil.pth"), setup=evil_pickle("evil.pth", kind="torch"),
-         guard=no_marker)
-    case("security/init-pretrain-dir-with-pickle", S, tiny(init="pre"),
-         setup=[write("pre/config.yaml", "model: smallcnn\n"), evil_pickle("pre/backbone.pt", kind="torch"),
-                evil_pickle("pre/backbone.safetensors")], guard=no_marker)
-    case("security/yaml-python-tag", S, ["train", "--config", "cfg.yaml", "--out", "out", "--quiet"],
-         setup=write("cfg.yaml", lambda ctx: f"data: !!python/object/apply:builtins.open [{str(ctx.marker)!r}, w]\n"),
-         guard=no_marker)
-    case("security/run-config-python-tag", S, ["evaluate", "--run", "run", "--quiet"],
-         setup=[run_copy(), lambda ctx: ctx.p("run/config.yaml").write_text(
-             ctx.p("run/config.yaml").read_text().replace(
-                 "augment: none", f"augment: !!python/object/apply:builtins.open [{str(ctx.marker)!r}, w]"))],
-         needs=need, guard=no_marker)
-    case("security/features-npz-object-array", S,
-         tiny(data="features:f.npz", model="mlp", mp={"input_size": None, "width": None}),
-         setup=evil_npz("f.npz", "features", {"labels": np.arange(2)}), guard=no_marker)
-    case("security/cifar-batch-pickle", S, tiny(data="cifar-batches:cifar", pp=SMALL_PROTOCOL),
-         setup=[evil_pickle("cifar/data_batch_1", wrap=lambda e: {b"data": e, b"labels": [0]}),
-                evil_pickle("cifar/test_batch", wrap=lambda e: {b"data": e, b"labels": [0]})], guard=no_marker)
-    case("security/codes-npz-object-array", S, ["index", "build", "--codes", "c.npz", "--out", "i.dmuhidx"],
-         setup=evil_npz("c.npz", "ids", {"format": np.array("dmuh-codes"), "codes": np.zeros((2, 1), np.uint8)}),
-         guard=no_marker)
-    case("security/search-queries-object-array", S, ["search", "--index", "{fx}/index.dmuhidx", "--queries", "q.npz"],
-         setup=evil_npz("q.npz", "ids", {"format": np.array("dmuh-codes"), "codes": np.zeros((2, 1), np.uint8)}),
-         needs=("index",), guard=no_marker)
-    case("security/pretrained-state-dict-npz-pickle", S, tiny(pretrained="w.npz"),
-         setup=evil_npz("w.npz", "weight"), guard=no_marker)
+    case(
+        "security/pretrained-pickle",
+        S,
+        tiny(pretrained="evil.pth"),
+        setup=evil_pickle("evil.pth", kind="torch"),
+        guard=no_marker,
+    )
+    case(
+        "security/init-pretrain-dir-with-pickle",
+        S,
+        tiny(init="pre"),
+        setup=[
+            write("pre/config.yaml", "model: smallcnn\n"),
+            evil_pickle("pre/backbone.pt", kind="torch"),
+            evil_pickle("pre/backbone.safetensors"),
+        ],
+        guard=no_marker,
+    )
+    case(
+        "security/yaml-python-tag",
+        S,
+        ["train", "--config", "cfg.yaml", "--out", "out", "--quiet"],
+        setup=write("cfg.yaml", lambda ctx: f"data: !!python/object/apply:builtins.open [{str(ctx.marker)!r}, w]\n"),
+        guard=no_marker,
+    )
+    case(
+        "security/run-config-python-tag",
+        S,
+        ["evaluate", "--run", "run", "--quiet"],
+        setup=[
+            run_copy(),
+            lambda ctx: ctx.p("run/config.yaml").write_text(
+                ctx.p("run/config.yaml")
+                .read_text()
+                .replace("augment: none", f"augment: !!python/object/apply:builtins.open [{str(ctx.marker)!r}, w]")
+            ),
+        ],
+        needs=need,
+        guard=no_marker,
+    )
+    case(
+        "security/features-npz-object-array",
+        S,
+        tiny(data="features:f.npz", model="mlp", mp={"input_size": None, "width": None}),
+        setup=evil_npz("f.npz", "features", {"labels": np.arange(2)}),
+        guard=no_marker,
+    )
+    case(
+        "security/cifar-batch-pickle",
+        S,
+        tiny(data="cifar-batches:cifar", pp=SMALL_PROTOCOL),
+        setup=[
+            evil_pickle("cifar/data_batch_1", wrap=lambda e: {b"data": e, b"labels": [0]}),
+            evil_pickle("cifar/test_batch", wrap=lambda e: {b"data": e, b"labels": [0]}),
+        ],
+        guard=no_marker,
+    )
+    case(
+        "security/codes-npz-object-array",
+        S,
+        ["index", "build", "--codes", "c.npz", "--out", "i.dmuhidx"],
+        setup=evil_npz("c.npz", "ids", {"format": np.array("dmuh-codes"), "codes": np.zeros((2, 1), np.uint8)}),
+        guard=no_marker,
+    )
+    case(
+        "security/search-queries-object-array",
+        S,
+        ["search", "--index", "{fx}/index.dmuhidx", "--queries", "q.npz"],
+        setup=evil_npz("q.npz", "ids", {"format": np.array("dmuh-codes"), "codes": np.zeros((2, 1), np.uint8)}),
+        needs=("index",),
+        guard=no_marker,
+    )
+    case(
+        "security/pretrained-state-dict-npz-pickle",
+        S,
+        tiny(pretrained="w.npz"),
+        setup=evil_npz("w.npz", "weight"),
+        guard=no_marker,
+    )
 
 
 def define_retrieval_cases() -> None:
@@ -1067,47 +1538,115 @@ def define_retrieval_cases() -> None:
     base = [run_copy(), copy_fx("imgs")]
     need = ("base",)
     case("encode/ok", E, enc + ["--uncertainty"], expect="ok", setup=base, needs=need, check=codes_count("c.npz", 60))
-    for name, extra in {"batch-size-0": ["--batch-size", "0"], "batch-size-negative": ["--batch-size", "-1"],
-                        "image-size-0": ["--image-size", "0"], "image-size-negative": ["--image-size", "-4"],
-                        "image-size-text": ["--image-size", "big"], "device-unknown": ["--device", "tpu"],
-                        "device-cuda-99": ["--device", "cuda:99"]}.items():
+    for name, extra in {
+        "batch-size-0": ["--batch-size", "0"],
+        "batch-size-negative": ["--batch-size", "-1"],
+        "image-size-0": ["--image-size", "0"],
+        "image-size-negative": ["--image-size", "-4"],
+        "image-size-text": ["--image-size", "big"],
+        "device-unknown": ["--device", "tpu"],
+        "device-cuda-99": ["--device", "cuda:99"],
+    }.items():
         case(f"encode/{name}", E, enc + extra, setup=base, needs=need)
-    case("encode/images-missing", E, ["encode", "--run", "run", "--images", "no/such", "--out", "c.npz"], setup=run_copy(),
-         needs=need)
+    case(
+        "encode/images-missing",
+        E,
+        ["encode", "--run", "run", "--images", "no/such", "--out", "c.npz"],
+        setup=run_copy(),
+        needs=need,
+    )
     case("encode/images-empty-folder", E, enc, setup=[run_copy(), mkdir("imgs")], needs=need)
-    case("encode/images-garbage-png", E, enc, setup=[run_copy(), image_folder("imgs", bad={"c0/bad.png": b"not a png"})],
-         needs=need)
+    case(
+        "encode/images-garbage-png",
+        E,
+        enc,
+        setup=[run_copy(), image_folder("imgs", bad={"c0/bad.png": b"not a png"})],
+        needs=need,
+    )
     case("encode/no-run", E, ["encode", "--images", "imgs", "--out", "c.npz"], setup=copy_fx("imgs"))
-    case("encode/run-missing", E, ["encode", "--run", "no/such", "--images", "imgs", "--out", "c.npz"], setup=copy_fx("imgs"))
-    case("encode/uncertainty-non-dmuh-run", E,
-         ["encode", "--run", "run", "--images", "features:f.npz", "--out", "c.npz", "--uncertainty", "--quiet"],
-         setup=[run_copy(src="feat"), features_npz("f.npz")], needs=("feat",))
-    case("encode/list-missing-images", E, ["encode", "--run", "run", "--images", "q.txt", "--out", "c.npz", "--quiet"],
-         setup=[run_copy(), write("q.txt", "nosuch/a.png\nnosuch/b.png\n")], needs=need)
-    case("encode/list-not-utf8", E, ["encode", "--run", "run", "--images", "q.txt", "--out", "c.npz", "--quiet"],
-         setup=base + [write("q.txt", "imgs/c0/0.png\nimgs/caf\xe9.png\n".encode("latin-1"))], needs=need)
-    case("encode/list-escapes-root", E, ["encode", "--run", "run", "--images", "lists/q.txt", "--out", "c.npz", "--quiet"],
-         expect="either", setup=base + [write("lists/q.txt", "../imgs/c0/0.png\n")], needs=need,
-         check=codes_count("c.npz", 1))
-    case("encode/root-missing", E, ["encode", "--run", "run", "--images", "q.txt", "--root", "no/such", "--out", "c.npz"],
-         setup=base + [write("q.txt", "c0/0.png\n")], needs=need)
-    case("encode/features-into-image-run", E,
-         ["encode", "--run", "run", "--images", "features:f.npz", "--out", "c.npz", "--quiet"],
-         setup=[run_copy(), features_npz("f.npz")], needs=need)
+    case(
+        "encode/run-missing",
+        E,
+        ["encode", "--run", "no/such", "--images", "imgs", "--out", "c.npz"],
+        setup=copy_fx("imgs"),
+    )
+    case(
+        "encode/uncertainty-non-dmuh-run",
+        E,
+        ["encode", "--run", "run", "--images", "features:f.npz", "--out", "c.npz", "--uncertainty", "--quiet"],
+        setup=[run_copy(src="feat"), features_npz("f.npz")],
+        needs=("feat",),
+    )
+    case(
+        "encode/list-missing-images",
+        E,
+        ["encode", "--run", "run", "--images", "q.txt", "--out", "c.npz", "--quiet"],
+        setup=[run_copy(), write("q.txt", "nosuch/a.png\nnosuch/b.png\n")],
+        needs=need,
+    )
+    case(
+        "encode/list-not-utf8",
+        E,
+        ["encode", "--run", "run", "--images", "q.txt", "--out", "c.npz", "--quiet"],
+        setup=base + [write("q.txt", "imgs/c0/0.png\nimgs/caf\xe9.png\n".encode("latin-1"))],
+        needs=need,
+    )
+    case(
+        "encode/list-escapes-root",
+        E,
+        ["encode", "--run", "run", "--images", "lists/q.txt", "--out", "c.npz", "--quiet"],
+        expect="either",
+        setup=base + [write("lists/q.txt", "../imgs/c0/0.png\n")],
+        needs=need,
+        check=codes_count("c.npz", 1),
+    )
+    case(
+        "encode/root-missing",
+        E,
+        ["encode", "--run", "run", "--images", "q.txt", "--root", "no/such", "--out", "c.npz"],
+        setup=base + [write("q.txt", "c0/0.png\n")],
+        needs=need,
+    )
+    case(
+        "encode/features-into-image-run",
+        E,
+        ["encode", "--run", "run", "--images", "features:f.npz", "--out", "c.npz", "--quiet"],
+        setup=[run_copy(), features_npz("f.npz")],
+        needs=need,
+    )
     # index build / info
     ib = ["index", "build", "--codes", "c.npz", "--out", "i.dmuhidx"]
     codes = copy_fx("codes.npz", "c.npz")
     case("index/build-ok", I, ib, expect="ok", setup=codes, needs=("codes",), check=made("i.dmuhidx"))
-    case("index/build-ivf-ok", I, ib + ["--kind", "ivf", "--nlist", "2"], expect="ok", setup=codes, needs=("codes",),
-         check=made("i.dmuhidx"))
-    for name, extra in {"ivf-nlist-0": ["--kind", "ivf", "--nlist", "0"], "ivf-nlist-negative": ["--kind", "ivf", "--nlist", "-1"],
-                        "ivf-nlist-absurd": ["--kind", "ivf", "--nlist", "100000"],
-                        "flat-with-nlist": ["--kind", "flat", "--nlist", "4"], "hnsw-m-0": ["--kind", "hnsw", "--m", "0"],
-                        "hnsw-ef-search-negative": ["--kind", "hnsw", "--ef-search", "-5"],
-                        "kind-unknown": ["--kind", "lsh"], "nlist-text": ["--kind", "ivf", "--nlist", "many"]}.items():
+    case(
+        "index/build-ivf-ok",
+        I,
+        ib + ["--kind", "ivf", "--nlist", "2"],
+        expect="ok",
+        setup=codes,
+        needs=("codes",),
+        check=made("i.dmuhidx"),
+    )
+    for name, extra in {
+        "ivf-nlist-0": ["--kind", "ivf", "--nlist", "0"],
+        "ivf-nlist-negative": ["--kind", "ivf", "--nlist", "-1"],
+        "ivf-nlist-absurd": ["--kind", "ivf", "--nlist", "100000"],
+        "flat-with-nlist": ["--kind", "flat", "--nlist", "4"],
+        "hnsw-m-0": ["--kind", "hnsw", "--m", "0"],
+        "hnsw-ef-search-negative": ["--kind", "hnsw", "--ef-search", "-5"],
+        "kind-unknown": ["--kind", "lsh"],
+        "nlist-text": ["--kind", "ivf", "--nlist", "many"],
+    }.items():
         case(f"index/build-{name}", I, ib + extra, setup=codes, needs=("codes",))
-    case("index/build-ivf-nprobe-above-nlist", I, ib + ["--kind", "ivf", "--nlist", "2", "--nprobe", "50"], expect="either",
-         setup=codes, needs=("codes",), check=made("i.dmuhidx"))
+    case(
+        "index/build-ivf-nprobe-above-nlist",
+        I,
+        ib + ["--kind", "ivf", "--nlist", "2", "--nprobe", "50"],
+        expect="either",
+        setup=codes,
+        needs=("codes",),
+        check=made("i.dmuhidx"),
+    )
     case("index/build-codes-missing", FL, ib)
     case("index/build-codes-not-npz", FL, ib, setup=write("c.npz", "id,code\n1,0101\n"))
     case("index/build-codes-truncated", FL, ib, setup=[codes, truncate("c.npz", 0.6)], needs=("codes",))
@@ -1116,8 +1655,15 @@ def define_retrieval_cases() -> None:
     case("index/build-codes-zero-bytes", FL, ib, setup=write("c.npz", b""))
     info = ["index", "info", "i.dmuhidx"]
     idx = copy_fx("index.dmuhidx", "i.dmuhidx")
-    case("index/info-ok", I, info, expect="ok", setup=idx, needs=("index",),
-         check=lambda ctx: None if "checksum ok" in ctx.stdout else "no 'checksum ok' line")
+    case(
+        "index/info-ok",
+        I,
+        info,
+        expect="ok",
+        setup=idx,
+        needs=("index",),
+        check=lambda ctx: None if "checksum ok" in ctx.stdout else "no 'checksum ok' line",
+    )
     case("index/info-missing", FL, info)
     case("index/info-garbage", FL, info, setup=write("i.dmuhidx", b"garbage" * 64))
     case("index/info-zero-bytes", FL, info, setup=write("i.dmuhidx", b""))
@@ -1131,59 +1677,151 @@ def define_retrieval_cases() -> None:
     sfx = [idx, copy_fx("codes.npz", "q.npz")]
     sneed = ("index", "codes")
     case("search/ok", S, sq + ["--k", "5", "--json"], expect="ok", setup=sfx, needs=sneed, check=search_json(5, 60))
-    case("search/rerank-ok", S, sq + ["--k", "5", "--rerank", "20", "--json"], expect="ok", setup=sfx, needs=sneed,
-         check=search_json(5, 60, order="weighted_distance"))
-    case("search/image-ok", S, ["search", "--index", "i.dmuhidx", "--image", "imgs/c3/1.png", "--k", "3", "--json"],
-         expect="ok", setup=[idx, copy_fx("imgs")], needs=("index",), check=search_json(3, 1))
-    case("search/k-huge", S, sq + ["--k", "100000", "--json"], expect="either", setup=sfx, needs=sneed,
-         check=search_json(100000, 60))
-    for name, extra in {"k-0": ["--k", "0"], "k-negative": ["--k", "-1"], "k-text": ["--k", "ten"],
-                        "rerank-0": ["--rerank", "0"], "rerank-negative": ["--rerank", "-1"],
-                        "tau-0": ["--rerank", "10", "--tau", "0"], "tau-negative": ["--rerank", "10", "--tau", "-1"],
-                        "tau-nan": ["--rerank", "10", "--tau", "nan"], "tau-without-rerank": ["--tau", "0.5"],
-                        "nprobe-0": ["--nprobe", "0"], "ef-search-0": ["--ef-search", "0"]}.items():
+    case(
+        "search/rerank-ok",
+        S,
+        sq + ["--k", "5", "--rerank", "20", "--json"],
+        expect="ok",
+        setup=sfx,
+        needs=sneed,
+        check=search_json(5, 60, order="weighted_distance"),
+    )
+    case(
+        "search/image-ok",
+        S,
+        ["search", "--index", "i.dmuhidx", "--image", "imgs/c3/1.png", "--k", "3", "--json"],
+        expect="ok",
+        setup=[idx, copy_fx("imgs")],
+        needs=("index",),
+        check=search_json(3, 1),
+    )
+    case(
+        "search/k-huge",
+        S,
+        sq + ["--k", "100000", "--json"],
+        expect="either",
+        setup=sfx,
+        needs=sneed,
+        check=search_json(100000, 60),
+    )
+    for name, extra in {
+        "k-0": ["--k", "0"],
+        "k-negative": ["--k", "-1"],
+        "k-text": ["--k", "ten"],
+        "rerank-0": ["--rerank", "0"],
+        "rerank-negative": ["--rerank", "-1"],
+        "tau-0": ["--rerank", "10", "--tau", "0"],
+        "tau-negative": ["--rerank", "10", "--tau", "-1"],
+        "tau-nan": ["--rerank", "10", "--tau", "nan"],
+        "tau-without-rerank": ["--tau", "0.5"],
+        "nprobe-0": ["--nprobe", "0"],
+        "ef-search-0": ["--ef-search", "0"],
+    }.items():
         case(f"search/{name}", S, sq + extra, setup=sfx, needs=sneed)
     case("search/no-queries", S, ["search", "--index", "i.dmuhidx"], setup=idx, needs=("index",))
     case("search/index-missing", FL, sq, setup=copy_fx("codes.npz", "q.npz"), needs=("codes",))
     case("search/index-flipped", FL, sq, setup=sfx + [flip("i.dmuhidx", "mid")], needs=sneed)
     case("search/index-truncated", FL, sq, setup=sfx + [truncate("i.dmuhidx", 0.7)], needs=sneed)
     case("search/queries-wrong-bits", S, sq, setup=[idx, copy_fx("codes16.npz", "q.npz")], needs=("index", "codes16"))
-    case("search/run-wrong-bits", S, ["search", "--index", "i.dmuhidx", "--run", "run", "--image", "imgs/c0/0.png"],
-         setup=[idx, copy_fx("imgs"), run_copy(src="feat")], needs=("index", "feat"))
+    case(
+        "search/run-wrong-bits",
+        S,
+        ["search", "--index", "i.dmuhidx", "--run", "run", "--image", "imgs/c0/0.png"],
+        setup=[idx, copy_fx("imgs"), run_copy(src="feat")],
+        needs=("index", "feat"),
+    )
     case("search/queries-not-npz", FL, sq, setup=[idx, write("q.npz", "hello\n")], needs=("index",))
     case("search/queries-truncated", FL, sq, setup=sfx + [truncate("q.npz", 0.5)], needs=sneed)
-    case("search/queries-list-missing-images", FL, ["search", "--index", "i.dmuhidx", "--queries", "q.txt"],
-         setup=[idx, write("q.txt", "nosuch.png\n")], needs=("index",))
-    case("search/queries-list-empty", FL, ["search", "--index", "i.dmuhidx", "--queries", "q.txt"],
-         setup=[idx, write("q.txt", "# nothing\n\n")], needs=("index",))
-    case("search/image-missing", FL, ["search", "--index", "i.dmuhidx", "--image", "nosuch.png"], setup=idx,
-         needs=("index",))
-    case("search/image-garbage", FL, ["search", "--index", "i.dmuhidx", "--image", "bad.png"],
-         setup=[idx, write("bad.png", b"\x89PNG\r\n\x1a\ngarbage")], needs=("index",))
-    case("search/rerank-without-uncertainty", S, sq + ["--rerank", "10"],
-         setup=[idx, copy_fx("codes_plain.npz", "q.npz")], needs=("index", "codes_plain"))
+    case(
+        "search/queries-list-missing-images",
+        FL,
+        ["search", "--index", "i.dmuhidx", "--queries", "q.txt"],
+        setup=[idx, write("q.txt", "nosuch.png\n")],
+        needs=("index",),
+    )
+    case(
+        "search/queries-list-empty",
+        FL,
+        ["search", "--index", "i.dmuhidx", "--queries", "q.txt"],
+        setup=[idx, write("q.txt", "# nothing\n\n")],
+        needs=("index",),
+    )
+    case(
+        "search/image-missing",
+        FL,
+        ["search", "--index", "i.dmuhidx", "--image", "nosuch.png"],
+        setup=idx,
+        needs=("index",),
+    )
+    case(
+        "search/image-garbage",
+        FL,
+        ["search", "--index", "i.dmuhidx", "--image", "bad.png"],
+        setup=[idx, write("bad.png", b"\x89PNG\r\n\x1a\ngarbage")],
+        needs=("index",),
+    )
+    case(
+        "search/rerank-without-uncertainty",
+        S,
+        sq + ["--rerank", "10"],
+        setup=[idx, copy_fx("codes_plain.npz", "q.npz")],
+        needs=("index", "codes_plain"),
+    )
     # export-onnx
     ex = ["export-onnx", "--run", "run", "--out", "m.onnx"]
     case("export-onnx/ok", X, ex, expect="ok", setup=run_copy(), needs=need, check=made("m.onnx", min_size=1000))
-    for name, extra in {"opset-0": ["--opset", "0"], "opset-negative": ["--opset", "-1"], "opset-999": ["--opset", "999"],
-                        "image-size-0": ["--image-size", "0"], "image-size-negative": ["--image-size", "-8"],
-                        "image-size-2": ["--image-size", "2"]}.items():
+    for name, extra in {
+        "opset-0": ["--opset", "0"],
+        "opset-negative": ["--opset", "-1"],
+        "opset-999": ["--opset", "999"],
+        "image-size-0": ["--image-size", "0"],
+        "image-size-negative": ["--image-size", "-8"],
+        "image-size-2": ["--image-size", "2"],
+    }.items():
         case(f"export-onnx/{name}", X, ex + extra, setup=run_copy(), needs=need)
     case("export-onnx/run-missing", X, ["export-onnx", "--run", "no/such", "--out", "m.onnx"])
     case("export-onnx/no-run", X, ["export-onnx", "--out", "m.onnx"])
-    case("export-onnx/out-in-missing-folder", X, ["export-onnx", "--run", "run", "--out", "no/such/dir/m.onnx"],
-         expect="either", setup=run_copy(), needs=need, check=made("no/such/dir/m.onnx"))
+    case(
+        "export-onnx/out-in-missing-folder",
+        X,
+        ["export-onnx", "--run", "run", "--out", "no/such/dir/m.onnx"],
+        expect="either",
+        setup=run_copy(),
+        needs=need,
+        check=made("no/such/dir/m.onnx"),
+    )
     # evaluate flags
     ev = ["evaluate", "--run", "run", "--quiet"]
     case("evaluate/ties-unknown", V, ev + ["--ties", "random"], setup=run_copy(), needs=need)
     case("evaluate/device-unknown", V, ev + ["--device", "tpu"], setup=run_copy(), needs=need)
-    case("evaluate/json-into-missing-folder", V, ev + ["--json", "no/such/r.json"], expect="either", setup=run_copy(),
-         needs=need, check=made("no/such/r.json"))
+    case(
+        "evaluate/json-into-missing-folder",
+        V,
+        ev + ["--json", "no/such/r.json"],
+        expect="either",
+        setup=run_copy(),
+        needs=need,
+        check=made("no/such/r.json"),
+    )
     case("evaluate/json-is-a-directory", V, ev + ["--json", "adir"], setup=[run_copy(), mkdir("adir")], needs=need)
-    case("evaluate/legacy-positional", V, ["evaluate", "run", "--quiet"], expect="ok", setup=run_copy(), needs=need,
-         check=map_printed)
-    case("evaluate/feature-run-ok", V, ev, expect="ok", setup=[run_copy(src="feat"), copy_fx("digits.npz")],
-         needs=("feat",), check=map_printed)
+    case(
+        "evaluate/legacy-positional",
+        V,
+        ["evaluate", "run", "--quiet"],
+        expect="ok",
+        setup=run_copy(),
+        needs=need,
+        check=map_printed,
+    )
+    case(
+        "evaluate/feature-run-ok",
+        V,
+        ev,
+        expect="ok",
+        setup=[run_copy(src="feat"), copy_fx("digits.npz")],
+        needs=("feat",),
+        check=map_printed,
+    )
 
 
 def define_figure_cases() -> None:
@@ -1192,88 +1830,255 @@ def define_figure_cases() -> None:
     for fig in ("uncertainty", "curves", "topk"):
         case(f"figure/{fig}-run-missing", G, ["figure", fig, "--run", "no/such/run", "--out", "fig"])
         case(f"figure/{fig}-no-run", G, ["figure", fig, "--out", "fig"])
-        case(f"figure/{fig}-ok", G, ["figure", fig, "--run", "run", "--out", "fig"], expect="ok", setup=run_copy(),
-             needs=need, check=made("fig.png", "fig.md"))
-    case("figure/curves-second-run-missing", G, ["figure", "curves", "--run", "run", "--run", "no/such", "--out", "fig"],
-         setup=run_copy(), needs=need)
-    case("figure/curves-log-garbage", G, ["figure", "curves", "--run", "run", "--out", "fig"],
-         setup=[run_copy(), write("run/log.csv", b"\x00\x01garbage\n")], needs=need)
-    case("figure/curves-log-missing", G, ["figure", "curves", "--run", "run", "--out", "fig"],
-         setup=[run_copy(), delete("run/log.csv")], needs=need)
-    case("figure/uncertainty-trace-garbage", G, ["figure", "uncertainty", "--run", "run", "--out", "fig"],
-         setup=[run_copy(), write("run/uncertainty_trace.npz", b"garbage" * 10)], needs=need)
-    case("figure/uncertainty-non-dmuh-run", G, ["figure", "uncertainty", "--run", "run", "--out", "fig"],
-         setup=[run_copy(src="feat"), copy_fx("digits.npz")], needs=("feat",))
-    for name, extra in {"bits-shown-0": ["--bits-shown", "0"], "gallery-negative": ["--gallery", "-1"],
-                        "items-0": ["--items", "0"], "passes-0": ["--passes", "0"]}.items():
-        case(f"figure/uncertainty-{name}", G, ["figure", "uncertainty", "--run", "run", "--out", "fig"] + extra,
-             setup=run_copy(), needs=need)
-    case("figure/uncertainty-bits-shown-above-bits", G,
-         ["figure", "uncertainty", "--run", "run", "--out", "fig", "--bits-shown", "100"], expect="either",
-         setup=run_copy(), needs=need, check=made("fig.png"))
-    for name, extra in {"max-k-0": ["--max-k", "0"], "max-k-negative": ["--max-k", "-5"], "points-1": ["--points", "1"],
-                        "points-0": ["--points", "0"], "spacing-unknown": ["--spacing", "cubic"]}.items():
-        case(f"figure/topk-{name}", G, ["figure", "topk", "--run", "run", "--out", "fig"] + extra, setup=run_copy(),
-             needs=need)
-    case("figure/topk-split-tampered", G, ["figure", "topk", "--run", "run", "--out", "fig"],
-         setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "recompute")], needs=need)
+        case(
+            f"figure/{fig}-ok",
+            G,
+            ["figure", fig, "--run", "run", "--out", "fig"],
+            expect="ok",
+            setup=run_copy(),
+            needs=need,
+            check=made("fig.png", "fig.md"),
+        )
+    case(
+        "figure/curves-second-run-missing",
+        G,
+        ["figure", "curves", "--run", "run", "--run", "no/such", "--out", "fig"],
+        setup=run_copy(),
+        needs=need,
+    )
+    case(
+        "figure/curves-log-garbage",
+        G,
+        ["figure", "curves", "--run", "run", "--out", "fig"],
+        setup=[run_copy(), write("run/log.csv", b"\x00\x01garbage\n")],
+        needs=need,
+    )
+    case(
+        "figure/curves-log-missing",
+        G,
+        ["figure", "curves", "--run", "run", "--out", "fig"],
+        setup=[run_copy(), delete("run/log.csv")],
+        needs=need,
+    )
+    case(
+        "figure/uncertainty-trace-garbage",
+        G,
+        ["figure", "uncertainty", "--run", "run", "--out", "fig"],
+        setup=[run_copy(), write("run/uncertainty_trace.npz", b"garbage" * 10)],
+        needs=need,
+    )
+    case(
+        "figure/uncertainty-non-dmuh-run",
+        G,
+        ["figure", "uncertainty", "--run", "run", "--out", "fig"],
+        setup=[run_copy(src="feat"), copy_fx("digits.npz")],
+        needs=("feat",),
+    )
+    for name, extra in {
+        "bits-shown-0": ["--bits-shown", "0"],
+        "gallery-negative": ["--gallery", "-1"],
+        "items-0": ["--items", "0"],
+        "passes-0": ["--passes", "0"],
+    }.items():
+        case(
+            f"figure/uncertainty-{name}",
+            G,
+            ["figure", "uncertainty", "--run", "run", "--out", "fig"] + extra,
+            setup=run_copy(),
+            needs=need,
+        )
+    case(
+        "figure/uncertainty-bits-shown-above-bits",
+        G,
+        ["figure", "uncertainty", "--run", "run", "--out", "fig", "--bits-shown", "100"],
+        expect="either",
+        setup=run_copy(),
+        needs=need,
+        check=made("fig.png"),
+    )
+    for name, extra in {
+        "max-k-0": ["--max-k", "0"],
+        "max-k-negative": ["--max-k", "-5"],
+        "points-1": ["--points", "1"],
+        "points-0": ["--points", "0"],
+        "spacing-unknown": ["--spacing", "cubic"],
+    }.items():
+        case(
+            f"figure/topk-{name}",
+            G,
+            ["figure", "topk", "--run", "run", "--out", "fig"] + extra,
+            setup=run_copy(),
+            needs=need,
+        )
+    case(
+        "figure/topk-split-tampered",
+        G,
+        ["figure", "topk", "--run", "run", "--out", "fig"],
+        setup=[run_copy(), edit_split("run/split.json", queries_are_training_items, "recompute")],
+        needs=need,
+    )
 
 
 def define_overwrite_cases() -> None:
     O = "overwrite"  # noqa: E741
     need = ("base",)
     user = write("mine.txt", "a user's file, not to be replaced\n")
-    case("overwrite/encode-out", O, ["encode", "--run", "run", "--images", "imgs", "--out", "mine.txt", "--quiet"],
-         setup=[run_copy(), copy_fx("imgs"), user], needs=need)
-    case("overwrite/encode-out-is-checkpoint", O,
-         ["encode", "--run", "run", "--images", "imgs", "--out", "run/checkpoint.safetensors", "--quiet"],
-         setup=[run_copy(), copy_fx("imgs")], needs=need)
-    case("overwrite/encode-out-force", O,
-         ["encode", "--run", "run", "--images", "imgs", "--out", "mine.npz", "--force", "--quiet"], expect="ok",
-         setup=[run_copy(), copy_fx("imgs"), write("mine.npz", "old\n")], needs=need, check=codes_count("mine.npz", 60))
-    case("overwrite/index-build-out", O, ["index", "build", "--codes", "c.npz", "--out", "mine.txt"],
-         setup=[copy_fx("codes.npz", "c.npz"), user], needs=("codes",))
-    case("overwrite/index-build-out-is-codes", O, ["index", "build", "--codes", "c.npz", "--out", "c.npz"],
-         setup=copy_fx("codes.npz", "c.npz"), needs=("codes",))
-    case("overwrite/index-build-force", O, ["index", "build", "--codes", "c.npz", "--out", "mine.txt", "--force"],
-         expect="ok", setup=[copy_fx("codes.npz", "c.npz"), user], needs=("codes",),
-         check=lambda ctx: None if ctx.p("mine.txt").read_bytes().startswith(b"DMUHIDX") else "not replaced by an index")
-    case("overwrite/search-out", O, ["search", "--index", "i.dmuhidx", "--queries", "q.npz", "--out", "mine.txt"],
-         setup=[copy_fx("index.dmuhidx", "i.dmuhidx"), copy_fx("codes.npz", "q.npz"), user], needs=("index", "codes"))
-    case("overwrite/search-out-is-index", O, ["search", "--index", "i.dmuhidx", "--queries", "q.npz", "--out", "i.dmuhidx"],
-         setup=[copy_fx("index.dmuhidx", "i.dmuhidx"), copy_fx("codes.npz", "q.npz")], needs=("index", "codes"))
-    case("overwrite/export-onnx-out", O, ["export-onnx", "--run", "run", "--out", "mine.txt"], setup=[run_copy(), user],
-         needs=need)
-    case("overwrite/evaluate-json", O, ["evaluate", "--run", "run", "--json", "mine.txt", "--quiet"],
-         setup=[run_copy(), user], needs=need)
-    case("overwrite/evaluate-json-is-config", O, ["evaluate", "--run", "run", "--json", "run/config.yaml", "--quiet"],
-         setup=run_copy(), needs=need)
-    case("overwrite/evaluate-existing-eval-json", O, ["evaluate", "--run", "run", "--quiet"],
-         setup=[run_copy(), write("run/eval.json", '{"mine": true}\n')], needs=need)
-    case("overwrite/evaluate-json-force", O, ["evaluate", "--run", "run", "--json", "mine.txt", "--force", "--quiet"],
-         expect="ok", setup=[run_copy(), user], needs=need, check=eval_json("mine.txt"))
+    case(
+        "overwrite/encode-out",
+        O,
+        ["encode", "--run", "run", "--images", "imgs", "--out", "mine.txt", "--quiet"],
+        setup=[run_copy(), copy_fx("imgs"), user],
+        needs=need,
+    )
+    case(
+        "overwrite/encode-out-is-checkpoint",
+        O,
+        ["encode", "--run", "run", "--images", "imgs", "--out", "run/checkpoint.safetensors", "--quiet"],
+        setup=[run_copy(), copy_fx("imgs")],
+        needs=need,
+    )
+    case(
+        "overwrite/encode-out-force",
+        O,
+        ["encode", "--run", "run", "--images", "imgs", "--out", "mine.npz", "--force", "--quiet"],
+        expect="ok",
+        setup=[run_copy(), copy_fx("imgs"), write("mine.npz", "old\n")],
+        needs=need,
+        check=codes_count("mine.npz", 60),
+    )
+    case(
+        "overwrite/index-build-out",
+        O,
+        ["index", "build", "--codes", "c.npz", "--out", "mine.txt"],
+        setup=[copy_fx("codes.npz", "c.npz"), user],
+        needs=("codes",),
+    )
+    case(
+        "overwrite/index-build-out-is-codes",
+        O,
+        ["index", "build", "--codes", "c.npz", "--out", "c.npz"],
+        setup=copy_fx("codes.npz", "c.npz"),
+        needs=("codes",),
+    )
+    case(
+        "overwrite/index-build-force",
+        O,
+        ["index", "build", "--codes", "c.npz", "--out", "mine.txt", "--force"],
+        expect="ok",
+        setup=[copy_fx("codes.npz", "c.npz"), user],
+        needs=("codes",),
+        check=lambda ctx: None if ctx.p("mine.txt").read_bytes().startswith(b"DMUHIDX") else "not replaced by an index",
+    )
+    case(
+        "overwrite/search-out",
+        O,
+        ["search", "--index", "i.dmuhidx", "--queries", "q.npz", "--out", "mine.txt"],
+        setup=[copy_fx("index.dmuhidx", "i.dmuhidx"), copy_fx("codes.npz", "q.npz"), user],
+        needs=("index", "codes"),
+    )
+    case(
+        "overwrite/search-out-is-index",
+        O,
+        ["search", "--index", "i.dmuhidx", "--queries", "q.npz", "--out", "i.dmuhidx"],
+        setup=[copy_fx("index.dmuhidx", "i.dmuhidx"), copy_fx("codes.npz", "q.npz")],
+        needs=("index", "codes"),
+    )
+    case(
+        "overwrite/export-onnx-out",
+        O,
+        ["export-onnx", "--run", "run", "--out", "mine.txt"],
+        setup=[run_copy(), user],
+        needs=need,
+    )
+    case(
+        "overwrite/evaluate-json",
+        O,
+        ["evaluate", "--run", "run", "--json", "mine.txt", "--quiet"],
+        setup=[run_copy(), user],
+        needs=need,
+    )
+    case(
+        "overwrite/evaluate-json-is-config",
+        O,
+        ["evaluate", "--run", "run", "--json", "run/config.yaml", "--quiet"],
+        setup=run_copy(),
+        needs=need,
+    )
+    case(
+        "overwrite/evaluate-existing-eval-json",
+        O,
+        ["evaluate", "--run", "run", "--quiet"],
+        setup=[run_copy(), write("run/eval.json", '{"mine": true}\n')],
+        needs=need,
+    )
+    case(
+        "overwrite/evaluate-json-force",
+        O,
+        ["evaluate", "--run", "run", "--json", "mine.txt", "--force", "--quiet"],
+        expect="ok",
+        setup=[run_copy(), user],
+        needs=need,
+        check=eval_json("mine.txt"),
+    )
     for fig in ("uncertainty", "curves", "topk"):
         for ext in ("png", "md"):
-            case(f"overwrite/figure-{fig}-{ext}", O, ["figure", fig, "--run", "run", "--out", "mine"],
-                 setup=[run_copy(), write(f"mine.{ext}", "a user's file\n")], needs=need)
-    case("overwrite/figure-default-out", O, ["figure", "curves", "--run", "run"],
-         setup=[run_copy(), write("run/figure-curves.md", "my notes\n")], needs=need)
+            case(
+                f"overwrite/figure-{fig}-{ext}",
+                O,
+                ["figure", fig, "--run", "run", "--out", "mine"],
+                setup=[run_copy(), write(f"mine.{ext}", "a user's file\n")],
+                needs=need,
+            )
+    case(
+        "overwrite/figure-default-out",
+        O,
+        ["figure", "curves", "--run", "run"],
+        setup=[run_copy(), write("run/figure-curves.md", "my notes\n")],
+        needs=need,
+    )
     case("overwrite/train-out-is-a-file", O, tiny(out="mine.txt"), setup=user)
-    case("overwrite/train-out-holds-user-config", O, tiny(out="mine"),
-         setup=[write("mine/config.yaml", "# my own config, not dmuh's\nfoo: 1\n"), write("mine/notes.txt", "x\n")])
-    case("overwrite/train-out-holds-user-files", O, tiny(out="mine"), expect="either",
-         setup=[write("mine/notes.txt", "x\n"), write("mine/data.csv", "1,2\n")], check=trained("mine"))
+    case(
+        "overwrite/train-out-holds-user-config",
+        O,
+        tiny(out="mine"),
+        setup=[write("mine/config.yaml", "# my own config, not dmuh's\nfoo: 1\n"), write("mine/notes.txt", "x\n")],
+    )
+    case(
+        "overwrite/train-out-holds-user-files",
+        O,
+        tiny(out="mine"),
+        expect="either",
+        setup=[write("mine/notes.txt", "x\n"), write("mine/data.csv", "1,2\n")],
+        check=trained("mine"),
+    )
     case("overwrite/pretrain-out-is-a-file", O, pretrain(out="mine.txt"), setup=user)
-    case("overwrite/pretrain-existing-backbone", O, pretrain(out="pre"),
-         setup=[write("pre/backbone.safetensors", b"my weights"), write("pre/config.yaml", "objective: ce\n")])
+    case(
+        "overwrite/pretrain-existing-backbone",
+        O,
+        pretrain(out="pre"),
+        setup=[write("pre/backbone.safetensors", b"my weights"), write("pre/config.yaml", "objective: ce\n")],
+    )
     case("overwrite/compare-out-is-a-file", O, compare("--methods", "dmuh", "--bits", "8", out="mine.txt"), setup=user)
-    case("overwrite/compare-existing-results", O, compare("--methods", "dmuh", "--bits", "8", out="cmp"),
-         setup=[write("cmp/results.md", "# my results\n"), write("cmp/results.csv", "mine\n")])
-    case("overwrite/demo-existing-results", O, ["demo", "--bits", "8", "--epochs", "1", "--out", "demo"],
-         setup=write("demo/results.md", "# my demo table\n"))
+    case(
+        "overwrite/compare-existing-results",
+        O,
+        compare("--methods", "dmuh", "--bits", "8", out="cmp"),
+        setup=[write("cmp/results.md", "# my results\n"), write("cmp/results.csv", "mine\n")],
+    )
+    case(
+        "overwrite/demo-existing-results",
+        O,
+        ["demo", "--bits", "8", "--epochs", "1", "--out", "demo"],
+        setup=write("demo/results.md", "# my demo table\n"),
+    )
     case("overwrite/demo-out-is-a-file", O, ["demo", "--bits", "8", "--epochs", "1", "--out", "mine.txt"], setup=user)
-    case("overwrite/convert-existing-safetensors", O, ["convert-checkpoint", "--run", "run"],
-         setup=[run_copy(), copy_fx("legacy.pt", "run/checkpoint.pt")], needs=("base", "legacy"))
+    case(
+        "overwrite/convert-existing-safetensors",
+        O,
+        ["convert-checkpoint", "--run", "run"],
+        setup=[run_copy(), copy_fx("legacy.pt", "run/checkpoint.pt")],
+        needs=("base", "legacy"),
+    )
 
 
 # =============================================================================================
@@ -1298,24 +2103,64 @@ def _fixture_legacy(fx: Path) -> None:
     torch.save(state, fx / "legacy.pt")
 
 
-FEAT_ARGV = tiny(data="features:{fx}/digits.npz", model="mlp", bits="16", method="regu", out="{fx}/feat",
-                 mp={"input_size": None, "width": None, "hidden": "[16]"})
+FEAT_ARGV = tiny(
+    data="features:{fx}/digits.npz",
+    model="mlp",
+    bits="16",
+    method="regu",
+    out="{fx}/feat",
+    mp={"input_size": None, "width": None, "hidden": "[16]"},
+)
 FIXTURES: Dict[str, dict] = {
     "data": dict(deps=(), make=_fixture_data),
     "base": dict(deps=("data",), argv=tiny(epochs="2", out="{fx}/base")),
     "feat": dict(deps=("data",), argv=FEAT_ARGV),
-    "codes": dict(deps=("base",), argv=["encode", "--run", "{fx}/base", "--images", "{fx}/imgs", "--out",
-                                       "{fx}/codes.npz", "--uncertainty", "--quiet"]),
-    "codes_plain": dict(deps=("base",), argv=["encode", "--run", "{fx}/base", "--images", "{fx}/imgs", "--out",
-                                             "{fx}/codes_plain.npz", "--quiet"]),
-    "codes16": dict(deps=("feat",), argv=["encode", "--run", "{fx}/feat", "--images", "features:{fx}/digits.npz",
-                                         "--out", "{fx}/codes16.npz", "--quiet"]),
+    "codes": dict(
+        deps=("base",),
+        argv=[
+            "encode",
+            "--run",
+            "{fx}/base",
+            "--images",
+            "{fx}/imgs",
+            "--out",
+            "{fx}/codes.npz",
+            "--uncertainty",
+            "--quiet",
+        ],
+    ),
+    "codes_plain": dict(
+        deps=("base",),
+        argv=["encode", "--run", "{fx}/base", "--images", "{fx}/imgs", "--out", "{fx}/codes_plain.npz", "--quiet"],
+    ),
+    "codes16": dict(
+        deps=("feat",),
+        argv=[
+            "encode",
+            "--run",
+            "{fx}/feat",
+            "--images",
+            "features:{fx}/digits.npz",
+            "--out",
+            "{fx}/codes16.npz",
+            "--quiet",
+        ],
+    ),
     "index": dict(deps=("codes",), argv=["index", "build", "--codes", "{fx}/codes.npz", "--out", "{fx}/index.dmuhidx"]),
     "legacy": dict(deps=("base",), make=_fixture_legacy),
 }
 # fixture files a case may copy, by the fixture that makes them
-FIXTURE_OF = {"digits.npz": "data", "imgs": "data", "base": "base", "feat": "feat", "codes.npz": "codes",
-              "codes_plain.npz": "codes_plain", "codes16.npz": "codes16", "index.dmuhidx": "index", "legacy.pt": "legacy"}
+FIXTURE_OF = {
+    "digits.npz": "data",
+    "imgs": "data",
+    "base": "base",
+    "feat": "feat",
+    "codes.npz": "codes",
+    "codes_plain.npz": "codes_plain",
+    "codes16.npz": "codes16",
+    "index.dmuhidx": "index",
+    "legacy.pt": "legacy",
+}
 
 
 def required_fixtures(cases: Sequence[Case]) -> List[str]:
@@ -1361,10 +2206,19 @@ class Runner:
         home = tmp / "home"
         home.mkdir()
         self.env = dict(os.environ)
-        self.env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), XDG_CONFIG_HOME=str(home / ".config"),
-                        DMUH_CACHE_DIR=str(tmp / "dmuh-cache"), MPLCONFIGDIR=str(home / "mpl"),
-                        TORCH_HOME=str(home / "torch"), PYTHONDONTWRITEBYTECODE="1", MPLBACKEND="Agg",
-                        TMPDIR=str(tmp / "t"), PYTHONUNBUFFERED="1", COLUMNS="100")
+        self.env.update(
+            HOME=str(home),
+            XDG_CACHE_HOME=str(home / ".cache"),
+            XDG_CONFIG_HOME=str(home / ".config"),
+            DMUH_CACHE_DIR=str(tmp / "dmuh-cache"),
+            MPLCONFIGDIR=str(home / "mpl"),
+            TORCH_HOME=str(home / "torch"),
+            PYTHONDONTWRITEBYTECODE="1",
+            MPLBACKEND="Agg",
+            TMPDIR=str(tmp / "t"),
+            PYTHONUNBUFFERED="1",
+            COLUMNS="100",
+        )
         (tmp / "t").mkdir()
         if threads:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -1380,8 +2234,15 @@ class Runner:
     def dmuh(self, argv: Sequence[str], cwd: Path, timeout: float):
         """(returncode or None on timeout, stdout, stderr, seconds)."""
         started = time.monotonic()
-        proc = subprocess.Popen([self.python, "-m", "dmuh", *argv], cwd=cwd, env=self.env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            [self.python, "-m", "dmuh", *argv],
+            cwd=cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
             rc: Optional[int] = proc.returncode
@@ -1403,8 +2264,9 @@ class Runner:
             while pending:
                 ready = [n for n in pending if all(d in done and done[d].done() for d in FIXTURES[n]["deps"])]
                 if not ready:
-                    concurrent.futures.wait([f for f in done.values() if not f.done()],
-                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                    concurrent.futures.wait(
+                        [f for f in done.values() if not f.done()], return_when=concurrent.futures.FIRST_COMPLETED
+                    )
                     continue
                 for name in ready:
                     pending.remove(name)
@@ -1422,11 +2284,14 @@ class Runner:
             if "make" in spec:
                 spec["make"](self.fx)
             else:
-                rc, out, err, _ = self.dmuh(self.fill(spec["argv"], self.fx), self.fx, DEFAULT_TIMEOUT * self.timeout_scale * 2)
+                rc, out, err, _ = self.dmuh(
+                    self.fill(spec["argv"], self.fx), self.fx, DEFAULT_TIMEOUT * self.timeout_scale * 2
+                )
                 if rc != 0:
                     lines = [line for line in err.splitlines() if line.strip()]
                     self.fixture_errors[name] = f"`dmuh {' '.join(spec.get('argv', [])[:3])} ...` exit {rc}: " + (
-                        lines[-1] if lines else "no stderr")
+                        lines[-1] if lines else "no stderr"
+                    )
         except Exception as error:  # noqa: BLE001 - reported, cases that need it are skipped
             self.fixture_errors[name] = f"{type(error).__name__}: {error}"
         state = self.fixture_errors.get(name, "ok")
@@ -1440,8 +2305,12 @@ class Runner:
         result.seconds = time.monotonic() - started
         with self.lock:
             self.counter += 1
-            print(f"[{self.counter}/{total}] {c.name}: {result.outcome} ({result.seconds:.1f} s)"
-                  + (f"  {result.detail[:120]}" if result.outcome in FAILURES else ""), file=sys.stderr, flush=True)
+            print(
+                f"[{self.counter}/{total}] {c.name}: {result.outcome} ({result.seconds:.1f} s)"
+                + (f"  {result.detail[:120]}" if result.outcome in FAILURES else ""),
+                file=sys.stderr,
+                flush=True,
+            )
         return result
 
     def _run_case(self, number: int, c: Case) -> Result:
@@ -1585,28 +2454,43 @@ def failure_list(results: Sequence[Result], every: bool = False) -> str:
         detail = r.detail.replace("|", "\\|").replace("\n", " ")
         if len(detail) > 220:
             detail = detail[:217] + "..."
-        lines.append(f"| {r.case.name} | {r.case.category} | {r.case.expect} | {r.outcome} | "
-                     f"{'' if r.rc is None else r.rc} | {detail} |")
+        lines.append(
+            f"| {r.case.name} | {r.case.category} | {r.case.expect} | {r.outcome} | "
+            f"{'' if r.rc is None else r.rc} | {detail} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", default=[], metavar="SUBSTRING",
-                        help="run the cases whose name or category contains SUBSTRING (repeatable: any of them)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="SUBSTRING",
+        help="run the cases whose name or category contains SUBSTRING (repeatable: any of them)",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="cases run at once [1]")
     parser.add_argument("--list", action="store_true", help="list the cases (name, category, expectation) and exit")
-    parser.add_argument("--all", action="store_true",
-                        help="add the extended cases (more values of the same kinds; about twice the time)")
-    parser.add_argument("--timeout-scale", type=float, default=1.0,
-                        help=f"multiply every case's timeout ({DEFAULT_TIMEOUT:g} s) by this [1]")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="OMP/MKL threads of each dmuh process (0: leave the environment's) [1]")
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter that runs `python -m dmuh` [this one]")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="add the extended cases (more values of the same kinds; about twice the time)",
+    )
+    parser.add_argument(
+        "--timeout-scale",
+        type=float,
+        default=1.0,
+        help=f"multiply every case's timeout ({DEFAULT_TIMEOUT:g} s) by this [1]",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="OMP/MKL threads of each dmuh process (0: leave the environment's) [1]"
+    )
+    parser.add_argument("--python", default=sys.executable, help="interpreter that runs `python -m dmuh` [this one]")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
-    parser.add_argument("--details", action="store_true",
-                        help="list every case with its outcome and message, not only the failures")
+    parser.add_argument(
+        "--details", action="store_true", help="list every case with its outcome and message, not only the failures"
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a case is not ok / a clear error")
     args = parser.parse_args()
     if args.jobs < 1:
@@ -1615,8 +2499,11 @@ def main() -> int:
     define_cases()
     unknown = EXTENDED - {c.name for c in CASES}
     assert not unknown, f"EXTENDED names no case: {sorted(unknown)}"
-    cases = [c for c in CASES if (args.all or not c.extended)
-             and (not args.only or any(s in c.name or s in c.category for s in args.only))]
+    cases = [
+        c
+        for c in CASES
+        if (args.all or not c.extended) and (not args.only or any(s in c.name or s in c.category for s in args.only))
+    ]
     if args.list:
         for c in cases:
             print(f"{c.name}\t{c.category}\t{c.expect}" + ("\t(--all)" if c.extended else ""))

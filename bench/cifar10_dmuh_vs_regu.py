@@ -44,8 +44,12 @@ def main() -> None:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (mean ± sd and paired intervals)")
     parser.add_argument("--against", default=None, help="with --seeds: the row every other is paired against")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once on the device (dmuh compare --jobs)")
-    parser.add_argument("--checkpoint-every", type=int, default=10,
-                        help="epochs between checkpoints (a ResNet-18 run's is ~135 MB) [10]")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="epochs between checkpoints (a ResNet-18 run's is ~135 MB) [10]",
+    )
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -54,26 +58,61 @@ def main() -> None:
         pre_dir = out / f"pretrain-{args.objective}-{args.pretrain_epochs}"
         if not (pre_dir / BACKBONE).exists() or len(read_log(pre_dir / LOG)) < args.pretrain_epochs:
             started = time.perf_counter()
-            pretrain(PretrainConfig(data=args.data, protocol=args.protocol, model=args.model, objective=args.objective,
-                                    epochs=args.pretrain_epochs, device=args.device, cache_dir=args.cache_dir,
-                                    out=str(pre_dir)), progress=False)
+            pretrain(
+                PretrainConfig(
+                    data=args.data,
+                    protocol=args.protocol,
+                    model=args.model,
+                    objective=args.objective,
+                    epochs=args.pretrain_epochs,
+                    device=args.device,
+                    cache_dir=args.cache_dir,
+                    out=str(pre_dir),
+                ),
+                progress=False,
+            )
             print(f"pretrain {args.objective}: {time.perf_counter() - started:.0f} s", flush=True)
         init = str(pre_dir)
 
-    base = TrainConfig(data=args.data, protocol=args.protocol, model=args.model, epochs=args.epochs, lr=args.lr,
-                       backbone_lr_scale=args.backbone_lr_scale, augment="flip-crop", device=args.device,
-                       init=init, cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, out=str(out))
+    base = TrainConfig(
+        data=args.data,
+        protocol=args.protocol,
+        model=args.model,
+        epochs=args.epochs,
+        lr=args.lr,
+        backbone_lr_scale=args.backbone_lr_scale,
+        augment="flip-crop",
+        device=args.device,
+        init=init,
+        cache_dir=args.cache_dir,
+        checkpoint_every=args.checkpoint_every,
+        out=str(out),
+    )
     methods = args.methods.split(",")
     shared_params = parse_params(args.param)
-    rows = compare(methods, [int(b) for b in args.bits.split(",")], base, out,
-                   method_params={m: shared_params for m in methods}, echo=lambda line: None, jobs=args.jobs,
-                   seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None, against=args.against)
+    rows = compare(
+        methods,
+        [int(b) for b in args.bits.split(",")],
+        base,
+        out,
+        method_params={m: shared_params for m in methods},
+        echo=lambda line: None,
+        jobs=args.jobs,
+        seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+        against=args.against,
+    )
     for row in rows:
-        print(f"{row['method']} {row['bits']} bits seed {row.get('seed', '-')}: MAP {row['map']:.4f}, "
-              f"{row['seconds']:.0f} s", flush=True)
-    print(f"\nCIFAR-10, cifar10 protocol (1,000 query / 5,000 train / 59,000 database), {args.model}, "
-          f"{args.epochs} epochs, init {init}")
+        print(
+            f"{row['method']} {row['bits']} bits seed {row.get('seed', '-')}: MAP {row['map']:.4f}, "
+            f"{row['seconds']:.0f} s",
+            flush=True,
+        )
+    print(
+        f"\nCIFAR-10, cifar10 protocol (1,000 query / 5,000 train / 59,000 database), {args.model}, "
+        f"{args.epochs} epochs, init {init}"
+    )
     print((out / RESULTS_MARKDOWN).read_text())
+
 
 if __name__ == "__main__":
     main()

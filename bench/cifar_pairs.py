@@ -41,26 +41,42 @@ def main(argv=None) -> int:
         source = open_source(args.data)
         if (source.labels.sum(axis=1) != 1).any():
             raise DmuhError(f"--data {args.data}: synthetic tags need exactly one label per item")
-        texts = tag_texts(source.labels.argmax(axis=1), source.class_names, seed=args.seed, drop=args.drop,
-                          related=args.related, noise=args.noise, swap=args.swap)
+        texts = tag_texts(
+            source.labels.argmax(axis=1),
+            source.class_names,
+            seed=args.seed,
+            drop=args.drop,
+            related=args.related,
+            noise=args.noise,
+            swap=args.swap,
+        )
         vocabulary = Vocabulary.fit(texts)
         if args.features:
             features = FeatureSource.load(args.features)
             if features.ids != source.ids:
-                raise DmuhError(f"--features {args.features}: its items are not those of --data, in that order (ids differ)")
+                raise DmuhError(
+                    f"--features {args.features}: its items are not those of --data, in that order (ids differ)"
+                )
             image = features.features
         else:
             image = source.decode()
-        arrays = dict(image=image, text=vocabulary.vectorize(texts).astype(np.uint8), labels=source.labels,
-                      class_names=np.array(source.class_names), ids=np.array(source.ids),
-                      vocabulary=np.array(vocabulary.words))
+        arrays = dict(
+            image=image,
+            text=vocabulary.vectorize(texts).astype(np.uint8),
+            labels=source.labels,
+            class_names=np.array(source.class_names),
+            ids=np.array(source.ids),
+            vocabulary=np.array(vocabulary.words),
+        )
         if source.subsets is not None:
             arrays["subsets"] = source.subsets
         with atomic_path(out) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
         tags = arrays["text"].sum(axis=1)
-        print(f"{out}: {len(texts)} pairs, image {image.shape[1:]} , {len(vocabulary)} words, "
-              f"{tags.mean():.1f} tags per item (min {tags.min()}, max {tags.max()})")
+        print(
+            f"{out}: {len(texts)} pairs, image {image.shape[1:]} , {len(vocabulary)} words, "
+            f"{tags.mean():.1f} tags per item (min {tags.min()}, max {tags.max()})"
+        )
         return 0
     except DmuhError as error:
         print(f"cifar_pairs: {error}", file=sys.stderr)

@@ -39,12 +39,49 @@ def cmd_train(args) -> None:
                 out = Path(args.out) / f"{method}-{bits}-s{seed}"
                 if (out / "eval.json").exists():
                     continue
-                jobs.append((out, ["train", "--method", method, "--data", args.data, "--protocol", args.protocol,
-                                   "--model", "mlp", "--model-param", "hidden=[]", "-p", "text_hidden=[1024]",
-                                   "--bits", bits, "--epochs", args.epochs, "--batch-size", 128,
-                                   "--optimizer", "adamw", "--lr", lrs.get(method, args.default_lr), "--lr-end", "1e-6",
-                                   "--init", "scratch", "--seed", seed, "--split-seed", seed, "--out", out,
-                                   "--quiet", "--eval-every", -1]))
+                jobs.append(
+                    (
+                        out,
+                        [
+                            "train",
+                            "--method",
+                            method,
+                            "--data",
+                            args.data,
+                            "--protocol",
+                            args.protocol,
+                            "--model",
+                            "mlp",
+                            "--model-param",
+                            "hidden=[]",
+                            "-p",
+                            "text_hidden=[1024]",
+                            "--bits",
+                            bits,
+                            "--epochs",
+                            args.epochs,
+                            "--batch-size",
+                            128,
+                            "--optimizer",
+                            "adamw",
+                            "--lr",
+                            lrs.get(method, args.default_lr),
+                            "--lr-end",
+                            "1e-6",
+                            "--init",
+                            "scratch",
+                            "--seed",
+                            seed,
+                            "--split-seed",
+                            seed,
+                            "--out",
+                            out,
+                            "--quiet",
+                            "--eval-every",
+                            -1,
+                        ],
+                    )
+                )
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
@@ -56,8 +93,12 @@ def cmd_train(args) -> None:
         if command is not None:
             subprocess.run([sys.executable, "-m", "dmuh", *map(str, command)], check=True, env=env)
             (out / "seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-        subprocess.run([sys.executable, "-m", "dmuh", "evaluate", "--run", str(out)], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "dmuh", "evaluate", "--run", str(out)],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         print(f"done {out} in {time.perf_counter() - started:.0f} s", flush=True)
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -74,9 +115,13 @@ def cmd_report(args) -> None:
         method, bits, _ = run.name.rsplit("-", 2)
         report = json.loads((run / "eval.json").read_text())
         seconds = run / "seconds.txt"
-        rows.setdefault((method, int(bits)), []).append({
-            "i2t": report["directions"]["i2t"]["map"], "t2i": report["directions"]["t2i"]["map"],
-            "seconds": float(seconds.read_text()) if seconds.exists() else float("nan")})
+        rows.setdefault((method, int(bits)), []).append(
+            {
+                "i2t": report["directions"]["i2t"]["map"],
+                "t2i": report["directions"]["t2i"]["map"],
+                "seconds": float(seconds.read_text()) if seconds.exists() else float("nan"),
+            }
+        )
     methods = [m for m in METHODS if any(key[0] == m for key in rows)]
     methods += sorted({m for m, _ in rows} - set(methods))
     bits = sorted({b for _, b in rows})
@@ -84,12 +129,21 @@ def cmd_report(args) -> None:
         print(f"| {title} | " + " | ".join(f"{b} bits" for b in bits) + " |")
         print("|---|" + "---:|" * len(bits))
         for method in methods:
-            print(f"| {display_name(method)} | "
-                  + " | ".join(cell([r[direction] for r in rows.get((method, b), [])]) for b in bits) + " |")
+            print(
+                f"| {display_name(method)} | "
+                + " | ".join(cell([r[direction] for r in rows.get((method, b), [])]) for b in bits)
+                + " |"
+            )
         print()
-    print("training seconds (mean over seeds): " + ", ".join(
-        f"{display_name(m)}-{b} {np.nanmean([r['seconds'] for r in rows[(m, b)]]):.0f}"
-        for m in methods for b in bits if (m, b) in rows))
+    print(
+        "training seconds (mean over seeds): "
+        + ", ".join(
+            f"{display_name(m)}-{b} {np.nanmean([r['seconds'] for r in rows[(m, b)]]):.0f}"
+            for m in methods
+            for b in bits
+            if (m, b) in rows
+        )
+    )
 
 
 def main() -> None:

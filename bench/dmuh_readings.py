@@ -27,8 +27,13 @@ from dmuh.metrics.ranking import DEFAULT_TIES
 from dmuh.runs.config import TrainConfig
 from dmuh.utils.schema import parse_params
 
-TODAY = {"momentum_dropout": "off", "momentum_update": "step", "output": "tanh", "normalisation": "nB",
-         "retrieval": "hashing"}
+TODAY = {
+    "momentum_dropout": "off",
+    "momentum_update": "step",
+    "output": "tanh",
+    "normalisation": "nB",
+    "retrieval": "hashing",
+}
 READINGS = {
     "dmuh today": ("dmuh", {}),
     "dmuh own dropout": ("dmuh", {"momentum_dropout": "own"}),
@@ -55,8 +60,13 @@ def run_one(name: str, config: dict, passes: int, threads: int) -> dict:
     if not (Path(config.out) / CHECKPOINT).exists():
         train(config, progress=False, echo=lambda line: None)
     last = read_log(Path(config.out) / LOG)[-1]
-    row = {"reading": name, "map": last.get("map"), "train_map": last.get("train_map"),
-           "bit_u": last.get("bit_uncertainty", float("nan")), "run": config.out}
+    row = {
+        "reading": name,
+        "map": last.get("map"),
+        "train_map": last.get("train_map"),
+        "bit_u": last.get("bit_uncertainty", float("nan")),
+        "run": config.out,
+    }
     if config.method.startswith("dmuh"):
         exp = load_run(config.out, config.device)
         positions = np.linspace(0, len(exp.split.train) - 1, 1000).round().astype(np.int64)
@@ -83,10 +93,20 @@ def main() -> None:
     parser.add_argument("--cache-dir")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    base = TrainConfig(data=args.data, protocol=args.protocol, model=args.model,
-                       model_params=parse_params(args.model_param, "--model-param"), init=args.init, bits=args.bits,
-                       epochs=args.epochs, seed=args.seed, augment=args.augment, device=args.device,
-                       cache_dir=args.cache_dir, checkpoint_every=args.epochs)
+    base = TrainConfig(
+        data=args.data,
+        protocol=args.protocol,
+        model=args.model,
+        model_params=parse_params(args.model_param, "--model-param"),
+        init=args.init,
+        bits=args.bits,
+        epochs=args.epochs,
+        seed=args.seed,
+        augment=args.augment,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        checkpoint_every=args.epochs,
+    )
     names = [n.strip() for n in args.readings.split(",") if n.strip()]
     unknown = [n for n in names if n not in READINGS]
     if unknown:
@@ -104,12 +124,17 @@ def main() -> None:
         decode_all(open_source(base.data), base)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows = list(pool.map(run_one, [n for n, _ in jobs], [c for _, c in jobs], [args.passes] * len(jobs),
-                             [threads] * len(jobs)))
-    print(f"| reading | final mean bit u | image-level u min / median / max (1,000 train items) | train MAP | MAP (ties {DEFAULT_TIES}) |")
+        rows = list(
+            pool.map(
+                run_one, [n for n, _ in jobs], [c for _, c in jobs], [args.passes] * len(jobs), [threads] * len(jobs)
+            )
+        )
+    print(
+        f"| reading | final mean bit u | image-level u min / median / max (1,000 train items) | train MAP | MAP (ties {DEFAULT_TIES}) |"
+    )
     print("|---|---:|---|---:|---:|")
     for row in rows:
-        spread = (f"{row['u_min']:.3f} / {row['u_median']:.3f} / {row['u_max']:.3f}" if "u_min" in row else "-")
+        spread = f"{row['u_min']:.3f} / {row['u_median']:.3f} / {row['u_max']:.3f}" if "u_min" in row else "-"
         bit_u = f"{row['bit_u']:.4f}" if row["bit_u"] == row["bit_u"] else "-"
         print(f"| {row['reading']} | {bit_u} | {spread} | {row['train_map']:.4f} | {row['map']:.4f} |")
 

@@ -47,8 +47,12 @@ def time_map(problem, device: str, ties: str, repeats: int, budget: float) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=None, help="comma-separated, e.g. cpu,cuda (default: cpu, plus cuda if available)")
-    parser.add_argument("--sizes", default="1000x59000,1000x54000,7000x1000000", help="QUERIESxDATABASE, comma-separated")
+    parser.add_argument(
+        "--device", default=None, help="comma-separated, e.g. cpu,cuda (default: cpu, plus cuda if available)"
+    )
+    parser.add_argument(
+        "--sizes", default="1000x59000,1000x54000,7000x1000000", help="QUERIESxDATABASE, comma-separated"
+    )
     parser.add_argument("--ties", default="expected,index", help="tie modes to time, comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=60.0, help="stop repeating a case after this many seconds")

@@ -74,8 +74,12 @@ def query_ap(run: Path) -> dict:
 
     exp = load_run(run)
     labels = np.asarray(exp.source.labels)
-    ranking = HammingRanking(sign(encode_part(exp, "query")), sign(encode_part(exp, "database")),
-                             labels[exp.split.query], labels[exp.split.database])
+    ranking = HammingRanking(
+        sign(encode_part(exp, "query")),
+        sign(encode_part(exp, "database")),
+        labels[exp.split.query],
+        labels[exp.split.database],
+    )
     ap, _ = ranking.average_precision(None, "expected")
     return {"positions": list(range(len(ap))), "ap": [float(a) for a in ap], "map": float(np.mean(ap))}
 
@@ -88,11 +92,39 @@ def cmd_one(args) -> None:
     log = read_log(out / LOG) if (out / LOG).exists() else []
     if not (log and int(log[-1]["epoch"]) == args.epochs and (out / CHECKPOINT).exists()):
         resume = ["--resume"] if (out / CHECKPOINT).exists() else []
-        dmuh("train", "--data", f"features:{Path(args.features).resolve()}", "--protocol", "cifar10",
-             "--model", "mlp", "--model-param", f"hidden=[{args.hidden}]", "--model-param", "dropout=0.5",
-             "--method", args.method, "--bits", args.bits, "--epochs", args.epochs,
-             "--label-noise", args.rate, "--label-noise-seed", args.seed, "--seed", args.seed,
-             "--trace-items", 0, "--train-map-items", 0, "--out", out, "--quiet", *resume)
+        dmuh(
+            "train",
+            "--data",
+            f"features:{Path(args.features).resolve()}",
+            "--protocol",
+            "cifar10",
+            "--model",
+            "mlp",
+            "--model-param",
+            f"hidden=[{args.hidden}]",
+            "--model-param",
+            "dropout=0.5",
+            "--method",
+            args.method,
+            "--bits",
+            args.bits,
+            "--epochs",
+            args.epochs,
+            "--label-noise",
+            args.rate,
+            "--label-noise-seed",
+            args.seed,
+            "--seed",
+            args.seed,
+            "--trace-items",
+            0,
+            "--train-map-items",
+            0,
+            "--out",
+            out,
+            "--quiet",
+            *resume,
+        )
         (out / "seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
     inspections = [("inspect", [])]
     if args.method == "dmuh":
@@ -115,9 +147,31 @@ def cmd_train(args) -> None:
     def run(job):
         method, rate, seed = job
         out = Path(args.out) / run_name(method, rate, seed)
-        subprocess.run([sys.executable, __file__, "one", "--features", args.features, "--method", method,
-                        "--rate", str(rate), "--seed", str(seed), "--epochs", str(args.epochs), "--bits",
-                        str(args.bits), "--hidden", str(args.hidden), "--out", str(out)], check=True, env=env)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "one",
+                "--features",
+                args.features,
+                "--method",
+                method,
+                "--rate",
+                str(rate),
+                "--seed",
+                str(seed),
+                "--epochs",
+                str(args.epochs),
+                "--bits",
+                str(args.bits),
+                "--hidden",
+                str(args.hidden),
+                "--out",
+                str(out),
+            ],
+            check=True,
+            env=env,
+        )
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run, jobs))
@@ -168,14 +222,19 @@ def cleanlab_scores(features: np.ndarray, run: Path, seed: int, cache: Path) -> 
     labels[noise.positions] = noise.noisy
     started = time.perf_counter()
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    probabilities = cross_val_predict(model, np.asarray(data["features"])[split.train], labels, cv=5,
-                                      method="predict_proba")
+    probabilities = cross_val_predict(
+        model, np.asarray(data["features"])[split.train], labels, cv=5, method="predict_proba"
+    )
     issues = find_label_issues(labels, probabilities, n_jobs=1)
     flipped = noise.mask(len(labels))
-    result = {"quality": detection_scores(1.0 - get_label_quality_scores(labels, probabilities), flipped),
-              "issues": int(issues.sum()), "issues_precision": float(flipped[issues].mean()) if issues.any() else math.nan,
-              "issues_recall": float(issues[flipped].mean()), "seconds": time.perf_counter() - started,
-              "seed": seed}
+    result = {
+        "quality": detection_scores(1.0 - get_label_quality_scores(labels, probabilities), flipped),
+        "issues": int(issues.sum()),
+        "issues_precision": float(flipped[issues].mean()) if issues.any() else math.nan,
+        "issues_recall": float(issues[flipped].mean()),
+        "seconds": time.perf_counter() - started,
+        "seed": seed,
+    }
     cache.write_text(json.dumps(result))
     return result
 
@@ -205,9 +264,12 @@ def cmd_report(args) -> None:
                     maps[m, r][s] = json.loads((run / "query_ap.json").read_text())["map"]
                     if (run / "seconds.txt").exists():
                         seconds[m].append(float((run / "seconds.txt").read_text()))
-    lines += ["## MAP@all (ties expected) trained on noisy labels", "",
-              "| method | " + " | ".join(f"{round(r * 100)}% flipped" for r in args.rates) + " |",
-              "|---|" + "---:|" * len(args.rates)]
+    lines += [
+        "## MAP@all (ties expected) trained on noisy labels",
+        "",
+        "| method | " + " | ".join(f"{round(r * 100)}% flipped" for r in args.rates) + " |",
+        "|---|" + "---:|" * len(args.rates),
+    ]
     for m in args.methods:
         lines.append(f"| {NAMES.get(m, m)} | " + " | ".join(seeds_cell(maps[m, r].values()) for r in args.rates) + " |")
     if set(args.methods) >= {"regu", "dmuh"}:
@@ -216,8 +278,12 @@ def cmd_report(args) -> None:
             seeds = sorted(set(maps["dmuh", r]) & set(maps["regu", r]))
             cells.append(_interval([maps["dmuh", r][s] - maps["regu", r][s] for s in seeds]))
         lines.append("| DMUH - Regu, paired (mean [95% t interval]) | " + " | ".join(cells) + " |")
-    lines += ["", "seconds per run (train + inspect + per-query AP), mean: " +
-              ", ".join(f"{NAMES.get(m, m)} {np.mean(v):.0f}" for m, v in seconds.items() if v), ""]
+    lines += [
+        "",
+        "seconds per run (train + inspect + per-query AP), mean: "
+        + ", ".join(f"{NAMES.get(m, m)} {np.mean(v):.0f}" for m, v in seconds.items() if v),
+        "",
+    ]
 
     # Finding the flipped labels
     for r in [r for r in args.rates if r > 0]:
@@ -230,45 +296,75 @@ def cmd_report(args) -> None:
         for s in args.seeds:
             d = out / run_name("dmuh", r, s)
             if (d / "inspect" / "items.csv").exists():
-                training, evaluated = read_items(d / "inspect" / "items.csv"), read_items(d / "inspect-eval" / "items.csv")
+                training, evaluated = (
+                    read_items(d / "inspect" / "items.csv"),
+                    read_items(d / "inspect-eval" / "items.csv"),
+                )
                 flipped = training["flipped"]
                 reading = summary(run_name("dmuh", r, s), "inspect")
-                add(f"DMUH uncertainty, training reading ({reading['passes']} passes)", s,
-                    detection_scores(training["uncertainty"], flipped))
-                add("DMUH uncertainty, eval reading (`dmuh encode --uncertainty`)", s,
-                    detection_scores(evaluated["uncertainty"], flipped))
+                add(
+                    f"DMUH uncertainty, training reading ({reading['passes']} passes)",
+                    s,
+                    detection_scores(training["uncertainty"], flipped),
+                )
+                add(
+                    "DMUH uncertainty, eval reading (`dmuh encode --uncertainty`)",
+                    s,
+                    detection_scores(evaluated["uncertainty"], flipped),
+                )
                 add("DMUH pairwise loss (small-loss criterion)", s, detection_scores(training["loss"], flipped))
-                add("rank average: DMUH training-reading uncertainty + loss", s,
-                    detection_scores(rank_average(training["uncertainty"], training["loss"]), flipped))
-                add("rank average: DMUH eval-reading uncertainty + loss", s,
-                    detection_scores(rank_average(evaluated["uncertainty"], training["loss"]), flipped))
+                add(
+                    "rank average: DMUH training-reading uncertainty + loss",
+                    s,
+                    detection_scores(rank_average(training["uncertainty"], training["loss"]), flipped),
+                )
+                add(
+                    "rank average: DMUH eval-reading uncertainty + loss",
+                    s,
+                    detection_scores(rank_average(evaluated["uncertainty"], training["loss"]), flipped),
+                )
             g = out / run_name("regu", r, s)
             if (g / "inspect" / "items.csv").exists():
                 regu = read_items(g / "inspect" / "items.csv")
                 add("Regu pairwise loss (small-loss criterion)", s, detection_scores(regu["loss"], regu["flipped"]))
             if (d / "label_noise.json").exists():
-                result = cleanlab_scores(Path(args.features), d, s, out / f"cleanlab-noise{round(r * 100):02d}-s{s}.json")
+                result = cleanlab_scores(
+                    Path(args.features), d, s, out / f"cleanlab-noise{round(r * 100):02d}-s{s}.json"
+                )
                 if "error" in result:
                     cleanlab_note = result["error"]
                 else:
-                    add("cleanlab label-quality score (logistic regression, 5-fold out-of-sample)", s, result["quality"])
+                    add(
+                        "cleanlab label-quality score (logistic regression, 5-fold out-of-sample)", s, result["quality"]
+                    )
                     add("_issues", s, result)
         issues = scores.pop("_issues", {})
-        lines += [f"## Finding the {round(r * 100)}% flipped training labels (5,000 training items)", "",
-                  "| score | AUROC | precision in the top 10% (500) |", "|---|---:|---:|"]
+        lines += [
+            f"## Finding the {round(r * 100)}% flipped training labels (5,000 training items)",
+            "",
+            "| score | AUROC | precision in the top 10% (500) |",
+            "|---|---:|---:|",
+        ]
         for name, by_seed in scores.items():
-            lines.append(f"| {name} | {seeds_cell(v['auroc'] for v in by_seed.values())} | "
-                         f"{seeds_cell(v['top_precision'] for v in by_seed.values())} |")
+            lines.append(
+                f"| {name} | {seeds_cell(v['auroc'] for v in by_seed.values())} | "
+                f"{seeds_cell(v['top_precision'] for v in by_seed.values())} |"
+            )
         base = next(iter(next(iter(scores.values())).values()))["base_rate"] if scores else math.nan
         lines += ["", f"Base rate (a random ranking's precision): {base:.4f}."]
         if cleanlab_note:
             lines.append(f"cleanlab: {cleanlab_note}.")
         elif issues:
-            lines.append("cleanlab `find_label_issues` (default filter): flags " +
-                         seeds_cell([v["issues"] for v in issues.values()], 0) + " items, precision " +
-                         seeds_cell([v["issues_precision"] for v in issues.values()]) + ", recall " +
-                         seeds_cell([v["issues_recall"] for v in issues.values()]) + "; fit + predict " +
-                         f"{np.mean([v['seconds'] for v in issues.values()]):.0f} s a seed.")
+            lines.append(
+                "cleanlab `find_label_issues` (default filter): flags "
+                + seeds_cell([v["issues"] for v in issues.values()], 0)
+                + " items, precision "
+                + seeds_cell([v["issues_precision"] for v in issues.values()])
+                + ", recall "
+                + seeds_cell([v["issues_recall"] for v in issues.values()])
+                + "; fit + predict "
+                + f"{np.mean([v['seconds'] for v in issues.values()]):.0f} s a seed."
+            )
         loss = scores.get("DMUH pairwise loss (small-loss criterion)", {})
         for name in [n for n in scores if n.startswith(("DMUH uncertainty", "rank average", "Regu", "cleanlab"))]:
             seeds = sorted(set(scores[name]) & set(loss))
@@ -288,20 +384,38 @@ def cmd_report(args) -> None:
             ap = np.array(json.loads((run / "query_ap.json").read_text())["ap"])
             tenth = max(1, len(u) // 10)
             order = np.argsort(u, kind="stable")
-            per_seed.append({"seed": s, **spearman(u, ap), "sure": float(ap[order[:tenth]].mean()),
-                             "unsure": float(ap[order[-tenth:]].mean()), "map": float(ap.mean())})
+            per_seed.append(
+                {
+                    "seed": s,
+                    **spearman(u, ap),
+                    "sure": float(ap[order[:tenth]].mean()),
+                    "unsure": float(ap[order[-tenth:]].mean()),
+                    "map": float(ap.mean()),
+                }
+            )
         if per_seed:
             reading = summary(run_name("dmuh", 0.0, per_seed[0]["seed"]), name)
-            rows.append((f"{reading['reading']} reading" + (f" ({reading['passes']} passes)" if reading["reading"] == "training" else ""),
-                         per_seed))
+            rows.append(
+                (
+                    f"{reading['reading']} reading"
+                    + (f" ({reading['passes']} passes)" if reading["reading"] == "training" else ""),
+                    per_seed,
+                )
+            )
     if rows:
-        lines += ["## Query confidence: does a query's uncertainty predict its AP? (DMUH, clean labels, 1,000 queries)", "",
-                  "| uncertainty | Spearman rho per seed (p) | mean rho [95% t interval] | AP of the 10% most certain | "
-                  "AP of the 10% least certain | MAP |", "|---|---|---|---:|---:|---:|"]
+        lines += [
+            "## Query confidence: does a query's uncertainty predict its AP? (DMUH, clean labels, 1,000 queries)",
+            "",
+            "| uncertainty | Spearman rho per seed (p) | mean rho [95% t interval] | AP of the 10% most certain | "
+            "AP of the 10% least certain | MAP |",
+            "|---|---|---|---:|---:|---:|",
+        ]
         for label, per_seed in rows:
-            lines.append(f"| {label} | " + "; ".join(f"{v['rho']:+.3f} (p {v['p']:.2g})" for v in per_seed) + " | "
-                         f"{_interval([v['rho'] for v in per_seed])} | {seeds_cell(v['sure'] for v in per_seed)} | "
-                         f"{seeds_cell(v['unsure'] for v in per_seed)} | {seeds_cell(v['map'] for v in per_seed)} |")
+            lines.append(
+                f"| {label} | " + "; ".join(f"{v['rho']:+.3f} (p {v['p']:.2g})" for v in per_seed) + " | "
+                f"{_interval([v['rho'] for v in per_seed])} | {seeds_cell(v['sure'] for v in per_seed)} | "
+                f"{seeds_cell(v['unsure'] for v in per_seed)} | {seeds_cell(v['map'] for v in per_seed)} |"
+            )
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     print(text)

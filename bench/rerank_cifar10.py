@@ -27,9 +27,14 @@ from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU
 from dmuh.utils.io import atomic_write_text
 
 
-def rerank_experiment(run, device: str = "cpu", depth: int = DEFAULT_RERANK_DEPTH,
-                      taus: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0), ks: Sequence[int] = (10, 100, 1000),
-                      chunk: int = 100) -> Dict[str, Any]:
+def rerank_experiment(
+    run,
+    device: str = "cpu",
+    depth: int = DEFAULT_RERANK_DEPTH,
+    taus: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
+    ks: Sequence[int] = (10, 100, 1000),
+    chunk: int = 100,
+) -> Dict[str, Any]:
     """MAP and P@k of a DMUH run's query split against its database split, per ranking:
 
     - "hamming": Hamming distance, ties by database position (as `dmuh evaluate --ties index`);
@@ -48,7 +53,9 @@ def rerank_experiment(run, device: str = "cpu", depth: int = DEFAULT_RERANK_DEPT
         raise DmuhError(f"{run}: re-ranking needs a DMUH run (a momentum network); this run is {exp.config.method!r}")
     for module in (exp.model, exp.method, exp.momentum.network):
         module.eval()
-    encoder = Encoder(Path(run), exp.config, exp.model, exp.method, exp.momentum.network, exp.pipeline, exp.execution, {})
+    encoder = Encoder(
+        Path(run), exp.config, exp.model, exp.method, exp.momentum.network, exp.pipeline, exp.execution, {}
+    )
     split = exp.split
     query_h, query_u = encoder.continuous(exp.images[torch.from_numpy(split.query)], uncertainty=True)
     database_h, _ = encoder.continuous(exp.images[torch.from_numpy(split.database)])
@@ -86,20 +93,34 @@ def rerank_experiment(run, device: str = "cpu", depth: int = DEFAULT_RERANK_DEPT
             keys = (head_hamming, weighted) if tie_break else (weighted, head_hamming)
             head_order = torch.sort(positions[head], dim=1).indices  # position, the last key
             for key in reversed(keys):
-                head_order = torch.gather(head_order, 1, torch.sort(torch.gather(key, 1, head_order), dim=1, stable=True).indices)
-            reranked = torch.cat([torch.gather(ranked_relevant[:, :depth], 1, head_order), ranked_relevant[:, depth:]], dim=1)
+                head_order = torch.gather(
+                    head_order, 1, torch.sort(torch.gather(key, 1, head_order), dim=1, stable=True).indices
+                )
+            reranked = torch.cat(
+                [torch.gather(ranked_relevant[:, :depth], 1, head_order), ranked_relevant[:, depth:]], dim=1
+            )
             relevant_rows[name].append(reranked.cpu())
     results = []
     for name, *_ in variants:
         results.append({"ranking": name, **ranked_metrics(torch.cat(relevant_rows[name]), split.topk, ks)})
     report = {
-        "run": str(run), "method": exp.config.method, "bits": bits, "protocol": split.protocol,
-        "query": int(len(split.query)), "database": int(n_database), "map_at": split.topk or "all",
-        "depth": depth, "mean_bit_uncertainty": float(query_u.mean()), "results": results,
+        "run": str(run),
+        "method": exp.config.method,
+        "bits": bits,
+        "protocol": split.protocol,
+        "query": int(len(split.query)),
+        "database": int(n_database),
+        "map_at": split.topk or "all",
+        "depth": depth,
+        "mean_bit_uncertainty": float(query_u.mean()),
+        "results": results,
     }
     # The reference number of `dmuh evaluate`: the expected MAP over random tie orders.
-    report["hamming_map_ties_expected"] = float(mean_average_precision(
-        query_b.cpu(), database_b.cpu(), query_labels.cpu(), database_labels.cpu(), topk=split.topk, ties="expected"))
+    report["hamming_map_ties_expected"] = float(
+        mean_average_precision(
+            query_b.cpu(), database_b.cpu(), query_labels.cpu(), database_labels.cpu(), topk=split.topk, ties="expected"
+        )
+    )
     return report
 
 
@@ -108,8 +129,11 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="run directory of a trained DMUH run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--depth", type=int, default=1000, help="candidates re-ranked per query")
-    parser.add_argument("--taus", default="0.25,0.5,1,2,4",
-                        help="re-ranking temperatures (relative to each query's mean bit uncertainty)")
+    parser.add_argument(
+        "--taus",
+        default="0.25,0.5,1,2,4",
+        help="re-ranking temperatures (relative to each query's mean bit uncertainty)",
+    )
     parser.add_argument("--ks", default="10,100,1000", help="P@k cut-offs")
     parser.add_argument("--out", help="also write the report as JSON")
     parser.add_argument("--force", action="store_true", help="replace --out")
@@ -117,22 +141,30 @@ def main() -> None:
     if args.out and Path(args.out).exists() and not args.force:
         raise SystemExit(f"--out {args.out} already exists; pass --force to replace it")
     try:
-        report = rerank_experiment(args.run, device=args.device, depth=args.depth,
-                                   taus=[float(t) for t in args.taus.split(",")],
-                                   ks=[int(k) for k in args.ks.split(",")])
+        report = rerank_experiment(
+            args.run,
+            device=args.device,
+            depth=args.depth,
+            taus=[float(t) for t in args.taus.split(",")],
+            ks=[int(k) for k in args.ks.split(",")],
+        )
     except DmuhError as error:
         raise SystemExit(f"rerank_cifar10: error: {error}") from None
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     metrics = [key for key in report["results"][0] if key != "ranking"]
-    print(f"{report['run']}: {report['method']} {report['bits']} bits, protocol {report['protocol']}, "
-          f"{report['query']} queries x {report['database']} database, MAP@{report['map_at']}, "
-          f"re-ranking the top {report['depth']}; mean query bit uncertainty {report['mean_bit_uncertainty']:.4f}")
+    print(
+        f"{report['run']}: {report['method']} {report['bits']} bits, protocol {report['protocol']}, "
+        f"{report['query']} queries x {report['database']} database, MAP@{report['map_at']}, "
+        f"re-ranking the top {report['depth']}; mean query bit uncertainty {report['mean_bit_uncertainty']:.4f}"
+    )
     if "hamming_map_ties_expected" in report:
         print(f"Hamming MAP with expected tie order (dmuh evaluate): {report['hamming_map_ties_expected']:.4f}")
     base = report["results"][0]
     print()
-    print("| ranking | " + " | ".join(m.upper() if m == "map" else m.upper().replace("P@", "P@") for m in metrics) + " |")
+    print(
+        "| ranking | " + " | ".join(m.upper() if m == "map" else m.upper().replace("P@", "P@") for m in metrics) + " |"
+    )
     print("|---|" + "---:|" * len(metrics))
     for row in report["results"]:
         cells = [f"{row[m]:.4f}" + ("" if row is base else f" ({row[m] - base[m]:+.4f})") for m in metrics]

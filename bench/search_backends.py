@@ -61,8 +61,13 @@ def search_rows(args, database, queries, work: Path):
     ivf = build_index(database, bits=args.bits, kind="ivf")
     build = time.perf_counter() - started
     for nprobe in args.nprobes:
-        measured("faiss", "ivf (IndexBinaryIVF)", f"nlist={ivf.params['nlist']} nprobe={nprobe}", build,
-                 lambda index=ivf, nprobe=nprobe: index.search(queries, args.k, nprobe=nprobe))
+        measured(
+            "faiss",
+            "ivf (IndexBinaryIVF)",
+            f"nlist={ivf.params['nlist']} nprobe={nprobe}",
+            build,
+            lambda index=ivf, nprobe=nprobe: index.search(queries, args.k, nprobe=nprobe),
+        )
     del ivf
     if not args.skip_hnsw:
         started = time.perf_counter()
@@ -70,8 +75,13 @@ def search_rows(args, database, queries, work: Path):
         build = time.perf_counter() - started
         for ef in args.ef_searches:
             ef = max(ef, args.k)
-            measured("faiss", "hnsw (IndexBinaryHNSW)", f"M={args.hnsw_m} efSearch={ef}", build,
-                     lambda ef=ef: hnsw.search(queries, args.k, ef_search=ef))
+            measured(
+                "faiss",
+                "hnsw (IndexBinaryHNSW)",
+                f"M={args.hnsw_m} efSearch={ef}",
+                build,
+                lambda ef=ef: hnsw.search(queries, args.k, ef_search=ef),
+            )
         del hnsw
 
     from dmuh.retrieval.index.milvus import MilvusIndex, close_connections
@@ -82,18 +92,28 @@ def search_rows(args, database, queries, work: Path):
     for label, uri, kinds in targets:
         for kind in kinds:
             started = time.perf_counter()
-            index = MilvusIndex.build(database, kind=kind, bits=args.bits, uri=uri, collection=f"bench_{kind}",
-                                      force=True)
+            index = MilvusIndex.build(
+                database, kind=kind, bits=args.bits, uri=uri, collection=f"bench_{kind}", force=True
+            )
             build = time.perf_counter() - started
             name = {"flat": "BIN_FLAT", "ivf": "BIN_IVF_FLAT"}[kind]
             if kind == "flat":
-                measured(label, name, "exact, ties by position", build, lambda index=index: index.search(queries, args.k))
-            for nprobe in (args.nprobes if kind == "ivf" else ()):
-                measured(label, name, f"nlist={index.params['nlist']} nprobe={nprobe}", build,
-                         lambda index=index, nprobe=nprobe: index.search(queries, args.k, nprobe=nprobe))
+                measured(
+                    label, name, "exact, ties by position", build, lambda index=index: index.search(queries, args.k)
+                )
+            for nprobe in args.nprobes if kind == "ivf" else ():
+                measured(
+                    label,
+                    name,
+                    f"nlist={index.params['nlist']} nprobe={nprobe}",
+                    build,
+                    lambda index=index, nprobe=nprobe: index.search(queries, args.k, nprobe=nprobe),
+                )
             index.close()
     if not args.milvus_uri:
-        rows.append(("Milvus Lite 2.5.1", "BIN_IVF_FLAT", "not run: Milvus Lite has BIN_FLAT only", None, None, None, None))
+        rows.append(
+            ("Milvus Lite 2.5.1", "BIN_IVF_FLAT", "not run: Milvus Lite has BIN_FLAT only", None, None, None, None)
+        )
     close_connections()
     return rows
 
@@ -110,9 +130,23 @@ def encode_rows(args, work: Path):
     train_features = work / "digits.npz"
     np.savez(train_features, features=(digits.data / 16.0).astype(np.float32), labels=digits.target)
     run = work / "run"
-    train(TrainConfig(data=f"features:{train_features}", protocol="digits", model="mlp", hash_norm="none",
-                      method="regu", bits=64, epochs=1, batch_size=100, out=str(run), eval_every=-1, trace_items=0),
-          progress=False, echo=lambda line: None)
+    train(
+        TrainConfig(
+            data=f"features:{train_features}",
+            protocol="digits",
+            model="mlp",
+            hash_norm="none",
+            method="regu",
+            bits=64,
+            epochs=1,
+            batch_size=100,
+            out=str(run),
+            eval_every=-1,
+            trace_items=0,
+        ),
+        progress=False,
+        echo=lambda line: None,
+    )
     rng = np.random.default_rng(args.seed)
     cores = os.cpu_count() or 1
 
@@ -122,9 +156,26 @@ def encode_rows(args, work: Path):
             np.savez(items, features=rng.normal(size=(count, 64)).astype(np.float32))
         folder = work / f"shards-{processes}-{count}"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(max(1, cores // processes))}
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--standalone",
-                   "-m", "dmuh", "--", "encode", "--run", str(run), "--images", f"features:{items}", "--shards",
-                   str(folder), "--shard-size", str(max(1, -(-count // 8))), "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--standalone",
+            "-m",
+            "dmuh",
+            "--",
+            "encode",
+            "--run",
+            str(run),
+            "--images",
+            f"features:{items}",
+            "--shards",
+            str(folder),
+            "--shard-size",
+            str(max(1, -(-count // 8))),
+            "--quiet",
+        ]
         started = time.perf_counter()
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
@@ -135,8 +186,7 @@ def encode_rows(args, work: Path):
     for processes in args.encode_procs:
         startup = encode(processes, 8)
         seconds = encode(processes, args.encode_items)
-        rows.append((processes, args.encode_items, seconds, startup,
-                     args.encode_items / max(seconds - startup, 1e-9)))
+        rows.append((processes, args.encode_items, seconds, startup, args.encode_items / max(seconds - startup, 1e-9)))
         print(rows[-1], flush=True)
     return rows
 
@@ -152,7 +202,9 @@ def main() -> None:
     parser.add_argument("--ef-searches", default="128,512", help="hnsw efSearch values to time")
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--skip-hnsw", action="store_true", help="no FAISS HNSW (its build is the slow part)")
-    parser.add_argument("--milvus-uri", help="also a Milvus server (flat and BIN_IVF_FLAT), e.g. http://localhost:19530")
+    parser.add_argument(
+        "--milvus-uri", help="also a Milvus server (flat and BIN_IVF_FLAT), e.g. http://localhost:19530"
+    )
     parser.add_argument("--threads", type=int, default=1, help="FAISS (OpenMP) threads")
     parser.add_argument("--encode-items", type=int, default=1_000_000, help="feature vectors to encode")
     parser.add_argument("--encode-procs", default="1,2", help="torchrun process counts to time")
@@ -167,9 +219,12 @@ def main() -> None:
 
     faiss.omp_set_num_threads(args.threads)
     database, queries = make_codes(args.n, args.queries, args.bits, "random", args.seed)
-    print(f"{args.n:,} random {args.bits}-bit codes, {args.queries:,} queries, k={args.k}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, FAISS {faiss.__version__} "
-          f"with {args.threads} thread(s)", flush=True)
+    print(
+        f"{args.n:,} random {args.bits}-bit codes, {args.queries:,} queries, k={args.k}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, FAISS {faiss.__version__} "
+        f"with {args.threads} thread(s)",
+        flush=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="dmuh-bench-"))
     try:
         rows = search_rows(args, database, queries, work)
@@ -178,8 +233,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"| backend | index | parameters | build s | search s ({args.queries:,} queries) | "
-          f"recall@{args.k} ids | recall@{args.k} ties |")
+    print(
+        f"| backend | index | parameters | build s | search s ({args.queries:,} queries) | "
+        f"recall@{args.k} ids | recall@{args.k} ties |"
+    )
     print("|---|---|---|---:|---:|---:|---:|")
     for backend, name, params, build, search, recall_ids, recall_ties in rows:
         if build is None:

@@ -45,7 +45,7 @@ def timed(function, repeats: int):
 
 def recall(exact_ids, exact_distances, ids, distances, k):
     found_ids = np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(exact_ids, ids)])
-    kth = exact_distances[:, k - 1:k]
+    kth = exact_distances[:, k - 1 : k]
     within = ((distances[:, :k] <= kth) & (ids[:, :k] >= 0)).mean()
     return float(found_ids), float(within)
 
@@ -83,9 +83,13 @@ def main() -> None:
     parser.add_argument("--ef-searches", default="128,512", help="hnsw efSearch values to time")
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="skip HNSW (its build is the slow part)")
-    parser.add_argument("--data", default="random", choices=("random", "clustered"),
-                        help="uniform random bits, or codes around 10,000 random centres with 10%% of bits flipped "
-                             "(closer to trained codes: classes form clusters)")
+    parser.add_argument(
+        "--data",
+        default="random",
+        choices=("random", "clustered"),
+        help="uniform random bits, or codes around 10,000 random centres with 10%% of bits flipped "
+        "(closer to trained codes: classes form clusters)",
+    )
     parser.add_argument("--flat-only", action="store_true", help="only the flat comparison")
     parser.add_argument("--threads", type=int, help="FAISS (OpenMP) threads [FAISS's default: one per CPU]")
     parser.add_argument("--decoder-dim", type=int, help="also time HNSW + decoder re-ranking with D-dim features")
@@ -100,11 +104,16 @@ def main() -> None:
 
     database, queries = make_codes(args.n, args.queries, args.bits, args.data, args.seed)
     width = database.shape[1]
-    print(f"{args.n:,} {args.data} {args.bits}-bit codes, {args.queries:,} queries, k={args.k}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, FAISS {faiss.__version__} "
-          f"with {faiss.omp_get_max_threads()} threads", flush=True)
+    print(
+        f"{args.n:,} {args.data} {args.bits}-bit codes, {args.queries:,} queries, k={args.k}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, FAISS {faiss.__version__} "
+        f"with {faiss.omp_get_max_threads()} threads",
+        flush=True,
+    )
 
-    build_index(database[:1000], bits=args.bits).search(queries[:1], 1)  # imports (torch via dmuh.codes.binary) out of the timings
+    build_index(database[:1000], bits=args.bits).search(
+        queries[:1], 1
+    )  # imports (torch via dmuh.codes.binary) out of the timings
     rows = []
     raw = faiss.IndexBinaryFlat(8 * width)
     raw.add(database)
@@ -114,7 +123,7 @@ def main() -> None:
     # Interleave the two, alternating which goes first, so drift in machine load hits both alike.
     raw_times, ours_times = [], []
     for repeat in range(args.repeats):
-        for which in ((0, 1) if repeat % 2 == 0 else (1, 0)):
+        for which in (0, 1) if repeat % 2 == 0 else (1, 0):
             if which == 0:
                 t, (raw_distances, raw_ids) = timed(lambda: raw.search(queries, args.k), 1)
                 raw_times.append(t)
@@ -135,8 +144,15 @@ def main() -> None:
     ivf_build = time.perf_counter() - started
     for nprobe in [int(x) for x in args.nprobes.split(",") if x]:
         t, (distances, ids) = timed(lambda nprobe=nprobe: ivf.search(queries, args.k, nprobe=nprobe), args.repeats)
-        rows.append(("dmuh ivf", f"nlist={ivf.params['nlist']} nprobe={nprobe}", ivf_build, t,
-                     *recall(exact_ids, exact_distances, ids, distances, args.k)))
+        rows.append(
+            (
+                "dmuh ivf",
+                f"nlist={ivf.params['nlist']} nprobe={nprobe}",
+                ivf_build,
+                t,
+                *recall(exact_ids, exact_distances, ids, distances, args.k),
+            )
+        )
         print(rows[-1], flush=True)
 
     if not args.quick:
@@ -144,9 +160,18 @@ def main() -> None:
         hnsw = build_index(database, bits=args.bits, kind="hnsw", m=args.hnsw_m)
         hnsw_build = time.perf_counter() - started
         for ef in [int(x) for x in args.ef_searches.split(",") if x]:
-            t, (distances, ids) = timed(lambda ef=ef: hnsw.search(queries, args.k, ef_search=max(ef, args.k)), args.repeats)
-            rows.append(("dmuh hnsw", f"M={args.hnsw_m} efSearch={max(ef, args.k)}", hnsw_build, t,
-                         *recall(exact_ids, exact_distances, ids, distances, args.k)))
+            t, (distances, ids) = timed(
+                lambda ef=ef: hnsw.search(queries, args.k, ef_search=max(ef, args.k)), args.repeats
+            )
+            rows.append(
+                (
+                    "dmuh hnsw",
+                    f"M={args.hnsw_m} efSearch={max(ef, args.k)}",
+                    hnsw_build,
+                    t,
+                    *recall(exact_ids, exact_distances, ids, distances, args.k),
+                )
+            )
             print(rows[-1], flush=True)
         if args.decoder_dim:
             import torch
@@ -157,19 +182,32 @@ def main() -> None:
             hnsw.attach_decoder(FeatureDecoder(args.bits, args.decoder_dim))
             features = np.random.default_rng(args.seed).normal(size=(args.queries, args.decoder_dim)).astype(np.float32)
             ef = max(args.depth, args.k)
-            t, _ = timed(lambda: hnsw.search_decoded(queries, features, args.k, depth=args.depth, ef_search=ef),
-                         args.repeats)
-            rows.append(("dmuh hnsw + decoder re-rank", f"M={args.hnsw_m} efSearch={ef} depth={args.depth} "
-                         f"D={args.decoder_dim}", hnsw_build, t, float("nan"), float("nan")))
+            t, _ = timed(
+                lambda: hnsw.search_decoded(queries, features, args.k, depth=args.depth, ef_search=ef), args.repeats
+            )
+            rows.append(
+                (
+                    "dmuh hnsw + decoder re-rank",
+                    f"M={args.hnsw_m} efSearch={ef} depth={args.depth} D={args.decoder_dim}",
+                    hnsw_build,
+                    t,
+                    float("nan"),
+                    float("nan"),
+                )
+            )
             print(rows[-1], flush=True)
 
     print()
-    print(f"| index | parameters | build s | search s ({args.queries:,} queries) | vs raw flat | "
-          f"recall@{args.k} ids | recall@{args.k} ties |")
+    print(
+        f"| index | parameters | build s | search s ({args.queries:,} queries) | vs raw flat | "
+        f"recall@{args.k} ids | recall@{args.k} ties |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, params, build, search, recall_ids, recall_ties in rows:
-        print(f"| {name} | {params} | {build:.1f} | {search:.3f} | {search / raw_time:.2f}x | "
-              f"{recall_ids:.3f} | {recall_ties:.3f} |")
+        print(
+            f"| {name} | {params} | {build:.1f} | {search:.3f} | {search / raw_time:.2f}x | "
+            f"{recall_ids:.3f} | {recall_ties:.3f} |"
+        )
 
 
 if __name__ == "__main__":

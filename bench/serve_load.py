@@ -47,10 +47,16 @@ def random_codes(n: int, bits: int, seed: int) -> np.ndarray:
 
 def png_bomb_header(width: int, height: int) -> bytes:
     """A PNG declaring width x height pixels in a few dozen bytes."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def query_jpegs(count: int, seed: int):
@@ -85,17 +91,50 @@ def build(folder: Path, n: int, hnsw_n: int, bits: int, seed: int):
         build_index(codes[:hnsw_n], kind="hnsw", bits=bits, meta={}, m=16).save(folder / "hnsw.dmuhidx")
         paths["hnsw"] = (folder / "hnsw.dmuhidx", hnsw_n, time.perf_counter() - started)
     run = folder / "run"
-    train(TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
-                      method="dmuh", bits=bits, epochs=1, batch_size=64, device="cpu", out=str(run),
-                      eval_every=-1, trace_items=0), progress=False, echo=lambda line: None)
+    train(
+        TrainConfig(
+            data="digits",
+            protocol="digits",
+            model="smallcnn",
+            model_params={"input_size": 8},
+            method="dmuh",
+            bits=bits,
+            epochs=1,
+            batch_size=64,
+            device="cpu",
+            out=str(run),
+            eval_every=-1,
+            trace_items=0,
+        ),
+        progress=False,
+        echo=lambda line: None,
+    )
     return paths, run
 
 
 def start_server(index: Path, run: Path, threads: int):
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen([sys.executable, "-m", "dmuh", "serve", "--index", str(index), "--run", str(run),
-                                "--allow-other-model", "--port", "0", "--threads", str(threads)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dmuh",
+            "serve",
+            "--index",
+            str(index),
+            "--run",
+            str(run),
+            "--allow-other-model",
+            "--port",
+            "0",
+            "--threads",
+            str(threads),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = process.stdout.readline()
     if " at http://" not in line:
         process.kill()
@@ -107,7 +146,9 @@ def start_server(index: Path, run: Path, threads: int):
 def memory_mb(pid: int):
     """(VmRSS, VmHWM) of a process in MiB, from /proc (None where there is no /proc)."""
     try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        fields = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+        )
     except OSError:
         return None, None
     return tuple(int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM"))
@@ -128,7 +169,11 @@ class Requests:
         if self.bad_share and rng.random() < self.bad_share:
             return self.bad[rng.integers(len(self.bad))], "image/jpeg", False
         if self.kind == "codes":
-            return json.dumps({"codes": self.codes[rng.integers(len(self.codes))], "k": k}).encode(), "application/json", True
+            return (
+                json.dumps({"codes": self.codes[rng.integers(len(self.codes))], "k": k}).encode(),
+                "application/json",
+                True,
+            )
         return self.images[rng.integers(len(self.images))], "image/jpeg", True
 
 
@@ -171,14 +216,22 @@ def load(host: str, port: int, requests: Requests, clients: int, seconds: float,
     elapsed = time.perf_counter() - started
     good = [(status, latency) for is_good, status, latency in results if is_good]
     bad = [status for is_good, status, _ in results if not is_good]
-    return ([latency for status, latency in good if status == 200], sum(s == 200 for s, _ in good), len(good),
-            sum(400 <= s < 500 for s in bad), len(bad), elapsed)
+    return (
+        [latency for status, latency in good if status == 200],
+        sum(s == 200 for s, _ in good),
+        len(good),
+        sum(400 <= s < 500 for s in bad),
+        len(bad),
+        elapsed,
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="codes in the flat index")
-    parser.add_argument("--hnsw-n", type=int, help="codes in the hnsw index, the first of the flat one's (0: no hnsw) [default: --n]")
+    parser.add_argument(
+        "--hnsw-n", type=int, help="codes in the hnsw index, the first of the flat one's (0: no hnsw) [default: --n]"
+    )
     parser.add_argument("--bits", type=int, default=64)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--clients", type=int, default=8)
@@ -194,13 +247,17 @@ def main(argv=None) -> int:
         folder = Path(tmp)
         indexes, run = build(folder, args.n, args.hnsw_n, args.bits, args.seed)
         images = query_jpegs(64, args.seed)
-        print(f"{args.clients} clients, {args.seconds:g} s a phase, k = {args.k}, server --threads {args.threads}, "
-              f"{os.cpu_count()} CPUs")
+        print(
+            f"{args.clients} clients, {args.seconds:g} s a phase, k = {args.k}, server --threads {args.threads}, "
+            f"{os.cpu_count()} CPUs"
+        )
         for name, (_, count, seconds) in indexes.items():
             print(f"{name} index: {count:,} random {args.bits}-bit codes, built in {seconds:.1f} s")
         print()
-        print("| index | queries | malformed share | requests/s (good) | p50 ms | p99 ms | good answered 200 | "
-              "malformed answered 4xx | server RSS MiB after | peak |")
+        print(
+            "| index | queries | malformed share | requests/s (good) | p50 ms | p99 ms | good answered 200 | "
+            "malformed answered 4xx | server RSS MiB after | peak |"
+        )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, (path, count, _) in indexes.items():
             process, host, port = start_server(path, run, args.threads)
@@ -208,14 +265,20 @@ def main(argv=None) -> int:
                 for kind in ("codes", "image"):
                     for share in (0.0, args.bad_share):
                         requests = Requests(kind, args.bits, images, share, args.seed)
-                        latencies, ok, good, rejected, bad, elapsed = load(host, port, requests, args.clients,
-                                                                           args.seconds, args.k, args.seed)
+                        latencies, ok, good, rejected, bad, elapsed = load(
+                            host, port, requests, args.clients, args.seconds, args.k, args.seed
+                        )
                         rss, peak = memory_mb(process.pid)
                         p50 = 1000 * statistics.median(latencies) if latencies else float("nan")
                         p99 = 1000 * float(np.percentile(latencies, 99)) if latencies else float("nan")
-                        print(f"| {name} ({count:,}) | {kind} | {share:.0%} | {ok / elapsed:,.1f} | {p50:.1f} | {p99:.1f} | "
-                              f"{ok:,} / {good:,} | {rejected:,} / {bad:,} | "
-                              f"{rss:.0f} | {peak:.0f} |" if rss is not None else "| - | - |", flush=True)
+                        print(
+                            f"| {name} ({count:,}) | {kind} | {share:.0%} | {ok / elapsed:,.1f} | {p50:.1f} | {p99:.1f} | "
+                            f"{ok:,} / {good:,} | {rejected:,} / {bad:,} | "
+                            f"{rss:.0f} | {peak:.0f} |"
+                            if rss is not None
+                            else "| - | - |",
+                            flush=True,
+                        )
             finally:
                 process.terminate()
                 process.wait(10)

@@ -51,7 +51,12 @@ def child(args) -> None:
 
     features, ids = make_data(args.n, args.dim, args.classes, args.spread, args.seed)
     labels = torch.nn.functional.one_hot(ids, args.classes).float()
-    train_x, train_labels, query_x, query_labels = features[:args.n], labels[:args.n], features[args.n:], labels[args.n:]
+    train_x, train_labels, query_x, query_labels = (
+        features[: args.n],
+        labels[: args.n],
+        features[args.n :],
+        labels[args.n :],
+    )
     method = create_method(args.child, bits=args.bits, train_labels=train_labels)
     before = rss_mb()
     started = time.perf_counter()
@@ -63,7 +68,7 @@ def child(args) -> None:
         with torch.no_grad():
             parts = []
             for start in range(0, x.shape[0], 8192):
-                block = x[start:start + 8192]
+                block = x[start : start + 8192]
                 if isinstance(fitted, torch.nn.Module):
                     parts.append(fitted(block))
                 else:
@@ -72,7 +77,7 @@ def child(args) -> None:
             return (torch.cat(parts) >= 0).numpy()
 
     train_codes, query_codes = encode(train_x), encode(query_x)
-    train_ids = ids[:args.n].numpy()
+    train_ids = ids[: args.n].numpy()
     matched = 0
     for c in range(args.classes):
         rows = train_codes[train_ids == c]
@@ -80,9 +85,21 @@ def child(args) -> None:
             majority = rows.mean(0) >= 0.5
             matched += int((rows == majority).all(1).sum())
     score = mean_average_precision(query_codes, train_codes, query_labels.numpy(), train_labels.numpy())
-    print(json.dumps({"method": args.child, "seconds": seconds, "rss_before_mb": before, "peak_rss_mb": peak,
-                      "class_match": matched / args.n, "map": float(score), "bits": args.bits,
-                      "n": args.n, "dim": args.dim}))
+    print(
+        json.dumps(
+            {
+                "method": args.child,
+                "seconds": seconds,
+                "rss_before_mb": before,
+                "peak_rss_mb": peak,
+                "class_match": matched / args.n,
+                "map": float(score),
+                "bits": args.bits,
+                "n": args.n,
+                "dim": args.dim,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -91,8 +108,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="dimensions [default: 512]")
     parser.add_argument("--classes", type=int, default=10, help="classes [default: 10]")
     parser.add_argument("--bits", type=int, default=32, help="code length [default: 32]")
-    parser.add_argument("--spread", type=float, default=0.3,
-                        help="scale of the class means against unit noise [default: 0.3: classes overlap]")
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=0.3,
+        help="scale of the class means against unit noise [default: 0.3: classes overlap]",
+    )
     parser.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated [default: {DEFAULT_METHODS}]")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per method [default: 1800]")
     parser.add_argument("--seed", type=int, default=0)
@@ -110,9 +131,24 @@ def main() -> None:
         if name not in registered:
             notes.append(f"{name}: not registered, skipped")
             continue
-        command = [sys.executable, __file__, "--child", name, "--n", str(args.n), "--dim", str(args.dim),
-                   "--classes", str(args.classes), "--bits", str(args.bits), "--spread", str(args.spread),
-                   "--seed", str(args.seed)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--n",
+            str(args.n),
+            "--dim",
+            str(args.dim),
+            "--classes",
+            str(args.classes),
+            "--bits",
+            str(args.bits),
+            "--spread",
+            str(args.spread),
+            "--seed",
+            str(args.seed),
+        ]
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -126,11 +162,15 @@ def main() -> None:
         rows.append(json.loads(lines[-1]))
         print(f"# {name} done in {rows[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
 
-    print("| method | n | D | bits | fit s | RSS before fit (MB) | peak RSS (MB) | class-code match | MAP (1000 queries) |")
+    print(
+        "| method | n | D | bits | fit s | RSS before fit (MB) | peak RSS (MB) | class-code match | MAP (1000 queries) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['n']} | {r['dim']} | {r['bits']} | {r['seconds']:.1f} | {r['rss_before_mb']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['class_match']:.3f} | {r['map']:.3f} |")
+        print(
+            f"| {r['method']} | {r['n']} | {r['dim']} | {r['bits']} | {r['seconds']:.1f} | {r['rss_before_mb']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['class_match']:.3f} | {r['map']:.3f} |"
+        )
     for note in notes:
         print(f"- {note}")
 

@@ -47,10 +47,20 @@ def main() -> None:
                 for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
                     out = Path(tmp) / f"{case}-{method}-{batch_size}"
                     config = TrainConfig(
-                        data=args.data, protocol=args.protocol, method=method, bits=32, epochs=args.epochs,
-                        batch_size=batch_size, device=args.device, eval_every=-1, out=str(out),
-                        compile=args.compile, cache_dir=args.cache_dir, trace_items=0,
-                        checkpoint_every=args.epochs, **CASES[case],
+                        data=args.data,
+                        protocol=args.protocol,
+                        method=method,
+                        bits=32,
+                        epochs=args.epochs,
+                        batch_size=batch_size,
+                        device=args.device,
+                        eval_every=-1,
+                        out=str(out),
+                        compile=args.compile,
+                        cache_dir=args.cache_dir,
+                        trace_items=0,
+                        checkpoint_every=args.epochs,
+                        **CASES[case],
                     )
                     train(config, progress=False, echo=lambda line: None)
                     speeds = [row["images_per_s"] for row in read_log(out / "log.csv")[1:]]

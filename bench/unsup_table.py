@@ -63,17 +63,47 @@ def cmd_features(args) -> None:
     if not (run / "checkpoint.safetensors").exists():
         model_params = [f"{key}={json.dumps(value)}" for key, value in (pretrain.get("model_params") or {}).items()]
         # The data as --init was pre-trained on (its split's fingerprint must match); LSH reads no label.
-        dmuh("train", "--method", "lsh", "--data", args.data, "--protocol", args.protocol,
-             "--model", pretrain["model"], *sum((["--model-param", p] for p in model_params), []),
-             "--init", args.init, "--bits", 16, "--cache-dir", args.cache_dir, "--out", run, "--quiet",
-             "--eval-every", -1, "--train-map-items", 0, threads=args.threads)  # the run is only the encoder
+        dmuh(
+            "train",
+            "--method",
+            "lsh",
+            "--data",
+            args.data,
+            "--protocol",
+            args.protocol,
+            "--model",
+            pretrain["model"],
+            *sum((["--model-param", p] for p in model_params), []),
+            "--init",
+            args.init,
+            "--bits",
+            16,
+            "--cache-dir",
+            args.cache_dir,
+            "--out",
+            run,
+            "--quiet",
+            "--eval-every",
+            -1,
+            "--train-map-items",
+            0,
+            threads=args.threads,
+        )  # the run is only the encoder
     encoder = load_encoder(run)
     source = open_source(args.data)
     images = source.decode(cache_dir=resolve_cache_dir(args.cache_dir))  # the training run's cache, when kept
-    features = [encoder.features(images_to_tensor(images[start:start + 4096])) for start in range(0, len(source), 4096)]
+    features = [
+        encoder.features(images_to_tensor(images[start : start + 4096])) for start in range(0, len(source), 4096)
+    ]
     with atomic_path(Path(args.out)) as tmp, open(tmp, "wb") as f:
-        np.savez(f, features=np.concatenate(features), labels=source.labels, ids=np.array(source.ids),
-                 subsets=source.subsets, class_names=np.array(source.class_names))
+        np.savez(
+            f,
+            features=np.concatenate(features),
+            labels=source.labels,
+            ids=np.array(source.ids),
+            subsets=source.subsets,
+            class_names=np.array(source.class_names),
+        )
     print(f"{args.out}: {len(source)} x {features[0].shape[1]} features of {args.init}'s backbone")
 
 
@@ -85,26 +115,84 @@ def cmd_train(args) -> None:
                 out = Path(args.out) / f"{method}-{bits}-s{seed}"
                 # ITQ's and LSH's randomness is their own `seed` (the rotation, the projection).
                 own_seed = ["-p", f"seed={seed}"] if method in ("itq", "lsh") else []
-                jobs.append((out, ["train", "--method", method, "--data", f"unlabeled:{args.features}",
-                                   "--protocol", "cifar10-unsup", "--model", "mlp", "--model-param", "hidden=[]",
-                                   "--bits", bits, "--epochs", args.epochs, "--batch-size", 128, *own_seed,
-                                   "--seed", seed, "--out", out, "--quiet", "--eval-every", -1]))
+                jobs.append(
+                    (
+                        out,
+                        [
+                            "train",
+                            "--method",
+                            method,
+                            "--data",
+                            f"unlabeled:{args.features}",
+                            "--protocol",
+                            "cifar10-unsup",
+                            "--model",
+                            "mlp",
+                            "--model-param",
+                            "hidden=[]",
+                            "--bits",
+                            bits,
+                            "--epochs",
+                            args.epochs,
+                            "--batch-size",
+                            128,
+                            *own_seed,
+                            "--seed",
+                            seed,
+                            "--out",
+                            out,
+                            "--quiet",
+                            "--eval-every",
+                            -1,
+                        ],
+                    )
+                )
         if args.images:
             pretrain_config = Path(args.init) / "config.yaml"
             import yaml
 
             pretrain = yaml.safe_load(pretrain_config.read_text())
-            model_params = sum((["--model-param", f"{k}={json.dumps(v)}"]
-                                for k, v in (pretrain.get("model_params") or {}).items()), [])
+            model_params = sum(
+                (["--model-param", f"{k}={json.dumps(v)}"] for k, v in (pretrain.get("model_params") or {}).items()), []
+            )
             for method in args.methods or IMAGE_METHODS:
                 out = Path(args.out) / f"{method}-{bits}-s{seed}"
                 # The images as --init was pre-trained on them (the split's fingerprint must match);
                 # the method itself gets no label column (uses_labels is false).
-                jobs.append((out, ["train", "--method", method, "--data", args.images,
-                                   "--protocol", "cifar10-unsup", "--model", pretrain["model"], *model_params,
-                                   "--init", args.init, "--bits", bits, "--epochs", args.epochs, "--batch-size", 128,
-                                   "--seed", seed, "--cache-dir", args.cache_dir, "--out", out, "--quiet",
-                                   "--eval-every", -1]))
+                jobs.append(
+                    (
+                        out,
+                        [
+                            "train",
+                            "--method",
+                            method,
+                            "--data",
+                            args.images,
+                            "--protocol",
+                            "cifar10-unsup",
+                            "--model",
+                            pretrain["model"],
+                            *model_params,
+                            "--init",
+                            args.init,
+                            "--bits",
+                            bits,
+                            "--epochs",
+                            args.epochs,
+                            "--batch-size",
+                            128,
+                            "--seed",
+                            seed,
+                            "--cache-dir",
+                            args.cache_dir,
+                            "--out",
+                            out,
+                            "--quiet",
+                            "--eval-every",
+                            -1,
+                        ],
+                    )
+                )
     todo = [(out, command) for out, command in jobs if not (out / "checkpoint.safetensors").exists()]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
 
@@ -159,8 +247,11 @@ def cmd_report(args) -> None:
             continue
         eval_file = run / "eval.json"
         report = json.loads(eval_file.read_text()) if eval_file.exists() else evaluate_run(run, data=data)
-        row = {"map@1000": report["map_at_k"], "map": report["map"],
-               "seconds": float((run / "seconds.txt").read_text()) if (run / "seconds.txt").exists() else float("nan")}
+        row = {
+            "map@1000": report["map_at_k"],
+            "map": report["map"],
+            "seconds": float((run / "seconds.txt").read_text()) if (run / "seconds.txt").exists() else float("nan"),
+        }
         if method in RECALL_METHODS:
             recall_file = run / "recall.json"
             if not recall_file.exists():
@@ -184,15 +275,25 @@ def cmd_report(args) -> None:
     print("| nearest-neighbour recall | " + " | ".join(f"{b} bits R@{low} | {b} bits R@{high}" for b in bits) + " |")
     print("|---|" + "---:|---:|" * len(bits))
     for method in RECALL_METHODS:
-        for kind in (("hamming", "decoder") if method == "rph" else ("hamming",)):
-            cells = [f"{cell(values(method, b, f'{kind}@{low}'))} | {cell(values(method, b, f'{kind}@{high}'))}"
-                     for b in bits]
-            name = display_name(method) + (f" + HNSW + decoder re-rank (depth {args.depth})" if kind == "decoder"
-                                           else ", Hamming ranking")
+        for kind in ("hamming", "decoder") if method == "rph" else ("hamming",):
+            cells = [
+                f"{cell(values(method, b, f'{kind}@{low}'))} | {cell(values(method, b, f'{kind}@{high}'))}"
+                for b in bits
+            ]
+            name = display_name(method) + (
+                f" + HNSW + decoder re-rank (depth {args.depth})" if kind == "decoder" else ", Hamming ranking"
+            )
             print(f"| {name} | " + " | ".join(cells) + " |")
     print()
-    print("training seconds (mean over seeds): " + ", ".join(
-        f"{display_name(m)}-{b} {np.nanmean(values(m, b, 'seconds')):.0f}" for m in methods for b in bits if (m, b) in rows))
+    print(
+        "training seconds (mean over seeds): "
+        + ", ".join(
+            f"{display_name(m)}-{b} {np.nanmean(values(m, b, 'seconds')):.0f}"
+            for m in methods
+            for b in bits
+            if (m, b) in rows
+        )
+    )
     decoder = [v for b in bits for v in values("rph", b, "decoder_seconds") if v is not None]
     if decoder:
         print(f"decoder search of the 10,000 queries (HNSW + re-rank): {np.mean(decoder):.1f} s on average")
@@ -207,8 +308,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--cache-dir", default="default")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--protocol", default="cifar10-unsup",
-                   help="the protocol --init was pre-trained with (its split's query is checked) [default: cifar10-unsup]")
+    p.add_argument(
+        "--protocol",
+        default="cifar10-unsup",
+        help="the protocol --init was pre-trained with (its split's query is checked) [default: cifar10-unsup]",
+    )
     p.set_defaults(func=cmd_features)
     p = commands.add_parser("train")
     p.add_argument("--features", help="features file of `features`: the feature methods run on it")

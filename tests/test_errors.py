@@ -40,7 +40,21 @@ def test_a_library_caller_reads_the_field_and_the_cli_user_the_flag(tmp_path, ca
     with pytest.raises(ConfigError, match=r"^init .*no-such-run: no such run directory") as caught:
         check_train_config(config)
     assert caught.value.field == "init"
-    code = main(["train", "--data", "digits", "--protocol", "digits", "--init", missing, "--epochs", "1",
-                 "--out", str(tmp_path / "run"), "--quiet"])
+    code = main(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--protocol",
+            "digits",
+            "--init",
+            missing,
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert f"dmuh train: error: --init {missing}: no such run directory" in capsys.readouterr().err

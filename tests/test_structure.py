@@ -79,13 +79,29 @@ def cycles(graph: dict) -> list:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "dmuh.engine.trainer" in graph and "dmuh.runs.layout" in graph["dmuh.engine.trainer"]  # the reader sees the imports
+    assert (
+        "dmuh.engine.trainer" in graph and "dmuh.runs.layout" in graph["dmuh.engine.trainer"]
+    )  # the reader sees the imports
     assert cycles(graph) == []
 
 
 # The layers, lowest first: a module may import its own layer and those below it, never above.
-LAYERS = ("dmuh.errors", "dmuh.utils", "dmuh.codes", "dmuh.metrics", "dmuh.data", "dmuh.models", "dmuh.methods",
-          "dmuh.runs", "dmuh.engine", "dmuh.retrieval", "dmuh.serve", "dmuh.studies", "dmuh.cli", "dmuh")
+LAYERS = (
+    "dmuh.errors",
+    "dmuh.utils",
+    "dmuh.codes",
+    "dmuh.metrics",
+    "dmuh.data",
+    "dmuh.models",
+    "dmuh.methods",
+    "dmuh.runs",
+    "dmuh.engine",
+    "dmuh.retrieval",
+    "dmuh.serve",
+    "dmuh.studies",
+    "dmuh.cli",
+    "dmuh",
+)
 
 
 def layer(module: str) -> int:
@@ -95,8 +111,9 @@ def layer(module: str) -> int:
 
 
 def upward_imports(graph: dict) -> list:
-    return sorted((source, target) for source, targets in graph.items() for target in targets
-                  if layer(target) > layer(source))
+    return sorted(
+        (source, target) for source, targets in graph.items() for target in targets if layer(target) > layer(source)
+    )
 
 
 def test_every_module_belongs_to_a_layer_and_imports_point_down():
@@ -116,21 +133,30 @@ def test_an_upward_import_is_found():
 def method_file_imports(graph: dict) -> list:
     """(importer, imported) where a file of dmuh.methods imports a method file: within the layer a
     method file may import only `dmuh.methods.base` and `dmuh.methods.components.*` (shared math)."""
+
     def shared(module: str) -> bool:
         return module == "dmuh.methods.base" or module.startswith("dmuh.methods.components")
 
-    return sorted((source, target) for source, targets in graph.items()
-                  if source.startswith("dmuh.methods.") for target in targets
-                  if (target == "dmuh.methods" or target.startswith("dmuh.methods.")) and not shared(target))
+    return sorted(
+        (source, target)
+        for source, targets in graph.items()
+        if source.startswith("dmuh.methods.")
+        for target in targets
+        if (target == "dmuh.methods" or target.startswith("dmuh.methods.")) and not shared(target)
+    )
 
 
 def test_no_method_file_imports_another():
     assert method_file_imports(import_graph()) == []
-    graph = {"dmuh.methods.ugach": {"dmuh.methods.distillhash", "dmuh.methods.components.reference"},
-             "dmuh.methods.components.memory": {"dmuh.methods.base", "dmuh.methods"},
-             "dmuh.methods": {"dmuh.methods.dmuh"}}
-    assert method_file_imports(graph) == [("dmuh.methods.components.memory", "dmuh.methods"),
-                                          ("dmuh.methods.ugach", "dmuh.methods.distillhash")]
+    graph = {
+        "dmuh.methods.ugach": {"dmuh.methods.distillhash", "dmuh.methods.components.reference"},
+        "dmuh.methods.components.memory": {"dmuh.methods.base", "dmuh.methods"},
+        "dmuh.methods": {"dmuh.methods.dmuh"},
+    }
+    assert method_file_imports(graph) == [
+        ("dmuh.methods.components.memory", "dmuh.methods"),
+        ("dmuh.methods.ugach", "dmuh.methods.distillhash"),
+    ]
 
 
 def function_local_imports(path: Path) -> list:
@@ -150,9 +176,13 @@ def test_dmuh_is_imported_at_module_level():
     """Except by the CLI, which defers the library so that `--help` answers without loading torch, and
     for the Milvus backend, an optional dependency."""
     optional = {"dmuh.retrieval.index.milvus"}
-    local = {str(path.relative_to(PACKAGE)): [(line, module) for line, module in function_local_imports(path)
-                                               if module not in optional]
-             for path in PACKAGE.rglob("*.py") if "cli" not in path.relative_to(PACKAGE).parts[:1]}
+    local = {
+        str(path.relative_to(PACKAGE)): [
+            (line, module) for line, module in function_local_imports(path) if module not in optional
+        ]
+        for path in PACKAGE.rglob("*.py")
+        if "cli" not in path.relative_to(PACKAGE).parts[:1]
+    }
     assert {name: found for name, found in local.items() if found} == {}
 
 
@@ -178,9 +208,28 @@ def test_overriding_a_fixed_variant_option_is_refused():
 
 
 def test_a_fixed_option_given_on_the_command_line_is_an_error(tmp_path, capsys):
-    code = main(["train", "--data", "digits", "--protocol", "digits", "--model", "smallcnn", "--model-param",
-                 "input_size=8", "--method", "dmuh-wo-u", "-p", "uncertainty_term=true", "--epochs", "1",
-                 "--out", str(tmp_path / "run"), "--quiet"])
+    code = main(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--protocol",
+            "digits",
+            "--model",
+            "smallcnn",
+            "--model-param",
+            "input_size=8",
+            "--method",
+            "dmuh-wo-u",
+            "-p",
+            "uncertainty_term=true",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "fixes uncertainty_term=False" in capsys.readouterr().err
 
@@ -210,8 +259,17 @@ def test_the_base_class_declares_what_the_loop_reads():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("structure") / "run"
-    config = TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
-                         method="dmuh", bits=12, epochs=1, batch_size=64, out=str(out))
+    config = TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        method="dmuh",
+        bits=12,
+        epochs=1,
+        batch_size=64,
+        out=str(out),
+    )
     train(config, progress=False, echo=lambda line: None)
     return out
 
@@ -225,7 +283,9 @@ def test_a_checkpoint_rebuilds_network_and_method_without_labels(tiny_run):
     config = load_run_config(tiny_run)
     model, method, momentum = rebuild_networks(checkpoint, tiny_run / CHECKPOINT, tiny_run, config)
     assert momentum is not None and method.requirements().momentum == exp.requirements.momentum
-    torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, Execution.of(config, exp.device)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        encode(model, method, inputs, exp.pipeline, Execution.of(config, exp.device)), expected, rtol=0, atol=0
+    )
     assert torch.equal(method.memory.labels, exp.method.memory.labels)  # state, not a stand-in
 
 
@@ -252,15 +312,21 @@ def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run, tmp_path):
     inputs = exp.images[:50]
     expected = encode(exp.model, exp.method, inputs, exp.pipeline, exp.execution)
     old = {key: value for key, value in checkpoint.items() if key not in ("model_config", "method_spec")}
-    renamed = {"memory.codes": "memory", "memory.labels": "memory_labels", "memory.seen": "seen",
-               "memory.uncertainty": "memory_uncertainty"}
+    renamed = {
+        "memory.codes": "memory",
+        "memory.labels": "memory_labels",
+        "memory.seen": "seen",
+        "memory.uncertainty": "memory_uncertainty",
+    }
     old["method"] = {renamed.get(key, key): value for key, value in checkpoint["method"].items()}
     run = legacy_run(tiny_run, tmp_path, old)
     converted = load_checkpoint(run / CHECKPOINT)
     assert "model_config" not in converted and list(converted["model"]) == list(old["model"])
     config = load_run_config(run)
     model, method, _ = rebuild_networks(converted, run / CHECKPOINT, run, config)
-    torch.testing.assert_close(encode(model, method, inputs, exp.pipeline, Execution.of(config, exp.device)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        encode(model, method, inputs, exp.pipeline, Execution.of(config, exp.device)), expected, rtol=0, atol=0
+    )
     assert method.num_train == 1000 and method.num_classes == 10
     # Trained before the default reading changed: rebuilt with the reading it was trained with.
     assert method.requirements().momentum_dropout == "off"
@@ -269,16 +335,29 @@ def test_a_checkpoint_of_the_first_layout_still_loads(tiny_run, tmp_path):
 
 def test_resuming_a_checkpoint_of_the_first_layout_keeps_its_reading(tmp_path):
     out = tmp_path / "run"
-    config = TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
-                         method="dmuh", bits=8, epochs=1, batch_size=64, out=str(out))
+    config = TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        method="dmuh",
+        bits=8,
+        epochs=1,
+        batch_size=64,
+        out=str(out),
+    )
     train(config, progress=False, echo=lambda line: None)
     checkpoint = load_checkpoint(out / CHECKPOINT)
     del checkpoint["method_spec"], checkpoint["model_config"]
     out = legacy_run(out, tmp_path, checkpoint)
     from dmuh.engine.trainer import Trainer
 
-    trainer = Trainer(TrainConfig(**{**config.to_dict(), "epochs": 2, "out": str(out)}), resume=True, progress=False,
-                      echo=lambda line: None)
+    trainer = Trainer(
+        TrainConfig(**{**config.to_dict(), "epochs": 2, "out": str(out)}),
+        resume=True,
+        progress=False,
+        echo=lambda line: None,
+    )
     assert trainer.exp.requirements.momentum_dropout == "off" and trainer.exp.momentum.dropout == "off"
 
 

@@ -8,8 +8,21 @@ import pytest
 
 from dmuh.cli import main
 
-COMMON = ["--data", "digits", "--protocol", "digits", "--model", "smallcnn", "--model-param", "input_size=8",
-          "--bits", "16", "--batch-size", "64", "--quiet"]
+COMMON = [
+    "--data",
+    "digits",
+    "--protocol",
+    "digits",
+    "--model",
+    "smallcnn",
+    "--model-param",
+    "input_size=8",
+    "--bits",
+    "16",
+    "--batch-size",
+    "64",
+    "--quiet",
+]
 
 
 def run_cli(*args):
@@ -33,8 +46,10 @@ def test_train_then_evaluate(tmp_path, capsys):
 
 def test_yaml_config_with_overrides(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("data: digits\nprotocol: digits\nmodel: smallcnn\nmodel_params: {input_size: 8}\n"
-                      "method: regu\nbits: 12\nepochs: 1\nbatch_size: 64\n")
+    config.write_text(
+        "data: digits\nprotocol: digits\nmodel: smallcnn\nmodel_params: {input_size: 8}\n"
+        "method: regu\nbits: 12\nepochs: 1\nbatch_size: 64\n"
+    )
     out = tmp_path / "run"
     assert main(["train", "--config", str(config), "--bits", "8", "--out", str(out), "--quiet"]) == 0
     saved = (out / "config.yaml").read_text()
@@ -65,7 +80,12 @@ def test_bad_config_file_and_wrong_label_width(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err
     listing = tmp_path / "list.txt"
     listing.write_text("a.png 0 1\nb.png 1 0 0\n")
-    assert main(["train", *COMMON, "--data", f"list:{listing}", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            ["train", *COMMON, "--data", f"list:{listing}", "--data-root", str(tmp_path), "--out", str(tmp_path / "r")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "list.txt" in err and "line 2" in err
 
@@ -89,8 +109,29 @@ def test_demo_prints_a_map_table(tmp_path):
 
 def test_compare_writes_tables(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", *COMMON, "--methods", "regu,csq", "--bits", "8,16", "--epochs", "1", "--jobs", "2",
-                 "--checkpoint-every", "5", "-p", "csq.quantization=0.1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                *COMMON,
+                "--methods",
+                "regu,csq",
+                "--bits",
+                "8,16",
+                "--epochs",
+                "1",
+                "--jobs",
+                "2",
+                "--checkpoint-every",
+                "5",
+                "-p",
+                "csq.quantization=0.1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| Regu |" in printed and "| CSQ |" in printed and "8 bits" in printed and "16 bits" in printed
     assert (out / "results.csv").is_file()
@@ -103,9 +144,31 @@ def test_compare_writes_tables(tmp_path, capsys):
 
 def test_pretrain_then_train_with_init_through_the_cli(tmp_path, capsys):
     pre = tmp_path / "pre"
-    assert main(["pretrain", "--data", "digits", "--protocol", "digits", "--model", "smallcnn",
-                 "--model-param", "input_size=8", "--objective", "ce", "--epochs", "1", "--batch-size", "64",
-                 "--quiet", "--out", str(pre)]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                "digits",
+                "--protocol",
+                "digits",
+                "--model",
+                "smallcnn",
+                "--model-param",
+                "input_size=8",
+                "--objective",
+                "ce",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "64",
+                "--quiet",
+                "--out",
+                str(pre),
+            ]
+        )
+        == 0
+    )
     assert f"dmuh train --init {pre}" in capsys.readouterr().out
     out = tmp_path / "run"
     assert main(["train", *COMMON, "--epochs", "1", "--init", str(pre), "--out", str(out)]) == 0

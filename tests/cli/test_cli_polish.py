@@ -32,8 +32,22 @@ def subcommands(parser, path=()):
     yield " ".join(path), parser
 
 
-OWNED = ("encode", "index build", "index info", "index add", "index remove", "search", "export-onnx", "evaluate",
-         "figure uncertainty", "figure curves", "figure topk", "demo", "serve", "inspect")
+OWNED = (
+    "encode",
+    "index build",
+    "index info",
+    "index add",
+    "index remove",
+    "search",
+    "export-onnx",
+    "evaluate",
+    "figure uncertainty",
+    "figure curves",
+    "figure topk",
+    "demo",
+    "serve",
+    "inspect",
+)
 
 
 def test_every_flag_states_its_default_and_choices():
@@ -52,9 +66,39 @@ def test_every_flag_states_its_default_and_choices():
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "regu"
-    assert main(["train", "--data", "digits", "--protocol", "digits", "--model", "smallcnn", "--model-param",
-                 "input_size=8", "--model-param", "width=8", "--bits", "16", "--batch-size", "100", "--method", "regu",
-                 "--epochs", "1", "--eval-every", "-1", "--trace-items", "0", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--protocol",
+                "digits",
+                "--model",
+                "smallcnn",
+                "--model-param",
+                "input_size=8",
+                "--model-param",
+                "width=8",
+                "--bits",
+                "16",
+                "--batch-size",
+                "100",
+                "--method",
+                "regu",
+                "--epochs",
+                "1",
+                "--eval-every",
+                "-1",
+                "--trace-items",
+                "0",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -69,7 +113,10 @@ def save_digits(folder, count):
 
 def test_counts_in_words_and_search_with_the_indexs_run(image_run, tmp_path, capsys):
     images = save_digits(tmp_path / "images", 2)
-    assert main(["encode", "--run", str(image_run), "--images", str(images / "0.png"), "--out", str(tmp_path / "1.npz")]) == 0
+    assert (
+        main(["encode", "--run", str(image_run), "--images", str(images / "0.png"), "--out", str(tmp_path / "1.npz")])
+        == 0
+    )
     assert capsys.readouterr().out.startswith("encoded 1 image into 16-bit codes: ")
     assert main(["encode", "--run", str(image_run), "--images", str(images), "--out", str(tmp_path / "2.npz")]) == 0
     assert capsys.readouterr().out.startswith("encoded 2 images into 16-bit codes: ")
@@ -78,7 +125,10 @@ def test_counts_in_words_and_search_with_the_indexs_run(image_run, tmp_path, cap
     assert main(["index", "build", "--codes", str(tmp_path / "2.npz"), "--out", str(tmp_path / "2.idx")]) == 0
     assert "2 codes of 16 bits" in capsys.readouterr().out
     # No --run: the index's header names the run that encoded it.
-    assert main(["search", "--index", str(tmp_path / "2.idx"), "--image", str(images / "1.png"), "--k", "2", "--json"]) == 0
+    assert (
+        main(["search", "--index", str(tmp_path / "2.idx"), "--image", str(images / "1.png"), "--k", "2", "--json"])
+        == 0
+    )
     captured = capsys.readouterr()
     assert '"distance": 0' in captured.out and captured.err == ""
     assert main(["search", "--index", str(tmp_path / "2.idx"), "--image", str(images / "1.png"), "--k", "3"]) == 2
@@ -101,12 +151,36 @@ def test_search_without_run_when_the_index_names_none_or_a_gone_one(image_run, t
     codes.model = {}
     codes.save(tmp_path / "anonymous.npz")
     for name in ("c", "anonymous"):
-        assert main(["index", "build", "--codes", str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"{name}.idx")]) == 0
+        assert (
+            main(["index", "build", "--codes", str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"{name}.idx")])
+            == 0
+        )
     capsys.readouterr()
-    one_line(capsys, ["search", "--index", tmp_path / "anonymous.idx", "--image", images / "0.png"],
-             "query images need --run RUN (the run that encoded the index): --index")
+    one_line(
+        capsys,
+        ["search", "--index", tmp_path / "anonymous.idx", "--image", images / "0.png"],
+        "query images need --run RUN (the run that encoded the index): --index",
+    )
     shutil.rmtree(copy)
-    one_line(capsys, ["search", "--index", tmp_path / "c.idx", "--image", images / "0.png"],
-             f"the run --index {tmp_path / 'c.idx'} records, {copy.resolve()}, is no longer there")
-    assert main(["search", "--index", str(tmp_path / "c.idx"), "--run", str(image_run), "--allow-other-model",
-                 "--image", str(images / "0.png"), "--k", "1"]) == 0
+    one_line(
+        capsys,
+        ["search", "--index", tmp_path / "c.idx", "--image", images / "0.png"],
+        f"the run --index {tmp_path / 'c.idx'} records, {copy.resolve()}, is no longer there",
+    )
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(tmp_path / "c.idx"),
+                "--run",
+                str(image_run),
+                "--allow-other-model",
+                "--image",
+                str(images / "0.png"),
+                "--k",
+                "1",
+            ]
+        )
+        == 0
+    )

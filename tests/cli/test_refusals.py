@@ -4,8 +4,21 @@ import pytest
 
 from dmuh.cli import main
 
-COMMON = ["--data", "digits", "--model", "smallcnn", "--model-param", "width=8", "--bits", "8", "--batch-size", "64",
-          "--quiet", "--epochs", "1"]
+COMMON = [
+    "--data",
+    "digits",
+    "--model",
+    "smallcnn",
+    "--model-param",
+    "width=8",
+    "--bits",
+    "8",
+    "--batch-size",
+    "64",
+    "--quiet",
+    "--epochs",
+    "1",
+]
 
 
 def one_error_line(capsys, code, expected_code=2):
@@ -30,11 +43,29 @@ def test_cache_dir_that_is_a_file_is_refused(tmp_path, capsys):
     assert notes.read_text() == "my notes\n"
 
 
-@pytest.mark.parametrize("option, message", [("width=0", "width must be an integer in [1, 65536], got 0"),
-                                             ("fc=[0]", "fc must be a list of positive widths")])
+@pytest.mark.parametrize(
+    "option, message",
+    [("width=0", "width must be an integer in [1, 65536], got 0"), ("fc=[0]", "fc must be a list of positive widths")],
+)
 def test_model_options_out_of_range_are_refused(tmp_path, capsys, option, message):
-    code = main(["train", "--data", "digits", "--model", "smallcnn", "--model-param", option, "--epochs", "1",
-                 "--quiet", "--init", "scratch", "--out", str(tmp_path / "r")])
+    code = main(
+        [
+            "train",
+            "--data",
+            "digits",
+            "--model",
+            "smallcnn",
+            "--model-param",
+            option,
+            "--epochs",
+            "1",
+            "--quiet",
+            "--init",
+            "scratch",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
     assert message in one_error_line(capsys, code)
 
 
@@ -56,8 +87,13 @@ def test_compare_keeps_earlier_tables_without_force(tmp_path, capsys):
     assert (out / "results.md").read_text() == "my table\n"
 
 
-@pytest.mark.parametrize("flags, message", [(["--opset", "999"], "--opset: expected an integer >= 7"),
-                                            (["--image-size", "2"], "--image-size: expected an integer >= 4")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--opset", "999"], "--opset: expected an integer >= 7"),
+        (["--image-size", "2"], "--image-size: expected an integer >= 4"),
+    ],
+)
 def test_export_onnx_checks_its_flags_first(tmp_path, capsys, flags, message):
     pytest.importorskip("onnx")
     code = main(["export-onnx", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m.onnx"), *flags])

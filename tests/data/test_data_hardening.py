@@ -113,9 +113,15 @@ def test_truncated_or_foreign_npz_names_the_file(tmp_path, capsys):
         ({"labels": [0, 1, 0]}, "missing array(s) features"),
         ({"features": np.ones((3, 2, 2)), "labels": [0, 1, 0]}, "'features' must be an (N, D) numeric array"),
         ({"features": np.array([["a", "b"]] * 3), "labels": [0, 1, 0]}, "'features' must be an (N, D) numeric"),
-        ({"features": np.ones((3, 2)), "labels": [0.0, 1.5, 0.0]}, "key 'labels': (N,) labels must be non-negative integer"),
+        (
+            {"features": np.ones((3, 2)), "labels": [0.0, 1.5, 0.0]},
+            "key 'labels': (N,) labels must be non-negative integer",
+        ),
         ({"features": np.ones((3, 2)), "labels": [0, -1, 0]}, "key 'labels': (N,) labels must be non-negative integer"),
-        ({"features": np.ones((3, 2)), "labels": [[0, 1], [2, 0], [1, 0]]}, "key 'labels': (N, C) labels must hold only 0 and 1; row 1"),
+        (
+            {"features": np.ones((3, 2)), "labels": [[0, 1], [2, 0], [1, 0]]},
+            "key 'labels': (N, C) labels must hold only 0 and 1; row 1",
+        ),
         ({"features": np.ones((3, 2)), "labels": np.zeros((3, 2, 2))}, "key 'labels': expected (N,) class indices"),
         ({"features": np.ones((3, 2)), "labels": [0, 1]}, "'features' has 3 rows but 'labels' has 2"),
         ({"features": np.ones((3, 2)), "labels": [0, 1, 0], "ids": np.array("abc")}, "key 'ids' must be a 1-D array"),
@@ -170,9 +176,13 @@ def test_idx_label_out_of_range_names_the_labels_file(tmp_path, capsys):
     write_idx(tmp_path, "train", np.arange(20) % 10)
     write_idx(tmp_path, "t10k", [0, 1, 2, 10, 4, 5, 6, 7, 8, 9])
     err = cli_error(capsys, tmp_path, "--data", f"idx:{tmp_path}", "--protocol", "digits")
-    assert f"{tmp_path / 't10k-labels-idx1-ubyte'}: label 10 at row 3 is out of range: the other label files " \
-           "hold classes 0-9" in err, err
-    with pytest.raises(DmuhError, match=r"t10k-labels-idx1-ubyte: label 10 at row 3 is out of range for 10 class names"):
+    assert (
+        f"{tmp_path / 't10k-labels-idx1-ubyte'}: label 10 at row 3 is out of range: the other label files "
+        "hold classes 0-9" in err
+    ), err
+    with pytest.raises(
+        DmuhError, match=r"t10k-labels-idx1-ubyte: label 10 at row 3 is out of range for 10 class names"
+    ):
         IdxSource(tmp_path, class_names=[str(c) for c in range(10)])
     write_idx(tmp_path, "t10k", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     assert len(IdxSource(tmp_path).class_names) == 10
@@ -213,13 +223,15 @@ def test_list_path_escaping_the_root_is_refused(tmp_path, list_tree, capsys):
     listing = tmp_path / "list.txt"
     listing.write_text("img/a.png 1 0\nimg/b.png 0 1\n../outside/x.png 1 0\n")
     err = cli_error(capsys, tmp_path, "--data", f"list:{listing}", "--data-root", str(list_tree))
-    assert err.endswith(f"{listing} line 3: path '../outside/x.png' escapes --data-root {list_tree}; "
-                        "pass --allow-outside-root true to allow it"), err
+    assert err.endswith(
+        f"{listing} line 3: path '../outside/x.png' escapes --data-root {list_tree}; "
+        "pass --allow-outside-root true to allow it"
+    ), err
     outside = tmp_path / "outside/x.png"
     listing.write_text(f"img/a.png 1 0\n{outside} 0 1\n")
     with pytest.raises(DmuhError, match=r"list.txt line 2: path .* escapes --data-root"):
         open_source(f"list:{listing}", root=list_tree)
-    listing.write_text("img/a.png 1 0\nimg/../img/b.png 0 1\n" f"{list_tree / 'img/b.png'} 0 1\n")
+    listing.write_text(f"img/a.png 1 0\nimg/../img/b.png 0 1\n{list_tree / 'img/b.png'} 0 1\n")
     assert len(open_source(f"list:{listing}", root=list_tree)) == 3  # stays inside: fine
 
 
@@ -241,8 +253,18 @@ def test_allow_outside_root_reaches_the_list_source_from_the_config(tmp_path, li
     listing = tmp_path / "list.txt"
     listing.write_text("img/a.png 1 0\n../outside/x.png 0 1\n")
     # Allowed, the list opens and the run gets as far as the protocol, which asks for its parameters.
-    err = cli_error(capsys, tmp_path, "--data", f"list:{listing}", "--data-root", str(list_tree),
-                    "--allow-outside-root", "true", "--protocol", "per-class")
+    err = cli_error(
+        capsys,
+        tmp_path,
+        "--data",
+        f"list:{listing}",
+        "--data-root",
+        str(list_tree),
+        "--allow-outside-root",
+        "true",
+        "--protocol",
+        "per-class",
+    )
     assert "escapes" not in err and "query_per_class" in err, err
 
 
@@ -271,7 +293,7 @@ def test_tampered_split_json_is_refused(tmp_path, digits, capsys):
     split.save(run / "split.json")
     record = json.loads((run / "split.json").read_text())
     assert len(record["checksum"]) == 64
-    record["query"] = record["train"][:len(record["query"])]
+    record["query"] = record["train"][: len(record["query"])]
     (run / "split.json").write_text(json.dumps(record))
     common = ["--data", "digits", "--protocol", "digits"]
     err = cli_error(capsys, tmp_path, *common)
@@ -326,8 +348,11 @@ def test_split_check_compares_role_sizes_with_the_protocol(tmp_path, digits):
     record = json.loads(path.read_text())
     edited(path, database=record["database"][:-10])
     split = Split.load(path)  # whole and consistent on its own...
-    with pytest.raises(DmuhError, match=rf"{path}: role 'database' holds 1487 items, protocol 'digits' "
-                                        r"\(seed 0\) gives 1497 for this data"):
+    with pytest.raises(
+        DmuhError,
+        match=rf"{path}: role 'database' holds 1487 items, protocol 'digits' "
+        r"\(seed 0\) gives 1497 for this data",
+    ):
         split.check(digits)  # ...but not the split the protocol makes of this data
     edited(path, protocol="no-such-protocol")
     with pytest.raises(DmuhError, match=rf"{path}: cannot remake the split .*no-such-protocol"):
@@ -354,8 +379,20 @@ def test_unreadable_images_in_a_folder_and_a_zip(tmp_path, capsys):
     for name in ("cat/a.png", "cat/c.png", "cat/e.png", "dog/d.png", "dog/f.png"):
         write_image(tree / name)
     (tree / "dog/b.png").write_bytes(b"\x89PNG not really")
-    err = cli_error(capsys, tmp_path, "--data", str(tree), "--cache-dir", "off", "--protocol", "per-class",
-                    "--protocol-param", "query_per_class=1", "--protocol-param", "train_per_class=1")
+    err = cli_error(
+        capsys,
+        tmp_path,
+        "--data",
+        str(tree),
+        "--cache-dir",
+        "off",
+        "--protocol",
+        "per-class",
+        "--protocol-param",
+        "query_per_class=1",
+        "--protocol-param",
+        "train_per_class=1",
+    )
     assert f"{tree / 'dog/b.png'}: cannot decode image" in err, err
     archive = tmp_path / "tree.zip"
     with zipfile.ZipFile(archive, "w") as handle:

@@ -146,8 +146,10 @@ def write_cifar_batches(folder: Path, per_batch: int = 6, seed: int = 0) -> dict
     folder.mkdir(parents=True, exist_ok=True)
     batches = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, per_batch).tolist()}
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+        }
         # Protocol 2 and numpy 1.x module names, as in the official files.
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2).replace(b"numpy._core.", b"numpy.core."))
         batches[name] = batch
@@ -178,11 +180,16 @@ def test_cifar_batches(tmp_path):
 def test_cifar100_batches(tmp_path):
     rng = np.random.default_rng(1)
     for name in ("train", "test"):
-        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
-                 b"fine_labels": [0, 1, 2, 99], b"coarse_labels": [0, 1, 2, 19]}
+        batch = {
+            b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+            b"fine_labels": [0, 1, 2, 99],
+            b"coarse_labels": [0, 1, 2, 19],
+        }
         (tmp_path / name).write_bytes(pickle.dumps(batch))
-    meta = {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-            b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}
+    meta = {
+        b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"c{i}".encode() for i in range(20)],
+    }
     (tmp_path / "meta").write_bytes(pickle.dumps(meta))
     assert open_source(f"cifar-batches:{tmp_path}").labels.shape == (8, 100)
     assert CifarBatchesSource(tmp_path, coarse=True).class_names[19] == "c19"
@@ -277,13 +284,16 @@ def test_list_file_single_and_named(tmp_path):
     assert single.subsets.tolist() == ["train", "train"]
     assert single.decode().shape == (2, 8, 8, 3)
 
-    named = ListFileSource({"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"}, tmp_path,
-                           class_names=["x", "y", "z"])
+    named = ListFileSource(
+        {"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"}, tmp_path, class_names=["x", "y", "z"]
+    )
     assert named.subsets.tolist() == ["train", "train", "test"]
     assert named.class_names == ["x", "y", "z"]
     spec = f"list:train={tmp_path / 'train.txt'},test={tmp_path / 'test.txt'}"
-    assert open_source(spec, root=tmp_path).fingerprint() == ListFileSource(
-        {"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"}, tmp_path).fingerprint()
+    assert (
+        open_source(spec, root=tmp_path).fingerprint()
+        == ListFileSource({"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"}, tmp_path).fingerprint()
+    )
 
 
 def test_list_file_errors(tmp_path):

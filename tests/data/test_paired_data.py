@@ -59,8 +59,10 @@ def mirflickr_v5(tmp_path):
 
 @pytest.fixture
 def mirflickr_v73(tmp_path):
-    return write_v73(tmp_path / "mirflickr73.mat", {"XAll": FEATURES.astype(np.float64), "YAll": TAGS,
-                                                     "LAll": LABELS.astype(np.float64)})
+    return write_v73(
+        tmp_path / "mirflickr73.mat",
+        {"XAll": FEATURES.astype(np.float64), "YAll": TAGS, "LAll": LABELS.astype(np.float64)},
+    )
 
 
 @pytest.fixture
@@ -119,8 +121,10 @@ def test_mat_images_channels_first_and_matlab_items_last(tmp_path):
     np.testing.assert_array_equal(source.image.decode(), images)
     # v7.3 in MATLAB's own layout: H x W x C x N images, C x N labels, text N x V
     labels = LABELS[:4]
-    write_v73(tmp_path / "hwcn.mat", {"images": images.transpose(1, 2, 3, 0), "YAll": tags,
-                                      "LAll": labels.T.astype(np.float64)})
+    write_v73(
+        tmp_path / "hwcn.mat",
+        {"images": images.transpose(1, 2, 3, 0), "YAll": tags, "LAll": labels.T.astype(np.float64)},
+    )
     source = open_paired(tmp_path / "hwcn.mat")
     np.testing.assert_array_equal(source.image.images, images)
     np.testing.assert_array_equal(source.labels, labels)
@@ -149,8 +153,11 @@ def test_mat_missing_field_names_file_and_field(tmp_path):
 def test_mat_mismatched_counts(tmp_path):
     path = tmp_path / "short.mat"
     scipy.io.savemat(path, {"XAll": FEATURES, "YAll": TAGS[:5], "LAll": LABELS})
-    with pytest.raises(DmuhError, match=r"short\.mat: .*different numbers of items: image field 'XAll' 6 .*"
-                                        r"text field 'YAll' 5"):
+    with pytest.raises(
+        DmuhError,
+        match=r"short\.mat: .*different numbers of items: image field 'XAll' 6 .*"
+        r"text field 'YAll' 5",
+    ):
         open_source(str(path))
     write_v73(path, {"XAll": FEATURES, "YAll": TAGS, "LAll": LABELS[:4].astype(np.float64)})
     with pytest.raises(DmuhError, match=r"short\.mat: .*'XAll' 6 .*labels field 'LAll' 4"):
@@ -206,8 +213,7 @@ def test_mat_refuses_unknown_option(mirflickr_v5):
 
 
 def write_paired_npz(path: Path, text=TAGS) -> Path:
-    np.savez(path, image=FEATURES, text=text, labels=LABELS,
-             vocabulary=np.array(["sky", "cat", "dog", "tree", "car"]))
+    np.savez(path, image=FEATURES, text=text, labels=LABELS, vocabulary=np.array(["sky", "cat", "dog", "tree", "car"]))
     return path
 
 
@@ -291,16 +297,22 @@ def test_folder_tfidf_matches_sklearn(tagged_tree):
     expected = TfidfVectorizer(token_pattern=TOKEN_PATTERN).fit_transform(texts).toarray()
     source = open_paired(tagged_tree, text_weighting="tfidf")
     np.testing.assert_allclose(source.text, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(source.vocabulary.vectorize(["dog cat"]),
-                               TfidfVectorizer(token_pattern=TOKEN_PATTERN).fit(texts).transform(["dog cat"]).toarray(),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        source.vocabulary.vectorize(["dog cat"]),
+        TfidfVectorizer(token_pattern=TOKEN_PATTERN).fit(texts).transform(["dog cat"]).toarray(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_folder_missing_text(tagged_tree):
     (tagged_tree / "cat/b.txt").unlink()
     (tagged_tree / "dog/c.txt").unlink()
-    with pytest.raises(DmuhError, match=r"cat/b\.png: no text file beside it \(expected .*cat/b\.txt\); "
-                                        r"1 more images lack theirs"):
+    with pytest.raises(
+        DmuhError,
+        match=r"cat/b\.png: no text file beside it \(expected .*cat/b\.txt\); "
+        r"1 more images lack theirs",
+    ):
         open_source("paired:" + str(tagged_tree))
 
 

@@ -24,8 +24,17 @@ def assert_disjoint(*arrays):
 
 
 def test_available_protocols():
-    assert set(available_protocols()) >= {"cifar10", "cifar10-54k", "cifar10-50k", "nuswide21", "coco",
-                                          "imagenet100", "clothing1m", "per-class", "digits"}
+    assert set(available_protocols()) >= {
+        "cifar10",
+        "cifar10-54k",
+        "cifar10-50k",
+        "nuswide21",
+        "coco",
+        "imagenet100",
+        "clothing1m",
+        "per-class",
+        "digits",
+    }
 
 
 def test_cifar10_sizes_and_relations(cifar_labels):
@@ -143,8 +152,9 @@ def test_per_class_and_digits():
     split = make_split("digits", source, seed=0)
     assert (len(split.query), len(split.train), len(split.database)) == (300, 1000, 1497)
     assert split.fingerprint == source.fingerprint()
-    custom = make_split("per-class", source, query_per_class=10, train_per_class=20,
-                        database="rest-minus-train", topk=50)
+    custom = make_split(
+        "per-class", source, query_per_class=10, train_per_class=20, database="rest-minus-train", topk=50
+    )
     assert (len(custom.query), len(custom.train), len(custom.database), custom.topk) == (100, 200, 1497, 50)
     assert_disjoint(custom.query, custom.train, custom.database)
     assert custom.params == {"query_per_class": 10, "train_per_class": 20, "database": "rest-minus-train", "topk": 50}

@@ -52,8 +52,9 @@ def environment():
 def torchrun(*args, nproc=2):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", *args]
     # A session of its own, so a hung run is killed with all its worker processes.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environment(), start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(), start_new_session=True
+    )
     try:
         stdout, stderr = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -76,8 +77,13 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, digits
     two, one = tmp_path / "two", tmp_path / "one"
     result = torchrun(str(script), str(digits_features), str(two), "32")
     assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run([sys.executable, str(script), str(digits_features), str(one), "64"],
-                            capture_output=True, text=True, env=environment(), timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(script), str(digits_features), str(one), "64"],
+        capture_output=True,
+        text=True,
+        env=environment(),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     rank0, rank1 = (torch.load(two / f"state-rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -101,9 +107,32 @@ def test_two_processes_match_one_process_with_the_doubled_batch(tmp_path, digits
 
 def test_torchrun_dmuh_train_on_digits_end_to_end(tmp_path):
     out = tmp_path / "run"
-    result = torchrun("-m", "dmuh", "train", "--data", "digits", "--protocol", "digits", "--model", "smallcnn",
-                      "--model-param", "input_size=8", "--method", "dmuh", "--bits", "16", "--epochs", "2",
-                      "--batch-size", "32", "--device", "cpu", "--quiet", "--out", str(out))
+    result = torchrun(
+        "-m",
+        "dmuh",
+        "train",
+        "--data",
+        "digits",
+        "--protocol",
+        "digits",
+        "--model",
+        "smallcnn",
+        "--model-param",
+        "input_size=8",
+        "--method",
+        "dmuh",
+        "--bits",
+        "16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run ") >= 1  # rank 0's summary line
     log = (out / "log.csv").read_text().strip().splitlines()

@@ -18,8 +18,18 @@ from dmuh.utils.registry import Entry
 
 
 def digits_config(tmp_path, name="run", **overrides):
-    values = dict(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
-                  bits=16, epochs=3, batch_size=64, device="cpu", out=str(tmp_path / name), trace_items=4)
+    values = dict(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        bits=16,
+        epochs=3,
+        batch_size=64,
+        device="cpu",
+        out=str(tmp_path / name),
+        trace_items=4,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -137,9 +147,18 @@ def test_learning_rate_schedule_decays_from_lr_to_lr_end():
 
 
 def test_pretrain_then_init(tmp_path):
-    pre = PretrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
-                         objective="simclr+ce", epochs=1, batch_size=64, unlabeled_batch_size=128,
-                         device="cpu", out=str(tmp_path / "pre"))
+    pre = PretrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        objective="simclr+ce",
+        epochs=1,
+        batch_size=64,
+        unlabeled_batch_size=128,
+        device="cpu",
+        out=str(tmp_path / "pre"),
+    )
     row = pretrain(pre, progress=False, echo=quiet)
     assert math.isfinite(row["cross_entropy"]) and math.isfinite(row["contrastive"])
     assert (tmp_path / "pre" / "backbone.safetensors").is_file()
@@ -196,6 +215,9 @@ def test_the_default_start_warms_up_half_the_epochs_then_trains_the_backbone_ten
     assert [g["lr_scale"] for g in groups] == [0.1, 1.0]
     assert {id(p) for p in groups[1]["params"]} >= {id(p) for p in model.hash_layer.parameters()}
     lines = []
-    train(digits_config(tmp_path, epochs=4, method="regu", trace_items=0, train_map_items=0), progress=False,
-          echo=lines.append)
+    train(
+        digits_config(tmp_path, epochs=4, method="regu", trace_items=0, train_map_items=0),
+        progress=False,
+        echo=lines.append,
+    )
     assert any(line.startswith("init auto: 2 epochs of cross-entropy warm-up") for line in lines), lines

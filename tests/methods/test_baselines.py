@@ -33,8 +33,24 @@ DEEP = ["hashnet", "dhn", "dsh", "csq", "greedyhash", "dsdh", "orthohash"]
 
 
 def test_available_lists_every_method():
-    expected = {"dmuh", "regu", "hashnet", "dhn", "dsh", "csq", "greedyhash", "dsdh", "orthohash", "itq", "lsh",
-                "sdh", "lfh", "cosdish", "ddsh", "fasth"}
+    expected = {
+        "dmuh",
+        "regu",
+        "hashnet",
+        "dhn",
+        "dsh",
+        "csq",
+        "greedyhash",
+        "dsdh",
+        "orthohash",
+        "itq",
+        "lsh",
+        "sdh",
+        "lfh",
+        "cosdish",
+        "ddsh",
+        "fasth",
+    }
     assert expected <= set(available())
 
 
@@ -50,8 +66,10 @@ def test_hashnet_class_balanced_pairwise_loss():
     theta = [[0.5 * sum(a * b for a, b in zip(h[i], h[j])) for j in range(3)] for i in range(3)]
     similar = [(0, 0), (0, 1), (1, 0), (1, 1), (2, 2)]
     dissimilar = [(0, 2), (2, 0), (1, 2), (2, 1)]
-    expected = (sum(softplus(theta[i][j]) - theta[i][j] for i, j in similar) / 5
-                + sum(softplus(theta[i][j]) for i, j in dissimilar) / 4)
+    expected = (
+        sum(softplus(theta[i][j]) - theta[i][j] for i, j in similar) / 5
+        + sum(softplus(theta[i][j]) for i, j in dissimilar) / 4
+    )
     assert set(terms) == {"likelihood"}
     assert terms["likelihood"].item() == pytest.approx(expected, rel=1e-6)
 
@@ -210,7 +228,7 @@ def test_greedyhash_classifies_the_signs_plus_cube_regulariser():
     # b = [[1, -1], [-1, 1]]; logits W b = [[1, -1.5], [-1, 1.5]]; item 0 class 0, item 1 class 1
     ce = [math.log(1 + math.exp(-1.5 - 1)), math.log(math.exp(-1) + math.exp(1.5)) - 1.5]
     assert terms["classification"].item() == pytest.approx(sum(ce) / 2, rel=1e-6)
-    cube = 0.5 * (0.6 ** 3 + 1.0 + 0.9 ** 3 + 0.5 ** 3) / 4
+    cube = 0.5 * (0.6**3 + 1.0 + 0.9**3 + 0.5**3) / 4
     assert terms["quantization"].item() == pytest.approx(cube, rel=1e-6)
     # the gradient reaches z as if b were z: dCE/db = (softmax - y) W / B
     terms["classification"].backward()
@@ -249,8 +267,9 @@ def test_dsdh_epoch_update_w_step_then_discrete_cyclic_coordinate_descent():
 
 
 def test_orthohash_cosine_margin_cross_entropy_to_fixed_codes():
-    method = create_method("orthohash", bits=2, train_labels=LABELS, scale=4.0, margin=0.25, quantization=0.5,
-                           batch_norm=False)
+    method = create_method(
+        "orthohash", bits=2, train_labels=LABELS, scale=4.0, margin=0.25, quantization=0.5, batch_norm=False
+    )
     method.codebook.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
     z = torch.tensor([[3.0, 4.0], [1.0, -2.0]])
     terms = method(step(z.clone()))
@@ -311,22 +330,25 @@ def test_state_dict_round_trip(name):
     torch.testing.assert_close(original.continuous_codes(z), restored.continuous_codes(z))
 
 
-@pytest.mark.parametrize("name, params, flagged", [
-    ("hashnet", {"step_size": 0}, "step_size"),
-    ("hashnet", {"alpha": -1.0}, "alpha"),
-    ("dhn", {"alpha": "much"}, "alpha"),
-    ("dhn", {"output": "relu"}, "output"),
-    ("dsh", {"margin": 0}, "margin"),
-    ("csq", {"centers": "random"}, "centers"),
-    ("csq", {"quantization": -0.1}, "quantization"),
-    ("greedyhash", {"alpha": float("nan")}, "alpha"),
-    ("dsdh", {"mu": 0}, "mu"),
-    ("dsdh", {"dcc_iter": 1.5}, "dcc_iter"),
-    ("orthohash", {"batch_norm": "yes"}, "batch_norm"),
-    ("orthohash", {"scale": 0}, "scale"),
-    ("itq", {"iterations": -1}, "iterations"),
-    ("lsh", {"seed": -2}, "seed"),
-])
+@pytest.mark.parametrize(
+    "name, params, flagged",
+    [
+        ("hashnet", {"step_size": 0}, "step_size"),
+        ("hashnet", {"alpha": -1.0}, "alpha"),
+        ("dhn", {"alpha": "much"}, "alpha"),
+        ("dhn", {"output": "relu"}, "output"),
+        ("dsh", {"margin": 0}, "margin"),
+        ("csq", {"centers": "random"}, "centers"),
+        ("csq", {"quantization": -0.1}, "quantization"),
+        ("greedyhash", {"alpha": float("nan")}, "alpha"),
+        ("dsdh", {"mu": 0}, "mu"),
+        ("dsdh", {"dcc_iter": 1.5}, "dcc_iter"),
+        ("orthohash", {"batch_norm": "yes"}, "batch_norm"),
+        ("orthohash", {"scale": 0}, "scale"),
+        ("itq", {"iterations": -1}, "iterations"),
+        ("lsh", {"seed": -2}, "seed"),
+    ],
+)
 def test_bad_parameters_are_one_line_errors_naming_them(name, params, flagged):
     with pytest.raises(DmuhError, match=f"parameter {flagged}="):
         create_method(name, bits=8, train_labels=torch.eye(3), **params)
@@ -394,9 +416,19 @@ def test_shallow_methods_are_not_trained_by_gradient(name):
 
 
 def digits_config(tmp_path, method, **overrides):
-    values = dict(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8, "width": 16},
-                  method=method, bits=16, epochs=2, batch_size=64, device="cpu", out=str(tmp_path / method),
-                  trace_items=0)
+    values = dict(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8, "width": 16},
+        method=method,
+        bits=16,
+        epochs=2,
+        batch_size=64,
+        device="cpu",
+        out=str(tmp_path / method),
+        trace_items=0,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -407,9 +439,37 @@ def test_training_smoke_on_digits_through_the_cli(tmp_path, name):
     from dmuh.runs.layout import read_log
 
     out = tmp_path / name
-    assert main(["train", "--method", name, "--data", "digits", "--protocol", "digits", "--model", "smallcnn",
-                 "--model-param", "input_size=8", "--model-param", "width=16", "--bits", "16", "--epochs", "2",
-                 "--batch-size", "64", "--trace-items", "0", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                name,
+                "--data",
+                "digits",
+                "--protocol",
+                "digits",
+                "--model",
+                "smallcnn",
+                "--model-param",
+                "input_size=8",
+                "--model-param",
+                "width=16",
+                "--bits",
+                "16",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "64",
+                "--trace-items",
+                "0",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     row = read_log(out / "log.csv")[-1]
     assert math.isfinite(row["map"]) and row["map"] > 0.15  # 10 balanced classes: chance is about 0.1
 
@@ -499,10 +559,12 @@ def test_compare_checks_its_arguments_before_training(tmp_path):
 def test_write_tables_bolds_the_best_of_each_column(tmp_path):
     from dmuh.studies.compare import write_tables
 
-    rows = [{"method": "dmuh", "bits": 12, "map": 0.772, "seconds": 10.0},
-            {"method": "dmuh", "bits": 24, "map": 0.5, "seconds": 12.0},
-            {"method": "dsh", "bits": 12, "map": 0.644, "seconds": 9.0},
-            {"method": "dsh", "bits": 24, "map": 0.742, "seconds": 11.0}]
+    rows = [
+        {"method": "dmuh", "bits": 12, "map": 0.772, "seconds": 10.0},
+        {"method": "dmuh", "bits": 24, "map": 0.5, "seconds": 12.0},
+        {"method": "dsh", "bits": 12, "map": 0.644, "seconds": 9.0},
+        {"method": "dsh", "bits": 24, "map": 0.742, "seconds": 11.0},
+    ]
     write_tables(rows, tmp_path, caption="protocol cifar10")
     markdown = (tmp_path / "results.md").read_text()
     assert "| DMUH | **0.7720** | 0.5000 |" in markdown

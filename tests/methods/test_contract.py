@@ -42,12 +42,18 @@ def build(name: str, spec=None):
     if spec is None:
         method = create_method(name, bits=BITS, num_train=NUM_TRAIN, num_classes=NUM_CLASSES, **toy_params(name))
     else:
-        method = create_method(spec["name"], bits=spec["bits"], num_train=spec["num_train"],
-                               num_classes=spec["num_classes"], **spec["params"])
+        method = create_method(
+            spec["name"],
+            bits=spec["bits"],
+            num_train=spec["num_train"],
+            num_classes=spec["num_classes"],
+            **spec["params"],
+        )
     needs = method.requirements()
     if not needs.labels:  # a label-free method is built with no label column, as the loop builds it
-        method = create_method(name, bits=BITS, num_train=NUM_TRAIN, num_classes=0,
-                               **(spec["params"] if spec else toy_params(name)))
+        method = create_method(
+            name, bits=BITS, num_train=NUM_TRAIN, num_classes=0, **(spec["params"] if spec else toy_params(name))
+        )
     return method
 
 
@@ -81,7 +87,9 @@ def step_inputs(needs: Requirements, labels, features, text, seed: int = 1) -> S
     momentum = torch.randn(BATCH, BITS, generator=generator) * 0.1 + outputs.detach()
     view = torch.randn(BATCH, BITS, generator=generator)
     return StepInputs(
-        outputs=outputs, labels=labels[indices], indices=indices,
+        outputs=outputs,
+        labels=labels[indices],
+        indices=indices,
         momentum_outputs=momentum if needs.uses_momentum else None,
         view_outputs=view if needs.views == 2 else None,
         text=text[indices] if needs.text else None,
@@ -105,11 +113,16 @@ def test_every_method_keeps_the_contract(name):
     with pytest.raises(dataclasses.FrozenInstanceError):
         needs.labels = not needs.labels
     assert method.name == name and method.spec()["name"] == name
-    assert method.requirements() == dataclasses.replace(method_class(name).requires, **{
-        field: getattr(needs, field) for field in ("momentum", "momentum_dropout", "momentum_update",
-                                                   "retrieval_network")})  # only hyper-parameters move it
+    assert method.requirements() == dataclasses.replace(
+        method_class(name).requires,
+        **{
+            field: getattr(needs, field)
+            for field in ("momentum", "momentum_dropout", "momentum_update", "retrieval_network")
+        },
+    )  # only hyper-parameters move it
 
     if needs.shallow:  # fitted in closed form: a linear layer's (weight, bias), or a fitted head
+
         def outputs(fitted):
             if isinstance(fitted, tuple):
                 weight, bias = fitted
@@ -147,7 +160,8 @@ def test_every_method_keeps_the_contract(name):
     expected = method(nxt)
     torch.manual_seed(3)
     assert {key: value.item() for key, value in rebuilt(nxt).items()} == {
-        key: value.item() for key, value in expected.items()}
+        key: value.item() for key, value in expected.items()
+    }
 
 
 @pytest.mark.parametrize("name", available())
@@ -156,8 +170,9 @@ def test_a_directly_built_method_has_a_complete_spec(name):
     sizes = {"bits": BITS, "num_train": NUM_TRAIN, "num_classes": NUM_CLASSES}
     direct = method_class(name)(**sizes, **entry.fixed, **toy_params(name))
     spec = direct.spec()
-    assert spec["params"] == {key: value for key, value in toy_params(name).items()
-                              if key not in METHODS.entry(spec["name"]).fixed}
+    assert spec["params"] == {
+        key: value for key, value in toy_params(name).items() if key not in METHODS.entry(spec["name"]).fixed
+    }
     again = create_method(spec["name"], **sizes, **spec["params"])
     assert type(again) is type(direct) and again.spec() == spec
     assert list(again.state_dict()) == list(direct.state_dict())
@@ -184,10 +199,14 @@ def test_the_pairwise_likelihood_takes_a_similarity_and_a_reduction():
 
     store = TrainingMemory(NUM_TRAIN, NUM_CLASSES, BITS)
     store.write(torch.arange(9), memory[:9])
-    assert torch.equal(store.pair_likelihood(codes_, similar),
-                       pair_likelihood(codes_, store.codes, similar, store.seen, reduction=mean_over_nb))
-    assert torch.equal(store.pair_likelihood(codes_, similar, reduction=total),
-                       (pair_nll(codes_, store.codes, similar) * store.seen).sum())
+    assert torch.equal(
+        store.pair_likelihood(codes_, similar),
+        pair_likelihood(codes_, store.codes, similar, store.seen, reduction=mean_over_nb),
+    )
+    assert torch.equal(
+        store.pair_likelihood(codes_, similar, reduction=total),
+        (pair_nll(codes_, store.codes, similar) * store.seen).sum(),
+    )
 
 
 @pytest.mark.parametrize("name", available())
@@ -202,8 +221,9 @@ def test_declared_hyper_parameters_admit_their_defaults_and_refuse_by_name(name)
             continue
         bad = "not-a-word" if parameter.kind is not bool else "yes"
         with pytest.raises(DmuhError, match=rf"^method parameter {key}='{bad}': "):
-            create_method(name, bits=BITS, num_train=NUM_TRAIN, num_classes=NUM_CLASSES,
-                          **{**toy_params(name), key: bad})
+            create_method(
+                name, bits=BITS, num_train=NUM_TRAIN, num_classes=NUM_CLASSES, **{**toy_params(name), key: bad}
+            )
 
 
 def test_list_methods_params_prints_the_declared_parameters(capsys):
@@ -213,4 +233,5 @@ def test_list_methods_params_prints_the_declared_parameters(capsys):
     assert "\ndmuh-wo-u\n" in out and "    uncertainty_term=False (fixed)\n" in out
     assert "    normalisation='nB': one of nB, batch; " in out
     assert [line for line in out.splitlines() if not line.startswith(" ")] == [
-        name if method_class(name).requires.labels else f"{name}  (learns without labels)" for name in available()]
+        name if method_class(name).requires.labels else f"{name}  (learns without labels)" for name in available()
+    ]

@@ -22,8 +22,13 @@ from dmuh.methods.components.discrete import (
 
 def balanced_codes(size):
     """Every b in {-1,+1}^size with floor(size / 2) entries +1, as columns."""
-    return torch.tensor([[1.0 if i in chosen else -1.0 for i in range(size)]
-                         for chosen in itertools.combinations(range(size), size // 2)], dtype=torch.float64).t()
+    return torch.tensor(
+        [
+            [1.0 if i in chosen else -1.0 for i in range(size)]
+            for chosen in itertools.combinations(range(size), size // 2)
+        ],
+        dtype=torch.float64,
+    ).t()
 
 
 def random_bqp(generator, size):
@@ -62,8 +67,7 @@ def authors_solve(quadratic, linear, lam=10000.0):
     full = full / np.abs(full).max()
     factor = np.linalg.cholesky(lam * np.eye(size + 1) - full).T
     points, half = size + 1, int(np.floor((size + 1) / 2 + 0.5))  # MATLAB's round
-    dist = ((factor[:, :size] ** 2).sum(0)[:, None] + (factor ** 2).sum(0)[None, :]
-            - 2 * factor[:, :size].T @ factor)
+    dist = (factor[:, :size] ** 2).sum(0)[:, None] + (factor**2).sum(0)[None, :] - 2 * factor[:, :size].T @ factor
     best, best_cost = None, np.inf
     for centre in range(points):
         choose = np.zeros(points)
@@ -94,8 +98,9 @@ def test_bit_wise_solver_on_6_items_3_bits_reaches_the_brute_force_optimum():
     assert r == 1.0
     q = 3
     target = q * similarity.double()
-    start = torch.tensor([[1, 1, 1], [-1, 1, -1], [1, -1, -1], [1, 1, -1], [-1, -1, 1], [-1, 1, 1]],
-                         dtype=torch.float64)
+    start = torch.tensor(
+        [[1, 1, 1], [-1, 1, -1], [1, -1, -1], [1, 1, -1], [-1, -1, 1], [-1, 1, 1]], dtype=torch.float64
+    )
     codes = solve_sampled_codes(target, torch.zeros(6, q), torch.zeros(q, q), start)
     # brute force over all 2^18 codes of ||q S~ - B B^T||^2
     every = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=18)), dtype=torch.float64).reshape(-1, 6, q)
@@ -118,8 +123,9 @@ def test_bit_problem_is_the_sampled_objective_of_one_bit_up_to_a_constant():
     target_gamma, target_omega = q * block[gamma].double(), q * block[omega].double()
     codes = (torch.randint(0, 2, (9, q), generator=generator) * 2 - 1).double()
     k = 1  # bits 0..k-1 fitted, the later ones left out (the authors' residual)
-    quadratic, linear = bit_problem(target_omega, target_gamma.t() @ codes[gamma], codes[gamma].t() @ codes[gamma],
-                                    codes[omega], k)
+    quadratic, linear = bit_problem(
+        target_omega, target_gamma.t() @ codes[gamma], codes[gamma].t() @ codes[gamma], codes[omega], k
+    )
 
     def objective(bit):
         b_omega = torch.cat([codes[omega][:, :k], bit[:, None]], dim=1)
@@ -185,20 +191,24 @@ def test_cosdish_refuses_bad_input_in_one_line():
         create_method("cosdish", bits=4, train_labels=labels).fit(features, labels)
     with pytest.raises(DmuhError, match="fitted once on backbone features"):
         create_method("cosdish", bits=4, train_labels=labels)(
-            StepInputs(outputs=torch.zeros(2, 4), labels=labels[:2], indices=torch.arange(2)))
+            StepInputs(outputs=torch.zeros(2, 4), labels=labels[:2], indices=torch.arange(2))
+        )
 
 
-@pytest.mark.parametrize("name, params, flagged", [
-    ("cosdish", {"columns": 1}, "columns"),
-    ("cosdish", {"iterations": -1}, "iterations"),
-    ("cosdish", {"alternations": 0}, "alternations"),
-    ("cosdish", {"ridge": 0}, "ridge"),
-    ("cosdish", {"search_starts": -1}, "search_starts"),
-    ("cosdish", {"seed": 1.5}, "seed"),
-    ("ddsh", {"columns": "many"}, "columns"),
-    ("ddsh", {"iterations": 0}, "iterations"),
-    ("ddsh", {"search_starts": True}, "search_starts"),
-])
+@pytest.mark.parametrize(
+    "name, params, flagged",
+    [
+        ("cosdish", {"columns": 1}, "columns"),
+        ("cosdish", {"iterations": -1}, "iterations"),
+        ("cosdish", {"alternations": 0}, "alternations"),
+        ("cosdish", {"ridge": 0}, "ridge"),
+        ("cosdish", {"search_starts": -1}, "search_starts"),
+        ("cosdish", {"seed": 1.5}, "seed"),
+        ("ddsh", {"columns": "many"}, "columns"),
+        ("ddsh", {"iterations": 0}, "iterations"),
+        ("ddsh", {"search_starts": True}, "search_starts"),
+    ],
+)
 def test_bad_parameters_are_one_line_errors_naming_them(name, params, flagged):
     with pytest.raises(DmuhError, match=f"parameter {flagged}="):
         create_method(name, bits=8, num_train=2, num_classes=2, **params)
@@ -284,8 +294,25 @@ def test_ddsh_state_dict_round_trip():
 
 
 def train_args(method, data, out, *extra):
-    return ["train", "--method", method, "--data", data, *extra, "--bits", "16", "--epochs", "2",
-            "--batch-size", "64", "--trace-items", "0", "--quiet", "--out", str(out)]
+    return [
+        "train",
+        "--method",
+        method,
+        "--data",
+        data,
+        *extra,
+        "--bits",
+        "16",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--trace-items",
+        "0",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
 
 
 DIGITS = ["--protocol", "digits", "--model", "smallcnn", "--model-param", "input_size=8", "--model-param", "width=16"]
@@ -310,8 +337,18 @@ def write_vectors(path, classes=10, per_class=30, dim=24, seed=0):
     return path
 
 
-VECTORS = ["--protocol", "per-class", "--protocol-param", "query_per_class=5", "--protocol-param",
-           "train_per_class=20", "--model", "mlp", "--model-param", "hidden=[]"]
+VECTORS = [
+    "--protocol",
+    "per-class",
+    "--protocol-param",
+    "query_per_class=5",
+    "--protocol-param",
+    "train_per_class=20",
+    "--model",
+    "mlp",
+    "--model-param",
+    "hidden=[]",
+]
 
 
 def test_cosdish_on_feature_vectors_through_the_cli(tmp_path):

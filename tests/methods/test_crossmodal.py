@@ -20,9 +20,37 @@ from dmuh.errors import DmuhError
 from dmuh.methods import StepInputs, create_method
 
 CLASSES = ["cat", "ship", "truck"]
-TINY = ["--model", "mlp", "--model-param", "hidden=[]", "--epochs", "2", "--batch-size", "16", "--bits", "8",
-        "--device", "cpu", "--quiet", "--init", "scratch", "--optimizer", "adamw", "--lr", "0.003", "--lr-end", "0.0001"]
-PROTOCOL = ["--protocol", "per-class", "--protocol-param", "query_per_class=4", "--protocol-param", "train_per_class=12"]
+TINY = [
+    "--model",
+    "mlp",
+    "--model-param",
+    "hidden=[]",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--bits",
+    "8",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--init",
+    "scratch",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "0.003",
+    "--lr-end",
+    "0.0001",
+]
+PROTOCOL = [
+    "--protocol",
+    "per-class",
+    "--protocol-param",
+    "query_per_class=4",
+    "--protocol-param",
+    "train_per_class=12",
+]
 
 
 def error_line(capsys) -> str:
@@ -41,8 +69,14 @@ def pairs(tmp_path_factory):
     texts = tag_texts(labels, CLASSES, seed=1)
     vocabulary = Vocabulary.fit(texts)
     path = root / "pairs.npz"
-    np.savez(path, image=image, text=vocabulary.vectorize(texts), labels=np.eye(3, dtype=np.uint8)[labels],
-             class_names=np.array(CLASSES), vocabulary=np.array(vocabulary.words))
+    np.savez(
+        path,
+        image=image,
+        text=vocabulary.vectorize(texts),
+        labels=np.eye(3, dtype=np.uint8)[labels],
+        class_names=np.array(CLASSES),
+        vocabulary=np.array(vocabulary.words),
+    )
     np.savez(root / "images.npz", features=image, labels=np.eye(3, dtype=np.uint8)[labels])
     return root
 
@@ -50,8 +84,24 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(pairs, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "dmuh-cross"
-    assert main(["train", "--method", "dmuh-cross", "--data", str(pairs / "pairs.npz"), *PROTOCOL, *TINY,
-                 "-p", "text_hidden=[16]", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "dmuh-cross",
+                "--data",
+                str(pairs / "pairs.npz"),
+                *PROTOCOL,
+                *TINY,
+                "-p",
+                "text_hidden=[16]",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -72,8 +122,9 @@ def softplus(x):
 
 def test_dmuh_cross_loss_matches_a_hand_computation():
     labels = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    method = create_method("dmuh-cross", bits=2, train_labels=labels, text_dim=2, text_hidden=[], beta=2.0,
-                           gamma=0.5, intra=1.0)
+    method = create_method(
+        "dmuh-cross", bits=2, train_labels=labels, text_dim=2, text_hidden=[], beta=2.0, gamma=0.5, intra=1.0
+    )
     linear_text_network(method, [[1.0, 0.0], [0.0, 1.0]])  # text outputs = the text vectors
     with torch.no_grad():  # the text momentum copy lags: outputs = 0.5 * text
         method.text_momentum.network.hash_layer.weight.copy_(torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
@@ -81,8 +132,13 @@ def test_dmuh_cross_loss_matches_a_hand_computation():
     z_img = [[0.3, -0.6], [-0.2, 0.9]]
     m_img = [[0.1, -0.6], [-0.2, 0.5]]
     text = [[0.8, -0.4], [0.1, 0.6]]
-    step = StepInputs(outputs=torch.tensor(z_img), labels=labels[:2], indices=torch.tensor([0, 1]),
-                      momentum_outputs=torch.tensor(m_img), text=torch.tensor(text))
+    step = StepInputs(
+        outputs=torch.tensor(z_img),
+        labels=labels[:2],
+        indices=torch.tensor([0, 1]),
+        momentum_outputs=torch.tensor(m_img),
+        text=torch.tensor(text),
+    )
     terms = method(step)
 
     h = {"img": np.tanh(z_img), "txt": np.tanh(text)}
@@ -112,7 +168,9 @@ def test_dmuh_cross_loss_matches_a_hand_computation():
 def test_regu_cross_is_the_loss_without_uncertainty():
     method = create_method("regu-cross", bits=4, num_train=6, num_classes=2, text_dim=3)
     assert method.requirements().momentum is None and method.text_momentum is None
-    step = StepInputs(outputs=torch.randn(2, 4), labels=torch.eye(2), indices=torch.tensor([0, 1]), text=torch.randn(2, 3))
+    step = StepInputs(
+        outputs=torch.randn(2, 4), labels=torch.eye(2), indices=torch.tensor([0, 1]), text=torch.randn(2, 3)
+    )
     assert set(method(step)) == {"inter", "intra", "image_quantization", "text_quantization"}
 
 
@@ -129,8 +187,14 @@ def test_dcmh_loss_matches_a_hand_computation():
     n_b = 3 * 2
 
     def likelihood(a, c):
-        return sum(softplus(0.5 * float(np.dot(a[i], c[j]))) - similar[i][j] * 0.5 * float(np.dot(a[i], c[j]))
-                   for i in range(2) for j in range(2)) / n_b
+        return (
+            sum(
+                softplus(0.5 * float(np.dot(a[i], c[j]))) - similar[i][j] * 0.5 * float(np.dot(a[i], c[j]))
+                for i in range(2)
+                for j in range(2)
+            )
+            / n_b
+        )
 
     f, g = np.array(f), np.array(g)
     assert terms["image_likelihood"].item() == pytest.approx(likelihood(f, g), rel=1e-5)
@@ -143,8 +207,22 @@ def test_dcmh_loss_matches_a_hand_computation():
 
 
 def test_cross_modal_methods_need_paired_data(pairs, tmp_path, capsys):
-    assert main(["train", "--method", "dcmh", "--data", str(pairs / "images.npz"), *PROTOCOL, *TINY,
-                 "--out", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "dcmh",
+                "--data",
+                str(pairs / "images.npz"),
+                *PROTOCOL,
+                *TINY,
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "image-text pairs" in error_line(capsys)
 
 
@@ -197,19 +275,49 @@ def test_search_an_image_index_with_text_and_a_text_index_with_images(pairs, tra
     assert main(["encode", "--run", str(trained), "--images", data, "--out", str(tmp_path / "images.npz")]) == 0
     assert main(["encode", "--run", str(trained), "--texts", data, "--out", str(tmp_path / "texts.npz")]) == 0
     for name in ("images", "texts"):
-        assert main(["index", "build", "--codes", str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"{name}.index")]) == 0
+        assert (
+            main(["index", "build", "--codes", str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"{name}.index")])
+            == 0
+        )
     capsys.readouterr()
-    assert main(["search", "--index", str(tmp_path / "images.index"), "--text", "cat pet fur", "--k", "5", "--json"]) == 0
+    assert (
+        main(["search", "--index", str(tmp_path / "images.index"), "--text", "cat pet fur", "--k", "5", "--json"]) == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert len(report["queries"][0]["results"]) == 5
     # image codes as queries against the index of text codes (image -> text)
-    assert main(["search", "--index", str(tmp_path / "texts.index"), "--queries", str(tmp_path / "images.npz"),
-                 "--k", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(tmp_path / "texts.index"),
+                "--queries",
+                str(tmp_path / "images.npz"),
+                "--k",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)["queries"]) == 60
     # texts from a .txt file, one a line, with the run's vocabulary
     (tmp_path / "queries.txt").write_text("ship sea\n\ntruck road\n")
-    assert main(["encode", "--run", str(trained), "--texts", str(tmp_path / "queries.txt"),
-                 "--out", str(tmp_path / "q.npz")]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--run",
+                str(trained),
+                "--texts",
+                str(tmp_path / "queries.txt"),
+                "--out",
+                str(tmp_path / "q.npz"),
+            ]
+        )
+        == 0
+    )
     assert "encoded 2 texts" in capsys.readouterr().out
 
 
@@ -224,9 +332,14 @@ def test_a_text_query_with_no_known_word_is_one_line(trained, pairs, tmp_path, c
 
 def test_text_of_a_single_modal_run_is_refused(pairs, tmp_path, capsys):
     run = tmp_path / "regu"
-    assert main(["train", "--method", "regu", "--data", str(pairs / "pairs.npz"), *PROTOCOL, *TINY, "--out", str(run)]) == 0
+    assert (
+        main(["train", "--method", "regu", "--data", str(pairs / "pairs.npz"), *PROTOCOL, *TINY, "--out", str(run)])
+        == 0
+    )
     capsys.readouterr()
-    assert main(["encode", "--run", str(run), "--texts", str(pairs / "pairs.npz"), "--out", str(tmp_path / "t.npz")]) == 2
+    assert (
+        main(["encode", "--run", str(run), "--texts", str(pairs / "pairs.npz"), "--out", str(tmp_path / "t.npz")]) == 2
+    )
     assert "hashes images only" in error_line(capsys)
 
 
@@ -285,10 +398,36 @@ def test_images_with_a_text_file_each_train_an_image_network_and_resume(tmp_path
             Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
             (tmp_path / "data" / name / f"{i}.txt").write_text(" ".join(tag_texts([c], CLASSES, seed=i)))
     run = tmp_path / "run"
-    command = ["train", "--method", "dmuh-cross", "--data", f"paired:{tmp_path / 'data'}", "--protocol", "per-class",
-               "--protocol-param", "query_per_class=2", "--protocol-param", "train_per_class=6", "--model", "smallcnn",
-               "--model-param", "width=8", "--epochs", "1", "--batch-size", "8", "--bits", "8", "--quiet",
-               "--init", "scratch", "-p", "text_hidden=[8]", "--out", str(run)]
+    command = [
+        "train",
+        "--method",
+        "dmuh-cross",
+        "--data",
+        f"paired:{tmp_path / 'data'}",
+        "--protocol",
+        "per-class",
+        "--protocol-param",
+        "query_per_class=2",
+        "--protocol-param",
+        "train_per_class=6",
+        "--model",
+        "smallcnn",
+        "--model-param",
+        "width=8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--bits",
+        "8",
+        "--quiet",
+        "--init",
+        "scratch",
+        "-p",
+        "text_hidden=[8]",
+        "--out",
+        str(run),
+    ]
     assert main(command) == 0
     assert Vocabulary.load(run / "vocabulary.json").words
     command[command.index("--epochs") + 1] = "2"
@@ -299,16 +438,57 @@ def test_images_with_a_text_file_each_train_an_image_network_and_resume(tmp_path
 
 def test_ugach_trains_on_unlabeled_pairs_and_is_scored_with_labels(pairs, tmp_path, capsys):
     run = tmp_path / "ugach"
-    assert main(["train", "--method", "ugach", "--data", f"unlabeled:{pairs / 'pairs.npz'}", "--protocol", "unsupervised",
-                 "--protocol-param", "query=12", *TINY, "-p", "text_hidden=[16]", "-p", "generator_hidden=[16]",
-                 "-p", "neighbours=3", "-p", "sample_ratio=4", "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "ugach",
+                "--data",
+                f"unlabeled:{pairs / 'pairs.npz'}",
+                "--protocol",
+                "unsupervised",
+                "--protocol-param",
+                "query=12",
+                *TINY,
+                "-p",
+                "text_hidden=[16]",
+                "-p",
+                "generator_hidden=[16]",
+                "-p",
+                "neighbours=3",
+                "-p",
+                "sample_ratio=4",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--data", str(pairs / "pairs.npz")]) == 0
     report = json.loads((run / "eval.json").read_text())
     assert set(report["directions"]) == {"i2t", "t2i"}
     # a supervised cross-modal method refuses the unlabeled reading
-    assert main(["train", "--method", "dcmh", "--data", f"unlabeled:{pairs / 'pairs.npz'}", "--protocol", "unsupervised",
-                 "--protocol-param", "query=12", *TINY, "--out", str(tmp_path / "dcmh")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "dcmh",
+                "--data",
+                f"unlabeled:{pairs / 'pairs.npz'}",
+                "--protocol",
+                "unsupervised",
+                "--protocol-param",
+                "query=12",
+                *TINY,
+                "--out",
+                str(tmp_path / "dcmh"),
+            ]
+        )
+        == 2
+    )
     assert "labels" in error_line(capsys)
 
 
@@ -322,9 +502,13 @@ def test_dmuh_serve_answers_text_queries_as_search_does(pairs, trained, tmp_path
 
     data = str(pairs / "pairs.npz")
     assert main(["encode", "--run", str(trained), "--images", data, "--out", str(tmp_path / "images.npz")]) == 0
-    assert main(["index", "build", "--codes", str(tmp_path / "images.npz"), "--out", str(tmp_path / "images.index")]) == 0
+    assert (
+        main(["index", "build", "--codes", str(tmp_path / "images.npz"), "--out", str(tmp_path / "images.index")]) == 0
+    )
     capsys.readouterr()
-    assert main(["search", "--index", str(tmp_path / "images.index"), "--text", "cat pet fur", "--k", "5", "--json"]) == 0
+    assert (
+        main(["search", "--index", str(tmp_path / "images.index"), "--text", "cat pet fur", "--k", "5", "--json"]) == 0
+    )
     expected = json.loads(capsys.readouterr().out)["queries"][0]["results"]
     client = TestClient(create_app(SearchService.open(tmp_path / "images.index")))
     assert client.get("/info").json()["queries"] == {"image": False, "text": True, "codes": True}

@@ -38,7 +38,7 @@ def test_half_gaussians_are_fitted_about_the_mode():
     d = torch.tensor([0.0, 0.5, 0.5, 0.5, 1.0], dtype=torch.float64)
     mode, left, right = fit_half_gaussians(d)
     assert mode == pytest.approx(0.505)  # centre of the fullest of 100 bins on [0, 1]
-    assert left == pytest.approx(math.sqrt((0.505 ** 2 + 3 * 0.005 ** 2) / 4))
+    assert left == pytest.approx(math.sqrt((0.505**2 + 3 * 0.005**2) / 4))
     assert right == pytest.approx(0.495)
 
 
@@ -110,8 +110,12 @@ def test_forward_gradients_and_state_round_trip():
 
 
 def test_bad_hyper_parameters_are_named():
-    for params, name in [({"clusters": 0}, "clusters"), ({"similar_fraction": 1.0}, "similar_fraction"),
-                         ({"quantization": -1}, "quantization"), ({"sample_pairs": 0}, "sample_pairs")]:
+    for params, name in [
+        ({"clusters": 0}, "clusters"),
+        ({"similar_fraction": 1.0}, "similar_fraction"),
+        ({"quantization": -1}, "quantization"),
+        ({"sample_pairs": 0}, "sample_pairs"),
+    ]:
         with pytest.raises(DmuhError, match=name):
             create_method("dsg", bits=8, train_labels=torch.zeros(4, 0), **params)
     method = create_method("dsg", bits=8, train_labels=torch.zeros(4, 0), clusters=5)
@@ -125,9 +129,30 @@ def test_train_and_evaluate_through_the_cli(tmp_path, capsys):
     np.savez(unlabeled, features=features.numpy())
     np.savez(labeled, features=features.numpy(), labels=labels.numpy())
     run = tmp_path / "run"
-    common = ["train", "--method", "dsg", "--data", str(unlabeled), "--protocol", "unsupervised",
-              "--protocol-param", "query=20", "--model", "mlp", "--model-param", "hidden=[]", "--epochs", "2",
-              "--batch-size", "32", "--bits", "8", "--device", "cpu", "--quiet"]
+    common = [
+        "train",
+        "--method",
+        "dsg",
+        "--data",
+        str(unlabeled),
+        "--protocol",
+        "unsupervised",
+        "--protocol-param",
+        "query=20",
+        "--model",
+        "mlp",
+        "--model-param",
+        "hidden=[]",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "32",
+        "--bits",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     assert main([*common, "--out", str(run), "-p", "clusters=3"]) == 0
     assert main(["evaluate", "--run", str(run), "--data", str(labeled)]) == 0
     report = json.loads((run / "eval.json").read_text())

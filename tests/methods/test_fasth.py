@@ -29,8 +29,10 @@ FAST = {"trees": 5, "node_features": 8}  # few, small trees: the tests check beh
 
 
 def brute_force_minimum(pairwise, unary):
-    return min(block_energy(pairwise, unary, np.array(b, dtype=float))
-               for b in itertools.product((-1.0, 1.0), repeat=len(unary)))
+    return min(
+        block_energy(pairwise, unary, np.array(b, dtype=float))
+        for b in itertools.product((-1.0, 1.0), repeat=len(unary))
+    )
 
 
 def random_codes(rng, n, bits):
@@ -41,7 +43,7 @@ def dense_weights(labels, codes):
     """W (n, n) of bit k = codes.shape[1] + 1 by its definition, diagonal zero, for small checks."""
     k = codes.shape[1] + 1
     s = 2.0 * (labels.astype(float) @ labels.T.astype(float) > 0) - 1.0
-    weights = -4.0 * (k * s - codes @ codes.T) / k ** 2
+    weights = -4.0 * (k * s - codes @ codes.T) / k**2
     np.fill_diagonal(weights, 0.0)
     return weights
 
@@ -73,7 +75,8 @@ def test_graphcut_optimum_on_fasth_own_block_objective():
     moved = b.copy()
     moved[rows] = best
     assert pairs.objective(moved) - pairs.objective(b) == pytest.approx(
-        block_energy(within, unary, best) - block_energy(within, unary, b[rows]), abs=1e-9)
+        block_energy(within, unary, best) - block_energy(within, unary, b[rows]), abs=1e-9
+    )
 
 
 @pytest.mark.parametrize("multi_label", [False, True])
@@ -90,8 +93,10 @@ def test_pair_objective_sums_match_the_dense_matrix(multi_label):
     assert pairs.objective(b) == pytest.approx(0.5 * b @ weights @ b)
     assert np.allclose(pairs.item_weights(), np.abs(weights).sum(axis=1))
     rows = np.arange(5, 12)
-    assert np.allclose(pairs.weights_times(rows, b) - pairs.block_weights(rows) @ b[rows],
-                       weights[rows] @ b - weights[np.ix_(rows, rows)] @ b[rows])
+    assert np.allclose(
+        pairs.weights_times(rows, b) - pairs.block_weights(rows) @ b[rows],
+        weights[rows] @ b - weights[np.ix_(rows, rows)] @ b[rows],
+    )
 
 
 @pytest.mark.parametrize("multi_label", [False, True])
@@ -137,11 +142,20 @@ def test_trees_on_quantised_features_are_exact_thresholds_on_raw_features():
     x = rng.normal(size=(300, 4)).astype(np.float32)
     x[:, 3] = np.round(x[:, 3])  # few distinct values: edges between them
     edges = quantile_edges(x, 16)
-    model = HistGradientBoostingClassifier(max_iter=6, max_depth=3, max_leaf_nodes=None, max_bins=16,
-                                           learning_rate=0.5, early_stopping=False, random_state=0)
+    model = HistGradientBoostingClassifier(
+        max_iter=6,
+        max_depth=3,
+        max_leaf_nodes=None,
+        max_bins=16,
+        learning_rate=0.5,
+        early_stopping=False,
+        random_state=0,
+    )
     model.fit(quantize(x, edges), x[:, 0] * x[:, 1] + x[:, 3] > 0)
-    head = TreesHead.fitted([[tree_layout(p.nodes, edges) for (p,) in model._predictors]],
-                            [float(np.asarray(model._baseline_prediction).reshape(-1)[0])])
+    head = TreesHead.fitted(
+        [[tree_layout(p.nodes, edges) for (p,) in model._predictors]],
+        [float(np.asarray(model._baseline_prediction).reshape(-1)[0])],
+    )
     unseen = np.concatenate([rng.normal(scale=2.0, size=(200, 4)), x[:50] + 1e-3]).astype(np.float32)
     for inputs in (x, unseen):
         expected = model.decision_function(quantize(inputs, edges))
@@ -170,9 +184,16 @@ def test_fitted_trees_reproduce_the_inferred_codes_and_survive_a_rebuild():
 
 def test_bad_parameters_and_inputs_are_one_line_errors():
     labels = torch.eye(2)[[0, 1] * 5]
-    for params, flagged in [({"trees": 0}, "trees"), ({"depth": 1.5}, "depth"), ({"block_size": 0}, "block_size"),
-                            ({"learning_rate": 0}, "learning_rate"), ({"iterations": 0}, "iterations"),
-                            ({"bins": 300}, "bins"), ({"seed": -1}, "seed"), ({"node_features": "x"}, "node_features")]:
+    for params, flagged in [
+        ({"trees": 0}, "trees"),
+        ({"depth": 1.5}, "depth"),
+        ({"block_size": 0}, "block_size"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"iterations": 0}, "iterations"),
+        ({"bins": 300}, "bins"),
+        ({"seed": -1}, "seed"),
+        ({"node_features": "x"}, "node_features"),
+    ]:
         with pytest.raises(DmuhError, match=flagged) as error:
             create_method("fasth", bits=4, train_labels=labels, **params)
         assert "\n" not in str(error.value)
@@ -188,9 +209,27 @@ def test_bad_parameters_and_inputs_are_one_line_errors():
         method.fit(x, labels[:4])
 
 
-DIGITS = ["--data", "digits", "--protocol", "digits", "--model", "smallcnn", "--model-param", "input_size=8",
-          "--model-param", "width=16", "--bits", "16", "--epochs", "2", "--batch-size", "64", "--trace-items", "0",
-          "--quiet"]
+DIGITS = [
+    "--data",
+    "digits",
+    "--protocol",
+    "digits",
+    "--model",
+    "smallcnn",
+    "--model-param",
+    "input_size=8",
+    "--model-param",
+    "width=16",
+    "--bits",
+    "16",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--trace-items",
+    "0",
+    "--quiet",
+]
 
 
 def test_fasth_on_digits_through_the_cli_and_its_checkpoint_rebuilds_the_trees(tmp_path):
@@ -213,8 +252,21 @@ def write_vectors(path, nan=False):
     np.savez(path, features=features, labels=labels.argmax(1).numpy())
 
 
-VECTORS = ["--protocol", "per-class", "--protocol-param", "query_per_class=5", "--protocol-param",
-           "train_per_class=20", "--model", "mlp", "--model-param", "hidden=[]", "--bits", "8", "--quiet"]
+VECTORS = [
+    "--protocol",
+    "per-class",
+    "--protocol-param",
+    "query_per_class=5",
+    "--protocol-param",
+    "train_per_class=20",
+    "--model",
+    "mlp",
+    "--model-param",
+    "hidden=[]",
+    "--bits",
+    "8",
+    "--quiet",
+]
 
 
 def test_fasth_on_vectors_through_the_cli(tmp_path):
@@ -223,23 +275,55 @@ def test_fasth_on_vectors_through_the_cli(tmp_path):
 
     write_vectors(tmp_path / "v.npz")
     out = tmp_path / "v"
-    assert main(["train", "--method", "fasth", "--data", f"features:{tmp_path / 'v.npz'}", *VECTORS,
-                 "-p", "trees=5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "fasth",
+                "--data",
+                f"features:{tmp_path / 'v.npz'}",
+                *VECTORS,
+                "-p",
+                "trees=5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert read_log(out / "log.csv")[-1]["map"] > 0.5  # 5 well-separated clusters
 
 
-@pytest.mark.parametrize("nan, params, message", [
-    (True, ["-p", "trees=5"], "NaN"),
-    (False, ["-p", "trees=0"], "trees"),
-    (False, ["-p", "block_size=-3"], "block_size"),
-    (False, ["-p", "leaves=3"], "leaves"),
-])
+@pytest.mark.parametrize(
+    "nan, params, message",
+    [
+        (True, ["-p", "trees=5"], "NaN"),
+        (False, ["-p", "trees=0"], "trees"),
+        (False, ["-p", "block_size=-3"], "block_size"),
+        (False, ["-p", "leaves=3"], "leaves"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, capsys, nan, params, message):
     from dmuh.cli import main
 
     write_vectors(tmp_path / "v.npz", nan=nan)
     capsys.readouterr()
-    assert main(["train", "--method", "fasth", "--data", f"features:{tmp_path / 'v.npz'}", *VECTORS, *params,
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "fasth",
+                "--data",
+                f"features:{tmp_path / 'v.npz'}",
+                *VECTORS,
+                *params,
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err

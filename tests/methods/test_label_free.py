@@ -66,8 +66,13 @@ def data(tmp_path_factory):
     np.savez(root / "unlabeled.npz", features=features)
     np.savez(root / "labeled.npz", features=features, labels=np.arange(48) % 3)
     np.savez(root / "other.npz", features=features + 1.0, labels=np.arange(48) % 3)
-    return {"flat": flat, "tree": tree, "unlabeled": root / "unlabeled.npz", "labeled": root / "labeled.npz",
-            "other": root / "other.npz"}
+    return {
+        "flat": flat,
+        "tree": tree,
+        "unlabeled": root / "unlabeled.npz",
+        "labeled": root / "labeled.npz",
+        "other": root / "other.npz",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,15 +136,18 @@ def test_cosine_knn_of_the_fan_gives_the_hand_neighbour_lists():
     assert knn.shape == (5, 2) and knn.dtype == torch.int64
     assert [set(row.tolist()) for row in knn] == NEIGHBOURS
     pointers, items = reverse_neighbours(knn)  # who lists a: 0 <- {1}, 1 <- {0, 2}, 2 <- {0, 1, 3, 4}, ...
-    listed_by = [set(items[pointers[a]:pointers[a + 1]].tolist()) for a in range(5)]
+    listed_by = [set(items[pointers[a] : pointers[a + 1]].tolist()) for a in range(5)]
     assert listed_by == [{i for i, row in enumerate(NEIGHBOURS) if a in row} for a in range(5)]
 
 
-@pytest.mark.parametrize("similar_threshold, dissimilar_threshold, similar, kept", [
-    (0.3, 0.0, SIMILAR_03, KEPT_03_00),
-    (0.6, 0.0, SIMILAR_06, KEPT_06_00),
-    (0.6, 0.5, SIMILAR_06, KEPT_06_05),
-])
+@pytest.mark.parametrize(
+    "similar_threshold, dissimilar_threshold, similar, kept",
+    [
+        (0.3, 0.0, SIMILAR_03, KEPT_03_00),
+        (0.6, 0.0, SIMILAR_06, KEPT_06_00),
+        (0.6, 0.5, SIMILAR_06, KEPT_06_05),
+    ],
+)
 def test_distilled_pairs_of_the_fan(similar_threshold, dissimilar_threshold, similar, kept):
     knn = cosine_knn(fan_features(), 2)
     reverse = reverse_neighbours(knn)
@@ -159,8 +167,11 @@ def test_distillhash_reads_its_pairs_from_the_reference_features():
     method = create_method("distillhash", bits=4, num_train=5, num_classes=0, neighbours=2)
     method.set_reference_features(fan_features())
     assert [set(row.tolist()) for row in method.knn] == NEIGHBOURS
-    step = StepInputs(outputs=torch.randn(2, 4, generator=torch.Generator().manual_seed(0)),
-                      labels=torch.zeros(2, 0), indices=torch.tensor([3, 0]))
+    step = StepInputs(
+        outputs=torch.randn(2, 4, generator=torch.Generator().manual_seed(0)),
+        labels=torch.zeros(2, 0),
+        indices=torch.tensor([3, 0]),
+    )
     terms = method(step)
     assert all(torch.isfinite(value) for value in terms.values())
     too_many = create_method("distillhash", bits=4, num_train=5, num_classes=0, neighbours=5)
@@ -170,6 +181,7 @@ def test_distillhash_reads_its_pairs_from_the_reference_features():
 
 # ---------------------------------------------------------------------------------------------
 # 2. RPH's rank divergence, reconstruction and refusals
+
 
 def softmax(logits):
     exps = [math.exp(v) for v in logits]
@@ -188,8 +200,11 @@ def test_rank_divergence_of_three_items_by_hand():
     tau = 0.5
     # Each item is a query over the other two; P by x.x'/tau, Q by u.u'/(bits tau).
     targets = [[0.0 / tau, 0.6 / tau], [0.0 / tau, 0.8 / tau], [0.6 / tau, 0.8 / tau]]
-    learned = [[0.0 / (2 * tau), 1.0 / (2 * tau)], [0.0 / (2 * tau), 1.0 / (2 * tau)],
-               [1.0 / (2 * tau), 1.0 / (2 * tau)]]
+    learned = [
+        [0.0 / (2 * tau), 1.0 / (2 * tau)],
+        [0.0 / (2 * tau), 1.0 / (2 * tau)],
+        [1.0 / (2 * tau), 1.0 / (2 * tau)],
+    ]
     expected = sum(kl(softmax(t), softmax(q)) for t, q in zip(targets, learned)) / 3
     assert expected > 0.01  # a case in which the two rankings differ
     assert rank_divergence(reference, codes, tau).item() == pytest.approx(expected, rel=1e-5)
@@ -214,12 +229,12 @@ class FixedDecoder(torch.nn.Module):
 
 def test_rph_reconstruction_is_zero_for_a_parallel_decoder_output():
     features = torch.tensor([[3.0, 4.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 2.0], [2.0, 2.0, 1.0]])
-    method = create_method("rph", bits=4, num_train=4, num_classes=0, reference_dim=3, hidden=8,
-                           reconstruction=0.5)
+    method = create_method("rph", bits=4, num_train=4, num_classes=0, reference_dim=3, hidden=8, reconstruction=0.5)
     method.set_reference_features(features)
     indices = torch.tensor([2, 0, 3])
-    step = StepInputs(outputs=torch.randn(3, 4, generator=torch.Generator().manual_seed(1)),
-                      labels=torch.zeros(3, 0), indices=indices)
+    step = StepInputs(
+        outputs=torch.randn(3, 4, generator=torch.Generator().manual_seed(1)), labels=torch.zeros(3, 0), indices=indices
+    )
     # Parallel to the reference rows, at another length per row: cosine 1, term 0.
     reference = method.reference.of(indices)  # the unit rows the term compares with
     method.decoder = FixedDecoder(reference * torch.tensor([[2.5], [0.1], [7.0]]))
@@ -250,6 +265,7 @@ def test_rph_refuses_reference_features_of_another_dimension_and_bad_parameters(
 # ---------------------------------------------------------------------------------------------
 # 3. Every label-free method through the CLI on unlabeled data
 
+
 def split_sizes(run: Path):
     split = json.loads((run / "split.json").read_text())
     return len(split["query"]), len(split["train"]), len(split["database"])
@@ -258,8 +274,22 @@ def split_sizes(run: Path):
 @pytest.mark.parametrize("method", IMAGE_METHODS)
 def test_label_free_method_trains_on_an_unlabeled_image_folder(tmp_path, capsys, data, method):
     out = tmp_path / "run"
-    code = main(["train", "--method", method, *METHOD_PARAMS.get(method, []), "--data", str(data["flat"]),
-                 *UNSUPERVISED, *IMAGES, "--init", "scratch", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--method",
+            method,
+            *METHOD_PARAMS.get(method, []),
+            "--data",
+            str(data["flat"]),
+            *UNSUPERVISED,
+            *IMAGES,
+            "--init",
+            "scratch",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert (out / "checkpoint.safetensors").is_file()
@@ -269,20 +299,66 @@ def test_label_free_method_trains_on_an_unlabeled_image_folder(tmp_path, capsys,
 
 def test_rph_trains_on_unlabeled_vectors_and_refuses_images(tmp_path, capsys, data):
     out = tmp_path / "run"
-    assert main(["train", "--method", "rph", "-p", "hidden=16", "--data", str(data["unlabeled"]), *UNSUPERVISED,
-                 *VECTORS, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "rph",
+                "-p",
+                "hidden=16",
+                "--data",
+                str(data["unlabeled"]),
+                *UNSUPERVISED,
+                *VECTORS,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "checkpoint.safetensors").is_file()
     capsys.readouterr()
-    assert main(["train", "--method", "rph", "--data", str(data["flat"]), *UNSUPERVISED, *IMAGES,
-                 "--init", "scratch", "--out", str(tmp_path / "images")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "rph",
+                "--data",
+                str(data["flat"]),
+                *UNSUPERVISED,
+                *IMAGES,
+                "--init",
+                "scratch",
+                "--out",
+                str(tmp_path / "images"),
+            ]
+        )
+        == 2
+    )
     err = error_line(capsys)
     assert "rph" in err and "feature vectors" in err
 
 
 def test_train_on_unlabeled_vectors_then_evaluate_on_the_labeled_twin(tmp_path, capsys, data):
     out = tmp_path / "run"
-    assert main(["train", "--method", "greedyhash-unsup", "--data", str(data["unlabeled"]), *UNSUPERVISED,
-                 *VECTORS, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "greedyhash-unsup",
+                "--data",
+                str(data["unlabeled"]),
+                *UNSUPERVISED,
+                *VECTORS,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     # 4. Without --data: its data has no labels to score against.
     assert main(["evaluate", "--run", str(out)]) == 2
@@ -302,8 +378,24 @@ def test_train_on_unlabeled_vectors_then_evaluate_on_the_labeled_twin(tmp_path, 
 
 def test_unlabeled_reading_of_a_class_tree_trains_and_the_tree_scores_it(tmp_path, capsys, data):
     out = tmp_path / "run"
-    assert main(["train", "--method", "greedyhash-unsup", "--data", f"unlabeled:{data['tree']}", *UNSUPERVISED,
-                 *IMAGES, "--init", "scratch", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "greedyhash-unsup",
+                "--data",
+                f"unlabeled:{data['tree']}",
+                *UNSUPERVISED,
+                *IMAGES,
+                "--init",
+                "scratch",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "no MAP: the data has no labels" in capsys.readouterr().out
     assert split_sizes(out) == (8, 16, 16)  # all 24 images, the class folders ignored
     assert main(["evaluate", "--run", str(out), "--data", str(data["tree"])]) == 0
@@ -314,28 +406,82 @@ def test_unlabeled_reading_of_a_class_tree_trains_and_the_tree_scores_it(tmp_pat
 # ---------------------------------------------------------------------------------------------
 # 4. Refusals of what needs labels
 
+
 def test_a_method_that_uses_labels_is_refused_on_unlabeled_data(tmp_path, capsys, data):
-    assert main(["train", "--method", "regu", "--data", str(data["flat"]), *UNSUPERVISED, *IMAGES,
-                 "--init", "scratch", "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "regu",
+                "--data",
+                str(data["flat"]),
+                *UNSUPERVISED,
+                *IMAGES,
+                "--init",
+                "scratch",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = error_line(capsys)
     assert "'regu'" in err and "learns from labels" in err and "--list-methods" in err
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
-@pytest.mark.parametrize("protocol", [
-    ["--protocol", "digits"],
-    ["--protocol", "per-class", "--protocol-param", "query_per_class=1", "--protocol-param", "train_per_class=2"],
-])
+@pytest.mark.parametrize(
+    "protocol",
+    [
+        ["--protocol", "digits"],
+        ["--protocol", "per-class", "--protocol-param", "query_per_class=1", "--protocol-param", "train_per_class=2"],
+    ],
+)
 def test_a_per_class_protocol_is_refused_on_unlabeled_data(tmp_path, capsys, data, protocol):
-    assert main(["train", "--method", "greedyhash-unsup", "--data", str(data["flat"]), *protocol, *IMAGES,
-                 "--init", "scratch", "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "greedyhash-unsup",
+                "--data",
+                str(data["flat"]),
+                *protocol,
+                *IMAGES,
+                "--init",
+                "scratch",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = error_line(capsys)
     assert f"protocol '{protocol[1]}'" in err and "no labels" in err and "'unsupervised'" in err
 
 
 def test_init_epochs_warm_up_is_refused_on_unlabeled_images(tmp_path, capsys, data):
-    assert main(["train", "--method", "itq", "--data", str(data["flat"]), *UNSUPERVISED, *IMAGES,
-                 "--init", "auto", "--init-epochs", "1", "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "itq",
+                "--data",
+                str(data["flat"]),
+                *UNSUPERVISED,
+                *IMAGES,
+                "--init",
+                "auto",
+                "--init-epochs",
+                "1",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = error_line(capsys)
     assert "--init-epochs 1" in err and "labels" in err and "--init scratch" in err
 
@@ -343,16 +489,53 @@ def test_init_epochs_warm_up_is_refused_on_unlabeled_images(tmp_path, capsys, da
 # ---------------------------------------------------------------------------------------------
 # 5. --init auto: no warm-up for a label-free method, a warm-up for a supervised one
 
+
 def test_init_auto_warms_up_only_a_method_that_uses_labels(tmp_path, capsys, data):
-    assert main(["train", "--method", "itq", "--data", str(data["flat"]), *UNSUPERVISED, *IMAGES,
-                 "--init", "auto", "--out", str(tmp_path / "itq")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "itq",
+                "--data",
+                str(data["flat"]),
+                *UNSUPERVISED,
+                *IMAGES,
+                "--init",
+                "auto",
+                "--out",
+                str(tmp_path / "itq"),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     printed = captured.out + captured.err
     assert "init auto: 'itq' learns without labels, so its backbone gets no cross-entropy warm-up" in printed
     assert "epoch of cross-entropy warm-up" not in printed
-    assert main(["train", "--method", "regu", "--data", str(data["tree"]), "--protocol", "per-class",
-                 "--protocol-param", "query_per_class=1", "--protocol-param", "train_per_class=4", *IMAGES,
-                 "--init", "auto", "--out", str(tmp_path / "regu")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "regu",
+                "--data",
+                str(data["tree"]),
+                "--protocol",
+                "per-class",
+                "--protocol-param",
+                "query_per_class=1",
+                "--protocol-param",
+                "train_per_class=4",
+                *IMAGES,
+                "--init",
+                "auto",
+                "--out",
+                str(tmp_path / "regu"),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     printed = captured.out + captured.err
     assert "init auto: 1 epoch of cross-entropy warm-up on the training split" in printed
@@ -362,13 +545,14 @@ def test_init_auto_warms_up_only_a_method_that_uses_labels(tmp_path, capsys, dat
 # ---------------------------------------------------------------------------------------------
 # 6. --list-methods marks the label-free methods
 
+
 def test_list_methods_marks_exactly_the_label_free_methods(capsys):
     assert main(["train", "--list-methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     mark = "  (learns without labels)"
-    names = [line[:-len(mark)] if line.endswith(mark) else line for line in lines]
+    names = [line[: -len(mark)] if line.endswith(mark) else line for line in lines]
     assert names == available()
-    marked = {line[:-len(mark)] for line in lines if line.endswith(mark)}
+    marked = {line[: -len(mark)] for line in lines if line.endswith(mark)}
     assert all(" " not in name for name in names)  # every other line is a bare name
     assert marked == {name for name in available() if not method_class(name).requires.labels}
     assert LABEL_FREE <= marked

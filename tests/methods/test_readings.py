@@ -58,8 +58,15 @@ def test_momentum_dropout_modes(mode):
 
 
 def test_bad_reading_options_are_errors_naming_them():
-    for key, value in (("momentum_dropout", "half"), ("momentum_update", "batch"), ("retrieval", "both"),
-                       ("normalisation", "n"), ("alpha", 1.5), ("gamma", -1), ("bit_weights", "yes")):
+    for key, value in (
+        ("momentum_dropout", "half"),
+        ("momentum_update", "batch"),
+        ("retrieval", "both"),
+        ("normalisation", "n"),
+        ("alpha", 1.5),
+        ("gamma", -1),
+        ("bit_weights", "yes"),
+    ):
         with pytest.raises(DmuhError, match=f"{key}="):
             create_method("dmuh", bits=2, num_train=2, num_classes=2, **{key: value})
 
@@ -74,8 +81,17 @@ M0 = torch.tensor([[0.8, -0.5]])
 @pytest.mark.parametrize("normalisation", ["nB", "batch"])
 def test_term_normalisation_by_n_b_or_per_batch(normalisation):
     """B = 1 batch item, n = 3 training items, 2 bits; only item 0 is seen (the batch itself)."""
-    method = create_method("dmuh", bits=2, train_labels=LABELS3, beta=2.0, gamma=0.5, output="linear",
-                           normalisation=normalisation, bit_weights=False, image_weights=False)
+    method = create_method(
+        "dmuh",
+        bits=2,
+        train_labels=LABELS3,
+        beta=2.0,
+        gamma=0.5,
+        output="linear",
+        normalisation=normalisation,
+        bit_weights=False,
+        image_weights=False,
+    )
     terms = method(StepInputs(outputs=H0.clone(), labels=LABELS3[:1], indices=torch.tensor([0]), momentum_outputs=M0))
     pair = softplus(0.625) - 0.625  # Theta_00 = (1 + 0.25) / 2, similar
     quantization_sum = 0.25  # (1 - 1)^2 + (-0.5 + 1)^2
@@ -92,10 +108,19 @@ def test_term_normalisation_by_n_b_or_per_batch(normalisation):
 
 
 def tiny_config(out, **method_params):
-    return TrainConfig(data="digits", protocol="digits", model="smallcnn",
-                       model_params={"input_size": 8, "width": 8, "fc": [32], "dropout": 0.5}, method="dmuh",
-                       bits=8, epochs=2, batch_size=100, out=str(out), method_params=method_params,
-                       train_map_items=200)
+    return TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8, "width": 8, "fc": [32], "dropout": 0.5},
+        method="dmuh",
+        bits=8,
+        epochs=2,
+        batch_size=100,
+        out=str(out),
+        method_params=method_params,
+        train_map_items=200,
+    )
 
 
 @pytest.mark.parametrize("update", ["step", "epoch"])
@@ -165,8 +190,13 @@ def test_the_default_reading_is_the_one_docs_method_md_names():
     documented = dict(item.strip().split("=") for item in line.group(1).rstrip(".").split(","))
     method = create_method("dmuh", bits=2, num_train=2, num_classes=2)
     needs = method.requirements()
-    actual = {"momentum_dropout": needs.momentum_dropout, "momentum_update": needs.momentum_update,
-              "output": method.output, "normalisation": method.normalisation, "retrieval": needs.retrieval_network}
+    actual = {
+        "momentum_dropout": needs.momentum_dropout,
+        "momentum_update": needs.momentum_update,
+        "output": method.output,
+        "normalisation": method.normalisation,
+        "retrieval": needs.retrieval_network,
+    }
     assert documented == actual
 
 
@@ -174,9 +204,19 @@ def test_command_line_words_stay_words_only_true_and_false_are_booleans():
     from dmuh.utils.schema import parse_params
 
     assert parse_params(["momentum_dropout=off", "flag=true", "other=no", "alpha=0.7", "fc=[512,512]"]) == {
-        "momentum_dropout": "off", "flag": True, "other": "no", "alpha": 0.7, "fc": [512, 512]}
+        "momentum_dropout": "off",
+        "flag": True,
+        "other": "no",
+        "alpha": 0.7,
+        "fc": [512, 512],
+    }
     # A YAML file's `momentum_dropout: off` arrives as False and still means "off".
-    assert create_method("dmuh", bits=2, num_train=2, num_classes=2, momentum_dropout=False).requirements().momentum_dropout == "off"
+    assert (
+        create_method("dmuh", bits=2, num_train=2, num_classes=2, momentum_dropout=False)
+        .requirements()
+        .momentum_dropout
+        == "off"
+    )
 
 
 def test_uncertainty_batches_are_mixed_like_training_batches(momentum_retrieval_run):

@@ -56,7 +56,9 @@ def test_sdh_dcc_b_step_never_increases_its_objective():
     nu, f = 0.3, torch.randn(n, bits, generator=generator, dtype=torch.float64)
     q2 = nu * f + y @ weight.t()
     full = lambda b: float((y - b @ weight).pow(2).sum() + nu * (b - f).pow(2).sum())  # noqa: E731
-    assert full(codes) - dcc_objective(codes, weight, q2) == pytest.approx(full(start) - dcc_objective(start, weight, q2))
+    assert full(codes) - dcc_objective(codes, weight, q2) == pytest.approx(
+        full(start) - dcc_objective(start, weight, q2)
+    )
 
 
 def test_sdh_f_and_g_steps_are_numpy_ridge_regressions():
@@ -67,7 +69,9 @@ def test_sdh_f_and_g_steps_are_numpy_ridge_regressions():
     got = ridge(torch.from_numpy(phi), torch.from_numpy(codes), lam)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-10)
     gram = torch.from_numpy(phi.T @ phi)
-    np.testing.assert_allclose(ridge(torch.from_numpy(phi), torch.from_numpy(codes), lam, gram).numpy(), expected, atol=1e-10)
+    np.testing.assert_allclose(
+        ridge(torch.from_numpy(phi), torch.from_numpy(codes), lam, gram).numpy(), expected, atol=1e-10
+    )
 
 
 def test_sdh_kernel_map_is_the_rbf_heads_with_a_bias_column():
@@ -128,7 +132,7 @@ def test_lfh_full_update_never_decreases_the_log_posterior():
     assert all(b >= a - 1e-9 for a, b in zip(trace, trace[1:]))
     assert trace[-1] > trace[0]
     codes = u.sign()
-    same = (y @ y.t() > 0)
+    same = y @ y.t() > 0
     hamming = (codes.shape[1] - codes @ codes.t()) / 2
     assert hamming[same].mean() < hamming[~same].mean()
 
@@ -172,19 +176,22 @@ def test_lfh_stochastic_fit_is_seeded_and_follows_the_classes():
 # --- bad parameters and input -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, params, flagged", [
-    ("sdh", {"anchors": 0}, "anchors"),
-    ("sdh", {"sigma": "wide"}, "sigma"),
-    ("sdh", {"sigma": -1.0}, "sigma"),
-    ("sdh", {"nu": float("nan")}, "nu"),
-    ("sdh", {"g_lambda": 0}, "g_lambda"),
-    ("sdh", {"dcc_iter": 1.5}, "dcc_iter"),
-    ("sdh", {"seed": -1}, "seed"),
-    ("lfh", {"beta": 0}, "beta"),
-    ("lfh", {"columns": 0}, "columns"),
-    ("lfh", {"iterations": -1}, "iterations"),
-    ("lfh", {"lam": "much"}, "lam"),
-])
+@pytest.mark.parametrize(
+    "name, params, flagged",
+    [
+        ("sdh", {"anchors": 0}, "anchors"),
+        ("sdh", {"sigma": "wide"}, "sigma"),
+        ("sdh", {"sigma": -1.0}, "sigma"),
+        ("sdh", {"nu": float("nan")}, "nu"),
+        ("sdh", {"g_lambda": 0}, "g_lambda"),
+        ("sdh", {"dcc_iter": 1.5}, "dcc_iter"),
+        ("sdh", {"seed": -1}, "seed"),
+        ("lfh", {"beta": 0}, "beta"),
+        ("lfh", {"columns": 0}, "columns"),
+        ("lfh", {"iterations": -1}, "iterations"),
+        ("lfh", {"lam": "much"}, "lam"),
+    ],
+)
 def test_bad_parameters_are_one_line_errors_naming_them(name, params, flagged):
     with pytest.raises(DmuhError, match=f"parameter {flagged}=") as error:
         create_method(name, bits=8, train_labels=torch.eye(3), **params)
@@ -214,9 +221,37 @@ def test_training_on_digits_through_the_cli_and_evaluate_agrees(tmp_path, name, 
     from dmuh.runs.layout import read_log
 
     out = tmp_path / name
-    assert main(["train", "--method", name, "--data", "digits", "--protocol", "digits", "--model", "smallcnn",
-                 "--model-param", "input_size=8", "--model-param", "width=16", "--bits", "16", "--epochs", "2",
-                 "--batch-size", "64", "--trace-items", "0", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                name,
+                "--data",
+                "digits",
+                "--protocol",
+                "digits",
+                "--model",
+                "smallcnn",
+                "--model-param",
+                "input_size=8",
+                "--model-param",
+                "width=16",
+                "--bits",
+                "16",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "64",
+                "--trace-items",
+                "0",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     row = read_log(out / "log.csv")[-1]
     assert math.isfinite(row["map"]) and row["map"] > 0.15  # 10 balanced classes: chance is about 0.1
     # the checkpoint rebuilds the fitted function (SDH's RBF head, LFH's linear layer)
@@ -235,9 +270,23 @@ def write_vectors(path, nan=False):
     np.savez(path, features=features, labels=digits.target[:400])
 
 
-VECTORS = ["--protocol", "per-class", "--protocol-param", "query_per_class=5", "--protocol-param",
-           "train_per_class=20", "--model", "mlp", "--model-param", "hidden=[]", "--bits", "16",
-           "--epochs", "1", "--quiet"]
+VECTORS = [
+    "--protocol",
+    "per-class",
+    "--protocol-param",
+    "query_per_class=5",
+    "--protocol-param",
+    "train_per_class=20",
+    "--model",
+    "mlp",
+    "--model-param",
+    "hidden=[]",
+    "--bits",
+    "16",
+    "--epochs",
+    "1",
+    "--quiet",
+]
 
 
 @pytest.mark.parametrize("name", ["sdh", "lfh"])
@@ -247,16 +296,21 @@ def test_training_on_feature_vectors(tmp_path, name):
 
     write_vectors(tmp_path / "feat.npz")
     out = tmp_path / name
-    assert main(["train", "--method", name, "--data", f"features:{tmp_path / 'feat.npz'}", *VECTORS,
-                 "--out", str(out)]) == 0
+    assert (
+        main(["train", "--method", name, "--data", f"features:{tmp_path / 'feat.npz'}", *VECTORS, "--out", str(out)])
+        == 0
+    )
     assert read_log(out / "log.csv")[-1]["map"] > 0.3
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--method", "sdh", "-p", "sigma=wide"], "parameter sigma="),
-    (["--method", "lfh", "-p", "beta=-3"], "parameter beta="),
-    (["--method", "sdh", "--nan"], "NaN"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "sdh", "-p", "sigma=wide"], "parameter sigma="),
+        (["--method", "lfh", "-p", "beta=-3"], "parameter beta="),
+        (["--method", "sdh", "--nan"], "NaN"),
+    ],
+)
 def test_bad_input_through_the_cli_is_one_line(tmp_path, capsys, args, message):
     from dmuh.cli import main
 
@@ -264,7 +318,9 @@ def test_bad_input_through_the_cli_is_one_line(tmp_path, capsys, args, message):
     args = [a for a in args if a != "--nan"]
     write_vectors(tmp_path / "feat.npz", nan=nan)
     capsys.readouterr()
-    assert main(["train", *args, "--data", f"features:{tmp_path / 'feat.npz'}", *VECTORS,
-                 "--out", str(tmp_path / "run")]) == 2
+    assert (
+        main(["train", *args, "--data", f"features:{tmp_path / 'feat.npz'}", *VECTORS, "--out", str(tmp_path / "run")])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err

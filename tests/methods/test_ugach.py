@@ -34,8 +34,9 @@ TEXT_NEIGHBOURS = [[0, 4, 1], [1, 2, 4], [2, 1, 4], [3, 2, 1], [4, 0, 1]]  # by 
 
 def build(num_train=5, bits=16, text_dim=1, reference_dim=2, **params):
     params = {"text_hidden": [8], "generator_hidden": [8], **params}
-    return create_method("ugach", bits=bits, num_train=num_train, num_classes=0, text_dim=text_dim,
-                         reference_dim=reference_dim, **params)
+    return create_method(
+        "ugach", bits=bits, num_train=num_train, num_classes=0, text_dim=text_dim, reference_dim=reference_dim, **params
+    )
 
 
 def test_the_correlation_graph_by_hand():
@@ -117,16 +118,24 @@ def paired_set(count=40, clusters=4, image_dim=8, text_dim=6, seed=0):
 
 def ready_method(images, texts, bits=16, **params):
     params = {"neighbours": 3, "sample_ratio": 4, "text_hidden": [32], "generator_hidden": [16], **params}
-    method = create_method("ugach", bits=bits, num_train=images.shape[0], num_classes=0, text_dim=texts.shape[1],
-                           reference_dim=images.shape[1], **params)
+    method = create_method(
+        "ugach",
+        bits=bits,
+        num_train=images.shape[0],
+        num_classes=0,
+        text_dim=texts.shape[1],
+        reference_dim=images.shape[1],
+        **params,
+    )
     method.set_reference_features(images)
     method.set_train_text(texts)
     return method
 
 
 def step_of(network, images, texts, indices):
-    return StepInputs(outputs=network(images[indices]), labels=torch.zeros(len(indices), 0), indices=indices,
-                      text=texts[indices])
+    return StepInputs(
+        outputs=network(images[indices]), labels=torch.zeros(len(indices), 0), indices=indices, text=texts[indices]
+    )
 
 
 def test_the_terms_send_no_gradient_into_each_other():
@@ -139,7 +148,9 @@ def test_the_terms_send_no_gradient_into_each_other():
     assert set(terms) == {"discriminator", "generator"}
     discriminator = list(network.parameters()) + list(method.text_network.parameters())
     generator = list(method.generator_image.parameters()) + list(method.generator_text.parameters())
-    assert set(map(id, discriminator + generator)) <= set(map(id, list(network.parameters()) + list(method.parameters())))
+    assert set(map(id, discriminator + generator)) <= set(
+        map(id, list(network.parameters()) + list(method.parameters()))
+    )
 
     def gradients(term, parameters):
         return torch.autograd.grad(term, parameters, retain_graph=True, allow_unused=True)
@@ -206,7 +217,14 @@ def test_a_few_steps_pull_paired_codes_together(warmup_epochs):
 def test_the_alternating_schedule_trains_one_side_per_epoch():
     method = build(schedule="alternate", warmup_epochs=1, discriminator_epochs=1, generator_epochs=2)
     assert [method.phase_of(epoch) for epoch in range(1, 8)] == [
-        "warmup", "discriminator", "generator", "generator", "discriminator", "generator", "generator"]
+        "warmup",
+        "discriminator",
+        "generator",
+        "generator",
+        "discriminator",
+        "generator",
+        "generator",
+    ]
     assert build().phase == "both" and build(warmup_epochs=2).phase_of(3) == "both"
 
     torch.manual_seed(0)
@@ -222,12 +240,21 @@ def test_the_alternating_schedule_trains_one_side_per_epoch():
 
 
 def test_bad_parameters_and_data_are_one_line_errors_naming_them():
-    for params, name in (({"margin": -1.0}, "margin"), ({"margin": "wide"}, "margin"), ({"neighbours": 0}, "neighbours"),
-                         ({"selections": 0}, "selections"), ({"sample_ratio": 0}, "sample_ratio"),
-                         ({"generator_hidden": [0]}, "generator_hidden"), ({"generator_hidden": "big"}, "generator_hidden"),
-                         ({"text_metric": "l1"}, "text_metric"), ({"schedule": "sometimes"}, "schedule"),
-                         ({"warmup_epochs": -1}, "warmup_epochs"), ({"generator_epochs": 0}, "generator_epochs"),
-                         ({"generator_weight": -2}, "generator_weight"), ({"text_hidden": [-3]}, "text_hidden")):
+    for params, name in (
+        ({"margin": -1.0}, "margin"),
+        ({"margin": "wide"}, "margin"),
+        ({"neighbours": 0}, "neighbours"),
+        ({"selections": 0}, "selections"),
+        ({"sample_ratio": 0}, "sample_ratio"),
+        ({"generator_hidden": [0]}, "generator_hidden"),
+        ({"generator_hidden": "big"}, "generator_hidden"),
+        ({"text_metric": "l1"}, "text_metric"),
+        ({"schedule": "sometimes"}, "schedule"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"generator_epochs": 0}, "generator_epochs"),
+        ({"generator_weight": -2}, "generator_weight"),
+        ({"text_hidden": [-3]}, "text_hidden"),
+    ):
         with pytest.raises(DmuhError, match=rf"^method parameter {name}=") as error:
             build(**params)
         assert "\n" not in str(error.value)
@@ -241,5 +268,4 @@ def test_bad_parameters_and_data_are_one_line_errors_naming_them():
     method = build()
     method.set_reference_features(circle(ANGLES))
     with pytest.raises(DmuhError, match="correlation graph is not built"):
-        method(StepInputs(outputs=torch.zeros(2, 16), labels=torch.zeros(2, 0), indices=torch.arange(2),
-                          text=TEXT[:2]))
+        method(StepInputs(outputs=torch.zeros(2, 16), labels=torch.zeros(2, 0), indices=torch.arange(2), text=TEXT[:2]))

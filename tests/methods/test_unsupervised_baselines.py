@@ -21,8 +21,9 @@ X = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [3.0, 4.0]])  # unit rows:
 
 
 def step(outputs, count=4, view_outputs=None):
-    return StepInputs(outputs=outputs, labels=torch.zeros(count, 0), indices=torch.arange(count),
-                      view_outputs=view_outputs)
+    return StepInputs(
+        outputs=outputs, labels=torch.zeros(count, 0), indices=torch.arange(count), view_outputs=view_outputs
+    )
 
 
 def with_reference(name, **params):
@@ -32,6 +33,7 @@ def with_reference(name, **params):
 
 
 # -- GreedyHash (unsup.) ---------------------------------------------------------------------------
+
 
 def test_greedyhash_unsup_loss_by_hand_official_halves():
     terms = with_reference("greedyhash-unsup")(step(Z))
@@ -87,10 +89,12 @@ def test_bihalf_backward_adds_the_gamma_term():
     u = U.clone().requires_grad_(True)
     BiHalf.apply(u, 6.0).sum().backward()  # upstream gradient 1 everywhere
     # 1 + 6 (U - B) / 8:
-    expected = [[1 + 6 * (0.3 - 1) / 8, 1 + 6 * (-1.0 + 1) / 8],   # .475, 1
-                [1 + 6 * (0.1 + 1) / 8, 1 + 6 * (2.0 - 1) / 8],    # 1.825, 1.75
-                [1 + 6 * (-0.2 + 1) / 8, 1 + 6 * (0.5 - 1) / 8],   # 1.6, .625
-                [1 + 6 * (0.4 - 1) / 8, 1 + 6 * (0.0 + 1) / 8]]    # .55, 1.75
+    expected = [
+        [1 + 6 * (0.3 - 1) / 8, 1 + 6 * (-1.0 + 1) / 8],  # .475, 1
+        [1 + 6 * (0.1 + 1) / 8, 1 + 6 * (2.0 - 1) / 8],  # 1.825, 1.75
+        [1 + 6 * (-0.2 + 1) / 8, 1 + 6 * (0.5 - 1) / 8],  # 1.6, .625
+        [1 + 6 * (0.4 - 1) / 8, 1 + 6 * (0.0 + 1) / 8],
+    ]  # .55, 1.75
     assert torch.allclose(u.grad, torch.tensor(expected))
     v = U.clone().requires_grad_(True)
     BiHalf.apply(v, 0.0).sum().backward()
@@ -170,8 +174,10 @@ def test_cibhash_stochastic_codes_only_in_training():
 
 # -- the contract ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, shown", [("greedyhash-unsup", "GreedyHash (unsup.)"), ("bihalf", "BiHalf"),
-                                         ("cibhash", "CIBHash")])
+
+@pytest.mark.parametrize(
+    "name, shown", [("greedyhash-unsup", "GreedyHash (unsup.)"), ("bihalf", "BiHalf"), ("cibhash", "CIBHash")]
+)
 def test_created_without_labels(name, shown):
     method = create_method(name, bits=8, train_labels=torch.zeros(6, 0))
     needs = method.requirements()
@@ -180,18 +186,25 @@ def test_created_without_labels(name, shown):
     assert (needs.views, needs.images) == ((2, True) if name == "cibhash" else (1, False))
 
 
-@pytest.mark.parametrize("name, params, word", [
-    ("greedyhash-unsup", {"alpha": -1}, "alpha"), ("greedyhash-unsup", {"pairs": "x"}, "pairs"),
-    ("bihalf", {"gamma": -1}, "gamma"), ("bihalf", {"pairs": "x"}, "pairs"),
-    ("cibhash", {"temperature": 0}, "temperature"), ("cibhash", {"beta": -0.5}, "beta"),
-    ("cibhash", {"stochastic": "yes"}, "stochastic"),
-])
+@pytest.mark.parametrize(
+    "name, params, word",
+    [
+        ("greedyhash-unsup", {"alpha": -1}, "alpha"),
+        ("greedyhash-unsup", {"pairs": "x"}, "pairs"),
+        ("bihalf", {"gamma": -1}, "gamma"),
+        ("bihalf", {"pairs": "x"}, "pairs"),
+        ("cibhash", {"temperature": 0}, "temperature"),
+        ("cibhash", {"beta": -0.5}, "beta"),
+        ("cibhash", {"stochastic": "yes"}, "stochastic"),
+    ],
+)
 def test_bad_hyper_parameter_is_named(name, params, word):
     with pytest.raises(DmuhError, match=word):
         create_method(name, bits=8, train_labels=torch.zeros(6, 0), **params)
 
 
 # -- end to end on unlabeled data --------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def feature_files(tmp_path_factory):
@@ -204,8 +217,25 @@ def feature_files(tmp_path_factory):
     return folder / "unlabeled.npz", folder / "labeled.npz"
 
 
-FEATURE_RUN = ["--protocol", "unsupervised", "--protocol-param", "query=20", "--model", "mlp", "--model-param",
-               "hidden=[]", "--epochs", "2", "--batch-size", "32", "--bits", "8", "--device", "cpu", "--quiet"]
+FEATURE_RUN = [
+    "--protocol",
+    "unsupervised",
+    "--protocol-param",
+    "query=20",
+    "--model",
+    "mlp",
+    "--model-param",
+    "hidden=[]",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--bits",
+    "8",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 @pytest.mark.parametrize("name", ["greedyhash-unsup", "bihalf"])
@@ -228,13 +258,55 @@ def test_cibhash_image_run_and_refusal_of_features(tmp_path, feature_files, caps
     for i in range(40):  # a flat folder: no class folders, so no labels
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
     run = tmp_path / "run"
-    assert main(["train", "--method", "cibhash", "--data", str(images), "--protocol", "unsupervised",
-                 "--protocol-param", "query=8", "--model", "smallcnn", "--model-param", "width=8", "--init", "scratch",
-                 "--epochs", "1", "--batch-size", "16", "--bits", "8", "--device", "cpu", "--quiet",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "cibhash",
+                "--data",
+                str(images),
+                "--protocol",
+                "unsupervised",
+                "--protocol-param",
+                "query=8",
+                "--model",
+                "smallcnn",
+                "--model-param",
+                "width=8",
+                "--init",
+                "scratch",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--bits",
+                "8",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert (run / "checkpoint.safetensors").is_file() and (run / "log.csv").is_file()
     capsys.readouterr()
-    assert main(["train", "--method", "cibhash", "--data", str(feature_files[0]), *FEATURE_RUN,
-                 "--out", str(tmp_path / "refused")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--method",
+                "cibhash",
+                "--data",
+                str(feature_files[0]),
+                *FEATURE_RUN,
+                "--out",
+                str(tmp_path / "refused"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "error:" in err and "cibhash" in err and len(err.splitlines()) == 1, err

@@ -92,7 +92,9 @@ def reference_relevant_in_top_k(query, database, query_labels, db_labels, ks, ti
     distance, relevance = distances_and_relevance(query, database, query_labels, db_labels)
     found = np.zeros((len(query), len(ks)))
     for row in range(len(query)):
-        orders = list(every_order(distance[row])) if ties == "expected" else [order_by(distance[row], relevance[row], ties)]
+        orders = (
+            list(every_order(distance[row])) if ties == "expected" else [order_by(distance[row], relevance[row], ties)]
+        )
         for column, k in enumerate(ks):
             found[row, column] = np.mean([relevance[row][order][:k].sum() for order in orders])
     return found, relevance.sum(1)
@@ -204,7 +206,9 @@ def test_all_ties_codes():
     assert mean_average_precision(*args, ties="optimistic") == pytest.approx(1.0)
     assert mean_average_precision(*args, ties="pessimistic") == pytest.approx((1 / 4 + 2 / 5 + 3 / 6) / 3)
     for k in (None, 1, 2, 4, 6):
-        assert mean_average_precision(*args, topk=k, ties="expected") == pytest.approx(reference_map(*args, k, "expected"))
+        assert mean_average_precision(*args, topk=k, ties="expected") == pytest.approx(
+            reference_map(*args, k, "expected")
+        )
     # precision at k of a random order is r / n for every k; nothing lies within radius 2
     assert precision_at_k(*args, ks=[1, 2, 5], ties="expected") == pytest.approx([0.5, 0.5, 0.5])
     assert precision_within_radius(*args) == 0.0
@@ -216,7 +220,9 @@ def test_expected_ap_of_one_large_tie_group_matches_the_position_sum():
     query, database = np.ones((1, 16), dtype=np.int8), np.ones((400, 16), dtype=np.int8)
     for k in (None, 1, 57, 399):
         expected = reference_expected_ap(np.zeros(400), labels_db.astype(bool), k or 400)
-        assert mean_average_precision(query, database, np.array([1]), labels_db, topk=k) == pytest.approx(expected, rel=1e-10)
+        assert mean_average_precision(query, database, np.array([1]), labels_db, topk=k) == pytest.approx(
+            expected, rel=1e-10
+        )
 
 
 # ------------------------------------------------------------------ against brute force
@@ -232,9 +238,12 @@ def test_every_metric_matches_brute_force_on_tiny_tied_cases(seed, backend):
         for k in [None] + list(range(1, items + 2)):
             for empty in ("zero", "drop"):
                 assert ranking.mean_average_precision(k, ties, empty) == pytest.approx(
-                    reference_map(*problem, k, ties, empty), abs=1e-12), (ties, k, empty)
+                    reference_map(*problem, k, ties, empty), abs=1e-12
+                ), (ties, k, empty)
         ks = list(range(1, items + 2))
-        assert ranking.precision_at_k(ks, ties) == pytest.approx(reference_precision_at_k(*problem, ks, ties), abs=1e-12)
+        assert ranking.precision_at_k(ks, ties) == pytest.approx(
+            reference_precision_at_k(*problem, ks, ties), abs=1e-12
+        )
         if ranking.relevant.sum() > 0:
             assert ranking.recall_at_k(ks, ties) == pytest.approx(reference_recall_at_k(*problem, ks, ties), abs=1e-12)
 
@@ -256,7 +265,9 @@ def test_bit_lengths_match_brute_force(bits, backend):
         assert ranking.mean_average_precision(k, "expected") == pytest.approx(expected, abs=1e-10)
     ks = [1, 5, 50, 360, 1000]
     for ties in ORDERED_TIES:
-        assert ranking.precision_at_k(ks, ties) == pytest.approx(reference_precision_at_k(*problem, ks, ties), abs=1e-12)
+        assert ranking.precision_at_k(ks, ties) == pytest.approx(
+            reference_precision_at_k(*problem, ks, ties), abs=1e-12
+        )
         assert ranking.recall_at_k(ks, ties) == pytest.approx(reference_recall_at_k(*problem, ks, ties), abs=1e-12)
     # expected relevant count in the top k: whole groups, plus k - N of the cut group's n at rate r / n
     expected_found = [[reference_expected_found(distance[i], relevance[i], k) for k in ks] for i in range(len(query))]
@@ -268,7 +279,9 @@ def test_bit_lengths_match_brute_force(bits, backend):
 def test_codes_longer_than_255_bits(backend):
     problem = random_problem(5, 70, 300, seed=11)  # distances no longer fit uint8
     for ties in ORDERED_TIES:
-        assert mean_average_precision(*problem, ties=ties) == pytest.approx(reference_map(*problem, None, ties), abs=1e-12)
+        assert mean_average_precision(*problem, ties=ties) == pytest.approx(
+            reference_map(*problem, None, ties), abs=1e-12
+        )
 
 
 def check_radius_metrics(ranking, distance, relevance):
@@ -300,20 +313,32 @@ def test_class_indices_equal_one_hot_labels():
     one_hot = np.eye(5, dtype=np.int64)
     for ties in ("expected", "index"):
         assert mean_average_precision(query, database, query_labels, db_labels, ties=ties) == pytest.approx(
-            mean_average_precision(query, database, one_hot[query_labels], one_hot[db_labels], ties=ties))
+            mean_average_precision(query, database, one_hot[query_labels], one_hot[db_labels], ties=ties)
+        )
 
 
 def test_chunking_does_not_change_results(monkeypatch, backend):
     problem = random_problem(23, 157, 20, seed=6)
     ranking = HammingRanking(*problem)
     before = [ranking.mean_average_precision(k, ties) for k in (None, 30) for ties in ("expected",) + ORDERED_TIES]
-    small_chunks = {"_CPU_QUERY_CHUNK": 3, "_CPU_RELEVANT_GROUP": 2, "_CPU_DB_SPAN": 17, "_CPU_INDEX_PAIRS": 5,
-                    "_TORCH_INLINE_NUMEL": 7, "_GPU_INDEX_PAIRS": 300, "_GPU_PAIRS": 200, "_GPU_SHARED_BINS": 100,
-                    "_GPU_FOLDED_SETS": 0, "_HYPERGEOMETRIC_CELLS": 3}
+    small_chunks = {
+        "_CPU_QUERY_CHUNK": 3,
+        "_CPU_RELEVANT_GROUP": 2,
+        "_CPU_DB_SPAN": 17,
+        "_CPU_INDEX_PAIRS": 5,
+        "_TORCH_INLINE_NUMEL": 7,
+        "_GPU_INDEX_PAIRS": 300,
+        "_GPU_PAIRS": 200,
+        "_GPU_SHARED_BINS": 100,
+        "_GPU_FOLDED_SETS": 0,
+        "_HYPERGEOMETRIC_CELLS": 3,
+    }
     for name, value in small_chunks.items():
         monkeypatch.setattr(metrics, name, value)
     distance_rows = metrics.distance_rows
-    monkeypatch.setattr(metrics, "distance_rows", lambda queries, items, out: distance_rows(queries, items, out, block=5))
+    monkeypatch.setattr(
+        metrics, "distance_rows", lambda queries, items, out: distance_rows(queries, items, out, block=5)
+    )
     ranking = HammingRanking(*problem)
     ranking.threads = 1
     after = [ranking.mean_average_precision(k, ties) for k in (None, 30) for ties in ("expected",) + ORDERED_TIES]
@@ -349,7 +374,9 @@ def problems(draw, max_items=40, max_bits=10):
     items = draw(st.integers(1, max_items))
     bits = draw(st.integers(1, max_bits))
     seed = draw(st.integers(0, 2**31))
-    return random_problem(queries, items, bits, classes=draw(st.integers(1, 4)), multi_label=draw(st.booleans()), seed=seed)
+    return random_problem(
+        queries, items, bits, classes=draw(st.integers(1, 4)), multi_label=draw(st.booleans()), seed=seed
+    )
 
 
 @FAST
@@ -368,8 +395,12 @@ def test_tie_aware_map_is_unchanged_by_permuting_the_database(problem, k, random
     random.shuffle(permutation)
     for topk in (None, k):
         for ties in ("expected", "optimistic", "pessimistic"):
-            permuted = mean_average_precision(query, database[permutation], query_labels, db_labels[permutation], topk, ties)
-            assert permuted == pytest.approx(mean_average_precision(query, database, query_labels, db_labels, topk, ties), abs=1e-12)
+            permuted = mean_average_precision(
+                query, database[permutation], query_labels, db_labels[permutation], topk, ties
+            )
+            assert permuted == pytest.approx(
+                mean_average_precision(query, database, query_labels, db_labels, topk, ties), abs=1e-12
+            )
 
 
 @FAST
@@ -394,7 +425,8 @@ def test_expected_map_is_the_mean_over_every_tie_order(problem, k):
     for topk in (None, k):
         for empty in ("zero", "drop"):
             assert mean_average_precision(*problem, topk=topk, ties="expected", empty=empty) == pytest.approx(
-                reference_map(*problem, topk, "expected", empty), abs=1e-12)
+                reference_map(*problem, topk, "expected", empty), abs=1e-12
+            )
 
 
 # ------------------------------------------------------------------ report, devices, errors
@@ -425,7 +457,9 @@ def test_tensor_and_packed_inputs_give_the_same_map():
     reference = mean_average_precision(query, database, query_labels, db_labels)
     tensors = [torch.from_numpy(x) for x in (query, database, query_labels, db_labels)]
     assert mean_average_precision(*tensors) == pytest.approx(reference)
-    assert mean_average_precision(tensors[0].float(), tensors[1].float(), *tensors[2:], device="cpu") == pytest.approx(reference)
+    assert mean_average_precision(tensors[0].float(), tensors[1].float(), *tensors[2:], device="cpu") == pytest.approx(
+        reference
+    )
     packed = mean_average_precision(pack_bits(query), pack_bits(database), query_labels, db_labels, bits=13)
     assert packed == pytest.approx(reference)
     assert mean_average_precision(query > 0, database > 0, query_labels, db_labels) == pytest.approx(reference)

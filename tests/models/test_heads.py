@@ -15,8 +15,9 @@ def test_rbf_head_is_a_linear_map_of_gaussian_kernel_features():
     bias = torch.tensor([0.25, -1.0])
     head = RBFHead.fitted(anchors, 1.5, weight, bias)
     x = torch.tensor([[0.5, 1.0], [2.0, -1.0]])
-    by_hand = torch.stack([torch.tensor([float(np.exp(-float(((xi - a) ** 2).sum()) / (2 * 1.5 ** 2))) for a in anchors])
-                           for xi in x])
+    by_hand = torch.stack(
+        [torch.tensor([float(np.exp(-float(((xi - a) ** 2).sum()) / (2 * 1.5**2))) for a in anchors]) for xi in x]
+    )
     assert torch.allclose(head(x), by_hand @ weight.t() + bias, atol=1e-6)
     assert head.config == {"kind": "rbf", "feature_dim": 2, "anchors": 3, "bits": 2}
 
@@ -32,9 +33,18 @@ def test_trees_head_predicts_what_scikit_learn_boosted_trees_predict():
         model = GradientBoostingRegressor(n_estimators=7, max_depth=3, learning_rate=0.3, random_state=0).fit(x, y)
         models.append(model)
         base.append(float(model.init_.constant_.reshape(-1)[0]))
-        trees.append([{"feature": e.tree_.feature, "threshold": e.tree_.threshold,
-                       "children_left": e.tree_.children_left, "children_right": e.tree_.children_right,
-                       "value": e.tree_.value.reshape(-1) * model.learning_rate} for e in model.estimators_[:, 0]])
+        trees.append(
+            [
+                {
+                    "feature": e.tree_.feature,
+                    "threshold": e.tree_.threshold,
+                    "children_left": e.tree_.children_left,
+                    "children_right": e.tree_.children_right,
+                    "value": e.tree_.value.reshape(-1) * model.learning_rate,
+                }
+                for e in model.estimators_[:, 0]
+            ]
+        )
     head = TreesHead.fitted(trees, base)
     expected = np.stack([m.predict(x) for m in models], axis=1)
     assert np.allclose(head(torch.from_numpy(x)).numpy(), expected, atol=1e-5)
@@ -73,18 +83,36 @@ def test_fitted_heads_export_to_onnx_with_a_free_batch_size(tmp_path):
     for k in range(2):
         model = GradientBoostingRegressor(n_estimators=3, max_depth=2, random_state=k).fit(x, np.sign(x[:, k]))
         base.append(float(model.init_.constant_.reshape(-1)[0]))
-        trees.append([{"feature": e.tree_.feature, "threshold": e.tree_.threshold,
-                       "children_left": e.tree_.children_left, "children_right": e.tree_.children_right,
-                       "value": e.tree_.value.reshape(-1) * model.learning_rate} for e in model.estimators_[:, 0]])
-    heads = {"trees": TreesHead.fitted(trees, base),
-             "rbf": RBFHead.fitted(torch.randn(4, 3), 0.9, torch.randn(2, 4), torch.randn(2))}
+        trees.append(
+            [
+                {
+                    "feature": e.tree_.feature,
+                    "threshold": e.tree_.threshold,
+                    "children_left": e.tree_.children_left,
+                    "children_right": e.tree_.children_right,
+                    "value": e.tree_.value.reshape(-1) * model.learning_rate,
+                }
+                for e in model.estimators_[:, 0]
+            ]
+        )
+    heads = {
+        "trees": TreesHead.fitted(trees, base),
+        "rbf": RBFHead.fitted(torch.randn(4, 3), 0.9, torch.randn(2, 4), torch.randn(2)),
+    }
     for kind, head in heads.items():
         network = create_model("mlp", bits=2, input_dim=3, hidden=[])
         network.install_head(head)
         network.eval()
         path = tmp_path / f"{kind}.onnx"
-        torch.onnx.export(network, (torch.zeros(2, 3),), str(path), dynamo=False, input_names=["x"],
-                          output_names=["z"], dynamic_axes={"x": {0: "batch"}, "z": {0: "batch"}})
+        torch.onnx.export(
+            network,
+            (torch.zeros(2, 3),),
+            str(path),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["z"],
+            dynamic_axes={"x": {0: "batch"}, "z": {0: "batch"}},
+        )
         session = onnxruntime.InferenceSession(str(path))
         batch = x[:7]
         got = session.run(None, {"x": batch})[0]

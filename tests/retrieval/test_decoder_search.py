@@ -57,12 +57,15 @@ def test_true_neighbours_matches_brute_force_across_chunks():
     assert np.array_equal(got, expected)
 
 
-@pytest.mark.parametrize("queries, db, k, message", [
-    (np.ones((2, 3)), np.ones((4, 2)), 1, "same D"),
-    (np.ones((2, 3, 1)), np.ones((4, 3)), 1, "same D"),
-    (np.ones((2, 3)), np.ones((4, 3)), 0, "k=0"),
-    (np.ones((2, 3)), np.ones((4, 3)), 5, "k=5"),
-])
+@pytest.mark.parametrize(
+    "queries, db, k, message",
+    [
+        (np.ones((2, 3)), np.ones((4, 2)), 1, "same D"),
+        (np.ones((2, 3, 1)), np.ones((4, 3)), 1, "same D"),
+        (np.ones((2, 3)), np.ones((4, 3)), 0, "k=0"),
+        (np.ones((2, 3)), np.ones((4, 3)), 5, "k=5"),
+    ],
+)
 def test_true_neighbours_refusals(queries, db, k, message):
     with pytest.raises(DmuhError, match=message):
         true_neighbours(queries, db, k)
@@ -92,13 +95,16 @@ def test_neighbour_recall_by_hand():
     assert neighbour_recall(np.array([[7, 1, 0, 2]]), np.array([[0, 1]])) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("retrieved, neighbours, k, message", [
-    (np.zeros((2, 3)), np.zeros((2, 3)), 4, "recall@4"),
-    (np.zeros((2, 3)), np.zeros((2, 3)), 0, "recall@0"),
-    (np.zeros((2, 2)), np.zeros((2, 3)), 3, "recall@3"),  # fewer results than k
-    (np.zeros((2, 3)), np.zeros((3, 3)), None, "one row per query"),
-    (np.zeros(3), np.zeros((1, 3)), None, "one row per query"),
-])
+@pytest.mark.parametrize(
+    "retrieved, neighbours, k, message",
+    [
+        (np.zeros((2, 3)), np.zeros((2, 3)), 4, "recall@4"),
+        (np.zeros((2, 3)), np.zeros((2, 3)), 0, "recall@0"),
+        (np.zeros((2, 2)), np.zeros((2, 3)), 3, "recall@3"),  # fewer results than k
+        (np.zeros((2, 3)), np.zeros((3, 3)), None, "one row per query"),
+        (np.zeros(3), np.zeros((1, 3)), None, "one row per query"),
+    ],
+)
 def test_neighbour_recall_refusals(retrieved, neighbours, k, message):
     with pytest.raises(DmuhError, match=message):
         neighbour_recall(retrieved, neighbours, k)
@@ -149,19 +155,22 @@ def test_decoder_round_trip_of_non_byte_bits():
     assert np.array_equal(rebuilt.decode_packed(padded), decoder.decode_packed(packed))
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"bits": 16, "dim": 5, "hidden": 16}, "corrupted decoder"),
-    ({"bits": 8, "dim": 6, "hidden": 16}, "corrupted decoder"),
-    ({"bits": 8, "dim": 5, "hidden": 32}, "corrupted decoder"),
-    ({"bits": 8, "dim": 5}, "unreadable decoder description"),
-    ({"bits": 8, "dim": 5, "hidden": 16, "extra": 1}, "unreadable decoder description"),
-    ([8, 5, 16], "unreadable decoder description"),
-    (None, "unreadable decoder description"),
-    ({"bits": "8", "dim": 5, "hidden": 16}, "bits"),
-    ({"bits": 8.0, "dim": 5, "hidden": 16}, "bits"),
-    ({"bits": 8, "dim": 0, "hidden": 16}, "dim"),
-    ({"bits": 8, "dim": 5, "hidden": True}, "hidden"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"bits": 16, "dim": 5, "hidden": 16}, "corrupted decoder"),
+        ({"bits": 8, "dim": 6, "hidden": 16}, "corrupted decoder"),
+        ({"bits": 8, "dim": 5, "hidden": 32}, "corrupted decoder"),
+        ({"bits": 8, "dim": 5}, "unreadable decoder description"),
+        ({"bits": 8, "dim": 5, "hidden": 16, "extra": 1}, "unreadable decoder description"),
+        ([8, 5, 16], "unreadable decoder description"),
+        (None, "unreadable decoder description"),
+        ({"bits": "8", "dim": 5, "hidden": 16}, "bits"),
+        ({"bits": 8.0, "dim": 5, "hidden": 16}, "bits"),
+        ({"bits": 8, "dim": 0, "hidden": 16}, "dim"),
+        ({"bits": 8, "dim": 5, "hidden": True}, "hidden"),
+    ],
+)
 def test_decoder_from_bytes_wrong_config(config, message):
     data = seeded_decoder().to_bytes()
     with pytest.raises(DmuhError, match=message):
@@ -179,7 +188,7 @@ def _garbage_cases():
         "random": np.random.default_rng(7).integers(0, 256, 300, dtype=np.uint8).tobytes(),
         "truncated": good[:-10],
         "length only": good[:8],
-        "huge header length": struct.pack("<Q", 2 ** 60) + b"{}",
+        "huge header length": struct.pack("<Q", 2**60) + b"{}",
         "bad json header": struct.pack("<Q", 5) + b"{abc}",
         "non utf8 header": struct.pack("<Q", 4) + b"\xff\xfe\xfd\xfc",
         "other tensors": save({"x": torch.zeros(3)}),
@@ -198,7 +207,7 @@ def test_decoder_from_bytes_garbage(case):
 
 def test_decoder_from_bytes_absurd_size_is_a_dmuh_error():
     with pytest.raises(DmuhError):
-        FeatureDecoder.from_bytes({"bits": 8, "dim": 5, "hidden": 2 ** 62}, seeded_decoder().to_bytes(), "x")
+        FeatureDecoder.from_bytes({"bits": 8, "dim": 5, "hidden": 2**62}, seeded_decoder().to_bytes(), "x")
 
 
 # -- An index with a decoder, by hand -----------------------------------------------------------------
@@ -213,14 +222,17 @@ def test_decoder_from_bytes_absurd_size_is_a_dmuh_error():
 #   3    01 000000  (0,1)           1        0.4472
 #   4    10 000001  (1,0)           2        0.8944
 #   5    10 000010  (1,0)           2        0.8944
-HAND_BITS = np.array([
-    [1, 1, 1, 0, 1, 0, 0, 0],
-    [1, 0, 1, 1, 1, 0, 0, 0],
-    [1, 0, 0, 0, 0, 0, 0, 0],
-    [0, 1, 0, 0, 0, 0, 0, 0],
-    [1, 0, 0, 0, 0, 0, 0, 1],
-    [1, 0, 0, 0, 0, 0, 1, 0],
-], dtype=np.uint8)
+HAND_BITS = np.array(
+    [
+        [1, 1, 1, 0, 1, 0, 0, 0],
+        [1, 0, 1, 1, 1, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 0, 0, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0, 0, 1],
+        [1, 0, 0, 0, 0, 0, 1, 0],
+    ],
+    dtype=np.uint8,
+)
 HAND_CODES = np.packbits(HAND_BITS, axis=1)
 HAND_QUERY_CODE = np.zeros((1, 1), dtype=np.uint8)
 HAND_QUERY_FEATURES = np.array([[1.0, 0.5]], dtype=np.float32)
@@ -300,8 +312,9 @@ def test_search_decoded_depth_limits_the_candidates(hand_index):
     result = hand_index.search_decoded(HAND_QUERY_CODE, HAND_QUERY_FEATURES, 4, depth=4)
     assert result["positions"].tolist() == [[2, 4, 5, 3]]
     # A depth past the index is the whole index.
-    assert hand_index.search_decoded(HAND_QUERY_CODE, HAND_QUERY_FEATURES, 3, depth=1000)["positions"].tolist() \
-        == [[0, 2, 4]]
+    assert hand_index.search_decoded(HAND_QUERY_CODE, HAND_QUERY_FEATURES, 3, depth=1000)["positions"].tolist() == [
+        [0, 2, 4]
+    ]
 
 
 def test_search_decoded_several_queries_and_feature_scale(hand_index):
@@ -320,8 +333,13 @@ def test_search_decoded_refusals(hand_index):
     bare = build_index(HAND_CODES, kind="flat", bits=8)
     with pytest.raises(DmuhError, match="no decoder"):
         bare.search_decoded(HAND_QUERY_CODE, HAND_QUERY_FEATURES, 3)
-    for features in (np.ones((1, 3), np.float32), np.ones((2, 2), np.float32), np.ones(2, np.float32),
-                     np.array([[np.nan, 1.0]], np.float32), np.array([[np.inf, 1.0]], np.float32)):
+    for features in (
+        np.ones((1, 3), np.float32),
+        np.ones((2, 2), np.float32),
+        np.ones(2, np.float32),
+        np.array([[np.nan, 1.0]], np.float32),
+        np.array([[np.inf, 1.0]], np.float32),
+    ):
         with pytest.raises(DmuhError, match="query features"):
             hand_index.search_decoded(HAND_QUERY_CODE, features, 3)
     with pytest.raises(DmuhError, match="k=7"):
@@ -382,19 +400,31 @@ def test_rewrite_without_changes_still_loads(saved_hand_index, tmp_path):
     assert loaded.search_decoded(HAND_QUERY_CODE, HAND_QUERY_FEATURES, 3, depth=6)["positions"].tolist() == [[0, 2, 4]]
 
 
-@pytest.mark.parametrize("case, header_change, sections_change, message", [
-    ("garbage decoder bytes", None, {"decoder": b"definitely not safetensors"}, "corrupted decoder"),
-    ("decoder bytes cut short", None, "truncate", "corrupted decoder"),
-    ("decoder of other sizes", None, {"decoder": FeatureDecoder(8, 3, 8).to_bytes()}, "corrupted decoder"),
-    ("header names a decoder, no section", None, {"decoder": None}, "names a decoder, the payload holds none"),
-    ("unreadable decoder description", {"decoder": {"bits": 8}}, None, "unreadable decoder description"),
-    ("decoder description of other sizes", {"decoder": {"bits": 8, "dim": 2, "hidden": 9}}, None,
-     "corrupted decoder"),
-    ("a decoder of 16-bit codes", {"decoder": {"bits": 16, "dim": 2, "hidden": 8}},
-     {"decoder": FeatureDecoder(16, 2, 8).to_bytes()}, "a decoder of 16-bit codes for 8-bit codes"),
-])
-def test_load_refuses_a_corrupted_decoder(saved_hand_index, tmp_path, capsys, case, header_change,
-                                          sections_change, message):
+@pytest.mark.parametrize(
+    "case, header_change, sections_change, message",
+    [
+        ("garbage decoder bytes", None, {"decoder": b"definitely not safetensors"}, "corrupted decoder"),
+        ("decoder bytes cut short", None, "truncate", "corrupted decoder"),
+        ("decoder of other sizes", None, {"decoder": FeatureDecoder(8, 3, 8).to_bytes()}, "corrupted decoder"),
+        ("header names a decoder, no section", None, {"decoder": None}, "names a decoder, the payload holds none"),
+        ("unreadable decoder description", {"decoder": {"bits": 8}}, None, "unreadable decoder description"),
+        (
+            "decoder description of other sizes",
+            {"decoder": {"bits": 8, "dim": 2, "hidden": 9}},
+            None,
+            "corrupted decoder",
+        ),
+        (
+            "a decoder of 16-bit codes",
+            {"decoder": {"bits": 16, "dim": 2, "hidden": 8}},
+            {"decoder": FeatureDecoder(16, 2, 8).to_bytes()},
+            "a decoder of 16-bit codes for 8-bit codes",
+        ),
+    ],
+)
+def test_load_refuses_a_corrupted_decoder(
+    saved_hand_index, tmp_path, capsys, case, header_change, sections_change, message
+):
     if sections_change == "truncate":
         _, sections = read_index_file(saved_hand_index, ("flat",))
         sections_change = {"decoder": sections["decoder"][:-7]}
@@ -409,15 +439,32 @@ def test_load_refuses_a_corrupted_decoder(saved_hand_index, tmp_path, capsys, ca
 
 
 def test_load_refuses_an_absurd_decoder_description(saved_hand_index, tmp_path):
-    bad = _rewrite(saved_hand_index, tmp_path / "bad.dmuhidx", {"decoder": {"bits": 8, "dim": 2, "hidden": 2 ** 62}})
+    bad = _rewrite(saved_hand_index, tmp_path / "bad.dmuhidx", {"decoder": {"bits": 8, "dim": 2, "hidden": 2**62}})
     with pytest.raises(DmuhError):
         open_index(bad)
 
 
 # -- end to end through the CLI --------------------------------------------------------------------
 
-TRAIN = ["--data", None, "--protocol", "unsupervised", "--protocol-param", "query=10", "--model", "mlp",
-         "--model-param", "hidden=[]", "--bits", "8", "--batch-size", "32", "--device", "cpu", "--quiet"]
+TRAIN = [
+    "--data",
+    None,
+    "--protocol",
+    "unsupervised",
+    "--protocol-param",
+    "query=10",
+    "--model",
+    "mlp",
+    "--model-param",
+    "hidden=[]",
+    "--bits",
+    "8",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 def _cli(*args):
@@ -467,9 +514,19 @@ def pipeline(tmp_path_factory):
     db.unlink()
     data.unlink()
     shutil.rmtree(run)
-    return {"root": root, "index": index, "dbcodes": dbcodes, "qcodes": qcodes, "itq": itq, "run": run,
-            "build_out": build_out, "run_decoded": run_decoded, "db": db, "data": data,
-            "query_features": features[:10]}
+    return {
+        "root": root,
+        "index": index,
+        "dbcodes": dbcodes,
+        "qcodes": qcodes,
+        "itq": itq,
+        "run": run,
+        "build_out": build_out,
+        "run_decoded": run_decoded,
+        "db": db,
+        "data": data,
+        "query_features": features[:10],
+    }
 
 
 def test_build_reports_the_decoder(pipeline):
@@ -487,8 +544,20 @@ def test_build_reports_the_decoder(pipeline):
 
 def test_search_rerank_decoder_needs_no_run_and_no_database_features(pipeline):
     assert not pipeline["run"].exists() and not pipeline["db"].exists() and not pipeline["data"].exists()
-    code, out, err = _cli("search", "--index", pipeline["index"], "--queries", pipeline["qcodes"], "--k", 5,
-                          "--rerank", "decoder", "--depth", 50, "--json")
+    code, out, err = _cli(
+        "search",
+        "--index",
+        pipeline["index"],
+        "--queries",
+        pipeline["qcodes"],
+        "--k",
+        5,
+        "--rerank",
+        "decoder",
+        "--depth",
+        50,
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["rerank"] == "decoder" and report["depth"] == 50 and report["k"] == 5
@@ -513,8 +582,9 @@ def test_search_rerank_decoder_needs_no_run_and_no_database_features(pipeline):
         # And nothing left among the 50 Hamming candidates decodes closer than the 5th.
         rest = [p for p in candidates[q] if p >= 0 and p not in ids]
         assert (pipeline["run_decoded"][rest] @ queries[q]).max() <= min(scores) + 2e-4
-        assert all(r["distance"] == int(np.unpackbits(qcodes.packed[q] ^ index.codes_at([r["id"]])[0]).sum())
-                   for r in results)
+        assert all(
+            r["distance"] == int(np.unpackbits(qcodes.packed[q] ^ index.codes_at([r["id"]])[0]).sum()) for r in results
+        )
 
     # Plain Hamming search carries no decoded cosine.
     code, out, err = _cli("search", "--index", pipeline["index"], "--queries", pipeline["qcodes"], "--k", 5, "--json")
@@ -522,14 +592,17 @@ def test_search_rerank_decoder_needs_no_run_and_no_database_features(pipeline):
     assert all("decoded_cosine" not in r for entry in json.loads(out)["queries"] for r in entry["results"])
 
 
-@pytest.mark.parametrize("extra, queries, message", [
-    (["--rerank", "decoder"], "dbcodes", "--features"),
-    (["--rerank", "bogus"], "qcodes", "--rerank"),
-    (["--depth", "5"], "qcodes", "--depth applies to --rerank"),
-    (["--rerank", "0"], "qcodes", "--rerank"),
-    (["--rerank", "decoder", "--depth", "0"], "qcodes", "--depth"),
-    (["--rerank", "decoder", "--tau", "1"], "qcodes", "--tau applies to --rerank uncertainty"),
-])
+@pytest.mark.parametrize(
+    "extra, queries, message",
+    [
+        (["--rerank", "decoder"], "dbcodes", "--features"),
+        (["--rerank", "bogus"], "qcodes", "--rerank"),
+        (["--depth", "5"], "qcodes", "--depth applies to --rerank"),
+        (["--rerank", "0"], "qcodes", "--rerank"),
+        (["--rerank", "decoder", "--depth", "0"], "qcodes", "--depth"),
+        (["--rerank", "decoder", "--tau", "1"], "qcodes", "--tau applies to --rerank uncertainty"),
+    ],
+)
 def test_search_refusals(pipeline, extra, queries, message):
     code, out, err = _cli("search", "--index", pipeline["index"], "--queries", pipeline[queries], "--k", 5, *extra)
     assert code == 2, (out, err)
@@ -539,8 +612,9 @@ def test_search_refusals(pipeline, extra, queries, message):
 
 def test_index_build_decoder_of_a_run_without_one(pipeline):
     out_path = pipeline["root"] / "itq.dmuhidx"
-    code, out, err = _cli("index", "build", "--codes", pipeline["dbcodes"], "--decoder", pipeline["itq"],
-                          "--out", out_path)
+    code, out, err = _cli(
+        "index", "build", "--codes", pipeline["dbcodes"], "--decoder", pipeline["itq"], "--out", out_path
+    )
     assert code == 2
     assert "trains no decoder" in err and "itq" in err
     assert not out_path.exists()

@@ -23,7 +23,8 @@ from dmuh.runs.config import TrainConfig
 
 # The re-ranking study lives with the benchmark scripts, not in the library.
 _STUDY = importlib.util.spec_from_file_location(
-    "rerank_cifar10", Path(__file__).resolve().parents[2] / "bench" / "rerank_cifar10.py")
+    "rerank_cifar10", Path(__file__).resolve().parents[2] / "bench" / "rerank_cifar10.py"
+)
 rerank_cifar10 = importlib.util.module_from_spec(_STUDY)
 _STUDY.loader.exec_module(rerank_cifar10)
 rerank_experiment = rerank_cifar10.rerank_experiment
@@ -38,9 +39,20 @@ needs_faiss = pytest.mark.skipif(faiss is None, reason="faiss-cpu is not install
 
 
 def train_run(path, method, epochs):
-    config = TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
-                         method=method, bits=BITS, epochs=epochs, batch_size=64, device="cpu", out=str(path),
-                         eval_every=-1, trace_items=0)
+    config = TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        method=method,
+        bits=BITS,
+        epochs=epochs,
+        batch_size=64,
+        device="cpu",
+        out=str(path),
+        eval_every=-1,
+        trace_items=0,
+    )
     train(config, progress=False, echo=lambda line: None)
     return path
 
@@ -63,7 +75,9 @@ def digits():
 @pytest.fixture(scope="module")
 def digits_codes(dmuh_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("codes") / "digits.npz"
-    assert main(["encode", "--checkpoint", str(dmuh_run), "--images", "digits", "--out", str(out), "--uncertainty"]) == 0
+    assert (
+        main(["encode", "--checkpoint", str(dmuh_run), "--images", "digits", "--out", str(out), "--uncertainty"]) == 0
+    )
     return out
 
 
@@ -125,14 +139,24 @@ def test_encode_folders_zips_and_lists(dmuh_run, digits_codes, digits, tmp_path,
         for path in sorted((tmp_path / "classes").rglob("*.png")):
             archive.write(path, path.relative_to(tmp_path / "classes").as_posix())
     (tmp_path / "list.txt").write_text("".join(f"flat/{i:02d}.png\n" for i in range(12)))
-    code, _, err = run_cli(capsys, "encode", "--checkpoint", dmuh_run, "--images", tmp_path / "flat" / "03.png",
-                           "--out", tmp_path / "one.npz")
+    code, _, err = run_cli(
+        capsys,
+        "encode",
+        "--checkpoint",
+        dmuh_run,
+        "--images",
+        tmp_path / "flat" / "03.png",
+        "--out",
+        tmp_path / "one.npz",
+    )
     assert code == 0, err
     assert Codes.load(tmp_path / "one.npz").ids == ["03.png"]
     expected = Codes.load(digits_codes).packed[:12]
     for name, images_spec in (("folder", "classes"), ("zip", "classes.zip"), ("flat", "flat"), ("list", "list.txt")):
         out = tmp_path / f"{name}.npz"
-        code, stdout, err = run_cli(capsys, "encode", "--checkpoint", dmuh_run, "--images", tmp_path / images_spec, "--out", out)
+        code, stdout, err = run_cli(
+            capsys, "encode", "--checkpoint", dmuh_run, "--images", tmp_path / images_spec, "--out", out
+        )
         assert code == 0, err
         codes = Codes.load(out)
         order = np.argsort([int(i.split("/")[-1][:2]) for i in codes.ids])
@@ -147,17 +171,57 @@ def test_encode_folders_zips_and_lists(dmuh_run, digits_codes, digits, tmp_path,
 def test_encode_refuses_bad_input(dmuh_run, regu_run, digits, tmp_path, capsys):
     save_png(tmp_path / "imgs" / "ok.png", digits.decode(np.arange(1))[0])
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG not really")
-    fails_with(capsys, "broken.png: cannot read image", "encode", "--checkpoint", dmuh_run,
-               "--images", tmp_path / "imgs", "--out", tmp_path / "x.npz")
+    fails_with(
+        capsys,
+        "broken.png: cannot read image",
+        "encode",
+        "--checkpoint",
+        dmuh_run,
+        "--images",
+        tmp_path / "imgs",
+        "--out",
+        tmp_path / "x.npz",
+    )
     assert not (tmp_path / "x.npz").exists()
-    fails_with(capsys, "--uncertainty needs a DMUH run", "encode", "--checkpoint", regu_run,
-               "--images", "digits", "--out", tmp_path / "x.npz", "--uncertainty")
-    fails_with(capsys, "not a run directory", "encode", "--checkpoint", tmp_path, "--images", "digits", "--out", tmp_path / "x.npz")
+    fails_with(
+        capsys,
+        "--uncertainty needs a DMUH run",
+        "encode",
+        "--checkpoint",
+        regu_run,
+        "--images",
+        "digits",
+        "--out",
+        tmp_path / "x.npz",
+        "--uncertainty",
+    )
+    fails_with(
+        capsys,
+        "not a run directory",
+        "encode",
+        "--checkpoint",
+        tmp_path,
+        "--images",
+        "digits",
+        "--out",
+        tmp_path / "x.npz",
+    )
     (tmp_path / "exists.npz").write_bytes(b"keep")
-    fails_with(capsys, "exists.npz already exists; pass --force", "encode", "--checkpoint", dmuh_run,
-               "--images", "digits", "--out", tmp_path / "exists.npz")
+    fails_with(
+        capsys,
+        "exists.npz already exists; pass --force",
+        "encode",
+        "--checkpoint",
+        dmuh_run,
+        "--images",
+        "digits",
+        "--out",
+        tmp_path / "exists.npz",
+    )
     assert (tmp_path / "exists.npz").read_bytes() == b"keep"
-    code, _, _ = run_cli(capsys, "encode", "--checkpoint", regu_run, "--images", "digits", "--out", tmp_path / "exists.npz", "--force")
+    code, _, _ = run_cli(
+        capsys, "encode", "--checkpoint", regu_run, "--images", "digits", "--out", tmp_path / "exists.npz", "--force"
+    )
     assert code == 0 and len(Codes.load(tmp_path / "exists.npz")) == len(digits)
 
 
@@ -178,8 +242,19 @@ def test_search_images_and_batches(dmuh_run, digits_index, digits_codes, digits,
     images = digits.decode(np.array([5, 600, 1200]))
     for item, image in zip((5, 600, 1200), images):
         save_png(tmp_path / f"q{item}.png", image)
-    code, out, err = run_cli(capsys, "search", "--index", digits_index, "--checkpoint", dmuh_run,
-                             "--image", tmp_path / "q5.png", "--k", 10, "--json")
+    code, out, err = run_cli(
+        capsys,
+        "search",
+        "--index",
+        digits_index,
+        "--checkpoint",
+        dmuh_run,
+        "--image",
+        tmp_path / "q5.png",
+        "--k",
+        10,
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     (query,) = report["queries"]
@@ -193,8 +268,20 @@ def test_search_images_and_batches(dmuh_run, digits_index, digits_codes, digits,
     assert [r["id"] for r in results] == ids[0].tolist() and [r["distance"] for r in results] == distances[0].tolist()
 
     (tmp_path / "queries.txt").write_text("q5.png\nq600.png\n\nq1200.png\n")
-    code, out, err = run_cli(capsys, "search", "--index", digits_index, "--checkpoint", dmuh_run,
-                             "--queries", tmp_path / "queries.txt", "--k", 3, "--out", tmp_path / "results.json")
+    code, out, err = run_cli(
+        capsys,
+        "search",
+        "--index",
+        digits_index,
+        "--checkpoint",
+        dmuh_run,
+        "--queries",
+        tmp_path / "queries.txt",
+        "--k",
+        3,
+        "--out",
+        tmp_path / "results.json",
+    )
     assert code == 0, err
     assert out.count("query ") == 3 and "distance" in out
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -208,8 +295,23 @@ def test_search_images_and_batches(dmuh_run, digits_index, digits_codes, digits,
 @needs_faiss
 def test_search_with_reranking(dmuh_run, digits_index, digits_codes, digits, tmp_path, capsys):
     save_png(tmp_path / "q.png", digits.decode(np.array([7]))[0])
-    code, out, err = run_cli(capsys, "search", "--index", digits_index, "--checkpoint", dmuh_run, "--image",
-                             tmp_path / "q.png", "--k", 20, "--rerank", 200, "--tau", 0.5, "--json")
+    code, out, err = run_cli(
+        capsys,
+        "search",
+        "--index",
+        digits_index,
+        "--checkpoint",
+        dmuh_run,
+        "--image",
+        tmp_path / "q.png",
+        "--k",
+        20,
+        "--rerank",
+        200,
+        "--tau",
+        0.5,
+        "--json",
+    )
     assert code == 0, err
     results = json.loads(out)["queries"][0]["results"]
     weighted = [r["weighted_distance"] for r in results]
@@ -225,7 +327,9 @@ def test_search_refuses_bad_input(dmuh_run, regu_run, digits_index, digits_codes
     query = ("--checkpoint", dmuh_run, "--image", tmp_path / "q.png")
     # An index of 12-bit codes searched with the 16-bit model.
     build_index(np.ones((50, 12), dtype=np.float32)).save(tmp_path / "12bit.dmuhidx")
-    fails_with(capsys, "holds 12-bit codes but the model of --run", "search", "--index", tmp_path / "12bit.dmuhidx", *query)
+    fails_with(
+        capsys, "holds 12-bit codes but the model of --run", "search", "--index", tmp_path / "12bit.dmuhidx", *query
+    )
     # Truncated and corrupted index files.
     data = digits_index.read_bytes()
     (tmp_path / "cut.dmuhidx").write_bytes(data[: len(data) - 10])
@@ -237,23 +341,78 @@ def test_search_refuses_bad_input(dmuh_run, regu_run, digits_index, digits_codes
     fails_with(capsys, "flip.dmuhidx: corrupted index", "index", "info", tmp_path / "flip.dmuhidx")
     # Unreadable and missing query images.
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    fails_with(capsys, "bad.jpg: cannot read image", "search", "--index", digits_index, "--checkpoint", dmuh_run,
-               "--image", tmp_path / "bad.jpg")
-    fails_with(capsys, "gone.jpg: image not found", "search", "--index", digits_index, "--checkpoint", dmuh_run,
-               "--image", tmp_path / "gone.jpg")
+    fails_with(
+        capsys,
+        "bad.jpg: cannot read image",
+        "search",
+        "--index",
+        digits_index,
+        "--checkpoint",
+        dmuh_run,
+        "--image",
+        tmp_path / "bad.jpg",
+    )
+    fails_with(
+        capsys,
+        "gone.jpg: image not found",
+        "search",
+        "--index",
+        digits_index,
+        "--checkpoint",
+        dmuh_run,
+        "--image",
+        tmp_path / "gone.jpg",
+    )
     # k larger than the index.
-    fails_with(capsys, "k=5000 is larger than the index, which holds 1797 codes", "search", "--index", digits_index,
-               *query, "--k", 5000)
+    fails_with(
+        capsys,
+        "k=5000 is larger than the index, which holds 1797 codes",
+        "search",
+        "--index",
+        digits_index,
+        *query,
+        "--k",
+        5000,
+    )
     # Queries from another model, and re-ranking without uncertainty.
-    fails_with(capsys, "come from another model", "search", "--index", digits_index, "--checkpoint", regu_run,
-               "--image", tmp_path / "q.png")
-    fails_with(capsys, "--rerank needs a DMUH run", "search", "--index", digits_index, "--checkpoint", regu_run,
-               "--image", tmp_path / "q.png", "--allow-other-model", "--rerank")
+    fails_with(
+        capsys,
+        "come from another model",
+        "search",
+        "--index",
+        digits_index,
+        "--checkpoint",
+        regu_run,
+        "--image",
+        tmp_path / "q.png",
+    )
+    fails_with(
+        capsys,
+        "--rerank needs a DMUH run",
+        "search",
+        "--index",
+        digits_index,
+        "--checkpoint",
+        regu_run,
+        "--image",
+        tmp_path / "q.png",
+        "--allow-other-model",
+        "--rerank",
+    )
     code, _, err = run_cli(capsys, "search", "--index", digits_index, "--image", tmp_path / "q.png")
     assert code == 0, err  # no --run: the run recorded in the index (tests/test_cli_polish.py: when it is gone)
     # Results are not written over an existing file.
     (tmp_path / "out.json").write_text("keep")
-    fails_with(capsys, "already exists; pass --force", "search", "--index", digits_index, *query, "--out", tmp_path / "out.json")
+    fails_with(
+        capsys,
+        "already exists; pass --force",
+        "search",
+        "--index",
+        digits_index,
+        *query,
+        "--out",
+        tmp_path / "out.json",
+    )
     assert (tmp_path / "out.json").read_text() == "keep"
 
 
@@ -261,17 +420,47 @@ def test_search_refuses_bad_input(dmuh_run, regu_run, digits_index, digits_codes
 def test_index_build_refuses_bad_input(digits_codes, digits_index, tmp_path, capsys):
     data = digits_codes.read_bytes()
     (tmp_path / "cut.npz").write_bytes(data[: len(data) // 3])
-    fails_with(capsys, "cut.npz: truncated or corrupted codes file", "index", "build", "--codes", tmp_path / "cut.npz",
-               "--out", tmp_path / "x.dmuhidx")
-    fails_with(capsys, "--nlist applies to --kind ivf, not flat", "index", "build", "--codes", digits_codes,
-               "--nlist", 4, "--out", tmp_path / "x.dmuhidx")
+    fails_with(
+        capsys,
+        "cut.npz: truncated or corrupted codes file",
+        "index",
+        "build",
+        "--codes",
+        tmp_path / "cut.npz",
+        "--out",
+        tmp_path / "x.dmuhidx",
+    )
+    fails_with(
+        capsys,
+        "--nlist applies to --kind ivf, not flat",
+        "index",
+        "build",
+        "--codes",
+        digits_codes,
+        "--nlist",
+        4,
+        "--out",
+        tmp_path / "x.dmuhidx",
+    )
     before = digits_index.read_bytes()
-    fails_with(capsys, "already exists; pass --force", "index", "build", "--codes", digits_codes, "--kind", "hnsw",
-               "--out", digits_index)
+    fails_with(
+        capsys,
+        "already exists; pass --force",
+        "index",
+        "build",
+        "--codes",
+        digits_codes,
+        "--kind",
+        "hnsw",
+        "--out",
+        digits_index,
+    )
     assert digits_index.read_bytes() == before
     for kind, extra in (("ivf", ["--nlist", 16, "--nprobe", 16]), ("hnsw", ["--m", 8])):
         out = tmp_path / f"{kind}.dmuhidx"
-        code, stdout, err = run_cli(capsys, "index", "build", "--codes", digits_codes, "--kind", kind, *extra, "--out", out)
+        code, stdout, err = run_cli(
+            capsys, "index", "build", "--codes", digits_codes, "--kind", kind, *extra, "--out", out
+        )
         assert code == 0 and kind in stdout, err
         assert open_index(out).kind == kind and len(open_index(out)) == 1797
 
@@ -286,7 +475,9 @@ def test_export_onnx_codes_equal_pytorch(dmuh_run, digits, tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "export-onnx", "--checkpoint", dmuh_run, "--out", out)
     assert code == 0, err
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    assert meta["bits"] == str(BITS) and meta["image_size"] == "8" and json.loads(meta["dmuh_model"])["method"] == "dmuh"
+    assert (
+        meta["bits"] == str(BITS) and meta["image_size"] == "8" and json.loads(meta["dmuh_model"])["method"] == "dmuh"
+    )
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     encoder = load_encoder(dmuh_run)
     for items in (np.arange(64), np.array([3])):  # the batch dimension is dynamic
@@ -305,8 +496,14 @@ def test_export_onnx_codes_equal_pytorch(dmuh_run, digits, tmp_path, capsys):
 def test_rerank_experiment_reports_every_ranking(dmuh_run, regu_run):
     report = rerank_experiment(dmuh_run, depth=100, taus=(0.5, 2), ks=(10, 100))
     names = [row["ranking"] for row in report["results"]]
-    assert names == ["hamming", "weighted tau=0.5", "weighted tau=2", "tie-break tau=1",
-                     "margin tau=0.5", "margin tau=2"]
+    assert names == [
+        "hamming",
+        "weighted tau=0.5",
+        "weighted tau=2",
+        "tie-break tau=1",
+        "margin tau=0.5",
+        "margin tau=2",
+    ]
     assert report["query"] == 300 and report["database"] == 1497 and report["map_at"] == "all"
     for row in report["results"]:
         assert 0.0 <= row["map"] <= 1.0 and 0.0 <= row["p@10"] <= 1.0 and "p@100" in row
@@ -318,10 +515,13 @@ def test_rerank_experiment_reports_every_ranking(dmuh_run, regu_run):
 
     exp = load_run(dmuh_run)
     labels = torch.from_numpy(np.asarray(exp.source.labels))
-    query, database = (encode(exp.model, exp.method, exp.images[torch.from_numpy(part)], exp.pipeline, exp.execution)
-                       for part in (exp.split.query, exp.split.database))
-    reference = mean_average_precision(sign(query), sign(database), labels[exp.split.query], labels[exp.split.database],
-                                       topk=None, ties="index")
+    query, database = (
+        encode(exp.model, exp.method, exp.images[torch.from_numpy(part)], exp.pipeline, exp.execution)
+        for part in (exp.split.query, exp.split.database)
+    )
+    reference = mean_average_precision(
+        sign(query), sign(database), labels[exp.split.query], labels[exp.split.database], topk=None, ties="index"
+    )
     assert report["results"][0]["map"] == pytest.approx(float(reference), abs=1e-5)
     with pytest.raises(DmuhError, match="needs a DMUH run"):
         rerank_experiment(regu_run)

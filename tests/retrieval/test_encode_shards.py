@@ -21,8 +21,19 @@ from dmuh.utils.io import file_sha256
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "regu"
-    config = TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8, "width": 8},
-                         method="regu", bits=16, epochs=1, batch_size=100, out=str(out), eval_every=-1, trace_items=0)
+    config = TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8, "width": 8},
+        method="regu",
+        bits=16,
+        epochs=1,
+        batch_size=100,
+        out=str(out),
+        eval_every=-1,
+        trace_items=0,
+    )
     train(config, progress=False, echo=lambda line: None)
     return out
 
@@ -56,8 +67,9 @@ def environment():
 def test_shards_equal_one_file_and_a_rerun_encodes_only_the_missing(run, one_file, tmp_path, capsys):
     folder = tmp_path / "shards"
     assert encode_shards(run, folder, "--shard-size", "400") == 0
-    assert capsys.readouterr().out.strip() == ("encoded 1797 items in 5 shards (5 encoded now, 0 already complete): "
-                                               f"{folder / MANIFEST}")
+    assert capsys.readouterr().out.strip() == (
+        f"encoded 1797 items in 5 shards (5 encoded now, 0 already complete): {folder / MANIFEST}"
+    )
     assert_same_codes(Codes.load(folder), one_file)
     manifest = read_manifest(folder)
     assert [s["count"] for s in manifest["shards"]] == [400, 400, 400, 400, 197] and manifest["count"] == 1797
@@ -86,10 +98,12 @@ def test_shards_equal_one_file_and_a_rerun_encodes_only_the_missing(run, one_fil
 
 
 def test_encode_flags_are_checked(run, tmp_path, capsys, monkeypatch):
-    for argv, needle in (([], "give where to write: --out FILE"),
-                         (["--out", tmp_path / "a.npz", "--shards", tmp_path], "give where to write"),
-                         (["--out", tmp_path / "a.npz", "--shard-size", "5"], "--shard-size applies to --shards"),
-                         (["--shards", tmp_path / "s", "--shard-size", "0"], "--shard-size: expected a positive integer")):
+    for argv, needle in (
+        ([], "give where to write: --out FILE"),
+        (["--out", tmp_path / "a.npz", "--shards", tmp_path], "give where to write"),
+        (["--out", tmp_path / "a.npz", "--shard-size", "5"], "--shard-size applies to --shards"),
+        (["--shards", tmp_path / "s", "--shard-size", "0"], "--shard-size: expected a positive integer"),
+    ):
         assert main(["encode", "--run", str(run), "--images", "digits", *map(str, argv)]) == 2
         assert needle in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -99,10 +113,24 @@ def test_encode_flags_are_checked(run, tmp_path, capsys, monkeypatch):
 
 def test_a_killed_encode_resumes_with_the_missing_shards(run, one_file, tmp_path, capsys):
     folder = tmp_path / "killed"
-    command = [sys.executable, "-m", "dmuh", "encode", "--run", str(run), "--images", "digits", "--shards", str(folder),
-               "--shard-size", "100", "--quiet"]
-    process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "dmuh",
+        "encode",
+        "--run",
+        str(run),
+        "--images",
+        "digits",
+        "--shards",
+        str(folder),
+        "--shard-size",
+        "100",
+        "--quiet",
+    ]
+    process = subprocess.Popen(
+        command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     try:
         while not list(folder.glob("shard-*.npz")) and process.poll() is None and time.monotonic() < deadline:
@@ -135,7 +163,9 @@ def test_a_manifest_is_checked_shard_by_shard(tmp_path):
     (tmp_path / "shard-00001.npz").unlink()
     with pytest.raises(DmuhError, match="shard-00001.npz is missing"):
         Codes.load(tmp_path)
-    (tmp_path / MANIFEST).write_text('{"format": "dmuh-codes-manifest", "version": 1, "bits": 8, "count": 3, '
-                                     '"shards": [{"file": "../shard-00000.npz", "count": 3, "sha256": "0"}]}')
+    (tmp_path / MANIFEST).write_text(
+        '{"format": "dmuh-codes-manifest", "version": 1, "bits": 8, "count": 3, '
+        '"shards": [{"file": "../shard-00000.npz", "count": 3, "sha256": "0"}]}'
+    )
     with pytest.raises(DmuhError, match="corrupted manifest"):
         Codes.load(tmp_path)

@@ -59,8 +59,11 @@ def test_an_index_file_written_before_backends_were_named_still_opens(tmp_path):
     database = random_codes(3, 50)
     build_index(database, ids=np.arange(50) + 5).save(tmp_path / "new.dmuhidx")
     header, sections = read_index_file(tmp_path / "new.dmuhidx", ("flat",))
-    old = {key: value for key, value in header.items()
-           if key not in ("backend", "next_id", "decoder", "sections", "payload_size", "payload_sha256")}
+    old = {
+        key: value
+        for key, value in header.items()
+        if key not in ("backend", "next_id", "decoder", "sections", "payload_size", "payload_sha256")
+    }
     write_index_file(tmp_path / "old.dmuhidx", old, list(sections.items()))
     loaded = open_index(tmp_path / "old.dmuhidx")
     assert isinstance(loaded, FaissIndex) and loaded.next_id == 55
@@ -92,8 +95,11 @@ def test_search_params_are_a_frozen_checked_value():
 
 def ivf_and_hnsw(seed=5, n=3000):
     database = random_codes(seed, n, bits=64)
-    return (database, build_index(database, kind="ivf", nlist=32, nprobe=1),
-            build_index(database, kind="hnsw", m=8, ef_construction=40, ef_search=16))
+    return (
+        database,
+        build_index(database, kind="ivf", nlist=32, nprobe=1),
+        build_index(database, kind="hnsw", m=8, ef_construction=40, ef_search=16),
+    )
 
 
 def test_search_params_apply_to_one_call_and_leave_the_index_as_built():
@@ -119,8 +125,12 @@ def test_search_params_apply_to_one_call_and_leave_the_index_as_built():
 def test_concurrent_searches_with_different_params_match_the_sequential_results():
     database, ivf, hnsw = ivf_and_hnsw(seed=6)
     queries = database[::7][:200] ^ (np.random.default_rng(1).random((200, 64)) < 0.25)
-    calls = [(ivf, SearchParams(nprobe=1)), (ivf, SearchParams(nprobe=16)),
-             (hnsw, SearchParams(ef_search=10)), (hnsw, SearchParams(ef_search=300))]
+    calls = [
+        (ivf, SearchParams(nprobe=1)),
+        (ivf, SearchParams(nprobe=16)),
+        (hnsw, SearchParams(ef_search=10)),
+        (hnsw, SearchParams(ef_search=300)),
+    ]
     expected = [index.search(queries, 20, params) for index, params in calls]
     assert not np.array_equal(expected[0][1], expected[1][1]) and not np.array_equal(expected[2][1], expected[3][1])
     failures = []
@@ -133,8 +143,10 @@ def test_concurrent_searches_with_different_params_match_the_sequential_results(
             if not (np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])):
                 failures.append(params)
 
-    threads = [threading.Thread(target=run, args=(index, params, want))
-               for (index, params), want in zip(calls + calls, expected + expected)]
+    threads = [
+        threading.Thread(target=run, args=(index, params, want))
+        for (index, params), want in zip(calls + calls, expected + expected)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -151,10 +163,14 @@ def test_rerankers_wrap_any_index_and_match_the_index_methods():
     uncertainty = np.random.default_rng(3).random((20, 64)).astype(np.float32)
     for index in (build_index(database), ivf, hnsw):
         searcher = RerankedIndex(index, UncertaintyReranker(tau=0.5), depth=50)
-        result = searcher.search(Query(queries, bit_uncertainty=uncertainty), 10, SearchParams.of(
-            None, nprobe=4 if index.kind == "ivf" else None))
-        expected = index.search_reranked(queries, uncertainty, 10, depth=50, tau=0.5,
-                                         nprobe=4 if index.kind == "ivf" else None)
+        result = searcher.search(
+            Query(queries, bit_uncertainty=uncertainty),
+            10,
+            SearchParams.of(None, nprobe=4 if index.kind == "ivf" else None),
+        )
+        expected = index.search_reranked(
+            queries, uncertainty, 10, depth=50, tau=0.5, nprobe=4 if index.kind == "ivf" else None
+        )
         assert list(result) == list(expected) == ["weighted", "distances", "positions", "ids"]
         for key in expected:
             np.testing.assert_array_equal(result[key], expected[key])

@@ -100,16 +100,23 @@ def test_cli_add_and_remove_update_the_index_in_place(tmp_path, capsys):
     Codes(packed, 12, [f"a{i}.jpg" for i in range(50)], model=MODEL).save(tmp_path / "a.npz")
     Codes(packed[:5], 12, [f"b{i}.jpg" for i in range(5)], model=MODEL).save(tmp_path / "b.npz")
     Codes(packed[:5], 12, [f"c{i}.jpg" for i in range(5)], model={**MODEL, "checkpoint_sha256": "d" * 64}).save(
-        tmp_path / "c.npz")
+        tmp_path / "c.npz"
+    )
     Codes(packed[:5], 16, [f"d{i}.jpg" for i in range(5)], model=MODEL).save(tmp_path / "d.npz")
     index = tmp_path / "a.dmuhidx"
     assert main(["index", "build", "--codes", str(tmp_path / "a.npz"), "--out", str(index)]) == 0
     assert main(["index", "add", "--index", str(index), "--codes", str(tmp_path / "b.npz")]) == 0
     assert capsys.readouterr().out.strip().endswith(f"index {index}: added 5 codes, 55 codes now")
-    one_line(capsys, ["index", "add", "--index", index, "--codes", tmp_path / "c.npz"],
-             "pass --allow-other-model to add them anyway")
-    one_line(capsys, ["index", "add", "--index", index, "--codes", tmp_path / "d.npz"],
-             f"--codes {tmp_path / 'd.npz'} holds 16-bit codes but --index {index} holds 12-bit codes")
+    one_line(
+        capsys,
+        ["index", "add", "--index", index, "--codes", tmp_path / "c.npz"],
+        "pass --allow-other-model to add them anyway",
+    )
+    one_line(
+        capsys,
+        ["index", "add", "--index", index, "--codes", tmp_path / "d.npz"],
+        f"--codes {tmp_path / 'd.npz'} holds 16-bit codes but --index {index} holds 12-bit codes",
+    )
 
     (tmp_path / "ids.txt").write_text("0\n52\n")
     (tmp_path / "names.txt").write_text("a7.jpg\nb4.jpg\n")
@@ -117,10 +124,16 @@ def test_cli_add_and_remove_update_the_index_in_place(tmp_path, capsys):
     assert main(["index", "remove", "--index", str(index), "--names", str(tmp_path / "names.txt")]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"index {index}: removed 2 codes, 51 codes left"
     before = index.read_bytes()
-    one_line(capsys, ["index", "remove", "--index", index, "--ids", tmp_path / "ids.txt"],
-             f"--ids {tmp_path / 'ids.txt'}: ids 0, 52 (2 in all) are not in the index; nothing removed")
-    one_line(capsys, ["index", "remove", "--index", index, "--names", tmp_path / "names.txt"],
-             f"--names {tmp_path / 'names.txt'}: name 'a7.jpg' is not in the index; nothing removed")
+    one_line(
+        capsys,
+        ["index", "remove", "--index", index, "--ids", tmp_path / "ids.txt"],
+        f"--ids {tmp_path / 'ids.txt'}: ids 0, 52 (2 in all) are not in the index; nothing removed",
+    )
+    one_line(
+        capsys,
+        ["index", "remove", "--index", index, "--names", tmp_path / "names.txt"],
+        f"--names {tmp_path / 'names.txt'}: name 'a7.jpg' is not in the index; nothing removed",
+    )
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     one_line(capsys, ["index", "remove", "--index", index, "--ids", tmp_path / "empty.txt"], "lists nothing to remove")
     one_line(capsys, ["index", "remove", "--index", index], "give what to remove: --ids FILE")

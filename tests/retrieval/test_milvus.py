@@ -59,8 +59,9 @@ def test_a_hand_computed_search_with_ties_in_position_order(lite):
         assert distances.tolist() == [[0, 1, 1, 1]] and ids.tolist() == [[11, 10, 12, 15]]
 
 
-@pytest.mark.parametrize("k, distinct, cap", [(1, 2, 160), (150, 2, 160), (150, 2, None), (10, 25, None),
-                                              (150, 25, None), (600, 25, None)])
+@pytest.mark.parametrize(
+    "k, distinct, cap", [(1, 2, 160), (150, 2, 160), (150, 2, None), (10, 25, None), (150, 25, None), (600, 25, None)]
+)
 def test_flat_equals_faiss_flat_including_ties_past_the_window(lite, k, distinct, cap, monkeypatch):
     database, queries = tied_codes(k + distinct, 900, distinct, 2)  # 16 bits, 900 / distinct copies of each code
     completions = []
@@ -82,7 +83,11 @@ def test_random_64_bit_codes_add_and_remove_match_faiss(lite):
     names = [f"img/{i}.jpg" for i in range(3000)]
     faiss_index = build_index(database, names=names)
     with build_index(database, backend="milvus", uri=lite, collection="random64", names=names) as milvus:
-        assert isinstance(milvus, MilvusIndex) and (milvus.backend, milvus.kind, len(milvus)) == ("milvus", "flat", 3000)
+        assert isinstance(milvus, MilvusIndex) and (milvus.backend, milvus.kind, len(milvus)) == (
+            "milvus",
+            "flat",
+            3000,
+        )
         assert_same_results(faiss_index, milvus, queries, 50)
         removed = np.arange(0, 3000, 7)
         assert milvus.remove(removed) == faiss_index.remove(removed) == len(removed)
@@ -113,19 +118,36 @@ def test_the_index_file_names_the_collection_and_load_checks_it(lite, tmp_path):
     database = rng.integers(0, 256, size=(400, 3), dtype=np.uint8)
     names = [f"{i}.png" for i in range(400)]
     path = tmp_path / "db.dmuhidx"
-    with build_index(database, bits=20, backend="milvus", uri=lite, collection="saved", names=names,
-                     ids=np.arange(400) * 3, meta={"model": MODEL, "image_size": 8}) as index:
+    with build_index(
+        database,
+        bits=20,
+        backend="milvus",
+        uri=lite,
+        collection="saved",
+        names=names,
+        ids=np.arange(400) * 3,
+        meta={"model": MODEL, "image_size": 8},
+    ) as index:
         before = index.search(database[:4], 9)
         index.save(path)
     with open_index(path) as loaded:
         assert isinstance(loaded, MilvusIndex)
-        assert (loaded.kind, loaded.bits, len(loaded), loaded.meta) == ("flat", 20, 400, {"model": MODEL, "image_size": 8})
+        assert (loaded.kind, loaded.bits, len(loaded), loaded.meta) == (
+            "flat",
+            20,
+            400,
+            {"model": MODEL, "image_size": 8},
+        )
         assert loaded.names == names and loaded.ids.tolist() == list(range(0, 1200, 3))
         after = loaded.search(database[:4], 9)
         np.testing.assert_array_equal(before[0], after[0])
         np.testing.assert_array_equal(before[1], after[1])
         info = loaded.info()
-        assert info["backend"] == "milvus" and info["milvus"] == {"uri": lite, "collection": "saved", "index_type": "BIN_FLAT"}
+        assert info["backend"] == "milvus" and info["milvus"] == {
+            "uri": lite,
+            "collection": "saved",
+            "index_type": "BIN_FLAT",
+        }
         with pytest.raises(DmuhError, match="ef_search applies to hnsw"):
             loaded.search(database[:1], 3, ef_search=10)
         with pytest.raises(DmuhError, match="nprobe applies to ivf"):
@@ -156,8 +178,14 @@ def test_an_add_that_was_not_saved_is_not_part_of_the_index(lite, tmp_path):
 
 
 def codes_file(path, packed, bits, model, start=0):
-    Codes(packed, bits, [f"photo{i}.jpg" for i in range(start, start + len(packed))], model=model,
-          image_size=8, channels=1).save(path)
+    Codes(
+        packed,
+        bits,
+        [f"photo{i}.jpg" for i in range(start, start + len(packed))],
+        model=model,
+        image_size=8,
+        channels=1,
+    ).save(path)
     return path
 
 
@@ -175,8 +203,11 @@ def test_cli_build_add_remove_and_refusals(lite, tmp_path, capsys):
     build = ["index", "build", "--codes", codes, "--backend", "milvus", "--uri", lite, "--out", index]
     assert main([str(a) for a in build]) == 0
     assert f"Milvus collection 'photos' at {lite}" in capsys.readouterr().out
-    one_line(capsys, [*build[:-2], "--out", tmp_path / "again.dmuhidx", "--collection", "photos"],
-             f"Milvus collection 'photos' at {lite} already exists; pass --force to drop and recreate it")
+    one_line(
+        capsys,
+        [*build[:-2], "--out", tmp_path / "again.dmuhidx", "--collection", "photos"],
+        f"Milvus collection 'photos' at {lite} already exists; pass --force to drop and recreate it",
+    )
     assert main(["index", "info", str(index), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["count"] == 300 and info["meta"]["model"] == MODEL and info["backend"] == "milvus"
@@ -187,19 +218,28 @@ def test_cli_build_add_remove_and_refusals(lite, tmp_path, capsys):
     (tmp_path / "names.txt").write_text("photo5.jpg\n")
     assert main(["index", "remove", "--index", str(index), "--names", str(tmp_path / "names.txt")]) == 0
     capsys.readouterr()
-    one_line(capsys, ["index", "remove", "--index", index, "--ids", tmp_path / "ids.txt"],
-             f"--ids {tmp_path / 'ids.txt'}: ids 0, 1 (2 in all) are not in Milvus collection 'photos'; nothing removed")
+    one_line(
+        capsys,
+        ["index", "remove", "--index", index, "--ids", tmp_path / "ids.txt"],
+        f"--ids {tmp_path / 'ids.txt'}: ids 0, 1 (2 in all) are not in Milvus collection 'photos'; nothing removed",
+    )
     (tmp_path / "bad.txt").write_text("3\ncat.jpg\n")
-    one_line(capsys, ["index", "remove", "--index", index, "--ids", tmp_path / "bad.txt"],
-             "line 2: 'cat.jpg' is not an integer id")
+    one_line(
+        capsys,
+        ["index", "remove", "--index", index, "--ids", tmp_path / "bad.txt"],
+        "line 2: 'cat.jpg' is not an integer id",
+    )
 
     new = codes_file(tmp_path / "new.npz", database[:10], 16, MODEL, start=300)
     assert main(["index", "add", "--index", str(index), "--codes", str(new)]) == 0
     assert capsys.readouterr().out.strip() == f"index {index}: added 10 codes, 307 codes now"
     other = codes_file(tmp_path / "other.npz", database[:10], 16, OTHER_MODEL)
-    one_line(capsys, ["index", "add", "--index", index, "--codes", other],
-             "come from another model (checkpoint sha256 bbbbbbbbbbbb...) than the index's (aaaaaaaaaaaa...); "
-             "pass --allow-other-model to add them anyway")
+    one_line(
+        capsys,
+        ["index", "add", "--index", index, "--codes", other],
+        "come from another model (checkpoint sha256 bbbbbbbbbbbb...) than the index's (aaaaaaaaaaaa...); "
+        "pass --allow-other-model to add them anyway",
+    )
     wide = codes_file(tmp_path / "wide.npz", np.zeros((3, 3), dtype=np.uint8), 24, MODEL)
     one_line(capsys, ["index", "add", "--index", index, "--codes", wide], "holds 24-bit codes but --index")
     assert main(["index", "add", "--index", str(index), "--codes", str(other), "--allow-other-model"]) == 0
@@ -208,7 +248,10 @@ def test_cli_build_add_remove_and_refusals(lite, tmp_path, capsys):
     assert main(["search", "--index", str(index), "--queries", str(new), "--k", "3", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     first = report["queries"][0]["results"]  # the query is database[0], its id 0 removed; added twice since
-    assert [(r["distance"], r["id"], r["path"]) for r in first[:2]] == [(0, 300, "photo300.jpg"), (0, 310, "photo0.jpg")]
+    assert [(r["distance"], r["id"], r["path"]) for r in first[:2]] == [
+        (0, 300, "photo300.jpg"),
+        (0, 310, "photo0.jpg"),
+    ]
     assert all(r["id"] not in (0, 1, 5) for q in report["queries"] for r in q["results"])
 
 
@@ -218,11 +261,13 @@ def test_a_sharded_manifest_streams_into_milvus(lite, tmp_path, capsys):
     folder = tmp_path / "shards"
     shards = []
     for number, start in enumerate(range(0, 250, 100)):
-        path = codes_file(folder / f"shard-{number:05d}.npz", database[start:start + 100], 16, MODEL, start=start)
+        path = codes_file(folder / f"shard-{number:05d}.npz", database[start : start + 100], 16, MODEL, start=start)
         shards.append({"file": path.name, "count": len(Codes.load(path)), "sha256": file_sha256(path)})
     write_manifest(folder, shards, 16, 100, MODEL, "digits")
     out = tmp_path / "sharded.dmuhidx"
-    assert main(["index", "build", "--codes", str(folder), "--backend", "milvus", "--uri", lite, "--out", str(out)]) == 0
+    assert (
+        main(["index", "build", "--codes", str(folder), "--backend", "milvus", "--uri", lite, "--out", str(out)]) == 0
+    )
     assert "250 codes of 16 bits" in capsys.readouterr().out
     with open_index(out) as index:
         assert index.names == [f"photo{i}.jpg" for i in range(250)] and index.ids.tolist() == list(range(250))
@@ -232,33 +277,47 @@ def test_a_sharded_manifest_streams_into_milvus(lite, tmp_path, capsys):
 def test_bad_uris_and_a_missing_collection_are_one_line_errors(lite, tmp_path, capsys):
     codes = codes_file(tmp_path / "db.npz", np.zeros((5, 2), dtype=np.uint8), 16, MODEL)
     build = ["index", "build", "--codes", codes, "--backend", "milvus", "--out", tmp_path / "x.dmuhidx", "--uri"]
-    one_line(capsys, [*build, "http://127.0.0.1:9"], "--uri http://127.0.0.1:9: cannot reach a Milvus server at "
-                                                     "127.0.0.1:9 (connection refused)")
+    one_line(
+        capsys,
+        [*build, "http://127.0.0.1:9"],
+        "--uri http://127.0.0.1:9: cannot reach a Milvus server at 127.0.0.1:9 (connection refused)",
+    )
     one_line(capsys, [*build, tmp_path / "codes.sqlite"], "expected a Milvus Lite file ending in .db or a server uri")
     one_line(capsys, [*build, lite, "--kind", "ivf"], "--kind ivf (BIN_IVF_FLAT) needs a Milvus server")
     one_line(capsys, [*build, lite, "--kind", "hnsw"], "--backend milvus has flat (BIN_FLAT) and ivf (BIN_IVF_FLAT)")
     one_line(capsys, [*build, lite, "--collection", "no-dashes"], "--collection 'no-dashes': a Milvus collection name")
-    one_line(capsys, ["index", "build", "--codes", codes, "--uri", lite, "--out", tmp_path / "y.dmuhidx"],
-             "--uri applies to --backend milvus")
+    one_line(
+        capsys,
+        ["index", "build", "--codes", codes, "--uri", lite, "--out", tmp_path / "y.dmuhidx"],
+        "--uri applies to --backend milvus",
+    )
     assert main([str(a) for a in [*build, lite, "--collection", "doomed"]]) == 0
     capsys.readouterr()
     from pymilvus import MilvusClient
 
     MilvusClient(lite).drop_collection("doomed")
     one_line(capsys, ["index", "info", tmp_path / "x.dmuhidx"], "Milvus collection 'doomed' at")
-    one_line(capsys, ["search", "--index", tmp_path / "x.dmuhidx", "--queries", codes, "--k", "1"],
-             "not found (dropped? rebuild it with `dmuh index build --backend milvus`)")
+    one_line(
+        capsys,
+        ["search", "--index", tmp_path / "x.dmuhidx", "--queries", codes, "--k", "1"],
+        "not found (dropped? rebuild it with `dmuh index build --backend milvus`)",
+    )
     gone = tmp_path / "gone.db"
     with MilvusIndex.build(np.zeros((3, 1), dtype=np.uint8), bits=8, uri=str(gone)) as index:
         index.save(tmp_path / "gone.dmuhidx")
     gone.unlink()
-    one_line(capsys, ["search", "--index", tmp_path / "gone.dmuhidx", "--queries", codes, "--k", "1"],
-             f"Milvus Lite file {gone} not found")
+    one_line(
+        capsys,
+        ["search", "--index", tmp_path / "gone.dmuhidx", "--queries", codes, "--k", "1"],
+        f"Milvus Lite file {gone} not found",
+    )
     assert not gone.exists()  # loading never creates an empty Milvus Lite file
 
 
-@pytest.mark.skipif(not os.environ.get("DMUH_MILVUS_URI"),
-                    reason="set DMUH_MILVUS_URI=http://HOST:19530 to test against a Milvus server (docs/search.md)")
+@pytest.mark.skipif(
+    not os.environ.get("DMUH_MILVUS_URI"),
+    reason="set DMUH_MILVUS_URI=http://HOST:19530 to test against a Milvus server (docs/search.md)",
+)
 def test_a_milvus_server_flat_and_ivf():
     uri = os.environ["DMUH_MILVUS_URI"]
     database, queries = tied_codes(8, 5000, 400, 8)
@@ -268,7 +327,8 @@ def test_a_milvus_server_flat_and_ivf():
         flat.remove([0, 1, 2])
         faiss_flat.remove([0, 1, 2])
         assert_same_results(faiss_flat, flat, queries, 100)
-    with MilvusIndex.build(database, kind="ivf", uri=uri, collection="dmuh_test_ivf", force=True, nlist=16,
-                           nprobe=16) as ivf:  # every list searched: exact distances
+    with MilvusIndex.build(
+        database, kind="ivf", uri=uri, collection="dmuh_test_ivf", force=True, nlist=16, nprobe=16
+    ) as ivf:  # every list searched: exact distances
         distances, _ = ivf.search(queries, 50)
         np.testing.assert_array_equal(distances, build_index(database).search(queries, 50)[0])

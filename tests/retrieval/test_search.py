@@ -72,7 +72,9 @@ def test_user_ids_map_positions_and_add_appends():
     assert len(index) == 150
     queries = random_signs(rng, 5, 16)
     distances, ids = index.search(queries, k=20)
-    expected_distances, positions = brute_force(as_packed(queries)[0], as_packed(np.concatenate([first, second]))[0], 20)
+    expected_distances, positions = brute_force(
+        as_packed(queries)[0], as_packed(np.concatenate([first, second]))[0], 20
+    )
     all_ids = np.concatenate([np.arange(100) * 10, np.arange(50) + 5000])
     np.testing.assert_array_equal(distances, expected_distances)
     np.testing.assert_array_equal(ids, all_ids[positions])
@@ -101,7 +103,9 @@ def test_save_load_round_trip(tmp_path, kind, params):
     rng = np.random.default_rng(4)
     database, queries = random_signs(rng, 400, 24), random_signs(rng, 7, 24)
     names = [f"img/{i}.png" for i in range(400)]
-    index = build_index(database, kind=kind, ids=np.arange(400) + 7, names=names, meta={"model": {"bits": 24}}, **params)
+    index = build_index(
+        database, kind=kind, ids=np.arange(400) + 7, names=names, meta={"model": {"bits": 24}}, **params
+    )
     before = index.search(queries, k=15)
     path = tmp_path / f"{kind}.dmuhidx"
     index.save(path)
@@ -199,10 +203,12 @@ def test_foreign_and_future_index_files_are_refused(tmp_path, saved_index):
         open_index(tmp_path / "missing.dmuhidx")
     data = saved_index.read_bytes()
     magic, size, _ = struct.unpack_from("<8sII", data)
-    header = json.loads(data[16:16 + size])
+    header = json.loads(data[16 : 16 + size])
     header["version"] = 99
     new_header = json.dumps(header, sort_keys=True).encode()
-    saved_index.write_bytes(struct.pack("<8sII", magic, len(new_header), zlib.crc32(new_header)) + new_header + data[16 + size:])
+    saved_index.write_bytes(
+        struct.pack("<8sII", magic, len(new_header), zlib.crc32(new_header)) + new_header + data[16 + size :]
+    )
     with pytest.raises(DmuhError, match="index format version 99; this dmuh reads version 1"):
         open_index(saved_index)
 
@@ -232,11 +238,14 @@ def test_weights_down_weight_bits_uncertain_relative_to_the_query():
 
 def test_rerank_prefers_mismatches_on_uncertain_bits():
     query = np.array([[1, 1, 1, 1, 1, 1, 1, 1]], dtype=np.float32)
-    candidates = np.array([
-        [-1, 1, 1, 1, 1, 1, 1, 1],  # differs on bit 0 (certain)
-        [1, 1, 1, 1, 1, 1, 1, -1],  # differs on bit 7 (uncertain)
-        [1, 1, 1, 1, 1, 1, 1, 1],  # identical
-    ], dtype=np.float32)
+    candidates = np.array(
+        [
+            [-1, 1, 1, 1, 1, 1, 1, 1],  # differs on bit 0 (certain)
+            [1, 1, 1, 1, 1, 1, 1, -1],  # differs on bit 7 (uncertain)
+            [1, 1, 1, 1, 1, 1, 1, 1],  # identical
+        ],
+        dtype=np.float32,
+    )
     uncertainty = np.array([[0, 0, 0, 0, 0, 0, 0, 0.8]], dtype=np.float32)
     index = build_index(candidates)
     plain_distances, plain_ids = index.search(query, k=3)
@@ -258,8 +267,9 @@ def test_rerank_with_zero_uncertainty_keeps_the_hamming_order():
     np.testing.assert_allclose(result["weighted"], distances)
     # Direct use: the order returned indexes the candidates.
     positions = np.tile(np.arange(4), (1, 1))
-    order, weighted = rerank(as_packed(queries[:1])[0], np.zeros((1, 16), np.float32),
-                             index.codes_at(positions), positions, 16)
+    order, weighted = rerank(
+        as_packed(queries[:1])[0], np.zeros((1, 16), np.float32), index.codes_at(positions), positions, 16
+    )
     assert order.shape == (1, 4) and weighted.shape == (1, 4)
 
 
@@ -275,14 +285,25 @@ def test_rerank_needs_one_uncertainty_per_query_bit():
 
 def make_codes(n=20, bits=12, **extra):
     rng = np.random.default_rng(11)
-    return Codes(as_packed(random_signs(rng, n, bits))[0], bits, [f"a/{i}.png" for i in range(n)],
-                 model={"checkpoint_sha256": "ab" * 32, "bits": bits}, image_size=8, channels=1, **extra)
+    return Codes(
+        as_packed(random_signs(rng, n, bits))[0],
+        bits,
+        [f"a/{i}.png" for i in range(n)],
+        model={"checkpoint_sha256": "ab" * 32, "bits": bits},
+        image_size=8,
+        channels=1,
+        **extra,
+    )
 
 
 def test_codes_file_round_trip(tmp_path):
     rng = np.random.default_rng(12)
-    codes = make_codes(labels=np.eye(20, 3, dtype=np.uint8), class_names=["a", "b", "c"],
-                       uncertainty=rng.random(20), bit_uncertainty=rng.random((20, 12)))
+    codes = make_codes(
+        labels=np.eye(20, 3, dtype=np.uint8),
+        class_names=["a", "b", "c"],
+        uncertainty=rng.random(20),
+        bit_uncertainty=rng.random((20, 12)),
+    )
     codes.save(tmp_path / "codes.npz")
     loaded = Codes.load(tmp_path / "codes.npz")
     np.testing.assert_array_equal(loaded.packed, codes.packed)

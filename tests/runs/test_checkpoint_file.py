@@ -22,15 +22,32 @@ def sgd_state():
     """A network and an SGD-with-momentum optimiser after one step, as a checkpoint holds them."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
-    optimizer = torch.optim.SGD([{"params": model[0].parameters(), "lr_scale": 0.1},
-                                 {"params": list(model[1].parameters()) + list(model[2].parameters())}],
-                                lr=0.1, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr_scale": 0.1},
+            {"params": list(model[1].parameters()) + list(model[2].parameters())},
+        ],
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+    )
     model(torch.randn(8, 4)).square().mean().backward()
     optimizer.step()
-    state = {"epoch": 3, "config": {"method": "dmuh", "bits": 16, "lr": 0.1, "model_params": {"input_size": 8},
-                                    "pretrained": None, "amp": False},
-             "model_config": {"name": "mlp", "bits": 16}, "momentum": None,
-             "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    state = {
+        "epoch": 3,
+        "config": {
+            "method": "dmuh",
+            "bits": 16,
+            "lr": 0.1,
+            "model_params": {"input_size": 8},
+            "pretrained": None,
+            "amp": False,
+        },
+        "model_config": {"name": "mlp", "bits": 16},
+        "momentum": None,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+    }
     return model, optimizer, state
 
 
@@ -69,9 +86,14 @@ def test_a_real_optimizer_state_round_trips_with_its_integer_keys(tmp_path):
     # The optimiser resumes exactly: the next step is the same from the original and the loaded state.
     twin = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
     twin.load_state_dict(loaded["model"])
-    twin_optimizer = torch.optim.SGD([{"params": twin[0].parameters(), "lr_scale": 0.1},
-                                      {"params": list(twin[1].parameters()) + list(twin[2].parameters())}],
-                                     lr=0.5, momentum=0.0)
+    twin_optimizer = torch.optim.SGD(
+        [
+            {"params": twin[0].parameters(), "lr_scale": 0.1},
+            {"params": list(twin[1].parameters()) + list(twin[2].parameters())},
+        ],
+        lr=0.5,
+        momentum=0.0,
+    )
     twin_optimizer.load_state_dict(loaded["optimizer"])
     inputs = torch.randn(8, 4)
     for net, opt in ((model, optimizer), (twin, twin_optimizer)):
@@ -85,11 +107,20 @@ def test_a_real_optimizer_state_round_trips_with_its_integer_keys(tmp_path):
 def test_odd_values_and_tensors_round_trip(tmp_path):
     base = torch.arange(12, dtype=torch.float32)
     state = {
-        "floats": [float("nan"), float("inf"), float("-inf"), -0.0, 1e-310, 0.1], "tuple": (1, ("a", None), []),
-        "ints": {0: "zero", -1: 1, 10**30: True}, "mixed": {"$dollar": 1, 2: (3,)}, "text": 'é"\\\n{"$tensor": "x"}',
-        "scalar": torch.tensor(2.5, dtype=torch.float64), "step": torch.tensor(7), "flags": torch.tensor([True, False]),
-        "shared": [base[:6], base[6:], base], "transposed": base.view(3, 4).t(), "empty": torch.zeros(0, 3),
-        "half": torch.ones(2, dtype=torch.bfloat16), "grad": torch.ones(2, requires_grad=True), "n": np.int64(4),
+        "floats": [float("nan"), float("inf"), float("-inf"), -0.0, 1e-310, 0.1],
+        "tuple": (1, ("a", None), []),
+        "ints": {0: "zero", -1: 1, 10**30: True},
+        "mixed": {"$dollar": 1, 2: (3,)},
+        "text": 'é"\\\n{"$tensor": "x"}',
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "step": torch.tensor(7),
+        "flags": torch.tensor([True, False]),
+        "shared": [base[:6], base[6:], base],
+        "transposed": base.view(3, 4).t(),
+        "empty": torch.zeros(0, 3),
+        "half": torch.ones(2, dtype=torch.bfloat16),
+        "grad": torch.ones(2, requires_grad=True),
+        "n": np.int64(4),
     }
     path = tmp_path / "odd.safetensors"
     save_state(path, state, "test")
@@ -120,11 +151,26 @@ def test_every_bit_flip_is_refused(tmp_path):
     data = path.read_bytes()
     header_end = 8 + int.from_bytes(data[:8], "little")
     text = data[:header_end]
-    special = [text.index(b'"dmuh.sha256":"') + 20, text.index(b'"dmuh.tree":"') + 30, text.index(b'"dmuh.kind"') + 14,
-               text.index(b'"format"') + 12, text.index(b'"data_offsets":[') + 17, text.index(b'"shape":[') + 9,
-               text.index(b'"dtype":"') + 10, header_end - 1]
-    positions = sorted({0, 1, 7, *special, *np.linspace(8, header_end - 1, 10).astype(int).tolist(),
-                        *np.linspace(header_end, len(data) - 1, 10).astype(int).tolist()})
+    special = [
+        text.index(b'"dmuh.sha256":"') + 20,
+        text.index(b'"dmuh.tree":"') + 30,
+        text.index(b'"dmuh.kind"') + 14,
+        text.index(b'"format"') + 12,
+        text.index(b'"data_offsets":[') + 17,
+        text.index(b'"shape":[') + 9,
+        text.index(b'"dtype":"') + 10,
+        header_end - 1,
+    ]
+    positions = sorted(
+        {
+            0,
+            1,
+            7,
+            *special,
+            *np.linspace(8, header_end - 1, 10).astype(int).tolist(),
+            *np.linspace(header_end, len(data) - 1, 10).astype(int).tolist(),
+        }
+    )
     assert len(positions) >= 28
     damaged = tmp_path / "damaged.safetensors"
     for n, position in enumerate(positions):
@@ -143,8 +189,13 @@ def test_truncated_foreign_and_wrong_files_are_refused_in_one_line(tmp_path):
     path = tmp_path / "checkpoint.safetensors"
     save_state(path, sgd_state()[2], "checkpoint")
     data = path.read_bytes()
-    cases = {"truncated": data[: len(data) - 5], "header-cut": data[:100], "empty": b"", "short": data[:6],
-             "text": b"epoch: 3\nmodel: none\n" * 4}
+    cases = {
+        "truncated": data[: len(data) - 5],
+        "header-cut": data[:100],
+        "empty": b"",
+        "short": data[:6],
+        "text": b"epoch: 3\nmodel: none\n" * 4,
+    }
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(DmuhError, match="truncated|not a safetensors file|damaged") as caught:
@@ -202,8 +253,17 @@ class RunsCode:
 def run_with_checkpoint(tmp_path, checkpoint) -> "os.PathLike":
     run = tmp_path / "run"
     run.mkdir()
-    TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
-                method="dmuh", bits=8, epochs=1, batch_size=64, out=str(run)).save(run / CONFIG)
+    TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        method="dmuh",
+        bits=8,
+        epochs=1,
+        batch_size=64,
+        out=str(run),
+    ).save(run / CONFIG)
     torch.save(checkpoint, run / LEGACY_CHECKPOINT)
     return run
 
@@ -222,11 +282,13 @@ def hostile_run(tmp_path):
 @pytest.mark.parametrize("command", ["evaluate", "encode", "export-onnx", "train", "convert-checkpoint"])
 def test_a_pickle_that_would_run_code_is_refused_by_every_command(hostile_run, tmp_path, capsys, command):
     run, marker = hostile_run
-    argv = {"evaluate": ["evaluate", "--run", str(run)],
-            "encode": ["encode", "--run", str(run), "--images", "digits", "--out", str(tmp_path / "codes.npz")],
-            "export-onnx": ["export-onnx", "--run", str(run), "--out", str(tmp_path / "net.onnx")],
-            "train": ["train", "--resume", "--out", str(run), "--quiet"],
-            "convert-checkpoint": ["convert-checkpoint", "--run", str(run)]}[command]
+    argv = {
+        "evaluate": ["evaluate", "--run", str(run)],
+        "encode": ["encode", "--run", str(run), "--images", "digits", "--out", str(tmp_path / "codes.npz")],
+        "export-onnx": ["export-onnx", "--run", str(run), "--out", str(tmp_path / "net.onnx")],
+        "train": ["train", "--resume", "--out", str(run), "--quiet"],
+        "convert-checkpoint": ["convert-checkpoint", "--run", str(run)],
+    }[command]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -234,8 +296,10 @@ def test_a_pickle_that_would_run_code_is_refused_by_every_command(hostile_run, t
     if command == "convert-checkpoint":
         assert "refused: torch's allow-list unpickler" in err and "posix.system" in err
     else:
-        assert f"{run / LEGACY_CHECKPOINT} is an old-format checkpoint (a pickle); convert it once with: " \
-               f"dmuh convert-checkpoint --run {run}" in err
+        assert (
+            f"{run / LEGACY_CHECKPOINT} is an old-format checkpoint (a pickle); convert it once with: "
+            f"dmuh convert-checkpoint --run {run}" in err
+        )
     assert not marker.exists()  # no code ran
     assert not (run / CHECKPOINT).exists()
 
@@ -249,9 +313,12 @@ def test_a_pickle_renamed_to_safetensors_is_refused(hostile_run, capsys):
 
 
 def test_convert_checkpoint_keeps_the_old_file_and_replaces_only_with_force(tmp_path, capsys):
-    old = {"epoch": 2, "model": {"backbone.0.weight": torch.randn(3, 2), "hash_layer.weight": torch.randn(4, 3)},
-           "method": {"memory": torch.zeros(5, 4)}, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(3)}},
-                                                                  "param_groups": [{"lr": 0.1, "params": [0]}]}}
+    old = {
+        "epoch": 2,
+        "model": {"backbone.0.weight": torch.randn(3, 2), "hash_layer.weight": torch.randn(4, 3)},
+        "method": {"memory": torch.zeros(5, 4)},
+        "optimizer": {"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+    }
     run = run_with_checkpoint(tmp_path, old)
     assert main(["convert-checkpoint", "--run", str(run / LEGACY_CHECKPOINT)]) == 0
     out = capsys.readouterr().out.strip()

@@ -9,8 +9,19 @@ from dmuh.errors import DmuhError
 from dmuh.runs.config import PretrainConfig, TrainConfig
 from dmuh.utils.schema import help_line, parse_flag
 
-COMMON = ["--data", "digits", "--model", "smallcnn", "--model-param", "width=8",
-          "--bits", "8", "--batch-size", "64", "--quiet"]
+COMMON = [
+    "--data",
+    "digits",
+    "--model",
+    "smallcnn",
+    "--model-param",
+    "width=8",
+    "--bits",
+    "8",
+    "--batch-size",
+    "64",
+    "--quiet",
+]
 
 
 def run_train(tmp_path, capsys, *args):
@@ -122,8 +133,22 @@ def test_per_class_protocol_takes_its_parameters_from_flags_and_yaml(tmp_path, c
     import json
 
     out = tmp_path / "pc"
-    args = ["train", *COMMON, "--method", "regu", "--epochs", "1", "--protocol", "per-class",
-            "--protocol-param", "query_per_class=5", "--protocol-param", "train_per_class=20", "--out", str(out)]
+    args = [
+        "train",
+        *COMMON,
+        "--method",
+        "regu",
+        "--epochs",
+        "1",
+        "--protocol",
+        "per-class",
+        "--protocol-param",
+        "query_per_class=5",
+        "--protocol-param",
+        "train_per_class=20",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0, capsys.readouterr().err
     split = json.loads((out / "split.json").read_text())
     assert len(split["query"]) == 50 and len(split["train"]) == 200
@@ -165,9 +190,35 @@ def test_config_yaml_stores_absolute_paths(tmp_path, monkeypatch, capsys):
     work.mkdir()
     np.savez(work / "feat.npz", features=digits.data[:400].astype(np.float32), labels=digits.target[:400])
     monkeypatch.chdir(work)
-    assert main(["train", "--data", "features:feat.npz", "--protocol", "per-class", "--protocol-param",
-                 "query_per_class=5", "--protocol-param", "train_per_class=20", "--model", "mlp", "--bits", "8",
-                 "--method", "regu", "--epochs", "1", "--batch-size", "50", "--out", "run", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "features:feat.npz",
+                "--protocol",
+                "per-class",
+                "--protocol-param",
+                "query_per_class=5",
+                "--protocol-param",
+                "train_per_class=20",
+                "--model",
+                "mlp",
+                "--bits",
+                "8",
+                "--method",
+                "regu",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "50",
+                "--out",
+                "run",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     saved = yaml.safe_load((work / "run" / "config.yaml").read_text())
     assert saved["data"] == f"features:{work / 'feat.npz'}"
     # Evaluated from another folder, the run still finds its data.

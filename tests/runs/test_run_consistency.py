@@ -66,9 +66,21 @@ def test_logged_map_is_the_evaluated_map(tmp_path, method, monkeypatch):
 
     monkeypatch.setattr(train_module.Trainer, "finish_epoch", watched)
     run = tmp_path / method
-    config = TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params=SMALL, method=method,
-                         bits=16, epochs=2, batch_size=64, device="cpu", init="scratch", out=str(run),
-                         trace_items=16, train_map_items=200)
+    config = TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params=SMALL,
+        method=method,
+        bits=16,
+        epochs=2,
+        batch_size=64,
+        device="cpu",
+        init="scratch",
+        out=str(run),
+        trace_items=16,
+        train_map_items=200,
+    )
     train(config, progress=False, echo=quiet)
     assert changed == []
     row = read_log(run / LOG)[-1]
@@ -84,9 +96,21 @@ def _torchrun_rank(rank, init_file, out, errors):
         os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
         torch.set_num_threads(1)
         torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-        config = TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={**SMALL, "width": 4},
-                             method="dmuh", bits=16, epochs=1, batch_size=32, device="cpu", init="scratch", out=out,
-                             trace_items=8, train_map_items=100)
+        config = TrainConfig(
+            data="digits",
+            protocol="digits",
+            model="smallcnn",
+            model_params={**SMALL, "width": 4},
+            method="dmuh",
+            bits=16,
+            epochs=1,
+            batch_size=32,
+            device="cpu",
+            init="scratch",
+            out=out,
+            trace_items=8,
+            train_map_items=100,
+        )
         train(config, progress=False, echo=quiet)
         torch.distributed.destroy_process_group()
         errors.put((rank, None))
@@ -100,8 +124,10 @@ def test_logged_map_is_the_evaluated_map_under_torchrun(tmp_path):
     context = multiprocessing.get_context("fork")
     errors = context.Queue()
     run = tmp_path / "ddp"
-    ranks = [context.Process(target=_torchrun_rank, args=(rank, str(tmp_path / "init"), str(run), errors))
-             for rank in range(2)]
+    ranks = [
+        context.Process(target=_torchrun_rank, args=(rank, str(tmp_path / "init"), str(run), errors))
+        for rank in range(2)
+    ]
     for process in ranks:
         process.start()
     try:
@@ -135,10 +161,24 @@ def folder_run(tmp_path_factory):
     run = root / "run"
     # A small learning rate keeps the codes spread (a converged run gives every image of a class one
     # code, which hides a resized input); the test is about where the codes come from, not their quality.
-    config = TrainConfig(data=str(images), protocol="digits", model="smallcnn", model_params={"width": 8},
-                         method="dmuh", bits=16, epochs=1, batch_size=32, lr=0.001, lr_end=0.001, device="cpu",
-                         init="scratch", out=str(run), trace_items=4, train_map_items=0,
-                         cache_dir=str(root / "cache"))
+    config = TrainConfig(
+        data=str(images),
+        protocol="digits",
+        model="smallcnn",
+        model_params={"width": 8},
+        method="dmuh",
+        bits=16,
+        epochs=1,
+        batch_size=32,
+        lr=0.001,
+        lr_end=0.001,
+        device="cpu",
+        init="scratch",
+        out=str(run),
+        trace_items=4,
+        train_map_items=0,
+        cache_dir=str(root / "cache"),
+    )
     train(config, progress=False, echo=quiet)
     return run, images
 

@@ -38,9 +38,20 @@ ARTIFACTS = Path(os.environ.get("DMUH_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
 
 def train_run(path, method):
-    config = TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
-                         method=method, bits=BITS, epochs=1, batch_size=64, device="cpu", out=str(path),
-                         eval_every=-1, trace_items=0)
+    config = TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        method=method,
+        bits=BITS,
+        epochs=1,
+        batch_size=64,
+        device="cpu",
+        out=str(path),
+        eval_every=-1,
+        trace_items=0,
+    )
     train(config, progress=False, echo=lambda line: None)
     return path
 
@@ -91,7 +102,10 @@ def test_healthz_and_info(client, service, served):
     assert client.get("/healthz").json() == {"status": "ok", "count": ITEMS}
     info = client.get("/info").json()
     assert info["bits"] == BITS and info["count"] == ITEMS and info["kind"] == "flat"
-    assert info["model"]["method"] == "dmuh" and info["model"]["checkpoint_sha256"] == service.encoder.identity["checkpoint_sha256"]
+    assert (
+        info["model"]["method"] == "dmuh"
+        and info["model"]["checkpoint_sha256"] == service.encoder.identity["checkpoint_sha256"]
+    )
     assert info["queries"] == {"image": True, "text": False, "codes": True}
     assert info["uncertainty"] is True and info["thumbnails"] is True and info["rerank"] == ["uncertainty"]
     assert info["max_k"] == ITEMS  # k is bounded by the index
@@ -115,7 +129,22 @@ def test_image_query_reports_its_uncertainty_as_encode_does(client, served, tmp_
     path, data = query_image(served, 5)
     query = client.post("/search", files={"image": (path.name, data, "image/png")}).json()["query"]
     out = tmp_path / "q.npz"
-    assert main(["encode", "--run", str(served["run"]), "--images", str(path), "--out", str(out), "--uncertainty", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--run",
+                str(served["run"]),
+                "--images",
+                str(path),
+                "--out",
+                str(out),
+                "--uncertainty",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     stored = np.load(out)
     bit_u = stored["bit_uncertainty"][0].astype(np.float64)
     assert query["uncertainty"] == pytest.approx(float(stored["uncertainty"][0]), rel=1e-3)
@@ -136,8 +165,9 @@ def test_code_queries_hex_bits_and_lists(client, served):
     distances = [row["distance"] for row in by_hex["results"]]
     assert distances == sorted(distances)
     # Uncertainty re-ranking of a code query takes its bit uncertainty.
-    reranked = client.post("/search", json={"codes": hex_code, "k": 5, "rerank": "uncertainty",
-                                            "bit_uncertainty": [0.1] * BITS}).json()
+    reranked = client.post(
+        "/search", json={"codes": hex_code, "k": 5, "rerank": "uncertainty", "bit_uncertainty": [0.1] * BITS}
+    ).json()
     assert reranked["rerank"] == "uncertainty" and all("weighted_distance" in row for row in reranked["results"])
 
 
@@ -172,8 +202,10 @@ def test_thumbnails(client, service):
 
 def png_header(width, height):
     """A PNG that declares width x height pixels in a few dozen bytes (a decompression bomb's header)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -183,29 +215,58 @@ BAD_REQUESTS = {
     "two queries": (dict(json={"codes": "0000", "text": "x"}), 400, "not codes and text"),
     "bad hex": (dict(json={"codes": "zzzz"}), 400, "not a hex string"),
     "short code": (dict(json={"codes": "00"}), 400, "expected 4 hex digits"),
-    "k too large": (dict(json={"codes": "0000", "k": 10 ** 9}), 400, "from 1 to 80"),
+    "k too large": (dict(json={"codes": "0000", "k": 10**9}), 400, "from 1 to 80"),
     "k zero": (dict(json={"codes": "0000", "k": 0}), 400, "from 1 to 80"),
     "k not a number": (dict(data={"codes": "0000", "k": "ten"}), 400, "expected an integer"),
     "k float": (dict(json={"codes": "0000", "k": 2.5}), 400, "expected an integer"),
     "bad rerank": (dict(json={"codes": "0000", "rerank": "magic"}), 400, "choose uncertainty or decoder"),
-    "rerank without uncertainty": (dict(json={"codes": "0000", "rerank": "uncertainty"}), 400, "needs its bit_uncertainty"),
-    "decoder without decoder": (dict(json={"codes": "0000", "rerank": "decoder"}), 400, "needs an index with a decoder"),
-    "bad bit uncertainty": (dict(json={"codes": "0000", "rerank": "uncertainty", "bit_uncertainty": [1, 2]}), 400, "16 finite"),
-    "negative tau": (dict(json={"codes": "0000", "rerank": "uncertainty", "bit_uncertainty": [1] * 16, "tau": -1}), 400, "tau"),
+    "rerank without uncertainty": (
+        dict(json={"codes": "0000", "rerank": "uncertainty"}),
+        400,
+        "needs its bit_uncertainty",
+    ),
+    "decoder without decoder": (
+        dict(json={"codes": "0000", "rerank": "decoder"}),
+        400,
+        "needs an index with a decoder",
+    ),
+    "bad bit uncertainty": (
+        dict(json={"codes": "0000", "rerank": "uncertainty", "bit_uncertainty": [1, 2]}),
+        400,
+        "16 finite",
+    ),
+    "negative tau": (
+        dict(json={"codes": "0000", "rerank": "uncertainty", "bit_uncertainty": [1] * 16, "tau": -1}),
+        400,
+        "tau",
+    ),
     "unknown field": (dict(json={"codes": "0000", "kk": 3}), 400, "unknown field 'kk'"),
     "text without a text network": (dict(json={"text": "a dog"}), 400, "no text network"),
     "json not an object": (dict(json=[1, 2]), 400, "expected a JSON object"),
     "broken json": (dict(content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON"),
     "garbage image": (dict(content=os.urandom(2000), headers={"content-type": "image/jpeg"}), 400, "cannot read image"),
     "empty body": (dict(content=b"", headers={"content-type": "image/png"}), 400, "empty"),
-    "huge dimensions": (dict(content=png_header(8000, 8000), headers={"content-type": "image/png"}), 400,
-                        "8000 x 8000 pixels, more than the 40,000,000 allowed"),
-    "decompression bomb": (dict(content=png_header(100_000, 100_000), headers={"content-type": "image/png"}), 400,
-                           "decompression bomb"),
+    "huge dimensions": (
+        dict(content=png_header(8000, 8000), headers={"content-type": "image/png"}),
+        400,
+        "8000 x 8000 pixels, more than the 40,000,000 allowed",
+    ),
+    "decompression bomb": (
+        dict(content=png_header(100_000, 100_000), headers={"content-type": "image/png"}),
+        400,
+        "decompression bomb",
+    ),
     "image as text field": (dict(data={"image": "abc"}), 400, "expected a file upload"),
-    "wrong content type": (dict(content=b"abc", headers={"content-type": "text/plain"}), 415, "Content-Type text/plain"),
-    "malformed multipart": (dict(content=b"--x\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=x"}),
-                            400, ""),
+    "wrong content type": (
+        dict(content=b"abc", headers={"content-type": "text/plain"}),
+        415,
+        "Content-Type text/plain",
+    ),
+    "malformed multipart": (
+        dict(content=b"--x\r\nnonsense", headers={"content-type": "multipart/form-data; boundary=x"}),
+        400,
+        "",
+    ),
 }
 
 
@@ -220,24 +281,28 @@ def test_truncated_jpeg_and_wrong_methods(client, served):
     jpeg = served["root"] / "q.jpg"
     Image.open(path).convert("RGB").resize((64, 64)).save(jpeg, quality=90)
     truncated = jpeg.read_bytes()[: jpeg.stat().st_size // 2]
-    assert "truncated" in one_line_error(client.post("/search", files={"image": ("q.jpg", truncated, "image/jpeg")}), 400)
+    assert "truncated" in one_line_error(
+        client.post("/search", files={"image": ("q.jpg", truncated, "image/jpeg")}), 400
+    )
     one_line_error(client.get("/search"), 405)
     one_line_error(client.get("/no/such/page"), 404)
     assert client.get("/healthz").status_code == 200  # still up
 
 
 def test_upload_limit_counts_the_bytes_that_arrive(service):
-    small = SearchService(service.index, service.encoder, service.thumbnails,
-                          ServiceLimits(max_upload_bytes=4096))
+    small = SearchService(service.index, service.encoder, service.thumbnails, ServiceLimits(max_upload_bytes=4096))
     client = TestClient(create_app(small))
     assert "4,096 bytes" in one_line_error(
-        client.post("/search", content=b"\0" * 5000, headers={"content-type": "image/png"}), 413)
+        client.post("/search", content=b"\0" * 5000, headers={"content-type": "image/png"}), 413
+    )
 
     def chunks():  # no Content-Length: the body is counted as it arrives
         for _ in range(10):
             yield b"\0" * 1000
 
-    assert "4,096 bytes" in one_line_error(client.post("/search", content=chunks(), headers={"content-type": "image/png"}), 413)
+    assert "4,096 bytes" in one_line_error(
+        client.post("/search", content=chunks(), headers={"content-type": "image/png"}), 413
+    )
     assert client.post("/search", json={"codes": "0000", "k": 2}).status_code == 200
 
 
@@ -266,7 +331,9 @@ def test_a_run_without_momentum_reports_no_uncertainty(served, tmp_path):
     assert body["query"]["uncertainty"] is None and body["query"]["uncertain_bits"] == []
     assert client.get("/info").json()["rerank"] == []
     assert "DMUH run" in one_line_error(
-        client.post("/search", content=data, headers={"content-type": "image/png"}, params={"rerank": "uncertainty"}), 400)
+        client.post("/search", content=data, headers={"content-type": "image/png"}, params={"rerank": "uncertainty"}),
+        400,
+    )
     with pytest.raises(DmuhError, match="another model"):
         SearchService.open(served["index"], run=str(regu))
 
@@ -277,7 +344,9 @@ def test_codes_only_service(served):
     client = TestClient(create_app(SearchService(index)))
     assert client.get("/info").json()["queries"] == {"image": False, "text": False, "codes": True}
     _, data = query_image(served)
-    assert "--run RUN" in one_line_error(client.post("/search", content=data, headers={"content-type": "image/png"}), 400)
+    assert "--run RUN" in one_line_error(
+        client.post("/search", content=data, headers={"content-type": "image/png"}), 400
+    )
     assert "serves no images" in one_line_error(client.get("/thumbnail/0"), 404)
 
 
@@ -292,8 +361,16 @@ def test_no_thumbnail_path_escapes_the_root(served, tmp_path):
     Image.new("L", (8, 8), 0).save(root / "sub" / "ok.png")
     (root / "link.png").symlink_to(secret)  # a link inside the root to a file outside it
     (root / "notes.txt").write_text("not an image")
-    names = ["sub/ok.png", "../secret.png", str(secret), "sub/../../secret.png", "link.png", "notes.txt",
-             "sub/missing.png", "sub"]
+    names = [
+        "sub/ok.png",
+        "../secret.png",
+        str(secret),
+        "sub/../../secret.png",
+        "link.png",
+        "notes.txt",
+        "sub/missing.png",
+        "sub",
+    ]
     index = build_index(np.zeros((len(names), BITS), dtype=np.uint8) + 1, names=names, meta={})
     client = TestClient(create_app(SearchService(index, thumbnails=_store(root))))
     assert client.get("/thumbnail/0").status_code == 200
@@ -321,8 +398,13 @@ def _store(root):
 def start_server(*args):
     """`dmuh serve ... --port 0` in a subprocess -> (process, base URL), once it answers /healthz."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen([sys.executable, "-m", "dmuh", "serve", "--port", "0", *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dmuh", "serve", "--port", "0", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = process.stdout.readline()
     if " at http://" not in line:
         process.kill()
@@ -387,9 +469,18 @@ def test_the_page_in_headless_chromium(server, served):
     path, _ = query_image(served, 2)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 800})
             errors = []
@@ -402,16 +493,24 @@ def test_the_page_in_headless_chromium(server, served):
             page.wait_for_selector("#status:has-text('6 results')", timeout=20_000)
             page.wait_for_load_state("networkidle")  # the thumbnails
             figures = page.locator("#results figure.hit")
-            hits = [[figures.nth(i).get_attribute("data-id"), figures.nth(i).get_attribute("data-distance")]
-                    for i in range(figures.count())]
+            hits = [
+                [figures.nth(i).get_attribute("data-id"), figures.nth(i).get_attribute("data-distance")]
+                for i in range(figures.count())
+            ]
             loaded = page.locator("#results img").count()
             dom = page.content()
             page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
         finally:
             browser.close()
     assert errors == []
-    expected = json.loads(urllib.request.urlopen(urllib.request.Request(
-        server + "/search?k=6", data=path.read_bytes(), headers={"content-type": "image/png"}), timeout=10).read())
+    expected = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(
+                server + "/search?k=6", data=path.read_bytes(), headers={"content-type": "image/png"}
+            ),
+            timeout=10,
+        ).read()
+    )
     assert hits == [[str(row["id"]), str(row["distance"])] for row in expected["results"]]
     assert hits[0][1] == "0"
     assert "image-level uncertainty" in dom and f"{expected['query']['uncertainty']:.3e}"[:4] in dom
@@ -422,14 +521,31 @@ def test_the_page_in_headless_chromium(server, served):
 def test_the_service_works_unchanged_over_milvus(served, client, tmp_path):
     pytest.importorskip("pymilvus")
     out = tmp_path / "milvus.dmuhidx"
-    assert main(["index", "build", "--codes", str(served["root"] / "codes.npz"), "--backend", "milvus",
-                 "--uri", str(tmp_path / "codes.db"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                "--codes",
+                str(served["root"] / "codes.npz"),
+                "--backend",
+                "milvus",
+                "--uri",
+                str(tmp_path / "codes.db"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     service = SearchService.open(out, images=str(served["db"]))
     try:
         milvus = TestClient(create_app(service))
         path, data = query_image(served, 3)
-        for request in (dict(content=data, headers={"content-type": "image/png"}, params={"k": 9}),
-                        dict(json={"codes": "00ff", "k": 9})):
+        for request in (
+            dict(content=data, headers={"content-type": "image/png"}, params={"k": 9}),
+            dict(json={"codes": "00ff", "k": 9}),
+        ):
             assert milvus.post("/search", **request).json() == client.post("/search", **request).json()
         assert milvus.get("/info").json()["backend"] == "milvus"
         assert milvus.get("/thumbnail/5").content == client.get("/thumbnail/5").content

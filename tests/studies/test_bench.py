@@ -12,16 +12,45 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_bench(script, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def test_dmuh_vs_regu_table_with_pretraining_and_two_workers(tmp_path):
     out = tmp_path / "table"
-    result = run_bench("cifar10_dmuh_vs_regu.py", "--data", "digits", "--protocol", "digits", "--model", "smallcnn",
-                       "--device", "cpu", "--methods", "regu,dmuh", "--bits", "8", "--epochs", "1",
-                       "--pretrain-epochs", "1", "--objective", "ce", "--jobs", "2", "--out", str(out),
-                       "--cache-dir", str(tmp_path / "cache"))
+    result = run_bench(
+        "cifar10_dmuh_vs_regu.py",
+        "--data",
+        "digits",
+        "--protocol",
+        "digits",
+        "--model",
+        "smallcnn",
+        "--device",
+        "cpu",
+        "--methods",
+        "regu,dmuh",
+        "--bits",
+        "8",
+        "--epochs",
+        "1",
+        "--pretrain-epochs",
+        "1",
+        "--objective",
+        "ce",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
     assert result.returncode == 0, result.stderr
     assert "| Regu |" in result.stdout and "| DMUH |" in result.stdout
     assert (out / "pretrain-ce-1" / "backbone.safetensors").is_file()
@@ -29,8 +58,21 @@ def test_dmuh_vs_regu_table_with_pretraining_and_two_workers(tmp_path):
 
 
 def test_train_speed_prints_its_table():
-    result = run_bench("train_speed.py", "--data", "digits", "--protocol", "digits", "--device", "cpu",
-                       "--cases", "smallcnn", "--methods", "dmuh", "--epochs", "2")
+    result = run_bench(
+        "train_speed.py",
+        "--data",
+        "digits",
+        "--protocol",
+        "digits",
+        "--device",
+        "cpu",
+        "--cases",
+        "smallcnn",
+        "--methods",
+        "dmuh",
+        "--epochs",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("| smallcnn | dmuh | 128 | False | ")
@@ -38,8 +80,9 @@ def test_train_speed_prints_its_table():
 
 
 def test_shallow_fit_prints_a_row_per_method_and_skips_unknown_names():
-    result = run_bench("shallow_fit.py", "--n", "400", "--dim", "16", "--bits", "8", "--methods", "sdh,itq,nope",
-                       "--timeout", "120")
+    result = run_bench(
+        "shallow_fit.py", "--n", "400", "--dim", "16", "--bits", "8", "--methods", "sdh,itq,nope", "--timeout", "120"
+    )
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["sdh", "itq"]
@@ -49,8 +92,22 @@ def test_shallow_fit_prints_a_row_per_method_and_skips_unknown_names():
 def test_search_backends_prints_both_tables():
     pytest.importorskip("faiss")
     pytest.importorskip("pymilvus", reason="the milvus backend needs pymilvus and milvus-lite")
-    result = run_bench("search_backends.py", "--n", "3000", "--queries", "20", "--k", "10", "--skip-hnsw",
-                       "--repeats", "1", "--encode-items", "40", "--encode-procs", "1")
+    result = run_bench(
+        "search_backends.py",
+        "--n",
+        "3000",
+        "--queries",
+        "20",
+        "--k",
+        "10",
+        "--skip-hnsw",
+        "--repeats",
+        "1",
+        "--encode-items",
+        "40",
+        "--encode-procs",
+        "1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     milvus = next(row for row in rows if row.startswith("| Milvus Lite 2.5.1 | BIN_FLAT | exact"))
@@ -59,15 +116,18 @@ def test_search_backends_prints_both_tables():
     assert any(row.startswith("| 1 | 40 | ") for row in rows)  # one torchrun process encoded the 40 items
 
 
-
 def test_serve_load_answers_every_good_request_and_refuses_every_malformed_one():
     pytest.importorskip("faiss")
     pytest.importorskip("fastapi")
     result = run_bench("serve_load.py", "--n", "2000", "--hnsw-n", "0", "--seconds", "0.5", "--clients", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| flat")]
-    assert [(row[1].strip(), row[2].strip()) for row in rows] == [("codes", "0%"), ("codes", "30%"), ("image", "0%"),
-                                                                  ("image", "30%")]
+    assert [(row[1].strip(), row[2].strip()) for row in rows] == [
+        ("codes", "0%"),
+        ("codes", "30%"),
+        ("image", "0%"),
+        ("image", "30%"),
+    ]
     for row in rows:
         ok, good = (int(v.replace(",", "")) for v in row[6].split("/"))
         refused, bad = (int(v.replace(",", "")) for v in row[7].split("/"))

@@ -23,10 +23,12 @@ def test_the_paper_tables_hold_the_printed_figures():
 
 
 def test_the_paper_column_sits_beside_each_measured_one(tmp_path):
-    rows = [{"label": "dpsh", "method": "dpsh", "bits": 12, "map": 0.5, "seconds": 1.0},
-            {"label": "dpsh", "method": "dpsh", "bits": 32, "map": 0.6, "seconds": 1.0},
-            {"label": "dmuh alpha=0.5", "method": "dmuh", "bits": 12, "map": 0.4, "seconds": 1.0},
-            {"label": "dmuh alpha=0.5", "method": "dmuh", "bits": 32, "map": 0.45, "seconds": 1.0}]
+    rows = [
+        {"label": "dpsh", "method": "dpsh", "bits": 12, "map": 0.5, "seconds": 1.0},
+        {"label": "dpsh", "method": "dpsh", "bits": 32, "map": 0.6, "seconds": 1.0},
+        {"label": "dmuh alpha=0.5", "method": "dmuh", "bits": 12, "map": 0.4, "seconds": 1.0},
+        {"label": "dmuh alpha=0.5", "method": "dmuh", "bits": 32, "map": 0.45, "seconds": 1.0},
+    ]
     write_tables(rows, tmp_path, paper="cifar10")
     markdown = (tmp_path / "results.md").read_text()
     assert "| Method | 12 bits | paper | 32 bits | paper |" in markdown
@@ -42,10 +44,37 @@ def test_the_paper_column_sits_beside_each_measured_one(tmp_path):
 
 def test_compare_through_the_cli_prints_the_paper_figures(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--methods", "itq,lsh", "--bits", "12", "--data", "digits", "--protocol", "digits",
-                 "--model", "smallcnn", "--model-param", "input_size=8", "--model-param", "width=16",
-                 "--epochs", "1", "--trace-items", "0", "--quiet", "--paper-figures", "cifar10",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--methods",
+                "itq,lsh",
+                "--bits",
+                "12",
+                "--data",
+                "digits",
+                "--protocol",
+                "digits",
+                "--model",
+                "smallcnn",
+                "--model-param",
+                "input_size=8",
+                "--model-param",
+                "width=16",
+                "--epochs",
+                "1",
+                "--trace-items",
+                "0",
+                "--quiet",
+                "--paper-figures",
+                "cifar10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     markdown = (out / "results.md").read_text()
     itq = next(line for line in markdown.splitlines() if line.startswith("| ITQ |"))
     assert itq.endswith("| 0.261 |")
@@ -53,10 +82,13 @@ def test_compare_through_the_cli_prints_the_paper_figures(tmp_path, capsys):
     assert lsh.endswith("|  |")  # LSH is not in the paper's tables
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--paper-figures", "imagenet"], "--paper-figures imagenet"),
-    (["--methods", "paper,nope"], "nope"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--paper-figures", "imagenet"], "--paper-figures imagenet"),
+        (["--methods", "paper,nope"], "nope"),
+    ],
+)
 def test_bad_paper_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     args = ["compare", "--bits", "12", "--data", "digits", "--protocol", "digits", "--out", str(tmp_path / "x")]
     if "--methods" not in flags:

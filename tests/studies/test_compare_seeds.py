@@ -12,20 +12,47 @@ from dmuh.errors import DmuhError
 from dmuh.runs.config import TrainConfig
 from dmuh.runs.layout import LOG, read_log
 
-COMMON = ["--data", "digits", "--protocol", "digits", "--model", "smallcnn", "--model-param", "input_size=8",
-          "--bits", "8", "--epochs", "1", "--batch-size", "64", "--device", "cpu", "--quiet"]
+COMMON = [
+    "--data",
+    "digits",
+    "--protocol",
+    "digits",
+    "--model",
+    "smallcnn",
+    "--model-param",
+    "input_size=8",
+    "--bits",
+    "8",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--device",
+    "cpu",
+    "--quiet",
+]
 
 
 def digits_base(tmp_path, **overrides):
-    values = dict(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8}, bits=8,
-                  epochs=1, batch_size=64, device="cpu", trace_items=0, out=str(tmp_path / "unused"))
+    values = dict(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        bits=8,
+        epochs=1,
+        batch_size=64,
+        device="cpu",
+        trace_items=0,
+        out=str(tmp_path / "unused"),
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
 
 def table_cell(markdown, title, label):
     """The first cell of row `label` in the table that follows the line starting with `title`."""
-    section = markdown[markdown.index(title):]
+    section = markdown[markdown.index(title) :]
     return re.search(rf"^\| {re.escape(label)} \| (.*?) \|$", section, re.M).group(1)
 
 
@@ -57,14 +84,16 @@ def test_statistics_match_hand_computed_numbers():
 def test_tables_leave_a_failed_seed_out_of_n(tmp_path):
     from dmuh.studies.compare import write_tables
 
-    rows = [{"method": "regu", "bits": 8, "seed": 0, "map": 0.50, "seconds": 1.0},
-            {"method": "regu", "bits": 8, "seed": 1, "map": 0.60, "seconds": 1.0},
-            {"method": "regu", "bits": 8, "seed": 2, "map": 0.70, "seconds": 1.0},
-            {"method": "dmuh", "bits": 8, "seed": 0, "map": 0.51, "seconds": 1.0},
-            {"method": "dmuh", "bits": 8, "seed": 1, "map": 0.63, "seconds": 1.0},
-            {"method": "dmuh", "bits": 8, "seed": 2, "map": math.nan, "seconds": 0.0, "error": "dmuh: boom"},
-            {"method": "dsh", "bits": 8, "seed": 0, "map": 0.55, "seconds": 1.0},
-            {"method": "dsh", "bits": 8, "seed": 3, "map": 0.9, "seconds": 1.0}]
+    rows = [
+        {"method": "regu", "bits": 8, "seed": 0, "map": 0.50, "seconds": 1.0},
+        {"method": "regu", "bits": 8, "seed": 1, "map": 0.60, "seconds": 1.0},
+        {"method": "regu", "bits": 8, "seed": 2, "map": 0.70, "seconds": 1.0},
+        {"method": "dmuh", "bits": 8, "seed": 0, "map": 0.51, "seconds": 1.0},
+        {"method": "dmuh", "bits": 8, "seed": 1, "map": 0.63, "seconds": 1.0},
+        {"method": "dmuh", "bits": 8, "seed": 2, "map": math.nan, "seconds": 0.0, "error": "dmuh: boom"},
+        {"method": "dsh", "bits": 8, "seed": 0, "map": 0.55, "seconds": 1.0},
+        {"method": "dsh", "bits": 8, "seed": 3, "map": 0.9, "seconds": 1.0},
+    ]
     write_tables(rows, tmp_path, against="regu")
     markdown = (tmp_path / "results.md").read_text()
     assert "ties expected" in markdown.splitlines()[0]
@@ -86,8 +115,11 @@ def test_tables_leave_a_failed_seed_out_of_n(tmp_path):
 def test_a_significant_difference_is_starred(tmp_path):
     from dmuh.studies.compare import write_tables
 
-    rows = [{"method": m, "bits": 8, "seed": s, "map": v, "seconds": 1.0}
-            for m, values in (("regu", [0.5, 0.6, 0.7]), ("dmuh", [0.52, 0.621, 0.719])) for s, v in enumerate(values)]
+    rows = [
+        {"method": m, "bits": 8, "seed": s, "map": v, "seconds": 1.0}
+        for m, values in (("regu", [0.5, 0.6, 0.7]), ("dmuh", [0.52, 0.621, 0.719]))
+        for s, v in enumerate(values)
+    ]
     write_tables(rows, tmp_path, against="regu")
     cell = table_cell((tmp_path / "results.md").read_text(), "## Paired", "DMUH")
     assert cell.endswith("(n=3) *") and cell.startswith("+0.0200 [")
@@ -103,8 +135,14 @@ def test_seeds_give_mean_sd_and_the_paired_difference_and_are_reused(tmp_path):
     out = tmp_path / "cmp"
     base = digits_base(tmp_path)
     rows = compare(["lsh", "regu"], [8], base, out, echo=lambda line: None, seeds=[0, 1, 2], against="lsh")
-    assert [(r["method"], r["seed"]) for r in rows] == [("lsh", 0), ("lsh", 1), ("lsh", 2),
-                                                        ("regu", 0), ("regu", 1), ("regu", 2)]
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("lsh", 0),
+        ("lsh", 1),
+        ("lsh", 2),
+        ("regu", 0),
+        ("regu", 1),
+        ("regu", 2),
+    ]
     maps = {}
     for method in ("lsh", "regu"):
         for seed in (0, 1, 2):
@@ -131,7 +169,7 @@ def test_seeds_give_mean_sd_and_the_paired_difference_and_are_reused(tmp_path):
     assert found, cell
     assert [float(g) for g in found.groups()[:3]] == pytest.approx([m, m - half, m + half], abs=1.5e-4)
     assert bool(found.group(4)) == (m - half > 0 or m + half < 0)
-    assert "| LSH |" not in markdown[markdown.index("## Paired"):markdown.index("Training time")]
+    assert "| LSH |" not in markdown[markdown.index("## Paired") : markdown.index("Training time")]
 
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0] == "method,8 bits"
@@ -150,8 +188,10 @@ def test_seeds_give_mean_sd_and_the_paired_difference_and_are_reused(tmp_path):
 def test_grid_through_the_cli_makes_one_row_per_value(tmp_path, capsys):
     out = tmp_path / "grid"
     # a grid on a method not in --methods adds it (here the only method)
-    assert main(["compare", *COMMON, "--grid", "dmuh.alpha=0.5,0.9", "--against", "dmuh alpha=0.5",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["compare", *COMMON, "--grid", "dmuh.alpha=0.5,0.9", "--against", "dmuh alpha=0.5", "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| DMUH alpha=0.5 |" in printed and "| DMUH alpha=0.9 |" in printed and "| DMUH |" not in printed
     assert "Paired difference against DMUH alpha=0.5" in printed and "n=1, no interval" in printed
@@ -165,8 +205,13 @@ def test_grid_rows_cross_product_and_checks():
     from dmuh.studies.compare import run_directory, table_rows
 
     rows = table_rows(["regu"], {"dmuh": {"gamma": 1}}, {"dmuh": {"alpha": [0.5, 0.9], "beta": [30, 50]}})
-    assert [r.label for r in rows] == ["regu", "dmuh alpha=0.5 beta=30", "dmuh alpha=0.5 beta=50",
-                                       "dmuh alpha=0.9 beta=30", "dmuh alpha=0.9 beta=50"]
+    assert [r.label for r in rows] == [
+        "regu",
+        "dmuh alpha=0.5 beta=30",
+        "dmuh alpha=0.5 beta=50",
+        "dmuh alpha=0.9 beta=30",
+        "dmuh alpha=0.9 beta=50",
+    ]
     assert rows[1].params == {"gamma": 1, "alpha": 0.5, "beta": 30}
     assert run_directory("o", rows[1].label, 8, 2).name == "dmuh-alpha=0.5-beta=30-8bits-seed2"
     assert run_directory("o", "x y/z", 8).name == "x-y_z-8bits"
@@ -189,15 +234,18 @@ def test_bad_arguments_fail_before_training(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--seeds", "a,b"], "--seeds 'a,b'"),
-    (["--against", "nope"], "--against 'nope'"),
-    (["--grid", "dmuh.alpha"], "--grid 'dmuh.alpha': expected METHOD.PARAM="),
-    (["--grid", "alpha=1"], "--grid 'alpha=1': name the method"),
-    (["--grid", "dmuh.alpha="], "--grid 'dmuh.alpha=': no values"),
-    (["--grid", "dmuh.nope=1,2"], "method 'dmuh' has no parameter 'nope'"),
-    (["--grid", "dmuh.alpha=0.5", "-p", "dmuh.alpha=0.6"], "--grid dmuh.alpha and -p dmuh.alpha=0.6"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seeds", "a,b"], "--seeds 'a,b'"),
+        (["--against", "nope"], "--against 'nope'"),
+        (["--grid", "dmuh.alpha"], "--grid 'dmuh.alpha': expected METHOD.PARAM="),
+        (["--grid", "alpha=1"], "--grid 'alpha=1': name the method"),
+        (["--grid", "dmuh.alpha="], "--grid 'dmuh.alpha=': no values"),
+        (["--grid", "dmuh.nope=1,2"], "method 'dmuh' has no parameter 'nope'"),
+        (["--grid", "dmuh.alpha=0.5", "-p", "dmuh.alpha=0.6"], "--grid dmuh.alpha and -p dmuh.alpha=0.6"),
+    ],
+)
 def test_cli_errors_are_one_line_naming_the_flag(tmp_path, capsys, flags, message):
     out = tmp_path / "cmp"
     assert main(["compare", *COMMON, "--methods", "regu,dmuh", *flags, "--out", str(out)]) == 2

@@ -32,8 +32,20 @@ def one_thread():
 
 
 def digits_run(root, method, **overrides):
-    values = dict(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8}, method=method,
-                  bits=8, epochs=3, batch_size=64, eval_every=1, device="cpu", trace_items=6, out=str(root / method))
+    values = dict(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        method=method,
+        bits=8,
+        epochs=3,
+        batch_size=64,
+        eval_every=1,
+        device="cpu",
+        trace_items=6,
+        out=str(root / method),
+    )
     values.update(overrides)
     train(TrainConfig(**values), progress=False, echo=lambda line: None)
     return Path(values["out"])
@@ -52,9 +64,24 @@ def feature_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("figure-features")
     digits = load_digits()
     np.savez(root / "digits.npz", features=(digits.data / 16.0).astype(np.float32), labels=digits.target)
-    train(TrainConfig(data=f"features:{root / 'digits.npz'}", protocol="digits", model="mlp", hash_norm="none",
-                      method="dmuh", bits=8, epochs=2, batch_size=128, eval_every=1, device="cpu", trace_items=4,
-                      out=str(root / "run")), progress=False, echo=lambda line: None)
+    train(
+        TrainConfig(
+            data=f"features:{root / 'digits.npz'}",
+            protocol="digits",
+            model="mlp",
+            hash_norm="none",
+            method="dmuh",
+            bits=8,
+            epochs=2,
+            batch_size=128,
+            eval_every=1,
+            device="cpu",
+            trace_items=4,
+            out=str(root / "run"),
+        ),
+        progress=False,
+        echo=lambda line: None,
+    )
     return root / "run"
 
 
@@ -87,7 +114,7 @@ def check_png(path):
 
 
 def close(cell, value, digits=4):
-    return abs(float(cell) - value) <= 0.5 * 10 ** -digits + 1e-12
+    return abs(float(cell) - value) <= 0.5 * 10**-digits + 1e-12
 
 
 def test_choose_bits_takes_the_most_and_least_changing():
@@ -204,8 +231,25 @@ def test_curves_without_a_train_map_column_say_so(runs, tmp_path):
 
 def test_topk_equals_precision_at_k(runs, tmp_path):
     out = tmp_path / "fig4"
-    assert main(["figure", "topk", "--run", str(runs["dmuh"]), "--run", str(runs["regu"]), "--max-k", "300",
-                 "--points", "10", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "figure",
+                "topk",
+                "--run",
+                str(runs["dmuh"]),
+                "--run",
+                str(runs["regu"]),
+                "--max-k",
+                "300",
+                "--points",
+                "10",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     check_png(tmp_path / "fig4.png")
     rows = next(iter(tables(tmp_path / "fig4.md").values()))
     assert [r["method"] for r in rows] == ["dmuh", "regu"]
@@ -214,8 +258,14 @@ def test_topk_equals_precision_at_k(runs, tmp_path):
         size = len(exp.split.database)
         labels = np.asarray(exp.source.labels)
         ks = [k for k in TABLE_KS if k <= size]
-        expected = precision_at_k(sign(experiment.encode_part(exp, "query")), sign(experiment.encode_part(exp, "database")),
-                                  labels[exp.split.query], labels[exp.split.database], ks, ties=DEFAULT_TIES)
+        expected = precision_at_k(
+            sign(experiment.encode_part(exp, "query")),
+            sign(experiment.encode_part(exp, "database")),
+            labels[exp.split.query],
+            labels[exp.split.database],
+            ks,
+            ties=DEFAULT_TIES,
+        )
         assert int(row["database"]) == size
         for k, value in zip(ks, expected):
             assert row[f"P@{k}"] == f"{value:.4f}"
@@ -223,9 +273,14 @@ def test_topk_equals_precision_at_k(runs, tmp_path):
         if method == "dmuh":
             result = run_topk(runs[method], max_k=300, points=10)
             assert result.ks[0] == 1 and result.ks[-1] == 300
-            direct = precision_at_k(sign(experiment.encode_part(exp, "query")),
-                                    sign(experiment.encode_part(exp, "database")), labels[exp.split.query],
-                                    labels[exp.split.database], result.ks.tolist(), ties=DEFAULT_TIES)
+            direct = precision_at_k(
+                sign(experiment.encode_part(exp, "query")),
+                sign(experiment.encode_part(exp, "database")),
+                labels[exp.split.query],
+                labels[exp.split.database],
+                result.ks.tolist(),
+                ties=DEFAULT_TIES,
+            )
             assert np.allclose(result.precision, direct, rtol=0, atol=1e-12)
 
 
@@ -250,5 +305,8 @@ def test_errors_are_one_line(runs, tmp_path, capsys):
     before = (tmp_path / "again.md").read_text()
     assert main(["figure", "curves", "--run", str(runs["regu"]), "--out", str(out)]) == 2
     assert "--force" in error_line(capsys)
-    assert main(["figure", "curves", "--run", str(runs["regu"]), "--run", str(runs["dmuh"]), "--out", str(out), "--force"]) == 0
+    assert (
+        main(["figure", "curves", "--run", str(runs["regu"]), "--run", str(runs["dmuh"]), "--out", str(out), "--force"])
+        == 0
+    )
     assert (tmp_path / "again.md").read_text() != before

@@ -15,18 +15,62 @@ from dmuh.studies.inspect import detection_scores, pairwise_loss, rank_average
 
 
 def train(*args):
-    assert main(["train", *map(str, args), "--eval-every", "-1", "--trace-items", "0", "--train-map-items", "0",
-                 "--init", "scratch", "--cache-dir", "off", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *map(str, args),
+                "--eval-every",
+                "-1",
+                "--trace-items",
+                "0",
+                "--train-map-items",
+                "0",
+                "--init",
+                "scratch",
+                "--cache-dir",
+                "off",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """DMUH on digits, a network without dropout (the eval reading), 10% of the labels flipped."""
     out = tmp_path_factory.mktemp("inspect") / "digits"
-    train("--data", "digits", "--protocol", "per-class", "--protocol-param", "query_per_class=5", "--protocol-param",
-          "train_per_class=30", "--model", "smallcnn", "--model-param", "input_size=8",
-          "--model-param", "width=8", "--method", "dmuh", "--bits", 12, "--epochs", 1, "--batch-size", 50,
-          "--label-noise", 0.1, "--label-noise-seed", 5, "--out", out)
+    train(
+        "--data",
+        "digits",
+        "--protocol",
+        "per-class",
+        "--protocol-param",
+        "query_per_class=5",
+        "--protocol-param",
+        "train_per_class=30",
+        "--model",
+        "smallcnn",
+        "--model-param",
+        "input_size=8",
+        "--model-param",
+        "width=8",
+        "--method",
+        "dmuh",
+        "--bits",
+        12,
+        "--epochs",
+        1,
+        "--batch-size",
+        50,
+        "--label-noise",
+        0.1,
+        "--label-noise-seed",
+        5,
+        "--out",
+        out,
+    )
     return out
 
 
@@ -42,9 +86,32 @@ def vectors(tmp_path_factory):
 
 def feature_run(out, data, method):
     """An MLP with dropout on feature vectors: the training reading."""
-    train("--data", data, "--protocol", "per-class", "--protocol-param", "query_per_class=10", "--protocol-param",
-          "train_per_class=30", "--model", "mlp", "--model-param", "hidden=[32]", "--model-param", "dropout=0.5",
-          "--method", method, "--bits", 8, "--epochs", 2, "--batch-size", 40, "--out", out)
+    train(
+        "--data",
+        data,
+        "--protocol",
+        "per-class",
+        "--protocol-param",
+        "query_per_class=10",
+        "--protocol-param",
+        "train_per_class=30",
+        "--model",
+        "mlp",
+        "--model-param",
+        "hidden=[32]",
+        "--model-param",
+        "dropout=0.5",
+        "--method",
+        method,
+        "--bits",
+        8,
+        "--epochs",
+        2,
+        "--batch-size",
+        40,
+        "--out",
+        out,
+    )
     return out
 
 
@@ -109,13 +176,42 @@ def test_the_run_records_its_flips_and_trains_on_them(digits_run, tmp_path, caps
     assert np.array_equal(np.flatnonzero((trained != clean).any(1)), noise.positions)
     assert np.array_equal(exp.method.memory.labels.numpy(), trained)  # the method learned from the noisy labels
     # A run directory's record is kept: another seed in the same --out is refused.
-    one_line_error(capsys, ["train", "--data", "digits", "--protocol", "per-class", "--protocol-param",
-                            "query_per_class=5", "--protocol-param", "train_per_class=30", "--model", "smallcnn",
-                            "--model-param", "input_size=8", "--method", "dmuh", "--label-noise", "0.1",
-                            "--label-noise-seed", "6", "--epochs", "2", "--resume", "--out", digits_run, "--quiet"],
-                   "made with label noise 0.1 (seed 5)")
-    one_line_error(capsys, ["train", "--method", "itq", "--label-noise", "0.1", "--out", tmp_path / "x", "--quiet"],
-                   "learns without labels")
+    one_line_error(
+        capsys,
+        [
+            "train",
+            "--data",
+            "digits",
+            "--protocol",
+            "per-class",
+            "--protocol-param",
+            "query_per_class=5",
+            "--protocol-param",
+            "train_per_class=30",
+            "--model",
+            "smallcnn",
+            "--model-param",
+            "input_size=8",
+            "--method",
+            "dmuh",
+            "--label-noise",
+            "0.1",
+            "--label-noise-seed",
+            "6",
+            "--epochs",
+            "2",
+            "--resume",
+            "--out",
+            digits_run,
+            "--quiet",
+        ],
+        "made with label noise 0.1 (seed 5)",
+    )
+    one_line_error(
+        capsys,
+        ["train", "--method", "itq", "--label-noise", "0.1", "--out", tmp_path / "x", "--quiet"],
+        "learns without labels",
+    )
     one_line_error(capsys, ["train", "--label-noise", "2", "--out", tmp_path / "y", "--quiet"], "--label-noise")
 
 
@@ -132,8 +228,21 @@ def test_inspect_matches_encode_and_reports_the_flips(digits_run, tmp_path, caps
     u = np.array([float(r["uncertainty"]) for r in rows])
     assert (np.diff(u) <= 0).all() and [int(r["rank"]) for r in rows] == list(range(1, 301))
     # The numbers `dmuh encode --uncertainty` stores for the same images.
-    assert main(["encode", "--run", str(digits_run), "--images", "digits", "--uncertainty", "--out",
-                 str(tmp_path / "codes.npz")]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--run",
+                str(digits_run),
+                "--images",
+                "digits",
+                "--uncertainty",
+                "--out",
+                str(tmp_path / "codes.npz"),
+            ]
+        )
+        == 0
+    )
     codes = Codes.load(tmp_path / "codes.npz")
     index = np.array([int(r["index"]) for r in rows])
     np.testing.assert_allclose(u, codes.uncertainty[index], rtol=1e-6, atol=0)
@@ -149,11 +258,16 @@ def test_inspect_matches_encode_and_reports_the_flips(digits_run, tmp_path, caps
     assert main(["inspect", str(digits_run), "--out", str(out), "--force", "--sort", "loss", "--quiet"]) == 0
     loss = [float(r["loss"]) for r in read_rows(out / "items.csv")]
     assert loss == sorted(loss, reverse=True)
-    one_line_error(capsys, ["inspect", digits_run, "--out", tmp_path / "b", "--top", "0"], "--top 0: expected a positive integer")
+    one_line_error(
+        capsys, ["inspect", digits_run, "--out", tmp_path / "b", "--top", "0"], "--top 0: expected a positive integer"
+    )
     one_line_error(capsys, ["inspect", tmp_path / "nothing", "--out", tmp_path / "c"], "not a run directory")
     one_line_error(capsys, ["inspect", digits_run], "--out DIR is required")
-    one_line_error(capsys, ["inspect", digits_run, "--out", tmp_path / "d", "--reading", "eval", "--passes", "2"],
-                   "--passes applies to --reading training")
+    one_line_error(
+        capsys,
+        ["inspect", digits_run, "--out", tmp_path / "d", "--reading", "eval", "--passes", "2"],
+        "--passes applies to --reading training",
+    )
 
 
 def test_vectors_get_the_training_reading_and_no_gallery(vector_run, tmp_path, capsys):
@@ -167,16 +281,44 @@ def test_vectors_get_the_training_reading_and_no_gallery(vector_run, tmp_path, c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["reading"] == "training" and summary["passes"] == 3 and summary["uncertainty"]["median"] > 0.01
     # --reading eval on the same run is `dmuh encode --uncertainty`'s number, far smaller without dropout.
-    assert main(["inspect", str(vector_run), "--out", str(tmp_path / "e"), "--reading", "eval", "--split", "query",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(vector_run),
+                "--out",
+                str(tmp_path / "e"),
+                "--reading",
+                "eval",
+                "--split",
+                "query",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     rows = read_rows(tmp_path / "e" / "items.csv")
     data = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert len(rows) == 40 and data["split"] == "query"
-    assert main(["encode", "--run", str(vector_run), "--images", str(_config_data(vector_run)), "--uncertainty",
-                 "--out", str(tmp_path / "codes.npz")]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--run",
+                str(vector_run),
+                "--images",
+                str(_config_data(vector_run)),
+                "--uncertainty",
+                "--out",
+                str(tmp_path / "codes.npz"),
+            ]
+        )
+        == 0
+    )
     codes = Codes.load(tmp_path / "codes.npz")
-    np.testing.assert_allclose([float(r["uncertainty"]) for r in rows],
-                               codes.uncertainty[[int(r["index"]) for r in rows]], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(r["uncertainty"]) for r in rows], codes.uncertainty[[int(r["index"]) for r in rows]], rtol=1e-6
+    )
 
 
 def _config_data(run):

@@ -54,9 +54,39 @@ def dmuh_run(tmp_path_factory, features):
     """A 2-epoch DMUH run (an MLP on digits features) that evaluates at epoch 2 only, so epoch 1's MAP
     cells are empty, with an uncertainty trace of 4 items."""
     out = tmp_path_factory.mktemp("runs") / "dmuh"
-    assert main(["train", "--data", features, "--protocol", "digits", "--model", "mlp", "--model-param", "hidden=[32]",
-                 "--bits", "16", "--batch-size", "100", "--method", "dmuh", "--epochs", "2", "--eval-every", "2",
-                 "--trace-items", "4", "--train-map-items", "0", "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                features,
+                "--protocol",
+                "digits",
+                "--model",
+                "mlp",
+                "--model-param",
+                "hidden=[32]",
+                "--bits",
+                "16",
+                "--batch-size",
+                "100",
+                "--method",
+                "dmuh",
+                "--epochs",
+                "2",
+                "--eval-every",
+                "2",
+                "--trace-items",
+                "4",
+                "--train-map-items",
+                "0",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -67,9 +97,16 @@ def copy_of(run, tmp_path):
 # -- 1. a failed write names the file and keeps the old one -------------------------------------
 
 
-@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on device"), (errno.EDQUOT, "disk quota exceeded"),
-                                         (errno.EFBIG, "file too large"), (errno.EACCES, "permission denied"),
-                                         (errno.EROFS, "read-only file system")])
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.ENOSPC, "no space left on device"),
+        (errno.EDQUOT, "disk quota exceeded"),
+        (errno.EFBIG, "file too large"),
+        (errno.EACCES, "permission denied"),
+        (errno.EROFS, "read-only file system"),
+    ],
+)
 def test_a_failed_write_names_the_file_and_the_reason(tmp_path, code, words):
     target = tmp_path / "codes.npz"
     target.write_bytes(b"old")
@@ -103,9 +140,11 @@ def test_a_writers_wrapped_error_and_one_that_is_not_a_write(tmp_path, monkeypat
 
 def _limited(limit):
     """preexec_fn: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored, so no kill)."""
+
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
     return apply
 
 
@@ -143,18 +182,29 @@ def test_file_too_large_for_real_keeps_the_old_files(dmuh_run, features, tmp_pat
     index = tmp_path / "digits.dmuhidx"
     assert main(["index", "build", "--codes", str(codes), "--out", str(index)]) == 0
     old_codes, old_index = codes.read_bytes(), index.read_bytes()
-    commands = [["encode", "--run", str(dmuh_run), "--images", features, "--out", str(codes), "--force"],
-                ["index", "build", "--codes", str(codes), "--kind", "hnsw", "--out", str(index), "--force"]]
+    commands = [
+        ["encode", "--run", str(dmuh_run), "--images", features, "--out", str(codes), "--force"],
+        ["index", "build", "--codes", str(codes), "--kind", "hnsw", "--out", str(index), "--force"],
+    ]
     work = tmp_path / "work"
     work.mkdir()
-    result = subprocess.run([sys.executable, "-c", LIMITED_SCRIPT, json.dumps(commands)], capture_output=True,
-                            text=True, cwd=work, env=ENV, preexec_fn=_limited(4096))  # the outputs are tens of kB
+    result = subprocess.run(
+        [sys.executable, "-c", LIMITED_SCRIPT, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=ENV,
+        preexec_fn=_limited(4096),
+    )  # the outputs are tens of kB
     assert result.returncode == 0, result.stderr
     kept = "(the previous file, if any, is kept)"
-    assert result.stderr.splitlines() == [f"dmuh encode: error: cannot write {codes}: file too large {kept}",
-                                          f"dmuh index: error: cannot write {index}: file too large {kept}"]
+    assert result.stderr.splitlines() == [
+        f"dmuh encode: error: cannot write {codes}: file too large {kept}",
+        f"dmuh index: error: cannot write {index}: file too large {kept}",
+    ]
     assert result.stdout.splitlines() == ["exit 2", "exit 2"] + [
-        f"cannot write {name}: file too large {kept}" for name in ("t.pt", "n.npy", "s.safetensors")]
+        f"cannot write {name}: file too large {kept}" for name in ("t.pt", "n.npy", "s.safetensors")
+    ]
     assert codes.read_bytes() == old_codes and index.read_bytes() == old_index
     assert temp_files(tmp_path) == [] and list(work.iterdir()) == []
 
@@ -191,7 +241,8 @@ def test_orphans_of_dead_writers_go_live_ones_stay(tmp_path):
         removed = {p.name for p in remove_orphans(tmp_path)}
         assert removed == {names[k] for k in ("dead", "dead_without_host", "old_style_old", "other_host_old")}
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            names[k] for k in ("mine", "live", "old_style_young", "other_host_young", "not_ours"))
+            names[k] for k in ("mine", "live", "old_style_young", "other_host_young", "not_ours")
+        )
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -202,9 +253,11 @@ def test_orphans_of_dead_writers_go_live_ones_stay(tmp_path):
 
 
 def test_kill_9_in_the_middle_of_a_write_leaves_an_orphan_that_is_then_removed(tmp_path):
-    script = ("import sys, time\nfrom dmuh.utils.io import atomic_path\n"
-              "with atomic_path(sys.argv[1]) as tmp:\n"
-              "    tmp.write_text('half')\n    print(tmp, flush=True)\n    time.sleep(60)\n")
+    script = (
+        "import sys, time\nfrom dmuh.utils.io import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    tmp.write_text('half')\n    print(tmp, flush=True)\n    time.sleep(60)\n"
+    )
     target = tmp_path / "checkpoint.safetensors"
     target.write_text("old")
     writer = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True, env=ENV)
@@ -226,8 +279,9 @@ def test_evaluate_json_refuses_to_overwrite_without_force(dmuh_run, tmp_path, ca
     run = copy_of(dmuh_run, tmp_path)
     unrelated = tmp_path / "notes.json"
     unrelated.write_text("my notes")
-    one_line_error(capsys, ["evaluate", "--run", run, "--json", unrelated],
-                   f"--json {unrelated} already exists; pass --force")
+    one_line_error(
+        capsys, ["evaluate", "--run", run, "--json", unrelated], f"--json {unrelated} already exists; pass --force"
+    )
     assert unrelated.read_text() == "my notes"
     assert main(["evaluate", "--run", str(run), "--json", str(unrelated), "--force", "--quiet"]) == 0
     assert '"map"' in unrelated.read_text()
@@ -253,8 +307,14 @@ def test_figure_and_demo_outputs_refuse_without_force(dmuh_run, tmp_path, capsys
 
 def test_log_cells_empty_when_not_evaluated_nan_when_computed(tmp_path):
     path = tmp_path / "log.csv"
-    write_log(path, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.4, "map": float("nan"), "ties": "expected"},
-                     {"epoch": 3, "loss": 0.3, "map": 0.25, "ties": "expected"}])
+    write_log(
+        path,
+        [
+            {"epoch": 1, "loss": 0.5},
+            {"epoch": 2, "loss": 0.4, "map": float("nan"), "ties": "expected"},
+            {"epoch": 3, "loss": 0.3, "map": 0.25, "ties": "expected"},
+        ],
+    )
     text = path.read_text()
     assert text.splitlines()[1:] == ["1,0.5,,", "2,0.4,nan,expected", "3,0.3,0.25,expected"]
     rows = read_log(path)
@@ -277,22 +337,30 @@ def test_resume_keeps_the_empty_map_cells_of_unevaluated_epochs(dmuh_run, tmp_pa
     assert float(cells[1]["map"]) >= 0 and float(cells[2]["map"]) >= 0 and cells[2]["ties"] == "expected"
 
 
-@pytest.mark.parametrize("damage, where", [
-    (lambda text: text.encode() + b"\xff\xfe\x00garbage\x93\n", "line 4: bytes that are not text"),
-    (lambda text: text.replace("\n2,", "\n2x,", 1).encode(), "line 3: '2x' in column epoch is not a number"),
-    (lambda text: text.replace("\n2,", "\n2.5,", 1).encode(), "line 3: epoch '2.5' is not a whole number"),
-    (lambda text: (text.rstrip("\n") + "\n3" + ",oops" * (len(text.splitlines()[0].split(",")) - 1) + "\n").encode(),
-     "line 4: 'oops' in column"),
-    (lambda text: text.replace("epoch,", "epoc,", 1).encode(), "line 1: no epoch column in the header"),
-    (lambda text: (text + "3,1\n").encode(), "line 4: 2 cells, the header has"),
-])
+@pytest.mark.parametrize(
+    "damage, where",
+    [
+        (lambda text: text.encode() + b"\xff\xfe\x00garbage\x93\n", "line 4: bytes that are not text"),
+        (lambda text: text.replace("\n2,", "\n2x,", 1).encode(), "line 3: '2x' in column epoch is not a number"),
+        (lambda text: text.replace("\n2,", "\n2.5,", 1).encode(), "line 3: epoch '2.5' is not a whole number"),
+        (
+            lambda text: (
+                text.rstrip("\n") + "\n3" + ",oops" * (len(text.splitlines()[0].split(",")) - 1) + "\n"
+            ).encode(),
+            "line 4: 'oops' in column",
+        ),
+        (lambda text: text.replace("epoch,", "epoc,", 1).encode(), "line 1: no epoch column in the header"),
+        (lambda text: (text + "3,1\n").encode(), "line 4: 2 cells, the header has"),
+    ],
+)
 def test_resume_with_a_damaged_log_is_one_line(dmuh_run, tmp_path, capsys, damage, where):
     run = copy_of(dmuh_run, tmp_path)
     log = run / "log.csv"
     log.write_bytes(damage(log.read_text()))
     before = log.read_bytes()
-    err = one_line_error(capsys, ["train", "--resume", "--out", run, "--epochs", "3", "--quiet"],
-                         f"{log} {where}", "delete log.csv")
+    err = one_line_error(
+        capsys, ["train", "--resume", "--out", run, "--epochs", "3", "--quiet"], f"{log} {where}", "delete log.csv"
+    )
     assert "repair" in err and log.read_bytes() == before
 
 

@@ -48,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         training,
     )
 
-    parser = argparse.ArgumentParser(prog="dmuh", description="Deep Momentum Uncertainty Hashing: train, evaluate, search binary codes")
-    parser.add_argument("--version", action="version", version=f"dmuh {package_version()}",
-                        help="print dmuh's version and exit")
+    parser = argparse.ArgumentParser(
+        prog="dmuh", description="Deep Momentum Uncertainty Hashing: train, evaluate, search binary codes"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"dmuh {package_version()}", help="print dmuh's version and exit"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (training, evaluation, demo, retrieval, serving, figures, inspection, checkpoints):
         module.add_commands(sub)
@@ -63,7 +66,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from dmuh.utils.progress import is_quiet, set_quiet
 
     quiet_before = is_quiet()
-    set_quiet(quiet_before or bool(getattr(args, "quiet", False)))  # --quiet hides every progress bar (dmuh.utils.progress)
+    set_quiet(
+        quiet_before or bool(getattr(args, "quiet", False))
+    )  # --quiet hides every progress bar (dmuh.utils.progress)
     try:
         code = args.func(args)
         print_deprecations(args)
@@ -82,8 +87,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if os.environ.get("DMUH_DEBUG"):
             raise
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"dmuh {args.command}: internal error: {type(exc).__name__}: {first} (set DMUH_DEBUG=1 for the "
-              "traceback, and please report it)", file=sys.stderr)
+        print(
+            f"dmuh {args.command}: internal error: {type(exc).__name__}: {first} (set DMUH_DEBUG=1 for the "
+            "traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         set_quiet(quiet_before)

@@ -9,10 +9,13 @@ from dmuh.cli.common import add_run_flag, require_run
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("convert-checkpoint", help="convert a run's old checkpoint.pt (a pickle) to checkpoint.safetensors",
-                       description="Read RUN/checkpoint.pt with torch's allow-list unpickler (tensors and plain values "
-                                   "only: a file that needs anything else is refused, no code runs) and write "
-                                   "RUN/checkpoint.safetensors, which every command reads. The old file is kept.")
+    p = sub.add_parser(
+        "convert-checkpoint",
+        help="convert a run's old checkpoint.pt (a pickle) to checkpoint.safetensors",
+        description="Read RUN/checkpoint.pt with torch's allow-list unpickler (tensors and plain values "
+        "only: a file that needs anything else is refused, no code runs) and write "
+        "RUN/checkpoint.safetensors, which every command reads. The old file is kept.",
+    )
     add_run_flag(p, help="run directory written by `dmuh train` (or its checkpoint.pt)")
     p.add_argument("--force", action="store_true", help="replace an existing checkpoint.safetensors")
     p.set_defaults(func=cmd_convert_checkpoint)

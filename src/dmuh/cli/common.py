@@ -11,11 +11,17 @@ from dmuh.errors import DmuhError
 
 # Fields given as repeatable KEY=VALUE flags: field -> (flag, short flag, help).
 PARAM_FLAGS = {
-    "method_params": ("--param", "-p", "method hyper-parameter, repeatable (e.g. -p alpha=0.7 -p beta=50; in compare "
-                                       "METHOD.KEY=VALUE)"),
+    "method_params": (
+        "--param",
+        "-p",
+        "method hyper-parameter, repeatable (e.g. -p alpha=0.7 -p beta=50; in compare METHOD.KEY=VALUE)",
+    ),
     "model_params": ("--model-param", None, "model option, repeatable (e.g. --model-param width=32)"),
-    "protocol_params": ("--protocol-param", None, "protocol parameter, repeatable (e.g. --protocol-param "
-                                                  "query_per_class=50 with --protocol per-class)"),
+    "protocol_params": (
+        "--protocol-param",
+        None,
+        "protocol parameter, repeatable (e.g. --protocol-param query_per_class=50 with --protocol per-class)",
+    ),
 }
 
 
@@ -36,13 +42,17 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class, exclude=()) 
     for field in dataclasses.fields(config_class):
         if field.name in PARAM_FLAGS or field.name in exclude:
             continue
-        parser.add_argument(flag_name(field.name), dest=field.name, default=argparse.SUPPRESS,
-                            metavar=field.name.upper(), help=help_line(config_class, field.name))
+        parser.add_argument(
+            flag_name(field.name),
+            dest=field.name,
+            default=argparse.SUPPRESS,
+            metavar=field.name.upper(),
+            help=help_line(config_class, field.name),
+        )
     for name, (flag, short, helptext) in PARAM_FLAGS.items():
         if name in names and name not in exclude:
             spellings = [flag] + ([short] if short else [])
-            parser.add_argument(*spellings, dest=name, action="append", default=[], metavar="KEY=VALUE",
-                                help=helptext)
+            parser.add_argument(*spellings, dest=name, action="append", default=[], metavar="KEY=VALUE", help=helptext)
 
 
 def config_from_args(args: argparse.Namespace, base: Optional[Dict[str, Any]] = None, base_where: str = "config"):
@@ -86,8 +96,8 @@ class _DeprecatedRunFlag(argparse.Action):
         spelling = option_string or "a bare RUN argument"
         notices = list(getattr(namespace, "deprecations", None) or [])
         notices.append(f"dmuh: note: {spelling} is deprecated; use --run {values}")
-        setattr(namespace, "deprecations", notices)
-        setattr(namespace, "run", values)
+        namespace.deprecations = notices
+        namespace.run = values
 
 
 def print_deprecations(args: argparse.Namespace) -> None:
@@ -95,8 +105,9 @@ def print_deprecations(args: argparse.Namespace) -> None:
         print(notice, file=sys.stderr)
 
 
-def add_run_flag(parser: argparse.ArgumentParser, help: str, old_flag: Optional[str] = None,
-                 positional: bool = False) -> None:
+def add_run_flag(
+    parser: argparse.ArgumentParser, help: str, old_flag: Optional[str] = None, positional: bool = False
+) -> None:
     """--run RUN (a run directory written by `dmuh train`), plus the command's old spelling.
     Commands that need it call `require_run`."""
     parser.add_argument("--run", metavar="RUN", default=None, help=help)
@@ -131,7 +142,6 @@ def cli_message(error: DmuhError) -> str:
     names (`init runs/x: ...`) names the flag instead (`--init runs/x: ...`)."""
     text = str(error)
     field = getattr(error, "field", None)
-    if field and text[len(field):len(field) + 1] in (" ", ":") and text.startswith(field):
-        return flag_of(field) + text[len(field):]
+    if field and text[len(field) : len(field) + 1] in (" ", ":") and text.startswith(field):
+        return flag_of(field) + text[len(field) :]
     return text
-

@@ -19,16 +19,31 @@ def add_commands(sub) -> None:
     p = sub.add_parser("demo", help="train Regu and DMUH on digits on the CPU and print a MAP table")
     p.add_argument("--bits", default="16,32", metavar="B1,B2,...", help="comma-separated code lengths [default: 16,32]")
     p.add_argument("--epochs", type=int, default=30, metavar="N", help="epochs per run [default: 30]")
-    p.add_argument("--out", default="runs/demo", metavar="DIR",
-                   help="folder of the demo runs and their results.md / results.csv [default: runs/demo]")
+    p.add_argument(
+        "--out",
+        default="runs/demo",
+        metavar="DIR",
+        help="folder of the demo runs and their results.md / results.csv [default: runs/demo]",
+    )
     p.add_argument("--force", action="store_true", help="replace earlier demo runs and results [default: off]")
     p.set_defaults(func=cmd_demo)
 
 
 def demo_config(epochs: int, out: Path) -> TrainConfig:
-    return TrainConfig(data="digits", protocol="digits", model="smallcnn", model_params={"input_size": 8},
-                       epochs=epochs, batch_size=64, lr=0.05, lr_end=0.0005, device="cpu", out=str(out),
-                       augment="none", seed=0)
+    return TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        epochs=epochs,
+        batch_size=64,
+        lr=0.05,
+        lr_end=0.0005,
+        device="cpu",
+        out=str(out),
+        augment="none",
+        seed=0,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -62,7 +77,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = compare(DEMO_METHODS, bits, demo_config(args.epochs, out), out, echo=lambda line: None)
     seconds = time.perf_counter() - started
     print()
-    print(f"MAP@all (ties {DEFAULT_TIES}) on scikit-learn digits (protocol digits: 300 query / 1,000 train / 1,497 database)")
+    print(
+        f"MAP@all (ties {DEFAULT_TIES}) on scikit-learn digits (protocol digits: 300 query / 1,000 train / 1,497 database)"
+    )
     print("| method | " + " | ".join(f"{b} bits" for b in bits) + " |")
     print("|" + "---|" * (len(bits) + 1))
     for method in DEMO_METHODS:

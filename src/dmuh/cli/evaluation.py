@@ -16,17 +16,32 @@ def add_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a trained run on its saved split")
     add_run_flag(p, help="run directory written by `dmuh train` (required)", positional=True)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [default: cpu]")
-    p.add_argument("--ties", default=DEFAULT_TIES, choices=TIES,
-                   help=f"tie handling of the headline numbers: {', '.join(TIES)} (the report has every mode) "
-                        f"[default: {DEFAULT_TIES}]")
-    p.add_argument("--json", metavar="FILE", help="where to write the report (an existing file needs --force) "
-                                                  "[default: RUN/eval.json]")
+    p.add_argument(
+        "--ties",
+        default=DEFAULT_TIES,
+        choices=TIES,
+        help=f"tie handling of the headline numbers: {', '.join(TIES)} (the report has every mode) "
+        f"[default: {DEFAULT_TIES}]",
+    )
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="where to write the report (an existing file needs --force) [default: RUN/eval.json]",
+    )
     p.add_argument("--force", action="store_true", help="replace the report file if it exists [default: off]")
-    p.add_argument("--data", metavar="SPEC", default=None,
-                   help="read the run's data from here instead of the config's path (moved data; the split's "
-                        "fingerprint must still match) [default: the run's config]")
-    p.add_argument("--data-root", metavar="DIR", default=None,
-                   help="image root of a list-file source, instead of the config's [default: the run's config]")
+    p.add_argument(
+        "--data",
+        metavar="SPEC",
+        default=None,
+        help="read the run's data from here instead of the config's path (moved data; the split's "
+        "fingerprint must still match) [default: the run's config]",
+    )
+    p.add_argument(
+        "--data-root",
+        metavar="DIR",
+        default=None,
+        help="image root of a list-file source, instead of the config's [default: the run's config]",
+    )
     p.add_argument("--verbose", action="store_true", help="print the whole JSON report [default: off]")
     p.add_argument("--quiet", action="store_true", help="no progress bars [default: off]")
     p.set_defaults(func=cmd_evaluate)
@@ -43,8 +58,10 @@ def report_path(args: argparse.Namespace, run: str) -> Path:
         return Path(args.json)
     out = run_dir / EVAL
     if out.exists() and not args.force:
-        raise DmuhError(f"{out} already exists (the report of an earlier `dmuh evaluate`); pass --force to "
-                        "replace it or --json FILE to write elsewhere")
+        raise DmuhError(
+            f"{out} already exists (the report of an earlier `dmuh evaluate`); pass --force to "
+            "replace it or --json FILE to write elsewhere"
+        )
     return out
 
 
@@ -66,7 +83,10 @@ def short_report(report: Dict[str, Any]) -> str:
     lines = [f"{key}: {report[key]}" for key in ("run", "method", "bits", "protocol") if key in report]
     for direction, scores in report.get("directions", {}).items():  # a cross-modal run
         lines.append({"i2t": "image -> text:", "t2i": "text -> image:"}.get(direction, direction))
-        lines += ["  " + line for line in short_report({**scores, "topk": report.get("topk", scores.get("topk"))}).splitlines()]
+        lines += [
+            "  " + line
+            for line in short_report({**scores, "topk": report.get("topk", scores.get("topk"))}).splitlines()
+        ]
     for mode, values in report.get("map_by_ties", {}).items():
         line = f"MAP@all (ties {mode}): {values['map']:.4f}"
         if values.get("map_at_k") is not None:

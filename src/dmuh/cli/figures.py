@@ -20,14 +20,31 @@ def add_commands(sub) -> None:
     p = sub.add_parser("figure", help="draw the paper's figures (PNG + markdown table) from run directories")
     figures = p.add_subparsers(dest="figure", required=True)
 
-    u = figures.add_parser("uncertainty", help="Fig. 1: bit-level uncertainty over epochs and an image-uncertainty gallery")
+    u = figures.add_parser(
+        "uncertainty", help="Fig. 1: bit-level uncertainty over epochs and an image-uncertainty gallery"
+    )
     add_run_flag(u, help="a DMUH run directory (it has uncertainty_trace.npz) (required)")
-    u.add_argument("--bits-shown", type=int, default=2, metavar="N",
-                   help="bits plotted: half most-changing, half least-changing [default: 2]")
-    u.add_argument("--gallery", type=int, default=8, metavar="N",
-                   help="lowest and highest image-uncertainty training images shown, each [default: 8]")
-    u.add_argument("--passes", type=int, default=1, metavar="N",
-                   help="passes of training_uncertainty averaged per item [default: 1]")
+    u.add_argument(
+        "--bits-shown",
+        type=int,
+        default=2,
+        metavar="N",
+        help="bits plotted: half most-changing, half least-changing [default: 2]",
+    )
+    u.add_argument(
+        "--gallery",
+        type=int,
+        default=8,
+        metavar="N",
+        help="lowest and highest image-uncertainty training images shown, each [default: 8]",
+    )
+    u.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="passes of training_uncertainty averaged per item [default: 1]",
+    )
     u.add_argument("--items", type=int, default=4, metavar="N", help="trace items plotted per bit [default: 4]")
     u.add_argument("--device", default="cpu", help=DEVICE_HELP)
     _add_output_flags(u, "uncertainty")
@@ -40,12 +57,22 @@ def add_commands(sub) -> None:
 
     t = figures.add_parser("topk", help="Fig. 4: precision of the top k of one or more runs on their saved splits")
     t.add_argument("--run", metavar="RUN", action="append", default=[], help=RUNS_HELP)
-    t.add_argument("--max-k", type=int, default=5000, metavar="K",
-                   help="largest k (clipped to the database size) [default: 5000]")
-    t.add_argument("--points", type=int, default=50, metavar="N",
-                   help="about how many ks on the curve, 1 and max-k included, 2 or more [default: 50]")
-    t.add_argument("--spacing", choices=("linear", "log"), default="linear",
-                   help="spacing of the ks: linear or log [default: linear]")
+    t.add_argument(
+        "--max-k", type=int, default=5000, metavar="K", help="largest k (clipped to the database size) [default: 5000]"
+    )
+    t.add_argument(
+        "--points",
+        type=int,
+        default=50,
+        metavar="N",
+        help="about how many ks on the curve, 1 and max-k included, 2 or more [default: 50]",
+    )
+    t.add_argument(
+        "--spacing",
+        choices=("linear", "log"),
+        default="linear",
+        help="spacing of the ks: linear or log [default: linear]",
+    )
     t.add_argument("--device", default="cpu", help=DEVICE_HELP)
     _add_output_flags(t, "topk")
     t.set_defaults(func=cmd_topk)
@@ -91,8 +118,14 @@ def cmd_uncertainty(args: argparse.Namespace) -> int:
         check_positive(value, flag)
     run_directory(run)
     _outputs(args, "uncertainty", run)
-    figure = uncertainty_figure(run, bits_shown=args.bits_shown, gallery=args.gallery, passes=args.passes,
-                                items_shown=args.items, device=args.device)
+    figure = uncertainty_figure(
+        run,
+        bits_shown=args.bits_shown,
+        gallery=args.gallery,
+        passes=args.passes,
+        items_shown=args.items,
+        device=args.device,
+    )
     return _finish(figure, args, "uncertainty", run)
 
 
@@ -112,5 +145,9 @@ def cmd_topk(args: argparse.Namespace) -> int:
     check_positive(args.max_k, "--max-k")
     run_directory(runs[0])
     _outputs(args, "topk", runs[0])
-    return _finish(topk_figure(runs, max_k=args.max_k, points=args.points, spacing=args.spacing, device=args.device),
-                   args, "topk", runs[0])
+    return _finish(
+        topk_figure(runs, max_k=args.max_k, points=args.points, spacing=args.spacing, device=args.device),
+        args,
+        "topk",
+        runs[0],
+    )

@@ -36,138 +36,237 @@ _PARAM_HELP = {
     "ef_search": ("candidate list while searching", None),
 }
 DEVICE_HELP = "cpu or cuda[:N] [default: cpu]"
-CODES_HELP = ("codes file written by `dmuh encode`, or the manifest of `dmuh encode --shards` (DIR/manifest.json or "
-              "DIR) (required)")
+CODES_HELP = (
+    "codes file written by `dmuh encode`, or the manifest of `dmuh encode --shards` (DIR/manifest.json or "
+    "DIR) (required)"
+)
 FORCE_HELP = "replace --out if it exists [default: off]"
 QUIET_HELP = "no progress bar [default: off]"
 
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
-        "encode", help="encode images with a trained run into a codes file",
+        "encode",
+        help="encode images with a trained run into a codes file",
         description="Encode images into packed binary codes (.npz) with ids, labels when known, the bit length "
-                    "and the model's identity; --uncertainty adds DMUH's image- and bit-level uncertainty.")
+        "and the model's identity; --uncertainty adds DMUH's image- and bit-level uncertainty.",
+    )
     add_run_flag(p, help="run directory written by `dmuh train` (required)", old_flag="--checkpoint")
-    p.add_argument("--images", metavar="DIR|ZIP|LIST",
-                   help="a folder or .zip of images (class folders give labels), a .txt list (paths, optionally "
-                        "followed by 0/1 labels), or a dmuh data source (digits, cifar-batches:DIR, paired data: its "
-                        "images); this or --texts [default: none]")
-    p.add_argument("--texts", metavar="PAIRED|TXT",
-                   help="encode text with a cross-modal run's text network: paired data (its text vectors) or a "
-                        ".txt of texts, one a line, made into vectors with the run's vocabulary [default: none]")
-    p.add_argument("--root", metavar="DIR|ZIP",
-                   help="folder or .zip the paths of a list file are relative to [default: the list's folder]")
+    p.add_argument(
+        "--images",
+        metavar="DIR|ZIP|LIST",
+        help="a folder or .zip of images (class folders give labels), a .txt list (paths, optionally "
+        "followed by 0/1 labels), or a dmuh data source (digits, cifar-batches:DIR, paired data: its "
+        "images); this or --texts [default: none]",
+    )
+    p.add_argument(
+        "--texts",
+        metavar="PAIRED|TXT",
+        help="encode text with a cross-modal run's text network: paired data (its text vectors) or a "
+        ".txt of texts, one a line, made into vectors with the run's vocabulary [default: none]",
+    )
+    p.add_argument(
+        "--root",
+        metavar="DIR|ZIP",
+        help="folder or .zip the paths of a list file are relative to [default: the list's folder]",
+    )
     p.add_argument("--out", metavar="FILE", help="codes file to write (.npz); this or --shards [default: none]")
-    p.add_argument("--shards", metavar="DIR",
-                   help="write shards DIR/shard-00000.npz, ... and DIR/manifest.json instead, resumably: a rerun "
-                        "encodes only the shards not complete yet; under torchrun each process encodes its share "
-                        "[default: none]")
-    p.add_argument("--shard-size", type=int, metavar="N",
-                   help=f"items per shard, with --shards [default: {DEFAULT_SHARD_SIZE}]")
-    p.add_argument("--uncertainty", action="store_true",
-                   help="store each image's DMUH uncertainty (momentum network; DMUH runs only) [default: off]")
-    p.add_argument("--features", action="store_true",
-                   help="store each item's own representation (its feature vector, or the backbone's features), "
-                        "which queries need for `dmuh search --rerank decoder` [default: off]")
+    p.add_argument(
+        "--shards",
+        metavar="DIR",
+        help="write shards DIR/shard-00000.npz, ... and DIR/manifest.json instead, resumably: a rerun "
+        "encodes only the shards not complete yet; under torchrun each process encodes its share "
+        "[default: none]",
+    )
+    p.add_argument(
+        "--shard-size", type=int, metavar="N", help=f"items per shard, with --shards [default: {DEFAULT_SHARD_SIZE}]"
+    )
+    p.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="store each image's DMUH uncertainty (momentum network; DMUH runs only) [default: off]",
+    )
+    p.add_argument(
+        "--features",
+        action="store_true",
+        help="store each item's own representation (its feature vector, or the backbone's features), "
+        "which queries need for `dmuh search --rerank decoder` [default: off]",
+    )
     p.add_argument("--image-size", type=int, metavar="N", help="decode images at N x N pixels [default: the run's]")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass [default: the run's eval_batch_size]")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it exists; with --shards encode every shard again [default: off]")
+    p.add_argument(
+        "--batch-size", type=int, metavar="N", help="images per forward pass [default: the run's eval_batch_size]"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it exists; with --shards encode every shard again [default: off]",
+    )
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_encode)
 
     index = subparsers.add_parser(
-        "index", help="build, inspect or update a search index of codes",
+        "index",
+        help="build, inspect or update a search index of codes",
         description="Indexes of codes: FAISS binary indexes in a checked file, or a Milvus collection that the "
-                    "file names (see docs/search.md).")
+        "file names (see docs/search.md).",
+    )
     index_commands = index.add_subparsers(dest="index_command", required=True)
     p = index_commands.add_parser("build", help="build an index from a codes file")
     p.add_argument("--codes", required=True, metavar="FILE", help=CODES_HELP)
-    p.add_argument("--backend", default="faiss", choices=BACKENDS,
-                   help="faiss (the index file holds the codes) or milvus (a Milvus collection holds them; the "
-                        "index file names it) [default: faiss]")
-    p.add_argument("--kind", default="flat", choices=KINDS,
-                   help="flat (exact), or ivf / hnsw (approximate); milvus: flat (BIN_FLAT) or ivf (BIN_IVF_FLAT, "
-                        "on a server) [default: flat]")
+    p.add_argument(
+        "--backend",
+        default="faiss",
+        choices=BACKENDS,
+        help="faiss (the index file holds the codes) or milvus (a Milvus collection holds them; the "
+        "index file names it) [default: faiss]",
+    )
+    p.add_argument(
+        "--kind",
+        default="flat",
+        choices=KINDS,
+        help="flat (exact), or ivf / hnsw (approximate); milvus: flat (BIN_FLAT) or ivf (BIN_IVF_FLAT, "
+        "on a server) [default: flat]",
+    )
     for kind, params in KIND_PARAMS.items():
         for name, default in params.items():
             text, derived = _PARAM_HELP[name]
-            p.add_argument(flag_name(name), type=int, metavar="N",
-                           help=f"{kind} only: {text}, a positive integer [default: {derived or default}]")
-    p.add_argument("--decoder", metavar="RUN",
-                   help="keep this run's decoder of the codes in the index, for `search --rerank decoder` "
-                        "[default: the codes' own run when it trains one (--method rph)]")
-    p.add_argument("--uri", metavar="URI",
-                   help="milvus: a Milvus Lite file FILE.db (Milvus inside this process) or a Milvus server or "
-                        "cluster http://HOST:19530; needed with --backend milvus [default: none]")
-    p.add_argument("--collection", metavar="NAME",
-                   help="milvus: the collection to create [default: the --out file's name, in letters, digits and _]")
+            p.add_argument(
+                flag_name(name),
+                type=int,
+                metavar="N",
+                help=f"{kind} only: {text}, a positive integer [default: {derived or default}]",
+            )
+    p.add_argument(
+        "--decoder",
+        metavar="RUN",
+        help="keep this run's decoder of the codes in the index, for `search --rerank decoder` "
+        "[default: the codes' own run when it trains one (--method rph)]",
+    )
+    p.add_argument(
+        "--uri",
+        metavar="URI",
+        help="milvus: a Milvus Lite file FILE.db (Milvus inside this process) or a Milvus server or "
+        "cluster http://HOST:19530; needed with --backend milvus [default: none]",
+    )
+    p.add_argument(
+        "--collection",
+        metavar="NAME",
+        help="milvus: the collection to create [default: the --out file's name, in letters, digits and _]",
+    )
     p.add_argument("--out", required=True, metavar="INDEX", help="index file to write (required)")
-    p.add_argument("--force", action="store_true",
-                   help="replace --out if it exists; with --backend milvus also drop and recreate --collection "
-                        "[default: off]")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it exists; with --backend milvus also drop and recreate --collection [default: off]",
+    )
     p.set_defaults(func=cmd_index_build)
     p = index_commands.add_parser("info", help="print an index file's header (verifies its checksum)")
     p.add_argument("index", metavar="INDEX", help="index file written by `dmuh index build` (required)")
     p.add_argument("--json", action="store_true", help="print JSON [default: off]")
     p.set_defaults(func=cmd_index_info)
     p = index_commands.add_parser(
-        "add", help="add codes to an index, in place",
+        "add",
+        help="add codes to an index, in place",
         description="Add codes to the index (its collection, for milvus) and rewrite the index file atomically: "
-                    "updating INDEX in place is what this does, so no --force is needed. New codes get the next "
-                    "ids (one past the largest ever given) and their codes file's ids as paths.")
+        "updating INDEX in place is what this does, so no --force is needed. New codes get the next "
+        "ids (one past the largest ever given) and their codes file's ids as paths.",
+    )
     p.add_argument("--index", required=True, metavar="INDEX", help="index file to update (required)")
     p.add_argument("--codes", required=True, metavar="FILE", help=CODES_HELP)
-    p.add_argument("--allow-other-model", action="store_true",
-                   help="add codes even if another model encoded them than the index's codes [default: off]")
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="add codes even if another model encoded them than the index's codes [default: off]",
+    )
     p.set_defaults(func=cmd_index_add)
     p = index_commands.add_parser(
-        "remove", help="remove codes from an index, in place",
+        "remove",
+        help="remove codes from an index, in place",
         description="Remove codes from the index (its collection, for milvus) and rewrite the index file "
-                    "atomically, in place (no --force needed). An id or path the index does not hold is an error, "
-                    "and then nothing is removed; a search never returns a removed code.")
+        "atomically, in place (no --force needed). An id or path the index does not hold is an error, "
+        "and then nothing is removed; a search never returns a removed code.",
+    )
     p.add_argument("--index", required=True, metavar="INDEX", help="index file to update (required)")
-    p.add_argument("--ids", metavar="FILE",
-                   help="the ids to remove, one integer a line: the index's own integer ids (the `id` of `dmuh "
-                        "search` results; an index built from a codes file numbers its codes 0, 1, ... in file "
-                        "order); this or --names [default: none]")
-    p.add_argument("--names", metavar="FILE",
-                   help="the paths to remove, one a line, as the index holds them (the `path` of `dmuh search` "
-                        "results: the codes file's ids); every code of a path goes; this or --ids [default: none]")
+    p.add_argument(
+        "--ids",
+        metavar="FILE",
+        help="the ids to remove, one integer a line: the index's own integer ids (the `id` of `dmuh "
+        "search` results; an index built from a codes file numbers its codes 0, 1, ... in file "
+        "order); this or --names [default: none]",
+    )
+    p.add_argument(
+        "--names",
+        metavar="FILE",
+        help="the paths to remove, one a line, as the index holds them (the `path` of `dmuh search` "
+        "results: the codes file's ids); every code of a path goes; this or --ids [default: none]",
+    )
     p.set_defaults(func=cmd_index_remove)
 
     p = subparsers.add_parser(
-        "search", help="search an index with query images or codes",
+        "search",
+        help="search an index with query images or codes",
         description="Rank the index's codes by Hamming distance to each query; --rerank re-ranks the top "
-                    "candidates by an uncertainty-weighted Hamming distance (DMUH runs).")
-    p.add_argument("--index", required=True, metavar="INDEX", help="index file written by `dmuh index build` (required)")
-    add_run_flag(p, help="run that encodes the query images [default: the run recorded in the index]",
-                 old_flag="--checkpoint")
-    p.add_argument("--image", action="append", default=[], metavar="IMAGE",
-                   help="a query image, repeatable [default: none]")
-    p.add_argument("--text", action="append", default=[], metavar="TEXT",
-                   help="a text query, repeatable (a cross-modal run's text network encodes it; typically against "
-                        "an index of image codes) [default: none]")
-    p.add_argument("--queries", metavar="FILE",
-                   help="batch of queries: a .txt of image paths (one a line, relative to its folder) or a codes "
-                        "file (.npz) [default: none]")
+        "candidates by an uncertainty-weighted Hamming distance (DMUH runs).",
+    )
+    p.add_argument(
+        "--index", required=True, metavar="INDEX", help="index file written by `dmuh index build` (required)"
+    )
+    add_run_flag(
+        p, help="run that encodes the query images [default: the run recorded in the index]", old_flag="--checkpoint"
+    )
+    p.add_argument(
+        "--image", action="append", default=[], metavar="IMAGE", help="a query image, repeatable [default: none]"
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a text query, repeatable (a cross-modal run's text network encodes it; typically against "
+        "an index of image codes) [default: none]",
+    )
+    p.add_argument(
+        "--queries",
+        metavar="FILE",
+        help="batch of queries: a .txt of image paths (one a line, relative to its folder) or a codes "
+        "file (.npz) [default: none]",
+    )
     p.add_argument("--k", type=int, default=10, metavar="N", help="results per query [default: 10]")
-    p.add_argument("--rerank", nargs="?", const="uncertainty", metavar="uncertainty|decoder",
-                   help="re-rank the top --depth candidates: 'uncertainty' (the default when the flag stands "
-                        "alone) by DMUH's uncertainty-weighted Hamming distance, 'decoder' by the cosine of the "
-                        "query's features to the candidates' features decoded from their codes (an index with a "
-                        "decoder; queries encoded with --features); a number N is 'uncertainty' with --depth N "
-                        "[default: off]")
-    p.add_argument("--depth", type=int, metavar="N",
-                   help=f"candidates by Hamming distance that --rerank re-orders [default: {DEFAULT_RERANK_DEPTH}]")
-    p.add_argument("--tau", type=float, metavar="T",
-                   help=f"re-ranking temperature: bit weight exp(-u / (tau * the query's mean u)) [default: {DEFAULT_TAU:g}]")
-    p.add_argument("--nprobe", type=int, metavar="N",
-                   help="ivf (faiss or milvus): lists searched per query [default: the index's]")
-    p.add_argument("--ef-search", type=int, metavar="N", help="hnsw: candidate list while searching [default: the index's]")
-    p.add_argument("--allow-other-model", action="store_true",
-                   help="search even if the queries' model is not the one that encoded the index [default: off]")
+    p.add_argument(
+        "--rerank",
+        nargs="?",
+        const="uncertainty",
+        metavar="uncertainty|decoder",
+        help="re-rank the top --depth candidates: 'uncertainty' (the default when the flag stands "
+        "alone) by DMUH's uncertainty-weighted Hamming distance, 'decoder' by the cosine of the "
+        "query's features to the candidates' features decoded from their codes (an index with a "
+        "decoder; queries encoded with --features); a number N is 'uncertainty' with --depth N "
+        "[default: off]",
+    )
+    p.add_argument(
+        "--depth",
+        type=int,
+        metavar="N",
+        help=f"candidates by Hamming distance that --rerank re-orders [default: {DEFAULT_RERANK_DEPTH}]",
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        metavar="T",
+        help=f"re-ranking temperature: bit weight exp(-u / (tau * the query's mean u)) [default: {DEFAULT_TAU:g}]",
+    )
+    p.add_argument(
+        "--nprobe", type=int, metavar="N", help="ivf (faiss or milvus): lists searched per query [default: the index's]"
+    )
+    p.add_argument(
+        "--ef-search", type=int, metavar="N", help="hnsw: candidate list while searching [default: the index's]"
+    )
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="search even if the queries' model is not the one that encoded the index [default: off]",
+    )
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print the results as JSON [default: off]")
     p.add_argument("--out", metavar="FILE", help="also write the results (JSON) to FILE [default: none]")
@@ -175,12 +274,16 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_search)
 
     p = subparsers.add_parser(
-        "export-onnx", help="export a run's hashing network as ONNX",
-        description="ONNX graph: float32 pixels 0..255 (N, C, H, W) -> continuous codes and int8 sign codes.")
+        "export-onnx",
+        help="export a run's hashing network as ONNX",
+        description="ONNX graph: float32 pixels 0..255 (N, C, H, W) -> continuous codes and int8 sign codes.",
+    )
     add_run_flag(p, help="run directory written by `dmuh train` (required)", old_flag="--checkpoint")
     p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write (required)")
     p.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset [default: 17]")
-    p.add_argument("--image-size", type=int, metavar="N", help="input height and width [default: the run's decode size]")
+    p.add_argument(
+        "--image-size", type=int, metavar="N", help="input height and width [default: the run's decode size]"
+    )
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_export_onnx)
 
@@ -201,7 +304,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     run = require_run(args)
     if (args.images is None) == (args.texts is None):
-        raise DmuhError("give what to encode: --images (images or image features) or --texts (a cross-modal run's text)")
+        raise DmuhError(
+            "give what to encode: --images (images or image features) or --texts (a cross-modal run's text)"
+        )
     _check_encode_output(args)
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
@@ -215,9 +320,15 @@ def cmd_encode(args: argparse.Namespace) -> int:
     encoder = collection_encoder(run, args.device, args.uncertainty, args.batch_size)
     source = open_images(args.images, args.root, encoder.channels or 3)
     with progress_bar(len(source.ids), "encoding", unit="image") as bar:  # a large collection, on a terminal
-        codes = encode_images(encoder, source, uncertainty=args.uncertainty, image_size=args.image_size,
-                              images_spec=args.images, progress=lambda done, total: bar.update(done - bar.n),
-                              features=args.features)
+        codes = encode_images(
+            encoder,
+            source,
+            uncertainty=args.uncertainty,
+            image_size=args.image_size,
+            images_spec=args.images,
+            progress=lambda done, total: bar.update(done - bar.n),
+            features=args.features,
+        )
     codes.save(args.out, overwrite=args.force)
     extra = ", labels" if codes.labels is not None else ""
     extra += ", uncertainty" if codes.uncertainty is not None else ""
@@ -230,7 +341,9 @@ def _check_encode_output(args: argparse.Namespace) -> None:
     """One output: --out, or --shards (which torchrun's processes need, each writing its own)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world_size > 1 and args.shards is None:
-        raise DmuhError(f"under torchrun ({world_size} processes) give --shards DIR: each process writes its own shards")
+        raise DmuhError(
+            f"under torchrun ({world_size} processes) give --shards DIR: each process writes its own shards"
+        )
     if (args.out is None) == (args.shards is None):
         raise DmuhError("give where to write: --out FILE (one codes file) or --shards DIR (shards and a manifest)")
     if args.shards is not None and args.texts is not None:
@@ -257,10 +370,19 @@ def _encode_shards(args: argparse.Namespace, run: str) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        result = encode_in_shards(encoder, source, args.shards, args.shard_size or DEFAULT_SHARD_SIZE,
-                                  context=context, uncertainty=args.uncertainty, features=args.features,
-                                  image_size=args.image_size, images_spec=args.images, force=args.force,
-                                  progress=advance)
+        result = encode_in_shards(
+            encoder,
+            source,
+            args.shards,
+            args.shard_size or DEFAULT_SHARD_SIZE,
+            context=context,
+            uncertainty=args.uncertainty,
+            features=args.features,
+            image_size=args.image_size,
+            images_spec=args.images,
+            force=args.force,
+            progress=advance,
+        )
     if context.is_main:
         print(describe(result))
     return 0
@@ -313,9 +435,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         index.save(args.out, overwrite=args.force)
         decoder = index.decoder
         where = f", Milvus collection {index.collection!r} at {index.uri}" if milvus else ""
-        print(f"index {args.out}: {args.kind}, {plural(len(index), 'code')} of {plural(index.bits, 'bit')}"
-              + (f", {', '.join(f'{k}={v}' for k, v in index.params.items())}" if index.params else "")
-              + (f", decoder to {decoder.dim} features" if decoder is not None else "") + where)
+        print(
+            f"index {args.out}: {args.kind}, {plural(len(index), 'code')} of {plural(index.bits, 'bit')}"
+            + (f", {', '.join(f'{k}={v}' for k, v in index.params.items())}" if index.params else "")
+            + (f", decoder to {decoder.dim} features" if decoder is not None else "")
+            + where
+        )
     return 0
 
 
@@ -337,7 +462,9 @@ def _read_lines(path, flag: str, nothing: str = "lists nothing to remove") -> Li
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise DmuhError(f"{flag} {path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
-    entries = [(n + 1, line.strip()) for n, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")]
+    entries = [
+        (n + 1, line.strip()) for n, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not entries:
         raise DmuhError(f"{flag} {path}: {nothing}")
     return entries
@@ -349,8 +476,10 @@ def _read_ids(path: str) -> np.ndarray:
         try:
             ids.append(int(text))
         except ValueError:
-            raise DmuhError(f"--ids {path} line {number}: {text[:80]!r} is not an integer id (the index's ids are "
-                            "integers; give paths with --names)") from None
+            raise DmuhError(
+                f"--ids {path} line {number}: {text[:80]!r} is not an integer id (the index's ids are "
+                "integers; give paths with --names)"
+            ) from None
     return np.array(ids, dtype=np.int64)
 
 
@@ -380,29 +509,46 @@ def cmd_index_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     model = info["meta"].get("model") or {}
-    lines = [f"index: {args.index}", f"format: {info['format']} version {info['version']} (checksum ok)",
-             f"backend: {info['backend']}", f"kind: {info['kind']}", f"bits: {info['bits']}", f"count: {info['count']}"]
+    lines = [
+        f"index: {args.index}",
+        f"format: {info['format']} version {info['version']} (checksum ok)",
+        f"backend: {info['backend']}",
+        f"kind: {info['kind']}",
+        f"bits: {info['bits']}",
+        f"count: {info['count']}",
+    ]
     if info.get("milvus"):
-        lines.append(f"milvus: collection {info['milvus']['collection']} ({info['milvus']['index_type']}) at "
-                     f"{info['milvus']['uri']}")
+        lines.append(
+            f"milvus: collection {info['milvus']['collection']} ({info['milvus']['index_type']}) at "
+            f"{info['milvus']['uri']}"
+        )
     if info["params"]:
         lines.append("params: " + ", ".join(f"{k}={v}" for k, v in info["params"].items()))
     if info.get("decoder"):
-        lines.append(f"decoder: {info['decoder']['bits']} bits -> {info['decoder']['hidden']} -> "
-                     f"{info['decoder']['dim']} features (search --rerank decoder)")
+        lines.append(
+            f"decoder: {info['decoder']['bits']} bits -> {info['decoder']['hidden']} -> "
+            f"{info['decoder']['dim']} features (search --rerank decoder)"
+        )
     if model:
-        lines.append(f"model: {model.get('method')} / {model.get('model')}, run {model.get('run')}, "
-                     f"checkpoint sha256 {str(model.get('checkpoint_sha256'))[:16]}...")
+        lines.append(
+            f"model: {model.get('method')} / {model.get('model')}, run {model.get('run')}, "
+            f"checkpoint sha256 {str(model.get('checkpoint_sha256'))[:16]}..."
+        )
     print("\n".join(lines))
     return 0
 
 
 # -- search -----------------------------------------------------------------------------------
 
+
 def _encode_texts(args: argparse.Namespace, encoder) -> int:
     from dmuh.retrieval.encoder import encode_texts
 
-    for flag, value in (("--uncertainty", args.uncertainty), ("--features", args.features), ("--image-size", args.image_size)):
+    for flag, value in (
+        ("--uncertainty", args.uncertainty),
+        ("--features", args.features),
+        ("--image-size", args.image_size),
+    ):
         if value:
             raise DmuhError(f"{flag} applies to --images, not --texts")
     if args.batch_size:
@@ -429,14 +575,18 @@ def _report(args: argparse.Namespace, names: List[str], found: Dict[str, Any]) -
 
 def _format_results(report: Dict[str, Any]) -> str:
     blocks = []
-    score = {"uncertainty": ("weighted", "weighted_distance"), "decoder": ("cosine", "decoded_cosine")}.get(report["rerank"])
+    score = {"uncertainty": ("weighted", "weighted_distance"), "decoder": ("cosine", "decoded_cosine")}.get(
+        report["rerank"]
+    )
     for query in report["queries"]:
         lines = [f"query {query['query']}"]
         lines.append(f"  {'rank':>4}  {'distance':>8}" + (f"  {score[0]:>8}" if score else "") + f"  {'id':>8}  path")
         for row in query["results"]:
-            lines.append(f"  {row['rank']:>4}  {row['distance']:>8}"
-                         + (f"  {row[score[1]]:>8.3f}" if score else "")
-                         + f"  {row['id']:>8}  {row['path'] if row['path'] is not None else '-'}")
+            lines.append(
+                f"  {row['rank']:>4}  {row['distance']:>8}"
+                + (f"  {row[score[1]]:>8.3f}" if score else "")
+                + f"  {row['id']:>8}  {row['path'] if row['path'] is not None else '-'}"
+            )
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -466,8 +616,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     refuse_overwrite(args.out, args.force)
     _output_folder(args.out)
     if not args.image and not args.queries and not args.text:
-        raise DmuhError("give query images with --image (repeatable), text with --text (repeatable) or a file of "
-                        "queries with --queries")
+        raise DmuhError(
+            "give query images with --image (repeatable), text with --text (repeatable) or a file of "
+            "queries with --queries"
+        )
     _rerank_mode(args)
     if args.tau is not None and args.rerank != "uncertainty":
         raise DmuhError("--tau applies to --rerank uncertainty")
@@ -479,11 +631,25 @@ def cmd_search(args: argparse.Namespace) -> int:
         image_paths += _read_query_list(Path(args.queries))
     with open_index(args.index) as index:
         service = SearchService(index, index_path=args.index)
-        queries = gather_queries(service, codes_file, image_paths, args.text, args.rerank, run=args.run,
-                                 device=args.device, allow_other_model=args.allow_other_model)
+        queries = gather_queries(
+            service,
+            codes_file,
+            image_paths,
+            args.text,
+            args.rerank,
+            run=args.run,
+            device=args.device,
+            allow_other_model=args.allow_other_model,
+        )
         depth = args.depth if args.rerank is not None else None
-        found = service.search_batch(queries.query(), args.k, args.rerank, depth, args.tau,
-                                     SearchParams(nprobe=args.nprobe, ef_search=args.ef_search))
+        found = service.search_batch(
+            queries.query(),
+            args.k,
+            args.rerank,
+            depth,
+            args.tau,
+            SearchParams(nprobe=args.nprobe, ef_search=args.ef_search),
+        )
         report = _report(args, queries.names, found)
     text = json.dumps(report, indent=2)
     if args.out:

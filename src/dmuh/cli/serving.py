@@ -19,35 +19,79 @@ _DEFAULTS = ServiceLimits()
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="serve an index over HTTP: a search page and a JSON API",
+        "serve",
+        help="serve an index over HTTP: a search page and a JSON API",
         description="Load the model and the index once and answer searches: POST /search (an image, packed "
-                    "codes or a text), GET / (a page to drop an image on), GET /thumbnail/ID, GET /info, "
-                    "GET /healthz. Bound to 127.0.0.1 unless --host says otherwise; there is no authentication.")
-    p.add_argument("--index", required=True, metavar="INDEX", help="index file written by `dmuh index build` (required)")
-    add_run_flag(p, help="run that encodes query images or texts [default: the run recorded in the index, if it "
-                         "is still there; else code queries only]")
-    p.add_argument("--images", metavar="DIR|ZIP",
-                   help="folder or .zip holding the database images under the paths the index stores, for "
-                        "thumbnails; nothing outside it is served [default: no thumbnails]")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; 0.0.0.0 or :: for every interface [default: 127.0.0.1]")
+        "codes or a text), GET / (a page to drop an image on), GET /thumbnail/ID, GET /info, "
+        "GET /healthz. Bound to 127.0.0.1 unless --host says otherwise; there is no authentication.",
+    )
+    p.add_argument(
+        "--index", required=True, metavar="INDEX", help="index file written by `dmuh index build` (required)"
+    )
+    add_run_flag(
+        p,
+        help="run that encodes query images or texts [default: the run recorded in the index, if it "
+        "is still there; else code queries only]",
+    )
+    p.add_argument(
+        "--images",
+        metavar="DIR|ZIP",
+        help="folder or .zip holding the database images under the paths the index stores, for "
+        "thumbnails; nothing outside it is served [default: no thumbnails]",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 or :: for every interface [default: 127.0.0.1]",
+    )
     p.add_argument("--port", type=int, default=8000, metavar="N", help="TCP port; 0 picks a free one [default: 8000]")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] [default: cpu]")
-    p.add_argument("--threads", type=int, default=4, metavar="N",
-                   help="searches run at once (a request waits for a free one within --timeout) [default: 4]")
-    p.add_argument("--max-upload-mb", type=float, default=_DEFAULTS.max_upload_bytes / 2**20, metavar="MB",
-                   help=f"largest request body [default: {_DEFAULTS.max_upload_bytes / 2**20:g}]")
-    p.add_argument("--max-pixels", type=int, default=_DEFAULTS.max_image_pixels, metavar="N",
-                   help=f"largest image, width x height, refused before decoding [default: {_DEFAULTS.max_image_pixels:,}]")
-    p.add_argument("--max-k", type=int, default=_DEFAULTS.max_k, metavar="N",
-                   help=f"most results per query (never more than the index holds) [default: {_DEFAULTS.max_k}]")
-    p.add_argument("--timeout", type=float, default=_DEFAULTS.timeout_s, metavar="S",
-                   help=f"seconds a request may take before it is answered 503 [default: {_DEFAULTS.timeout_s:g}]")
-    p.add_argument("--allow-other-model", action="store_true",
-                   help="serve even if --run's model is not the one that encoded the index [default: off]")
-    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
-                   help="uvicorn's log level: critical, error, warning, info (logs every request) or debug "
-                        "[default: warning]")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=4,
+        metavar="N",
+        help="searches run at once (a request waits for a free one within --timeout) [default: 4]",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=_DEFAULTS.max_upload_bytes / 2**20,
+        metavar="MB",
+        help=f"largest request body [default: {_DEFAULTS.max_upload_bytes / 2**20:g}]",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=_DEFAULTS.max_image_pixels,
+        metavar="N",
+        help=f"largest image, width x height, refused before decoding [default: {_DEFAULTS.max_image_pixels:,}]",
+    )
+    p.add_argument(
+        "--max-k",
+        type=int,
+        default=_DEFAULTS.max_k,
+        metavar="N",
+        help=f"most results per query (never more than the index holds) [default: {_DEFAULTS.max_k}]",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=_DEFAULTS.timeout_s,
+        metavar="S",
+        help=f"seconds a request may take before it is answered 503 [default: {_DEFAULTS.timeout_s:g}]",
+    )
+    p.add_argument(
+        "--allow-other-model",
+        action="store_true",
+        help="serve even if --run's model is not the one that encoded the index [default: off]",
+    )
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's log level: critical, error, warning, info (logs every request) or debug [default: warning]",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -93,20 +137,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise DmuhError("serving needs FastAPI and uvicorn: pip install 'dmuh[serve]'") from None
-    limits = ServiceLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_image_pixels=args.max_pixels,
-                           max_k=args.max_k, timeout_s=args.timeout)
-    service = SearchService.open(args.index, run=args.run, images=args.images, device=args.device,
-                                 allow_other_model=args.allow_other_model, limits=limits)
+    limits = ServiceLimits(
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_image_pixels=args.max_pixels,
+        max_k=args.max_k,
+        timeout_s=args.timeout,
+    )
+    service = SearchService.open(
+        args.index,
+        run=args.run,
+        images=args.images,
+        device=args.device,
+        allow_other_model=args.allow_other_model,
+        limits=limits,
+    )
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     queries = [kind for kind, on in service.info()["queries"].items() if on]
-    print(f"serving {args.index} ({service.index.kind}, {plural(len(service.index), 'code')} of "
-          f"{plural(service.index.bits, 'bit')}; queries: {', '.join(queries)}"
-          f"{'; thumbnails from ' + args.images if args.images else ''}) at http://{shown}:{port}/", flush=True)
+    print(
+        f"serving {args.index} ({service.index.kind}, {plural(len(service.index), 'code')} of "
+        f"{plural(service.index.bits, 'bit')}; queries: {', '.join(queries)}"
+        f"{'; thumbnails from ' + args.images if args.images else ''}) at http://{shown}:{port}/",
+        flush=True,
+    )
     if not _is_loopback(args.host):
-        print(f"note: listening on {args.host}, beyond this machine; the service has no authentication",
-              file=sys.stderr, flush=True)
+        print(
+            f"note: listening on {args.host}, beyond this machine; the service has no authentication",
+            file=sys.stderr,
+            flush=True,
+        )
     from dmuh.serve.app import serve
 
     try:

@@ -15,49 +15,94 @@ from dmuh.utils.schema import load_yaml, parse_params
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("train", help="train a hashing method", description="Train any registered method with the one training loop.")
+    p = sub.add_parser(
+        "train", help="train a hashing method", description="Train any registered method with the one training loop."
+    )
     add_config_flags(p, TrainConfig)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (see README on --epochs) [default: off]")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (see README on --epochs) [default: off]",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar [default: off]")
-    p.add_argument("--list-methods", nargs="?", const="names", default=None, choices=("names", "params"),
-                   help="print the registered method names and exit; `--list-methods params` adds each method's "
-                        "hyper-parameters with their defaults and allowed values [default: off]")
+    p.add_argument(
+        "--list-methods",
+        nargs="?",
+        const="names",
+        default=None,
+        choices=("names", "params"),
+        help="print the registered method names and exit; `--list-methods params` adds each method's "
+        "hyper-parameters with their defaults and allowed values [default: off]",
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pretrain", help="warm up a backbone (cross-entropy and/or SimCLR) for `train --init`",
-                       description="Pre-train a backbone on the training split (labels) and/or unlabeled database images "
-                                   "(never the query split); objectives: ce, simclr, simclr+ce.")
+    p = sub.add_parser(
+        "pretrain",
+        help="warm up a backbone (cross-entropy and/or SimCLR) for `train --init`",
+        description="Pre-train a backbone on the training split (labels) and/or unlabeled database images "
+        "(never the query split); objectives: ce, simclr, simclr+ce.",
+    )
     add_config_flags(p, PretrainConfig)
     p.add_argument("--quiet", action="store_true", help="no progress bar [default: off]")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("compare", help="train several methods at several code lengths; MAP tables (markdown, CSV)",
-                       description="Train each method at each code length with the same data, backbone, recipe and "
-                                   "budget; write --out/results.md and results.csv shaped like the paper's Tables 4-6.")
+    p = sub.add_parser(
+        "compare",
+        help="train several methods at several code lengths; MAP tables (markdown, CSV)",
+        description="Train each method at each code length with the same data, backbone, recipe and "
+        "budget; write --out/results.md and results.csv shaped like the paper's Tables 4-6.",
+    )
     add_config_flags(p, TrainConfig, exclude=("bits", "method"))
-    p.add_argument("--methods", default="",
-                   help="comma-separated method names, e.g. dmuh,regu,hashnet,csq, or paper for the eleven of the "
-                        "paper's Tables 4-5 in its row order (required unless --grid names them) [default: none]")
-    p.add_argument("--paper-figures", default="auto",
-                   help="print the DMUH paper's MAP beside each measured one: auto (from --protocol: cifar10*, "
-                        "clothing1m, nuswide21, coco), none, or one of cifar10, clothing1m, nuswide, coco "
-                        "[default: auto]")
-    p.add_argument("--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [default: 12,24,32,48]")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at once, each in its own process on --device (several small runs share "
-                        "a GPU better than one) [default: 1]")
-    p.add_argument("--seeds", default=None,
-                   help="comma-separated seeds, e.g. 0,1,2: each cell trained once per seed (run directories "
-                        "METHOD-Nbits-seedS), MAP cells mean ± sd (n) [default: one run at --seed]")
-    p.add_argument("--grid", action="append", default=[], metavar="METHOD.PARAM=V1,V2,...",
-                   help="one row per value, e.g. dmuh.alpha=0.5,0.7,0.9 (repeatable; two on one method give "
-                        "the cross product; a method not in --methods is added) [default: none]")
-    p.add_argument("--against", default=None, metavar="NAME",
-                   help="a row (label or method, e.g. regu): add the paired difference of every other row "
-                        "against it, mean over seeds with a 95%% t interval [default: none]")
-    p.add_argument("--force", action="store_true",
-                   help="replace the tables (results.md, results.csv) of an earlier compare in --out; its finished "
-                        "runs are reused either way [default: off]")
+    p.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated method names, e.g. dmuh,regu,hashnet,csq, or paper for the eleven of the "
+        "paper's Tables 4-5 in its row order (required unless --grid names them) [default: none]",
+    )
+    p.add_argument(
+        "--paper-figures",
+        default="auto",
+        help="print the DMUH paper's MAP beside each measured one: auto (from --protocol: cifar10*, "
+        "clothing1m, nuswide21, coco), none, or one of cifar10, clothing1m, nuswide, coco "
+        "[default: auto]",
+    )
+    p.add_argument(
+        "--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [default: 12,24,32,48]"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process on --device (several small runs share "
+        "a GPU better than one) [default: 1]",
+    )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2: each cell trained once per seed (run directories "
+        "METHOD-Nbits-seedS), MAP cells mean ± sd (n) [default: one run at --seed]",
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="METHOD.PARAM=V1,V2,...",
+        help="one row per value, e.g. dmuh.alpha=0.5,0.7,0.9 (repeatable; two on one method give "
+        "the cross product; a method not in --methods is added) [default: none]",
+    )
+    p.add_argument(
+        "--against",
+        default=None,
+        metavar="NAME",
+        help="a row (label or method, e.g. regu): add the paired difference of every other row "
+        "against it, mean over seeds with a 95%% t interval [default: none]",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the tables (results.md, results.csv) of an earlier compare in --out; its finished "
+        "runs are reused either way [default: off]",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines [default: off]")
     p.set_defaults(func=cmd_compare)
 
@@ -102,8 +147,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     row = pretrain(config, progress=not args.quiet)
-    print(f"pre-trained backbone in {config.out}/{BACKBONE} (last epoch: loss {row['loss']:.4f}); "
-          f"use it with: dmuh train --init {config.out} ...")
+    print(
+        f"pre-trained backbone in {config.out}/{BACKBONE} (last epoch: loss {row['loss']:.4f}); "
+        f"use it with: dmuh train --init {config.out} ..."
+    )
     return 0
 
 
@@ -162,8 +209,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise DmuhError(f"--param {key}={value}: in compare, name the method, e.g. -p csq.quantization=0.1")
         method, name = key.split(".", 1)
         if name in grid.get(method, {}):
-            raise DmuhError(f"--grid {method}.{name} and -p {key}={value}: {method}.{name} is given twice; "
-                            "drop one")
+            raise DmuhError(f"--grid {method}.{name} and -p {key}={value}: {method}.{name} is given twice; drop one")
         per_method.setdefault(method, {})[name] = value
     args.method_params = []
     base = config_from_args(args)
@@ -174,10 +220,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     elif args.paper_figures in PAPER_DATASETS:
         paper = args.paper_figures
     else:
-        raise DmuhError(f"--paper-figures {args.paper_figures}: expected auto, none or one of {', '.join(PAPER_DATASETS)}")
+        raise DmuhError(
+            f"--paper-figures {args.paper_figures}: expected auto, none or one of {', '.join(PAPER_DATASETS)}"
+        )
     out = Path(base.out)
-    compare(methods, bits, base, out, method_params=per_method, progress=not args.quiet, jobs=args.jobs,
-            echo=print if not args.quiet else (lambda line: None), seeds=seeds, grid=grid, against=args.against,
-            force=args.force, paper=paper)
+    compare(
+        methods,
+        bits,
+        base,
+        out,
+        method_params=per_method,
+        progress=not args.quiet,
+        jobs=args.jobs,
+        echo=print if not args.quiet else (lambda line: None),
+        seeds=seeds,
+        grid=grid,
+        against=args.against,
+        force=args.force,
+        paper=paper,
+    )
     print((out / RESULTS_MARKDOWN).read_text())
     return 0

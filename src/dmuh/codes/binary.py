@@ -52,7 +52,9 @@ def _bit_values(codes: Array, name: str) -> Array:
     rest = codes.shape[0] * codes.shape[1] - count(is_one)
     # every other value is -1 (+-1 codes), or every other value is 0 (0/1 codes)
     if rest and count(codes == -1) != rest and count(codes == 0) != rest:
-        raise DmuhError(f"{name}: expected binary codes, {{-1,+1}} or {{0,1}} (use dmuh.codes.binary.sign), or packed uint8")
+        raise DmuhError(
+            f"{name}: expected binary codes, {{-1,+1}} or {{0,1}} (use dmuh.codes.binary.sign), or packed uint8"
+        )
     return is_one
 
 
@@ -198,7 +200,9 @@ def _hamming_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     out = np.empty((a.shape[0], b.shape[0]), dtype=np.int32)
     if faiss is not None and a.shape[0] and b.shape[0]:
         a8, b8 = np.ascontiguousarray(a), np.ascontiguousarray(b)
-        faiss.hammings(faiss.swig_ptr(a8), faiss.swig_ptr(b8), a8.shape[0], b8.shape[0], a8.shape[1], faiss.swig_ptr(out))
+        faiss.hammings(
+            faiss.swig_ptr(a8), faiss.swig_ptr(b8), a8.shape[0], b8.shape[0], a8.shape[1], faiss.swig_ptr(out)
+        )
         return out
     return distance_rows(packed_words(a), packed_words(b), out)
 
@@ -211,7 +215,7 @@ def plus_minus_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     dot = None
     for start in range(0, a.shape[1], EXACT_FP16_BITS):
-        part = (a[:, start:start + EXACT_FP16_BITS] @ b[:, start:start + EXACT_FP16_BITS].T).to(torch.int32)
+        part = (a[:, start : start + EXACT_FP16_BITS] @ b[:, start : start + EXACT_FP16_BITS].T).to(torch.int32)
         dot = part if dot is None else dot + part
     return dot
 

@@ -85,7 +85,9 @@ class Codes:
         if self.bit_uncertainty is not None:
             self.bit_uncertainty = np.asarray(self.bit_uncertainty, dtype=np.float16)
             if self.bit_uncertainty.shape != (n, self.bits):
-                raise DmuhError(f"codes: bit uncertainty of shape {self.bit_uncertainty.shape} for {n} {self.bits}-bit codes")
+                raise DmuhError(
+                    f"codes: bit uncertainty of shape {self.bit_uncertainty.shape} for {n} {self.bits}-bit codes"
+                )
         if self.features is not None:
             self.features = np.asarray(self.features, dtype=np.float32)
             if self.features.ndim != 2 or self.features.shape[0] != n or not np.isfinite(self.features).all():
@@ -102,11 +104,22 @@ class Codes:
         path = Path(path)
         if path.exists() and not overwrite:
             raise DmuhError(f"{path} already exists; pass --force to replace it")
-        meta = {"version": CODES_VERSION, "bits": self.bits, "count": len(self), "model": self.model,
-                "image_size": self.image_size, "channels": self.channels, "images": self.images,
-                "class_names": self.class_names}
-        arrays = {"format": np.array(CODES_FORMAT), "meta": np.array(json.dumps(meta)),
-                  "codes": self.packed, "ids": np.array(self.ids, dtype=str)}
+        meta = {
+            "version": CODES_VERSION,
+            "bits": self.bits,
+            "count": len(self),
+            "model": self.model,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "images": self.images,
+            "class_names": self.class_names,
+        }
+        arrays = {
+            "format": np.array(CODES_FORMAT),
+            "meta": np.array(json.dumps(meta)),
+            "codes": self.packed,
+            "ids": np.array(self.ids, dtype=str),
+        }
         for name in ("labels", "uncertainty", "bit_uncertainty", "features"):
             if getattr(self, name) is not None:
                 arrays[name] = getattr(self, name)
@@ -135,18 +148,30 @@ class Codes:
         except (KeyError, ValueError):
             raise DmuhError(f"{path}: corrupted codes file (no readable meta)") from None
         if meta.get("version") != CODES_VERSION:
-            raise DmuhError(f"{path}: codes format version {meta.get('version')!r}; this dmuh reads version {CODES_VERSION}")
+            raise DmuhError(
+                f"{path}: codes format version {meta.get('version')!r}; this dmuh reads version {CODES_VERSION}"
+            )
         if "codes" not in arrays or "ids" not in arrays:
             raise DmuhError(f"{path}: corrupted codes file (missing codes or ids)")
         if arrays["codes"].shape[0] != meta.get("count"):
-            raise DmuhError(f"{path}: corrupted codes file (meta says {meta.get('count')} codes, "
-                            f"holds {arrays['codes'].shape[0]})")
+            raise DmuhError(
+                f"{path}: corrupted codes file (meta says {meta.get('count')} codes, holds {arrays['codes'].shape[0]})"
+            )
         try:
-            return cls(arrays["codes"], meta["bits"], arrays["ids"].tolist(), labels=arrays.get("labels"),
-                       class_names=meta.get("class_names"), model=meta.get("model") or {},
-                       image_size=meta.get("image_size"), channels=meta.get("channels"), images=meta.get("images"),
-                       uncertainty=arrays.get("uncertainty"), bit_uncertainty=arrays.get("bit_uncertainty"),
-                       features=arrays.get("features"))
+            return cls(
+                arrays["codes"],
+                meta["bits"],
+                arrays["ids"].tolist(),
+                labels=arrays.get("labels"),
+                class_names=meta.get("class_names"),
+                model=meta.get("model") or {},
+                image_size=meta.get("image_size"),
+                channels=meta.get("channels"),
+                images=meta.get("images"),
+                uncertainty=arrays.get("uncertainty"),
+                bit_uncertainty=arrays.get("bit_uncertainty"),
+                features=arrays.get("features"),
+            )
         except DmuhError as error:
             raise DmuhError(f"{path}: {error}") from None
 
@@ -170,18 +195,34 @@ def concatenate(parts: Sequence[Codes]) -> Codes:
     for name in _OPTIONAL_ARRAYS:
         arrays = [getattr(part, name) for part in parts]
         optional[name] = np.concatenate(arrays) if all(a is not None for a in arrays) else None
-    return Codes(np.concatenate([part.packed for part in parts]), first.bits, [i for part in parts for i in part.ids],
-                 class_names=first.class_names if optional["labels"] is not None else None, model=dict(first.model),
-                 image_size=first.image_size, channels=first.channels, images=first.images, **optional)
+    return Codes(
+        np.concatenate([part.packed for part in parts]),
+        first.bits,
+        [i for part in parts for i in part.ids],
+        class_names=first.class_names if optional["labels"] is not None else None,
+        model=dict(first.model),
+        image_size=first.image_size,
+        channels=first.channels,
+        images=first.images,
+        **optional,
+    )
 
 
-def write_manifest(folder, shards: List[Dict[str, Any]], bits: int, shard_size: int, model: Dict[str, Any],
-                   images: Optional[str]) -> Path:
+def write_manifest(
+    folder, shards: List[Dict[str, Any]], bits: int, shard_size: int, model: Dict[str, Any], images: Optional[str]
+) -> Path:
     """DIR/manifest.json (atomically) for `shards`: [{file, count, sha256}] in item order."""
     folder = Path(folder)
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "bits": int(bits),
-                "count": int(sum(shard["count"] for shard in shards)), "shard_size": int(shard_size),
-                "model": model, "images": images, "shards": shards}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "bits": int(bits),
+        "count": int(sum(shard["count"] for shard in shards)),
+        "shard_size": int(shard_size),
+        "model": model,
+        "images": images,
+        "shards": shards,
+    }
     path = folder / MANIFEST
     atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
     return path
@@ -192,11 +233,20 @@ def read_manifest(path) -> Dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST
-    manifest = read_json_record(path, MANIFEST_FORMAT, MANIFEST_VERSION, "codes manifest",
-                                missing="`dmuh encode --shards` writes it when every shard is done")
+    manifest = read_json_record(
+        path,
+        MANIFEST_FORMAT,
+        MANIFEST_VERSION,
+        "codes manifest",
+        missing="`dmuh encode --shards` writes it when every shard is done",
+    )
     shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards or not isinstance(manifest.get("bits"), int) or \
-            not all(_shard_entry(shard) for shard in shards):
+    if (
+        not isinstance(shards, list)
+        or not shards
+        or not isinstance(manifest.get("bits"), int)
+        or not all(_shard_entry(shard) for shard in shards)
+    ):
         raise DmuhError(f"{path}: corrupted manifest (its shards list is missing or malformed)")
     if sum(int(shard["count"]) for shard in shards) != manifest.get("count"):
         raise DmuhError(f"{path}: corrupted manifest (the shards' counts do not add up to its count)")
@@ -205,8 +255,14 @@ def read_manifest(path) -> Dict[str, Any]:
 
 def _shard_entry(shard) -> bool:
     """Whether a manifest's shard entry is {file (a name in the manifest's folder), count, sha256}."""
-    return (isinstance(shard, dict) and isinstance(shard.get("file"), str) and Path(shard["file"]).name == shard["file"]
-            and isinstance(shard.get("count"), int) and shard["count"] > 0 and isinstance(shard.get("sha256"), str))
+    return (
+        isinstance(shard, dict)
+        and isinstance(shard.get("file"), str)
+        and Path(shard["file"]).name == shard["file"]
+        and isinstance(shard.get("count"), int)
+        and shard["count"] > 0
+        and isinstance(shard.get("sha256"), str)
+    )
 
 
 def manifest_shards(path) -> Iterator[Codes]:
@@ -221,8 +277,13 @@ def manifest_shards(path) -> Iterator[Codes]:
         if file_sha256(shard_path) != shard["sha256"]:
             raise DmuhError(f"{where}: shard {shard_path} changed since the manifest was written (sha256 mismatch)")
         codes = Codes.load(shard_path)
-        if len(codes) != shard["count"] or codes.bits != manifest["bits"] or \
-                codes.model.get("checkpoint_sha256") != expected_model:
-            raise DmuhError(f"{where}: shard {shard_path} holds {len(codes)} {codes.bits}-bit codes of another "
-                            f"encode than the manifest lists ({shard['count']} {manifest['bits']}-bit codes)")
+        if (
+            len(codes) != shard["count"]
+            or codes.bits != manifest["bits"]
+            or codes.model.get("checkpoint_sha256") != expected_model
+        ):
+            raise DmuhError(
+                f"{where}: shard {shard_path} holds {len(codes)} {codes.bits}-bit codes of another "
+                f"encode than the manifest lists ({shard['count']} {manifest['bits']}-bit codes)"
+            )
         yield codes

@@ -21,8 +21,14 @@ from dmuh.data.sources import IMAGE_EXTENSIONS, is_hidden, open_source
 from dmuh.errors import DataError, DmuhError, first_line
 
 
-def read_image(path, channels: int, size: Optional[int], data: Optional[bytes] = None, name: Optional[str] = None,
-               max_pixels: Optional[int] = None) -> np.ndarray:
+def read_image(
+    path,
+    channels: int,
+    size: Optional[int],
+    data: Optional[bytes] = None,
+    name: Optional[str] = None,
+    max_pixels: Optional[int] = None,
+) -> np.ndarray:
     """One image file (or its bytes) -> (size, size, channels) uint8; DmuhError naming it if unreadable.
 
     `max_pixels` refuses an image whose header declares more pixels before any is decoded (a
@@ -54,7 +60,9 @@ class ImageFiles:
     labels = None
     class_names = None
 
-    def __init__(self, paths: Sequence[str], base: Optional[Path] = None, zip_path: Optional[Path] = None, channels: int = 3):
+    def __init__(
+        self, paths: Sequence[str], base: Optional[Path] = None, zip_path: Optional[Path] = None, channels: int = 3
+    ):
         self.ids = list(paths)
         self.base = base
         self.zip_path = zip_path
@@ -72,13 +80,16 @@ class ImageFiles:
         except (OSError, zipfile.BadZipFile) as error:
             raise DmuhError(f"{self.zip_path}: cannot open zip ({first_line(error)})") from None
         try:
+
             def one(i):
                 relative = self.ids[int(i)]
                 if archive is not None:
                     try:
                         data = archive.read(relative)
                     except (KeyError, zipfile.BadZipFile, OSError) as error:
-                        raise DmuhError(f"{self.zip_path}:{relative}: cannot read image ({first_line(error)})") from None
+                        raise DmuhError(
+                            f"{self.zip_path}:{relative}: cannot read image ({first_line(error)})"
+                        ) from None
                     return read_image(None, self.channels, size, data=data, name=f"{self.zip_path}:{relative}")
                 path = Path(relative) if self.base is None else self.base / relative
                 return read_image(path, self.channels, size)
@@ -99,6 +110,7 @@ class ImageFiles:
 
 def list_image_files(path: Path) -> List[str]:
     """Sorted relative posix paths of the visible image files under a directory or inside a .zip."""
+
     def visible(relative: str) -> bool:
         return not is_hidden(relative) and Path(relative).suffix.lower() in IMAGE_EXTENSIONS
 
@@ -141,7 +153,9 @@ def open_images(spec: str, root: Optional[str] = None, channels: int = 3):
         return ImageFiles(files, zip_path=path, channels=channels)
     if path.is_file() and path.suffix.lower() == ".txt":
         try:
-            lines = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+            lines = [
+                line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+            ]
         except (OSError, UnicodeDecodeError) as error:
             raise DataError(f"images {spec}: cannot read list file ({first_line(error)})", field="images") from None
         base = Path(root) if root else path.parent

@@ -34,8 +34,10 @@ def single_label_classes(labels: np.ndarray, what: str = "labels") -> np.ndarray
     bad = np.flatnonzero(counts != 1)
     if bad.size:
         row = int(bad[0])
-        raise DmuhError(f"{what}: label noise flips single-label classes, and item {row} has {int(counts[row])} "
-                        "labels (multi-label or unlabeled data)")
+        raise DmuhError(
+            f"{what}: label noise flips single-label classes, and item {row} has {int(counts[row])} "
+            "labels (multi-label or unlabeled data)"
+        )
     return (labels != 0).argmax(axis=1)
 
 
@@ -50,7 +52,9 @@ def flip_labels(labels: np.ndarray, rate: float, seed: int = 0) -> Tuple[np.ndar
     n, num_classes = labels.shape
     count = int(round(rate * n))
     if count and num_classes < 2:
-        raise ConfigError("label_noise: a label can only be flipped to another class, and the data has one class", field="label_noise")
+        raise ConfigError(
+            "label_noise: a label can only be flipped to another class, and the data has one class", field="label_noise"
+        )
     rng = np.random.default_rng(seed)
     flipped = np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
     # A shift of 1..C-1 classes (uniform): every other class equally likely, never the same one.
@@ -82,8 +86,9 @@ class LabelNoise:
         """`labels` (n, C) with the recorded flips; refused when they are not the labels it was made for."""
         labels = np.asarray(labels)
         classes = single_label_classes(labels, "training labels")
-        if len(self.positions) and (self.positions.max() >= len(labels) or not np.array_equal(
-                classes[self.positions], self.original)):
+        if len(self.positions) and (
+            self.positions.max() >= len(labels) or not np.array_equal(classes[self.positions], self.original)
+        ):
             raise DmuhError(f"{where}: recorded for other training labels than the data's (was the data changed?)")
         noisy = labels.copy()
         noisy[self.positions] = 0
@@ -97,9 +102,16 @@ class LabelNoise:
         return out
 
     def save(self, path) -> None:
-        record = {"format": NOISE_FORMAT, "version": NOISE_VERSION, "rate": self.rate, "seed": self.seed,
-                  "count": int(len(self.positions)), "positions": self.positions.tolist(),
-                  "original": self.original.tolist(), "noisy": self.noisy.tolist()}
+        record = {
+            "format": NOISE_FORMAT,
+            "version": NOISE_VERSION,
+            "rate": self.rate,
+            "seed": self.seed,
+            "count": int(len(self.positions)),
+            "positions": self.positions.tolist(),
+            "original": self.original.tolist(),
+            "noisy": self.noisy.tolist(),
+        }
         atomic_write_text(path, json.dumps(record, separators=(",", ":")) + "\n")
 
     @classmethod

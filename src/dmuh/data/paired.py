@@ -87,8 +87,10 @@ class Vocabulary:
         if require_known:
             for text, row in zip(texts, vectors):
                 if not row.any():
-                    raise DmuhError(f"text {text!r}: none of its words is in the run's vocabulary of "
-                                    f"{len(self.words)} words (e.g. {', '.join(self.words[:5])})")
+                    raise DmuhError(
+                        f"text {text!r}: none of its words is in the run's vocabulary of "
+                        f"{len(self.words)} words (e.g. {', '.join(self.words[:5])})"
+                    )
         if self.weighting == "tfidf":
             vectors *= self.idf[None, :]
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -96,8 +98,11 @@ class Vocabulary:
         return vectors
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"words": self.words, "weighting": self.weighting,
-                "idf": None if self.idf is None else [float(v) for v in self.idf]}
+        return {
+            "words": self.words,
+            "weighting": self.weighting,
+            "idf": None if self.idf is None else [float(v) for v in self.idf],
+        }
 
     @classmethod
     def from_dict(cls, value: Any, where: str) -> "Vocabulary":
@@ -146,8 +151,9 @@ class PairedSource(Source):
         self.image = image
         self.text = check_text_matrix(text, len(image), name)
         if vocabulary is not None and len(vocabulary) != self.text.shape[1]:
-            raise DmuhError(f"{name}: a vocabulary of {len(vocabulary)} words for text vectors of "
-                            f"{self.text.shape[1]} columns")
+            raise DmuhError(
+                f"{name}: a vocabulary of {len(vocabulary)} words for text vectors of {self.text.shape[1]} columns"
+            )
         self.vocabulary = vocabulary
         self.name = name
         self._init_common(image.labels, image.class_names, image.ids, image.subsets, image.channels, name)
@@ -180,15 +186,19 @@ def image_part(image: np.ndarray, labels: np.ndarray, where: str, what: str = "i
     if image.ndim == 2:
         if np.issubdtype(image.dtype, np.number) and not np.isfinite(image).all(axis=1).all():
             bad = np.flatnonzero(~np.isfinite(image).all(axis=1))
-            raise DmuhError(f"{where}: {what} row {int(bad[0])} (counting from 0) holds NaN or Inf; "
-                            f"{len(bad)} of {len(image)} rows do")
+            raise DmuhError(
+                f"{where}: {what} row {int(bad[0])} (counting from 0) holds NaN or Inf; "
+                f"{len(bad)} of {len(image)} rows do"
+            )
         return FeatureSource(image, labels, name=where, **names)
     if image.ndim in (3, 4) and image.dtype == np.uint8:
         source = ArraySource.__new__(ArraySource)
         source._init_images(image, labels, names.get("class_names"), names.get("ids"), names.get("subsets"), where)
         return source
-    raise DmuhError(f"{where}: the image must be (N, D) feature vectors or (N, H, W[, C]) uint8 images, "
-                    f"got {image.dtype} {image.shape}")
+    raise DmuhError(
+        f"{where}: the image must be (N, D) feature vectors or (N, H, W[, C]) uint8 images, "
+        f"got {image.dtype} {image.shape}"
+    )
 
 
 def no_labels(count: int) -> np.ndarray:
@@ -199,8 +209,9 @@ def load_paired_npz(path: PathLike, labeled: bool = True) -> PairedSource:
     """A .npz with `image` and `text`, optional `labels`, `class_names`, `ids`, `subsets` and
     `vocabulary` (one word per text column)."""
     path = Path(path)
-    arrays = _load_npz(path, required=("image", "text"),
-                       optional=("labels", "class_names", "ids", "subsets", "vocabulary"))
+    arrays = _load_npz(
+        path, required=("image", "text"), optional=("labels", "class_names", "ids", "subsets", "vocabulary")
+    )
     count = arrays["image"].shape[0] if arrays["image"].ndim else 0
     names = {}
     for key in ("class_names", "ids", "subsets"):
@@ -237,8 +248,10 @@ def open_paired(path: PathLike, labeled: bool = True, **kw) -> PairedSource:
     kind = "folder" if path.is_dir() else path.suffix.lower()
     reader = PAIRED_READERS.get(kind)
     if reader is None:
-        raise DmuhError(f"paired data {path}: unknown kind of file (expected a .npz of image and text, a .mat, "
-                        "or an image folder or .zip with a .txt file beside each image)")
+        raise DmuhError(
+            f"paired data {path}: unknown kind of file (expected a .npz of image and text, a .mat, "
+            "or an image folder or .zip with a .txt file beside each image)"
+        )
     return reader(path, labeled=labeled, **kw)
 
 
@@ -247,4 +260,3 @@ def _open_paired_spec(target: str, root, **kw) -> PairedSource:
 
 
 SOURCE_KINDS["paired"] = _open_paired_spec
-

@@ -44,8 +44,9 @@ TEXT_FIELDS = ("YAll", "text", "tags", "T", "Y")
 LABEL_FIELDS = ("LAll", "labels", "L")
 # MATLAB classes that hold numbers; anything else (cell, struct, char, object, function_handle, ...)
 # is refused, naming the field.
-NUMERIC_CLASSES = frozenset({"double", "single", "logical", "int8", "uint8", "int16", "uint16",
-                             "int32", "uint32", "int64", "uint64", "sparse"})
+NUMERIC_CLASSES = frozenset(
+    {"double", "single", "logical", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "sparse"}
+)
 MAT_OPTIONS = ("image_field", "text_field", "labels_field")
 FOLDER_OPTIONS = ("channels", "allow_empty_classes", "text_weighting", "min_df")
 
@@ -86,11 +87,13 @@ class _MatV5(_MatFile):
         try:
             listing = scipy.io.whosmat(str(path))
         except NotImplementedError:  # a v7.3 header on a file h5py could not read
-            raise DmuhError(f"{path}: a MATLAB 7.3 header but not a readable HDF5 file "
-                            "(damaged or truncated?)") from None
+            raise DmuhError(
+                f"{path}: a MATLAB 7.3 header but not a readable HDF5 file (damaged or truncated?)"
+            ) from None
         except Exception as error:  # a foreign or truncated file fails in many ways; all mean "not a .mat"
-            raise DmuhError(f"{path}: not a readable MATLAB .mat file ({type(error).__name__}: "
-                            f"{_one_line(error)})") from None
+            raise DmuhError(
+                f"{path}: not a readable MATLAB .mat file ({type(error).__name__}: {_one_line(error)})"
+            ) from None
         self.names = [name for name, _, _ in listing]
         self.classes = {name: cls for name, _, cls in listing}
 
@@ -99,11 +102,14 @@ class _MatV5(_MatFile):
         import scipy.sparse
 
         try:
-            loaded = scipy.io.loadmat(str(self.path), variable_names=list(names), squeeze_me=False,
-                                      chars_as_strings=True)
+            loaded = scipy.io.loadmat(
+                str(self.path), variable_names=list(names), squeeze_me=False, chars_as_strings=True
+            )
         except Exception as error:
-            raise DmuhError(f"{self.path}: cannot read {', '.join(repr(n) for n in names)} "
-                            f"({type(error).__name__}: {_one_line(error)})") from None
+            raise DmuhError(
+                f"{self.path}: cannot read {', '.join(repr(n) for n in names)} "
+                f"({type(error).__name__}: {_one_line(error)})"
+            ) from None
         arrays = {}
         for name in names:
             value = loaded.get(name)
@@ -165,8 +171,9 @@ class _MatHdf5(_MatFile):
         if data.dtype.names is not None:
             raise DmuhError(f"{self.path}: field {name!r} holds complex numbers, not a real numeric matrix")
         try:
-            matrix = scipy.sparse.csc_matrix((data.astype(np.float32), ir.astype(np.int64), jc.astype(np.int64)),
-                                             shape=(rows, len(jc) - 1))
+            matrix = scipy.sparse.csc_matrix(
+                (data.astype(np.float32), ir.astype(np.int64), jc.astype(np.int64)), shape=(rows, len(jc) - 1)
+            )
         except ValueError as error:
             raise DmuhError(f"{self.path}: field {name!r} is a damaged sparse matrix ({_one_line(error)})") from None
         return matrix.toarray()
@@ -195,8 +202,14 @@ def _open_mat(path: Path) -> _MatFile:
     return _MatV5(path)
 
 
-def _pick_field(path: Path, names: Sequence[str], role: str, override: Optional[str],
-                candidates: Sequence[str], required: bool = True) -> Optional[str]:
+def _pick_field(
+    path: Path,
+    names: Sequence[str],
+    role: str,
+    override: Optional[str],
+    candidates: Sequence[str],
+    required: bool = True,
+) -> Optional[str]:
     present = ", ".join(names) or "none"
     if override is not None:
         if override not in names:
@@ -246,34 +259,49 @@ def _items_first(path: Path, fields: List[Tuple[str, str, np.ndarray]]) -> Tuple
         return count, [array if array.shape[0] == count else np.moveaxis(array, -1, 0) for array in arrays]
     counts = ", ".join(f"{role} field {name!r} {array.shape[0]} (shape {array.shape})" for role, name, array in fields)
     needs = "an image, a text and its labels" if len(fields) == 3 else "an image and a text"
-    raise DmuhError(f"{path}: the fields hold different numbers of items: {counts}; "
-                    f"each item needs {needs} (items on the first dimension)")
+    raise DmuhError(
+        f"{path}: the fields hold different numbers of items: {counts}; "
+        f"each item needs {needs} (items on the first dimension)"
+    )
 
 
 def _image_array(path: Path, name: str, image: np.ndarray) -> np.ndarray:
     if image.ndim == 2:  # feature vectors: `image_part` checks them
         return image
     if image.dtype != np.uint8:
-        raise DmuhError(f"{path}: image field {name!r} is {image.dtype} {image.shape}; images must be uint8 "
-                        "(N, H, W[, C]) (or give (N, D) feature vectors)")
+        raise DmuhError(
+            f"{path}: image field {name!r} is {image.dtype} {image.shape}; images must be uint8 "
+            "(N, H, W[, C]) (or give (N, D) feature vectors)"
+        )
     if image.ndim == 4 and image.shape[3] not in (1, 3) and image.shape[1] in (1, 3):
         image = np.moveaxis(image, 1, -1)  # N x C x H x W -> N x H x W x C
     if image.ndim == 4 and image.shape[3] not in (1, 3):
-        raise DmuhError(f"{path}: image field {name!r} has shape {image.shape}; expected 1 or 3 channels "
-                        "(N x H x W x C or N x C x H x W)")
+        raise DmuhError(
+            f"{path}: image field {name!r} has shape {image.shape}; expected 1 or 3 channels "
+            "(N x H x W x C or N x C x H x W)"
+        )
     return np.ascontiguousarray(image)
 
 
-def load_paired_mat(path: PathLike, labeled: bool = True, image_field: Optional[str] = None,
-                    text_field: Optional[str] = None, labels_field: Optional[str] = None, **kw) -> PairedSource:
+def load_paired_mat(
+    path: PathLike,
+    labeled: bool = True,
+    image_field: Optional[str] = None,
+    text_field: Optional[str] = None,
+    labels_field: Optional[str] = None,
+    **kw,
+) -> PairedSource:
     """A MATLAB .mat (v5 or v7.3) of image features or images, bag-of-words text and 0/1 labels."""
     path = Path(path)
     if kw:
-        raise DmuhError(f"{path}: unknown option(s) {', '.join(sorted(kw))} for a .mat "
-                        f"(it takes {', '.join(MAT_OPTIONS)})")
+        raise DmuhError(
+            f"{path}: unknown option(s) {', '.join(sorted(kw))} for a .mat (it takes {', '.join(MAT_OPTIONS)})"
+        )
     with _open_mat(path) as mat:
-        roles = [("image", _pick_field(path, mat.names, "image", image_field, IMAGE_FIELDS)),
-                 ("text", _pick_field(path, mat.names, "text", text_field, TEXT_FIELDS))]
+        roles = [
+            ("image", _pick_field(path, mat.names, "image", image_field, IMAGE_FIELDS)),
+            ("text", _pick_field(path, mat.names, "text", text_field, TEXT_FIELDS)),
+        ]
         if labeled:
             label_name = _pick_field(path, mat.names, "labels", labels_field, LABEL_FIELDS, required=False)
             if label_name is not None:
@@ -297,8 +325,9 @@ def load_paired_mat(path: PathLike, labeled: bool = True, image_field: Optional[
     else:
         labels = no_labels(count)
     ids = [f"{path.name}:{row}" for row in range(count)]
-    return PairedSource(image_part(image, labels, str(path), what=f"image field {roles[0][1]!r}", ids=ids),
-                        text, None, str(path))
+    return PairedSource(
+        image_part(image, labels, str(path), what=f"image field {roles[0][1]!r}", ids=ids), text, None, str(path)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,17 +350,28 @@ def _read_text(store, relative: str) -> str:
     try:
         return data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is dropped
     except UnicodeDecodeError as error:
-        raise DmuhError(f"{store.describe(relative)}: not UTF-8 text (byte {data[error.start]:#04x} at offset "
-                        f"{error.start}); save it as UTF-8") from None
+        raise DmuhError(
+            f"{store.describe(relative)}: not UTF-8 text (byte {data[error.start]:#04x} at offset "
+            f"{error.start}); save it as UTF-8"
+        ) from None
 
 
-def load_paired_folder(path: PathLike, labeled: bool = True, channels: int = 3, allow_empty_classes: bool = False,
-                       text_weighting: str = "binary", min_df: int = 1, **kw) -> PairedSource:
+def load_paired_folder(
+    path: PathLike,
+    labeled: bool = True,
+    channels: int = 3,
+    allow_empty_classes: bool = False,
+    text_weighting: str = "binary",
+    min_df: int = 1,
+    **kw,
+) -> PairedSource:
     """An ImageFolder tree (a folder or a .zip) with the words of `a/b.jpg` in `a/b.txt`."""
     path = Path(path)
     if kw:
-        raise DmuhError(f"{path}: unknown option(s) {', '.join(sorted(kw))} for an image folder with texts "
-                        f"(it takes {', '.join(FOLDER_OPTIONS)})")
+        raise DmuhError(
+            f"{path}: unknown option(s) {', '.join(sorted(kw))} for an image folder with texts "
+            f"(it takes {', '.join(FOLDER_OPTIONS)})"
+        )
     if isinstance(min_df, bool) or not isinstance(min_df, (int, np.integer)) or min_df < 1:
         raise DmuhError(f"min_df={min_df!r}: expected a whole number of texts, 1 or more")
     image = ImageFolderSource(path, channels=channels, allow_empty_classes=allow_empty_classes, labeled=labeled)
@@ -342,8 +382,10 @@ def load_paired_folder(path: PathLike, labeled: bool = True, channels: int = 3, 
     if missing:
         first = missing[0]
         more = f"; {len(missing) - 1} more images lack theirs" if len(missing) > 1 else ""
-        raise DmuhError(f"{store.describe(image.ids[first])}: no text file beside it "
-                        f"(expected {store.describe(texts[first])}){more}")
+        raise DmuhError(
+            f"{store.describe(image.ids[first])}: no text file beside it "
+            f"(expected {store.describe(texts[first])}){more}"
+        )
     contents = [_read_text(store, relative) for relative in texts]
     try:
         vocabulary = Vocabulary.fit(contents, weighting=text_weighting, min_df=int(min_df))

@@ -48,14 +48,18 @@ class InputPipeline:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
 
-    def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None, train: bool = False) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, generator: Optional[torch.Generator] = None, train: bool = False
+    ) -> torch.Tensor:
         if images.dim() == 2:  # feature vectors
             return images.float()
         x = images.float()
         if train and self.augment != "none":
             x = self._augment(x, generator)
         if self.input_size and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=False)
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=False
+            )
         if self.mean.device != x.device:  # moved once, not copied to the device every step
             self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
         mean, std = self.mean, self.std

@@ -49,9 +49,16 @@ class Split:
         return str(self.path) if self.path else f"split {self.protocol!r} (seed {self.seed})"
 
     def _record(self) -> dict:
-        return {"protocol": self.protocol, "seed": self.seed, "topk": self.topk, "fingerprint": self.fingerprint,
-                "params": self.params, "query": self.query.tolist(), "train": self.train.tolist(),
-                "database": self.database.tolist()}
+        return {
+            "protocol": self.protocol,
+            "seed": self.seed,
+            "topk": self.topk,
+            "fingerprint": self.fingerprint,
+            "params": self.params,
+            "query": self.query.tolist(),
+            "train": self.train.tolist(),
+            "database": self.database.tolist(),
+        }
 
     def validate(self) -> None:
         """Refuse a split no protocol makes: an empty role, an index twice in a role, or a query
@@ -65,17 +72,22 @@ class Split:
                 raise DmuhError(f"{where}: role {role!r} holds the negative index {int(indices.min())}")
             unique, counts = np.unique(indices, return_counts=True)
             if len(unique) != len(indices):
-                raise DmuhError(f"{where}: role {role!r} holds index {int(unique[np.argmax(counts > 1)])} "
-                                f"{int(counts.max())} times")
+                raise DmuhError(
+                    f"{where}: role {role!r} holds index {int(unique[np.argmax(counts > 1)])} {int(counts.max())} times"
+                )
         for role in ("train", "database"):
             shared = np.intersect1d(self.query, getattr(self, role))
             if shared.size:
-                raise DmuhError(f"{where}: {shared.size} query item(s) are also {role} items (e.g. index "
-                                f"{int(shared[0])}); the query must be kept apart from {role}")
+                raise DmuhError(
+                    f"{where}: {shared.size} query item(s) are also {role} items (e.g. index "
+                    f"{int(shared[0])}); the query must be kept apart from {role}"
+                )
 
     def __repr__(self) -> str:
-        return (f"Split({self.protocol!r}, seed={self.seed}, query={len(self.query)}, train={len(self.train)}, "
-                f"database={len(self.database)}, topk={self.topk})")
+        return (
+            f"Split({self.protocol!r}, seed={self.seed}, query={len(self.query)}, train={len(self.train)}, "
+            f"database={len(self.database)}, topk={self.topk})"
+        )
 
     def save(self, path: PathLike) -> None:
         content = self._record()
@@ -96,10 +108,19 @@ class Split:
         if "checksum" in record:  # files written before checksums were added have none
             content = {key: record.get(key) for key in _CHECKSUM_FIELDS}
             if record["checksum"] != _checksum(content):
-                raise DmuhError(f"{path}: field 'checksum' does not match the content: the split was edited "
-                                "or corrupted after it was saved")
-        split = cls(record["protocol"], record["seed"], topk=topk, fingerprint=record["fingerprint"],
-                    params=record["params"], path=str(path), **arrays)
+                raise DmuhError(
+                    f"{path}: field 'checksum' does not match the content: the split was edited "
+                    "or corrupted after it was saved"
+                )
+        split = cls(
+            record["protocol"],
+            record["seed"],
+            topk=topk,
+            fingerprint=record["fingerprint"],
+            params=record["params"],
+            path=str(path),
+            **arrays,
+        )
         split.validate()
         return split
 
@@ -109,24 +130,31 @@ class Split:
         where = self._where()
         # A split made on an unlabeled reading of the data carries the items' fingerprint alone.
         if self.fingerprint and self.fingerprint not in (source.fingerprint(), source.fingerprint(labels=False)):
-            raise DmuhError(f"{where}: split {self.protocol!r} (seed {self.seed}) was made for other data: "
-                            f"fingerprint {self.fingerprint[:12]}..., this data {source.fingerprint()[:12]}...")
+            raise DmuhError(
+                f"{where}: split {self.protocol!r} (seed {self.seed}) was made for other data: "
+                f"fingerprint {self.fingerprint[:12]}..., this data {source.fingerprint()[:12]}..."
+            )
         for role in ("query", "train", "database"):
             indices = getattr(self, role)
             if indices.size and (indices.min() < 0 or indices.max() >= len(source)):
-                raise DmuhError(f"{where}: split {self.protocol!r}: {role} index {int(indices.max())} out of range "
-                                f"for {len(source)} items")
+                raise DmuhError(
+                    f"{where}: split {self.protocol!r}: {role} index {int(indices.max())} out of range "
+                    f"for {len(source)} items"
+                )
         self.validate()
         try:  # the fingerprint is compared above; "-" spares make_split hashing the data again
-            expected = make_split(self.protocol, source, seed=self.seed, fingerprint=self.fingerprint or "-",
-                                  **self.params)
+            expected = make_split(
+                self.protocol, source, seed=self.seed, fingerprint=self.fingerprint or "-", **self.params
+            )
         except DmuhError as error:
             raise DmuhError(f"{where}: cannot remake the split from its protocol to check it ({error})") from None
         for role in ("query", "train", "database"):
             have, want = len(getattr(self, role)), len(getattr(expected, role))
             if have != want:
-                raise DmuhError(f"{where}: role {role!r} holds {have} items, protocol {self.protocol!r} "
-                                f"(seed {self.seed}) gives {want} for this data")
+                raise DmuhError(
+                    f"{where}: role {role!r} holds {have} items, protocol {self.protocol!r} "
+                    f"(seed {self.seed}) gives {want} for this data"
+                )
 
 
 _CHECKSUM_FIELDS = ("protocol", "seed", "topk", "fingerprint", "params", "query", "train", "database")
@@ -168,8 +196,7 @@ class _Data:
         return np.flatnonzero(self.subsets == name)
 
 
-def _sample_per_class(data: _Data, rng: np.random.Generator, counts: Sequence[int],
-                      roles: Sequence[str]) -> list:
+def _sample_per_class(data: _Data, rng: np.random.Generator, counts: Sequence[int], roles: Sequence[str]) -> list:
     """Per class, draw counts[r] items for each role r among items carrying the class label and not
     chosen yet (for multi-label data an item is drawn for at most one class and one role)."""
     chosen = np.zeros(data.count, dtype=bool)
@@ -179,13 +206,14 @@ def _sample_per_class(data: _Data, rng: np.random.Generator, counts: Sequence[in
         available = np.flatnonzero((data.labels[:, c] == 1) & ~chosen)
         if len(available) < needed:
             wanted = " + ".join(f"{n} {role}" for n, role in zip(counts, roles))
-            raise DmuhError(f"class {data.class_names[c]!r} has {len(available)} items left to draw, "
-                            f"the protocol needs {wanted}")
+            raise DmuhError(
+                f"class {data.class_names[c]!r} has {len(available)} items left to draw, the protocol needs {wanted}"
+            )
         picked = rng.choice(available, size=needed, replace=False)
         chosen[picked] = True
         start = 0
         for r, n in enumerate(counts):
-            drawn[r].append(picked[start:start + n])
+            drawn[r].append(picked[start : start + n])
             start += n
     return [np.sort(np.concatenate(parts)) for parts in drawn]
 
@@ -197,7 +225,7 @@ def _sample_random(data: _Data, rng: np.random.Generator, counts: Sequence[int],
         raise DmuhError(f"the data has {data.count} items, the protocol needs {wanted}")
     order = rng.permutation(data.count)
     bounds = np.cumsum([0] + list(counts))
-    return [np.sort(order[bounds[r]:bounds[r + 1]]) for r in range(len(counts))]
+    return [np.sort(order[bounds[r] : bounds[r + 1]]) for r in range(len(counts))]
 
 
 UNLABELED_HINT = "use protocol 'cifar10-unsup' or 'unsupervised' for data without labels"
@@ -205,8 +233,10 @@ UNLABELED_HINT = "use protocol 'cifar10-unsup' or 'unsupervised' for data withou
 
 def _require_classes(data: _Data, protocol: str, expected: int) -> None:
     if data.num_classes != expected:
-        raise DmuhError(f"protocol {protocol!r} expects {expected} classes, the data has {data.num_classes}; "
-                        "use protocol 'per-class' for other data")
+        raise DmuhError(
+            f"protocol {protocol!r} expects {expected} classes, the data has {data.num_classes}; "
+            "use protocol 'per-class' for other data"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +245,9 @@ def _require_classes(data: _Data, protocol: str, expected: int) -> None:
 DATABASE_CHOICES = ("rest", "rest-minus-train")
 
 
-def _per_class(data, rng, *, query_per_class: int, train_per_class: int, database: str = "rest",
-               topk: Optional[int] = None):
+def _per_class(
+    data, rng, *, query_per_class: int, train_per_class: int, database: str = "rest", topk: Optional[int] = None
+):
     """Per class, query_per_class query and train_per_class train items; database = all but the query
     ("rest", train inside it) or all but query and train ("rest-minus-train")."""
     if database not in DATABASE_CHOICES:
@@ -302,8 +333,10 @@ def _imagenet100(data, rng, *, topk=1000):
     needed = ("test", "train", "database")
     present = sorted(set(data.subsets.tolist())) if data.subsets is not None else []
     if not set(needed) <= set(present):
-        raise DmuhError("protocol 'imagenet100' needs the subsets train, test and database (list files given "
-                        f"as a mapping name -> file); this data has: {', '.join(present) or 'no subsets'}")
+        raise DmuhError(
+            "protocol 'imagenet100' needs the subsets train, test and database (list files given "
+            f"as a mapping name -> file); this data has: {', '.join(present) or 'no subsets'}"
+        )
     return data.subset("test"), data.subset("train"), data.subset("database"), topk
 
 
@@ -344,8 +377,7 @@ def available_protocols() -> list:
     return sorted(PROTOCOLS)
 
 
-def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fingerprint: str = "",
-               **params) -> Split:
+def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fingerprint: str = "", **params) -> Split:
     """Split a source (or a label array) by a named protocol; the same seed gives the same split.
 
     With a Source, its subsets and fingerprint are used unless given. `params` go to the protocol:
@@ -369,8 +401,9 @@ def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fin
     accepted = {name: p for name, p in inspect.signature(build).parameters.items() if p.kind == p.KEYWORD_ONLY}
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise DmuhError(f"protocol {protocol!r}: unknown parameter(s) {', '.join(unknown)} "
-                        f"(it takes {', '.join(accepted)})")
+        raise DmuhError(
+            f"protocol {protocol!r}: unknown parameter(s) {', '.join(unknown)} (it takes {', '.join(accepted)})"
+        )
     missing = [name for name, p in accepted.items() if p.default is p.empty and name not in params]
     if missing:
         raise DmuhError(f"protocol {protocol!r}: parameter(s) {', '.join(missing)} required")
@@ -385,9 +418,19 @@ def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fin
         raise DmuhError(f"topk: expected a positive integer or None, got {topk!r}")
     for role, indices in (("query", query), ("train", train), ("database", database)):
         if len(indices) == 0:
-            raise DmuhError(f"protocol {protocol!r}: the split of these {labels.shape[0]} items has no {role} "
-                            "items; choose another protocol or its parameters")
-    split = Split(protocol, int(seed), query, train, database, topk=None if topk is None else int(topk),
-                  fingerprint=fingerprint, params=dict(params))
+            raise DmuhError(
+                f"protocol {protocol!r}: the split of these {labels.shape[0]} items has no {role} "
+                "items; choose another protocol or its parameters"
+            )
+    split = Split(
+        protocol,
+        int(seed),
+        query,
+        train,
+        database,
+        topk=None if topk is None else int(topk),
+        fingerprint=fingerprint,
+        params=dict(params),
+    )
     split.validate()  # every protocol keeps the query apart; a new one that did not would stop here
     return split

@@ -56,8 +56,10 @@ def to_multi_hot(labels, num_classes: Optional[int] = None, what: str = "labels"
             raise DmuhError(f"{what}: class index {needed - 1} (row {row}) but only {num_classes} classes")
         if labels.shape[0] * num_classes > MAX_LABEL_BYTES:
             row = int(np.argmax(labels))
-            raise DmuhError(f"{what}: class index {int(labels[row])} (row {row}) would make a "
-                            f"{labels.shape[0]} x {num_classes} label matrix; is that label corrupt?")
+            raise DmuhError(
+                f"{what}: class index {int(labels[row])} (row {row}) would make a "
+                f"{labels.shape[0]} x {num_classes} label matrix; is that label corrupt?"
+            )
         one_hot = np.zeros((labels.shape[0], num_classes), dtype=np.uint8)
         one_hot[np.arange(labels.shape[0]), labels] = 1
         return one_hot
@@ -138,8 +140,13 @@ class Source:
         """Item `i` as a PIL image in mode "L" (channels 1) or "RGB" (channels 3)."""
         raise NotImplementedError
 
-    def decode(self, indices=None, size: Optional[int] = None, workers: Optional[int] = None,
-               cache_dir: Optional[PathLike] = None) -> np.ndarray:
+    def decode(
+        self,
+        indices=None,
+        size: Optional[int] = None,
+        workers: Optional[int] = None,
+        cache_dir: Optional[PathLike] = None,
+    ) -> np.ndarray:
         """Decode items into one (n, H, W, channels) uint8 array, resized to size x size if given.
 
         Without `size` all decoded images must share one size. With `cache_dir` the array is
@@ -181,7 +188,8 @@ class Source:
                 if array.shape != first.shape:
                     raise DmuhError(
                         f"images differ in size: {self.ids[indices[0]]} is {first.shape[1]}x{first.shape[0]}, "
-                        f"{self.ids[indices[pos]]} is {array.shape[1]}x{array.shape[0]}; pass size to resize them")
+                        f"{self.ids[indices[pos]]} is {array.shape[1]}x{array.shape[0]}; pass size to resize them"
+                    )
                 out[pos] = array
 
         rest = np.arange(1, n)
@@ -280,15 +288,18 @@ class FeatureSource(Source):
     def __init__(self, features, labels, class_names=None, ids=None, subsets=None, name: str = "features"):
         features = np.asarray(features)
         if features.ndim != 2 or not np.issubdtype(features.dtype, np.number) or np.iscomplexobj(features):
-            raise DmuhError(f"{name}: 'features' must be an (N, D) numeric array, "
-                            f"got {features.dtype} {features.shape}")
+            raise DmuhError(
+                f"{name}: 'features' must be an (N, D) numeric array, got {features.dtype} {features.shape}"
+            )
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused below
             self.features = np.ascontiguousarray(features, dtype=np.float32)
         finite = np.isfinite(self.features).all(axis=1)
         if not finite.all():
             bad = np.flatnonzero(~finite)
-            raise DmuhError(f"{name}: 'features' row {int(bad[0])} (counting from 0) holds NaN or Inf; "
-                            f"{len(bad)} of {len(finite)} rows do")
+            raise DmuhError(
+                f"{name}: 'features' row {int(bad[0])} (counting from 0) holds NaN or Inf; "
+                f"{len(bad)} of {len(finite)} rows do"
+            )
         labels = np.asarray(labels)
         if labels.ndim >= 1 and labels.shape[0] != features.shape[0]:
             raise DmuhError(f"{name}: 'features' has {features.shape[0]} rows but 'labels' has {labels.shape[0]}")
@@ -308,8 +319,9 @@ class FeatureSource(Source):
             for key in ("class_names", "ids", "subsets"):
                 if key in arrays:
                     if arrays[key].ndim != 1:
-                        raise DmuhError(f"{path}: key {key!r} must be a 1-D array of names, got shape "
-                                        f"{arrays[key].shape}")
+                        raise DmuhError(
+                            f"{path}: key {key!r} must be a 1-D array of names, got shape {arrays[key].shape}"
+                        )
                     optional[key] = arrays[key].tolist()
             if labeled and "labels" in arrays:
                 _check_label_array(arrays["labels"], f"{path}: key 'labels'")
@@ -425,8 +437,9 @@ class _FileStore:
         if root.is_file() and zipfile.is_zipfile(root):
             return _ZipStore(root)
         if root.is_file():
-            raise DmuhError(f"{root}: not a zip file (truncated, or another format); "
-                            "expected a directory or a .zip of images")
+            raise DmuhError(
+                f"{root}: not a zip file (truncated, or another format); expected a directory or a .zip of images"
+            )
         raise DmuhError(f"{root}: not found, or neither a directory nor a zip file")
 
     def describe(self, relative: str) -> str:
@@ -504,9 +517,18 @@ class _ZipStore(_FileStore):
                 infos = archive.infolist()
         except (OSError, zipfile.BadZipFile) as error:
             raise DmuhError(f"{self.root}: cannot open zip ({error})") from None
-        self._members = {info.filename: (info.header_offset, info.compress_size, info.file_size,
-                                         info.compress_type, info.flag_bits, info.CRC)
-                         for info in infos if not info.is_dir() and not is_hidden(info.filename)}
+        self._members = {
+            info.filename: (
+                info.header_offset,
+                info.compress_size,
+                info.file_size,
+                info.compress_type,
+                info.flag_bits,
+                info.CRC,
+            )
+            for info in infos
+            if not info.is_dir() and not is_hidden(info.filename)
+        }
         self._dirs = {info.filename.rstrip("/") for info in infos if info.is_dir() and not is_hidden(info.filename)}
         for name in self._members:  # folders a zip does not list on their own
             parts = name.split("/")[:-1]
@@ -544,8 +566,10 @@ class _ZipStore(_FileStore):
         if flags & 0x1:
             raise DmuhError(f"{self.describe(relative)}: encrypted zip members are not supported")
         if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise DmuhError(f"{self.describe(relative)}: compression method {method} is not supported "
-                            "(re-zip with stored or deflate)")
+            raise DmuhError(
+                f"{self.describe(relative)}: compression method {method} is not supported "
+                "(re-zip with stored or deflate)"
+            )
         header = self._read_at(offset, _ZIP_LOCAL_HEADER.size)
         if len(header) != _ZIP_LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
             raise DmuhError(f"{self.describe(relative)}: corrupt zip (bad local header)")
@@ -588,8 +612,9 @@ class _FileImageSource(Source):
             image.load()
             return image if image.mode == mode else image.convert(mode)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-            raise DmuhError(f"{self.store.describe(relative)}: cannot decode image ({_one_line(error)})"
-                            f"{self._listed_at(i)}") from None
+            raise DmuhError(
+                f"{self.store.describe(relative)}: cannot decode image ({_one_line(error)}){self._listed_at(i)}"
+            ) from None
 
     def _listed_at(self, i: int) -> str:
         """Where item `i` was listed, for messages ("" for a folder tree)."""
@@ -615,8 +640,11 @@ class ImageFolderSource(_FileImageSource):
         if channels not in (1, 3):
             raise DmuhError(f"channels: expected 1 or 3, got {channels!r}")
         self.store = _FileStore.open(path)
-        files = sorted((relative, size) for relative, size in self.store.list_files()
-                       if os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS)
+        files = sorted(
+            (relative, size)
+            for relative, size in self.store.list_files()
+            if os.path.splitext(relative)[1].lower() in IMAGE_EXTENSIONS
+        )
         in_folders = [(relative, size) for relative, size in files if "/" in relative]  # class = parent folder
         if labeled and in_folders:
             files = in_folders
@@ -681,8 +709,14 @@ class ListFileSource(_FileImageSource):
     when it is read, with the list file and line that named it.
     """
 
-    def __init__(self, list_files: Union[PathLike, Mapping[str, PathLike]], root: PathLike,
-                 class_names: Optional[Sequence[str]] = None, channels: int = 3, allow_outside_root: bool = False):
+    def __init__(
+        self,
+        list_files: Union[PathLike, Mapping[str, PathLike]],
+        root: PathLike,
+        class_names: Optional[Sequence[str]] = None,
+        channels: int = 3,
+        allow_outside_root: bool = False,
+    ):
         if channels not in (1, 3):
             raise DmuhError(f"channels: expected 1 or 3, got {channels!r}")
         named = dict(list_files) if isinstance(list_files, Mapping) else {Path(list_files).stem: list_files}
@@ -695,8 +729,10 @@ class ListFileSource(_FileImageSource):
         for name, list_file in named.items():
             for number, path, row in _parse_list_file(Path(list_file), width):
                 if not allow_outside_root and not inside(path):
-                    raise DmuhError(f"{list_file} line {number}: path {path!r} escapes --data-root {root}; "
-                                    "pass --allow-outside-root true to allow it")
+                    raise DmuhError(
+                        f"{list_file} line {number}: path {path!r} escapes --data-root {root}; "
+                        "pass --allow-outside-root true to allow it"
+                    )
                 width = len(row)
                 ids.append(path)
                 rows.append(row)
@@ -747,8 +783,9 @@ def _parse_list_file(list_file: Path, width: Optional[int]):
     except UnicodeDecodeError as error:
         data = bytes(error.object)
         line = data.count(b"\n", 0, error.start) + 1
-        raise DmuhError(f"{list_file} line {line}: not UTF-8 text (byte {data[error.start]:#04x}); "
-                        "save the list file as UTF-8") from None
+        raise DmuhError(
+            f"{list_file} line {line}: not UTF-8 text (byte {data[error.start]:#04x}); save the list file as UTF-8"
+        ) from None
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -759,8 +796,7 @@ def _parse_list_file(list_file: Path, width: Optional[int]):
         if not values or any(value not in ("0", "1") for value in values):
             shown = line.strip()
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            raise DmuhError(f"{list_file} line {number}: expected a path then 0/1 multi-hot labels, "
-                            f"got {shown!r}")
+            raise DmuhError(f"{list_file} line {number}: expected a path then 0/1 multi-hot labels, got {shown!r}")
         width = len(values)
         yield number, path, [int(value) for value in values]
 
@@ -772,10 +808,15 @@ def _parse_list_file(list_file: Path, width: Optional[int]):
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batch dicts without running arbitrary code from the file."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"),
-               ("_codecs", "encode")}  # bytes in protocol-2 pickles written by Python 3
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }  # bytes in protocol-2 pickles written by Python 3
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -822,8 +863,9 @@ class CifarBatchesSource(ArraySource):
             try:
                 data, batch_labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key])
             except (ValueError, TypeError) as error:
-                raise DmuhError(f"{batch_file}: b'data' or {label_key!r} is not an array "
-                                f"({_one_line(error)})") from None
+                raise DmuhError(
+                    f"{batch_file}: b'data' or {label_key!r} is not an array ({_one_line(error)})"
+                ) from None
             if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
                 raise DmuhError(f"{batch_file}: b'data' must be (N, 3072) uint8, got {data.dtype} {data.shape}")
             if batch_labels.ndim != 1 or not (np.issubdtype(batch_labels.dtype, np.integer) or batch_labels.size == 0):
@@ -852,12 +894,20 @@ class CifarBatchesSource(ArraySource):
             for batch_file, batch_labels in zip(label_files, labels):
                 if batch_labels.size and batch_labels.max() >= len(class_names):
                     row = int(np.argmax(batch_labels))
-                    raise DmuhError(f"{batch_file}: {label_key!r} row {row} is class {int(batch_labels[row])}, "
-                                    f"but {meta_file.name} names {len(class_names)} classes")
+                    raise DmuhError(
+                        f"{batch_file}: {label_key!r} row {row} is class {int(batch_labels[row])}, "
+                        f"but {meta_file.name} names {len(class_names)} classes"
+                    )
         labels = np.concatenate(labels)
         num_classes = len(class_names) if class_names else int(labels.max()) + 1
-        self._init_images(np.ascontiguousarray(np.concatenate(images)), to_multi_hot(labels, num_classes, str(folder)),
-                          class_names, ids, subsets, str(folder))
+        self._init_images(
+            np.ascontiguousarray(np.concatenate(images)),
+            to_multi_hot(labels, num_classes, str(folder)),
+            class_names,
+            ids,
+            subsets,
+            str(folder),
+        )
 
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): data is big-endian.
@@ -869,7 +919,7 @@ def read_idx(path: PathLike) -> np.ndarray:
     big-endian int32 size per dimension, then the data."""
     path = Path(path)
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as handle:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
             data = handle.read()
     except (OSError, EOFError, zlib.error) as error:
         reason = getattr(error, "strerror", None) or _one_line(error)
@@ -883,8 +933,9 @@ def read_idx(path: PathLike) -> np.ndarray:
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     expected = math.prod(shape) * dtype.itemsize
     if len(data) - header != expected:
-        raise DmuhError(f"{path}: IDX header says {shape} ({expected} bytes of data) "
-                        f"but the file holds {len(data) - header}")
+        raise DmuhError(
+            f"{path}: IDX header says {shape} ({expected} bytes of data) but the file holds {len(data) - header}"
+        )
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -896,7 +947,7 @@ def _idx_labels_path(images: Path) -> Path:
 def _idx_subset(images: Path) -> str:
     """train-images-idx3-ubyte -> "train"; t10k-images.idx3-ubyte -> "t10k"."""
     name = images.name
-    return name[:name.index("images")].rstrip("-._") or "images"
+    return name[: name.index("images")].rstrip("-._") or "images"
 
 
 class IdxSource(ArraySource):
@@ -919,17 +970,21 @@ class IdxSource(ArraySource):
         for images_file, labels_file in pairs:
             pixels, classes = read_idx(images_file), read_idx(labels_file)
             if pixels.dtype != np.uint8 or pixels.ndim != 3:
-                raise DmuhError(f"{images_file}: expected (N, H, W) unsigned-byte images, "
-                                f"got {pixels.dtype} {pixels.shape}")
+                raise DmuhError(
+                    f"{images_file}: expected (N, H, W) unsigned-byte images, got {pixels.dtype} {pixels.shape}"
+                )
             if classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer):
-                raise DmuhError(f"{labels_file}: expected a 1-D integer label file, "
-                                f"got {classes.dtype} {classes.shape}")
+                raise DmuhError(
+                    f"{labels_file}: expected a 1-D integer label file, got {classes.dtype} {classes.shape}"
+                )
             if classes.shape[0] != pixels.shape[0]:
-                raise DmuhError(f"{labels_file}: {classes.shape[0]} labels but {images_file.name} "
-                                f"holds {pixels.shape[0]} images")
+                raise DmuhError(
+                    f"{labels_file}: {classes.shape[0]} labels but {images_file.name} holds {pixels.shape[0]} images"
+                )
             if all_images and pixels.shape[1:] != all_images[0].shape[1:]:
-                raise DmuhError(f"{images_file}: images are {pixels.shape[1:]}, "
-                                f"the other files' {all_images[0].shape[1:]}")
+                raise DmuhError(
+                    f"{images_file}: images are {pixels.shape[1:]}, the other files' {all_images[0].shape[1:]}"
+                )
             all_images.append(pixels)
             all_labels.append(classes.astype(np.int64))
             ids.extend(f"{images_file.name}:{row}" for row in range(pixels.shape[0]))
@@ -951,8 +1006,10 @@ def _check_idx_labels(files: list, labels: list, class_names) -> None:
         for labels_file, classes in zip(files, labels):
             if classes.size and classes.max() >= len(class_names):
                 row = int(np.argmax(classes))
-                raise DmuhError(f"{labels_file}: label {int(classes[row])} at row {row} is out of range for "
-                                f"{len(class_names)} class names (0-{len(class_names) - 1})")
+                raise DmuhError(
+                    f"{labels_file}: label {int(classes[row])} at row {row} is out of range for "
+                    f"{len(class_names)} class names (0-{len(class_names) - 1})"
+                )
         return
     tops = [int(classes.max()) if classes.size else None for classes in labels]
     present = [top for top in tops if top is not None]
@@ -962,13 +1019,18 @@ def _check_idx_labels(files: list, labels: list, class_names) -> None:
     labels_file, classes = next((f, c) for f, c, top in zip(files, labels, tops) if top == highest)
     row = int(np.argmax(classes))
     below = max(top for top in present if top != highest)
-    raise DmuhError(f"{labels_file}: label {highest} at row {row} is out of range: the other label files "
-                    f"hold classes 0-{below} (pass class_names if it is a class)")
+    raise DmuhError(
+        f"{labels_file}: label {highest} at row {row} is out of range: the other label files "
+        f"hold classes 0-{below} (pass class_names if it is a class)"
+    )
 
 
 def _idx_image_files(folder: Path) -> list:
-    files = [path for path in folder.iterdir()
-             if "idx3" in path.name and "images" in path.name and not path.name.startswith(".")]
+    files = [
+        path
+        for path in folder.iterdir()
+        if "idx3" in path.name and "images" in path.name and not path.name.startswith(".")
+    ]
     if not files:
         raise DmuhError(f"{folder}: no IDX image files (*-images-idx3-ubyte[.gz])")
     # The training set first, as MNIST is conventionally listed; then by name.
@@ -983,8 +1045,14 @@ class DigitsSource(ArraySource):
 
         digits = load_digits()
         images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-        self._init_images(images, to_multi_hot(digits.target, 10), [str(d) for d in range(10)],
-                          [f"digits:{i}" for i in range(len(images))], None, "digits")
+        self._init_images(
+            images,
+            to_multi_hot(digits.target, 10),
+            [str(d) for d in range(10)],
+            [f"digits:{i}" for i in range(len(images))],
+            None,
+            "digits",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -992,7 +1060,7 @@ class DigitsSource(ArraySource):
 
 
 def _open_list(target: str, root, **kw) -> ListFileSource:
-    """"a.txt" or "train=a.txt,test=b.txt,database=c.txt" (named lists give subsets)."""
+    """ "a.txt" or "train=a.txt,test=b.txt,database=c.txt" (named lists give subsets)."""
     if root is None:
         raise DmuhError(f"{target}: a list file needs root (the folder or zip its image paths are relative to)")
     if "=" in target:
@@ -1074,8 +1142,10 @@ def open_source(spec: str, root: Optional[PathLike] = None, allow_outside_root: 
         return SOURCE_KINDS[kind](target, root, **kw)
     path = Path(spec)
     if not path.exists():
-        raise DmuhError(f"data source {spec}: not found (expected 'digits', a folder, a .zip, a .txt list file, "
-                        f"a .npz of features, or KIND:PATH with KIND in {', '.join(SOURCE_KINDS)})")
+        raise DmuhError(
+            f"data source {spec}: not found (expected 'digits', a folder, a .zip, a .txt list file, "
+            f"a .npz of features, or KIND:PATH with KIND in {', '.join(SOURCE_KINDS)})"
+        )
     suffix = path.suffix.lower()
     if path.is_dir():
         if (path / "data_batch_1").is_file() or all((path / name).is_file() for name in ("train", "test", "meta")):

@@ -34,13 +34,49 @@ RELATED: Dict[str, Sequence[str]] = {
     "ship": ("sea", "water", "boat", "harbor", "ocean"),
     "truck": ("road", "vehicle", "cargo", "wheel", "highway"),
 }
-NOISE = ("photo", "day", "light", "blue", "old", "nice", "outdoor", "color", "small", "big", "morning", "summer",
-         "winter", "white", "black", "red", "view", "closeup", "travel", "family", "weekend", "sunny", "cloudy",
-         "evening", "city", "nature", "picture", "camera", "art", "vintage")
+NOISE = (
+    "photo",
+    "day",
+    "light",
+    "blue",
+    "old",
+    "nice",
+    "outdoor",
+    "color",
+    "small",
+    "big",
+    "morning",
+    "summer",
+    "winter",
+    "white",
+    "black",
+    "red",
+    "view",
+    "closeup",
+    "travel",
+    "family",
+    "weekend",
+    "sunny",
+    "cloudy",
+    "evening",
+    "city",
+    "nature",
+    "picture",
+    "camera",
+    "art",
+    "vintage",
+)
 
 
-def tag_texts(labels: Sequence[int], class_names: Sequence[str], seed: int = 0, drop: float = 0.3,
-              related: float = 0.4, noise: int = 3, swap: float = 0.1) -> List[str]:
+def tag_texts(
+    labels: Sequence[int],
+    class_names: Sequence[str],
+    seed: int = 0,
+    drop: float = 0.3,
+    related: float = 0.4,
+    noise: int = 3,
+    swap: float = 0.1,
+) -> List[str]:
     """One generated tag text per item of single-label `labels` (class indices into `class_names`).
     A class without a `RELATED` entry gets its own name's words only."""
     for name, value in (("drop", drop), ("related", related), ("swap", swap)):

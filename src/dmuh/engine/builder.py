@@ -81,8 +81,9 @@ class Experiment:
         return self.method.requirements()
 
 
-def trained_model(config: TrainConfig, images: torch.Tensor, run_dir: Path,
-                  checkpoint: Optional[dict] = None) -> torch.nn.Module:
+def trained_model(
+    config: TrainConfig, images: torch.Tensor, run_dir: Path, checkpoint: Optional[dict] = None
+) -> torch.nn.Module:
     """The hashing network of a run. A new run's is built from the config for these images
     (`build_model`: a free input size becomes theirs); a run with a checkpoint (resumed or
     evaluated) is rebuilt as it was trained: from the checkpoint's `model_config` (with the input
@@ -115,8 +116,12 @@ class RunData:
     train_text: Optional[torch.Tensor] = None  # (num_train, V), for methods with Requirements.text
 
 
-def open_data(config: TrainConfig, run_dir: Path, context: distributed.Context = distributed.SINGLE,
-              echo: Callable[[str], None] = lambda line: None) -> RunData:
+def open_data(
+    config: TrainConfig,
+    run_dir: Path,
+    context: distributed.Context = distributed.SINGLE,
+    echo: Callable[[str], None] = lambda line: None,
+) -> RunData:
     """Open `config.data`, load or make (and on rank 0 save) the split in `run_dir`, decode every item
     once, and take the training labels the method may read (none for a label-free one)."""
     source = open_source(config.data, root=config.data_root, allow_outside_root=config.allow_outside_root)
@@ -128,40 +133,59 @@ def open_data(config: TrainConfig, run_dir: Path, context: distributed.Context =
     images = decode_all(source, config)
     declared = method_class(config.method).requires  # known before any label is read
     if declared.labels and not source.labeled:
-        raise DataError(f"method {config.method!r} learns from labels, and data {config.data} has none; "
-                        "choose a label-free method (dmuh train --list-methods)", field="data")
+        raise DataError(
+            f"method {config.method!r} learns from labels, and data {config.data} has none; "
+            "choose a label-free method (dmuh train --list-methods)",
+            field="data",
+        )
     train_labels = training_labels(source, split, declared.labels)
     label_noise = None
-    if declared.labels and (config.label_noise or (Path(run_dir) / LABEL_NOISE).exists()):  # preflight refuses label-free
+    if declared.labels and (
+        config.label_noise or (Path(run_dir) / LABEL_NOISE).exists()
+    ):  # preflight refuses label-free
         label_noise = load_label_noise(config, train_labels.numpy(), run_dir, save=context.is_main)
         if label_noise is not None:
             train_labels = torch.from_numpy(label_noise.apply(train_labels.numpy())).float()
-            echo(f"label noise: {plural(len(label_noise.positions), 'training label')} of {len(split.train)} flipped "
-                 f"to another class (--label-noise {label_noise.rate:g}, seed {label_noise.seed}; {LABEL_NOISE})")
+            echo(
+                f"label noise: {plural(len(label_noise.positions), 'training label')} of {len(split.train)} flipped "
+                f"to another class (--label-noise {label_noise.rate:g}, seed {label_noise.seed}; {LABEL_NOISE})"
+            )
     if declared.text and getattr(source, "text", None) is None:
-        raise DataError(f"method {config.method!r} learns from image-text pairs, and data {config.data} has no text; "
-                        "give paired data (paired:PATH: a .npz of image and text, a .mat, or images with a .txt each)",
-                        field="data")
+        raise DataError(
+            f"method {config.method!r} learns from image-text pairs, and data {config.data} has no text; "
+            "give paired data (paired:PATH: a .npz of image and text, a .mat, or images with a .txt each)",
+            field="data",
+        )
     train_text = torch.from_numpy(source.text[split.train]) if declared.text else None
     return RunData(source, split, images, train_labels, label_noise, train_text)
 
 
-def build_networks(config: TrainConfig, data: RunData, run_dir: Path,
-                   checkpoint: Optional[dict] = None) -> Tuple[torch.nn.Module, HashingMethod]:
+def build_networks(
+    config: TrainConfig, data: RunData, run_dir: Path, checkpoint: Optional[dict] = None
+) -> Tuple[torch.nn.Module, HashingMethod]:
     """The hashing network (rebuilt as trained when the run has a checkpoint; started from --init
     RUN|FILE when given) and the method, on the CPU, untrained: the trainer warms the network up
     (`dmuh.engine.pretrain.warm_up`) before `build_experiment` copies it."""
     model = trained_model(config, data.images, run_dir, checkpoint)
     if config.init not in INIT_WORDS:
         load_init(config.init, model, data.split)
-    method = create_method(config.method, bits=config.bits, train_labels=data.train_labels,
-                           **method_params_for(config, model, data.images, data.source))
+    method = create_method(
+        config.method,
+        bits=config.bits,
+        train_labels=data.train_labels,
+        **method_params_for(config, model, data.images, data.source),
+    )
     return model, method
 
 
-def build_experiment(config: TrainConfig, data: RunData, model: torch.nn.Module, method: HashingMethod,
-                     context: distributed.Context = distributed.SINGLE,
-                     momentum: Optional[MomentumNetwork] = None) -> Experiment:
+def build_experiment(
+    config: TrainConfig,
+    data: RunData,
+    model: torch.nn.Module,
+    method: HashingMethod,
+    context: distributed.Context = distributed.SINGLE,
+    momentum: Optional[MomentumNetwork] = None,
+) -> Experiment:
     """The experiment of built networks: on the device, in its memory layout, with the momentum copy
     the method asks for (`momentum` when the caller rebuilt it, else made from the network as it is
     now), compiled if the config says so."""
@@ -186,8 +210,22 @@ def build_experiment(config: TrainConfig, data: RunData, model: torch.nn.Module,
         if momentum is not None:
             momentum.network.compile()
     train_text = data.train_text.to(device) if data.train_text is not None else None
-    return Experiment(config, device, data.split, data.source, pipeline, model, method, momentum, data.images,
-                      train_inputs, data.train_labels.to(device), context, train_text, data.label_noise)
+    return Experiment(
+        config,
+        device,
+        data.split,
+        data.source,
+        pipeline,
+        model,
+        method,
+        momentum,
+        data.images,
+        train_inputs,
+        data.train_labels.to(device),
+        context,
+        train_text,
+        data.label_noise,
+    )
 
 
 def method_params_for(config: TrainConfig, model: torch.nn.Module, images: torch.Tensor, source=None) -> dict:
@@ -202,8 +240,10 @@ def method_params_for(config: TrainConfig, model: torch.nn.Module, images: torch
     if "text_dim" in options and getattr(source, "text", None) is not None:
         given = params.get("text_dim")
         if given is not None and int(given) != source.text.shape[1]:
-            raise DmuhError(f"method parameter text_dim={given}: --data {config.data} has text vectors of "
-                            f"{source.text.shape[1]} columns")
+            raise DmuhError(
+                f"method parameter text_dim={given}: --data {config.data} has text vectors of "
+                f"{source.text.shape[1]} columns"
+            )
         params["text_dim"] = int(source.text.shape[1])
     return params
 
@@ -304,7 +344,9 @@ def encode_text_vectors(method: HashingMethod, text: torch.Tensor, execution: Ex
     was_training = method.training
     method.eval()
     try:
-        return run_network(method.encode_text, text, InputPipeline(None, None, "none"), execution, desc="encoding texts")
+        return run_network(
+            method.encode_text, text, InputPipeline(None, None, "none"), execution, desc="encoding texts"
+        )
     finally:
         method.train(was_training)
 
@@ -325,15 +367,30 @@ def evaluate_cross_modal_map(exp: Experiment, ties: str = DEFAULT_TIES) -> dict:
     }
 
 
-def _protocol_map(exp: Experiment, query: torch.Tensor, database: torch.Tensor, query_items: np.ndarray,
-                  database_items: np.ndarray, ties: str) -> float:
+def _protocol_map(
+    exp: Experiment,
+    query: torch.Tensor,
+    database: torch.Tensor,
+    query_items: np.ndarray,
+    database_items: np.ndarray,
+    ties: str,
+) -> float:
     """MAP (the protocol's @k, clipped to the database) of sign codes; rank 0 computes, all get it."""
     value = float("nan")
     if exp.context.is_main:
         labels = torch.from_numpy(np.asarray(exp.source.labels))
         topk = None if exp.split.topk is None else min(exp.split.topk, len(database_items))
-        value = float(mean_average_precision(sign(query), sign(database), labels[query_items], labels[database_items],
-                                             topk=topk, ties=ties, device=exp.device))
+        value = float(
+            mean_average_precision(
+                sign(query),
+                sign(database),
+                labels[query_items],
+                labels[database_items],
+                topk=topk,
+                ties=ties,
+                device=exp.device,
+            )
+        )
     return distributed.broadcast_float(exp.context, value, exp.device)
 
 
@@ -349,7 +406,11 @@ def evaluate_map(exp: Experiment, ties: str = DEFAULT_TIES) -> float:
 def train_map_positions(exp: Experiment) -> np.ndarray:
     """The fixed training items whose MAP against the training split is logged (evenly spaced)."""
     count = min(int(exp.config.train_map_items), len(exp.split.train))
-    return np.unique(np.linspace(0, len(exp.split.train) - 1, count).round().astype(np.int64)) if count else np.zeros(0, np.int64)
+    return (
+        np.unique(np.linspace(0, len(exp.split.train) - 1, count).round().astype(np.int64))
+        if count
+        else np.zeros(0, np.int64)
+    )
 
 
 def evaluate_train_map(exp: Experiment, ties: str = DEFAULT_TIES) -> float:
@@ -359,8 +420,9 @@ def evaluate_train_map(exp: Experiment, ties: str = DEFAULT_TIES) -> float:
     if len(positions) == 0 or not exp.source.labeled:
         return float("nan")
     database = encode_part(exp, "train")
-    return _protocol_map(exp, database[torch.from_numpy(positions)], database, exp.split.train[positions],
-                         exp.split.train, ties)
+    return _protocol_map(
+        exp, database[torch.from_numpy(positions)], database, exp.split.train[positions], exp.split.train, ties
+    )
 
 
 @torch.no_grad()
@@ -395,8 +457,9 @@ def buffers_kept(*modules: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def paired_codes(exp: Experiment, positions: np.ndarray,
-                 inputs: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def paired_codes(
+    exp: Experiment, positions: np.ndarray, inputs: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Continuous codes (h, m) of the training items at `positions` (or of `inputs[positions]`,
     other items on the training device) from the hashing network and the momentum copy as the
     loss sees them: training mode (batch statistics, dropout as the method's reading says), no
@@ -437,8 +500,13 @@ def paired_codes(exp: Experiment, positions: np.ndarray,
     return hashing, momentum
 
 
-def training_uncertainty(exp: Experiment, positions: np.ndarray, passes: int = 1,
-                         inputs: Optional[torch.Tensor] = None, progress: Optional[Callable[[], None]] = None) -> torch.Tensor:
+def training_uncertainty(
+    exp: Experiment,
+    positions: np.ndarray,
+    passes: int = 1,
+    inputs: Optional[torch.Tensor] = None,
+    progress: Optional[Callable[[], None]] = None,
+) -> torch.Tensor:
     """Bit-level uncertainty |h - m| (Eq. 6) of the training items at `positions` (or of
     `inputs[positions]`, see `paired_codes`), (n, bits), as the loss sees it, averaged over
     `passes` (dropout readings draw new masks each pass); its mean over bits is the image-level

@@ -41,16 +41,25 @@ def check_method(config: TrainConfig) -> None:
         raise DmuhError(f"method {config.method!r}: {error}") from None
     needs = method.requirements()
     if config.label_noise and not needs.labels:
-        raise ConfigError(f"label_noise {config.label_noise:g}: method {config.method!r} learns without labels, so "
-                        "there is no label to flip", field="label_noise")
+        raise ConfigError(
+            f"label_noise {config.label_noise:g}: method {config.method!r} learns without labels, so "
+            "there is no label to flip",
+            field="label_noise",
+        )
     data = str(config.data)
     vectors = data.startswith("features:") or data.lower().endswith((".npz", ".npy"))
     if needs.images and vectors:
-        raise ConfigError(f"method {config.method}: trains an image network end to end, not on --data {config.data} "
-                        "(fit a shallow method such as itq on feature vectors)", field="method")
+        raise ConfigError(
+            f"method {config.method}: trains an image network end to end, not on --data {config.data} "
+            "(fit a shallow method such as itq on feature vectors)",
+            field="method",
+        )
     if needs.vectors and not vectors:
-        raise ConfigError(f"method {config.method}: maps a fixed representation to codes and needs feature vectors "
-                        f"as --data (features:FILE.npz), not {config.data}", field="method")
+        raise ConfigError(
+            f"method {config.method}: maps a fixed representation to codes and needs feature vectors "
+            f"as --data (features:FILE.npz), not {config.data}",
+            field="method",
+        )
 
 
 def check_files(config: RunConfig) -> None:
@@ -65,7 +74,9 @@ def check_train_config(config: TrainConfig) -> None:
     check_model(config)
     check_method(config)
     if config.init not in INIT_WORDS and not Path(config.init).exists():
-        raise ConfigError(f"init {config.init}: no such run directory or weights file (or use auto or scratch)", field="init")
+        raise ConfigError(
+            f"init {config.init}: no such run directory or weights file (or use auto or scratch)", field="init"
+        )
 
 
 def check_pretrain_config(config: RunConfig) -> None:

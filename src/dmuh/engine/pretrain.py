@@ -82,19 +82,37 @@ def pretrain(config: PretrainConfig, progress: bool = True, echo=print) -> Dict[
         log.append(row)
         write_log(run_dir / LOG, log)
         # A plain state dict (safetensors' load_file reads it) with dmuh's checksum in its metadata.
-        save_state(run_dir / BACKBONE, {k: v.detach().float().cpu() for k, v in model.backbone.state_dict().items()},
-                   BACKBONE_KIND)
+        save_state(
+            run_dir / BACKBONE,
+            {k: v.detach().float().cpu() for k, v in model.backbone.state_dict().items()},
+            BACKBONE_KIND,
+        )
         echo(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
     unlabeled = images[torch.from_numpy(unlabeled_index)].to(device) if "simclr" in config.objective else None
-    return train_backbone(model, config, device, images[torch.from_numpy(split.train)].to(device),
-                          labels_all[split.train].to(device), unlabeled, progress=progress, after_epoch=after_epoch)
+    return train_backbone(
+        model,
+        config,
+        device,
+        images[torch.from_numpy(split.train)].to(device),
+        labels_all[split.train].to(device),
+        unlabeled,
+        progress=progress,
+        after_epoch=after_epoch,
+    )
 
 
-def train_backbone(model: nn.Module, config: PretrainConfig, device: torch.device, labeled: torch.Tensor,
-                   labeled_targets: torch.Tensor, unlabeled: Optional[torch.Tensor] = None, progress: bool = True,
-                   after_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
-                   desc: str = "pretrain") -> Dict[str, float]:
+def train_backbone(
+    model: nn.Module,
+    config: PretrainConfig,
+    device: torch.device,
+    labeled: torch.Tensor,
+    labeled_targets: torch.Tensor,
+    unlabeled: Optional[torch.Tensor] = None,
+    progress: bool = True,
+    after_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
+    desc: str = "pretrain",
+) -> Dict[str, float]:
     """Train `model.backbone` by `config.objective` for `config.epochs` on the labeled items (and,
     for SimCLR, the unlabeled ones), with heads that are thrown away afterwards; returns the last
     epoch's row. `dmuh pretrain` and `--init auto`'s warm-up (`cross_entropy_warmup`) both run it."""
@@ -104,11 +122,15 @@ def train_backbone(model: nn.Module, config: PretrainConfig, device: torch.devic
         heads["classifier"] = nn.Linear(model.feature_dim, labeled_targets.shape[1])
     if use_simclr:
         heads["projector"] = nn.Sequential(
-            nn.Linear(model.feature_dim, model.feature_dim), nn.BatchNorm1d(model.feature_dim), nn.ReLU(inplace=True),
+            nn.Linear(model.feature_dim, model.feature_dim),
+            nn.BatchNorm1d(model.feature_dim),
+            nn.ReLU(inplace=True),
             nn.Linear(model.feature_dim, config.projection_dim),
         )
     heads.to(device)
-    optimizer = build_optimizer(config, [{"params": list(model.backbone.parameters()) + list(heads.parameters()), "lr_scale": 1.0}])
+    optimizer = build_optimizer(
+        config, [{"params": list(model.backbone.parameters()) + list(heads.parameters()), "lr_scale": 1.0}]
+    )
 
     channels = labeled.shape[1] if labeled.dim() == 4 else None
     labeled_pipeline = InputPipeline(channels, model.input_size, config.augment)
@@ -117,7 +139,10 @@ def train_backbone(model: nn.Module, config: PretrainConfig, device: torch.devic
     labeled_batch = min(config.batch_size, labeled.shape[0])
     unlabeled_batch = min(config.unlabeled_batch_size, unlabeled.shape[0]) if use_simclr else 0
     if use_simclr and unlabeled_batch < 2:
-        raise ConfigError(f"objective {config.objective}: SimCLR needs at least 2 unlabeled (database, non-query) items", field="objective")
+        raise ConfigError(
+            f"objective {config.objective}: SimCLR needs at least 2 unlabeled (database, non-query) items",
+            field="objective",
+        )
     steps = unlabeled.shape[0] // unlabeled_batch if use_simclr else labeled.shape[0] // labeled_batch
     items_per_step = (labeled_batch if use_ce else 0) + 2 * unlabeled_batch
     row: Dict[str, float] = {}
@@ -136,7 +161,9 @@ def train_backbone(model: nn.Module, config: PretrainConfig, device: torch.devic
                     start = (step * labeled_batch) % (labeled.shape[0] - labeled_batch + 1)
                     batch = labeled_order[start : start + labeled_batch]  # noqa: B023 - called within this iteration
                     x = memory_layout(labeled_pipeline(labeled[batch], generator=generator, train=True), config, device)  # noqa: B023 - called within this iteration
-                    terms["cross_entropy"] = classification_loss(heads["classifier"](model.features(x)), labeled_targets[batch])
+                    terms["cross_entropy"] = classification_loss(
+                        heads["classifier"](model.features(x)), labeled_targets[batch]
+                    )
                 if use_simclr:
                     batch = unlabeled[unlabeled_order[step * unlabeled_batch : (step + 1) * unlabeled_batch]]  # noqa: B023 - called within this iteration
                     views = torch.cat([view_pipeline(batch, generator=generator, train=True) for _ in range(2)])  # noqa: B023 - called within this iteration
@@ -144,10 +171,23 @@ def train_backbone(model: nn.Module, config: PretrainConfig, device: torch.devic
                     terms["contrastive"] = nt_xent(*projections.chunk(2), config.temperature)
             return terms
 
-        result = run_epoch(epoch=epoch, steps=steps, optimizer=optimizer, config=config, device=device,
-                           loss_terms=loss_terms, progress=progress, desc=desc)
-        row = {"epoch": epoch, "lr": result.lr, **result.means,
-               "images_per_s": steps * items_per_step / result.seconds, "seconds": result.seconds}
+        result = run_epoch(
+            epoch=epoch,
+            steps=steps,
+            optimizer=optimizer,
+            config=config,
+            device=device,
+            loss_terms=loss_terms,
+            progress=progress,
+            desc=desc,
+        )
+        row = {
+            "epoch": epoch,
+            "lr": result.lr,
+            **result.means,
+            "images_per_s": steps * items_per_step / result.seconds,
+            "seconds": result.seconds,
+        }
         if after_epoch is not None:
             after_epoch(row)
     return row
@@ -181,8 +221,14 @@ def backbone_lr_scale_of(config: TrainConfig, uses_labels: bool = True) -> float
     return AUTO_WARMUP_BACKBONE_LR_SCALE if auto_warmup_applies(config, uses_labels) else 1.0
 
 
-def cross_entropy_warmup(config: TrainConfig, model: nn.Module, device: torch.device, inputs: torch.Tensor,
-                         targets: torch.Tensor, progress: bool = True) -> Dict[str, float]:
+def cross_entropy_warmup(
+    config: TrainConfig,
+    model: nn.Module,
+    device: torch.device,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    progress: bool = True,
+) -> Dict[str, float]:
     """`--init auto`: a cross-entropy warm-up of the backbone on the training split's labels,
     the same for every method, before hashing starts (a randomly initialised backbone gives the
     pairwise losses codes without structure to start from, and they fail quietly; docs/method.md).
@@ -190,16 +236,33 @@ def cross_entropy_warmup(config: TrainConfig, model: nn.Module, device: torch.de
     It uses the run's optimiser settings, batch size, augmentation and seed, a cosine from --lr to
     --lr-end over its own epochs, and no labels but the training split's."""
     warmup = PretrainConfig(
-        objective="ce", augment=config.augment, epochs=warmup_epochs_of(config), batch_size=config.batch_size,
-        optimizer=config.optimizer, lr=config.lr, lr_end=config.lr_end, warmup_epochs=0, momentum=config.momentum,
-        weight_decay=config.weight_decay, device=config.device, amp=config.amp, channels_last=config.channels_last,
-        seed=config.seed, eval_batch_size=config.eval_batch_size,
+        objective="ce",
+        augment=config.augment,
+        epochs=warmup_epochs_of(config),
+        batch_size=config.batch_size,
+        optimizer=config.optimizer,
+        lr=config.lr,
+        lr_end=config.lr_end,
+        warmup_epochs=0,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        device=config.device,
+        amp=config.amp,
+        channels_last=config.channels_last,
+        seed=config.seed,
+        eval_batch_size=config.eval_batch_size,
     )
     return train_backbone(model, warmup, device, inputs, targets, progress=progress, desc="warm-up")
 
 
-def warm_up(config: TrainConfig, data, model: nn.Module, context: distributed.Context = distributed.SINGLE,
-            progress: bool = False, echo: Callable[[str], None] = lambda line: None) -> None:
+def warm_up(
+    config: TrainConfig,
+    data,
+    model: nn.Module,
+    context: distributed.Context = distributed.SINGLE,
+    progress: bool = False,
+    echo: Callable[[str], None] = lambda line: None,
+) -> None:
     """`--init auto` on a new run: the cross-entropy warm-up of the backbone on the training labels
     (`data`: the builder's RunData), before the momentum copy is made from it. Label-free methods
     get none unless --init-epochs asks, and then they are told that the run is not label-free."""
@@ -208,16 +271,23 @@ def warm_up(config: TrainConfig, data, model: nn.Module, context: distributed.Co
         return
     if not auto_warmup_applies(config, uses_labels):
         if data.images.dim() == 4:  # a vector model has no backbone to speak of
-            echo(f"init auto: {config.method!r} learns without labels, so its backbone gets no cross-entropy "
-                 "warm-up (start it from `dmuh pretrain --objective simclr` with --init RUN, or train on feature vectors)")
+            echo(
+                f"init auto: {config.method!r} learns without labels, so its backbone gets no cross-entropy "
+                "warm-up (start it from `dmuh pretrain --objective simclr` with --init RUN, or train on feature vectors)"
+            )
         return
     if not data.source.labeled:
-        raise DataError(f"init_epochs {config.init_epochs}: the warm-up of --init auto trains on labels, and "
-                        f"--data {config.data} has none; give --init scratch or --init RUN", field="init_epochs")
+        raise DataError(
+            f"init_epochs {config.init_epochs}: the warm-up of --init auto trains on labels, and "
+            f"--data {config.data} has none; give --init scratch or --init RUN",
+            field="init_epochs",
+        )
     warmup_labels = data.train_labels
     if not uses_labels:  # asked for with --init-epochs: the backbone sees labels, the method still none
-        echo(f"init auto: --init-epochs {config.init_epochs} warms the backbone up on the training labels, "
-             f"so this run of label-free {config.method!r} is not label-free")
+        echo(
+            f"init auto: --init-epochs {config.init_epochs} warms the backbone up on the training labels, "
+            f"so this run of label-free {config.method!r} is not label-free"
+        )
         warmup_labels = torch.from_numpy(np.asarray(data.source.labels)[data.split.train]).float()
     # Rank 0 warms up with the global batch (as one process would), the others take its weights.
     device = resolve_device(config.device)
@@ -226,7 +296,8 @@ def warm_up(config: TrainConfig, data, model: nn.Module, context: distributed.Co
         warmup = dataclasses.replace(config, batch_size=config.batch_size * context.world_size)
         train_inputs = data.images[torch.from_numpy(data.split.train)].to(device)
         row = cross_entropy_warmup(warmup, model, device, train_inputs, warmup_labels.to(device), progress=progress)
-        echo(f"init auto: {plural(int(row['epoch']), 'epoch')} of cross-entropy warm-up on the training split, "
-             f"loss {row['cross_entropy']:.4f} (--init scratch skips it)")
+        echo(
+            f"init auto: {plural(int(row['epoch']), 'epoch')} of cross-entropy warm-up on the training split, "
+            f"loss {row['cross_entropy']:.4f} (--init scratch skips it)"
+        )
     distributed.broadcast_module(context, model)
-

@@ -97,11 +97,22 @@ def build_model(config: RunConfig, images: torch.Tensor, native_size: bool = Tru
     (the ImageNet networks' 224) keeps its size and the input pipeline resizes to it.
     """
     extra = {"input_dim": images.shape[1]} if images.dim() == 2 else {"in_channels": images.shape[1]}
-    if (native_size and images.dim() == 4 and images.shape[-1] == images.shape[-2] > 0
-            and "input_size" not in config.model_params and takes_input_size(config.model)):
+    if (
+        native_size
+        and images.dim() == 4
+        and images.shape[-1] == images.shape[-2] > 0
+        and "input_size" not in config.model_params
+        and takes_input_size(config.model)
+    ):
         extra["input_size"] = int(images.shape[-1])
-    return create_model(config.model, bits=config.bits, pretrained=config.pretrained, hash_norm=config.hash_norm,
-                        **extra, **config.model_params)
+    return create_model(
+        config.model,
+        bits=config.bits,
+        pretrained=config.pretrained,
+        hash_norm=config.hash_norm,
+        **extra,
+        **config.model_params,
+    )
 
 
 def build_optimizer(config: RunConfig, groups: List[dict]) -> torch.optim.Optimizer:

@@ -1,10 +1,10 @@
 """The one training loop, for every method (CPU, one GPU, or torchrun).
 
-    prepare   `Trainer(config, resume)`: the experiment, optimiser, log and trace, resumed state
-    fit       `method.train_with(trainer)`: gradient epochs (`gradient_epochs`), or a closed-form
-              fit of the hash layer (`fit_hash_layer`) for shallow methods
-    an epoch  `epoch`: `dmuh.engine.runtime.run_epoch` over `step_terms`, one step's loss terms
-    after it  `finish_epoch`: MAP, the uncertainty trace, log.csv and checkpoint.safetensors
+prepare   `Trainer(config, resume)`: the experiment, optimiser, log and trace, resumed state
+fit       `method.train_with(trainer)`: gradient epochs (`gradient_epochs`), or a closed-form
+          fit of the hash layer (`fit_hash_layer`) for shallow methods
+an epoch  `epoch`: `dmuh.engine.runtime.run_epoch` over `step_terms`, one step's loss terms
+after it  `finish_epoch`: MAP, the uncertainty trace, log.csv and checkpoint.safetensors
 """
 
 from __future__ import annotations
@@ -71,10 +71,13 @@ def make_optimizer(config: TrainConfig, model: torch.nn.Module, method: HashingM
     hash_params = list(model.hash_layer.parameters())
     hash_ids = {id(p) for p in hash_params}
     backbone_params = [p for p in model.parameters() if id(p) not in hash_ids]
-    return build_optimizer(config, [
-        {"params": backbone_params, "lr_scale": backbone_lr_scale_of(config, method.requirements().labels)},
-        {"params": hash_params + list(method.parameters()), "lr_scale": 1.0},
-    ])
+    return build_optimizer(
+        config,
+        [
+            {"params": backbone_params, "lr_scale": backbone_lr_scale_of(config, method.requirements().labels)},
+            {"params": hash_params + list(method.parameters()), "lr_scale": 1.0},
+        ],
+    )
 
 
 class UncertaintyTrace:
@@ -99,16 +102,23 @@ class UncertaintyTrace:
         try:
             with np.load(self.path, allow_pickle=False) as f:
                 hashing, momentum, epochs = f["hashing"], f["momentum"], f["epochs"]
-            shape_ok = (hashing.ndim == 3 and hashing.shape == momentum.shape and epochs.shape == hashing.shape[:1]
-                        and hashing.shape[1] == len(self.items))
+            shape_ok = (
+                hashing.ndim == 3
+                and hashing.shape == momentum.shape
+                and epochs.shape == hashing.shape[:1]
+                and hashing.shape[1] == len(self.items)
+            )
             problem = None if shape_ok else "its arrays do not fit this run's trace items"
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
             problem = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
         if problem is None:
             self.hashing, self.momentum, self.epochs = list(hashing), list(momentum), [int(e) for e in epochs]
         elif os.environ.get("RANK", "0") == "0":
-            print(f"dmuh: warning: {self.path} is damaged ({problem}); continuing without the earlier epochs' "
-                  "uncertainty trace", file=sys.stderr)
+            print(
+                f"dmuh: warning: {self.path} is damaged ({problem}); continuing without the earlier epochs' "
+                "uncertainty trace",
+                file=sys.stderr,
+            )
 
     def record(self, exp: Experiment, epoch: int, save: bool = True) -> None:
         """Measure this epoch's outputs and, with `save` (rank 0), write the trace file. Under
@@ -122,7 +132,13 @@ class UncertaintyTrace:
         self.momentum.append(m.numpy())
         self.epochs.append(epoch)
         with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, items=self.items, epochs=np.array(self.epochs), hashing=np.stack(self.hashing), momentum=np.stack(self.momentum))
+            np.savez(
+                f,
+                items=self.items,
+                epochs=np.array(self.epochs),
+                hashing=np.stack(self.hashing),
+                momentum=np.stack(self.momentum),
+            )
 
     def truncate(self, epochs: int) -> None:
         keep = [i for i, e in enumerate(self.epochs) if e <= epochs]
@@ -140,7 +156,9 @@ class Trainer:
     the method's memory, gradients are averaged, and rank 0 alone logs and writes files.
     """
 
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True, echo: Callable[[str], None] = print):
+    def __init__(
+        self, config: TrainConfig, resume: bool = False, progress: bool = True, echo: Callable[[str], None] = print
+    ):
         check_train_config(config)  # method, model and files, before any data is read
         config = with_absolute_paths(config)  # config.yaml then works from any folder
         context = distributed.init_from_environment(config.device)
@@ -164,8 +182,11 @@ class Trainer:
         elif (run_dir / CONFIG).exists() and not (run_dir / SPLIT).exists():
             # A run stopped before its first checkpoint leaves config.yaml and split.json, and is
             # started again; a config.yaml alone is someone's file, not replaced.
-            raise RunError(f"out {run_dir} holds a {CONFIG} that no dmuh run wrote (no {SPLIT}); "
-                            "choose another --out or move the file", field="out")
+            raise RunError(
+                f"out {run_dir} holds a {CONFIG} that no dmuh run wrote (no {SPLIT}); "
+                "choose another --out or move the file",
+                field="out",
+            )
         if self.main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             remove_orphans(run_dir)  # temp files of a run killed mid-write
@@ -207,7 +228,9 @@ class Trainer:
         exp, config, context = self.exp, self.config, self.context
         self.network = exp.model
         if context.enabled:
-            self.network = DistributedDataParallel(exp.model, device_ids=[exp.device.index] if exp.device.type == "cuda" else None)
+            self.network = DistributedDataParallel(
+                exp.model, device_ids=[exp.device.index] if exp.device.type == "cuda" else None
+            )
         num_train = exp.train_inputs.shape[0]
         needs = self.needs
         if needs.reference_features and self.start_epoch == 1:
@@ -217,8 +240,10 @@ class Trainer:
             exp.method.set_train_text(exp.train_text)
         if needs.views == 2:
             if exp.train_inputs.dim() != 4:
-                raise DmuhError(f"method {config.method!r} learns from two augmented views of each image; "
-                                f"--data {config.data} holds feature vectors")
+                raise DmuhError(
+                    f"method {config.method!r} learns from two augmented views of each image; "
+                    f"--data {config.data} holds feature vectors"
+                )
             self.view_pipeline = InputPipeline(exp.pipeline.channels, exp.pipeline.input_size, needs.view_augment)
         self.batch_size = min(config.batch_size, num_train // context.world_size)
         self.global_batch = self.batch_size * context.world_size
@@ -228,7 +253,9 @@ class Trainer:
             row = self.epoch(epoch)
             if exp.momentum is not None and needs.momentum_update == "epoch":
                 exp.momentum.update(exp.model)  # Eq. 5 once per epoch
-            evaluate = config.eval_every >= 0 and ((config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs)
+            evaluate = config.eval_every >= 0 and (
+                (config.eval_every and epoch % config.eval_every == 0) or epoch == config.epochs
+            )
             last = self.finish_epoch(row, evaluate)
             self.watch_loss()
         return last
@@ -238,13 +265,15 @@ class Trainer:
     def watch_loss(self) -> None:
         """One warning when the training loss has risen `RISING_EPOCHS` epochs in a row: the
         recipe is not learning (too high a learning rate for this data, say)."""
-        losses = [row["loss"] for row in self.log[-(self.RISING_EPOCHS + 1):]]
+        losses = [row["loss"] for row in self.log[-(self.RISING_EPOCHS + 1) :]]
         rising = len(losses) == self.RISING_EPOCHS + 1 and all(b > a for a, b in zip(losses, losses[1:]))
         if rising and self.main_process and not getattr(self, "warned_rising", False):
             self.warned_rising = True
-            self.echo(f"warning: the training loss rose {self.RISING_EPOCHS} epochs in a row "
-                      f"({losses[0]:.4f} -> {losses[-1]:.4f}); the run may not be learning: try a lower --lr, "
-                      "a --warmup-epochs, or --init from `dmuh pretrain`")
+            self.echo(
+                f"warning: the training loss rose {self.RISING_EPOCHS} epochs in a row "
+                f"({losses[0]:.4f} -> {losses[-1]:.4f}); the run may not be learning: try a lower --lr, "
+                "a --warmup-epochs, or --init from `dmuh pretrain`"
+            )
 
     def epoch(self, epoch: int) -> Dict[str, float]:
         """One epoch of optimiser steps; the log row without MAP."""
@@ -260,10 +289,17 @@ class Trainer:
         exp.method.train()
         self.order = torch.randperm(exp.train_inputs.shape[0], device=exp.device, generator=shuffle)
         result = run_epoch(
-            epoch=epoch, steps=self.steps, optimizer=self.optimizer, config=config, device=exp.device,
-            loss_terms=self.step_terms, after_backward=self.after_backward, after_step=self.after_step,
+            epoch=epoch,
+            steps=self.steps,
+            optimizer=self.optimizer,
+            config=config,
+            device=exp.device,
+            loss_terms=self.step_terms,
+            after_backward=self.after_backward,
+            after_step=self.after_step,
             average=lambda stacked: distributed.average(context, [stacked]),
-            progress=self.progress and self.main_process, desc="epoch",
+            progress=self.progress and self.main_process,
+            desc="epoch",
         )
         row: Dict[str, float] = {"epoch": epoch, "lr": result.lr, **result.means}
         row["images_per_s"] = self.steps * self.global_batch / result.seconds
@@ -278,11 +314,16 @@ class Trainer:
         needs = self.needs
         if needs.views == 2:
             # Both views in one forward pass: DDP allows one per backward, and BatchNorm sees both.
-            x = torch.cat([self.view_pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True)
-                           for _ in range(2)])
+            x = torch.cat(
+                [
+                    self.view_pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True)
+                    for _ in range(2)
+                ]
+            )
         else:
             x = exp.pipeline(exp.train_inputs[indices], generator=self.augmentation, train=True)
         x = memory_layout(x, self.config, exp.device)
+
         def hashing_pass():
             return self.network(x, return_features=True) if needs.features else (self.network(x), None)
 
@@ -302,13 +343,21 @@ class Trainer:
             shared = dict(
                 shared_indices=everyone,
                 shared_outputs=distributed.all_gather(context, outputs.detach().float()),
-                shared_momentum_outputs=None if momentum_outputs is None else distributed.all_gather(context, momentum_outputs),
+                shared_momentum_outputs=None
+                if momentum_outputs is None
+                else distributed.all_gather(context, momentum_outputs),
             )
         return exp.method(
-            StepInputs(outputs=outputs.float(), labels=exp.train_labels[indices], indices=indices,
-                       momentum_outputs=momentum_outputs, view_outputs=view_outputs,
-                       text=None if exp.train_text is None else exp.train_text[indices],
-                       features=None if features is None else features.float(), **shared)
+            StepInputs(
+                outputs=outputs.float(),
+                labels=exp.train_labels[indices],
+                indices=indices,
+                momentum_outputs=momentum_outputs,
+                view_outputs=view_outputs,
+                text=None if exp.train_text is None else exp.train_text[indices],
+                features=None if features is None else features.float(),
+                **shared,
+            )
         )
 
     def after_backward(self) -> None:
@@ -348,8 +397,12 @@ class Trainer:
                 exp.model.hash_layer.bias.copy_(bias)
         seconds = time.perf_counter() - started
         self.log = []  # a fit replaces whatever an earlier one logged
-        row = {"epoch": self.config.epochs, "loss": float("nan"), "seconds": seconds,
-               "images_per_s": exp.train_inputs.shape[0] / seconds}
+        row = {
+            "epoch": self.config.epochs,
+            "loss": float("nan"),
+            "seconds": seconds,
+            "images_per_s": exp.train_inputs.shape[0] / seconds,
+        }
         return self.finish_epoch(row, evaluate=True)
 
     # -- after an epoch -----------------------------------------------------------------------
@@ -379,8 +432,15 @@ class Trainer:
             # A checkpoint of ResNet-18 + momentum copy + optimiser is ~135 MB; writing it every
             # epoch of a short run costs a large share of the run. --resume restarts from the last one.
             if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-                save_checkpoint(self.run_dir / CHECKPOINT, epoch=epoch, config=config, model=exp.model,
-                                method=exp.method, momentum=exp.momentum, optimizer=self.optimizer)
+                save_checkpoint(
+                    self.run_dir / CHECKPOINT,
+                    epoch=epoch,
+                    config=config,
+                    model=exp.model,
+                    method=exp.method,
+                    momentum=exp.momentum,
+                    optimizer=self.optimizer,
+                )
             self.echo(format_row(row))
         distributed.barrier(self.context)
         return row
@@ -396,16 +456,21 @@ def extended_schedule(config: TrainConfig, checkpoint: dict, echo: Callable[[str
     """
     done = int(checkpoint["epoch"])
     if config.epochs < done:
-        raise ConfigError(f"epochs {config.epochs}: the run in {config.out} has trained {plural(done, 'epoch')} already; "
-                        f"give --epochs {done} or more", field="epochs")
+        raise ConfigError(
+            f"epochs {config.epochs}: the run in {config.out} has trained {plural(done, 'epoch')} already; "
+            f"give --epochs {done} or more",
+            field="epochs",
+        )
     saved = checkpoint.get("config") or {}
     schedule = saved.get("lr_schedule_epochs") or saved.get("epochs")
     if config.lr_schedule_epochs is None and schedule and schedule != config.epochs:
         config = dataclasses.replace(config, lr_schedule_epochs=int(schedule))
         if config.epochs > schedule:
-            echo(f"extending the run to {config.epochs} epochs: the learning-rate schedule of its {plural(int(schedule), 'epoch')} "
-                 f"is kept, epochs {schedule + 1}-{config.epochs} run at lr_end {config.lr_end:g} "
-                 f"(--lr-schedule-epochs N sets another)")
+            echo(
+                f"extending the run to {config.epochs} epochs: the learning-rate schedule of its {plural(int(schedule), 'epoch')} "
+                f"is kept, epochs {schedule + 1}-{config.epochs} run at lr_end {config.lr_end:g} "
+                f"(--lr-schedule-epochs N sets another)"
+            )
     return config
 
 
@@ -417,8 +482,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo
     return Trainer(config, resume, progress, echo).run()
 
 
-_NOT_LOSS_TERMS = frozenset({"epoch", "lr", "loss", "images_per_s", "seconds", "map", "train_map", "ties",
-                             "map_i2t", "map_t2i"})
+_NOT_LOSS_TERMS = frozenset(
+    {"epoch", "lr", "loss", "images_per_s", "seconds", "map", "train_map", "ties", "map_i2t", "map_t2i"}
+)
 
 
 def format_row(row: Dict[str, float]) -> str:

@@ -99,7 +99,11 @@ class StepInputs:
     def shared(self):
         """(indices, outputs, momentum_outputs) of the global batch: all ranks', or this batch's."""
         if self.shared_indices is None:
-            return self.indices, self.outputs.detach(), None if self.momentum_outputs is None else self.momentum_outputs.detach()
+            return (
+                self.indices,
+                self.outputs.detach(),
+                None if self.momentum_outputs is None else self.momentum_outputs.detach(),
+            )
         return self.shared_indices, self.shared_outputs, self.shared_momentum_outputs
 
 
@@ -111,8 +115,11 @@ SIZES = ("bits", "num_train", "num_classes")
 def _registered_name(cls, given: Dict[str, Any]) -> Optional[str]:
     """The name a directly built `cls` is registered under: of its entries whose fixed
     hyper-parameters are all among `given`, the most specific, then the one written first."""
-    entries = [entry for entry in reversed(list(METHODS.entries.values())) if entry.factory is cls
-               and all(key in given and given[key] == value for key, value in entry.fixed.items())]
+    entries = [
+        entry
+        for entry in reversed(list(METHODS.entries.values()))
+        if entry.factory is cls and all(key in given and given[key] == value for key, value in entry.fixed.items())
+    ]
     return max(entries, key=lambda entry: len(entry.fixed)).name if entries else None
 
 
@@ -195,14 +202,21 @@ class HashingMethod(nn.Module):
 
     def spec(self) -> Dict[str, Any]:
         """What `create_method(**spec)` needs to rebuild this method (its state comes from a checkpoint)."""
-        return {"name": self.name, "bits": self.bits, "num_train": self.num_train, "num_classes": self.num_classes,
-                "params": dict(self.params)}
+        return {
+            "name": self.name,
+            "bits": self.bits,
+            "num_train": self.num_train,
+            "num_classes": self.num_classes,
+            "params": dict(self.params),
+        }
 
     def set_train_labels(self, labels: torch.Tensor) -> None:
         """The (num_train, num_classes) multi-hot labels of the training split, for the components that keep them."""
         if tuple(labels.shape) != (self.num_train, self.num_classes):
-            raise DmuhError(f"method {self.name!r}: training labels of shape {tuple(labels.shape)}, "
-                            f"built for {(self.num_train, self.num_classes)}")
+            raise DmuhError(
+                f"method {self.name!r}: training labels of shape {tuple(labels.shape)}, "
+                f"built for {(self.num_train, self.num_classes)}"
+            )
         for module in self.modules():
             if module is not self and hasattr(module, "set_labels"):
                 module.set_labels(labels)
@@ -269,8 +283,14 @@ def display_name(name: str) -> str:
     return METHODS.display_name(name)
 
 
-def create_method(name: str, bits: int, num_train: Optional[int] = None, num_classes: Optional[int] = None,
-                  train_labels: Optional[torch.Tensor] = None, **params) -> HashingMethod:
+def create_method(
+    name: str,
+    bits: int,
+    num_train: Optional[int] = None,
+    num_classes: Optional[int] = None,
+    train_labels: Optional[torch.Tensor] = None,
+    **params,
+) -> HashingMethod:
     """Create a registered method of the given size; unknown or fixed hyper-parameters are an error
     naming them. `train_labels` (num_train, num_classes), when given, sets the size and is handed
     to the method (`set_train_labels`)."""

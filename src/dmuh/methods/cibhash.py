@@ -55,8 +55,15 @@ class CIBHash(HashingMethod):
         "stochastic": Param(bool, help="sample the codes from Bernoulli(p) instead of sign (training only)"),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, temperature: float = 0.3, beta: float = 0.001,
-                 stochastic: bool = False):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        temperature: float = 0.3,
+        beta: float = 0.001,
+        stochastic: bool = False,
+    ):
         super().__init__(bits, num_train, num_classes)
         self.temperature, self.beta, self.stochastic = temperature, beta, stochastic  # checked as declared
 

@@ -77,9 +77,18 @@ class COSDISH(ShallowMethod):
         "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, columns: Optional[int] = None,
-                 iterations: int = 10, alternations: int = 3, ridge: float = 1.0,
-                 search_starts: int = SEARCH_STARTS, seed: int = 0):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        columns: Optional[int] = None,
+        iterations: int = 10,
+        alternations: int = 3,
+        ridge: float = 1.0,
+        search_starts: int = SEARCH_STARTS,
+        seed: int = 0,
+    ):
         super().__init__(bits, num_train, num_classes)
         self.columns = self.bits if columns is None else columns
         self.iterations = iterations
@@ -112,8 +121,13 @@ class COSDISH(ShallowMethod):
             codes_gamma, codes_omega = codes[gamma], codes[omega]
             objectives = [sampled_objective(target_gamma, target_omega, codes_gamma, codes_omega)]
             for _ in range(self.alternations):
-                codes_omega = solve_sampled_codes(target_omega, target_gamma.t() @ codes_gamma,
-                                                  codes_gamma.t() @ codes_gamma, codes_omega, self.search_starts)
+                codes_omega = solve_sampled_codes(
+                    target_omega,
+                    target_gamma.t() @ codes_gamma,
+                    codes_gamma.t() @ codes_gamma,
+                    codes_omega,
+                    self.search_starts,
+                )
                 # sign(S~_Gamma B_Omega); an argument of 0 keeps the old bit (the code's ex_sign)
                 argument = target_gamma @ codes_omega / q
                 codes_gamma = torch.where(argument.abs() < 1e-5, codes_gamma, sign(argument))

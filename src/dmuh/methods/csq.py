@@ -78,8 +78,11 @@ class CSQ(HashingMethod):
 
     hyper_parameters = {
         "quantization": Param(float, Rule(minimum=0.0), "weight of the quantisation term"),
-        "centers": Param(str, Rule(choices=CENTER_KINDS), "Hadamard rows, Bernoulli draws, or auto "
-                         "(Hadamard when bits is a power of two and classes <= 2 bits)"),
+        "centers": Param(
+            str,
+            Rule(choices=CENTER_KINDS),
+            "Hadamard rows, Bernoulli draws, or auto (Hadamard when bits is a power of two and classes <= 2 bits)",
+        ),
         "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
         "bernoulli_tries": Param(int, Rule(minimum=1), "Bernoulli draws, of which the most spread is kept"),
     }
@@ -99,8 +102,9 @@ class CSQ(HashingMethod):
         self.notes: List[str] = []
         hadamard_fits = is_power_of_two(self.bits) and self.num_classes <= 2 * self.bits
         if centers == "hadamard" and not hadamard_fits:
-            raise DmuhError(f"method parameter centers='hadamard': {self.why_not_hadamard()}; "
-                            "use centers=bernoulli or centers=auto")
+            raise DmuhError(
+                f"method parameter centers='hadamard': {self.why_not_hadamard()}; use centers=bernoulli or centers=auto"
+            )
         if centers == "bernoulli" or not hadamard_fits:
             if centers == "auto":
                 note = f"csq: {self.why_not_hadamard()}: using Bernoulli (random) hash centres"

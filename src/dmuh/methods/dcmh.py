@@ -39,8 +39,18 @@ class DCMH(CrossModalMethod):
         "eta": Param(float, Rule(minimum=0.0), "weight of the bit balance terms"),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, text_dim: int = 1, gamma: float = 1.0,
-                 eta: float = 1.0, text_hidden=(8192,), text_dropout: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        text_dim: int = 1,
+        gamma: float = 1.0,
+        eta: float = 1.0,
+        text_hidden=(8192,),
+        text_dropout: float = 0.0,
+        seed: int = 0,
+    ):
         super().__init__(bits, num_train, num_classes, text_dim, text_hidden, text_dropout)
         self.gamma, self.eta = gamma, eta  # checked as declared
         self.image_memory = TrainingMemory(num_train, num_classes, bits)
@@ -59,8 +69,9 @@ class DCMH(CrossModalMethod):
         others = memory.codes.sum(0) - memory.codes[indices].sum(0)
         return (others + outputs.sum(0)).pow(2).sum()
 
-    def modality_terms(self, outputs: torch.Tensor, other: TrainingMemory, own: TrainingMemory,
-                       step: StepInputs) -> Dict[str, torch.Tensor]:
+    def modality_terms(
+        self, outputs: torch.Tensor, other: TrainingMemory, own: TrainingMemory, step: StepInputs
+    ) -> Dict[str, torch.Tensor]:
         normaliser = own.normaliser(outputs.shape[0])
         return {
             "likelihood": other.likelihood(outputs, step.labels),

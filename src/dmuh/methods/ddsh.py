@@ -88,8 +88,16 @@ class DDSH(HashingMethod):
         "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, columns: int = 100, iterations: int = 3,
-                 search_starts: int = SEARCH_STARTS, seed: int = 0):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        columns: int = 100,
+        iterations: int = 3,
+        search_starts: int = SEARCH_STARTS,
+        seed: int = 0,
+    ):
         super().__init__(bits, num_train, num_classes)
         self.columns = columns
         self.iterations = iterations
@@ -137,9 +145,13 @@ class DDSH(HashingMethod):
         target_gamma = q * self.similarity(self.train_labels.labels[gamma])  # (n - |Omega|) x |Omega|
         codes_gamma = codes[gamma]
         target_omega = q * self.similarity(self.train_labels.labels[self.omega])
-        solved = solve_sampled_codes(target_omega.cpu(), (target_gamma.t() @ codes_gamma).cpu(),
-                                     (codes_gamma.t() @ codes_gamma).cpu(), codes[self.omega].cpu(),
-                                     self.search_starts)
+        solved = solve_sampled_codes(
+            target_omega.cpu(),
+            (target_gamma.t() @ codes_gamma).cpu(),
+            (codes_gamma.t() @ codes_gamma).cpu(),
+            codes[self.omega].cpu(),
+            self.search_starts,
+        )
         codes[self.omega] = solved.to(codes)
 
     def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:

@@ -52,12 +52,19 @@ def _rows_of(pointers: torch.Tensor, items: torch.Tensor, keys: torch.Tensor) ->
     """(which key, item) for every item of the CSR rows of `keys` (a flat batch of rows)."""
     starts, counts = pointers[keys], pointers[keys + 1] - pointers[keys]
     which = torch.arange(len(keys), device=keys.device).repeat_interleave(counts)
-    offsets = torch.arange(int(counts.sum()), device=keys.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    offsets = torch.arange(int(counts.sum()), device=keys.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )
     return which, items[starts[which] + offsets]
 
 
-def distilled_pairs(knn: torch.Tensor, reverse: Tuple[torch.Tensor, torch.Tensor], batch: torch.Tensor,
-                    similar_threshold: float, dissimilar_threshold: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def distilled_pairs(
+    knn: torch.Tensor,
+    reverse: Tuple[torch.Tensor, torch.Tensor],
+    batch: torch.Tensor,
+    similar_threshold: float,
+    dissimilar_threshold: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(S (B, n), kept (B, n)), both 0/1 float, of the batch items against every training item;
     `reverse` is `reverse_neighbours(knn)`. B K^2 additions: nothing of size n^2."""
     n, k = knn.shape
@@ -91,41 +98,59 @@ class DistillHash(PairwiseQuantizationMethod):
         "dissimilar_threshold": Param(float, Rule(minimum=0.0), "distilled dissimilar pairs' threshold"),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, neighbours: int = 20,
-                 similar_threshold: float = 0.3, dissimilar_threshold: float = 0.0, beta: float = 50.0,
-                 output: str = "tanh", normalisation: str = "nB"):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        neighbours: int = 20,
+        similar_threshold: float = 0.3,
+        dissimilar_threshold: float = 0.0,
+        beta: float = 50.0,
+        output: str = "tanh",
+        normalisation: str = "nB",
+    ):
         super().__init__(bits, num_train, num_classes, beta=beta, output=output, normalisation=normalisation)
         self.neighbours = neighbours
         self.similar_threshold = similar_threshold
         self.dissimilar_threshold = dissimilar_threshold
         if not self.dissimilar_threshold < self.similar_threshold <= 1:
-            raise DmuhError(f"method parameters dissimilar_threshold={dissimilar_threshold!r}, similar_threshold="
-                            f"{similar_threshold!r}: need 0 <= dissimilar_threshold < similar_threshold <= 1")
+            raise DmuhError(
+                f"method parameters dissimilar_threshold={dissimilar_threshold!r}, similar_threshold="
+                f"{similar_threshold!r}: need 0 <= dissimilar_threshold < similar_threshold <= 1"
+            )
         self.reference = ReferenceFeatures()
         self.register_buffer("knn", torch.zeros(0, self.neighbours, dtype=torch.int64))
         self._reverse: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # reverse_neighbours(knn), on first use
 
     def set_reference_features(self, features: torch.Tensor) -> None:
         if self.neighbours >= features.shape[0]:
-            raise DmuhError(f"method parameter neighbours={self.neighbours}: needs more training items than "
-                            f"neighbours, got {features.shape[0]}")
+            raise DmuhError(
+                f"method parameter neighbours={self.neighbours}: needs more training items than "
+                f"neighbours, got {features.shape[0]}"
+            )
         self.reference.set(features)
         self.knn = cosine_knn(self.reference.all(), self.neighbours)
         self._reverse = None
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         saved = state_dict.get(prefix + "knn")
         if saved is not None:  # the table's length is the training split's
             self.knn = torch.zeros(saved.shape, dtype=torch.int64, device=self.knn.device)
             self._reverse = None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
         if self._reverse is None or self._reverse[0].device != self.knn.device:
             self._reverse = reverse_neighbours(self.knn)
         codes = self.memory.remember(step, self.continuous_codes)
-        similar, kept = distilled_pairs(self.knn, self._reverse, step.indices, self.similar_threshold,
-                                        self.dissimilar_threshold)
+        similar, kept = distilled_pairs(
+            self.knn, self._reverse, step.indices, self.similar_threshold, self.dissimilar_threshold
+        )
         return {
             "likelihood": self.memory.pair_likelihood(codes, similar, kept, normalisation=self.normalisation),
             "quantization": self.quantization(codes),

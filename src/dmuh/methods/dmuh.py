@@ -47,11 +47,16 @@ class DMUH(PairwiseQuantizationMethod):
     # Checkpoints written before the default reading was measured (docs/method.md) used "off".
     legacy_defaults = {"momentum_dropout": "off"}
     hyper_parameters = {
-        "alpha": Param(float, Rule(minimum=0.0, maximum=1.0), "momentum of the copy's weights (Eq. 5)",
-                       why="Eq. 5 averages the weights"),
+        "alpha": Param(
+            float,
+            Rule(minimum=0.0, maximum=1.0),
+            "momentum of the copy's weights (Eq. 5)",
+            why="Eq. 5 averages the weights",
+        ),
         "gamma": Param(float, Rule(minimum=0.0), "weight of the uncertainty term"),
-        "momentum_dropout": Param(str, Rule(choices=DROPOUT_MODES), "the momentum copy's dropout masks",
-                                  aliases=((False, "off"),)),
+        "momentum_dropout": Param(
+            str, Rule(choices=DROPOUT_MODES), "the momentum copy's dropout masks", aliases=((False, "off"),)
+        ),
         "momentum_update": Param(str, Rule(choices=MOMENTUM_UPDATES), "when Eq. 5 is applied"),
         "retrieval": Param(str, Rule(choices=RETRIEVAL_NETWORKS), "whose codes are retrieved"),
         "bit_weights": Param(bool, help="e^u weights of the quantisation (off: w/o e^u_i)"),
@@ -91,8 +96,13 @@ class DMUH(PairwiseQuantizationMethod):
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits, uncertainty=True)
 
     def requirements(self) -> Requirements:
-        return replace(self.requires, momentum=self.alpha, momentum_dropout=self.dropout_reading,
-                       momentum_update=self.update_reading, retrieval_network=self.retrieval)
+        return replace(
+            self.requires,
+            momentum=self.alpha,
+            momentum_dropout=self.dropout_reading,
+            momentum_update=self.update_reading,
+            retrieval_network=self.retrieval,
+        )
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
         if step.momentum_outputs is None:

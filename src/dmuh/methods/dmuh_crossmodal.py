@@ -33,15 +33,20 @@ from dmuh.utils.schema import Rule
 
 
 @register_method("dmuh-cross", display_name="DMUH (cross-modal)")
-@register_method("regu-cross", display_name="Regu (cross-modal)", bit_weights=False, image_weights=False,
-                 uncertainty_term=False)
+@register_method(
+    "regu-cross", display_name="Regu (cross-modal)", bit_weights=False, image_weights=False, uncertainty_term=False
+)
 class DMUHCrossModal(CrossModalMethod):
     """`regu-cross` is the same loss without any uncertainty (no momentum copies): the baseline
     that tells what the uncertainty adds."""
 
     hyper_parameters = {
-        "alpha": Param(float, Rule(minimum=0.0, maximum=1.0), "momentum of both copies' weights (Eq. 5)",
-                       why="Eq. 5 averages the weights"),
+        "alpha": Param(
+            float,
+            Rule(minimum=0.0, maximum=1.0),
+            "momentum of both copies' weights (Eq. 5)",
+            why="Eq. 5 averages the weights",
+        ),
         "beta": Param(float, Rule(minimum=0.0), "weight of the quantisation terms"),
         "gamma": Param(float, Rule(minimum=0.0), "weight of the uncertainty terms"),
         "intra": Param(float, Rule(minimum=0.0), "weight of the within-modality likelihoods"),
@@ -51,13 +56,33 @@ class DMUHCrossModal(CrossModalMethod):
         "uncertainty_term": Param(bool, help="the uncertainty terms"),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, text_dim: int = 1, alpha: float = 0.7,
-                 beta: float = 50.0, gamma: float = 1.0, intra: float = 1.0, output: str = "tanh",
-                 text_hidden=(1024,), text_dropout: float = 0.0, bit_weights: bool = True,
-                 image_weights: bool = True, uncertainty_term: bool = True):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        text_dim: int = 1,
+        alpha: float = 0.7,
+        beta: float = 50.0,
+        gamma: float = 1.0,
+        intra: float = 1.0,
+        output: str = "tanh",
+        text_hidden=(1024,),
+        text_dropout: float = 0.0,
+        bit_weights: bool = True,
+        image_weights: bool = True,
+        uncertainty_term: bool = True,
+    ):
         uses_uncertainty = bit_weights or image_weights or uncertainty_term
-        super().__init__(bits, num_train, num_classes, text_dim, text_hidden, text_dropout,
-                         text_momentum=alpha if uses_uncertainty else None)
+        super().__init__(
+            bits,
+            num_train,
+            num_classes,
+            text_dim,
+            text_hidden,
+            text_dropout,
+            text_momentum=alpha if uses_uncertainty else None,
+        )
         self.alpha = alpha if uses_uncertainty else None  # the image network's momentum copy, if any
         self.beta, self.gamma, self.intra, self.output = beta, gamma, intra, output  # checked as declared
         self.bit_weights, self.image_weights, self.uncertainty_term = bit_weights, image_weights, uncertainty_term
@@ -83,7 +108,9 @@ class DMUHCrossModal(CrossModalMethod):
         memory.write(indices, codes.detach(), items)
         return codes, bits, items
 
-    def pairs(self, codes: torch.Tensor, items: torch.Tensor, memory: TrainingMemory, labels: torch.Tensor) -> torch.Tensor:
+    def pairs(
+        self, codes: torch.Tensor, items: torch.Tensor, memory: TrainingMemory, labels: torch.Tensor
+    ) -> torch.Tensor:
         weights = torch.exp(items[:, None] + memory.uncertainty[None, :]) if self.image_weights else None
         return memory.likelihood(codes, labels, weights)
 
@@ -99,16 +126,19 @@ class DMUHCrossModal(CrossModalMethod):
         if self.alpha is not None and step.momentum_outputs is None:
             raise ValueError("DMUH across modalities needs the image momentum network's outputs")
         text_outputs, text_momentum = self.text_outputs(step)
-        image, image_bits, image_items = self.modality(step.outputs.float(), step.momentum_outputs,
-                                                       self.image_memory, step.indices)
+        image, image_bits, image_items = self.modality(
+            step.outputs.float(), step.momentum_outputs, self.image_memory, step.indices
+        )
         text, text_bits, text_items = self.modality(text_outputs, text_momentum, self.text_memory, step.indices)
         terms = {
             "inter": self.pairs(image, image_items, self.text_memory, step.labels)
-                     + self.pairs(text, text_items, self.image_memory, step.labels),
+            + self.pairs(text, text_items, self.image_memory, step.labels),
         }
         if self.intra:
-            terms["intra"] = self.intra * (self.pairs(image, image_items, self.image_memory, step.labels)
-                                           + self.pairs(text, text_items, self.text_memory, step.labels))
+            terms["intra"] = self.intra * (
+                self.pairs(image, image_items, self.image_memory, step.labels)
+                + self.pairs(text, text_items, self.text_memory, step.labels)
+            )
         for name, value in self.own_terms(image, image_bits, self.image_memory).items():
             terms[f"image_{name}"] = value
         for name, value in self.own_terms(text, text_bits, self.text_memory).items():

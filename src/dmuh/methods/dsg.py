@@ -86,8 +86,8 @@ def sample_pair_distances(features: torch.Tensor, max_pairs: int, seed: int, chu
         second = (first + torch.randint(1, n, (max_pairs,), generator=generator)) % n  # never first itself
     distances = []
     for start in range(0, first.numel(), chunk):
-        a = features[first[start:start + chunk].to(features.device)].float()
-        b = features[second[start:start + chunk].to(features.device)].float()
+        a = features[first[start : start + chunk].to(features.device)].float()
+        b = features[second[start : start + chunk].to(features.device)].float()
         distances.append((1.0 - (a * b).sum(dim=1)).double().cpu())
     return torch.cat(distances)
 
@@ -111,8 +111,9 @@ def fit_half_gaussians(distances: torch.Tensor, bins: int = HISTOGRAM_BINS) -> T
     return mode, max(stds[0], STD_FLOOR), max(stds[1], STD_FLOOR)
 
 
-def confidence_weights(distances: torch.Tensor, threshold: Number, left: Tuple[Number, Number],
-                       right: Tuple[Number, Number]) -> torch.Tensor:
+def confidence_weights(
+    distances: torch.Tensor, threshold: Number, left: Tuple[Number, Number], right: Tuple[Number, Number]
+) -> torch.Tensor:
     """w1: (Phi_L(t) - Phi_L(d)) / Phi_L(t) for d <= t, (Phi_R(d) - Phi_R(t)) / (1 - Phi_R(t)) for
     d > t, clipped to [0, 1]; `left`, `right` the (mean, std) of the two Gaussians."""
     like = dict(dtype=distances.dtype, device=distances.device)
@@ -145,7 +146,7 @@ def priority_loss(codes: torch.Tensor, similarity: torch.Tensor, weights: torch.
     batch, bits = codes.shape
     inner = codes @ codes.t() / bits
     off_diagonal = 1.0 - torch.eye(batch, dtype=codes.dtype, device=codes.device)
-    return (weights * off_diagonal * (inner - similarity).pow(2)).sum() / batch ** 2
+    return (weights * off_diagonal * (inner - similarity).pow(2)).sum() / batch**2
 
 
 def kmeans_clusters(features: torch.Tensor, clusters: int, restarts: int, seed: int) -> torch.Tensor:
@@ -206,11 +207,14 @@ class DSG(HashingMethod):
     @torch.no_grad()
     def set_reference_features(self, features: torch.Tensor) -> None:
         if features.dim() == 2 and features.shape[0] != self.num_train:
-            raise DmuhError(f"method 'dsg': reference features of {features.shape[0]} items, "
-                            f"built for {self.num_train} training items")
+            raise DmuhError(
+                f"method 'dsg': reference features of {features.shape[0]} items, "
+                f"built for {self.num_train} training items"
+            )
         if self.clusters > features.shape[0]:
-            raise DmuhError(f"method parameter clusters={self.clusters}: more clusters than the "
-                            f"{features.shape[0]} training items")
+            raise DmuhError(
+                f"method parameter clusters={self.clusters}: more clusters than the {features.shape[0]} training items"
+            )
         self.reference.set(features)
         unit = self.reference.all()  # the rows the loss will read (float16-rounded)
         distances = sample_pair_distances(unit, self.sample_pairs, self.seed)
@@ -219,13 +223,19 @@ class DSG(HashingMethod):
         self.threshold.fill_(threshold)
         self.left.copy_(torch.tensor([mode, left_std]))
         self.right.copy_(torch.tensor([mode, right_std]))
-        self.cluster_ids = kmeans_clusters(unit, self.clusters, self.kmeans_restarts, self.seed).to(self.threshold.device)
+        self.cluster_ids = kmeans_clusters(unit, self.clusters, self.kmeans_restarts, self.seed).to(
+            self.threshold.device
+        )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         saved = state_dict.get(prefix + "cluster_ids")
         if saved is not None:  # its size is the data's, known only from the checkpoint
             self.cluster_ids = torch.zeros(saved.shape, dtype=torch.long, device=self.cluster_ids.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(outputs)

@@ -136,30 +136,35 @@ class PairObjective:
         """S[rows] @ v."""
         if self.single_label:
             return self.y[rows] @ (self.y.T @ v)
-        return np.concatenate([self.similarity_rows(rows[i:i + self.chunk]) @ v
-                               for i in range(0, len(rows), self.chunk)]) if len(rows) else np.zeros((0,) + v.shape[1:])
+        return (
+            np.concatenate(
+                [self.similarity_rows(rows[i : i + self.chunk]) @ v for i in range(0, len(rows), self.chunk)]
+            )
+            if len(rows)
+            else np.zeros((0,) + v.shape[1:])
+        )
 
     def block_weights(self, rows: np.ndarray) -> np.ndarray:
         """W[rows][:, rows] (the diagonal included: the unary terms subtract it with the block)."""
         s = 2.0 * ((self.y[rows] @ self.y[rows].T) > 0) - 1.0
-        return -4.0 * (self.k * s - self.h[rows] @ self.h[rows].T) / self.k ** 2
+        return -4.0 * (self.k * s - self.h[rows] @ self.h[rows].T) / self.k**2
 
     def weights_times(self, rows: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(W b)[rows] over all n items (diagonal included), W = -4 (k (2 S - 1) - H H^T) / k^2."""
         s_b = 2.0 * self.similarity_times(rows, b) - b.sum()
-        return -4.0 * (self.k * s_b - self.h[rows] @ (self.h.T @ b)) / self.k ** 2
+        return -4.0 * (self.k * s_b - self.h[rows] @ (self.h.T @ b)) / self.k**2
 
     def item_weights(self) -> np.ndarray:
         """sum_{j != i} |w_ij| for every item: |k s_ij - a_ij| = k - s_ij a_ij since |a_ij| < k."""
         everyone = np.arange(self.n)
         s_h = 2.0 * self.similarity_times(everyone, self.h) - self.h.sum(axis=0)
         signed = (self.h * s_h).sum(axis=1) - (2.0 * self.has_label - 1.0) * (self.k - 1)
-        return 4.0 * (self.k * (self.n - 1) - signed) / self.k ** 2
+        return 4.0 * (self.k * (self.n - 1) - signed) / self.k**2
 
     def objective(self, b: np.ndarray) -> float:
         """sum_{i<j} w_ij b_i b_j over all pairs (for tests and diagnostics: O(n^2) time when multi-label)."""
         everyone = np.arange(self.n)
-        diagonal = -4.0 * (self.k * (2.0 * self.has_label - 1.0) - (self.k - 1)) / self.k ** 2
+        diagonal = -4.0 * (self.k * (2.0 * self.has_label - 1.0) - (self.k - 1)) / self.k**2
         return float(0.5 * (b @ self.weights_times(everyone, b) - diagonal.sum()))
 
 
@@ -175,8 +180,13 @@ def label_blocks(labels: np.ndarray, block_size: int, rng: np.random.Generator) 
     return blocks
 
 
-def infer_bit(pairs: PairObjective, blocks: Sequence[np.ndarray], iterations: int, rng: np.random.Generator,
-              initial: Optional[np.ndarray] = None) -> np.ndarray:
+def infer_bit(
+    pairs: PairObjective,
+    blocks: Sequence[np.ndarray],
+    iterations: int,
+    rng: np.random.Generator,
+    initial: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Block GraphCut on bit k's objective: `iterations` sweeps over the blocks (random order each),
     each block solved exactly with the other items fixed; starts from `initial` (default all +1)."""
     b = np.ones(pairs.n) if initial is None else np.asarray(initial, dtype=np.float64).copy()
@@ -215,9 +225,13 @@ def tree_layout(nodes: np.ndarray, edges: Sequence[np.ndarray]) -> dict:
     threshold = np.zeros(len(nodes))
     for node in np.flatnonzero(~leaf):
         threshold[node] = edges[feature[node]][int(np.floor(nodes["num_threshold"][node]))]
-    return {"feature": np.where(leaf, -2, feature), "threshold": threshold,
-            "children_left": np.where(leaf, -1, left), "children_right": np.where(leaf, -1, right),
-            "value": nodes["value"].astype(np.float64)}
+    return {
+        "feature": np.where(leaf, -2, feature),
+        "threshold": threshold,
+        "children_left": np.where(leaf, -1, left),
+        "children_right": np.where(leaf, -1, right),
+        "value": nodes["value"].astype(np.float64),
+    }
 
 
 @register_method("fasth", display_name="FastH")
@@ -235,9 +249,20 @@ class FastH(ShallowMethod):
         "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, trees: int = 200, depth: int = 4,
-                 node_features: int = 200, learning_rate: float = 1.0, block_size: int = 500,
-                 iterations: int = 2, bins: int = 255, seed: int = 0):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        trees: int = 200,
+        depth: int = 4,
+        node_features: int = 200,
+        learning_rate: float = 1.0,
+        block_size: int = 500,
+        iterations: int = 2,
+        bins: int = 255,
+        seed: int = 0,
+    ):
         super().__init__(bits, num_train, num_classes)
         self.trees = trees
         self.depth = depth
@@ -281,12 +306,21 @@ class FastH(ShallowMethod):
             # One value for every item: a constant bit carries nothing, so fit random signs (as the code).
             target = rng.random(len(bit)) < 0.5
             self.notes.append(f"{self.name}: bit {k + 1} was inferred constant; fitted to random signs")
-        options = dict(max_iter=self.trees, max_bins=self.bins, max_depth=self.depth, max_leaf_nodes=None,
-                       learning_rate=self.learning_rate, early_stopping=False, random_state=self.seed + k)
+        options = dict(
+            max_iter=self.trees,
+            max_bins=self.bins,
+            max_depth=self.depth,
+            max_leaf_nodes=None,
+            learning_rate=self.learning_rate,
+            early_stopping=False,
+            random_state=self.seed + k,
+        )
         fraction = min(1.0, self.node_features / x.shape[1])
         if fraction < 1.0:
             if "max_features" not in HistGradientBoostingClassifier().get_params():
-                raise DmuhError(f"{self.name}: node_features={self.node_features} < {x.shape[1]} features "
-                                "needs scikit-learn >= 1.4 (max_features); upgrade it or set node_features large")
+                raise DmuhError(
+                    f"{self.name}: node_features={self.node_features} < {x.shape[1]} features "
+                    "needs scikit-learn >= 1.4 (max_features); upgrade it or set node_features large"
+                )
             options["max_features"] = fraction
         return HistGradientBoostingClassifier(**options).fit(x, target, sample_weight=weights)

@@ -42,8 +42,9 @@ def class_balanced_pair_loss(theta: torch.Tensor, similar: torch.Tensor) -> torc
     """
     pair_loss = F.softplus(theta) - similar * theta
     dissimilar = 1.0 - similar
-    return ((pair_loss * similar).sum() / similar.sum().clamp(min=1)
-            + (pair_loss * dissimilar).sum() / dissimilar.sum().clamp(min=1))
+    return (pair_loss * similar).sum() / similar.sum().clamp(min=1) + (
+        pair_loss * dissimilar
+    ).sum() / dissimilar.sum().clamp(min=1)
 
 
 @register_method("hashnet", display_name="HashNet")

@@ -62,8 +62,8 @@ def log_posterior(factors: torch.Tensor, labels: torch.Tensor, beta: float) -> f
     u, y = factors.double(), labels.double()
     total = 0.0
     for start in range(0, u.shape[0], CHUNK):
-        theta = u[start:start + CHUNK] @ u.t() / 2
-        s = similar(y[start:start + CHUNK], y)
+        theta = u[start : start + CHUNK] @ u.t() / 2
+        s = similar(y[start : start + CHUNK], y)
         terms = s * theta - torch.nn.functional.softplus(theta)
         rows = torch.arange(start, min(start + CHUNK, u.shape[0]))
         terms[rows - start, rows] = 0.0  # no (i, i) pairs
@@ -121,7 +121,7 @@ class LFH(ShallowMethod):
         gram = u.t() @ u  # kept current under each row's change: sum_j U_j^T U_j
         for i in range(u.shape[0]):
             row = u[i]
-            residual = similar(y[i:i + 1], y)[0] - torch.sigmoid(u @ row / 2)
+            residual = similar(y[i : i + 1], y)[0] - torch.sigmoid(u @ row / 2)
             residual[i] = 0.0  # no (i, i) pair
             gradient = residual @ u - row / self.beta
             curvature = (gram - torch.outer(row, row)) / 8 + eye  # -H_i, positive definite
@@ -132,7 +132,7 @@ class LFH(ShallowMethod):
 
     def stochastic_step(self, u: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One LFH-Stochastic iteration over `columns` sampled columns of S, every row at once."""
-        omega = torch.randperm(u.shape[0], generator=generator)[:self.columns]
+        omega = torch.randperm(u.shape[0], generator=generator)[: self.columns]
         sampled = u[omega]
         residual = similar(y, y[omega]) - torch.sigmoid(u @ sampled.t() / 2)
         gradient = residual @ sampled - u / self.beta

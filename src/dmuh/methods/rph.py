@@ -65,28 +65,39 @@ class RankPreservingHashing(HashingMethod):
         "temperature": Param(float, Rule(above=0.0), "softmax temperature of the rank distributions"),
         "quantization": Param(float, Rule(minimum=0.0), "weight of the quantisation term"),
         "reconstruction": Param(float, Rule(minimum=0.0), "weight of the decoder's reconstruction of the reference"),
-        "reference_dim": Param(int, Rule(minimum=1),
-                        "the reference representation's length (set by the loop from the data)"),
+        "reference_dim": Param(
+            int, Rule(minimum=1), "the reference representation's length (set by the loop from the data)"
+        ),
         "hidden": Param(int, Rule(minimum=1), "hidden width of the decoder"),
         "joint": Param(bool, help="let the reconstruction shape the codes too (false: b detached)"),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, reference_dim: int = 1,
-                 temperature: float = 0.05, quantization: float = 0.1, reconstruction: float = 1.0,
-                 hidden: int = 1024, joint: bool = False):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        reference_dim: int = 1,
+        temperature: float = 0.05,
+        quantization: float = 0.1,
+        reconstruction: float = 1.0,
+        hidden: int = 1024,
+        joint: bool = False,
+    ):
         super().__init__(bits, num_train, num_classes)
         self.temperature = temperature
         self.quantization_weight = quantization
         self.reconstruction_weight = reconstruction
-        self.decoder = FeatureDecoder(self.bits, reference_dim,
-                                      hidden)
+        self.decoder = FeatureDecoder(self.bits, reference_dim, hidden)
         self.joint = joint
         self.reference = ReferenceFeatures()
 
     def set_reference_features(self, features: torch.Tensor) -> None:
         if features.shape[1] != self.decoder.dim:
-            raise DmuhError(f"rph: reference features of dimension {features.shape[1]}, the decoder was built "
-                            f"for {self.decoder.dim}")
+            raise DmuhError(
+                f"rph: reference features of dimension {features.shape[1]}, the decoder was built "
+                f"for {self.decoder.dim}"
+            )
         self.reference.set(features)
 
     def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:

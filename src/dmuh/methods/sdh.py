@@ -72,7 +72,9 @@ def dcc_objective(codes: torch.Tensor, weight: torch.Tensor, q: torch.Tensor) ->
     return float((codes @ weight).pow(2).sum() - 2 * (codes * q).sum())
 
 
-def dcc(codes: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, sweeps: int, trace: Optional[list] = None) -> torch.Tensor:
+def dcc(
+    codes: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, sweeps: int, trace: Optional[list] = None
+) -> torch.Tensor:
     """Discrete cyclic coordinate descent from `codes` (n, bits): B_:k = sign(Q_:k - B_:-k W_-k w_k^T),
     at most `sweeps` sweeps, stopping when one changes B by less than 1e-6 relatively (SDH.m).
     `trace`, when a list, gets the objective after every bit update (for the tests)."""
@@ -125,7 +127,9 @@ class SDH(ShallowMethod):
         self.anchors = anchors
         if isinstance(sigma, str):
             if sigma not in SIGMA_RULES:
-                raise DmuhError(f"method parameter sigma={sigma!r}: choose one of {', '.join(SIGMA_RULES)}, or a number > 0")
+                raise DmuhError(
+                    f"method parameter sigma={sigma!r}: choose one of {', '.join(SIGMA_RULES)}, or a number > 0"
+                )
             self.sigma: Union[str, float] = sigma
         else:
             self.sigma = check_number("sigma", sigma, 0.0, strict=True)
@@ -143,7 +147,7 @@ class SDH(ShallowMethod):
     def choose_anchors(self, x: torch.Tensor) -> torch.Tensor:
         """Indices of min(anchors, n) training items drawn without replacement (seeded), as randsample."""
         generator = torch.Generator().manual_seed(self.seed)
-        return torch.randperm(x.shape[0], generator=generator)[:min(self.anchors, x.shape[0])]
+        return torch.randperm(x.shape[0], generator=generator)[: min(self.anchors, x.shape[0])]
 
     def kernel_width(self, x: torch.Tensor, anchor_index: torch.Tensor) -> float:
         if not isinstance(self.sigma, str):
@@ -153,11 +157,11 @@ class SDH(ShallowMethod):
         is_anchor[anchor_index] = torch.arange(len(anchor_index))
         total, count = 0.0, 0
         for start in range(0, x.shape[0], CHUNK):
-            squared = squared_distances(x[start:start + CHUNK], anchors)
+            squared = squared_distances(x[start : start + CHUNK], anchors)
             if self.sigma == "mean":
                 total += float(squared.sum())
                 continue
-            own = is_anchor[start:start + CHUNK]
+            own = is_anchor[start : start + CHUNK]
             rows = torch.nonzero(own >= 0).flatten()
             squared[rows, own[rows]] = float("inf")  # an anchor is measured to its nearest other anchor
             nearest = squared.min(dim=1).values
@@ -168,16 +172,18 @@ class SDH(ShallowMethod):
         else:
             sigma = total / max(count, 1)
         if not sigma > 0:
-            raise DmuhError(f"{self.name}: the training features are all equal to the anchors (sigma=0); "
-                            "set the kernel width with -p sigma=NUMBER")
+            raise DmuhError(
+                f"{self.name}: the training features are all equal to the anchors (sigma=0); "
+                "set the kernel width with -p sigma=NUMBER"
+            )
         return sigma
 
     def kernel_map(self, x: torch.Tensor, anchors: torch.Tensor, sigma: float) -> torch.Tensor:
         """phi(x) with its bias column, (n, m + 1) float64, in chunks."""
         phi = torch.empty(x.shape[0], anchors.shape[0] + 1, dtype=torch.float64)
         for start in range(0, x.shape[0], CHUNK):
-            block = squared_distances(x[start:start + CHUNK], anchors)
-            phi[start:start + CHUNK, :-1] = torch.exp(-block / (2 * sigma * sigma))
+            block = squared_distances(x[start : start + CHUNK], anchors)
+            phi[start : start + CHUNK, :-1] = torch.exp(-block / (2 * sigma * sigma))
         phi[:, -1] = 1.0
         return phi
 

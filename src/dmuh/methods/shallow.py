@@ -49,13 +49,15 @@ class ITQ(ShallowMethod):
     def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         x = self.check_features(features)
         if self.bits > x.shape[1]:
-            raise DmuhError(f"{self.name}: bits={self.bits} exceeds the feature dimension {x.shape[1]} "
-                            "(ITQ projects on that many principal directions)")
+            raise DmuhError(
+                f"{self.name}: bits={self.bits} exceeds the feature dimension {x.shape[1]} "
+                "(ITQ projects on that many principal directions)"
+            )
         mean = x.mean(dim=0)
         centred = x - mean
         # eigh sorts eigenvalues ascending: the last `bits` eigenvectors are the top principal directions.
         _, eigenvectors = torch.linalg.eigh(centred.t() @ centred)
-        projection = eigenvectors[:, -self.bits:].flip(1)
+        projection = eigenvectors[:, -self.bits :].flip(1)
         projected = centred @ projection
         rotation = self.initial_rotation()
         for _ in range(self.iterations):
@@ -78,7 +80,9 @@ class LSH(ShallowMethod):
     """Signs of a seeded Gaussian random projection of the mean-centred features."""
 
     requires = Requirements(shallow=True, labels=False)
-    hyper_parameters = {"seed": Param(int, Rule(minimum=0), "seed of the random draws"),}
+    hyper_parameters = {
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+    }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, seed: int = 0):
         super().__init__(bits, num_train, num_classes)

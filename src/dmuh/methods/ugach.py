@@ -84,6 +84,7 @@ _KNN_CHUNK = 1024  # query rows per distance block: bounds the (chunk, n) tempor
 
 # -- the correlation graph ----------------------------------------------------------------------
 
+
 @torch.no_grad()
 def euclidean_knn(features: torch.Tensor, k: int) -> torch.Tensor:
     """(n, k) int64 indices of each row's k nearest other rows by Euclidean distance."""
@@ -92,8 +93,8 @@ def euclidean_knn(features: torch.Tensor, k: int) -> torch.Tensor:
     squares = points.pow(2).sum(dim=1)
     rows = []
     for start in range(0, n, _KNN_CHUNK):
-        block = points[start:start + _KNN_CHUNK]
-        distance = squares[start:start + _KNN_CHUNK, None] + squares[None, :] - 2.0 * block @ points.t()
+        block = points[start : start + _KNN_CHUNK]
+        distance = squares[start : start + _KNN_CHUNK, None] + squares[None, :] - 2.0 * block @ points.t()
         own = torch.arange(start, start + block.shape[0], device=points.device)
         distance[torch.arange(block.shape[0], device=points.device), own] = float("inf")  # not one's own neighbour
         rows.append(distance.topk(k, dim=1, largest=False).indices)
@@ -112,8 +113,9 @@ def modality_neighbours(features: torch.Tensor, count: int, metric: str = "eucli
 
 
 @torch.no_grad()
-def correlation_graph(image_features: torch.Tensor, text_features: torch.Tensor, neighbours: int,
-                      text_metric: str = "euclidean") -> torch.Tensor:
+def correlation_graph(
+    image_features: torch.Tensor, text_features: torch.Tensor, neighbours: int, text_metric: str = "euclidean"
+) -> torch.Tensor:
     """UGACH's KNN_cross table (n, 2 * neighbours): each item's `neighbours` nearest items (itself
     first) by the image features, then by the text features. The image features are compared by
     cosine (on unit rows the same ranking as Euclidean)."""
@@ -132,6 +134,7 @@ def distinct_entries(rows: torch.Tensor) -> torch.Tensor:
 
 # -- the two losses -----------------------------------------------------------------------------
 
+
 def code_distances(query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """(B, S) distances of query codes (B, bits) to item codes (B, S, bits), both tanh(z / 2):
     ||c_q - c_x||^2 / 4, the authors' sum of squared differences of sigmoid(z)."""
@@ -149,8 +152,9 @@ def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp(min=1)
 
 
-def policy_gradient_loss(logits: torch.Tensor, choice: torch.Tensor, reward: torch.Tensor,
-                         weights: torch.Tensor) -> torch.Tensor:
+def policy_gradient_loss(
+    logits: torch.Tensor, choice: torch.Tensor, reward: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """REINFORCE: -mean(log softmax(logits)[choice] * reward) over the rows with weight 1.
 
     logits (B, P) over the candidate pool (-inf where a candidate may not be drawn), choice (B, S)
@@ -263,22 +267,29 @@ class UGACH(CrossModalMethod):
 
     def set_reference_features(self, features: torch.Tensor) -> None:
         if features.dim() != 2 or features.shape[0] != self.num_train:
-            raise DmuhError(f"method 'ugach': reference features of shape {tuple(features.shape)}, "
-                            f"built for {self.num_train} training items")
+            raise DmuhError(
+                f"method 'ugach': reference features of shape {tuple(features.shape)}, "
+                f"built for {self.num_train} training items"
+            )
         if features.shape[1] != self.reference_dim:
-            raise DmuhError(f"method parameter reference_dim={self.reference_dim}: the reference features have "
-                            f"{features.shape[1]} columns")
+            raise DmuhError(
+                f"method parameter reference_dim={self.reference_dim}: the reference features have "
+                f"{features.shape[1]} columns"
+            )
         if self.neighbours > self.num_train:
-            raise DmuhError(f"method parameter neighbours={self.neighbours}: more than the {self.num_train} "
-                            "training items")
+            raise DmuhError(
+                f"method parameter neighbours={self.neighbours}: more than the {self.num_train} training items"
+            )
         self.reference.set(features)
         self.knn = torch.zeros(0, 2 * self.neighbours, dtype=torch.int64, device=self.knn.device)  # a new graph
         self.build_graph()
 
     def set_train_text(self, text: torch.Tensor) -> None:
         if tuple(text.shape) != (self.num_train, self.text_dim):
-            raise DmuhError(f"method 'ugach': training text of shape {tuple(text.shape)}, built for "
-                            f"{(self.num_train, self.text_dim)}")
+            raise DmuhError(
+                f"method 'ugach': training text of shape {tuple(text.shape)}, built for "
+                f"{(self.num_train, self.text_dim)}"
+            )
         if not torch.isfinite(text).all():
             raise DmuhError("method 'ugach': training text has NaN or infinite values")
         self.train_text = text.float().to(self.knn.device)  # no copy when it is float32 on this device
@@ -290,11 +301,15 @@ class UGACH(CrossModalMethod):
             graph = correlation_graph(self.reference.all(), self.train_text, self.neighbours, self.text_metric)
             self.knn = graph.to(self.knn.device)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         saved = state_dict.get(prefix + "knn")
         if saved is not None:  # the table's length is the training split's
             self.knn = torch.zeros(saved.shape, dtype=torch.int64, device=self.knn.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # -- schedule ---------------------------------------------------------------------------------
 
@@ -318,8 +333,14 @@ class UGACH(CrossModalMethod):
 
     # -- one step ---------------------------------------------------------------------------------
 
-    def select(self, query_codes: Optional[torch.Tensor], pool_codes: Optional[torch.Tensor], pool: torch.Tensor,
-               rows: torch.Tensor, allowed: Optional[torch.Tensor] = None) -> Selection:
+    def select(
+        self,
+        query_codes: Optional[torch.Tensor],
+        pool_codes: Optional[torch.Tensor],
+        pool: torch.Tensor,
+        rows: torch.Tensor,
+        allowed: Optional[torch.Tensor] = None,
+    ) -> Selection:
         """Positives from the graph rows (B, K) (their distinct entries, among `allowed` items when
         given) and negatives drawn from the pool by the generator's softmax, positives left out;
         codes None: uniform over the pool (warm-up)."""
@@ -343,8 +364,10 @@ class UGACH(CrossModalMethod):
         if step.text is None:
             raise ValueError("UGACH needs the batch's text vectors (StepInputs.text)")
         if self.knn.shape[0] != self.num_train or self.train_text.shape[0] != self.num_train:
-            raise DmuhError("method 'ugach': the correlation graph is not built (the loop hands over the reference "
-                            "features and the training text before the first step)")
+            raise DmuhError(
+                "method 'ugach': the correlation graph is not built (the loop hands over the reference "
+                "features and the training text before the first step)"
+            )
         device = self.knn.device
         indices = step.indices.to(device)
         batch, count = indices.numel(), self.selections
@@ -355,20 +378,28 @@ class UGACH(CrossModalMethod):
         rows = self.knn[indices]
 
         # The generator's picks: text items for image queries, seen image items for text queries.
-        text_pool = torch.randperm(self.num_train, device=device)[:self.pool_size]
+        text_pool = torch.randperm(self.num_train, device=device)[: self.pool_size]
         seen = self.image_memory.seen.nonzero().squeeze(1)
-        image_pool = seen[torch.randperm(seen.numel(), device=device)[:self.pool_size]]
+        image_pool = seen[torch.randperm(seen.numel(), device=device)[: self.pool_size]]
         uniform = self.phase == "warmup"
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.phase in ("both", "generator")):
             if uniform:
                 i2t = self.select(None, None, text_pool, rows)
                 t2i = self.select(None, None, image_pool, rows, allowed=self.image_memory.seen)
             else:
-                i2t = self.select(self.generator_image(self.reference.of(indices)),
-                                  self.generator_text(self.train_text[text_pool]), text_pool, rows)
-                t2i = self.select(self.generator_text(step.text.float()),
-                                  self.generator_image(self.reference.of(image_pool)), image_pool, rows,
-                                  allowed=self.image_memory.seen)
+                i2t = self.select(
+                    self.generator_image(self.reference.of(indices)),
+                    self.generator_text(self.train_text[text_pool]),
+                    text_pool,
+                    rows,
+                )
+                t2i = self.select(
+                    self.generator_text(step.text.float()),
+                    self.generator_image(self.reference.of(image_pool)),
+                    image_pool,
+                    rows,
+                    allowed=self.image_memory.seen,
+                )
         self.last_selection = {"i2t": i2t, "t2i": t2i}
 
         # The discriminator: the batch's fresh codes as queries; text items fresh, image items from the memory.
@@ -387,13 +418,18 @@ class UGACH(CrossModalMethod):
         reward_i2t, reward_t2i = torch.sigmoid(hinge_i2t.detach()), torch.sigmoid(hinge_t2i.detach())
         generator = zero
         if self.phase in ("both", "generator"):
-            generator = self.generator_weight * (policy_gradient_loss(i2t.logits, i2t.choice, reward_i2t, i2t.valid)
-                                                 + policy_gradient_loss(t2i.logits, t2i.choice, reward_t2i, t2i.valid))
+            generator = self.generator_weight * (
+                policy_gradient_loss(i2t.logits, i2t.choice, reward_i2t, i2t.valid)
+                + policy_gradient_loss(t2i.logits, t2i.choice, reward_t2i, t2i.valid)
+            )
         if self.phase == "generator":
             discriminator = zero
         self.step_stats = {
             "reward": 0.5 * (masked_mean(reward_i2t, i2t.valid) + masked_mean(reward_t2i, t2i.valid)),
-            "violated": 0.5 * (masked_mean((hinge_i2t.detach() > 0).float(), i2t.valid)
-                               + masked_mean((hinge_t2i.detach() > 0).float(), t2i.valid)),
+            "violated": 0.5
+            * (
+                masked_mean((hinge_i2t.detach() > 0).float(), i2t.valid)
+                + masked_mean((hinge_t2i.detach() > 0).float(), t2i.valid)
+            ),
         }
         return {"discriminator": discriminator, "generator": generator}

@@ -83,7 +83,9 @@ def _check_labels(query_labels, db_labels) -> Tuple[np.ndarray, np.ndarray, int]
     classes = 0
     for name, value in labels.items():
         if value.ndim not in (1, 2):
-            raise DmuhError(f"{name}: expected (n,) class indices or an (n, C) multi-hot matrix, got shape {value.shape}")
+            raise DmuhError(
+                f"{name}: expected (n,) class indices or an (n, C) multi-hot matrix, got shape {value.shape}"
+            )
         if value.ndim == 1 and value.size and not np.issubdtype(value.dtype, np.integer):
             raise DmuhError(f"{name}: class indices must be integers, got {value.dtype}")
         if value.size and value.dtype != np.bool_ and value.min() < 0:
@@ -113,7 +115,7 @@ def _label_sets(labels: np.ndarray, classes: int) -> Tuple[np.ndarray, np.ndarra
         return sets, inverse
     packed = np.packbits(labels, axis=1)
     keys = np.zeros((labels.shape[0], -(-packed.shape[1] // 8) * 8), dtype=np.uint8)
-    keys[:, :packed.shape[1]] = packed
+    keys[:, : packed.shape[1]] = packed
     keys = keys.view(np.uint64)
     if keys.shape[1] == 1 and keys.size and keys.max() < _DENSE_LABEL_KEYS:  # up to ~20 classes: count, don't sort
         _, inverse = _dense_ids(keys[:, 0].astype(np.intp))
@@ -201,12 +203,18 @@ def _progress(inputs: "_Inputs", tasks: List[Tuple[float, Callable[[], None]]], 
     """A progress bar over the tasks' cost (query x item pairs) when `HammingRanking(progress=True)`
     and the database is large (dmuh.utils.progress: shown on a terminal only)."""
 
-    return progress_bar(float(sum(cost for cost, _ in tasks)), desc, unit="pair", size=inputs.num_items,
-                        enabled=getattr(inputs, "progress", False), unit_scale=True)
+    return progress_bar(
+        float(sum(cost for cost, _ in tasks)),
+        desc,
+        unit="pair",
+        size=inputs.num_items,
+        enabled=getattr(inputs, "progress", False),
+        unit_scale=True,
+    )
 
 
 def _chunks(indices: np.ndarray, size: int):
-    return (indices[start:start + size] for start in range(0, len(indices), size))
+    return (indices[start : start + size] for start in range(0, len(indices), size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +229,7 @@ def _bincount(values: np.ndarray, size: int) -> np.ndarray:
     # grain its min/max checks run inline instead of forking OpenMP threads onto busy cores.
     tensor, counts = torch.from_numpy(values), torch.zeros(size, dtype=torch.int64)
     for start in range(0, len(values), _TORCH_INLINE_NUMEL):
-        counts += torch.bincount(tensor[start:start + _TORCH_INLINE_NUMEL], minlength=size)
+        counts += torch.bincount(tensor[start : start + _TORCH_INLINE_NUMEL], minlength=size)
     return counts.numpy()
 
 
@@ -232,7 +240,7 @@ def _cpu_histogram_rows(query_words: np.ndarray, db_words: np.ndarray, bits: int
     distances = np.empty((num_queries, min(num_items, _CPU_DB_SPAN)), dtype=distance_dtype(bits))
     for start in range(0, num_items, _CPU_DB_SPAN):
         stop = min(start + _CPU_DB_SPAN, num_items)
-        rows = distance_rows(query_words, db_words[:, start:stop], distances[:, :stop - start])
+        rows = distance_rows(query_words, db_words[:, start:stop], distances[:, : stop - start])
         for i in range(num_queries):
             histogram[i] += _bincount(rows[i], bits + 1)
     return histogram
@@ -256,8 +264,10 @@ def _cpu_histograms(inputs: _Inputs, threads: int) -> Tuple[np.ndarray, np.ndarr
         for chunk in _chunks(queries, _CPU_QUERY_CHUNK):
             relevant[chunk] = _cpu_histogram_rows(query_words[:, chunk], relevant_words, inputs.bits)
 
-    tasks = [(len(chunk) * inputs.num_items, lambda chunk=chunk: count_all(chunk))
-             for chunk in _chunks(np.arange(inputs.num_queries), _CPU_QUERY_CHUNK)]
+    tasks = [
+        (len(chunk) * inputs.num_items, lambda chunk=chunk: count_all(chunk))
+        for chunk in _chunks(np.arange(inputs.num_queries), _CPU_QUERY_CHUNK)
+    ]
     for query_set, queries in inputs.queries_by_set():
         num_relevant = inputs.relevant_sets([query_set])[0] @ inputs.db_set_sizes
         for group in _chunks(queries, _CPU_RELEVANT_GROUP):  # groups keep threads busy; each gathers its items once
@@ -267,7 +277,9 @@ def _cpu_histograms(inputs: _Inputs, threads: int) -> Tuple[np.ndarray, np.ndarr
     return counts, relevant
 
 
-def _gpu_distance_keys(inputs: _Inputs, query_pm, db_pm, db_set, queries: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+def _gpu_distance_keys(
+    inputs: _Inputs, query_pm, db_pm, db_set, queries: np.ndarray
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(2 x distance, relevance) of a chunk of queries against every item, on the device."""
     twice_distance = inputs.bits - plus_minus_dot(query_pm[queries], db_pm)
     relevant_sets = torch.from_numpy(inputs.relevant_sets(inputs.query_set[queries])).to(inputs.device)
@@ -295,11 +307,11 @@ def _gpu_histograms(inputs: _Inputs) -> Tuple[np.ndarray, np.ndarray]:
         query_pm = torch.nn.functional.pad(torch.cat([query_pm, -relevant_sets], 1), (0, padding))
         db_one_hot = torch.nn.functional.one_hot(db_set, num_sets).to(dtype)
         db_pm = torch.nn.functional.pad(torch.cat([db_pm, db_one_hot], 1), (0, padding))
-    key_dtype = torch.int16 if chunk * keys_per_query < 2 ** 15 else torch.int32
+    key_dtype = torch.int16 if chunk * keys_per_query < 2**15 else torch.int32
     row_offsets = torch.arange(chunk, device=inputs.device, dtype=key_dtype)[:, None] * keys_per_query
     histograms = []
     for queries in _chunks(np.arange(inputs.num_queries), chunk):
-        offsets = row_offsets[:len(queries)]
+        offsets = row_offsets[: len(queries)]
         if fold:
             keys = (query_pm[queries] @ db_pm.T).to(key_dtype)
             torch.sub(offsets + bits, keys, out=keys)
@@ -315,7 +327,9 @@ def _gpu_histograms(inputs: _Inputs) -> Tuple[np.ndarray, np.ndarray]:
 # Pass over the database in database order (ties="index"): ranks of the relevant items
 
 
-def _ap_and_hits_from_ranks(ranks: np.ndarray, cutoffs: Sequence[int], ks: Sequence[int]) -> Tuple[List[float], List[int]]:
+def _ap_and_hits_from_ranks(
+    ranks: np.ndarray, cutoffs: Sequence[int], ks: Sequence[int]
+) -> Tuple[List[float], List[int]]:
     """AP@c for each cutoff and relevant-in-top-k for each k, from the sorted 1-based ranks of the
     relevant items of one query."""
     precision_sums = np.cumsum(np.arange(1, len(ranks) + 1) / ranks)
@@ -341,8 +355,11 @@ def _cpu_index_stats(inputs: _Inputs, cutoffs, ks, threads: int) -> Tuple[np.nda
             ranks = np.flatnonzero(relevance[order]) + 1
             ap[query], hits[query] = _ap_and_hits_from_ranks(ranks, cutoffs, ks)
 
-    tasks = [(len(chunk) * inputs.num_items, lambda s=query_set, q=chunk: rank_chunk(s, q))
-             for query_set, queries in inputs.queries_by_set() for chunk in _chunks(queries, chunk_size)]
+    tasks = [
+        (len(chunk) * inputs.num_items, lambda s=query_set, q=chunk: rank_chunk(s, q))
+        for query_set, queries in inputs.queries_by_set()
+        for chunk in _chunks(queries, chunk_size)
+    ]
     with _progress(inputs, tasks, "MAP: ranking (ties index)") as bar:
         _run_tasks(tasks, threads, bar)
     return ap, hits
@@ -350,13 +367,16 @@ def _cpu_index_stats(inputs: _Inputs, cutoffs, ks, threads: int) -> Tuple[np.nda
 
 def _gpu_index_stats(inputs: _Inputs, cutoffs, ks) -> Tuple[np.ndarray, np.ndarray]:
     dtype = matmul_dtype(inputs.device)
-    query_pm, db_pm = plus_minus_one(inputs.query, inputs.bits, dtype), plus_minus_one(inputs.database, inputs.bits, dtype)
+    query_pm, db_pm = (
+        plus_minus_one(inputs.query, inputs.bits, dtype),
+        plus_minus_one(inputs.database, inputs.bits, dtype),
+    )
     db_set = torch.from_numpy(inputs.db_set).to(inputs.device)
     positions = torch.arange(1, inputs.num_items + 1, device=inputs.device, dtype=torch.float64)
     ap, hits = [], []
     for queries in _chunks(np.arange(inputs.num_queries), max(1, _GPU_INDEX_PAIRS // inputs.num_items)):
         twice_distance, relevance = _gpu_distance_keys(inputs, query_pm, db_pm, db_set, queries)
-        if inputs.bits < 2 ** 14:  # fewer radix passes
+        if inputs.bits < 2**14:  # fewer radix passes
             twice_distance = twice_distance.to(torch.int16)
         order = torch.sort(twice_distance, dim=1, stable=True).indices
         ranked_relevance = relevance.gather(1, order)
@@ -448,7 +468,9 @@ def _hypergeometric_window(cut: _Cut) -> Tuple[np.ndarray, np.ndarray]:
     low = np.maximum(0, cut.taken - (cut.size - cut.size_relevant))
     high = np.minimum(cut.size_relevant, cut.taken)
     mean, reach = cut.taken * cut.size_relevant / cut.size, 5 * np.sqrt(cut.taken) + 1
-    return np.maximum(low, np.floor(mean - reach)).astype(np.int64), np.minimum(high, np.ceil(mean + reach)).astype(np.int64)
+    return np.maximum(low, np.floor(mean - reach)).astype(np.int64), np.minimum(high, np.ceil(mean + reach)).astype(
+        np.int64
+    )
 
 
 def _hypergeometric_weights(first: np.ndarray, last: np.ndarray, size, size_relevant, taken, width: int) -> np.ndarray:
@@ -459,7 +481,9 @@ def _hypergeometric_weights(first: np.ndarray, last: np.ndarray, size, size_rele
     x = np.minimum(x, last[:, None])
     with np.errstate(divide="ignore"):  # log 0 only on steps past `last`, masked below
         log_ratio = np.log((size_relevant - x) * (taken - x)) - np.log((x + 1) * (size - size_relevant - taken + x + 1))
-    log_weight = np.concatenate([np.zeros((len(first), 1)), np.cumsum(np.where(step_inside, log_ratio, -np.inf), axis=1)], axis=1)
+    log_weight = np.concatenate(
+        [np.zeros((len(first), 1)), np.cumsum(np.where(step_inside, log_ratio, -np.inf), axis=1)], axis=1
+    )
     weight = np.exp(log_weight - log_weight.max(axis=1, keepdims=True))
     return weight / weight.sum(axis=1, keepdims=True)
 
@@ -480,15 +504,20 @@ def _expected_ap(counts, relevant, cut: _Cut, harmonic) -> np.ndarray:
     by_width = np.argsort(last - first, kind="stable")
     start = 0
     while start < len(by_width):  # chunks of similar width bound the (queries x outcomes) grid
-        queries = by_width[start:start + max(1, _HYPERGEOMETRIC_CELLS // int(last[by_width[start]] - first[by_width[start]] + 1))]
+        queries = by_width[
+            start : start + max(1, _HYPERGEOMETRIC_CELLS // int(last[by_width[start]] - first[by_width[start]] + 1))
+        ]
         width = int((last[queries] - first[queries]).max()) + 1
         size, size_relevant, taken = (x[queries, None] for x in (cut.size, cut.size_relevant, cut.taken))
         probability = _hypergeometric_weights(first[queries], last[queries], size, size_relevant, taken, width)
         outcomes = np.minimum(first[queries, None] + np.arange(width)[None, :], last[queries, None])
-        partial_sums = _expected_precision_sum(cut.items_before[queries, None], cut.relevant_before[queries, None],
-                                               taken, outcomes, harmonic)
+        partial_sums = _expected_precision_sum(
+            cut.items_before[queries, None], cut.relevant_before[queries, None], taken, outcomes, harmonic
+        )
         found = cut.relevant_before[queries, None] + outcomes
-        ap_given_outcome = np.divide(whole_sums[queries, None] + partial_sums, found, out=np.zeros(found.shape), where=found > 0)
+        ap_given_outcome = np.divide(
+            whole_sums[queries, None] + partial_sums, found, out=np.zeros(found.shape), where=found > 0
+        )
         ap[queries] = (probability * ap_given_outcome).sum(axis=1)
         start += len(queries)
     return ap
@@ -512,8 +541,16 @@ class HammingRanking:
     progress bar for the CPU passes over a large database (dmuh.utils.progress).
     """
 
-    def __init__(self, query_codes, db_codes, query_labels, db_labels, device=None, bits: Optional[int] = None,
-                 progress: bool = False):
+    def __init__(
+        self,
+        query_codes,
+        db_codes,
+        query_labels,
+        db_labels,
+        device=None,
+        bits: Optional[int] = None,
+        progress: bool = False,
+    ):
         self.inputs = _Inputs(query_codes, db_codes, query_labels, db_labels, device, bits)
         self.inputs.progress = progress
         self.bits, self.num_queries, self.num_items = self.inputs.bits, self.inputs.num_queries, self.inputs.num_items
@@ -585,9 +622,13 @@ class HammingRanking:
         found = cut.relevant_before + cut.relevant_taken(ties)
         if ties == "expected":
             return _expected_ap(counts, relevant, cut, self._harmonic_numbers()), found.astype(np.float64)
-        return _ordered_ap(counts, relevant, cut, self._harmonic_numbers(), ties == "optimistic"), found.astype(np.float64)
+        return _ordered_ap(counts, relevant, cut, self._harmonic_numbers(), ties == "optimistic"), found.astype(
+            np.float64
+        )
 
-    def mean_average_precision(self, topk: Optional[int] = None, ties: str = DEFAULT_TIES, empty: str = "zero") -> float:
+    def mean_average_precision(
+        self, topk: Optional[int] = None, ties: str = DEFAULT_TIES, empty: str = "zero"
+    ) -> float:
         """MAP over the queries. empty="zero": a query without a relevant item in its top k counts
         as AP 0 (DPSH, DeepHash-pytorch); "drop": such queries are left out (HashNet); 0.0 if all are."""
         _check_choice(empty, EMPTY, "empty")
@@ -632,7 +673,11 @@ class HammingRanking:
         retrieved, found = np.cumsum(counts, axis=1), np.cumsum(relevant, axis=1)
         precision = np.divide(found, retrieved, out=np.zeros(found.shape), where=retrieved > 0).mean(axis=0)
         has_relevant = found[:, -1] > 0
-        recall = (found[has_relevant] / found[has_relevant, -1:]).mean(axis=0) if has_relevant.any() else np.zeros(self.bits + 1)
+        recall = (
+            (found[has_relevant] / found[has_relevant, -1:]).mean(axis=0)
+            if has_relevant.any()
+            else np.zeros(self.bits + 1)
+        )
         return {"radius": list(range(self.bits + 1)), "precision": precision.tolist(), "recall": recall.tolist()}
 
     def precision_within_radius(self, radius: int = 2) -> float:
@@ -643,8 +688,18 @@ class HammingRanking:
         return self.pr_curve()["precision"][min(int(radius), self.bits)]
 
 
-def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None,
-                           ties: str = DEFAULT_TIES, device=None, *, empty: str = "zero", bits: Optional[int] = None) -> float:
+def mean_average_precision(
+    query_codes,
+    db_codes,
+    query_labels,
+    db_labels,
+    topk: Optional[int] = None,
+    ties: str = DEFAULT_TIES,
+    device=None,
+    *,
+    empty: str = "zero",
+    bits: Optional[int] = None,
+) -> float:
     """MAP@all (topk=None) or MAP@topk of a Hamming ranking; see `HammingRanking` for the inputs.
 
     ties: "expected" (default; the expected AP over all orders of tied items, He et al. 2018),
@@ -659,35 +714,66 @@ def mean_average_precision(query_codes, db_codes, query_labels, db_labels, topk:
     return ranking.mean_average_precision(topk, ties, empty)
 
 
-def precision_at_k(query_codes, db_codes, query_labels, db_labels, ks: Sequence[int] = DEFAULT_PRECISION_KS,
-                   ties: str = DEFAULT_TIES, device=None, *, bits: Optional[int] = None) -> List[float]:
+def precision_at_k(
+    query_codes,
+    db_codes,
+    query_labels,
+    db_labels,
+    ks: Sequence[int] = DEFAULT_PRECISION_KS,
+    ties: str = DEFAULT_TIES,
+    device=None,
+    *,
+    bits: Optional[int] = None,
+) -> List[float]:
     """Precision of the top k for each k (the Top-K curve), averaged over queries."""
     _check_choice(ties, TIES, "ties")
     return HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits).precision_at_k(ks, ties)
 
 
-def recall_at_k(query_codes, db_codes, query_labels, db_labels, ks: Sequence[int] = DEFAULT_PRECISION_KS,
-                ties: str = DEFAULT_TIES, device=None, *, bits: Optional[int] = None) -> List[float]:
+def recall_at_k(
+    query_codes,
+    db_codes,
+    query_labels,
+    db_labels,
+    ks: Sequence[int] = DEFAULT_PRECISION_KS,
+    ties: str = DEFAULT_TIES,
+    device=None,
+    *,
+    bits: Optional[int] = None,
+) -> List[float]:
     """Recall of the top k for each k, averaged over queries that have a relevant item."""
     _check_choice(ties, TIES, "ties")
     return HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits).recall_at_k(ks, ties)
 
 
-def pr_curve(query_codes, db_codes, query_labels, db_labels, device=None, *,
-             bits: Optional[int] = None) -> Dict[str, List[float]]:
+def pr_curve(
+    query_codes, db_codes, query_labels, db_labels, device=None, *, bits: Optional[int] = None
+) -> Dict[str, List[float]]:
     """{"radius": [0..b], "precision": [...], "recall": [...]} of retrieval within each Hamming radius."""
     return HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits).pr_curve()
 
 
-def precision_within_radius(query_codes, db_codes, query_labels, db_labels, radius: int = 2, device=None, *,
-                            bits: Optional[int] = None) -> float:
+def precision_within_radius(
+    query_codes, db_codes, query_labels, db_labels, radius: int = 2, device=None, *, bits: Optional[int] = None
+) -> float:
     """Precision of the items within Hamming radius `radius` (2 by default); nothing retrieved counts 0."""
     return HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits).precision_within_radius(radius)
 
 
-def retrieval_report(query_codes, db_codes, query_labels, db_labels, topk: Optional[int] = None,
-                     ties: Union[str, Sequence[str]] = DEFAULT_TIES, precision_ks: Sequence[int] = DEFAULT_PRECISION_KS,
-                     device=None, *, empty: str = "zero", bits: Optional[int] = None, progress: bool = False) -> Dict:
+def retrieval_report(
+    query_codes,
+    db_codes,
+    query_labels,
+    db_labels,
+    topk: Optional[int] = None,
+    ties: Union[str, Sequence[str]] = DEFAULT_TIES,
+    precision_ks: Sequence[int] = DEFAULT_PRECISION_KS,
+    device=None,
+    *,
+    empty: str = "zero",
+    bits: Optional[int] = None,
+    progress: bool = False,
+) -> Dict:
     """Every metric in one JSON-serialisable dict, from one pass over the database (two with "index");
     `progress` shows a bar for a large database (`HammingRanking`).
 
@@ -775,14 +861,15 @@ def true_neighbours(query_features, db_features, k: int) -> np.ndarray:
     queries = torch.as_tensor(np.asarray(query_features), dtype=torch.float32)
     database = torch.as_tensor(np.asarray(db_features), dtype=torch.float32)
     if queries.dim() != 2 or database.dim() != 2 or queries.shape[1] != database.shape[1]:
-        raise DmuhError(f"features: query {tuple(queries.shape)} and database {tuple(database.shape)} must be "
-                        "(n, D) of the same D")
+        raise DmuhError(
+            f"features: query {tuple(queries.shape)} and database {tuple(database.shape)} must be (n, D) of the same D"
+        )
     queries, database = torch.nn.functional.normalize(queries, dim=1), torch.nn.functional.normalize(database, dim=1)
     if not 1 <= k <= database.shape[0]:
         raise DmuhError(f"k={k}: expected 1 to {database.shape[0]} (the database size)")
     rows = []
     for start in range(0, queries.shape[0], _NEIGHBOUR_CHUNK):
-        similarity = queries[start:start + _NEIGHBOUR_CHUNK] @ database.t()
+        similarity = queries[start : start + _NEIGHBOUR_CHUNK] @ database.t()
         # A stable descending order puts the lower position first among equal similarities.
         rows.append(torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :k])
     return torch.cat(rows).numpy().astype(np.int64)
@@ -798,5 +885,7 @@ def neighbour_recall(retrieved, neighbours, k: Optional[int] = None) -> float:
     k = neighbours.shape[1] if k is None else int(k)
     if not 1 <= k <= min(retrieved.shape[1], neighbours.shape[1]):
         raise DmuhError(f"recall@{k}: needs at least k results and k neighbours per query")
-    hits = [len(set(row[:k][row[:k] >= 0].tolist()) & set(truth[:k].tolist())) for row, truth in zip(retrieved, neighbours)]
+    hits = [
+        len(set(row[:k][row[:k] >= 0].tolist()) & set(truth[:k].tolist())) for row, truth in zip(retrieved, neighbours)
+    ]
     return float(np.mean(hits) / k)

@@ -1,8 +1,8 @@
 """Hashing networks: registered backbones + a linear hash layer, created by name.
 
-    model = create_model("cnnf", bits=32, pretrained=None)
-    z = model(x)            # (N, bits) raw hash-layer outputs
-    f = model.features(x)   # (N, model.feature_dim) backbone features
+model = create_model("cnnf", bits=32, pretrained=None)
+z = model(x)            # (N, bits) raw hash-layer outputs
+f = model.features(x)   # (N, model.feature_dim) backbone features
 """
 
 from dmuh.models import backbones as _backbones  # noqa: F401  (registers the built-in models)

@@ -170,8 +170,9 @@ class SmallCNN(nn.Module):
 
     first_conv = "blocks.0.0"
 
-    def __init__(self, in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Sequence[int] = (),
-                 dropout: float = 0.5):
+    def __init__(
+        self, in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Sequence[int] = (), dropout: float = 0.5
+    ):
         super().__init__()
         self.in_channels = in_channels
         self.input_size = input_size
@@ -266,8 +267,9 @@ def _check_width(model: str, name: str, value) -> None:
 
 
 @register_model("smallcnn")
-def smallcnn(in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Sequence[int] = (),
-             dropout: float = 0.5) -> nn.Module:
+def smallcnn(
+    in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Sequence[int] = (), dropout: float = 0.5
+) -> nn.Module:
     _check_input_size("smallcnn", input_size)
     _check_width("smallcnn", "width", width)
     if not 0.0 <= float(dropout) < 1.0:
@@ -279,7 +281,9 @@ def smallcnn(in_channels: int = 3, width: int = 64, input_size: int = 32, fc: Se
 
 @register_model("mlp")
 def mlp(input_dim: int, hidden: Sequence[int] = (1024,), dropout: float = 0.0) -> nn.Module:
-    if isinstance(hidden, (str, int)) or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in hidden):
+    if isinstance(hidden, (str, int)) or not all(
+        isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in hidden
+    ):
         raise DmuhError(f"model 'mlp': hidden must be a list of positive widths, e.g. [1024], got {hidden!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise DmuhError(f"model 'mlp': dropout must be a number in [0, 1), got {dropout!r}")

@@ -68,8 +68,12 @@ class FeatureDecoder(nn.Module):
             raise DmuhError(f"{where}: corrupted decoder ({first_line(error)})") from None
         bits, dim, hidden = (config[key] for key in ("bits", "dim", "hidden"))
         # The sizes are checked against the stored tensors before anything is built from them.
-        expected = {"layers.0.weight": (hidden, bits), "layers.0.bias": (hidden,),
-                    "layers.2.weight": (dim, hidden), "layers.2.bias": (dim,)}
+        expected = {
+            "layers.0.weight": (hidden, bits),
+            "layers.0.bias": (hidden,),
+            "layers.2.weight": (dim, hidden),
+            "layers.2.bias": (dim,),
+        }
         shapes = {name: tuple(tensor.shape) for name, tensor in state.items()}
         if shapes != expected or not all(tensor.dtype == torch.float32 for tensor in state.values()):
             raise DmuhError(f"{where}: corrupted decoder (its tensors {shapes} do not match its description {config})")

@@ -60,8 +60,11 @@ class RBFHead(nn.Module):
 
     def __init__(self, feature_dim: int, anchors: int, bits: int):
         super().__init__()
-        self.feature_dim, self.num_anchors, self.bits = _size("feature_dim", feature_dim), _size("anchors", anchors), \
-            _size("bits", bits)
+        self.feature_dim, self.num_anchors, self.bits = (
+            _size("feature_dim", feature_dim),
+            _size("anchors", anchors),
+            _size("bits", bits),
+        )
         self.register_buffer("anchors", torch.zeros(self.num_anchors, self.feature_dim))
         self.register_buffer("sigma", torch.ones(()))
         self.register_buffer("weight", torch.zeros(self.bits, self.num_anchors))
@@ -150,8 +153,9 @@ class TreesHead(nn.Module):
         for _ in range(self.depth):
             tested = torch.gather(feature, 1, node)  # (flat, n): the feature each input's node tests
             value = x.t()[tested, columns]  # (flat, n): x_j[tested feature]
-            node = torch.where(value <= torch.gather(threshold, 1, node), torch.gather(left, 1, node),
-                               torch.gather(right, 1, node))
+            node = torch.where(
+                value <= torch.gather(threshold, 1, node), torch.gather(left, 1, node), torch.gather(right, 1, node)
+            )
         leaf_values = torch.gather(self.value.reshape(flat, self.nodes), 1, node)  # (flat, n)
         return (leaf_values.reshape(self.bits, self.trees, n).sum(1).t() + self.base).to(features.dtype)
 

@@ -20,8 +20,14 @@ class HashNetwork(nn.Module):
     vector inputs) and `in_channels` (None for vector inputs).
     """
 
-    def __init__(self, backbone: nn.Module, bits: int, name: str = "", hash_init_std: Optional[float] = 0.01,
-                 hash_norm: str = "none"):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        bits: int,
+        name: str = "",
+        hash_init_std: Optional[float] = 0.01,
+        hash_norm: str = "none",
+    ):
         super().__init__()
         self.backbone = backbone
         self.bits = int(bits)

@@ -31,8 +31,10 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt file, pickle with objects, wrong format
         first = (str(error).strip().splitlines() or [""])[0][:200]
-        raise DmuhError(f"cannot read pretrained weights {path}: {type(error).__name__}: {first} (a state dict of "
-                        "tensors is expected; nothing else is loaded)") from None
+        raise DmuhError(
+            f"cannot read pretrained weights {path}: {type(error).__name__}: {first} (a state dict of "
+            "tensors is expected; nothing else is loaded)"
+        ) from None
     # Accept the common training-checkpoint wrappers around the state dict itself.
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -79,7 +81,9 @@ def load_pretrained_backbone(backbone: nn.Module, path: Union[str, os.PathLike],
     for key, why in skipped.items():
         if key in state:
             del state[key]
-            logger.warning("%s: pretrained %s not loaded (%s); it keeps its random initialisation", model_name, key, why)
+            logger.warning(
+                "%s: pretrained %s not loaded (%s); it keeps its random initialisation", model_name, key, why
+            )
 
     if first_conv_key in state and first_conv_key not in skipped:
         loaded, wanted = state[first_conv_key], expected[first_conv_key]
@@ -87,7 +91,10 @@ def load_pretrained_backbone(backbone: nn.Module, path: Union[str, os.PathLike],
             state[first_conv_key] = _adapt_first_conv(loaded, wanted.shape[1])
             logger.info(
                 "%s: adapted pretrained %s from %d to %d input channels",
-                model_name, first_conv_key, loaded.shape[1], wanted.shape[1],
+                model_name,
+                first_conv_key,
+                loaded.shape[1],
+                wanted.shape[1],
             )
 
     missing = [key for key in expected if key not in state and key not in skipped]

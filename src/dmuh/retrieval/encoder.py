@@ -87,8 +87,10 @@ class Encoder:
     def continuous(self, inputs, uncertainty: bool = False):
         """Continuous codes h (n, bits) float32 on CPU; with `uncertainty` also |h - m| (n, bits)."""
         if uncertainty and self.momentum_network is None:
-            raise DmuhError(f"uncertainty needs a DMUH run (a momentum network); {self.run_dir} was trained "
-                            f"with {self.config.method!r}")
+            raise DmuhError(
+                f"uncertainty needs a DMUH run (a momentum network); {self.run_dir} was trained "
+                f"with {self.config.method!r}"
+            )
         codes = self.method.continuous_codes
 
         def both(x):
@@ -98,22 +100,25 @@ class Encoder:
         out = run_network(both, inputs, self.pipeline, self.execution)
         if not uncertainty:
             return out, None
-        h, m = out[:, :self.bits], out[:, self.bits:]
+        h, m = out[:, : self.bits], out[:, self.bits :]
         return h, (h - m).abs()
-
 
     def require_text_network(self) -> None:
         if not self.method.requirements().text:
-            raise DmuhError(f"{self.run_dir} was trained with {self.config.method!r}, which hashes images only; "
-                            "text needs a cross-modal run (dmuh-cross, dcmh, ugach)")
+            raise DmuhError(
+                f"{self.run_dir} was trained with {self.config.method!r}, which hashes images only; "
+                "text needs a cross-modal run (dmuh-cross, dcmh, ugach)"
+            )
 
     def text_vectors(self, texts) -> np.ndarray:
         """(n, V) vectors of texts (strings), as the run's training texts were made; a text with no
         word of the vocabulary is refused (it would match nothing)."""
         self.require_text_network()
         if self.vocabulary is None:
-            raise DmuhError(f"{self.run_dir} has no {VOCABULARY}: its data gave text vectors without words, so "
-                            "texts cannot be encoded (encode text vectors with `dmuh encode --texts PAIRED_DATA`)")
+            raise DmuhError(
+                f"{self.run_dir} has no {VOCABULARY}: its data gave text vectors without words, so "
+                "texts cannot be encoded (encode text vectors with `dmuh encode --texts PAIRED_DATA`)"
+            )
         return self.vocabulary.vectorize(list(texts), require_known=True)
 
     def text_codes(self, vectors: np.ndarray) -> np.ndarray:
@@ -122,8 +127,9 @@ class Encoder:
         self.require_text_network()
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.method.text_dim:
-            raise DmuhError(f"text vectors of shape {vectors.shape}: the run's text network takes "
-                            f"{self.method.text_dim} columns")
+            raise DmuhError(
+                f"text vectors of shape {vectors.shape}: the run's text network takes {self.method.text_dim} columns"
+            )
         h = encode_text_vectors(self.method, torch.from_numpy(vectors), self.execution)
         return pack_bits(sign(h).numpy())
 
@@ -151,26 +157,33 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
         if module is not None:
             module.to(device)
     pipeline = InputPipeline(model.in_channels, model.input_size, "none")
-    identity = {"run": str(run_dir.resolve()), "checkpoint_sha256": file_sha256(checkpoint_path),
-                "method": config.method, "model": config.model, "bits": int(config.bits),
-                "epoch": int(checkpoint.get("epoch", 0))}
+    identity = {
+        "run": str(run_dir.resolve()),
+        "checkpoint_sha256": file_sha256(checkpoint_path),
+        "method": config.method,
+        "model": config.model,
+        "bits": int(config.bits),
+        "epoch": int(checkpoint.get("epoch", 0)),
+    }
     vocabulary = None
     if needs.text and (run_dir / VOCABULARY).is_file():
-
         vocabulary = Vocabulary.load(run_dir / VOCABULARY)
-    return Encoder(run_dir, config, model, method, momentum_network, pipeline, Execution.of(config, device), identity,
-                   vocabulary)
+    return Encoder(
+        run_dir, config, model, method, momentum_network, pipeline, Execution.of(config, device), identity, vocabulary
+    )
 
 
-def collection_encoder(run, device: str = "cpu", uncertainty: bool = False,
-                       batch_size: Optional[int] = None) -> Encoder:
+def collection_encoder(
+    run, device: str = "cpu", uncertainty: bool = False, batch_size: Optional[int] = None
+) -> Encoder:
     """The encoder of a run for a collection of images (`encode_images`, `dmuh.retrieval.shards`):
     `uncertainty` needs a DMUH run (a momentum network); `batch_size` images per forward pass
     (default: the run's eval_batch_size)."""
     encoder = load_encoder(run, device)
     if uncertainty and encoder.momentum_network is None:
-        raise DmuhError(f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with "
-                        f"{encoder.config.method!r}")
+        raise DmuhError(
+            f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with {encoder.config.method!r}"
+        )
     return encoder.with_batch_size(batch_size) if batch_size else encoder
 
 
@@ -212,8 +225,15 @@ def encode_texts(encoder: Encoder, spec: str) -> Codes:
         if source.labeled:
             labels, class_names = source.labels, source.class_names
     identity = {**encoder.identity, "modality": "text"}
-    return Codes(encoder.text_codes(vectors), encoder.bits, ids, labels=labels, class_names=class_names,
-                 model=identity, images=spec)
+    return Codes(
+        encoder.text_codes(vectors),
+        encoder.bits,
+        ids,
+        labels=labels,
+        class_names=class_names,
+        model=identity,
+        images=spec,
+    )
 
 
 def decode_size(encoder: Encoder, source, image_size: Optional[int] = None) -> Optional[int]:
@@ -224,9 +244,16 @@ def decode_size(encoder: Encoder, source, image_size: Optional[int] = None) -> O
     return image_size or encoder.image_size
 
 
-def encode_images(encoder: Encoder, source, uncertainty: bool = False, image_size: Optional[int] = None,
-                  images_spec: Optional[str] = None, progress=None, features: bool = False,
-                  items: Optional[np.ndarray] = None) -> Codes:
+def encode_images(
+    encoder: Encoder,
+    source,
+    uncertainty: bool = False,
+    image_size: Optional[int] = None,
+    images_spec: Optional[str] = None,
+    progress=None,
+    features: bool = False,
+    items: Optional[np.ndarray] = None,
+) -> Codes:
     """Encode every item of `source` (from `dmuh.data.open_images` or dmuh.data), or the items at
     the indices `items` (a shard of it), into a `Codes`; `features` also stores each item's own
     representation (`Encoder.features`)."""
@@ -234,7 +261,7 @@ def encode_images(encoder: Encoder, source, uncertainty: bool = False, image_siz
     items = np.arange(len(source.ids)) if items is None else np.asarray(items, dtype=np.int64)
     packed, bit_uncertainty, representation = [], [], []
     for start in range(0, len(items), ENCODE_CHUNK):
-        indices = items[start:start + ENCODE_CHUNK]
+        indices = items[start : start + ENCODE_CHUNK]
         batch = source.decode(indices, size=size)
         p, u = encode_arrays(encoder, batch, uncertainty)
         packed.append(p)
@@ -249,11 +276,16 @@ def encode_images(encoder: Encoder, source, uncertainty: bool = False, image_siz
     if labels is not None and np.asarray(labels).shape[1:] == (0,):  # an unlabeled source
         labels = None
     return Codes(
-        np.concatenate(packed), encoder.bits,
+        np.concatenate(packed),
+        encoder.bits,
         [source.ids[i] for i in items],
         labels=None if labels is None else np.asarray(labels)[items],
         class_names=getattr(source, "class_names", None) if labels is not None else None,
-        model=encoder.identity, image_size=size, channels=encoder.channels, images=images_spec,
-        uncertainty=None if u is None else u.mean(axis=1), bit_uncertainty=u,
+        model=encoder.identity,
+        image_size=size,
+        channels=encoder.channels,
+        images=images_spec,
+        uncertainty=None if u is None else u.mean(axis=1),
+        bit_uncertainty=u,
         features=np.concatenate(representation) if features else None,
     )

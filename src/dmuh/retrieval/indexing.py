@@ -56,8 +56,15 @@ def codes_decoder(codes: Codes, run=None):
     return encoder.method.decoder
 
 
-def build_from_codes(path, kind: str = "flat", params: Optional[Dict[str, int]] = None, *, backend: str = "faiss",
-                     decoder_run=None, **backend_options: Any) -> CodeIndex:
+def build_from_codes(
+    path,
+    kind: str = "flat",
+    params: Optional[Dict[str, int]] = None,
+    *,
+    backend: str = "faiss",
+    decoder_run=None,
+    **backend_options: Any,
+) -> CodeIndex:
     """A new index (`build_index`) of the codes of a codes file or manifest `path`, with their decoder
     (`codes_decoder`, of `decoder_run` or the codes' own run); the caller saves and closes it.
     `backend_options`: the milvus backend's uri, collection, force."""
@@ -73,8 +80,14 @@ def build_from_codes(path, kind: str = "flat", params: Optional[Dict[str, int]] 
         first = concatenated(parts)
         parts = iter(())
     decoder = codes_decoder(first, decoder_run)  # before the build: a wrong decoder run fails fast
-    index = build_index(first, backend=backend, kind=kind, meta={**first.identity(), "codes_file": str(path)},
-                        **backend_options, **params)
+    index = build_index(
+        first,
+        backend=backend,
+        kind=kind,
+        meta={**first.identity(), "codes_file": str(path)},
+        **backend_options,
+        **params,
+    )
     try:
         for shard in parts:
             index.add(shard, names=list(shard.ids))
@@ -92,7 +105,15 @@ def add_codes(index: CodeIndex, path, index_name: str, allow_other_model: bool =
     many were added. The caller saves the index."""
     before = len(index)
     for codes in codes_parts(path):
-        check_compatible(index, index_name, codes.bits, codes.model, f"--codes {path}", f"the codes in {path}",
-                         allow_other_model, doing="add them")
+        check_compatible(
+            index,
+            index_name,
+            codes.bits,
+            codes.model,
+            f"--codes {path}",
+            f"the codes in {path}",
+            allow_other_model,
+            doing="add them",
+        )
         index.add(codes, names=list(codes.ids) if index.has_names else None)
     return len(index) - before

@@ -55,12 +55,16 @@ def _opset_range():
     try:
         from torch.onnx import _constants
 
-        return _constants.ONNX_MIN_OPSET, getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET)
+        return _constants.ONNX_MIN_OPSET, getattr(
+            _constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET
+        )
     except (ImportError, AttributeError):
         return 7, 20
 
 
-def export_onnx(run, out, opset: int = DEFAULT_OPSET, image_size: Optional[int] = None, overwrite: bool = False) -> dict:
+def export_onnx(
+    run, out, opset: int = DEFAULT_OPSET, image_size: Optional[int] = None, overwrite: bool = False
+) -> dict:
     """Write `out` (.onnx) for the run; returns the metadata stored in it."""
     out = Path(out)
     refuse_overwrite(out, overwrite)
@@ -68,7 +72,9 @@ def export_onnx(run, out, opset: int = DEFAULT_OPSET, image_size: Optional[int] 
     if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
         raise DmuhError(f"--opset: expected an integer >= {low} and <= {high} (what this torch exports), got {opset!r}")
     if image_size is not None and not IMAGE_SIZES[0] <= image_size <= IMAGE_SIZES[1]:
-        raise DmuhError(f"--image-size: expected an integer >= {IMAGE_SIZES[0]} and <= {IMAGE_SIZES[1]}, got {image_size}")
+        raise DmuhError(
+            f"--image-size: expected an integer >= {IMAGE_SIZES[0]} and <= {IMAGE_SIZES[1]}, got {image_size}"
+        )
     try:
         import onnx
     except ImportError:
@@ -90,8 +96,13 @@ def export_onnx(run, out, opset: int = DEFAULT_OPSET, image_size: Optional[int] 
         warnings.simplefilter("ignore", UserWarning)  # e.g. an opset above what the exporter was tested with
         try:
             torch.onnx.export(
-                graph, (example,), buffer, dynamo=False, opset_version=int(opset),
-                input_names=["inputs"], output_names=["codes", "binary"],
+                graph,
+                (example,),
+                buffer,
+                dynamo=False,
+                opset_version=int(opset),
+                input_names=["inputs"],
+                output_names=["codes", "binary"],
                 dynamic_axes={"inputs": {0: "batch"}, "codes": {0: "batch"}, "binary": {0: "batch"}},
             )
         except Exception as error:  # an operator the exporter cannot map

@@ -40,13 +40,21 @@ class QueryBatch:
 def from_codes_file(service, path: str, rerank: Optional[str], allow_other_model: bool) -> QueryBatch:
     """The query codes of a codes file written by `dmuh encode`."""
     codes = Codes.load(path)
-    check_compatible(service.index, f"--index {service.index_path}", codes.bits, codes.model, f"--queries {path}",
-                     f"the codes in {path}", allow_other_model)
+    check_compatible(
+        service.index,
+        f"--index {service.index_path}",
+        codes.bits,
+        codes.model,
+        f"--queries {path}",
+        f"the codes in {path}",
+        allow_other_model,
+    )
     if rerank == "uncertainty" and codes.bit_uncertainty is None:
         raise DmuhError(f"--rerank needs bit uncertainty: encode {path} with `dmuh encode --uncertainty`")
     if rerank == "decoder" and codes.features is None:
-        raise DmuhError(f"--rerank decoder needs the queries' own features: encode {path} with "
-                        "`dmuh encode --features`")
+        raise DmuhError(
+            f"--rerank decoder needs the queries' own features: encode {path} with `dmuh encode --features`"
+        )
     uncertainty = codes.bit_uncertainty.astype(np.float32) if rerank == "uncertainty" else None
     return QueryBatch(list(codes.ids), codes.packed, uncertainty, codes.features if rerank == "decoder" else None)
 
@@ -55,8 +63,9 @@ def from_images(service, paths: Sequence[Path], rerank: Optional[str]) -> QueryB
     """Query images encoded with the service's model (its run's), as the index's images were."""
     encoder, run = service.encoder, service.run
     if rerank == "uncertainty" and encoder.momentum_network is None:
-        raise DmuhError(f"--rerank needs a DMUH run (a momentum network); {run} was trained with "
-                        f"{encoder.config.method!r}")
+        raise DmuhError(
+            f"--rerank needs a DMUH run (a momentum network); {run} was trained with {encoder.config.method!r}"
+        )
     if encoder.channels is None:
         raise DmuhError(f"--run {run} encodes feature vectors, not images; pass --queries CODES.npz")
     size = service.index.meta.get("image_size") or encoder.image_size
@@ -70,9 +79,16 @@ def from_texts(service, texts: Sequence[str]) -> QueryBatch:
     return QueryBatch(list(texts), service.encode_texts(texts))
 
 
-def gather_queries(service, codes_file: Optional[str] = None, image_paths: Sequence[Path] = (),
-                   texts: Sequence[str] = (), rerank: Optional[str] = None, run: Optional[str] = None,
-                   device: str = "cpu", allow_other_model: bool = False) -> QueryBatch:
+def gather_queries(
+    service,
+    codes_file: Optional[str] = None,
+    image_paths: Sequence[Path] = (),
+    texts: Sequence[str] = (),
+    rerank: Optional[str] = None,
+    run: Optional[str] = None,
+    device: str = "cpu",
+    allow_other_model: bool = False,
+) -> QueryBatch:
     """Every query, codes file first, then the images, then the texts. Images and texts are encoded
     with `run`'s model (default: the run the index records), loaded into the service."""
     if texts and rerank is not None:
@@ -81,12 +97,16 @@ def gather_queries(service, codes_file: Optional[str] = None, image_paths: Seque
     if codes_file is not None:
         parts.append(from_codes_file(service, codes_file, rerank, allow_other_model))
     if image_paths or texts:
-        service.load_run(run or recorded_run(service.index, service.index_path, required=True), device,
-                         allow_other_model)
+        service.load_run(
+            run or recorded_run(service.index, service.index_path, required=True), device, allow_other_model
+        )
     if image_paths:
         parts.append(from_images(service, image_paths, rerank))
     if texts:
         parts.append(from_texts(service, texts))
-    return QueryBatch([name for part in parts for name in part.names], np.concatenate([part.codes for part in parts]),
-                      np.concatenate([part.bit_uncertainty for part in parts]) if rerank == "uncertainty" else None,
-                      np.concatenate([part.features for part in parts]) if rerank == "decoder" else None)
+    return QueryBatch(
+        [name for part in parts for name in part.names],
+        np.concatenate([part.codes for part in parts]),
+        np.concatenate([part.bit_uncertainty for part in parts]) if rerank == "uncertainty" else None,
+        np.concatenate([part.features for part in parts]) if rerank == "decoder" else None,
+    )

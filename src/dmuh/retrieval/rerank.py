@@ -53,8 +53,14 @@ def uncertainty_weights(bit_uncertainty: np.ndarray, tau: float = DEFAULT_TAU) -
     return np.exp(-np.divide(u, scale, out=np.zeros_like(u), where=scale > 0))
 
 
-def rerank(query_packed: np.ndarray, bit_uncertainty: np.ndarray, candidate_packed: np.ndarray,
-           candidate_positions: np.ndarray, bits: int, tau: float = DEFAULT_TAU) -> Tuple[np.ndarray, np.ndarray]:
+def rerank(
+    query_packed: np.ndarray,
+    bit_uncertainty: np.ndarray,
+    candidate_packed: np.ndarray,
+    candidate_positions: np.ndarray,
+    bits: int,
+    tau: float = DEFAULT_TAU,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Order each query's candidates by the uncertainty-weighted Hamming distance.
 
     d_w(q, x) = sum_k w_k [b_qk != b_xk], w from `uncertainty_weights`. Ties go by Hamming
@@ -118,7 +124,7 @@ class Reranker(abc.ABC):
     mode = ""
     score = ""
 
-    def check(self, query: Query, bits: int) -> None:
+    def check(self, query: Query, bits: int) -> None:  # noqa: B027 - an optional hook
         """Refuse queries this reranker cannot re-rank (DmuhError), before any search."""
 
     @abc.abstractmethod
@@ -144,8 +150,9 @@ class UncertaintyReranker(Reranker):
 
     def rerank(self, query: Query, candidates: Candidates) -> Reranked:
         uncertainty = np.asarray(query.bit_uncertainty, dtype=np.float32)
-        order, weighted = rerank(query.codes, uncertainty, candidates.codes, candidates.positions, candidates.bits,
-                                 self.tau)
+        order, weighted = rerank(
+            query.codes, uncertainty, candidates.codes, candidates.positions, candidates.bits, self.tau
+        )
         return Reranked(order, weighted)
 
 
@@ -159,16 +166,19 @@ class DecoderReranker(Reranker):
 
     def __init__(self, decoder):
         if decoder is None:
-            raise DmuhError("this index holds no decoder; build it from the codes of a run that trains one "
-                            "(e.g. --method rph)")
+            raise DmuhError(
+                "this index holds no decoder; build it from the codes of a run that trains one (e.g. --method rph)"
+            )
         self.decoder = decoder
 
     def check(self, query: Query, bits: int) -> None:
         nq = np.asarray(query.codes).shape[0]
         features = None if query.features is None else np.asarray(query.features, dtype=np.float32)
         if features is None or features.shape != (nq, self.decoder.dim) or not np.isfinite(features).all():
-            raise DmuhError(f"query features: expected {nq} finite rows of {self.decoder.dim} values, "
-                            f"got shape {None if features is None else features.shape}")
+            raise DmuhError(
+                f"query features: expected {nq} finite rows of {self.decoder.dim} values, "
+                f"got shape {None if features is None else features.shape}"
+            )
 
     def rerank(self, query: Query, candidates: Candidates) -> Reranked:
         positions, distances = candidates.positions, candidates.distances
@@ -230,8 +240,10 @@ class RerankedIndex:
         candidates = Candidates(distances, positions, candidate_codes(index, positions), index.bits)
         ranked = self.reranker.rerank(query, candidates)
         order = ranked.order[:, :k]
-        result = {self.reranker.score: np.take_along_axis(ranked.scores, order, axis=1),
-                  "distances": np.take_along_axis(distances, order, axis=1),
-                  "positions": np.take_along_axis(positions, order, axis=1)}
+        result = {
+            self.reranker.score: np.take_along_axis(ranked.scores, order, axis=1),
+            "distances": np.take_along_axis(distances, order, axis=1),
+            "positions": np.take_along_axis(positions, order, axis=1),
+        }
         result["ids"] = index.ids_at(result["positions"])
         return result

@@ -67,18 +67,30 @@ class ServiceLimits:
                 raise DmuhError(f"limit {name}={value!r}: expected a positive number")
 
 
-def check_same_model(index_meta: Dict[str, Any], model: Dict[str, Any], what: str, allow: bool,
-                     doing: str = "search") -> None:
+def check_same_model(
+    index_meta: Dict[str, Any], model: Dict[str, Any], what: str, allow: bool, doing: str = "search"
+) -> None:
     """Refuse codes of another model than the one that encoded the index (by checkpoint sha256)."""
     expected = (index_meta.get("model") or {}).get("checkpoint_sha256")
     actual = (model or {}).get("checkpoint_sha256")
     if expected and actual and expected != actual and not allow:
-        raise DmuhError(f"{what} come from another model (checkpoint sha256 {actual[:12]}...) than the index's "
-                        f"({expected[:12]}...); pass --allow-other-model to {doing} anyway")
+        raise DmuhError(
+            f"{what} come from another model (checkpoint sha256 {actual[:12]}...) than the index's "
+            f"({expected[:12]}...); pass --allow-other-model to {doing} anyway"
+        )
 
 
-def check_compatible(index, index_name: str, bits: int, model: Optional[Dict[str, Any]], source: str, what: str,
-                     allow_other_model: bool, doing: str = "search", made: bool = False) -> None:
+def check_compatible(
+    index,
+    index_name: str,
+    bits: int,
+    model: Optional[Dict[str, Any]],
+    source: str,
+    what: str,
+    allow_other_model: bool,
+    doing: str = "search",
+    made: bool = False,
+) -> None:
     """The one check that codes may meet an index: the same bit length, and the model that encoded
     the index's codes (`check_same_model`). `source` names them in the bit-length message ("--codes
     FILE" holds, "the model of --run RUN" makes, with `made`), `what` in the model one."""
@@ -99,18 +111,22 @@ def recorded_run(index, index_path, required: bool = False) -> Optional[str]:
         except DmuhError:
             return None
     if not recorded:
-        raise DmuhError(f"query images need --run RUN (the run that encoded the index): --index {index_path} "
-                        "records no run")
+        raise DmuhError(
+            f"query images need --run RUN (the run that encoded the index): --index {index_path} records no run"
+        )
     try:
         run_directory(recorded)
     except DmuhError:
-        raise DmuhError(f"query images need --run RUN (the run that encoded the index): the run --index "
-                        f"{index_path} records, {recorded}, is no longer there") from None
+        raise DmuhError(
+            f"query images need --run RUN (the run that encoded the index): the run --index "
+            f"{index_path} records, {recorded}, is no longer there"
+        ) from None
     return recorded
 
 
-def result_rows(index, positions: np.ndarray, distances: np.ndarray,
-                **scores: Optional[np.ndarray]) -> List[List[Dict[str, Any]]]:
+def result_rows(
+    index, positions: np.ndarray, distances: np.ndarray, **scores: Optional[np.ndarray]
+) -> List[List[Dict[str, Any]]]:
     """Per query, its ranked results as rows {rank, id, path, distance, and each score given}
     (`weighted_distance`, `decoded_cosine`, ...); slots without a result (-1) are left out."""
     ids = index.ids_at(positions)
@@ -122,7 +138,12 @@ def result_rows(index, positions: np.ndarray, distances: np.ndarray,
         for rank in range(positions.shape[1]):
             if positions[q, rank] < 0:
                 continue
-            row = {"rank": rank + 1, "id": int(ids[q, rank]), "path": paths[q][rank], "distance": int(distances[q, rank])}
+            row = {
+                "rank": rank + 1,
+                "id": int(ids[q, rank]),
+                "path": paths[q][rank],
+                "distance": int(distances[q, rank]),
+            }
             row.update({name: round(float(values[q, rank]), 4) for name, values in given.items()})
             ranked.append(row)
         rows.append(ranked)
@@ -139,14 +160,20 @@ def parse_codes(value, bits: int) -> np.ndarray:
         if len(text) == bits and set(text) <= {"0", "1"}:
             return pack_bits(np.frombuffer(text.encode(), dtype=np.uint8)[None, :] - ord("0"))
         if len(text) != 2 * width:
-            raise DmuhError(f"codes: expected {2 * width} hex digits ({plural(bits, 'bit')} packed) or "
-                            f"{bits} 0/1 characters, got {len(text)} characters")
+            raise DmuhError(
+                f"codes: expected {2 * width} hex digits ({plural(bits, 'bit')} packed) or "
+                f"{bits} 0/1 characters, got {len(text)} characters"
+            )
         try:
             packed = np.frombuffer(bytes.fromhex(text), dtype=np.uint8)[None, :]
         except ValueError:
             raise DmuhError("codes: not a hex string (0-9, a-f)") from None
         return np.ascontiguousarray(as_packed(packed, bits, "codes")[0])
-    if isinstance(value, list) and len(value) == bits and all(v in (0, 1, -1) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, list)
+        and len(value) == bits
+        and all(v in (0, 1, -1) and not isinstance(v, bool) for v in value)
+    ):
         return pack_bits((np.asarray(value, dtype=np.int64)[None, :] > 0).astype(np.uint8))
     raise DmuhError(f"codes: expected a hex string, a 0/1 string or a list of {bits} values in {{0, 1}} or {{-1, +1}}")
 
@@ -195,7 +222,6 @@ class ThumbnailStore:
         does not hold it, DmuhError when it cannot be read as an image."""
         from PIL import Image
 
-
         with self._lock:
             if name in self._cache:
                 self._cache.move_to_end(name)
@@ -217,8 +243,14 @@ class ThumbnailStore:
 class SearchService:
     """One index, optionally the model that encodes its queries and the root of its images."""
 
-    def __init__(self, index, encoder=None, thumbnails: Optional[ThumbnailStore] = None,
-                 limits: Optional[ServiceLimits] = None, index_path: Optional[str] = None):
+    def __init__(
+        self,
+        index,
+        encoder=None,
+        thumbnails: Optional[ThumbnailStore] = None,
+        limits: Optional[ServiceLimits] = None,
+        index_path: Optional[str] = None,
+    ):
         self.index = index
         self.encoder = encoder
         self.thumbnails = thumbnails
@@ -231,8 +263,15 @@ class SearchService:
         self._id_positions = None  # (sorted ids, their positions), made at the first thumbnail
 
     @classmethod
-    def open(cls, index_path, run: Optional[str] = None, images: Optional[str] = None, device: str = "cpu",
-             allow_other_model: bool = False, limits: Optional[ServiceLimits] = None) -> "SearchService":
+    def open(
+        cls,
+        index_path,
+        run: Optional[str] = None,
+        images: Optional[str] = None,
+        device: str = "cpu",
+        allow_other_model: bool = False,
+        limits: Optional[ServiceLimits] = None,
+    ) -> "SearchService":
         """Load the index and the run (given, else the one the index records, if it is still
         there; without either only code queries are answered)."""
 
@@ -251,8 +290,16 @@ class SearchService:
         """Encode queries with the model of `run`, checked to make codes of the index's bit length
         and model (`check_compatible`)."""
         encoder = load_encoder(run, device)
-        check_compatible(self.index, f"--index {self.index_path}", encoder.bits, encoder.identity,
-                         f"the model of --run {run}", f"--run {run}'s codes", allow_other_model, made=True)
+        check_compatible(
+            self.index,
+            f"--index {self.index_path}",
+            encoder.bits,
+            encoder.identity,
+            f"the model of --run {run}",
+            f"--run {run}'s codes",
+            allow_other_model,
+            made=True,
+        )
         self.encoder, self.run = encoder, str(run)
 
     # -- what the service holds ----------------------------------------------------------------
@@ -263,7 +310,9 @@ class SearchService:
 
     @property
     def encodes_text(self) -> bool:
-        return self.encoder is not None and self.encoder.method.requirements().text and self.encoder.vocabulary is not None
+        return (
+            self.encoder is not None and self.encoder.method.requirements().text and self.encoder.vocabulary is not None
+        )
 
     @property
     def reports_uncertainty(self) -> bool:
@@ -272,13 +321,23 @@ class SearchService:
     def info(self) -> Dict[str, Any]:
         index = self.index
         model = dict(index.meta.get("model") or {})
-        return {"index": self.index_path, "kind": index.kind, "bits": index.bits, "count": len(index),
-                "backend": index.backend, "params": dict(index.params), "has_paths": index.has_names, "model": model,
-                "run": None if self.encoder is None else self.encoder.identity,
-                "queries": {"image": self.encodes_images, "text": self.encodes_text, "codes": True},
-                "uncertainty": self.reports_uncertainty, "thumbnails": self.thumbnails is not None,
-                "rerank": [mode for mode in RERANK_MODES if self._rerank_possible(mode)],
-                "limits": asdict(self.limits), "max_k": self.max_k}
+        return {
+            "index": self.index_path,
+            "kind": index.kind,
+            "bits": index.bits,
+            "count": len(index),
+            "backend": index.backend,
+            "params": dict(index.params),
+            "has_paths": index.has_names,
+            "model": model,
+            "run": None if self.encoder is None else self.encoder.identity,
+            "queries": {"image": self.encodes_images, "text": self.encodes_text, "codes": True},
+            "uncertainty": self.reports_uncertainty,
+            "thumbnails": self.thumbnails is not None,
+            "rerank": [mode for mode in RERANK_MODES if self._rerank_possible(mode)],
+            "limits": asdict(self.limits),
+            "max_k": self.max_k,
+        }
 
     @property
     def max_k(self) -> int:
@@ -291,26 +350,43 @@ class SearchService:
 
     # -- queries -------------------------------------------------------------------------------
 
-    def search_image(self, data: bytes, k: int = 10, rerank: Optional[str] = None, depth: Optional[int] = None,
-                     tau: Optional[float] = None, name: str = "image") -> Dict[str, Any]:
+    def search_image(
+        self,
+        data: bytes,
+        k: int = 10,
+        rerank: Optional[str] = None,
+        depth: Optional[int] = None,
+        tau: Optional[float] = None,
+        name: str = "image",
+    ) -> Dict[str, Any]:
         """Encode an image (its file's bytes) and search; a DMUH run adds its uncertainty."""
 
         if not self.encodes_images:
-            raise DmuhError("this service has no model that encodes images (start it with --run RUN); "
-                            "send packed codes instead" if self.encoder is None else
-                            f"the run {self.encoder.run_dir} encodes feature vectors, not images; send packed codes")
+            raise DmuhError(
+                "this service has no model that encodes images (start it with --run RUN); send packed codes instead"
+                if self.encoder is None
+                else f"the run {self.encoder.run_dir} encodes feature vectors, not images; send packed codes"
+            )
         k = self._check_k(k)
         self._check_rerank(rerank)
         size = self.index.meta.get("image_size") or self.encoder.image_size
-        image = read_image(None, self.encoder.channels, size, data=data, name=name,
-                           max_pixels=self.limits.max_image_pixels)[None]
+        image = read_image(
+            None, self.encoder.channels, size, data=data, name=name, max_pixels=self.limits.max_image_pixels
+        )[None]
         packed, uncertainty, features = self.encode_images(image, self.reports_uncertainty, rerank == "decoder")
         report = self._search(packed, k, rerank, depth, tau, uncertainty, features)
         report["query"] = self._describe(packed, uncertainty)
         return report
 
-    def search_codes(self, codes, k: int = 10, rerank: Optional[str] = None, depth: Optional[int] = None,
-                     tau: Optional[float] = None, bit_uncertainty: Optional[Sequence[float]] = None) -> Dict[str, Any]:
+    def search_codes(
+        self,
+        codes,
+        k: int = 10,
+        rerank: Optional[str] = None,
+        depth: Optional[int] = None,
+        tau: Optional[float] = None,
+        bit_uncertainty: Optional[Sequence[float]] = None,
+    ) -> Dict[str, Any]:
         """Search with one packed code (see `parse_codes`); `rerank="uncertainty"` needs its
         `bit_uncertainty` (one non-negative value per bit)."""
         packed = parse_codes(codes, self.index.bits)
@@ -331,8 +407,10 @@ class SearchService:
     def search_text(self, text: str, k: int = 10) -> Dict[str, Any]:
         """Encode a text with a cross-modal run's text network and search (Hamming ranking)."""
         if not self.encodes_text:
-            raise DmuhError("this service has no text network: text queries need a cross-modal run "
-                            "(dmuh-cross, dcmh, ugach) trained on data with words")
+            raise DmuhError(
+                "this service has no text network: text queries need a cross-modal run "
+                "(dmuh-cross, dcmh, ugach) trained on data with words"
+            )
         if not isinstance(text, str) or not text.strip():
             raise DmuhError("text: expected a non-empty string")
         if len(text) > self.limits.max_text_chars:
@@ -402,16 +480,29 @@ class SearchService:
         report["results"] = report["results"][0]
         return report
 
-    def search_batch(self, query: Query, k: int, rerank: Optional[str] = None, depth: Optional[int] = None,
-                     tau: Optional[float] = None, params: Optional[SearchParams] = None) -> Dict[str, Any]:
+    def search_batch(
+        self,
+        query: Query,
+        k: int,
+        rerank: Optional[str] = None,
+        depth: Optional[int] = None,
+        tau: Optional[float] = None,
+        params: Optional[SearchParams] = None,
+    ) -> Dict[str, Any]:
         """Search (and re-rank, `rerank` one of `RERANK_MODES`) queries, packed codes with what the
         re-ranking reads (`dmuh.retrieval.rerank.Query`); `params` apply to the Hamming search.
         {"k", "rerank", "results": per query its rows (`result_rows`), "depth" and "tau" as used}."""
         for value, flag in ((depth, "depth"), (tau, "tau")):
-            if value is not None and (rerank is None or isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not value > 0 or (flag == "depth" and not isinstance(value, int))):
-                raise DmuhError(f"{flag}={value!r}: expected a positive {'integer' if flag == 'depth' else 'number'}, "
-                                "with rerank")
+            if value is not None and (
+                rerank is None
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not value > 0
+                or (flag == "depth" and not isinstance(value, int))
+            ):
+                raise DmuhError(
+                    f"{flag}={value!r}: expected a positive {'integer' if flag == 'depth' else 'number'}, with rerank"
+                )
         depth = int(depth or DEFAULT_RERANK_DEPTH)
         tau = float(tau or DEFAULT_TAU)
         scores = {}
@@ -434,8 +525,11 @@ class SearchService:
         """The query's code (0/1 string), and with bit uncertainty its image-level uncertainty and
         its most uncertain bits."""
         bits = unpack_bits(packed, self.index.bits)[0]
-        query: Dict[str, Any] = {"code": "".join("1" if b > 0 else "0" for b in bits), "uncertainty": None,
-                                 "uncertain_bits": []}
+        query: Dict[str, Any] = {
+            "code": "".join("1" if b > 0 else "0" for b in bits),
+            "uncertainty": None,
+            "uncertain_bits": [],
+        }
         if uncertainty is not None:
             u = np.asarray(uncertainty, dtype=np.float64)[0]
             query["uncertainty"] = float(u.mean())

@@ -40,24 +40,38 @@ def shard_file(number: int) -> str:
 
 
 def _shard_state(path: Path, ids: List[str], encoder, size: Optional[int], uncertainty: bool, features: bool) -> str:
-    """"complete", "missing" (absent or damaged) or "foreign" (a codes file of another encode)."""
+    """ "complete", "missing" (absent or damaged) or "foreign" (a codes file of another encode)."""
     if not path.is_file():
         return "missing"
     try:
         codes = Codes.load(path)
     except DmuhError:
         return "missing"
-    same = (codes.ids == ids and codes.bits == encoder.bits
-            and codes.model.get("checkpoint_sha256") == encoder.identity.get("checkpoint_sha256")
-            and codes.image_size == size and (codes.bit_uncertainty is not None) == uncertainty
-            and (codes.features is not None) == features)
+    same = (
+        codes.ids == ids
+        and codes.bits == encoder.bits
+        and codes.model.get("checkpoint_sha256") == encoder.identity.get("checkpoint_sha256")
+        and codes.image_size == size
+        and (codes.bit_uncertainty is not None) == uncertainty
+        and (codes.features is not None) == features
+    )
     return "complete" if same else "foreign"
 
 
-def encode_in_shards(encoder, source, folder, shard_size: int = DEFAULT_SHARD_SIZE, *,
-                     context: Optional[distributed.Context] = None, uncertainty: bool = False, features: bool = False,
-                     image_size: Optional[int] = None, images_spec: Optional[str] = None, force: bool = False,
-                     progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
+def encode_in_shards(
+    encoder,
+    source,
+    folder,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    *,
+    context: Optional[distributed.Context] = None,
+    uncertainty: bool = False,
+    features: bool = False,
+    image_size: Optional[int] = None,
+    images_spec: Optional[str] = None,
+    force: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Dict[str, Any]:
     """Encode `source` into shards under `folder` (see the module's docstring). Every rank calls
     it; returns {"shards", "encoded" (shards this rank encoded), "skipped" (complete before),
     "manifest" (its path, on rank 0; None on the others), "count"}."""
@@ -81,21 +95,30 @@ def encode_in_shards(encoder, source, folder, shard_size: int = DEFAULT_SHARD_SI
             ids = [str(i) for i in source.ids[start:stop]]  # as a codes file holds them
             state = "missing" if force else _shard_state(path, ids, encoder, size, uncertainty, features)
             if state == "foreign":
-                raise DmuhError(f"--shards {folder}: {path.name} holds another encode's codes (other images, "
-                                "--shard-size, model or options); pass --force to encode every shard again, or give "
-                                "another folder")
+                raise DmuhError(
+                    f"--shards {folder}: {path.name} holds another encode's codes (other images, "
+                    "--shard-size, model or options); pass --force to encode every shard again, or give "
+                    "another folder"
+                )
             todo[number] = int(state == "missing")
     distributed.broadcast_tensor(context, todo)
     todo_numbers = [number for number in range(len(slices)) if int(todo[number])]
     if context.is_main and todo_numbers:  # a folder with shards still to encode has no manifest
         (folder / MANIFEST).unlink(missing_ok=True)
-    mine = todo_numbers[context.rank::context.world_size]
+    mine = todo_numbers[context.rank :: context.world_size]
     done_items = 0
     my_items = sum(slices[n][1] - slices[n][0] for n in mine)
     for number in mine:
         start, stop = slices[number]
-        codes = encode_images(encoder, source, uncertainty=uncertainty, image_size=image_size, images_spec=images_spec,
-                              features=features, items=np.arange(start, stop))
+        codes = encode_images(
+            encoder,
+            source,
+            uncertainty=uncertainty,
+            image_size=image_size,
+            images_spec=images_spec,
+            features=features,
+            items=np.arange(start, stop),
+        )
         codes.save(paths[number], overwrite=True)  # atomically: a kill leaves no partial shard
         done_items += stop - start
         if progress is not None:
@@ -110,11 +133,19 @@ def encode_in_shards(encoder, source, folder, shard_size: int = DEFAULT_SHARD_SI
             shards.append({"file": path.name, "count": stop - start, "sha256": file_sha256(path)})
         manifest = write_manifest(folder, shards, encoder.bits, shard_size, encoder.identity, images_spec)
     distributed.barrier(context)  # the manifest is there for every rank once it returns
-    return {"shards": len(slices), "encoded": len(mine), "skipped": len(slices) - len(todo_numbers),
-            "to_encode": len(todo_numbers), "manifest": manifest, "count": total}
+    return {
+        "shards": len(slices),
+        "encoded": len(mine),
+        "skipped": len(slices) - len(todo_numbers),
+        "to_encode": len(todo_numbers),
+        "manifest": manifest,
+        "count": total,
+    }
 
 
 def describe(result: Dict[str, Any]) -> str:
     """What a sharded encode did, for rank 0 to print."""
-    return (f"encoded {plural(result['count'], 'item')} in {plural(result['shards'], 'shard')} "
-            f"({result['to_encode']} encoded now, {result['skipped']} already complete): {result['manifest']}")
+    return (
+        f"encoded {plural(result['count'], 'item')} in {plural(result['shards'], 'shard')} "
+        f"({result['to_encode']} encoded now, {result['skipped']} already complete): {result['manifest']}"
+    )

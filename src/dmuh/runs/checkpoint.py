@@ -96,7 +96,11 @@ def _encode(value: Any, path: Tuple[str, ...], tensors: Dict[str, torch.Tensor])
         for key in value:
             if not (key is None or isinstance(key, (str, int, float, tuple))):
                 raise _Unstorable(f"a dict key of type {type(key).__name__} at {'/'.join(path) or 'the top'}")
-        return {"$dict": [[_encode(k, path + ("key",), {}), _encode(v, path + (str(k),), tensors)] for k, v in value.items()]}
+        return {
+            "$dict": [
+                [_encode(k, path + ("key",), {}), _encode(v, path + (str(k),), tensors)] for k, v in value.items()
+            ]
+        }
     raise _Unstorable(f"a {type(value).__name__} at {'/'.join(path) or 'the top'}")
 
 
@@ -179,10 +183,16 @@ def _encode_parts(state: dict, kind: str, where: str = "") -> Tuple[bytes, memor
     try:
         tree_text = _tree_text(_encode(state, (), tensors))
     except _Unstorable as error:
-        raise DmuhError(f"{where or 'checkpoint'}: cannot store {error} in a {FORMAT} file (tensors and plain values "
-                        "only)") from None
-    metadata = {FORMAT_KEY: FORMAT, VERSION_KEY: str(VERSION), KIND_KEY: kind, TREE_KEY: tree_text,
-                SHA_KEY: _checksum(kind, tree_text, tensors)}
+        raise DmuhError(
+            f"{where or 'checkpoint'}: cannot store {error} in a {FORMAT} file (tensors and plain values only)"
+        ) from None
+    metadata = {
+        FORMAT_KEY: FORMAT,
+        VERSION_KEY: str(VERSION),
+        KIND_KEY: kind,
+        TREE_KEY: tree_text,
+        SHA_KEY: _checksum(kind, tree_text, tensors),
+    }
     return _canonical(safetensors.torch.save(tensors, metadata=metadata))
 
 
@@ -276,7 +286,9 @@ def _tensors(path: Path, data: bytes) -> Dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load(data)
     except Exception as error:  # SafetensorError and friends: offsets, dtypes, sizes
-        raise DmuhError(f"{path}: damaged or truncated safetensors data ({first_line(error, 200)}); {_DAMAGED}") from None
+        raise DmuhError(
+            f"{path}: damaged or truncated safetensors data ({first_line(error, 200)}); {_DAMAGED}"
+        ) from None
 
 
 def load_state(path, kind: str) -> dict:
@@ -295,7 +307,9 @@ def load_state(path, kind: str) -> dict:
     if found[VERSION_KEY] != str(VERSION):
         version = found[VERSION_KEY]
         if version.isdigit() and int(version) > VERSION:
-            raise DmuhError(f"{path}: {FORMAT} version {version} is newer than this dmuh reads ({VERSION}); upgrade dmuh")
+            raise DmuhError(
+                f"{path}: {FORMAT} version {version} is newer than this dmuh reads ({VERSION}); upgrade dmuh"
+            )
         raise DmuhError(f"{path}: unknown {FORMAT} version {version[:20]!r}, expected {VERSION} (damaged?)")
     if found[KIND_KEY] != kind:
         raise DmuhError(f"{path}: holds a {found[KIND_KEY][:40]!r} state, not a {kind!r} one")

@@ -38,26 +38,41 @@ class RunConfig:
     """What every run needs: data, split, network, optimisation and execution."""
 
     # data
-    data: str = setting("digits", "data source: digits, a folder or .zip (ImageFolder), idx:DIR, cifar-batches:DIR, "
-                                  "list:FILE.txt, features:FILE.npz")
+    data: str = setting(
+        "digits",
+        "data source: digits, a folder or .zip (ImageFolder), idx:DIR, cifar-batches:DIR, "
+        "list:FILE.txt, features:FILE.npz",
+    )
     data_root: Optional[str] = setting(None, "image root of a list file's relative paths")
     allow_outside_root: bool = setting(False, "let list-file paths leave --data-root (../x, absolute paths)")
     protocol: str = setting("digits", "query/train/database split protocol", choices=_protocols)
-    protocol_params: Dict[str, Any] = setting({}, "protocol parameters, e.g. query_per_class, train_per_class, "
-                                                  "database (rest|rest-minus-train), topk (flag: --protocol-param)")
+    protocol_params: Dict[str, Any] = setting(
+        {},
+        "protocol parameters, e.g. query_per_class, train_per_class, "
+        "database (rest|rest-minus-train), topk (flag: --protocol-param)",
+    )
     split_seed: int = setting(0, "seed of the split", minimum=0)
-    image_size: Optional[int] = setting(None, "decode size in pixels; none keeps the native size (must be uniform)",
-                                        minimum=IMAGE_SIZES[0], maximum=IMAGE_SIZES[1])
+    image_size: Optional[int] = setting(
+        None,
+        "decode size in pixels; none keeps the native size (must be uniform)",
+        minimum=IMAGE_SIZES[0],
+        maximum=IMAGE_SIZES[1],
+    )
     augment: str = setting("none", "training augmentation", choices=_augmentations)
-    cache_dir: Optional[str] = setting("default", "decoded images are cached here between runs: default "
-                                                  "($DMUH_CACHE_DIR, else ~/.cache/dmuh), off, or a folder")
+    cache_dir: Optional[str] = setting(
+        "default",
+        "decoded images are cached here between runs: default ($DMUH_CACHE_DIR, else ~/.cache/dmuh), off, or a folder",
+    )
     # model
-    model: str = setting("smallcnn", "backbone registered in dmuh.models (smallcnn, mlp, cnnf, alexnet, resnet18, "
-                                     "resnet18-32, resnet50, ...)")
+    model: str = setting(
+        "smallcnn",
+        "backbone registered in dmuh.models (smallcnn, mlp, cnnf, alexnet, resnet18, resnet18-32, resnet50, ...)",
+    )
     model_params: Dict[str, Any] = setting({}, "model options, e.g. {width: 32} (flag: --model-param)")
     bits: int = setting(32, "code length in bits", minimum=1, maximum=1024)
-    hash_norm: str = setting("batchnorm", "normalisation after the hash layer (see docs/method.md)",
-                             choices=("batchnorm", "none"))
+    hash_norm: str = setting(
+        "batchnorm", "normalisation after the hash layer (see docs/method.md)", choices=("batchnorm", "none")
+    )
     pretrained: Optional[str] = setting(None, "local torchvision-style state dict for the backbone")
     # optimisation (paper section 5.2 defaults)
     epochs: int = setting(50, "training epochs", minimum=1, maximum=100_000)
@@ -65,8 +80,12 @@ class RunConfig:
     optimizer: str = setting("sgd", "optimiser", choices=("sgd", "adamw"))
     lr: float = setting(0.05, "learning rate (start of the cosine schedule)", above=0, maximum=10)
     lr_end: float = setting(0.0005, "learning rate at the end of the schedule (<= --lr)", minimum=0, maximum=10)
-    lr_schedule_epochs: Optional[int] = setting(None, "epochs the schedule spans; none: --epochs (a resumed run "
-                                                      "keeps its own, see README)", minimum=1, maximum=100_000)
+    lr_schedule_epochs: Optional[int] = setting(
+        None,
+        "epochs the schedule spans; none: --epochs (a resumed run keeps its own, see README)",
+        minimum=1,
+        maximum=100_000,
+    )
     warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up", minimum=0)
     momentum: float = setting(0.9, "SGD momentum", minimum=0, below=1)
     weight_decay: float = setting(1e-4, "weight decay", minimum=0, maximum=1)
@@ -105,22 +124,36 @@ class TrainConfig(RunConfig):
 
     method: str = setting("dmuh", "hashing method (see `dmuh train --list-methods`)")
     method_params: Dict[str, Any] = setting({}, "method hyper-parameters, e.g. {alpha: 0.7} (flag: --param)")
-    init: str = setting("auto", "backbone initialisation: auto (random, then a cross-entropy warm-up of --init-epochs on "
-                                "the training split's labels, the same for every method), scratch (random, no "
-                                "warm-up), a `dmuh pretrain` run directory, or a weights file")
-    init_epochs: Optional[int] = setting(None, "epochs of --init auto's warm-up; none: half of --epochs, at "
-                                               "least 1", minimum=1, maximum=100_000)
+    init: str = setting(
+        "auto",
+        "backbone initialisation: auto (random, then a cross-entropy warm-up of --init-epochs on "
+        "the training split's labels, the same for every method), scratch (random, no "
+        "warm-up), a `dmuh pretrain` run directory, or a weights file",
+    )
+    init_epochs: Optional[int] = setting(
+        None, "epochs of --init auto's warm-up; none: half of --epochs, at least 1", minimum=1, maximum=100_000
+    )
     backbone_lr_scale: Optional[float] = setting(
-        None, "learning-rate multiplier of the backbone (the hash layer keeps --lr); none: 0.1 after --init auto's "
-              "warm-up, 1 with any other --init", minimum=0, maximum=100)
+        None,
+        "learning-rate multiplier of the backbone (the hash layer keeps --lr); none: 0.1 after --init auto's "
+        "warm-up, 1 with any other --init",
+        minimum=0,
+        maximum=100,
+    )
     eval_every: int = setting(0, "evaluate MAP every N epochs (0: at the end only; -1: never)", minimum=-1)
     trace_items: int = setting(16, "training items whose per-bit outputs are recorded every epoch", minimum=0)
     checkpoint_every: int = setting(1, "write the checkpoint every N epochs (and after the last)", minimum=1)
-    train_map_items: int = setting(1000, "training items whose MAP against the training split is logged (0: none)",
-                                   minimum=0)
-    label_noise: float = setting(0.0, "share of the training labels flipped to another class (uniform) before "
-                                      "training, for label-noise studies; recorded in RUN/label_noise.json "
-                                      "(single-label data only)", minimum=0, maximum=1)
+    train_map_items: int = setting(
+        1000, "training items whose MAP against the training split is logged (0: none)", minimum=0
+    )
+    label_noise: float = setting(
+        0.0,
+        "share of the training labels flipped to another class (uniform) before "
+        "training, for label-noise studies; recorded in RUN/label_noise.json "
+        "(single-label data only)",
+        minimum=0,
+        maximum=1,
+    )
     label_noise_seed: int = setting(0, "seed of --label-noise's choice of items and classes", minimum=0)
 
 
@@ -133,10 +166,14 @@ class PretrainConfig(RunConfig):
     """`dmuh pretrain`: backbone warm-up objectives (see dmuh.engine.pretrain)."""
 
     objective: str = setting("simclr+ce", "pre-training objective", choices=OBJECTIVES)
-    augment: str = setting("flip-crop", "augmentation of the labeled (cross-entropy) batches; SimCLR views use "
-                                        "simclr", choices=_augmentations)
-    unlabeled_batch_size: int = setting(512, "batch size of the unlabeled (SimCLR) batches", minimum=2,
-                                        maximum=1_000_000)
+    augment: str = setting(
+        "flip-crop",
+        "augmentation of the labeled (cross-entropy) batches; SimCLR views use simclr",
+        choices=_augmentations,
+    )
+    unlabeled_batch_size: int = setting(
+        512, "batch size of the unlabeled (SimCLR) batches", minimum=2, maximum=1_000_000
+    )
     temperature: float = setting(0.2, "SimCLR temperature", above=0, maximum=100)
     projection_dim: int = setting(128, "SimCLR projection width", minimum=1, maximum=65536)
     lr: float = setting(0.1, "learning rate (start of the cosine schedule)", above=0, maximum=10)

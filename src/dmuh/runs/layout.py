@@ -102,8 +102,10 @@ def load_split(config: RunConfig, source, run_dir: Path) -> Split:
         made = (split.protocol, split.seed, split.params)
         wanted = (config.protocol, config.split_seed, dict(config.protocol_params))
         if made != wanted:
-            raise DmuhError(f"{path}: made with protocol {made[0]!r}, split seed {made[1]}, parameters {made[2]}; "
-                            f"the config asks for {wanted[0]!r}, {wanted[1]}, {wanted[2]} (use another --out)")
+            raise DmuhError(
+                f"{path}: made with protocol {made[0]!r}, split seed {made[1]}, parameters {made[2]}; "
+                f"the config asks for {wanted[0]!r}, {wanted[1]}, {wanted[2]} (use another --out)"
+            )
         split.check(source)
         return split
     split = make_split(config.protocol, source, seed=config.split_seed, **config.protocol_params)
@@ -120,8 +122,10 @@ def load_label_noise(config: TrainConfig, train_labels: np.ndarray, run_dir: Pat
     if path.exists():
         noise = LabelNoise.load(path)
         if (noise.rate, noise.seed) != (float(config.label_noise), int(config.label_noise_seed)):
-            raise DmuhError(f"{path}: made with label noise {noise.rate:g} (seed {noise.seed}); the config asks for "
-                            f"{config.label_noise:g} (seed {config.label_noise_seed}) (use another --out)")
+            raise DmuhError(
+                f"{path}: made with label noise {noise.rate:g} (seed {noise.seed}); the config asks for "
+                f"{config.label_noise:g} (seed {config.label_noise_seed}) (use another --out)"
+            )
         noise.apply(train_labels, where=str(path))  # checks it fits these labels
         return noise
     if not config.label_noise:
@@ -150,8 +154,10 @@ def save_checkpoint(path: Path, *, epoch: int, config: RunConfig, model, method,
 
 
 def legacy_checkpoint_message(run_dir: Path) -> str:
-    return (f"{Path(run_dir) / LEGACY_CHECKPOINT} is an old-format checkpoint (a pickle); convert it once with: "
-            f"dmuh convert-checkpoint --run {run_dir}")
+    return (
+        f"{Path(run_dir) / LEGACY_CHECKPOINT} is an old-format checkpoint (a pickle); convert it once with: "
+        f"dmuh convert-checkpoint --run {run_dir}"
+    )
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -197,10 +203,14 @@ def convert_legacy_checkpoint(run, force: bool = False) -> Tuple[Path, Path, dic
             warnings.simplefilter("ignore")
             state = torch.load(old, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # it names a class or function (code could run): refused
-        raise DmuhError(f"{old}: refused: torch's allow-list unpickler loads only tensors and plain values, and this "
-                        f"file needs more ({_unpickler_reason(error)}); nothing in it was run") from None
+        raise DmuhError(
+            f"{old}: refused: torch's allow-list unpickler loads only tensors and plain values, and this "
+            f"file needs more ({_unpickler_reason(error)}); nothing in it was run"
+        ) from None
     except Exception as error:  # truncated, not a torch file
-        raise DmuhError(f"{old}: not a readable checkpoint ({type(error).__name__}: {first_line(error)[:160]})") from None
+        raise DmuhError(
+            f"{old}: not a readable checkpoint ({type(error).__name__}: {first_line(error)[:160]})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise DmuhError(f"{old}: not a dmuh checkpoint (no network weights)")
     save_state(new, dict(state), CHECKPOINT_KIND)
@@ -238,8 +248,13 @@ def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainC
         model_config, method_spec = _legacy_specs(checkpoint, config, run_dir)
     try:
         model = create_model(**model_config)
-        method = create_method(method_spec["name"], bits=method_spec["bits"], num_train=method_spec["num_train"],
-                               num_classes=method_spec["num_classes"], **method_spec["params"])
+        method = create_method(
+            method_spec["name"],
+            bits=method_spec["bits"],
+            num_train=method_spec["num_train"],
+            num_classes=method_spec["num_classes"],
+            **method_spec["params"],
+        )
     except (KeyError, TypeError) as error:
         raise DmuhError(f"{path}: unreadable network specification ({first_line(error)})") from None
     momentum = None
@@ -268,8 +283,9 @@ def _legacy_specs(checkpoint: dict, config: TrainConfig, run_dir: Path) -> Tuple
     if first is None:
         raise DmuhError(f"{run_dir / CHECKPOINT}: holds no network weights")
     extra = {"in_channels": int(first.shape[1])} if first.dim() == 4 else {"input_dim": int(first.shape[1])}
-    model_config = create_model(config.model, bits=config.bits, hash_norm=config.hash_norm,
-                                **extra, **config.model_params).config
+    model_config = create_model(
+        config.model, bits=config.bits, hash_norm=config.hash_norm, **extra, **config.model_params
+    ).config
     if "memory_labels" in method_state:
         num_train = int(method_state["memory_labels"].shape[0])
     elif (Path(run_dir) / SPLIT).is_file():
@@ -277,8 +293,13 @@ def _legacy_specs(checkpoint: dict, config: TrainConfig, run_dir: Path) -> Tuple
     else:
         num_train = 1
     num_classes = next((int(method_state[k].shape[d]) for k, d in _CLASS_SIZED.items() if k in method_state), 1)
-    method_spec = {"name": config.method, "bits": config.bits, "num_train": num_train, "num_classes": num_classes,
-                   "params": legacy_method_params(config)}
+    method_spec = {
+        "name": config.method,
+        "bits": config.bits,
+        "num_train": num_train,
+        "num_classes": num_classes,
+        "params": legacy_method_params(config),
+    }
     return model_config, method_spec
 
 
@@ -325,8 +346,10 @@ EVALUATED_COLUMNS = ("map", "train_map")
 
 
 def _damaged_log(path: Path, line: int, problem: str) -> DmuhError:
-    return DmuhError(f"{path} line {line}: {problem}; repair that line or delete {path.name} "
-                     f"(a resumed run then logs only the epochs it trains)")
+    return DmuhError(
+        f"{path} line {line}: {problem}; repair that line or delete {path.name} "
+        f"(a resumed run then logs only the epochs it trains)"
+    )
 
 
 def read_log(path: Path) -> List[Dict[str, float]]:
@@ -346,7 +369,7 @@ def read_log(path: Path) -> List[Dict[str, float]]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise _damaged_log(path, data[:error.start].count(b"\n") + 1, "bytes that are not text") from None
+        raise _damaged_log(path, data[: error.start].count(b"\n") + 1, "bytes that are not text") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader, None)
@@ -397,7 +420,9 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
     path = Path(init)
     if path.is_dir():
         if not (path / BACKBONE).is_file():
-            raise ConfigError(f"init {init}: no {BACKBONE} in this directory (is it a `dmuh pretrain` run?)", field="init")
+            raise ConfigError(
+                f"init {init}: no {BACKBONE} in this directory (is it a `dmuh pretrain` run?)", field="init"
+            )
         init_split = Split.load(path / SPLIT)
         if init_split.fingerprint != split.fingerprint or not np.array_equal(init_split.query, split.query):
             raise DmuhError(
@@ -422,17 +447,23 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ConfigError(f"init {weights_file}: not a readable state dict ({type(exc).__name__})", field="init") from None
+            raise ConfigError(
+                f"init {weights_file}: not a readable state dict ({type(exc).__name__})", field="init"
+            ) from None
         state = state.get("model", state) if isinstance(state, dict) else state
     # A whole hashing-network state dict (backbone.* and hash_layer.*) or a backbone's.
     if any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     try:
         result = model.backbone.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes differ
-        raise ConfigError(f"init {weights_file}: does not fit model backbone ({str(exc).splitlines()[1].strip()})", field="init") from None
+        raise ConfigError(
+            f"init {weights_file}: does not fit model backbone ({str(exc).splitlines()[1].strip()})", field="init"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         first = (result.missing_keys or result.unexpected_keys)[:3]
         kind = "missing" if result.missing_keys else "unexpected"
-        raise ConfigError(f"init {weights_file}: does not fit model backbone ({kind} keys: {', '.join(first)})", field="init")
+        raise ConfigError(
+            f"init {weights_file}: does not fit model backbone ({kind} keys: {', '.join(first)})", field="init"
+        )
     return f"backbone initialised from {weights_file}"

@@ -17,7 +17,6 @@ the same shape, logged as one line, and the server goes on. The request body is 
 arrives and refused past `max_upload_bytes` (413), whatever Content-Length claims.
 """
 
-
 import json
 import logging
 import math
@@ -32,7 +31,7 @@ PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page
 # The page loads nothing from elsewhere, and nothing it shows can run as script.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inline'; "
-                               "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
@@ -60,8 +59,11 @@ class _Guard:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _send_error(send, 413 if length.isdigit() else 400,
-                                     self._too_large() if length.isdigit() else "Content-Length: not a number")
+            return await _send_error(
+                send,
+                413 if length.isdigit() else 400,
+                self._too_large() if length.isdigit() else "Content-Length: not a number",
+            )
         received = 0
         started = False
 
@@ -86,7 +88,9 @@ class _Guard:
                 await self.app(scope, counted, with_headers)
         except TimeoutError:
             if not started:
-                await _send_error(send, 503, f"the request took longer than {self.timeout_s:g} s; try again or ask for less")
+                await _send_error(
+                    send, 503, f"the request took longer than {self.timeout_s:g} s; try again or ask for less"
+                )
         except Exception as exc:  # the 500 was sent by the application's handler; keep the server up
             if not started:
                 await _send_error(send, 500, f"internal error: {type(exc).__name__}")
@@ -100,9 +104,17 @@ _HEADER_PAIRS = [(name.lower().encode(), value.encode()) for name, value in SECU
 
 async def _send_error(send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -173,8 +185,9 @@ def create_app(service: SearchService, threads: int = 4):
     async def in_worker(function, *args, **kwargs):
         """Run a blocking call in the worker pool; a DmuhError is the client's 400."""
         try:
-            return await anyio.to_thread.run_sync(lambda: function(*args, **kwargs), limiter=workers,
-                                                  abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(
+                lambda: function(*args, **kwargs), limiter=workers, abandon_on_cancel=True
+            )
         except DmuhError as exc:
             raise HTTPException(400, str(exc)) from None
 
@@ -202,14 +215,40 @@ def create_app(service: SearchService, threads: int = 4):
             raise HTTPException(404, str(exc.args[0] if exc.args else exc)) from None
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.post("/search", openapi_extra={"requestBody": {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "image": {"type": "string", "format": "binary"}, "codes": {"type": "string"},
-            "text": {"type": "string"}, "k": {"type": "integer"}, "rerank": {"type": "string"}}}},
-        "application/json": {"schema": {"type": "object", "properties": {
-            "codes": {"type": "string"}, "text": {"type": "string"}, "k": {"type": "integer"},
-            "rerank": {"type": "string"}, "bit_uncertainty": {"type": "array", "items": {"type": "number"}}}}},
-        "image/*": {"schema": {"type": "string", "format": "binary"}}}}})
+    @app.post(
+        "/search",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "image": {"type": "string", "format": "binary"},
+                                "codes": {"type": "string"},
+                                "text": {"type": "string"},
+                                "k": {"type": "integer"},
+                                "rerank": {"type": "string"},
+                            },
+                        }
+                    },
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "codes": {"type": "string"},
+                                "text": {"type": "string"},
+                                "k": {"type": "integer"},
+                                "rerank": {"type": "string"},
+                                "bit_uncertainty": {"type": "array", "items": {"type": "number"}},
+                            },
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                }
+            }
+        },
+    )
     async def search(request: Request):
         """One query: an image, packed codes or a text; k and rerank from the body or the query string."""
         fields, image = await _read_query(request)
@@ -221,11 +260,18 @@ def create_app(service: SearchService, threads: int = 4):
             raise HTTPException(400, str(exc)) from None
         k = 10 if k is None else k
         rerank = fields.get("rerank") or None
-        given = [name for name, value in (("image", image), ("codes", fields.get("codes")), ("text", fields.get("text")))
-                 if value not in (None, "")]
+        given = [
+            name
+            for name, value in (("image", image), ("codes", fields.get("codes")), ("text", fields.get("text")))
+            if value not in (None, "")
+        ]
         if len(given) != 1:
-            raise HTTPException(400, "give one query: an image, codes or text" if not given else
-                                f"give one query, not {' and '.join(given)}")
+            raise HTTPException(
+                400,
+                "give one query: an image, codes or text"
+                if not given
+                else f"give one query, not {' and '.join(given)}",
+            )
         if image is not None:
             return await in_worker(service.search_image, image, k, rerank, depth, tau)
         if fields.get("codes") not in (None, ""):
@@ -235,13 +281,16 @@ def create_app(service: SearchService, threads: int = 4):
                     uncertainty = json.loads(uncertainty)
                 except ValueError:
                     raise HTTPException(400, "bit_uncertainty: expected a JSON list of numbers") from None
-            if uncertainty is not None and (not isinstance(uncertainty, list)
-                                            or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                       for v in uncertainty)):
+            if uncertainty is not None and (
+                not isinstance(uncertainty, list)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in uncertainty)
+            ):
                 raise HTTPException(400, "bit_uncertainty: expected a list of numbers")
             return await in_worker(service.search_codes, fields["codes"], k, rerank, depth, tau, uncertainty)
         if rerank is not None:
-            raise HTTPException(400, "rerank applies to image and code queries; text queries are ranked by Hamming distance")
+            raise HTTPException(
+                400, "rerank applies to image and code queries; text queries are ranked by Hamming distance"
+            )
         return await in_worker(service.search_text, fields["text"], k)
 
     return _Guard(app, limits.max_upload_bytes, limits.timeout_s)
@@ -256,8 +305,9 @@ async def _read_query(request):
     image = None
     if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         try:
-            form = await request.form(max_files=1, max_fields=len(_FORM_FIELDS) + 1,
-                                      max_part_size=64 * 1024)  # a text field; the image part is a file
+            form = await request.form(
+                max_files=1, max_fields=len(_FORM_FIELDS) + 1, max_part_size=64 * 1024
+            )  # a text field; the image part is a file
         except (HTTPException, _TooLarge):
             raise
         except Exception as exc:  # python-multipart's parse errors: a malformed body
@@ -296,8 +346,11 @@ async def _read_query(request):
         if not image:
             raise HTTPException(400, "body: empty; send the image's bytes")
     else:
-        raise HTTPException(415, f"Content-Type {kind or 'missing'}: send multipart/form-data (an image file), "
-                                 "application/json (codes or text) or the image's bytes as image/*")
+        raise HTTPException(
+            415,
+            f"Content-Type {kind or 'missing'}: send multipart/form-data (an image file), "
+            "application/json (codes or text) or the image's bytes as image/*",
+        )
     return fields, image
 
 
@@ -306,7 +359,12 @@ def serve(service: SearchService, sock, threads: int = 4, log_level: str = "warn
     itself, and port 0 gives a free one)."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(service, threads), log_level=log_level, access_log=False,
-                            limit_concurrency=max(64, 8 * threads),  # more open connections get a 503
-                            timeout_keep_alive=5, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        create_app(service, threads),
+        log_level=log_level,
+        access_log=False,
+        limit_concurrency=max(64, 8 * threads),  # more open connections get a 503
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+    )
     uvicorn.Server(config).run(sockets=[sock])

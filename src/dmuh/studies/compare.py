@@ -51,8 +51,20 @@ SEEDS_CSV_COLUMNS = ("label", "method", "params", "bits", "seed", "map", "ties",
 
 # Config fields that say how a run executes, not what it computes: they may differ between a
 # finished run and the comparison that reuses it.
-EXECUTION_FIELDS = ("out", "device", "compile", "channels_last", "eval_batch_size", "cache_dir", "data_root",
-                    "allow_outside_root", "trace_items", "checkpoint_every", "train_map_items")
+EXECUTION_FIELDS = (
+    "out",
+    "device",
+    "compile",
+    "channels_last",
+    "eval_batch_size",
+    "cache_dir",
+    "data_root",
+    "allow_outside_root",
+    "trace_items",
+    "checkpoint_every",
+    "train_map_items",
+)
+
 
 def _safe_name(text: str) -> str:
     """A directory-name-safe spelling: spaces become '-', anything but letters, digits and ._=+- '_'."""
@@ -76,13 +88,13 @@ def format_value(value: Any) -> str:
 
 
 def row_label(method: str, params: Mapping[str, Any]) -> str:
-    """"dmuh" or, for a grid row, "dmuh alpha=0.5 beta=30"."""
+    """ "dmuh" or, for a grid row, "dmuh alpha=0.5 beta=30"."""
     return " ".join([method] + [f"{k}={format_value(v)}" for k, v in params.items()])
 
 
 def display_label(label: str, method: str) -> str:
     """A row label with the method's display name: "dmuh alpha=0.5" -> "DMUH alpha=0.5"."""
-    return display_name(method) + label[len(method):] if label.startswith(method) else label
+    return display_name(method) + label[len(method) :] if label.startswith(method) else label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +107,11 @@ class Row:
     params: Dict[str, Any]  # every method parameter of its runs
 
 
-def table_rows(methods: Sequence[str], method_params: Mapping[str, Mapping[str, Any]],
-               grid: Mapping[str, Mapping[str, Sequence[Any]]]) -> List[Row]:
+def table_rows(
+    methods: Sequence[str],
+    method_params: Mapping[str, Mapping[str, Any]],
+    grid: Mapping[str, Mapping[str, Sequence[Any]]],
+) -> List[Row]:
     """The table's rows: each method in order, a method with a grid replaced by one row per value
     (the cross product of its grid parameters, in the order given); a grid method that is not
     among `methods` comes after them. Refuses a parameter given both ways, an empty value list
@@ -107,8 +122,9 @@ def table_rows(methods: Sequence[str], method_params: Mapping[str, Mapping[str, 
         axes = dict(grid.get(method, {}))
         for name, values in axes.items():
             if name in fixed:
-                raise DmuhError(f"compare: {method}.{name} is given both by --grid and by -p/method_params; "
-                                "give it in one place")
+                raise DmuhError(
+                    f"compare: {method}.{name} is given both by --grid and by -p/method_params; give it in one place"
+                )
             if not list(values):
                 raise DmuhError(f"compare: --grid {method}.{name} has no values")
         names = list(axes)
@@ -159,6 +175,7 @@ def parse_seeds(seeds: Optional[Sequence[int]]) -> Optional[List[int]]:
         raise DmuhError(f"compare: --seeds must be non-negative integers, got {seeds!r}")
     return list(dict.fromkeys(seeds))
 
+
 def comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
     """The config fields that decide a run's result, as plain YAML values (tuples become lists)."""
     values = {k: v for k, v in config.items() if k not in EXECUTION_FIELDS}
@@ -177,8 +194,10 @@ def existing_run(config: TrainConfig) -> Tuple[str, Dict[str, float]]:
     differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
     if differing:
         key = differing[0]
-        raise DmuhError(f"{run} holds a run with another config ({key}: {saved.get(key)!r} there, {wanted.get(key)!r} "
-                        "here); remove it or compare into another output directory")
+        raise DmuhError(
+            f"{run} holds a run with another config ({key}: {saved.get(key)!r} there, {wanted.get(key)!r} "
+            "here); remove it or compare into another output directory"
+        )
     log = read_log(run / LOG)
     if log and int(log[-1]["epoch"]) == config.epochs:
         return "finished", log[-1]
@@ -208,8 +227,9 @@ def worker_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def _train_in_parallel(pending: Sequence[Tuple[str, TrainConfig, str]], jobs: int,
-                       echo: Callable[[str], None]) -> Dict[str, Tuple[Dict[str, float], Optional[str]]]:
+def _train_in_parallel(
+    pending: Sequence[Tuple[str, TrainConfig, str]], jobs: int, echo: Callable[[str], None]
+) -> Dict[str, Tuple[Dict[str, float], Optional[str]]]:
     """Train (where, config, state) runs in `jobs` worker processes; {run directory: outcome}.
 
     Small networks on a GPU are bound by kernel-launch time, not arithmetic: one run leaves most
@@ -294,8 +314,10 @@ def compare(
         if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
             raise DmuhError(f"compare: code lengths must be positive integers, got {length!r}")
     if base.method_params:
-        raise DmuhError("compare: the base config's method_params would apply to every method; "
-                        "give hyper-parameters per method instead")
+        raise DmuhError(
+            "compare: the base config's method_params would apply to every method; "
+            "give hyper-parameters per method instead"
+        )
     method_params = dict(method_params or {})
     unknown = sorted(set(method_params) - set(methods) - set(grid))
     if unknown:
@@ -323,28 +345,35 @@ def compare(
                 where = run_directory(out_dir, spec.label, length, seed if seeds is not None else None)
                 if directories.setdefault(where, spec.label) != spec.label:
                     raise DmuhError(f"compare: rows {directories[where]!r} and {spec.label!r} would share {where}")
-                config = dataclasses.replace(base, method=spec.method, bits=length, seed=seed, out=str(where),
-                                             method_params=dict(spec.params))
+                config = dataclasses.replace(
+                    base, method=spec.method, bits=length, seed=seed, out=str(where), method_params=dict(spec.params)
+                )
                 name = f"[{len(planned) + 1}/{total}] {spec.label} at {length} bits"
                 planned.append((name + (f", seed {seed}" if seeds is not None else ""), spec, config))
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_orphans(out_dir)
-    planned = [(where, spec, config, *existing_run(config))  # a different run in the way stops the comparison
-               for where, spec, config in planned]
+    planned = [
+        (where, spec, config, *existing_run(config))  # a different run in the way stops the comparison
+        for where, spec, config in planned
+    ]
     outcomes: Dict[str, Tuple[Dict[str, float], Optional[str]]] = {}
     pending = [(where, config, state) for where, _, config, state, _ in planned if state != "finished"]
     if jobs > 1 and len(pending) > 1:
-
         if resolve_cache_dir(base.cache_dir) is not None:  # decode once here, so the workers read the cache
-
             decode_all(open_source(base.data, root=base.data_root, allow_outside_root=base.allow_outside_root), base)
         outcomes = _train_in_parallel(pending, min(jobs, len(pending)), echo)
 
     caption = describe(base, seeds)
     rows: List[Dict[str, Any]] = []
     for where, spec, config, state, last in planned:
-        row: Dict[str, Any] = {"label": spec.label, "method": config.method, "params": dict(spec.params),
-                               "bits": config.bits, "seed": config.seed, "run": config.out}
+        row: Dict[str, Any] = {
+            "label": spec.label,
+            "method": config.method,
+            "params": dict(spec.params),
+            "bits": config.bits,
+            "seed": config.seed,
+            "run": config.out,
+        }
         error = None
         if state == "finished":
             echo(f"{where}: finished run in {config.out} reused")
@@ -372,8 +401,10 @@ def compare(
 def describe(config: TrainConfig, seeds: Optional[Sequence[int]] = None) -> str:
     """One line naming the shared recipe, for the table caption."""
     seeding = f"seed {config.seed}" if seeds is None else "seeds " + ", ".join(str(s) for s in seeds)
-    return (f"data {config.data}, protocol {config.protocol}, model {config.model}, {plural(config.epochs, 'epoch')}, "
-            f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g}, {seeding}")
+    return (
+        f"data {config.data}, protocol {config.protocol}, model {config.model}, {plural(config.epochs, 'epoch')}, "
+        f"batch {config.batch_size}, {config.optimizer} lr {config.lr:g}, {seeding}"
+    )
 
 
 def _finite(value) -> bool:
@@ -402,19 +433,18 @@ def cell_maps(runs: Sequence[Mapping[str, Any]]) -> List[float]:
 def paired_differences(runs: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]]) -> List[float]:
     """MAP(row) - MAP(reference) for every seed both finished, in the row's seed order."""
     theirs = {r.get("seed"): float(r["map"]) for r in reference if _finite(r.get("map"))}
-    return [float(r["map"]) - theirs[r.get("seed")] for r in runs
-            if _finite(r.get("map")) and r.get("seed") in theirs]
+    return [float(r["map"]) - theirs[r.get("seed")] for r in runs if _finite(r.get("map")) and r.get("seed") in theirs]
 
 
 def format_mean_sd(values: Sequence[float]) -> str:
-    """"0.7000 ± 0.0100 (n=3)"; one value: "0.7000 (n=1)"."""
+    """ "0.7000 ± 0.0100 (n=3)"; one value: "0.7000 (n=1)"."""
     if len(values) < 2:
         return f"{values[0]:.4f} (n=1)"
     return f"{mean(values):.4f} ± {sample_sd(values):.4f} (n={len(values)})"
 
 
 def format_difference(differences: Sequence[float]) -> str:
-    """"+0.0200 [-0.0048, +0.0448] (n=3)", "*" appended when the interval excludes 0."""
+    """ "+0.0200 [-0.0048, +0.0448] (n=3)", "*" appended when the interval excludes 0."""
     if not differences:
         return "n/a"
     interval = paired_interval(differences)
@@ -424,8 +454,14 @@ def format_difference(differences: Sequence[float]) -> str:
     return f"{interval.mean:+.4f} [{interval.low:+.4f}, {interval.high:+.4f}] (n={interval.n}){star}"
 
 
-def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, caption: str = "", against: Optional[str] = None,
-                 per_seed: Optional[bool] = None, paper: Optional[str] = None) -> None:
+def write_tables(
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: Path,
+    caption: str = "",
+    against: Optional[str] = None,
+    per_seed: Optional[bool] = None,
+    paper: Optional[str] = None,
+) -> None:
     """results.md (MAP table, best of each column in bold, then the paired difference against
     `against`, training times and failures), results.csv (row label, then one MAP column per code
     length: the mean over seeds) and results_seeds.csv (one line per run) in `out_dir`, each
@@ -484,39 +520,63 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, caption: str 
     if paper is None:
         lines += [f"| {name(label)} | " + " | ".join(map_cell(label, b) for b in bits) + " |" for label in labels]
     else:
-        lines += [f"| {name(label)} | " + " | ".join(f"{map_cell(label, b)} | {paper_cell(label, b)}" for b in bits)
-                  + " |" for label in labels]
-        lines += ["", f"paper: the DMUH paper's MAP for the method at that code length on {PAPER_TITLES[paper]} "
-                  "(its own backbone, data and budget: set beside the measured figure for reading, not as a check)."]
+        lines += [
+            f"| {name(label)} | " + " | ".join(f"{map_cell(label, b)} | {paper_cell(label, b)}" for b in bits) + " |"
+            for label in labels
+        ]
+        lines += [
+            "",
+            f"paper: the DMUH paper's MAP for the method at that code length on {PAPER_TITLES[paper]} "
+            "(its own backbone, data and budget: set beside the measured figure for reading, not as a check).",
+        ]
     if per_seed:
-        lines += ["", "Each cell: mean ± sample standard deviation (ddof=1) over the n seeds that finished; "
-                  "a failed seed is left out of n (see Failed runs). Bold: the best mean of its column."]
+        lines += [
+            "",
+            "Each cell: mean ± sample standard deviation (ddof=1) over the n seeds that finished; "
+            "a failed seed is left out of n (see Failed runs). Bold: the best mean of its column.",
+        ]
     other_ties = [r for r in rows if _finite(r.get("map")) and r.get("ties", DEFAULT_TIES) != DEFAULT_TIES]
     if other_ties:
-        lines += ["", "† MAP with another tie policy (runs logged before dmuh recorded it): "
-                  + ", ".join(f"{_label(r)} at {r['bits']} bits" + (f", seed {r.get('seed')}" if per_seed else "")
-                              + f" (ties {r['ties']})" for r in other_ties)]
+        lines += [
+            "",
+            "† MAP with another tie policy (runs logged before dmuh recorded it): "
+            + ", ".join(
+                f"{_label(r)} at {r['bits']} bits"
+                + (f", seed {r.get('seed')}" if per_seed else "")
+                + f" (ties {r['ties']})"
+                for r in other_ties
+            ),
+        ]
     if against is not None and against in method_of:
         reference = name(against)
         lines += ["", f"## Paired difference against {reference} (MAP, ties {DEFAULT_TIES})", "", header, rule]
         for label in labels:
             if label == against:
                 continue
-            diffs = [format_difference(paired_differences(cells.get((label, b), []), cells.get((against, b), [])))
-                     if (label, b) in cells else "" for b in bits]
+            diffs = [
+                format_difference(paired_differences(cells.get((label, b), []), cells.get((against, b), [])))
+                if (label, b) in cells
+                else ""
+                for b in bits
+            ]
             lines.append(f"| {name(label)} | " + " | ".join(diffs) + " |")
-        lines += ["", f"Each cell: the mean over seeds of (row MAP − {reference} MAP) for the same seed, its 95% "
-                  "confidence interval from Student's t with n−1 degrees of freedom, and n (the seeds both runs "
-                  "finished). * marks an interval that excludes 0. The interval is paired over seeds: it is the "
-                  "seed-to-seed spread (initialisation, batch order) on this one data split, not the "
-                  "uncertainty from sampling the data (queries, database or training set)."]
+        lines += [
+            "",
+            f"Each cell: the mean over seeds of (row MAP − {reference} MAP) for the same seed, its 95% "
+            "confidence interval from Student's t with n−1 degrees of freedom, and n (the seeds both runs "
+            "finished). * marks an interval that excludes 0. The interval is paired over seeds: it is the "
+            "seed-to-seed spread (initialisation, batch order) on this one data split, not the "
+            "uncertainty from sampling the data (queries, database or training set).",
+        ]
     lines += ["", "Training time (seconds" + (", mean over seeds)" if per_seed else ")"), "", header, rule]
     lines += [f"| {name(label)} | " + " | ".join(seconds_cell(label, b) for b in bits) + " |" for label in labels]
     failures = [r for r in rows if r.get("error")]
     if failures:
         lines += ["", "Failed runs:", ""]
-        lines += [f"- {_label(r)} at {r['bits']} bits" + (f", seed {r.get('seed')}" if per_seed else "")
-                  + f": {r['error']}" for r in failures]
+        lines += [
+            f"- {_label(r)} at {r['bits']} bits" + (f", seed {r.get('seed')}" if per_seed else "") + f": {r['error']}"
+            for r in failures
+        ]
     atomic_write_text(Path(out_dir) / RESULTS_MARKDOWN, "\n".join(lines) + "\n")
 
     buffer = io.StringIO()
@@ -532,9 +592,18 @@ def write_tables(rows: Sequence[Mapping[str, Any]], out_dir: Path, caption: str 
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(SEEDS_CSV_COLUMNS)
     for r in rows:
-        writer.writerow([_label(r), r["method"], json.dumps(r.get("params") or {}, sort_keys=True, default=str),
-                         r["bits"], "" if r.get("seed") is None else r["seed"],
-                         repr(float(r["map"])) if _finite(r.get("map")) else "", r.get("ties", ""),
-                         repr(float(r["seconds"])) if _finite(r.get("seconds")) else "", r.get("run", ""),
-                         r.get("error", "")])
+        writer.writerow(
+            [
+                _label(r),
+                r["method"],
+                json.dumps(r.get("params") or {}, sort_keys=True, default=str),
+                r["bits"],
+                "" if r.get("seed") is None else r["seed"],
+                repr(float(r["map"])) if _finite(r.get("map")) else "",
+                r.get("ties", ""),
+                repr(float(r["seconds"])) if _finite(r.get("seconds")) else "",
+                r.get("run", ""),
+                r.get("error", ""),
+            ]
+        )
     atomic_write_text(Path(out_dir) / RESULTS_SEEDS_CSV, buffer.getvalue())

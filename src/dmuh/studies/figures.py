@@ -117,7 +117,11 @@ def read_trace(run_dir: Path) -> Dict[str, np.ndarray]:
             trace = {key: np.asarray(f[key]) for key in ("items", "epochs", "hashing", "momentum")}
     except (OSError, ValueError, KeyError) as exc:
         raise DmuhError(f"{path}: not a readable uncertainty trace ({exc})") from None
-    if trace["hashing"].ndim != 3 or trace["hashing"].shape != trace["momentum"].shape or trace["hashing"].shape[0] == 0:
+    if (
+        trace["hashing"].ndim != 3
+        or trace["hashing"].shape != trace["momentum"].shape
+        or trace["hashing"].shape[0] == 0
+    ):
         raise DmuhError(f"{path}: hashing and momentum must both be (epochs, items, bits) with at least one epoch")
     return trace
 
@@ -172,28 +176,63 @@ class UncertaintyFigure:
     def markdown(self) -> str:
         final = self.final_uncertainty
         last = int(self.epochs[-1])
-        out = [f"# Bit- and image-level uncertainty (Fig. 1): {self.method} ({self.run})", "",
-               f"From {self.run / TRACE}: {plural(len(self.items), 'trace item')}, {plural(len(self.epochs), 'epoch')} "
-               f"({int(self.epochs[0])}..{last}), {self.hashing.shape[2]} bits. u = |h - m| per bit "
-               "(h the hashing network's output, m the momentum copy's).", "",
-               "## Bits shown", "",
-               _table(["bit", "role", "mean abs change per epoch", f"mean u at epoch {last} (all trace items)"],
-                      [[b, r, _fmt(self.change[b]), _fmt(final[:, b].mean(), U_DIGITS)] for b, r in zip(self.bits, self.roles)]),
-               "", f"## Final-epoch outputs of the plotted trace items (epoch {last})", "",
-               _table(["bit", "trace item", "train position", "h", "m", "u"],
-                      [[b, int(t), int(self.items[t]), _fmt(self.hashing[-1, t, b], U_DIGITS),
-                        _fmt(self.momentum[-1, t, b], U_DIGITS), _fmt(final[t, b], U_DIGITS)] for b in self.bits for t in self.shown]),
-               "", "## Image-level uncertainty of the training items", "",
-               f"Mean over bits of `dmuh.engine.builder.training_uncertainty` (passes={self.passes}) for all "
-               f"{len(self.image_uncertainty)} training items, from the run's {CHECKPOINT}.", "",
-               _table(["statistic", "value"], [[k, _fmt(v, U_DIGITS)] for k, v in self.summary().items()])]
+        out = [
+            f"# Bit- and image-level uncertainty (Fig. 1): {self.method} ({self.run})",
+            "",
+            f"From {self.run / TRACE}: {plural(len(self.items), 'trace item')}, {plural(len(self.epochs), 'epoch')} "
+            f"({int(self.epochs[0])}..{last}), {self.hashing.shape[2]} bits. u = |h - m| per bit "
+            "(h the hashing network's output, m the momentum copy's).",
+            "",
+            "## Bits shown",
+            "",
+            _table(
+                ["bit", "role", "mean abs change per epoch", f"mean u at epoch {last} (all trace items)"],
+                [
+                    [b, r, _fmt(self.change[b]), _fmt(final[:, b].mean(), U_DIGITS)]
+                    for b, r in zip(self.bits, self.roles)
+                ],
+            ),
+            "",
+            f"## Final-epoch outputs of the plotted trace items (epoch {last})",
+            "",
+            _table(
+                ["bit", "trace item", "train position", "h", "m", "u"],
+                [
+                    [
+                        b,
+                        int(t),
+                        int(self.items[t]),
+                        _fmt(self.hashing[-1, t, b], U_DIGITS),
+                        _fmt(self.momentum[-1, t, b], U_DIGITS),
+                        _fmt(final[t, b], U_DIGITS),
+                    ]
+                    for b in self.bits
+                    for t in self.shown
+                ],
+            ),
+            "",
+            "## Image-level uncertainty of the training items",
+            "",
+            f"Mean over bits of `dmuh.engine.builder.training_uncertainty` (passes={self.passes}) for all "
+            f"{len(self.image_uncertainty)} training items, from the run's {CHECKPOINT}.",
+            "",
+            _table(["statistic", "value"], [[k, _fmt(v, U_DIGITS)] for k, v in self.summary().items()]),
+        ]
         if self.images is not None and len(self.source_indices):
             positions = np.concatenate([self.gallery_low, self.gallery_high])
             groups = ["lowest"] * len(self.gallery_low) + ["highest"] * len(self.gallery_high)
-            out += ["", "## Gallery", "",
-                    _table(["group", "train position", "source index", "label", "image uncertainty"],
-                           [[g, int(p), int(s), lab, _fmt(self.image_uncertainty[p], U_DIGITS)]
-                            for g, p, s, lab in zip(groups, positions, self.source_indices, self.labels)])]
+            out += [
+                "",
+                "## Gallery",
+                "",
+                _table(
+                    ["group", "train position", "source index", "label", "image uncertainty"],
+                    [
+                        [g, int(p), int(s), lab, _fmt(self.image_uncertainty[p], U_DIGITS)]
+                        for g, p, s, lab in zip(groups, positions, self.source_indices, self.labels)
+                    ],
+                ),
+            ]
         if self.notes:
             out += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(out) + "\n"
@@ -209,8 +248,14 @@ class UncertaintyFigure:
         final = self.final_uncertainty
         for ax, b, role in zip(axes, self.bits, self.roles):
             for colour, t in zip(colours, self.shown):
-                ax.plot(self.epochs, self.hashing[:, t, b], "-o", color=colour, markersize=3,
-                        label=f"item {int(self.items[t])} h")
+                ax.plot(
+                    self.epochs,
+                    self.hashing[:, t, b],
+                    "-o",
+                    color=colour,
+                    markersize=3,
+                    label=f"item {int(self.items[t])} h",
+                )
                 ax.plot(self.epochs, self.momentum[:, t, b], "--", color=colour, label=f"item {int(self.items[t])} m")
             ax.set_title(f"bit {b} ({role}); final mean u = {final[:, b].mean():.4f}", fontsize=9)
             ax.set_xlabel("epoch")
@@ -219,9 +264,14 @@ class UncertaintyFigure:
         axes[0].legend(fontsize=6, ncol=2)
         if gallery:
             low = len(self.gallery_low)
-            draw_gallery(bottom, [(self.images[:low], [f"{self.image_uncertainty[p]:.3g}" for p in self.gallery_low]),
-                                  (self.images[low:], [f"{self.image_uncertainty[p]:.3g}" for p in self.gallery_high])],
-                         "image-level uncertainty: lowest (top row), highest (bottom row)")
+            draw_gallery(
+                bottom,
+                [
+                    (self.images[:low], [f"{self.image_uncertainty[p]:.3g}" for p in self.gallery_low]),
+                    (self.images[low:], [f"{self.image_uncertainty[p]:.3g}" for p in self.gallery_high]),
+                ],
+                "image-level uncertainty: lowest (top row), highest (bottom row)",
+            )
         if self.notes:
             top.suptitle("; ".join(self.notes), fontsize=7)
         return fig
@@ -257,8 +307,9 @@ def save_png(figure, path) -> Path:
     return Path(path)
 
 
-def uncertainty_figure(run, bits_shown: int = 2, gallery: int = 8, passes: int = 1, items_shown: int = 4,
-                       device: str = "cpu") -> UncertaintyFigure:
+def uncertainty_figure(
+    run, bits_shown: int = 2, gallery: int = 8, passes: int = 1, items_shown: int = 4, device: str = "cpu"
+) -> UncertaintyFigure:
     """Fig. 1 of a DMUH run: the trace's most- and least-changing bits, and the training items of
     lowest and highest image-level uncertainty (`dmuh.engine.builder.training_uncertainty`)."""
 
@@ -270,18 +321,23 @@ def uncertainty_figure(run, bits_shown: int = 2, gallery: int = 8, passes: int =
     run_dir = run_directory(run, need=(CHECKPOINT,))
     method = _method_name(run_dir)
     if not (run_dir / TRACE).is_file():
-
         if load_yaml(run_dir / CONFIG).get("trace_items", 1) == 0:
             raise RunError(f"run {run}: no {TRACE}: the run was trained with trace_items=0", field="run")
-        raise RunError(f"run {run}: no {TRACE}: method {method!r} keeps no momentum copy; "
-                        "`dmuh figure uncertainty` needs a DMUH run", field="run")
+        raise RunError(
+            f"run {run}: no {TRACE}: method {method!r} keeps no momentum copy; "
+            "`dmuh figure uncertainty` needs a DMUH run",
+            field="run",
+        )
     trace = read_trace(run_dir)
     bits = trace["hashing"].shape[2]
     if bits_shown > bits:
         raise ConfigError(f"bits_shown {bits_shown}: the trace has {bits} bits", field="bits_shown")
     exp = experiment.load_run(run_dir, device=device)
     if exp.momentum is None:
-        raise RunError(f"run {run}: method {method!r} keeps no momentum copy; `dmuh figure uncertainty` needs a DMUH run", field="run")
+        raise RunError(
+            f"run {run}: method {method!r} keeps no momentum copy; `dmuh figure uncertainty` needs a DMUH run",
+            field="run",
+        )
     chosen, roles = choose_bits(trace["hashing"], bits_shown)
     notes = []
     if len(trace["epochs"]) < 2:
@@ -293,10 +349,24 @@ def uncertainty_figure(run, bits_shown: int = 2, gallery: int = 8, passes: int =
     if n < gallery:
         notes.append(f"--gallery {gallery}: {len(image_u)} training items allow {n} of each")
     order = np.argsort(image_u, kind="stable")
-    low, high = order[:n], order[len(order) - n:]
-    figure = UncertaintyFigure(run_dir, method, trace["epochs"], trace["items"], trace["hashing"], trace["momentum"],
-                               chosen, roles, bit_change(trace["hashing"]), np.arange(min(items_shown, len(trace["items"]))),
-                               passes, image_u, low, high, notes=notes)
+    low, high = order[:n], order[len(order) - n :]
+    figure = UncertaintyFigure(
+        run_dir,
+        method,
+        trace["epochs"],
+        trace["items"],
+        trace["hashing"],
+        trace["momentum"],
+        chosen,
+        roles,
+        bit_change(trace["hashing"]),
+        np.arange(min(items_shown, len(trace["items"]))),
+        passes,
+        image_u,
+        low,
+        high,
+        notes=notes,
+    )
     if exp.images.dim() != 4:
         notes.append("feature-vector source (no images): gallery skipped")
     elif n == 0:
@@ -307,8 +377,10 @@ def uncertainty_figure(run, bits_shown: int = 2, gallery: int = 8, passes: int =
         figure.images = exp.images[figure.source_indices].numpy()
         labels = np.asarray(exp.source.labels)[figure.source_indices]
         names = getattr(exp.source, "class_names", None)
-        figure.labels = [",".join(str(names[c]) if names is not None and c < len(names) else str(c)
-                                  for c in np.flatnonzero(row)) for row in labels]
+        figure.labels = [
+            ",".join(str(names[c]) if names is not None and c < len(names) else str(c) for c in np.flatnonzero(row))
+            for row in labels
+        ]
     return figure
 
 
@@ -333,6 +405,7 @@ class RunCurves:
 
     def evaluated(self) -> List[Dict[str, float]]:
         """The rows of evaluated epochs (a test MAP, or a train MAP, in the row)."""
+
         def has(row, key):
             return isinstance(row.get(key), float) and not math.isnan(row[key])
 
@@ -345,23 +418,46 @@ class CurvesFigure:
 
     @property
     def notes(self) -> List[str]:
-        return [f"{r.run / LOG} has no train_map column: train MAP not plotted for {r.label}"
-                for r in self.runs if not r.has_train_map]
+        return [
+            f"{r.run / LOG} has no train_map column: train MAP not plotted for {r.label}"
+            for r in self.runs
+            if not r.has_train_map
+        ]
 
     def markdown(self) -> str:
-        out = ["# Loss and MAP per epoch (Fig. 3)", "",
-               f"Numbers from each run's {LOG}, rounded to 4 decimals; `map` is the test MAP (query vs "
-               "database) with the tie policy in `ties`, `train_map` the MAP of a fixed subset of training "
-               "items against the training split."]
+        out = [
+            "# Loss and MAP per epoch (Fig. 3)",
+            "",
+            f"Numbers from each run's {LOG}, rounded to 4 decimals; `map` is the test MAP (query vs "
+            "database) with the tie policy in `ties`, `train_map` the MAP of a fixed subset of training "
+            "items against the training split.",
+        ]
         for i, r in enumerate(self.runs, 1):
             ties = sorted({row.get("ties") or "" for row in r.evaluated()} - {""})
-            out += ["", f"## Run {i}: {r.method} ({r.run})", "",
-                    f"tie policy of map: {', '.join(ties) if ties else 'not recorded'}", ""]
+            out += [
+                "",
+                f"## Run {i}: {r.method} ({r.run})",
+                "",
+                f"tie policy of map: {', '.join(ties) if ties else 'not recorded'}",
+                "",
+            ]
             if not r.has_train_map:
                 out += [f"note: {r.run / LOG} has no train_map column (train MAP not plotted)", ""]
-            out.append(_table(["epoch", "loss", "train_map", "map", "ties"],
-                              [[row["epoch"], _fmt(row.get("loss")), _fmt(row.get("train_map")), _fmt(row.get("map")),
-                                row.get("ties") or "n/a"] for row in r.evaluated()]))
+            out.append(
+                _table(
+                    ["epoch", "loss", "train_map", "map", "ties"],
+                    [
+                        [
+                            row["epoch"],
+                            _fmt(row.get("loss")),
+                            _fmt(row.get("train_map")),
+                            _fmt(row.get("map")),
+                            row.get("ties") or "n/a",
+                        ]
+                        for row in r.evaluated()
+                    ],
+                )
+            )
         return "\n".join(out) + "\n"
 
     def draw(self):
@@ -386,7 +482,9 @@ class CurvesFigure:
 def curves_figure(runs: Sequence) -> CurvesFigure:
     """Fig. 3 of one or more runs, from their log.csv."""
     if not runs:
-        raise RunError("run RUN is required (the run directory `dmuh train --out` wrote); repeat it to compare runs", field="run")
+        raise RunError(
+            "run RUN is required (the run directory `dmuh train --out` wrote); repeat it to compare runs", field="run"
+        )
     curves = []
     for run in runs:
         run_dir = run_directory(run, need=(LOG,))
@@ -433,11 +531,17 @@ class TopkFigure:
     def markdown(self) -> str:
         ks = [k for k in TABLE_KS if any(k in r.table for r in self.runs)]
         ties = sorted({r.ties for r in self.runs})
-        out = ["# Precision of the top k (Fig. 4)", "",
-               f"Each run's {CHECKPOINT} on its split.json: sign codes of the query items ranked against the "
-               f"database by Hamming distance, ties {', '.join(ties)}; n/a where k exceeds the database.", "",
-               _table(["run", "method", "database", *[f"P@{k}" for k in ks]],
-                      [[str(r.run), r.method, r.database_size, *[_fmt(r.table.get(k)) for k in ks]] for r in self.runs])]
+        out = [
+            "# Precision of the top k (Fig. 4)",
+            "",
+            f"Each run's {CHECKPOINT} on its split.json: sign codes of the query items ranked against the "
+            f"database by Hamming distance, ties {', '.join(ties)}; n/a where k exceeds the database.",
+            "",
+            _table(
+                ["run", "method", "database", *[f"P@{k}" for k in ks]],
+                [[str(r.run), r.method, r.database_size, *[_fmt(r.table.get(k)) for k in ks]] for r in self.runs],
+            ),
+        ]
         return "\n".join(out) + "\n"
 
     def draw(self):
@@ -446,14 +550,18 @@ class TopkFigure:
         for colour, r in zip(_colours(len(self.runs)), self.runs):
             ax.plot(r.ks, r.precision, "-", color=colour, label=r.label)
         top = max(int(r.ks[-1]) for r in self.runs)
-        ax.set(title=f"precision of the top k (k up to {top})", xlabel="k (number of top returned items)",
-               ylabel="precision")
+        ax.set(
+            title=f"precision of the top k (k up to {top})",
+            xlabel="k (number of top returned items)",
+            ylabel="precision",
+        )
         ax.legend(fontsize=7)
         return fig
 
 
-def run_topk(run, max_k: int = 5000, points: int = 50, spacing: str = "linear", device: str = "cpu",
-             ties: str = DEFAULT_TIES) -> RunTopk:
+def run_topk(
+    run, max_k: int = 5000, points: int = 50, spacing: str = "linear", device: str = "cpu", ties: str = DEFAULT_TIES
+) -> RunTopk:
     """P@k of one run on its saved split, k on the curve grid (clipped to the database) and TABLE_KS."""
 
     run_dir = run_directory(run, need=(CHECKPOINT,))
@@ -468,15 +576,19 @@ def run_topk(run, max_k: int = 5000, points: int = 50, spacing: str = "linear", 
     query, database = sign(encode_part(exp, "query")), sign(encode_part(exp, "database"))
     values = precision_at_k(query, database, labels[exp.split.query], labels[exp.split.database], every, ties=ties)
     by_k = dict(zip(every, (float(v) for v in values)))
-    return RunTopk(run_dir, exp.config.method, size, ks, np.array([by_k[int(k)] for k in ks]),
-                   {k: by_k[k] for k in table_ks}, ties)
+    return RunTopk(
+        run_dir, exp.config.method, size, ks, np.array([by_k[int(k)] for k in ks]), {k: by_k[k] for k in table_ks}, ties
+    )
 
 
-def topk_figure(runs: Sequence, max_k: int = 5000, points: int = 50, spacing: str = "linear",
-                device: str = "cpu") -> TopkFigure:
+def topk_figure(
+    runs: Sequence, max_k: int = 5000, points: int = 50, spacing: str = "linear", device: str = "cpu"
+) -> TopkFigure:
     """Fig. 4 of one or more runs."""
     if not runs:
-        raise RunError("run RUN is required (the run directory `dmuh train --out` wrote); repeat it to compare runs", field="run")
+        raise RunError(
+            "run RUN is required (the run directory `dmuh train --out` wrote); repeat it to compare runs", field="run"
+        )
     topk_ks(max(max_k, 1), points, spacing)  # bad flags fail before any run is loaded
     for run in runs:
         run_directory(run, need=(CHECKPOINT,))

@@ -88,9 +88,12 @@ def detection_scores(score: np.ndarray, positive: np.ndarray, top_share: float =
     top = max(1, int(round(top_share * len(score))))
     order = np.argsort(-score, kind="stable")
     both = 0 < positive.sum() < len(positive)
-    return {"auroc": float(roc_auc_score(positive, score)) if both else math.nan,
-            "top_precision": float(positive[order[:top]].mean()) if len(score) else math.nan,
-            "top": top, "base_rate": float(positive.mean()) if len(score) else math.nan}
+    return {
+        "auroc": float(roc_auc_score(positive, score)) if both else math.nan,
+        "top_precision": float(positive[order[:top]].mean()) if len(score) else math.nan,
+        "top": top,
+        "base_rate": float(positive.mean()) if len(score) else math.nan,
+    }
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> Dict[str, float]:
@@ -122,8 +125,14 @@ def resolve_reading(reading: str, exp) -> Optional[str]:
     return "training" if noisy else "eval"
 
 
-def pairwise_loss(codes: torch.Tensor, labels: torch.Tensor, train_codes: torch.Tensor, train_labels: torch.Tensor,
-                  self_positions: np.ndarray, progress=None) -> np.ndarray:
+def pairwise_loss(
+    codes: torch.Tensor,
+    labels: torch.Tensor,
+    train_codes: torch.Tensor,
+    train_labels: torch.Tensor,
+    self_positions: np.ndarray,
+    progress=None,
+) -> np.ndarray:
     """(m,) mean over training items j of DPSH's pair loss of item i against j (`pair_nll`), leaving
     out j = self_positions[i] (the item itself; -1: not a training item)."""
 
@@ -145,15 +154,21 @@ def pairwise_loss(codes: torch.Tensor, labels: torch.Tensor, train_codes: torch.
 
 def _label_names(rows: np.ndarray, class_names) -> List[str]:
     names = list(class_names) if class_names is not None else None
-    return [",".join(str(names[c]) if names is not None and c < len(names) else str(c) for c in np.flatnonzero(row))
-            for row in np.asarray(rows)]
+    return [
+        ",".join(str(names[c]) if names is not None and c < len(names) else str(c) for c in np.flatnonzero(row))
+        for row in np.asarray(rows)
+    ]
 
 
 def _stats(values: Optional[np.ndarray]) -> Optional[Dict[str, float]]:
     if values is None:
         return None
-    return {"min": float(values.min()), "median": float(np.median(values)), "mean": float(values.mean()),
-            "max": float(values.max())}
+    return {
+        "min": float(values.min()),
+        "median": float(np.median(values)),
+        "mean": float(values.mean()),
+        "max": float(values.max()),
+    }
 
 
 def _cell(value) -> str:
@@ -195,7 +210,9 @@ class Inspection:
         header = ["rank", "position", "index", "id", "label"]
         if self.flipped is not None:
             header += ["original_label", "flipped"]
-        header += [name for name, values in (("uncertainty", self.uncertainty), ("loss", self.loss)) if values is not None]
+        header += [
+            name for name, values in (("uncertainty", self.uncertainty), ("loss", self.loss)) if values is not None
+        ]
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(header)
@@ -211,22 +228,35 @@ class Inspection:
         """AUROC / top-10% precision of each score for the flipped items (training split of a noisy run)."""
         if self.flipped is None or self.split != "train":
             return None
-        scores = {name: values for name, values in (("uncertainty", self.uncertainty), ("loss", self.loss))
-                  if values is not None}
+        scores = {
+            name: values
+            for name, values in (("uncertainty", self.uncertainty), ("loss", self.loss))
+            if values is not None
+        }
         if len(scores) == 2:
             scores["rank_average"] = rank_average(scores["uncertainty"], scores["loss"])
         return {name: detection_scores(values, self.flipped) for name, values in scores.items()}
 
     def summary(self) -> dict:
-        report = {"run": str(self.run), "method": self.method, "split": self.split, "items": int(len(self.positions)),
-                  "sort": self.sort, "reading": self.reading,
-                  "passes": self.passes if self.reading == "training" else (1 if self.reading else None),
-                  "uncertainty": _stats(self.uncertainty), "loss": _stats(self.loss)}
+        report = {
+            "run": str(self.run),
+            "method": self.method,
+            "split": self.split,
+            "items": int(len(self.positions)),
+            "sort": self.sort,
+            "reading": self.reading,
+            "passes": self.passes if self.reading == "training" else (1 if self.reading else None),
+            "uncertainty": _stats(self.uncertainty),
+            "loss": _stats(self.loss),
+        }
         if self.uncertainty is not None and self.loss is not None:
             report["spearman_uncertainty_loss"] = spearman(self.uncertainty, self.loss)
         if self.label_noise is not None:
-            report["label_noise"] = {**self.label_noise, "flipped_items": int(self.flipped.sum()),
-                                     "detection": self.detection()}
+            report["label_noise"] = {
+                **self.label_noise,
+                "flipped_items": int(self.flipped.sum()),
+                "detection": self.detection(),
+            }
         report["notes"] = list(self.notes)
         return report
 
@@ -244,14 +274,20 @@ class Inspection:
 
         def row(rows):
             images = self.images[torch.from_numpy(self.indices[rows])].numpy()
-            titles = [f"{self.key[r]:.3g}\n{self.labels[r]}{'*' if self.flipped is not None and self.flipped[r] else ''}"
-                      for r in rows]
+            titles = [
+                f"{self.key[r]:.3g}\n{self.labels[r]}{'*' if self.flipped is not None and self.flipped[r] else ''}"
+                for r in rows
+            ]
             return images, titles
 
         fig = new_figure(max(6.0, 1.1 * n), 3.2)
         star = "; * = flipped label" if self.flipped is not None else ""
-        draw_gallery(fig, [row(high), row(low)], f"{self.method} {self.split} items by {self.sort}: highest (top row), "
-                                                 f"lowest (bottom row){star}", fontsize=7)
+        draw_gallery(
+            fig,
+            [row(high), row(low)],
+            f"{self.method} {self.split} items by {self.sort}: highest (top row), lowest (bottom row){star}",
+            fontsize=7,
+        )
         return fig
 
     def write(self, out, top: int = DEFAULT_TOP, force: bool = False) -> List[Path]:
@@ -282,8 +318,13 @@ def check_out(out, force: bool) -> None:
         refuse_overwrite(out / name, force, "--out")
 
 
-def check_options(split: str = "train", reading: str = "auto", passes: Optional[int] = None, sort: Optional[str] = None,
-                  top: int = DEFAULT_TOP) -> None:
+def check_options(
+    split: str = "train",
+    reading: str = "auto",
+    passes: Optional[int] = None,
+    sort: Optional[str] = None,
+    top: int = DEFAULT_TOP,
+) -> None:
     """The options' own checks, before any run is loaded."""
     for value, choices, flag in ((split, SPLITS, "--split"), (reading, READINGS, "--reading")):
         if value not in choices:
@@ -294,12 +335,22 @@ def check_options(split: str = "train", reading: str = "auto", passes: Optional[
         if value is not None and (isinstance(value, bool) or value < 1):
             raise DmuhError(f"{flag} {value}: expected a positive integer")
     if passes is not None and reading == "eval":
-        raise ConfigError("passes applies to --reading training (or auto on a network with dropout); "
-                        "--reading eval is one pass", field="passes")
+        raise ConfigError(
+            "passes applies to --reading training (or auto on a network with dropout); --reading eval is one pass",
+            field="passes",
+        )
 
 
-def inspect_run(run, split: str = "train", reading: str = "auto", passes: Optional[int] = None,
-                sort: Optional[str] = None, device: str = "cpu", progress: bool = True, **data: str) -> Inspection:
+def inspect_run(
+    run,
+    split: str = "train",
+    reading: str = "auto",
+    passes: Optional[int] = None,
+    sort: Optional[str] = None,
+    device: str = "cpu",
+    progress: bool = True,
+    **data: str,
+) -> Inspection:
     """The `Inspection` of one part of a run's split; `data` (data=, data_root=) overrides where
     the run's config says its data is (as `dmuh evaluate --data`)."""
 
@@ -313,12 +364,18 @@ def inspect_run(run, split: str = "train", reading: str = "auto", passes: Option
     chosen = resolve_reading(reading, exp)
     if chosen is None:
         if reading != "auto" or passes is not None or sort == "uncertainty":
-            raise RunError(f"run {run}: method {method!r} keeps no momentum copy, so it has no uncertainty "
-                            "(--reading, --passes and --sort uncertainty need a DMUH run)", field="run")
+            raise RunError(
+                f"run {run}: method {method!r} keeps no momentum copy, so it has no uncertainty "
+                "(--reading, --passes and --sort uncertainty need a DMUH run)",
+                field="run",
+            )
         notes.append(f"method {method!r} keeps no momentum copy: no uncertainty, items sorted by loss")
     if chosen == "eval" and passes is not None:
-        raise ConfigError(f"passes {passes}: this run's reading is eval (one pass: the network has no dropout that "
-                        "differs between the two networks); give --reading training for training-mode passes", field="passes")
+        raise ConfigError(
+            f"passes {passes}: this run's reading is eval (one pass: the network has no dropout that "
+            "differs between the two networks); give --reading training for training-mode passes",
+            field="passes",
+        )
     passes = passes or DEFAULT_PASSES
 
     uncertainty = None
@@ -346,15 +403,24 @@ def inspect_run(run, split: str = "train", reading: str = "auto", passes: Option
         codes = encode_part(exp, split)
         train_codes = codes if split == "train" else encode_part(exp, "train")
         with progress_bar(len(indices), "pairwise loss", size=len(indices), enabled=progress) as bar:
-            loss = pairwise_loss(codes, item_labels, train_codes, exp.train_labels.cpu(), train_position[indices],
-                                 progress=lambda done: bar.update(done - bar.n))
+            loss = pairwise_loss(
+                codes,
+                item_labels,
+                train_codes,
+                exp.train_labels.cpu(),
+                train_position[indices],
+                progress=lambda done: bar.update(done - bar.n),
+            )
     elif not exp.source.labeled:
         notes.append(f"--data {exp.config.data} has no labels: no loss column")
     else:
         notes.append(f"method {method!r} learns without labels: no loss column")
     if uncertainty is None and loss is None:
-        raise RunError(f"run {run}: nothing to inspect: method {method!r} keeps no momentum copy (no uncertainty) "
-                        "and the run has no labels (no loss)", field="run")
+        raise RunError(
+            f"run {run}: nothing to inspect: method {method!r} keeps no momentum copy (no uncertainty) "
+            "and the run has no labels (no loss)",
+            field="run",
+        )
     if sort is None:
         sort = "uncertainty" if uncertainty is not None else "loss"
     if sort == "loss" and loss is None:
@@ -367,9 +433,22 @@ def inspect_run(run, split: str = "train", reading: str = "auto", passes: Option
         labels = _label_names(source_labels[indices], class_names)
     else:
         labels = [""] * len(indices)
-    result = Inspection(run_dir, method, split, positions, indices, [str(exp.source.ids[i]) for i in indices], labels,
-                        chosen, passes, sort, uncertainty=uncertainty, loss=loss, notes=notes,
-                        images=exp.images if exp.images.dim() == 4 else None)
+    result = Inspection(
+        run_dir,
+        method,
+        split,
+        positions,
+        indices,
+        [str(exp.source.ids[i]) for i in indices],
+        labels,
+        chosen,
+        passes,
+        sort,
+        uncertainty=uncertainty,
+        loss=loss,
+        notes=notes,
+        images=exp.images if exp.images.dim() == 4 else None,
+    )
     noise = exp.label_noise
     if noise is not None:
         flipped_train = noise.mask(len(exp.split.train))

@@ -80,12 +80,22 @@ def _parse(text: str) -> Dict[str, Dict[int, float]]:
 
 PAPER_MAP: Dict[str, Dict[str, Dict[int, float]]] = {key: _parse(text) for key, text in _TABLES.items()}
 PAPER_DATASETS = tuple(PAPER_MAP)
-PAPER_TITLES = {"cifar10": "CIFAR-10 (Table 4)", "clothing1m": "Clothing1M (Table 4)",
-                "nuswide": "NUS-WIDE (Table 5, MAP@5000)", "coco": "MS-COCO (Table 5)"}
+PAPER_TITLES = {
+    "cifar10": "CIFAR-10 (Table 4)",
+    "clothing1m": "Clothing1M (Table 4)",
+    "nuswide": "NUS-WIDE (Table 5, MAP@5000)",
+    "coco": "MS-COCO (Table 5)",
+}
 
 # Which column of the paper a protocol reproduces.
-_PROTOCOL_DATASET = {"cifar10": "cifar10", "cifar10-50k": "cifar10", "cifar10-54k": "cifar10",
-                     "clothing1m": "clothing1m", "nuswide21": "nuswide", "coco": "coco"}
+_PROTOCOL_DATASET = {
+    "cifar10": "cifar10",
+    "cifar10-50k": "cifar10",
+    "cifar10-54k": "cifar10",
+    "clothing1m": "clothing1m",
+    "nuswide21": "nuswide",
+    "coco": "coco",
+}
 
 
 def dataset_for_protocol(protocol: str) -> Optional[str]:

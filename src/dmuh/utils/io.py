@@ -38,11 +38,17 @@ _TEMP_WITHOUT_PID = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 # it failed to write, not that the data could not be serialised.
 _WRITE_FAILURE_WORDS = re.compile(
     r"i/o|io ?error|os error|errno|write|writing|written|stream|inline_container|unexpected pos|no space|quota|"
-    r"too large|permission|read-only|disk", re.IGNORECASE)
+    r"too large|permission|read-only|disk",
+    re.IGNORECASE,
+)
 # What a writer's message says when it names the error without an errno attribute.
-_MESSAGE_ERRNOS = ((r"file too large|os error 27\b", errno.EFBIG), (r"no space left|os error 28\b", errno.ENOSPC),
-                   (r"quota exceeded|os error 122\b", errno.EDQUOT), (r"read-only file system|os error 30\b", errno.EROFS),
-                   (r"permission denied|os error 13\b", errno.EACCES))
+_MESSAGE_ERRNOS = (
+    (r"file too large|os error 27\b", errno.EFBIG),
+    (r"no space left|os error 28\b", errno.ENOSPC),
+    (r"quota exceeded|os error 122\b", errno.EDQUOT),
+    (r"read-only file system|os error 30\b", errno.EROFS),
+    (r"permission denied|os error 13\b", errno.EACCES),
+)
 _KEPT = "(the previous file, if any, is kept)"
 
 
@@ -74,8 +80,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise DmuhError(f"cannot write {path}: cannot create its folder {path.parent} "
-                        f"({_reason_of_errno(error) or error}) {_KEPT}") from None
+        raise DmuhError(
+            f"cannot write {path}: cannot create its folder {path.parent} ({_reason_of_errno(error) or error}) {_KEPT}"
+        ) from None
     remove_orphans(path.parent)
     try:
         fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
@@ -123,7 +130,7 @@ def _fsync(path: Path) -> None:
 
 
 def _reason_of_errno(error: BaseException) -> Optional[str]:
-    """"no space left on device" for an OSError with an errno; None without one."""
+    """ "no space left on device" for an OSError with an errno; None without one."""
     code = getattr(error, "errno", None)
     if not isinstance(error, OSError) or not code:
         return None
@@ -198,8 +205,9 @@ def _started_after(pid: int, when: float) -> bool:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         ticks = int(fields[19])  # field 22, starttime, counted after the ")" of the name
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        boot = next(
+            float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
         return boot + ticks / os.sysconf("SC_CLK_TCK") > when + 1.0
     except (OSError, ValueError, IndexError, StopIteration):
         return False

@@ -29,12 +29,30 @@ def is_quiet() -> bool:
     return _quiet
 
 
-def progress_bar(total: int, desc: str, unit: str = "item", size: Optional[int] = None,
-                 enabled: Optional[bool] = None, unit_scale: bool = False) -> tqdm:
+def progress_bar(
+    total: int,
+    desc: str,
+    unit: str = "item",
+    size: Optional[int] = None,
+    enabled: Optional[bool] = None,
+    unit_scale: bool = False,
+) -> tqdm:
     """A tqdm bar over `total` units, shown when `size` (default `total`) items exceed
     `MIN_ITEMS`, stderr is a terminal and neither `enabled=False` nor `set_quiet` hides it.
     Use it as a context manager, or call close()."""
-    hidden = (_quiet or enabled is False or (size if size is not None else total) <= MIN_ITEMS
-              or os.environ.get("RANK", "0") != "0")
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=False, file=sys.stderr,
-                disable=True if hidden else None, dynamic_ncols=True)
+    hidden = (
+        _quiet
+        or enabled is False
+        or (size if size is not None else total) <= MIN_ITEMS
+        or os.environ.get("RANK", "0") != "0"
+    )
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit_scale,
+        leave=False,
+        file=sys.stderr,
+        disable=True if hidden else None,
+        dynamic_ncols=True,
+    )

@@ -66,8 +66,10 @@ class Registry:
             if option in entry.fixed:
                 raise DmuhError(f"{self.kind} {name!r} fixes {option}={entry.fixed[option]!r}; it cannot be changed")
             if option not in accepted:
-                raise DmuhError(f"{self.kind} {name!r} has no {self.option_word} {option!r}; "
-                                f"it takes: {', '.join(accepted) or 'none'}")
+                raise DmuhError(
+                    f"{self.kind} {name!r} has no {self.option_word} {option!r}; "
+                    f"it takes: {', '.join(accepted) or 'none'}"
+                )
         return entry
 
     def create(self, name: str, reserved: Dict[str, Any], options: Dict[str, Any]):

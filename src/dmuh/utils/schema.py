@@ -19,6 +19,7 @@ from dmuh.errors import ConfigError, first_line
 
 Choices = Union[Sequence[str], Callable[[], Sequence[str]]]
 
+
 @dataclass(frozen=True)
 class Rule:
     """What a field accepts beside its type: a numeric range and/or a list of words."""
@@ -50,11 +51,17 @@ class Rule:
     def admits(self, value) -> bool:
         if self.choices is not None:
             return value in self.words()
-        return ((self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)
-                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+        return (
+            (self.minimum is None or value >= self.minimum)
+            and (self.maximum is None or value <= self.maximum)
+            and (self.above is None or value > self.above)
+            and (self.below is None or value < self.below)
+        )
 
 
-def setting(default, help: str, *, minimum=None, maximum=None, above=None, below=None, choices: Optional[Choices] = None):
+def setting(
+    default, help: str, *, minimum=None, maximum=None, above=None, below=None, choices: Optional[Choices] = None
+):
     """A config field: its default, help line and allowed values (dicts get a fresh copy each time)."""
     metadata = {"help": help, "rule": Rule(minimum, maximum, above, below, choices)}
     if isinstance(default, dict):
@@ -88,7 +95,7 @@ def _fields(cls) -> Dict[str, dataclasses.Field]:
 
 
 def expected(cls, name: str) -> str:
-    """"an integer >= 1", "one of sgd, adamw", ...: what a field accepts, in words."""
+    """ "an integer >= 1", "one of sgd, adamw", ...: what a field accepts, in words."""
     kind, optional = _field_kind(cls, name)
     rule: Rule = _fields(cls)[name].metadata.get("rule", Rule())
     allowed = rule.allowed()
@@ -138,7 +145,9 @@ def _checked(cls, name: str, value: Any, label: str) -> Any:
     return value
 
 
-def check_values(cls, values: Dict[str, Any], where: str = "config", origins: Optional[Mapping[str, str]] = None) -> None:
+def check_values(
+    cls, values: Dict[str, Any], where: str = "config", origins: Optional[Mapping[str, str]] = None
+) -> None:
     """Check (and normalise in place: ints given for numbers become floats) config values of `cls`.
 
     `origins` maps a field to the flag it came from; other fields are named "`where`: field 'x'".
@@ -204,8 +213,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (line "
-                                                        f"{key_node.start_mark.line + 1})", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (line {key_node.start_mark.line + 1})", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

@@ -6,5 +6,5 @@ from typing import Optional
 
 
 def plural(count: int, word: str, words: Optional[str] = None) -> str:
-    """"1 image", "2 images", "0 images" (`words` for an irregular plural: plural(n, "query", "queries"))."""
+    """ "1 image", "2 images", "0 images" (`words` for an irregular plural: plural(n, "query", "queries"))."""
     return f"{count} {word if count == 1 else (words or word + 's')}"

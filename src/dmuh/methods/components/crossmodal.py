@@ -39,9 +39,16 @@ class CrossModalMethod(HashingMethod):
         "text_dropout": Param(float, Rule(minimum=0.0), "dropout of the text network"),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, text_dim: int = 1,
-                 text_hidden: Sequence[int] = (1024,), text_dropout: float = 0.0,
-                 text_momentum: Optional[float] = None):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        text_dim: int = 1,
+        text_hidden: Sequence[int] = (1024,),
+        text_dropout: float = 0.0,
+        text_momentum: Optional[float] = None,
+    ):
         super().__init__(bits, num_train, num_classes)
 
         # Set by the loop from the data (`method_params_for`); 1 is a stand-in for checks without data.

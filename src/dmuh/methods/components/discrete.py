@@ -58,8 +58,9 @@ def dissimilar_weight(similar: torch.Tensor) -> float:
     return count / dissimilar if dissimilar > 0 else 0.0
 
 
-def sampled_similarity(labels: torch.Tensor, column_labels: torch.Tensor,
-                       weight: Optional[float] = None) -> Tuple[torch.Tensor, float]:
+def sampled_similarity(
+    labels: torch.Tensor, column_labels: torch.Tensor, weight: Optional[float] = None
+) -> Tuple[torch.Tensor, float]:
     """(S~ (rows x columns) with +1 similar and -r dissimilar, r); r from this block unless given."""
     similar = pairwise_similarity(labels.float(), column_labels.float())
     r = dissimilar_weight(similar) if weight is None else float(weight)
@@ -97,8 +98,9 @@ def clustering_candidates(quadratic: torch.Tensor, linear: torch.Tensor) -> torc
     return chosen * 2 - 1
 
 
-def swap_search(quadratic: torch.Tensor, linear: torch.Tensor, codes: torch.Tensor,
-                max_swaps: Optional[int] = None) -> torch.Tensor:
+def swap_search(
+    quadratic: torch.Tensor, linear: torch.Tensor, codes: torch.Tensor, max_swaps: Optional[int] = None
+) -> torch.Tensor:
     """Each column of `codes` (M x K) after exchanging one +1 and one -1 at a time, the best
     exchange of that column, while it lowers b^T Q b + p^T b (all columns at once)."""
     codes = codes.clone()
@@ -127,8 +129,9 @@ def swap_search(quadratic: torch.Tensor, linear: torch.Tensor, codes: torch.Tens
 SEARCH_STARTS = 8  # candidates the swap search starts from (the best ones): 0 is the authors' solver
 
 
-def solve_bqp(quadratic: torch.Tensor, linear: torch.Tensor, current: Optional[torch.Tensor] = None,
-              starts: int = SEARCH_STARTS) -> torch.Tensor:
+def solve_bqp(
+    quadratic: torch.Tensor, linear: torch.Tensor, current: Optional[torch.Tensor] = None, starts: int = SEARCH_STARTS
+) -> torch.Tensor:
     """A balanced b in {-1,+1}^M (floor(M / 2) of them +1) with a low b^T Q b + p^T b.
 
     Q (M x M) symmetric with a zero diagonal, p (M,). Candidates: the authors' clustering ones and
@@ -151,8 +154,9 @@ def solve_bqp(quadratic: torch.Tensor, linear: torch.Tensor, current: Optional[t
     return candidates[:, int(torch.argmin(bqp_objective(quadratic, linear, candidates)))]
 
 
-def bit_problem(target: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor,
-                codes: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def bit_problem(
+    target: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, codes: torch.Tensor, k: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Q, p) of bit k: the residual of bits 0..k-1 of `codes` (|Omega| x q, the sampled items).
 
     target = q S_Omega; cross = q S_Gamma^T B_Gamma (|Omega| x q); gram = B_Gamma^T B_Gamma (q x q):
@@ -165,8 +169,9 @@ def bit_problem(target: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor,
     return quadratic, linear
 
 
-def solve_sampled_codes(target: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor,
-                        codes: torch.Tensor, starts: int = SEARCH_STARTS) -> torch.Tensor:
+def solve_sampled_codes(
+    target: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, codes: torch.Tensor, starts: int = SEARCH_STARTS
+) -> torch.Tensor:
     """New codes of the sampled items (|Omega| x q), one bit after the other (see the module)."""
     codes = codes.double().clone()
     target, cross, gram = target.double(), cross.double(), gram.double()
@@ -176,15 +181,20 @@ def solve_sampled_codes(target: torch.Tensor, cross: torch.Tensor, gram: torch.T
     return codes
 
 
-def sampled_objective(target_gamma: torch.Tensor, target_omega: torch.Tensor,
-                      codes_gamma: torch.Tensor, codes_omega: torch.Tensor) -> float:
+def sampled_objective(
+    target_gamma: torch.Tensor, target_omega: torch.Tensor, codes_gamma: torch.Tensor, codes_omega: torch.Tensor
+) -> float:
     """||q S_Gamma - B_Gamma B_Omega^T||^2 + ||q S_Omega - B_Omega B_Omega^T||^2 (targets already times q)."""
-    return float((target_gamma - codes_gamma @ codes_omega.t()).pow(2).sum()
-                 + (target_omega - codes_omega @ codes_omega.t()).pow(2).sum())
+    return float(
+        (target_gamma - codes_gamma @ codes_omega.t()).pow(2).sum()
+        + (target_omega - codes_omega @ codes_omega.t()).pow(2).sum()
+    )
 
 
 def check_columns(method: str, columns: int, num_train: int) -> None:
     """The sampled columns must leave at least one other training item."""
     if num_train <= columns:
-        raise DmuhError(f"{method}: columns={columns} sampled columns need more training items than that, "
-                        f"got {num_train} (lower -p columns)")
+        raise DmuhError(
+            f"{method}: columns={columns} sampled columns need more training items than that, "
+            f"got {num_train} (lower -p columns)"
+        )

@@ -37,12 +37,22 @@ class PairwiseQuantizationMethod(HashingMethod):
     hyper_parameters = {
         "beta": Param(float, Rule(), "weight of the quantisation term (DPSH's lambda)"),
         "output": Param(str, Rule(choices=OUTPUT_KINDS), "tanh bounds the codes to (-1, 1); linear keeps z"),
-        "normalisation": Param(str, Rule(choices=NORMALISATIONS), "nB: every term over n B (DPSH's); "
-                               "batch: each a mean over its own entries"),
+        "normalisation": Param(
+            str,
+            Rule(choices=NORMALISATIONS),
+            "nB: every term over n B (DPSH's); batch: each a mean over its own entries",
+        ),
     }
 
-    def __init__(self, bits: int, num_train: int, num_classes: int, beta: float = 50.0, output: str = "tanh",
-                 normalisation: str = "nB"):
+    def __init__(
+        self,
+        bits: int,
+        num_train: int,
+        num_classes: int,
+        beta: float = 50.0,
+        output: str = "tanh",
+        normalisation: str = "nB",
+    ):
         super().__init__(bits, num_train, num_classes)
         self.output, self.normalisation, self.beta = output, normalisation, beta  # checked as declared
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)

@@ -40,7 +40,6 @@ def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-
 def nt_xent(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent: each of the 2B rows must pick its other view among the 2B - 1 others;
     the mean cross-entropy over the 2B rows (SimCLR pre-training, CIBHash)."""

@@ -69,31 +69,49 @@ class TrainingMemory(nn.Module):
         """S (B, n) of the batch against every memory item."""
         return pairwise_similarity(labels.float(), self.labels)
 
-    def pair_mean(self, pair_loss: torch.Tensor, normalisation: str = "nB",
-                  reduction: Optional[Reduction] = None) -> torch.Tensor:
+    def pair_mean(
+        self, pair_loss: torch.Tensor, normalisation: str = "nB", reduction: Optional[Reduction] = None
+    ) -> torch.Tensor:
         """Sum of a (B, n) pair loss over the seen memory items, over n B ("nB", DPSH's) or over the
         number of batch x seen pairs ("batch": the mean over the pairs that exist yet); a given
         `reduction` (`dmuh.methods.components.pairwise`) replaces the word."""
         return (reduction or reduction_of(normalisation))(pair_loss, self.seen, self.num_train)
 
-    def likelihood(self, codes: torch.Tensor, labels: torch.Tensor,
-                   pair_weights: Optional[torch.Tensor] = None, normalisation: str = "nB",
-                   similarity: Similarity = half_inner_product, reduction: Optional[Reduction] = None) -> torch.Tensor:
+    def likelihood(
+        self,
+        codes: torch.Tensor,
+        labels: torch.Tensor,
+        pair_weights: Optional[torch.Tensor] = None,
+        normalisation: str = "nB",
+        similarity: Similarity = half_inner_product,
+        reduction: Optional[Reduction] = None,
+    ) -> torch.Tensor:
         """DPSH's negative log-likelihood of the batch against the memory, S from the labels."""
         return self.pair_likelihood(codes, self.similarity(labels), pair_weights, normalisation, similarity, reduction)
 
-    def pair_likelihood(self, codes: torch.Tensor, similar: torch.Tensor,
-                        pair_weights: Optional[torch.Tensor] = None, normalisation: str = "nB",
-                        similarity: Similarity = half_inner_product, reduction: Optional[Reduction] = None
-                        ) -> torch.Tensor:
+    def pair_likelihood(
+        self,
+        codes: torch.Tensor,
+        similar: torch.Tensor,
+        pair_weights: Optional[torch.Tensor] = None,
+        normalisation: str = "nB",
+        similarity: Similarity = half_inner_product,
+        reduction: Optional[Reduction] = None,
+    ) -> torch.Tensor:
         """DPSH's negative log-likelihood of the batch against the memory for a given S (B, n)
         (normalised as `pair_mean`); label-free methods bring their own S.
 
         Theta_ij = h_i^T U_j / 2 by default (`similarity`); softplus(Theta) = log(1 + e^Theta) without overflow.
         """
-        return pair_likelihood(codes, self.codes, similar, self.seen, pair_weights, similarity,
-                               reduction or reduction_of(normalisation))
+        return pair_likelihood(
+            codes, self.codes, similar, self.seen, pair_weights, similarity, reduction or reduction_of(normalisation)
+        )
 
-LEGACY_MEMORY_KEYS = {"memory": "memory.codes", "memory_labels": "memory.labels", "seen": "memory.seen",
-                      "memory_uncertainty": "memory.uncertainty"}
+
+LEGACY_MEMORY_KEYS = {
+    "memory": "memory.codes",
+    "memory_labels": "memory.labels",
+    "seen": "memory.seen",
+    "memory_uncertainty": "memory.uncertainty",
+}
 """State-dict keys of checkpoints written before the memory was a component (dmuh 0.1 runs)."""

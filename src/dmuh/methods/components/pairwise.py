@@ -24,8 +24,9 @@ def half_inner_product(codes: torch.Tensor, other_codes: torch.Tensor) -> torch.
     return 0.5 * codes.float() @ other_codes.float().t()
 
 
-def pair_nll(codes: torch.Tensor, other_codes: torch.Tensor, similar: torch.Tensor,
-             similarity: Similarity = half_inner_product) -> torch.Tensor:
+def pair_nll(
+    codes: torch.Tensor, other_codes: torch.Tensor, similar: torch.Tensor, similarity: Similarity = half_inner_product
+) -> torch.Tensor:
     """DPSH's negative log-likelihood of every pair (i, j), (B, n): log(1 + e^Theta_ij) - S_ij Theta_ij
     with Theta = similarity(codes, other_codes), h_i^T U_j / 2 by default (softplus: no overflow)."""
     theta = similarity(codes, other_codes)
@@ -50,9 +51,15 @@ def reduction_of(normalisation: str) -> Reduction:
     return mean_over_seen_pairs if normalisation == "batch" else mean_over_nb
 
 
-def pair_likelihood(codes: torch.Tensor, other_codes: torch.Tensor, similar: torch.Tensor, seen: torch.Tensor,
-                    pair_weights: Optional[torch.Tensor] = None, similarity: Similarity = half_inner_product,
-                    reduction: Reduction = mean_over_nb) -> torch.Tensor:
+def pair_likelihood(
+    codes: torch.Tensor,
+    other_codes: torch.Tensor,
+    similar: torch.Tensor,
+    seen: torch.Tensor,
+    pair_weights: Optional[torch.Tensor] = None,
+    similarity: Similarity = half_inner_product,
+    reduction: Reduction = mean_over_nb,
+) -> torch.Tensor:
     """The batch's (B, bits) codes against the memory's (n, bits), S (B, n) given, weighted pairwise
     when `pair_weights` (B, n) is given, reduced over the `seen` memory items."""
     pair_loss = pair_nll(codes, other_codes, similar, similarity)

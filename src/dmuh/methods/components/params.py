@@ -114,8 +114,11 @@ def parameter_lines(cls, fixed: Optional[Dict[str, Any]] = None) -> List[str]:
     declared = declared_parameters(cls)
     lines = []
     for name, parameter in inspect.signature(cls).parameters.items():
-        if name in ("bits", "num_train", "num_classes") or name in (fixed or {}) or parameter.kind in (
-                inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        if (
+            name in ("bits", "num_train", "num_classes")
+            or name in (fixed or {})
+            or parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        ):
             continue
         default = "required" if parameter.default is inspect.Parameter.empty else repr(parameter.default)
         line = f"{name}={default}"

@@ -46,11 +46,15 @@ class ReferenceFeatures(nn.Module):
     def all(self) -> torch.Tensor:
         return self.of(torch.arange(self.features.shape[0], device=self.features.device))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         saved = state_dict.get(prefix + "features")
         if saved is not None:  # its size is the data's, known only from the checkpoint
             self.features = torch.zeros(saved.shape, dtype=torch.float16, device=self.features.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def cosine_pairs(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -88,7 +92,7 @@ def cosine_knn(features: torch.Tensor, k: int) -> torch.Tensor:
     n = unit.shape[0]
     rows = []
     for start in range(0, n, _KNN_CHUNK):
-        similarity = unit[start:start + _KNN_CHUNK] @ unit.t()
+        similarity = unit[start : start + _KNN_CHUNK] @ unit.t()
         own = torch.arange(start, min(start + _KNN_CHUNK, n), device=unit.device)
         similarity[torch.arange(len(own), device=unit.device), own] = -float("inf")  # not one's own neighbour
         rows.append(similarity.topk(k, dim=1).indices)

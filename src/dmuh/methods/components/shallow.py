@@ -26,8 +26,7 @@ class ShallowMethod(HashingMethod):
         return trainer.fit_hash_layer(self.fit)
 
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
-        raise DmuhError(f"method {self.name!r} is fitted once on backbone features (fit), "
-                        "not trained by gradient")
+        raise DmuhError(f"method {self.name!r} is fitted once on backbone features (fit), not trained by gradient")
 
     def fit(self, features: torch.Tensor, labels: torch.Tensor):
         raise NotImplementedError  # pragma: no cover - abstract
@@ -43,8 +42,10 @@ class ShallowMethod(HashingMethod):
     def check_labels(self, labels: Optional[torch.Tensor], count: int) -> torch.Tensor:
         """The training labels as float64 (count, C), or a `DmuhError` (for the supervised ones)."""
         if labels is None or labels.dim() != 2 or labels.shape[0] != count:
-            raise DmuhError(f"{self.name}: needs labels of shape (n={count}, classes), "
-                            f"got {None if labels is None else tuple(labels.shape)}")
+            raise DmuhError(
+                f"{self.name}: needs labels of shape (n={count}, classes), "
+                f"got {None if labels is None else tuple(labels.shape)}"
+            )
         if not torch.isfinite(labels).all():
             raise DmuhError(f"{self.name}: the labels contain NaN or infinite values")
         return labels.detach().double().cpu()
@@ -53,5 +54,7 @@ class ShallowMethod(HashingMethod):
         """Codes of `bits` bits need at least as many training items (the regressions and the code
         solvers are under-determined otherwise)."""
         if count < self.bits:
-            raise DmuhError(f"{self.name}: {count} training items for bits={self.bits}: "
-                            "needs at least as many training items as bits")
+            raise DmuhError(
+                f"{self.name}: {count} training items for bits={self.bits}: "
+                "needs at least as many training items as bits"
+            )

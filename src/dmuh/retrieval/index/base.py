@@ -57,16 +57,19 @@ class SearchParams:
                 raise DmuhError(f"search parameter {name}={value!r}: expected a positive integer")
 
     @classmethod
-    def of(cls, params: Optional["SearchParams"] = None, *, nprobe: Optional[int] = None,
-           ef_search: Optional[int] = None) -> "SearchParams":
+    def of(
+        cls, params: Optional["SearchParams"] = None, *, nprobe: Optional[int] = None, ef_search: Optional[int] = None
+    ) -> "SearchParams":
         """`params` (default none given) with the keyword shortcuts nprobe= and ef_search= laid over it."""
         if params is not None and not isinstance(params, SearchParams):
             raise DmuhError(f"params: expected a SearchParams, got {type(params).__name__}")
         params = params or cls()
         if nprobe is None and ef_search is None:
             return params
-        return cls(nprobe=params.nprobe if nprobe is None else nprobe,
-                   ef_search=params.ef_search if ef_search is None else ef_search)
+        return cls(
+            nprobe=params.nprobe if nprobe is None else nprobe,
+            ef_search=params.ef_search if ef_search is None else ef_search,
+        )
 
     def check(self, kind: str) -> "SearchParams":
         """These parameters, refused where they do not apply to an index of `kind`."""
@@ -113,8 +116,9 @@ def build_inputs(codes, bits: Optional[int], names: Optional[Sequence[str]], met
     return packed, bits, names, meta
 
 
-def resolve_params(kind: str, kind_params: Dict[str, Dict[str, Optional[int]]], params: Dict[str, Any],
-                   n: int) -> Dict[str, int]:
+def resolve_params(
+    kind: str, kind_params: Dict[str, Dict[str, Optional[int]]], params: Dict[str, Any], n: int
+) -> Dict[str, int]:
     """The build/search parameters of `kind` (one of `kind_params`), the given ones checked to be
     positive integers, the others their defaults; an ivf's nlist and nprobe derived from n codes."""
     if kind not in kind_params:
@@ -126,8 +130,9 @@ def resolve_params(kind: str, kind_params: Dict[str, Dict[str, Optional[int]]], 
     for key, value in params.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise DmuhError(f"index parameter {key}={value!r}: expected a positive integer")
-    resolved = {k: (params.get(k) if params.get(k) is not None else default)
-                for k, default in kind_params[kind].items()}
+    resolved = {
+        k: (params.get(k) if params.get(k) is not None else default) for k, default in kind_params[kind].items()
+    }
     if "nlist" in resolved:
         # sqrt(n) lists, at most n / 39 (k-means wants >= 39 training points per list).
         nlist = resolved["nlist"] or max(1, min(int(round(math.sqrt(n))), n // 39))
@@ -207,7 +212,7 @@ class CodeIndex(abc.ABC):
         """How many codes the index holds (len(index))."""
         return len(self)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: backends without a connection keep nothing open
         """Let go of what the index holds open (a Milvus connection); nothing for FAISS."""
 
     def __enter__(self) -> "CodeIndex":
@@ -221,9 +226,15 @@ class CodeIndex(abc.ABC):
     def has_names(self) -> bool:
         """Whether the index holds a name (path) of each code."""
 
-    def search_positions(self, query_codes, k: int, params: Optional[SearchParams] = None, *,
-                         nprobe: Optional[int] = None,
-                         ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def search_positions(
+        self,
+        query_codes,
+        k: int,
+        params: Optional[SearchParams] = None,
+        *,
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """The k nearest codes of each query by (Hamming distance, position): (distances int32 (nq, k),
         positions int64 (nq, k), -1 with distance -1 where an approximate search found fewer).
         `params` (or its shortcuts nprobe=, ef_search=) apply to this call only."""
@@ -269,8 +280,15 @@ class CodeIndex(abc.ABC):
     def save(self, path, overwrite: bool = True) -> None:
         """Write the index file atomically (`open_index` reads it back)."""
 
-    def search(self, query_codes, k: int, params: Optional[SearchParams] = None, *, nprobe: Optional[int] = None,
-               ef_search: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        query_codes,
+        k: int,
+        params: Optional[SearchParams] = None,
+        *,
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """The k nearest codes of each query: (distances int32 (nq, k), ids int64 (nq, k)); ordered by
         (distance, position). `params` (or nprobe=, ef_search=) apply to this call only."""
         distances, positions = self.search_positions(query_codes, k, params, nprobe=nprobe, ef_search=ef_search)
@@ -280,9 +298,18 @@ class CodeIndex(abc.ABC):
         """Query codes as this index searches them: packed (nq, ceil(bits / 8)) uint8, of its bit length."""
         return _as_packed(query_codes, self.bits, what="query codes")[0]
 
-    def search_reranked(self, query_codes, bit_uncertainty, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
-                        tau: float = DEFAULT_TAU, params: Optional[SearchParams] = None, nprobe: Optional[int] = None,
-                        ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
+    def search_reranked(
+        self,
+        query_codes,
+        bit_uncertainty,
+        k: int,
+        *,
+        depth: int = DEFAULT_RERANK_DEPTH,
+        tau: float = DEFAULT_TAU,
+        params: Optional[SearchParams] = None,
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
+    ) -> Dict[str, np.ndarray]:
         """Uncertainty-aware search: the top `depth` codes by Hamming distance, re-ranked by the
         weighted Hamming distance of `dmuh.retrieval.rerank.UncertaintyReranker`; keeps the k best.
 
@@ -290,8 +317,11 @@ class CodeIndex(abc.ABC):
         "positions": int64}.
         """
         searcher = RerankedIndex(self, UncertaintyReranker(tau), depth)
-        return searcher.search(Query(query_codes, bit_uncertainty=bit_uncertainty), k,
-                               SearchParams.of(params, nprobe=nprobe, ef_search=ef_search))
+        return searcher.search(
+            Query(query_codes, bit_uncertainty=bit_uncertainty),
+            k,
+            SearchParams.of(params, nprobe=nprobe, ef_search=ef_search),
+        )
 
     def attach_decoder(self, decoder) -> None:
         """Keep a `dmuh.models.decoder.FeatureDecoder` of these codes with the index (and in its file)."""
@@ -299,9 +329,17 @@ class CodeIndex(abc.ABC):
             raise DmuhError(f"decoder: reads {decoder.bits}-bit codes, the index holds {self.bits}-bit codes")
         self.decoder = decoder.cpu().eval()
 
-    def search_decoded(self, query_codes, query_features, k: int, *, depth: int = DEFAULT_RERANK_DEPTH,
-                       params: Optional[SearchParams] = None, nprobe: Optional[int] = None,
-                       ef_search: Optional[int] = None) -> Dict[str, np.ndarray]:
+    def search_decoded(
+        self,
+        query_codes,
+        query_features,
+        k: int,
+        *,
+        depth: int = DEFAULT_RERANK_DEPTH,
+        params: Optional[SearchParams] = None,
+        nprobe: Optional[int] = None,
+        ef_search: Optional[int] = None,
+    ) -> Dict[str, np.ndarray]:
         """Rank-preserving hashing's search: the top `depth` codes by Hamming distance (the graph
         search of an hnsw index, or any kind), re-ranked by the cosine of each query's features
         (nq, D) to the candidates' features decoded from their codes (`dmuh.retrieval.rerank.DecoderReranker`);
@@ -310,8 +348,9 @@ class CodeIndex(abc.ABC):
         Returns {"cosine": float32 (nq, k), "distances": int32 Hamming, "ids": int64, "positions": int64}.
         """
         searcher = RerankedIndex(self, DecoderReranker(self.decoder), depth)
-        return searcher.search(Query(query_codes, features=query_features), k,
-                               SearchParams.of(params, nprobe=nprobe, ef_search=ef_search))
+        return searcher.search(
+            Query(query_codes, features=query_features), k, SearchParams.of(params, nprobe=nprobe, ef_search=ef_search)
+        )
 
     def check_k(self, k) -> None:
         """Refuse a k that is not a positive integer, or more than the index holds."""

@@ -101,9 +101,17 @@ class FaissIndex(CodeIndex):
 
     backend = "faiss"
 
-    def __init__(self, faiss_index, kind: str, bits: int, params: Dict[str, Any], ids: np.ndarray,
-                 names: Optional[List[str]] = None, meta: Optional[Dict[str, Any]] = None,
-                 next_id: Optional[int] = None):
+    def __init__(
+        self,
+        faiss_index,
+        kind: str,
+        bits: int,
+        params: Dict[str, Any],
+        ids: np.ndarray,
+        names: Optional[List[str]] = None,
+        meta: Optional[Dict[str, Any]] = None,
+        next_id: Optional[int] = None,
+    ):
         self.faiss_index = faiss_index
         self.kind = kind
         self.bits = bits
@@ -120,8 +128,17 @@ class FaissIndex(CodeIndex):
     # -- building -------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, codes, kind: str = "flat", *, bits: Optional[int] = None, ids=None,
-              names: Optional[Sequence[str]] = None, meta: Optional[Dict[str, Any]] = None, **params) -> "FaissIndex":
+    def build(
+        cls,
+        codes,
+        kind: str = "flat",
+        *,
+        bits: Optional[int] = None,
+        ids=None,
+        names: Optional[Sequence[str]] = None,
+        meta: Optional[Dict[str, Any]] = None,
+        **params,
+    ) -> "FaissIndex":
         """A new index of `kind` holding `codes` (ids default to 0..n-1; names to the codes' own ids).
 
         flat: exact. ivf: nlist (default round(sqrt(n)), at most n / 39) inverted lists trained on `codes`, nprobe
@@ -238,10 +255,19 @@ class FaissIndex(CodeIndex):
     # -- files ----------------------------------------------------------------------------------
 
     def info(self) -> Dict[str, Any]:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "backend": self.backend, "kind": self.kind,
-                "bits": self.bits, "count": len(self), "params": dict(self.params), "has_names": self.names is not None,
-                "meta": dict(self.meta), "decoder": None if self.decoder is None else self.decoder.config,
-                "next_id": self.next_id}
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "backend": self.backend,
+            "kind": self.kind,
+            "bits": self.bits,
+            "count": len(self),
+            "params": dict(self.params),
+            "has_names": self.names is not None,
+            "meta": dict(self.meta),
+            "decoder": None if self.decoder is None else self.decoder.config,
+            "next_id": self.next_id,
+        }
 
     def save(self, path, overwrite: bool = True) -> None:
         """Write the index file atomically (a temporary name, then one rename)."""
@@ -249,8 +275,10 @@ class FaissIndex(CodeIndex):
         if path.exists() and not overwrite:
             raise DmuhError(f"{path} already exists; pass --force to replace it")
         faiss = _faiss()
-        sections = [("faiss", faiss.serialize_index_binary(self.faiss_index).tobytes()),
-                    ("ids", self.ids.astype("<i8").tobytes())]
+        sections = [
+            ("faiss", faiss.serialize_index_binary(self.faiss_index).tobytes()),
+            ("ids", self.ids.astype("<i8").tobytes()),
+        ]
         if self.names is not None:
             sections.append(("names", json.dumps(self.names, ensure_ascii=False).encode("utf-8")))
         sections += decoder_sections(self.decoder)
@@ -268,11 +296,18 @@ class FaissIndex(CodeIndex):
         ids = np.frombuffer(sections["ids"], dtype="<i8").astype(np.int64)
         names = json.loads(sections["names"].decode("utf-8")) if "names" in sections else None
         count, bits = header["count"], header["bits"]
-        if index.ntotal != count or len(ids) != count or (names is not None and len(names) != count) \
-                or index.d != 8 * byte_width(bits):
-            raise DmuhError(f"{path}: corrupted index (header says {count} {bits}-bit codes, "
-                            f"the payload holds {index.ntotal} of {index.d} bits)")
-        loaded = cls(index, header["kind"], bits, header["params"], ids, names, header.get("meta"),
-                     header.get("next_id"))
+        if (
+            index.ntotal != count
+            or len(ids) != count
+            or (names is not None and len(names) != count)
+            or index.d != 8 * byte_width(bits)
+        ):
+            raise DmuhError(
+                f"{path}: corrupted index (header says {count} {bits}-bit codes, "
+                f"the payload holds {index.ntotal} of {index.d} bits)"
+            )
+        loaded = cls(
+            index, header["kind"], bits, header["params"], ids, names, header.get("meta"), header.get("next_id")
+        )
         loaded.decoder = decoder_from_sections(path, header, sections, bits)
         return loaded

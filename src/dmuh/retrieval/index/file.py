@@ -42,8 +42,12 @@ def write_index_file(path: Path, header: Dict[str, Any], sections: Sequence[Tupl
         layout[name] = [offset, len(data)]
         offset += len(data)
     payload = b"".join(data for _, data in sections)
-    header = {**header, "sections": layout, "payload_size": len(payload),
-              "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    header = {
+        **header,
+        "sections": layout,
+        "payload_size": len(payload),
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
     header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(_PREFIX.pack(MAGIC, len(header_bytes), zlib.crc32(header_bytes)))
@@ -61,10 +65,10 @@ def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], D
         raise DmuhError(f"{path}: index file not found") from None
     except OSError as error:
         raise DmuhError(f"{path}: cannot read index ({error.strerror or error})") from None
-    if len(data) < _PREFIX.size or data[:len(MAGIC)] != MAGIC:
+    if len(data) < _PREFIX.size or data[: len(MAGIC)] != MAGIC:
         raise DmuhError(f"{path}: not a dmuh index file (bad magic; build one with `dmuh index build`)")
     _, header_size, header_crc = _PREFIX.unpack_from(data)
-    header_bytes = data[_PREFIX.size:_PREFIX.size + header_size]
+    header_bytes = data[_PREFIX.size : _PREFIX.size + header_size]
     if len(header_bytes) != header_size:
         raise DmuhError(f"{path}: truncated index (the header is cut off)")
     if zlib.crc32(header_bytes) != header_crc:
@@ -76,15 +80,19 @@ def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], D
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise DmuhError(f"{path}: not a dmuh index file (format {header.get('format')!r})")
     if header.get("version") != FORMAT_VERSION:
-        raise DmuhError(f"{path}: index format version {header.get('version')!r}; this dmuh reads version {FORMAT_VERSION}")
+        raise DmuhError(
+            f"{path}: index format version {header.get('version')!r}; this dmuh reads version {FORMAT_VERSION}"
+        )
     missing = sorted(HEADER_FIELDS - set(header))
     if missing or header["kind"] not in kinds:
         raise DmuhError(f"{path}: corrupted index (header lacks {missing[0] if missing else 'a known kind'})")
-    payload = data[_PREFIX.size + header_size:]
+    payload = data[_PREFIX.size + header_size :]
     if len(payload) != header["payload_size"]:
         state = "truncated" if len(payload) < header["payload_size"] else "corrupted"
-        raise DmuhError(f"{path}: {state} index (payload of {len(payload)} bytes, the header says {header['payload_size']})")
+        raise DmuhError(
+            f"{path}: {state} index (payload of {len(payload)} bytes, the header says {header['payload_size']})"
+        )
     if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
         raise DmuhError(f"{path}: corrupted index (payload checksum mismatch)")
-    sections = {name: payload[start:start + size] for name, (start, size) in header["sections"].items()}
+    sections = {name: payload[start : start + size] for name, (start, size) in header["sections"].items()}
     return header, sections

@@ -158,15 +158,19 @@ def normalise_uri(uri) -> str:
     if is_server(uri):
         return uri
     if not uri.endswith(".db"):
-        raise DmuhError(f"--uri {uri}: expected a Milvus Lite file ending in .db or a server uri "
-                        f"({', '.join(s + '://' for s in SERVER_SCHEMES[:4])}HOST:{DEFAULT_PORT})")
+        raise DmuhError(
+            f"--uri {uri}: expected a Milvus Lite file ending in .db or a server uri "
+            f"({', '.join(s + '://' for s in SERVER_SCHEMES[:4])}HOST:{DEFAULT_PORT})"
+        )
     return str(Path(uri).expanduser().resolve())
 
 
 def check_collection_name(name: str) -> str:
     if not isinstance(name, str) or not _COLLECTION_NAME.match(name):
-        raise DmuhError(f"--collection {name!r}: a Milvus collection name is a letter or _ followed by letters, "
-                        "digits and _ (at most 255)")
+        raise DmuhError(
+            f"--collection {name!r}: a Milvus collection name is a letter or _ followed by letters, "
+            "digits and _ (at most 255)"
+        )
     return name
 
 
@@ -187,8 +191,9 @@ def _check_reachable(uri: str) -> None:
         socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        raise DmuhError(f"--uri {uri}: cannot reach a Milvus server at {parsed.hostname}:{port} "
-                        f"({reason.lower()})") from None
+        raise DmuhError(
+            f"--uri {uri}: cannot reach a Milvus server at {parsed.hostname}:{port} ({reason.lower()})"
+        ) from None
 
 
 def _open_client(uri: str, create: bool):
@@ -211,8 +216,10 @@ def _open_client(uri: str, create: bool):
                 client = pymilvus.MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT_S)
         except DmuhError as error:
             if not is_server(uri) and "Open local milvus failed" in str(error):
-                raise DmuhError(f"Milvus Lite file {uri}: cannot open it (another process may be using it: Milvus "
-                                "Lite serves one process; use a Milvus server for several)") from None
+                raise DmuhError(
+                    f"Milvus Lite file {uri}: cannot open it (another process may be using it: Milvus "
+                    "Lite serves one process; use a Milvus server for several)"
+                ) from None
             raise
         _CLIENTS[uri] = client
         return client
@@ -249,7 +256,7 @@ def _code_bytes(value) -> bytes:
 
 def _chunks(values: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(values), size):
-        yield values[start:start + size]
+        yield values[start : start + size]
 
 
 class MilvusIndex(CodeIndex):
@@ -258,8 +265,19 @@ class MilvusIndex(CodeIndex):
 
     backend = "milvus"
 
-    def __init__(self, uri: str, collection: str, kind: str, bits: int, params: Dict[str, int], has_names: bool,
-                 meta: Dict[str, Any], token: str, next_position: int, next_id: int):
+    def __init__(
+        self,
+        uri: str,
+        collection: str,
+        kind: str,
+        bits: int,
+        params: Dict[str, int],
+        has_names: bool,
+        meta: Dict[str, Any],
+        token: str,
+        next_position: int,
+        next_id: int,
+    ):
         self.uri = uri
         self.collection = collection
         self.kind = kind
@@ -280,9 +298,20 @@ class MilvusIndex(CodeIndex):
     # -- building and opening -------------------------------------------------------------------
 
     @classmethod
-    def build(cls, codes, kind: str = "flat", *, uri=None, collection: str = DEFAULT_COLLECTION,
-              bits: Optional[int] = None, ids=None, names: Optional[Sequence[str]] = None,
-              meta: Optional[Dict[str, Any]] = None, force: bool = False, **params) -> "MilvusIndex":
+    def build(
+        cls,
+        codes,
+        kind: str = "flat",
+        *,
+        uri=None,
+        collection: str = DEFAULT_COLLECTION,
+        bits: Optional[int] = None,
+        ids=None,
+        names: Optional[Sequence[str]] = None,
+        meta: Optional[Dict[str, Any]] = None,
+        force: bool = False,
+        **params,
+    ) -> "MilvusIndex":
         """A new collection `collection` at `uri` holding `codes` (ids default to 0..n-1, names to
         the codes' own ids). An existing collection of that name is refused, or with `force`
         dropped and recreated. ivf: nlist (default round(sqrt(n)), at most n / 39) and nprobe
@@ -315,20 +344,35 @@ class MilvusIndex(CodeIndex):
                 if not force:
                     raise DmuhError(f"{where} already exists; pass --force to drop and recreate it")
                 self.client.drop_collection(self.collection)
-            description = json.dumps({"format": DESCRIPTION_FORMAT, "version": 1, "bits": self.bits, "kind": self.kind,
-                                      "has_names": self._has_names, "meta": self.meta, "token": self.token})
-            schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
-                                                         description=description)
+            description = json.dumps(
+                {
+                    "format": DESCRIPTION_FORMAT,
+                    "version": 1,
+                    "bits": self.bits,
+                    "kind": self.kind,
+                    "has_names": self._has_names,
+                    "meta": self.meta,
+                    "token": self.token,
+                }
+            )
+            schema = pymilvus.MilvusClient.create_schema(
+                auto_id=False, enable_dynamic_field=False, description=description
+            )
             schema.add_field("pos", pymilvus.DataType.INT64, is_primary=True)
             schema.add_field("id", pymilvus.DataType.INT64)
             schema.add_field("name", pymilvus.DataType.VARCHAR, max_length=NAME_LENGTH)
             schema.add_field("code", pymilvus.DataType.BINARY_VECTOR, dim=8 * byte_width(self.bits))
             index_params = self.client.prepare_index_params()
-            index_params.add_index(field_name="code", index_type=INDEX_TYPES[self.kind], metric_type="HAMMING",
-                                   params={"nlist": self.params["nlist"]} if self.kind == "ivf" else {})
+            index_params.add_index(
+                field_name="code",
+                index_type=INDEX_TYPES[self.kind],
+                metric_type="HAMMING",
+                params={"nlist": self.params["nlist"]} if self.kind == "ivf" else {},
+            )
             # Strong: a search right after an add or a remove sees it.
-            self.client.create_collection(self.collection, schema=schema, index_params=index_params,
-                                          consistency_level="Strong")
+            self.client.create_collection(
+                self.collection, schema=schema, index_params=index_params, consistency_level="Strong"
+            )
             self.client.load_collection(self.collection)
 
     @classmethod
@@ -340,9 +384,18 @@ class MilvusIndex(CodeIndex):
             raise DmuhError(f"{path}: corrupted index (its header lacks the Milvus uri, collection or token)")
         if header["kind"] not in MILVUS_KINDS:
             raise DmuhError(f"{path}: corrupted index (kind {header['kind']!r} on the milvus backend)")
-        index = cls(milvus["uri"], milvus["collection"], header["kind"], header["bits"], header["params"],
-                    header.get("has_names", False), header.get("meta") or {}, milvus["token"], milvus["next_position"],
-                    header["next_id"])
+        index = cls(
+            milvus["uri"],
+            milvus["collection"],
+            header["kind"],
+            header["bits"],
+            header["params"],
+            header.get("has_names", False),
+            header.get("meta") or {},
+            milvus["token"],
+            milvus["next_position"],
+            header["next_id"],
+        )
         index.client = _open_client(index.uri, create=False)
         try:
             index._check_collection(path)
@@ -356,8 +409,9 @@ class MilvusIndex(CodeIndex):
         where = f"Milvus collection {self.collection!r} at {self.uri}"
         with milvus_errors(f"{path}: {where}"):
             if not self.client.has_collection(self.collection):
-                raise DmuhError(f"{path}: {where} not found (dropped? rebuild it with `dmuh index build --backend "
-                                "milvus`)")
+                raise DmuhError(
+                    f"{path}: {where} not found (dropped? rebuild it with `dmuh index build --backend milvus`)"
+                )
             described = self.client.describe_collection(self.collection)
             try:
                 description = json.loads(described.get("description") or "")
@@ -366,12 +420,16 @@ class MilvusIndex(CodeIndex):
             if not isinstance(description, dict) or description.get("format") != DESCRIPTION_FORMAT:
                 raise DmuhError(f"{path}: {where} is not a collection dmuh built")
             if description.get("token") != self.token:
-                raise DmuhError(f"{path}: {where} was rebuilt after this index file was written (it holds other "
-                                "codes now); use the index file of that build")
+                raise DmuhError(
+                    f"{path}: {where} was rebuilt after this index file was written (it holds other "
+                    "codes now); use the index file of that build"
+                )
             dims = [f.get("params", {}).get("dim") for f in described.get("fields", []) if f.get("name") == "code"]
             if description.get("bits") != self.bits or not dims or int(dims[0]) != 8 * byte_width(self.bits):
-                raise DmuhError(f"{path}: corrupted index (the file says {self.bits}-bit codes, {where} holds "
-                                f"{description.get('bits')}-bit codes)")
+                raise DmuhError(
+                    f"{path}: corrupted index (the file says {self.bits}-bit codes, {where} holds "
+                    f"{description.get('bits')}-bit codes)"
+                )
             self.meta = dict(description.get("meta") or {})  # the collection's: it is what the codes came from
             self._has_names = bool(description.get("has_names"))
             self.client.load_collection(self.collection)
@@ -398,22 +456,31 @@ class MilvusIndex(CodeIndex):
         rows = self._call("count", "query", filter=self._committed(), output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
-    def _search(self, packed: np.ndarray, limit: int, params: Dict[str, Any], where: str
-                ) -> List[Tuple[np.ndarray, np.ndarray]]:
+    def _search(
+        self, packed: np.ndarray, limit: int, params: Dict[str, Any], where: str
+    ) -> List[Tuple[np.ndarray, np.ndarray]]:
         """(distances int32, positions int64) of each query's `limit` nearest codes among `where`."""
         data = [row.tobytes() for row in packed]
         per_request = max(1, min(MAX_TOPK, HITS_PER_REQUEST // max(1, limit)))
         found = []
         for batch in _chunks(data, per_request):
-            result = self._call("search", "search", data=list(batch), limit=int(limit), filter=where,
-                                search_params=params, anns_field="code")
+            result = self._call(
+                "search",
+                "search",
+                data=list(batch),
+                limit=int(limit),
+                filter=where,
+                search_params=params,
+                anns_field="code",
+            )
             for hits in result:  # pymilvus 2.5 keeps each query's ids and distances as lists too
                 ids = getattr(hits, "ids", None)
                 scores = getattr(hits, "distances", None)
                 if ids is None or scores is None:
                     ids, scores = [hit["id"] for hit in hits], [hit["distance"] for hit in hits]
-                found.append((np.rint(np.array(scores, dtype=np.float64)).astype(np.int32),
-                              np.array(ids, dtype=np.int64)))
+                found.append(
+                    (np.rint(np.array(scores, dtype=np.float64)).astype(np.int32), np.array(ids, dtype=np.int64))
+                )
         return found
 
     # -- adding and removing --------------------------------------------------------------------
@@ -432,8 +499,10 @@ class MilvusIndex(CodeIndex):
         start = self.next_position
         for offset in range(0, n, INSERT_BATCH):
             stop = min(offset + INSERT_BATCH, n)
-            rows = [{"pos": start + i, "id": int(ids[i]), "name": names[i], "code": packed[i].tobytes()}
-                    for i in range(offset, stop)]
+            rows = [
+                {"pos": start + i, "id": int(ids[i]), "name": names[i], "code": packed[i].tobytes()}
+                for i in range(offset, stop)
+            ]
             self._call("insert", "insert", data=rows)
         self.next_position = start + n
         self.next_id = max(self.next_id, next_id_after(ids))
@@ -446,8 +515,9 @@ class MilvusIndex(CodeIndex):
         wanted = unique_ids(ids)
         positions, found = [], []
         for batch in _chunks(wanted.tolist(), LOOKUP_BATCH):
-            rows = self._call("find ids", "query", filter=f"id in {list(batch)} and {self._committed()}",
-                              output_fields=["pos", "id"])
+            rows = self._call(
+                "find ids", "query", filter=f"id in {list(batch)} and {self._committed()}", output_fields=["pos", "id"]
+            )
             positions += [int(row["pos"]) for row in rows]
             found += [int(row["id"]) for row in rows]
         check_ids_known(wanted, np.array(found, dtype=np.int64), f"Milvus collection {self.collection!r}")
@@ -467,8 +537,9 @@ class MilvusIndex(CodeIndex):
         ids, seen = [], set()
         for batch in _chunks(wanted, LOOKUP_BATCH):
             literal = "[" + ", ".join(json.dumps(name, ensure_ascii=False) for name in batch) + "]"
-            rows = self._call("find names", "query", filter=f"name in {literal} and {self._committed()}",
-                              output_fields=["id", "name"])
+            rows = self._call(
+                "find names", "query", filter=f"name in {literal} and {self._committed()}", output_fields=["id", "name"]
+            )
             ids += [int(row["id"]) for row in rows]
             seen.update(row["name"] for row in rows)
         absent = [name for name in wanted if name not in seen]
@@ -508,14 +579,15 @@ class MilvusIndex(CodeIndex):
                     if window < MAX_TOPK:
                         still.append(q)
                         continue
-                    d, p = self._complete_ties(packed[q:q + 1], d, p, k, params)
-                distances[q, :min(k, len(p))], positions[q, :min(k, len(p))] = d[:k], p[:k]
+                    d, p = self._complete_ties(packed[q : q + 1], d, p, k, params)
+                distances[q, : min(k, len(p))], positions[q, : min(k, len(p))] = d[:k], p[:k]
             pending = np.array(still, dtype=np.int64)
             window = min(len(self), MAX_TOPK, window * WINDOW_GROWTH)
         return ordered_by_distance_then_position(distances, positions)
 
-    def _complete_ties(self, query: np.ndarray, d: np.ndarray, p: np.ndarray, k: int, params: Dict[str, Any]
-                       ) -> Tuple[np.ndarray, np.ndarray]:
+    def _complete_ties(
+        self, query: np.ndarray, d: np.ndarray, p: np.ndarray, k: int, params: Dict[str, Any]
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """The exact k nearest by (distance, position) when the window ends inside the codes at the
         k-th distance D: every code nearer than D is in the window; the codes at D with the smallest
         positions are found by searching below a bound that only falls (each round returns at
@@ -532,8 +604,7 @@ class MilvusIndex(CodeIndex):
             if len(pp) < limit or dd.max() > kth:  # every code at D below the bound was returned
                 break
         best = np.array(sorted(tied)[:need], dtype=np.int64)
-        return (np.concatenate([d[nearer], np.full(need, kth, dtype=np.int32)]),
-                np.concatenate([p[nearer], best]))
+        return (np.concatenate([d[nearer], np.full(need, kth, dtype=np.int32)]), np.concatenate([p[nearer], best]))
 
     # -- what is stored at positions ------------------------------------------------------------
 
@@ -545,14 +616,20 @@ class MilvusIndex(CodeIndex):
             if len(self._rows) + len(missing) > ROW_CACHE:
                 self._rows = {p: self._rows[p] for p in wanted if p in self._rows}
             for batch in _chunks(missing, LOOKUP_BATCH):
-                rows = self._call("look up positions", "query", filter=f"pos in {list(batch)}",
-                                  output_fields=["pos", "id", "name", "code"])
+                rows = self._call(
+                    "look up positions",
+                    "query",
+                    filter=f"pos in {list(batch)}",
+                    output_fields=["pos", "id", "name", "code"],
+                )
                 for row in rows:
                     self._rows[int(row["pos"])] = (int(row["id"]), row["name"], _code_bytes(row["code"]))
             gone = [p for p in missing if p not in self._rows]
             if gone:
-                raise DmuhError(f"Milvus collection {self.collection!r} at {self.uri}: position {gone[0]} is no "
-                                "longer there (removed while searching?)")
+                raise DmuhError(
+                    f"Milvus collection {self.collection!r} at {self.uri}: position {gone[0]} is no "
+                    "longer there (removed while searching?)"
+                )
             return {p: self._rows[p] for p in wanted}
 
     def ids_at(self, positions: np.ndarray) -> np.ndarray:
@@ -586,8 +663,9 @@ class MilvusIndex(CodeIndex):
         if self._all is None:
             positions, ids, names = [], [], []
             with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: read every row"):
-                iterator = self.client.query_iterator(self.collection, batch_size=MAX_TOPK, filter=self._committed(),
-                                                      output_fields=["pos", "id", "name"])
+                iterator = self.client.query_iterator(
+                    self.collection, batch_size=MAX_TOPK, filter=self._committed(), output_fields=["pos", "id", "name"]
+                )
                 try:
                     while True:
                         rows = iterator.next()
@@ -600,8 +678,11 @@ class MilvusIndex(CodeIndex):
                 finally:
                     iterator.close()
             order = np.argsort(np.array(positions, dtype=np.int64), kind="stable")
-            self._all = (np.array(positions, dtype=np.int64)[order], np.array(ids, dtype=np.int64)[order],
-                         [names[i] for i in order])
+            self._all = (
+                np.array(positions, dtype=np.int64)[order],
+                np.array(ids, dtype=np.int64)[order],
+                [names[i] for i in order],
+            )
         return self._all
 
     @property
@@ -617,11 +698,20 @@ class MilvusIndex(CodeIndex):
     # -- files ----------------------------------------------------------------------------------
 
     def info(self) -> Dict[str, Any]:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "backend": self.backend, "kind": self.kind,
-                "bits": self.bits, "count": len(self), "params": dict(self.params), "has_names": self.has_names,
-                "meta": dict(self.meta), "decoder": None if self.decoder is None else self.decoder.config,
-                "next_id": self.next_id,
-                "milvus": {"uri": self.uri, "collection": self.collection, "index_type": INDEX_TYPES[self.kind]}}
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "backend": self.backend,
+            "kind": self.kind,
+            "bits": self.bits,
+            "count": len(self),
+            "params": dict(self.params),
+            "has_names": self.has_names,
+            "meta": dict(self.meta),
+            "decoder": None if self.decoder is None else self.decoder.config,
+            "next_id": self.next_id,
+            "milvus": {"uri": self.uri, "collection": self.collection, "index_type": INDEX_TYPES[self.kind]},
+        }
 
     def save(self, path, overwrite: bool = True) -> None:
         """Write the index file atomically: where the collection is, its token and the next
@@ -632,4 +722,3 @@ class MilvusIndex(CodeIndex):
         header = self.info()
         header["milvus"] = {**header["milvus"], "token": self.token, "next_position": self.next_position}
         write_index_file(path, header, decoder_sections(self.decoder))
-
