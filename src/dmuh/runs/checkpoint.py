@@ -22,7 +22,7 @@ keys). The rest of the tree is JSON in the safetensors metadata (str -> str):
 Reading never unpickles anything; a file whose checksum, format, kind or version is not the
 expected one is refused. Identical states give byte-identical files: no timestamps, and the
 safetensors header is rewritten as JSON with sorted keys (safetensors keeps its metadata in a hash
-map, in no fixed order); the tree's own dicts keep their order (`_legacy_specs` reads a state
+map, in no fixed order); the tree's own dicts keep their order (`dmuh.runs.legacy.legacy_specs` reads a state
 dict's first weight).
 """
 

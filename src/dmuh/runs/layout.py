@@ -14,7 +14,7 @@ A checkpoint records `model_config` (the `create_model` arguments) and `method_s
 `create_method` arguments with the method's size), so `rebuild_networks` makes the network and the
 method from the checkpoint alone: no training data, labels or pretrained weights. Checkpoints
 written before those keys existed are rebuilt from config.yaml, split.json and the shapes of their
-tensors (`_legacy_specs`).
+tensors (`dmuh.runs.legacy.legacy_specs`).
 
 Runs written before that format hold `checkpoint.pt` (a pickle), which is never read in place:
 `dmuh convert-checkpoint --run RUN` (`convert_legacy_checkpoint`) reads it once with torch's
@@ -26,8 +26,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import pickle
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -37,27 +35,33 @@ import torch
 from dmuh.data.noise import LabelNoise
 from dmuh.data.protocols import Split, make_split
 from dmuh.errors import ConfigError, DmuhError, first_line
-from dmuh.methods import create_method, method_class
+from dmuh.methods import create_method
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
 from dmuh.runs.checkpoint import file_kind, load_state, load_weights, save_state
 from dmuh.runs.config import RunConfig, TrainConfig
+from dmuh.runs.files import (  # noqa: F401 - a run's file names, also this module's API
+    BACKBONE,
+    BACKBONE_KIND,
+    CHECKPOINT,
+    CHECKPOINT_KIND,
+    CONFIG,
+    EVAL,
+    LABEL_NOISE,
+    LEGACY_CHECKPOINT,
+    LOG,
+    SPLIT,
+    TRACE,
+    VOCABULARY,
+)
+from dmuh.runs.legacy import (  # noqa: F401 - legacy_method_params is also this module's API
+    legacy_checkpoint_message,
+    legacy_method_params,
+    legacy_specs,
+    read_legacy_checkpoint,
+)
 from dmuh.utils.io import atomic_path
 from dmuh.utils.schema import load_yaml
-
-CONFIG = "config.yaml"
-SPLIT = "split.json"
-LOG = "log.csv"
-CHECKPOINT = "checkpoint.safetensors"
-LEGACY_CHECKPOINT = "checkpoint.pt"  # a pickle (torch.save), before dmuh.runs.checkpoint; converted, never loaded
-CHECKPOINT_KIND = "checkpoint"
-BACKBONE_KIND = "backbone"
-TRACE = "uncertainty_trace.npz"
-BACKBONE = "backbone.safetensors"
-EVAL = "eval.json"
-LABEL_NOISE = "label_noise.json"
-VOCABULARY = "vocabulary.json"  # the words of a cross-modal run's text vectors (dmuh.data.paired.Vocabulary)
-
 
 # -- resolving a run and its config -------------------------------------------------------------
 
@@ -153,13 +157,6 @@ def save_checkpoint(path: Path, *, epoch: int, config: RunConfig, model, method,
     save_state(path, state, CHECKPOINT_KIND)
 
 
-def legacy_checkpoint_message(run_dir: Path) -> str:
-    return (
-        f"{Path(run_dir) / LEGACY_CHECKPOINT} is an old-format checkpoint (a pickle); convert it once with: "
-        f"dmuh convert-checkpoint --run {run_dir}"
-    )
-
-
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """A run's checkpoint.safetensors (dmuh.runs.checkpoint; no code runs from it, checksum checked).
     An old checkpoint.pt is refused with the command that converts it."""
@@ -188,7 +185,7 @@ def _to_device(value, device):
 
 def convert_legacy_checkpoint(run, force: bool = False) -> Tuple[Path, Path, dict]:
     """RUN/checkpoint.pt -> RUN/checkpoint.safetensors, the tree copied as is (so a checkpoint
-    older than `model_config`/`method_spec` still rebuilds through `_legacy_specs`); the old file is
+    older than `model_config`/`method_spec` still rebuilds through `dmuh.runs.legacy.legacy_specs`); the old file is
     kept. Read with torch's allow-list unpickler: tensors and plain values only, no code runs.
     Returns (old path, new path, state)."""
     run_dir = run_directory(run)
@@ -198,31 +195,9 @@ def convert_legacy_checkpoint(run, force: bool = False) -> Tuple[Path, Path, dic
         raise DmuhError(f"{run_dir}: no {LEGACY_CHECKPOINT} to convert{there}")
     if new.exists() and not force:
         raise DmuhError(f"{new} already exists; pass --force to replace it")
-    try:
-        with warnings.catch_warnings():  # torch's notes on pickle protocols: not the user's business
-            warnings.simplefilter("ignore")
-            state = torch.load(old, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # it names a class or function (code could run): refused
-        raise DmuhError(
-            f"{old}: refused: torch's allow-list unpickler loads only tensors and plain values, and this "
-            f"file needs more ({_unpickler_reason(error)}); nothing in it was run"
-        ) from None
-    except Exception as error:  # truncated, not a torch file
-        raise DmuhError(
-            f"{old}: not a readable checkpoint ({type(error).__name__}: {first_line(error)[:160]})"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise DmuhError(f"{old}: not a dmuh checkpoint (no network weights)")
+    state = read_legacy_checkpoint(old)
     save_state(new, dict(state), CHECKPOINT_KIND)
     return old, new, state
-
-
-def _unpickler_reason(error: BaseException) -> str:
-    """The line of torch's weights_only refusal that names what the file needs (a GLOBAL ...),
-    not its advice to load the file unrestricted."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    named = [line for line in lines if "GLOBAL" in line or "nsupported" in line]
-    return (named or lines or [type(error).__name__])[0][:200].rstrip(".")
 
 
 def restore_state(checkpoint: dict, path: Path, model, method, momentum=None, optimizer=None) -> None:
@@ -245,7 +220,7 @@ def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainC
 
     model_config, method_spec = checkpoint.get("model_config"), checkpoint.get("method_spec")
     if model_config is None or method_spec is None:
-        model_config, method_spec = _legacy_specs(checkpoint, config, run_dir)
+        model_config, method_spec = legacy_specs(checkpoint, config, run_dir)
     try:
         model = create_model(**model_config)
         method = create_method(
@@ -267,47 +242,6 @@ def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainC
             module.eval()
             module.requires_grad_(False)
     return model, method, momentum
-
-
-# Buffers whose shape tells a legacy checkpoint's class count: key -> dimension.
-_CLASS_SIZED = {"memory_labels": 1, "class_centers": 0, "codebook": 0, "classifier.weight": 0, "classifier": 1}
-
-
-def _legacy_specs(checkpoint: dict, config: TrainConfig, run_dir: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """The specs of a checkpoint written before it recorded them: the network's input channels or
-    width from its first weight, the method's size from split.json and its class-sized buffers."""
-
-    state, method_state = checkpoint.get("model") or {}, checkpoint.get("method") or {}
-    weights = [v for k, v in state.items() if k.startswith("backbone.") and k.endswith("weight") and v.dim() in (2, 4)]
-    first = weights[0] if weights else state.get("hash_layer.weight")
-    if first is None:
-        raise DmuhError(f"{run_dir / CHECKPOINT}: holds no network weights")
-    extra = {"in_channels": int(first.shape[1])} if first.dim() == 4 else {"input_dim": int(first.shape[1])}
-    model_config = create_model(
-        config.model, bits=config.bits, hash_norm=config.hash_norm, **extra, **config.model_params
-    ).config
-    if "memory_labels" in method_state:
-        num_train = int(method_state["memory_labels"].shape[0])
-    elif (Path(run_dir) / SPLIT).is_file():
-        num_train = len(Split.load(Path(run_dir) / SPLIT).train)
-    else:
-        num_train = 1
-    num_classes = next((int(method_state[k].shape[d]) for k, d in _CLASS_SIZED.items() if k in method_state), 1)
-    method_spec = {
-        "name": config.method,
-        "bits": config.bits,
-        "num_train": num_train,
-        "num_classes": num_classes,
-        "params": legacy_method_params(config),
-    }
-    return model_config, method_spec
-
-
-def legacy_method_params(config: TrainConfig) -> Dict[str, Any]:
-    """The run's method_params plus the old defaults of its method (`HashingMethod.legacy_defaults`),
-    for a checkpoint written before checkpoints recorded their method's spec."""
-
-    return {**method_class(config.method).legacy_defaults, **config.method_params}
 
 
 # -- the log ------------------------------------------------------------------------------------
