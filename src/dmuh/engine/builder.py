@@ -30,7 +30,7 @@ from dmuh.engine.runtime import (
     resolve_device,
     run_network,
 )
-from dmuh.errors import DataError, DmuhError
+from dmuh.errors import ConfigError, DataError, DmuhError
 from dmuh.methods import METHODS, HashingMethod, Requirements, create_method, method_class
 from dmuh.metrics.ranking import DEFAULT_TIES, mean_average_precision
 from dmuh.models import create_model
@@ -512,7 +512,7 @@ def training_uncertainty(
     `passes` (dropout readings draw new masks each pass); its mean over bits is the image-level
     uncertainty (Eq. 7). `progress` is called after each pass."""
     if passes < 1:
-        raise DmuhError(f"--passes {passes}: expected a positive integer")
+        raise ConfigError(f"passes {passes}: expected a positive integer", field="passes")
     total = None
     for _ in range(passes):
         h, m = paired_codes(exp, positions, inputs)

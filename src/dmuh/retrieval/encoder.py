@@ -31,7 +31,7 @@ from dmuh.data.paired import Vocabulary
 from dmuh.data.pipeline import InputPipeline, images_to_tensor
 from dmuh.engine.builder import encode_text_vectors
 from dmuh.engine.runtime import Execution, resolve_device, run_network
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DataError, DmuhError
 from dmuh.runs.layout import (
     VOCABULARY,
     load_checkpoint,
@@ -181,8 +181,9 @@ def collection_encoder(
     (default: the run's eval_batch_size)."""
     encoder = load_encoder(run, device)
     if uncertainty and encoder.momentum_network is None:
-        raise DmuhError(
-            f"--uncertainty needs a DMUH run (a momentum network); {run} was trained with {encoder.config.method!r}"
+        raise ConfigError(
+            f"uncertainty needs a DMUH run (a momentum network); {run} was trained with {encoder.config.method!r}",
+            field="uncertainty",
         )
     return encoder.with_batch_size(batch_size) if batch_size else encoder
 
@@ -206,21 +207,23 @@ def encode_texts(encoder: Encoder, spec: str) -> Codes:
     path = Path(spec)
     labels = class_names = None
     if path.suffix.lower() == ".txt" and not path.exists():
-        raise DmuhError(f"--texts {spec}: not found")
+        raise DataError(f"texts {spec}: not found", field="texts")
     if path.suffix.lower() == ".txt":
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as error:
-            raise DmuhError(f"--texts {spec}: cannot read ({str(error).splitlines()[0][:120]})") from None
+            raise DataError(f"texts {spec}: cannot read ({str(error).splitlines()[0][:120]})", field="texts") from None
         numbered = [(i + 1, line.strip()) for i, line in enumerate(lines) if line.strip()]
         if not numbered:
-            raise DmuhError(f"--texts {spec}: holds no text")
+            raise DataError(f"texts {spec}: holds no text", field="texts")
         ids = [f"line:{n}" for n, _ in numbered]
         vectors = encoder.text_vectors([text for _, text in numbered])
     else:
         source = open_source(spec)
         if getattr(source, "text", None) is None:
-            raise DmuhError(f"--texts {spec}: not paired data (no text vectors); give paired data or a .txt of texts")
+            raise DataError(
+                f"texts {spec}: not paired data (no text vectors); give paired data or a .txt of texts", field="texts"
+            )
         vectors, ids = source.text, source.ids
         if source.labeled:
             labels, class_names = source.labels, source.class_names

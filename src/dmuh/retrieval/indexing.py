@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from dmuh.codes.file import Codes, concatenate, is_manifest, manifest_shards, read_manifest
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DmuhError
 from dmuh.methods import method_class
 from dmuh.retrieval.encoder import load_encoder
 from dmuh.retrieval.index import CodeIndex, build_index
@@ -51,7 +51,9 @@ def codes_decoder(codes: Codes, run=None):
         run = recorded
     encoder = load_encoder(run)
     if not encoder.method.requirements().decoder:
-        raise DmuhError(f"--decoder {run}: its method {encoder.config.method!r} trains no decoder (rph does)")
+        raise ConfigError(
+            f"decoder {run}: its method {encoder.config.method!r} trains no decoder (rph does)", field="decoder"
+        )
     check_same_model(codes.identity(), encoder.identity, f"--decoder {run}'s decoder", allow=False)
     return encoder.method.decoder
 

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from dmuh.codes.binary import sign
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DmuhError
 from dmuh.retrieval.encoder import load_encoder
 from dmuh.runs.config import IMAGE_SIZES
 from dmuh.utils.io import atomic_path, refuse_overwrite
@@ -70,10 +70,13 @@ def export_onnx(
     refuse_overwrite(out, overwrite)
     low, high = _opset_range()
     if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
-        raise DmuhError(f"--opset: expected an integer >= {low} and <= {high} (what this torch exports), got {opset!r}")
+        raise ConfigError(
+            f"opset: expected an integer >= {low} and <= {high} (what this torch exports), got {opset!r}", field="opset"
+        )
     if image_size is not None and not IMAGE_SIZES[0] <= image_size <= IMAGE_SIZES[1]:
-        raise DmuhError(
-            f"--image-size: expected an integer >= {IMAGE_SIZES[0]} and <= {IMAGE_SIZES[1]}, got {image_size}"
+        raise ConfigError(
+            f"image_size: expected an integer >= {IMAGE_SIZES[0]} and <= {IMAGE_SIZES[1]}, got {image_size}",
+            field="image_size",
         )
     try:
         import onnx

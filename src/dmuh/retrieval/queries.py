@@ -18,7 +18,7 @@ import numpy as np
 
 from dmuh.codes.file import Codes
 from dmuh.data.images import read_image
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, RunError
 from dmuh.retrieval.rerank import Query
 from dmuh.retrieval.service import check_compatible, recorded_run
 
@@ -50,10 +50,13 @@ def from_codes_file(service, path: str, rerank: Optional[str], allow_other_model
         allow_other_model,
     )
     if rerank == "uncertainty" and codes.bit_uncertainty is None:
-        raise DmuhError(f"--rerank needs bit uncertainty: encode {path} with `dmuh encode --uncertainty`")
+        raise ConfigError(
+            f"rerank needs bit uncertainty: encode {path} with `dmuh encode --uncertainty`", field="rerank"
+        )
     if rerank == "decoder" and codes.features is None:
-        raise DmuhError(
-            f"--rerank decoder needs the queries' own features: encode {path} with `dmuh encode --features`"
+        raise ConfigError(
+            f"rerank decoder needs the queries' own features: encode {path} with `dmuh encode --features`",
+            field="rerank",
         )
     uncertainty = codes.bit_uncertainty.astype(np.float32) if rerank == "uncertainty" else None
     return QueryBatch(list(codes.ids), codes.packed, uncertainty, codes.features if rerank == "decoder" else None)
@@ -63,11 +66,12 @@ def from_images(service, paths: Sequence[Path], rerank: Optional[str]) -> QueryB
     """Query images encoded with the service's model (its run's), as the index's images were."""
     encoder, run = service.encoder, service.run
     if rerank == "uncertainty" and encoder.momentum_network is None:
-        raise DmuhError(
-            f"--rerank needs a DMUH run (a momentum network); {run} was trained with {encoder.config.method!r}"
+        raise ConfigError(
+            f"rerank needs a DMUH run (a momentum network); {run} was trained with {encoder.config.method!r}",
+            field="rerank",
         )
     if encoder.channels is None:
-        raise DmuhError(f"--run {run} encodes feature vectors, not images; pass --queries CODES.npz")
+        raise RunError(f"run {run} encodes feature vectors, not images; pass --queries CODES.npz", field="run")
     size = service.index.meta.get("image_size") or encoder.image_size
     images = np.stack([read_image(path, encoder.channels, size) for path in paths])
     packed, uncertainty, features = service.encode_images(images, rerank == "uncertainty", rerank == "decoder")
@@ -92,7 +96,9 @@ def gather_queries(
     """Every query, codes file first, then the images, then the texts. Images and texts are encoded
     with `run`'s model (default: the run the index records), loaded into the service."""
     if texts and rerank is not None:
-        raise DmuhError(f"--rerank {rerank} re-ranks image queries; text queries are ranked by Hamming distance")
+        raise ConfigError(
+            f"rerank {rerank} re-ranks image queries; text queries are ranked by Hamming distance", field="rerank"
+        )
     parts = []
     if codes_file is not None:
         parts.append(from_codes_file(service, codes_file, rerank, allow_other_model))

@@ -32,7 +32,7 @@ from dmuh.codes.binary import as_packed, pack_bits, unpack_bits
 from dmuh.data.images import read_image
 from dmuh.data.pipeline import images_to_tensor
 from dmuh.data.sources import IMAGE_EXTENSIONS
-from dmuh.errors import DmuhError
+from dmuh.errors import DataError, DmuhError
 from dmuh.retrieval.encoder import encode_arrays, load_encoder
 from dmuh.retrieval.index import SearchParams, open_index
 from dmuh.retrieval.rerank import (
@@ -197,10 +197,10 @@ class ThumbnailStore:
             try:
                 self._archive = zipfile.ZipFile(self.root)
             except (OSError, zipfile.BadZipFile) as error:
-                raise DmuhError(f"--images {root}: cannot read zip ({error})") from None
+                raise DataError(f"images {root}: cannot read zip ({error})", field="images") from None
             self._zip_names = frozenset(self._archive.namelist())
         else:
-            raise DmuhError(f"--images {root}: not a folder or a .zip")
+            raise DataError(f"images {root}: not a folder or a .zip", field="images")
 
     def _read(self, name: str) -> bytes:
         """The stored bytes of image `name`; DmuhError (not found) for anything outside the root."""

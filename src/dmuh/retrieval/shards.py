@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dmuh.codes.file import MANIFEST, Codes, write_manifest
-from dmuh.errors import DmuhError
+from dmuh.errors import ConfigError, DataError, DmuhError
 from dmuh.retrieval.encoder import decode_size, encode_images
 from dmuh.utils import distributed
 from dmuh.utils.io import file_sha256, remove_orphans
@@ -79,10 +79,10 @@ def encode_in_shards(
     context = context or distributed.Context()
     folder = Path(folder)
     if shard_size < 1:
-        raise DmuhError(f"--shard-size: expected a positive integer, got {shard_size}")
+        raise ConfigError(f"shard_size: expected a positive integer, got {shard_size}", field="shard_size")
     total = len(source.ids)
     if total == 0:
-        raise DmuhError(f"--images {images_spec}: no items to encode")
+        raise DataError(f"images {images_spec}: no items to encode", field="images")
     size = decode_size(encoder, source, image_size)
     slices = [(start, min(start + shard_size, total)) for start in range(0, total, shard_size)]
     paths = [folder / shard_file(number) for number in range(len(slices))]
@@ -95,10 +95,11 @@ def encode_in_shards(
             ids = [str(i) for i in source.ids[start:stop]]  # as a codes file holds them
             state = "missing" if force else _shard_state(path, ids, encoder, size, uncertainty, features)
             if state == "foreign":
-                raise DmuhError(
-                    f"--shards {folder}: {path.name} holds another encode's codes (other images, "
+                raise ConfigError(
+                    f"shards {folder}: {path.name} holds another encode's codes (other images, "
                     "--shard-size, model or options); pass --force to encode every shard again, or give "
-                    "another folder"
+                    "another folder",
+                    field="shards",
                 )
             todo[number] = int(state == "missing")
     distributed.broadcast_tensor(context, todo)
@@ -129,7 +130,7 @@ def encode_in_shards(
         shards = []
         for (start, stop), path in zip(slices, paths):
             if not path.is_file():
-                raise DmuhError(f"--shards {folder}: {path.name} is missing after every rank finished")
+                raise ConfigError(f"shards {folder}: {path.name} is missing after every rank finished", field="shards")
             shards.append({"file": path.name, "count": stop - start, "sha256": file_sha256(path)})
         manifest = write_manifest(folder, shards, encoder.bits, shard_size, encoder.identity, images_spec)
     distributed.barrier(context)  # the manifest is there for every rank once it returns

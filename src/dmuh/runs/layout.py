@@ -359,9 +359,10 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
             )
         init_split = Split.load(path / SPLIT)
         if init_split.fingerprint != split.fingerprint or not np.array_equal(init_split.query, split.query):
-            raise DmuhError(
-                f"--init {init}: pre-trained on a different query split (protocol {init_split.protocol}, seed "
-                f"{init_split.seed}); use the same --data, --protocol and --split-seed so no query image was seen"
+            raise ConfigError(
+                f"init {init}: pre-trained on a different query split (protocol {init_split.protocol}, seed "
+                f"{init_split.seed}); use the same --data, --protocol and --split-seed so no query image was seen",
+                field="init",
             )
         weights_file = path / BACKBONE
     elif path.is_file():

@@ -55,7 +55,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from dmuh.errors import DmuhError, first_line
+from dmuh.errors import ConfigError, DmuhError, first_line
 from dmuh.retrieval.index.base import (
     CodeIndex,
     SearchParams,
@@ -158,18 +158,20 @@ def normalise_uri(uri) -> str:
     if is_server(uri):
         return uri
     if not uri.endswith(".db"):
-        raise DmuhError(
-            f"--uri {uri}: expected a Milvus Lite file ending in .db or a server uri "
-            f"({', '.join(s + '://' for s in SERVER_SCHEMES[:4])}HOST:{DEFAULT_PORT})"
+        raise ConfigError(
+            f"uri {uri}: expected a Milvus Lite file ending in .db or a server uri "
+            f"({', '.join(s + '://' for s in SERVER_SCHEMES[:4])}HOST:{DEFAULT_PORT})",
+            field="uri",
         )
     return str(Path(uri).expanduser().resolve())
 
 
 def check_collection_name(name: str) -> str:
     if not isinstance(name, str) or not _COLLECTION_NAME.match(name):
-        raise DmuhError(
-            f"--collection {name!r}: a Milvus collection name is a letter or _ followed by letters, "
-            "digits and _ (at most 255)"
+        raise ConfigError(
+            f"collection {name!r}: a Milvus collection name is a letter or _ followed by letters, "
+            "digits and _ (at most 255)",
+            field="collection",
         )
     return name
 
@@ -191,8 +193,8 @@ def _check_reachable(uri: str) -> None:
         socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        raise DmuhError(
-            f"--uri {uri}: cannot reach a Milvus server at {parsed.hostname}:{port} ({reason.lower()})"
+        raise ConfigError(
+            f"uri {uri}: cannot reach a Milvus server at {parsed.hostname}:{port} ({reason.lower()})", field="uri"
         ) from None
 
 
@@ -210,7 +212,9 @@ def _open_client(uri: str, create: bool):
             try:
                 Path(uri).parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise DmuhError(f"--uri {uri}: cannot create its folder ({error.strerror or error})") from None
+                raise ConfigError(
+                    f"uri {uri}: cannot create its folder ({error.strerror or error})", field="uri"
+                ) from None
         try:
             with milvus_errors(f"--uri {uri}"):
                 client = pymilvus.MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT_S)
@@ -325,7 +329,9 @@ class MilvusIndex(CodeIndex):
         check_collection_name(collection)
         uri = normalise_uri(uri)
         if kind == "ivf" and not is_server(uri):
-            raise DmuhError(f"--kind ivf (BIN_IVF_FLAT) needs a Milvus server: Milvus Lite ({uri}) has BIN_FLAT only")
+            raise ConfigError(
+                f"kind ivf (BIN_IVF_FLAT) needs a Milvus server: Milvus Lite ({uri}) has BIN_FLAT only", field="kind"
+            )
         index = cls(uri, collection, kind, bits, resolved, names is not None, meta or {}, uuid.uuid4().hex, 0, 0)
         index.client = _open_client(uri, create=True)
         try:
