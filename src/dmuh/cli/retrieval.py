@@ -45,6 +45,13 @@ QUIET_HELP = "no progress bar [default: off]"
 
 
 def add_commands(subparsers) -> None:
+    _add_encode(subparsers)
+    _add_index(subparsers)
+    _add_search(subparsers)
+    _add_export_onnx(subparsers)
+
+
+def _add_encode(subparsers) -> None:
     p = subparsers.add_parser(
         "encode",
         help="encode images with a trained run into a codes file",
@@ -105,6 +112,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_encode)
 
+
+def _add_index(subparsers) -> None:
     index = subparsers.add_parser(
         "index",
         help="build, inspect or update a search index of codes",
@@ -203,6 +212,8 @@ def add_commands(subparsers) -> None:
     )
     p.set_defaults(func=cmd_index_remove)
 
+
+def _add_search(subparsers) -> None:
     p = subparsers.add_parser(
         "search",
         help="search an index with query images or codes",
@@ -273,6 +284,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_search)
 
+
+def _add_export_onnx(subparsers) -> None:
     p = subparsers.add_parser(
         "export-onnx",
         help="export a run's hashing network as ONNX",
