@@ -58,3 +58,24 @@ def test_a_library_caller_reads_the_field_and_the_cli_user_the_flag(tmp_path, ca
     )
     assert code == 2
     assert f"dmuh train: error: --init {missing}: no such run directory" in capsys.readouterr().err
+
+
+def test_a_list_file_without_its_root_names_data_root(tmp_path, capsys):
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png 0\n")
+    code = main(
+        [
+            "train",
+            "--data",
+            f"list:{listing}",
+            "--protocol",
+            "digits",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert f"--data-root: {listing} is a list file, and it needs root" in capsys.readouterr().err

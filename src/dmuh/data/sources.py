@@ -28,7 +28,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dmuh.errors import DmuhError
+from dmuh.errors import DataError, DmuhError
 from dmuh.utils.io import atomic_path
 from dmuh.utils.progress import progress_bar
 
@@ -1062,7 +1062,11 @@ class DigitsSource(ArraySource):
 def _open_list(target: str, root, **kw) -> ListFileSource:
     """ "a.txt" or "train=a.txt,test=b.txt,database=c.txt" (named lists give subsets)."""
     if root is None:
-        raise DmuhError(f"{target}: a list file needs root (the folder or zip its image paths are relative to)")
+        raise DataError(
+            f"data_root: {target} is a list file, and it needs root (the folder or zip its image paths are "
+            "relative to)",
+            field="data_root",
+        )
     if "=" in target:
         named = {}
         for part in target.split(","):

@@ -8,6 +8,7 @@ error that names it (it would otherwise be ignored without a word, or silently w
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -55,8 +56,19 @@ class Registry:
 
     def entry(self, name: str) -> Entry:
         if name not in self.entries:
-            raise DmuhError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
+            guess = self.suggestion(name)
+            hint = f" (did you mean {guess!r}?)" if guess else ""
+            raise DmuhError(f"unknown {self.kind} {name!r}{hint}; available: {', '.join(self.names())}")
         return self.entries[name]
+
+    def suggestion(self, name: str) -> Optional[str]:
+        """The registered name a mistyped one most likely meant: the same name in another case, else the
+        closest spelling (difflib), else None."""
+        folded = [known for known in self.entries if known.casefold() == str(name).casefold()]
+        if folded:
+            return folded[0]
+        close = difflib.get_close_matches(str(name).lower(), list(self.entries), n=1, cutoff=0.75)
+        return close[0] if close else None
 
     def check_options(self, name: str, options: Iterable[str], reserved: Iterable[str] = ()) -> Entry:
         """The entry of `name`, after refusing a fixed or unknown option with a message naming it."""
