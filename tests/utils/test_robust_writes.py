@@ -287,7 +287,14 @@ def test_evaluate_json_refuses_to_overwrite_without_force(dmuh_run, tmp_path, ca
     assert '"map"' in unrelated.read_text()
     assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
     before = (run / "eval.json").read_text()
-    one_line_error(capsys, ["evaluate", "--run", run], "eval.json already exists", "--force")
+    # Asked again, the stored report is shown (not recomputed, not replaced); --force recomputes it.
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "the stored report" in shown and "--force recomputes" in shown and "MAP@all" in shown
+    assert (run / "eval.json").read_text() == before
+    # Moved data is a new question: the stored report is not replaced without --force.
+    one_line_error(capsys, ["evaluate", "--run", run, "--data", "digits"], "eval.json already exists", "--force")
     assert (run / "eval.json").read_text() == before
 
 
@@ -481,3 +488,19 @@ def test_decoding_a_large_image_source_shows_a_bar(monkeypatch, tmp_path):
     monkeypatch.setattr(progress, "MIN_ITEMS", 50)
     assert open_source(str(tmp_path)).decode().shape[0] == 70
     assert "decoding images" in "".join(terminal.text)
+
+
+def test_a_stored_report_that_is_stale_or_damaged_is_not_shown(dmuh_run, tmp_path, capsys):
+    run = copy_of(dmuh_run, tmp_path)
+    assert main(["evaluate", "--run", str(run), "--quiet"]) == 0
+    report = run / "eval.json"
+    checkpoint = run / "checkpoint.safetensors"
+    os.utime(checkpoint, (report.stat().st_mtime + 10, report.stat().st_mtime + 10))  # trained since
+    one_line_error(capsys, ["evaluate", "--run", run], "eval.json is older than the run's checkpoint", "--force")
+    later = checkpoint.stat().st_mtime + 10
+    for damaged in ("[1, 2]", '{"map_by_ties": {"index": 3}}', "{not json", '{"map_by_ties": {"x": {}}}'):
+        report.write_text(damaged)
+        os.utime(report, (later, later))
+        one_line_error(capsys, ["evaluate", "--run", run], "eval.json: unreadable report", "--force")
+    assert main(["evaluate", "--run", str(run), "--force", "--quiet"]) == 0  # --force recomputes
+    assert '"map_by_ties"' in report.read_text()

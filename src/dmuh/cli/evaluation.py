@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from dmuh.cli.common import add_run_flag, require_run
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, first_line
 from dmuh.metrics.ranking import DEFAULT_TIES, TIES
 
 
@@ -65,11 +65,45 @@ def report_path(args: argparse.Namespace, run: str) -> Path:
     return out
 
 
+STORED_REPORT_LIMIT = 64 * 1024 * 1024  # bytes: a report of a run is far smaller; a larger file is not one
+
+
+def stored_report(args: argparse.Namespace, run: str) -> Optional[Dict[str, Any]]:
+    """RUN/eval.json when the same question is asked again (no --force, --json, --data or --data-root)
+    and the report is not older than the run's checkpoint; None when it must be computed."""
+    from dmuh.runs.layout import CHECKPOINT, EVAL, run_directory
+
+    run_dir = run_directory(run)
+    stored = run_dir / EVAL
+    if args.force or args.json or args.data or args.data_root or not stored.is_file():
+        return None
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.is_file() and checkpoint.stat().st_mtime > stored.stat().st_mtime:
+        raise DmuhError(f"{stored} is older than the run's checkpoint (trained since); pass --force to recompute it")
+    try:
+        if stored.stat().st_size > STORED_REPORT_LIMIT:
+            raise ValueError("too large for a report")
+        report = json.loads(stored.read_text(encoding="utf-8"))
+        if not isinstance(report, dict) or not isinstance(report.get("map_by_ties"), dict):
+            raise ValueError("not a report of dmuh evaluate")
+        short = short_report(report)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise DmuhError(
+            f"{stored}: unreadable report ({first_line(error, 120)}); pass --force to recompute it"
+        ) from None
+    return {"report": report, "short": short, "path": stored}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dmuh.studies.evaluate import evaluate_run
     from dmuh.utils.io import remove_orphans
 
     run = require_run(args)
+    stored = stored_report(args, run)
+    if stored is not None:
+        print(f"the stored report {stored['path']} (dmuh evaluate --force recomputes it):")
+        print(json.dumps(stored["report"], indent=2) if args.verbose else stored["short"])
+        return 0
     out = report_path(args, run)
     remove_orphans(out.parent)
     data = {k: v for k, v in (("data", args.data), ("data_root", args.data_root)) if v is not None}
