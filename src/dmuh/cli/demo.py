@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -21,9 +22,10 @@ def add_commands(sub) -> None:
     p.add_argument("--epochs", type=int, default=30, metavar="N", help="epochs per run [default: 30]")
     p.add_argument(
         "--out",
-        default="runs/demo",
+        default=None,
         metavar="DIR",
-        help="folder of the demo runs and their results.md / results.csv [default: runs/demo]",
+        help="folder of the demo runs and their results.md / results.csv [default: runs/demo, or the first free "
+        "runs/demo-N when an earlier demo is there]",
     )
     p.add_argument("--force", action="store_true", help="replace earlier demo runs and results [default: off]")
     p.set_defaults(func=cmd_demo)
@@ -59,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     bits = parse_bits(args.bits)
     check_positive(args.epochs, "--epochs")
-    out = Path(args.out)
+    out = Path(args.out) if args.out is not None else fresh_demo_folder(Path(DEFAULT_OUT))
     if out.exists() and not out.is_dir():
         raise DmuhError(f"--out {out} is a file, not a folder; choose another --out")
     for name in (RESULTS_MARKDOWN, RESULTS_CSV):
@@ -73,8 +75,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     raise DmuhError(f"{run} already holds a run; pass --force to replace the demo runs")
                 shutil.rmtree(run)
     started = time.perf_counter()
-    print(f"training {' and '.join(DEMO_METHODS)} at {', '.join(map(str, bits))} bits on digits ...", flush=True)
-    rows = compare(DEMO_METHODS, bits, demo_config(args.epochs, out), out, echo=lambda line: None)
+    total = len(DEMO_METHODS) * len(bits)
+    print(
+        f"training {' and '.join(DEMO_METHODS)} at {', '.join(map(str, bits))} bits on scikit-learn's digits "
+        f"({total} runs of {args.epochs} epochs, smallcnn on the CPU) into {out}",
+        flush=True,
+    )
+
+    def progress_line(line: str) -> None:  # one line per run as it starts ("[1/4] regu at 16 bits");
+        # the epoch lines stay in each run's log.csv
+        for word in (": training in ", ": resuming in "):
+            if word in line:
+                print(f"  {line.split(word)[0]} ({time.perf_counter() - started:.0f} s so far)", flush=True)
+
+    rows = compare(
+        DEMO_METHODS, bits, demo_config(args.epochs, out), out, echo=progress_line, progress=sys.stderr.isatty()
+    )
     seconds = time.perf_counter() - started
     print()
     print(
@@ -85,5 +101,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for method in DEMO_METHODS:
         cells = [f"{row['map']:.4f}" for row in rows if row["method"] == method]
         print(f"| {method} | " + " | ".join(cells) + " |")
-    print(f"total {seconds:.1f} s on the CPU")
+    print(f"total {seconds:.1f} s on the CPU; the runs, results.md and results.csv are in {out}")
     return 0
+
+
+DEFAULT_OUT = "runs/demo"
+
+
+def fresh_demo_folder(base: Path) -> Path:
+    """`base` when no earlier demo is there, else the first of base-2, base-3, ... that holds none, so a
+    second `dmuh demo` answers again without replacing the first one's runs."""
+    candidate, number = base, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    if candidate != base:
+        print(f"an earlier demo is in {base}; this one goes to {candidate} (--out DIR chooses, --force replaces)")
+    return candidate

@@ -1,0 +1,41 @@
+"""`dmuh demo` as a newcomer runs it: a line per run as it starts, the table, where the runs are, and a
+second run that answers again without replacing the first."""
+
+import subprocess
+import sys
+
+
+def demo(cwd, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "dmuh", "demo", "--bits", "8", "--epochs", "2", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_the_demo_shows_progress_and_runs_twice(tmp_path):
+    first = demo(tmp_path)
+    assert first.returncode == 0, first.stderr
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("training regu and dmuh at 8 bits") and "into runs/demo" in lines[0]
+    progress = [line.strip().split(" (")[0] for line in lines if line.strip().startswith("[")]
+    assert progress == ["[1/2] regu at 8 bits", "[2/2] dmuh at 8 bits"]
+    assert "| regu |" in first.stdout and "| dmuh |" in first.stdout
+    assert lines[-1].endswith("are in runs/demo")
+    table = (tmp_path / "runs" / "demo" / "results.md").read_text()
+
+    second = demo(tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "an earlier demo is in runs/demo; this one goes to runs/demo-2" in second.stdout
+    assert second.stdout.splitlines()[-1].endswith("are in runs/demo-2")
+    assert (tmp_path / "runs" / "demo" / "results.md").read_text() == table  # the first is kept
+    assert (tmp_path / "runs" / "demo-2" / "results.md").is_file()
+
+
+def test_a_bad_argument_is_reported_before_any_file(tmp_path):
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "results.md").write_text("keep")
+    result = demo(tmp_path, "--out", "runs/demo", "--epochs", "0")
+    assert result.returncode == 2 and "--epochs" in result.stderr and "results.md" not in result.stderr
