@@ -1,6 +1,7 @@
 """`dmuh demo` as a newcomer runs it: a line per run as it starts, the table, where the runs are, and a
 second run that answers again without replacing the first."""
 
+import re
 import subprocess
 import sys
 
@@ -39,3 +40,35 @@ def test_a_bad_argument_is_reported_before_any_file(tmp_path):
     (tmp_path / "runs" / "demo" / "results.md").write_text("keep")
     result = demo(tmp_path, "--out", "runs/demo", "--epochs", "0")
     assert result.returncode == 2 and "--epochs" in result.stderr and "results.md" not in result.stderr
+
+
+def test_the_last_line_of_train_rounds_its_figures(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dmuh",
+            "train",
+            "--data",
+            "digits",
+            "--protocol",
+            "digits",
+            "--model",
+            "smallcnn",
+            "--model-param",
+            "input_size=8",
+            "--method",
+            "regu",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"run .*: epoch 1, loss \d\.\d{4}, map \d\.\d{4}, [\d,]+ images/s \(MAP ties expected\)", last)

@@ -109,6 +109,7 @@ def test_healthz_and_info(client, service, served):
     assert info["queries"] == {"image": True, "text": False, "codes": True}
     assert info["uncertainty"] is True and info["thumbnails"] is True and info["rerank"] == ["uncertainty"]
     assert info["max_k"] == ITEMS  # k is bounded by the index
+    assert info["limits"]["max_k"] == info["max_k"]  # one max_k, the one requests are held to
 
 
 def test_image_search_equals_the_cli(client, served, capsys):

@@ -131,8 +131,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
     row = train(config, resume=args.resume, progress=not args.quiet)
-    summary = {k: row[k] for k in ("epoch", "loss", "map", "images_per_s") if k in row}
-    text = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+    text = f"epoch {row['epoch']}, loss {row['loss']:.4f}" if "loss" in row else f"epoch {row['epoch']}"
+    if "map" in row:
+        text += f", map {row['map']:.4f}"
+    if "images_per_s" in row:
+        text += f", {row['images_per_s']:,.0f} images/s"
     if "map" in row and math.isnan(row["map"]):
         text += " (no MAP: the data has no labels; `dmuh evaluate --run RUN --data LABELED` scores it)"
     elif "map" in row:

@@ -335,7 +335,8 @@ class SearchService:
             "uncertainty": self.reports_uncertainty,
             "thumbnails": self.thumbnails is not None,
             "rerank": [mode for mode in RERANK_MODES if self._rerank_possible(mode)],
-            "limits": asdict(self.limits),
+            # One max_k: the one requests are held to (--max-k, and never more than the index holds).
+            "limits": {**asdict(self.limits), "max_k": self.max_k},
             "max_k": self.max_k,
         }
 
