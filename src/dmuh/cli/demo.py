@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dmuh.cli.training import parse_bits
 from dmuh.errors import DmuhError
-from dmuh.metrics.ranking import DEFAULT_TIES
+from dmuh.metrics.ties import DEFAULT_TIES
 from dmuh.runs.config import TrainConfig
 
 DEMO_METHODS = ("regu", "dmuh")

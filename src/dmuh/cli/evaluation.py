@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 from dmuh.cli.common import add_run_flag, require_run
 from dmuh.errors import DmuhError, first_line
-from dmuh.metrics.ranking import DEFAULT_TIES, TIES
+from dmuh.metrics.ties import DEFAULT_TIES, TIES
 
 
 def add_commands(sub) -> None:

@@ -10,16 +10,10 @@ from __future__ import annotations
 import argparse
 
 from dmuh.errors import DmuhError
+from dmuh.studies.options import DEFAULT_PASSES, DEFAULT_TOP, READINGS, SORT_KEYS, SPLITS
 
 
 def add_commands(sub) -> None:
-    from dmuh.studies.inspect import (
-        DEFAULT_PASSES,
-        DEFAULT_TOP,
-        READINGS,
-        SORT_KEYS,
-        SPLITS,
-    )
 
     p = sub.add_parser(
         "inspect",

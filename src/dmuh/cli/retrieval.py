@@ -20,10 +20,15 @@ import numpy as np
 
 from dmuh.cli.common import add_run_flag, check_positive, flag_name, require_run
 from dmuh.errors import DmuhError
-from dmuh.retrieval.index.base import BACKENDS
-from dmuh.retrieval.index.faiss import KIND_PARAMS, KINDS
-from dmuh.retrieval.rerank import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, RERANK_MODES
-from dmuh.retrieval.shards import DEFAULT_SHARD_SIZE
+from dmuh.retrieval.options import (
+    BACKENDS,
+    DEFAULT_RERANK_DEPTH,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_TAU,
+    KIND_PARAMS,
+    KINDS,
+    RERANK_MODES,
+)
 from dmuh.utils.io import atomic_write_text, refuse_overwrite, remove_orphans
 from dmuh.utils.words import plural
 

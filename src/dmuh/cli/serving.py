@@ -11,7 +11,7 @@ import sys
 
 from dmuh.cli.common import add_run_flag, check_positive
 from dmuh.errors import DmuhError
-from dmuh.retrieval.service import ServiceLimits
+from dmuh.retrieval.options import ServiceLimits
 from dmuh.utils.words import plural
 
 _DEFAULTS = ServiceLimits()

@@ -11,6 +11,7 @@ from typing import Any, Dict, List
 from dmuh.cli.common import add_config_flags, config_from_args
 from dmuh.errors import DmuhError
 from dmuh.runs.config import PretrainConfig, TrainConfig
+from dmuh.runs.files import CONFIG
 from dmuh.utils.schema import load_yaml, parse_params
 
 
@@ -107,22 +108,24 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from dmuh.engine.trainer import train
+def list_methods(with_params: bool) -> int:
     from dmuh.methods import METHODS, available, method_class
     from dmuh.methods.components.params import parameter_lines
-    from dmuh.runs.layout import CONFIG
 
+    for name in available():
+        print(name if method_class(name).requires.labels else f"{name}  (learns without labels)")
+        if with_params:
+            entry = METHODS.entry(name)
+            for line in parameter_lines(entry.factory, entry.fixed):
+                print(f"    {line}")
+            for key, value in entry.fixed.items():
+                print(f"    {key}={value!r} (fixed)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     if args.list_methods:
-        for name in available():
-            print(name if method_class(name).requires.labels else f"{name}  (learns without labels)")
-            if args.list_methods == "params":
-                entry = METHODS.entry(name)
-                for line in parameter_lines(entry.factory, entry.fixed):
-                    print(f"    {line}")
-                for key, value in entry.fixed.items():
-                    print(f"    {key}={value!r} (fixed)")
-        return 0
+        return list_methods(args.list_methods == "params")
     if args.resume:
         if not hasattr(args, "out"):
             raise DmuhError("--resume needs --out RUN_DIR of the run to continue")
@@ -130,6 +133,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config_from_args(args, base=load_yaml(saved), base_where=str(saved))
     else:
         config = config_from_args(args)
+    from dmuh.engine.trainer import train  # the library (and torch) once the flags are known to be good
+
     row = train(config, resume=args.resume, progress=not args.quiet)
     text = f"epoch {row['epoch']}, loss {row['loss']:.4f}" if "loss" in row else f"epoch {row['epoch']}"
     if "map" in row:

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dmuh.data.augmentations import AUGMENTATIONS  # noqa: F401 - also this module's API
 from dmuh.errors import ConfigError
 
-AUGMENTATIONS = ("none", "flip", "flip-crop", "simclr")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -30,12 +30,9 @@ from dmuh.codes.binary import (
     plus_minus_one,
 )
 from dmuh.errors import DmuhError
+from dmuh.metrics.ties import DEFAULT_TIES, TIES  # noqa: F401 - also this module's API
 from dmuh.utils.progress import progress_bar
 
-TIES = ("expected", "index", "optimistic", "pessimistic")
-# The one default tie policy of every MAP dmuh reports (training log, compare, evaluate, demo):
-# the expectation over random orders within a distance, so it does not depend on database order.
-DEFAULT_TIES = "expected"
 EMPTY = ("zero", "drop")
 DEFAULT_PRECISION_KS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000)
 

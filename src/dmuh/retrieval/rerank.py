@@ -27,10 +27,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from dmuh.errors import DmuhError
+from dmuh.retrieval.options import DEFAULT_RERANK_DEPTH, DEFAULT_TAU, RERANK_MODES  # noqa: F401 - also this module's API
 
-DEFAULT_RERANK_DEPTH = 1000
-DEFAULT_TAU = 1.0
-RERANK_MODES = ("uncertainty", "decoder")
 _RERANK_CHUNK = 64
 _DECODE_CHUNK = 64  # queries whose candidates' decoded features are held at once (decoder re-ranking)
 

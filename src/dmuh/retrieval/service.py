@@ -22,7 +22,7 @@ import io
 import threading
 import zipfile
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -35,6 +35,7 @@ from dmuh.data.sources import IMAGE_EXTENSIONS
 from dmuh.errors import DataError, DmuhError
 from dmuh.retrieval.encoder import encode_arrays, load_encoder
 from dmuh.retrieval.index import SearchParams, open_index
+from dmuh.retrieval.options import ServiceLimits  # noqa: F401 - also this module's API
 from dmuh.retrieval.rerank import (
     DEFAULT_RERANK_DEPTH,
     DEFAULT_TAU,
@@ -48,23 +49,6 @@ from dmuh.utils.words import plural
 
 UNCERTAIN_BITS_SHOWN = 8  # the most uncertain bits reported per image query
 SCORE_COLUMNS = {"weighted": "weighted_distance", "cosine": "decoded_cosine"}  # a reranker's score, in result rows
-
-
-@dataclass
-class ServiceLimits:
-    """What one request may ask of the service."""
-
-    max_upload_bytes: int = 10 * 1024 * 1024  # a request body larger than this is refused (413)
-    max_image_pixels: int = 40_000_000  # an image declaring more pixels is refused before decoding
-    max_k: int = 1000  # results per query, and never more than the index holds
-    timeout_s: float = 30.0  # a request not answered within this is given up (503)
-    thumbnail_px: int = 160  # longest side of a served thumbnail
-    max_text_chars: int = 2000  # a text query longer than this is refused
-
-    def check(self) -> None:
-        for name, value in asdict(self).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise DmuhError(f"limit {name}={value!r}: expected a positive number")
 
 
 def check_same_model(

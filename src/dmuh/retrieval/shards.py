@@ -28,11 +28,10 @@ import torch
 from dmuh.codes.file import MANIFEST, Codes, write_manifest
 from dmuh.errors import ConfigError, DataError, DmuhError
 from dmuh.retrieval.encoder import decode_size, encode_images
+from dmuh.retrieval.options import DEFAULT_SHARD_SIZE  # noqa: F401 - also this module's API
 from dmuh.utils import distributed
 from dmuh.utils.io import file_sha256, remove_orphans
 from dmuh.utils.words import plural
-
-DEFAULT_SHARD_SIZE = 100_000
 
 
 def shard_file(number: int) -> str:

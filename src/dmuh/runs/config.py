@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import yaml
 
-from dmuh.data.pipeline import AUGMENTATIONS
+from dmuh.data.augmentations import AUGMENTATIONS
 from dmuh.data.protocols import available_protocols
 from dmuh.data.sources import SOURCE_KINDS
 from dmuh.utils.io import atomic_write_text

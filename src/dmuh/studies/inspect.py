@@ -51,14 +51,10 @@ from dmuh.methods.components.memory import pair_nll
 from dmuh.retrieval.encoder import load_encoder
 from dmuh.runs.layout import CHECKPOINT, run_directory
 from dmuh.studies.figures import draw_gallery, new_figure, save_png
+from dmuh.studies.options import DEFAULT_PASSES, DEFAULT_TOP, READINGS, SORT_KEYS, SPLITS  # noqa: F401
 from dmuh.utils.io import atomic_write_text, refuse_overwrite
 from dmuh.utils.progress import progress_bar
 
-SPLITS = ("train", "query", "database")
-READINGS = ("auto", "eval", "training")
-SORT_KEYS = ("uncertainty", "loss")
-DEFAULT_PASSES = 8
-DEFAULT_TOP = 10
 TOP_SHARE = 0.1  # detection_scores' precision among the top 10%
 ITEMS_CSV, GALLERY_PNG, SUMMARY_JSON = "items.csv", "gallery.png", "summary.json"
 OUTPUTS = (ITEMS_CSV, GALLERY_PNG, SUMMARY_JSON)

@@ -24,6 +24,7 @@ import numpy as np
 from dmuh.codes.binary import as_packed
 from dmuh.errors import DmuhError
 from dmuh.models.decoder import FeatureDecoder
+from dmuh.retrieval.options import BACKENDS  # noqa: F401 - also this module's API
 from dmuh.retrieval.rerank import (
     DEFAULT_RERANK_DEPTH,
     DEFAULT_TAU,
@@ -33,8 +34,6 @@ from dmuh.retrieval.rerank import (
     UncertaintyReranker,
 )
 from dmuh.utils.words import plural
-
-BACKENDS = ("faiss", "milvus")
 
 
 @dataclass(frozen=True)

@@ -60,14 +60,7 @@ from dmuh.retrieval.index.file import (
     FORMAT_VERSION,
     write_index_file,
 )
-
-KINDS = ("flat", "ivf", "hnsw")
-# Build/search parameters each kind accepts, with defaults (None: derived from the data).
-KIND_PARAMS: Dict[str, Dict[str, Optional[int]]] = {
-    "flat": {},
-    "ivf": {"nlist": None, "nprobe": None},
-    "hnsw": {"m": 32, "ef_construction": 64, "ef_search": 128},
-}
+from dmuh.retrieval.options import KIND_PARAMS, KINDS  # noqa: F401 - also this module's API
 
 
 def _faiss():

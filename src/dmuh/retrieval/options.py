@@ -1,0 +1,43 @@
+"""The options of retrieval that the command line names (backends, index kinds and their parameters,
+re-ranking modes and defaults, shard size, the service's limits): a module without torch or FAISS,
+so that `dmuh --help` answers before either is loaded. The modules that use them import them here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+from dmuh.errors import DmuhError
+
+BACKENDS = ("faiss", "milvus")
+
+KINDS = ("flat", "ivf", "hnsw")
+# Build/search parameters each kind accepts, with defaults (None: derived from the data).
+KIND_PARAMS: Dict[str, Dict[str, Optional[int]]] = {
+    "flat": {},
+    "ivf": {"nlist": None, "nprobe": None},
+    "hnsw": {"m": 32, "ef_construction": 64, "ef_search": 128},
+}
+
+DEFAULT_RERANK_DEPTH = 1000
+DEFAULT_TAU = 1.0
+RERANK_MODES = ("uncertainty", "decoder")
+
+DEFAULT_SHARD_SIZE = 100_000
+
+
+@dataclass
+class ServiceLimits:
+    """What one request may ask of the service."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024  # a request body larger than this is refused (413)
+    max_image_pixels: int = 40_000_000  # an image declaring more pixels is refused before decoding
+    max_k: int = 1000  # results per query, and never more than the index holds
+    timeout_s: float = 30.0  # a request not answered within this is given up (503)
+    thumbnail_px: int = 160  # longest side of a served thumbnail
+    max_text_chars: int = 2000  # a text query longer than this is refused
+
+    def check(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise DmuhError(f"limit {name}={value!r}: expected a positive number")
