@@ -72,3 +72,34 @@ def test_the_last_line_of_train_rounds_its_figures(tmp_path):
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"run .*: epoch 1, loss \d\.\d{4}, map \d\.\d{4}, [\d,]+ images/s \(MAP ties expected\)", last)
+
+
+def test_a_log_file_gets_lines_not_progress_bars(tmp_path):
+    """`dmuh train > log 2>&1`: stderr is no terminal, so no bar's carriage returns reach the file."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dmuh",
+            "train",
+            "--data",
+            "digits",
+            "--protocol",
+            "digits",
+            "--model",
+            "smallcnn",
+            "--model-param",
+            "input_size=8",
+            "--method",
+            "regu",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        timeout=300,  # bytes: text mode would turn a carriage return into a newline
+    )
+    assert result.returncode == 0, result.stderr[-500:]
+    assert b"\r" not in result.stdout + result.stderr
+    assert b"epoch 2 |" in result.stdout

@@ -251,7 +251,9 @@ def run_epoch(
     guard = FiniteGuard(device)
     lr = set_learning_rate(optimizer, config, epoch - 1)
     started = time.perf_counter()
-    for step in tqdm(range(steps), desc=f"{desc} {epoch}/{config.epochs}", leave=False, disable=not progress):
+    # A bar on a terminal only (tqdm's disable=None): a log file gets the epoch lines, not carriage returns.
+    bars = None if progress else True
+    for step in tqdm(range(steps), desc=f"{desc} {epoch}/{config.epochs}", leave=False, disable=bars):
         lr = set_learning_rate(optimizer, config, epoch - 1 + step / steps)
         terms = loss_terms(step)
         guard.observe(step, terms)
