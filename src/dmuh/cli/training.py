@@ -27,6 +27,11 @@ def add_commands(sub) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar [default: off]")
     p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="epoch lines with every loss term and step statistic (log.csv always has them) [default: off]",
+    )
+    p.add_argument(
         "--list-methods",
         nargs="?",
         const="names",
@@ -135,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     from dmuh.engine.trainer import train  # the library (and torch) once the flags are known to be good
 
-    row = train(config, resume=args.resume, progress=not args.quiet)
+    row = train(config, resume=args.resume, progress=not args.quiet, verbose=args.verbose)
     text = f"epoch {row['epoch']}, loss {row['loss']:.4f}" if "loss" in row else f"epoch {row['epoch']}"
     if "map" in row:
         text += f", map {row['map']:.4f}"

@@ -300,4 +300,5 @@ def warm_up(
             f"init auto: {plural(int(row['epoch']), 'epoch')} of cross-entropy warm-up on the training split, "
             f"loss {row['cross_entropy']:.4f} (--init scratch skips it)"
         )
+        echo(f"init auto: warm-up done; {config.method}'s own loss starts now, on another scale than the warm-up's")
     distributed.broadcast_module(context, model)

@@ -157,8 +157,14 @@ class Trainer:
     """
 
     def __init__(
-        self, config: TrainConfig, resume: bool = False, progress: bool = True, echo: Callable[[str], None] = print
+        self,
+        config: TrainConfig,
+        resume: bool = False,
+        progress: bool = True,
+        echo: Callable[[str], None] = print,
+        verbose: bool = False,
     ):
+        self.verbose = verbose
         check_train_config(config)  # method, model and files, before any data is read
         config = with_absolute_paths(config)  # config.yaml then works from any folder
         context = distributed.init_from_environment(config.device)
@@ -196,6 +202,15 @@ class Trainer:
         torch.manual_seed(config.seed)
         said = echo if context.is_main else (lambda line: None)
         data = open_data(config, run_dir, context, echo=said)
+        split = data.split
+        said(
+            f"{'resuming' if resume else 'training'} {config.method} ({config.bits} bits, {config.model}) on "
+            f"{config.data}, device {config.device}"
+        )
+        said(
+            f"split ({split.protocol}): {len(split.query):,} query / {len(split.train):,} train / "
+            f"{len(split.database):,} database items; MAP with ties {DEFAULT_TIES}"
+        )
         model, method = build_networks(config, data, run_dir, checkpoint if resume else None)
         if not resume and not (run_dir / CHECKPOINT).is_file():  # a new run: --init auto's warm-up
             warm_up(config, data, model, context, progress=progress, echo=said)
@@ -441,7 +456,7 @@ class Trainer:
                     momentum=exp.momentum,
                     optimizer=self.optimizer,
                 )
-            self.echo(format_row(row))
+            self.echo(format_row(row, self.verbose))
         distributed.barrier(self.context)
         return row
 
@@ -474,12 +489,15 @@ def extended_schedule(config: TrainConfig, checkpoint: dict, echo: Callable[[str
     return config
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True, echo=print) -> Dict[str, float]:
-    """Train `config.method`; write config, split, log, checkpoint and trace to `config.out`.
+def train(
+    config: TrainConfig, resume: bool = False, progress: bool = True, echo=print, verbose: bool = False
+) -> Dict[str, float]:
+    """Train `config.method`; write config, split, log, checkpoint and trace to `config.out`. Each
+    epoch's line names the loss and the headline figures (`verbose`: every term); log.csv has all.
 
     Returns the last log row (MAP included, under `row["ties"]`'s tie policy).
     """
-    return Trainer(config, resume, progress, echo).run()
+    return Trainer(config, resume, progress, echo, verbose).run()
 
 
 _NOT_LOSS_TERMS = frozenset(
@@ -487,17 +505,30 @@ _NOT_LOSS_TERMS = frozenset(
 )
 
 
-def format_row(row: Dict[str, float]) -> str:
+def format_row(row: Dict[str, float], verbose: bool = False) -> str:
+    """One epoch as a line: the epoch, the loss, the mean and largest uncertainty of a method with a
+    momentum copy (u: mean, max: the largest image's), images/s and MAP (ties as the start line says),
+    within 100 columns; `verbose` adds every loss term and step
+    statistic (log.csv always has them). The image-level mean uncertainty equals the bit-level one
+    (both are the mean over items and bits), so it is printed once, as u."""
     parts = [f"epoch {int(row['epoch'])}"]
     if not math.isnan(row["loss"]):
         parts.append(f"loss {row['loss']:.4f}")
-    for key, value in row.items():  # the method's loss terms and step statistics
-        if key not in _NOT_LOSS_TERMS and isinstance(value, float) and not math.isnan(value):
-            parts.append(f"{key} {value:.4f}")
-    parts.append(f"{row['images_per_s']:.0f} img/s")
+    if isinstance(row.get("bit_uncertainty"), float) and not math.isnan(row["bit_uncertainty"]):
+        u = f"u {row['bit_uncertainty']:.4f}"
+        if isinstance(row.get("image_uncertainty_max"), float):
+            u += f", max {row['image_uncertainty_max']:.4f}"
+        parts.append(u)
+    if verbose:
+        shown = {"bit_uncertainty", "image_uncertainty", "image_uncertainty_max"}
+        for key, value in row.items():  # the method's loss terms and step statistics
+            if key not in _NOT_LOSS_TERMS | shown and isinstance(value, float) and not math.isnan(value):
+                parts.append(f"{key} {value:.4f}")
+    parts.append(f"{row['images_per_s']:,.0f} img/s")
     if "map" in row and not math.isnan(row["map"]):
         train = f", train {row['train_map']:.4f}" if "train_map" in row else ""
         if "map_i2t" in row:
             train += f", I->T {row['map_i2t']:.4f}, T->I {row['map_t2i']:.4f}"
-        parts.append(f"MAP {row['map']:.4f}{train} (ties {row.get('ties', DEFAULT_TIES)})")
+        ties = row.get("ties", DEFAULT_TIES)
+        parts.append(f"MAP {row['map']:.4f}{train}" + ("" if ties == DEFAULT_TIES else f" (ties {ties})"))
     return " | ".join(parts)

@@ -1,5 +1,5 @@
-"""`dmuh demo` as a newcomer runs it: a line per run as it starts, the table, where the runs are, and a
-second run that answers again without replacing the first."""
+"""What a newcomer sees: `dmuh demo` (a line per run, the table, where the runs are, a second run that
+keeps the first), `dmuh train`'s lines (what it trains, 100 columns, no bars in a log file)."""
 
 import re
 import subprocess
@@ -103,3 +103,47 @@ def test_a_log_file_gets_lines_not_progress_bars(tmp_path):
     assert result.returncode == 0, result.stderr[-500:]
     assert b"\r" not in result.stdout + result.stderr
     assert b"epoch 2 |" in result.stdout
+
+
+def train_lines(tmp_path, *extra):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dmuh",
+            "train",
+            "--data",
+            "digits",
+            "--protocol",
+            "digits",
+            "--model",
+            "smallcnn",
+            "--model-param",
+            "input_size=8",
+            "--method",
+            "dmuh",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_train_says_what_it_trains_and_its_epoch_lines_fit_100_columns(tmp_path):
+    lines = train_lines(tmp_path)
+    assert lines[0] == "training dmuh (32 bits, smallcnn) on digits, device cpu"
+    assert lines[1] == "split (digits): 300 query / 1,000 train / 1,497 database items; MAP with ties expected"
+    assert any("warm-up done; dmuh's own loss starts now" in line for line in lines)
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all(len(line) <= 100 for line in epochs)
+    assert all(" u " in line and "image_uncertainty" not in line and "likelihood" not in line for line in epochs)
+    verbose = [line for line in train_lines(tmp_path / "v", "--verbose") if line.startswith("epoch ")]
+    assert all("likelihood" in line and "quantization" in line for line in verbose)
+    assert all("image_uncertainty " not in line for line in verbose)  # the same number as u: printed once
