@@ -237,3 +237,25 @@ def test_yaml_tags_that_would_build_python_objects_are_refused(tmp_path, capsys)
     code, err, out = run_train(tmp_path, capsys, "--config", str(config))
     assert code == 2 and "not valid YAML" in err and len(err.splitlines()) == 1, err
     assert not marker.exists() and not out.exists()
+
+
+def test_config_yaml_stores_the_run_folder_absolute(tmp_path, monkeypatch):
+    """README: paths are stored absolute, the run folder included, so a run's config works from anywhere."""
+    import yaml
+
+    from dmuh.engine.trainer import train
+
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(
+        data="digits",
+        protocol="digits",
+        model="smallcnn",
+        model_params={"input_size": 8},
+        method="regu",
+        bits=8,
+        epochs=1,
+        out="runs/relative",
+    )
+    train(config, progress=False, echo=lambda line: None)
+    stored = yaml.safe_load((tmp_path / "runs" / "relative" / "config.yaml").read_text())
+    assert stored["out"] == str(tmp_path / "runs" / "relative")

@@ -203,8 +203,9 @@ def absolute_data_spec(spec: str) -> str:
 
 
 def with_absolute_paths(config: RunConfig) -> RunConfig:
-    """The config with every input path absolute, so the run directory's config.yaml works from
-    any folder (`dmuh evaluate` elsewhere); "scratch", "digits" and missing paths are kept."""
+    """The config with every path absolute (the inputs and the run folder), so the run directory's
+    config.yaml works from any folder (`dmuh evaluate` elsewhere); "scratch", "digits" and missing
+    input paths are kept."""
     changes = {"data": absolute_data_spec(config.data)}
     for name in _PATH_FIELDS:
         value = getattr(config, name, None)
@@ -212,4 +213,5 @@ def with_absolute_paths(config: RunConfig) -> RunConfig:
             changes[name] = _absolute(value)
     if config.cache_dir not in (None, "default", "off", "none"):
         changes["cache_dir"] = str(Path(config.cache_dir).expanduser().resolve())
+    changes["out"] = str(Path(config.out).expanduser().resolve())  # the run folder too, as the README says
     return dataclasses.replace(config, **changes)
