@@ -364,3 +364,40 @@ def test_detection_scores_and_rank_average():
     assert perfect["auroc"] == 1.0 and perfect["top"] == 1 and perfect["top_precision"] == 1.0
     assert detection_scores(np.arange(10), positive)["auroc"] == 0.0
     np.testing.assert_allclose(rank_average([3, 1, 2], [1, 2, 3]), [2.0, 1.5, 2.5])
+
+
+def test_inspect_and_the_figure_say_which_uncertainty_reading_they_print(capsys, tmp_path):
+    """The same items get other numbers from `dmuh inspect` and `dmuh figure uncertainty`: both say why."""
+    from dmuh.cli import main
+
+    run = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "digits",
+                "--protocol",
+                "digits",
+                "--model",
+                "smallcnn",
+                "--model-param",
+                "input_size=8",
+                "--model-param",
+                "dropout=0.5",
+                "--method",
+                "dmuh",
+                "--epochs",
+                "1",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["inspect", str(run), "--out", str(tmp_path / "review"), "--reading", "eval", "--quiet"]) == 0
+    assert "uncertainty values depend on the reading" in capsys.readouterr().out
+    assert main(["figure", "uncertainty", "--run", str(run), "--out", str(tmp_path / "fig")]) == 0
+    assert "so its values for the same items differ" in capsys.readouterr().out

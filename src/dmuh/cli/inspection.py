@@ -115,6 +115,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     written = result.write(args.out, top=args.top, force=args.force)
     for note in result.notes:
         print(f"note: {note}")
+    if result.reading in ("eval", "training"):
+        print(
+            "note: uncertainty values depend on the reading: eval is one pass in eval mode (what encode and serve "
+            "report), training averages passes with dropout as the loss saw them, as `dmuh figure uncertainty` "
+            "does (one pass by default)"
+        )
     reading = {
         "eval": "eval reading (one pass)",
         "training": f"training reading ({plural(result.passes, 'pass', 'passes')})",

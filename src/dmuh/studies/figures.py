@@ -343,6 +343,11 @@ def uncertainty_figure(
     if len(trace["epochs"]) < 2:
         notes.append("the trace holds one epoch: bits cannot be ranked by change")
     positions = np.arange(len(exp.split.train))
+    notes.append(
+        f"image uncertainty: the training reading (dropout and batch statistics as the loss saw them), "
+        f"{passes} pass(es) averaged; `dmuh inspect` defaults to 8 passes, or one eval-mode pass (--reading eval), "
+        "so its values for the same items differ"
+    )
     u = experiment.training_uncertainty(exp, positions, passes=passes)
     image_u = u.detach().float().cpu().numpy().astype(np.float64).mean(axis=1)
     n = min(gallery, len(image_u) // 2)
