@@ -5,15 +5,19 @@ import re
 import subprocess
 import sys
 
+TRAIN = "train --data digits --protocol digits --model smallcnn --model-param input_size=8 --epochs 2".split()
+
+
+def dmuh(*args, cwd=None, text=True):
+    """`python -m dmuh ARGS` as a user runs it; text=False keeps the bytes (text mode would turn a
+    carriage return into a newline)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dmuh", *map(str, args)], capture_output=True, text=text, cwd=cwd, timeout=300
+    )
+
 
 def demo(cwd, *args):
-    return subprocess.run(
-        [sys.executable, "-m", "dmuh", "demo", "--bits", "8", "--epochs", "2", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
+    return dmuh("demo", "--bits", "8", "--epochs", "2", *args, cwd=cwd)
 
 
 def test_the_demo_shows_progress_and_runs_twice(tmp_path):
@@ -43,95 +47,22 @@ def test_a_bad_argument_is_reported_before_any_file(tmp_path):
 
 
 def test_the_last_line_of_train_rounds_its_figures(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dmuh",
-            "train",
-            "--data",
-            "digits",
-            "--protocol",
-            "digits",
-            "--model",
-            "smallcnn",
-            "--model-param",
-            "input_size=8",
-            "--method",
-            "regu",
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path / "run"),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = dmuh(*TRAIN, "--method", "regu", "--out", tmp_path / "run", "--quiet")
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"run .*: epoch 1, loss \d\.\d{4}, map \d\.\d{4}, [\d,]+ images/s \(MAP ties expected\)", last)
+    assert re.fullmatch(r"run .*: epoch 2, loss \d\.\d{4}, map \d\.\d{4}, [\d,]+ images/s \(MAP ties expected\)", last)
 
 
 def test_a_log_file_gets_lines_not_progress_bars(tmp_path):
     """`dmuh train > log 2>&1`: stderr is no terminal, so no bar's carriage returns reach the file."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dmuh",
-            "train",
-            "--data",
-            "digits",
-            "--protocol",
-            "digits",
-            "--model",
-            "smallcnn",
-            "--model-param",
-            "input_size=8",
-            "--method",
-            "regu",
-            "--epochs",
-            "2",
-            "--out",
-            str(tmp_path / "run"),
-        ],
-        capture_output=True,
-        timeout=300,  # bytes: text mode would turn a carriage return into a newline
-    )
+    result = dmuh(*TRAIN, "--method", "regu", "--out", tmp_path / "run", text=False)
     assert result.returncode == 0, result.stderr[-500:]
     assert b"\r" not in result.stdout + result.stderr
     assert b"epoch 2 |" in result.stdout
 
 
 def train_lines(tmp_path, *extra):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dmuh",
-            "train",
-            "--data",
-            "digits",
-            "--protocol",
-            "digits",
-            "--model",
-            "smallcnn",
-            "--model-param",
-            "input_size=8",
-            "--method",
-            "dmuh",
-            "--epochs",
-            "2",
-            "--out",
-            str(tmp_path / "run"),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = dmuh(*TRAIN, "--method", "dmuh", "--out", tmp_path / "run", *extra)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
