@@ -202,7 +202,7 @@ def test_grid_through_the_cli_makes_one_row_per_value(tmp_path, capsys):
 
 
 def test_grid_rows_cross_product_and_checks():
-    from dmuh.studies.compare import run_directory, table_rows
+    from dmuh.studies.compare import comparison_run_dir, table_rows
 
     rows = table_rows(["regu"], {"dmuh": {"gamma": 1}}, {"dmuh": {"alpha": [0.5, 0.9], "beta": [30, 50]}})
     assert [r.label for r in rows] == [
@@ -213,8 +213,8 @@ def test_grid_rows_cross_product_and_checks():
         "dmuh alpha=0.9 beta=50",
     ]
     assert rows[1].params == {"gamma": 1, "alpha": 0.5, "beta": 30}
-    assert run_directory("o", rows[1].label, 8, 2).name == "dmuh-alpha=0.5-beta=30-8bits-seed2"
-    assert run_directory("o", "x y/z", 8).name == "x-y_z-8bits"
+    assert comparison_run_dir("o", rows[1].label, 8, 2).name == "dmuh-alpha=0.5-beta=30-8bits-seed2"
+    assert comparison_run_dir("o", "x y/z", 8).name == "x-y_z-8bits"
     with pytest.raises(DmuhError, match="dmuh.alpha is given both"):
         table_rows(["dmuh"], {"dmuh": {"alpha": 0.5}}, {"dmuh": {"alpha": [0.6]}})
     with pytest.raises(DmuhError, match="has no parameter 'alhpa'"):

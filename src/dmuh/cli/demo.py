@@ -55,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         RESULTS_CSV,
         RESULTS_MARKDOWN,
         compare,
-        run_directory,
+        comparison_run_dir,
     )
     from dmuh.utils.io import refuse_overwrite, remove_orphans
 
@@ -69,7 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     remove_orphans(out)
     for method in DEMO_METHODS:
         for length in bits:
-            run = run_directory(out, method, length)
+            run = comparison_run_dir(out, method, length)
             if (run / CHECKPOINT).exists() or (run / LEGACY_CHECKPOINT).exists():
                 if not args.force:
                     raise DmuhError(f"{run} already holds a run; pass --force to replace the demo runs")

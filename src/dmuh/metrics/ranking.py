@@ -33,7 +33,7 @@ from dmuh.errors import DmuhError
 from dmuh.metrics.ties import DEFAULT_TIES, TIES  # noqa: F401 - also this module's API
 from dmuh.utils.progress import progress_bar
 
-EMPTY = ("zero", "drop")
+EMPTY_QUERY_POLICIES = ("zero", "drop")  # what a query with no relevant item scores
 DEFAULT_PRECISION_KS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000)
 
 _CPU_QUERY_CHUNK = 8  # queries per distance pass: 8 x 16384 xor words stay in cache
@@ -628,7 +628,7 @@ class HammingRanking:
     ) -> float:
         """MAP over the queries. empty="zero": a query without a relevant item in its top k counts
         as AP 0 (DPSH, DeepHash-pytorch); "drop": such queries are left out (HashNet); 0.0 if all are."""
-        _check_choice(empty, EMPTY, "empty")
+        _check_choice(empty, EMPTY_QUERY_POLICIES, "empty")
         ap, found = self.average_precision(topk, ties)
         if empty == "drop":
             ap = ap[found > 0]
@@ -706,7 +706,7 @@ def mean_average_precision(
     the number of relevant items inside the top k.
     """
     _check_choice(ties, TIES, "ties")
-    _check_choice(empty, EMPTY, "empty")
+    _check_choice(empty, EMPTY_QUERY_POLICIES, "empty")
     ranking = HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits)
     return ranking.mean_average_precision(topk, ties, empty)
 
@@ -784,7 +784,7 @@ def retrieval_report(
         raise DmuhError("ties: give at least one mode")
     for mode in modes:
         _check_choice(mode, TIES, "ties")
-    _check_choice(empty, EMPTY, "empty")
+    _check_choice(empty, EMPTY_QUERY_POLICIES, "empty")
     ranking = HammingRanking(query_codes, db_codes, query_labels, db_labels, device, bits, progress=progress)
     headline = modes[0]
     if topk is not None:

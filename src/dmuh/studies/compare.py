@@ -71,7 +71,7 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", text.replace(" ", "-"))
 
 
-def run_directory(out_dir: Path, method: str, bits: int, seed: Optional[int] = None) -> Path:
+def comparison_run_dir(out_dir: Path, method: str, bits: int, seed: Optional[int] = None) -> Path:
     """OUT/METHOD-Nbits, or OUT/METHOD-Nbits-seedS for a comparison over seeds. `method` may be a
     row label such as "dmuh alpha=0.5" (a grid row): OUT/dmuh-alpha=0.5-Nbits."""
     name = f"{_safe_name(method)}-{bits}bits"
@@ -342,7 +342,7 @@ def compare(
     for spec in specs:
         for length in bits:
             for seed in run_seeds:
-                where = run_directory(out_dir, spec.label, length, seed if seeds is not None else None)
+                where = comparison_run_dir(out_dir, spec.label, length, seed if seeds is not None else None)
                 if directories.setdefault(where, spec.label) != spec.label:
                     raise DmuhError(f"compare: rows {directories[where]!r} and {spec.label!r} would share {where}")
                 config = dataclasses.replace(
