@@ -22,6 +22,7 @@ from torch import nn
 
 from dmuh.data import open_source
 from dmuh.data.pipeline import InputPipeline
+from dmuh.engine.builder import RunData, training_labels
 from dmuh.engine.preflight import check_pretrain_config
 from dmuh.engine.runtime import (
     autocast,
@@ -257,7 +258,7 @@ def cross_entropy_warmup(
 
 def warm_up(
     config: TrainConfig,
-    data,
+    data: RunData,
     model: nn.Module,
     context: distributed.Context = distributed.SINGLE,
     progress: bool = False,
@@ -288,7 +289,7 @@ def warm_up(
             f"init auto: --init-epochs {config.init_epochs} warms the backbone up on the training labels, "
             f"so this run of label-free {config.method!r} is not label-free"
         )
-        warmup_labels = torch.from_numpy(np.asarray(data.source.labels)[data.split.train]).float()
+        warmup_labels = training_labels(data.source, data.split)
     # Rank 0 warms up with the global batch (as one process would), the others take its weights.
     device = resolve_device(config.device)
     model.to(device)
