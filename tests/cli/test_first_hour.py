@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+
 TRAIN = "train --data digits --protocol digits --model smallcnn --model-param input_size=8 --epochs 2".split()
 
 
@@ -78,3 +80,22 @@ def test_train_says_what_it_trains_and_its_epoch_lines_fit_100_columns(tmp_path)
     verbose = [line for line in train_lines(tmp_path / "v", "--verbose") if line.startswith("epoch ")]
     assert all("likelihood" in line and "quantization" in line for line in verbose)
     assert all("image_uncertainty " not in line for line in verbose)  # the same number as u: printed once
+
+
+def test_a_folder_without_class_folders_trains_with_no_protocol_flag(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(folder / f"{i:03d}.png")
+    run = tmp_path / "run"
+    result = dmuh("train", "--data", folder, "--method", "lsh", "--bits", "8", "--out", run)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "protocol auto chose unsupervised: the data has no labels: 12 random query items of 120, "
+        "train = database = the rest (--protocol overrides)"
+    ) in result.stdout
+    assert "split (unsupervised): 12 query / 108 train / 108 database items" in result.stdout
+    assert '"protocol":"unsupervised"' in (run / "split.json").read_text()  # the run records what auto chose

@@ -221,3 +221,43 @@ def test_load_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(record))
     with pytest.raises(DmuhError, match="bad.json: field 'train'"):
         Split.load(tmp_path / "bad.json")
+
+
+# --- protocol "auto": the data chooses, sized to it -------------------------------------------
+
+
+def test_auto_draws_single_label_data_per_class_with_sizes_that_scale(cifar_labels):
+    split = make_split("auto", cifar_labels, seed=0)
+    assert (split.protocol, split.params) == ("per-class", {"query_per_class": 100, "train_per_class": 500})
+    assert (len(split.query), len(split.train), len(split.database)) == (1000, 5000, 59000)  # the cifar10 sizes
+    small = make_split("auto", np.repeat(np.arange(3), [40, 25, 31]), seed=0)
+    assert small.params == {"query_per_class": 2, "train_per_class": 12}  # a tenth and a half of the smallest class
+    assert (len(small.query), len(small.train)) == (6, 36)
+
+
+def test_auto_on_unlabeled_multi_label_and_tiny_class_data():
+    unlabeled = make_split("auto", np.zeros((300, 0)), seed=0)
+    assert (unlabeled.protocol, unlabeled.params, len(unlabeled.query)) == ("unsupervised", {"query": 30}, 30)
+    assert len(make_split("auto", np.zeros((50_000, 0)), seed=0).query) == 1000  # capped as the standard one
+    multi = make_split("auto", multi_label_matrix(items=3000, classes=5), seed=0)
+    assert (multi.protocol, multi.params) == ("random", {"query": 300, "train": 1500})
+    lonely = make_split("auto", np.array([0] * 30 + [1]), seed=0)  # a class of one item cannot be drawn per class
+    assert lonely.protocol == "random" and len(lonely.query) == 3
+    assert_disjoint(lonely.query, lonely.train)
+
+
+def test_auto_is_deterministic_and_a_named_protocol_still_wins(cifar_labels):
+    first, second = make_split("auto", cifar_labels, seed=3), make_split("auto", cifar_labels, seed=3)
+    assert np.array_equal(first.query, second.query) and np.array_equal(first.train, second.train)
+    assert make_split("digits", cifar_labels, seed=0).params == {}  # explicit: untouched
+    assert make_split("auto", cifar_labels, seed=0, topk=50).topk == 50  # topk may still be given
+    with pytest.raises(DmuhError, match="protocol 'auto' chooses its own sizes"):
+        make_split("auto", cifar_labels, query_per_class=5)
+
+
+def test_random_protocol_and_a_too_small_data_set_points_to_auto():
+    split = make_split("random", np.zeros((100, 0)), seed=0, query=10, train=40)
+    assert (len(split.query), len(split.train), len(split.database)) == (10, 40, 90)
+    assert_disjoint(split.query, split.train)
+    with pytest.raises(DmuhError, match="needs 1000 query; protocol 'auto' sizes the split to the data"):
+        make_split("unsupervised", np.zeros((300, 0)), seed=0)

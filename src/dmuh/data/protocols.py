@@ -222,7 +222,10 @@ def _sample_random(data: _Data, rng: np.random.Generator, counts: Sequence[int],
     """Draw disjoint random sets of counts[r] items."""
     if sum(counts) > data.count:
         wanted = " + ".join(f"{n} {role}" for n, role in zip(counts, roles))
-        raise DmuhError(f"the data has {data.count} items, the protocol needs {wanted}")
+        raise DmuhError(
+            f"the data has {data.count:,} items, the protocol needs {wanted}; "
+            "protocol 'auto' sizes the split to the data"
+        )
     order = rng.permutation(data.count)
     bounds = np.cumsum([0] + list(counts))
     return [np.sort(order[bounds[r] : bounds[r + 1]]) for r in range(len(counts))]
@@ -324,6 +327,15 @@ def _mirflickr25k(data, rng, *, train: int = 5000, topk=None):
     return query, train_items, data.all_but(query), topk
 
 
+def _random(data, rng, *, query: int, train: int, topk=None):
+    """`query` and `train` random items, drawn apart; database = all but the query (train inside it).
+    Reads no label: for multi-label data, or any data where drawing per class does not fit."""
+    query_items, train_items = _sample_random(
+        data, rng, (_count_param("query", query), _count_param("train", train)), ("query", "train")
+    )
+    return query_items, train_items, data.all_but(query_items), topk
+
+
 def _coco(data, rng, *, topk=5000):
     query, train = _sample_random(data, rng, (5000, 10000), ("query", "train"))
     return query, train, data.all_but(query), topk
@@ -365,16 +377,79 @@ PROTOCOLS: dict = {
     "imagenet100": _imagenet100,
     "clothing1m": _clothing1m,
     "per-class": _per_class,
+    "random": _random,
     "digits": _digits,
 }
 
+# The word that lets the data choose (`choose_protocol`); a run records the protocol it stood for.
+AUTO = "auto"
+
 
 # The protocols that split without reading a label (random draws, subsets).
-LABEL_FREE_PROTOCOLS = frozenset({"cifar10-unsup", "unsupervised", "coco", "imagenet100", "clothing1m", "mirflickr25k"})
+LABEL_FREE_PROTOCOLS = frozenset(
+    {"cifar10-unsup", "unsupervised", "random", "coco", "imagenet100", "clothing1m", "mirflickr25k"}
+)
 
 
 def available_protocols() -> list:
     return sorted(PROTOCOLS)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `--protocol auto` stands for on some data, and why (printed at the start of a run)."""
+
+    protocol: str
+    params: dict
+    reason: str
+
+
+def choose_protocol(labels: np.ndarray) -> Choice:
+    """The protocol that fits data with these multi-hot labels (no columns: no labels), with
+    sizes that scale with it: about a tenth of the items as queries, capped at the standard
+    protocols' 100 per class (1,000 label-free); about half as training items, capped at 500 per
+    class. Single-label data with every class of 2 or more items is drawn per class, multi-label
+    data at random, unlabeled data by the label-free `unsupervised` protocol."""
+    count, classes = labels.shape
+    if classes == 0:
+        query = max(1, min(1000, count // 10))
+        return Choice(
+            "unsupervised",
+            {"query": query},
+            f"the data has no labels: {query:,} random query items of {count:,}, train = database = the rest",
+        )
+    single = bool((labels.sum(axis=1) == 1).all())
+    smallest = int(labels.sum(axis=0).min())
+    if single and smallest >= 2:
+        per_query = max(1, min(100, smallest // 10))
+        per_train = max(1, min(500, smallest // 2))
+        return Choice(
+            "per-class",
+            {"query_per_class": per_query, "train_per_class": per_train},
+            f"{count:,} single-label items in {classes} classes (the smallest has {smallest:,}): "
+            f"{per_query} query + {per_train} train items per class, database = all but the query",
+        )
+    query = max(1, min(2000, count // 10))
+    train = max(1, min(10_000, count // 2))
+    why = "multi-label items" if not single else f"single-label items, a class with {smallest} item(s)"
+    return Choice(
+        "random",
+        {"query": query, "train": train},
+        f"{count:,} {why}: {query:,} random query + {train:,} train items, database = all but the query",
+    )
+
+
+def resolve_protocol(protocol: str, labels: np.ndarray, params: dict) -> tuple:
+    """(protocol, params) as given, or what `auto` stands for on data with these multi-hot labels."""
+    if protocol != AUTO:
+        return protocol, dict(params)
+    if params.keys() - {"topk"}:
+        raise DmuhError(
+            f"protocol 'auto' chooses its own sizes; give parameter(s) {', '.join(sorted(params))} "
+            "with a named protocol (--protocol per-class, random or unsupervised)"
+        )
+    choice = choose_protocol(labels)
+    return choice.protocol, {**choice.params, **params}
 
 
 def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fingerprint: str = "", **params) -> Split:
@@ -383,9 +458,6 @@ def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fin
     With a Source, its subsets and fingerprint are used unless given. `params` go to the protocol:
     every protocol takes `topk`; 'per-class' takes query_per_class, train_per_class, database.
     """
-    build: Optional[Callable] = PROTOCOLS.get(protocol)
-    if build is None:
-        raise DmuhError(f"protocol {protocol!r}: choose one of {', '.join(available_protocols())}")
     if isinstance(source_or_labels, Source):
         source = source_or_labels
         labels, class_names = source.labels, source.class_names
@@ -394,6 +466,10 @@ def make_split(protocol: str, source_or_labels, seed: int = 0, subsets=None, fin
     else:
         labels = to_multi_hot(source_or_labels)
         class_names = [str(c) for c in range(labels.shape[1])]
+    protocol, params = resolve_protocol(protocol, labels, params)
+    build: Optional[Callable] = PROTOCOLS.get(protocol)
+    if build is None:
+        raise DmuhError(f"protocol {protocol!r}: choose one of {', '.join([AUTO, *available_protocols()])}")
     if subsets is not None:
         subsets = np.asarray(subsets, dtype=str)
         if subsets.shape != (labels.shape[0],):

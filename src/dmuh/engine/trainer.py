@@ -20,6 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dmuh.data.pipeline import InputPipeline
+from dmuh.data.protocols import AUTO, choose_protocol
 from dmuh.engine.builder import (
     Experiment,
     build_experiment,
@@ -207,6 +208,10 @@ class Trainer:
             f"{'resuming' if resume else 'training'} {config.method} ({config.bits} bits, {config.model}) on "
             f"{config.data}, device {config.device}"
         )
+        if config.protocol == AUTO:
+            said(
+                f"protocol auto chose {split.protocol}: {choose_protocol(data.source.labels).reason} (--protocol overrides)"
+            )
         said(
             f"split ({split.protocol}): {len(split.query):,} query / {len(split.train):,} train / "
             f"{len(split.database):,} database items; MAP with ties {DEFAULT_TIES}"

@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import yaml
 
 from dmuh.data.augmentations import AUGMENTATIONS
-from dmuh.data.protocols import available_protocols
+from dmuh.data.protocols import AUTO, available_protocols
 from dmuh.data.sources import SOURCE_KINDS
 from dmuh.utils.io import atomic_write_text
 from dmuh.utils.schema import Rule, check_values, setting  # noqa: F401  (Rule: the schema's vocabulary)
@@ -26,7 +26,7 @@ IMAGE_SIZES = (4, 4096)  # the image sizes (pixels) dmuh decodes and exports at,
 
 
 def _protocols() -> Sequence[str]:
-    return available_protocols()
+    return [AUTO, *available_protocols()]
 
 
 def _augmentations() -> Sequence[str]:
@@ -45,7 +45,9 @@ class RunConfig:
     )
     data_root: Optional[str] = setting(None, "image root of a list file's relative paths")
     allow_outside_root: bool = setting(False, "let list-file paths leave --data-root (../x, absolute paths)")
-    protocol: str = setting("digits", "query/train/database split protocol", choices=_protocols)
+    protocol: str = setting(
+        AUTO, "query/train/database split protocol; auto: one that fits the data, sized to it", choices=_protocols
+    )
     protocol_params: Dict[str, Any] = setting(
         {},
         "protocol parameters, e.g. query_per_class, train_per_class, "

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dmuh.data.noise import LabelNoise
-from dmuh.data.protocols import Split, make_split
+from dmuh.data.protocols import Split, make_split, resolve_protocol
 from dmuh.errors import ConfigError, DmuhError, first_line
 from dmuh.methods import create_method
 from dmuh.models import create_model
@@ -104,7 +104,8 @@ def load_split(config: RunConfig, source, run_dir: Path) -> Split:
     if path.exists():
         split = Split.load(path)
         made = (split.protocol, split.seed, split.params)
-        wanted = (config.protocol, config.split_seed, dict(config.protocol_params))
+        protocol, params = resolve_protocol(config.protocol, source.labels, config.protocol_params)
+        wanted = (protocol, config.split_seed, params)
         if made != wanted:
             raise DmuhError(
                 f"{path}: made with protocol {made[0]!r}, split seed {made[1]}, parameters {made[2]}; "
