@@ -99,3 +99,26 @@ def test_a_folder_without_class_folders_trains_with_no_protocol_flag(tmp_path):
     ) in result.stdout
     assert "split (unsupervised): 12 query / 108 train / 108 database items" in result.stdout
     assert '"protocol":"unsupervised"' in (run / "split.json").read_text()  # the run records what auto chose
+
+
+def test_compare_tabulates_finished_runs_without_training(tmp_path):
+    for method, seed in (("regu", 0), ("regu", 1), ("dmuh", 0), ("dmuh", 1)):
+        trained = dmuh(*TRAIN, "--bits", "8", "--method", method, "--seed", seed, "--out", tmp_path / f"{method}{seed}")
+        assert trained.returncode == 0, trained.stderr
+    runs = [arg for name in ("regu0", "dmuh0", "regu1", "dmuh1") for arg in ("--run", tmp_path / name)]
+    table = dmuh("compare", *runs, "--against", "regu", "--out", tmp_path / "table")
+    assert table.returncode == 0, table.stderr
+    assert "training in" not in table.stdout and "(n=2)" in table.stdout  # seeds 0 and 1 make one cell
+    assert "Same backbone, recipe and budget for every method: data digits, protocol digits" in table.stdout
+    assert "Paired difference against Regu" in table.stdout and (tmp_path / "table" / "results.md").is_file()
+    single = dmuh("compare", "--run", tmp_path / "regu0", "--run", tmp_path / "dmuh0")
+    assert single.returncode == 0 and "One seed per cell" in single.stdout and "**" not in single.stdout
+
+    other = tmp_path / "other-split"
+    trained = dmuh(*TRAIN, "--bits", "8", "--method", "regu", "--split-seed", "1", "--out", other)
+    assert trained.returncode == 0, trained.stderr
+    refused = dmuh("compare", "--run", tmp_path / "regu0", "--run", other)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "scored on other query or database items" in refused.stderr
+    flagged = dmuh("compare", "--run", tmp_path / "regu0", "--epochs", "3")
+    assert flagged.returncode == 2 and "--epochs: compare --run tabulates finished runs" in flagged.stderr

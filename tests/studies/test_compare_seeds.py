@@ -99,7 +99,7 @@ def test_tables_leave_a_failed_seed_out_of_n(tmp_path):
     assert "ties expected" in markdown.splitlines()[0]
     assert "| Regu | 0.6000 ± 0.1000 (n=3) |" in markdown
     assert "| DMUH | 0.5700 ± 0.0849 (n=2) |" in markdown  # sd of [0.51, 0.63]
-    assert "| DSH | **0.7250 ± 0.2475 (n=2)** |" in markdown  # the best mean is bold
+    assert "| DSH | 0.7250 ± 0.2475 (n=2) |" in markdown  # the best mean, but one paired seed: no bold
     assert "- dmuh at 8 bits, seed 2: dmuh: boom" in markdown
     # differences of dmuh: [0.01, 0.03]: mean 0.02, sd 0.014142, t(0.975, 1) = 12.706205
     assert "Paired difference against Regu" in markdown and "ties expected" in markdown
@@ -121,8 +121,29 @@ def test_a_significant_difference_is_starred(tmp_path):
         for s, v in enumerate(values)
     ]
     write_tables(rows, tmp_path, against="regu")
-    cell = table_cell((tmp_path / "results.md").read_text(), "## Paired", "DMUH")
+    markdown = (tmp_path / "results.md").read_text()
+    cell = table_cell(markdown, "## Paired", "DMUH")
     assert cell.endswith("(n=3) *") and cell.startswith("+0.0200 [")
+    assert "| DMUH | **0.6200 ± 0.0995 (n=3)** |" in markdown  # best, and the interval supports it
+
+
+def test_bold_needs_an_interval_that_excludes_zero_against_every_other_row():
+    from dmuh.studies.compare import write_tables
+
+    def table(values: dict) -> str:
+        rows = [
+            {"method": m, "bits": 8, "seed": s, "map": v, "seconds": 1.0}
+            for m, maps in values.items()
+            for s, v in enumerate(maps)
+        ]
+        return write_tables(rows, None)  # no folder: the text alone
+
+    clear = table({"regu": [0.5, 0.6, 0.7], "dmuh": [0.52, 0.621, 0.719], "dsh": [0.4, 0.5, 0.6]})
+    assert "**0.6200" in clear and clear.count("**") == 2
+    close = table({"regu": [0.5, 0.6, 0.7], "dmuh": [0.52, 0.59, 0.72]})  # differences +0.02, -0.01, +0.02
+    assert "**" not in close and "excludes 0" in close
+    single = table({"regu": [0.5], "dmuh": [0.5003]})
+    assert "**" not in single and "One seed per cell" in single and "cannot show" in single
 
 
 # --- training over seeds ----------------------------------------------------------------------

@@ -4,15 +4,18 @@ and dmuh.studies.compare."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Dict, List
 
-from dmuh.cli.common import add_config_flags, config_from_args
+from dmuh.cli.common import add_config_flags, config_from_args, flag_name
 from dmuh.errors import DmuhError
 from dmuh.runs.config import PretrainConfig, TrainConfig
 from dmuh.runs.files import CONFIG
 from dmuh.utils.schema import load_yaml, parse_params
+
+BITS_DEFAULT = "12,24,32,48"
 
 
 def add_commands(sub) -> None:
@@ -73,7 +76,7 @@ def add_commands(sub) -> None:
         "[default: auto]",
     )
     p.add_argument(
-        "--bits", dest="bits_list", default="12,24,32,48", help="comma-separated code lengths [default: 12,24,32,48]"
+        "--bits", dest="bits_list", default=BITS_DEFAULT, help=f"comma-separated code lengths [default: {BITS_DEFAULT}]"
     )
     p.add_argument(
         "--jobs",
@@ -108,6 +111,15 @@ def add_commands(sub) -> None:
         action="store_true",
         help="replace the tables (results.md, results.csv) of an earlier compare in --out; its finished "
         "runs are reused either way [default: off]",
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="RUN",
+        help="tabulate finished runs instead of training (repeatable; runs of one method and bits that "
+        "differ in seed make a cell of several seeds; they must share the split); with --out the tables "
+        "are written there too [default: none]",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines [default: off]")
     p.set_defaults(func=cmd_compare)
@@ -205,10 +217,46 @@ def parse_grid(items: List[str], flag: str = "--grid") -> Dict[str, Dict[str, Li
     return grid
 
 
+def tabulate_finished_runs(args: argparse.Namespace) -> int:
+    """`dmuh compare --run A --run B ...`: the tables of runs that exist, nothing trained."""
+    from dmuh.runs.config import TrainConfig
+    from dmuh.studies.compare import tabulate_runs
+    from dmuh.studies.paper import PAPER_DATASETS
+
+    trains = [
+        flag_name(field.name)
+        for field in dataclasses.fields(TrainConfig)
+        if field.name != "out" and getattr(args, field.name, None) not in (None, [])
+    ]
+    given = trains + [
+        flag
+        for flag, value, unset in (
+            ("--methods", args.methods, ""),
+            ("--grid", args.grid, []),
+            ("--seeds", args.seeds, None),
+            ("--bits", args.bits_list, BITS_DEFAULT),
+            ("--jobs", args.jobs, 1),
+            ("--config", args.config, None),
+        )
+        if value != unset
+    ]
+    if given:
+        raise DmuhError(f"{given[0]}: compare --run tabulates finished runs and trains nothing; drop {given[0]}")
+    if args.paper_figures not in ("auto", "none", *PAPER_DATASETS):
+        raise DmuhError(f"--paper-figures {args.paper_figures}: expected none or one of {', '.join(PAPER_DATASETS)}")
+    paper = args.paper_figures if args.paper_figures in PAPER_DATASETS else None
+    out = getattr(args, "out", None)
+    _, text = tabulate_runs(args.run, Path(out) if out else None, against=args.against, force=args.force, paper=paper)
+    print(text, end="")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from dmuh.studies.compare import RESULTS_MARKDOWN, compare
     from dmuh.studies.paper import PAPER_DATASETS, PAPER_METHODS, dataset_for_protocol
 
+    if args.run:
+        return tabulate_finished_runs(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = [name for m in methods for name in (PAPER_METHODS if m == "paper" else [m])]
     bits = parse_bits(args.bits_list)

@@ -28,17 +28,18 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import yaml
 
-from dmuh.data import open_source
+from dmuh.data import Split, open_source
 from dmuh.engine.runtime import decode_all, resolve_cache_dir
 from dmuh.engine.trainer import train
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, RunError
 from dmuh.methods import METHODS, create_method, display_name, method_class
 from dmuh.metrics.ranking import DEFAULT_TIES
 from dmuh.metrics.stats import mean, paired_interval, sample_sd
 from dmuh.runs.config import TrainConfig, with_absolute_paths
-from dmuh.runs.layout import CHECKPOINT, CONFIG, LOG, read_log
+from dmuh.runs.layout import CHECKPOINT, CONFIG, LOG, SPLIT, load_run_config, read_log, run_directory
 from dmuh.studies.paper import PAPER_DATASETS, PAPER_TITLES, paper_map
 from dmuh.utils.io import atomic_write_text, refuse_overwrite, remove_orphans
 from dmuh.utils.schema import load_yaml
@@ -394,8 +395,111 @@ def compare(
         row["seconds"] = training_seconds(Path(config.out))
         rows.append(row)
         # partial tables survive an interruption
-        write_tables(rows, out_dir, caption=caption, against=against, per_seed=seeds is not None, paper=paper)
+        write_tables(
+            rows,
+            out_dir,
+            caption=f"Same backbone, recipe and budget for every method: {caption}",
+            against=against,
+            per_seed=seeds is not None,
+            paper=paper,
+        )
     return rows
+
+
+# Fields that make one row or column of a table of finished runs, not its recipe.
+ROW_FIELDS = ("method", "method_params", "bits", "seed")
+
+
+def tabulate_runs(
+    runs: Sequence[Any],
+    out_dir: Optional[Path] = None,
+    against: Optional[str] = None,
+    force: bool = False,
+    paper: Optional[str] = None,
+) -> Tuple[List[Dict[str, Any]], str]:
+    """The tables of finished runs, wherever they are, without training any: each run's method,
+    method parameters, bits and seed place it (runs that differ in seed alone make a cell of
+    several seeds); its log's last MAP is the figure. Returns (rows, results.md's text); the
+    tables are written to `out_dir` when given.
+
+    The runs must have been scored on the same split (the same query and database items of the
+    same data): MAPs on other queries are not comparable, and that is refused. Recipe fields that
+    differ (epochs, lr, model, ...) are named in the caption instead of the shared recipe.
+    """
+    if len(runs) < 1:
+        raise DmuhError("compare: give at least one --run")
+    if out_dir is not None:
+        refuse_overwrite(Path(out_dir) / RESULTS_MARKDOWN, force, "--out")
+    seen: Dict[Path, Any] = {}
+    read = []  # (run directory, config, last log row)
+    for given in runs:
+        where = run_directory(given, need=(LOG, SPLIT))
+        if where.resolve() in seen:
+            raise DmuhError(f"--run {given}: given twice (also as --run {seen[where.resolve()]})")
+        seen[where.resolve()] = given
+        config = load_run_config(where)
+        log = read_log(where / LOG)
+        if not log or int(log[-1]["epoch"]) != config.epochs:
+            done = int(log[-1]["epoch"]) if log else 0
+            raise RunError(
+                f"--run {given}: unfinished ({plural(done, 'epoch')} of {config.epochs}); finish it with "
+                f"`dmuh train --resume --out {given}` or leave it out"
+            )
+        read.append((where, given, config, log[-1]))
+    first_where, first_given, _, _ = read[0]
+    first_split = Split.load(first_where / SPLIT)
+    for where, given, _, _ in read[1:]:
+        split = Split.load(where / SPLIT)
+        same = (
+            split.fingerprint == first_split.fingerprint
+            and np.array_equal(split.query, first_split.query)
+            and np.array_equal(split.database, first_split.database)
+        )
+        if not same:
+            raise RunError(
+                f"--run {given}: scored on other query or database items than --run {first_given} "
+                f"(split {split.protocol} seed {split.seed} of data {split.fingerprint[:12]}, against "
+                f"{first_split.protocol} seed {first_split.seed} of {first_split.fingerprint[:12]}); "
+                "MAPs over different queries are not comparable"
+            )
+    recipes = [
+        comparable({k: v for k, v in config.to_dict().items() if k not in ROW_FIELDS}) for _, _, config, _ in read
+    ]
+    differing = sorted(k for k in recipes[0] if any(recipe.get(k) != recipes[0][k] for recipe in recipes))
+    rows: List[Dict[str, Any]] = []
+    places: Dict[Tuple[str, int, int], str] = {}
+    for where, given, config, last in read:
+        label = row_label(config.method, config.method_params)
+        if (label, config.bits, config.seed) in places:  # two runs of one cell: tell them apart by folder
+            label = f"{label} ({where.name})"
+        places[label, config.bits, config.seed] = str(given)
+        value = float(last.get("map", math.nan))
+        rows.append(
+            {
+                "label": label,
+                "method": config.method,
+                "params": dict(config.method_params),
+                "bits": config.bits,
+                "seed": config.seed,
+                "run": str(where),
+                "map": value,
+                "ties": (last.get("ties") or "index") if math.isfinite(value) else DEFAULT_TIES,
+                "seconds": training_seconds(where),
+            }
+        )
+    if against is not None:
+        methods = dict((row["label"], row["method"]) for row in rows)
+        against = resolve_against(against, [Row(label, method, {}, {}) for label, method in methods.items()])
+    seeds = sorted({row["seed"] for row in rows})
+    if differing:
+        caption = (
+            f"finished runs of different recipes (they differ in {', '.join(differing)}): the table "
+            "does not separate the method from the recipe"
+        )
+    else:
+        caption = "Same backbone, recipe and budget for every method: " + describe(read[0][2], seeds)
+    text = write_tables(rows, out_dir, caption=caption, against=against, paper=paper)
+    return rows, text
 
 
 def describe(config: TrainConfig, seeds: Optional[Sequence[int]] = None) -> str:
@@ -456,13 +560,13 @@ def format_difference(differences: Sequence[float]) -> str:
 
 def write_tables(
     rows: Sequence[Mapping[str, Any]],
-    out_dir: Path,
+    out_dir: Optional[Path],
     caption: str = "",
     against: Optional[str] = None,
     per_seed: Optional[bool] = None,
     paper: Optional[str] = None,
-) -> None:
-    """results.md (MAP table, best of each column in bold, then the paired difference against
+) -> str:
+    """results.md (MAP table, the best of a column in bold where seeds support it, then the paired difference against
     `against`, training times and failures), results.csv (row label, then one MAP column per code
     length: the mean over seeds) and results_seeds.csv (one line per run) in `out_dir`, each
     written atomically.
@@ -470,13 +574,29 @@ def write_tables(
     rows: `compare`'s run dicts (label defaults to method, seed to none). per_seed: MAP cells as
     mean ± sd (n) over seeds; None: when some cell holds more than one run. paper: a data set of
     `dmuh.studies.paper`: the MAP table (markdown and CSV) gets the paper's figure beside each measured
-    column, for the rows that are a plain method of the paper's tables (not grid rows).
+    column, for the rows that are a plain method of the paper's tables (not grid rows). caption: a
+    sentence on the shared recipe. Returns results.md's text; out_dir None writes nothing.
     """
     labels, bits, cells, method_of = _table(rows)
     if per_seed is None:
         per_seed = any(len(runs) > 1 for runs in cells.values())
     means = {key: mean(cell_maps(runs)) for key, runs in cells.items() if cell_maps(runs)}
-    best = {b: max((means[label, b] for label in labels if (label, b) in means), default=None) for b in bits}
+
+    def supported_best(length: int) -> Optional[str]:
+        """The row of the best mean in the column, when its paired 95% interval against every other
+        row there excludes 0 over 2 or more seeds; None otherwise (one seed cannot support a bold)."""
+        scored = [label for label in labels if (label, length) in means]
+        if len(scored) < 2:
+            return None
+        top = max(scored, key=lambda label: means[label, length])
+        for other in scored:
+            if other != top:
+                interval = paired_interval(paired_differences(cells[top, length], cells[other, length]))
+                if interval.n < 2 or not interval.excludes_zero or interval.mean <= 0:
+                    return None
+        return top
+
+    bold = {b: supported_best(b) for b in bits}
 
     def name(label: str) -> str:
         return display_label(label, method_of[label])
@@ -491,7 +611,7 @@ def write_tables(
         text = format_mean_sd(values) if per_seed else f"{values[0]:.4f}"
         if any(r.get("ties", DEFAULT_TIES) != DEFAULT_TIES for r in runs if _finite(r.get("map"))):
             text += "†"
-        return f"**{text}**" if means[label, length] == best[length] else text
+        return f"**{text}**" if bold[length] == label else text
 
     def seconds_cell(label: str, length: int) -> str:
         runs = cells.get((label, length)) or []
@@ -515,7 +635,7 @@ def write_tables(
     else:
         lines = [f"# MAP by code length (the protocol's MAP, ties {DEFAULT_TIES})", ""]
     if caption:
-        lines += [f"Same backbone, recipe and budget for every method: {caption}.", ""]
+        lines += [f"{caption}.", ""]
     lines += [map_header, map_rule]
     if paper is None:
         lines += [f"| {name(label)} | " + " | ".join(map_cell(label, b) for b in bits) + " |" for label in labels]
@@ -533,7 +653,15 @@ def write_tables(
         lines += [
             "",
             "Each cell: mean ± sample standard deviation (ddof=1) over the n seeds that finished; "
-            "a failed seed is left out of n (see Failed runs). Bold: the best mean of its column.",
+            "a failed seed is left out of n (see Failed runs). Bold: the best mean of its column, only "
+            "where its paired 95% interval against every other row of the column excludes 0.",
+        ]
+    if max((len(cell_maps(runs)) for runs in cells.values()), default=0) < 2 and len(labels) > 1:
+        lines += [
+            "",
+            "One seed per cell: a difference between rows may be no larger than the seed-to-seed spread, "
+            "which one seed cannot show, so nothing is bolded; `--seeds 0,1,2 --against ROW` gives means, "
+            "spreads and paired intervals.",
         ]
     other_ties = [r for r in rows if _finite(r.get("map")) and r.get("ties", DEFAULT_TIES) != DEFAULT_TIES]
     if other_ties:
@@ -577,7 +705,10 @@ def write_tables(
             f"- {_label(r)} at {r['bits']} bits" + (f", seed {r.get('seed')}" if per_seed else "") + f": {r['error']}"
             for r in failures
         ]
-    atomic_write_text(Path(out_dir) / RESULTS_MARKDOWN, "\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    if out_dir is None:
+        return text
+    atomic_write_text(Path(out_dir) / RESULTS_MARKDOWN, text)
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -607,3 +738,4 @@ def write_tables(
             ]
         )
     atomic_write_text(Path(out_dir) / RESULTS_SEEDS_CSV, buffer.getvalue())
+    return text
