@@ -122,3 +122,28 @@ def test_compare_tabulates_finished_runs_without_training(tmp_path):
     assert "scored on other query or database items" in refused.stderr
     flagged = dmuh("compare", "--run", tmp_path / "regu0", "--epochs", "3")
     assert flagged.returncode == 2 and "--epochs: compare --run tabulates finished runs" in flagged.stderr
+
+
+def test_labels_print_as_class_names_from_classes_txt(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for c in range(3):
+        for i in range(14):
+            path = tmp_path / "img" / f"{c}-{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray((rng.random((8, 8, 3)) * 80 + 80 * c).astype("uint8")).save(path)
+            lines.append(f"img/{path.name} " + " ".join("1" if k == c else "0" for k in range(3)))
+    (tmp_path / "photos.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
+    run = tmp_path / "run"
+    trained = dmuh(
+        "train", "--data", tmp_path / "photos.txt", "--data-root", tmp_path, "--method", "regu", "--bits", "8",
+        "--model", "smallcnn", "--epochs", "1", "--init", "scratch", "--out", run,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    inspected = dmuh("inspect", run, "--out", tmp_path / "review")
+    assert inspected.returncode == 0, inspected.stderr
+    labels = {row.split(",")[4] for row in (tmp_path / "review" / "items.csv").read_text().splitlines()[1:]}
+    assert labels == {"cat", "dog", "bird"}

@@ -1,5 +1,6 @@
 import gzip
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -254,6 +255,16 @@ def test_idx_pair_and_directory(tmp_path, gz):
     assert both.decode([0], size=10).shape == (1, 10, 10, 1)
 
 
+def test_idx_directory_reads_its_classes_txt(tmp_path):
+    write_idx_pair(tmp_path, "train", 7, gz=False)
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    assert open_source(str(tmp_path)).class_names == names
+    (tmp_path / "classes.txt").write_text("\n".join(names[:5]) + "\n")  # labels reach class 9
+    with pytest.raises(DmuhError, match="5 class names"):
+        open_source(str(tmp_path))
+
+
 def test_idx_errors(tmp_path):
     write_idx_pair(tmp_path, "train", 4, gz=False)
     images_file = tmp_path / "train-images-idx3-ubyte"
@@ -294,6 +305,27 @@ def test_list_file_single_and_named(tmp_path):
         open_source(spec, root=tmp_path).fingerprint()
         == ListFileSource({"train": tmp_path / "train.txt", "test": tmp_path / "test.txt"}, tmp_path).fingerprint()
     )
+
+
+def test_classes_txt_names_the_classes_of_list_and_idx_files(tmp_path):
+    write_image(tmp_path / "img/a.jpg", (255, 0, 0))
+    write_image(tmp_path / "img/b.jpg", (0, 255, 0))
+    (tmp_path / "train.txt").write_text("img/a.jpg 1 0\nimg/b.jpg 0 1\n")
+    assert open_source(str(tmp_path / "train.txt"), root=tmp_path).class_names == ["0", "1"]  # numbers without it
+    (tmp_path / "classes.txt").write_text("T-shirt/top\nTrouser\n\n")  # a trailing blank line is no class
+    assert open_source(str(tmp_path / "train.txt"), root=tmp_path).class_names == ["T-shirt/top", "Trouser"]
+    for text, message in (
+        ("a\nb\nc\n", "3 class names for the list files' 2 label columns"),
+        ("a\n\nb\n", "line 2 is empty"),
+        ("a\na\n", "class name 'a' is given twice"),
+        (b"\xff\xfe", "not UTF-8 text"),
+    ):
+        write = (
+            (tmp_path / "classes.txt").write_bytes if isinstance(text, bytes) else (tmp_path / "classes.txt").write_text
+        )
+        write(text)
+        with pytest.raises(DmuhError, match=f"classes.txt: .*{re.escape(message)}"):
+            open_source(str(tmp_path / "train.txt"), root=tmp_path)
 
 
 def test_list_file_errors(tmp_path):

@@ -23,7 +23,7 @@ import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -699,6 +699,44 @@ def _split_folders(folders: list) -> Optional[list]:
     return [parts[shared] for parts in above_class]
 
 
+CLASS_NAMES_FILE = "classes.txt"  # one class name a line, in label-column order; beside list and IDX files
+_CLASS_NAMES_MAX_BYTES = 1 << 20
+
+
+def sidecar_class_names(folder: Path) -> Optional[List[str]]:
+    """The class names of `folder/classes.txt` (None when there is none): the names of data whose
+    own files number the classes (list files' 0/1 columns, MNIST-family IDX labels)."""
+    path = Path(folder) / CLASS_NAMES_FILE
+    if not path.is_file():
+        return None
+    if path.stat().st_size > _CLASS_NAMES_MAX_BYTES:
+        raise DmuhError(f"{path}: over {_CLASS_NAMES_MAX_BYTES // 1024} KiB; expected one class name a line")
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise DmuhError(f"{path}: not UTF-8 text; expected one class name a line") from None
+    while names and not names[-1]:
+        names.pop()
+    if not names or "" in names:
+        raise DmuhError(
+            f"{path}: line {names.index('') + 1 if '' in names else 1} is empty; expected one class name a line"
+        )
+    if len(set(names)) != len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise DmuhError(f"{path}: class name {twice[:80]!r} is given twice")
+    return names
+
+
+def label_text(rows: np.ndarray, class_names: Optional[Sequence[str]]) -> List[str]:
+    """Multi-hot label rows as text: the class names of each row joined by ',' (class numbers where
+    the data has no names)."""
+    names = list(class_names) if class_names is not None else None
+    return [
+        ",".join(str(names[c]) if names is not None and c < len(names) else str(c) for c in np.flatnonzero(row))
+        for row in np.asarray(rows)
+    ]
+
+
 class ListFileSource(_FileImageSource):
     """List files as HashNet and DeepHash-pytorch ship them: `relative/path.jpg 0 1 0 ...` per line.
 
@@ -741,6 +779,14 @@ class ListFileSource(_FileImageSource):
         if not ids:
             raise DmuhError(f"{', '.join(str(f) for f in named.values())}: no items in the list file(s)")
         labels = np.array(rows, dtype=np.uint8)
+        if class_names is None:
+            folder = Path(next(iter(named.values()))).parent
+            class_names = sidecar_class_names(folder)
+            if class_names is not None and len(class_names) != labels.shape[1]:
+                raise DmuhError(
+                    f"{folder / CLASS_NAMES_FILE}: {len(class_names)} class names for the list files' "
+                    f"{labels.shape[1]} label columns"
+                )
         self._init_common(labels, class_names, ids, subsets, channels, str(root))
 
     def _hash_content(self, digest) -> None:
@@ -989,6 +1035,8 @@ class IdxSource(ArraySource):
             all_labels.append(classes.astype(np.int64))
             ids.extend(f"{images_file.name}:{row}" for row in range(pixels.shape[0]))
             subsets.extend([_idx_subset(images_file)] * pixels.shape[0])
+        if class_names is None:
+            class_names = sidecar_class_names(images if images.is_dir() else images.parent)
         _check_idx_labels([labels_file for _, labels_file in pairs], all_labels, class_names)
         labels = to_multi_hot(np.concatenate(all_labels), len(class_names) if class_names else None, str(images))
         self._init_images(np.concatenate(all_images), labels, class_names, ids, subsets, str(images))

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dmuh.codes.binary import sign
+from dmuh.data.sources import label_text
 from dmuh.engine import builder as experiment
 from dmuh.engine.builder import encode_part, load_run
 from dmuh.errors import ConfigError, DmuhError, RunError
@@ -381,11 +382,7 @@ def uncertainty_figure(
         figure.source_indices = exp.split.train[shown]
         figure.images = exp.images[figure.source_indices].numpy()
         labels = np.asarray(exp.source.labels)[figure.source_indices]
-        names = getattr(exp.source, "class_names", None)
-        figure.labels = [
-            ",".join(str(names[c]) if names is not None and c < len(names) else str(c) for c in np.flatnonzero(row))
-            for row in labels
-        ]
+        figure.labels = label_text(labels, getattr(exp.source, "class_names", None))
     return figure
 
 

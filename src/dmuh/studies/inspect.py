@@ -44,6 +44,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from dmuh.data.sources import label_text
 from dmuh.engine.builder import encode_part, load_run, training_uncertainty
 from dmuh.errors import ConfigError, DmuhError, RunError
 from dmuh.methods.base import pairwise_similarity
@@ -146,14 +147,6 @@ def pairwise_loss(
         if progress is not None:
             progress(min(start + _LOSS_CHUNK, codes.shape[0]))
     return out
-
-
-def _label_names(rows: np.ndarray, class_names) -> List[str]:
-    names = list(class_names) if class_names is not None else None
-    return [
-        ",".join(str(names[c]) if names is not None and c < len(names) else str(c) for c in np.flatnonzero(row))
-        for row in np.asarray(rows)
-    ]
 
 
 def _stats(values: Optional[np.ndarray]) -> Optional[Dict[str, float]]:
@@ -424,9 +417,9 @@ def inspect_run(
 
     class_names = getattr(exp.source, "class_names", None)
     if labeled:
-        labels = _label_names(item_labels.numpy(), class_names)
+        labels = label_text(item_labels.numpy(), class_names)
     elif exp.source.labeled:
-        labels = _label_names(source_labels[indices], class_names)
+        labels = label_text(source_labels[indices], class_names)
     else:
         labels = [""] * len(indices)
     result = Inspection(
@@ -451,7 +444,7 @@ def inspect_run(
         result.label_noise = {"rate": noise.rate, "seed": noise.seed}
         where = train_position[indices]
         result.flipped = np.where(where >= 0, flipped_train[np.maximum(where, 0)], False)
-        result.original_labels = _label_names(source_labels[indices], class_names)
+        result.original_labels = label_text(source_labels[indices], class_names)
     if result.images is None:
         notes.append("feature-vector data (no images): no gallery; items.csv names each item by its id")
     return result
