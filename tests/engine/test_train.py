@@ -146,6 +146,11 @@ def test_learning_rate_schedule_decays_from_lr_to_lr_end():
     assert 0.0005 < learning_rate(config, 5.0) < 0.05
 
 
+def test_step_schedule_keeps_lr_for_a_third_then_lr_end():
+    config = TrainConfig(lr=0.05, lr_end=0.0005, epochs=30, lr_schedule="step")
+    assert [learning_rate(config, e) for e in (0.0, 9.99, 10.0, 29.0, 40.0)] == [0.05, 0.05, 0.0005, 0.0005, 0.0005]
+
+
 def test_pretrain_then_init(tmp_path):
     pre = PretrainConfig(
         data="digits",

@@ -123,12 +123,18 @@ def test_momentum_update_eq5():
     assert not momentum.network.weight.requires_grad
 
 
-def test_momentum_network_has_no_dropout_and_copies_buffers():
+def test_momentum_network_has_no_dropout_and_batchnorm_statistics_of_its_own():
     online = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.9))
     momentum = MomentumNetwork(online, alpha=0.5)
     x = torch.randn(8, 4)
+    own_mean = momentum.network[1].running_mean.clone()
     torch.testing.assert_close(momentum(x), momentum(x))  # no dropout noise
+    # its statistics follow its own passes: BatchNorm's update rule on its own layer's outputs, twice
+    for _ in range(2):
+        own_mean = 0.9 * own_mean + 0.1 * momentum.network[0](x).mean(dim=0)
+    torch.testing.assert_close(momentum.network[1].running_mean, own_mean)
     online.train()
-    online(x)  # moves BatchNorm running statistics
-    momentum.update(online)
-    torch.testing.assert_close(momentum.network[1].running_mean, online[1].running_mean)
+    online(x + 5)  # moves the hashing network's running statistics...
+    momentum.update(online)  # ...which the update leaves where they are (weights only)
+    torch.testing.assert_close(momentum.network[1].running_mean, own_mean)
+    assert not torch.allclose(momentum.network[1].running_mean, online[1].running_mean)

@@ -104,6 +104,61 @@ def test_term_normalisation_by_n_b_or_per_batch(normalisation):
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+def test_gamma_as_a_mean_over_entries():
+    """The hand case above (B = 1, n = 3, 2 bits): the gamma term over B x bits = 2 entries, the
+    other terms still over n B = 3."""
+    method = create_method(
+        "dmuh", bits=2, train_labels=LABELS3, beta=2.0, gamma=0.5, output="linear",
+        bit_weights=False, image_weights=False, uncertainty_normalisation="entries",
+    )  # fmt: skip
+    terms = method(StepInputs(outputs=H0.clone(), labels=LABELS3[:1], indices=torch.tensor([0]), momentum_outputs=M0))
+    got = (terms["likelihood"].item(), terms["quantization"].item(), terms["uncertainty"].item())
+    assert got == pytest.approx(((softplus(0.625) - 0.625) / 3, 2.0 * 0.25 / 3, 0.5 * 0.2 / 2), rel=1e-6)
+
+
+def test_weights_divided_by_their_batch_mean():
+    """B = 2 items, 2 bits, both seen: u = |h - m| per entry, e^u / mean(e^u) as the bit weights;
+    e^(ubar_i + ubar_j) / its mean over the 2 x 2 seen pairs as the pair weights."""
+    h = torch.tensor([[1.0, -0.5], [0.25, 0.5]])
+    m = torch.tensor([[0.8, -0.5], [0.25, 0.1]])
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    common = dict(bits=2, train_labels=labels, beta=2.0, gamma=0.0, output="linear")
+    step = StepInputs(outputs=h.clone(), labels=labels, indices=torch.tensor([0, 1]), momentum_outputs=m)
+    scaled = create_method("dmuh", weight_scale="batch-mean", **common)(step)
+    u = (h - m).abs()
+    bit_weight = torch.exp(u) / torch.exp(u).mean()
+    gaps = (h - torch.sign(h)).pow(2)
+    assert scaled["quantization"].item() == pytest.approx(2.0 * (bit_weight * gaps).sum().item() / 4, rel=1e-6)
+    ubar = u.mean(dim=1)
+    pair_weight = torch.exp(ubar[:, None] + ubar[None, :])
+    pair_weight = pair_weight / pair_weight.mean()
+    theta = h @ h.T / 2
+    pair = (pair_weight * (torch.nn.functional.softplus(theta) - theta)).sum().item() / 4  # all pairs similar
+    assert scaled["likelihood"].item() == pytest.approx(pair, rel=1e-6)
+    raw = create_method("dmuh", **common)(
+        StepInputs(outputs=h.clone(), labels=labels, indices=torch.tensor([0, 1]), momentum_outputs=m)
+    )
+    assert raw["quantization"].item() > scaled["quantization"].item()  # the raw weights' mean is above 1
+
+
+def test_u_is_measured_in_float32_under_autocast():
+    """The hash layer runs in float32 under bf16 autocast: u = |h - m| of two networks that differ
+    only in their hash layer equals u in float32 within 1e-5 (bf16 codes would be off by ~1e-3)."""
+    torch.manual_seed(0)
+    model = create_model("smallcnn", bits=32, width=8, input_size=8).eval()
+    copy = MomentumNetwork(model, alpha=1.0).network.eval()
+    with torch.no_grad():
+        copy.hash_layer.weight.add_(1e-3 * torch.randn_like(copy.hash_layer.weight))
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        full = (model(x) - copy(x)).abs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, m = model(x), copy(x)
+    assert h.dtype == torch.float32 and m.dtype == torch.float32
+    assert full.mean() > 1e-4  # a signal the test can see
+    torch.testing.assert_close((h - m).abs(), full, rtol=0, atol=1e-5)
+
+
 # --- a run under each loop-level reading ---------------------------------------------------------
 
 
@@ -181,6 +236,33 @@ def test_smallcnn_head_is_cnnf_like():
     assert create_model("smallcnn", bits=4, width=8, input_size=8).feature_dim == 32  # no head: as before
     with pytest.raises(DmuhError, match="fc must be a list"):
         create_model("smallcnn", bits=4, fc=512)
+
+
+@pytest.mark.parametrize("name", ["resnet18-32", "resnet18"])
+def test_resnet_takes_the_cnnf_like_head(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, bits=8, fc=[64, 48], dropout=0.5)
+    assert model.feature_dim == 48
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.5 for m in model.modules()) == 2
+    x = torch.randn(2, 3, 32, 32) if name.endswith("-32") else torch.randn(2, 3, 64, 64)
+    model.train()
+    assert not torch.allclose(model(x), model(x))  # dropout draws new masks: `own` has noise to act on
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    plain = create_model(name, bits=8)
+    assert plain.feature_dim == 512 and not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())
+    # ImageNet-style weights (no head) still load; the head keeps its initialisation
+    from safetensors.torch import save_file
+
+    weights = {k: v for k, v in plain.backbone.state_dict().items()}
+    save_file(weights, tmp_path / "resnet.safetensors")
+    head_before = model.backbone.head.state_dict()["layers.0.weight"].clone()
+    loaded = create_model(name, bits=8, fc=[64, 48], dropout=0.5, pretrained=str(tmp_path / "resnet.safetensors"))
+    torch.testing.assert_close(loaded.backbone.layer1[0].conv1.weight, plain.backbone.layer1[0].conv1.weight)
+    assert loaded.backbone.head.state_dict()["layers.0.weight"].shape == head_before.shape
+    for bad, message in (({"fc": [0]}, "each fc width"), ({"dropout": 1.0}, "dropout must be a number in")):
+        with pytest.raises(DmuhError, match=message):
+            create_model(name, bits=8, **bad)
 
 
 def test_the_default_reading_is_the_one_docs_method_md_names():

@@ -133,12 +133,15 @@ def schedule_epochs(config: RunConfig) -> int:
 
 
 def learning_rate(config: RunConfig, progress: float) -> float:
-    """Linear warm-up, then cosine decay from lr to lr_end over `schedule_epochs`, then lr_end
-    (progress in epochs, fractional)."""
+    """Linear warm-up, then over `schedule_epochs` a cosine decay from lr to lr_end, or lr for the
+    first third and lr_end after it (`lr_schedule="step"`), then lr_end (progress in epochs,
+    fractional)."""
     if config.warmup_epochs and progress < config.warmup_epochs:
         return config.lr * (progress + 1e-3) / config.warmup_epochs
     span = max(schedule_epochs(config) - config.warmup_epochs, 1e-9)
     t = min(max((progress - config.warmup_epochs) / span, 0.0), 1.0)
+    if config.lr_schedule == "step":
+        return config.lr if t < 1 / 3 else config.lr_end
     return config.lr_end + 0.5 * (config.lr - config.lr_end) * (1.0 + math.cos(math.pi * t))
 
 

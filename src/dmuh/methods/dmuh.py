@@ -5,7 +5,9 @@
   L = [sum_ij e^(ubar_i + ubar_j) (log(1 + e^Theta_ij) - S_ij Theta_ij)
        + beta * sum_ik e^(u_ik) (h_ik - b_ik)^2 + gamma * sum_ik u_ik] / (n B)     (Eq. 10)
 
-with Regu's (DPSH's) normalisation by n B (seen memory items times batch items).
+with Regu's (DPSH's) normalisation by n B (seen memory items times batch items). Two readings are
+options: `uncertainty_normalisation=entries` takes the gamma term as a mean over the B x bits
+entries instead; `weight_scale=batch-mean` divides each weight by its batch mean (docs/method.md).
 
 The memory keeps, beside each training item's latest code, its latest image-level uncertainty, so
 e^(ubar_i + ubar_j) can be formed for memory items j. The weights e^u and e^(ubar_i + ubar_j) are
@@ -31,6 +33,13 @@ from dmuh.utils.schema import Rule
 
 MOMENTUM_UPDATES = ("step", "epoch")
 RETRIEVAL_NETWORKS = ("hashing", "momentum")
+# How gamma * sum(u) is normalised: as the likelihood ("likelihood": over n B, so its push per
+# entry is gamma / n) or as a mean over the batch's B x bits entries ("entries": the one reading in
+# which gamma = 1 balances the other terms, as the paper says it was chosen).
+UNCERTAINTY_NORMALISATIONS = ("likelihood", "entries")
+# The weights e^u and e^(u_i + u_j) as Eq. 10 writes them ("raw"), or each divided by its batch mean
+# ("batch-mean", mean 1): the control that separates re-weighting from a rescaled beta and loss.
+WEIGHT_SCALES = ("raw", "batch-mean")
 
 
 @register_method("dmuh", display_name="DMUH")
@@ -62,6 +71,10 @@ class DMUH(PairwiseQuantizationMethod):
         "bit_weights": Param(bool, help="e^u weights of the quantisation (off: w/o e^u_i)"),
         "image_weights": Param(bool, help="e^(u_i + u_j) weights of the pairs (off: w/o e^(u_i+u_j))"),
         "uncertainty_term": Param(bool, help="the uncertainty term (off: w/o u_i)"),
+        "uncertainty_normalisation": Param(
+            str, Rule(choices=UNCERTAINTY_NORMALISATIONS), "gamma * sum(u) over n B as the likelihood, or a mean"
+        ),
+        "weight_scale": Param(str, Rule(choices=WEIGHT_SCALES), "the weights as Eq. 10 has them, or mean 1"),
     }
 
     def __init__(
@@ -80,6 +93,8 @@ class DMUH(PairwiseQuantizationMethod):
         bit_weights: bool = True,
         image_weights: bool = True,
         uncertainty_term: bool = True,
+        uncertainty_normalisation: str = "likelihood",
+        weight_scale: str = "raw",
     ):
         super().__init__(bits, num_train, num_classes, beta=beta, output=output, normalisation=normalisation)
         # Checked as declared (`hyper_parameters`; a YAML file's `momentum_dropout: off` arrives as
@@ -93,6 +108,8 @@ class DMUH(PairwiseQuantizationMethod):
         self.bit_weights = bit_weights
         self.image_weights = image_weights
         self.uncertainty_term = uncertainty_term
+        self.uncertainty_normalisation = uncertainty_normalisation
+        self.weight_scale = weight_scale
         self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits, uncertainty=True)
 
     def requirements(self) -> Requirements:
@@ -120,18 +137,32 @@ class DMUH(PairwiseQuantizationMethod):
         pair_weights = None
         if self.image_weights:
             pair_weights = torch.exp(image_uncertainty[:, None] + self.memory.uncertainty[None, :])
-        bit_weight = torch.exp(bit_uncertainty.detach()) if self.bit_weights else 1.0
-        quantization = self.entry_mean((bit_weight * (codes - sign(codes.detach())).pow(2)).sum(), codes.shape[0])
+            if self.weight_scale == "batch-mean":  # over the pairs the likelihood sums (seen items)
+                pair_weights = pair_weights / pair_weights[:, self.memory.seen].mean()
+        bit_weight = torch.exp(bit_uncertainty.detach()) if self.bit_weights else None
+        if bit_weight is not None and self.weight_scale == "batch-mean":
+            bit_weight = bit_weight / bit_weight.mean()
+        squared_gaps = (codes - sign(codes.detach())).pow(2)
+        quantization = self.entry_mean(
+            (squared_gaps if bit_weight is None else bit_weight * squared_gaps).sum(), codes.shape[0]
+        )
 
         self.step_stats = {
             "bit_uncertainty": bit_uncertainty.detach().mean(),
             "image_uncertainty": image_uncertainty.mean(),
             "image_uncertainty_max": image_uncertainty.max(),
         }
+        if pair_weights is not None:
+            self.step_stats["pair_weight"] = pair_weights[:, self.memory.seen].mean()
+        if bit_weight is not None:
+            self.step_stats["bit_weight"] = bit_weight.mean()
         terms = {
             "likelihood": self.memory.likelihood(codes, step.labels, pair_weights, self.normalisation),
             "quantization": self.beta * quantization,
         }
         if self.uncertainty_term:
-            terms["uncertainty"] = self.gamma * self.entry_mean(bit_uncertainty.sum(), codes.shape[0])
+            if self.uncertainty_normalisation == "entries":
+                terms["uncertainty"] = self.gamma * bit_uncertainty.mean()
+            else:
+                terms["uncertainty"] = self.gamma * self.entry_mean(bit_uncertainty.sum(), codes.shape[0])
         return terms

@@ -129,7 +129,15 @@ class ResNetFeatures(nn.Module):
     first_conv = "conv1"
     ignored_pretrained_keys = ("fc.",)
 
-    def __init__(self, depth: int, in_channels: int = 3, small_input: bool = False, input_size: Optional[int] = None):
+    def __init__(
+        self,
+        depth: int,
+        in_channels: int = 3,
+        small_input: bool = False,
+        input_size: Optional[int] = None,
+        fc: Sequence[int] = (),
+        dropout: float = 0.5,
+    ):
         super().__init__()
         constructors = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}
         resnet = constructors[depth](weights=None)
@@ -149,11 +157,21 @@ class ResNetFeatures(nn.Module):
         # Keep torchvision's module names at the top level so state-dict keys match.
         for child_name, child in resnet.named_children():
             self.add_module(child_name, child)
+        # `fc`: a CNN-F-like head (Linear + ReLU + Dropout per entry) on the pooled features, as
+        # SmallCNN's: the dropout the `own`/`shared` readings of DMUH's momentum copy act on. It is
+        # new (ImageNet weights have no such layers), so pretrained weights leave it initialised.
+        self.head = MLPFeatures(self.feature_dim, hidden=fc, dropout=dropout)
+        self.feature_dim = self.head.feature_dim
+        skipped = {key: "the fc head is not part of a torchvision ResNet" for key in self.head.state_dict()}
+        self.skipped_pretrained_keys = {
+            **getattr(self, "skipped_pretrained_keys", {}),
+            **{f"head.{key}": why for key, why in skipped.items()},
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.head(torch.flatten(self.avgpool(x), 1))
 
 
 class SmallCNN(nn.Module):
@@ -237,33 +255,55 @@ def _check_input_size(name: str, input_size) -> int:
     return input_size
 
 
+def _check_width(model: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
+        raise DmuhError(f"model {model!r}: {name} must be an integer in [1, 65536], got {value!r}")
+
+
+def _check_head(model: str, fc, dropout) -> None:
+    """The `fc` widths and `dropout` of a CNN-F-like head (SmallCNN's, ResNet's)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise DmuhError(f"model {model!r}: dropout must be a number in [0, 1), got {dropout!r}")
+    if isinstance(fc, (str, int)) or not isinstance(fc, (list, tuple)):
+        raise DmuhError(f"model {model!r}: fc must be a list of positive widths, e.g. [512, 512], got {fc!r}")
+    for width in fc:
+        _check_width(model, "each fc width", width)
+
+
 @register_model("resnet18")
-def resnet18(in_channels: int = 3, small_input: bool = False) -> nn.Module:
-    return ResNetFeatures(18, in_channels=in_channels, small_input=small_input)
+def resnet18(
+    in_channels: int = 3, small_input: bool = False, fc: Sequence[int] = (), dropout: float = 0.5
+) -> nn.Module:
+    _check_head("resnet18", fc, dropout)
+    return ResNetFeatures(18, in_channels=in_channels, small_input=small_input, fc=fc, dropout=dropout)
 
 
 # The small-stem variants take any input size (`input_size`, default 32), so they are factories of
 # their own; `small_input` is fixed to True (giving it is an error that says so).
 @register_model("resnet18-32", small_input=True)
-def resnet18_small(in_channels: int = 3, input_size: int = 32, small_input: bool = True) -> nn.Module:
+def resnet18_small(
+    in_channels: int = 3, input_size: int = 32, small_input: bool = True, fc: Sequence[int] = (), dropout: float = 0.5
+) -> nn.Module:
     input_size = _check_input_size("resnet18-32", input_size)
-    return ResNetFeatures(18, in_channels=in_channels, small_input=True, input_size=input_size)
+    _check_head("resnet18-32", fc, dropout)
+    return ResNetFeatures(18, in_channels=in_channels, small_input=True, input_size=input_size, fc=fc, dropout=dropout)
 
 
 @register_model("resnet50")
-def resnet50(in_channels: int = 3, small_input: bool = False) -> nn.Module:
-    return ResNetFeatures(50, in_channels=in_channels, small_input=small_input)
+def resnet50(
+    in_channels: int = 3, small_input: bool = False, fc: Sequence[int] = (), dropout: float = 0.5
+) -> nn.Module:
+    _check_head("resnet50", fc, dropout)
+    return ResNetFeatures(50, in_channels=in_channels, small_input=small_input, fc=fc, dropout=dropout)
 
 
 @register_model("resnet50-32", small_input=True)
-def resnet50_small(in_channels: int = 3, input_size: int = 32, small_input: bool = True) -> nn.Module:
+def resnet50_small(
+    in_channels: int = 3, input_size: int = 32, small_input: bool = True, fc: Sequence[int] = (), dropout: float = 0.5
+) -> nn.Module:
     input_size = _check_input_size("resnet50-32", input_size)
-    return ResNetFeatures(50, in_channels=in_channels, small_input=True, input_size=input_size)
-
-
-def _check_width(model: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65536:
-        raise DmuhError(f"model {model!r}: {name} must be an integer in [1, 65536], got {value!r}")
+    _check_head("resnet50-32", fc, dropout)
+    return ResNetFeatures(50, in_channels=in_channels, small_input=True, input_size=input_size, fc=fc, dropout=dropout)
 
 
 @register_model("smallcnn")
@@ -272,10 +312,7 @@ def smallcnn(
 ) -> nn.Module:
     _check_input_size("smallcnn", input_size)
     _check_width("smallcnn", "width", width)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise DmuhError(f"model 'smallcnn': dropout must be in [0, 1), got {dropout!r}")
-    if isinstance(fc, (str, int)) or not all(isinstance(w, int) and w > 0 for w in fc):
-        raise DmuhError(f"model 'smallcnn': fc must be a list of positive widths, e.g. [512, 512], got {fc!r}")
+    _check_head("smallcnn", fc, dropout)
     return SmallCNN(in_channels=in_channels, width=width, input_size=input_size, fc=fc, dropout=dropout)
 
 

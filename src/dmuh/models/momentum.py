@@ -26,8 +26,10 @@ class MomentumNetwork(nn.Module):
     (`dropout`): "off" (dropout noise is not uncertainty about the weights), "own" (its own random
     masks, like a second sample of the network) or "shared" (the masks the hashing network drew
     for the same batch, replayed from the random state: `paired`). Its buffers (BatchNorm running
-    statistics) are copied from the hashing network, since they are averages already. No gradient
-    ever flows into it.
+    statistics) are its own: they start as the hashing network's when the copy is made and then
+    follow its own passes over the training batches, so that `retrieval=momentum` encodes with the
+    statistics of the weights it has (copying the hashing network's at every update, as before,
+    paired lagged weights with another network's statistics). No gradient ever flows into it.
     """
 
     def __init__(self, network: nn.Module, alpha: float, dropout: str = "off"):
@@ -50,8 +52,6 @@ class MomentumNetwork(nn.Module):
             raise ValueError("momentum network and hashing network have different parameters")
         # lerp: m + (1 - alpha) * (h - m) == alpha * m + (1 - alpha) * h
         torch._foreach_lerp_(own, online, 1.0 - self.alpha)
-        for b_m, b_h in zip(self.network.buffers(), network.buffers()):
-            b_m.copy_(b_h)
 
     @torch.no_grad()
     def forward(self, *args, **kwargs):

@@ -61,10 +61,14 @@ class HashNetwork(nn.Module):
         self.config["head"] = dict(head.config)
 
     def hash_outputs(self, features: torch.Tensor) -> torch.Tensor:
-        """Raw codes z of backbone features."""
-        if self.head is not None:
-            return self.head(features)
-        return self.hash_norm(self.hash_layer(features))
+        """Raw codes z of backbone features, in float32 even under autocast: bf16's spacing near
+        |z| = 1 (4e-3 to 8e-3) would put a floor of about 1e-3 under DMUH's u = |h - m|, ten times
+        its signal, and quantise the sign of the codes near 0. The layer is small: its cost is not."""
+        with torch.autocast(features.device.type, enabled=False):
+            features = features.float()
+            if self.head is not None:
+                return self.head(features)
+            return self.hash_norm(self.hash_layer(features))
 
     @property
     def input_shape(self) -> Tuple[int, ...]:

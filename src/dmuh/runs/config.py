@@ -22,7 +22,8 @@ from dmuh.data.sources import SOURCE_KINDS
 from dmuh.utils.io import atomic_write_text
 from dmuh.utils.schema import Rule, check_values, setting  # noqa: F401  (Rule: the schema's vocabulary)
 
-IMAGE_SIZES = (4, 4096)  # the image sizes (pixels) dmuh decodes and exports at, smallest and largest
+IMAGE_SIZES = (4, 4096)
+LR_SCHEDULES = ("cosine", "step")  # the image sizes (pixels) dmuh decodes and exports at, smallest and largest
 
 
 def _protocols() -> Sequence[str]:
@@ -87,6 +88,12 @@ class RunConfig:
         "epochs the schedule spans; none: --epochs (a resumed run keeps its own, see README)",
         minimum=1,
         maximum=100_000,
+    )
+    lr_schedule: str = setting(
+        "cosine",
+        "cosine (--lr to --lr-end) or step (--lr for the first third of the schedule, then --lr-end, "
+        "the DMUH paper's recipe)",
+        choices=LR_SCHEDULES,
     )
     warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up", minimum=0)
     momentum: float = setting(0.9, "SGD momentum", minimum=0, below=1)
