@@ -73,7 +73,8 @@ def test_train_says_what_it_trains_and_its_epoch_lines_fit_100_columns(tmp_path)
     lines = train_lines(tmp_path)
     assert lines[0] == "training dmuh (32 bits, smallcnn) on digits, device cpu"
     assert lines[1] == "split (digits): 300 query / 1,000 train / 1,497 database items; MAP with ties expected"
-    assert any("warm-up done; dmuh's own loss starts now" in line for line in lines)
+    assert "warm-up epoch 1/1 | cross_entropy " in "\n".join(lines)  # a line per warm-up epoch
+    assert any("warm-up done (cross_entropy" in line and "dmuh's own loss starts now" in line for line in lines)
     epochs = [line for line in lines if line.startswith("epoch ")]
     assert len(epochs) == 2 and all(len(line) <= 100 for line in epochs)
     assert all(" u " in line and "image_uncertainty" not in line and "likelihood" not in line for line in epochs)

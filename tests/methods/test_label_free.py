@@ -538,7 +538,7 @@ def test_init_auto_warms_up_only_a_method_that_uses_labels(tmp_path, capsys, dat
     )
     captured = capsys.readouterr()
     printed = captured.out + captured.err
-    assert "init auto: 1 epoch of cross-entropy warm-up on the training split" in printed
+    assert "init auto: 1 epoch of cross-entropy warm-up on the training split first" in printed
     assert "learns without labels" not in printed
 
 

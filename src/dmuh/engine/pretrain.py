@@ -229,6 +229,7 @@ def cross_entropy_warmup(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     progress: bool = True,
+    after_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
 ) -> Dict[str, float]:
     """`--init auto`: a cross-entropy warm-up of the backbone on the training split's labels,
     the same for every method, before hashing starts (a randomly initialised backbone gives the
@@ -253,7 +254,9 @@ def cross_entropy_warmup(
         seed=config.seed,
         eval_batch_size=config.eval_batch_size,
     )
-    return train_backbone(model, warmup, device, inputs, targets, progress=progress, desc="warm-up")
+    return train_backbone(
+        model, warmup, device, inputs, targets, progress=progress, after_epoch=after_epoch, desc="warm-up"
+    )
 
 
 def warm_up(
@@ -296,10 +299,22 @@ def warm_up(
     if context.is_main:
         warmup = dataclasses.replace(config, batch_size=config.batch_size * context.world_size)
         train_inputs = data.images[torch.from_numpy(data.split.train)].to(device)
-        row = cross_entropy_warmup(warmup, model, device, train_inputs, warmup_labels.to(device), progress=progress)
+        epochs = warmup_epochs_of(config)
         echo(
-            f"init auto: {plural(int(row['epoch']), 'epoch')} of cross-entropy warm-up on the training split, "
-            f"loss {row['cross_entropy']:.4f} (--init scratch skips it)"
+            f"init auto: {plural(epochs, 'epoch')} of cross-entropy warm-up on the training split first "
+            "(--init scratch skips it)"
         )
-        echo(f"init auto: warm-up done; {config.method}'s own loss starts now, on another scale than the warm-up's")
+
+        def say_epoch(row: Dict[str, float]) -> None:  # a line an epoch: a long warm-up is not silent
+            echo(
+                f"warm-up epoch {int(row['epoch'])}/{epochs} | cross_entropy {row['cross_entropy']:.4f} | "
+                f"{row['images_per_s']:,.0f} img/s"
+            )
+
+        row = cross_entropy_warmup(
+            warmup, model, device, train_inputs, warmup_labels.to(device), progress=progress, after_epoch=say_epoch
+        )
+        echo(
+            f"init auto: warm-up done (cross_entropy {row['cross_entropy']:.4f}); {config.method}'s own loss starts now, on another scale than the warm-up's"
+        )
     distributed.broadcast_module(context, model)
