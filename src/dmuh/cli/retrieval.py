@@ -79,8 +79,11 @@ def _add_encode(subparsers) -> None:
     )
     p.add_argument(
         "--root",
+        "--data-root",
+        dest="root",
         metavar="DIR|ZIP",
-        help="folder or .zip the paths of a list file are relative to [default: the list's folder]",
+        help="folder or .zip the paths of a list file are relative to (--data-root, as in train, is the "
+        "same flag) [default: the list's folder]",
     )
     p.add_argument("--out", metavar="FILE", help="codes file to write (.npz); this or --shards [default: none]")
     p.add_argument(
