@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 from dmuh.errors import DmuhError
 
-_DB_BLOCK = 2048  # database codes per block: W x 16 KiB of words and a 16 KiB distance buffer stay in L1/L2
+DB_BLOCK = 2048  # database codes per block: W x 16 KiB of words and a 16 KiB distance buffer stay in L1/L2
 _MAX_GROUP = 64  # queries sharing each database block (cache reuse); several groups per thread balance the load
 _GROUP_BUFFER_BYTES = 32 << 20  # candidate buffers of one group of queries stay under this
 _MAX_DEFAULT_THREADS = 16  # past this, memory bandwidth, not cores, bounds a flat scan
@@ -56,6 +56,21 @@ def _popcount(typingctx, word):
         return builder.call(function, args)
 
     return signature, codegen
+
+
+@njit(nogil=True, cache=True)
+def block_distances(query_words, query, db_words, start, size, out):
+    """Hamming distances of query row `query` of query_words (nq, W) to database codes start..start+size-1
+    of db_words (W, n), into out[:size] (int64): one popcount per word, vectorised over the block."""
+    row = db_words[0, start : start + size]
+    word = query_words[query, 0]
+    for j in range(size):
+        out[j] = _popcount(word ^ row[j])
+    for w in range(1, db_words.shape[0]):
+        row = db_words[w, start : start + size]
+        word = query_words[query, w]
+        for j in range(size):
+            out[j] += _popcount(word ^ row[j])
 
 
 @njit(nogil=True, cache=True)
@@ -95,20 +110,11 @@ def _topk_group(query_words, db_words, k, first, last, out_dist, out_pos):
     counts = np.zeros(group, dtype=np.int64)
     bounds = np.full(group, max_distance + 1, dtype=np.int64)
     histogram = np.zeros(max_distance + 2, dtype=np.int64)
-    distances = np.empty(_DB_BLOCK, dtype=np.int64)
-    for start in range(0, n, _DB_BLOCK):
-        size = min(_DB_BLOCK, n - start)
+    distances = np.empty(DB_BLOCK, dtype=np.int64)
+    for start in range(0, n, DB_BLOCK):
+        size = min(DB_BLOCK, n - start)
         for g in range(group):
-            query = first + g
-            row = db_words[0, start : start + size]
-            word = query_words[query, 0]
-            for j in range(size):
-                distances[j] = _popcount(word ^ row[j])
-            for w in range(1, n_words):
-                row = db_words[w, start : start + size]
-                word = query_words[query, w]
-                for j in range(size):
-                    distances[j] += _popcount(word ^ row[j])
+            block_distances(query_words, first + g, db_words, start, size, distances)
             bound = bounds[g]
             nearest = max_distance + 1
             for j in range(size):
@@ -146,6 +152,29 @@ def _topk_group(query_words, db_words, k, first, last, out_dist, out_pos):
         for slot in range(count, k):
             out_dist[query, slot] = -1
             out_pos[query, slot] = -1
+
+
+@njit(nogil=True, cache=True)
+def _histogram_rows(query_words, db_words, out):
+    n = db_words.shape[1]
+    distances = np.empty(DB_BLOCK, dtype=np.int64)
+    for start in range(0, n, DB_BLOCK):
+        size = min(DB_BLOCK, n - start)
+        for query in range(query_words.shape[0]):
+            block_distances(query_words, query, db_words, start, size, distances)
+            for j in range(size):
+                out[query, distances[j]] += 1
+
+
+def distance_histograms(query_words: np.ndarray, db_words: np.ndarray, bits: int) -> np.ndarray:
+    """(q, bits + 1) int64: how many database codes lie at each Hamming distance from each query.
+
+    query_words (q, W) and db_words (W, n) uint64 (`query_words_of`, `dmuh.codes.binary.packed_words`);
+    no distance matrix is formed. Runs in the calling thread (GIL released: callers thread it).
+    """
+    out = np.zeros((query_words.shape[0], 64 * db_words.shape[0] + 1), dtype=np.int64)
+    _histogram_rows(np.ascontiguousarray(query_words), np.ascontiguousarray(db_words), out)
+    return out[:, : bits + 1]
 
 
 def query_words_of(packed: np.ndarray, n_words: int) -> np.ndarray:
