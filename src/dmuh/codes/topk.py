@@ -61,16 +61,29 @@ def _popcount(typingctx, word):
 @njit(nogil=True, cache=True)
 def block_distances(query_words, query, db_words, start, size, out):
     """Hamming distances of query row `query` of query_words (nq, W) to database codes start..start+size-1
-    of db_words (W, n), into out[:size] (int64): one popcount per word, vectorised over the block."""
-    row = db_words[0, start : start + size]
-    word = query_words[query, 0]
-    for j in range(size):
-        out[j] = _popcount(word ^ row[j])
-    for w in range(1, db_words.shape[0]):
-        row = db_words[w, start : start + size]
-        word = query_words[query, w]
+    of db_words (W, n), into out[:size] (int64): one popcount per word, vectorised over the block.
+    Returns the smallest of them."""
+    n_words = db_words.shape[0]
+    if n_words > 1:
+        row = db_words[0, start : start + size]
+        word = query_words[query, 0]
         for j in range(size):
-            out[j] += _popcount(word ^ row[j])
+            out[j] = _popcount(word ^ row[j])
+        for w in range(1, n_words - 1):
+            row = db_words[w, start : start + size]
+            word = query_words[query, w]
+            for j in range(size):
+                out[j] += _popcount(word ^ row[j])
+    row = db_words[n_words - 1, start : start + size]
+    word = query_words[query, n_words - 1]
+    nearest = 64 * n_words
+    for j in range(size):
+        d = _popcount(word ^ row[j])
+        if n_words > 1:
+            d += out[j]
+        out[j] = d
+        nearest = min(nearest, d)
+    return nearest
 
 
 @njit(nogil=True, cache=True)
@@ -114,11 +127,8 @@ def _topk_group(query_words, db_words, k, first, last, out_dist, out_pos):
     for start in range(0, n, DB_BLOCK):
         size = min(DB_BLOCK, n - start)
         for g in range(group):
-            block_distances(query_words, first + g, db_words, start, size, distances)
+            nearest = block_distances(query_words, first + g, db_words, start, size, distances)
             bound = bounds[g]
-            nearest = max_distance + 1
-            for j in range(size):
-                nearest = min(nearest, distances[j])
             if nearest >= bound:
                 continue
             count = counts[g]
