@@ -300,10 +300,11 @@ def _gpu_histograms(inputs: _Inputs) -> Tuple[np.ndarray, np.ndarray]:
 
 
 @njit(nogil=True, cache=True)
-def _index_rank_rows(query_words, db_words, relevance, cutoffs, ks, ap_out, hits_out):
+def _index_rank_rows(query_words, db_words, relevant_positions, found, cutoffs, ks, ap_out, hits_out):
     """AP@c per cutoff and relevant-in-top-k per k of queries (q, W) against db_words (W, n), database
     order within a tie (a stable sort's ranks), without sorting: a counting pass gives each distance's
-    first rank and relevant items before it, then a pass in database order hands out the ranks.
+    first rank, then a pass in database order hands out the ranks. found (q, W * 64 + 1): the relevant
+    items at each distance (`distance_histograms` of the relevant items alone); overwritten.
 
     A relevant item at distance d is the (seen[d] + 1)-th of its distance and the (found[d] + 1)-th
     relevant one of it, so its rank is items_before[d] + seen[d] + 1 and its precision
@@ -313,7 +314,6 @@ def _index_rank_rows(query_words, db_words, relevance, cutoffs, ks, ap_out, hits
     nq = query_words.shape[0]
     values = 64 * db_words.shape[0] + 1
     seen = np.zeros((nq, values), dtype=np.int64)  # pass 1: items per distance; pass 2: next rank - 1
-    found = np.zeros((nq, values), dtype=np.int64)  # the same for the relevant items
     distances = np.empty(DB_BLOCK, dtype=np.int64)
     for start in range(0, n, DB_BLOCK):
         size = min(DB_BLOCK, n - start)
@@ -321,7 +321,6 @@ def _index_rank_rows(query_words, db_words, relevance, cutoffs, ks, ap_out, hits
             block_distances(query_words, q, db_words, start, size, distances)
             for j in range(size):
                 seen[q, distances[j]] += 1
-                found[q, distances[j]] += relevance[start + j]
     for q in range(nq):  # counts -> items (relevant items) before each distance
         items, hits = 0, 0
         for d in range(values):
@@ -331,26 +330,33 @@ def _index_rank_rows(query_words, db_words, relevance, cutoffs, ks, ap_out, hits
     sums = np.zeros((nq, n_cut + 1))  # precision sums of the relevant items ranked in (cutoff[i-1], cutoff[i]]
     hit_counts = np.zeros((nq, n_cut + 1), dtype=np.int64)
     k_counts = np.zeros((nq, n_k + 1), dtype=np.int64)
+    rank = np.empty(DB_BLOCK, dtype=np.int64)  # each item's rank (the block's relevant ones are read)
+    first_relevant = 0
     for start in range(0, n, DB_BLOCK):
         size = min(DB_BLOCK, n - start)
+        last_relevant = first_relevant
+        while last_relevant < len(relevant_positions) and relevant_positions[last_relevant] < start + size:
+            last_relevant += 1
         for q in range(nq):
             block_distances(query_words, q, db_words, start, size, distances)
-            for j in range(size):
+            for j in range(size):  # every item takes the next rank of its distance, without a branch
+                rank[j] = seen[q, distances[j]] + 1
+                seen[q, distances[j]] = rank[j]
+            for r in range(first_relevant, last_relevant):
+                j = relevant_positions[r] - start
                 d = distances[j]
-                rank = seen[q, d] + 1
-                seen[q, d] = rank
-                if relevance[start + j]:
-                    hit = found[q, d] + 1
-                    found[q, d] = hit
-                    i = 0
-                    while i < n_cut and cutoffs[i] < rank:
-                        i += 1
-                    sums[q, i] += hit / rank
-                    hit_counts[q, i] += 1
-                    i = 0
-                    while i < n_k and ks[i] < rank:
-                        i += 1
-                    k_counts[q, i] += 1
+                hit = found[q, d] + 1
+                found[q, d] = hit
+                i = 0
+                while i < n_cut and cutoffs[i] < rank[j]:
+                    i += 1
+                sums[q, i] += hit / rank[j]
+                hit_counts[q, i] += 1
+                i = 0
+                while i < n_k and ks[i] < rank[j]:
+                    i += 1
+                k_counts[q, i] += 1
+        first_relevant = last_relevant
     for q in range(nq):
         total, hits = 0.0, 0
         for i in range(n_cut):
@@ -373,10 +379,13 @@ def _cpu_index_stats(inputs: _Inputs, cutoffs, ks, threads: int) -> Tuple[np.nda
     cutoff_array, k_array = np.asarray(cutoffs, dtype=np.int64), np.asarray(ks, dtype=np.int64)
 
     def rank_chunk(query_set, queries):
-        relevance = inputs.relevant_items(query_set).view(np.uint8)
+        relevance = inputs.relevant_items(query_set)
+        found = distance_histograms(query_words[queries], db_words[:, relevance], 64 * db_words.shape[0])
         rows_ap = np.zeros((len(queries), len(cutoffs)))
         rows_hits = np.zeros((len(queries), len(ks)), dtype=np.int64)
-        _index_rank_rows(query_words[queries], db_words, relevance, cutoff_array, k_array, rows_ap, rows_hits)
+        _index_rank_rows(
+            query_words[queries], db_words, np.flatnonzero(relevance), found, cutoff_array, k_array, rows_ap, rows_hits
+        )
         ap[queries], hits[queries] = rows_ap, rows_hits
 
     tasks = [
