@@ -5,6 +5,7 @@ import json
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 
 import numpy as np
@@ -172,6 +173,31 @@ def test_the_flat_kernels_dmuh_and_faiss_give_the_same_results(bits):
     np.testing.assert_array_equal(after[1][:5, 0], np.arange(1000, 1005))  # the added codes themselves
     for a, b in zip(after, index.search(queries, 20, SearchParams(kernel="faiss"))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_flat_searches_on_the_dmuh_kernel_match_the_sequential_ones():
+    """The service searches one index from several threads at once: each call's kernel threads are its own."""
+    rng = np.random.default_rng(9)
+    database = random_signs(rng, 5000, 64)
+    index = build_index(database)
+    batches = [random_signs(rng, 40, 64) for _ in range(6)]
+    expected = [index.search(queries, 25, SearchParams(kernel="faiss")) for queries in batches]
+    failures = []
+    barrier = threading.Barrier(len(batches))
+
+    def run(queries, want):
+        barrier.wait()
+        for _ in range(5):
+            got = index.search(queries, 25, SearchParams(threads=2))
+            if not (np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])):
+                failures.append(1)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(batches, expected)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
 
 
 def test_kernel_and_threads_apply_to_flat_faiss_indexes_only():
