@@ -324,9 +324,7 @@ def test_chunking_does_not_change_results(monkeypatch, backend):
     small_chunks = {
         "_CPU_QUERY_CHUNK": 3,
         "_CPU_RELEVANT_GROUP": 2,
-        "_CPU_DB_SPAN": 17,
-        "_CPU_INDEX_PAIRS": 5,
-        "_TORCH_INLINE_NUMEL": 7,
+        "_CPU_INDEX_CHUNK": 3,
         "_GPU_INDEX_PAIRS": 300,
         "_GPU_PAIRS": 200,
         "_GPU_SHARED_BINS": 100,
@@ -335,14 +333,27 @@ def test_chunking_does_not_change_results(monkeypatch, backend):
     }
     for name, value in small_chunks.items():
         monkeypatch.setattr(metrics, name, value)
-    distance_rows = metrics.distance_rows
-    monkeypatch.setattr(
-        metrics, "distance_rows", lambda queries, items, out: distance_rows(queries, items, out, block=5)
-    )
     ranking = HammingRanking(*problem)
     ranking.threads = 1
     after = [ranking.mean_average_precision(k, ties) for k in (None, 30) for ties in ("expected",) + ORDERED_TIES]
     assert after == pytest.approx(before, abs=1e-12)
+
+
+def test_a_database_of_several_kernel_blocks_matches_the_reference():
+    """Past one database block of the CPU kernels (dmuh.codes.topk.DB_BLOCK codes), at 48 bits (padded
+    words) with heavy ties, single- and multi-label: ties="index" and "expected" against the references."""
+    for multi_label in (True, False):
+        query, database, query_labels, db_labels = random_problem(9, 5000, 48, multi_label=multi_label, seed=12)
+        database[1::2] = database[::2]  # every code twice: ties within and across blocks
+        problem = (query, database, query_labels, db_labels)
+        ranking = HammingRanking(query, database, query_labels, db_labels)
+        for k in (None, 7, 3000):
+            want = reference_map(query, database, query_labels, db_labels, k, "index")
+            assert ranking.mean_average_precision(k, "index") == pytest.approx(want, abs=1e-12)
+        assert ranking.mean_average_precision(None, "expected") == pytest.approx(
+            np.mean([reference_expected_ap(*rows, 5000) for rows in zip(*distances_and_relevance(*problem))]),
+            abs=1e-12,
+        )
 
 
 def test_bounds_order_expected_between_pessimistic_and_optimistic():

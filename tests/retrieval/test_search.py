@@ -3,6 +3,9 @@ format (dmuh.retrieval.index.file), re-ranking (dmuh.retrieval.rerank); codes fi
 
 import json
 import struct
+import subprocess
+import sys
+import threading
 import zlib
 
 import numpy as np
@@ -13,7 +16,7 @@ pytest.importorskip("faiss")
 from dmuh.codes.binary import as_packed, unpack_bits  # noqa: E402
 from dmuh.codes.file import Codes  # noqa: E402
 from dmuh.errors import DmuhError  # noqa: E402
-from dmuh.retrieval.index import build_index, open_index  # noqa: E402
+from dmuh.retrieval.index import SearchParams, build_index, open_index  # noqa: E402
 from dmuh.retrieval.rerank import rerank, uncertainty_weights  # noqa: E402
 
 
@@ -148,6 +151,100 @@ def test_search_parameters_apply_to_their_kind_only():
         build_index(database).search(database[:1], k=3, nprobe=2)
     ivf = build_index(database, kind="ivf", nlist=2)
     assert ivf.search(database[:2], k=3, nprobe=2)[0].shape == (2, 3)
+
+
+@pytest.mark.parametrize("bits", [8, 48, 128])
+def test_the_flat_kernels_dmuh_and_faiss_give_the_same_results(bits):
+    """dmuh's counting kernel (the flat default) and FAISS's IndexBinaryFlat search, on heavily tied codes,
+    before and after adding and removing codes."""
+    rng = np.random.default_rng(bits)
+    database = random_signs(rng, 40, bits)[rng.integers(0, 40, size=900)]
+    queries = random_signs(rng, 30, bits)
+    index = build_index(database, ids=np.arange(900) + 100)
+    for k in (1, 10, 100, 900):
+        dmuh = index.search(queries, k)
+        for a, b in zip(dmuh, index.search(queries, k, SearchParams(kernel="faiss"))):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(dmuh, index.search(queries, k, SearchParams(kernel="dmuh", threads=2))):
+            np.testing.assert_array_equal(a, b)
+    index.add(queries[:5])
+    index.remove(np.arange(100, 400))
+    after = index.search(queries, 20)
+    np.testing.assert_array_equal(after[1][:5, 0], np.arange(1000, 1005))  # the added codes themselves
+    for a, b in zip(after, index.search(queries, 20, SearchParams(kernel="faiss"))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_concurrent_flat_searches_on_the_dmuh_kernel_match_the_sequential_ones():
+    """The service searches one index from several threads at once: each call's kernel threads are its own."""
+    rng = np.random.default_rng(9)
+    database = random_signs(rng, 5000, 64)
+    index = build_index(database)
+    batches = [random_signs(rng, 40, 64) for _ in range(6)]
+    expected = [index.search(queries, 25, SearchParams(kernel="faiss")) for queries in batches]
+    failures = []
+    barrier = threading.Barrier(len(batches))
+
+    def run(queries, want):
+        barrier.wait()
+        for _ in range(5):
+            got = index.search(queries, 25, SearchParams(threads=2))
+            if not (np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])):
+                failures.append(1)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(batches, expected)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+def test_kernel_and_threads_apply_to_flat_faiss_indexes_only():
+    rng = np.random.default_rng(8)
+    database = random_signs(rng, 200, 16)
+    hnsw = build_index(database, kind="hnsw", m=8)
+    with pytest.raises(DmuhError, match="kernel applies to flat indexes of the faiss backend, not faiss hnsw"):
+        hnsw.search(database[:1], 3, SearchParams(kernel="dmuh"))
+    with pytest.raises(DmuhError, match="threads applies to flat"):
+        hnsw.search(database[:1], 3, SearchParams(threads=2))
+    with pytest.raises(DmuhError, match="threads applies to the dmuh kernel"):
+        build_index(database).search(database[:1], 3, SearchParams(kernel="faiss", threads=2))
+    with pytest.raises(DmuhError, match="kernel='annoy'"):
+        SearchParams(kernel="annoy")
+    with pytest.raises(DmuhError, match="threads=0"):
+        SearchParams(threads=0)
+    assert SearchParams.of(SearchParams(kernel="faiss"), nprobe=2) == SearchParams(nprobe=2, kernel="faiss")
+
+
+def test_dmuh_search_kernel_and_threads_flags(tmp_path):
+    """`dmuh search --kernel faiss|dmuh --threads N` on a flat index: the same results, each flag checked."""
+    make_codes(n=300, bits=24).save(tmp_path / "db.npz")
+    queries = make_codes(n=4, bits=24)
+    queries.save(tmp_path / "q.npz")
+    build = subprocess.run(
+        [sys.executable, "-m", "dmuh", "index", "build", "--codes", tmp_path / "db.npz", "--out", tmp_path / "i.idx"],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+
+    def search(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "dmuh", "search", "--index", tmp_path / "i.idx", "--queries", tmp_path / "q.npz"]
+            + ["--k", "7", "--json", *flags],
+            capture_output=True,
+            text=True,
+        )
+
+    results = [search(*flags) for flags in ([], ["--kernel", "faiss"], ["--kernel", "dmuh", "--threads", "2"])]
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    reports = [json.loads(r.stdout)["queries"] for r in results]
+    assert reports[0] == reports[1] == reports[2] and len(reports[0]) == 4
+    refused = search("--threads", "0")
+    assert refused.returncode == 2 and "--threads" in refused.stderr and "Traceback" not in refused.stderr
+    refused = search("--kernel", "faiss", "--threads", "2")
+    assert refused.returncode == 2 and "threads applies to the dmuh kernel" in refused.stderr
 
 
 def test_k_and_bit_length_are_checked():

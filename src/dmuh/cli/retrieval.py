@@ -22,9 +22,11 @@ from dmuh.cli.common import add_run_flag, check_positive, flag_name, require_run
 from dmuh.errors import DmuhError
 from dmuh.retrieval.options import (
     BACKENDS,
+    DEFAULT_FLAT_KERNEL,
     DEFAULT_RERANK_DEPTH,
     DEFAULT_SHARD_SIZE,
     DEFAULT_TAU,
+    FLAT_KERNELS,
     KIND_PARAMS,
     KINDS,
     RERANK_MODES,
@@ -280,6 +282,18 @@ def _add_search(subparsers) -> None:
     )
     p.add_argument(
         "--ef-search", type=int, metavar="N", help="hnsw: candidate list while searching [default: the index's]"
+    )
+    p.add_argument(
+        "--kernel",
+        choices=FLAT_KERNELS,
+        help="flat faiss-backend index: dmuh's counting top-k kernel or FAISS's IndexBinaryFlat search, "
+        f"same results [default: {DEFAULT_FLAT_KERNEL}]",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="threads of the dmuh flat kernel [default: the cores this process may use, at most 16]",
     )
     p.add_argument(
         "--allow-other-model",
@@ -646,6 +660,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise DmuhError("--tau applies to --rerank uncertainty")
     check_positive(args.nprobe, "--nprobe")
     check_positive(args.ef_search, "--ef-search")
+    check_positive(args.threads, "--threads")
     codes_file = args.queries if args.queries and args.queries.endswith(".npz") else None
     image_paths = [Path(p) for p in args.image]
     if args.queries and codes_file is None:
@@ -669,7 +684,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             args.rerank,
             depth,
             args.tau,
-            SearchParams(nprobe=args.nprobe, ef_search=args.ef_search),
+            SearchParams(nprobe=args.nprobe, ef_search=args.ef_search, kernel=args.kernel, threads=args.threads),
         )
         report = _report(args, queries.names, found)
     text = json.dumps(report, indent=2)

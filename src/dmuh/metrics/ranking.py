@@ -5,10 +5,11 @@ bounded. Conventions (ties, AP@k normalisation, queries without a relevant item)
 A b-bit Hamming distance takes only b + 1 values, so every metric except ties="index" is a function
 of two per-query histograms over the distance: how many database items lie at distance d and how
 many of those are relevant (share a label with the query). `HammingRanking` computes them once, in
-chunks (numpy popcount + bincount on the CPU, a +-1 matmul + bincount on a GPU), and every metric is
-closed-form arithmetic on them; no Q x N matrix is ever formed and nothing is sorted.
-ties="index" (database order within a tie, as a stable sort gives) needs the order itself: it
-sorts each query's distances, a chunk of queries at a time.
+chunks (a counting kernel of `dmuh.codes.topk` on the CPU, a +-1 matmul + bincount on a GPU), and
+every metric is closed-form arithmetic on them; no Q x N matrix is ever formed and nothing is sorted.
+ties="index" (database order within a tie, as a stable sort gives) needs each relevant item's rank:
+on the CPU a counting pass and a rank pass in database order give them in O(N) per query, memory
+O(bits) per query (`_index_rank_rows`); on a GPU each query's distances are sorted.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from numba import njit
 
 from dmuh.codes.binary import (
     EXACT_FP16_BITS,
     as_packed,
-    distance_dtype,
-    distance_rows,
     matmul_dtype,
     packed_words,
     plus_minus_dot,
     plus_minus_one,
 )
+from dmuh.codes.topk import DB_BLOCK, block_distances, distance_histograms, query_words_of
 from dmuh.errors import DmuhError
 from dmuh.metrics.ties import DEFAULT_TIES, TIES  # noqa: F401 - also this module's API
 from dmuh.utils.progress import progress_bar
@@ -38,9 +39,7 @@ DEFAULT_PRECISION_KS = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000)
 
 _CPU_QUERY_CHUNK = 8  # queries per distance pass: 8 x 16384 xor words stay in cache
 _CPU_RELEVANT_GROUP = 64  # queries sharing one gather of their relevant items
-_CPU_DB_SPAN = 1 << 21  # database items per distance buffer (8 x 2 MiB per thread)
-_TORCH_INLINE_NUMEL = (1 << 15) - 1  # below at::internal::GRAIN_SIZE: torch reduces in the calling thread
-_CPU_INDEX_PAIRS = 1 << 24  # query x item pairs per CPU chunk when sorting (ties="index")
+_CPU_INDEX_CHUNK = 16  # queries sharing each database block of the ties="index" rank pass
 _GPU_INDEX_PAIRS = 1 << 26  # the same on a GPU (~2 GiB of temporaries)
 _GPU_PAIRS = 1 << 26  # query x item pairs per GPU chunk (~0.6 GiB of temporaries)
 # torch.bincount keeps up to ~6,000 int64 bins in a block's shared memory; past that it falls back
@@ -218,40 +217,16 @@ def _chunks(indices: np.ndarray, size: int):
 # Pass over the database: per-query histograms (CPU and GPU)
 
 
-def _bincount(values: np.ndarray, size: int) -> np.ndarray:
-    """Counts of 0..size-1 in a 1-D array, without threads of its own (the caller's threads run it)."""
-    if values.dtype != np.uint8:
-        return np.bincount(values, minlength=size)
-    # torch's uint8 bincount needs no int64 copy (~2x numpy's), and on pieces below its parallel
-    # grain its min/max checks run inline instead of forking OpenMP threads onto busy cores.
-    tensor, counts = torch.from_numpy(values), torch.zeros(size, dtype=torch.int64)
-    for start in range(0, len(values), _TORCH_INLINE_NUMEL):
-        counts += torch.bincount(tensor[start : start + _TORCH_INLINE_NUMEL], minlength=size)
-    return counts.numpy()
-
-
-def _cpu_histogram_rows(query_words: np.ndarray, db_words: np.ndarray, bits: int) -> np.ndarray:
-    """(q, bits + 1) counts of database items at each distance, for q queries (W, q) vs items (W, n)."""
-    num_queries, num_items = query_words.shape[1], db_words.shape[1]
-    histogram = np.zeros((num_queries, bits + 1), dtype=np.int64)
-    distances = np.empty((num_queries, min(num_items, _CPU_DB_SPAN)), dtype=distance_dtype(bits))
-    for start in range(0, num_items, _CPU_DB_SPAN):
-        stop = min(start + _CPU_DB_SPAN, num_items)
-        rows = distance_rows(query_words, db_words[:, start:stop], distances[:, : stop - start])
-        for i in range(num_queries):
-            histogram[i] += _bincount(rows[i], bits + 1)
-    return histogram
-
-
 def _cpu_histograms(inputs: _Inputs, threads: int) -> Tuple[np.ndarray, np.ndarray]:
     """All items per distance from one pass over the database; relevant items per distance from a
     pass over each query label set's relevant items only (a tenth of the database for 10 classes)."""
-    query_words, db_words = packed_words(inputs.query), packed_words(inputs.database)
+    query_words = query_words_of(inputs.query, -(-inputs.query.shape[1] // 8))
+    db_words = packed_words(inputs.database)
     counts = np.zeros((inputs.num_queries, inputs.bits + 1), dtype=np.int64)
     relevant = np.zeros_like(counts)
 
     def count_all(queries):
-        counts[queries] = _cpu_histogram_rows(query_words[:, queries], db_words, inputs.bits)
+        counts[queries] = distance_histograms(query_words[queries], db_words, inputs.bits)
 
     def count_relevant(query_set, queries):
         items = np.flatnonzero(inputs.relevant_items(query_set))
@@ -259,7 +234,7 @@ def _cpu_histograms(inputs: _Inputs, threads: int) -> Tuple[np.ndarray, np.ndarr
             return
         relevant_words = db_words[:, items]
         for chunk in _chunks(queries, _CPU_QUERY_CHUNK):
-            relevant[chunk] = _cpu_histogram_rows(query_words[:, chunk], relevant_words, inputs.bits)
+            relevant[chunk] = distance_histograms(query_words[chunk], relevant_words, inputs.bits)
 
     tasks = [
         (len(chunk) * inputs.num_items, lambda chunk=chunk: count_all(chunk))
@@ -324,38 +299,99 @@ def _gpu_histograms(inputs: _Inputs) -> Tuple[np.ndarray, np.ndarray]:
 # Pass over the database in database order (ties="index"): ranks of the relevant items
 
 
-def _ap_and_hits_from_ranks(
-    ranks: np.ndarray, cutoffs: Sequence[int], ks: Sequence[int]
-) -> Tuple[List[float], List[int]]:
-    """AP@c for each cutoff and relevant-in-top-k for each k, from the sorted 1-based ranks of the
-    relevant items of one query."""
-    precision_sums = np.cumsum(np.arange(1, len(ranks) + 1) / ranks)
-    aps = []
-    for cutoff in cutoffs:
-        hits = int(np.searchsorted(ranks, cutoff, side="right"))
-        aps.append(float(precision_sums[hits - 1] / hits) if hits else 0.0)
-    return aps, [int(h) for h in np.searchsorted(ranks, ks, side="right")]
+@njit(nogil=True, cache=True)
+def _index_rank_rows(query_words, db_words, relevant_positions, found, cutoffs, ks, ap_out, hits_out):
+    """AP@c per cutoff and relevant-in-top-k per k of queries (q, W) against db_words (W, n), database
+    order within a tie (a stable sort's ranks), without sorting: a counting pass gives each distance's
+    first rank, then a pass in database order hands out the ranks. found (q, W * 64 + 1): the relevant
+    items at each distance (`distance_histograms` of the relevant items alone); overwritten.
+
+    A relevant item at distance d is the (seen[d] + 1)-th of its distance and the (found[d] + 1)-th
+    relevant one of it, so its rank is items_before[d] + seen[d] + 1 and its precision
+    (relevant_before[d] + found[d] + 1) / rank. cutoffs and ks ascend; memory is O(q x bits).
+    """
+    n = db_words.shape[1]
+    nq = query_words.shape[0]
+    values = 64 * db_words.shape[0] + 1
+    seen = np.zeros((nq, values), dtype=np.int64)  # pass 1: items per distance; pass 2: next rank - 1
+    distances = np.empty(DB_BLOCK, dtype=np.int64)
+    for start in range(0, n, DB_BLOCK):
+        size = min(DB_BLOCK, n - start)
+        for q in range(nq):
+            block_distances(query_words, q, db_words, start, size, distances)
+            for j in range(size):
+                seen[q, distances[j]] += 1
+    for q in range(nq):  # counts -> items (relevant items) before each distance
+        items, hits = 0, 0
+        for d in range(values):
+            items, seen[q, d] = items + seen[q, d], items
+            hits, found[q, d] = hits + found[q, d], hits
+    n_cut, n_k = len(cutoffs), len(ks)
+    sums = np.zeros((nq, n_cut + 1))  # precision sums of the relevant items ranked in (cutoff[i-1], cutoff[i]]
+    hit_counts = np.zeros((nq, n_cut + 1), dtype=np.int64)
+    k_counts = np.zeros((nq, n_k + 1), dtype=np.int64)
+    rank = np.empty(DB_BLOCK, dtype=np.int64)  # each item's rank (the block's relevant ones are read)
+    first_relevant = 0
+    for start in range(0, n, DB_BLOCK):
+        size = min(DB_BLOCK, n - start)
+        last_relevant = first_relevant
+        while last_relevant < len(relevant_positions) and relevant_positions[last_relevant] < start + size:
+            last_relevant += 1
+        for q in range(nq):
+            block_distances(query_words, q, db_words, start, size, distances)
+            for j in range(size):  # every item takes the next rank of its distance, without a branch
+                rank[j] = seen[q, distances[j]] + 1
+                seen[q, distances[j]] = rank[j]
+            for r in range(first_relevant, last_relevant):
+                j = relevant_positions[r] - start
+                d = distances[j]
+                hit = found[q, d] + 1
+                found[q, d] = hit
+                i = 0
+                while i < n_cut and cutoffs[i] < rank[j]:
+                    i += 1
+                sums[q, i] += hit / rank[j]
+                hit_counts[q, i] += 1
+                i = 0
+                while i < n_k and ks[i] < rank[j]:
+                    i += 1
+                k_counts[q, i] += 1
+        first_relevant = last_relevant
+    for q in range(nq):
+        total, hits = 0.0, 0
+        for i in range(n_cut):
+            total += sums[q, i]
+            hits += hit_counts[q, i]
+            ap_out[q, i] = total / hits if hits else 0.0
+        hits = 0
+        for i in range(n_k):
+            hits += k_counts[q, i]
+            hits_out[q, i] = hits
 
 
 def _cpu_index_stats(inputs: _Inputs, cutoffs, ks, threads: int) -> Tuple[np.ndarray, np.ndarray]:
-    query_words, db_words = packed_words(inputs.query), packed_words(inputs.database)
+    """ties="index" AP@c and hits@k of every query by `_index_rank_rows`, a chunk of queries of one
+    label set per task."""
+    query_words = query_words_of(inputs.query, -(-inputs.query.shape[1] // 8))
+    db_words = packed_words(inputs.database)
     ap = np.zeros((inputs.num_queries, len(cutoffs)))
     hits = np.zeros((inputs.num_queries, len(ks)), dtype=np.int64)
-    chunk_size = max(1, min(_CPU_QUERY_CHUNK, _CPU_INDEX_PAIRS // inputs.num_items))
+    cutoff_array, k_array = np.asarray(cutoffs, dtype=np.int64), np.asarray(ks, dtype=np.int64)
 
     def rank_chunk(query_set, queries):
-        distances = np.empty((len(queries), inputs.num_items), dtype=distance_dtype(inputs.bits))
-        distance_rows(query_words[:, queries], db_words, distances)
         relevance = inputs.relevant_items(query_set)
-        for row, query in enumerate(queries):
-            order = np.argsort(distances[row], kind="stable")  # radix sort for uint8/uint16
-            ranks = np.flatnonzero(relevance[order]) + 1
-            ap[query], hits[query] = _ap_and_hits_from_ranks(ranks, cutoffs, ks)
+        found = distance_histograms(query_words[queries], db_words[:, relevance], 64 * db_words.shape[0])
+        rows_ap = np.zeros((len(queries), len(cutoffs)))
+        rows_hits = np.zeros((len(queries), len(ks)), dtype=np.int64)
+        _index_rank_rows(
+            query_words[queries], db_words, np.flatnonzero(relevance), found, cutoff_array, k_array, rows_ap, rows_hits
+        )
+        ap[queries], hits[queries] = rows_ap, rows_hits
 
     tasks = [
         (len(chunk) * inputs.num_items, lambda s=query_set, q=chunk: rank_chunk(s, q))
         for query_set, queries in inputs.queries_by_set()
-        for chunk in _chunks(queries, chunk_size)
+        for chunk in _chunks(queries, _CPU_INDEX_CHUNK)
     ]
     with _progress(inputs, tasks, "MAP: ranking (ties index)") as bar:
         _run_tasks(tasks, threads, bar)

@@ -19,6 +19,11 @@ KIND_PARAMS: Dict[str, Dict[str, Optional[int]]] = {
     "hnsw": {"m": 32, "ef_construction": 64, "ef_search": 128},
 }
 
+# How an exact (flat) FAISS-backend index finds the k nearest: dmuh's counting top-k kernel
+# (`dmuh.codes.topk`, the default: faster than FAISS's IndexBinaryFlat search, same results) or FAISS's own.
+FLAT_KERNELS = ("dmuh", "faiss")
+DEFAULT_FLAT_KERNEL = "dmuh"
+
 DEFAULT_RERANK_DEPTH = 1000
 DEFAULT_TAU = 1.0
 RERANK_MODES = ("uncertainty", "decoder")

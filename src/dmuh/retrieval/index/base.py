@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -24,7 +24,7 @@ import numpy as np
 from dmuh.codes.binary import as_packed
 from dmuh.errors import DmuhError
 from dmuh.models.decoder import FeatureDecoder
-from dmuh.retrieval.options import BACKENDS  # noqa: F401 - also this module's API
+from dmuh.retrieval.options import BACKENDS, FLAT_KERNELS  # noqa: F401 - BACKENDS is also this module's API
 from dmuh.retrieval.rerank import (
     DEFAULT_RERANK_DEPTH,
     DEFAULT_TAU,
@@ -40,20 +40,26 @@ from dmuh.utils.words import plural
 class SearchParams:
     """The parameters of one search (FAISS's `SearchParameters`), given per call: nothing is set on
     a shared index, so searches with different parameters may run at once. None keeps the value
-    the index was built with (its `params`).
+    the index was built with (its `params`) or the default.
 
     nprobe: ivf, the inverted lists visited per query. ef_search: hnsw, the candidate list while
-    searching.
+    searching. kernel: a flat index of the faiss backend, "dmuh" (the default: `dmuh.codes.topk`,
+    faster, same results) or "faiss" (FAISS's IndexBinaryFlat search). threads: the threads of the
+    dmuh kernel (default `dmuh.codes.topk.default_threads()`, the cores this process may use).
     """
 
     nprobe: Optional[int] = None
     ef_search: Optional[int] = None
+    kernel: Optional[str] = None
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for name in ("nprobe", "ef_search"):
+        for name in ("nprobe", "ef_search", "threads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
                 raise DmuhError(f"search parameter {name}={value!r}: expected a positive integer")
+        if self.kernel is not None and self.kernel not in FLAT_KERNELS:
+            raise DmuhError(f"search parameter kernel={self.kernel!r}: choose one of {', '.join(FLAT_KERNELS)}")
 
     @classmethod
     def of(
@@ -65,17 +71,23 @@ class SearchParams:
         params = params or cls()
         if nprobe is None and ef_search is None:
             return params
-        return cls(
+        return replace(
+            params,
             nprobe=params.nprobe if nprobe is None else nprobe,
             ef_search=params.ef_search if ef_search is None else ef_search,
         )
 
-    def check(self, kind: str) -> "SearchParams":
-        """These parameters, refused where they do not apply to an index of `kind`."""
+    def check(self, kind: str, backend: str = "faiss") -> "SearchParams":
+        """These parameters, refused where they do not apply to an index of `kind` on `backend`."""
         if self.nprobe is not None and kind != "ivf":
             raise DmuhError(f"nprobe applies to ivf indexes, not {kind}")
         if self.ef_search is not None and kind != "hnsw":
             raise DmuhError(f"ef_search applies to hnsw indexes, not {kind}")
+        if (self.kernel is not None or self.threads is not None) and (kind != "flat" or backend != "faiss"):
+            name = "kernel" if self.kernel is not None else "threads"
+            raise DmuhError(f"{name} applies to flat indexes of the faiss backend, not {backend} {kind}")
+        if self.threads is not None and self.kernel == "faiss":
+            raise DmuhError("threads applies to the dmuh kernel; FAISS's kernel uses its OpenMP threads")
         return self
 
 
@@ -239,7 +251,7 @@ class CodeIndex(abc.ABC):
         `params` (or its shortcuts nprobe=, ef_search=) apply to this call only."""
         packed, _ = _as_packed(query_codes, self.bits, what="query codes")
         self.check_k(k)
-        params = SearchParams.of(params, nprobe=nprobe, ef_search=ef_search).check(self.kind)
+        params = SearchParams.of(params, nprobe=nprobe, ef_search=ef_search).check(self.kind, self.backend)
         return self._search_packed(packed, int(k), params)
 
     @abc.abstractmethod

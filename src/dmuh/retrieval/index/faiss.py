@@ -16,7 +16,9 @@ never changes a distance.
 
 Result order is defined: by Hamming distance, then by position in the index (the order codes were
 added). For the flat index this is exact brute force, ties at the k-th distance included (the
-nearest k by (distance, position)). IVF and HNSW are approximate: they may miss true neighbours;
+nearest k by (distance, position)); by default dmuh's counting top-k kernel (`dmuh.codes.topk`)
+searches it, FAISS's own IndexBinaryFlat search with `SearchParams(kernel="faiss")`, with the same
+results. IVF and HNSW are approximate: they may miss true neighbours;
 a query that finds fewer than k codes gets id -1 and distance -1 in the remaining slots.
 
 Removing codes rebuilds the FAISS structure from the codes that remain (flat: a copy; ivf: the
@@ -40,6 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dmuh.codes.binary import packed_words
+from dmuh.codes.topk import hamming_topk
 from dmuh.errors import DmuhError
 from dmuh.retrieval.index.base import (  # noqa: F401 - byte_width and _as_packed are also this module's API
     CodeIndex,
@@ -60,7 +64,7 @@ from dmuh.retrieval.index.file import (
     FORMAT_VERSION,
     write_index_file,
 )
-from dmuh.retrieval.options import KIND_PARAMS, KINDS  # noqa: F401 - also this module's API
+from dmuh.retrieval.options import DEFAULT_FLAT_KERNEL, KIND_PARAMS, KINDS  # noqa: F401 - also this module's API
 
 
 def _faiss():
@@ -115,6 +119,7 @@ class FaissIndex(CodeIndex):
         self.names = names
         self.meta = dict(meta or {})  # where the codes came from: model identity, image size, ...
         self._database: Optional[np.ndarray] = None  # packed codes by position, for re-ranking
+        self._words: Optional[np.ndarray] = None  # the same as 64-bit words (W, n), for dmuh's flat kernel
         self._database_lock = threading.Lock()  # concurrent searches fill `_database` once
         self.decoder = None  # a dmuh.models.decoder.FeatureDecoder of these codes, or None
 
@@ -158,7 +163,7 @@ class FaissIndex(CodeIndex):
         self.next_id = max(self.next_id, next_id_after(ids))
         if names is not None:
             self.names = (self.names or []) + [str(name) for name in names]
-        self._database = None
+        self._database = self._words = None
 
     def remove(self, ids) -> int:
         """Remove every code whose id is one of `ids`; returns how many were removed. An id the
@@ -177,7 +182,7 @@ class FaissIndex(CodeIndex):
         self.ids = self.ids[keep]
         if self.names is not None:
             self.names = [self.names[p] for p in keep]
-        self._database = None
+        self._database = self._words = None
         return removed
 
     def ids_named(self, names: Sequence[str]) -> np.ndarray:
@@ -202,6 +207,8 @@ class FaissIndex(CodeIndex):
     def _search_packed(self, packed: np.ndarray, k: int, params: SearchParams) -> Tuple[np.ndarray, np.ndarray]:
         """One FAISS search with this call's parameters (`faiss.SearchParametersIVF` / `...HNSW`; the
         index's own where `params` gives none): the FAISS object is never changed by a search."""
+        if self.kind == "flat" and (params.kernel or DEFAULT_FLAT_KERNEL) == "dmuh":
+            return hamming_topk(packed, self._database_words(), k, threads=params.threads)
         faiss = _faiss()
         if self.kind == "ivf":
             search_params = faiss.SearchParametersIVF(nprobe=int(params.nprobe or self.params["nprobe"]))
@@ -226,13 +233,29 @@ class FaissIndex(CodeIndex):
 
     def codes_at(self, positions: np.ndarray) -> np.ndarray:
         """Packed codes stored at index positions (any shape of non-negative positions)."""
+        return self._packed_database()[np.asarray(positions)]
+
+    def _packed_database(self) -> np.ndarray:
+        """Every stored code by position, packed (n, bytes); made once per state of the index."""
         database = self._database
         if database is None:
             with self._database_lock:
                 if self._database is None:
                     self._database = self._reconstruct_all()
                 database = self._database
-        return database[np.asarray(positions)]
+        return database
+
+    def _database_words(self) -> np.ndarray:
+        """The codes by position as `dmuh.codes.binary.packed_words` lays them out (W, n), for dmuh's
+        flat kernel; made once per state of the index."""
+        words = self._words
+        if words is None:
+            database = self._packed_database()
+            with self._database_lock:
+                if self._words is None:
+                    self._words = packed_words(database)
+                words = self._words
+        return words
 
     def _reconstruct_all(self) -> np.ndarray:
         faiss = _faiss()

@@ -38,21 +38,18 @@ def write_index_file(path: Path, header: Dict[str, Any], sections: Sequence[Tupl
     """Write `header` (format and version included) and the named `sections` atomically (a
     temporary name, then one rename); the layout, payload size and sha256 are added to the header."""
     layout, offset = {}, 0
+    digest = hashlib.sha256()  # section by section: the payload is never joined into one copy
     for name, data in sections:
         layout[name] = [offset, len(data)]
         offset += len(data)
-    payload = b"".join(data for _, data in sections)
-    header = {
-        **header,
-        "sections": layout,
-        "payload_size": len(payload),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
-    }
+        digest.update(data)
+    header = {**header, "sections": layout, "payload_size": offset, "payload_sha256": digest.hexdigest()}
     header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(_PREFIX.pack(MAGIC, len(header_bytes), zlib.crc32(header_bytes)))
         f.write(header_bytes)
-        f.write(payload)
+        for _, data in sections:
+            f.write(data)
 
 
 def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
