@@ -219,7 +219,6 @@ def parse_grid(items: List[str], flag: str = "--grid") -> Dict[str, Dict[str, Li
 
 def tabulate_finished_runs(args: argparse.Namespace) -> int:
     """`dmuh compare --run A --run B ...`: the tables of runs that exist, nothing trained."""
-    from dmuh.runs.config import TrainConfig
     from dmuh.studies.compare import tabulate_runs
     from dmuh.studies.paper import PAPER_DATASETS
 

@@ -467,12 +467,12 @@ def tabulate_runs(
     ]
     differing = sorted(k for k in recipes[0] if any(recipe.get(k) != recipes[0][k] for recipe in recipes))
     rows: List[Dict[str, Any]] = []
-    places: Dict[Tuple[str, int, int], str] = {}
-    for where, given, config, last in read:
+    places = set()  # (label, bits, seed) of the rows so far
+    for where, _, config, last in read:
         label = row_label(config.method, config.method_params)
         if (label, config.bits, config.seed) in places:  # two runs of one cell: tell them apart by folder
             label = f"{label} ({where.name})"
-        places[label, config.bits, config.seed] = str(given)
+        places.add((label, config.bits, config.seed))
         value = float(last.get("map", math.nan))
         rows.append(
             {
