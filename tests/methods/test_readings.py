@@ -260,7 +260,10 @@ def test_resnet_takes_the_cnnf_like_head(name, tmp_path):
     loaded = create_model(name, bits=8, fc=[64, 48], dropout=0.5, pretrained=str(tmp_path / "resnet.safetensors"))
     torch.testing.assert_close(loaded.backbone.layer1[0].conv1.weight, plain.backbone.layer1[0].conv1.weight)
     assert loaded.backbone.head.state_dict()["layers.0.weight"].shape == head_before.shape
-    for bad, message in (({"fc": [0]}, "each fc width"), ({"dropout": 1.0}, "dropout must be a number in")):
+    for bad, message in (
+        ({"fc": [0]}, "fc must be a list of positive widths"),
+        ({"dropout": 1.0}, "dropout must be a number in"),
+    ):
         with pytest.raises(DmuhError, match=message):
             create_model(name, bits=8, **bad)
 

@@ -264,10 +264,13 @@ def _check_head(model: str, fc, dropout) -> None:
     """The `fc` widths and `dropout` of a CNN-F-like head (SmallCNN's, ResNet's)."""
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise DmuhError(f"model {model!r}: dropout must be a number in [0, 1), got {dropout!r}")
-    if isinstance(fc, (str, int)) or not isinstance(fc, (list, tuple)):
-        raise DmuhError(f"model {model!r}: fc must be a list of positive widths, e.g. [512, 512], got {fc!r}")
-    for width in fc:
-        _check_width(model, "each fc width", width)
+    widths_ok = isinstance(fc, (list, tuple)) and all(
+        isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 65536 for w in fc
+    )
+    if not widths_ok:
+        raise DmuhError(
+            f"model {model!r}: fc must be a list of positive widths up to 65536, e.g. [512, 512], got {fc!r}"
+        )
 
 
 @register_model("resnet18")
