@@ -54,7 +54,9 @@ def report_path(args: argparse.Namespace, run: str) -> Path:
 
     run_dir = run_directory(run)  # a missing run says so before anything else
     if args.json:
-        refuse_overwrite(args.json, args.force, "--json")
+        inputs = [("--run", run_dir), ("--data", args.data), ("--data-root", args.data_root)]
+        inputs += [(f"the run's {key}", value) for key, value in _run_data(run_dir).items()]
+        refuse_overwrite(args.json, args.force, "--json", inputs=inputs, own=[run_dir / EVAL])
         return Path(args.json)
     out = run_dir / EVAL
     if out.exists() and not args.force:
@@ -63,6 +65,19 @@ def report_path(args: argparse.Namespace, run: str) -> Path:
             "replace it or --json FILE to write elsewhere"
         )
     return out
+
+
+def _run_data(run_dir: Path) -> Dict[str, str]:
+    """The data paths a run's config.yaml names (what evaluate reads without --data); {} when the
+    config cannot be read (evaluate then says why)."""
+    from dmuh.runs.layout import CONFIG
+    from dmuh.utils.schema import load_yaml
+
+    try:
+        values = load_yaml(run_dir / CONFIG)
+    except DmuhError:
+        return {}
+    return {key: values[key] for key in ("data", "data_root") if isinstance(values.get(key), str)}
 
 
 STORED_REPORT_LIMIT = 64 * 1024 * 1024  # bytes: a report of a run is far smaller; a larger file is not one

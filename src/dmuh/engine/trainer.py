@@ -9,6 +9,7 @@ after it  `finish_epoch`: MAP, the uncertainty trace, log.csv and checkpoint.saf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -63,7 +64,7 @@ from dmuh.runs.layout import (
     write_log,
 )
 from dmuh.utils import distributed
-from dmuh.utils.io import atomic_path, remove_orphans
+from dmuh.utils.io import atomic_path, file_lock, remove_orphans
 from dmuh.utils.words import plural
 
 
@@ -497,7 +498,10 @@ def train(
 
     Returns the last log row (MAP included, under `row["ties"]`'s tie policy).
     """
-    return Trainer(config, resume, progress, echo, verbose).run()
+    # One writer per run directory: a second `train --out SAME` (or --resume) refuses at once.
+    lock = file_lock(config.out, "run directory") if distributed.environment_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        return Trainer(config, resume, progress, echo, verbose).run()
 
 
 _NOT_LOSS_TERMS = frozenset(
