@@ -162,3 +162,71 @@ def test_a_second_train_into_the_same_run_directory_refuses(work, tmp_path):
         "wait for it to finish and try again"
     ]
     assert not (tmp_path / "same" / "checkpoint.safetensors").exists()
+
+
+# -- class 1: a tiny input, a huge allocation ------------------------------------------------------
+
+BOMB = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+)
+
+
+def test_an_alias_bomb_config_is_refused_by_train_and_evaluate(work, capsys):
+    (work / "bomb.yaml").write_text(BOMB)
+    code = main(["train", "--config", str(work / "bomb.yaml"), "--out", str(work / "new")])
+    assert "expands to more than" in one_line(capsys, code)
+    (work / "run/config.yaml").write_text(BOMB)
+    code = main(["evaluate", "--run", str(work / "run"), "--quiet"])
+    assert "expands to more than" in one_line(capsys, code)
+
+
+def test_an_error_quoting_a_huge_value_is_one_short_line(work, capsys):
+    (work / "big.yaml").write_text("epochs: " + "x" * 500_000 + "\n")
+    err = one_line(capsys, main(["train", "--config", str(work / "big.yaml"), "--out", str(work / "new")]))
+    assert len(err) <= 450 and err.endswith("...")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["index", "build", "--kind", "hnsw", "--m", "100000000"], "m=100000000: expected at most 256"),
+        (["index", "build", "--kind", "hnsw", "--ef-search", "4294967296"], "expected at most 65,536"),
+        (["index", "build", "--kind", "ivf", "--nlist", "4294967296"], "expected at most"),
+    ],
+)
+def test_index_flags_that_imply_memory_are_refused(work, capsys, argv, message):
+    code = main([*argv, "--codes", str(work / "codes.npz"), "--out", str(work / "new.dmuhidx")])
+    assert message in one_line(capsys, code)
+    assert not (work / "new.dmuhidx").exists()
+
+
+def test_search_nprobe_past_32_bits_is_refused(work, capsys):
+    assert main(["index", "build", "--kind", "ivf", "--codes", str(work / "codes.npz"), "--out", str(work / "v")]) == 0
+    capsys.readouterr()
+    code = main(["search", "--index", str(work / "v"), "--queries", str(work / "codes.npz"), "--nprobe", "4294967296"])
+    assert "nprobe=4294967296: expected at most" in one_line(capsys, code)
+
+
+def test_encode_image_size_past_the_largest_is_refused(work, capsys):
+    code = main(["encode", "--run", str(work / "run"), "--images", "digits", "--out", str(work / "c.npz"),
+                 "--image-size", "60000"])  # fmt: skip
+    assert "--image-size: expected an integer >= 4 and <= 4096, got 60000" in one_line(capsys, code)
+
+
+def test_a_codes_zip_bomb_is_refused_by_index_build(work, capsys):
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": (96 << 20,)})
+    with zipfile.ZipFile(work / "bomb.npz", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        fmt = io.BytesIO()
+        np.save(fmt, np.array("dmuh-codes"))
+        archive.writestr("format.npy", fmt.getvalue())
+        with archive.open("codes.npy", "w", force_zip64=True) as member:
+            member.write(header.getvalue())
+            for _ in range(96):
+                member.write(bytes(1 << 20))
+    code = main(["index", "build", "--codes", str(work / "bomb.npz"), "--out", str(work / "b.dmuhidx")])
+    assert "a zip bomb" in one_line(capsys, code)

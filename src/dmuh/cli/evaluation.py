@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 from dmuh.cli.common import add_run_flag, require_run
 from dmuh.errors import DmuhError, first_line
 from dmuh.metrics.ties import DEFAULT_TIES, TIES
+from dmuh.utils.io import parse_json
 
 
 def add_commands(sub) -> None:
@@ -98,7 +99,7 @@ def stored_report(args: argparse.Namespace, run: str) -> Optional[Dict[str, Any]
     try:
         if stored.stat().st_size > STORED_REPORT_LIMIT:
             raise ValueError("too large for a report")
-        report = json.loads(stored.read_text(encoding="utf-8"))
+        report = parse_json(stored.read_text(encoding="utf-8"))
         if not isinstance(report, dict) or not isinstance(report.get("map_by_ties"), dict):
             raise ValueError("not a report of dmuh evaluate")
         short = short_report(report)

@@ -309,6 +309,14 @@ def _add_export_onnx(subparsers) -> None:
     p.set_defaults(func=cmd_export_onnx)
 
 
+def _check_image_size(value) -> None:
+    """--image-size within the sizes dmuh decodes at (dmuh.runs.config.IMAGE_SIZES)."""
+    from dmuh.runs.config import IMAGE_SIZES
+
+    if value is not None and not IMAGE_SIZES[0] <= value <= IMAGE_SIZES[1]:
+        raise DmuhError(f"--image-size: expected an integer >= {IMAGE_SIZES[0]} and <= {IMAGE_SIZES[1]}, got {value}")
+
+
 def _output_folder(path) -> None:
     """Clear the temporary files killed writers left in an output's folder (dmuh.utils.io.remove_orphans)."""
     if path:
@@ -334,7 +342,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.shards is not None:
         refuse_input_as_output(args.shards, "--shards", inputs)
     _output_folder(args.out)
-    check_positive(args.image_size, "--image-size")
+    _check_image_size(args.image_size)
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.shard_size, "--shard-size")
     if args.shards is not None:
@@ -698,7 +706,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     run = require_run(args)
     refuse_overwrite(args.out, args.force, inputs=[("--run", run)])
     _output_folder(args.out)
-    check_positive(args.image_size, "--image-size")
+    _check_image_size(args.image_size)
     meta = export_onnx(run, args.out, opset=args.opset, image_size=args.image_size, overwrite=args.force)
     print(f"exported {args.out}: inputs {meta['inputs']}, image size {meta['image_size']}, {meta['bits']} bits")
     return 0

@@ -39,7 +39,7 @@ import numpy as np
 
 from dmuh.codes.binary import as_packed
 from dmuh.errors import DmuhError, first_line
-from dmuh.utils.io import atomic_path, atomic_write_text, file_sha256, read_json_record
+from dmuh.utils.io import atomic_path, atomic_write_text, check_array_file, file_sha256, parse_json, read_json_record
 from dmuh.utils.words import plural
 
 CODES_FORMAT = "dmuh-codes"
@@ -82,12 +82,16 @@ class Codes:
             self.uncertainty = np.asarray(self.uncertainty, dtype=np.float32)
             if self.uncertainty.shape != (n,):
                 raise DmuhError(f"codes: uncertainty of shape {self.uncertainty.shape} for {n} codes")
+            if not (np.isfinite(self.uncertainty).all() and (self.uncertainty >= 0).all()):
+                raise DmuhError("codes: uncertainty must be finite and >= 0 (a mean of |h - m|)")
         if self.bit_uncertainty is not None:
             self.bit_uncertainty = np.asarray(self.bit_uncertainty, dtype=np.float16)
             if self.bit_uncertainty.shape != (n, self.bits):
                 raise DmuhError(
                     f"codes: bit uncertainty of shape {self.bit_uncertainty.shape} for {n} {self.bits}-bit codes"
                 )
+            if not (np.isfinite(self.bit_uncertainty).all() and (self.bit_uncertainty >= 0).all()):
+                raise DmuhError("codes: bit uncertainty must be finite and >= 0 (|h - m| per bit)")
         if self.features is not None:
             self.features = np.asarray(self.features, dtype=np.float32)
             if self.features.ndim != 2 or self.features.shape[0] != n or not np.isfinite(self.features).all():
@@ -134,6 +138,9 @@ class Codes:
             return concatenate(list(manifest_shards(path)))
         if not path.is_file():
             raise DmuhError(f"{path}: codes file not found")
+        check_array_file(
+            path, "codes file", "truncated or corrupted"
+        )  # no member inflating beyond what the file justifies
         try:
             with np.load(path, allow_pickle=False) as f:
                 if "format" not in f.files or str(f["format"]) != CODES_FORMAT:
@@ -144,7 +151,7 @@ class Codes:
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
             raise DmuhError(f"{path}: truncated or corrupted codes file ({first_line(error)})") from None
         try:
-            meta = json.loads(str(arrays["meta"]))
+            meta = parse_json(str(arrays["meta"]))
         except (KeyError, ValueError):
             raise DmuhError(f"{path}: corrupted codes file (no readable meta)") from None
         if meta.get("version") != CODES_VERSION:

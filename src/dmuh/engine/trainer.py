@@ -64,7 +64,7 @@ from dmuh.runs.layout import (
     write_log,
 )
 from dmuh.utils import distributed
-from dmuh.utils.io import atomic_path, file_lock, remove_orphans
+from dmuh.utils.io import atomic_path, check_array_file, file_lock, remove_orphans
 from dmuh.utils.words import plural
 
 
@@ -101,6 +101,7 @@ class UncertaintyTrace:
         import zipfile
 
         try:
+            check_array_file(self.path, "uncertainty trace")
             with np.load(self.path, allow_pickle=False) as f:
                 hashing, momentum, epochs = f["hashing"], f["momentum"], f["epochs"]
             shape_ok = (
@@ -110,7 +111,7 @@ class UncertaintyTrace:
                 and hashing.shape[1] == len(self.items)
             )
             problem = None if shape_ok else "its arrays do not fit this run's trace items"
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        except (DmuhError, OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
             problem = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
         if problem is None:
             self.hashing, self.momentum, self.epochs = list(hashing), list(momentum), [int(e) for e in epochs]

@@ -19,6 +19,16 @@ KIND_PARAMS: Dict[str, Dict[str, Optional[int]]] = {
     "hnsw": {"m": 32, "ef_construction": 64, "ef_search": 128},
 }
 
+# The largest value of each index parameter: far above what helps (FAISS's HNSW gains nothing past
+# M of a few dozen), far below what would take the machine's memory or wrap FAISS's 32-bit ints.
+PARAM_LIMITS: Dict[str, int] = {
+    "m": 256,
+    "ef_construction": 1 << 16,
+    "ef_search": 1 << 16,
+    "nlist": 1 << 22,
+    "nprobe": 1 << 22,
+}
+
 DEFAULT_RERANK_DEPTH = 1000
 DEFAULT_TAU = 1.0
 RERANK_MODES = ("uncertainty", "decoder")

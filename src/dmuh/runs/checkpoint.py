@@ -40,7 +40,7 @@ import safetensors.torch
 import torch
 
 from dmuh.errors import DmuhError, first_line
-from dmuh.utils.io import atomic_path
+from dmuh.utils.io import atomic_path, parse_json
 
 FORMAT = "dmuh-checkpoint"
 VERSION = 1
@@ -202,7 +202,7 @@ def _canonical(data: bytes) -> Tuple[bytes, memoryview]:
     of 8 bytes long (padded with spaces, as safetensors pads it), so the tensor data is unmoved
     relative to it and stays aligned."""
     (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + size].decode("utf-8"))
+    header = parse_json(data[8 : 8 + size].decode("utf-8"))
     text = json.dumps(header, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, memoryview(data)[8 + size :]
@@ -246,7 +246,7 @@ def _header(path: Path, data: bytes) -> Dict[str, Any]:
     """The safetensors JSON header of `data` (the file, or its first bytes), or a DmuhError."""
     size = _header_size(path, data[:9], len(data))
     try:
-        header = json.loads(data[8 : 8 + size].decode("utf-8"))
+        header = parse_json(data[8 : 8 + size].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise DmuhError(f"{path}: not a safetensors file (unreadable header; damaged?)") from None
     if not isinstance(header, dict):
@@ -319,7 +319,7 @@ def load_state(path, kind: str) -> dict:
         raise DmuhError(f"{path}: checksum mismatch (the file is damaged); {_DAMAGED}")
     try:
         used: set = set()
-        state = _decode(json.loads(tree_text), tensors, used)
+        state = _decode(parse_json(tree_text), tensors, used)
         if set(tensors) - used:
             raise ValueError(f"holds tensors its tree does not name ({sorted(set(tensors) - used)[0][:80]})")
     except (ValueError, RecursionError) as error:

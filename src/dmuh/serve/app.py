@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional
 
 from dmuh.errors import DmuhError
 from dmuh.retrieval.service import SearchService
+from dmuh.utils.io import parse_json
 
 log = logging.getLogger("dmuh.serve.app")
 PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript")}
@@ -278,7 +279,7 @@ def create_app(service: SearchService, threads: int = 4):
             uncertainty = fields.get("bit_uncertainty")
             if isinstance(uncertainty, str):
                 try:
-                    uncertainty = json.loads(uncertainty)
+                    uncertainty = parse_json(uncertainty)
                 except ValueError:
                     raise HTTPException(400, "bit_uncertainty: expected a JSON list of numbers") from None
             if uncertainty is not None and (
@@ -330,7 +331,7 @@ async def _read_query(request):
                 raise HTTPException(400, "image: the uploaded file is empty")
     elif kind == "application/json":
         try:
-            body = json.loads(await request.body())
+            body = parse_json(await request.body())
         except (ValueError, UnicodeDecodeError):
             raise HTTPException(400, "body: not valid JSON") from None
         if not isinstance(body, dict):

@@ -23,6 +23,7 @@ import re
 import socket
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -338,10 +339,9 @@ def read_json_record(path: Path, record_format: str, version: int, what: str, mi
     """A JSON object dmuh wrote (split.json, label_noise.json, a shards manifest), checked to carry
     its "format" and "version"; a one-line DmuhError naming the file otherwise (`missing`: a hint
     added when the file is not there)."""
-    import json
 
     try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        record = parse_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DmuhError(f"{path}: {what} not found{f' ({missing})' if missing else ''}") from None
     except OSError as error:
@@ -429,3 +429,129 @@ def file_lock(path: str | os.PathLike, what: str, wait_s: Optional[float] = None
         with contextlib.suppress(OSError):
             os.unlink(target)
         os.close(fd)  # closing releases the lock
+
+
+# -- reading arrays without amplification ---------------------------------------------------------
+
+# A deflated .npz member may inflate to at most this many times its stored size once it is larger
+# than ARRAY_RATIO_FREE bytes: real data (codes, features, images) deflates a few times at most; a
+# ratio of hundreds is a zip bomb (zeros), which would take memory far beyond the file's size.
+ARRAY_MAX_RATIO = 100
+ARRAY_RATIO_FREE = 64 << 20
+
+
+def memory_budget() -> int:
+    """Bytes one array may take: half of the memory available now (MemAvailable; all of the
+    machine's memory where /proc is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def _npy_payload(stream, name: str) -> int:
+    """The bytes of data an .npy header declares (its shape times its item size); ValueError when
+    the header is not one numpy reads without pickle."""
+    import numpy as np
+
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"{name}: .npy format version {version}")
+    if dtype.hasobject:
+        raise ValueError(f"{name}: holds Python objects (a pickle), which dmuh does not read")
+    count = 1
+    for extent in shape:
+        count *= int(extent)
+    return count * dtype.itemsize
+
+
+def check_array_file(path, what: str, problem: str = "cannot read") -> None:
+    """Refuse (a one-line DmuhError naming `path`) an .npy or .npz file whose arrays would take
+    more memory than its size justifies, before numpy reads it: every member's declared size (the
+    zip directory) within `memory_budget`, a deflate ratio within ARRAY_MAX_RATIO, and each .npy
+    header's shape agreeing with the bytes stored (numpy allocates what the header says first)."""
+    path = Path(path)
+    budget = memory_budget()
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+            if magic == b"\x93NUMPY":
+                handle.seek(0)
+                stored = path.stat().st_size
+                payload = _npy_payload(handle, path.name)
+                if payload > stored - handle.tell():
+                    raise ValueError(f"its header declares {payload:,} bytes of data, the file holds fewer")
+                return
+        if magic[:2] != b"PK":
+            return  # not an array file: the reader says what it is
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename
+                if info.file_size > budget:
+                    raise ValueError(f"member {name} declares {info.file_size:,} bytes, beyond the memory available")
+                if info.file_size > ARRAY_RATIO_FREE and info.file_size > ARRAY_MAX_RATIO * max(info.compress_size, 1):
+                    raise ValueError(
+                        f"member {name} inflates {info.file_size // max(info.compress_size, 1):,} times "
+                        f"(to {info.file_size:,} bytes): a zip bomb, not data"
+                    )
+                if name.endswith(".npy"):
+                    try:
+                        with archive.open(info) as member:
+                            payload = _npy_payload(member, name)
+                            if payload > info.file_size - member.tell():
+                                raise ValueError(f"its header declares {payload:,} bytes, it holds fewer")
+                    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                        key = name[: -len(".npy")]
+                        where = (
+                            f"cannot read key {key!r}" if problem == "cannot read" else f"{problem} {what}, key {key!r}"
+                        )
+                        raise DmuhError(f"{path}: {where} ({first_line(error, 200)})") from None
+    except DmuhError:
+        raise
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        RuntimeError,
+        OverflowError,
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+    ) as error:
+        raise DmuhError(f"{path}: {problem} {what} ({first_line(error, 200)})") from None
+
+
+# -- reading JSON without amplification -----------------------------------------------------------
+
+JSON_MAX_DEPTH = 64  # dmuh's own JSON (headers, records, requests) nests a few levels
+
+
+def parse_json(text) -> Any:
+    """json.loads, bounded: nesting deeper than JSON_MAX_DEPTH (which would exhaust the parser's
+    recursion) and integers of thousands of digits are a ValueError like any malformed JSON."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels") from None
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > JSON_MAX_DEPTH:
+            raise ValueError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            pending.extend((child, depth + 1) for child in node.values() if isinstance(child, (dict, list)))
+        elif isinstance(node, list):
+            pending.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
+    return value

@@ -24,7 +24,10 @@ import numpy as np
 from dmuh.codes.binary import as_packed
 from dmuh.errors import DmuhError
 from dmuh.models.decoder import FeatureDecoder
-from dmuh.retrieval.options import BACKENDS  # noqa: F401 - also this module's API
+from dmuh.retrieval.options import (
+    BACKENDS,  # noqa: F401 - also this module's API
+    PARAM_LIMITS,
+)
 from dmuh.retrieval.rerank import (
     DEFAULT_RERANK_DEPTH,
     DEFAULT_TAU,
@@ -54,6 +57,8 @@ class SearchParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
                 raise DmuhError(f"search parameter {name}={value!r}: expected a positive integer")
+            if value is not None and value > PARAM_LIMITS[name]:
+                raise DmuhError(f"search parameter {name}={value}: expected at most {PARAM_LIMITS[name]:,}")
 
     @classmethod
     def of(
@@ -129,6 +134,8 @@ def resolve_params(
     for key, value in params.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise DmuhError(f"index parameter {key}={value!r}: expected a positive integer")
+        if value is not None and key in PARAM_LIMITS and value > PARAM_LIMITS[key]:
+            raise DmuhError(f"index parameter {key}={value}: expected at most {PARAM_LIMITS[key]:,}")
     resolved = {
         k: (params.get(k) if params.get(k) is not None else default) for k, default in kind_params[kind].items()
     }

@@ -61,6 +61,7 @@ from dmuh.retrieval.index.file import (
     write_index_file,
 )
 from dmuh.retrieval.options import KIND_PARAMS, KINDS  # noqa: F401 - also this module's API
+from dmuh.utils.io import parse_json
 
 
 def _faiss():
@@ -287,7 +288,7 @@ class FaissIndex(CodeIndex):
         except (RuntimeError, KeyError) as error:
             raise DmuhError(f"{path}: corrupted index (FAISS cannot read it: {str(error).splitlines()[0]})") from None
         ids = np.frombuffer(sections["ids"], dtype="<i8").astype(np.int64)
-        names = json.loads(sections["names"].decode("utf-8")) if "names" in sections else None
+        names = parse_json(sections["names"].decode("utf-8")) if "names" in sections else None
         count, bits = header["count"], header["bits"]
         if (
             index.ntotal != count

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
 from dmuh.errors import DmuhError
-from dmuh.utils.io import atomic_path
+from dmuh.utils.io import atomic_path, parse_json
 
 MAGIC = b"DMUHIDX\n"
 FORMAT = "dmuh-index"
@@ -74,7 +74,7 @@ def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], D
     if zlib.crc32(header_bytes) != header_crc:
         raise DmuhError(f"{path}: corrupted index (header checksum mismatch)")
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
+        header = parse_json(header_bytes.decode("utf-8"))
     except ValueError:
         raise DmuhError(f"{path}: corrupted index (unreadable header)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:

@@ -70,6 +70,7 @@ from dmuh.retrieval.index.base import (
     unique_ids,
 )
 from dmuh.retrieval.index.file import FORMAT, FORMAT_VERSION, write_index_file
+from dmuh.utils.io import parse_json
 
 MILVUS_KINDS = ("flat", "ivf")
 INDEX_TYPES = {"flat": "BIN_FLAT", "ivf": "BIN_IVF_FLAT"}
@@ -420,7 +421,7 @@ class MilvusIndex(CodeIndex):
                 )
             described = self.client.describe_collection(self.collection)
             try:
-                description = json.loads(described.get("description") or "")
+                description = parse_json(described.get("description") or "")
             except ValueError:
                 description = None
             if not isinstance(description, dict) or description.get("format") != DESCRIPTION_FORMAT:
