@@ -51,3 +51,18 @@ class ServiceLimits:
         for name, value in asdict(self).items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise DmuhError(f"limit {name}={value!r}: expected a positive number")
+            if name in SERVE_FLAG_LIMITS and not value <= SERVE_FLAG_LIMITS[name]:
+                raise DmuhError(f"limit {name}={value!r}: expected at most {SERVE_FLAG_LIMITS[name]:g}")
+
+
+# The largest value of each service limit (and of `dmuh serve --threads`): what one machine serves;
+# past these a value is a typo (or inf), which would overflow or never time out.
+SERVE_FLAG_LIMITS: Dict[str, float] = {
+    "threads": 1024,
+    "max_upload_bytes": 4 << 30,
+    "max_image_pixels": 1 << 31,
+    "max_k": 1_000_000,
+    "timeout_s": 24 * 3600.0,
+    "thumbnail_px": 4096,
+    "max_text_chars": 1_000_000,
+}
