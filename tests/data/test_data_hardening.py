@@ -456,3 +456,10 @@ def test_cifar_batches_truncated_or_odd(tmp_path, capsys):
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [1, 2]}))
     with pytest.raises(DmuhError, match=r"batches.meta: b'label_names' must be a list of class names"):
         CifarBatchesSource(folder)
+
+
+def test_features_with_zero_columns_are_refused(tmp_path):
+    """Issue 31, class 3: a features file whose items are empty vectors trained without a word."""
+    np.savez(tmp_path / "empty.npz", features=np.zeros((50, 0), np.float32), labels=np.arange(50) % 5)
+    with pytest.raises(DmuhError, match="zero columns"):
+        open_source(f"features:{tmp_path / 'empty.npz'}")

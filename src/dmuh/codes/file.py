@@ -154,12 +154,10 @@ class Codes:
             meta = parse_json(str(arrays["meta"]))
         except (KeyError, ValueError):
             raise DmuhError(f"{path}: corrupted codes file (no readable meta)") from None
-        if meta.get("version") != CODES_VERSION:
-            raise DmuhError(
-                f"{path}: codes format version {meta.get('version')!r}; this dmuh reads version {CODES_VERSION}"
-            )
+        meta = checked_meta(path, meta)
         if "codes" not in arrays or "ids" not in arrays:
             raise DmuhError(f"{path}: corrupted codes file (missing codes or ids)")
+        checked_arrays(path, arrays)
         if arrays["codes"].shape[0] != meta.get("count"):
             raise DmuhError(
                 f"{path}: corrupted codes file (meta says {meta.get('count')} codes, holds {arrays['codes'].shape[0]})"
@@ -181,6 +179,62 @@ class Codes:
             )
         except DmuhError as error:
             raise DmuhError(f"{path}: {error}") from None
+
+
+# The type of each field of a codes file's meta (None allowed where the second item says so).
+_META_FIELDS = {
+    "bits": (int, False),
+    "count": (int, False),
+    "model": (dict, True),
+    "image_size": (int, True),
+    "channels": (int, True),
+    "images": (str, True),
+    "class_names": (list, True),
+}
+MAX_BITS = 1 << 16
+
+
+def checked_meta(path, meta) -> Dict[str, Any]:
+    """A codes file's meta, every field of its type and range before any is used; a one-line
+    DmuhError naming the file and field otherwise."""
+    if not isinstance(meta, dict):
+        raise DmuhError(f"{path}: corrupted codes file (its meta is not a JSON object)")
+    if meta.get("version") != CODES_VERSION:
+        shown = repr(meta.get("version"))[:20]
+        raise DmuhError(f"{path}: codes format version {shown}; this dmuh reads version {CODES_VERSION}")
+    for name, (kind, optional) in _META_FIELDS.items():
+        value = meta.get(name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise DmuhError(f"{path}: corrupted codes file (meta field {name!r} must be {kind.__name__})")
+    if not 1 <= meta["bits"] <= MAX_BITS or meta["count"] < 0:
+        raise DmuhError(
+            f"{path}: corrupted codes file (meta bits {meta['bits']} or count {meta['count']} out of range)"
+        )
+    for name in ("image_size", "channels"):
+        if meta.get(name) is not None and not 1 <= meta[name] <= 1 << 16:
+            raise DmuhError(f"{path}: corrupted codes file (meta field {name!r} out of range)")
+    if meta.get("class_names") is not None and not all(isinstance(c, str) for c in meta["class_names"]):
+        raise DmuhError(f"{path}: corrupted codes file (meta field 'class_names' must be a list of strings)")
+    return meta
+
+
+def checked_arrays(path, arrays: Dict[str, np.ndarray]) -> None:
+    """The arrays of a codes file, of their dimensions and kinds: codes (n, bytes) unsigned bytes,
+    ids (n,) text or integers, the optional ones numbers."""
+    codes, ids = arrays["codes"], arrays["ids"]
+    if codes.ndim != 2 or codes.dtype != np.uint8:
+        raise DmuhError(
+            f"{path}: corrupted codes file (codes must be an (n, bytes) uint8 array, got {codes.dtype} {codes.shape})"
+        )
+    if ids.ndim != 1 or ids.dtype.kind not in "UiuS":
+        raise DmuhError(
+            f"{path}: corrupted codes file (ids must be a 1-D array of paths or integers, got {ids.dtype} {ids.shape})"
+        )
+    for name in _OPTIONAL_ARRAYS:
+        if name in arrays and arrays[name].dtype.kind not in "fiub":
+            raise DmuhError(f"{path}: corrupted codes file ({name} must be numbers, got {arrays[name].dtype})")
 
 
 # -- shards and their manifest ----------------------------------------------------------------

@@ -292,6 +292,8 @@ class FeatureSource(Source):
             raise DmuhError(
                 f"{name}: 'features' must be an (N, D) numeric array, got {features.dtype} {features.shape}"
             )
+        if features.shape[1] == 0:  # every item the same empty vector: a network would learn nothing, silently
+            raise DmuhError(f"{name}: 'features' has zero columns (shape {features.shape}); each item needs a vector")
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused below
             self.features = np.ascontiguousarray(features, dtype=np.float32)
         finite = np.isfinite(self.features).all(axis=1)

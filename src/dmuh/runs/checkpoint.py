@@ -329,6 +329,25 @@ def load_state(path, kind: str) -> dict:
     return state
 
 
+def tensor_problem(value: Any, where: str = "", finite: bool = True) -> Optional[str]:
+    """What is wrong with the tensors of a decoded tree, or None: a layout other than strided (a
+    sparse tensor may declare any size and take it when made dense), or (`finite`) a NaN or
+    infinite value in a floating-point tensor (a network that computes NaN scores silently)."""
+    pending = [(where, value)]
+    while pending:
+        name, node = pending.pop()
+        if isinstance(node, torch.Tensor):
+            if node.layout != torch.strided:
+                return f"{name or 'a tensor'} is {str(node.layout).replace('torch.', '')}, not a dense tensor"
+            if finite and node.is_floating_point() and not bool(torch.isfinite(node).all()):
+                return f"{name or 'a tensor'} holds NaN or infinite values"
+        elif isinstance(node, dict):
+            pending.extend((f"{name}.{key}" if name else str(key), child) for key, child in node.items())
+        elif isinstance(node, (list, tuple)):
+            pending.extend((f"{name}[{i}]", child) for i, child in enumerate(node))
+    return None
+
+
 def load_weights(path, kind: str) -> Dict[str, torch.Tensor]:
     """A flat {name: tensor} safetensors file: a dmuh one of `kind` (checksum checked), or a foreign
     one without dmuh metadata (a torchvision state dict converted to safetensors), read as is."""
