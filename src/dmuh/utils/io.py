@@ -360,7 +360,7 @@ def index_list(record: Dict[str, Any], key: str, path):
     import numpy as np
 
     values = record.get(key)
-    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+    if not isinstance(values, list) or not all(type(v) is int and 0 <= v < 2**63 for v in values):
         raise DmuhError(f"{path}: field {key!r} must be a list of non-negative integers")
     return np.array(values, dtype=np.int64)
 
