@@ -669,6 +669,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.queries and codes_file is None:
         image_paths += _read_query_list(Path(args.queries))
     with open_index(args.index) as index:
+        if args.out and getattr(index, "uri", None):  # a Milvus Lite file is read too
+            refuse_input_as_output(args.out, "--out", [("the index's --uri", index.uri)])
         service = SearchService(index, index_path=args.index)
         queries = gather_queries(
             service,
