@@ -101,3 +101,14 @@ def test_a_legacy_checkpoint_with_a_sparse_tensor_is_refused(tmp_path):
     torch.save({"model": {"w": sparse}, "epoch": 1}, tmp_path / "checkpoint.pt")
     with pytest.raises(DmuhError, match="model.w is sparse_coo, not a dense tensor"):
         read_legacy_checkpoint(tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("field, value", [("bits", "16"), ("method", "regu")])
+def test_a_checkpoint_of_another_run_is_refused(copy, capsys, field, value):
+    """config.yaml and the checkpoint disagree on the network: evaluating would score another model."""
+    config = copy / "config.yaml"
+    config.write_text("\n".join(f"{field}: {value}" if line.startswith(f"{field}:") else line
+                                for line in config.read_text().splitlines()) + "\n")  # fmt: skip
+    assert main(["evaluate", "--run", str(copy), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"trained with {field}" in err and "different runs" in err, err

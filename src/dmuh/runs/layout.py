@@ -264,6 +264,15 @@ def _check_optimizer_shapes(optimizer) -> None:
 def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainConfig):
     """(model, method, momentum copy or None) of a checkpoint, with its weights, in eval mode on the CPU."""
 
+    saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    run_values = config.to_dict()
+    differ = [key for key in ("method", "bits", "model") if key in saved and saved[key] != run_values.get(key)]
+    if differ:  # the checkpoint of another run: its network, read with this run's data, would mis-score
+        key = differ[0]
+        raise RunError(
+            f"{path}: trained with {key} {str(saved[key])[:40]!r}, but {Path(run_dir) / CONFIG} says "
+            f"{str(run_values.get(key))[:40]!r}: the checkpoint and the config are of different runs"
+        )
     model_config, method_spec = checkpoint.get("model_config"), checkpoint.get("method_spec")
     if model_config is None or method_spec is None:
         model_config, method_spec = legacy_specs(checkpoint, config, run_dir)
