@@ -34,7 +34,7 @@ fine). Every case ends in one outcome:
 
 The table counts outcomes per category; a list of every case that is not "ok"/"clear error"
 follows, with its first stderr line (and, for a traceback, its last: the exception); then every
-case's peak memory (the command's maximum resident set, read with os.wait4), its excess over the
+case's peak memory (the command's maximum resident set, ru_maxrss of its own process), its excess over the
 floor, and the size of its inputs. A case with `alongside` runs a second command at the same time
 (concurrent writers): neither may crash, and its check says whether anything reported done is lost.
 """
@@ -2739,7 +2739,7 @@ class Runner:
 
     def dmuh(self, argv: Sequence[str], cwd: Path, timeout: float, with_memory: bool = False):
         """(returncode or None on timeout, stdout, stderr, seconds), and the peak RSS in MB
-        (`with_memory`: read from os.wait4's rusage of the process itself)."""
+        (`with_memory`: its ru_maxrss, read through MEASURE_WRAPPER)."""
         return run_measured([self.python, "-m", "dmuh", *argv], cwd, self.env, timeout, with_memory)
 
     def floor_mb(self) -> float:
@@ -2855,11 +2855,32 @@ class Runner:
         return Result(c, outcome, detail, rc, stderr=err, peak_mb=peak, input_bytes=input_bytes)
 
 
+# Linux records the memory high-water mark of the process image an exec replaces in the new
+# program's ru_maxrss, and subprocess forks (vfork) from the caller: a command started by a large
+# process would report the caller's peak. So a small interpreter starts the command and writes
+# its waited-for child's ru_maxrss (KB) to a file; its exit status is the command's.
+MEASURE_WRAPPER = """
+import os, resource, signal, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as out:
+    out.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+if rc < 0:
+    signal.signal(-rc, signal.SIG_DFL)
+    os.kill(os.getpid(), -rc)
+sys.exit(rc)
+"""
+
+
 def run_measured(command: Sequence[str], cwd: Path, env: Dict[str, str], timeout: float, with_memory: bool):
     """Run `command` -> (returncode or None on timeout, stdout, stderr, seconds, peak RSS in MB or
-    None). The process is reaped with os.wait4, whose rusage holds its own maximum resident set
-    (ru_maxrss, KB on Linux); its output is read by two threads meanwhile."""
+    None: its maximum resident set, ru_maxrss, read through MEASURE_WRAPPER). It is reaped with
+    os.wait4; its output is read by two threads meanwhile."""
     started = time.monotonic()
+    peak_file = None
+    if with_memory:  # measured one process further down: see MEASURE_WRAPPER
+        handle, peak_file = tempfile.mkstemp(prefix="peak-", suffix=".txt")
+        os.close(handle)
+        command = [sys.executable, "-c", MEASURE_WRAPPER, peak_file, *command]
     proc = subprocess.Popen(
         list(command),
         cwd=cwd,
@@ -2905,7 +2926,12 @@ def run_measured(command: Sequence[str], cwd: Path, env: Dict[str, str], timeout
     for stream in (proc.stdout, proc.stderr):
         stream.close()
     rc = None if timed_out else proc.returncode
-    peak = usage.ru_maxrss / 1024.0 if (with_memory and usage is not None) else None
+    peak = None
+    if peak_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            peak = int(Path(peak_file).read_text().strip()) / 1024.0
+        with contextlib.suppress(OSError):
+            os.unlink(peak_file)
     out, err = chunks.get("out", b""), chunks.get("err", b"")
     return rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), time.monotonic() - started, peak
 
@@ -3068,7 +3094,7 @@ def memory_list(results: Sequence[Result], floor: float) -> str:
     """Every case's peak memory, largest first: peak RSS, its excess over the floor, the input size."""
     measured = [r for r in results if r.peak_mb is not None]
     lines = [
-        f"Peak memory per case (RSS from wait4; floor {floor:.0f} MB = the imports alone; a case with under "
+        f"Peak memory per case (ru_maxrss of each command; floor {floor:.0f} MB = the imports alone; a case with under "
         f"{SMALL_INPUT_BYTES >> 20} MB of input may take at most {MEMORY_LIMIT_MB} MB above it):",
         "",
         "| case | outcome | peak MB | above floor MB | input KB |",

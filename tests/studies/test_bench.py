@@ -169,3 +169,13 @@ def test_bad_inputs_counts_a_long_or_internal_error_line_as_unclear():
         n for n in names if n.split("/")[0] in ("amplify", "fields", "silent", "inputs", "serve-flags", "concurrent")
     ]
     assert len(new) >= 60 and len(set(names)) == len(names)
+
+
+def test_bad_inputs_peak_memory_is_the_commands_not_its_callers(tmp_path):
+    """A caller holding 600 MB (as a test run does) must not show up in a small command's peak."""
+    bench = _bad_inputs_module()
+    ballast = bytearray(600 << 20)
+    ballast[::4096] = b"1" * len(ballast[::4096])
+    small = bench.run_measured([sys.executable, "-c", "pass"], tmp_path, dict(os.environ), 60, True)
+    assert small[0] == 0 and small[4] < 100, small[4]
+    del ballast
