@@ -25,19 +25,25 @@ fine). Every case ends in one outcome:
                  failed (a wrong result)
     lost         a file that existed before the case changed or vanished without --force, or a
                  security guard tripped (a marker file that only code run from the input creates)
+    memory       peak memory (RSS, from wait4) more than MEMORY_LIMIT_MB above the floor for an input
+                 under 1 MB: a tiny input that makes a huge allocation
     hang         the command ran past its timeout and was killed
     refused      an "ok" case refused with a clear error (valid input rejected)
     unclear      nonzero exit, no traceback, but not a clear message (several lines, last not "dmuh ...")
     skipped      a fixture the case needs could not be built, or its setup failed
 
 The table counts outcomes per category; a list of every case that is not "ok"/"clear error"
-follows, with its first stderr line (and, for a traceback, its last: the exception).
+follows, with its first stderr line (and, for a traceback, its last: the exception); then every
+case's peak memory (the command's maximum resident set, ru_maxrss of its own process), its excess over the
+floor, and the size of its inputs. A case with `alongside` runs a second command at the same time
+(concurrent writers): neither may crash, and its check says whether anything reported done is lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import fnmatch
 import hashlib
 import io
@@ -60,8 +66,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-OUTCOMES = ("ok", "clear error", "traceback", "silent", "lost", "hang", "refused", "unclear", "skipped")
-FAILURES = ("traceback", "silent", "lost", "hang", "refused", "unclear", "skipped")
+OUTCOMES = ("ok", "clear error", "traceback", "silent", "lost", "memory", "hang", "refused", "unclear", "skipped")
+FAILURES = ("traceback", "silent", "lost", "memory", "hang", "refused", "unclear", "skipped")
+# A case whose inputs (its folder's files, before the command) total under SMALL_INPUT_BYTES may
+# take at most MEMORY_LIMIT_MB above the interpreter's floor (the peak RSS of importing what every
+# command imports: torch alone is about 650 MB on a CUDA build, so an absolute bound would measure
+# torch, not dmuh).
+SMALL_INPUT_BYTES = 1 << 20
+MEMORY_LIMIT_MB = 500
+# Characters a clear error line may have: a message quoting a value must cut it.
+MESSAGE_LIMIT = 500
 MARKER = "MARKER-code-ran"  # created only by code run from a malicious input (security cases)
 DEFAULT_TIMEOUT = 300.0
 
@@ -171,6 +185,7 @@ class Ctx:
         self.root, self.fx = root, fx
         self.stdout = self.stderr = ""
         self.rc: Optional[int] = None
+        self.alongside: Optional[tuple] = None  # (rc, stdout, stderr) of the case's second command
 
     def p(self, rel: str) -> Path:
         return self.root / rel
@@ -197,6 +212,7 @@ class Case:
     needs: Sequence[str] = ()  # fixtures
     timeout: Optional[float] = None
     extended: bool = False  # run only with --all
+    alongside: Optional[Sequence[str]] = None  # a second command started at the same time (concurrency)
 
 
 CASES: List[Case] = []
@@ -713,6 +729,7 @@ def define_cases() -> None:
     define_retrieval_cases()
     define_figure_cases()
     define_overwrite_cases()
+    define_hardening_cases()
 
 
 def define_flag_cases() -> None:
@@ -2082,6 +2099,478 @@ def define_overwrite_cases() -> None:
 
 
 # =============================================================================================
+# Hardening II (issue 31): amplification, fields deep inside dmuh's files, silent results,
+# outputs that are inputs, the service's flags, concurrent writers
+
+
+def _dmuh_src():
+    """Import dmuh from this checkout (setup steps that re-sign a file dmuh wrote)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+
+
+YAML_BOMB = "\n".join(
+    ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    + [f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+)
+FLOW_BOMB = "[&a [x,x,x,x,x,x,x,x,x,x], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], " + (
+    "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d], &f [*e,*e,*e,*e,*e,*e,*e,*e,*e,*e]]"
+)
+
+
+def npy_header(shape, descr: str = "|u1") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def bomb_npz(rel: str, member: str, others: Dict[str, np.ndarray], inflated_mb: int = 1024) -> Step:
+    """An .npz whose `member` deflates from about 1 MB per GB to `inflated_mb` MB of zeros (a zip bomb),
+    next to the small arrays `others`."""
+
+    def step(ctx: Ctx) -> None:
+        with zipfile.ZipFile(ctx.p(rel), "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+            for name, array in others.items():
+                archive.writestr(f"{name}.npy", npy_bytes(array))
+            with archive.open(f"{member}.npy", "w", force_zip64=True) as out:
+                out.write(npy_header((inflated_mb << 20,)))
+                block = bytes(1 << 20)
+                for _ in range(inflated_mb):
+                    out.write(block)
+
+    return step
+
+
+def huge_header_npz(rel: str, member: str, shape, others: Dict[str, np.ndarray], descr: str = "|u1") -> Step:
+    """An .npz whose `member`'s header declares `shape` (terabytes) over a few bytes of data."""
+
+    def step(ctx: Ctx) -> None:
+        with zipfile.ZipFile(ctx.p(rel), "w") as archive:
+            for name, array in others.items():
+                archive.writestr(f"{name}.npy", npy_bytes(array))
+            archive.writestr(f"{member}.npy", npy_header(shape, descr) + bytes(64))
+
+    return step
+
+
+CODES_META = {"version": 1, "bits": 8, "count": 4, "model": {}, "image_size": 8, "channels": 1, "images": None,
+              "class_names": None}  # fmt: skip
+
+
+def codes_arrays(meta=None, **over) -> Dict[str, np.ndarray]:
+    """The arrays of a small codes file (4 codes of 8 bits), `meta` and arrays replaced as given."""
+    meta = CODES_META if meta is None else meta
+    arrays = {
+        "format": np.array("dmuh-codes"),
+        "meta": np.array(meta if isinstance(meta, str) else json.dumps(meta)),
+        "codes": np.arange(4, dtype=np.uint8).reshape(4, 1),
+        "ids": np.array([f"a/{i}.png" for i in range(4)]),
+    }
+    arrays.update(over)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+def codes_file(rel: str, meta=None, **over) -> Step:
+    def step(ctx: Ctx) -> None:
+        with open(ctx.p(rel), "wb") as f:
+            np.savez(f, **codes_arrays(meta, **over))
+
+    return step
+
+
+def edit_codes(rel: str, change: Callable[[Dict[str, np.ndarray]], None]) -> Step:
+    """Change a codes file's arrays (meta as a dict under "meta") and write it back."""
+
+    def step(ctx: Ctx) -> None:
+        path = ctx.p(rel)
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in f.files}
+        meta = json.loads(str(arrays["meta"]))
+        arrays["meta"] = meta
+        change(arrays)
+        arrays["meta"] = np.array(json.dumps(arrays["meta"]))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+
+    return step
+
+
+def codes_subset(prefix: str, count: int) -> Callable[[Dict], None]:
+    """Keep the first `count` codes, renamed PREFIX:i (new items for `index add`)."""
+
+    def change(arrays: Dict) -> None:
+        for name in ("codes", "labels", "uncertainty", "bit_uncertainty", "features"):
+            if name in arrays:
+                arrays[name] = arrays[name][:count]
+        arrays["ids"] = np.array([f"{prefix}:{i}" for i in range(count)])
+        arrays["meta"]["count"] = count
+
+    return change
+
+
+def rewrite_index(rel: str, header_change=None, sections_change=None) -> Step:
+    """Re-sign an index file after changing its header or sections (checksums recomputed)."""
+
+    def step(ctx: Ctx) -> None:
+        _dmuh_src()
+        from dmuh.retrieval.index.file import read_index_file, write_index_file
+
+        header, sections = read_index_file(ctx.p(rel), ("flat", "ivf", "hnsw"))
+        for key in ("sections", "payload_size", "payload_sha256"):
+            header.pop(key)
+        if header_change:
+            header_change(header)
+        if sections_change:
+            sections_change(sections)
+        write_index_file(ctx.p(rel), header, list(sections.items()))
+
+    return step
+
+
+def rewrite_checkpoint(rel: str, change: Callable[[dict], None]) -> Step:
+    """Change a checkpoint's state and write it back with a valid checksum (a re-signed file)."""
+
+    def step(ctx: Ctx) -> None:
+        _dmuh_src()
+        from dmuh.runs.checkpoint import load_state, save_state
+
+        state = load_state(ctx.p(rel), "checkpoint")
+        change(state)
+        save_state(ctx.p(rel), state, "checkpoint")
+
+    return step
+
+
+def first_weight_set(value: float) -> Callable[[dict], None]:
+    def change(state: dict) -> None:
+        key = next(k for k, v in state["model"].items() if v.is_floating_point() and v.numel() > 1)
+        state["model"][key].view(-1)[0] = value
+
+    return change
+
+
+def optimizer_wrong_shape(state: dict) -> None:
+    import torch
+
+    for slot in state["optimizer"]["state"].values():
+        for name, value in slot.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                slot[name] = torch.zeros(value.numel() + 3)
+                return
+
+
+def sqlite_db(rel: str, keep: Optional[float] = None) -> Step:
+    """An SQLite database (what a Milvus Lite file is), cut to `keep` of its size."""
+
+    def step(ctx: Ctx) -> None:
+        import sqlite3
+
+        path = ctx.p(rel)
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            connection.execute("create table t (x)")
+            connection.executemany("insert into t values (?)", [(b"x" * 2000,)] * 50)
+            connection.commit()
+        if keep is not None:
+            path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+    return step
+
+
+def link(rel: str, target: str, hard: bool = False) -> Step:
+    def step(ctx: Ctx) -> None:
+        if hard:
+            os.link(ctx.p(target), ctx.p(rel))
+        else:
+            ctx.p(rel).symlink_to(ctx.p(target))
+
+    return step
+
+
+def index_count(rel: str) -> Optional[int]:
+    _dmuh_src()
+    from dmuh.retrieval.index import open_index
+
+    with open_index(rel) as index:
+        return len(index)
+
+
+def both_succeeded_and_count(rel: str, count: int) -> Callable[[Ctx], Optional[str]]:
+    """Both writers of an index reported success, and the index holds what both did."""
+
+    def guard(ctx: Ctx) -> Optional[str]:
+        if ctx.rc != 0 or (ctx.alongside or (None,))[0] != 0:
+            return None  # a refusal: classified from the messages
+        try:
+            found = index_count(str(ctx.p(rel)))
+        except Exception as error:  # noqa: BLE001 - a damaged index is lost work
+            return f"{rel} unreadable after both writers: {type(error).__name__}: {error}"
+        return None if found == count else f"{rel} holds {found} codes after both writers reported success, not {count}"
+
+    return guard
+
+
+def one_run_kept(out: str, marker: str = "checkpoint.safetensors") -> Callable[[Ctx], Optional[str]]:
+    """Of two writers of one run directory exactly one succeeded and its run is whole."""
+
+    def guard(ctx: Ctx) -> Optional[str]:
+        codes = [ctx.rc, (ctx.alongside or (None,))[0]]
+        if codes.count(0) == 2:
+            return f"both writers of {out} reported success: one's result is gone"
+        if codes.count(0) == 1 and not (ctx.p(out) / marker).is_file():
+            return f"a writer reported success but {out}/{marker} is missing"
+        return None
+
+    return guard
+
+
+def define_hardening_cases() -> None:
+    A, F, SI, IN, SV, CO = "amplify", "fields", "silent", "inputs", "serve-flags", "concurrent"
+    base = run_copy()
+    codes_fx = copy_fx("codes.npz", "c.npz")
+    small_codes = {"format": np.array("dmuh-codes"), "meta": np.array(json.dumps(CODES_META)),
+                   "ids": np.array([f"a/{i}.png" for i in range(4)])}  # fmt: skip
+    features_labels = {"labels": np.arange(50) % 5}
+    yaml_bomb = write("bomb.yaml", YAML_BOMB)
+
+    # -- class 1: a tiny input, a huge allocation ---------------------------------------------
+    case("amplify/train-config-alias-bomb", A, ["train", "--config", "bomb.yaml", "--out", "r"], setup=yaml_bomb)
+    case("amplify/compare-config-alias-bomb", A, ["compare", "--config", "bomb.yaml", "--methods", "dmuh",
+                                                   "--out", "r"], setup=yaml_bomb)  # fmt: skip
+    case("amplify/pretrain-config-alias-bomb", A, ["pretrain", "--config", "bomb.yaml", "--out", "r"], setup=yaml_bomb)
+    case("amplify/evaluate-run-config-alias-bomb", A, ["evaluate", "--run", "run", "--quiet"],
+         setup=[base, write("run/config.yaml", YAML_BOMB)], needs=("base",))  # fmt: skip
+    case("amplify/resume-run-config-alias-bomb", A, ["train", "--resume", "--out", "run", "--quiet"],
+         setup=[base, write("run/config.yaml", YAML_BOMB)], needs=("base",))  # fmt: skip
+    case("amplify/figure-run-config-alias-bomb", A, ["figure", "curves", "--run", "run"],
+         setup=[base, write("run/config.yaml", YAML_BOMB)], needs=("base",))  # fmt: skip
+    case("amplify/train-config-nested-5000", A, ["train", "--config", "deep.yaml", "--out", "r"],
+         setup=write("deep.yaml", "bits: " + "[" * 5000 + "]" * 5000 + "\n"))  # fmt: skip
+    case("amplify/train-config-huge-scalar", A, ["train", "--config", "big.yaml", "--out", "r"],
+         setup=write("big.yaml", "epochs: " + "x" * 900_000 + "\n"))  # fmt: skip
+    case("amplify/train-param-flow-alias-bomb", A, tiny("-p", f"alpha={FLOW_BOMB}"))
+    case("amplify/codes-zip-bomb-index-build", A, ["index", "build", "--codes", "bomb.npz", "--out", "i.dmuhidx"],
+         setup=bomb_npz("bomb.npz", "codes", small_codes))  # fmt: skip
+    case("amplify/codes-zip-bomb-search-queries", A, ["search", "--index", "i.dmuhidx", "--queries", "bomb.npz"],
+         setup=[copy_fx("index.dmuhidx", "i.dmuhidx"), bomb_npz("bomb.npz", "codes", small_codes)],
+         needs=("index",))  # fmt: skip
+    case("amplify/codes-ids-zip-bomb-index-build", A, ["index", "build", "--codes", "bomb.npz", "--out", "i.dmuhidx"],
+         setup=bomb_npz("bomb.npz", "ids", {k: v for k, v in codes_arrays().items() if k != "ids"}))  # fmt: skip
+    case("amplify/features-zip-bomb-train", A, tiny(data="features:bomb.npz", model="mlp", protocol="per-class",
+         mp={"input_size": None, "width": None}), setup=bomb_npz("bomb.npz", "features", features_labels))  # fmt: skip
+    case("amplify/codes-header-terabytes-index-build", A, ["index", "build", "--codes", "h.npz", "--out", "i.dmuhidx"],
+         setup=huge_header_npz("h.npz", "codes", (10**12, 1), small_codes))  # fmt: skip
+    case("amplify/features-header-terabytes-train", A, tiny(data="features:h.npz", model="mlp",
+         mp={"input_size": None, "width": None}), setup=huge_header_npz("h.npz", "features", (10**9, 4096),
+         features_labels, "<f4"))  # fmt: skip
+    case("amplify/trace-zip-bomb-figure-uncertainty", A, ["figure", "uncertainty", "--run", "run", "--out", "fig"],
+         setup=[base, bomb_npz("run/uncertainty_trace.npz", "hashing", {"items": np.arange(4), "epochs": np.arange(2)})],
+         needs=("base",))  # fmt: skip
+    case("amplify/split-nested-5000-evaluate",
+        A,
+        ["evaluate", "--run", "run", "--quiet"],
+        setup=[
+            base,
+            edit_split("run/split.json", lambda r: r["params"].__setitem__("deep", None)),
+            edit_yaml("run/split.json", lambda t: t.replace('"deep":null', '"deep":' + "[" * 5000 + "]" * 5000)),
+        ],
+        needs=("base",))  # fmt: skip
+    for name, flags in (
+        ("hnsw-m-1e8", ["--kind", "hnsw", "--m", "100000000"]),
+        ("hnsw-ef-construction-1e9", ["--kind", "hnsw", "--ef-construction", "1000000000"]),
+        ("hnsw-ef-search-2-32", ["--kind", "hnsw", "--ef-search", "4294967296"]),
+        ("ivf-nlist-2-40", ["--kind", "ivf", "--nlist", "1099511627776"]),
+        ("ivf-nprobe-2-32", ["--kind", "ivf", "--nprobe", "4294967296"]),
+    ):
+        case(f"amplify/index-build-{name}", A, ["index", "build", "--codes", "c.npz", "--out", "i.dmuhidx", *flags],
+             setup=codes_fx, needs=("codes",))  # fmt: skip
+    case("amplify/search-ef-search-2-32", A, ["search", "--index", "h.dmuhidx", "--queries", "c.npz", "--ef-search",
+         "4294967296"], setup=[copy_fx("index_hnsw.dmuhidx", "h.dmuhidx"), codes_fx], needs=("index_hnsw",))  # fmt: skip
+    case("amplify/search-k-past-int64", A, ["search", "--index", "i.dmuhidx", "--queries", "c.npz", "--k",
+         "99999999999999999999"], setup=[copy_fx("index.dmuhidx", "i.dmuhidx"), codes_fx], needs=("index",))  # fmt: skip
+    case("amplify/encode-image-size-60000", A, ["encode", "--run", "run", "--images", "imgs", "--out", "o.npz",
+         "--image-size", "60000", "--quiet"], setup=[base, copy_fx("imgs")], needs=("base",))  # fmt: skip
+    case("amplify/export-onnx-image-size-60000", A, ["export-onnx", "--run", "run", "--out", "m.onnx", "--image-size",
+         "60000"], setup=base, needs=("base",))  # fmt: skip
+    case("amplify/train-image-size-60000", A, tiny(image_size="60000"))
+
+    # -- class 5: every serve flag has a range (the HTTP requests are tests/serve) -------------
+    for name, flags in (
+        ("max-upload-mb-inf", ["--max-upload-mb", "inf"]),
+        ("max-upload-mb-nan", ["--max-upload-mb", "nan"]),
+        ("max-upload-mb-1e12", ["--max-upload-mb", "1e12"]),
+        ("timeout-inf", ["--timeout", "inf"]),
+        ("timeout-nan", ["--timeout", "nan"]),
+        ("threads-1e6", ["--threads", "1000000"]),
+        ("max-k-1e11", ["--max-k", "99999999999"]),
+        ("max-pixels-1e11", ["--max-pixels", "99999999999"]),
+        ("port-negative", ["--port", "-1"]),
+    ):
+        case(f"serve-flags/{name}", SV, ["serve", "--index", "i.dmuhidx", *flags],
+             setup=copy_fx("index.dmuhidx", "i.dmuhidx"), needs=("index",), timeout=60)  # fmt: skip
+
+    # -- class 2: fields of the wrong type or shape deep inside dmuh's own files ---------------
+    build = ["index", "build", "--codes", "x.npz", "--out", "i.dmuhidx"]
+    for name, meta in (
+        ("meta-a-list", "[1, 2]"),
+        ("meta-a-string", '"text"'),
+        ("meta-bits-text", {**CODES_META, "bits": "8"}),
+        ("meta-no-bits", {k: v for k, v in CODES_META.items() if k != "bits"}),
+        ("meta-bits-huge", {**CODES_META, "bits": 2**70}),
+        ("meta-count-negative", {**CODES_META, "count": -4}),
+        ("meta-model-a-list", {**CODES_META, "model": [1]}),
+        ("meta-nested-5000", "[" * 5000 + "]" * 5000),
+    ):
+        case(f"fields/codes-{name}", F, build, setup=codes_file("x.npz", meta))
+    case("fields/codes-codes-float", F, build, setup=codes_file("x.npz", codes=np.zeros((4, 1), np.float32)))
+    case("fields/codes-codes-3d", F, build, setup=codes_file("x.npz", codes=np.zeros((4, 1, 1), np.uint8)))
+    info = ["index", "info", "i.dmuhidx"]
+    idx = copy_fx("index.dmuhidx", "i.dmuhidx")
+    for name, change in (
+        ("bits-text", lambda h: h.__setitem__("bits", "8")),
+        ("count-negative", lambda h: h.__setitem__("count", -1)),
+        ("params-a-list", lambda h: h.__setitem__("params", [1])),
+        ("meta-a-string", lambda h: h.__setitem__("meta", "x")),
+        ("next-id-past-int64", lambda h: h.__setitem__("next_id", 2**70)),
+    ):
+        case(f"fields/index-header-{name}", F, info, setup=[idx, rewrite_index("i.dmuhidx", change)], needs=("index",))
+    case("fields/index-hnsw-ef-search-text", F, ["index", "info", "h.dmuhidx"],
+         setup=[copy_fx("index_hnsw.dmuhidx", "h.dmuhidx"),
+                rewrite_index("h.dmuhidx", lambda h: h["params"].__setitem__("ef_search", "128"))],
+         needs=("index_hnsw",))  # fmt: skip
+    for name, change in (
+        ("names-a-dict", lambda s: s.__setitem__("names", b'{"a": 1}')),
+        ("names-not-json", lambda s: s.__setitem__("names", b"\xff\xfe")),
+        ("names-nested-5000", lambda s: s.__setitem__("names", b"[" * 5000 + b"]" * 5000)),
+        ("ids-odd-length", lambda s: s.__setitem__("ids", s["ids"] + b"\x01\x02\x03")),
+    ):
+        case(f"fields/index-{name}", F, info, setup=[idx, rewrite_index("i.dmuhidx", None, change)], needs=("index",))
+    case("fields/index-header-not-an-object", F, info,
+         setup=write("i.dmuhidx", lambda ctx: struct.pack("<8sII", b"DMUHIDX\n", 9, __import__("zlib").crc32(b"[1, 2, 3]"))
+                     + b"[1, 2, 3]"))  # fmt: skip
+    evaluate = ["evaluate", "--run", "run", "--quiet"]
+    case("fields/split-index-past-int64", F, evaluate,
+         setup=[base, edit_split("run/split.json", lambda r: r["query"].__setitem__(0, 2**64))], needs=("base",))  # fmt: skip
+    case("fields/split-seed-past-int64", F, evaluate,
+         setup=[base, edit_split("run/split.json", lambda r: r.__setitem__("seed", 2**70))], needs=("base",))  # fmt: skip
+    case("fields/split-query-nested", F, evaluate,
+         setup=[base, edit_split("run/split.json", lambda r: r["query"].__setitem__(0, [[[1]]]))], needs=("base",))  # fmt: skip
+    ckpt = "run/checkpoint.safetensors"
+    case("fields/checkpoint-epoch-text", F, evaluate,
+         setup=[base, rewrite_checkpoint(ckpt, lambda s: s.__setitem__("epoch", "2"))], needs=("base",))  # fmt: skip
+    case("fields/checkpoint-model-a-list", F, evaluate,
+         setup=[base, rewrite_checkpoint(ckpt, lambda s: s.__setitem__("model", [1, 2]))], needs=("base",))  # fmt: skip
+    case("fields/checkpoint-optimizer-a-string", F, ["train", "--resume", "--out", "run", "--epochs", "3", "--quiet"],
+         setup=[base, rewrite_checkpoint(ckpt, lambda s: s.__setitem__("optimizer", "adam"))], needs=("base",))  # fmt: skip
+    case("fields/checkpoint-optimizer-wrong-shape", F, ["train", "--resume", "--out", "run", "--epochs", "3", "--quiet"],
+         setup=[base, rewrite_checkpoint(ckpt, optimizer_wrong_shape)], needs=("base",))  # fmt: skip
+    milvus = ["index", "build", "--codes", "c.npz", "--backend", "milvus", "--uri", "m.db", "--out", "m.dmuhidx"]
+    case("fields/milvus-uri-garbage", F, milvus, setup=[codes_fx, write("m.db", bytes(range(256)) * 20)],
+         needs=("codes",))  # fmt: skip
+    case("fields/milvus-uri-a-folder", F, milvus, setup=[codes_fx, mkdir("m.db")], needs=("codes",))
+    case("fields/milvus-uri-text-file", F, milvus, setup=[codes_fx, write("m.db", "hello\n")], needs=("codes",))
+    case("fields/milvus-uri-truncated-sqlite", F, milvus, setup=[codes_fx, sqlite_db("m.db", 0.5)], needs=("codes",))
+
+    # -- class 3: silent wrong results -----------------------------------------------------------
+    case("silent/checkpoint-nan-weight-evaluate", SI, evaluate,
+         setup=[base, rewrite_checkpoint(ckpt, first_weight_set(float("nan")))], needs=("base",))  # fmt: skip
+    case("silent/checkpoint-inf-weight-encode", SI, ["encode", "--run", "run", "--images", "imgs", "--out", "o.npz",
+         "--quiet"], setup=[base, copy_fx("imgs"), rewrite_checkpoint(ckpt, first_weight_set(float("inf")))],
+         needs=("base",))  # fmt: skip
+    case("silent/checkpoint-nan-weight-resume", SI, ["train", "--resume", "--out", "run", "--epochs", "3", "--quiet"],
+         setup=[base, rewrite_checkpoint(ckpt, first_weight_set(float("nan")))], needs=("base",))  # fmt: skip
+    case("silent/checkpoint-negative-epoch-resume", SI, ["train", "--resume", "--out", "run", "--epochs", "3",
+         "--quiet"], setup=[base, rewrite_checkpoint(ckpt, lambda s: s.__setitem__("epoch", -5))],
+         needs=("base",))  # fmt: skip
+    case("silent/checkpoint-negative-epoch-evaluate", SI, evaluate,
+         setup=[base, rewrite_checkpoint(ckpt, lambda s: s.__setitem__("epoch", -1))], needs=("base",))  # fmt: skip
+    sq = ["search", "--index", "i.dmuhidx", "--queries", "c.npz", "--rerank", "uncertainty"]
+    case("silent/codes-bit-uncertainty-inf-rerank", SI, sq,
+         setup=[idx, codes_fx, edit_codes("c.npz", lambda a: a["bit_uncertainty"].__setitem__((0, 0), np.inf))],
+         needs=("index",))  # fmt: skip
+    case("silent/codes-bit-uncertainty-negative-rerank", SI, sq,
+         setup=[idx, codes_fx, edit_codes("c.npz", lambda a: a["bit_uncertainty"].__setitem__((0, 1), -1))],
+         needs=("index",))  # fmt: skip
+    case("silent/codes-uncertainty-nan-index-build", SI, ["index", "build", "--codes", "c.npz", "--out", "j.dmuhidx"],
+         setup=[codes_fx, edit_codes("c.npz", lambda a: a["uncertainty"].__setitem__(0, np.nan))],
+         needs=("codes",))  # fmt: skip
+    case("silent/codes-ids-2d-index-build", SI, build,
+         setup=codes_file("x.npz", ids=np.array([[f"a/{i}.png"] for i in range(4)])))  # fmt: skip
+    case("silent/features-zero-columns-train", SI, tiny(data="features:f.npz", model="mlp",
+         mp={"input_size": None, "width": None}), setup=features_npz("f.npz", lambda a: a.__setitem__(
+         "features", np.zeros((len(a["labels"]), 0), np.float32))))  # fmt: skip
+    case("silent/search-nprobe-2-32", SI, ["search", "--index", "v.dmuhidx", "--queries", "c.npz", "--nprobe",
+         "4294967296"], setup=[copy_fx("index_ivf.dmuhidx", "v.dmuhidx"), codes_fx], needs=("index_ivf",))  # fmt: skip
+    case("silent/search-tau-inf", SI, sq + ["--tau", "inf"], setup=[idx, codes_fx], needs=("index",))
+    case("silent/search-tau-1e-320", SI, sq + ["--tau", "1e-320"], expect="either", setup=[idx, codes_fx],
+         needs=("index",), check=lambda ctx: None if "results" in ctx.stdout or "rank" in ctx.stdout else "no results")  # fmt: skip
+
+    # -- class 4: --force never replaces an input of the same command ---------------------------
+    force = "--force"
+    case("inputs/evaluate-json-is-checkpoint", IN, ["evaluate", "--run", "run", "--json", ckpt, force, "--quiet"],
+         setup=base, needs=("base",), protect=["run/*"])  # fmt: skip
+    case("inputs/evaluate-json-is-split", IN, ["evaluate", "--run", "run", "--json", "run/split.json", force,
+         "--quiet"], setup=base, needs=("base",), protect=["run/*"])  # fmt: skip
+    case("inputs/evaluate-json-is-data", IN, ["evaluate", "--run", "run", "--data", "features:d.npz", "--json",
+         "d.npz", force, "--quiet"], setup=[run_copy("run", "feat"), copy_fx("digits.npz", "d.npz")],
+         needs=("feat",), protect=["d.npz", "run/*"])  # fmt: skip
+    case("inputs/evaluate-json-own-report", IN, ["evaluate", "--run", "run", "--json", "run/eval.json", force,
+         "--quiet"], expect="ok", setup=[base, write("run/eval.json", "{}")], needs=("base",),
+         protect=["run/checkpoint.safetensors", "run/config.yaml"], check=eval_json("run/eval.json"))  # fmt: skip
+    si = ["search", "--index", "i.dmuhidx", "--queries", "c.npz"]
+    case("inputs/search-out-is-index", IN, si + ["--out", "i.dmuhidx", force], setup=[idx, codes_fx],
+         needs=("index",), protect=["i.dmuhidx"])  # fmt: skip
+    case("inputs/search-out-is-queries", IN, si + ["--out", "c.npz", force], setup=[idx, codes_fx], needs=("index",),
+         protect=["c.npz"])  # fmt: skip
+    case("inputs/search-out-symlink-to-index", IN, si + ["--out", "link.json", force],
+         setup=[idx, codes_fx, link("link.json", "i.dmuhidx")], needs=("index",), protect=["i.dmuhidx"])  # fmt: skip
+    case("inputs/search-out-hardlink-to-index", IN, si + ["--out", "hard.json", force],
+         setup=[idx, codes_fx, link("hard.json", "i.dmuhidx", hard=True)], needs=("index",),
+         protect=["i.dmuhidx"])  # fmt: skip
+    enc = ["encode", "--run", "run", "--images", "imgs", "--quiet", force]
+    case("inputs/encode-out-is-an-input-image", IN, enc + ["--out", "imgs/c0/0.png"], setup=[base, copy_fx("imgs")],
+         needs=("base",), protect=["imgs/*/*"])  # fmt: skip
+    case("inputs/encode-out-is-checkpoint", IN, enc + ["--out", ckpt], setup=[base, copy_fx("imgs")],
+         needs=("base",), protect=["run/*"])  # fmt: skip
+    # A hard link is a second name of the checkpoint: the atomic write (temporary file, then a rename)
+    # replaces the name, not the file the run holds, so writing there destroys nothing.
+    case("inputs/encode-out-hardlink-to-checkpoint", IN, enc + ["--out", "ck.npz"], expect="either",
+         setup=[base, copy_fx("imgs"), link("ck.npz", ckpt, hard=True)], needs=("base",), protect=["run/*"],
+         check=codes_count("ck.npz", 60))  # fmt: skip
+    case("inputs/encode-shards-into-the-run", IN, ["encode", "--run", "run", "--images", "imgs", "--shards", "run",
+         "--quiet", force], setup=[base, copy_fx("imgs")], needs=("base",), protect=["run/*"])  # fmt: skip
+    case("inputs/index-build-out-is-codes", IN, ["index", "build", "--codes", "c.npz", "--out", "c.npz", force],
+         setup=codes_fx, needs=("codes",), protect=["c.npz"])  # fmt: skip
+    case("inputs/index-build-out-symlink-to-codes", IN, ["index", "build", "--codes", "c.npz", "--out", "l.dmuhidx",
+         force], setup=[codes_fx, link("l.dmuhidx", "c.npz")], needs=("codes",), protect=["c.npz"])  # fmt: skip
+    case("inputs/export-onnx-out-is-checkpoint", IN, ["export-onnx", "--run", "run", "--out", ckpt, force],
+         setup=base, needs=("base",), protect=["run/*"])  # fmt: skip
+    case("inputs/export-onnx-out-is-config", IN, ["export-onnx", "--run", "run", "--out", "run/config.yaml", force],
+         setup=base, needs=("base",), protect=["run/*"])  # fmt: skip
+
+    # -- class 6: concurrent writers -------------------------------------------------------------
+    adds = [idx, codes_fx, copy_fx("codes.npz", "a.npz"), copy_fx("codes.npz", "b.npz"),
+            edit_codes("a.npz", codes_subset("a", 10)), edit_codes("b.npz", codes_subset("b", 7))]  # fmt: skip
+    case("concurrent/index-add-twice", CO, ["index", "add", "--index", "i.dmuhidx", "--codes", "a.npz"],
+         expect="ok", alongside=["index", "add", "--index", "i.dmuhidx", "--codes", "b.npz"], setup=adds,
+         needs=("index",), may_change=["i.dmuhidx"], guard=both_succeeded_and_count("i.dmuhidx", 77))  # fmt: skip
+    case("concurrent/index-add-and-remove", CO, ["index", "add", "--index", "i.dmuhidx", "--codes", "a.npz"],
+         expect="ok", alongside=["index", "remove", "--index", "i.dmuhidx", "--ids", "gone.txt"],
+         setup=adds + [write("gone.txt", "0\n1\n2\n3\n4\n")], needs=("index",), may_change=["i.dmuhidx"],
+         guard=both_succeeded_and_count("i.dmuhidx", 65))  # fmt: skip
+    case("concurrent/train-same-out", CO, tiny(out="same"), expect="either", alongside=tiny(out="same"),
+         guard=one_run_kept("same"), check=trained("same"))  # fmt: skip
+    case("concurrent/pretrain-same-out", CO, pretrain(out="same"), expect="either", alongside=pretrain(out="same"),
+         guard=one_run_kept("same", "backbone.safetensors"))  # fmt: skip
+
+
+# =============================================================================================
 # Fixtures: built once, shared read-only by the cases (copied where a case changes them)
 
 
@@ -2147,6 +2636,14 @@ FIXTURES: Dict[str, dict] = {
         ],
     ),
     "index": dict(deps=("codes",), argv=["index", "build", "--codes", "{fx}/codes.npz", "--out", "{fx}/index.dmuhidx"]),
+    "index_hnsw": dict(
+        deps=("codes",),
+        argv=["index", "build", "--codes", "{fx}/codes.npz", "--kind", "hnsw", "--out", "{fx}/index_hnsw.dmuhidx"],
+    ),
+    "index_ivf": dict(
+        deps=("codes",),
+        argv=["index", "build", "--codes", "{fx}/codes.npz", "--kind", "ivf", "--out", "{fx}/index_ivf.dmuhidx"],
+    ),
     "legacy": dict(deps=("base",), make=_fixture_legacy),
 }
 # fixture files a case may copy, by the fixture that makes them
@@ -2159,6 +2656,8 @@ FIXTURE_OF = {
     "codes_plain.npz": "codes_plain",
     "codes16.npz": "codes16",
     "index.dmuhidx": "index",
+    "index_hnsw.dmuhidx": "index_hnsw",
+    "index_ivf.dmuhidx": "index_ivf",
     "legacy.pt": "legacy",
 }
 
@@ -2195,6 +2694,8 @@ class Result:
     rc: Optional[int] = None
     seconds: float = 0.0
     stderr: str = ""
+    peak_mb: Optional[float] = None  # the command's peak RSS (the larger of two, with `alongside`)
+    input_bytes: int = 0
 
 
 class Runner:
@@ -2224,36 +2725,36 @@ class Runner:
             for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
                 self.env[var] = str(threads)
         self.env.pop("WORLD_SIZE", None)
+        if self.env.get("PYTHONPATH"):  # each case runs in its own folder: a relative entry would miss
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                os.path.abspath(p) for p in self.env["PYTHONPATH"].split(os.pathsep)
+            )
         self.fixture_errors: Dict[str, str] = {}
+        self.floor = 0.0  # MB: `floor_mb`, measured once the fixtures are built
         self.counter = 0
         self.lock = threading.Lock()
 
     def fill(self, argv: Sequence[str], case_dir: Path) -> List[str]:
         return [a.replace("{fx}", str(self.fx)).replace("{case}", str(case_dir)) for a in argv]
 
-    def dmuh(self, argv: Sequence[str], cwd: Path, timeout: float):
-        """(returncode or None on timeout, stdout, stderr, seconds)."""
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            [self.python, "-m", "dmuh", *argv],
-            cwd=cwd,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
+    def dmuh(self, argv: Sequence[str], cwd: Path, timeout: float, with_memory: bool = False):
+        """(returncode or None on timeout, stdout, stderr, seconds), and the peak RSS in MB
+        (`with_memory`: its ru_maxrss, read through MEASURE_WRAPPER)."""
+        return run_measured([self.python, "-m", "dmuh", *argv], cwd, self.env, timeout, with_memory)
+
+    def floor_mb(self) -> float:
+        """The peak RSS of importing what the commands import (torch, numpy, FAISS when there, the
+        CLI and the training, retrieval and serving code): what no case can go below."""
+        code = (
+            "import importlib, torch, numpy, dmuh.cli, dmuh.engine.trainer, dmuh.retrieval.index, dmuh.retrieval.service\n"
+            "for name in ('faiss', 'fastapi', 'uvicorn'):\n"
+            "    try: importlib.import_module(name)\n"
+            "    except ImportError: pass"
         )
-        try:
-            out, err = proc.communicate(timeout=timeout)
-            rc: Optional[int] = proc.returncode
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            out, err = proc.communicate()
-            rc = None
-        return rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), time.monotonic() - started
+        rc, _, err, _, peak = run_measured([self.python, "-c", code], self.tmp, self.env, DEFAULT_TIMEOUT, True)
+        if rc != 0:
+            print(f"floor measurement failed: {err.strip().splitlines()[-1:]}", file=sys.stderr)
+        return peak or 0.0
 
     # -- fixtures -------------------------------------------------------------------------------
 
@@ -2284,7 +2785,7 @@ class Runner:
             if "make" in spec:
                 spec["make"](self.fx)
             else:
-                rc, out, err, _ = self.dmuh(
+                rc, out, err, _, _ = self.dmuh(
                     self.fill(spec["argv"], self.fx), self.fx, DEFAULT_TIMEOUT * self.timeout_scale * 2
                 )
                 if rc != 0:
@@ -2326,13 +2827,125 @@ class Runner:
         except Exception as error:  # noqa: BLE001
             return Result(c, "skipped", f"setup failed: {type(error).__name__}: {error}")
         before = snapshot(case_dir)
+        input_bytes = folder_bytes(case_dir)
         timeout = (c.timeout or DEFAULT_TIMEOUT) * self.timeout_scale
-        rc, out, err, _ = self.dmuh(self.fill(c.argv, case_dir), case_dir, timeout)
+        second = None
+        if c.alongside is not None:  # a second writer, started at the same moment as the case's command
+            second = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+            other = second.submit(self.dmuh, self.fill(c.alongside, case_dir), case_dir, timeout, True)
+        rc, out, err, _, peak = self.dmuh(self.fill(c.argv, case_dir), case_dir, timeout, True)
+        if second is not None:
+            o_rc, o_out, o_err, _, o_peak = other.result()
+            second.shutdown()
+            ctx.alongside = (o_rc, o_out, o_err)
+            peak = max(peak or 0.0, o_peak or 0.0)
         ctx.rc, ctx.stdout, ctx.stderr = rc, out, err
         after = snapshot(case_dir)
         outcome, detail = classify(c, ctx, before, after)
+        if outcome in ("ok", "clear error") and input_bytes < SMALL_INPUT_BYTES and peak is not None:
+            if peak - self.floor > MEMORY_LIMIT_MB:
+                outcome, detail = (
+                    "memory",
+                    (
+                        f"peak {peak:.0f} MB, {peak - self.floor:.0f} MB above the floor, for {input_bytes / 1024:.0f} KB "
+                        f"of input; {detail}"
+                    ),
+                )
         detail = detail.replace(str(case_dir) + os.sep, "").replace(str(self.fx), "{fx}")  # short, stable paths
-        return Result(c, outcome, detail, rc, stderr=err)
+        return Result(c, outcome, detail, rc, stderr=err, peak_mb=peak, input_bytes=input_bytes)
+
+
+# Linux records the memory high-water mark of the process image an exec replaces in the new
+# program's ru_maxrss, and subprocess forks (vfork) from the caller: a command started by a large
+# process would report the caller's peak. So a small interpreter starts the command and writes
+# its waited-for child's ru_maxrss (KB) to a file; its exit status is the command's.
+MEASURE_WRAPPER = """
+import os, resource, signal, subprocess, sys
+rc = subprocess.call(sys.argv[2:])
+with open(sys.argv[1], "w") as out:
+    out.write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+if rc < 0:
+    signal.signal(-rc, signal.SIG_DFL)
+    os.kill(os.getpid(), -rc)
+sys.exit(rc)
+"""
+
+
+def run_measured(command: Sequence[str], cwd: Path, env: Dict[str, str], timeout: float, with_memory: bool):
+    """Run `command` -> (returncode or None on timeout, stdout, stderr, seconds, peak RSS in MB or
+    None: its maximum resident set, ru_maxrss, read through MEASURE_WRAPPER). It is reaped with
+    os.wait4; its output is read by two threads meanwhile."""
+    started = time.monotonic()
+    peak_file = None
+    if with_memory:  # measured one process further down: see MEASURE_WRAPPER
+        handle, peak_file = tempfile.mkstemp(prefix="peak-", suffix=".txt")
+        os.close(handle)
+        command = [sys.executable, "-c", MEASURE_WRAPPER, peak_file, *command]
+    proc = subprocess.Popen(
+        list(command),
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    chunks: Dict[str, bytes] = {}
+
+    def drain(name: str, stream) -> None:
+        chunks[name] = stream.read()
+
+    readers = [
+        threading.Thread(target=drain, args=(name, stream), daemon=True)
+        for name, stream in (("out", proc.stdout), ("err", proc.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = started + timeout
+    status = usage = None
+    timed_out = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.02)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    if timed_out:  # the reader threads end once the process group is gone
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    for reader in readers:
+        reader.join(timeout=30)
+    for stream in (proc.stdout, proc.stderr):
+        stream.close()
+    rc = None if timed_out else proc.returncode
+    peak = None
+    if peak_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            peak = int(Path(peak_file).read_text().strip()) / 1024.0
+        with contextlib.suppress(OSError):
+            os.unlink(peak_file)
+    out, err = chunks.get("out", b""), chunks.get("err", b"")
+    return rc, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), time.monotonic() - started, peak
+
+
+def folder_bytes(root: Path) -> int:
+    """The total size of the regular files under `root` (links not followed)."""
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                stat = os.lstat(os.path.join(dirpath, name))
+                if not os.path.islink(os.path.join(dirpath, name)):
+                    total += stat.st_size
+    return total
 
 
 def snapshot(root: Path) -> Dict[str, str]:
@@ -2381,10 +2994,26 @@ def message_lines(stderr: str) -> List[str]:
 
 def is_clear(stderr: str) -> bool:
     lines = message_lines(stderr)
-    return bool(lines) and "Traceback" not in stderr and len(lines) <= 2 and lines[-1].lstrip().startswith("dmuh")
+    return (
+        bool(lines)
+        and "Traceback" not in stderr
+        and len(lines) <= 2
+        and lines[-1].lstrip().startswith("dmuh")
+        and len(lines[-1]) <= MESSAGE_LIMIT
+        and "internal error" not in lines[-1]
+    )
 
 
 def classify(c: Case, ctx: Ctx, before: Dict[str, str], after: Dict[str, str]):
+    if ctx.alongside is not None:  # the second command of a concurrency case: no crash, no unclear message
+        o_rc, _, o_err = ctx.alongside
+        o_lines = stderr_lines(o_err)
+        if o_rc is None:
+            return "hang", "the second command was killed after the timeout"
+        if "Traceback" in o_err or o_rc < 0:
+            return "traceback", f"second command: {o_lines[-1] if o_lines else f'exit {o_rc}'}"
+        if o_rc != 0 and not is_clear(o_err):
+            return "unclear", f"second command, exit {o_rc}: {o_lines[0] if o_lines else '(no stderr)'}"
     if c.guard is not None:
         message = c.guard(ctx)
         if message:
@@ -2461,6 +3090,32 @@ def failure_list(results: Sequence[Result], every: bool = False) -> str:
     return "\n".join(lines)
 
 
+def memory_list(results: Sequence[Result], floor: float) -> str:
+    """Every case's peak memory, largest first: peak RSS, its excess over the floor, the input size."""
+    measured = [r for r in results if r.peak_mb is not None]
+    lines = [
+        f"Peak memory per case (ru_maxrss of each command; floor {floor:.0f} MB = the imports alone; a case with under "
+        f"{SMALL_INPUT_BYTES >> 20} MB of input may take at most {MEMORY_LIMIT_MB} MB above it):",
+        "",
+        "| case | outcome | peak MB | above floor MB | input KB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in sorted(measured, key=lambda r: -r.peak_mb):
+        lines.append(
+            f"| {r.case.name} | {r.outcome} | {r.peak_mb:.0f} | {r.peak_mb - floor:.0f} | {r.input_bytes / 1024:.0f} |"
+        )
+    if measured:
+        small = [r for r in measured if r.input_bytes < SMALL_INPUT_BYTES]
+        worst = max(small, key=lambda r: r.peak_mb) if small else None
+        if worst is not None:
+            lines.append("")
+            lines.append(
+                f"Largest peak among the {len(small)} cases with under 1 MB of input: {worst.peak_mb:.0f} MB "
+                f"({worst.peak_mb - floor:.0f} MB above the floor), {worst.case.name}."
+            )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -2527,6 +3182,8 @@ def main() -> int:
         fixtures = required_fixtures(cases)
         print(f"{len(cases)} cases, fixtures {', '.join(fixtures)}; working in {tmp}", file=sys.stderr, flush=True)
         runner.build_fixtures(fixtures, args.jobs)
+        runner.floor = runner.floor_mb()
+        print(f"memory floor (imports alone): {runner.floor:.0f} MB", file=sys.stderr, flush=True)
         fixture_hashes = snapshot(runner.fx)
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
             futures = [pool.submit(runner.run_case, i, c, len(cases)) for i, c in enumerate(cases, start=1)]
@@ -2542,6 +3199,8 @@ def main() -> int:
     print(table(results))
     print()
     print(failure_list(results, every=args.details))
+    print()
+    print(memory_list(results, runner.floor))
     if runner.fixture_errors:
         print("\nFixtures that failed (their cases are 'skipped'):")
         for name, error in runner.fixture_errors.items():

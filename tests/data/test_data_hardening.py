@@ -456,3 +456,58 @@ def test_cifar_batches_truncated_or_odd(tmp_path, capsys):
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [1, 2]}))
     with pytest.raises(DmuhError, match=r"batches.meta: b'label_names' must be a list of class names"):
         CifarBatchesSource(folder)
+
+
+def test_features_with_zero_columns_are_refused(tmp_path):
+    """Issue 31, class 3: a features file whose items are empty vectors trained without a word."""
+    np.savez(tmp_path / "empty.npz", features=np.zeros((50, 0), np.float32), labels=np.arange(50) % 5)
+    with pytest.raises(DmuhError, match="zero columns"):
+        open_source(f"features:{tmp_path / 'empty.npz'}")
+
+
+def nested(depth):
+    value = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.__setitem__("query", [2**63] + r["query"][1:]), "field 'query' must be a list of non-negative"),
+        (lambda r: r.__setitem__("train", [[1]] + r["train"][1:]), "field 'train' must be a list of non-negative"),
+        (lambda r: r.__setitem__("params", {"a": nested(70)}), "nested deeper"),
+        (lambda r: r.__setitem__("seed", 2**70), "field 'seed' must be an integer from 0"),
+        (lambda r: r.__setitem__("topk", 2**40), "field 'topk' must be a positive integer below"),
+    ],
+)
+def test_split_records_with_deep_or_huge_fields_are_refused(tmp_path, change, message):
+    """Issue 31, class 2: a split record nested deep or with an index past int64."""
+    split = make_split("per-class", open_source("digits"), seed=0, query_per_class=2, train_per_class=4)
+    split.save(tmp_path / "split.json")
+    record = json.loads((tmp_path / "split.json").read_text())
+    change(record)
+    record.pop("checksum", None)
+    (tmp_path / "split.json").write_text(json.dumps(record))
+    with pytest.raises(DmuhError, match=message):
+        Split.load(tmp_path / "split.json")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.__setitem__("positions", [2**64]), "field 'positions' must be a list"),
+        (lambda r: r.__setitem__("rate", float("nan")), "field 'rate' must be in"),
+        (lambda r: r.__setitem__("seed", -1), "'seed' from 0"),
+    ],
+)
+def test_label_noise_records_with_bad_fields_are_refused(tmp_path, change, message):
+    from dmuh.data.noise import NOISE_FORMAT, NOISE_VERSION, LabelNoise
+
+    record = {"format": NOISE_FORMAT, "version": NOISE_VERSION, "rate": 0.1, "seed": 0, "count": 1,
+              "positions": [3], "original": [1], "noisy": [2]}  # fmt: skip
+    change(record)
+    (tmp_path / "noise.json").write_text(json.dumps(record))
+    with pytest.raises(DmuhError, match=message):
+        LabelNoise.load(tmp_path / "noise.json")

@@ -332,3 +332,19 @@ def test_a_milvus_server_flat_and_ivf():
     ) as ivf:  # every list searched: exact distances
         distances, _ = ivf.search(queries, 50)
         np.testing.assert_array_equal(distances, build_index(database).search(queries, 50)[0])
+
+
+def test_search_out_onto_the_indexs_milvus_lite_file_is_refused(lite, tmp_path, capsys):
+    """Issue 31, class 4: the Milvus Lite file a milvus index reads is an input of `dmuh search`."""
+    codes = codes_file(tmp_path / "db.npz", np.zeros((5, 2), dtype=np.uint8), 16, MODEL)
+    out = tmp_path / "m.dmuhidx"
+    build = ["index", "build", "--codes", codes, "--backend", "milvus", "--uri", lite, "--out", out]
+    assert main([str(a) for a in build + ["--collection", "guard"]]) == 0
+    capsys.readouterr()
+    before = file_sha256(lite)
+    one_line(
+        capsys,
+        ["search", "--index", out, "--queries", codes, "--out", lite, "--force"],
+        "is the input of the index's --uri",
+    )
+    assert file_sha256(lite) == before

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import zipfile
 import zlib
@@ -552,3 +553,141 @@ def test_the_service_works_unchanged_over_milvus(served, client, tmp_path):
         assert milvus.get("/thumbnail/5").content == client.get("/thumbnail/5").content
     finally:
         service.index.close()
+
+
+# -- hardening II (issue 31, class 5): one strict parser, 4xx for every malformed request, timeouts --
+
+
+@pytest.mark.parametrize(
+    "k",
+    ["²", "٣", "9" * 5000, "--5", "1e3", " ", "0x10", "5\x00", "-" + "9" * 30, "+5"],
+)
+def test_request_integers_are_ascii_digits_of_bounded_length(client, k):
+    codes = "0" * (BITS // 4)
+    for response in (
+        client.post("/search", data={"codes": codes, "k": k}),
+        client.post(f"/search?k={urllib.parse.quote(k)}", json={"codes": codes}),
+    ):
+        message = one_line_error(response, 400)
+        assert len(message) < 200 and "internal error" not in message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"codes": ["00"]},
+        {"codes": [[1, 0]]},
+        {"codes": {"a": 1}},
+        {"codes": "0000", "k": "5"},
+        {"codes": "0000", "k": 2.5},
+        {"codes": "0000", "k": True},
+        {"codes": "0000", "rerank": ["uncertainty"]},
+        {"codes": "0000", "tau": "inf"},
+        {"codes": "0000", "depth": [1]},
+        {"codes": "0000", "bit_uncertainty": "x"},
+        {"text": 5},
+    ],
+)
+def test_json_fields_of_the_wrong_type_are_a_400(client, body):
+    one_line_error(client.post("/search", json=body), 400)
+
+
+def test_deeply_nested_json_and_many_headers_are_4xx(client):
+    deep = "[" * 100_000 + "]" * 100_000
+    response = client.post("/search", content=deep.encode(), headers={"content-type": "application/json"})
+    one_line_error(response, 400)
+    headers = {f"x-flood-{i}": "y" * 50 for i in range(500)}
+    response = client.post("/search", json={"codes": "0" * (BITS // 4)}, headers=headers)
+    assert response.status_code == 200, response.text
+    for length in ("²".encode(), b"9" * 5000, b"-1", b"1 2"):
+        response = client.post(
+            "/search", content=b"{}", headers={"content-type": "application/json", "content-length": length}
+        )
+        assert 400 <= response.status_code < 500, (length, response.text)
+
+
+def test_thumbnail_errors_never_show_a_server_path(served, tmp_path):
+    codes = SearchService.open(served["index"]).index
+    names = [str(served["db"] / "digit0" / "000.png"), "/etc/passwd", str(served["root"]) + "/x\x00.png", "../../x.png"]
+    index = build_index(np.zeros((len(names), BITS // 8), np.uint8), bits=BITS, names=names, meta=codes.meta)
+    client = TestClient(create_app(SearchService(index, thumbnails=_store(served["db"]))))
+    for i in range(len(names)):
+        response = client.get(f"/thumbnail/{i}")
+        if response.status_code == 200:
+            continue
+        message = one_line_error(response, 404)
+        assert str(served["root"]) not in message and "/etc" not in message, message
+    for item in ("²", "9" * 5000, "-1", "1.5"):
+        one_line_error(client.get(f"/thumbnail/{urllib.parse.quote(item)}"), 400)
+
+
+def test_a_body_over_the_limit_is_answered_413_not_reset(served):
+    import http.client
+
+    process, url = start_server("--index", served["index"], "--max-upload-mb", "1")
+    try:
+        host, port = url.split("//")[1].split(":")
+        for declared in (True, False):  # Content-Length past the limit, and a chunked body that grows past it
+            connection = http.client.HTTPConnection(host, int(port), timeout=30)
+            body = json.dumps({"codes": "0" * (3 << 20)}).encode()
+            if declared:
+                connection.request("POST", "/search", body=body, headers={"content-type": "application/json"})
+            else:
+                chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+                connection.request("POST", "/search", body=chunks, headers={"content-type": "application/json"},
+                                   encode_chunked=True)  # fmt: skip
+            response = connection.getresponse()
+            assert response.status == 413, response.read()
+            assert "larger than" in json.loads(response.read())["error"]
+            connection.close()
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_idle_half_open_connections_do_not_starve_real_queries(served, monkeypatch):
+    import socket
+
+    process, url = start_server("--index", served["index"])
+    host, port = url.split("//")[1].split(":")
+    idle = []
+    try:
+        for _ in range(80):  # a slowloris: half a request line each, then silence
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            sock.sendall(b"GET /heal")
+            idle.append(sock)
+        started = time.monotonic()
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as response:
+            assert response.status == 200
+        request = urllib.request.Request(
+            url + "/search", data=json.dumps({"codes": "0" * (BITS // 4), "k": 3}).encode(),
+            headers={"content-type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert len(json.load(response)["results"]) == 3
+        assert time.monotonic() - started < 5
+        # and the idle connections are closed by the server after the head timeout
+        idle[0].settimeout(30)
+        assert idle[0].recv(1024) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--max-upload-mb", "inf", "--max-upload-mb inf: expected at most 4096"),
+        ("--max-upload-mb", "nan", "--max-upload-mb nan: expected a positive number"),
+        ("--timeout", "inf", "--timeout inf: expected at most 86400"),
+        ("--threads", "100000", "--threads 100000: expected at most 1024"),
+        ("--max-k", "99999999999", "--max-k 1e+11: expected at most 1e+06"),
+        ("--max-pixels", "99999999999", "--max-pixels 1e+11: expected at most"),
+    ],
+)
+def test_every_serve_flag_has_a_range(served, capsys, flag, value, message):
+    assert main(["serve", "--index", str(served["index"]), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -133,3 +133,49 @@ def test_serve_load_answers_every_good_request_and_refuses_every_malformed_one()
         refused, bad = (int(v.replace(",", "")) for v in row[7].split("/"))
         assert good > 0 and ok == good and refused == bad
     assert all(int(row[7].split("/")[1].replace(",", "")) > 0 for row in rows if row[2].strip() == "30%")
+
+
+def _bad_inputs_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bad_inputs", ROOT / "bench" / "bad_inputs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bad_inputs", module)  # its dataclasses look their module up
+    spec.loader.exec_module(sys.modules["bad_inputs"])
+    return sys.modules["bad_inputs"]
+
+
+def test_bad_inputs_measures_each_commands_peak_memory(tmp_path):
+    bench = _bad_inputs_module()
+    env = dict(os.environ)
+    small = bench.run_measured([sys.executable, "-c", "pass"], tmp_path, env, 60, True)
+    large = bench.run_measured([sys.executable, "-c", "x = bytearray(300 << 20); x[::4096] = b'1' * len(x[::4096])"],
+                               tmp_path, env, 60, True)  # fmt: skip
+    assert small[0] == 0 and large[0] == 0
+    assert small[4] < 100 and large[4] > 300, (small[4], large[4])
+    hung = bench.run_measured([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path, env, 1, True)
+    assert hung[0] is None and hung[3] < 30
+
+
+def test_bad_inputs_counts_a_long_or_internal_error_line_as_unclear():
+    bench = _bad_inputs_module()
+    assert bench.is_clear("dmuh train: error: --bits: expected an integer\n")
+    assert not bench.is_clear("dmuh train: error: " + "x" * 600 + "\n")
+    assert not bench.is_clear("dmuh train: internal error: ValueError: x (set DMUH_DEBUG=1 ...)\n")
+    if not bench.CASES:
+        bench.define_cases()
+    names = [c.name for c in bench.CASES]
+    new = [
+        n for n in names if n.split("/")[0] in ("amplify", "fields", "silent", "inputs", "serve-flags", "concurrent")
+    ]
+    assert len(new) >= 60 and len(set(names)) == len(names)
+
+
+def test_bad_inputs_peak_memory_is_the_commands_not_its_callers(tmp_path):
+    """A caller holding 600 MB (as a test run does) must not show up in a small command's peak."""
+    bench = _bad_inputs_module()
+    ballast = bytearray(600 << 20)
+    ballast[::4096] = b"1" * len(ballast[::4096])
+    small = bench.run_measured([sys.executable, "-c", "pass"], tmp_path, dict(os.environ), 60, True)
+    assert small[0] == 0 and small[4] < 100, small[4]
+    del ballast

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import List, Optional
 
-from dmuh.cli.common import cli_message, print_deprecations
+from dmuh.cli.common import cli_message, one_line, print_deprecations
 from dmuh.errors import DmuhError
 
 
@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except OSError as exc:  # a file the command did not expect to fail on: still one line
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"dmuh {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"dmuh {args.command}: error: {one_line(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

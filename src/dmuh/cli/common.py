@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from typing import Any, Dict, Optional
 
@@ -143,5 +144,15 @@ def cli_message(error: DmuhError) -> str:
     text = str(error)
     field = getattr(error, "field", None)
     if field and text[len(field) : len(field) + 1] in (" ", ":") and text.startswith(field):
-        return flag_of(field) + text[len(field) :]
-    return text
+        text = flag_of(field) + text[len(field) :]
+    return one_line(text)
+
+
+MESSAGE_LIMIT = 400  # characters of an error line: a value quoted in it may be of any length
+
+
+def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` as one line of at most `limit` characters (line breaks become spaces; a longer text
+    is cut, marked by "...")."""
+    text = re.sub(r"\s*[\r\n]+\s*", " ", str(text).strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 from dmuh.cli.common import add_run_flag, require_run
 from dmuh.errors import DmuhError, first_line
 from dmuh.metrics.ties import DEFAULT_TIES, TIES
+from dmuh.utils.io import parse_json
 
 
 def add_commands(sub) -> None:
@@ -54,7 +55,9 @@ def report_path(args: argparse.Namespace, run: str) -> Path:
 
     run_dir = run_directory(run)  # a missing run says so before anything else
     if args.json:
-        refuse_overwrite(args.json, args.force, "--json")
+        inputs = [("--run", run_dir), ("--data", args.data), ("--data-root", args.data_root)]
+        inputs += [(f"the run's {key}", value) for key, value in _run_data(run_dir).items()]
+        refuse_overwrite(args.json, args.force, "--json", inputs=inputs, own=[run_dir / EVAL])
         return Path(args.json)
     out = run_dir / EVAL
     if out.exists() and not args.force:
@@ -63,6 +66,19 @@ def report_path(args: argparse.Namespace, run: str) -> Path:
             "replace it or --json FILE to write elsewhere"
         )
     return out
+
+
+def _run_data(run_dir: Path) -> Dict[str, str]:
+    """The data paths a run's config.yaml names (what evaluate reads without --data); {} when the
+    config cannot be read (evaluate then says why)."""
+    from dmuh.runs.layout import CONFIG
+    from dmuh.utils.schema import load_yaml
+
+    try:
+        values = load_yaml(run_dir / CONFIG)
+    except DmuhError:
+        return {}
+    return {key: values[key] for key in ("data", "data_root") if isinstance(values.get(key), str)}
 
 
 STORED_REPORT_LIMIT = 64 * 1024 * 1024  # bytes: a report of a run is far smaller; a larger file is not one
@@ -83,7 +99,7 @@ def stored_report(args: argparse.Namespace, run: str) -> Optional[Dict[str, Any]
     try:
         if stored.stat().st_size > STORED_REPORT_LIMIT:
             raise ValueError("too large for a report")
-        report = json.loads(stored.read_text(encoding="utf-8"))
+        report = parse_json(stored.read_text(encoding="utf-8"))
         if not isinstance(report, dict) or not isinstance(report.get("map_by_ties"), dict):
             raise ValueError("not a report of dmuh evaluate")
         short = short_report(report)

@@ -31,8 +31,11 @@ from dmuh.retrieval.options import (
     KINDS,
     RERANK_MODES,
 )
-from dmuh.utils.io import atomic_write_text, refuse_overwrite, remove_orphans
+from dmuh.utils.io import atomic_write_text, file_lock, refuse_input_as_output, refuse_overwrite, remove_orphans
 from dmuh.utils.words import plural
+
+# How long `index add` / `remove` / `build` wait for another writer of the same index (seconds).
+INDEX_LOCK_WAIT_S = 600.0
 
 # What each parameter of `KIND_PARAMS` means on the command line, and its default when the data decides it.
 _PARAM_HELP = {
@@ -323,6 +326,14 @@ def _add_export_onnx(subparsers) -> None:
     p.set_defaults(func=cmd_export_onnx)
 
 
+def _check_image_size(value) -> None:
+    """--image-size within the sizes dmuh decodes at (dmuh.runs.config.IMAGE_SIZES)."""
+    from dmuh.runs.config import IMAGE_SIZES
+
+    if value is not None and not IMAGE_SIZES[0] <= value <= IMAGE_SIZES[1]:
+        raise DmuhError(f"--image-size: expected an integer >= {IMAGE_SIZES[0]} and <= {IMAGE_SIZES[1]}, got {value}")
+
+
 def _output_folder(path) -> None:
     """Clear the temporary files killed writers left in an output's folder (dmuh.utils.io.remove_orphans)."""
     if path:
@@ -343,9 +354,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
             "give what to encode: --images (images or image features) or --texts (a cross-modal run's text)"
         )
     _check_encode_output(args)
-    refuse_overwrite(args.out, args.force)
+    inputs = [("--run", run), ("--images", args.images), ("--texts", args.texts), ("--root", args.root)]
+    refuse_overwrite(args.out, args.force, inputs=inputs)
+    if args.shards is not None:
+        refuse_input_as_output(args.shards, "--shards", inputs)
     _output_folder(args.out)
-    check_positive(args.image_size, "--image-size")
+    _check_image_size(args.image_size)
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.shard_size, "--shard-size")
     if args.shards is not None:
@@ -462,11 +476,17 @@ def _milvus_flags(args: argparse.Namespace) -> Dict[str, Any]:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from dmuh.retrieval.indexing import build_from_codes
 
-    refuse_overwrite(args.out, args.force)
+    inputs = [("--codes", args.codes), ("--decoder", args.decoder), ("--uri", args.uri)]
+    if Path(args.codes).name.endswith(".json"):  # a shards manifest: its shards are read too
+        inputs.append(("--codes", Path(args.codes).parent))
+    refuse_overwrite(args.out, args.force, inputs=inputs)
     _output_folder(args.out)
     params = _index_params(args)
     milvus = _milvus_flags(args)
-    with build_from_codes(args.codes, args.kind, params, decoder_run=args.decoder, **milvus) as index:
+    with (
+        file_lock(args.out, "index", INDEX_LOCK_WAIT_S),
+        build_from_codes(args.codes, args.kind, params, decoder_run=args.decoder, **milvus) as index,
+    ):
         index.save(args.out, overwrite=args.force)
         decoder = index.decoder
         where = f", Milvus collection {index.collection!r} at {index.uri}" if milvus else ""
@@ -483,7 +503,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     from dmuh.retrieval.index import open_index
     from dmuh.retrieval.indexing import add_codes
 
-    with open_index(args.index) as index:
+    with file_lock(args.index, "index", INDEX_LOCK_WAIT_S), open_index(args.index) as index:
         added = add_codes(index, args.codes, f"--index {args.index}", args.allow_other_model)
         index.save(args.index)  # in place, atomically: a failure above leaves the file as it was
         print(f"index {args.index}: added {plural(added, 'code')}, {plural(len(index), 'code')} now")
@@ -525,7 +545,7 @@ def cmd_index_remove(args: argparse.Namespace) -> int:
         raise DmuhError("give what to remove: --ids FILE (integer ids, one a line) or --names FILE (paths, one a line)")
     flag, path = ("--ids", args.ids) if args.ids is not None else ("--names", args.names)
     wanted = _read_ids(args.ids) if args.ids is not None else [text for _, text in _read_lines(args.names, "--names")]
-    with open_index(args.index) as index:
+    with file_lock(args.index, "index", INDEX_LOCK_WAIT_S), open_index(args.index) as index:
         try:
             removed = index.remove(wanted if args.ids is not None else index.ids_named(wanted))
         except DmuhError as error:
@@ -648,7 +668,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from dmuh.retrieval.queries import gather_queries
     from dmuh.retrieval.service import SearchService
 
-    refuse_overwrite(args.out, args.force)
+    inputs = [("--index", args.index), ("--queries", args.queries), ("--run", args.run)]
+    refuse_overwrite(args.out, args.force, inputs=inputs + [("--image", image) for image in args.image])
     _output_folder(args.out)
     if not args.image and not args.queries and not args.text:
         raise DmuhError(
@@ -666,6 +687,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.queries and codes_file is None:
         image_paths += _read_query_list(Path(args.queries))
     with open_index(args.index) as index:
+        if args.out and getattr(index, "uri", None):  # a Milvus Lite file is read too
+            refuse_input_as_output(args.out, "--out", [("the index's --uri", index.uri)])
         service = SearchService(index, index_path=args.index)
         queries = gather_queries(
             service,
@@ -701,9 +724,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from dmuh.retrieval.onnx import export_onnx
 
     run = require_run(args)
-    refuse_overwrite(args.out, args.force)
+    refuse_overwrite(args.out, args.force, inputs=[("--run", run)])
     _output_folder(args.out)
-    check_positive(args.image_size, "--image-size")
+    _check_image_size(args.image_size)
     meta = export_onnx(run, args.out, opset=args.opset, image_size=args.image_size, overwrite=args.force)
     print(f"exported {args.out}: inputs {meta['inputs']}, image size {meta['image_size']}, {meta['bits']} bits")
     return 0

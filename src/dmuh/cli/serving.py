@@ -11,7 +11,7 @@ import sys
 
 from dmuh.cli.common import add_run_flag, check_positive
 from dmuh.errors import DmuhError
-from dmuh.retrieval.options import ServiceLimits
+from dmuh.retrieval.options import SERVE_FLAG_LIMITS, ServiceLimits
 from dmuh.utils.words import plural
 
 _DEFAULTS = ServiceLimits()
@@ -132,6 +132,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for value, flag in ((args.max_upload_mb, "--max-upload-mb"), (args.timeout, "--timeout")):
         if not value > 0:
             raise DmuhError(f"{flag} {value:g}: expected a positive number")
+    for flag, (value, largest) in {
+        "--threads": (args.threads, SERVE_FLAG_LIMITS["threads"]),
+        "--max-pixels": (args.max_pixels, SERVE_FLAG_LIMITS["max_image_pixels"]),
+        "--max-k": (args.max_k, SERVE_FLAG_LIMITS["max_k"]),
+        "--max-upload-mb": (args.max_upload_mb, SERVE_FLAG_LIMITS["max_upload_bytes"] / 2**20),
+        "--timeout": (args.timeout, SERVE_FLAG_LIMITS["timeout_s"]),
+    }.items():
+        if not value <= largest:  # inf and nan too
+            raise DmuhError(f"{flag} {value:g}: expected at most {largest:g}")
     try:
         import fastapi  # noqa: F401 - only to say what is missing before loading anything
         import uvicorn  # noqa: F401

@@ -39,7 +39,7 @@ import numpy as np
 
 from dmuh.codes.binary import as_packed
 from dmuh.errors import DmuhError, first_line
-from dmuh.utils.io import atomic_path, atomic_write_text, file_sha256, read_json_record
+from dmuh.utils.io import atomic_path, atomic_write_text, check_array_file, file_sha256, parse_json, read_json_record
 from dmuh.utils.words import plural
 
 CODES_FORMAT = "dmuh-codes"
@@ -82,12 +82,16 @@ class Codes:
             self.uncertainty = np.asarray(self.uncertainty, dtype=np.float32)
             if self.uncertainty.shape != (n,):
                 raise DmuhError(f"codes: uncertainty of shape {self.uncertainty.shape} for {n} codes")
+            if not (np.isfinite(self.uncertainty).all() and (self.uncertainty >= 0).all()):
+                raise DmuhError("codes: uncertainty must be finite and >= 0 (a mean of |h - m|)")
         if self.bit_uncertainty is not None:
             self.bit_uncertainty = np.asarray(self.bit_uncertainty, dtype=np.float16)
             if self.bit_uncertainty.shape != (n, self.bits):
                 raise DmuhError(
                     f"codes: bit uncertainty of shape {self.bit_uncertainty.shape} for {n} {self.bits}-bit codes"
                 )
+            if not (np.isfinite(self.bit_uncertainty).all() and (self.bit_uncertainty >= 0).all()):
+                raise DmuhError("codes: bit uncertainty must be finite and >= 0 (|h - m| per bit)")
         if self.features is not None:
             self.features = np.asarray(self.features, dtype=np.float32)
             if self.features.ndim != 2 or self.features.shape[0] != n or not np.isfinite(self.features).all():
@@ -134,6 +138,9 @@ class Codes:
             return concatenate(list(manifest_shards(path)))
         if not path.is_file():
             raise DmuhError(f"{path}: codes file not found")
+        check_array_file(
+            path, "codes file", "truncated or corrupted"
+        )  # no member inflating beyond what the file justifies
         try:
             with np.load(path, allow_pickle=False) as f:
                 if "format" not in f.files or str(f["format"]) != CODES_FORMAT:
@@ -144,15 +151,13 @@ class Codes:
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
             raise DmuhError(f"{path}: truncated or corrupted codes file ({first_line(error)})") from None
         try:
-            meta = json.loads(str(arrays["meta"]))
+            meta = parse_json(str(arrays["meta"]))
         except (KeyError, ValueError):
             raise DmuhError(f"{path}: corrupted codes file (no readable meta)") from None
-        if meta.get("version") != CODES_VERSION:
-            raise DmuhError(
-                f"{path}: codes format version {meta.get('version')!r}; this dmuh reads version {CODES_VERSION}"
-            )
+        meta = checked_meta(path, meta)
         if "codes" not in arrays or "ids" not in arrays:
             raise DmuhError(f"{path}: corrupted codes file (missing codes or ids)")
+        checked_arrays(path, arrays)
         if arrays["codes"].shape[0] != meta.get("count"):
             raise DmuhError(
                 f"{path}: corrupted codes file (meta says {meta.get('count')} codes, holds {arrays['codes'].shape[0]})"
@@ -174,6 +179,62 @@ class Codes:
             )
         except DmuhError as error:
             raise DmuhError(f"{path}: {error}") from None
+
+
+# The type of each field of a codes file's meta (None allowed where the second item says so).
+_META_FIELDS = {
+    "bits": (int, False),
+    "count": (int, False),
+    "model": (dict, True),
+    "image_size": (int, True),
+    "channels": (int, True),
+    "images": (str, True),
+    "class_names": (list, True),
+}
+MAX_BITS = 1 << 16
+
+
+def checked_meta(path, meta) -> Dict[str, Any]:
+    """A codes file's meta, every field of its type and range before any is used; a one-line
+    DmuhError naming the file and field otherwise."""
+    if not isinstance(meta, dict):
+        raise DmuhError(f"{path}: corrupted codes file (its meta is not a JSON object)")
+    if meta.get("version") != CODES_VERSION:
+        shown = repr(meta.get("version"))[:20]
+        raise DmuhError(f"{path}: codes format version {shown}; this dmuh reads version {CODES_VERSION}")
+    for name, (kind, optional) in _META_FIELDS.items():
+        value = meta.get(name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise DmuhError(f"{path}: corrupted codes file (meta field {name!r} must be {kind.__name__})")
+    if not 1 <= meta["bits"] <= MAX_BITS or meta["count"] < 0:
+        raise DmuhError(
+            f"{path}: corrupted codes file (meta bits {meta['bits']} or count {meta['count']} out of range)"
+        )
+    for name in ("image_size", "channels"):
+        if meta.get(name) is not None and not 1 <= meta[name] <= 1 << 16:
+            raise DmuhError(f"{path}: corrupted codes file (meta field {name!r} out of range)")
+    if meta.get("class_names") is not None and not all(isinstance(c, str) for c in meta["class_names"]):
+        raise DmuhError(f"{path}: corrupted codes file (meta field 'class_names' must be a list of strings)")
+    return meta
+
+
+def checked_arrays(path, arrays: Dict[str, np.ndarray]) -> None:
+    """The arrays of a codes file, of their dimensions and kinds: codes (n, bytes) unsigned bytes,
+    ids (n,) text or integers, the optional ones numbers."""
+    codes, ids = arrays["codes"], arrays["ids"]
+    if codes.ndim != 2 or codes.dtype != np.uint8:
+        raise DmuhError(
+            f"{path}: corrupted codes file (codes must be an (n, bytes) uint8 array, got {codes.dtype} {codes.shape})"
+        )
+    if ids.ndim != 1 or ids.dtype.kind not in "UiuS":
+        raise DmuhError(
+            f"{path}: corrupted codes file (ids must be a 1-D array of paths or integers, got {ids.dtype} {ids.shape})"
+        )
+    for name in _OPTIONAL_ARRAYS:
+        if name in arrays and arrays[name].dtype.kind not in "fiub":
+            raise DmuhError(f"{path}: corrupted codes file ({name} must be numbers, got {arrays[name].dtype})")
 
 
 # -- shards and their manifest ----------------------------------------------------------------

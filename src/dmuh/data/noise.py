@@ -126,4 +126,6 @@ class LabelNoise:
         rate, seed = record.get("rate"), record.get("seed")
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or type(seed) is not int:
             raise DmuhError(f"{path}: fields 'rate' (a number) and 'seed' (an integer) are required")
+        if not 0 <= rate <= 1 or not 0 <= seed < 2**63:
+            raise DmuhError(f"{path}: field 'rate' must be in [0, 1] and 'seed' from 0 to 2**63 - 1")
         return cls(float(rate), seed, **arrays)

@@ -31,7 +31,7 @@ from dmuh.data.sources import (
     _load_npz,
 )
 from dmuh.errors import DmuhError, first_line
-from dmuh.utils.io import atomic_path
+from dmuh.utils.io import atomic_path, parse_json
 
 WEIGHTINGS = ("binary", "count", "tfidf")
 # scikit-learn's default token pattern keeps words of two or more letters; tags such as "a" or a
@@ -119,7 +119,7 @@ class Vocabulary:
     def load(cls, path: PathLike) -> "Vocabulary":
         path = Path(path)
         try:
-            value = json.loads(path.read_text(encoding="utf-8"))
+            value = parse_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise DmuhError(f"{path}: unreadable vocabulary ({first_line(error, 120)})") from None
         return cls.from_dict(value, str(path))

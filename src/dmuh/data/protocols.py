@@ -100,11 +100,13 @@ class Split:
         record = read_json_record(path, SPLIT_FORMAT, SPLIT_VERSION, "split file")
         arrays = {role: index_list(record, role, path) for role in ("query", "train", "database")}
         topk = record.get("topk")
-        if topk is not None and (type(topk) is not int or topk < 1):
-            raise DmuhError(f"{path}: field 'topk' must be a positive integer or null")
+        if topk is not None and (type(topk) is not int or not 1 <= topk < 2**31):
+            raise DmuhError(f"{path}: field 'topk' must be a positive integer below 2**31 or null")
         for key, kind in (("protocol", str), ("seed", int), ("fingerprint", str), ("params", dict)):
             if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
                 raise DmuhError(f"{path}: field {key!r} missing or not a {kind.__name__}")
+        if not 0 <= record["seed"] < 2**63:
+            raise DmuhError(f"{path}: field 'seed' must be an integer from 0 to 2**63 - 1")
         if "checksum" in record:  # files written before checksums were added have none
             content = {key: record.get(key) for key in _CHECKSUM_FIELDS}
             if record["checksum"] != _checksum(content):

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dmuh.errors import DataError, DmuhError
-from dmuh.utils.io import atomic_path
+from dmuh.utils.io import atomic_path, check_array_file
 from dmuh.utils.progress import progress_bar
 
 PathLike = Union[str, os.PathLike]
@@ -226,8 +226,9 @@ class Source:
         if not cache_file.is_file():
             return None
         try:
+            check_array_file(cache_file, "decoded images")
             cached = np.load(cache_file, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
+        except (DmuhError, OSError, ValueError, EOFError):
             return None
         ok = isinstance(cached, np.ndarray) and cached.dtype == np.uint8 and cached.shape[:1] == (count,)
         return cached if ok else None
@@ -291,6 +292,8 @@ class FeatureSource(Source):
             raise DmuhError(
                 f"{name}: 'features' must be an (N, D) numeric array, got {features.dtype} {features.shape}"
             )
+        if features.shape[1] == 0:  # every item the same empty vector: a network would learn nothing, silently
+            raise DmuhError(f"{name}: 'features' has zero columns (shape {features.shape}); each item needs a vector")
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused below
             self.features = np.ascontiguousarray(features, dtype=np.float32)
         finite = np.isfinite(self.features).all(axis=1)
@@ -363,6 +366,7 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         raise DmuhError(f"{path}: cannot read {what} ({error.strerror or error})") from None
     if magic != b"\x93NUMPY" and magic[:4] != b"PK\x03\x04":
         raise DmuhError(f"{path}: cannot read {what}: not a .npy file")
+    check_array_file(path, what)
     try:
         array = np.load(path, allow_pickle=False)
     except _NPY_ERRORS as error:
@@ -379,6 +383,7 @@ def _load_npz(path: Path, required: Sequence[str], optional: Sequence[str] = ())
         raise DmuhError(f"{path}: features file not found")
     if not zipfile.is_zipfile(path):
         raise DmuhError(f"{path}: cannot read features: not a .npz archive (truncated, or not a zip file)")
+    check_array_file(path, "features")
     try:
         archive = np.load(path, allow_pickle=False)
     except _NPY_ERRORS as error:

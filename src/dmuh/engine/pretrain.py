@@ -45,7 +45,7 @@ from dmuh.runs.config import (
 )
 from dmuh.runs.layout import BACKBONE, BACKBONE_KIND, CONFIG, LOG, load_split, write_log
 from dmuh.utils import distributed
-from dmuh.utils.io import remove_orphans
+from dmuh.utils.io import file_lock, remove_orphans
 from dmuh.utils.words import plural
 
 
@@ -57,6 +57,11 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def pretrain(config: PretrainConfig, progress: bool = True, echo=print) -> Dict[str, float]:
+    with file_lock(config.out, "run directory"):  # one writer per run directory
+        return _pretrain(config, progress, echo)
+
+
+def _pretrain(config: PretrainConfig, progress: bool, echo) -> Dict[str, float]:
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"objective {config.objective!r}: choose one of {', '.join(OBJECTIVES)}", field="objective")
     run_dir = Path(config.out)

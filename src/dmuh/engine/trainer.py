@@ -9,6 +9,7 @@ after it  `finish_epoch`: MAP, the uncertainty trace, log.csv and checkpoint.saf
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -64,7 +65,7 @@ from dmuh.runs.layout import (
     write_log,
 )
 from dmuh.utils import distributed
-from dmuh.utils.io import atomic_path, remove_orphans
+from dmuh.utils.io import atomic_path, check_array_file, file_lock, remove_orphans
 from dmuh.utils.words import plural
 
 
@@ -101,6 +102,7 @@ class UncertaintyTrace:
         import zipfile
 
         try:
+            check_array_file(self.path, "uncertainty trace")
             with np.load(self.path, allow_pickle=False) as f:
                 hashing, momentum, epochs = f["hashing"], f["momentum"], f["epochs"]
             shape_ok = (
@@ -110,7 +112,7 @@ class UncertaintyTrace:
                 and hashing.shape[1] == len(self.items)
             )
             problem = None if shape_ok else "its arrays do not fit this run's trace items"
-        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        except (DmuhError, OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
             problem = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
         if problem is None:
             self.hashing, self.momentum, self.epochs = list(hashing), list(momentum), [int(e) for e in epochs]
@@ -502,7 +504,10 @@ def train(
 
     Returns the last log row (MAP included, under `row["ties"]`'s tie policy).
     """
-    return Trainer(config, resume, progress, echo, verbose).run()
+    # One writer per run directory: a second `train --out SAME` (or --resume) refuses at once.
+    lock = file_lock(config.out, "run directory") if distributed.environment_rank() == 0 else contextlib.nullcontext()
+    with lock:
+        return Trainer(config, resume, progress, echo, verbose).run()
 
 
 _NOT_LOSS_TERMS = frozenset(

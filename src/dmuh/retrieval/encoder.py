@@ -39,7 +39,7 @@ from dmuh.runs.layout import (
     rebuild_networks,
     resolve_run,
 )
-from dmuh.utils.io import file_sha256
+from dmuh.utils.io import file_sha256, memory_budget
 
 ENCODE_CHUNK = 4096  # images decoded at a time: bounds memory for large collections
 
@@ -247,6 +247,20 @@ def decode_size(encoder: Encoder, source, image_size: Optional[int] = None) -> O
     return image_size or encoder.image_size
 
 
+def check_decode_memory(size: Optional[int], count: int, channels: int) -> None:
+    """Refuse an image size whose decoded chunk (uint8, and once more as the network's float
+    batch, counted as 4 more bytes a pixel) would not fit in the memory available now."""
+    if not size:
+        return
+    need = int(count) * int(size) ** 2 * int(channels) * 5
+    budget = memory_budget()
+    if need > budget:
+        raise DmuhError(
+            f"image size {size}: decoding {count:,} images at {size}x{size} takes about {need / 2**30:.1f} GiB, "
+            f"more than the {budget / 2**30:.1f} GiB available; give a smaller --image-size"
+        )
+
+
 def encode_images(
     encoder: Encoder,
     source,
@@ -262,6 +276,7 @@ def encode_images(
     representation (`Encoder.features`)."""
     size = decode_size(encoder, source, image_size)
     items = np.arange(len(source.ids)) if items is None else np.asarray(items, dtype=np.int64)
+    check_decode_memory(size, min(ENCODE_CHUNK, len(items)), encoder.channels or 3)
     packed, bit_uncertainty, representation = [], [], []
     for start in range(0, len(items), ENCODE_CHUNK):
         indices = items[start : start + ENCODE_CHUNK]

@@ -24,6 +24,17 @@ KIND_PARAMS: Dict[str, Dict[str, Optional[int]]] = {
 FLAT_KERNELS = ("dmuh", "faiss")
 DEFAULT_FLAT_KERNEL = "dmuh"
 
+# The largest value of each index parameter: far above what helps (FAISS's HNSW gains nothing past
+# M of a few dozen), far below what would take the machine's memory or wrap FAISS's 32-bit ints.
+PARAM_LIMITS: Dict[str, int] = {
+    "m": 256,
+    "ef_construction": 1 << 16,
+    "ef_search": 1 << 16,
+    "nlist": 1 << 22,
+    "nprobe": 1 << 22,
+    "threads": 1024,  # the dmuh flat kernel's threads: far past any machine's cores
+}
+
 DEFAULT_RERANK_DEPTH = 1000
 DEFAULT_TAU = 1.0
 RERANK_MODES = ("uncertainty", "decoder")
@@ -46,3 +57,18 @@ class ServiceLimits:
         for name, value in asdict(self).items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise DmuhError(f"limit {name}={value!r}: expected a positive number")
+            if name in SERVE_FLAG_LIMITS and not value <= SERVE_FLAG_LIMITS[name]:
+                raise DmuhError(f"limit {name}={value!r}: expected at most {SERVE_FLAG_LIMITS[name]:g}")
+
+
+# The largest value of each service limit (and of `dmuh serve --threads`): what one machine serves;
+# past these a value is a typo (or inf), which would overflow or never time out.
+SERVE_FLAG_LIMITS: Dict[str, float] = {
+    "threads": 1024,
+    "max_upload_bytes": 4 << 30,
+    "max_image_pixels": 1 << 31,
+    "max_k": 1_000_000,
+    "timeout_s": 24 * 3600.0,
+    "thumbnail_px": 4096,
+    "max_text_chars": 1_000_000,
+}

@@ -21,6 +21,7 @@ service, behind `dmuh search` and `dmuh serve`, goes through it. This module imp
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple
 
@@ -43,9 +44,11 @@ def uncertainty_weights(bit_uncertainty: np.ndarray, tau: float = DEFAULT_TAU) -
     units: the size of u differs between runs and shrinks as training settles (as the learning
     rate decays the momentum copy catches up), what matters is which bits stand out.
     """
-    if not tau > 0:
-        raise DmuhError(f"tau={tau!r}: expected a positive number")
+    if not 0 < tau < math.inf:  # tau = inf weighs every bit 1: plain Hamming order, not a re-ranking
+        raise DmuhError(f"tau={tau!r}: expected a finite positive number")
     u = np.asarray(bit_uncertainty, dtype=np.float32)
+    if not (np.isfinite(u).all() and (u >= 0).all()):
+        raise DmuhError("bit uncertainty: expected finite values >= 0 (|h - m|), got an infinite, NaN or negative one")
     scale = np.float32(tau) * u.mean(axis=-1, keepdims=True)
     # A query with no uncertainty at all keeps plain Hamming distance (all weights 1).
     return np.exp(-np.divide(u, scale, out=np.zeros_like(u), where=scale > 0))

@@ -190,16 +190,19 @@ class ThumbnailStore:
         """The stored bytes of image `name`; DmuhError (not found) for anything outside the root."""
 
         if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-            raise LookupError(f"{name}: not an image file")
+            raise LookupError(f"{Path(name).name}: not an image file")
         if self._zip_names is not None:
             if name not in self._zip_names:
-                raise LookupError(f"{name}: not in {self.root.name}")
+                raise LookupError(f"{Path(name).name}: not in {self.root.name}")
             with self._lock:  # one zip handle is not safe to share between threads
                 return self._archive.read(name)
-        path = (self.root / name).resolve()
-        if not path.is_relative_to(self._resolved) or not path.is_file():  # '..', absolute paths, links out
-            raise LookupError(f"{name}: not under the image root")
-        return path.read_bytes()
+        try:
+            path = (self.root / name).resolve()
+            if not path.is_relative_to(self._resolved) or not path.is_file():  # '..', absolute paths, links out
+                raise LookupError(f"{Path(name).name}: not under the image root")
+            return path.read_bytes()
+        except (ValueError, OSError):  # a stored name with a NUL byte, an unreadable file
+            raise LookupError(f"{Path(name).name}: cannot be read under the image root") from None
 
     def get(self, name: str) -> bytes:
         """JPEG bytes of a preview of image `name` (longest side `size`). LookupError when the root

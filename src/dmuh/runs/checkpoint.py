@@ -40,7 +40,7 @@ import safetensors.torch
 import torch
 
 from dmuh.errors import DmuhError, first_line
-from dmuh.utils.io import atomic_path
+from dmuh.utils.io import atomic_path, parse_json
 
 FORMAT = "dmuh-checkpoint"
 VERSION = 1
@@ -202,7 +202,7 @@ def _canonical(data: bytes) -> Tuple[bytes, memoryview]:
     of 8 bytes long (padded with spaces, as safetensors pads it), so the tensor data is unmoved
     relative to it and stays aligned."""
     (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + size].decode("utf-8"))
+    header = parse_json(data[8 : 8 + size].decode("utf-8"))
     text = json.dumps(header, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, memoryview(data)[8 + size :]
@@ -246,7 +246,7 @@ def _header(path: Path, data: bytes) -> Dict[str, Any]:
     """The safetensors JSON header of `data` (the file, or its first bytes), or a DmuhError."""
     size = _header_size(path, data[:9], len(data))
     try:
-        header = json.loads(data[8 : 8 + size].decode("utf-8"))
+        header = parse_json(data[8 : 8 + size].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise DmuhError(f"{path}: not a safetensors file (unreadable header; damaged?)") from None
     if not isinstance(header, dict):
@@ -319,7 +319,7 @@ def load_state(path, kind: str) -> dict:
         raise DmuhError(f"{path}: checksum mismatch (the file is damaged); {_DAMAGED}")
     try:
         used: set = set()
-        state = _decode(json.loads(tree_text), tensors, used)
+        state = _decode(parse_json(tree_text), tensors, used)
         if set(tensors) - used:
             raise ValueError(f"holds tensors its tree does not name ({sorted(set(tensors) - used)[0][:80]})")
     except (ValueError, RecursionError) as error:
@@ -327,6 +327,25 @@ def load_state(path, kind: str) -> dict:
     if not isinstance(state, dict):
         raise DmuhError(f"{path}: malformed {FORMAT} tree (not a dict at the top)")
     return state
+
+
+def tensor_problem(value: Any, where: str = "", finite: bool = True) -> Optional[str]:
+    """What is wrong with the tensors of a decoded tree, or None: a layout other than strided (a
+    sparse tensor may declare any size and take it when made dense), or (`finite`) a NaN or
+    infinite value in a floating-point tensor (a network that computes NaN scores silently)."""
+    pending = [(where, value)]
+    while pending:
+        name, node = pending.pop()
+        if isinstance(node, torch.Tensor):
+            if node.layout != torch.strided:
+                return f"{name or 'a tensor'} is {str(node.layout).replace('torch.', '')}, not a dense tensor"
+            if finite and node.is_floating_point() and not bool(torch.isfinite(node).all()):
+                return f"{name or 'a tensor'} holds NaN or infinite values"
+        elif isinstance(node, dict):
+            pending.extend((f"{name}.{key}" if name else str(key), child) for key, child in node.items())
+        elif isinstance(node, (list, tuple)):
+            pending.extend((f"{name}[{i}]", child) for i, child in enumerate(node))
+    return None
 
 
 def load_weights(path, kind: str) -> Dict[str, torch.Tensor]:

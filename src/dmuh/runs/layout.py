@@ -34,11 +34,11 @@ import torch
 
 from dmuh.data.noise import LabelNoise
 from dmuh.data.protocols import Split, make_split, resolve_protocol
-from dmuh.errors import ConfigError, DmuhError, first_line
+from dmuh.errors import ConfigError, DmuhError, RunError, first_line
 from dmuh.methods import create_method
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
-from dmuh.runs.checkpoint import file_kind, load_state, load_weights, save_state
+from dmuh.runs.checkpoint import file_kind, load_state, load_weights, save_state, tensor_problem
 from dmuh.runs.config import RunConfig, TrainConfig
 from dmuh.runs.files import (  # noqa: F401 - a run's file names, also this module's API
     BACKBONE,
@@ -169,9 +169,41 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
             raise DmuhError(legacy_checkpoint_message(path.parent))
         raise DmuhError(f"checkpoint not found: {path}")
     state = load_state(path, CHECKPOINT_KIND)
+    check_checkpoint(path, state)
     if str(map_location) != "cpu":
         state = _to_device(state, map_location)
     return state
+
+
+MAX_EPOCH = 1_000_000
+
+
+def check_checkpoint(path: Path, state: dict) -> None:
+    """The fields of a checkpoint, before any is used: a whole epoch in [0, MAX_EPOCH], the
+    networks' weights as dicts of dense, finite tensors (a NaN weight would score silently), the
+    optimiser's state as torch writes it. A one-line RunError naming the file and field otherwise."""
+    epoch = state.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
+        raise RunError(f"{path}: field 'epoch' must be an integer from 0 to {MAX_EPOCH:,}, got {str(epoch)[:40]}")
+    for key in ("model", "method", "momentum"):
+        value = state.get(key)
+        if value is None and key != "model":
+            continue
+        if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) for v in value.values()):
+            raise RunError(f"{path}: field {key!r} must be a dict of tensors (the network's weights)")
+        problem = tensor_problem(value, key)
+        if problem:
+            raise RunError(f"{path}: {problem}; the checkpoint cannot be used")
+    optimizer = state.get("optimizer")
+    if optimizer is not None and (
+        not isinstance(optimizer, dict)
+        or not isinstance(optimizer.get("state", {}), dict)
+        or not isinstance(optimizer.get("param_groups", []), list)
+    ):
+        raise RunError(f"{path}: field 'optimizer' is not an optimiser state (state, param_groups)")
+    problem = tensor_problem(optimizer, "optimizer", finite=False)
+    if problem:
+        raise RunError(f"{path}: {problem}")
 
 
 def _to_device(value, device):
@@ -210,15 +242,38 @@ def restore_state(checkpoint: dict, path: Path, model, method, momentum=None, op
             momentum.load_state_dict(checkpoint["momentum"])
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer"])
+            _check_optimizer_shapes(optimizer)
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         lines = str(exc).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else first_line(exc)
         raise DmuhError(f"{path}: does not match the run's config.yaml ({detail[:200]})") from None
 
 
+def _check_optimizer_shapes(optimizer) -> None:
+    """Each parameter's optimiser state (Adam's moments, SGD's momentum) of the parameter's shape:
+    a mismatch would fail at the first step, as an internal error."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"optimizer state {name!r} of shape {tuple(value.shape)} for a parameter of shape "
+                        f"{tuple(param.shape)}"
+                    )
+
+
 def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainConfig):
     """(model, method, momentum copy or None) of a checkpoint, with its weights, in eval mode on the CPU."""
 
+    saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    run_values = config.to_dict()
+    differ = [key for key in ("method", "bits", "model") if key in saved and saved[key] != run_values.get(key)]
+    if differ:  # the checkpoint of another run: its network, read with this run's data, would mis-score
+        key = differ[0]
+        raise RunError(
+            f"{path}: trained with {key} {str(saved[key])[:40]!r}, but {Path(run_dir) / CONFIG} says "
+            f"{str(run_values.get(key))[:40]!r}: the checkpoint and the config are of different runs"
+        )
     model_config, method_spec = checkpoint.get("model_config"), checkpoint.get("method_spec")
     if model_config is None or method_spec is None:
         model_config, method_spec = legacy_specs(checkpoint, config, run_dir)

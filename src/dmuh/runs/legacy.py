@@ -15,6 +15,7 @@ from dmuh.data.protocols import Split
 from dmuh.errors import DmuhError, RunError, first_line
 from dmuh.methods import method_class
 from dmuh.models import create_model
+from dmuh.runs.checkpoint import tensor_problem
 from dmuh.runs.config import TrainConfig
 from dmuh.runs.files import CHECKPOINT, LEGACY_CHECKPOINT, SPLIT
 
@@ -44,6 +45,9 @@ def read_legacy_checkpoint(old: Path) -> dict:
         ) from None
     if not isinstance(state, dict) or "model" not in state:
         raise RunError(f"{old}: not a dmuh checkpoint (no network weights)")
+    problem = tensor_problem(state, finite=False)  # NaN weights are refused when the checkpoint is read
+    if problem:
+        raise RunError(f"{old}: not a dmuh checkpoint ({problem})")
     return state
 
 

@@ -20,11 +20,13 @@ arrives and refused past `max_upload_bytes` (413), whatever Content-Length claim
 import json
 import logging
 import math
+import re
 from importlib import resources
 from typing import Any, Dict, Optional
 
 from dmuh.errors import DmuhError
 from dmuh.retrieval.service import SearchService
+from dmuh.utils.io import parse_json
 
 log = logging.getLogger("dmuh.serve.app")
 PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"), "/page.js": ("page.js", "text/javascript")}
@@ -36,6 +38,21 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 _FORM_FIELDS = ("codes", "text", "k", "rerank", "depth", "tau", "bit_uncertainty")
+# The JSON type of each field: (Python types, as an error names them).
+_JSON_TYPES = {
+    "codes": ((str, list), "a string or a list of bits"),
+    "text": (str, "a string"),
+    "rerank": (str, "a string"),
+    "k": (int, "an integer"),
+    "depth": (int, "an integer"),
+    "tau": ((int, float), "a number"),
+    "bit_uncertainty": (list, "a list of numbers"),
+}
+# A connection must send a request's headers within this many seconds of opening (or of its
+# previous answer), so that idle or trickling connections (slowloris) cannot hold the service.
+HEADER_TIMEOUT_S = 10.0
+# Open connections the server keeps; searches beyond `threads` wait for a worker within --timeout.
+MAX_CONNECTIONS = 1000
 
 
 class _TooLarge(Exception):
@@ -51,6 +68,10 @@ class _Guard:
         self.app = app
         self.max_bytes = int(max_bytes)
         self.timeout_s = float(timeout_s)
+        # A body past the limit is read and dropped up to this much (and this long) before the 413,
+        # so the client reads the answer instead of a reset; a larger one is cut off.
+        self.drain_bytes = max(4 * self.max_bytes, 16 << 20)
+        self.drain_s = min(self.timeout_s, 10.0)
 
     async def __call__(self, scope, receive, send):
         import anyio
@@ -58,27 +79,33 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _send_error(
-                send,
-                413 if length.isdigit() else 400,
-                self._too_large() if length.isdigit() else "Content-Length: not a number",
-            )
+        if length is not None:
+            try:
+                declared = strict_integer(length.decode("latin-1"), "Content-Length", 0, None)
+            except DmuhError as exc:
+                return await _send_error(send, 400, str(exc))
+            if declared > self.max_bytes:  # read (and drop) what the client sends, so that it sees the 413
+                await _drain(receive, self.drain_bytes, self.drain_s)
+                return await _send_error(send, 413, self._too_large())
         received = 0
-        started = False
+        started = overflowed = False
 
         async def counted():
-            nonlocal received
+            nonlocal received, overflowed
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    overflowed = message.get("more_body", False)
                     raise _TooLarge(self._too_large())
             return message
 
         async def with_headers(message):
-            nonlocal started
+            nonlocal started, overflowed
             if message["type"] == "http.response.start":
+                if overflowed:  # the rest of a body past the limit: read before answering, or the client gets a reset
+                    overflowed = False
+                    await _drain(receive, self.drain_bytes, self.drain_s)
                 started = True
                 message = {**message, "headers": list(message.get("headers", [])) + _HEADER_PAIRS}
             await send(message)
@@ -91,6 +118,11 @@ class _Guard:
                 await _send_error(
                     send, 503, f"the request took longer than {self.timeout_s:g} s; try again or ask for less"
                 )
+        except _TooLarge as exc:  # raised while FastAPI read the body, before any handler ran
+            if not started:
+                if overflowed:
+                    await _drain(receive, self.drain_bytes, self.drain_s)
+                await _send_error(send, 413, str(exc))
         except Exception as exc:  # the 500 was sent by the application's handler; keep the server up
             if not started:
                 await _send_error(send, 500, f"internal error: {type(exc).__name__}")
@@ -99,11 +131,26 @@ class _Guard:
         return f"request body larger than the {self.max_bytes:,} bytes allowed"
 
 
+async def _drain(receive, limit: int, seconds: float) -> None:
+    """Read and drop the rest of a request body, up to `limit` bytes and `seconds`."""
+    import anyio
+
+    dropped = 0
+    with anyio.move_on_after(seconds):
+        while dropped <= limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+
 _HEADER_PAIRS = [(name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items()]
 
 
 async def _send_error(send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
+    body = json.dumps({"error": without_paths(_one_line(message))}).encode()
     await send(
         {
             "type": "http.response.start",
@@ -118,22 +165,58 @@ async def _send_error(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+# An absolute path (two or more parts) in a message: the server's files are not the client's business.
+_SERVER_PATH = re.compile(r"(?<![\w.~:/])(?:/[^\s'\"/:,;()]+){2,}")
+
+
+def without_paths(message: str) -> str:
+    """`message` with every absolute server path cut to its last part ("…/name")."""
+    return _SERVER_PATH.sub(lambda match: "…/" + match.group(0).rsplit("/", 1)[-1], message)
+
+
 def _one_line(text: Any) -> str:
     lines = str(text).strip().splitlines()
     return lines[0][:500] if lines else "bad request"
 
 
+# Every integer a request carries (k, depth, Content-Length) is ASCII digits, at most this many:
+# str.isdigit() also accepts "²" and other digits int() refuses, and int() of thousands of digits
+# is slow and refused past 4,300.
+INTEGER_DIGITS = 18
+
+
+def strict_integer(value, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """The one parser of a request's integer fields: a JSON integer, or text of ASCII digits with
+    an optional leading "-", at most INTEGER_DIGITS of them; DmuhError (a 400) otherwise."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not _ASCII_INTEGER.fullmatch(text):
+            raise DmuhError(f"{name}={_shown(value)}: expected an integer (ASCII digits, at most {INTEGER_DIGITS})")
+        number = int(text)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise DmuhError(f"{name}={_shown(value)}: expected an integer")
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        bounds = f"from {minimum}" + (f" to {maximum}" if maximum is not None else "")
+        raise DmuhError(f"{name}={_shown(number)}: expected an integer {bounds}")
+    return number
+
+
+_ASCII_INTEGER = re.compile(rf"-?[0-9]{{1,{INTEGER_DIGITS}}}")
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A client's value as an error quotes it: repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _integer(value, name: str) -> Optional[int]:
-    """A form or JSON field that must be an integer (form fields arrive as text)."""
+    """A form or JSON field that must be an integer (form fields arrive as text); None when absent."""
     if value is None or value == "":
         return None
-    if isinstance(value, str):
-        if not value.strip().lstrip("-").isdigit():
-            raise DmuhError(f"{name}={value!r}: expected an integer")
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DmuhError(f"{name}={value!r}: expected an integer")
-    return value
+    return strict_integer(value, name, -(10**INTEGER_DIGITS), 10**INTEGER_DIGITS)
 
 
 def _number(value, name: str) -> Optional[float]:
@@ -143,8 +226,8 @@ def _number(value, name: str) -> Optional[float]:
         number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         number = math.nan
-    if not math.isfinite(number):
-        raise DmuhError(f"{name}={value!r}: expected a number")
+    if not math.isfinite(number) or (isinstance(value, str) and len(value) > 64):
+        raise DmuhError(f"{name}={_shown(value)}: expected a finite number")
     return number
 
 
@@ -161,7 +244,7 @@ def create_app(service: SearchService, threads: int = 4):
     app = FastAPI(title="dmuh search", version="1", docs_url=None, redoc_url=None)  # the docs pages load JS from a CDN
 
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": _one_line(message)}, status_code=status)
+        return JSONResponse({"error": without_paths(_one_line(message))}, status_code=status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
@@ -208,9 +291,13 @@ def create_app(service: SearchService, threads: int = 4):
         app.add_api_route(route, page, methods=["GET"], include_in_schema=route == "/")
 
     @app.get("/thumbnail/{item_id}", responses={200: {"content": {"image/jpeg": {}}}})
-    async def thumbnail(item_id: int) -> Response:
+    async def thumbnail(item_id: str) -> Response:
         try:
-            jpeg = await in_worker(service.thumbnail, item_id)
+            number = strict_integer(item_id, "id", 0, 2**63 - 1)
+        except DmuhError as exc:
+            raise HTTPException(400, str(exc)) from None
+        try:
+            jpeg = await in_worker(service.thumbnail, number)
         except LookupError as exc:
             raise HTTPException(404, str(exc.args[0] if exc.args else exc)) from None
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -278,7 +365,7 @@ def create_app(service: SearchService, threads: int = 4):
             uncertainty = fields.get("bit_uncertainty")
             if isinstance(uncertainty, str):
                 try:
-                    uncertainty = json.loads(uncertainty)
+                    uncertainty = parse_json(uncertainty)
                 except ValueError:
                     raise HTTPException(400, "bit_uncertainty: expected a JSON list of numbers") from None
             if uncertainty is not None and (
@@ -330,7 +417,7 @@ async def _read_query(request):
                 raise HTTPException(400, "image: the uploaded file is empty")
     elif kind == "application/json":
         try:
-            body = json.loads(await request.body())
+            body = parse_json(await request.body())
         except (ValueError, UnicodeDecodeError):
             raise HTTPException(400, "body: not valid JSON") from None
         if not isinstance(body, dict):
@@ -338,8 +425,10 @@ async def _read_query(request):
         unknown = sorted(set(body) - set(_FORM_FIELDS))
         if unknown:
             raise HTTPException(400, f"unknown field {unknown[0]!r} (fields: {', '.join(_FORM_FIELDS)})")
-        if "text" in body and not isinstance(body["text"], str):
-            raise HTTPException(400, "text: expected a string")
+        for name, value in body.items():
+            expected = _JSON_TYPES[name]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, expected[0])):
+                raise HTTPException(400, f"{name}: expected {expected[1]}")
         fields.update(body)
     elif kind.startswith("image/") or kind == "application/octet-stream":
         image = await request.body()
@@ -361,10 +450,53 @@ def serve(service: SearchService, sock, threads: int = 4, log_level: str = "warn
 
     config = uvicorn.Config(
         create_app(service, threads),
+        http=header_timeout_protocol(),
         log_level=log_level,
         access_log=False,
-        limit_concurrency=max(64, 8 * threads),  # more open connections get a 503
+        limit_concurrency=MAX_CONNECTIONS,  # more open connections get a 503
         timeout_keep_alive=5,
         timeout_graceful_shutdown=5,
     )
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head within
+    `seconds` of opening or of its previous answer (uvicorn itself waits for a head forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _head_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(seconds, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()  # a request head arrived: the request's own deadline applies now
+
+        def on_response_complete(self) -> None:
+            self._arm()  # before: a pipelined request that starts in there disarms it again
+            super().on_response_complete()
+
+    return HeaderTimeoutProtocol

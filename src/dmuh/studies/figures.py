@@ -26,7 +26,7 @@ from dmuh.engine.builder import encode_part, load_run
 from dmuh.errors import ConfigError, DmuhError, RunError
 from dmuh.metrics.ranking import DEFAULT_TIES, precision_at_k
 from dmuh.runs.layout import CHECKPOINT, CONFIG, LOG, TRACE, read_log, run_directory
-from dmuh.utils.io import atomic_path, atomic_write_text, refuse_overwrite
+from dmuh.utils.io import atomic_path, atomic_write_text, check_array_file, refuse_overwrite
 from dmuh.utils.schema import load_yaml
 from dmuh.utils.words import plural
 
@@ -113,8 +113,9 @@ def _integer_ticks(ax) -> None:
 def read_trace(run_dir: Path) -> Dict[str, np.ndarray]:
     """uncertainty_trace.npz: items (T,), epochs (E,), hashing and momentum (E, T, bits)."""
     path = Path(run_dir) / TRACE
+    check_array_file(path, "uncertainty trace")
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             trace = {key: np.asarray(f[key]) for key in ("items", "epochs", "hashing", "momentum")}
     except (OSError, ValueError, KeyError) as exc:
         raise DmuhError(f"{path}: not a readable uncertainty trace ({exc})") from None

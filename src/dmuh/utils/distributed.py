@@ -31,6 +31,13 @@ class Context:
 SINGLE = Context()  # one process: the default context of every function that takes one
 
 
+def environment_rank() -> int:
+    """This process's rank as torchrun sets it (0 without torchrun), before joining the group."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def init_from_environment(device: str) -> Context:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); else one process.
 

@@ -5,7 +5,8 @@
     atomic_write_text       the same for a string
     remove_orphans(folder)  delete the temporary files that writers killed mid-write (kill -9, a
                             power cut) left behind; every atomic write calls it for its folder
-    refuse_overwrite        nothing is overwritten without --force
+    refuse_overwrite        nothing is overwritten without --force, and no input of the command even with it
+    file_lock               an advisory lock (fcntl) for a read-modify-write of a file or folder
 
 A write that fails (disk full, quota, "file too large", permission, read-only file system, or a
 torch / numpy / safetensors writer wrapping one of those) is a one-line DmuhError naming the target
@@ -22,8 +23,9 @@ import re
 import socket
 import tempfile
 import time
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from dmuh.errors import DmuhError, first_line
 
@@ -266,10 +268,63 @@ def remove_orphans(folder: str | os.PathLike) -> List[Path]:
 # -- --force ------------------------------------------------------------------------------------
 
 
-def refuse_overwrite(path, force: bool, flag: str = "--out") -> None:
-    """Nothing is overwritten without --force: a DmuhError naming the flag when `path` exists."""
+def refuse_overwrite(path, force: bool, flag: str = "--out", inputs: Sequence[Tuple[str, Any]] = (), own=()) -> None:
+    """Nothing is overwritten without --force: a DmuhError naming the flag when `path` exists.
+    With `inputs` ((flag, path or data spec) of everything the command reads), an output that is
+    one of them is refused even with --force (see `refuse_input_as_output`)."""
+    if path and inputs:
+        refuse_input_as_output(path, flag, inputs, own)
     if path and Path(path).exists() and not force:
         raise DmuhError(f"{flag} {path} already exists; pass --force to replace it")
+
+
+# A data spec's scheme ("features:", "unlabeled:", "pairs:"): what follows it is the path read.
+_SPEC_SCHEME = re.compile(r"^(?:[a-z][a-z0-9_+-]*:)+(?!//)")
+
+
+def spec_path(spec) -> Optional[Path]:
+    """The file or folder a path or data spec (`features:x.npz`, `unlabeled:photos/`) reads; None
+    for none (an empty value, or a URL such as http://HOST:19530)."""
+    if spec is None or spec == "":
+        return None
+    text = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text):
+        return None
+    if not Path(text).exists():
+        text = _SPEC_SCHEME.sub("", text, count=1)
+    return Path(text) if text else None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two existing paths are one file (a symbolic or hard link of the other included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_input_as_output(path, flag: str, inputs: Sequence[Tuple[str, Any]], own=()) -> None:
+    """--force replaces an earlier output, never an input of the same command: a DmuhError when
+    `path` (links followed) is one of `inputs`, or an existing file inside an input folder (a run
+    directory, an image folder), other than `own` (the command's own outputs there: RUN/eval.json)."""
+    out = Path(path)
+    target = Path(os.path.realpath(out))
+    owned = {Path(os.path.realpath(p)) for p in own}
+    for input_flag, spec in inputs:
+        where = spec_path(spec)
+        if where is None or not where.exists():
+            continue
+        real = Path(os.path.realpath(where))
+        if target == real or (out.exists() and _same_file(out, where)):
+            raise DmuhError(
+                f"{flag} {path} is the input of {input_flag} ({spec}); an output never replaces an input of its "
+                "own command, even with --force: write elsewhere"
+            )
+        if real.is_dir() and target != real and real in target.parents and out.exists() and target not in owned:
+            raise DmuhError(
+                f"{flag} {path} is a file inside the input of {input_flag} ({spec}); an output never replaces an "
+                "input of its own command, even with --force: write elsewhere"
+            )
 
 
 def file_sha256(path: Path) -> str:
@@ -284,10 +339,9 @@ def read_json_record(path: Path, record_format: str, version: int, what: str, mi
     """A JSON object dmuh wrote (split.json, label_noise.json, a shards manifest), checked to carry
     its "format" and "version"; a one-line DmuhError naming the file otherwise (`missing`: a hint
     added when the file is not there)."""
-    import json
 
     try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        record = parse_json(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DmuhError(f"{path}: {what} not found{f' ({missing})' if missing else ''}") from None
     except OSError as error:
@@ -306,6 +360,198 @@ def index_list(record: Dict[str, Any], key: str, path):
     import numpy as np
 
     values = record.get(key)
-    if not isinstance(values, list) or not all(type(v) is int and v >= 0 for v in values):
+    if not isinstance(values, list) or not all(type(v) is int and 0 <= v < 2**63 for v in values):
         raise DmuhError(f"{path}: field {key!r} must be a list of non-negative integers")
     return np.array(values, dtype=np.int64)
+
+
+# -- advisory locks: one writer at a time ---------------------------------------------------------
+
+LOCK_SUFFIX = ".lock"
+LOCK_POLL_S = 0.1
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of `path` (a file or a folder): ".NAME.lock" beside it."""
+    path = Path(os.path.abspath(path))
+    return path.with_name(f".{path.name}{LOCK_SUFFIX}")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str, wait_s: Optional[float] = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock (fcntl.flock) on `path` (an index, a run directory) for a
+    read-modify-write. A second writer waits up to `wait_s` seconds (None: refuses at once) and
+    then refuses with a one-line DmuhError. The lock file ".NAME.lock" beside `path` is removed on
+    release; a writer that locked a lock file another one removed meanwhile tries again."""
+    import fcntl
+
+    target = lock_path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DmuhError(f"cannot lock {what} {path}: {_reason_of_errno(error) or error}") from None
+    deadline = time.monotonic() + (wait_s or 0.0)
+    while True:
+        try:
+            fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as error:
+            raise DmuhError(f"cannot lock {what} {path}: {_reason_of_errno(error) or error}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DmuhError(f"cannot lock {what} {path}: {_reason_of_errno(error) or error}") from None
+            if time.monotonic() >= deadline:
+                holder = ""
+                with contextlib.suppress(OSError, ValueError):
+                    holder = f" (process {int(target.read_text().strip())})"
+                waited = f" after waiting {wait_s:g} s" if wait_s else ""
+                raise DmuhError(
+                    f"{what} {path} is being written by another dmuh{holder}{waited}; wait for it to finish "
+                    "and try again"
+                ) from None
+            time.sleep(LOCK_POLL_S)
+            continue
+        try:  # the lock file may have been removed (and made again) by the writer that held it
+            same = os.fstat(fd).st_ino == os.stat(target).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        os.close(fd)  # closing releases the lock
+
+
+# -- reading arrays without amplification ---------------------------------------------------------
+
+# A deflated .npz member may inflate to at most this many times its stored size once it is larger
+# than ARRAY_RATIO_FREE bytes: real data (codes, features, images) deflates a few times at most; a
+# ratio of hundreds is a zip bomb (zeros), which would take memory far beyond the file's size.
+ARRAY_MAX_RATIO = 100
+ARRAY_RATIO_FREE = 64 << 20
+
+
+def memory_budget() -> int:
+    """Bytes one array may take: half of the memory available now (MemAvailable; all of the
+    machine's memory where /proc is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 1 << 34
+
+
+def _npy_payload(stream, name: str) -> int:
+    """The bytes of data an .npy header declares (its shape times its item size); ValueError when
+    the header is not one numpy reads without pickle."""
+    import numpy as np
+
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"{name}: .npy format version {version}")
+    if dtype.hasobject:
+        raise ValueError(f"{name}: holds Python objects (a pickle), which dmuh does not read")
+    count = 1
+    for extent in shape:
+        count *= int(extent)
+    return count * dtype.itemsize
+
+
+def check_array_file(path, what: str, problem: str = "cannot read") -> None:
+    """Refuse (a one-line DmuhError naming `path`) an .npy or .npz file whose arrays would take
+    more memory than its size justifies, before numpy reads it: every member's declared size (the
+    zip directory) within `memory_budget`, a deflate ratio within ARRAY_MAX_RATIO, and each .npy
+    header's shape agreeing with the bytes stored (numpy allocates what the header says first)."""
+    path = Path(path)
+    budget = memory_budget()
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+            if magic == b"\x93NUMPY":
+                handle.seek(0)
+                stored = path.stat().st_size
+                payload = _npy_payload(handle, path.name)
+                if payload > stored - handle.tell():
+                    raise ValueError(f"its header declares {payload:,} bytes of data, the file holds fewer")
+                return
+        if magic[:2] != b"PK":
+            return  # not an array file: the reader says what it is
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename
+                if info.file_size > budget:
+                    raise ValueError(f"member {name} declares {info.file_size:,} bytes, beyond the memory available")
+                if info.file_size > ARRAY_RATIO_FREE and info.file_size > ARRAY_MAX_RATIO * max(info.compress_size, 1):
+                    raise ValueError(
+                        f"member {name} inflates {info.file_size // max(info.compress_size, 1):,} times "
+                        f"(to {info.file_size:,} bytes): a zip bomb, not data"
+                    )
+                if name.endswith(".npy"):
+                    try:
+                        with archive.open(info) as member:
+                            payload = _npy_payload(member, name)
+                            if payload > info.file_size - member.tell():
+                                raise ValueError(f"its header declares {payload:,} bytes, it holds fewer")
+                    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                        key = name[: -len(".npy")]
+                        where = (
+                            f"cannot read key {key!r}" if problem == "cannot read" else f"{problem} {what}, key {key!r}"
+                        )
+                        raise DmuhError(f"{path}: {where} ({first_line(error, 200)})") from None
+    except DmuhError:
+        raise
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        RuntimeError,
+        OverflowError,
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+    ) as error:
+        raise DmuhError(f"{path}: {problem} {what} ({first_line(error, 200)})") from None
+
+
+# -- reading JSON without amplification -----------------------------------------------------------
+
+JSON_MAX_DEPTH = 64  # dmuh's own JSON (headers, records, requests) nests a few levels
+
+
+def parse_json(text) -> Any:
+    """json.loads, bounded: nesting deeper than JSON_MAX_DEPTH (which would exhaust the parser's
+    recursion) and integers of thousands of digits are a ValueError like any malformed JSON."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels") from None
+    pending = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if depth > JSON_MAX_DEPTH:
+            raise ValueError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            pending.extend((child, depth + 1) for child in node.values() if isinstance(child, (dict, list)))
+        elif isinstance(node, list):
+            pending.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
+    return value

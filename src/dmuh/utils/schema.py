@@ -220,14 +220,64 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A configuration is a few dozen fields: bounds far above any real one, far below what an alias
+# bomb ("billion laughs": nested aliases that expand exponentially) or deep nesting would take.
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_NODES = 100_000  # scalars, lists and mappings once every alias is expanded
+YAML_MAX_DEPTH = 32
+
+
+def _expanded_size(node, depth: int, sizes: Dict[int, int]) -> int:
+    """How many nodes `node` is once its aliases are expanded (memoised per node, so an alias bomb
+    is measured without being expanded); ValueError past YAML_MAX_DEPTH or YAML_MAX_NODES."""
+    if depth > YAML_MAX_DEPTH:
+        raise ValueError(f"nested deeper than {YAML_MAX_DEPTH} levels")
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, depth + 1, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            size += _expanded_size(key, depth + 1, sizes) + _expanded_size(value, depth + 1, sizes)
+    if size > YAML_MAX_NODES:
+        raise ValueError(f"expands to more than {YAML_MAX_NODES:,} values (aliases that multiply)")
+    sizes[id(node)] = size
+    return size
+
+
+def bounded_yaml(text: str) -> Any:
+    """yaml.safe_load of `text` (a key given twice refused), checked for depth and expanded size
+    before it is built: ValueError (or yaml.YAMLError) otherwise."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, 0, {})
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {YAML_MAX_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> Dict[str, Any]:
+    """A YAML mapping of config fields, read safely (no tags that run code, no key given twice) and
+    bounded: at most YAML_MAX_BYTES, YAML_MAX_DEPTH levels and YAML_MAX_NODES values once aliases
+    are expanded, checked on the composed node graph before anything is built."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        if path.stat().st_size > YAML_MAX_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, more than a config file ({YAML_MAX_BYTES:,})")
+        values = bounded_yaml(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested deeper than {YAML_MAX_DEPTH} levels)") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(values, dict):
@@ -242,9 +292,11 @@ def parse_value(text: str) -> Any:
     which would turn `-p momentum_dropout=off` into False; those words stay words.
     """
     try:
-        value = yaml.safe_load(text)
+        value = bounded_yaml(text)
     except yaml.YAMLError:
         return text.strip()  # `-p name=a: b` is the text it reads as
+    except ValueError as error:
+        raise ConfigError(f"value {text[:40]!r}: {error}") from None
     if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
         return text.strip()
     return value
@@ -257,7 +309,10 @@ def parse_params(items, flag: str = "--param") -> Dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
-        params[key.strip()] = parse_value(value)
+        try:
+            params[key.strip()] = parse_value(value)
+        except ConfigError as error:
+            raise ConfigError(f"{flag} {key.strip()[:40]}: {error}") from None
     return params
 
 

@@ -24,7 +24,11 @@ import numpy as np
 from dmuh.codes.binary import as_packed
 from dmuh.errors import DmuhError
 from dmuh.models.decoder import FeatureDecoder
-from dmuh.retrieval.options import BACKENDS, FLAT_KERNELS  # noqa: F401 - BACKENDS is also this module's API
+from dmuh.retrieval.options import (  # noqa: F401 - BACKENDS is also this module's API
+    BACKENDS,
+    FLAT_KERNELS,
+    PARAM_LIMITS,
+)
 from dmuh.retrieval.rerank import (
     DEFAULT_RERANK_DEPTH,
     DEFAULT_TAU,
@@ -58,6 +62,8 @@ class SearchParams:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
                 raise DmuhError(f"search parameter {name}={value!r}: expected a positive integer")
+            if value is not None and value > PARAM_LIMITS[name]:
+                raise DmuhError(f"search parameter {name}={value}: expected at most {PARAM_LIMITS[name]:,}")
         if self.kernel is not None and self.kernel not in FLAT_KERNELS:
             raise DmuhError(f"search parameter kernel={self.kernel!r}: choose one of {', '.join(FLAT_KERNELS)}")
 
@@ -141,6 +147,8 @@ def resolve_params(
     for key, value in params.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise DmuhError(f"index parameter {key}={value!r}: expected a positive integer")
+        if value is not None and key in PARAM_LIMITS and value > PARAM_LIMITS[key]:
+            raise DmuhError(f"index parameter {key}={value}: expected at most {PARAM_LIMITS[key]:,}")
     resolved = {
         k: (params.get(k) if params.get(k) is not None else default) for k, default in kind_params[kind].items()
     }

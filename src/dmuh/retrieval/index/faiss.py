@@ -65,6 +65,7 @@ from dmuh.retrieval.index.file import (
     write_index_file,
 )
 from dmuh.retrieval.options import DEFAULT_FLAT_KERNEL, KIND_PARAMS, KINDS  # noqa: F401 - also this module's API
+from dmuh.utils.io import parse_json
 
 
 def _faiss():
@@ -309,8 +310,15 @@ class FaissIndex(CodeIndex):
             index = faiss.deserialize_index_binary(np.frombuffer(sections["faiss"], dtype=np.uint8))
         except (RuntimeError, KeyError) as error:
             raise DmuhError(f"{path}: corrupted index (FAISS cannot read it: {str(error).splitlines()[0]})") from None
+        if "ids" not in sections or len(sections["ids"]) % 8:
+            raise DmuhError(f"{path}: corrupted index (its ids section is not whole 64-bit integers)")
         ids = np.frombuffer(sections["ids"], dtype="<i8").astype(np.int64)
-        names = json.loads(sections["names"].decode("utf-8")) if "names" in sections else None
+        try:
+            names = parse_json(sections["names"].decode("utf-8")) if "names" in sections else None
+        except (UnicodeDecodeError, ValueError):
+            raise DmuhError(f"{path}: corrupted index (its names section is not JSON)") from None
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            raise DmuhError(f"{path}: corrupted index (its names section must be a list of strings)")
         count, bits = header["count"], header["bits"]
         if (
             index.ntotal != count

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
 from dmuh.errors import DmuhError
-from dmuh.utils.io import atomic_path
+from dmuh.utils.io import atomic_path, parse_json
 
 MAGIC = b"DMUHIDX\n"
 FORMAT = "dmuh-index"
@@ -71,11 +71,13 @@ def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], D
     if zlib.crc32(header_bytes) != header_crc:
         raise DmuhError(f"{path}: corrupted index (header checksum mismatch)")
     try:
-        header = json.loads(header_bytes.decode("utf-8"))
+        header = parse_json(header_bytes.decode("utf-8"))
     except ValueError:
         raise DmuhError(f"{path}: corrupted index (unreadable header)") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise DmuhError(f"{path}: not a dmuh index file (format {header.get('format')!r})")
+    if not isinstance(header, dict):
+        raise DmuhError(f"{path}: corrupted index (its header is not a JSON object)")
+    if header.get("format") != FORMAT:
+        raise DmuhError(f"{path}: not a dmuh index file (format {str(header.get('format'))[:40]!r})")
     if header.get("version") != FORMAT_VERSION:
         raise DmuhError(
             f"{path}: index format version {header.get('version')!r}; this dmuh reads version {FORMAT_VERSION}"
@@ -83,6 +85,7 @@ def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], D
     missing = sorted(HEADER_FIELDS - set(header))
     if missing or header["kind"] not in kinds:
         raise DmuhError(f"{path}: corrupted index (header lacks {missing[0] if missing else 'a known kind'})")
+    _check_header_fields(path, header)
     payload = data[_PREFIX.size + header_size :]
     if len(payload) != header["payload_size"]:
         state = "truncated" if len(payload) < header["payload_size"] else "corrupted"
@@ -93,3 +96,49 @@ def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], D
         raise DmuhError(f"{path}: corrupted index (payload checksum mismatch)")
     sections = {name: payload[start : start + size] for name, (start, size) in header["sections"].items()}
     return header, sections
+
+
+def _is_int(value, low: int = 0, high: int = 2**63 - 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_header_fields(path: Path, header: Dict[str, Any]) -> None:
+    """Each header field of its type and range before any is used (a header whose checksums were
+    recomputed can still say anything): a one-line DmuhError naming the field otherwise."""
+
+    def bad(field: str, expected: str) -> DmuhError:
+        return DmuhError(f"{path}: corrupted index (header field {field!r} must be {expected})")
+
+    if not _is_int(header["bits"], 1, 1 << 16):
+        raise bad("bits", "an integer from 1 to 65536")
+    if not _is_int(header["count"]):
+        raise bad("count", "a non-negative integer")
+    if not isinstance(header["kind"], str):
+        raise bad("kind", "a string")
+    params = header["params"]
+    if not isinstance(params, dict) or not all(
+        isinstance(k, str) and _is_int(v, 1, 2**31 - 1) for k, v in params.items()
+    ):
+        raise bad("params", "an object of positive integers")
+    if not _is_int(header["payload_size"]) or not isinstance(header["payload_sha256"], str):
+        raise bad("payload_size", "a non-negative integer (with payload_sha256 a string)")
+    sections = header["sections"]
+    if not isinstance(sections, dict) or not all(
+        isinstance(name, str)
+        and isinstance(span, list)
+        and len(span) == 2
+        and _is_int(span[0])
+        and _is_int(span[1])
+        and span[0] + span[1] <= header["payload_size"]
+        for name, span in sections.items()
+    ):
+        raise bad("sections", "an object of [offset, size] within the payload")
+    for field, kind, name in (
+        ("meta", dict, "an object"),
+        ("backend", str, "a string"),
+        ("has_names", bool, "a boolean"),
+    ):
+        if header.get(field) is not None and not isinstance(header[field], kind):
+            raise bad(field, name)
+    if header.get("next_id") is not None and not _is_int(header["next_id"], -(2**63), 2**63 - 1):
+        raise bad("next_id", "a 64-bit integer")

@@ -70,6 +70,7 @@ from dmuh.retrieval.index.base import (
     unique_ids,
 )
 from dmuh.retrieval.index.file import FORMAT, FORMAT_VERSION, write_index_file
+from dmuh.utils.io import parse_json
 
 MILVUS_KINDS = ("flat", "ivf")
 INDEX_TYPES = {"flat": "BIN_FLAT", "ivf": "BIN_IVF_FLAT"}
@@ -198,6 +199,41 @@ def _check_reachable(uri: str) -> None:
         ) from None
 
 
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_lite_file(uri: str) -> None:
+    """An existing Milvus Lite file is what Milvus Lite writes (an SQLite database) and whole: a
+    folder, a foreign file or a truncated database is one line here, not a failed start of
+    Milvus Lite blamed on another process. A missing file is made by Milvus Lite."""
+    path = Path(uri)
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ConfigError(f"uri {uri}: is a folder, not a Milvus Lite file", field="uri")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError as error:
+        raise ConfigError(f"uri {uri}: cannot read it ({error.strerror or error})", field="uri") from None
+    if size == 0:
+        return
+    if len(head) < 100 or not head.startswith(_SQLITE_MAGIC):
+        raise ConfigError(f"uri {uri}: not a Milvus Lite database (no SQLite header)", field="uri")
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(head[28:32], "big")
+    if page_size < 512 or page_size & (page_size - 1):
+        raise ConfigError(f"uri {uri}: not a Milvus Lite database (SQLite page size {page_size})", field="uri")
+    valid_for, counter = head[92:96], head[24:28]
+    if size < page_size or (valid_for == counter and pages and size < pages * page_size):
+        raise ConfigError(
+            f"uri {uri}: truncated Milvus Lite database ({size:,} bytes, its header says {pages * page_size:,})",
+            field="uri",
+        )
+
+
 def _open_client(uri: str, create: bool):
     pymilvus = _pymilvus()
     with _CLIENTS_LOCK:
@@ -209,6 +245,7 @@ def _open_client(uri: str, create: bool):
         if is_server(uri):
             _check_reachable(uri)
         else:
+            check_lite_file(uri)
             try:
                 Path(uri).parent.mkdir(parents=True, exist_ok=True)
             except OSError as error:
@@ -420,7 +457,7 @@ class MilvusIndex(CodeIndex):
                 )
             described = self.client.describe_collection(self.collection)
             try:
-                description = json.loads(described.get("description") or "")
+                description = parse_json(described.get("description") or "")
             except ValueError:
                 description = None
             if not isinstance(description, dict) or description.get("format") != DESCRIPTION_FORMAT:
