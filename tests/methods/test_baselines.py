@@ -556,7 +556,7 @@ def test_compare_checks_its_arguments_before_training(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_write_tables_bolds_the_best_of_each_column(tmp_path):
+def test_write_tables_bolds_nothing_one_seed_cannot_support(tmp_path):
     from dmuh.studies.compare import write_tables
 
     rows = [
@@ -567,6 +567,6 @@ def test_write_tables_bolds_the_best_of_each_column(tmp_path):
     ]
     write_tables(rows, tmp_path, caption="protocol cifar10")
     markdown = (tmp_path / "results.md").read_text()
-    assert "| DMUH | **0.7720** | 0.5000 |" in markdown
-    assert "| DSH | 0.6440 | **0.7420** |" in markdown
-    assert "protocol cifar10" in markdown
+    assert "| DMUH | 0.7720 | 0.5000 |" in markdown  # one seed a cell: a difference is an anecdote
+    assert "| DSH | 0.6440 | 0.7420 |" in markdown
+    assert "protocol cifar10" in markdown and "One seed per cell" in markdown
