@@ -16,16 +16,79 @@ a fixed size (the ImageNet networks' 224), to which the input pipeline resizes.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 from dmuh.errors import DmuhError
 from dmuh.models.heads import create_head
 from dmuh.models.network import HashNetwork
 from dmuh.models.pretrained import load_pretrained_backbone
-from dmuh.utils.registry import Registry
+from dmuh.utils.registry import Entry, Registry
 
-MODELS = Registry("model", option_word="option")
+
+@dataclass(frozen=True)
+class Family:
+    """Models of another library, named `PREFIX:NAME` (`timm:vit_small_patch14_dinov2`)."""
+
+    factory: Callable[..., object]  # factory(NAME, in_channels=..., **options) -> backbone
+    names: Callable[[], List[str]]  # every NAME the library builds
+    library: str  # how messages call it
+    refused: Dict[str, str]  # options a caller cannot give -> why
+
+
+class ModelRegistry(Registry):
+    """The model registry, plus families of names resolved when asked for: `timm:NAME` and `tv:NAME`
+    are not listed one by one (timm alone has over a thousand), but checked against the library's
+    own list, with a did-you-mean from it. Their options go to the library's builder as given,
+    which refuses the ones it does not know (`dmuh.models.external`)."""
+
+    def __init__(self, kind: str, option_word: str = "option"):
+        super().__init__(kind, option_word)
+        self.families: Dict[str, Family] = {}
+
+    def register_family(self, prefix: str, factory, names, library: str, refused: Dict[str, str]) -> None:
+        self.families[prefix] = Family(factory, names, library, dict(refused))
+
+    def family(self, name: str) -> Optional[Family]:
+        prefix, sep, _ = str(name).partition(":")
+        return self.families.get(prefix) if sep else None
+
+    def entry(self, name: str) -> Entry:
+        family = self.family(name)
+        if family is None:
+            if name not in self.entries:
+                for prefix, other in self.families.items():  # `--model vit_b_16` for `tv:vit_b_16`
+                    if str(name) in other.names():
+                        raise DmuhError(f"unknown {self.kind} {name!r} (did you mean '{prefix}:{name}'?)")
+            return super().entry(name)
+        prefix, _, arch = str(name).partition(":")
+        known = family.names()
+        if arch not in known:
+            # The one did-you-mean rule of every registry, over the library's names.
+            catalogue = Registry(self.kind)
+            catalogue.entries = dict.fromkeys(known)
+            guess = catalogue.suggestion(arch)
+            hint = f" (did you mean '{prefix}:{guess}'?)" if guess else ""
+            raise DmuhError(
+                f"unknown {self.kind} {name!r}{hint}; {family.library} builds {len(known)} models, "
+                f"none named {arch!r} (see `{prefix}:NAME` in docs/models.md)"
+            )
+        return Entry(name, functools.partial(family.factory, arch))
+
+    def check_options(self, name: str, options: Iterable[str], reserved: Iterable[str] = ()) -> Entry:
+        family = self.family(name)
+        if family is None:
+            return super().check_options(name, options, reserved)
+        entry = self.entry(name)
+        for option in options:
+            if option in family.refused:
+                raise DmuhError(f"{self.kind} {name!r}: option {option!r} cannot be given ({family.refused[option]})")
+        return entry
+
+
+MODELS = ModelRegistry("model", option_word="option")
 
 
 def register_model(name: str, **fixed):
