@@ -132,6 +132,17 @@ def test_unknown_names_and_refused_options_are_one_line_errors():
         create_model("tv:squeezenet1_0", bits=BITS)
 
 
+def test_a_pretrained_tag_picks_the_config_and_a_missing_file_says_where_to_get_it(tmp_path):
+    tagged = create_model("timm:test_vit.r160_in1k", bits=BITS)
+    assert tagged.input_size == 160 and tagged.config["input_size"] == 160
+    with pytest.raises(DmuhError, match=r"nothing is downloaded.*huggingface.co/timm/test_vit.r160_in1k"):
+        create_model("timm:test_vit", bits=BITS, pretrained=True)
+    with pytest.raises(DmuhError, match=r"nope.pth; get its weights elsewhere \(https://download.pytorch.org/models/"):
+        create_model("tv:resnet18", bits=BITS, pretrained=tmp_path / "nope.pth")
+    with pytest.raises(DmuhError, match="unknown model 'timm:test_vit.bogus'"):
+        create_model("timm:test_vit.bogus", bits=BITS)
+
+
 def test_nothing_is_downloaded(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a network connection was attempted")

@@ -92,9 +92,11 @@ def _set_input_size(name: str, model: nn.Module, input_size: Any) -> None:
 
 
 def timm_names() -> List[str]:
+    """Every architecture, and every `architecture.tag` of its pretrained weights (the tag picks
+    the pretrained config: input size, mean, std)."""
     import timm
 
-    return timm.list_models()
+    return sorted(set(timm.list_models()) | set(timm.list_models(pretrained=True)))
 
 
 def timm_backbone(arch: str, in_channels: int = 3, **options) -> nn.Module:
@@ -113,7 +115,6 @@ def timm_backbone(arch: str, in_channels: int = 3, **options) -> nn.Module:
     model.in_channels = in_channels
     # img_size (ViTs) changes the resolution, but not the data config, which describes the weights.
     model.input_size = _square_size(name, options.get("img_size", data_config["input_size"]))
-    _set_input_size(name, model, input_size)
     model.pretrained_data_config = {
         key: data_config[key] for key in ("interpolation", "mean", "std", "crop_pct") if key in data_config
     }
@@ -123,6 +124,9 @@ def timm_backbone(arch: str, in_channels: int = 3, **options) -> nn.Module:
     first_conv = model.pretrained_cfg.get("first_conv")
     if isinstance(first_conv, str):
         model.first_conv = first_conv
+    hub = model.pretrained_cfg.get("hf_hub_id")
+    model.weights_source = f"model.safetensors of https://huggingface.co/{hub}" if hub else ""
+    _set_input_size(name, model, input_size)
     return model
 
 
@@ -157,7 +161,9 @@ def torchvision_backbone(arch: str, in_channels: int = 3, **options) -> nn.Modul
     first_conv = next(path for path, m in model.named_modules() if isinstance(m, nn.Conv2d))
     if in_channels != 3:
         _set_submodule(model, first_conv, replace_conv_input(model.get_submodule(first_conv), in_channels))
-    transforms = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    transforms = weights.transforms()
+    model.weights_source = weights.url
     model.feature_dim = int(head.in_features)
     model.in_channels = in_channels
     model.input_size = _square_size(name, options.get("image_size", transforms.crop_size))

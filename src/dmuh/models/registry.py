@@ -72,7 +72,7 @@ class ModelRegistry(Registry):
             guess = catalogue.suggestion(arch)
             hint = f" (did you mean '{prefix}:{guess}'?)" if guess else ""
             raise DmuhError(
-                f"unknown {self.kind} {name!r}{hint}; {family.library} builds {len(known)} models, "
+                f"unknown {self.kind} {name!r}{hint}; {family.library} knows {len(known)} names, "
                 f"none named {arch!r} (see `{prefix}:NAME` in docs/models.md)"
             )
         return Entry(name, functools.partial(family.factory, arch))
@@ -142,13 +142,20 @@ def create_model(
         options["in_channels"] = in_channels
     backbone = MODELS.create(name, {}, options)
     if pretrained is not None:
+        # Where the weights of a timm or torchvision name are published, for a machine with internet.
+        source = getattr(backbone, "weights_source", "")
+        where = f"; get its weights elsewhere ({source}) and give the file" if source else ""
         if isinstance(pretrained, bool):
             raise DmuhError(
-                f"model {name!r}: pretrained must be the path of a local weights file (nothing is downloaded)"
+                f"model {name!r}: pretrained must be the path of a local weights file (nothing is downloaded){where}"
             )
+        if where and not os.path.isfile(pretrained):
+            raise DmuhError(f"pretrained weights file not found: {pretrained}{where}")
         load_pretrained_backbone(backbone, pretrained, model_name=name)
     model = HashNetwork(backbone, bits, name=name, hash_init_std=hash_init_std, hash_norm=hash_norm)
-    if takes_input_size(name):  # the size it is built for, given or the default: what a checkpoint rebuilds
+    if takes_input_size(name) or MODELS.family(name) is not None:
+        # The size it is built for, given or the default (for timm: and tv: names, the pretrained
+        # config's, which another library version might change): what a checkpoint rebuilds.
         options["input_size"] = int(backbone.input_size)
     model.config = {"name": name, "bits": bits, "hash_init_std": hash_init_std, "hash_norm": hash_norm, **options}
     if head is not None:
