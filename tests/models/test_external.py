@@ -158,43 +158,37 @@ def test_the_config_accepts_the_names():
     assert config.model == "timm:test_vit"
 
 
-@pytest.mark.parametrize(
-    "model, params",
-    [("timm:test_vit", ["img_size=16"]), ("tv:resnet18", ["input_size=16"])],
-)
-def test_one_epoch_on_digits_through_the_cli(tmp_path, model, params):
+def _dmuh(*args):
+    """`python -m dmuh ARGS` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "dmuh", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+TRAIN = "train --data digits --protocol digits --bits 16 --batch-size 64 --epochs 1 --init scratch --quiet".split()
+
+
+def test_timm_backbone_with_a_weights_file_through_the_cli(tmp_path):
+    weights = _save_safetensors(_timm_source("test_vit", img_size=16), tmp_path / "model.safetensors")
     out = tmp_path / "run"
-    flags = [arg for param in params for arg in ("--model-param", param)]
-    train = [*"train --data digits --protocol digits --bits 16 --batch-size 64 --epochs 1".split(), "--model", model]
-    result = subprocess.run(
-        [sys.executable, "-m", "dmuh", *train, *flags, "--init", "scratch", "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    model = ["--model", "timm:test_vit", "--model-param", "img_size=16"]
+    result = _dmuh(*TRAIN, *model, "--pretrained", weights, "--out", out)
     assert result.returncode == 0, result.stderr
-    assert f"model: {model}" in (out / "config.yaml").read_text()
-    if not model.startswith("timm:"):
-        return
+    assert "model: timm:test_vit" in (out / "config.yaml").read_text()
     codes = tmp_path / "codes.npz"  # the checkpoint rebuilds the backbone from its recorded config
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dmuh",
-            "encode",
-            "--run",
-            str(out),
-            "--images",
-            "digits",
-            "--out",
-            str(codes),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _dmuh("encode", "--run", out, "--images", "digits", "--out", codes, "--quiet")
     assert result.returncode == 0, result.stderr
     with np.load(codes) as encoded:
         assert len(encoded["ids"]) == 1797
+    # A file of another network: one line naming the file and the first keys, no traceback.
+    result = _dmuh(*TRAIN, "--model", "timm:test_resnet", "--pretrained", weights, "--out", tmp_path / "bad")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "model.safetensors do not fit model 'timm:test_resnet': missing keys" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_torchvision_backbone_through_the_cli(tmp_path):
+    out = tmp_path / "run"
+    result = _dmuh(*TRAIN, "--model", "tv:resnet18", "--model-param", "input_size=16", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "model: tv:resnet18" in (out / "config.yaml").read_text()
+    result = _dmuh(*TRAIN, "--model", "tv:resnet19", "--out", tmp_path / "typo")
+    assert result.returncode != 0 and "did you mean 'tv:resnet18'" in result.stderr

@@ -71,7 +71,7 @@ def _set_input_size(name: str, model: nn.Module, input_size: Any) -> None:
     """`input_size`: feed the network images of this size instead of its pretrained resolution (a
     convolutional network pools any size; 32 px trains far faster than 224 on a CPU). Checked by
     running one image, since a ViT's position embedding fixes its size (give it img_size /
-    image_size instead)."""
+    image_size, or timm's dynamic_img_size=True, instead)."""
     if input_size is None:
         return
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
@@ -85,7 +85,7 @@ def _set_input_size(name: str, model: nn.Module, input_size: Any) -> None:
             first = (str(error).strip().splitlines() or [""])[0][:160]
             raise DmuhError(
                 f"model {name!r}: does not run at input_size {input_size} ({type(error).__name__}: {first}); "
-                "a ViT's size is set by its img_size (timm) or image_size (torchvision) option"
+                "a ViT's size is set by its img_size or dynamic_img_size=true (timm) or image_size (torchvision) option"
             ) from None
         model.train(was_training)
     model.input_size = input_size

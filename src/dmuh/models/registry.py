@@ -7,6 +7,10 @@ attributes steer pretrained loading (see `dmuh.models.pretrained`):
 a classification head to drop) and `skipped_pretrained_keys` ({key: why} left at random init).
 `create_model` wraps the backbone in a `HashNetwork` with a `bits`-wide hash layer.
 
+`timm:NAME` and `tv:NAME` are families of names (`ModelRegistry.register_family`,
+`dmuh.models.external`): resolved against the library's own list when asked for, not registered
+one by one.
+
 A factory with an `input_size` option declares that the backbone works at any input size
 (`takes_input_size`): `dmuh train` then builds it at the size of the decoded images unless the
 user sets one, and `model.config` always records the size, so a checkpoint rebuilds (and `dmuh
@@ -120,8 +124,8 @@ def create_model(
 ) -> HashNetwork:
     """Build the registered backbone `name` plus a `bits`-wide hash layer.
 
-    pretrained: a local torchvision-style state dict (.pth/.pt or .safetensors) loaded into the
-        backbone; nothing is ever downloaded.
+    pretrained: a local state dict (.pth/.pt or .safetensors: torchvision's key names, timm's for
+        `timm:NAME`) loaded into the backbone; nothing is ever downloaded.
     in_channels: input channels for image models (default: the model's own, 3); not for `mlp`.
     hash_init_std: the hash layer's weights start as N(0, std^2), bias 0; None keeps PyTorch's init.
     hash_norm: "none" or "batchnorm" (a BatchNorm1d on the hash-layer outputs; see HashNetwork).
