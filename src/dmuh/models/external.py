@@ -17,6 +17,8 @@ model is built (it is not needed for the built-in networks).
 `input_size` is the model's pretrained input resolution: timm's data config (or `img_size` when
 given), torchvision's weights transforms' crop size (or `image_size` when given). Images of
 another size are resized to it on the device by the input pipeline, as for the ImageNet networks.
+An `input_size` option sets another resolution; it is not a factory argument, so these models are
+not `takes_input_size` ones: `dmuh train` keeps the pretrained resolution, not the images' size.
 `pretrained_data_config` keeps the normalisation of those weights (mean, std, interpolation,
 crop_pct) for the input pipeline to use (not yet used by it: the pipeline normalises with
 ImageNet statistics).
