@@ -21,6 +21,10 @@ IMAGE_MODELS = {
     "resnet18-32": ({}, 32),
     "resnet50-32": ({}, 32),
     "smallcnn": ({}, 8),
+    # Other libraries' networks by name (dmuh.models.external): timm's tiny test networks, a small torchvision one.
+    "timm:test_vit": ({"img_size": 32}, 32),
+    "timm:test_resnet": ({}, 32),
+    "tv:mobilenet_v3_small": ({}, 32),
 }
 FEATURE_DIMS = {
     "cnnf": 4096,
@@ -30,6 +34,9 @@ FEATURE_DIMS = {
     "resnet18-32": 512,
     "resnet50-32": 2048,
     "smallcnn": 256,
+    "timm:test_vit": 64,
+    "timm:test_resnet": 96,
+    "tv:mobilenet_v3_small": 1024,
 }
 PREFERRED_INPUT_SIZES = {
     "cnnf": 224,
@@ -39,6 +46,9 @@ PREFERRED_INPUT_SIZES = {
     "resnet18-32": 32,
     "resnet50-32": 32,
     "smallcnn": 32,
+    "timm:test_vit": 32,  # img_size
+    "timm:test_resnet": 160,  # timm's pretrained config
+    "tv:mobilenet_v3_small": 224,  # the torchvision weights' crop size
 }
 
 
@@ -48,7 +58,7 @@ def _seed():
 
 
 def test_every_builtin_model_is_registered():
-    assert set(IMAGE_MODELS) | {"mlp"} <= set(available_models())
+    assert {name for name in IMAGE_MODELS if ":" not in name} | {"mlp"} <= set(available_models())
 
 
 def test_cnnf_rows_match_table_2_of_the_paper():

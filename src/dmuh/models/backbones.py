@@ -25,7 +25,7 @@ from dmuh.errors import DmuhError
 from dmuh.models.registry import register_model
 
 
-def _replace_conv_input(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+def replace_conv_input(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     """The same convolution with another number of input channels (fresh weights)."""
     return nn.Conv2d(
         in_channels,
@@ -108,7 +108,7 @@ class AlexNetFeatures(nn.Module):
         alexnet = torchvision.models.alexnet(weights=None, dropout=dropout)
         self.features = alexnet.features
         if in_channels != 3:
-            self.features[0] = _replace_conv_input(self.features[0], in_channels)
+            self.features[0] = replace_conv_input(self.features[0], in_channels)
         self.avgpool = alexnet.avgpool
         # Drop classifier[6] but keep indices 0..5 so the keys match torchvision's.
         self.classifier = nn.Sequential(*list(alexnet.classifier.children())[:6])
@@ -153,7 +153,7 @@ class ResNetFeatures(nn.Module):
             resnet.maxpool = nn.Identity()
             self.skipped_pretrained_keys = {"conv1.weight": "the small-input stem is a 3x3 conv, not 7x7"}
         elif in_channels != 3:
-            resnet.conv1 = _replace_conv_input(resnet.conv1, in_channels)
+            resnet.conv1 = replace_conv_input(resnet.conv1, in_channels)
         # Keep torchvision's module names at the top level so state-dict keys match.
         for child_name, child in resnet.named_children():
             self.add_module(child_name, child)

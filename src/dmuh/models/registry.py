@@ -7,6 +7,10 @@ attributes steer pretrained loading (see `dmuh.models.pretrained`):
 a classification head to drop) and `skipped_pretrained_keys` ({key: why} left at random init).
 `create_model` wraps the backbone in a `HashNetwork` with a `bits`-wide hash layer.
 
+`timm:NAME` and `tv:NAME` are families of names (`ModelRegistry.register_family`,
+`dmuh.models.external`): resolved against the library's own list when asked for, not registered
+one by one.
+
 A factory with an `input_size` option declares that the backbone works at any input size
 (`takes_input_size`): `dmuh train` then builds it at the size of the decoded images unless the
 user sets one, and `model.config` always records the size, so a checkpoint rebuilds (and `dmuh
@@ -16,16 +20,79 @@ a fixed size (the ImageNet networks' 224), to which the input pipeline resizes.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 from dmuh.errors import DmuhError
 from dmuh.models.heads import create_head
 from dmuh.models.network import HashNetwork
 from dmuh.models.pretrained import load_pretrained_backbone
-from dmuh.utils.registry import Registry
+from dmuh.utils.registry import Entry, Registry
 
-MODELS = Registry("model", option_word="option")
+
+@dataclass(frozen=True)
+class Family:
+    """Models of another library, named `PREFIX:NAME` (`timm:vit_small_patch14_dinov2`)."""
+
+    factory: Callable[..., object]  # factory(NAME, in_channels=..., **options) -> backbone
+    names: Callable[[], List[str]]  # every NAME the library builds
+    library: str  # how messages call it
+    refused: Dict[str, str]  # options a caller cannot give -> why
+
+
+class ModelRegistry(Registry):
+    """The model registry, plus families of names resolved when asked for: `timm:NAME` and `tv:NAME`
+    are not listed one by one (timm alone has over a thousand), but checked against the library's
+    own list, with a did-you-mean from it. Their options go to the library's builder as given,
+    which refuses the ones it does not know (`dmuh.models.external`)."""
+
+    def __init__(self, kind: str, option_word: str = "option"):
+        super().__init__(kind, option_word)
+        self.families: Dict[str, Family] = {}
+
+    def register_family(self, prefix: str, factory, names, library: str, refused: Dict[str, str]) -> None:
+        self.families[prefix] = Family(factory, names, library, dict(refused))
+
+    def family(self, name: str) -> Optional[Family]:
+        prefix, sep, _ = str(name).partition(":")
+        return self.families.get(prefix) if sep else None
+
+    def entry(self, name: str) -> Entry:
+        family = self.family(name)
+        if family is None:
+            if name not in self.entries:
+                for prefix, other in self.families.items():  # `--model vit_b_16` for `tv:vit_b_16`
+                    if str(name) in other.names():
+                        raise DmuhError(f"unknown {self.kind} {name!r} (did you mean '{prefix}:{name}'?)")
+            return super().entry(name)
+        prefix, _, arch = str(name).partition(":")
+        known = family.names()
+        if arch not in known:
+            # The one did-you-mean rule of every registry, over the library's names.
+            catalogue = Registry(self.kind)
+            catalogue.entries = dict.fromkeys(known)
+            guess = catalogue.suggestion(arch)
+            hint = f" (did you mean '{prefix}:{guess}'?)" if guess else ""
+            raise DmuhError(
+                f"unknown {self.kind} {name!r}{hint}; {family.library} knows {len(known)} names, "
+                f"none named {arch!r} (see `{prefix}:NAME` in docs/models.md)"
+            )
+        return Entry(name, functools.partial(family.factory, arch))
+
+    def check_options(self, name: str, options: Iterable[str], reserved: Iterable[str] = ()) -> Entry:
+        family = self.family(name)
+        if family is None:
+            return super().check_options(name, options, reserved)
+        entry = self.entry(name)
+        for option in options:
+            if option in family.refused:
+                raise DmuhError(f"{self.kind} {name!r}: option {option!r} cannot be given ({family.refused[option]})")
+        return entry
+
+
+MODELS = ModelRegistry("model", option_word="option")
 
 
 def register_model(name: str, **fixed):
@@ -57,8 +124,8 @@ def create_model(
 ) -> HashNetwork:
     """Build the registered backbone `name` plus a `bits`-wide hash layer.
 
-    pretrained: a local torchvision-style state dict (.pth/.pt or .safetensors) loaded into the
-        backbone; nothing is ever downloaded.
+    pretrained: a local state dict (.pth/.pt or .safetensors: torchvision's key names, timm's for
+        `timm:NAME`) loaded into the backbone; nothing is ever downloaded.
     in_channels: input channels for image models (default: the model's own, 3); not for `mlp`.
     hash_init_std: the hash layer's weights start as N(0, std^2), bias 0; None keeps PyTorch's init.
     hash_norm: "none" or "batchnorm" (a BatchNorm1d on the hash-layer outputs; see HashNetwork).
@@ -79,13 +146,20 @@ def create_model(
         options["in_channels"] = in_channels
     backbone = MODELS.create(name, {}, options)
     if pretrained is not None:
+        # Where the weights of a timm or torchvision name are published, for a machine with internet.
+        source = getattr(backbone, "weights_source", "")
+        where = f"; get its weights elsewhere ({source}) and give the file" if source else ""
         if isinstance(pretrained, bool):
             raise DmuhError(
-                f"model {name!r}: pretrained must be the path of a local weights file (nothing is downloaded)"
+                f"model {name!r}: pretrained must be the path of a local weights file (nothing is downloaded){where}"
             )
+        if where and not os.path.isfile(pretrained):
+            raise DmuhError(f"pretrained weights file not found: {pretrained}{where}")
         load_pretrained_backbone(backbone, pretrained, model_name=name)
     model = HashNetwork(backbone, bits, name=name, hash_init_std=hash_init_std, hash_norm=hash_norm)
-    if takes_input_size(name):  # the size it is built for, given or the default: what a checkpoint rebuilds
+    if takes_input_size(name) or MODELS.family(name) is not None:
+        # The size it is built for, given or the default (for timm: and tv: names, the pretrained
+        # config's, which another library version might change): what a checkpoint rebuilds.
         options["input_size"] = int(backbone.input_size)
     model.config = {"name": name, "bits": bits, "hash_init_std": hash_init_std, "hash_norm": hash_norm, **options}
     if head is not None:

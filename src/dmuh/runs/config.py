@@ -69,14 +69,19 @@ class RunConfig:
     # model
     model: str = setting(
         "smallcnn",
-        "backbone registered in dmuh.models (smallcnn, mlp, cnnf, alexnet, resnet18, resnet18-32, resnet50, ...)",
+        "backbone registered in dmuh.models (smallcnn, mlp, cnnf, alexnet, resnet18, resnet18-32, resnet50, ...), "
+        "timm:NAME (any timm model) or tv:NAME (a torchvision classification model)",
     )
     model_params: Dict[str, Any] = setting({}, "model options, e.g. {width: 32} (flag: --model-param)")
     bits: int = setting(32, "code length in bits", minimum=1, maximum=1024)
     hash_norm: str = setting(
         "batchnorm", "normalisation after the hash layer (see docs/method.md)", choices=("batchnorm", "none")
     )
-    pretrained: Optional[str] = setting(None, "local torchvision-style state dict for the backbone")
+    pretrained: Optional[str] = setting(
+        None,
+        "local weights file for the backbone: a torchvision-style .pth, a .safetensors (timm's model.safetensors "
+        "for timm:NAME); nothing is downloaded",
+    )
     # optimisation (paper section 5.2 defaults)
     epochs: int = setting(50, "training epochs", minimum=1, maximum=100_000)
     batch_size: int = setting(128, "training batch size", minimum=1, maximum=1_000_000)
