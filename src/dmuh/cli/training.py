@@ -65,8 +65,9 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--methods",
         default="",
-        help="comma-separated method names, e.g. dmuh,regu,hashnet,csq, or paper for the eleven of the "
-        "paper's Tables 4-5 in its row order (required unless --grid names them) [default: none]",
+        help="comma-separated method names, e.g. dmuh,regu,hashnet,csq; paper: the eleven of the "
+        "paper's Tables 4-5 in its row order; anchors: every supervised deep method (dmuh train "
+        "--list-methods) (required unless --grid names them) [default: none]",
     )
     p.add_argument(
         "--paper-figures",
@@ -252,15 +253,14 @@ def tabulate_finished_runs(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from dmuh.studies.compare import RESULTS_MARKDOWN, compare
-    from dmuh.studies.paper import PAPER_DATASETS, PAPER_METHODS, dataset_for_protocol
+    from dmuh.studies.paper import PAPER_DATASETS, dataset_for_protocol
+    from dmuh.studies.presets import expand_methods
 
     if args.run:
         return tabulate_finished_runs(args)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    methods = [name for m in methods for name in (PAPER_METHODS if m == "paper" else [m])]
+    words = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = expand_methods(words) if words or not args.grid else []
     bits = parse_bits(args.bits_list)
-    if not methods and not args.grid:
-        raise DmuhError("--methods: give at least one method, e.g. --methods regu,dmuh")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     grid = parse_grid(args.grid)
     per_method: Dict[str, Dict[str, Any]] = {}
