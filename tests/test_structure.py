@@ -172,18 +172,59 @@ def function_local_imports(path: Path) -> list:
     return found
 
 
+# The modules that load torch, deferred where a command that runs no network (`dmuh index build`,
+# `dmuh search` of codes) would otherwise import it; each one named here, so the list grows only on purpose.
+TORCH_DEFERRED = {
+    "retrieval/index/base.py": {"dmuh.models.decoder"},  # an index that holds a decoder
+    "retrieval/indexing.py": {"dmuh.methods", "dmuh.retrieval.encoder"},  # codes whose run trained a decoder
+    "retrieval/service.py": {"dmuh.retrieval.encoder", "dmuh.data.pipeline"},  # queries that are images
+}
+
+
 def test_dmuh_is_imported_at_module_level():
-    """Except by the CLI, which defers the library so that `--help` answers without loading torch, and
-    for the Milvus backend, an optional dependency."""
+    """Except by the CLI, which defers the library so that `--help` answers without loading torch,
+    for the Milvus backend, an optional dependency, and the torch modules of TORCH_DEFERRED."""
     optional = {"dmuh.retrieval.index.milvus"}
     local = {
-        str(path.relative_to(PACKAGE)): [
-            (line, module) for line, module in function_local_imports(path) if module not in optional
+        name: [
+            (line, module)
+            for line, module in function_local_imports(path)
+            if module not in optional and module not in TORCH_DEFERRED.get(name, ())
         ]
         for path in PACKAGE.rglob("*.py")
         if "cli" not in path.relative_to(PACKAGE).parts[:1]
+        for name in [path.relative_to(PACKAGE).as_posix()]
     }
     assert {name: found for name, found in local.items() if found} == {}
+    deferred = {
+        name: {module for _, module in function_local_imports(PACKAGE / name)} - optional for name in TORCH_DEFERRED
+    }
+    assert deferred == TORCH_DEFERRED  # no stale entry
+
+
+def test_commands_that_run_no_network_do_not_import_torch(tmp_path):
+    """`dmuh index build` and `dmuh search` of a codes file spend their time on the work: a fresh
+    process builds an index of codes and searches it without importing torch."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from dmuh.codes.file import Codes
+
+    rng = np.random.default_rng(0)
+    for name, n in (("db", 200), ("q", 5)):
+        packed = np.packbits(rng.integers(0, 2, (n, 64)).astype(bool), axis=1)
+        Codes(packed=packed, bits=64, ids=[f"{name}/{i}.png" for i in range(n)]).save(tmp_path / f"{name}.npz")
+    script = (
+        "import sys; from dmuh.cli import main\n"
+        "assert main(['index', 'build', '--codes', 'db.npz', '--out', 'db.idx']) == 0\n"
+        "assert main(['search', '--index', 'db.idx', '--queries', 'q.npz', '--k', '3', '--json']) == 0\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("torch loaded: False")
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -73,6 +73,9 @@ def test_header_fields_of_the_wrong_type_are_refused(saved, change, message):
         (lambda s: s.__setitem__("names", json.dumps([1] * 60).encode()), "names section must be a list of strings"),
         (lambda s: s.__setitem__("names", ("[" * 5000 + "]" * 5000).encode()), "names section is not JSON"),
         (lambda s: s.pop("ids"), "ids section"),
+        (lambda s: s.__setitem__("name_offsets", s["name_offsets"][:-8]), "name offsets do not cut"),
+        (lambda s: s.pop("name_bytes"), "only one of its two names sections"),
+        (lambda s: s.__setitem__("name_bytes", s["name_bytes"][:-1] + b"\xff"), "names are not UTF-8"),
     ],
 )
 def test_sections_of_the_wrong_shape_are_refused(saved, change, message):

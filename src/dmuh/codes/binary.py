@@ -10,18 +10,36 @@ Conventions, used everywhere in dmuh:
 - Every function that takes codes accepts them unpacked ({-1,+1} or {0,1}, any numeric or bool
   dtype) or packed (dtype uint8, with `bits` when b is not a multiple of 8): `as_packed` is the
   one place that tells them apart.
+
+This module does not import torch: a tensor can only reach it once torch is loaded, so the tensor
+paths take the module from `sys.modules` (`_torch`). Commands that run no network (`dmuh index
+build`, `dmuh search` of codes) then never pay for importing it.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import sys
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 import numpy as np
-import torch
 
 from dmuh.errors import DmuhError
 
-Array = Union[np.ndarray, torch.Tensor]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Array = Union[np.ndarray, "torch.Tensor"]
+
+
+def _torch():
+    """The torch module, when loaded (None otherwise: then no tensor exists)."""
+    return sys.modules.get("torch")
+
+
+def _is_tensor(x) -> bool:
+    torch = _torch()
+    return torch is not None and isinstance(x, torch.Tensor)
+
 
 # fp16 holds every integer up to 2048 exactly: a matmul of +-1 codes over at most this many bits is
 # exact even if partial sums are kept in fp16.
@@ -34,7 +52,8 @@ def sign(x: Array) -> Array:
     Returns the same kind of object: a tensor keeps its dtype (a float tensor stays float, so
     `h - sign(h)` works) and device; a numpy float array keeps its dtype; integer input gives int8.
     """
-    if isinstance(x, torch.Tensor):
+    if _is_tensor(x):
+        torch = _torch()
         dtype = x.dtype if x.is_floating_point() else torch.int8
         one = torch.ones((), dtype=dtype, device=x.device)
         return torch.where(x >= 0, one, -one)
@@ -45,10 +64,11 @@ def sign(x: Array) -> Array:
 
 def _bit_values(codes: Array, name: str) -> Array:
     """Bool (n, b) of unpacked codes given as {-1,+1} or {0,1} (or bool): True where the bit is 1."""
-    if codes.dtype == (torch.bool if isinstance(codes, torch.Tensor) else np.bool_):
+    tensor = _is_tensor(codes)
+    if codes.dtype == (_torch().bool if tensor else np.bool_):
         return codes
     is_one = codes == 1
-    count = (lambda x: int(x.sum())) if isinstance(codes, torch.Tensor) else np.count_nonzero
+    count = (lambda x: int(x.sum())) if tensor else np.count_nonzero
     rest = codes.shape[0] * codes.shape[1] - count(is_one)
     # every other value is -1 (+-1 codes), or every other value is 0 (0/1 codes)
     if rest and count(codes == -1) != rest and count(codes == 0) != rest:
@@ -59,7 +79,7 @@ def _bit_values(codes: Array, name: str) -> Array:
 
 
 def _check_matrix(codes, name: str) -> Array:
-    if not isinstance(codes, torch.Tensor):
+    if not _is_tensor(codes):
         codes = np.asarray(codes)
     if codes.ndim != 2:
         raise DmuhError(f"{name}: expected a 2-D (items, bits) array, got shape {tuple(codes.shape)}")
@@ -70,6 +90,7 @@ def _pack_bool(bits: Array) -> Array:
     """Pack a bool (n, b) array/tensor to uint8 (n, ceil(b/8)), np.packbits order."""
     if isinstance(bits, np.ndarray):
         return np.packbits(bits, axis=1)
+    torch = _torch()
     if bits.device.type == "cpu":  # numpy's packbits, without the int32 temporaries below
         return torch.from_numpy(np.packbits(bits.numpy(), axis=1))
     n, b = bits.shape
@@ -96,6 +117,7 @@ def unpack_bits(packed: Array, bits: int) -> Array:
         raise DmuhError(f"bits: {bits} bits do not fill {nbytes} packed bytes (need {8 * nbytes - 7}..{8 * nbytes})")
     if isinstance(packed, np.ndarray):
         return np.unpackbits(packed.astype(np.uint8, copy=False), axis=1, count=bits).astype(np.int8) * 2 - 1
+    torch = _torch()
     shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
     unpacked = (packed.to(torch.uint8).unsqueeze(-1) >> shifts) & 1
     return unpacked.reshape(packed.shape[0], -1)[:, :bits].to(torch.int8) * 2 - 1
@@ -120,7 +142,7 @@ def as_packed(codes, bits: Optional[int] = None, name: str = "codes") -> Tuple[A
     is used in error messages.
     """
     codes = _check_matrix(codes, name)
-    packed_input = codes.dtype == (torch.uint8 if isinstance(codes, torch.Tensor) else np.uint8)
+    packed_input = codes.dtype == (_torch().uint8 if _is_tensor(codes) else np.uint8)
     if not packed_input:
         if bits is not None and bits != codes.shape[1]:
             raise DmuhError(f"{name}: has {codes.shape[1]} bits but bits={bits}")
@@ -213,15 +235,17 @@ def plus_minus_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     A Hamming distance is (bits - dot) / 2. In fp16 (the fast GPU path) each slice of at most 2048
     bits is exact, since its partial sums are integers of magnitude <= 2048.
     """
+    int32 = _torch().int32
     dot = None
     for start in range(0, a.shape[1], EXACT_FP16_BITS):
-        part = (a[:, start : start + EXACT_FP16_BITS] @ b[:, start : start + EXACT_FP16_BITS].T).to(torch.int32)
+        part = (a[:, start : start + EXACT_FP16_BITS] @ b[:, start : start + EXACT_FP16_BITS].T).to(int32)
         dot = part if dot is None else dot + part
     return dot
 
 
 def matmul_dtype(device: torch.device) -> torch.dtype:
     """fp16 on a GPU (exact, see `plus_minus_dot`); float32 elsewhere, where fp16 matmul is slow."""
+    torch = _torch()
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
@@ -241,11 +265,12 @@ def hamming_distance(a, b, bits: Optional[int] = None) -> Array:
     b, bits_b = as_packed(b, bits, "b")
     if bits_a != bits_b:
         raise DmuhError(f"b: codes of {bits_b} bits cannot be compared with codes of {bits_a} bits")
-    tensors = [x for x in (a, b) if isinstance(x, torch.Tensor)]
+    tensors = [x for x in (a, b) if _is_tensor(x)]
     if not tensors:
         return _hamming_numpy(a, b)
+    torch = _torch()
     device = next((x.device for x in tensors if x.device.type != "cpu"), torch.device("cpu"))
     if device.type == "cpu":
-        a, b = (x.cpu().numpy() if isinstance(x, torch.Tensor) else x for x in (a, b))
+        a, b = (x.cpu().numpy() if _is_tensor(x) else x for x in (a, b))
         return torch.from_numpy(_hamming_numpy(a, b))
     return _hamming_torch(torch.as_tensor(a, device=device), torch.as_tensor(b, device=device), bits_a)

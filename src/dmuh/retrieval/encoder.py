@@ -55,7 +55,7 @@ class Encoder:
     momentum_network: Any  # the momentum copy's network, or None (not a DMUH run)
     pipeline: InputPipeline
     execution: Execution  # device, precision, memory layout, batch size
-    identity: Dict[str, Any]  # run, checkpoint_sha256, method, model, bits, epoch
+    identity: Dict[str, Any]  # run, checkpoint_sha256, method, model, bits, epoch, decoder
     vocabulary: Any = None  # a cross-modal run's `Vocabulary` (vocabulary.json), when its data had words
 
     @property
@@ -164,6 +164,9 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
         "model": config.model,
         "bits": int(config.bits),
         "epoch": int(checkpoint.get("epoch", 0)),
+        # whether the run trained a decoder of its codes, so that `dmuh index build` knows without the
+        # method registry (and torch)
+        "decoder": bool(needs.decoder),
     }
     vocabulary = None
     if needs.text and (run_dir / VOCABULARY).is_file():

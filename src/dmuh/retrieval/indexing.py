@@ -17,8 +17,6 @@ from typing import Any, Dict, Iterator, Optional
 
 from dmuh.codes.file import Codes, concatenate, is_manifest, manifest_shards, read_manifest
 from dmuh.errors import ConfigError, DmuhError
-from dmuh.methods import method_class
-from dmuh.retrieval.encoder import load_encoder
 from dmuh.retrieval.index import CodeIndex, build_index
 from dmuh.retrieval.index.base import resolve_params
 from dmuh.retrieval.service import check_compatible, check_same_model
@@ -40,6 +38,12 @@ def concatenated(parts) -> Codes:
 def codes_decoder(codes: Codes, run=None):
     """The decoder of `run`, or of the codes' own run when its method trains one; None otherwise.
     The run must be the one whose checkpoint made the codes."""
+    if run is None and (not codes.model.get("method") or codes.model.get("decoder") is False):
+        return None  # no run, or one whose codes file says it trained no decoder (older files do not say)
+    # torch: deferred to codes of a method (or a --decoder run), so that plain codes index without it
+    from dmuh.methods import method_class
+    from dmuh.retrieval.encoder import load_encoder
+
     if run is None:
         method, recorded = codes.model.get("method"), codes.model.get("run")
         try:

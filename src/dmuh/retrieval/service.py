@@ -30,10 +30,8 @@ import numpy as np
 
 from dmuh.codes.binary import as_packed, pack_bits, unpack_bits
 from dmuh.data.images import read_image
-from dmuh.data.pipeline import images_to_tensor
 from dmuh.data.sources import IMAGE_EXTENSIONS
 from dmuh.errors import DataError, DmuhError
-from dmuh.retrieval.encoder import encode_arrays, load_encoder
 from dmuh.retrieval.index import SearchParams, open_index
 from dmuh.retrieval.options import ServiceLimits  # noqa: F401 - also this module's API
 from dmuh.retrieval.rerank import (
@@ -44,7 +42,7 @@ from dmuh.retrieval.rerank import (
     RerankedIndex,
     reranker_for,
 )
-from dmuh.runs.layout import run_directory
+from dmuh.runs.files import run_directory
 from dmuh.utils.words import plural
 
 UNCERTAIN_BITS_SHOWN = 8  # the most uncertain bits reported per image query
@@ -276,6 +274,8 @@ class SearchService:
     def load_run(self, run, device: str = "cpu", allow_other_model: bool = False) -> None:
         """Encode queries with the model of `run`, checked to make codes of the index's bit length
         and model (`check_compatible`)."""
+        from dmuh.retrieval.encoder import load_encoder  # torch: deferred, see TORCH_DEFERRED in the tests
+
         encoder = load_encoder(run, device)
         check_compatible(
             self.index,
@@ -412,6 +412,9 @@ class SearchService:
     def encode_images(self, images: np.ndarray, uncertainty: bool = False, features: bool = False):
         """Decoded images (n, H, W, C) uint8 -> (packed codes, bit uncertainty or None, the images' own
         features or None), with the service's model."""
+        from dmuh.data.pipeline import images_to_tensor  # torch: deferred
+        from dmuh.retrieval.encoder import encode_arrays
+
         with self._model_lock:
             packed, bit_uncertainty = encode_arrays(self.encoder, images, uncertainty=uncertainty)
             own = self.encoder.features(images_to_tensor(images)) if features else None

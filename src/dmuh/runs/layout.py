@@ -27,7 +27,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -53,9 +53,10 @@ from dmuh.runs.files import (  # noqa: F401 - a run's file names, also this modu
     SPLIT,
     TRACE,
     VOCABULARY,
+    legacy_checkpoint_message,
+    run_directory,
 )
 from dmuh.runs.legacy import (  # noqa: F401 - legacy_method_params is also this module's API
-    legacy_checkpoint_message,
     legacy_method_params,
     legacy_specs,
     read_legacy_checkpoint,
@@ -64,22 +65,6 @@ from dmuh.utils.io import atomic_path
 from dmuh.utils.schema import load_yaml
 
 # -- resolving a run and its config -------------------------------------------------------------
-
-
-def run_directory(run, flag: str = "--run", need: Sequence[str] = ()) -> Path:
-    """A run directory (or the checkpoint.safetensors or old checkpoint.pt inside one) holding
-    config.yaml and the files in `need`, or a one-line DmuhError naming the flag."""
-    path = Path(run)
-    if path.is_file() and path.name in (CHECKPOINT, LEGACY_CHECKPOINT):
-        path = path.parent
-    if not (path / CONFIG).is_file():
-        raise DmuhError(f"{flag} {run}: not a run directory (no {CONFIG}); pass the directory `dmuh train --out` wrote")
-    for name in need:
-        if not (path / name).is_file():
-            if name == CHECKPOINT and (path / LEGACY_CHECKPOINT).is_file():
-                raise DmuhError(legacy_checkpoint_message(path))
-            raise DmuhError(f"{flag} {run}: no {name} in the run directory")
-    return path
 
 
 def resolve_run(run, flag: str = "--run") -> Tuple[Path, Path]:

@@ -17,14 +17,7 @@ from dmuh.methods import method_class
 from dmuh.models import create_model
 from dmuh.runs.checkpoint import tensor_problem
 from dmuh.runs.config import TrainConfig
-from dmuh.runs.files import CHECKPOINT, LEGACY_CHECKPOINT, SPLIT
-
-
-def legacy_checkpoint_message(run_dir: Path) -> str:
-    return (
-        f"{Path(run_dir) / LEGACY_CHECKPOINT} is an old-format checkpoint (a pickle); convert it once with: "
-        f"dmuh convert-checkpoint --run {run_dir}"
-    )
+from dmuh.runs.files import CHECKPOINT, LEGACY_CHECKPOINT, SPLIT, legacy_checkpoint_message  # noqa: F401 - also this module's API
 
 
 def read_legacy_checkpoint(old: Path) -> dict:

@@ -23,7 +23,6 @@ import numpy as np
 
 from dmuh.codes.binary import as_packed
 from dmuh.errors import DmuhError
-from dmuh.models.decoder import FeatureDecoder
 from dmuh.retrieval.options import (  # noqa: F401 - BACKENDS is also this module's API
     BACKENDS,
     FLAT_KERNELS,
@@ -406,6 +405,8 @@ def decoder_from_sections(path: Path, header: Dict[str, Any], sections: Dict[str
         return None
     if "decoder" not in sections:
         raise DmuhError(f"{path}: corrupted index (the header names a decoder, the payload holds none)")
+    from dmuh.models.decoder import FeatureDecoder  # torch: deferred to an index that holds a decoder
+
     decoder = FeatureDecoder.from_bytes(header["decoder"], sections["decoder"], str(path))
     if decoder.bits != bits:
         raise DmuhError(f"{path}: corrupted index (a decoder of {decoder.bits}-bit codes for {bits}-bit codes)")

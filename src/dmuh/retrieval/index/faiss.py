@@ -35,7 +35,6 @@ first use), so the rest of dmuh works without either.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -64,8 +63,8 @@ from dmuh.retrieval.index.file import (
     FORMAT_VERSION,
     write_index_file,
 )
+from dmuh.retrieval.index.names import NameTable
 from dmuh.retrieval.options import DEFAULT_FLAT_KERNEL, KIND_PARAMS, KINDS  # noqa: F401 - also this module's API
-from dmuh.utils.io import parse_json
 
 
 def _faiss():
@@ -106,7 +105,7 @@ class FaissIndex(CodeIndex):
         bits: int,
         params: Dict[str, Any],
         ids: np.ndarray,
-        names: Optional[List[str]] = None,
+        names: Optional[Sequence[str]] = None,
         meta: Optional[Dict[str, Any]] = None,
         next_id: Optional[int] = None,
     ):
@@ -117,7 +116,8 @@ class FaissIndex(CodeIndex):
         self.ids = np.asarray(ids, dtype=np.int64)
         # The id the next code added gets by default: past every id ever added, removed ones too.
         self.next_id = next_id_after(self.ids) if next_id is None else int(next_id)
-        self.names = names
+        # the names (paths) of the rows, compact (`NameTable`), or None
+        self.names = None if names is None else names if isinstance(names, NameTable) else NameTable.of(names)
         self.meta = dict(meta or {})  # where the codes came from: model identity, image size, ...
         self._database: Optional[np.ndarray] = None  # packed codes by position, for re-ranking
         self._words: Optional[np.ndarray] = None  # the same as 64-bit words (W, n), for dmuh's flat kernel
@@ -163,7 +163,7 @@ class FaissIndex(CodeIndex):
         self.ids = np.concatenate([self.ids, ids])
         self.next_id = max(self.next_id, next_id_after(ids))
         if names is not None:
-            self.names = (self.names or []) + [str(name) for name in names]
+            self.names = (self.names or NameTable()).extended(names)
         self._database = self._words = None
 
     def remove(self, ids) -> int:
@@ -182,7 +182,7 @@ class FaissIndex(CodeIndex):
         removed = len(self.ids) - len(keep)
         self.ids = self.ids[keep]
         if self.names is not None:
-            self.names = [self.names[p] for p in keep]
+            self.names = self.names.subset(keep)
         self._database = self._words = None
         return removed
 
@@ -191,10 +191,11 @@ class FaissIndex(CodeIndex):
         if self.names is None:
             raise DmuhError("this index holds no names (paths) of its codes; give ids")
         wanted = set(names)
-        absent = sorted(wanted - set(self.names))
+        positions = self.names.positions_of(wanted)
+        absent = sorted(wanted - set(self.names.take(positions)))
         if absent:
             raise DmuhError(f"name {absent[0]!r} is not in the index; nothing removed")
-        return self.ids[[p for p, name in enumerate(self.names) if name in wanted]]
+        return self.ids[positions]
 
     def __len__(self) -> int:
         return int(self.faiss_index.ntotal)
@@ -230,7 +231,8 @@ class FaissIndex(CodeIndex):
     def names_at(self, positions: np.ndarray) -> List[List[Optional[str]]]:
         if self.names is None:
             return [[None] * len(row) for row in positions]
-        return [[self.names[p] if p >= 0 else None for p in row] for row in positions]
+        names = self.names
+        return [[names[p] if p >= 0 else None for p in row] for row in np.asarray(positions).tolist()]
 
     def codes_at(self, positions: np.ndarray) -> np.ndarray:
         """Packed codes stored at index positions (any shape of non-negative positions)."""
@@ -297,7 +299,7 @@ class FaissIndex(CodeIndex):
             ("ids", self.ids.astype("<i8").tobytes()),
         ]
         if self.names is not None:
-            sections.append(("names", json.dumps(self.names, ensure_ascii=False).encode("utf-8")))
+            sections += self.names.sections()
         sections += decoder_sections(self.decoder)
         write_index_file(path, self.info(), sections)
 
@@ -313,19 +315,11 @@ class FaissIndex(CodeIndex):
         if "ids" not in sections or len(sections["ids"]) % 8:
             raise DmuhError(f"{path}: corrupted index (its ids section is not whole 64-bit integers)")
         ids = np.frombuffer(sections["ids"], dtype="<i8").astype(np.int64)
-        try:
-            names = parse_json(sections["names"].decode("utf-8")) if "names" in sections else None
-        except (UnicodeDecodeError, ValueError):
-            raise DmuhError(f"{path}: corrupted index (its names section is not JSON)") from None
-        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-            raise DmuhError(f"{path}: corrupted index (its names section must be a list of strings)")
         count, bits = header["count"], header["bits"]
-        if (
-            index.ntotal != count
-            or len(ids) != count
-            or (names is not None and len(names) != count)
-            or index.d != 8 * byte_width(bits)
-        ):
+        names = NameTable.from_sections(path, sections, count)
+        if (names is not None) != bool(header.get("has_names", names is not None)):
+            raise DmuhError(f"{path}: corrupted index (has_names does not match its names sections)")
+        if index.ntotal != count or len(ids) != count or index.d != 8 * byte_width(bits):
             raise DmuhError(
                 f"{path}: corrupted index (header says {count} {bits}-bit codes, "
                 f"the payload holds {index.ntotal} of {index.d} bits)"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -31,6 +32,7 @@ FORMAT = "dmuh-index"
 FORMAT_VERSION = 1
 # magic, header length (uint32), CRC32 of the header JSON (uint32)
 _PREFIX = struct.Struct("<8sII")
+READ_CHUNK = 8 << 20  # bytes read (and hashed) at a time
 HEADER_FIELDS = frozenset({"bits", "count", "kind", "params", "sections", "payload_size", "payload_sha256"})
 
 
@@ -57,15 +59,24 @@ def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], D
     `kinds`; DmuhError naming the file otherwise."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            header = _read_header(path, f, kinds)
+            payload = _read_payload(path, f, header)
     except FileNotFoundError:
         raise DmuhError(f"{path}: index file not found") from None
     except OSError as error:
         raise DmuhError(f"{path}: cannot read index ({error.strerror or error})") from None
-    if len(data) < _PREFIX.size or data[: len(MAGIC)] != MAGIC:
+    sections = {name: bytes(payload[start : start + size]) for name, (start, size) in header["sections"].items()}
+    return header, sections
+
+
+def _read_header(path: Path, f, kinds: Sequence[str]) -> Dict[str, Any]:
+    """The header at the start of the open index file, checked (magic, checksum, fields)."""
+    prefix = f.read(_PREFIX.size)
+    if len(prefix) < _PREFIX.size or prefix[: len(MAGIC)] != MAGIC:
         raise DmuhError(f"{path}: not a dmuh index file (bad magic; build one with `dmuh index build`)")
-    _, header_size, header_crc = _PREFIX.unpack_from(data)
-    header_bytes = data[_PREFIX.size : _PREFIX.size + header_size]
+    _, header_size, header_crc = _PREFIX.unpack_from(prefix)
+    header_bytes = f.read(header_size)
     if len(header_bytes) != header_size:
         raise DmuhError(f"{path}: truncated index (the header is cut off)")
     if zlib.crc32(header_bytes) != header_crc:
@@ -86,16 +97,29 @@ def read_index_file(path: Path, kinds: Sequence[str]) -> Tuple[Dict[str, Any], D
     if missing or header["kind"] not in kinds:
         raise DmuhError(f"{path}: corrupted index (header lacks {missing[0] if missing else 'a known kind'})")
     _check_header_fields(path, header)
-    payload = data[_PREFIX.size + header_size :]
-    if len(payload) != header["payload_size"]:
-        state = "truncated" if len(payload) < header["payload_size"] else "corrupted"
-        raise DmuhError(
-            f"{path}: {state} index (payload of {len(payload)} bytes, the header says {header['payload_size']})"
-        )
-    if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+    return header
+
+
+def _read_payload(path: Path, f, header: Dict[str, Any]) -> memoryview:
+    """The payload after the header, read into one buffer in chunks, each hashed as it arrives
+    (one pass over the bytes, while they are in cache), checked against the header's size and sha256."""
+    size = header["payload_size"]
+    remaining = os.fstat(f.fileno()).st_size - f.tell()
+    if remaining != size:
+        state = "truncated" if remaining < size else "corrupted"
+        raise DmuhError(f"{path}: {state} index (payload of {remaining} bytes, the header says {size})")
+    buffer = memoryview(bytearray(size))
+    digest = hashlib.sha256()
+    done = 0
+    while done < size:
+        got = f.readinto(buffer[done : min(done + READ_CHUNK, size)])
+        if not got:
+            raise DmuhError(f"{path}: truncated index (payload of {done} bytes, the header says {size})")
+        digest.update(buffer[done : done + got])
+        done += got
+    if digest.hexdigest() != header["payload_sha256"]:
         raise DmuhError(f"{path}: corrupted index (payload checksum mismatch)")
-    sections = {name: payload[start : start + size] for name, (start, size) in header["sections"].items()}
-    return header, sections
+    return buffer.toreadonly()
 
 
 def _is_int(value, low: int = 0, high: int = 2**63 - 1) -> bool:
