@@ -20,7 +20,7 @@ As the authors' code does it (yangerkun/IJCAI2018_SSDH, main.py):
 
 Where we differ, and why: the authors fit on all n^2 entries (n = 10,000 there). The fit here uses
 `sample_pairs` pairs i != j drawn with a seeded generator when there are more (every pair i < j
-otherwise, `dmuh.methods.dsg.sample_pair_distances`), plus the diagonal's zeros with their share
+otherwise, `dmuh.methods.components.reference.sample_pair_distances`), plus the diagonal's zeros with their share
 1 / (n - 1) of the pairs as a weight, so on a small set the fit is the authors' to float precision.
 The histogram extends past 1 in bins of the same width when distances do (the authors' 100 bins
 end at 1: their ReLU features have no distance above 1). The recipe (Adam, lr 1e-3, epsilon 1,
@@ -40,8 +40,7 @@ import torch
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
 from dmuh.methods.components.params import Param
-from dmuh.methods.components.reference import ReferenceFeatures
-from dmuh.methods.dsg import sample_pair_distances
+from dmuh.methods.components.reference import ReferenceFeatures, sample_pair_distances
 from dmuh.utils.schema import Rule
 
 BIN_WIDTH = 0.01  # the authors' histogram: 100 bins over [0, 1)
