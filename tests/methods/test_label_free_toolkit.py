@@ -248,3 +248,23 @@ def test_trains_and_resumes_through_the_cli(tmp_path, name, params):
     last = train_and_resume_on_digits(tmp_path / name, name, params=params)
     terms = {"ssdh": ["similarity"], "tbh": ["reconstruction", "adversarial"]}[name]
     assert all(math.isfinite(last[term]) for term in terms)
+
+
+def test_tbh_on_vectors_gets_both_sizes_from_the_loop(tmp_path):
+    """On feature vectors with a hidden layer (the authors' encoder), the continuous head reads the
+    backbone's 24 features and the decoder rebuilds the data's 64: both sizes come from the loop."""
+    from sklearn.datasets import load_digits
+
+    from dmuh.cli import main
+    from dmuh.runs.layout import load_checkpoint
+
+    digits = load_digits()
+    data = tmp_path / "digits.npz"
+    np.savez(data, features=(digits.data[:400] / 16.0).astype(np.float32))
+    out = tmp_path / "run"
+    command = ["train", "--method", "tbh", "--data", f"unlabeled:{data}", "--protocol", "unsupervised"]
+    command += ["--protocol-param", "query=100"]
+    command += ["--model", "mlp", "--model-param", "hidden=[24]", "--bits", "8", "--epochs", "1", "--quiet"]
+    assert main(command + ["-p", "continuous_dim=16", "-p", "hidden=16", "--out", str(out)]) == 0
+    params = load_checkpoint(out / "checkpoint.safetensors")["method_spec"]["params"]
+    assert (params["feature_dim"], params["reference_dim"]) == (24, 64)
