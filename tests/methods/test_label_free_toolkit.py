@@ -236,6 +236,10 @@ def test_tbh_refuses_reference_features_of_another_shape():
     method = create_method("tbh", bits=4, num_train=8, num_classes=0, reference_dim=6, feature_dim=5)
     with pytest.raises(DmuhError, match=r"built for \(8, 6\)"):
         method.set_reference_features(torch.rand(8, 7))
+    method.set_reference_features(torch.rand(8, 6))
+    step = StepInputs(torch.randn(2, 4), torch.zeros(2, 0), torch.arange(2), features=torch.randn(2, 9))
+    with pytest.raises(DmuhError, match="feature_dim=5: the backbone gives 9 features"):
+        method(step)
 
 
 # -- end to end ----------------------------------------------------------------------------------

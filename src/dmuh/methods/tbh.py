@@ -180,6 +180,11 @@ class TBH(HashingMethod):
     def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
         if step.features is None:
             raise DmuhError("method 'tbh' needs the backbone features of the batch (Requirements.features)")
+        if step.features.shape[1] != self.continuous.in_features:
+            raise DmuhError(
+                f"method parameter feature_dim={self.continuous.in_features}: the backbone gives "
+                f"{step.features.shape[1]} features (leave it out: the loop sets it)"
+            )
         if self.targets.shape[0] == 0:
             raise DmuhError("method 'tbh': reference features not set (the loop sets them before the first step)")
         codes, refined = self.bottlenecks(step.outputs.float(), step.features.float())
