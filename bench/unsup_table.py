@@ -35,7 +35,7 @@ import numpy as np
 
 from dmuh.metrics.stats import seeds_cell as cell
 
-FEATURE_METHODS = ("itq", "lsh", "greedyhash-unsup", "bihalf", "distillhash", "dsg", "rph")
+FEATURE_METHODS = ("itq", "lsh", "greedyhash-unsup", "bihalf", "distillhash", "dsg", "rph", "ssdh", "tbh")
 IMAGE_METHODS = ("cibhash",)
 BITS = (16, 32, 64)
 RECALL_METHODS = ("rph", "itq", "lsh")

@@ -231,12 +231,15 @@ def build_experiment(
 def method_params_for(config: TrainConfig, model: torch.nn.Module, images: torch.Tensor, source=None) -> dict:
     """The method's hyper-parameters, plus the sizes of what it builds layers on: the reference
     representation (`reference_dim`, e.g. RPH's decoder: the data's vector length, or the
-    backbone's feature size) and the text vector (`text_dim`, a cross-modal method's text network).
+    backbone's feature size), the backbone's features (`feature_dim`, e.g. TBH's continuous
+    bottleneck on `StepInputs.features`) and the text vector (`text_dim`, a cross-modal method's text network).
     They are recorded in the checkpoint's method spec with the rest."""
     params = dict(config.method_params)
     options = METHODS.entry(config.method).options()
     if "reference_dim" in options and "reference_dim" not in params:
         params["reference_dim"] = int(images.shape[1]) if images.dim() == 2 else int(model.feature_dim)
+    if "feature_dim" in options and "feature_dim" not in params:  # a head of its own on the backbone features
+        params["feature_dim"] = int(model.feature_dim)
     if "text_dim" in options and getattr(source, "text", None) is not None:
         given = params.get("text_dim")
         if given is not None and int(given) != source.text.shape[1]:

@@ -25,6 +25,8 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     rph,
     sdh,
     shallow,
+    ssdh,
+    tbh,
     ugach,
 )
 from dmuh.methods.base import (  # noqa: F401

@@ -65,31 +65,13 @@ from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
 from dmuh.methods.components.params import Param
-from dmuh.methods.components.reference import ReferenceFeatures
+from dmuh.methods.components.reference import ReferenceFeatures, sample_pair_distances
 from dmuh.utils.schema import Rule
 
 Number = Union[float, torch.Tensor]
 HISTOGRAM_BINS = 100
 STD_FLOOR = 1e-6  # a Gaussian fitted to one repeated distance
 TINY = 1e-12  # guards the divisions of the confidence weights
-
-
-def sample_pair_distances(features: torch.Tensor, max_pairs: int, seed: int, chunk: int = 16384) -> torch.Tensor:
-    """Cosine distances 1 - f_i . f_j of pairs i != j of unit rows: every pair i < j when there are
-    at most `max_pairs`, else `max_pairs` pairs drawn uniformly with a seeded generator. float64, CPU."""
-    n = features.shape[0]
-    if n * (n - 1) // 2 <= max_pairs:
-        first, second = torch.triu_indices(n, n, 1)
-    else:
-        generator = torch.Generator().manual_seed(int(seed))
-        first = torch.randint(0, n, (max_pairs,), generator=generator)
-        second = (first + torch.randint(1, n, (max_pairs,), generator=generator)) % n  # never first itself
-    distances = []
-    for start in range(0, first.numel(), chunk):
-        a = features[first[start : start + chunk].to(features.device)].float()
-        b = features[second[start : start + chunk].to(features.device)].float()
-        distances.append((1.0 - (a * b).sum(dim=1)).double().cpu())
-    return torch.cat(distances)
 
 
 def fit_half_gaussians(distances: torch.Tensor, bins: int = HISTOGRAM_BINS) -> Tuple[float, float, float]:

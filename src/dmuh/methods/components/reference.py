@@ -97,3 +97,21 @@ def cosine_knn(features: torch.Tensor, k: int) -> torch.Tensor:
         similarity[torch.arange(len(own), device=unit.device), own] = -float("inf")  # not one's own neighbour
         rows.append(similarity.topk(k, dim=1).indices)
     return torch.cat(rows)
+
+
+def sample_pair_distances(features: torch.Tensor, max_pairs: int, seed: int, chunk: int = 16384) -> torch.Tensor:
+    """Cosine distances 1 - f_i . f_j of pairs i != j of unit rows: every pair i < j when there are
+    at most `max_pairs`, else `max_pairs` pairs drawn uniformly with a seeded generator. float64, CPU."""
+    n = features.shape[0]
+    if n * (n - 1) // 2 <= max_pairs:
+        first, second = torch.triu_indices(n, n, 1)
+    else:
+        generator = torch.Generator().manual_seed(int(seed))
+        first = torch.randint(0, n, (max_pairs,), generator=generator)
+        second = (first + torch.randint(1, n, (max_pairs,), generator=generator)) % n  # never first itself
+    distances = []
+    for start in range(0, first.numel(), chunk):
+        a = features[first[start : start + chunk].to(features.device)].float()
+        b = features[second[start : start + chunk].to(features.device)].float()
+        distances.append((1.0 - (a * b).sum(dim=1)).double().cpu())
+    return torch.cat(distances)
