@@ -86,6 +86,7 @@ def step_inputs(needs: Requirements, labels, features, text, seed: int = 1) -> S
     outputs = torch.randn(BATCH, BITS, generator=generator).requires_grad_()
     momentum = torch.randn(BATCH, BITS, generator=generator) * 0.1 + outputs.detach()
     view = torch.randn(BATCH, BITS, generator=generator)
+    hash_weight = torch.randn(BITS, DIM, generator=generator).requires_grad_() if needs.hash_weight else None
     return StepInputs(
         outputs=outputs,
         labels=labels[indices],
@@ -94,6 +95,7 @@ def step_inputs(needs: Requirements, labels, features, text, seed: int = 1) -> S
         view_outputs=view if needs.views == 2 else None,
         text=text[indices] if needs.text else None,
         features=features[indices] if needs.features else None,
+        hash_weight=hash_weight,
     )
 
 

@@ -378,6 +378,7 @@ class Trainer:
                 view_outputs=view_outputs,
                 text=None if exp.train_text is None else exp.train_text[indices],
                 features=None if features is None else features.float(),
+                hash_weight=exp.model.hash_layer.weight if needs.hash_weight else None,
                 **shared,
             )
         )

@@ -8,6 +8,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     csq,
     dcmh,
     ddsh,
+    deep_sdh,  # noqa: F401,E402
     dhn,
     distillhash,
     dmuh,

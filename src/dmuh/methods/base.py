@@ -69,6 +69,10 @@ class Requirements:
     decoder: bool = False
     # Which network's codes are the retrieval codes: "hashing" (phi_h, the paper's) or "momentum".
     retrieval_network: str = "hashing"
+    # Puts a term on the linear hash layer's own weight W (bits, feature_dim) (deep SDH's
+    # orthogonality ||W W^T - I||^2): the loop passes that parameter as StepInputs.hash_weight, so
+    # the term's gradient reaches it.
+    hash_weight: bool = False
 
     @property
     def uses_momentum(self) -> bool:
@@ -90,6 +94,9 @@ class StepInputs:
     # (B, V) text vectors of the batch's items (Requirements.text, on paired data); the
     # method runs its own text network on them.
     text: Optional[torch.Tensor] = None
+    # The hashing network's linear hash-layer weight (bits, feature_dim), the parameter itself
+    # (Requirements.hash_weight).
+    hash_weight: Optional[torch.Tensor] = None
     # Under torchrun: the whole global batch of all ranks (detached). A method that keeps a memory
     # of training outputs writes it from `shared()`, so every rank holds the same memory.
     shared_indices: Optional[torch.Tensor] = None
