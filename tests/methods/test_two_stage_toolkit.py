@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dmuh.methods import StepInputs, create_method
+from dmuh.methods.components.two_stage import cnnh_stage_one
 from tests.methods.cli_runs import train_and_resume_on_digits
 
 ONE_HOT = torch.eye(3)
@@ -156,9 +157,113 @@ def test_deep_dh_is_deep_sdh_without_its_supervised_term_and_reads_no_label():
         assert torch.equal(value, supervised[key])
 
 
+# -- CNNH (DeepHash-pytorch CNNH.py) ------------------------------------------------------------------
+
+
+def deephash_stage_one(S, q, T, H, orders):
+    """swuxyj/DeepHash-pytorch CNNH.py CNNHLoss.stage_one, written again here with the start H and
+    each sweep's order of the (i, j) entries given (the reference draws them with rand and shuffle)."""
+    n = H.shape[0]
+    L = H @ H.t() - q * S
+    permutation = [(i, j) for i in range(n) for j in range(q)]
+    for t in range(T):
+        H_temp = H.clone()
+        L_temp = L.clone()
+        for index in orders[t]:
+            i, j = permutation[index]
+            g_prime_Hij = 4 * L[i, :] @ H[:, j]
+            g_prime_prime_Hij = 4 * (H[:, j].t() @ H[:, j] + H[i, j].pow(2) + L[i, i])
+            d = (-g_prime_Hij / g_prime_prime_Hij).clamp(min=-1 - H[i, j], max=1 - H[i, j])
+            L[i, :] = L[i, :] + d * H[:, j].t()
+            L[:, i] = L[:, i] + d * H[:, j]
+            L[i, i] = L[i, i] + d * d
+            H[i, j] = H[i, j] + d
+        if L.pow(2).mean() >= L_temp.pow(2).mean():
+            H = H_temp
+            L = L_temp
+    return H
+
+
+def test_cnnh_stage_one_by_hand():
+    # One item, one bit, S = [[1]]: L = h^2 - 1, g' = 4 L h, g'' = 4 (h^2 + h^2 + L) = 4 (3 h^2 - 1).
+    # h = 0.5: g' = 4 (-0.75)(0.5) = -1.5, g'' = 4 (0.75 - 1) = -1, d = -1.5 (within [-1.5, 0.5]): h = -1.
+    # h = 0.8: g' = 4 (-0.36)(0.8) = -1.152, g'' = 4 (1.92 - 1) = 3.68, d = 0.313 clamped to 0.2: h = 1.
+    # Both end at L = 0, below the start's: the sweep is kept.
+    similar = torch.ones(1, 1)
+    for start, expected in ((0.5, -1.0), (0.8, 1.0)):
+        codes = cnnh_stage_one(similar, 1, 1, torch.Generator().manual_seed(0), start=torch.tensor([[start]]))
+        assert codes.item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_cnnh_stage_one_matches_deephash_pytorch():
+    generator = torch.Generator().manual_seed(4)
+    n, q, sweeps = 12, 4, 3
+    labels = ONE_HOT[torch.randint(0, 3, (n,), generator=generator)]
+    similar = (labels @ labels.t() > 0).double() * 2 - 1
+    start = 2 * torch.rand((n, q), generator=generator, dtype=torch.float64) - 1
+    mine = cnnh_stage_one(similar, q, sweeps, torch.Generator().manual_seed(9), start=start)
+    orders = torch.Generator().manual_seed(9)
+    orders = [torch.randperm(n * q, generator=orders).tolist() for _ in range(sweeps)]
+    reference = deephash_stage_one(similar, q, sweeps, start.clone(), orders)
+    torch.testing.assert_close(mine, reference, rtol=0, atol=1e-10)
+    assert torch.equal(mine.sign(), reference.sign())
+
+    # ...and stage 1 does its job: ||H H^T - q S||^2 falls to a third of the start's (2167 -> 719)
+    # here, and at 8 bits the signs of the codes' inner products give S back exactly.
+    def residual(codes, bits):
+        return (codes @ codes.t() - bits * similar).pow(2).sum()
+
+    assert residual(mine, q) < residual(start, q) / 2
+    wide = cnnh_stage_one(similar, 8, sweeps, torch.Generator().manual_seed(9)).sign()
+    assert torch.equal((wide @ wide.t()).sign(), similar)
+
+
+def test_cnnh_regresses_its_outputs_on_the_target_codes_by_hand():
+    method = create_method("cnnh", bits=2, num_train=2, num_classes=3)
+    method.target_codes.copy_(torch.tensor([[1.0, -1.0], [-1.0, 1.0]]))
+    method.solved.fill_(True)
+    z = torch.tensor([[0.5, -2.0], [0.0, 1.0]])
+    terms = method(StepInputs(outputs=z, labels=ONE_HOT[[0, 1]], indices=torch.tensor([0, 1])))
+    # residuals (-0.5, -1) and (1, 0): (0.25 + 1 + 1 + 0) / (2 items * 2 bits)
+    assert terms["regression"].item() == pytest.approx(2.25 / 4)
+    # CNNH+: two class units (features (1, 2) and (0, 1), identity map, no bias) regressed on Y,
+    # with the hash units one Euclidean loss over q + c = 4 units.
+    plus = create_method("cnnh-plus", bits=2, num_train=2, num_classes=2, reference_dim=2)
+    plus.load_state_dict({**plus.state_dict(), "target_codes": method.target_codes, "solved": method.solved})
+    with torch.no_grad():
+        plus.class_units.weight.copy_(torch.eye(2))
+        plus.class_units.bias.zero_()
+    step = StepInputs(
+        outputs=z, labels=ONE_HOT[[0, 1], :2], indices=torch.tensor([0, 1]), features=torch.tensor([[1.0, 2.0], [0, 1]])
+    )
+    terms = plus(step)
+    assert terms["regression"].item() == pytest.approx(2.25 / (2 * 4))
+    # class residuals (1 - 1, 2 - 0) and (0 - 0, 1 - 1): 4 / (2 * 4)
+    assert terms["labels"].item() == pytest.approx(4 / 8)
+
+
+def test_cnnh_solves_stage_one_once_and_a_checkpoint_keeps_it():
+    labels = ONE_HOT[torch.arange(10) % 3]
+    method = create_method("cnnh", bits=4, num_train=10, num_classes=3, train_labels=labels, sweeps=2)
+    assert not bool(method.solved)
+    method.on_epoch_start(1, 2)
+    assert bool(method.solved) and set(method.target_codes.unique().tolist()) <= {-1.0, 1.0}
+    again = create_method("cnnh", bits=4, num_train=10, num_classes=3, train_labels=labels, sweeps=2)
+    again.learn_target_codes()
+    assert torch.equal(again.target_codes, method.target_codes)  # seeded
+    resumed = create_method("cnnh", bits=4, num_train=10, num_classes=3, train_labels=labels, sweeps=2)
+    resumed.load_state_dict(method.state_dict())
+    resumed.learn_target_codes = lambda: pytest.fail("stage 1 solved again on resuming")
+    resumed.on_epoch_start(2, 2)
+    assert torch.equal(resumed.target_codes, method.target_codes)
+
+
 # -- every method through the CLI, and through --resume ----------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["deep-sdh", "deep-sdh-c", "deep-dh"])
+CLI_PARAMS = {"cnnh": ["sweeps=1"], "cnnh-plus": ["sweeps=1"]}
+
+
+@pytest.mark.parametrize("name", ["deep-sdh", "deep-sdh-c", "deep-dh", "cnnh", "cnnh-plus"])
 def test_trains_and_resumes_through_the_cli(tmp_path, name):
-    train_and_resume_on_digits(tmp_path / name, name)
+    train_and_resume_on_digits(tmp_path / name, name, params=CLI_PARAMS.get(name, []))

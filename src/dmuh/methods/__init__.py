@@ -4,6 +4,7 @@
 from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402
     bihalf,
     cibhash,
+    cnnh,  # noqa: F401,E402
     cosdish,
     csq,
     dcmh,
