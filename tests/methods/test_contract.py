@@ -25,6 +25,7 @@ TOY = {
     "distillhash": {"neighbours": 3},
     "cosdish": {"iterations": 2},
     "fasth": {"trees": 2, "depth": 2, "node_features": 4, "iterations": 1, "bins": 8},
+    "adsh": {"samples": 6},
 }
 
 

@@ -4,10 +4,15 @@ style of the reference code (loss and gradient), and end to end through the CLI 
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dmuh.cli import main
+from dmuh.codes.binary import sign
+from dmuh.data.protocols import make_split
+from dmuh.engine.builder import encode_items, encode_part, evaluate_map, load_run
 from dmuh.methods import StepInputs, create_method
 from dmuh.methods.components.two_stage import cnnh_stage_one
 from tests.methods.cli_runs import train_and_resume_on_digits
@@ -256,6 +261,162 @@ def test_cnnh_solves_stage_one_once_and_a_checkpoint_keeps_it():
     resumed.learn_target_codes = lambda: pytest.fail("stage 1 solved again on resuming")
     resumed.on_epoch_start(2, 2)
     assert torch.equal(resumed.target_codes, method.target_codes)
+
+
+# -- ADSH (jiangqy/ADSH-AAAI2018 ADSH_pytorch) -------------------------------------------------------
+
+
+def authors_calc_sim(database_label, train_label):
+    """ADSH_CIFAR_10.py calc_sim, written again here: +1 similar, -r dissimilar."""
+    S = (database_label.mm(train_label.t()) > 0).type(torch.FloatTensor)
+    r = S.sum() / (1 - S).sum()
+    return S * (1 + r) - r
+
+
+def authors_adsh_loss(u, V, S, V_omega, gamma, code_length, num_train):
+    """utils/adsh_loss.py ADSHLoss.forward, written again here (on the CPU)."""
+    batch_size = u.size(0)
+    V = torch.from_numpy(V).type(torch.FloatTensor)
+    V_omega = torch.from_numpy(V_omega).type(torch.FloatTensor)
+    square_loss = (u.mm(V.t()) - code_length * S) ** 2
+    quantization_loss = gamma * (V_omega - u) ** 2
+    return (square_loss.sum() + quantization_loss.sum()) / (num_train * batch_size)
+
+
+def authors_update_v(V, U, Sim, select_index, gamma, code_length):
+    """ADSH_CIFAR_10.py's "learning binary codes: discrete coding", written again here."""
+    num_database = V.shape[0]
+    barU = np.zeros((num_database, code_length))
+    barU[select_index, :] = U
+    Q = -2 * code_length * Sim.cpu().numpy().transpose().dot(U) - 2 * gamma * barU
+    for k in range(code_length):
+        sel_ind = np.setdiff1d([ii for ii in range(code_length)], k)
+        V_ = V[:, sel_ind]
+        Uk = U[:, k]
+        U_ = U[:, sel_ind]
+        V[:, k] = -np.sign(Q[:, k] + 2 * V_.dot(U_.transpose().dot(Uk)))
+    return V
+
+
+def adsh_method(labels, bits, samples, **params):
+    return create_method("adsh", bits=bits, train_labels=labels, samples=samples, **params)
+
+
+def test_adsh_loss_and_code_update_by_hand():
+    # Three database items (classes 0, 0, 1), two bits; Omega = items 0 and 2 (set by hand).
+    labels = ONE_HOT[[0, 0, 1]]
+    method = adsh_method(labels, bits=2, samples=2, gamma=2.0)
+    method.on_epoch_start(1, 1)
+    method.omega.copy_(torch.tensor([0, 2]))
+    method.slot.copy_(torch.tensor([0, -1, 1]))
+    # S~ of Omega (rows 0, 2) against all 3: [[1, 1, 0], [0, 0, 1]]: 3 similar, 3 dissimilar, r = 1.
+    method.dissimilar.fill_(1.0)
+    method.codes.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]]))
+    z = atanh([[0.5, 0.5]])  # u = (0.5, 0.5) for item 0
+    terms = method(StepInputs(outputs=z, labels=labels[[0]], indices=torch.tensor([0])))
+    # u . V_j = (1, 0, -1); q S~_0j = (2, 2, -2); squared residuals 1 + 4 + 1 = 6.
+    # ||V_0 - u||^2 = 0.25 + 0.25, times gamma 2 = 1. Both over n B = 3 * 1.
+    assert terms["pairwise"].item() == pytest.approx(6 / 3)
+    assert terms["quantization"].item() == pytest.approx(1 / 3)
+    assert torch.equal(method.sample_outputs, torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
+    # V update with U = [[0.5, 0.5], [-0.5, 0.5]] (rows of items 0 and 2):
+    method.sample_outputs.copy_(torch.tensor([[0.5, 0.5], [-0.5, 0.5]]))
+    # S~^T U: item 0 (+1, -1) -> (1, 0); item 1 (+1, -1) -> (1, 0); item 2 (-1, +1) -> (-1, 0).
+    # Q = -2 q S~^T U - 2 gamma U_bar = -4 S~^T U - 4 U_bar:
+    #   item 0: (-4, 0) - (2, 2) = (-6, -2); item 1: (-4, 0); item 2: (4, 0) - (-2, 2) = (6, -2).
+    # U^T U = [[0.5, 0], [0, 0.5]]: the off-diagonal is 0, so V_:k = -sign(Q_:k): bit 0 (+1, +1, -1);
+    # bit 1 (+1, sign(0) -> -1 here as -sign(0) = -(+1), +1).
+    method.update_codes()
+    assert torch.equal(method.codes, torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]]))
+
+
+def test_adsh_matches_the_authors_loss_gradient_and_code_update():
+    generator = torch.Generator().manual_seed(5)
+    n, bits, samples, batch, gamma = 20, 6, 8, 4, 200.0
+    labels = ONE_HOT[torch.randint(0, 3, (n,), generator=generator)]
+    method = adsh_method(labels, bits=bits, samples=samples, gamma=gamma, seed=3)
+    method.on_epoch_start(1, 3)
+    select_index = method.omega.numpy()
+    V = np.sign(torch.randn(n, bits, generator=generator).numpy()).astype(np.float64)
+    method.codes.copy_(torch.from_numpy(V))
+    Sim = authors_calc_sim(labels[select_index], labels)
+    assert method.dissimilar.item() == pytest.approx(-Sim.min().item())  # r of the sampled block
+
+    z = torch.randn(batch, bits, generator=generator)
+    batch_ind = select_index[:batch]
+    mine_z = z.clone().requires_grad_()
+    mine = sum(
+        method(StepInputs(outputs=mine_z, labels=labels[batch_ind], indices=torch.from_numpy(batch_ind))).values()
+    )
+    mine.backward()
+    ref_z = z.clone().requires_grad_()
+    reference = authors_adsh_loss(torch.tanh(ref_z), V, Sim[:batch], V[batch_ind, :], gamma, bits, n)
+    reference.backward()
+    torch.testing.assert_close(mine, reference)
+    torch.testing.assert_close(mine_z.grad, ref_z.grad)
+
+    U = np.tanh(torch.randn(samples, bits, generator=generator).numpy()).astype(np.float64)
+    method.sample_outputs.copy_(torch.from_numpy(U))
+    expected = authors_update_v(V.copy(), U, Sim, select_index, gamma, bits)
+    method.update_codes()
+    assert (expected != 0).all()  # no tie, where numpy's sign(0) = 0 would differ from dmuh's +1
+    assert torch.equal(method.codes, torch.from_numpy(expected).float())
+
+
+def test_adsh_samples_once_per_iteration_and_updates_its_codes_after_it():
+    labels = ONE_HOT[torch.arange(30) % 3]
+    method = adsh_method(labels, bits=4, samples=10, passes=2)
+    method.on_epoch_start(1, 4)
+    first = method.omega.clone()
+    assert torch.equal(method.epoch_items(1), first) and len(first.unique()) == 10
+    method.on_epoch_end(1, 4)
+    assert not method.codes.any()  # mid-iteration: V untouched
+    method.sample_outputs.copy_(torch.tanh(torch.randn(10, 4)))
+    method.on_epoch_start(2, 4)
+    assert torch.equal(method.omega, first)
+    method.on_epoch_end(2, 4)
+    assert method.codes.abs().eq(1).all()
+    method.on_epoch_start(3, 4)
+    assert not torch.equal(method.omega, first) and not method.sample_outputs.any()
+    again = adsh_method(labels, bits=4, samples=10, passes=2)
+    again.on_epoch_start(3, 4)  # seeded by (seed, round): a resumed run draws the same
+    assert torch.equal(again.omega, method.omega)
+
+
+def test_adsh_retrieves_the_database_by_its_learned_codes_and_trains_on_the_sample(tmp_path):
+    out = tmp_path / "adsh"
+    asymmetric = ["--protocol", "asymmetric", "--protocol-param", "query_per_class=30"]
+    last = train_and_resume_on_digits(out, "adsh", params=["samples=128", "passes=1"], extra=asymmetric)
+    assert last["images_per_s"] * last["seconds"] == pytest.approx(128)  # two batches of 64: Omega only
+    exp = load_run(out)
+    assert exp.split.protocol == "asymmetric" and np.array_equal(exp.split.train, exp.split.database)
+    database = encode_part(exp, "database")
+    assert torch.equal(database, exp.method.codes)  # train = database, in the same order
+    network = encode_items(exp, exp.split.database)
+    assert not torch.equal(sign(network), exp.method.codes)
+    assert evaluate_map(exp) == pytest.approx(last["map"])
+
+
+def test_the_asymmetric_protocols_train_on_the_database():
+    labels = np.repeat(np.arange(10), 6000)
+    split = make_split("cifar10-asym", labels, seed=0)
+    assert (len(split.query), len(split.train), len(split.database)) == (1000, 59000, 59000)
+    assert np.array_equal(split.train, split.database) and not np.isin(split.query, split.train).any()
+    assert np.bincount(labels[split.query], minlength=10).tolist() == [100] * 10
+    small = make_split("asymmetric", labels[:300], seed=1, query_per_class=3)
+    assert len(small.query) == 3 and np.array_equal(small.train, small.database)  # the 300 are all class 0
+
+
+def test_adsh_says_when_its_sample_is_smaller_than_a_batch(tmp_path, capsys):
+    command = ["train", "--method", "adsh", "--data", "digits", "--protocol", "asymmetric"]
+    command += ["--protocol-param", "query_per_class=30", "--model", "smallcnn", "--model-param", "input_size=8"]
+    command += ["--epochs", "1", "--batch-size", "64", "-p", "samples=32", "--init", "scratch", "--quiet"]
+    command += ["--out", str(tmp_path / "run")]
+    assert main(command) != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1] == (
+        "dmuh train: error: method 'adsh' runs epoch 1 over 32 training items, fewer than a batch of 64: lower --batch-size"
+    )
 
 
 # -- every method through the CLI, and through --resume ----------------------------------------------

@@ -2,6 +2,7 @@
 
 # Importing a method module registers its names.
 from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402
+    adsh,  # noqa: F401,E402
     bihalf,
     cibhash,
     cnnh,  # noqa: F401,E402

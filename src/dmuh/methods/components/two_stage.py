@@ -18,7 +18,8 @@ The reference keeps the n x n residual L and updates its row and column i after 
 here L is never formed: L_i: H_:j = H_i . C_:j - q P_ij with C = H^T H (q x q) and P = S H
 (n x q), both updated in O(q + n) per step (C by the rank-two change of bit j, P by d S_:i), and
 ||L||^2 = ||C||^2 - 2 q <H, P> + q^2 ||S||^2. The same steps in the same order as the reference (in
-float64), at O(n) memory beyond S, and about ten times faster on 5,000 items.
+float64), at O(n) memory beyond S, and about four times faster on 5,000 items at 32 bits (5.1 s a sweep against 19 s for the
+reference's row-and-column update of L, both in numpy on one CPU thread).
 """
 
 from __future__ import annotations
