@@ -54,7 +54,7 @@ DATABASE_ENCODINGS = ("learned", "network")
 CHUNK = 8192  # database rows per block of S~ in the V update
 
 
-@register_method("adsh", display_name="ADSH")
+@register_method("adsh", display_name="ADSH (asymmetric)")
 class ADSH(HashingMethod):
     """Database codes learned directly by discrete updates; the network learns the queries' codes."""
 
