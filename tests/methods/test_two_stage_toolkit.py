@@ -76,7 +76,7 @@ def test_deep_sdh_by_hand():
     # W W^T - I = diag(0, 3): squared sum 9, halved 4.5.
     expected = {
         "quantization": 0.001 * 0.5,
-        "variance": -1.0 * 1.0 / 2,
+        "variance": -1.0 * (1.0 / 2) / 2,  # tr(H^T H) over the 2 items (the paper's 1/N)
         "pairwise": -1.0 * 1.0 * (2 / 2 - 0 / 2) / 2,
         "orthogonality": 0.001 * 9 / 2,
     }
@@ -84,8 +84,10 @@ def test_deep_sdh_by_hand():
     for key, value in expected.items():
         assert terms[key].item() == pytest.approx(value, abs=1e-6), key
     # FIRe's target of W W^T, all ones: [[0, -1], [-1, 3]] squared sums to 11.
-    ones = create_method("deep-sdh", bits=2, num_train=2, num_classes=3, ortho_target="ones")
-    assert ones(sdh_step(z, labels, weight))["orthogonality"].item() == pytest.approx(0.001 * 11 / 2)
+    fire = create_method("deep-sdh", bits=2, num_train=2, num_classes=3, ortho_target="ones", variance_reduction="sum")
+    fire_terms = fire(sdh_step(z, labels, weight))
+    assert fire_terms["orthogonality"].item() == pytest.approx(0.001 * 11 / 2)
+    assert fire_terms["variance"].item() == pytest.approx(-1.0 * 1.0 / 2)  # FIRe's sum over the batch
 
 
 def test_deep_sdh_c_by_hand():
@@ -121,7 +123,9 @@ def random_sdh_batch(seed=0, batch=8, bits=6, dim=5):
 def test_deep_sdh_matches_fire_loss_and_gradient():
     z, labels, weight = random_sdh_batch()
     mine_z, mine_w = z.clone().float().requires_grad_(), weight.clone().float().requires_grad_()
-    method = create_method("deep-sdh", bits=6, num_train=8, num_classes=3, ortho_target="ones", alpha=0.7)
+    method = create_method(
+        "deep-sdh", bits=6, num_train=8, num_classes=3, ortho_target="ones", alpha=0.7, variance_reduction="sum"
+    )
     mine = sum(method(sdh_step(mine_z, labels, mine_w)).values())
     mine.backward()
     ref_z, ref_w = z.clone().float().requires_grad_(), weight.clone().float().requires_grad_()
