@@ -13,6 +13,7 @@ from dmuh.cli import main
 from dmuh.codes.binary import sign
 from dmuh.data.protocols import make_split
 from dmuh.engine.builder import encode_items, encode_part, evaluate_map, load_run
+from dmuh.errors import DmuhError
 from dmuh.methods import StepInputs, create_method
 from dmuh.methods.components.two_stage import cnnh_stage_one
 from tests.methods.cli_runs import train_and_resume_on_digits
@@ -421,6 +422,13 @@ def test_adsh_says_when_its_sample_is_smaller_than_a_batch(tmp_path, capsys):
     assert error[-1] == (
         "dmuh train: error: method 'adsh' runs epoch 1 over 32 training items, fewer than a batch of 64: lower --batch-size"
     )
+
+
+def test_sizes_stage_one_and_the_sample_cannot_take_are_refused_by_name():
+    with pytest.raises(DmuhError, match=r"^method 'cnnh': stage 1 holds the n x n similarity .* 30,001 items here"):
+        create_method("cnnh", bits=4, train_labels=torch.zeros(30_001, 2))
+    with pytest.raises(DmuhError, match=r"^method 'adsh': samples=2000 query points sampled from 50 training items"):
+        create_method("adsh", bits=4, train_labels=ONE_HOT[torch.arange(50) % 3])
 
 
 # -- every method through the CLI, and through --resume ----------------------------------------------
