@@ -26,6 +26,7 @@ TOY = {
     "cosdish": {"iterations": 2},
     "fasth": {"trees": 2, "depth": 2, "node_features": 4, "iterations": 1, "bins": 8},
     "tbh": {"feature_dim": DIM, "continuous_dim": 8, "hidden": 8},
+    "adsh": {"samples": 6},
 }
 
 
@@ -87,6 +88,7 @@ def step_inputs(needs: Requirements, labels, features, text, seed: int = 1) -> S
     outputs = torch.randn(BATCH, BITS, generator=generator).requires_grad_()
     momentum = torch.randn(BATCH, BITS, generator=generator) * 0.1 + outputs.detach()
     view = torch.randn(BATCH, BITS, generator=generator)
+    hash_weight = torch.randn(BITS, DIM, generator=generator).requires_grad_() if needs.hash_weight else None
     return StepInputs(
         outputs=outputs,
         labels=labels[indices],
@@ -95,6 +97,7 @@ def step_inputs(needs: Requirements, labels, features, text, seed: int = 1) -> S
         view_outputs=view if needs.views == 2 else None,
         text=text[indices] if needs.text else None,
         features=features[indices] if needs.features else None,
+        hash_weight=hash_weight,
     )
 
 

@@ -284,6 +284,21 @@ def _cifar10_50k(data, rng, *, topk=None):
     return query, rest, rest, topk
 
 
+def _asymmetric(data, rng, *, query_per_class: int, topk=None):
+    """Asymmetric hashing's protocol (ADSH): `query_per_class` query items per class; train =
+    database = all the rest, so the method learns from the labels of the database it searches.
+    Its MAP is not comparable with a symmetric protocol's (train a subset of the database)."""
+    (query,) = _sample_per_class(data, rng, (_count_param("query_per_class", query_per_class),), ("query",))
+    rest = data.all_but(query)
+    return query, rest, rest, topk
+
+
+def _cifar10_asym(data, rng, *, topk=None):
+    """ADSH's CIFAR-10 protocol: 100 query items per class (1,000), train = database = the other 59,000."""
+    _require_classes(data, "cifar10-asym", 10)
+    return _asymmetric(data, rng, query_per_class=100, topk=topk)
+
+
 def _count_param(name: str, value) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
         raise DmuhError(f"{name}: expected a positive integer, got {value!r} (a role must not be empty)")
@@ -371,6 +386,8 @@ PROTOCOLS: dict = {
     "cifar10-54k": _cifar10_54k,
     "cifar10-50k": _cifar10_50k,
     "cifar10-unsup": _cifar10_unsup,
+    "cifar10-asym": _cifar10_asym,
+    "asymmetric": _asymmetric,
     "unsupervised": _unsupervised,
     "nuswide21": _nuswide21,
     "nuswide10": _nuswide10,

@@ -326,6 +326,24 @@ def encode_part(exp: Experiment, part: str, positions: Optional[np.ndarray] = No
     indices = getattr(exp.split, part)
     if positions is not None:
         indices = indices[positions]
+    learned = exp.method.database_codes() if part == "database" and exp.requirements.database_codes else None
+    if learned is None:
+        return encode_items(exp, indices)
+    # The method's learned codes of the training items (ADSH's V) for the database items that are
+    # training items; the network encodes the others.
+    train_order = np.argsort(exp.split.train)
+    slots = np.searchsorted(exp.split.train, indices, sorter=train_order).clip(max=len(train_order) - 1)
+    known = exp.split.train[train_order[slots]] == indices
+    codes = torch.empty(len(indices), learned.shape[1])
+    codes[torch.from_numpy(known)] = learned.detach().float().cpu()[torch.from_numpy(train_order[slots[known]])]
+    if not known.all():
+        codes[torch.from_numpy(~known)] = encode_items(exp, indices[~known])
+    return codes
+
+
+def encode_items(exp: Experiment, indices: np.ndarray) -> torch.Tensor:
+    """Continuous codes of the source items `indices` from the retrieval network in eval mode,
+    float32 on CPU; under torchrun each rank encodes a contiguous shard and all get the whole."""
     shards = np.array_split(np.arange(len(indices)), exp.context.world_size)
     mine = torch.from_numpy(indices[shards[exp.context.rank]])
     network = retrieval_network(exp)

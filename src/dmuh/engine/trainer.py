@@ -309,7 +309,17 @@ class Trainer:
         exp.method.on_epoch_start(epoch, schedule_epochs(config))
         exp.model.train()
         exp.method.train()
-        self.order = torch.randperm(exp.train_inputs.shape[0], device=exp.device, generator=shuffle)
+        if self.needs.epoch_items:  # the method names this epoch's items (ADSH's sampled queries)
+            items = exp.method.epoch_items(epoch).to(exp.device)
+            self.steps = len(items) // self.global_batch
+            if self.steps == 0:
+                raise DmuhError(
+                    f"method {config.method!r} runs epoch {epoch} over {len(items)} training items, "
+                    f"fewer than a batch of {self.global_batch}: lower --batch-size"
+                )
+            self.order = items[torch.randperm(len(items), device=exp.device, generator=shuffle)]
+        else:
+            self.order = torch.randperm(exp.train_inputs.shape[0], device=exp.device, generator=shuffle)
         result = run_epoch(
             epoch=epoch,
             steps=self.steps,
@@ -323,6 +333,7 @@ class Trainer:
             progress=self.progress and self.main_process,
             desc="epoch",
         )
+        exp.method.on_epoch_end(epoch, schedule_epochs(config))
         row: Dict[str, float] = {"epoch": epoch, "lr": result.lr, **result.means}
         row["images_per_s"] = self.steps * self.global_batch / result.seconds
         row["seconds"] = result.seconds
@@ -378,6 +389,7 @@ class Trainer:
                 view_outputs=view_outputs,
                 text=None if exp.train_text is None else exp.train_text[indices],
                 features=None if features is None else features.float(),
+                hash_weight=exp.model.hash_layer.weight if needs.hash_weight else None,
                 **shared,
             )
         )

@@ -2,12 +2,15 @@
 
 # Importing a method module registers its names.
 from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402
+    adsh,  # noqa: F401,E402
     bihalf,
     cibhash,
+    cnnh,  # noqa: F401,E402
     cosdish,
     csq,
     dcmh,
     ddsh,
+    deep_sdh,  # noqa: F401,E402
     dhn,
     distillhash,
     dmuh,

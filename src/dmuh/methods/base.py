@@ -69,6 +69,16 @@ class Requirements:
     decoder: bool = False
     # Which network's codes are the retrieval codes: "hashing" (phi_h, the paper's) or "momentum".
     retrieval_network: str = "hashing"
+    # Puts a term on the linear hash layer's own weight W (bits, feature_dim) (deep SDH's
+    # orthogonality ||W W^T - I||^2): the loop passes that parameter as StepInputs.hash_weight, so
+    # the term's gradient reaches it.
+    hash_weight: bool = False
+    # Chooses which training items each epoch runs over (`epoch_items(epoch)`: ADSH's sampled
+    # query points): the loop's shuffled order and its number of steps cover those items only.
+    epoch_items: bool = False
+    # Holds learned codes of the training items (`database_codes()`: ADSH's V) that retrieval uses
+    # for the database items that are training items; the network encodes the queries and the rest.
+    database_codes: bool = False
 
     @property
     def uses_momentum(self) -> bool:
@@ -90,6 +100,9 @@ class StepInputs:
     # (B, V) text vectors of the batch's items (Requirements.text, on paired data); the
     # method runs its own text network on them.
     text: Optional[torch.Tensor] = None
+    # The hashing network's linear hash-layer weight (bits, feature_dim), the parameter itself
+    # (Requirements.hash_weight).
+    hash_weight: Optional[torch.Tensor] = None
     # Under torchrun: the whole global batch of all ranks (detached). A method that keeps a memory
     # of training outputs writes it from `shared()`, so every rank holds the same memory.
     shared_indices: Optional[torch.Tensor] = None
@@ -246,6 +259,19 @@ class HashingMethod(nn.Module):
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         """Hook for schedules inside the loss (HashNet's continuation, DSDH's code update)."""
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Hook after an epoch's last step, before it is evaluated and checkpointed (ADSH's update
+        of its database codes)."""
+
+    def epoch_items(self, epoch: int) -> torch.Tensor:
+        """Positions in the training split that epoch `epoch` runs over (`Requirements.epoch_items`)."""
+        return torch.arange(self.num_train)
+
+    def database_codes(self) -> Optional[torch.Tensor]:
+        """(num_train, bits) codes of the training items for retrieval (`Requirements.database_codes`),
+        or None: the network encodes the database."""
+        return None
 
     def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
         """Map raw outputs to the real-valued codes whose sign is the binary code."""

@@ -42,7 +42,6 @@ from __future__ import annotations
 from typing import Dict
 
 import torch
-from torch import nn
 
 from dmuh.codes.binary import sign
 from dmuh.methods.base import (
@@ -60,19 +59,8 @@ from dmuh.methods.components.discrete import (
 )
 from dmuh.methods.components.functional import random_sign_codes
 from dmuh.methods.components.params import Param
+from dmuh.methods.components.two_stage import TrainingLabels
 from dmuh.utils.schema import Rule
-
-
-class TrainingLabels(nn.Module):
-    """The (n, C) labels of the training split, handed over by `HashingMethod.set_train_labels`."""
-
-    def __init__(self, num_train: int, num_classes: int):
-        super().__init__()
-        self.register_buffer("labels", torch.zeros(num_train, num_classes))
-
-    @torch.no_grad()
-    def set_labels(self, labels: torch.Tensor) -> None:
-        self.labels.copy_(labels.float())
 
 
 @register_method("ddsh", display_name="DDSH")
