@@ -91,10 +91,69 @@ def test_lcdsh_matches_deephash_pytorch(scale):
     assert_same(method(step(outputs, labels)), lcdsh_reference(outputs, labels, lam=2.0), outputs)
 
 
+# --- DBDH ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_dbdh_by_hand(power):
+    outputs = torch.tensor([[0.5, 2.0], [-0.5, 0.25]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    terms = build("dbdh", num_train=2, bits=2, labels=labels, power=power)(step(outputs, labels))
+    # u = clamp(z, -1, 1) = (0.5, 1), (-0.5, 0.25); Theta = u u^T / 2 = [[0.625, -0.0], [0, 0.15625]]:
+    # Theta_12 = (-0.25 + 0.25) / 2 = 0; every pair similar; divided by n B = 4.
+    likelihood = (softplus(0.625) - 0.625 + 2 * math.log(2) + softplus(0.15625) - 0.15625) / 4
+    # per-item mean bits 0.75 and -0.125
+    balance = 0.1 * (0.75**power + 0.125**power) / 2
+    assert terms["likelihood"].item() == pytest.approx(likelihood, rel=1e-6)
+    assert terms["balance"].item() == pytest.approx(balance, rel=1e-6)
+
+
+class DBDHReference(torch.nn.Module):
+    """DeepHash-pytorch DBDH.py's DPSHLoss, its memories U and Y as there."""
+
+    def __init__(self, num_train, bit, n_class, alpha=0.1, p=2):
+        super().__init__()
+        self.U = torch.zeros(num_train, bit).float()
+        self.Y = torch.zeros(num_train, n_class).float()
+        self.alpha, self.p = alpha, p
+
+    def forward(self, u, y, ind):
+        u = u.clamp(min=-1, max=1)
+        self.U[ind, :] = u.data
+        self.Y[ind, :] = y.float()
+        s = (y @ self.Y.t() > 0).float()
+        inner_product = u @ self.U.t() * 0.5
+        likelihood_loss = (1 + (-(inner_product.abs())).exp()).log() + inner_product.clamp(min=0) - s * inner_product
+        likelihood_loss = likelihood_loss.mean()
+        if self.p == 1:
+            quantization_loss = self.alpha * u.mean(dim=1).abs().mean()
+        else:
+            quantization_loss = self.alpha * u.mean(dim=1).pow(2).mean()
+        return likelihood_loss + quantization_loss
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_dbdh_matches_deephash_pytorch(power):
+    """Two batches that together cover the training items; the second batch is compared."""
+    first, labels_first = batch(seed=1, scale=0.8)
+    second, labels_second = batch(seed=2, scale=0.8)
+    labels = torch.cat([labels_first, labels_second])
+    method = build("dbdh", num_train=2 * BATCH, labels=labels, power=power, balance=0.3)
+    reference = DBDHReference(2 * BATCH, BITS, CLASSES, alpha=0.3, p=power)
+    first_indices, second_indices = torch.arange(BATCH), torch.arange(BATCH, 2 * BATCH)
+    method(step(first.detach(), labels_first, first_indices))
+    reference(first.detach(), labels_first, first_indices)
+    assert_same(
+        method(step(second, labels_second, second_indices)),
+        reference(second, labels_second, second_indices),
+        second,
+    )
+
+
 # --- every method through the CLI -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lcdsh"])
+@pytest.mark.parametrize("name", ["lcdsh", "dbdh"])
 def test_trains_and_resumes_through_the_cli(tmp_path, name):
     row = train_and_resume_on_digits(tmp_path / name, name)
     assert row["loss"] > 0

@@ -6,6 +6,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     cibhash,
     cosdish,
     csq,
+    dbdh,
     dcmh,
     ddsh,
     dhn,
