@@ -150,10 +150,67 @@ def test_dbdh_matches_deephash_pytorch(power):
     )
 
 
+# --- DSHSD -----------------------------------------------------------------------------------
+
+
+def test_dshsd_by_hand():
+    outputs = torch.atanh(torch.tensor([[0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]))  # u = tanh(z) as written
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    method = build("dshsd", num_train=3, bits=2, labels=labels, margin=1.5)
+    with torch.no_grad():
+        method.classifier.linear.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    terms = method(step(outputs, labels))
+    # D_12 = 1 (similar: 1 / 2), D_13 = 2 (dissimilar: max(1.5 - 2, 0) / 2 = 0), D_23 = 1 (dissimilar:
+    # (1.5 - 1) / 2); each pair twice over the 9 pairs, the diagonal 0.
+    contrastive = 0.05 * 2 * (0.5 + 0.0 + 0.25) / 9
+    # logits W u: (0.5, -0.5, 0), (0.5, 0.5, 0), (-0.5, 0.5, 0); classes 0, 0, 1.
+    softmax_ce = (
+        -math.log(math.exp(0.5) / (math.exp(0.5) + math.exp(-0.5) + 1))
+        - math.log(math.exp(0.5) / (2 * math.exp(0.5) + 1))
+        - math.log(math.exp(0.5) / (math.exp(0.5) + math.exp(-0.5) + 1))
+    ) / 3
+    assert terms["contrastive"].item() == pytest.approx(contrastive, rel=1e-6)
+    assert terms["classification"].item() == pytest.approx(softmax_ce, rel=1e-6)
+
+
+def dshsd_reference(u, y, fc, alpha=0.05, m=8.0, nuswide=False):
+    """DeepHash-pytorch DSHSD.py's DSHSDLoss.forward (nuswide: its multi-label branch)."""
+    u = torch.tanh(u)
+    dist = (u.unsqueeze(1) - u.unsqueeze(0)).pow(2).sum(dim=2)
+    s = (y @ y.t() == 0).float()
+    Ld = (1 - s) / 2 * dist + s / 2 * (m - dist).clamp(min=0)
+    Ld = alpha * Ld.mean()
+    o = fc(u)
+    if nuswide:
+        Lc = (o - y * o + ((1 + (-o).exp()).log())).sum(dim=1).mean()
+    else:
+        Lc = (-o.softmax(dim=1).log() * y).sum(dim=1).mean()
+    return Lc + Ld
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_dshsd_matches_deephash_pytorch(multi_label):
+    outputs, labels = batch(seed=3)
+    if not multi_label:
+        labels[5, 2] = 0.0
+    torch.manual_seed(0)
+    method = build("dshsd", labels=labels, margin=3.0, alpha=0.2)
+    assert method.classifier.sigmoid == multi_label  # classification=auto reads the training labels
+    reference = dshsd_reference(outputs, labels, method.classifier.linear, alpha=0.2, m=3.0, nuswide=multi_label)
+    assert_same(method(step(outputs, labels)), reference, outputs)
+    # the classifier's weight learns too, with the reference's gradient
+    method.zero_grad()
+    sum(method(step(outputs.detach(), labels)).values()).backward()
+    mine = method.classifier.linear.weight.grad.clone()
+    method.zero_grad()
+    dshsd_reference(outputs.detach(), labels, method.classifier.linear, 0.2, 3.0, multi_label).backward()
+    torch.testing.assert_close(mine, method.classifier.linear.weight.grad, rtol=1e-5, atol=1e-6)
+
+
 # --- every method through the CLI -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lcdsh", "dbdh"])
+@pytest.mark.parametrize("name", ["lcdsh", "dbdh", "dshsd"])
 def test_trains_and_resumes_through_the_cli(tmp_path, name):
     row = train_and_resume_on_digits(tmp_path / name, name)
     assert row["loss"] > 0

@@ -16,6 +16,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     dsdh,
     dsg,  # noqa: F401,E402
     dsh,
+    dshsd,
     fasth,
     greedyhash,
     greedyhash_unsup,
