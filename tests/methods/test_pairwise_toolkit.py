@@ -207,10 +207,65 @@ def test_dshsd_matches_deephash_pytorch(multi_label):
     torch.testing.assert_close(mine, method.classifier.linear.weight.grad, rtol=1e-5, atol=1e-6)
 
 
+# --- DTSH ------------------------------------------------------------------------------------
+
+
+def test_dtsh_by_hand():
+    outputs = torch.tensor([[1.0, 0.5], [1.0, -0.5], [-0.5, 1.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    terms = build("dtsh", num_train=3, bits=2, margin=1.0, quantization=0.5)(step(outputs, labels))
+    # Theta = u u^T: [[1.25, 0.75, 0], [0.75, 1.25, -1], [0, -1, 1.25]].
+    # anchor 1: positives 1, 2, negative 3: t = 1.25 - 0 - 1, 0.75 - 0 - 1
+    # anchor 2: positives 1, 2, negative 3: t = 0.75 + 1 - 1, 1.25 + 1 - 1
+    # anchor 3: positive 3 only, negatives 1, 2: t = 1.25 - 0 - 1, 1.25 + 1 - 1
+    anchor_1 = (softplus(-0.25) + softplus(0.25)) / 2
+    anchor_2 = (softplus(-0.75) + softplus(-1.25)) / 2
+    anchor_3 = (softplus(-0.25) + softplus(-1.25)) / 2
+    # (u - sign u)^2: 0, 0.25, 0, 0.25, 0.25, 0 over 6 entries
+    assert terms["triplet"].item() == pytest.approx((anchor_1 + anchor_2 + anchor_3) / 3, rel=1e-6)
+    assert terms["quantization"].item() == pytest.approx(0.5 * 0.75 / 6, rel=1e-6)
+
+
+def dtsh_reference(u, y, alpha=5.0, lam=1.0):
+    """DeepHash-pytorch DTSH.py's DTSHLoss.forward, its loop over anchors."""
+    inner_product = u @ u.t()
+    s = y @ y.t() > 0
+    count = 0
+    loss1 = 0
+    for row in range(s.shape[0]):
+        if s[row].sum() != 0 and (~s[row]).sum() != 0:
+            count += 1
+            theta_positive = inner_product[row][s[row] == 1]
+            theta_negative = inner_product[row][s[row] == 0]
+            triple = (theta_positive.unsqueeze(1) - theta_negative.unsqueeze(0) - alpha).clamp(min=-100, max=50)
+            loss1 += -(triple - torch.log(1 + torch.exp(triple))).mean()
+    if count != 0:
+        loss1 = loss1 / count
+    else:
+        loss1 = 0
+    loss2 = lam * (u - u.sign()).pow(2).mean()
+    return loss1 + loss2
+
+
+@pytest.mark.parametrize("scale", [1.0, 5.0])  # 5: some triplets beyond the clamp
+def test_dtsh_matches_deephash_pytorch(scale):
+    outputs, labels = batch(seed=4, scale=scale)
+    method = build("dtsh", margin=2.0, quantization=0.5)
+    assert_same(method(step(outputs, labels)), dtsh_reference(outputs, labels, 2.0, 0.5), outputs)
+
+
+def test_dtsh_without_a_triplet_has_only_its_quantisation():
+    outputs, _ = batch(seed=5)
+    labels = torch.eye(CLASSES)[[0] * BATCH]  # every pair similar: no negative
+    terms = build("dtsh")(step(outputs, labels))
+    assert terms["triplet"].item() == 0.0
+    assert_same(terms, dtsh_reference(outputs, labels), outputs)
+
+
 # --- every method through the CLI -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lcdsh", "dbdh", "dshsd"])
+@pytest.mark.parametrize("name", ["lcdsh", "dbdh", "dshsd", "dtsh"])
 def test_trains_and_resumes_through_the_cli(tmp_path, name):
     row = train_and_resume_on_digits(tmp_path / name, name)
     assert row["loss"] > 0

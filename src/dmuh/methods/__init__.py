@@ -17,6 +17,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     dsg,  # noqa: F401,E402
     dsh,
     dshsd,
+    dtsh,
     fasth,
     greedyhash,
     greedyhash_unsup,
