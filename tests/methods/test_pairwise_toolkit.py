@@ -262,10 +262,69 @@ def test_dtsh_without_a_triplet_has_only_its_quantisation():
     assert_same(terms, dtsh_reference(outputs, labels), outputs)
 
 
+# --- DCH -------------------------------------------------------------------------------------
+
+
+def test_dch_by_hand():
+    outputs = torch.tensor([[1.0, 1.0], [1.0, -1.0], [2.0, 0.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    terms = build("dch", num_train=3, bits=2, gamma=2.0, quantization=0.5)(step(outputs, labels))
+    # cos: u1.u2 = 0, u1.u3 = u2.u3 = 1/sqrt(2), the diagonal 1 (clamped to 0.99);
+    # d = bits / 2 (1 - cos) = 1 - cos: d_12 = 1, d_13 = d_23 = 1 - 1/sqrt(2), d_ii = 0.01.
+    d_ii, d_12, d_13 = 0.01, 1.0, 1.0 - 1.0 / math.sqrt(2.0)
+    # similar pairs: the diagonal (3) and (1, 2) twice; dissimilar: (1, 3), (2, 3) twice each.
+    similar = (3 * math.log1p(d_ii / 2) + 2 * math.log1p(d_12 / 2)) / 5
+    dissimilar = math.log1p(2 / d_13)
+    # d(|u_i|, 1): cos(|u_1|, 1) = 1 -> 0.99, cos(|u_2|, 1) = 1 -> 0.99, cos(|u_3|, 1) = 1/sqrt(2)
+    quantization = 0.5 * (2 * math.log1p(d_ii / 2) + math.log1p(d_13 / 2)) / 3
+    assert terms["cauchy"].item() == pytest.approx(similar + dissimilar, rel=1e-5)
+    assert terms["quantization"].item() == pytest.approx(quantization, rel=1e-5)
+
+
+class DCHReference(torch.nn.Module):
+    """DeepHash-pytorch DCH.py's DCHLoss, `one` sized by the configured batch as there."""
+
+    def __init__(self, bit, batch_size, gamma=20.0, lambda1=0.1):
+        super().__init__()
+        self.gamma, self.lambda1, self.K = gamma, lambda1, bit
+        self.one = torch.ones((batch_size, bit))
+
+    def d(self, hi, hj):
+        inner_product = hi @ hj.t()
+        norm = hi.pow(2).sum(dim=1, keepdim=True).pow(0.5) @ hj.pow(2).sum(dim=1, keepdim=True).pow(0.5).t()
+        cos = inner_product / norm.clamp(min=0.0001)
+        return (1 - cos.clamp(max=0.99)) * self.K / 2
+
+    def forward(self, u, y):
+        s = (y @ y.t() > 0).float()
+        if (1 - s).sum() != 0 and s.sum() != 0:
+            positive_w = s * s.numel() / s.sum()
+            negative_w = (1 - s) * s.numel() / (1 - s).sum()
+            w = positive_w + negative_w
+        else:
+            w = 1
+        d_hi_hj = self.d(u, u)
+        cauchy_loss = w * (s * torch.log(d_hi_hj / self.gamma) + torch.log(1 + self.gamma / d_hi_hj))
+        quantization_loss = torch.log(1 + self.d(u.abs(), self.one) / self.gamma)
+        return cauchy_loss.mean() + self.lambda1 * quantization_loss.mean()
+
+
+@pytest.mark.parametrize("one_kind", [False, True])  # True: every pair similar (the reference's w = 1)
+def test_dch_matches_deephash_pytorch(one_kind):
+    outputs, labels = batch(seed=6)
+    if one_kind:
+        labels = torch.eye(CLASSES)[[1] * BATCH]
+    with torch.no_grad():
+        outputs[1] = 3.0 * outputs[0]  # a pair at cosine 1: beyond the clamp
+    method = build("dch", gamma=5.0, quantization=0.3)
+    reference = DCHReference(BITS, batch_size=2 * BATCH, gamma=5.0, lambda1=0.3)
+    assert_same(method(step(outputs, labels)), reference(outputs, labels), outputs)
+
+
 # --- every method through the CLI -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lcdsh", "dbdh", "dshsd", "dtsh"])
+@pytest.mark.parametrize("name", ["lcdsh", "dbdh", "dshsd", "dtsh", "dch"])
 def test_trains_and_resumes_through_the_cli(tmp_path, name):
     row = train_and_resume_on_digits(tmp_path / name, name)
     assert row["loss"] > 0

@@ -7,6 +7,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     cosdish,
     csq,
     dbdh,
+    dch,
     dcmh,
     ddsh,
     dhn,
