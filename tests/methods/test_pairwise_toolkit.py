@@ -321,10 +321,85 @@ def test_dch_matches_deephash_pytorch(one_kind):
     assert_same(method(step(outputs, labels)), reference(outputs, labels), outputs)
 
 
+# --- IDHN and ISDH ----------------------------------------------------------------------------
+
+
+def soft_pairs_by_hand(name, gamma):
+    outputs = torch.tensor([[1.0, -3.0], [3.0, 1.0]])  # u = z / (|z| + 1): (0.5, -0.75), (0.75, 0.5)
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    terms = build(name, num_train=2, bits=2, labels=labels, gamma=gamma)(step(outputs, labels))
+    # Theta = 0.5 u u^T = [[0.40625, 0], [0, 0.40625]]; s = cosine of labels, with IDHN's eps 1e-5:
+    s_11, s_22, s_12 = 1 / (1 + 1e-5), 2 / (2 + 1e-5), 1 / (math.sqrt(2) + 1e-5)  # 1, 1 hard; 0.707 soft
+    hard = softplus(0.40625) - s_11 * 0.40625 + softplus(0.40625) - s_22 * 0.40625
+    quantization = 0.1 * (0.5 + 0.25 + 0.25 + 0.5) / 4
+    return terms, hard, s_12, quantization
+
+
+def test_idhn_by_hand():
+    terms, hard, s_12, quantization = soft_pairs_by_hand("idhn", gamma=0.1)
+    soft = 2 * 0.1 * (0.0 + 2 - 2 * 2 * s_12) ** 2  # gamma (Theta + q - 2 q s)^2, q = 2, twice
+    assert terms["pairwise"].item() == pytest.approx((hard + soft) / 4, rel=1e-6)  # over n B = 4
+    assert terms["quantization"].item() == pytest.approx(quantization, rel=1e-6)
+
+
+def test_isdh_by_hand():
+    terms, hard, s_12, quantization = soft_pairs_by_hand("isdh", gamma=10.0)
+    soft = 2 * (s_12 - 0.5) ** 2  # (s - sigmoid(Theta))^2, Theta_12 = 0, twice
+    assert terms["pairwise"].item() == pytest.approx((10 * hard + soft) / 4, rel=1e-6)
+    assert terms["quantization"].item() == pytest.approx(quantization, rel=1e-6)
+
+
+class SoftPairsReference(torch.nn.Module):
+    """DeepHash-pytorch IDHN.py's and ISDH.py's DPSHLoss (`isdh` picks ISDH's two lines)."""
+
+    def __init__(self, num_train, bit, n_class, alpha, gamma, lam, isdh):
+        super().__init__()
+        self.q = bit
+        self.U = torch.zeros(num_train, bit).float()
+        self.Y = torch.zeros(num_train, n_class).float()
+        self.alpha, self.gamma, self.lam, self.isdh = alpha, gamma, lam, isdh
+
+    def forward(self, u, y, ind):
+        u = u / (u.abs() + 1)
+        self.U[ind, :] = u.data
+        self.Y[ind, :] = y.float()
+        s = y @ self.Y.t()
+        norm = y.pow(2).sum(dim=1, keepdim=True).pow(0.5) @ self.Y.pow(2).sum(dim=1, keepdim=True).pow(0.5).t()
+        s = s / (norm + 0.00001)
+        M = (s > 0.99).float() + (s < 0.01).float()
+        inner_product = self.alpha * u @ self.U.t()
+        log_loss = torch.log(1 + torch.exp(-inner_product.abs())) + inner_product.clamp(min=0) - s * inner_product
+        if self.isdh:
+            mse_loss = (s - torch.sigmoid(inner_product)).pow(2)
+            loss1 = (self.gamma * M * log_loss + (1 - M) * mse_loss).mean()
+        else:
+            mse_loss = (inner_product + self.q - 2 * s * self.q).pow(2)
+            loss1 = (M * log_loss + self.gamma * (1 - M) * mse_loss).mean()
+        loss2 = self.lam * (u.abs() - 1).abs().mean()
+        return loss1 + loss2
+
+
+@pytest.mark.parametrize("name", ["idhn", "isdh"])
+def test_soft_pairs_match_deephash_pytorch(name):
+    """Two batches that together cover the training items, of random multi-hot labels (some items
+    without any); the second batch is compared."""
+    generator = torch.Generator().manual_seed(7)
+    labels = (torch.rand(2 * BATCH, CLASSES, generator=generator) > 0.5).float()
+    outputs = (2.0 * torch.randn(2, BATCH, BITS, generator=generator)).requires_grad_()
+    params = {"alpha": 0.7, "gamma": 0.4, "quantization": 0.2}
+    method = build(name, num_train=2 * BATCH, labels=labels, **params)
+    reference = SoftPairsReference(2 * BATCH, BITS, CLASSES, 0.7, 0.4, 0.2, isdh=name == "isdh")
+    halves = [torch.arange(BATCH), torch.arange(BATCH, 2 * BATCH)]
+    method(step(outputs[0].detach(), labels[halves[0]], halves[0]))
+    reference(outputs[0].detach(), labels[halves[0]], halves[0])
+    mine = method(step(outputs[1], labels[halves[1]], halves[1]))
+    assert_same(mine, reference(outputs[1], labels[halves[1]], halves[1]), outputs)
+
+
 # --- every method through the CLI -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lcdsh", "dbdh", "dshsd", "dtsh", "dch"])
+@pytest.mark.parametrize("name", ["lcdsh", "dbdh", "dshsd", "dtsh", "dch", "idhn", "isdh"])
 def test_trains_and_resumes_through_the_cli(tmp_path, name):
     row = train_and_resume_on_digits(tmp_path / name, name)
     assert row["loss"] > 0

@@ -23,6 +23,8 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     greedyhash,
     greedyhash_unsup,
     hashnet,
+    idhn,
+    isdh,
     lcdsh,
     lfh,
     orthohash,

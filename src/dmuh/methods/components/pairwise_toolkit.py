@@ -4,7 +4,8 @@ IDHN, ISDH, LCDSH, DSHSD, DBDH and PCDH, after swuxyj/DeepHash-pytorch.
 - `class_balanced_mean`: the mean loss over the similar pairs plus the mean over the dissimilar
   ones (HashNet's and DCH's class-balanced weights w = |pairs| / |similar| or |pairs| / |dissimilar|);
 - `squared_distances` and `contrastive`: DSH's contrastive loss within the batch (DSHSD, PCDH);
-- `soft_label_similarity`: the cosine of two items' label vectors (IDHN, ISDH);
+- `soft_label_similarity`: the cosine of two items' label vectors, and `SoftSimilarityMethod`, the
+  frame IDHN and ISDH share (hard pairs by likelihood, soft pairs by a squared error);
 - `CodeClassifier`: a bias-free linear classifier of the codes that a method holds, so its weight
   joins the optimiser, with DeepHash-pytorch's two losses (softmax cross-entropy for single-label
   data, the summed sigmoid cross-entropy for multi-label data).
@@ -12,11 +13,15 @@ IDHN, ISDH, LCDSH, DSHSD, DBDH and PCDH, after swuxyj/DeepHash-pytorch.
 
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmuh.methods.base import HashingMethod, StepInputs
 from dmuh.methods.components.functional import label_cross_entropy
+from dmuh.methods.components.memory import TrainingMemory
 from dmuh.methods.components.params import Param
 from dmuh.utils.schema import Rule
 
@@ -96,3 +101,51 @@ class CodeClassifier(nn.Module):
         if self.sigmoid:
             return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(dim=1).mean()
         return label_cross_entropy(logits, labels)
+
+
+HARD_SIMILAR, HARD_DISSIMILAR = 0.99, 0.01
+
+
+class SoftSimilarityMethod(HashingMethod):
+    """IDHN's and ISDH's frame: soft similarity s (the cosine of label vectors) between the batch and
+    a memory of training codes U, with u = z / (|z| + 1) and Theta_ij = alpha u_i . U_j:
+
+      hard pairs (s_ij > 0.99 or s_ij < 0.01): l_ij = log(1 + e^Theta_ij) - s_ij Theta_ij
+      soft pairs (the others): a squared error that each method defines (`soft_pair_loss`)
+      L = sum over the seen memory items of the weighted pair losses / (n B)
+          + quantization * mean_ik | |u_ik| - 1 |
+
+    Subclasses weight the two kinds (`hard_weight`, `soft_weight`) and give the squared error.
+    """
+
+    hyper_parameters = {
+        "alpha": Param(float, Rule(above=0.0), "scale of the inner product, Theta = alpha u . U"),
+        "quantization": Param(float, Rule(minimum=0.0), "weight of the L1 quantisation term (lambda)"),
+    }
+
+    def __init__(self, bits: int, num_train: int, num_classes: int, alpha: float, gamma: float, quantization: float):
+        super().__init__(bits, num_train, num_classes)
+        self.alpha, self.gamma, self.quantization = alpha, gamma, quantization  # checked as declared
+        self.memory = TrainingMemory(self.num_train, self.num_classes, self.bits)
+
+    hard_weight = soft_weight = 1.0
+
+    def soft_pair_loss(self, theta: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def continuous_codes(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs / (outputs.abs() + 1.0)
+
+    def forward(self, step: StepInputs) -> Dict[str, torch.Tensor]:
+        codes = self.memory.remember(step, self.continuous_codes)
+        soft = soft_label_similarity(step.labels, self.memory.labels)
+        hard = ((soft > HARD_SIMILAR) | (soft < HARD_DISSIMILAR)).to(codes.dtype)
+        theta = self.alpha * codes @ self.memory.codes.t()
+        likelihood = F.softplus(theta) - soft * theta
+        pair_loss = self.hard_weight * hard * likelihood + self.soft_weight * (1.0 - hard) * self.soft_pair_loss(
+            theta, soft
+        )
+        return {
+            "pairwise": self.memory.pair_mean(pair_loss),
+            "quantization": self.quantization * (codes.abs() - 1.0).abs().mean(),
+        }
