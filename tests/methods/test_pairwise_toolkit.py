@@ -396,10 +396,108 @@ def test_soft_pairs_match_deephash_pytorch(name):
     assert_same(mine, reference(outputs[1], labels[halves[1]], halves[1]), outputs)
 
 
+# --- PCDH ------------------------------------------------------------------------------------
+
+
+def test_pcdh_by_hand():
+    outputs = torch.atanh(torch.tensor([[0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]))  # h = tanh(z) as written
+    features = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    labels = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    method = build("pcdh", num_train=3, bits=2, labels=labels, margin=1.5, alpha=0.5, beta=2.0)
+    assert method.requirements().features
+    with torch.no_grad():
+        method.discrete_layer.weight.copy_(torch.eye(2))
+        method.discrete_layer.bias.zero_()
+        method.classifier.linear.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    terms = method(step(outputs, labels, features=features))
+    # h: D_12 = 1 similar (1 / 2), D_13 = 2 dissimilar (max(1.5 - 2, 0)^2 / 2 = 0), D_23 = 1
+    # dissimilar ((1.5 - 1)^2 / 2); each pair twice over the 9 pairs.
+    assert terms["contrastive"].item() == pytest.approx(2 * (0.5 + 0.125) / 9, rel=1e-6)
+    # f: D_12 = 1 similar (1 / 2), D_13 = 4 and D_23 = 5 dissimilar, beyond the margin.
+    assert terms["features"].item() == pytest.approx(0.5 * 2 * 0.5 / 9, rel=1e-6)
+    # b = sign(h): (1, -1), (1, 1), (-1, 1); logits W b: (1, -1, 0), (1, 1, 0), (-1, 1, 0); classes 0, 0, 1
+    e = math.e
+    cross_entropy = (-2 * math.log(e / (e + 1 / e + 1)) - math.log(e / (2 * e + 1))) / 3
+    assert terms["classification"].item() == pytest.approx(2.0 * cross_entropy, rel=1e-6)
+    assert torch.equal(method.continuous_codes(outputs).sign(), torch.tensor([[1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]]))
+
+
+def pcdh_reference(feature, h, y_pre, y, alpha=1.0, beta=1.0, m=8.0, nuswide=False):
+    """DeepHash-pytorch PCDH.py's PCDHLoss.forward."""
+    dist = (h.unsqueeze(1) - h.unsqueeze(0)).pow(2).sum(dim=2)
+    s = (y @ y.t() == 0).float()
+    loss1 = (1 - s) / 2 * dist + s / 2 * (m - dist).clamp(min=0).pow(2)
+    loss1 = loss1.mean()
+    dist2 = (feature.unsqueeze(1) - feature.unsqueeze(0)).pow(2).sum(dim=2)
+    loss2 = (1 - s) / 2 * dist2 + s / 2 * (m - dist2).clamp(min=0).pow(2)
+    loss2 = loss2.mean()
+    if nuswide:
+        Lc = (y_pre - y * y_pre + ((1 + (-y_pre).exp()).log())).sum(dim=1).mean()
+    else:
+        Lc = (-y_pre.softmax(dim=1).log() * y).sum(dim=1).mean()
+    return loss1 + alpha * loss2 + beta * Lc
+
+
+def pcdh_network_tail(z, discrete_hash_layer, classification_layer, straight_through):
+    """PCDH.py's Net.forward after the feature layer (h = tanh of the hash layer's z); with
+    `straight_through`, the straight-through estimator on its hard sigmoid's threshold."""
+    h = torch.tanh(z)
+    b = discrete_hash_layer(h).add(1).mul(0.5).clamp(min=0, max=1)
+    if straight_through:
+        b = b + ((b >= 0.5).float() - b).detach()
+    else:
+        b = (b >= 0.5).float()
+    b = b * 2 - 1
+    return h, classification_layer(b)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_pcdh_matches_deephash_pytorch(straight_through, multi_label):
+    outputs, labels = batch(seed=8)
+    if not multi_label:
+        labels[5, 2] = 0.0
+    features = (0.5 * torch.randn(BATCH, 5, generator=torch.Generator().manual_seed(9))).requires_grad_()
+    torch.manual_seed(0)
+    method = build("pcdh", labels=labels, margin=6.0, alpha=0.3, beta=0.7, straight_through=straight_through)
+    with torch.no_grad():
+        method.discrete_layer.weight.mul_(4.0)  # some |V h + c| beyond 1: no gradient there
+
+    def both():
+        h, y_pre = pcdh_network_tail(outputs, method.discrete_layer, method.classifier.linear, straight_through)
+        reference = pcdh_reference(features, h, y_pre, labels, 0.3, 0.7, 6.0, nuswide=multi_label)
+        return method(step(outputs, labels, features=features)), reference
+
+    assert_same(*both(), outputs)
+    # the features and the method's own layers get the reference's gradients too
+    mine, reference = both()
+    parameters = [features, *method.parameters()]
+    for found, expected in zip(
+        torch.autograd.grad(sum(mine.values()), parameters, allow_unused=True),
+        torch.autograd.grad(reference, parameters, allow_unused=True),
+    ):
+        assert (found is None) == (expected is None)
+        if found is not None:
+            torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
+
+
 # --- every method through the CLI -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lcdsh", "dbdh", "dshsd", "dtsh", "dch", "idhn", "isdh"])
+TERMS = {
+    "lcdsh": ("likelihood", "consistency"),
+    "dbdh": ("likelihood", "balance"),
+    "dshsd": ("contrastive", "classification"),
+    "dtsh": ("triplet", "quantization"),
+    "dch": ("cauchy", "quantization"),
+    "idhn": ("pairwise", "quantization"),
+    "isdh": ("pairwise", "quantization"),
+    "pcdh": ("contrastive", "features", "classification"),  # features: the loop passed the backbone's
+}
+
+
+@pytest.mark.parametrize("name", sorted(TERMS))
 def test_trains_and_resumes_through_the_cli(tmp_path, name):
     row = train_and_resume_on_digits(tmp_path / name, name)
-    assert row["loss"] > 0
+    assert all(math.isfinite(row[term]) for term in TERMS[name])
+    assert row["loss"] == pytest.approx(sum(row[term] for term in TERMS[name]), rel=1e-4)

@@ -28,6 +28,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     lcdsh,
     lfh,
     orthohash,
+    pcdh,
     regu,
     rph,
     sdh,
