@@ -1,5 +1,5 @@
-"""IDHN (Zhang et al., IEEE TMM 2019): Improved Deep Hashing Network with soft pairwise similarity
-for multi-label image retrieval.
+"""IDHN (Zhang et al., IEEE TMM 2019): Improved Deep Hashing with Soft Pairwise Similarity for
+Multi-label Image Retrieval.
 
 Reference: swuxyj/DeepHash-pytorch IDHN.py (after the authors' TensorFlow code, pectinid16/IDHN).
 The frame is `SoftSimilarityMethod`'s: s_ij the cosine of the label vectors of a batch item and a
