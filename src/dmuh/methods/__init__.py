@@ -8,6 +8,8 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     cnnh,  # noqa: F401,E402
     cosdish,
     csq,
+    dbdh,
+    dch,
     dcmh,
     ddsh,
     deep_sdh,  # noqa: F401,E402
@@ -18,12 +20,18 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     dsdh,
     dsg,  # noqa: F401,E402
     dsh,
+    dshsd,
+    dtsh,
     fasth,
     greedyhash,
     greedyhash_unsup,
     hashnet,
+    idhn,
+    isdh,
+    lcdsh,
     lfh,
     orthohash,
+    pcdh,
     regu,
     rph,
     sdh,

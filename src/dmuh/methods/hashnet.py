@@ -31,6 +31,7 @@ from dmuh.methods.base import (
     pairwise_similarity,
     register_method,
 )
+from dmuh.methods.components.pairwise_toolkit import class_balanced_mean
 from dmuh.methods.components.params import Param
 from dmuh.utils.schema import Rule
 
@@ -40,11 +41,7 @@ def class_balanced_pair_loss(theta: torch.Tensor, similar: torch.Tensor) -> torc
 
     A kind of pair absent from the batch adds nothing (no division by zero).
     """
-    pair_loss = F.softplus(theta) - similar * theta
-    dissimilar = 1.0 - similar
-    return (pair_loss * similar).sum() / similar.sum().clamp(min=1) + (
-        pair_loss * dissimilar
-    ).sum() / dissimilar.sum().clamp(min=1)
+    return class_balanced_mean(F.softplus(theta) - similar * theta, similar)
 
 
 @register_method("hashnet", display_name="HashNet")
