@@ -3,6 +3,7 @@
 # Importing a method module registers its names.
 from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402
     bihalf,
+    ce,
     cibhash,
     cosdish,
     csq,
