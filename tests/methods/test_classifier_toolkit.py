@@ -164,6 +164,106 @@ def test_orthoarc_is_fires_orthoarc_loss(multi_label):
         torch.testing.assert_close(mine, theirs)
 
 
+# -- DPN -----------------------------------------------------------------------------------------
+
+
+def test_dpn_by_hand():
+    method = create_method("dpn", bits=2, num_train=2, num_classes=2, reg=0.1)
+    method.targets.copy_(torch.tensor([[1.0, -1.0], [1.0, 1.0]]))
+    outputs = torch.tensor([[0.5, -2.0], [-1.0, 0.25]])
+    terms = method(step(outputs, torch.eye(2)))
+    # item 1 to (1, -1): max(1 - 0.5, 0) + max(1 - 2, 0) = 0.5; item 2 to (1, 1): 2 + 0.75 = 2.75
+    assert terms["polarization"].item() == pytest.approx((0.5 + 2.75) / 2)
+    assert terms["reg"].item() == pytest.approx(0.1 * (0.25 + 4 + 1 + 0.0625) / 4)
+    # both labels: the targets' sum (2, 0) -> (+1, the tie-breaker's bit)
+    both = method.item_targets(torch.tensor([[1.0, 1.0]]))
+    assert both.tolist() == [[1.0, method.tie_breaker[1].item()]]
+
+
+def authors_dpn_loss(codes, centroids, labels, margin, reg, multiclass):
+    """kamwoh/DPN calculate_loss (the sl term) plus the reg term of train_hashing."""
+    if multiclass:
+        bs, nbit = codes.size()
+        nclass = centroids.size(0)
+        loss_sl = torch.relu(margin - codes.view(bs, 1, nbit) * centroids.view(1, nclass, nbit))
+        loss_sl = loss_sl.sum(2)
+        loss_sl = loss_sl * labels.float()
+        loss_sl = loss_sl.sum(1).mean()
+    else:
+        loss_sl = torch.relu(margin - codes * centroids[labels.argmax(1)])
+        loss_sl = loss_sl.sum(dim=1).mean()
+    return loss_sl + reg * torch.pow(codes, 2).mean()
+
+
+def deephash_dpn_loss(u, y, target_vectors, multi_label_random_center, m):
+    """DeepHash-pytorch DPNLoss.label2center (multi-label: CSQ's merge) and its polarisation loss."""
+    center_sum = y @ target_vectors
+    random_center = multi_label_random_center.repeat(center_sum.shape[0], 1)
+    center_sum[center_sum == 0] = random_center[center_sum == 0]
+    t = 2 * (center_sum > 0).float() - 1
+    return (m - u * t).clamp(0).mean()
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_dpn_is_the_authors_loss(multi_label):
+    outputs, labels = random_case(3, multi_label=multi_label)
+    method = create_method("dpn", bits=8, num_train=6, num_classes=3, reg=0.1, multi_label="sum")
+    ours = loss_and_gradient(total(method(step(outputs, labels))), outputs)
+    reference = authors_dpn_loss(outputs, method.targets, labels, 1.0, 0.1, multiclass=multi_label)
+    for mine, theirs in zip(ours, loss_and_gradient(reference, outputs)):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_dpn_merge_is_deephash_pytorchs_up_to_its_mean_over_bits():
+    outputs, labels = random_case(4, batch=8, multi_label=True)
+    labels[0] = torch.tensor([1.0, 1.0, 0.0])  # two labels whose targets cancel on some bits
+    method = create_method("dpn", bits=8, num_train=8, num_classes=3, margin=0.5)
+    ours = loss_and_gradient(total(method(step(outputs, labels))), outputs)
+    # DeepHash-pytorch's random centre is 0/1 bits, mapped to -1/+1 by its 2 (x > 0) - 1
+    reference = 8 * deephash_dpn_loss(outputs, labels, method.targets, (method.tie_breaker + 1) / 2, 0.5)
+    assert (labels @ method.targets == 0).any()  # the tie-breaker is exercised
+    for mine, theirs in zip(ours, loss_and_gradient(reference, outputs)):
+        torch.testing.assert_close(mine, theirs)
+
+
+def authors_update_centroid(codes, labels, centroids, margin, update_rate):
+    """kamwoh/DPN update_centroid (batch_sign_dist without its batching)."""
+    new_centroids = torch.zeros_like(centroids)
+    train_codes = codes.sign()
+    train_labels = labels.argmax(dim=1)
+    for c in range(centroids.size(0)):
+        code_from_label = train_codes[train_labels == c]
+        topn = int(update_rate * code_from_label.size(0))
+        dist = torch.relu(margin - code_from_label * centroids[c].sign().view(1, -1)).sum(1)
+        code_from_label = code_from_label[torch.argsort(dist)[:topn]]
+        new_centroids[c] = code_from_label.mean(0).sign()
+    return new_centroids
+
+
+@pytest.mark.parametrize("update_rate", [1.0, 0.6])
+def test_dpn_target_update_is_the_authors(update_rate):
+    bits = 5
+    targets = torch.tensor([[1.0, 1, 1, 1, 1], [-1.0, -1, -1, -1, -1]])
+    # class 0: codes 0, 1, 2, 3, 4 bits away from its target (distinct distances: the 60 % cut is
+    # unambiguous); class 1: three codes; every mean has no tied bit
+    flips = [[], [0], [0, 1], [0, 1, 2], [1, 2, 3, 4]]
+    class0 = torch.stack([torch.tensor([-1.0 if k in f else 1.0 for k in range(bits)]) for f in flips])
+    class1 = torch.tensor([[-1.0, -1, 1, -1, 1], [-1.0, 1, -1, -1, 1], [1.0, -1, -1, -1, 1]])
+    generator = torch.Generator().manual_seed(5)
+    codes = torch.cat([class0, class1]) * (0.5 + torch.rand(8, bits, generator=generator))
+    labels = torch.eye(2)[[0, 0, 0, 0, 0, 1, 1, 1]]
+    method = create_method(
+        "dpn", bits=bits, num_train=8, num_classes=2, update_every=2, update_rate=update_rate, train_labels=labels
+    )
+    method.targets.copy_(targets)
+    method(step(codes, labels))  # the epoch's codes go into the memory
+    method.on_epoch_start(2, 10)  # not yet: after every 2nd epoch
+    assert torch.equal(method.targets, targets)
+    method.on_epoch_start(3, 10)
+    expected = authors_update_centroid(codes, labels, targets, 1.0, update_rate)
+    assert torch.equal(method.targets, expected) and not torch.equal(expected, targets)
+
+
 # -- every method through the CLI ----------------------------------------------------------------
 
 
@@ -173,6 +273,7 @@ def test_orthoarc_is_fires_orthoarc_loss(multi_label):
         ("ce", []),
         ("bihalf-supervised", []),
         ("orthoarc", []),
+        ("dpn", ["update_every=1", "update_rate=0.5", "reg=0.1"]),
     ],
 )
 def test_trains_and_resumes_through_the_cli(tmp_path, name, params):

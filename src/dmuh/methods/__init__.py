@@ -13,6 +13,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     distillhash,
     dmuh,
     dmuh_crossmodal,
+    dpn,
     dsdh,
     dsg,  # noqa: F401,E402
     dsh,
