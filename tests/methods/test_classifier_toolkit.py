@@ -264,6 +264,76 @@ def test_dpn_target_update_is_the_authors(update_rate):
     assert torch.equal(method.targets, expected) and not torch.equal(expected, targets)
 
 
+# -- JMLH ----------------------------------------------------------------------------------------
+
+
+def test_jmlh_by_hand():
+    method = create_method("jmlh", bits=2, num_train=1, num_classes=2, stochastic=False, kl=0.5)
+    with torch.no_grad():
+        method.classifier.weight.copy_(torch.eye(2))
+        method.classifier.bias.zero_()
+    outputs = torch.tensor([[2.0, -1.0]], requires_grad=True)
+    terms = method(step(outputs, torch.eye(2)[[0]]))
+    # q = (s(2), s(-1)) -> b = (1, 0) at eps = 1/2; logits (1, 0), class 0: CE = log(1 + e^-1)
+    assert terms["classification"].item() == pytest.approx(math.log(1 + math.exp(-1)))
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    kl = sum(q * math.log(q) + (1 - q) * math.log(1 - q) + math.log(2) for q in (sig(2), sig(-1)))
+    assert terms["kl"].item() == pytest.approx(0.5 * kl)
+    terms["classification"].backward()
+    # dCE/dlogits = (s(1) - 1, 1 - s(1)) = dCE/db (W = I); dz = q (1 - q) dCE/db
+    d = 1 - sig(1)
+    expected = [[-sig(2) * (1 - sig(2)) * d, sig(-1) * (1 - sig(-1)) * d]]
+    torch.testing.assert_close(outputs.grad, torch.tensor(expected))
+
+
+class FireJMLHBinaryActivation(torch.autograd.Function):
+    """FIRe's JMLHBinaryActivation (models/layers/activation.py)."""
+
+    @staticmethod
+    def forward(ctx, logits, eps):
+        prob = 1.0 / (1 + torch.exp(-logits))
+        code = (torch.sign(prob - eps) + 1.0) / 2.0
+        ctx.save_for_backward(prob)
+        return code, prob
+
+    @staticmethod
+    def backward(ctx, grad_code, grad_prob):
+        (prob,) = ctx.saved_tensors
+        return prob * (1 - prob) * (grad_code + grad_prob), grad_code
+
+
+def fire_kld_loss(q, p):
+    loss = (
+        q * torch.log(q + 1e-7)
+        - q * torch.log(p + 1e-7)
+        + (1 - q) * torch.log(1 - q + 1e-7)
+        - (1 - q) * torch.log(1 - p + 1e-7)
+    )
+    return loss.sum(dim=1).mean()
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_jmlh_is_fires_jmlh(multi_label):
+    """FIRe's ArchJMLH forward (stochastic eps drawn with torch.rand_like) and its JMLH loss."""
+    outputs, labels = random_case(6, multi_label=multi_label)
+    method = create_method("jmlh", bits=8, num_train=6, num_classes=3)
+    weight, bias = method.classifier.weight, method.classifier.bias
+    torch.manual_seed(7)
+    ours = loss_and_gradient(total(method(step(outputs, labels))), outputs, weight, bias)
+
+    torch.manual_seed(7)
+    code, _ = FireJMLHBinaryActivation.apply(outputs, torch.rand_like(outputs))
+    logits, code_qb = code @ weight.t() + bias, torch.sigmoid(outputs)
+    kl = fire_kld_loss(code_qb, torch.ones_like(code_qb) * 0.5)
+    if multi_label:
+        labels_scaled = labels / labels.sum(dim=1, keepdim=True)
+        ce = (-(labels_scaled * F.log_softmax(logits, dim=1)).sum(dim=1)).mean()
+    else:
+        ce = F.cross_entropy(logits, labels.argmax(1))
+    for mine, theirs in zip(ours, loss_and_gradient(kl * 0.1 + ce, outputs, weight, bias)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
 # -- every method through the CLI ----------------------------------------------------------------
 
 
@@ -274,6 +344,7 @@ def test_dpn_target_update_is_the_authors(update_rate):
         ("bihalf-supervised", []),
         ("orthoarc", []),
         ("dpn", ["update_every=1", "update_rate=0.5", "reg=0.1"]),
+        ("jmlh", []),
     ],
 )
 def test_trains_and_resumes_through_the_cli(tmp_path, name, params):

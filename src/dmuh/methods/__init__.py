@@ -21,6 +21,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     greedyhash,
     greedyhash_unsup,
     hashnet,
+    jmlh,
     lfh,
     orthohash,
     regu,
