@@ -334,6 +334,67 @@ def test_jmlh_is_fires_jmlh(multi_label):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
 
 
+# -- QSMIH ---------------------------------------------------------------------------------------
+
+
+def test_qsmih_by_hand():
+    method = create_method("qsmih", bits=2, num_train=2, num_classes=2, alpha=0.1)
+    terms = method(step(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.eye(2)))
+    # Y = [[1, 1/2], [1/2, 1]], D = I, M = 4 / 2: Q = (DY - 1)^2 + Y^2 / 2 = [[1/2, 1 + 1/8], [1 + 1/8, 1/2]]
+    assert terms["information"].item() == pytest.approx((0.5 + 1.125 + 1.125 + 0.5) / 4)
+    # | |z| - 1 | = (0, 1, 1, 1)
+    assert terms["quantization"].item() == pytest.approx(0.1 * 3 / 4)
+    plain = create_method("qsmih", bits=2, num_train=2, num_classes=2, square_clamp=False, reduction="sum")
+    terms = plain(step(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.eye(2)))
+    # Q = Y / 2 - D Y = [[-1/2, 1/4], [1/4, -1/2]]
+    assert terms["information"].item() == pytest.approx(-0.5)
+
+
+def authors_qmi_loss(documents, targets, M=0, eps=1e-8, use_square_clamp=True):
+    """passalis/qsmi qmi_loss with use_cosine=True (targets: class indices, as the authors')."""
+    documents = documents / (torch.sqrt(torch.sum(documents**2, dim=1, keepdim=True)) + eps)
+    Y = torch.mm(documents, documents.t())
+    Y = 0.5 * (Y + 1)
+    D = (targets.view(targets.shape[0], 1) == targets.view(1, targets.shape[0])).float()
+    if M == 0:
+        M = D.size(1) ** 2 / torch.sum(D)
+    if use_square_clamp:
+        Q_in = (D * Y - 1) ** 2
+        Q_btw = (1.0 / M) * Y**2
+        return torch.sum(Q_in + Q_btw)
+    Q_in = D * Y
+    Q_btw = (1.0 / M) * Y
+    return -torch.sum(Q_in - Q_btw)
+
+
+@pytest.mark.parametrize("square_clamp", [True, False])
+def test_qsmih_sum_is_the_authors_loss(square_clamp):
+    outputs, labels = random_case(8)
+    method = create_method(
+        "qsmih", bits=8, num_train=6, num_classes=3, reduction="sum", square_clamp=square_clamp, alpha=0.001
+    )
+    ours = loss_and_gradient(total(method(step(outputs, labels))), outputs)
+    regularizer = torch.sum(torch.abs(torch.abs(outputs) - 1))
+    reference = authors_qmi_loss(outputs, labels.argmax(1), use_square_clamp=square_clamp) + 0.001 * regularizer
+    for mine, theirs in zip(ours, loss_and_gradient(reference, outputs)):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_qsmih_mean_is_deephash_pytorchs_information_term():
+    """DeepHash-pytorch QSMIHLoss (multi-label D = y y^T > 0); its regulariser reads the normalised u,
+    ours the raw outputs as the authors', so it is compared at alpha = 0."""
+    outputs, labels = random_case(9, multi_label=True)
+    method = create_method("qsmih", bits=8, num_train=6, num_classes=3, alpha=0.0)
+    ours = loss_and_gradient(total(method(step(outputs, labels))), outputs)
+    u = outputs / (torch.sqrt(torch.sum(outputs**2, dim=1, keepdim=True)) + 1e-8)
+    Y = 0.5 * (torch.mm(u, u.t()) + 1)
+    D = (labels @ labels.t() > 0).float()
+    M = D.size(1) ** 2 / torch.sum(D)
+    reference = ((D * Y - 1) ** 2 + (1.0 / M) * Y**2).mean()
+    for mine, theirs in zip(ours, loss_and_gradient(reference, outputs)):
+        torch.testing.assert_close(mine, theirs)
+
+
 # -- every method through the CLI ----------------------------------------------------------------
 
 
@@ -345,6 +406,7 @@ def test_jmlh_is_fires_jmlh(multi_label):
         ("orthoarc", []),
         ("dpn", ["update_every=1", "update_rate=0.5", "reg=0.1"]),
         ("jmlh", []),
+        ("qsmih", []),
     ],
 )
 def test_trains_and_resumes_through_the_cli(tmp_path, name, params):

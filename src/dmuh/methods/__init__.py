@@ -24,6 +24,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     jmlh,
     lfh,
     orthohash,
+    qsmih,
     regu,
     rph,
     sdh,
