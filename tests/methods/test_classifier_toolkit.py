@@ -395,6 +395,109 @@ def test_qsmih_mean_is_deephash_pytorchs_information_term():
         torch.testing.assert_close(mine, theirs)
 
 
+# -- MIHash --------------------------------------------------------------------------------------
+
+
+def binary_entropy(p):
+    return -p * math.log2(p) - (1 - p) * math.log2(1 - p)
+
+
+def test_mihash_by_hand():
+    method = create_method("mihash", bits=2, num_train=3, num_classes=2, nbins=1)
+    # phi = 2 sigmoid(z) - 1 = tanh(z / 2): z = 2 atanh(phi)
+    phi = torch.tensor([[0.5, 0.5], [0.5, -0.5], [-0.5, 0.0]])
+    terms = method(step(2 * torch.atanh(phi), torch.eye(2)[[0, 0, 1]]))
+    # d_12 = (2 - 0) / 2 = 1, d_13 = d_23 = (2 + 1/4) / 2 = 9/8; two bins at 0 and 2 (Delta = 2):
+    # d = 1 -> (1/2, 1/2), d = 9/8 -> (7/16, 9/16)
+    # item 1 (and 2): similar {2}: H = 1; dissimilar {3}: H = h(7/16); p(+) = 1/2;
+    #   p(D) = ((1/2 + 7/16) / 2, ...) = (15/32, 17/32)
+    mi_1 = binary_entropy(15 / 32) - 0.5 * 1.0 - 0.5 * binary_entropy(7 / 16)
+    # item 3: no similar other: p(D) = p(D | -), MI = 0
+    assert terms["information"].item() == pytest.approx(-(2 * mi_1 + 0) / 3, abs=1e-6)
+
+
+def authors_mi_forward_backward(X, Y, nbins, sigmf_p=1.0):
+    """fcakir/deep-mihash mi_forward.m and mi_backward.m, translated line by line (X: nbits x N
+    logits, Y: N x C labels): the forward value sum(ent_D - ent_D_C) and the hand-written dzdx."""
+    nbits, N = X.shape
+    Aff = (Y @ Y.t()) > 0
+    Xp = (Aff.float() - torch.diag(torch.diag(Aff.float()))).bool()
+    Xn = ~Aff
+    phi = 2 * torch.sigmoid(sigmf_p * X) - 1
+    hdist = (nbits - phi.t() @ phi) / 2
+    Delta = nbits / nbins
+    Cntrs = [Delta * k for k in range(nbins + 1)]
+    L = len(Cntrs)
+    prCp = Xp.sum(1).float() / (N - 1)
+    prCn = 1 - prCp
+    pDCp, pDCn = torch.zeros(N, L), torch.zeros(N, L)
+
+    def tri_pulse(D, mid, delta):
+        ind = (mid - delta < D) & (D <= mid + delta)
+        return (1 - torch.abs(D - mid) / delta) * ind.float()
+
+    for b in range(L):
+        pulse = tri_pulse(hdist, Cntrs[b], Delta)
+        pDCp[:, b] = (pulse * Xp).sum(1)
+        pDCn[:, b] = (pulse * Xn).sum(1)
+    pD = (pDCp + pDCn) / (N - 1)
+    sum_pDCp, sum_pDCn = pDCp.sum(1), pDCn.sum(1)
+    nz_p, nz_n = sum_pDCp > 0, sum_pDCn > 0
+    pDCp[nz_p, :] = pDCp[nz_p, :] / sum_pDCp[nz_p, None]
+    pDCn[nz_n, :] = pDCn[nz_n, :] / sum_pDCn[nz_n, None]
+
+    def ent(p):
+        logp = torch.zeros_like(p)
+        logp[p > 0] = torch.log2(p[p > 0])
+        return -(p * logp).sum(1)
+
+    top = (ent(pD) - (prCp * ent(pDCp) + prCn * ent(pDCn))).sum()
+
+    def deriv_ent(p):
+        d = -torch.ones_like(p)
+        d[p > 0] = d[p > 0] - torch.log2(p[p > 0])
+        return d
+
+    d_H_pD = deriv_ent(pD)
+    d_L_pDCp = -(torch.diag(prCp) @ d_H_pD - torch.diag(prCp) @ deriv_ent(pDCp))
+    d_L_pDCn = -(torch.diag(prCn) @ d_H_pD - torch.diag(prCn) @ deriv_ent(pDCn))
+    d_L_phi = torch.zeros(nbits, N)
+    Np, Nn = Xp.sum(1).float(), Xn.sum(1).float()
+    invalid = (Np == 0) | (Nn == 0)
+    for b in range(L):
+        mid = Cntrs[b]
+        ind1 = (hdist > mid - Delta) & (hdist <= mid)
+        ind2 = (hdist > mid) & (hdist <= mid + Delta)
+        dpulse = (ind1.float() - ind2.float()) / Delta
+        ddp, ddn = dpulse * Xp.float(), dpulse * Xn.float()
+        alpha_p = d_L_pDCp[:, b] / Np
+        alpha_n = d_L_pDCn[:, b] / Nn
+        alpha_p[invalid], alpha_n[invalid] = 0, 0
+        alpha_p, alpha_n = torch.diag(alpha_p), torch.diag(alpha_n)
+        Ap = ddp @ alpha_p + alpha_p @ ddp
+        An = ddn @ alpha_n + alpha_n @ ddn
+        d_L_phi = d_L_phi - 0.5 * phi @ (Ap + An)
+    sigmoid = (phi + 1) / 2
+    d_phi_x = 2 * sigmoid * (1 - sigmoid) * sigmf_p
+    return top, d_L_phi * d_phi_x
+
+
+@pytest.mark.parametrize("batch, nbins, sharpness", [(6, 4, 1.0), (5, 3, 2.0)])
+def test_mihash_is_the_authors_forward_and_hand_written_backward(batch, nbins, sharpness):
+    """Our autograd gradient of -sum MI against the authors' backward pass; with batch 5 one class
+    has a single item (the authors' `invalid` row)."""
+    outputs, labels = random_case(10 + batch, batch=batch)
+    outputs = (2 * outputs).detach().requires_grad_()
+    method = create_method(
+        "mihash", bits=8, num_train=batch, num_classes=3, nbins=nbins, sharpness=sharpness, reduction="sum"
+    )
+    loss, gradient = loss_and_gradient(total(method(step(outputs, labels))), outputs)
+    top, dzdx = authors_mi_forward_backward(outputs.detach().t(), labels, nbins, sharpness)
+    torch.testing.assert_close(loss, -top)
+    torch.testing.assert_close(gradient, dzdx.t(), rtol=1e-4, atol=1e-6)
+    assert gradient.abs().max() > 1e-3
+
+
 # -- every method through the CLI ----------------------------------------------------------------
 
 
@@ -407,6 +510,7 @@ def test_qsmih_mean_is_deephash_pytorchs_information_term():
         ("dpn", ["update_every=1", "update_rate=0.5", "reg=0.1"]),
         ("jmlh", []),
         ("qsmih", []),
+        ("mihash", []),
     ],
 )
 def test_trains_and_resumes_through_the_cli(tmp_path, name, params):

@@ -23,6 +23,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     hashnet,
     jmlh,
     lfh,
+    mihash,
     orthohash,
     qsmih,
     regu,
