@@ -498,6 +498,132 @@ def test_mihash_is_the_authors_forward_and_hand_written_backward(batch, nbins, s
     assert gradient.abs().max() > 1e-3
 
 
+# -- DFH -----------------------------------------------------------------------------------------
+
+
+def softplus(x):
+    return math.log(1 + math.exp(x))
+
+
+def test_dfh_by_hand():
+    labels = torch.eye(2)
+    method = create_method("dfh", bits=2, num_train=2, num_classes=2, train_labels=labels)
+    terms = method(step(torch.tensor([[1.0, -0.5], [-0.5, 2.0]]), labels))
+    # C = 0: b = sign(u) = (1, -1), (-1, 1). C-step, class 0: sign(q_0) = sign(b_1) = (1, -1);
+    # class 1: sign(q_1 - vul C_0) = sign((-1, 1) - (1, -1)) = (-1, 1)
+    assert method.centers.t().tolist() == [[1.0, -1.0], [-1.0, 1.0]]
+    # Theta = u U^T / 2 = [[5/8, -3/4], [-3/4, 17/8]], S = I, m = 0: softplus(Theta) - S Theta
+    expected = (softplus(-5 / 8) + 2 * softplus(-3 / 4) + softplus(-17 / 8)) / 4
+    assert terms["metric"].item() == pytest.approx(expected)
+    # (b - u)^2: item 1: 0 + 1/4, item 2: 1/4 + 1; mean over 4, times eta = 1/2
+    assert terms["quantization"].item() == pytest.approx(0.5 * 1.5 / 4)
+    # the next step's targets lean on the centres: b = sign(mu C_0 + u) = sign((0.8, -0.9)) = (1, -1)
+    terms = method(step(torch.tensor([[-0.2, 0.1]]), labels[[0]], torch.tensor([0])))
+    assert terms["quantization"].item() == pytest.approx(0.5 * (1.2**2 + 1.1**2) / 2)
+
+
+def authors_discrete_center(Y, B, C, vul):
+    """Discretecenter of the authors' center.py (Y: classes x batch, B: bits x batch, C: classes x bits)."""
+    C = C.clone()
+    for i in range(C.shape[0]):
+        Q = Y @ B.t()
+        q = Q[i, :]
+        v = Y[i, :]
+        Y_prime = torch.cat((Y[:i, :], Y[i + 1 :, :]))
+        C_prime = torch.cat((C[:i, :], C[i + 1 :, :]))
+        C[i, :] = (q - C_prime.t() @ Y_prime @ v - vul * C_prime.t() @ torch.ones([C.size(0) - 1])).sign()
+    return C.t()
+
+
+def dfh_margin_loss(U_batch, U, S, B, eta, margin):
+    """The authors' DFHLoss_margin with its margin form (commented out there, DeepHash-pytorch's),
+    U_batch: bits x batch, U: bits x n, S: n x batch."""
+    theta = torch.clamp(U.t() @ U_batch / 2, min=-100, max=50)
+    metric = ((1 - S) * torch.log(1 + torch.exp(margin + theta)) + S * torch.log(1 + torch.exp(margin - theta))).mean()
+    return metric + eta * (B - U_batch).pow(2).mean()
+
+
+def filled_dfh(name_params, labels, generator):
+    """A DFH method whose memory already holds a code of every training item, and whose centres
+    have been through one step."""
+    num_train = labels.shape[0]
+    method = create_method(
+        "dfh", bits=8, num_train=num_train, num_classes=labels.shape[1], train_labels=labels, **name_params
+    )
+    method.memory.write(torch.arange(num_train), torch.randn(num_train, 8, generator=generator))
+    warm = torch.randn(4, 8, generator=generator)
+    method(step(warm, labels[:4], torch.arange(4)))
+    assert method.centers.abs().sum() > 0
+    return method
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_dfh_is_the_authors_step(multi_label):
+    generator = torch.Generator().manual_seed(11)
+    _, labels = random_case(11, batch=10, classes=4, multi_label=multi_label)
+    method = filled_dfh({"margin": 0.5}, labels, generator)
+    memory, centers = method.memory.codes.clone(), method.centers.clone()
+    index = torch.tensor([7, 2, 5, 9, 0])
+    outputs = torch.randn(5, 8, generator=generator).requires_grad_()
+    ours = loss_and_gradient(total(method(step(outputs, labels[index], index))), outputs)
+
+    # Main.py's step: U[:, index] = U_batch; batchY (scaled) and batchS; B-step; C-step; loss
+    Y = labels.t() / labels.t().sum(0).expand(labels.t().size())
+    U = memory.t().clone()
+    U[:, index] = outputs.detach().t()
+    batchY, batchS = Y[:, index], (labels @ labels.t() > 0).float()[:, index]
+    batchB = (1.0 * centers @ batchY + outputs.t().detach()).sign()
+    new_centers = authors_discrete_center(batchY, batchB, centers.t(), 1.0)
+    reference = dfh_margin_loss(outputs.t(), U, batchS, batchB, 0.5, 0.5)
+    for mine, theirs in zip(ours, loss_and_gradient(reference, outputs)):
+        torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(method.centers, new_centers)
+
+
+def deephash_center_gradient(V, batchy, batchb, TK, vul, nta):
+    """DeepHash-pytorch DFHLoss.Center_gradient (V: bits x classes, batchy: batch x classes, batchb: bits x batch)."""
+    V = V.clone().requires_grad_(True)
+    alpha = 0.03
+    for i in range(200):
+        intra_loss = (V @ batchy.t() - batchb).pow(2).mean()
+        inter_loss = (V.t() @ V - TK).pow(2).mean()
+        quantization_loss = (V - V.sign()).pow(2).mean()
+        loss = intra_loss + vul * inter_loss + nta * quantization_loss
+        loss.backward()
+        if i in (149, 179):
+            alpha = alpha * 0.1
+        V.data = V.data - alpha * V.grad.data
+        V.grad.data.zero_()
+    return V.detach(), V.detach().sign()
+
+
+def test_dfh_relaxed_is_deephash_pytorchs_step():
+    generator = torch.Generator().manual_seed(12)
+    _, labels = random_case(12, batch=10, classes=4)
+    method = filled_dfh({"centers": "relaxed", "margin": 3.0, "mu": 0.1}, labels, generator)
+    memory, relaxed, centers = method.memory.codes.clone(), method.relaxed_centers.clone(), method.centers.clone()
+    index = torch.tensor([1, 4, 6, 8])
+    outputs = torch.randn(4, 8, generator=generator).requires_grad_()
+    ours = loss_and_gradient(total(method(step(outputs, labels[index], index))), outputs)
+
+    y = labels[index]
+    U = memory.t().clone()
+    U[:, index] = outputs.detach().t()
+    b = (0.1 * centers @ y.t() + outputs.detach().t()).sign()
+    TK = 8 * (2 * torch.eye(4) - torch.ones(4))
+    new_relaxed, new_centers = deephash_center_gradient(relaxed, y, b, TK, 1.0, 1.0)
+    s = (y @ labels.t() > 0).float()
+    inner_product = (outputs @ U * 0.5).clamp(min=-100, max=50)
+    metric_loss = (
+        (1 - s) * torch.log(1 + torch.exp(3.0 + inner_product)) + s * torch.log(1 + torch.exp(3.0 - inner_product))
+    ).mean()
+    reference = metric_loss + 0.5 * (b - outputs.t()).pow(2).mean()
+    for mine, theirs in zip(ours, loss_and_gradient(reference, outputs)):
+        torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(method.relaxed_centers, new_relaxed)
+    assert torch.equal(method.centers, new_centers)
+
+
 # -- every method through the CLI ----------------------------------------------------------------
 
 
@@ -511,6 +637,8 @@ def test_mihash_is_the_authors_forward_and_hand_written_backward(batch, nbins, s
         ("jmlh", []),
         ("qsmih", []),
         ("mihash", []),
+        ("dfh", []),
+        ("dfh", ["centers=relaxed", "margin=3", "mu=0.1"]),
     ],
 )
 def test_trains_and_resumes_through_the_cli(tmp_path, name, params):

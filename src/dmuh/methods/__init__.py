@@ -9,6 +9,7 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     csq,
     dcmh,
     ddsh,
+    dfh,
     dhn,
     distillhash,
     dmuh,
