@@ -56,7 +56,7 @@ class MIHash(HashingMethod):
 
     hyper_parameters = {
         "nbins": Param(
-            int, Rule(minimum=1), "histogram bins (nbins + 1 centres from 0 to bits); none: bits // 2", True
+            int, Rule(minimum=1), "histogram bins (nbins + 1 centres from 0 to bits); none: bits // 2", optional=True
         ),
         "sharpness": Param(float, Rule(above=0.0), "a of phi = 2 sigmoid(a z) - 1"),
         "reduction": Param(str, Rule(choices=REDUCTIONS), "mean or sum (the authors') of the items' MI"),
