@@ -1,24 +1,27 @@
 """Hashing methods: one loss module per file, all behind the contract in `base`."""
 
 # Importing a method module registers its names.
-from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402
-    adsh,  # noqa: F401,E402
+from dmuh.methods import (  # noqa: F401,E402
+    adsh,
     bihalf,
+    ce,
     cibhash,
-    cnnh,  # noqa: F401,E402
+    cnnh,
     cosdish,
     csq,
     dbdh,
     dch,
     dcmh,
     ddsh,
-    deep_sdh,  # noqa: F401,E402
+    deep_sdh,
+    dfh,
     dhn,
     distillhash,
     dmuh,
     dmuh_crossmodal,
+    dpn,
     dsdh,
-    dsg,  # noqa: F401,E402
+    dsg,
     dsh,
     dshsd,
     dtsh,
@@ -28,10 +31,13 @@ from dmuh.methods import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E
     hashnet,
     idhn,
     isdh,
+    jmlh,
     lcdsh,
     lfh,
+    mihash,
     orthohash,
     pcdh,
+    qsmih,
     regu,
     rph,
     sdh,

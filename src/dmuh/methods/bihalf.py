@@ -26,30 +26,10 @@ from typing import Dict
 import torch
 
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
+from dmuh.methods.components.functional import BiHalf  # noqa: F401  (tests and callers read it here)
 from dmuh.methods.components.params import Param
 from dmuh.methods.components.reference import PAIRINGS, ReferenceFeatures, similarity_mse
 from dmuh.utils.schema import Rule
-
-
-class BiHalf(torch.autograd.Function):
-    """Per-column batch-median binarisation forward; straight-through plus gamma * (U - B) / U.numel() backward."""
-
-    @staticmethod
-    def forward(ctx, values: torch.Tensor, gamma: float) -> torch.Tensor:
-        count = values.shape[0]
-        # A stable sort: tied values keep their batch order, so the codes do not depend on chance.
-        order = values.sort(dim=0, descending=True, stable=True).indices
-        ranked = torch.full_like(values, -1.0)
-        ranked[: count // 2] = 1.0
-        codes = torch.empty_like(values).scatter_(0, order, ranked)
-        ctx.save_for_backward(values, codes)
-        ctx.gamma = gamma
-        return codes
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        values, codes = ctx.saved_tensors
-        return grad_output + ctx.gamma * (values - codes) / values.numel(), None
 
 
 @register_method("bihalf", display_name="BiHalf")

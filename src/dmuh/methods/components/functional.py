@@ -61,3 +61,26 @@ class SignStraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
         return grad_output
+
+
+class BiHalf(torch.autograd.Function):
+    """The bi-half layer (Li & van Gemert, AAAI 2021; `bihalf`, and `bihalf-supervised` in
+    `dmuh.methods.ce`): per-column batch-median binarisation forward; straight-through plus
+    gamma * (U - B) / U.numel() backward."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, gamma: float) -> torch.Tensor:
+        count = values.shape[0]
+        # A stable sort: tied values keep their batch order, so the codes do not depend on chance.
+        order = values.sort(dim=0, descending=True, stable=True).indices
+        ranked = torch.full_like(values, -1.0)
+        ranked[: count // 2] = 1.0
+        codes = torch.empty_like(values).scatter_(0, order, ranked)
+        ctx.save_for_backward(values, codes)
+        ctx.gamma = gamma
+        return codes
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        values, codes = ctx.saved_tensors
+        return grad_output + ctx.gamma * (values - codes) / values.numel(), None
