@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from dmuh.data.noise import LabelNoise
-from dmuh.data.protocols import Split, make_split, resolve_protocol
+from dmuh.data.protocols import AUTO, Split, make_split, resolve_protocol
 from dmuh.errors import ConfigError, DmuhError, RunError, first_line
 from dmuh.methods import create_method
 from dmuh.models import create_model
@@ -89,7 +89,11 @@ def load_split(config: RunConfig, source, run_dir: Path) -> Split:
     if path.exists():
         split = Split.load(path)
         made = (split.protocol, split.seed, split.params)
-        protocol, params = resolve_protocol(config.protocol, source.labels, config.protocol_params)
+        if config.protocol == AUTO:  # chosen once, from the data as the run began: the saved choice stands
+            # (`dmuh evaluate` reads the items of an unlabeled run with their labels, which would choose anew)
+            protocol, params = split.protocol, {**split.params, **config.protocol_params}
+        else:
+            protocol, params = resolve_protocol(config.protocol, source.labels, config.protocol_params)
         wanted = (protocol, config.split_seed, params)
         if made != wanted:
             raise DmuhError(
