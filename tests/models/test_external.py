@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from dmuh.errors import DmuhError
 from dmuh.models import create_model
+from dmuh.models.registry import checkpoint_model_config
 from dmuh.runs.config import TrainConfig
 
 BITS = 8
@@ -109,6 +110,41 @@ def test_input_size_comes_from_the_pretrained_config_unless_given():
     assert create_model("timm:test_vit", bits=BITS, input_size=32).input_size == 32
     with pytest.raises(DmuhError, match="does not run at input_size 32.*img_size"):
         create_model("timm:test_vit", bits=BITS, input_size=32, dynamic_img_size=False)
+
+
+def test_the_input_transform_comes_from_the_pretrained_config_unless_given():
+    tv = create_model("tv:resnet18", bits=BITS)  # torchvision's weights transforms: resize 256, crop 224
+    assert tv.input_transform == {
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+        "crop_pct": 0.875,
+    }
+    given = create_model("timm:test_vit", bits=BITS, mean=0.4, crop_pct=1, interpolation="bilinear")
+    assert given.input_transform == {
+        "mean": [0.4],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+    rebuilt = create_model(**given.config)
+    assert rebuilt.input_transform == given.input_transform and rebuilt.config == given.config
+    assert create_model("smallcnn", bits=BITS).input_transform is None  # the pipeline's defaults
+    assert create_model("smallcnn", bits=BITS, std=[0.3]).config["std"] == [0.3]
+    with pytest.raises(DmuhError, match="'timm:test_vit': std must be one or a list of positive numbers"):
+        create_model("timm:test_vit", bits=BITS, std=[0.5, 0])
+    with pytest.raises(DmuhError, match="interpolation must be one of bilinear, bicubic, nearest, got 'area'"):
+        create_model("tv:resnet18", bits=BITS, interpolation="area")
+    # A checkpoint of a timm: network from before the transform was recorded: trained with ImageNet's.
+    old = {key: value for key, value in create_model("timm:test_vit", bits=BITS).config.items() if key != "mean"}
+    old.pop("std"), old.pop("interpolation"), old.pop("crop_pct")
+    legacy = create_model(**checkpoint_model_config(old)).input_transform
+    assert legacy == {
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
 
 
 def test_inception_side_heads_are_off(tmp_path):

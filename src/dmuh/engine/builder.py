@@ -35,6 +35,7 @@ from dmuh.methods import METHODS, HashingMethod, Requirements, create_method, me
 from dmuh.metrics.ranking import DEFAULT_TIES, mean_average_precision
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
+from dmuh.models.registry import checkpoint_model_config
 from dmuh.runs.config import INIT_WORDS, TrainConfig
 from dmuh.runs.layout import (
     CHECKPOINT,
@@ -98,7 +99,7 @@ def trained_model(
     if model_config is None:
         return build_model(config, images, native_size=False)
     try:
-        return create_model(**model_config)  # the weights come from the checkpoint
+        return create_model(**checkpoint_model_config(model_config))  # the weights come from the checkpoint
     except (KeyError, TypeError) as error:
         raise DmuhError(f"{path}: unreadable network specification ({error})") from None
 
@@ -190,7 +191,7 @@ def build_experiment(
     the method asks for (`momentum` when the caller rebuilt it, else made from the network as it is
     now), compiled if the config says so."""
     device = resolve_device(config.device)
-    pipeline = InputPipeline(getattr(data.source, "channels", None), getattr(model, "input_size", None), config.augment)
+    pipeline = InputPipeline.for_network(model, config.augment, getattr(data.source, "channels", None))
     train_inputs = data.images[torch.from_numpy(data.split.train)].to(device)
     if context.enabled and device.type == "cuda":  # BatchNorm statistics of the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -12,6 +12,7 @@ from pathlib import Path
 from dmuh.engine.runtime import resolve_cache_dir
 from dmuh.errors import ConfigError, DmuhError
 from dmuh.methods import create_method
+from dmuh.models.network import INPUT_OPTIONS, input_transform
 from dmuh.models.registry import MODELS
 from dmuh.runs.config import INIT_WORDS, RunConfig, TrainConfig
 
@@ -27,7 +28,12 @@ def check_model(config: RunConfig) -> None:
             raise ConfigError(f"model_params {key}: set it with {_OWN_FLAGS[key]}", field="model_params")
         if key in _FROM_DATA:
             raise ConfigError(f"model_params {key}: taken from the data, not set by hand", field="model_params")
-    MODELS.check_options(config.model, [k for k in config.model_params if k != "hash_init_std"])
+    own = ("hash_init_std", *INPUT_OPTIONS)
+    MODELS.check_options(config.model, [k for k in config.model_params if k not in own])
+    try:
+        input_transform(config.model, {k: v for k, v in config.model_params.items() if k in INPUT_OPTIONS}, {})
+    except DmuhError as error:
+        raise ConfigError(str(error), field="model_params") from None
     if config.pretrained is not None and not Path(config.pretrained).is_file():
         raise ConfigError(f"pretrained {config.pretrained}: no such file", field="pretrained")
 

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dmuh.data.pipeline import InputPipeline
 from dmuh.data.protocols import AUTO, choose_protocol
 from dmuh.engine.builder import (
     Experiment,
@@ -266,7 +265,7 @@ class Trainer:
                     f"method {config.method!r} learns from two augmented views of each image; "
                     f"--data {config.data} holds feature vectors"
                 )
-            self.view_pipeline = InputPipeline(exp.pipeline.channels, exp.pipeline.input_size, needs.view_augment)
+            self.view_pipeline = exp.pipeline.with_augment(needs.view_augment)
         self.batch_size = min(config.batch_size, num_train // context.world_size)
         self.global_batch = self.batch_size * context.world_size
         self.steps = num_train // self.global_batch  # drop the ragged last batch: every step sees a full batch

@@ -19,9 +19,9 @@ given), torchvision's weights transforms' crop size (or `image_size` when given)
 another size are resized to it on the device by the input pipeline, as for the ImageNet networks.
 An `input_size` option sets another resolution; it is not a factory argument, so these models are
 not `takes_input_size` ones: `dmuh train` keeps the pretrained resolution, not the images' size.
-`pretrained_data_config` keeps the normalisation of those weights (mean, std, interpolation,
-crop_pct) for the input pipeline to use (not yet used by it: the pipeline normalises with
-ImageNet statistics).
+`pretrained_data_config` keeps the input transform of those weights (mean, std, interpolation,
+crop_pct): `create_model` records it (unless given) and the input pipeline applies it
+(`dmuh.models.network.input_transform`, `dmuh.data.pipeline.InputPipeline`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 
 from dmuh.errors import DmuhError
 from dmuh.models.heads import create_head
-from dmuh.models.network import HashNetwork
+from dmuh.models.network import INPUT_OPTIONS, HashNetwork, input_transform
 from dmuh.models.pretrained import load_pretrained_backbone
 from dmuh.utils.registry import Entry, Registry
 
@@ -112,6 +112,20 @@ def takes_input_size(name: str) -> bool:
     return "input_size" in MODELS.entry(name).options()
 
 
+# The input transform every image model had before it was recorded: a timm: or tv: checkpoint
+# without one was trained with it (`checkpoint_model_config`).
+_UNRECORDED_TRANSFORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
+
+
+def checkpoint_model_config(model_config: dict) -> dict:
+    """A checkpoint's `model_config` as `create_model` takes it: a timm: or tv: network recorded
+    before its input transform was is rebuilt with the one it was trained with, not the pretrained
+    config's."""
+    if MODELS.family(model_config.get("name", "")) is not None and "mean" not in model_config:
+        return {**_UNRECORDED_TRANSFORM, "crop_pct": 1.0, **model_config}
+    return dict(model_config)
+
+
 def create_model(
     name: str,
     bits: int,
@@ -132,7 +146,10 @@ def create_model(
     head: the recorded config of a fitted hash head (`dmuh.models.heads`), rebuilt empty for a
         checkpoint to fill; None: the linear hash layer.
     options: model-specific keyword arguments (e.g. `small_input`, `input_dim`, `hidden`,
-        `input_size` for the models that take any size; see `takes_input_size`).
+        `input_size` for the models that take any size; see `takes_input_size`), and the input
+        transform (`INPUT_OPTIONS`: mean, std, interpolation, crop_pct; `dmuh.models.network.
+        input_transform`), which a timm: or tv: backbone takes from its pretrained data config
+        unless given; it is recorded in `model.config` and `model.input_transform`.
 
     `model.config` holds the arguments that rebuild the architecture (`create_model(**model.config)`),
     never the weights file.
@@ -144,6 +161,7 @@ def create_model(
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
             raise DmuhError(f"model {name!r}: in_channels must be a positive integer, got {in_channels!r}")
         options["in_channels"] = in_channels
+    given_transform = {key: options.pop(key) for key in INPUT_OPTIONS if key in options}
     backbone = MODELS.create(name, {}, options)
     if pretrained is not None:
         # Where the weights of a timm or torchvision name are published, for a machine with internet.
@@ -157,6 +175,10 @@ def create_model(
             raise DmuhError(f"pretrained weights file not found: {pretrained}{where}")
         load_pretrained_backbone(backbone, pretrained, model_name=name)
     model = HashNetwork(backbone, bits, name=name, hash_init_std=hash_init_std, hash_norm=hash_norm)
+    derived_transform = getattr(backbone, "pretrained_data_config", None) or {}
+    if given_transform or derived_transform:
+        model.input_transform = input_transform(name, given_transform, derived_transform)
+        options.update(model.input_transform)
     if takes_input_size(name) or MODELS.family(name) is not None:
         # The size it is built for, given or the default (for timm: and tv: names, the pretrained
         # config's, which another library version might change): what a checkpoint rebuilds.

@@ -156,7 +156,7 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
     for module in (model, method, momentum_network):
         if module is not None:
             module.to(device)
-    pipeline = InputPipeline(model.in_channels, model.input_size, "none")
+    pipeline = InputPipeline.for_network(model)
     identity = {
         "run": str(run_dir.resolve()),
         "checkpoint_sha256": file_sha256(checkpoint_path),

@@ -38,6 +38,7 @@ from dmuh.errors import ConfigError, DmuhError, RunError, first_line
 from dmuh.methods import create_method
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
+from dmuh.models.registry import checkpoint_model_config
 from dmuh.runs.checkpoint import file_kind, load_state, load_weights, save_state, tensor_problem
 from dmuh.runs.config import RunConfig, TrainConfig
 from dmuh.runs.files import (  # noqa: F401 - a run's file names, also this module's API
@@ -278,7 +279,7 @@ def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainC
     if model_config is None or method_spec is None:
         model_config, method_spec = legacy_specs(checkpoint, config, run_dir)
     try:
-        model = create_model(**model_config)
+        model = create_model(**checkpoint_model_config(model_config))
         method = create_method(
             method_spec["name"],
             bits=method_spec["bits"],
