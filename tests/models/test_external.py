@@ -12,10 +12,12 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from dmuh.errors import DmuhError
+from dmuh.cli import main
+from dmuh.errors import ConfigError, DmuhError
 from dmuh.models import create_model
 from dmuh.models.registry import checkpoint_model_config
 from dmuh.runs.config import TrainConfig
+from dmuh.runs.layout import load_init
 
 BITS = 8
 
@@ -173,7 +175,11 @@ def test_a_pretrained_tag_picks_the_config_and_a_missing_file_says_where_to_get_
     assert tagged.input_size == 160 and tagged.config["input_size"] == 160
     with pytest.raises(DmuhError, match=r"nothing is downloaded.*huggingface.co/timm/test_vit.r160_in1k"):
         create_model("timm:test_vit", bits=BITS, pretrained=True)
-    with pytest.raises(DmuhError, match=r"nope.pth; get its weights elsewhere \(https://download.pytorch.org/models/"):
+    with pytest.raises(
+        DmuhError,
+        match=r"nope.pth; nothing is downloaded: put the weights of tv:resnet18 there, fetched elsewhere "
+        r"\(https://download.pytorch.org/models/resnet18-",
+    ):
         create_model("tv:resnet18", bits=BITS, pretrained=tmp_path / "nope.pth")
     with pytest.raises(DmuhError, match="unknown model 'timm:test_vit.bogus'"):
         create_model("timm:test_vit.bogus", bits=BITS)
@@ -192,6 +198,34 @@ def test_nothing_is_downloaded(monkeypatch):
 def test_the_config_accepts_the_names():
     config = TrainConfig(model="timm:test_vit", model_params={"img_size": 16, "drop_path_rate": 0.1})
     assert config.model == "timm:test_vit"
+
+
+def test_init_file_drops_the_head_by_the_pretrained_rule(tmp_path):
+    source = _timm_source("test_resnet")
+    weights = _save_safetensors(source, tmp_path / "model.safetensors")  # with fc.* (the head)
+    model = create_model("timm:test_resnet", bits=BITS).eval()
+    assert load_init(str(weights), model, split=None) == f"backbone initialised from {weights}"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), _timm_features(source, x), rtol=0, atol=0)
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(ConfigError, match=r"init weights .*bad.pth do not fit model 'timm:test_resnet': missing keys"):
+        load_init(str(tmp_path / "bad.pth"), model, split=None)
+
+
+def test_a_missing_weights_file_says_where_to_put_it_and_where_to_get_it(tmp_path, capsys):
+    wanted = tmp_path / "weights" / "model.safetensors"
+    base = ["train", "--data", "digits", "--model", "timm:test_vit", "--out", str(tmp_path / "run")]
+    for flag in ("--pretrained", "--init"):
+        assert main(base + [flag, str(wanted)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert (
+            f"{flag[2:]} {wanted}: no such" in err
+            and "file; nothing is downloaded: put the weights of timm:test_vit there, fetched elsewhere "
+            "(model.safetensors of https://huggingface.co/timm/test_vit.r160_in1k)"
+            in err
+        ), err
 
 
 def _dmuh(*args):

@@ -13,7 +13,7 @@ from dmuh.engine.runtime import resolve_cache_dir
 from dmuh.errors import ConfigError, DmuhError
 from dmuh.methods import create_method
 from dmuh.models.network import INPUT_OPTIONS, input_transform
-from dmuh.models.registry import MODELS
+from dmuh.models.registry import MODELS, missing_weights_hint
 from dmuh.runs.config import INIT_WORDS, RunConfig, TrainConfig
 
 # Arguments of create_model that are not backbone options: their own flags, or set from the data.
@@ -35,7 +35,8 @@ def check_model(config: RunConfig) -> None:
     except DmuhError as error:
         raise ConfigError(str(error), field="model_params") from None
     if config.pretrained is not None and not Path(config.pretrained).is_file():
-        raise ConfigError(f"pretrained {config.pretrained}: no such file", field="pretrained")
+        hint = missing_weights_hint(config.model)
+        raise ConfigError(f"pretrained {config.pretrained}: no such file{hint}", field="pretrained")
 
 
 def check_method(config: TrainConfig) -> None:
@@ -80,8 +81,10 @@ def check_train_config(config: TrainConfig) -> None:
     check_model(config)
     check_method(config)
     if config.init not in INIT_WORDS and not Path(config.init).exists():
+        hint = missing_weights_hint(config.model) if Path(config.init).suffix else ""
         raise ConfigError(
-            f"init {config.init}: no such run directory or weights file (or use auto or scratch)", field="init"
+            f"init {config.init}: no such run directory or weights file{hint or ' (or use auto or scratch)'}",
+            field="init",
         )
 
 

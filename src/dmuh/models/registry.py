@@ -40,6 +40,7 @@ class Family:
     names: Callable[[], List[str]]  # every NAME the library builds
     library: str  # how messages call it
     refused: Dict[str, str]  # options a caller cannot give -> why
+    source: Callable[[str], str] = lambda arch: ""  # where NAME's pretrained weights are published
 
 
 class ModelRegistry(Registry):
@@ -52,8 +53,10 @@ class ModelRegistry(Registry):
         super().__init__(kind, option_word)
         self.families: Dict[str, Family] = {}
 
-    def register_family(self, prefix: str, factory, names, library: str, refused: Dict[str, str]) -> None:
-        self.families[prefix] = Family(factory, names, library, dict(refused))
+    def register_family(
+        self, prefix: str, factory, names, library: str, refused: Dict[str, str], source=lambda arch: ""
+    ) -> None:
+        self.families[prefix] = Family(factory, names, library, dict(refused), source)
 
     def family(self, name: str) -> Optional[Family]:
         prefix, sep, _ = str(name).partition(":")
@@ -105,6 +108,22 @@ def register_model(name: str, **fixed):
 def available_models() -> list:
     """Names of every registered model."""
     return MODELS.names()
+
+
+def weights_source(name: str) -> str:
+    """Where the pretrained weights of model `name` are published (a `timm:` or `tv:` name), or ""."""
+    family = MODELS.family(name)
+    return family.source(str(name).partition(":")[2]) if family is not None else ""
+
+
+def missing_weights_hint(name: str) -> str:
+    """What to do about a weights file of model `name` that is missing, for a message that names
+    its path first: nothing is downloaded, so the file goes there, fetched elsewhere from where the
+    weights are published ("" for a name without published weights)."""
+    source = weights_source(name)
+    if not source:
+        return ""
+    return f"; nothing is downloaded: put the weights of {name} there, fetched elsewhere ({source})"
 
 
 def takes_input_size(name: str) -> bool:
@@ -164,15 +183,14 @@ def create_model(
     given_transform = {key: options.pop(key) for key in INPUT_OPTIONS if key in options}
     backbone = MODELS.create(name, {}, options)
     if pretrained is not None:
-        # Where the weights of a timm or torchvision name are published, for a machine with internet.
-        source = getattr(backbone, "weights_source", "")
-        where = f"; get its weights elsewhere ({source}) and give the file" if source else ""
         if isinstance(pretrained, bool):
+            source = weights_source(name)
+            where = f"; get its weights elsewhere ({source}) and give the file" if source else ""
             raise DmuhError(
                 f"model {name!r}: pretrained must be the path of a local weights file (nothing is downloaded){where}"
             )
-        if where and not os.path.isfile(pretrained):
-            raise DmuhError(f"pretrained weights file not found: {pretrained}{where}")
+        if not os.path.isfile(pretrained):
+            raise DmuhError(f"pretrained weights file not found: {pretrained}{missing_weights_hint(name)}")
         load_pretrained_backbone(backbone, pretrained, model_name=name)
     model = HashNetwork(backbone, bits, name=name, hash_init_std=hash_init_std, hash_norm=hash_norm)
     derived_transform = getattr(backbone, "pretrained_data_config", None) or {}

@@ -38,6 +38,7 @@ from dmuh.errors import ConfigError, DmuhError, RunError, first_line
 from dmuh.methods import create_method
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
+from dmuh.models.pretrained import load_pretrained_backbone, read_state_dict
 from dmuh.models.registry import checkpoint_model_config
 from dmuh.runs.checkpoint import file_kind, load_state, load_weights, save_state, tensor_problem
 from dmuh.runs.config import RunConfig, TrainConfig
@@ -426,9 +427,8 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
         weights_file = path
     else:
         raise ConfigError(f"init {init}: no such run directory or weights file", field="init")
-    if weights_file.suffix == ".safetensors":
-        # A dmuh file (backbone or a run's checkpoint) is checked against its checksum; a foreign
-        # state dict without dmuh metadata (torchvision weights converted) is read as it is.
+    if weights_file.suffix == ".safetensors" and file_kind(weights_file) is not None:
+        # A dmuh file (backbone or a run's checkpoint) is checked against its checksum.
         if file_kind(weights_file) == CHECKPOINT_KIND:
             state = load_state(weights_file, CHECKPOINT_KIND).get("model")
             if not isinstance(state, dict):
@@ -436,13 +436,19 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
         else:
             state = load_weights(weights_file, BACKBONE_KIND)
     else:
+        # A foreign state dict (a timm / Hugging Face model.safetensors, a torchvision .pth): a
+        # backbone's is loaded as --pretrained loads it, its classifier head dropped by the model's rule.
         try:
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ConfigError(
-                f"init {weights_file}: not a readable state dict ({type(exc).__name__})", field="init"
-            ) from None
-        state = state.get("model", state) if isinstance(state, dict) else state
+            state = read_state_dict(weights_file)
+        except DmuhError as error:
+            raise ConfigError(f"init: {first_line(error)}", field="init") from None
+        if not any(k.startswith("backbone.") for k in state):
+            name = getattr(model, "name", "")
+            try:
+                load_pretrained_backbone(model.backbone, weights_file, name, state=state, what="init weights")
+            except DmuhError as error:
+                raise ConfigError(str(error), field="init") from None
+            return f"backbone initialised from {weights_file}"
     # A whole hashing-network state dict (backbone.* and hash_layer.*) or a backbone's.
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
