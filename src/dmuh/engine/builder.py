@@ -47,6 +47,7 @@ from dmuh.runs.layout import (
     load_run_config,
     load_split,
     rebuild_networks,
+    save_feature_backbone,
 )
 from dmuh.utils import distributed
 from dmuh.utils.words import plural
@@ -131,6 +132,8 @@ def open_data(
     distributed.barrier(context)  # rank 0 writes the split once; the others read it
     if not context.is_main:
         split = load_split(config, source, run_dir)
+    if context.is_main and getattr(source, "backbone", None) is not None:  # vectors of `dmuh features`
+        save_feature_backbone(run_dir, source.backbone)
     images = decode_all(source, config)
     declared = method_class(config.method).requires  # known before any label is read
     if declared.labels and not source.labeled:

@@ -12,3 +12,4 @@ BACKBONE = "backbone.safetensors"
 EVAL = "eval.json"
 LABEL_NOISE = "label_noise.json"
 VOCABULARY = "vocabulary.json"  # the words of a cross-modal run's text vectors (dmuh.data.paired.Vocabulary)
+FEATURE_BACKBONE = "feature_backbone.json"  # the backbone of the features a run trained on (dmuh.retrieval.backbone)

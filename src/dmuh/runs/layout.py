@@ -9,6 +9,7 @@
     RUN/label_noise.json         the training labels flipped by --label-noise (dmuh.data.noise.LabelNoise)
     RUN/backbone.safetensors     a `dmuh pretrain` run's backbone
     RUN/eval.json                `dmuh evaluate`'s report
+    RUN/feature_backbone.json    the backbone that made the run's feature vectors (`dmuh features`)
 
 A checkpoint records `model_config` (the `create_model` arguments) and `method_spec` (the
 `create_method` arguments with the method's size), so `rebuild_networks` makes the network and the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -49,6 +51,7 @@ from dmuh.runs.files import (  # noqa: F401 - a run's file names, also this modu
     CHECKPOINT_KIND,
     CONFIG,
     EVAL,
+    FEATURE_BACKBONE,
     LABEL_NOISE,
     LEGACY_CHECKPOINT,
     LOG,
@@ -62,7 +65,7 @@ from dmuh.runs.legacy import (  # noqa: F401 - legacy_method_params is also this
     legacy_specs,
     read_legacy_checkpoint,
 )
-from dmuh.utils.io import atomic_path
+from dmuh.utils.io import atomic_path, atomic_write_text, parse_json
 from dmuh.utils.schema import load_yaml
 
 # -- resolving a run and its config -------------------------------------------------------------
@@ -397,6 +400,28 @@ def read_log(path: Path) -> List[Dict[str, float]]:
     except csv.Error as error:
         raise _damaged_log(path, reader.line_num, f"not CSV ({error})") from None
     return rows
+
+
+# -- the backbone of a run trained on `dmuh features` vectors ------------------------------------
+
+
+def save_feature_backbone(run_dir: Path, record: dict) -> None:
+    """Keep the record of the backbone that made the run's feature vectors, so the run encodes images."""
+    atomic_write_text(Path(run_dir) / FEATURE_BACKBONE, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def read_feature_backbone(run_dir: Path):
+    """The run's feature backbone record, or None (a run on images, or on vectors without one)."""
+    path = Path(run_dir) / FEATURE_BACKBONE
+    if not path.is_file():
+        return None
+    try:
+        record = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunError(f"{path}: cannot read it ({first_line(error)})") from None
+    if not isinstance(record, dict):
+        raise RunError(f"{path}: not a backbone record (a JSON object)")
+    return record
 
 
 # -- initialisation from a pre-training ---------------------------------------------------------
