@@ -34,6 +34,7 @@ from dmuh.errors import ConfigError, DataError, DmuhError
 from dmuh.methods import METHODS, HashingMethod, Requirements, create_method, method_class
 from dmuh.metrics.ranking import DEFAULT_TIES, mean_average_precision
 from dmuh.models import create_model
+from dmuh.models.finetune import freeze_stages
 from dmuh.models.momentum import MomentumNetwork
 from dmuh.models.registry import checkpoint_model_config
 from dmuh.runs.config import INIT_WORDS, TrainConfig
@@ -173,6 +174,7 @@ def build_networks(
     model = trained_model(config, data.images, run_dir, checkpoint)
     if config.init not in INIT_WORDS:
         load_init(config.init, model, data.split)
+    freeze_stages(model, config.freeze_stages)  # before the warm-up: it trains what is not frozen
     method = create_method(
         config.method,
         bits=config.bits,

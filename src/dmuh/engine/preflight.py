@@ -76,10 +76,22 @@ def check_files(config: RunConfig) -> None:
         raise ConfigError(f"cache_dir {config.cache_dir}: is a file, not a folder (or use off)", field="cache_dir")
 
 
+def check_finetuning(config: TrainConfig) -> None:
+    """--layer-decay and --freeze-stages read a timm: backbone's stages (dmuh.models.finetune)."""
+    for field, value, off in (("layer_decay", config.layer_decay, None), ("freeze_stages", config.freeze_stages, 0)):
+        if value != off and MODELS.family(config.model) is not MODELS.families.get("timm"):
+            raise ConfigError(
+                f"{field} {value}: needs a timm: backbone (its group_matcher names the stages); "
+                f"model {config.model!r} has none",
+                field=field,
+            )
+
+
 def check_train_config(config: TrainConfig) -> None:
     check_files(config)
     check_model(config)
     check_method(config)
+    check_finetuning(config)
     if config.init not in INIT_WORDS and not Path(config.init).exists():
         hint = missing_weights_hint(config.model) if Path(config.init).suffix else ""
         raise ConfigError(

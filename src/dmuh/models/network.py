@@ -102,6 +102,18 @@ class HashNetwork(nn.Module):
         # None: the input pipeline's defaults (ImageNet statistics, bilinear, no crop).
         self.input_transform: Optional[Dict[str, Any]] = None
 
+    def freeze(self, modules) -> None:
+        """Keep `modules` (of frozen stages, `dmuh.models.finetune.freeze_stages`) in eval mode, so
+        their normalisation layers keep the loaded running statistics while the rest trains."""
+        self._frozen_modules = list(modules)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "HashNetwork":
+        super().train(mode)
+        for module in getattr(self, "_frozen_modules", ()):
+            module.eval()
+        return self
+
     def install_head(self, head: nn.Module) -> None:
         """Compute raw codes with a fitted head from now on, and record it in `config` so a
         checkpoint rebuilds it (`create_model(..., head=head.config)`)."""
