@@ -33,6 +33,7 @@ def subcommands(parser, path=()):
 
 
 OWNED = (
+    "features",
     "encode",
     "index build",
     "index info",

@@ -12,9 +12,12 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from dmuh.errors import DmuhError
+from dmuh.cli import main
+from dmuh.errors import ConfigError, DmuhError
 from dmuh.models import create_model
+from dmuh.models.registry import checkpoint_model_config
 from dmuh.runs.config import TrainConfig
+from dmuh.runs.layout import load_init
 
 BITS = 8
 
@@ -111,6 +114,41 @@ def test_input_size_comes_from_the_pretrained_config_unless_given():
         create_model("timm:test_vit", bits=BITS, input_size=32, dynamic_img_size=False)
 
 
+def test_the_input_transform_comes_from_the_pretrained_config_unless_given():
+    tv = create_model("tv:resnet18", bits=BITS)  # torchvision's weights transforms: resize 256, crop 224
+    assert tv.input_transform == {
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+        "crop_pct": 0.875,
+    }
+    given = create_model("timm:test_vit", bits=BITS, mean=0.4, crop_pct=1, interpolation="bilinear")
+    assert given.input_transform == {
+        "mean": [0.4],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+    rebuilt = create_model(**given.config)
+    assert rebuilt.input_transform == given.input_transform and rebuilt.config == given.config
+    assert create_model("smallcnn", bits=BITS).input_transform is None  # the pipeline's defaults
+    assert create_model("smallcnn", bits=BITS, std=[0.3]).config["std"] == [0.3]
+    with pytest.raises(DmuhError, match="'timm:test_vit': std must be one or a list of positive numbers"):
+        create_model("timm:test_vit", bits=BITS, std=[0.5, 0])
+    with pytest.raises(DmuhError, match="interpolation must be one of bilinear, bicubic, nearest, got 'area'"):
+        create_model("tv:resnet18", bits=BITS, interpolation="area")
+    # A checkpoint of a timm: network from before the transform was recorded: trained with ImageNet's.
+    old = {key: value for key, value in create_model("timm:test_vit", bits=BITS).config.items() if key != "mean"}
+    old.pop("std"), old.pop("interpolation"), old.pop("crop_pct")
+    legacy = create_model(**checkpoint_model_config(old)).input_transform
+    assert legacy == {
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+
+
 def test_inception_side_heads_are_off(tmp_path):
     model = create_model("tv:inception_v3", bits=BITS, init_weights=False).train()
     assert model(torch.randn(2, 3, 80, 80)).shape == (2, BITS)  # a tensor, not InceptionOutputs
@@ -137,7 +175,11 @@ def test_a_pretrained_tag_picks_the_config_and_a_missing_file_says_where_to_get_
     assert tagged.input_size == 160 and tagged.config["input_size"] == 160
     with pytest.raises(DmuhError, match=r"nothing is downloaded.*huggingface.co/timm/test_vit.r160_in1k"):
         create_model("timm:test_vit", bits=BITS, pretrained=True)
-    with pytest.raises(DmuhError, match=r"nope.pth; get its weights elsewhere \(https://download.pytorch.org/models/"):
+    with pytest.raises(
+        DmuhError,
+        match=r"nope.pth; nothing is downloaded: put the weights of tv:resnet18 there, fetched elsewhere "
+        r"\(https://download.pytorch.org/models/resnet18-",
+    ):
         create_model("tv:resnet18", bits=BITS, pretrained=tmp_path / "nope.pth")
     with pytest.raises(DmuhError, match="unknown model 'timm:test_vit.bogus'"):
         create_model("timm:test_vit.bogus", bits=BITS)
@@ -156,6 +198,34 @@ def test_nothing_is_downloaded(monkeypatch):
 def test_the_config_accepts_the_names():
     config = TrainConfig(model="timm:test_vit", model_params={"img_size": 16, "drop_path_rate": 0.1})
     assert config.model == "timm:test_vit"
+
+
+def test_init_file_drops_the_head_by_the_pretrained_rule(tmp_path):
+    source = _timm_source("test_resnet")
+    weights = _save_safetensors(source, tmp_path / "model.safetensors")  # with fc.* (the head)
+    model = create_model("timm:test_resnet", bits=BITS).eval()
+    assert load_init(str(weights), model, split=None) == f"backbone initialised from {weights}"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), _timm_features(source, x), rtol=0, atol=0)
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(ConfigError, match=r"init weights .*bad.pth do not fit model 'timm:test_resnet': missing keys"):
+        load_init(str(tmp_path / "bad.pth"), model, split=None)
+
+
+def test_a_missing_weights_file_says_where_to_put_it_and_where_to_get_it(tmp_path, capsys):
+    wanted = tmp_path / "weights" / "model.safetensors"
+    base = ["train", "--data", "digits", "--model", "timm:test_vit", "--out", str(tmp_path / "run")]
+    for flag in ("--pretrained", "--init"):
+        assert main(base + [flag, str(wanted)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert (
+            f"{flag[2:]} {wanted}: no such" in err
+            and "file; nothing is downloaded: put the weights of timm:test_vit there, fetched elsewhere "
+            "(model.safetensors of https://huggingface.co/timm/test_vit.r160_in1k)"
+            in err
+        ), err
 
 
 def _dmuh(*args):

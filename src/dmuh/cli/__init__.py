@@ -2,7 +2,7 @@
 
     training    train, pretrain, compare
     evaluation  evaluate
-    retrieval   encode, index build|info, search, export-onnx
+    retrieval   features, encode, index build|info, search, export-onnx
     serving     serve (a search page and a JSON API over HTTP)
     demo        demo (compare with a preset)
     figures     figure uncertainty|curves|topk (the paper's Fig. 1, 3, 4)

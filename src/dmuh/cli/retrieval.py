@@ -1,4 +1,5 @@
-"""The `dmuh encode`, `dmuh index build|info|add|remove`, `dmuh search` and `dmuh export-onnx` subcommands.
+"""The `dmuh features`, `dmuh encode`, `dmuh index build|info|add|remove`, `dmuh search` and `dmuh
+export-onnx` subcommands.
 
 `add_commands(subparsers)` adds them to the `dmuh` parser; every handler reads its flags, calls the
 library (`dmuh.retrieval.encoder`, `dmuh.retrieval.indexing`, `dmuh.retrieval.index`, `dmuh search` on
@@ -55,10 +56,63 @@ QUIET_HELP = "no progress bar [default: off]"
 
 
 def add_commands(subparsers) -> None:
+    _add_features(subparsers)
     _add_encode(subparsers)
     _add_index(subparsers)
     _add_search(subparsers)
     _add_export_onnx(subparsers)
+
+
+def _add_features(subparsers) -> None:
+    p = subparsers.add_parser(
+        "features",
+        help="write a backbone's frozen features of images to a features file",
+        description="Run a backbone (any --model, with --weights or random ones) over images and write their "
+        "feature vectors (.npz: features, ids, labels when known, and the backbone's record), for "
+        "`dmuh train --data features:FILE` with a shallow or MLP-head method; a run trained on them encodes "
+        "images through the same backbone.",
+    )
+    p.add_argument(
+        "--model", required=True, metavar="NAME", help="backbone: a dmuh model, timm:NAME or tv:NAME (required)"
+    )
+    p.add_argument(
+        "--model-param",
+        dest="model_params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option, repeatable (e.g. --model-param drop_path_rate=0.1, --model-param crop_pct=1) "
+        "[default: none]",
+    )
+    p.add_argument(
+        "--weights",
+        metavar="FILE|RUN",
+        help="the backbone's weights: a timm / Hugging Face model.safetensors, a torchvision .pth, or a "
+        "`dmuh pretrain` run (nothing is downloaded) [default: random weights, seed 0]",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA",
+        help="images: a folder or .zip (class folders give labels), a .txt list, or a dmuh data source "
+        "(digits, cifar-batches:DIR, ...) (required)",
+    )
+    p.add_argument(
+        "--root",
+        "--data-root",
+        dest="root",
+        metavar="DIR|ZIP",
+        help="what a list's paths are relative to [default: the list's folder]",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="features file to write (.npz) (required)")
+    p.add_argument(
+        "--image-size", type=int, metavar="N", help="decode images at N x N pixels [default: the first image's size]"
+    )
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=256, metavar="N", help="images per forward pass [default: 256]")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    p.set_defaults(func=cmd_features)
 
 
 def _add_encode(subparsers) -> None:
@@ -341,6 +395,35 @@ def _output_folder(path) -> None:
 
 
 # -- encode, index ----------------------------------------------------------------------------
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from dmuh.data.images import open_images
+    from dmuh.engine.runtime import Execution, resolve_device
+    from dmuh.retrieval.features import extract_features, save_features
+    from dmuh.utils.progress import progress_bar
+    from dmuh.utils.schema import parse_params
+
+    inputs = [("--data", args.data), ("--weights", args.weights), ("--root", args.root)]
+    refuse_overwrite(args.out, args.force, inputs=inputs)
+    if Path(args.out).suffix != ".npz":
+        raise DmuhError(f"--out {args.out}: a features file is a .npz")
+    _output_folder(args.out)
+    _check_image_size(args.image_size)
+    check_positive(args.batch_size, "--batch-size")
+    params = parse_params(args.model_params, "--model-param")
+    source = open_images(args.data, args.root)
+    execution = Execution(resolve_device(args.device), int(args.batch_size))
+    spec = {"model": args.model, "model_params": params, "weights": args.weights}
+    with progress_bar(len(source.ids), "features", unit="image", enabled=not args.quiet) as bar:
+        arrays = extract_features(
+            source, spec, execution, args.image_size, progress=lambda done, total: bar.update(done - bar.n)
+        )
+    save_features(args.out, arrays, overwrite=args.force)
+    features = arrays["features"]
+    extra = ", labels" if "labels" in arrays else ""
+    print(f"wrote {plural(len(features), 'feature vector')} of {features.shape[1]} ({args.model}){extra}: {args.out}")
+    return 0
 
 
 def cmd_encode(args: argparse.Namespace) -> int:

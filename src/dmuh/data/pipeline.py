@@ -6,7 +6,8 @@ on the device batch by batch, so the GPU never waits for a CPU data loader.
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -17,6 +18,17 @@ from dmuh.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _per_channel(key: str, values, channels: int) -> tuple:
+    values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else [values]))
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise ConfigError(f"input {key} has {len(values)} values for {channels}-channel images", field="model_params")
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -33,20 +45,55 @@ class InputPipeline:
     image padded by 1/8 of its side, the standard CIFAR augmentation) or "simclr" (random resized
     crop of 20-100% of the area, flip, colour jitter, random grey: the views of self-supervised
     pre-training). Feature vectors (2-D input) pass through unchanged.
+
+    `transform`: the network's input transform (`dmuh.models.network.input_transform`: mean, std in
+    0..1 units, interpolation, crop_pct), the same in training, `dmuh encode`, `serve` and
+    `export-onnx`. After augmentation the image is resized to floor(S / crop_pct) with that
+    interpolation and its centre S x S kept (timm's and torchvision's eval transform; crop_pct 1:
+    resized to S), then normalised. None: ImageNet statistics for 3 channels (0.5 and 0.5
+    otherwise), bilinear, no crop. A 3-value mean or std on a 1-channel network is averaged (the
+    gray image is the RGB copy the adapted first convolution sees).
     """
 
-    def __init__(self, channels: Optional[int], input_size: Optional[int], augment: str = "none"):
+    def __init__(
+        self,
+        channels: Optional[int],
+        input_size: Optional[int],
+        augment: str = "none",
+        transform: Optional[Dict[str, Any]] = None,
+    ):
         if augment not in AUGMENTATIONS:
             raise ConfigError(f"augment {augment!r}: choose one of {', '.join(AUGMENTATIONS)}", field="augment")
         self.channels = channels
         self.input_size = input_size
         self.augment = augment
+        self.transform = dict(transform or {})
+        count = channels or 1
         if channels == 3:
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
+            default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
         else:
-            mean, std = (0.5,) * (channels or 1), (0.5,) * (channels or 1)
+            default_mean, default_std = (0.5,) * count, (0.5,) * count
+        mean = _per_channel("mean", self.transform.get("mean") or default_mean, count)
+        std = _per_channel("std", self.transform.get("std") or default_std, count)
+        self.interpolation = self.transform.get("interpolation", "bilinear")
+        self.crop_pct = float(self.transform.get("crop_pct", 1.0))
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
+
+    @classmethod
+    def for_network(cls, network, augment: str = "none", channels: Optional[int] = None) -> "InputPipeline":
+        """The pipeline of a hashing network (`HashNetwork`): its input size and recorded input
+        transform; `channels` those of the data (default: the network's)."""
+        return cls(
+            channels if channels is not None else getattr(network, "in_channels", None),
+            getattr(network, "input_size", None),
+            augment,
+            getattr(network, "input_transform", None),
+        )
+
+    def with_augment(self, augment: str) -> "InputPipeline":
+        """This pipeline with another augmentation (the same size and transform)."""
+        return InputPipeline(self.channels, self.input_size, augment, self.transform)
 
     def __call__(
         self, images: torch.Tensor, generator: Optional[torch.Generator] = None, train: bool = False
@@ -56,14 +103,31 @@ class InputPipeline:
         x = images.float()
         if train and self.augment != "none":
             x = self._augment(x, generator)
-        if self.input_size and x.shape[-1] != self.input_size:
-            x = F.interpolate(
-                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=False
-            )
+        x = self._resize(x)
         if self.mean.device != x.device:  # moved once, not copied to the device every step
             self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
         mean, std = self.mean, self.std
         return (x - mean) / std
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.input_size
+        if not size:
+            return x
+        # timm's scale size, floor(S / crop_pct) (the epsilon: 299 / (299 / 342) is 341.99...).
+        scaled = int(math.floor(size / self.crop_pct + 1e-6)) if self.crop_pct < 1 else size
+        if tuple(x.shape[-2:]) != (scaled, scaled):
+            if self.interpolation == "nearest":
+                x = F.interpolate(x, size=(scaled, scaled), mode="nearest")
+            else:
+                x = F.interpolate(
+                    x, size=(scaled, scaled), mode=self.interpolation, align_corners=False, antialias=False
+                )
+                if self.interpolation == "bicubic":  # overshoots at edges; a decoded image is 0..255
+                    x = x.clamp(0.0, 255.0)
+        if scaled != size:
+            top = int(round((scaled - size) / 2.0))  # torchvision's CenterCrop
+            x = x[..., top : top + size, top : top + size]
+        return x
 
     def _augment(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
         if self.augment == "simclr":

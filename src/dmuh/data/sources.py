@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from dmuh.errors import DataError, DmuhError
-from dmuh.utils.io import atomic_path, check_array_file
+from dmuh.utils.io import atomic_path, check_array_file, parse_json
 from dmuh.utils.progress import progress_bar
 
 PathLike = Union[str, os.PathLike]
@@ -284,7 +284,12 @@ class ArraySource(Source):
 
 
 class FeatureSource(Source):
-    """Precomputed feature vectors (N, D) float32 with labels; `decode` returns the features."""
+    """Precomputed feature vectors (N, D) float32 with labels; `decode` returns the features.
+
+    `backbone`: the record of the network that made them (a `dmuh features` file's JSON `backbone`
+    key, see `dmuh.retrieval.backbone`), or None."""
+
+    backbone = None
 
     def __init__(self, features, labels, class_names=None, ids=None, subsets=None, name: str = "features"):
         features = np.asarray(features)
@@ -317,7 +322,9 @@ class FeatureSource(Source):
         which drops them) the source is unlabeled: (N, 0) labels."""
         path = Path(path)
         if path.suffix == ".npz":
-            arrays = _load_npz(path, required=("features",), optional=("labels", "class_names", "ids", "subsets"))
+            optional_keys = ("labels", "class_names", "ids", "subsets", "backbone")
+            arrays = _load_npz(path, required=("features",), optional=optional_keys)
+            backbone = _backbone_record(path, arrays["backbone"]) if "backbone" in arrays else None
             optional = {}
             for key in ("class_names", "ids", "subsets"):
                 if key in arrays:
@@ -332,7 +339,9 @@ class FeatureSource(Source):
             else:
                 optional.pop("class_names", None)
                 label_array = np.zeros((arrays["features"].shape[0] if arrays["features"].ndim else 0, 0), np.uint8)
-            return cls(arrays["features"], label_array, name=str(path), **optional)
+            source = cls(arrays["features"], label_array, name=str(path), **optional)
+            source.backbone = backbone
+            return source
         features = _load_npy(path, "features")
         if labels is not None and labeled:
             label_array = _load_npy(Path(labels), "labels")
@@ -352,6 +361,17 @@ class FeatureSource(Source):
     def _hash_content(self, digest) -> None:
         digest.update(repr(self.features.shape).encode())
         digest.update(self.features.data)
+
+
+def _backbone_record(path: Path, array: np.ndarray) -> dict:
+    """The JSON object of a features file's `backbone` key (a string)."""
+    try:
+        record = parse_json(str(array.item())) if array.ndim == 0 and array.dtype.kind == "U" else None
+    except ValueError as error:
+        raise DmuhError(f"{path}: key 'backbone' is not JSON ({_one_line(error)})") from None
+    if not isinstance(record, dict):
+        raise DmuhError(f"{path}: key 'backbone' must be a JSON object (as `dmuh features` writes it)")
+    return record
 
 
 _NPY_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)

@@ -34,7 +34,9 @@ from dmuh.errors import ConfigError, DataError, DmuhError
 from dmuh.methods import METHODS, HashingMethod, Requirements, create_method, method_class
 from dmuh.metrics.ranking import DEFAULT_TIES, mean_average_precision
 from dmuh.models import create_model
+from dmuh.models.finetune import freeze_stages
 from dmuh.models.momentum import MomentumNetwork
+from dmuh.models.registry import checkpoint_model_config
 from dmuh.runs.config import INIT_WORDS, TrainConfig
 from dmuh.runs.layout import (
     CHECKPOINT,
@@ -46,6 +48,7 @@ from dmuh.runs.layout import (
     load_run_config,
     load_split,
     rebuild_networks,
+    save_feature_backbone,
 )
 from dmuh.utils import distributed
 from dmuh.utils.words import plural
@@ -98,7 +101,7 @@ def trained_model(
     if model_config is None:
         return build_model(config, images, native_size=False)
     try:
-        return create_model(**model_config)  # the weights come from the checkpoint
+        return create_model(**checkpoint_model_config(model_config))  # the weights come from the checkpoint
     except (KeyError, TypeError) as error:
         raise DmuhError(f"{path}: unreadable network specification ({error})") from None
 
@@ -130,6 +133,8 @@ def open_data(
     distributed.barrier(context)  # rank 0 writes the split once; the others read it
     if not context.is_main:
         split = load_split(config, source, run_dir)
+    if context.is_main and getattr(source, "backbone", None) is not None:  # vectors of `dmuh features`
+        save_feature_backbone(run_dir, source.backbone)
     images = decode_all(source, config)
     declared = method_class(config.method).requires  # known before any label is read
     if declared.labels and not source.labeled:
@@ -169,6 +174,7 @@ def build_networks(
     model = trained_model(config, data.images, run_dir, checkpoint)
     if config.init not in INIT_WORDS:
         load_init(config.init, model, data.split)
+    freeze_stages(model, config.freeze_stages)  # before the warm-up: it trains what is not frozen
     method = create_method(
         config.method,
         bits=config.bits,
@@ -190,7 +196,7 @@ def build_experiment(
     the method asks for (`momentum` when the caller rebuilt it, else made from the network as it is
     now), compiled if the config says so."""
     device = resolve_device(config.device)
-    pipeline = InputPipeline(getattr(data.source, "channels", None), getattr(model, "input_size", None), config.augment)
+    pipeline = InputPipeline.for_network(model, config.augment, getattr(data.source, "channels", None))
     train_inputs = data.images[torch.from_numpy(data.split.train)].to(device)
     if context.enabled and device.type == "cuda":  # BatchNorm statistics of the global batch
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -12,7 +12,8 @@ from pathlib import Path
 from dmuh.engine.runtime import resolve_cache_dir
 from dmuh.errors import ConfigError, DmuhError
 from dmuh.methods import create_method
-from dmuh.models.registry import MODELS
+from dmuh.models.network import INPUT_OPTIONS, input_transform
+from dmuh.models.registry import MODELS, missing_weights_hint
 from dmuh.runs.config import INIT_WORDS, RunConfig, TrainConfig
 
 # Arguments of create_model that are not backbone options: their own flags, or set from the data.
@@ -27,9 +28,15 @@ def check_model(config: RunConfig) -> None:
             raise ConfigError(f"model_params {key}: set it with {_OWN_FLAGS[key]}", field="model_params")
         if key in _FROM_DATA:
             raise ConfigError(f"model_params {key}: taken from the data, not set by hand", field="model_params")
-    MODELS.check_options(config.model, [k for k in config.model_params if k != "hash_init_std"])
+    own = ("hash_init_std", *INPUT_OPTIONS)
+    MODELS.check_options(config.model, [k for k in config.model_params if k not in own])
+    try:
+        input_transform(config.model, {k: v for k, v in config.model_params.items() if k in INPUT_OPTIONS}, {})
+    except DmuhError as error:
+        raise ConfigError(str(error), field="model_params") from None
     if config.pretrained is not None and not Path(config.pretrained).is_file():
-        raise ConfigError(f"pretrained {config.pretrained}: no such file", field="pretrained")
+        hint = missing_weights_hint(config.model)
+        raise ConfigError(f"pretrained {config.pretrained}: no such file{hint}", field="pretrained")
 
 
 def check_method(config: TrainConfig) -> None:
@@ -69,13 +76,27 @@ def check_files(config: RunConfig) -> None:
         raise ConfigError(f"cache_dir {config.cache_dir}: is a file, not a folder (or use off)", field="cache_dir")
 
 
+def check_finetuning(config: TrainConfig) -> None:
+    """--layer-decay and --freeze-stages read a timm: backbone's stages (dmuh.models.finetune)."""
+    for field, value, off in (("layer_decay", config.layer_decay, None), ("freeze_stages", config.freeze_stages, 0)):
+        if value != off and MODELS.family(config.model) is not MODELS.families.get("timm"):
+            raise ConfigError(
+                f"{field} {value}: needs a timm: backbone (its group_matcher names the stages); "
+                f"model {config.model!r} has none",
+                field=field,
+            )
+
+
 def check_train_config(config: TrainConfig) -> None:
     check_files(config)
     check_model(config)
     check_method(config)
+    check_finetuning(config)
     if config.init not in INIT_WORDS and not Path(config.init).exists():
+        hint = missing_weights_hint(config.model) if Path(config.init).suffix else ""
         raise ConfigError(
-            f"init {config.init}: no such run directory or weights file (or use auto or scratch)", field="init"
+            f"init {config.init}: no such run directory or weights file{hint or ' (or use auto or scratch)'}",
+            field="init",
         )
 
 

@@ -139,8 +139,8 @@ def train_backbone(
     )
 
     channels = labeled.shape[1] if labeled.dim() == 4 else None
-    labeled_pipeline = InputPipeline(channels, model.input_size, config.augment)
-    view_pipeline = InputPipeline(channels, model.input_size, "simclr")
+    labeled_pipeline = InputPipeline.for_network(model, config.augment, channels)
+    view_pipeline = labeled_pipeline.with_augment("simclr")
 
     labeled_batch = min(config.batch_size, labeled.shape[0])
     unlabeled_batch = min(config.unlabeled_batch_size, unlabeled.shape[0]) if use_simclr else 0

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dmuh.data.pipeline import InputPipeline
 from dmuh.data.protocols import AUTO, choose_protocol
 from dmuh.engine.builder import (
     Experiment,
@@ -47,6 +46,7 @@ from dmuh.engine.runtime import (
 from dmuh.errors import ConfigError, DmuhError, RunError
 from dmuh.methods import HashingMethod, StepInputs, method_class
 from dmuh.metrics.ranking import DEFAULT_TIES
+from dmuh.models.finetune import layer_decay_groups
 from dmuh.runs.config import TrainConfig, with_absolute_paths
 from dmuh.runs.layout import (
     CHECKPOINT,
@@ -70,16 +70,23 @@ from dmuh.utils.words import plural
 
 
 def make_optimizer(config: TrainConfig, model: torch.nn.Module, method: HashingMethod) -> torch.optim.Optimizer:
+    """The backbone at its learning-rate multiplier (per block with --layer-decay), the hash layer,
+    the rest of the network and the method's own parameters at --lr; frozen parameters left out."""
     hash_params = list(model.hash_layer.parameters())
     hash_ids = {id(p) for p in hash_params}
-    backbone_params = [p for p in model.parameters() if id(p) not in hash_ids]
-    return build_optimizer(
-        config,
-        [
-            {"params": backbone_params, "lr_scale": backbone_lr_scale_of(config, method.requirements().labels)},
-            {"params": hash_params + list(method.parameters()), "lr_scale": 1.0},
-        ],
-    )
+    scale = backbone_lr_scale_of(config, method.requirements().labels)
+    if config.layer_decay is not None:
+        backbone_groups = layer_decay_groups(model, config.layer_decay, config.weight_decay, scale)
+        in_groups = {id(p) for group in backbone_groups for p in group["params"]}
+        rest = [p for p in model.parameters() if id(p) not in hash_ids and id(p) not in in_groups]
+        backbone_groups.append({"params": rest, "lr_scale": scale})  # a fitted head, hash_norm
+    else:
+        backbone_params = [p for p in model.parameters() if id(p) not in hash_ids]
+        backbone_groups = [{"params": backbone_params, "lr_scale": scale}]
+    groups = backbone_groups + [{"params": hash_params + list(method.parameters()), "lr_scale": 1.0}]
+    for group in groups:
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+    return build_optimizer(config, groups)
 
 
 class UncertaintyTrace:
@@ -266,7 +273,7 @@ class Trainer:
                     f"method {config.method!r} learns from two augmented views of each image; "
                     f"--data {config.data} holds feature vectors"
                 )
-            self.view_pipeline = InputPipeline(exp.pipeline.channels, exp.pipeline.input_size, needs.view_augment)
+            self.view_pipeline = exp.pipeline.with_augment(needs.view_augment)
         self.batch_size = min(config.batch_size, num_train // context.world_size)
         self.global_batch = self.batch_size * context.world_size
         self.steps = num_train // self.global_batch  # drop the ragged last batch: every step sees a full batch

@@ -19,9 +19,9 @@ given), torchvision's weights transforms' crop size (or `image_size` when given)
 another size are resized to it on the device by the input pipeline, as for the ImageNet networks.
 An `input_size` option sets another resolution; it is not a factory argument, so these models are
 not `takes_input_size` ones: `dmuh train` keeps the pretrained resolution, not the images' size.
-`pretrained_data_config` keeps the normalisation of those weights (mean, std, interpolation,
-crop_pct) for the input pipeline to use (not yet used by it: the pipeline normalises with
-ImageNet statistics).
+`pretrained_data_config` keeps the input transform of those weights (mean, std, interpolation,
+crop_pct): `create_model` records it (unless given) and the input pipeline applies it
+(`dmuh.models.network.input_transform`, `dmuh.data.pipeline.InputPipeline`).
 """
 
 from __future__ import annotations
@@ -101,6 +101,15 @@ def timm_names() -> List[str]:
     return sorted(set(timm.list_models()) | set(timm.list_models(pretrained=True)))
 
 
+def timm_weights_source(arch: str) -> str:
+    """Where the weights of `arch` (`architecture.tag`; its default tag) are published, or ""."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch)
+    hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    return f"model.safetensors of https://huggingface.co/{hub}" if hub else ""
+
+
 def timm_backbone(arch: str, in_channels: int = 3, **options) -> nn.Module:
     """timm model `arch` with random weights and no classifier (pooled features)."""
     import timm
@@ -126,14 +135,20 @@ def timm_backbone(arch: str, in_channels: int = 3, **options) -> nn.Module:
     first_conv = model.pretrained_cfg.get("first_conv")
     if isinstance(first_conv, str):
         model.first_conv = first_conv
-    hub = model.pretrained_cfg.get("hf_hub_id")
-    model.weights_source = f"model.safetensors of https://huggingface.co/{hub}" if hub else ""
+    model.weights_source = timm_weights_source(arch)
     _set_input_size(name, model, input_size)
     return model
 
 
 def torchvision_names() -> List[str]:
     return torchvision.models.list_models(module=torchvision.models)
+
+
+def torchvision_weights_source(arch: str) -> str:
+    try:
+        return torchvision.models.get_model_weights(arch).DEFAULT.url
+    except (ValueError, AttributeError, KeyError):  # a model without published weights
+        return ""
 
 
 def _classifier(model: nn.Module, num_classes: int) -> Tuple[str, nn.Linear]:
@@ -165,7 +180,7 @@ def torchvision_backbone(arch: str, in_channels: int = 3, **options) -> nn.Modul
         _set_submodule(model, first_conv, replace_conv_input(model.get_submodule(first_conv), in_channels))
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     transforms = weights.transforms()
-    model.weights_source = weights.url
+    model.weights_source = torchvision_weights_source(arch)
     model.feature_dim = int(head.in_features)
     model.in_channels = in_channels
     model.input_size = _square_size(name, options.get("image_size", transforms.crop_size))
@@ -181,5 +196,7 @@ def torchvision_backbone(arch: str, in_channels: int = 3, **options) -> nn.Modul
     return model
 
 
-MODELS.register_family("timm", timm_backbone, timm_names, "timm", REFUSED_OPTIONS)
-MODELS.register_family("tv", torchvision_backbone, torchvision_names, "torchvision", REFUSED_OPTIONS)
+MODELS.register_family("timm", timm_backbone, timm_names, "timm", REFUSED_OPTIONS, timm_weights_source)
+MODELS.register_family(
+    "tv", torchvision_backbone, torchvision_names, "torchvision", REFUSED_OPTIONS, torchvision_weights_source
+)

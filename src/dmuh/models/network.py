@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -10,6 +11,50 @@ from torch import nn
 from dmuh.errors import DmuhError
 
 HASH_NORMS = ("none", "batchnorm")
+
+# How images become the network's input (`dmuh.data.pipeline.InputPipeline`): model options that
+# `create_model` takes and records, never passed to a backbone's factory.
+INPUT_OPTIONS = ("mean", "std", "interpolation", "crop_pct")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Resampling filters of PIL-based pretrained configs that have no device resize: the nearest one.
+_NEAREST_INTERPOLATION = {"lanczos": "bicubic", "hamming": "bilinear", "box": "bilinear"}
+
+
+def input_transform(name: str, values: Dict[str, Any], derived: Dict[str, Any]) -> Dict[str, Any]:
+    """The checked input transform of model `name`: `values` (given by the user) over `derived`
+    (the pretrained weights' data config). mean and std: one number or one per channel, in 0..1
+    units; interpolation: one of INTERPOLATIONS; crop_pct in (0, 1]: the centre crop of the image's
+    side that is resized to the input size (timm's and torchvision's eval transform). Lists, so the
+    checkpoint's JSON gives the same config back."""
+    derived = dict(derived)
+    if derived.get("interpolation") in _NEAREST_INTERPOLATION:
+        derived["interpolation"] = _NEAREST_INTERPOLATION[derived["interpolation"]]
+    merged = {**derived, **values}
+    out: Dict[str, Any] = {}
+    for key in ("mean", "std"):
+        if merged.get(key) is None:
+            continue
+        value = merged[key]
+        numbers = list(value) if isinstance(value, (list, tuple)) else [value]
+        if (
+            not numbers
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in numbers)
+            or (key == "std" and any(v <= 0 for v in numbers))
+        ):
+            what = "positive numbers" if key == "std" else "numbers"
+            raise DmuhError(f"model {name!r}: {key} must be one or a list of {what} (0..1 units), got {value!r}")
+        out[key] = [float(v) for v in numbers]
+    interpolation = merged.get("interpolation", "bilinear")
+    if interpolation not in INTERPOLATIONS:
+        raise DmuhError(
+            f"model {name!r}: interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}"
+        )
+    out["interpolation"] = interpolation
+    crop = merged.get("crop_pct", 1.0)
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+        raise DmuhError(f"model {name!r}: crop_pct must be a number > 0 and <= 1, got {crop!r}")
+    out["crop_pct"] = float(crop)
+    return out
 
 
 class HashNetwork(nn.Module):
@@ -53,6 +98,21 @@ class HashNetwork(nn.Module):
         self.head: Optional[nn.Module] = None
         # The create_model(...) arguments that rebuild this architecture (never the weights file).
         self.config: Dict[str, Any] = {}
+        # How images are made its input (`input_transform`: mean, std, interpolation, crop_pct);
+        # None: the input pipeline's defaults (ImageNet statistics, bilinear, no crop).
+        self.input_transform: Optional[Dict[str, Any]] = None
+
+    def freeze(self, modules) -> None:
+        """Keep `modules` (of frozen stages, `dmuh.models.finetune.freeze_stages`) in eval mode, so
+        their normalisation layers keep the loaded running statistics while the rest trains."""
+        self._frozen_modules = list(modules)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "HashNetwork":
+        super().train(mode)
+        for module in getattr(self, "_frozen_modules", ()):
+            module.eval()
+        return self
 
     def install_head(self, head: nn.Module) -> None:
         """Compute raw codes with a fitted head from now on, and record it in `config` so a

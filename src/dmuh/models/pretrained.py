@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -63,14 +63,22 @@ def _summary(kind: str, keys: List[str]) -> str:
     return f"{kind} {shown}{more}"
 
 
-def load_pretrained_backbone(backbone: nn.Module, path: Union[str, os.PathLike], model_name: str = "") -> None:
-    """Copy the weights in `path` into `backbone`; every backbone tensor must be covered.
+def load_pretrained_backbone(
+    backbone: nn.Module,
+    path: Union[str, os.PathLike],
+    model_name: str = "",
+    state: Optional[Dict[str, torch.Tensor]] = None,
+    what: str = "pretrained weights",
+) -> None:
+    """Copy the weights in `path` (or `state`, already read from it) into `backbone`; every
+    backbone tensor must be covered.
 
     Keys under the backbone's `ignored_pretrained_keys` prefixes (a classifier head) are dropped;
     keys in `skipped_pretrained_keys` stay randomly initialised, with a warning saying why. A
     3-channel first convolution is adapted when the backbone takes another channel count.
+    `what` names the file in errors (`--init`'s are "init weights").
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path) if state is None else dict(state)
     ignored_prefixes = tuple(getattr(backbone, "ignored_pretrained_keys", ()))
     skipped: Dict[str, str] = dict(getattr(backbone, "skipped_pretrained_keys", {}))
     first_conv = getattr(backbone, "first_conv", None)
@@ -112,5 +120,5 @@ def load_pretrained_backbone(backbone: nn.Module, path: Union[str, os.PathLike],
             problems.append(_summary("unexpected keys", unexpected))
         if mismatched:
             problems.append(_summary("shape mismatch", mismatched))
-        raise DmuhError(f"pretrained weights {path} do not fit model {model_name!r}: {'; '.join(problems)}")
+        raise DmuhError(f"{what} {path} do not fit model {model_name!r}: {'; '.join(problems)}")
     backbone.load_state_dict(state, strict=False)  # strictness checked above; skipped keys stay

@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 
 from dmuh.errors import DmuhError
 from dmuh.models.heads import create_head
-from dmuh.models.network import HashNetwork
+from dmuh.models.network import INPUT_OPTIONS, HashNetwork, input_transform
 from dmuh.models.pretrained import load_pretrained_backbone
 from dmuh.utils.registry import Entry, Registry
 
@@ -40,6 +40,7 @@ class Family:
     names: Callable[[], List[str]]  # every NAME the library builds
     library: str  # how messages call it
     refused: Dict[str, str]  # options a caller cannot give -> why
+    source: Callable[[str], str] = lambda arch: ""  # where NAME's pretrained weights are published
 
 
 class ModelRegistry(Registry):
@@ -52,8 +53,10 @@ class ModelRegistry(Registry):
         super().__init__(kind, option_word)
         self.families: Dict[str, Family] = {}
 
-    def register_family(self, prefix: str, factory, names, library: str, refused: Dict[str, str]) -> None:
-        self.families[prefix] = Family(factory, names, library, dict(refused))
+    def register_family(
+        self, prefix: str, factory, names, library: str, refused: Dict[str, str], source=lambda arch: ""
+    ) -> None:
+        self.families[prefix] = Family(factory, names, library, dict(refused), source)
 
     def family(self, name: str) -> Optional[Family]:
         prefix, sep, _ = str(name).partition(":")
@@ -107,9 +110,39 @@ def available_models() -> list:
     return MODELS.names()
 
 
+def weights_source(name: str) -> str:
+    """Where the pretrained weights of model `name` are published (a `timm:` or `tv:` name), or ""."""
+    family = MODELS.family(name)
+    return family.source(str(name).partition(":")[2]) if family is not None else ""
+
+
+def missing_weights_hint(name: str) -> str:
+    """What to do about a weights file of model `name` that is missing, for a message that names
+    its path first: nothing is downloaded, so the file goes there, fetched elsewhere from where the
+    weights are published ("" for a name without published weights)."""
+    source = weights_source(name)
+    if not source:
+        return ""
+    return f"; nothing is downloaded: put the weights of {name} there, fetched elsewhere ({source})"
+
+
 def takes_input_size(name: str) -> bool:
     """Whether model `name` works at any input size: its factory has an `input_size` option."""
     return "input_size" in MODELS.entry(name).options()
+
+
+# The input transform every image model had before it was recorded: a timm: or tv: checkpoint
+# without one was trained with it (`checkpoint_model_config`).
+_UNRECORDED_TRANSFORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear"}
+
+
+def checkpoint_model_config(model_config: dict) -> dict:
+    """A checkpoint's `model_config` as `create_model` takes it: a timm: or tv: network recorded
+    before its input transform was is rebuilt with the one it was trained with, not the pretrained
+    config's."""
+    if MODELS.family(model_config.get("name", "")) is not None and "mean" not in model_config:
+        return {**_UNRECORDED_TRANSFORM, "crop_pct": 1.0, **model_config}
+    return dict(model_config)
 
 
 def create_model(
@@ -132,7 +165,10 @@ def create_model(
     head: the recorded config of a fitted hash head (`dmuh.models.heads`), rebuilt empty for a
         checkpoint to fill; None: the linear hash layer.
     options: model-specific keyword arguments (e.g. `small_input`, `input_dim`, `hidden`,
-        `input_size` for the models that take any size; see `takes_input_size`).
+        `input_size` for the models that take any size; see `takes_input_size`), and the input
+        transform (`INPUT_OPTIONS`: mean, std, interpolation, crop_pct; `dmuh.models.network.
+        input_transform`), which a timm: or tv: backbone takes from its pretrained data config
+        unless given; it is recorded in `model.config` and `model.input_transform`.
 
     `model.config` holds the arguments that rebuild the architecture (`create_model(**model.config)`),
     never the weights file.
@@ -144,19 +180,23 @@ def create_model(
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels <= 0:
             raise DmuhError(f"model {name!r}: in_channels must be a positive integer, got {in_channels!r}")
         options["in_channels"] = in_channels
+    given_transform = {key: options.pop(key) for key in INPUT_OPTIONS if key in options}
     backbone = MODELS.create(name, {}, options)
     if pretrained is not None:
-        # Where the weights of a timm or torchvision name are published, for a machine with internet.
-        source = getattr(backbone, "weights_source", "")
-        where = f"; get its weights elsewhere ({source}) and give the file" if source else ""
         if isinstance(pretrained, bool):
+            source = weights_source(name)
+            where = f"; get its weights elsewhere ({source}) and give the file" if source else ""
             raise DmuhError(
                 f"model {name!r}: pretrained must be the path of a local weights file (nothing is downloaded){where}"
             )
-        if where and not os.path.isfile(pretrained):
-            raise DmuhError(f"pretrained weights file not found: {pretrained}{where}")
+        if not os.path.isfile(pretrained):
+            raise DmuhError(f"pretrained weights file not found: {pretrained}{missing_weights_hint(name)}")
         load_pretrained_backbone(backbone, pretrained, model_name=name)
     model = HashNetwork(backbone, bits, name=name, hash_init_std=hash_init_std, hash_norm=hash_norm)
+    derived_transform = getattr(backbone, "pretrained_data_config", None) or {}
+    if given_transform or derived_transform:
+        model.input_transform = input_transform(name, given_transform, derived_transform)
+        options.update(model.input_transform)
     if takes_input_size(name) or MODELS.family(name) is not None:
         # The size it is built for, given or the default (for timm: and tv: names, the pretrained
         # config's, which another library version might change): what a checkpoint rebuilds.

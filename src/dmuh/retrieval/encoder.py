@@ -32,10 +32,13 @@ from dmuh.data.pipeline import InputPipeline, images_to_tensor
 from dmuh.engine.builder import encode_text_vectors
 from dmuh.engine.runtime import Execution, resolve_device, run_network
 from dmuh.errors import ConfigError, DataError, DmuhError
+from dmuh.retrieval.backbone import load_feature_backbone
 from dmuh.runs.layout import (
+    FEATURE_BACKBONE,
     VOCABULARY,
     load_checkpoint,
     load_run_config,
+    read_feature_backbone,
     rebuild_networks,
     resolve_run,
 )
@@ -57,6 +60,10 @@ class Encoder:
     execution: Execution  # device, precision, memory layout, batch size
     identity: Dict[str, Any]  # run, checkpoint_sha256, method, model, bits, epoch, decoder
     vocabulary: Any = None  # a cross-modal run's `Vocabulary` (vocabulary.json), when its data had words
+    # A run trained on `dmuh features` vectors: the record of the backbone that made them
+    # (feature_backbone.json), and that backbone, rebuilt when images first come (`image_backbone`).
+    backbone_record: Optional[Dict[str, Any]] = None
+    backbone: Any = None  # dmuh.retrieval.backbone.FeatureBackbone
 
     @property
     def device(self) -> torch.device:
@@ -72,7 +79,25 @@ class Encoder:
 
     @property
     def channels(self) -> Optional[int]:
+        """The channels of the images it encodes (None: feature vectors only). A run on the vectors
+        of `dmuh features` encodes images too, through the backbone that made them."""
+        if self.model.in_channels is None and self.backbone_record is not None:
+            return int(self.backbone_record["channels"])
         return self.model.in_channels
+
+    def image_backbone(self):
+        """The feature backbone of a run trained on `dmuh features` vectors, rebuilt (and checked
+        against its record) on first use."""
+        if self.backbone is None:
+            where = str(self.run_dir / FEATURE_BACKBONE)
+            self.backbone = load_feature_backbone(self.backbone_record, where).to(self.device)
+        return self.backbone
+
+    def _vectors(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Images as the network's input: a features run's images become their backbone's features."""
+        if inputs.dim() == 4 and self.model.in_channels is None and self.backbone_record is not None:
+            return self.image_backbone().features(inputs, self.execution)
+        return inputs
 
     @property
     def image_size(self) -> Optional[int]:
@@ -81,7 +106,7 @@ class Encoder:
         model trained at the images' own size records it), so the codes of the run's own images
         are `dmuh evaluate`'s. The pipeline then resizes to `input_size` as training did."""
         if self.model.in_channels is None:
-            return None
+            return None if self.backbone_record is None else int(self.backbone_record["image_size"])
         return self.config.image_size or self.model.input_size
 
     def continuous(self, inputs, uncertainty: bool = False):
@@ -92,6 +117,7 @@ class Encoder:
                 f"with {self.config.method!r}"
             )
         codes = self.method.continuous_codes
+        inputs = self._vectors(inputs)
 
         def both(x):
             h = codes(self.model(x).float())
@@ -136,8 +162,8 @@ class Encoder:
     def features(self, inputs) -> np.ndarray:
         """The items' own representation (n, D) float32: feature vectors as they are, else the
         backbone's features of the images (the reference representation of label-free methods)."""
-        if self.channels is None:
-            return inputs.float().numpy()
+        if self.model.in_channels is None:
+            return self._vectors(inputs).float().numpy()
         return run_network(self.model.features, inputs, self.pipeline, self.execution).numpy()
 
 
@@ -156,7 +182,7 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
     for module in (model, method, momentum_network):
         if module is not None:
             module.to(device)
-    pipeline = InputPipeline(model.in_channels, model.input_size, "none")
+    pipeline = InputPipeline.for_network(model)
     identity = {
         "run": str(run_dir.resolve()),
         "checkpoint_sha256": file_sha256(checkpoint_path),
@@ -171,8 +197,10 @@ def load_encoder(run, device: str = "cpu") -> Encoder:
     vocabulary = None
     if needs.text and (run_dir / VOCABULARY).is_file():
         vocabulary = Vocabulary.load(run_dir / VOCABULARY)
+    execution = Execution.of(config, device)
+    backbone_record = read_feature_backbone(run_dir)
     return Encoder(
-        run_dir, config, model, method, momentum_network, pipeline, Execution.of(config, device), identity, vocabulary
+        run_dir, config, model, method, momentum_network, pipeline, execution, identity, vocabulary, backbone_record
     )
 
 
@@ -196,7 +224,7 @@ def encode_arrays(encoder: Encoder, images: np.ndarray, uncertainty: bool = Fals
     images = match_channels(images, encoder.channels)
     if images.ndim == 4 and encoder.channels is None:
         raise DmuhError(f"{encoder.run_dir} encodes feature vectors ({encoder.config.model}), not images")
-    if images.ndim == 2 and encoder.channels is not None:
+    if images.ndim == 2 and encoder.model.in_channels is not None:
         raise DmuhError(f"{encoder.run_dir} encodes images, not feature vectors")
     h, u = encoder.continuous(images_to_tensor(images), uncertainty)
     packed = pack_bits(sign(h).numpy())

@@ -42,8 +42,14 @@ def _graph_module(encoder):
             super().__init__()
             self.model = encoder.model
             self.method = encoder.method
+            # A run on `dmuh features` vectors: the graph takes images and runs their backbone first.
+            backbone = encoder.image_backbone() if encoder.backbone_record is not None else None
+            self.backbone = None if backbone is None else backbone.network
+            self.backbone_pipeline = None if backbone is None else backbone.pipeline
 
         def forward(self, inputs):
+            if self.backbone is not None:
+                inputs = self.backbone.features(self.backbone_pipeline(inputs))
             codes = self.method.continuous_codes(self.model(encoder.pipeline(inputs)).float())
             return codes, sign(codes).to(torch.int8)
 

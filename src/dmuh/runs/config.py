@@ -154,6 +154,20 @@ class TrainConfig(RunConfig):
         minimum=0,
         maximum=100,
     )
+    layer_decay: Optional[float] = setting(
+        None,
+        "layer-wise learning-rate decay of a timm: backbone: each block before the last trains at this "
+        "times the rate of the next (timm's param_groups_layer_decay; e.g. 0.65 for a ViT); none: off",
+        above=0,
+        maximum=1,
+    )
+    freeze_stages: int = setting(
+        0,
+        "freeze the first N stages of a timm: backbone (1: the stem, 2: the stem and the first stage or "
+        "block, ...; their norms keep their statistics); 0: none",
+        minimum=0,
+        maximum=10_000,
+    )
     eval_every: int = setting(0, "evaluate MAP every N epochs (0: at the end only; -1: never)", minimum=-1)
     trace_items: int = setting(16, "training items whose per-bit outputs are recorded every epoch", minimum=0)
     checkpoint_every: int = setting(1, "write the checkpoint every N epochs (and after the last)", minimum=1)

@@ -20,6 +20,7 @@ TRACE = "uncertainty_trace.npz"
 BACKBONE = "backbone.safetensors"
 EVAL = "eval.json"
 LABEL_NOISE = "label_noise.json"
+FEATURE_BACKBONE = "feature_backbone.json"  # the backbone of the features a run trained on (dmuh.retrieval.backbone)
 VOCABULARY = "vocabulary.json"  # the words of a cross-modal run's text vectors (dmuh.data.paired.Vocabulary)
 
 

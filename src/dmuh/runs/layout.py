@@ -9,6 +9,7 @@
     RUN/label_noise.json         the training labels flipped by --label-noise (dmuh.data.noise.LabelNoise)
     RUN/backbone.safetensors     a `dmuh pretrain` run's backbone
     RUN/eval.json                `dmuh evaluate`'s report
+    RUN/feature_backbone.json    the backbone that made the run's feature vectors (`dmuh features`)
 
 A checkpoint records `model_config` (the `create_model` arguments) and `method_spec` (the
 `create_method` arguments with the method's size), so `rebuild_networks` makes the network and the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -38,6 +40,8 @@ from dmuh.errors import ConfigError, DmuhError, RunError, first_line
 from dmuh.methods import create_method
 from dmuh.models import create_model
 from dmuh.models.momentum import MomentumNetwork
+from dmuh.models.pretrained import load_pretrained_backbone, read_state_dict
+from dmuh.models.registry import checkpoint_model_config
 from dmuh.runs.checkpoint import file_kind, load_state, load_weights, save_state, tensor_problem
 from dmuh.runs.config import RunConfig, TrainConfig
 from dmuh.runs.files import (  # noqa: F401 - a run's file names, also this module's API
@@ -47,6 +51,7 @@ from dmuh.runs.files import (  # noqa: F401 - a run's file names, also this modu
     CHECKPOINT_KIND,
     CONFIG,
     EVAL,
+    FEATURE_BACKBONE,
     LABEL_NOISE,
     LEGACY_CHECKPOINT,
     LOG,
@@ -61,7 +66,7 @@ from dmuh.runs.legacy import (  # noqa: F401 - legacy_method_params is also this
     legacy_specs,
     read_legacy_checkpoint,
 )
-from dmuh.utils.io import atomic_path
+from dmuh.utils.io import atomic_path, atomic_write_text, parse_json
 from dmuh.utils.schema import load_yaml
 
 # -- resolving a run and its config -------------------------------------------------------------
@@ -267,7 +272,7 @@ def rebuild_networks(checkpoint: dict, path: Path, run_dir: Path, config: TrainC
     if model_config is None or method_spec is None:
         model_config, method_spec = legacy_specs(checkpoint, config, run_dir)
     try:
-        model = create_model(**model_config)
+        model = create_model(**checkpoint_model_config(model_config))
         method = create_method(
             method_spec["name"],
             bits=method_spec["bits"],
@@ -386,6 +391,28 @@ def read_log(path: Path) -> List[Dict[str, float]]:
     return rows
 
 
+# -- the backbone of a run trained on `dmuh features` vectors ------------------------------------
+
+
+def save_feature_backbone(run_dir: Path, record: dict) -> None:
+    """Keep the record of the backbone that made the run's feature vectors, so the run encodes images."""
+    atomic_write_text(Path(run_dir) / FEATURE_BACKBONE, json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def read_feature_backbone(run_dir: Path):
+    """The run's feature backbone record, or None (a run on images, or on vectors without one)."""
+    path = Path(run_dir) / FEATURE_BACKBONE
+    if not path.is_file():
+        return None
+    try:
+        record = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise RunError(f"{path}: cannot read it ({first_line(error)})") from None
+    if not isinstance(record, dict):
+        raise RunError(f"{path}: not a backbone record (a JSON object)")
+    return record
+
+
 # -- initialisation from a pre-training ---------------------------------------------------------
 
 
@@ -414,9 +441,8 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
         weights_file = path
     else:
         raise ConfigError(f"init {init}: no such run directory or weights file", field="init")
-    if weights_file.suffix == ".safetensors":
-        # A dmuh file (backbone or a run's checkpoint) is checked against its checksum; a foreign
-        # state dict without dmuh metadata (torchvision weights converted) is read as it is.
+    if weights_file.suffix == ".safetensors" and file_kind(weights_file) is not None:
+        # A dmuh file (backbone or a run's checkpoint) is checked against its checksum.
         if file_kind(weights_file) == CHECKPOINT_KIND:
             state = load_state(weights_file, CHECKPOINT_KIND).get("model")
             if not isinstance(state, dict):
@@ -424,13 +450,19 @@ def load_init(init: str, model: torch.nn.Module, split: Split) -> str:
         else:
             state = load_weights(weights_file, BACKBONE_KIND)
     else:
+        # A foreign state dict (a timm / Hugging Face model.safetensors, a torchvision .pth): a
+        # backbone's is loaded as --pretrained loads it, its classifier head dropped by the model's rule.
         try:
-            state = torch.load(weights_file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ConfigError(
-                f"init {weights_file}: not a readable state dict ({type(exc).__name__})", field="init"
-            ) from None
-        state = state.get("model", state) if isinstance(state, dict) else state
+            state = read_state_dict(weights_file)
+        except DmuhError as error:
+            raise ConfigError(f"init: {first_line(error)}", field="init") from None
+        if not any(k.startswith("backbone.") for k in state):
+            name = getattr(model, "name", "")
+            try:
+                load_pretrained_backbone(model.backbone, weights_file, name, state=state, what="init weights")
+            except DmuhError as error:
+                raise ConfigError(str(error), field="init") from None
+            return f"backbone initialised from {weights_file}"
     # A whole hashing-network state dict (backbone.* and hash_layer.*) or a backbone's.
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
