@@ -18,7 +18,7 @@ from dmuh.methods.ksh import optimise_projection, projection_cost
 from dmuh.methods.spectral_hashing import spectral_modes
 from dmuh.models.heads import AnchorEmbeddingHead, CosineHead, RBFHead, SpectralHead, create_head
 
-NAMES = ("pcah", "pca-rr", "sklsh", "sh", "densityhash", "ksh", "fsdh", "imh")
+NAMES = ("pcah", "pca-rr", "sklsh", "sh", "densityhash", "ksh", "fsdh", "imh", "lfh")
 SUPERVISED = ("ksh", "fsdh")
 
 
@@ -477,10 +477,55 @@ def test_bad_parameters_and_inputs_are_one_line_errors(name, bits, params, messa
         build(name, bits, torch.from_numpy(y), **params).fit(torch.from_numpy(x), torch.from_numpy(y))
 
 
-CLI_PARAMS = {"ksh": ["anchors=40", "labelled=200", "iterations=20"], "fsdh": ["anchors=100"], "imh": ["anchors=40"]}
+CLI_PARAMS = {
+    "lfh": ["settings=authors"],
+    "ksh": ["anchors=40", "labelled=200", "iterations=20"],
+    "fsdh": ["anchors=100"],
+    "imh": ["anchors=40"],
+}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_training_on_digits_through_the_cli_and_resume(tmp_path, name):
     row = train_and_resume_on_digits(tmp_path / name, name, params=CLI_PARAMS.get(name, []))
     assert row["map"] > 0.1
+
+
+# --- LFH with the authors' settings (LFH_nstop.m) ----------------------------------------------
+
+
+def test_lfh_authors_initial_factors_by_hand():
+    x = torch.tensor([[1.0, 2.0], [3.0, 5.0], [0.0, 1.0]], dtype=torch.float64)
+    lfh = create_method("lfh", bits=3, num_train=3, num_classes=2, settings="authors")
+    # D = 2 <= q = 3: the feature columns 1, 2, 1 (idx = mod(0:Q-1, D) + 1)
+    assert lfh.authors_initial_factors(x).tolist() == [[1.0, 2.0, 1.0], [3.0, 5.0, 3.0], [0.0, 1.0, 0.0]]
+    with pytest.raises(DmuhError, match="drop -p columns"):
+        create_method("lfh", bits=3, num_train=3, num_classes=2, settings="authors", columns=8)
+
+
+def test_lfh_authors_settings_against_lfh_nstop_in_numpy():
+    x, y = fixed_features(n=40, dim=8)
+    q, beta, lam, iterations = 4, 30.0, 1.0, 6
+    lfh = create_method("lfh", bits=q, num_train=40, num_classes=3, settings="authors", iterations=iterations)
+    weight, bias = lfh.fit(torch.from_numpy(x), torch.from_numpy(y))
+    # LFH_nstop.m: U0 = PCA(X1, Q) (scores of the centred data), betaNorm = beta / Q, NT with lambda N / D
+    centred = x - x.mean(0)
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    u = centred @ vectors[:, np.argsort(-values)[:q]]
+    signs = np.sign(np.sum(u * lfh.authors_initial_factors(torch.from_numpy(x)).numpy(), axis=0))
+    u = u * signs  # a principal direction's sign is arbitrary: take ours
+    generator = torch.Generator().manual_seed(0 + 1)
+    beta_norm = beta / q
+    for _ in range(iterations):  # learnUStochastic (learnUStochasticQuick2.m)
+        sc = torch.randperm(40, generator=generator)[:q].numpy()  # randsample(N, Q), drawn as ours
+        s = (y @ y[sc].T > 0).astype(float)
+        t = u @ u[sc].T / 2
+        a = 1 / (1 + np.exp(-t))
+        ix = np.setdiff1d(np.arange(40), sc)
+        g = (s[ix] - a[ix]) @ u[sc] - u[ix] / beta_norm
+        h = -u[sc].T @ u[sc] / 8 - np.eye(q) / beta_norm
+        u[ix] = u[ix] - g @ np.linalg.inv(h)
+    np.testing.assert_allclose(lfh.fitted_factors.numpy(), u, atol=1e-8)
+    nt = np.linalg.solve(x.T @ x + lam * 40 / 8 * np.eye(8), x.T)
+    np.testing.assert_allclose(weight.double().numpy().T, nt @ u, rtol=1e-5, atol=1e-5)
+    assert torch.all(bias == 0)
