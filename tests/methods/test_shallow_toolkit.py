@@ -529,3 +529,26 @@ def test_lfh_authors_settings_against_lfh_nstop_in_numpy():
     nt = np.linalg.solve(x.T @ x + lam * 40 / 8 * np.eye(8), x.T)
     np.testing.assert_allclose(weight.double().numpy().T, nt @ u, rtol=1e-5, atol=1e-5)
     assert torch.all(bias == 0)
+
+
+@pytest.mark.parametrize("name", ["sklsh", "sh", "imh"])
+def test_new_heads_export_to_onnx_with_the_codes_of_pytorch(tmp_path, name):
+    ort = pytest.importorskip("onnxruntime")
+    from cli_runs import DIGITS_NETWORK
+
+    from dmuh.cli import main
+    from dmuh.data import DigitsSource
+    from dmuh.retrieval.encoder import load_encoder
+
+    run = tmp_path / name
+    command = ["train", "--method", name, "--data", "digits", "--protocol", "digits", *DIGITS_NETWORK, "--bits", "8"]
+    command += ["--epochs", "1", "--trace-items", "0", "--quiet", "--out", str(run)]
+    assert main(command + (["-p", "anchors=30"] if name == "imh" else [])) == 0
+    assert main(["export-onnx", "--checkpoint", str(run), "--out", str(tmp_path / "model.onnx")]) == 0
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = DigitsSource().decode(np.arange(64))
+    pixels = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
+    codes, binary = session.run(["codes", "binary"], {"inputs": pixels})
+    h, _ = load_encoder(run).continuous(torch.from_numpy(images).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(codes, h.numpy(), atol=1e-4)
+    assert np.mean(binary == np.where(h.numpy() >= 0, 1, -1)) > 0.99  # a code within 1e-4 of 0 may round either way
