@@ -95,7 +95,7 @@ def test_pcah_and_pca_rr_against_the_toolkit_in_numpy():
 
     rr = build("pca-rr", 4, torch.zeros(60, 0), seed=5)
     weight, bias = rr.fit(torch.from_numpy(x), None)
-    rotation = rr.initial_rotation().numpy()  # trainRR.m: the U of svd(randn(bits, bits)), drawn seeded here
+    rotation = rr.rotation().numpy()  # trainRR.m: the U of svd(randn(bits, bits)), drawn seeded here
     np.testing.assert_allclose(rotation @ rotation.T, np.eye(4), atol=1e-12)
     # a principal direction's sign is arbitrary: take ours, checked against numpy's up to sign
     ours = (weight.double().numpy().T @ rotation.T).T  # W = weight^T R^T: the projection before rotation
@@ -103,8 +103,9 @@ def test_pcah_and_pca_rr_against_the_toolkit_in_numpy():
     np.testing.assert_allclose(ours.T, pc * signs, atol=1e-5)
     reference = np.where(centred @ (pc * signs) @ rotation > 0, 1.0, -1.0)  # compressRR.m
     np.testing.assert_array_equal(codes_of((weight, bias), x), reference)
-    with pytest.raises(DmuhError, match="fixes iterations"):
-        create_method("pca-rr", bits=4, num_train=8, num_classes=0, iterations=3)
+    # PCA-RR is ITQ without a rotation update, from the same seeded rotation
+    itq = create_method("itq", bits=4, num_train=60, num_classes=0, iterations=0, seed=5).fit(torch.from_numpy(x), None)
+    torch.testing.assert_close(itq[0], weight)
 
 
 # --- SKLSH ---------------------------------------------------------------------------------------

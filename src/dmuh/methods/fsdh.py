@@ -26,32 +26,26 @@ from typing import Optional, Union
 import torch
 
 from dmuh.codes.binary import sign
-from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
-from dmuh.methods.components.params import Param, check_number
+from dmuh.methods.components.params import Param
+from dmuh.methods.components.rbf_kernel import RBFKernelMap, checked_sigma, ridge
 from dmuh.methods.components.shallow import ShallowMethod
-from dmuh.methods.sdh import SDH, SIGMA_RULES, ridge
 from dmuh.models.heads import RBFHead
 from dmuh.utils.schema import Rule
 
 
 @register_method("fsdh", display_name="FSDH")
-class FSDH(ShallowMethod):
+class FSDH(RBFKernelMap, ShallowMethod):
     """SDH with the regression reversed (codes on labels): every step closed form, no DCC."""
 
     hyper_parameters = {
-        "anchors": SDH.hyper_parameters["anchors"],
-        "iterations": SDH.hyper_parameters["iterations"],
+        "anchors": Param(int, Rule(minimum=1), "RBF anchors"),
+        "iterations": Param(int, Rule(minimum=0), "outer iterations"),
         "lam": Param(float, Rule(above=0.0), "ridge of the label-to-code regression W"),
-        "f_lambda": SDH.hyper_parameters["f_lambda"],
-        "nu": SDH.hyper_parameters["nu"],
-        "seed": SDH.hyper_parameters["seed"],
+        "f_lambda": Param(float, Rule(above=0.0), "ridge of the hash function F"),
+        "nu": Param(float, Rule(minimum=0.0), "weight of the fit of B to phi P"),
+        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
     }
-    # SDH's kernel map, anchors, width and starting codes (they read anchors, sigma and seed)
-    choose_anchors = SDH.choose_anchors
-    kernel_width = SDH.kernel_width
-    kernel_map = SDH.kernel_map
-    initial_codes = SDH.initial_codes
 
     def __init__(
         self,
@@ -67,14 +61,7 @@ class FSDH(ShallowMethod):
         seed: int = 0,
     ):
         super().__init__(bits, num_train, num_classes)
-        if isinstance(sigma, str):
-            if sigma not in SIGMA_RULES:
-                raise DmuhError(
-                    f"method parameter sigma={sigma!r}: choose one of {', '.join(SIGMA_RULES)}, or a number > 0"
-                )
-            self.sigma: Union[str, float] = sigma
-        else:
-            self.sigma = check_number("sigma", sigma, 0.0, strict=True)
+        self.sigma = checked_sigma(sigma)
         self.anchors, self.iterations, self.lam = anchors, iterations, lam
         self.f_lambda, self.nu, self.seed = f_lambda, nu, seed
         self.fitted_codes: Optional[torch.Tensor] = None

@@ -11,8 +11,9 @@ SVD of a Gaussian matrix (trainRR.m): code = sign((x - mean) W R). On strong fro
 this is the 2025 "Hashing-Baseline".
 
 Both are ITQ (`dmuh.methods.shallow`) with no rotation update: PCAH with R = I, PCA-RR with ITQ's
-seeded random starting rotation; they are registered as ITQ's variants with `iterations` fixed
-at 0, so the hash layer is weight = (W R)^T, bias = -mean W R.
+seeded random starting rotation (the same draw: `shallow_toolkit.random_rotation`, so `pca-rr`
+equals `itq -p iterations=0` at the same seed). The hash layer is weight = (W R)^T,
+bias = -mean W R.
 
 Deviations: the toolkit centres the features by the mean of training and test items together and
 computes W on the database (demo.m: trainPCAH(db_data)); dmuh fits both on the training split.
@@ -20,24 +21,54 @@ computes W on the database (demo.m: trainPCAH(db_data)); dmuh fits both on the t
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
+from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, register_method
-from dmuh.methods.shallow import ITQ
+from dmuh.methods.components.params import Param
+from dmuh.methods.components.shallow import ShallowMethod
+from dmuh.methods.components.shallow_toolkit import principal_directions, random_rotation
+from dmuh.utils.schema import Rule
 
 
-@register_method("pca-rr", display_name="PCA-RR", iterations=0)
-class PCARR(ITQ):
-    """PCA to `bits` dimensions, then a seeded random rotation (ITQ with no iteration)."""
+class PrincipalProjection(ShallowMethod):
+    """sign((x - mean) W R): W the top-`bits` principal directions, R = `rotation()`."""
 
     requires = Requirements(shallow=True, labels=False)
 
+    def rotation(self) -> torch.Tensor:
+        return torch.eye(self.bits, dtype=torch.float64)
 
-@register_method("pcah", display_name="PCAH", iterations=0, seed=0)
-class PCAH(ITQ):
+    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = self.check_features(features)
+        if self.bits > x.shape[1]:
+            raise DmuhError(
+                f"{self.name}: bits={self.bits} exceeds the feature dimension {x.shape[1]} "
+                "(it projects on that many principal directions)"
+            )
+        mean = x.mean(0)
+        weight = principal_directions(x - mean, self.bits) @ self.rotation()  # (D, bits)
+        return weight.t().float().contiguous(), (-(mean @ weight)).float()
+
+
+@register_method("pcah", display_name="PCAH")
+class PCAH(PrincipalProjection):
     """Signs of the top-`bits` principal components of the mean-centred features."""
 
-    requires = Requirements(shallow=True, labels=False)
 
-    def initial_rotation(self) -> torch.Tensor:
-        return torch.eye(self.bits, dtype=torch.float64)
+@register_method("pca-rr", display_name="PCA-RR")
+class PCARR(PrincipalProjection):
+    """PCA to `bits` dimensions, then a seeded random rotation (ITQ with no iteration)."""
+
+    hyper_parameters = {
+        "seed": Param(int, Rule(minimum=0), "seed of the random rotation"),
+    }
+
+    def __init__(self, bits: int, num_train: int, num_classes: int, seed: int = 0):
+        super().__init__(bits, num_train, num_classes)
+        self.seed = seed  # checked as declared
+
+    def rotation(self) -> torch.Tensor:
+        return random_rotation(self.bits, self.seed)

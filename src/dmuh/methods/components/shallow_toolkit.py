@@ -21,6 +21,15 @@ def principal_directions(centred: torch.Tensor, count: int) -> torch.Tensor:
     return eigenvectors[:, -count:].flip(1)
 
 
+def random_rotation(bits: int, seed: int) -> torch.Tensor:
+    """A random orthogonal bits x bits matrix: the U of the SVD of a seeded Gaussian matrix
+    (ITQ.m's starting rotation, trainRR.m's rotation)."""
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(bits, bits, generator=generator, dtype=torch.float64)
+    u, _, _ = torch.linalg.svd(gaussian)
+    return u
+
+
 def neighbour_distance_scale(x: torch.Tensor, generator: torch.Generator, sample: int = 100, rank: int = 50) -> float:
     """The data scale of the toolkits' `construct_data.m`: the mean, over `sample` training items
     drawn at random, of the distance to their `rank`-th nearest training item (the item itself
