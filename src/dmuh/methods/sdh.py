@@ -49,7 +49,7 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.methods.base import register_method
 from dmuh.methods.components.params import Param
-from dmuh.methods.components.rbf_kernel import RBFKernelMap, checked_sigma, ridge  # noqa: F401 (ridge: sdh's own)
+from dmuh.methods.components.rbf_kernel import RBFKernelMap, checked_sigma, ridge
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import RBFHead
 from dmuh.utils.schema import Rule
