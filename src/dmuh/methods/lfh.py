@@ -28,6 +28,24 @@ S is never formed whole: its sampled columns (or one row) come from the labels, 
 Defaults (TreezzZ/LFH_PyTorch's): beta 30, columns 64, iterations 50, lam 1; U starts from a
 seeded standard normal.
 
+`settings="authors"`: the authors' own settings, from their LFH_nstop.m (the wrapper around
+learnUStochastic(U0, calcS, beta / Q, Q, maxIter), whose body the authors' code also keeps as
+learnUStochasticQuick2.m) instead of TreezzZ's:
+- each iteration samples q = bits columns (randsample(N, Q), not 64), always the stochastic
+  update (no LFH-Full), and updates only the rows NOT sampled (U(ix, :), ix = setdiff(1:N, Sc));
+- the prior's variance is beta / q (betaNorm = method.beta / Q);
+- U starts from PCA: the scores of the mean-centred features on the top q principal directions
+  (when D > q; otherwise the feature columns 1..q cyclically, idx = mod(0:Q-1, D) + 1);
+- the out-of-sample regression is W = (X^T X + lam (N / D) I)^-1 X^T U (lambdaNorm = lambda N / D),
+  without a bias, codes sign(X W).
+The numbers beta and lam stay this method's (30 and 1): the authors' run scripts that set
+method.beta and method.lambda were not in the stored index. `columns` is refused with these
+settings (the code length is the sampled column count).
+
+Default: `settings="port"` (TreezzZ's), because every LFH run recorded so far (the results tables,
+checkpoints that rebuild from their recorded parameters) was trained with it; the authors'
+settings are one flag away (`-p settings=authors`).
+
 Deviations from the references:
 - The out-of-sample ridge regression has an unpenalised bias (centred features); TreezzZ
   regresses without one.
@@ -47,8 +65,10 @@ from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
 from dmuh.methods.components.params import Param
 from dmuh.methods.components.shallow import ShallowMethod
+from dmuh.methods.components.shallow_toolkit import principal_directions
 from dmuh.utils.schema import Rule
 
+SETTINGS = ("port", "authors")
 CHUNK = 4096  # rows of S (from the labels) at once when the log posterior is computed
 
 
@@ -90,6 +110,7 @@ class LFH(ShallowMethod):
         "iterations": Param(int, Rule(minimum=0), "outer iterations"),
         "lam": Param(float, Rule(above=0.0), "ridge of the out-of-sample regression W"),
         "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "settings": Param(str, Rule(choices=SETTINGS), "port: TreezzZ/LFH_PyTorch's; authors: LFH_nstop.m's"),
     }
 
     def __init__(
@@ -102,8 +123,15 @@ class LFH(ShallowMethod):
         iterations: int = 50,
         lam: float = 1.0,
         seed: int = 0,
+        settings: str = "port",
     ):
         super().__init__(bits, num_train, num_classes)
+        if settings == "authors" and "columns" in self.params:
+            raise DmuhError(
+                "method parameter columns: settings=authors samples as many columns as bits (LFH_nstop.m); "
+                "drop -p columns"
+            )
+        self.settings = settings
         self.beta = beta
         self.columns = columns
         self.iterations = iterations
@@ -139,6 +167,28 @@ class LFH(ShallowMethod):
         curvature = sampled.t() @ sampled / 8 + torch.eye(self.bits, dtype=u.dtype) / self.beta  # -H
         return u + torch.linalg.solve(curvature, gradient.t()).t()
 
+    def authors_initial_factors(self, x: torch.Tensor) -> torch.Tensor:
+        """LFH_nstop.m's U0: PCA scores of the features (D > q), else their columns 1..q cyclically."""
+        if x.shape[1] > self.bits:
+            centred = x - x.mean(0)
+            return centred @ principal_directions(centred, self.bits)
+        return x[:, torch.arange(self.bits) % x.shape[1]].clone()
+
+    def authors_step(self, u: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One iteration of the authors' learnUStochastic: q = bits sampled columns Sc, prior beta / q,
+        every row not in Sc updated at once from those pairs."""
+        n, beta = u.shape[0], self.beta / self.bits
+        omega = torch.randperm(n, generator=generator)[: min(self.bits, n)]
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[omega] = False
+        sampled = u[omega]
+        residual = similar(y[rest], y[omega]) - torch.sigmoid(u[rest] @ sampled.t() / 2)
+        gradient = residual @ sampled - u[rest] / beta
+        curvature = sampled.t() @ sampled / 8 + torch.eye(self.bits, dtype=u.dtype) / beta  # -H
+        u = u.clone()
+        u[rest] = u[rest] + torch.linalg.solve(curvature, gradient.t()).t()
+        return u
+
     def factorise(self, labels: torch.Tensor, trace: Optional[list] = None) -> torch.Tensor:
         """U (n, bits) from the labels alone; `trace`, when a list, gets L after every iteration."""
         y = labels.detach().double().cpu()
@@ -155,9 +205,22 @@ class LFH(ShallowMethod):
         x = self.check_features(features)
         labels = self.check_labels(labels, x.shape[0])
         self.check_enough_items(x.shape[0])
-        u = self.factorise(labels)
+        if self.settings == "authors":
+            u = self.authors_initial_factors(x)
+            y = labels.detach().double().cpu()
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            for _ in range(self.iterations):
+                u = self.authors_step(u, y, generator)
+        else:
+            u = self.factorise(labels)
         if not torch.isfinite(u).all():
             raise DmuhError(f"{self.name}: the latent factors diverged (non-finite); try a smaller beta")
         self.fitted_factors = u
+        if self.settings == "authors":
+            # LFH_nstop.m: NT = (X'X + lambda N / D I) \ X', W = NT U, codes of new items sign(X W)
+            lam = self.lam * x.shape[0] / x.shape[1]
+            system = x.t() @ x + lam * torch.eye(x.shape[1], dtype=x.dtype)
+            weight = torch.linalg.solve(system, x.t() @ u)  # (D, bits)
+            return weight.t().float().contiguous(), torch.zeros(self.bits)
         weight, bias = ridge_extension(x, sign(u), self.lam)
         return weight.float(), bias.float()

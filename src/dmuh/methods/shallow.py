@@ -29,6 +29,7 @@ from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, register_method
 from dmuh.methods.components.params import Param
 from dmuh.methods.components.shallow import ShallowMethod
+from dmuh.methods.components.shallow_toolkit import random_rotation
 from dmuh.utils.schema import Rule
 
 
@@ -69,10 +70,7 @@ class ITQ(ShallowMethod):
 
     def initial_rotation(self) -> torch.Tensor:
         """A random orthogonal bits x bits matrix (the U of the SVD of a Gaussian matrix, as ITQ.m)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        gaussian = torch.randn(self.bits, self.bits, generator=generator, dtype=torch.float64)
-        u, _, _ = torch.linalg.svd(gaussian)
-        return u
+        return random_rotation(self.bits, self.seed)
 
 
 @register_method("lsh", display_name="LSH")

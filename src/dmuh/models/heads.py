@@ -173,3 +173,119 @@ def _tree_depth(tree: Mapping[str, np.ndarray]) -> int:
         if not frontier:
             return depth
         depth += 1
+
+
+# -- heads of the shallow classics of the toolkits (issue #33) -------------------------------------
+
+
+@register_head("cosine")
+class CosineHead(nn.Module):
+    """z_k = amplitude cos(w_k . x + phase_k) + offset_k: random Fourier features thresholded at
+    random offsets (SKLSH, Raginsky and Lazebnik, NIPS 2009)."""
+
+    def __init__(self, feature_dim: int, bits: int):
+        super().__init__()
+        self.feature_dim, self.bits = _size("feature_dim", feature_dim), _size("bits", bits)
+        self.register_buffer("weight", torch.zeros(self.bits, self.feature_dim))
+        self.register_buffer("phase", torch.zeros(self.bits))
+        self.register_buffer("amplitude", torch.ones(()))
+        self.register_buffer("offset", torch.zeros(self.bits))
+
+    @classmethod
+    def fitted(cls, weight: torch.Tensor, phase: torch.Tensor, amplitude: float, offset: torch.Tensor) -> "CosineHead":
+        head = cls(int(weight.shape[1]), int(weight.shape[0]))
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.phase.copy_(phase)
+            head.amplitude.fill_(float(amplitude))
+            head.offset.copy_(offset)
+        return head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.amplitude * torch.cos(features @ self.weight.t() + self.phase) + self.offset
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return {"kind": "cosine", "feature_dim": self.feature_dim, "bits": self.bits}
+
+
+@register_head("spectral")
+class SpectralHead(nn.Module):
+    """z_k = prod_j cos(omega_kj p_j), p = P x + shift: the analytical eigenfunctions of a uniform
+    distribution on a box in the principal subspace (spectral hashing, Weiss et al., NIPS 2008;
+    compressSH.m's sin(p omega + pi/2) is this cosine)."""
+
+    def __init__(self, feature_dim: int, dims: int, bits: int):
+        super().__init__()
+        self.feature_dim, self.dims, self.bits = (
+            _size("feature_dim", feature_dim),
+            _size("dims", dims),
+            _size("bits", bits),
+        )
+        self.register_buffer("projection", torch.zeros(self.dims, self.feature_dim))
+        self.register_buffer("shift", torch.zeros(self.dims))
+        self.register_buffer("omegas", torch.zeros(self.bits, self.dims))
+
+    @classmethod
+    def fitted(cls, projection: torch.Tensor, shift: torch.Tensor, omegas: torch.Tensor) -> "SpectralHead":
+        head = cls(int(projection.shape[1]), int(projection.shape[0]), int(omegas.shape[0]))
+        with torch.no_grad():
+            head.projection.copy_(projection)
+            head.shift.copy_(shift)
+            head.omegas.copy_(omegas)
+        return head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        projected = features @ self.projection.t() + self.shift  # (N, dims)
+        return torch.cos(projected.unsqueeze(1) * self.omegas).prod(dim=2)  # (N, bits)
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return {"kind": "spectral", "feature_dim": self.feature_dim, "dims": self.dims, "bits": self.bits}
+
+
+@register_head("anchor-embedding")
+class AnchorEmbeddingHead(nn.Module):
+    """z = sum over the k nearest anchors a_j of w_j e_j, w = softmax(-||x - a_j||^2 / bandwidth)
+    over those k: the inductive out-of-sample map of IMH (Shen et al., CVPR 2013) from an embedding
+    e_j of each anchor (its t-SNE coordinates)."""
+
+    def __init__(self, feature_dim: int, anchors: int, bits: int, neighbours: int):
+        super().__init__()
+        self.feature_dim, self.num_anchors, self.bits = (
+            _size("feature_dim", feature_dim),
+            _size("anchors", anchors),
+            _size("bits", bits),
+        )
+        self.neighbours = min(_size("neighbours", neighbours), self.num_anchors)
+        self.register_buffer("anchors", torch.zeros(self.num_anchors, self.feature_dim))
+        self.register_buffer("embedding", torch.zeros(self.num_anchors, self.bits))
+        self.register_buffer("bandwidth", torch.ones(()))
+
+    @classmethod
+    def fitted(
+        cls, anchors: torch.Tensor, embedding: torch.Tensor, neighbours: int, bandwidth: float
+    ) -> "AnchorEmbeddingHead":
+        head = cls(int(anchors.shape[1]), int(anchors.shape[0]), int(embedding.shape[1]), int(neighbours))
+        with torch.no_grad():
+            head.anchors.copy_(anchors)
+            head.embedding.copy_(embedding)
+            head.bandwidth.fill_(float(bandwidth))
+        return head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        squared = squared_distances(features.to(self.anchors.dtype), self.anchors)
+        nearest, index = torch.topk(squared, self.neighbours, dim=1, largest=False)
+        # softmax: exp(-d / bandwidth) normalised over the k, without the underflow of exp(-d / bandwidth) itself
+        weights = torch.softmax(-nearest / self.bandwidth, dim=1)
+        return (weights.unsqueeze(2) * self.embedding[index]).sum(dim=1)
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return {
+            "kind": "anchor-embedding",
+            "feature_dim": self.feature_dim,
+            "anchors": self.num_anchors,
+            "bits": self.bits,
+            "neighbours": self.neighbours,
+        }

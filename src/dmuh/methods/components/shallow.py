@@ -1,6 +1,7 @@
 """What every shallow method shares: fitted once on features in closed form, never by gradient.
 
-`ShallowMethod` is the base of ITQ, LSH (`dmuh.methods.shallow`), SDH, LFH, COSDISH and FastH.
+`ShallowMethod` is the base of ITQ, LSH (`dmuh.methods.shallow`), SDH, LFH, COSDISH, FastH and
+the toolkit classics of issue #33 (PCAH, PCA-RR, SH, SKLSH, density-sensitive hashing, KSH, FSDH, IMH).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ class ShallowMethod(HashingMethod):
 
     `fit(features (n, D), labels (n, C))` returns (weight (bits, D), bias (bits,)) of a linear
     hash layer, or a fitted head from `dmuh.models.heads` when the out-of-sample function is not
-    linear (SDH's kernel map, FastH's trees)."""
+    linear (SDH's, FSDH's and KSH's kernel maps, FastH's trees, SKLSH's cosines, SH's products of
+    cosines, IMH's nearest-anchor embedding)."""
 
     requires = Requirements(shallow=True)
 
