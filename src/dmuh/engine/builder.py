@@ -239,9 +239,13 @@ def method_params_for(config: TrainConfig, model: torch.nn.Module, images: torch
     representation (`reference_dim`, e.g. RPH's decoder: the data's vector length, or the
     backbone's feature size), the backbone's features (`feature_dim`, e.g. TBH's continuous
     bottleneck on `StepInputs.features`) and the text vector (`text_dim`, a cross-modal method's text network).
+    A method's own `seed` (its random draws: ITQ's rotation, CSQ's centres, KSH's anchors, ...) is the
+    run's `--seed` unless `-p seed=` gives it, so that runs of several seeds differ in every draw.
     They are recorded in the checkpoint's method spec with the rest."""
     params = dict(config.method_params)
     options = METHODS.entry(config.method).options()
+    if "seed" in options and "seed" not in params:
+        params["seed"] = int(config.seed)
     if "reference_dim" in options and "reference_dim" not in params:
         params["reference_dim"] = int(images.shape[1]) if images.dim() == 2 else int(model.feature_dim)
     if "feature_dim" in options and "feature_dim" not in params:  # a head of its own on the backbone features
