@@ -445,10 +445,10 @@ class MilvusIndex(CodeIndex):
         pymilvus = _pymilvus()
         where = f"Milvus collection {self.collection!r} at {self.uri}"
         with milvus_errors(where):
-            if self.client.has_collection(self.collection):
+            if self.client.has_collection(self.collection, retry_times=RETRIES):
                 if not force:
                     raise DmuhError(f"{where} already exists; pass --force to drop and recreate it")
-                self.client.drop_collection(self.collection)
+                self.client.drop_collection(self.collection, retry_times=RETRIES)
             description = json.dumps(
                 {
                     "format": DESCRIPTION_FORMAT,
@@ -475,17 +475,19 @@ class MilvusIndex(CodeIndex):
                 params={"nlist": self.params["nlist"]} if self.kind == "ivf" else {},
             )
             # Strong: a search right after an add or a remove sees it.
-            self.client.create_collection(self.collection, schema=schema, consistency_level="Strong")
-            self.client.create_index(self.collection, index_params)
+            self.client.create_collection(
+                self.collection, schema=schema, consistency_level="Strong", retry_times=RETRIES
+            )
+            self.client.create_index(self.collection, index_params, retry_times=RETRIES)
             self._load()
 
     def _load(self) -> None:
         """Load the collection: asked for, then waited for here (pymilvus polls once a second)."""
         with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: load"):
             client = self._client()
-            client.load_collection(self.collection, _async=True)
+            client.load_collection(self.collection, _async=True, retry_times=RETRIES)
             deadline = time.monotonic() + INDEX_WAIT_S
-            while "Loaded" not in str(client.get_load_state(self.collection).get("state")):
+            while "Loaded" not in str(client.get_load_state(self.collection, retry_times=RETRIES).get("state")):
                 if time.monotonic() > deadline:
                     raise UnavailableError(
                         f"Milvus collection {self.collection!r} at {self.uri}: not loaded in {INDEX_WAIT_S:g} s"
@@ -525,11 +527,11 @@ class MilvusIndex(CodeIndex):
     def _check_collection(self, path: Path) -> None:
         where = f"Milvus collection {self.collection!r} at {self.uri}"
         with milvus_errors(f"{path}: {where}"):
-            if not self.client.has_collection(self.collection):
+            if not self.client.has_collection(self.collection, retry_times=RETRIES):
                 raise DmuhError(
                     f"{path}: {where} not found (dropped? rebuild it with `dmuh index build --backend milvus`)"
                 )
-            described = self.client.describe_collection(self.collection)
+            described = self.client.describe_collection(self.collection, retry_times=RETRIES)
             try:
                 description = parse_json(described.get("description") or "")
             except ValueError:
@@ -549,7 +551,7 @@ class MilvusIndex(CodeIndex):
                 )
             self.meta = dict(description.get("meta") or {})  # the collection's: it is what the codes came from
             self._has_names = bool(description.get("has_names"))
-            self.client.load_collection(self.collection)
+            self.client.load_collection(self.collection, retry_times=RETRIES)
             # On a server the collection's commit is the truth: another index file (a replica's copy)
             # may have added since this file was written.
             committed = _committed_in(described)
@@ -616,7 +618,7 @@ class MilvusIndex(CodeIndex):
         BIN_IVF_FLAT's lists per sealed segment; growing segments are searched by brute force)."""
         self._call("flush", "flush")
         with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: index"):
-            names = self._client().list_indexes(self.collection) or [""]
+            names = self._client().list_indexes(self.collection, retry_times=RETRIES) or [""]
         deadline = time.monotonic() + INDEX_WAIT_S
         while True:
             state = self._call("index state", "describe_index", index_name=names[0]) or {}
