@@ -29,14 +29,28 @@ distance below the bound is known. A flat result is therefore exactly FAISS flat
 smallest (distance, position) pairs. ivf is approximate: the codes Milvus finds, re-sorted.
 Distances are Milvus's (exact Hamming counts of the stored codes).
 
-Adding inserts rows at positions from the file's next position on, and is committed when the file
-is rewritten (`save`): searches only see positions below the next position the loaded file
-records, and an add that was interrupted before its save leaves rows that the next add deletes
-first. Removing deletes the rows (Milvus deletes are immediate; a search never returns them).
-One writer at a time: two index files naming one collection must not both add.
+Adding inserts rows at positions from the next position on, and is committed by `save`: searches
+only see positions below the commit, so an add that was interrupted before its save (a killed
+`dmuh index add`, a server that went down) is never searched, and the next add deletes its rows
+first; rerunning it therefore ends with each code exactly once (positions are the primary keys and
+only the committed ones count). On Milvus Lite the index file is the commit (its next position). On
+a server the commit is also written into the collection's properties (`dmuh.next_position`,
+`dmuh.next_id`) before the file, and every reader reads it at each search: several `dmuh serve`
+processes (on any machines) over one collection see an add once it is saved, and a copy of the index
+file that is behind still opens at the collection's commit. If a command dies between the
+collection's commit and the file's rename, the add is done (`dmuh index info` counts it). Removing
+deletes the rows at once. One writer at a time: two processes must not add to one collection at
+once (`dmuh index add` locks its index file; writers on other machines must take turns).
+
+Consistency: on a server a Strong read waits for the next time tick (~0.3 s), so searches and
+lookups read at Bounded consistency (what the query nodes have consumed, no wait), and each write
+(an add, a remove, a commit) waits once, with a Strong count, until its rows are visible before it
+returns. A server's credentials come from the environment variable DMUH_MILVUS_TOKEN
+("user:password" or an API key), never from the index file.
 
 pymilvus is imported on first use, and every Milvus failure (connection, a missing collection, a
-refused request) is a one-line DmuhError.
+refused request) is a one-line DmuhError; a server that is down, restarting or still loading the
+collection is an `UnavailableError` (`dmuh serve` answers 503), and the next call connects again.
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -89,6 +104,9 @@ HITS_PER_REQUEST = 1 << 18  # queries x limit per search request
 ROW_CACHE = 1 << 20  # rows (id, name, code) kept after a lookup
 WINDOW_GROWTH = 8  # how much a flat search widens its window while the k-th distance's codes reach past it
 RETRIES = 3  # pymilvus retries a failed call 75 times by default (minutes on a refused request)
+# A server's credentials ("user:password", or an API key) come from this environment variable: a
+# secret on a command line is visible to every user of the machine, and an index file is shared.
+TOKEN_VARIABLE = "DMUH_MILVUS_TOKEN"
 INDEX_WAIT_S = 600.0  # how long a build on a server waits for Milvus to index the flushed codes
 # The commit of a collection on a server, in its properties: every reader (any process, any
 # machine) searches the positions below it. Milvus Lite has no collection properties: there the
@@ -288,7 +306,8 @@ def _open_client(uri: str, create: bool):
                 ) from None
         try:
             with milvus_errors(f"--uri {uri}"):
-                client = pymilvus.MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT_S)
+                token = os.environ.get(TOKEN_VARIABLE, "") if is_server(uri) else ""
+                client = pymilvus.MilvusClient(uri=uri, token=token, timeout=CONNECT_TIMEOUT_S)
         except DmuhError as error:
             if not is_server(uri) and "Open local milvus failed" in str(error):
                 raise DmuhError(
