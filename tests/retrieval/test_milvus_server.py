@@ -203,9 +203,10 @@ def test_killed_adds_a_killed_server_and_a_server_that_is_down(milvus_server, tm
         milvus_server.kill()
         _, err = add.communicate(timeout=120)
         assert add.returncode == 2 and err.count("\n") == 1 and uri in err, err
-        assert main(["search", "--index", str(index), "--queries", str(added), "--k", "1"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and uri in err and ("cannot reach" in err or "does not answer" in err), err
+        for command in (["search", "--index", index, "--queries", added, "--k", 1], ["serve", "--index", index]):
+            assert main([str(part) for part in command]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and uri in err and ("cannot reach" in err or "does not answer" in err), err
         status, answer = search(url, many[7])
         assert status == 503 and ("does not answer now" in answer["error"] or "cannot reach" in answer["error"])
 
