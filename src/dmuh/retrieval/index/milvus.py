@@ -497,7 +497,8 @@ class MilvusIndex(CodeIndex):
                 metric_type="HAMMING",
                 params={"nlist": self.params["nlist"]} if self.kind == "ivf" else {},
             )
-            # Strong: a search right after an add or a remove sees it.
+            # Strong for what asks for no level (deletes by filter, the row iterator); searches and
+            # lookups ask for Bounded, and each write waits for its rows itself (module docstring).
             self.client.create_collection(
                 self.collection, schema=schema, consistency_level="Strong", retry_times=RETRIES
             )
