@@ -368,3 +368,21 @@ def test_search_out_onto_the_indexs_milvus_lite_file_is_refused(lite, tmp_path, 
         "is the input of the index's --uri",
     )
     assert file_sha256(lite) == before
+
+
+def test_a_servers_credentials_come_from_the_environment(monkeypatch):
+    """DMUH_MILVUS_TOKEN reaches the server's client (never a flag, never the index file)."""
+    import dmuh.retrieval.index.milvus as backend
+
+    made = []
+
+    class Client:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(backend, "_check_reachable", lambda uri: None)
+    monkeypatch.setattr(backend._pymilvus(), "MilvusClient", Client)
+    monkeypatch.setattr(backend, "_CLIENTS", {})
+    monkeypatch.setenv("DMUH_MILVUS_TOKEN", "reader:secret")
+    backend._open_client("http://milvus.example:19530", create=False)
+    assert made[-1]["uri"] == "http://milvus.example:19530" and made[-1]["token"] == "reader:secret"
