@@ -5,14 +5,18 @@ CPU processes.
     PYTHONPATH=src python bench/search_backends.py                 # 1,000,000 x 64 bits, 1,000 queries, k=100
     PYTHONPATH=src python bench/search_backends.py --skip-hnsw     # without the slow HNSW build
     PYTHONPATH=src python bench/search_backends.py --milvus-uri http://localhost:19530   # + a server's BIN_IVF_FLAT
+    PYTHONPATH=src python bench/search_backends.py --milvus-server --skip-lite --skip-hnsw --skip-encode
+                                  # + an embedded Milvus 2.3.5 server started here (pip install milvus==2.3.5)
     PYTHONPATH=src python bench/search_backends.py --n 20000 --queries 50 --skip-hnsw --encode-items 2000   # small
 
 Search: random 64-bit codes (bench/search_speed.py's `make_codes`, the worst case for ivf and hnsw),
 one batch of --queries queries, k = --k; build time (insert included for Milvus), the whole batch's
 search time (median of --repeats), and recall@k against FAISS flat, "ids" and "ties" as in
 bench/search_speed.py. Milvus flat is exact (the tests check it against FAISS flat, ties
-included), so its recall is 1. FAISS uses --threads OpenMP threads; Milvus Lite runs its own
-server process with its own threads.
+included), so its recall is 1. FAISS uses --threads OpenMP threads; Milvus Lite and a Milvus server
+run their own processes with their own threads. A server's build time is the insert, and for ivf
+also the flush, Milvus's index build and the reload of the indexed segments; queries/s is the batch's
+queries over its search time (the batch is one request of up to 16,384 / k queries at a time).
 
 Encode: a small MLP run (1 epoch on scikit-learn's digits features, 64 -> 64 bits) encodes
 --encode-items random 64-dimensional feature vectors into 8 shards, with torchrun
@@ -86,9 +90,9 @@ def search_rows(args, database, queries, work: Path):
 
     from dmuh.retrieval.index.milvus import MilvusIndex, close_connections
 
-    targets = [("Milvus Lite 2.5.1", str(work / "codes.db"), ("flat",))]
+    targets = [] if args.skip_lite else [("Milvus Lite 2.5.1", str(work / "codes.db"), ("flat",))]
     if args.milvus_uri:
-        targets.append(("Milvus server", args.milvus_uri, ("flat", "ivf")))
+        targets.append((args.milvus_label, args.milvus_uri, ("flat", "ivf")))
     for label, uri, kinds in targets:
         for kind in kinds:
             started = time.perf_counter()
@@ -110,7 +114,7 @@ def search_rows(args, database, queries, work: Path):
                     lambda index=index, nprobe=nprobe: index.search(queries, args.k, nprobe=nprobe),
                 )
             index.close()
-    if not args.milvus_uri:
+    if not args.milvus_uri and not args.skip_lite:
         rows.append(
             ("Milvus Lite 2.5.1", "BIN_IVF_FLAT", "not run: Milvus Lite has BIN_FLAT only", None, None, None, None)
         )
@@ -205,6 +209,12 @@ def main() -> None:
     parser.add_argument(
         "--milvus-uri", help="also a Milvus server (flat and BIN_IVF_FLAT), e.g. http://localhost:19530"
     )
+    parser.add_argument(
+        "--milvus-server",
+        action="store_true",
+        help="start an embedded Milvus server (the milvus package, 2.3.5) for the server rows",
+    )
+    parser.add_argument("--skip-lite", action="store_true", help="no Milvus Lite rows")
     parser.add_argument("--threads", type=int, default=1, help="FAISS (OpenMP) threads")
     parser.add_argument("--encode-items", type=int, default=1_000_000, help="feature vectors to encode")
     parser.add_argument("--encode-procs", default="1,2", help="torchrun process counts to time")
@@ -226,23 +236,36 @@ def main() -> None:
         flush=True,
     )
     work = Path(tempfile.mkdtemp(prefix="dmuh-bench-"))
+    server = None
+    args.milvus_label = "Milvus server"
     try:
+        if args.milvus_server:
+            from dmuh.retrieval.index.milvus_server import EmbeddedMilvus
+
+            server = EmbeddedMilvus(work / "milvus-server")
+            server.start()
+            args.milvus_uri, args.milvus_label = server.uri, "Milvus server 2.3.5 (embedded)"
         rows = search_rows(args, database, queries, work)
         encoded = [] if args.skip_encode else encode_rows(args, work)
     finally:
+        if server is not None:
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     print()
     print(
-        f"| backend | index | parameters | build s | search s ({args.queries:,} queries) | "
+        f"| backend | index | parameters | build s | search s ({args.queries:,} queries) | queries/s | "
         f"recall@{args.k} ids | recall@{args.k} ties |"
     )
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for backend, name, params, build, search, recall_ids, recall_ties in rows:
         if build is None:
-            print(f"| {backend} | {name} | {params} | | | | |")
+            print(f"| {backend} | {name} | {params} | | | | | |")
             continue
-        print(f"| {backend} | {name} | {params} | {build:.1f} | {search:.3f} | {recall_ids:.3f} | {recall_ties:.3f} |")
+        print(
+            f"| {backend} | {name} | {params} | {build:.1f} | {search:.3f} | {args.queries / search:,.0f} | "
+            f"{recall_ids:.3f} | {recall_ties:.3f} |"
+        )
     if encoded:
         print()
         print("| torchrun processes | items | whole command s | startup s (8 items) | items / s after startup |")

@@ -3,6 +3,7 @@ with and without a share of malformed requests, and the server's memory.
 
     PYTHONPATH=src python bench/serve_load.py                       # 1,000,000 x 64-bit codes, flat and hnsw
     PYTHONPATH=src python bench/serve_load.py --n 20000 --hnsw-n 5000 --seconds 2 --clients 2   # a smoke run
+    PYTHONPATH=src python bench/serve_load.py --hnsw-n 0 --milvus-server     # + Milvus flat and ivf, 2 replicas each
 
 The database is --n random 64-bit codes (uniform bits) in a flat index and the first --hnsw-n of
 them (all, by default) in an HNSW index of M 16 (random codes are HNSW's worst case, so its recall
@@ -17,11 +18,19 @@ clients do not share its interpreter. A malformed share mixes in, in turn: rando
 an image, a JPEG cut in half, and a 30-byte PNG that declares 100,000 x 100,000 pixels. Each
 good request must get 200 and each malformed one a 4xx; the table counts both, and the server's
 resident memory (VmRSS after the phase, and its peak VmHWM) shows whether bad input makes it grow.
+
+With --milvus-uri URI (a Milvus server or cluster) or --milvus-server (an embedded Milvus 2.3.5
+server started here, `dmuh.retrieval.index.milvus_server`), the same codes also go into two Milvus
+collections, BIN_FLAT (exact) and BIN_IVF_FLAT (nlist and nprobe as FAISS's ivf defaults), and each
+is served by --replicas `dmuh serve` processes over the one collection, the clients spread over them
+in turn (client i talks to replica i mod --replicas); the phases there are the good ones (codes and
+images, no malformed share: that path does not touch the index). Memory is the first replica's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import io
 import json
@@ -75,8 +84,8 @@ def query_jpegs(count: int, seed: int):
     return out
 
 
-def build(folder: Path, n: int, hnsw_n: int, bits: int, seed: int):
-    """The indexes and the run -> {name: index path}, run directory."""
+def build(folder: Path, n: int, hnsw_n: int, bits: int, seed: int, milvus_uri=None):
+    """The indexes and the run -> {name: (index path, codes, build s, replicas)}, run directory."""
     from dmuh.engine.trainer import train
     from dmuh.retrieval.index import build_index
     from dmuh.runs.config import TrainConfig
@@ -85,11 +94,26 @@ def build(folder: Path, n: int, hnsw_n: int, bits: int, seed: int):
     paths = {}
     started = time.perf_counter()
     build_index(codes, bits=bits, meta={}).save(folder / "flat.dmuhidx")
-    paths["flat"] = (folder / "flat.dmuhidx", n, time.perf_counter() - started)
+    paths["flat"] = (folder / "flat.dmuhidx", n, time.perf_counter() - started, 1)
     if hnsw_n:
         started = time.perf_counter()
         build_index(codes[:hnsw_n], kind="hnsw", bits=bits, meta={}, m=16).save(folder / "hnsw.dmuhidx")
-        paths["hnsw"] = (folder / "hnsw.dmuhidx", hnsw_n, time.perf_counter() - started)
+        paths["hnsw"] = (folder / "hnsw.dmuhidx", hnsw_n, time.perf_counter() - started, 1)
+    for kind in ("flat", "ivf") if milvus_uri else ():
+        started = time.perf_counter()
+        index = build_index(
+            codes,
+            backend="milvus",
+            kind=kind,
+            bits=bits,
+            meta={},
+            uri=milvus_uri,
+            collection=f"serve_load_{kind}",
+            force=True,
+        )
+        index.save(folder / f"milvus-{kind}.dmuhidx")
+        index.close()
+        paths[f"milvus {kind}"] = (folder / f"milvus-{kind}.dmuhidx", n, time.perf_counter() - started, None)
     run = folder / "run"
     train(
         TrainConfig(
@@ -177,14 +201,16 @@ class Requests:
         return self.images[rng.integers(len(self.images))], "image/jpeg", True
 
 
-def load(host: str, port: int, requests: Requests, clients: int, seconds: float, k: int, seed: int):
-    """Run the clients; -> (latencies of good requests in s, good ok, good total, bad 4xx, bad total, elapsed)."""
+def load(servers, requests: Requests, clients: int, seconds: float, k: int, seed: int):
+    """Run the clients, client i against servers[i mod len(servers)] ((host, port) pairs); -> (latencies
+    of good requests in s, good ok, good total, bad 4xx, bad total, elapsed)."""
     results = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
     def client(number: int):
         rng = np.random.default_rng(seed + number)
+        host, port = servers[number % len(servers)]
         connection = http.client.HTTPConnection(host, port, timeout=60)
         mine = []
         while time.perf_counter() < stop_at:
@@ -239,40 +265,63 @@ def main(argv=None) -> int:
     parser.add_argument("--bad-share", type=float, default=0.3, help="share of malformed requests in the mixed phases")
     parser.add_argument("--threads", type=int, default=4, help="the server's --threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--milvus-uri", help="also Milvus flat and ivf collections on this server or cluster")
+    parser.add_argument(
+        "--milvus-server", action="store_true", help="also Milvus, on an embedded Milvus 2.3.5 server started here"
+    )
+    parser.add_argument("--replicas", type=int, default=2, help="dmuh serve processes per Milvus collection")
     args = parser.parse_args(argv)
     args.hnsw_n = args.n if args.hnsw_n is None else args.hnsw_n
     sys.path.insert(0, str(REPO / "src"))
 
-    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp, contextlib.ExitStack() as stack:
         folder = Path(tmp)
-        indexes, run = build(folder, args.n, args.hnsw_n, args.bits, args.seed)
+        if args.milvus_server:
+            from dmuh.retrieval.index.milvus_server import EmbeddedMilvus
+
+            server = stack.enter_context(EmbeddedMilvus(folder / "milvus-server"))
+            args.milvus_uri = server.uri
+        indexes, run = build(folder, args.n, args.hnsw_n, args.bits, args.seed, args.milvus_uri)
         images = query_jpegs(64, args.seed)
         print(
             f"{args.clients} clients, {args.seconds:g} s a phase, k = {args.k}, server --threads {args.threads}, "
             f"{os.cpu_count()} CPUs"
         )
-        for name, (_, count, seconds) in indexes.items():
+        for name, (_, count, seconds, _) in indexes.items():
             print(f"{name} index: {count:,} random {args.bits}-bit codes, built in {seconds:.1f} s")
+        if args.milvus_uri:
+            print(
+                f"Milvus at {args.milvus_uri}"
+                + (" (embedded Milvus 2.3.5, this machine)" if args.milvus_server else "")
+            )
         print()
         print(
             "| index | queries | malformed share | requests/s (good) | p50 ms | p99 ms | good answered 200 | "
             "malformed answered 4xx | server RSS MiB after | peak |"
         )
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for name, (path, count, _) in indexes.items():
-            process, host, port = start_server(path, run, args.threads)
+        for name, (path, count, _, replicas) in indexes.items():
+            replicas = replicas or args.replicas
+            started = [start_server(path, run, args.threads) for _ in range(replicas)]
+            process = started[0][0]
+            label = f"{name} ({count:,})" + (f", {replicas} replicas" if replicas > 1 else "")
             try:
                 for kind in ("codes", "image"):
-                    for share in (0.0, args.bad_share):
+                    for share in (0.0, args.bad_share) if name in ("flat", "hnsw") else (0.0,):
                         requests = Requests(kind, args.bits, images, share, args.seed)
                         latencies, ok, good, rejected, bad, elapsed = load(
-                            host, port, requests, args.clients, args.seconds, args.k, args.seed
+                            [(host, port) for _, host, port in started],
+                            requests,
+                            args.clients,
+                            args.seconds,
+                            args.k,
+                            args.seed,
                         )
                         rss, peak = memory_mb(process.pid)
                         p50 = 1000 * statistics.median(latencies) if latencies else float("nan")
                         p99 = 1000 * float(np.percentile(latencies, 99)) if latencies else float("nan")
                         print(
-                            f"| {name} ({count:,}) | {kind} | {share:.0%} | {ok / elapsed:,.1f} | {p50:.1f} | {p99:.1f} | "
+                            f"| {label} | {kind} | {share:.0%} | {ok / elapsed:,.1f} | {p50:.1f} | {p99:.1f} | "
                             f"{ok:,} / {good:,} | {rejected:,} / {bad:,} | "
                             f"{rss:.0f} | {peak:.0f} |"
                             if rss is not None
@@ -280,8 +329,9 @@ def main(argv=None) -> int:
                             flush=True,
                         )
             finally:
-                process.terminate()
-                process.wait(10)
+                for replica, _, _ in started:
+                    replica.terminate()
+                    replica.wait(10)
     return 0
 
 

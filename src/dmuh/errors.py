@@ -34,6 +34,11 @@ class SearchError(DmuhError):
     """A codes file, an index or a search request that cannot be used as given."""
 
 
+class UnavailableError(DmuhError):
+    """A server the command needs (a Milvus server) does not answer now, or not yet: nothing is wrong
+    with the input, and the same request may succeed later (`dmuh serve` answers it with 503)."""
+
+
 def first_line(error: BaseException, limit: int = 300) -> str:
     """The first non-empty line of an exception's message (its type's name when it has none), cut to
     `limit` characters: what a one-line error quotes of a library's exception."""

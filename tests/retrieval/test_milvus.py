@@ -4,7 +4,6 @@ names the collection, and one-line errors. A test against a Milvus server runs w
 names one (docs/search.md: the official docker compose)."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -31,6 +30,27 @@ def lite(tmp_path_factory):
     close_connections()  # stops the module's Milvus Lite servers
 
 
+@pytest.fixture(scope="module", params=["lite", "server"])
+def uri(request, tmp_path_factory):
+    """Each test of the backend twice: on Milvus Lite (a file) and on the session's Milvus server
+    (tests/conftest.py's `milvus_server`), whose collections this module starts without."""
+    if request.param == "lite":
+        yield request.getfixturevalue("lite")
+        return
+    server = request.getfixturevalue("milvus_server")
+    drop_every_collection(server.uri)
+    yield server.uri
+
+
+def drop_every_collection(uri):
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri)
+    for name in client.list_collections():
+        client.drop_collection(name)
+    client.close()
+
+
 def tied_codes(seed, n, distinct, width):
     """n packed codes drawn from `distinct` codes: nearly every distance is tied, at the k-th too."""
     rng = np.random.default_rng(seed)
@@ -48,10 +68,10 @@ def assert_same_results(faiss_index, milvus_index, queries, k):
             assert set(mi[row][md[row] == distance]) == set(fi[row][fd[row] == distance])
 
 
-def test_a_hand_computed_search_with_ties_in_position_order(lite):
+def test_a_hand_computed_search_with_ties_in_position_order(uri):
     # 8-bit codes; distances to the query 0b00000000 are the popcounts: 1, 0, 1, 2, 0, 1.
     database = np.array([[0b1], [0b0], [0b10000000], [0b11], [0b0], [0b100]], dtype=np.uint8)
-    with MilvusIndex.build(database, bits=8, uri=lite, collection="hand", ids=[10, 11, 12, 13, 14, 15]) as index:
+    with MilvusIndex.build(database, bits=8, uri=uri, collection="hand", ids=[10, 11, 12, 13, 14, 15]) as index:
         distances, ids = index.search(np.zeros((1, 1), dtype=np.uint8), k=4)
         assert distances.tolist() == [[0, 0, 1, 1]] and ids.tolist() == [[11, 14, 10, 12]]
         assert index.remove([14]) == 1
@@ -59,30 +79,36 @@ def test_a_hand_computed_search_with_ties_in_position_order(lite):
         assert distances.tolist() == [[0, 1, 1, 1]] and ids.tolist() == [[11, 10, 12, 15]]
 
 
-@pytest.mark.parametrize(
-    "k, distinct, cap", [(1, 2, 160), (150, 2, 160), (150, 2, None), (10, 25, None), (150, 25, None), (600, 25, None)]
-)
-def test_flat_equals_faiss_flat_including_ties_past_the_window(lite, k, distinct, cap, monkeypatch):
-    database, queries = tied_codes(k + distinct, 900, distinct, 2)  # 16 bits, 900 / distinct copies of each code
+# (k, distinct codes among 900, cap on Milvus's results a query): each case once per backend, on two
+# collections (a collection costs a few seconds on a server).
+TIE_CASES = [(1, 2, 160), (150, 2, 160), (150, 2, None), (10, 25, None), (150, 25, None), (600, 25, None)]
+
+
+def test_flat_equals_faiss_flat_including_ties_past_the_window(uri, monkeypatch):
     completions = []
     complete = MilvusIndex._complete_ties
     monkeypatch.setattr(MilvusIndex, "_complete_ties", lambda self, *a: completions.append(1) or complete(self, *a))
-    if cap is not None:  # Milvus's 16,384 results a query, made small: the ~450 copies at the k-th distance pass it
-        monkeypatch.setattr("dmuh.retrieval.index.milvus.MAX_TOPK", cap)
-    with MilvusIndex.build(database, bits=16, uri=lite, collection=f"ties{k}_{distinct}_{cap}") as milvus:
-        assert_same_results(build_index(database, bits=16), milvus, queries, k)
-    # Without the cap the widened window reaches every code first: no search below a bound is needed.
-    assert bool(completions) == (cap is not None)
+    for distinct in sorted({case[1] for case in TIE_CASES}):
+        database, queries = tied_codes(distinct, 900, distinct, 2)  # 16 bits, 900 / distinct copies of each code
+        faiss_index = build_index(database, bits=16)
+        with MilvusIndex.build(database, bits=16, uri=uri, collection=f"ties{distinct}") as milvus:
+            for k, _, cap in (case for case in TIE_CASES if case[1] == distinct):
+                completions.clear()
+                # Milvus's 16,384 results a query, made small: the ~450 copies at the k-th distance pass it
+                monkeypatch.setattr("dmuh.retrieval.index.milvus.MAX_TOPK", cap or 16384)
+                assert_same_results(faiss_index, milvus, queries, k)
+                # Without the cap the widened window reaches every code first: no search below a bound is needed.
+                assert bool(completions) == (cap is not None), (k, distinct, cap)
 
 
-def test_random_64_bit_codes_add_and_remove_match_faiss(lite):
+def test_random_64_bit_codes_add_and_remove_match_faiss(uri):
     rng = np.random.default_rng(3)
     database = rng.integers(0, 256, size=(3000, 8), dtype=np.uint8)
     extra = rng.integers(0, 256, size=(500, 8), dtype=np.uint8)
     queries = np.concatenate([database[:5], rng.integers(0, 256, size=(10, 8), dtype=np.uint8)])
     names = [f"img/{i}.jpg" for i in range(3000)]
     faiss_index = build_index(database, names=names)
-    with build_index(database, backend="milvus", uri=lite, collection="random64", names=names) as milvus:
+    with build_index(database, backend="milvus", uri=uri, collection="random64", names=names) as milvus:
         assert isinstance(milvus, MilvusIndex) and (milvus.backend, milvus.kind, len(milvus)) == (
             "milvus",
             "flat",
@@ -113,7 +139,7 @@ def test_random_64_bit_codes_add_and_remove_match_faiss(lite):
         assert len(milvus) == len(faiss_index)
 
 
-def test_the_index_file_names_the_collection_and_load_checks_it(lite, tmp_path):
+def test_the_index_file_names_the_collection_and_load_checks_it(uri, tmp_path):
     rng = np.random.default_rng(4)
     database = rng.integers(0, 256, size=(400, 3), dtype=np.uint8)
     names = [f"{i}.png" for i in range(400)]
@@ -122,7 +148,7 @@ def test_the_index_file_names_the_collection_and_load_checks_it(lite, tmp_path):
         database,
         bits=20,
         backend="milvus",
-        uri=lite,
+        uri=uri,
         collection="saved",
         names=names,
         ids=np.arange(400) * 3,
@@ -144,7 +170,7 @@ def test_the_index_file_names_the_collection_and_load_checks_it(lite, tmp_path):
         np.testing.assert_array_equal(before[1], after[1])
         info = loaded.info()
         assert info["backend"] == "milvus" and info["milvus"] == {
-            "uri": lite,
+            "uri": uri,
             "collection": "saved",
             "index_type": "BIN_FLAT",
         }
@@ -153,16 +179,16 @@ def test_the_index_file_names_the_collection_and_load_checks_it(lite, tmp_path):
         with pytest.raises(DmuhError, match="nprobe applies to ivf"):
             loaded.search(database[:1], 3, nprobe=10)
     # Rebuilt in place with --force: the old file names another index now.
-    MilvusIndex.build(database[:10], bits=20, uri=lite, collection="saved", force=True).close()
+    MilvusIndex.build(database[:10], bits=20, uri=uri, collection="saved", force=True).close()
     with pytest.raises(DmuhError, match="was rebuilt after this index file was written"):
         open_index(path)
 
 
-def test_an_add_that_was_not_saved_is_not_part_of_the_index(lite, tmp_path):
+def test_an_add_that_was_not_saved_is_not_part_of_the_index(uri, tmp_path):
     rng = np.random.default_rng(5)
     database = rng.integers(0, 256, size=(100, 2), dtype=np.uint8)
     path = tmp_path / "commit.dmuhidx"
-    with MilvusIndex.build(database, bits=16, uri=lite, collection="commit") as index:
+    with MilvusIndex.build(database, bits=16, uri=uri, collection="commit") as index:
         index.save(path)
     with open_index(path) as interrupted:  # adds, then "crashes" before rewriting the file
         interrupted.add(database[:30])
@@ -195,18 +221,18 @@ def one_line(capsys, argv, needle):
     assert err.count("\n") == 1 and needle in err, err
 
 
-def test_cli_build_add_remove_and_refusals(lite, tmp_path, capsys):
+def test_cli_build_add_remove_and_refusals(uri, tmp_path, capsys):
     rng = np.random.default_rng(6)
     database = rng.integers(0, 256, size=(300, 2), dtype=np.uint8)
     codes = codes_file(tmp_path / "db.npz", database, 16, MODEL)
     index = tmp_path / "photos.dmuhidx"
-    build = ["index", "build", "--codes", codes, "--backend", "milvus", "--uri", lite, "--out", index]
+    build = ["index", "build", "--codes", codes, "--backend", "milvus", "--uri", uri, "--out", index]
     assert main([str(a) for a in build]) == 0
-    assert f"Milvus collection 'photos' at {lite}" in capsys.readouterr().out
+    assert f"Milvus collection 'photos' at {uri}" in capsys.readouterr().out
     one_line(
         capsys,
         [*build[:-2], "--out", tmp_path / "again.dmuhidx", "--collection", "photos"],
-        f"Milvus collection 'photos' at {lite} already exists; pass --force to drop and recreate it",
+        f"Milvus collection 'photos' at {uri} already exists; pass --force to drop and recreate it",
     )
     assert main(["index", "info", str(index), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -255,7 +281,7 @@ def test_cli_build_add_remove_and_refusals(lite, tmp_path, capsys):
     assert all(r["id"] not in (0, 1, 5) for q in report["queries"] for r in q["results"])
 
 
-def test_a_sharded_manifest_streams_into_milvus(lite, tmp_path, capsys):
+def test_a_sharded_manifest_streams_into_milvus(uri, tmp_path, capsys):
     rng = np.random.default_rng(7)
     database = rng.integers(0, 256, size=(250, 2), dtype=np.uint8)
     folder = tmp_path / "shards"
@@ -265,9 +291,7 @@ def test_a_sharded_manifest_streams_into_milvus(lite, tmp_path, capsys):
         shards.append({"file": path.name, "count": len(Codes.load(path)), "sha256": file_sha256(path)})
     write_manifest(folder, shards, 16, 100, MODEL, "digits")
     out = tmp_path / "sharded.dmuhidx"
-    assert (
-        main(["index", "build", "--codes", str(folder), "--backend", "milvus", "--uri", lite, "--out", str(out)]) == 0
-    )
+    assert main(["index", "build", "--codes", str(folder), "--backend", "milvus", "--uri", uri, "--out", str(out)]) == 0
     assert "250 codes of 16 bits" in capsys.readouterr().out
     with open_index(out) as index:
         assert index.names == [f"photo{i}.jpg" for i in range(250)] and index.ids.tolist() == list(range(250))
@@ -314,24 +338,20 @@ def test_bad_uris_and_a_missing_collection_are_one_line_errors(lite, tmp_path, c
     assert not gone.exists()  # loading never creates an empty Milvus Lite file
 
 
-@pytest.mark.skipif(
-    not os.environ.get("DMUH_MILVUS_URI"),
-    reason="set DMUH_MILVUS_URI=http://HOST:19530 to test against a Milvus server (docs/search.md)",
-)
-def test_a_milvus_server_flat_and_ivf():
-    uri = os.environ["DMUH_MILVUS_URI"]
-    database, queries = tied_codes(8, 5000, 400, 8)
-    faiss_flat = build_index(database)
-    with MilvusIndex.build(database, uri=uri, collection="dmuh_test_flat", force=True) as flat:
-        assert_same_results(faiss_flat, flat, queries, 100)
-        flat.remove([0, 1, 2])
-        faiss_flat.remove([0, 1, 2])
-        assert_same_results(faiss_flat, flat, queries, 100)
+def test_a_milvus_server_ivf_with_nlist_and_nprobe_per_search(milvus_server):
+    """BIN_IVF_FLAT on the server (Milvus Lite has BIN_FLAT only; this server version, 2.3.5, has no
+    BIN_HNSW): nprobe is a parameter of each search, and with every list probed the distances are exact."""
+    database, queries = tied_codes(8, 6000, 6000, 8)  # random 64-bit codes: ivf's hard case
+    exact_distances, _ = build_index(database).search(queries, 50)
     with MilvusIndex.build(
-        database, kind="ivf", uri=uri, collection="dmuh_test_ivf", force=True, nlist=16, nprobe=16
-    ) as ivf:  # every list searched: exact distances
-        distances, _ = ivf.search(queries, 50)
-        np.testing.assert_array_equal(distances, build_index(database).search(queries, 50)[0])
+        database, kind="ivf", uri=milvus_server.uri, collection="server_ivf", force=True, nlist=16, nprobe=1
+    ) as ivf:
+        assert ivf.info()["milvus"]["index_type"] == "BIN_IVF_FLAT" and ivf.params == {"nlist": 16, "nprobe": 1}
+        everything, _ = ivf.search(queries, 50, nprobe=16)  # every list: exact distances
+        np.testing.assert_array_equal(everything, exact_distances)
+        one, _ = ivf.search(queries, 50)  # the index's nprobe, 1 of 16 lists: some codes are missed
+        assert (one >= exact_distances).all() and (one > exact_distances).any()
+        assert np.array_equal(ivf.search(queries, 50, nprobe=16)[0], everything)  # nothing was set on the index
 
 
 def test_search_out_onto_the_indexs_milvus_lite_file_is_refused(lite, tmp_path, capsys):
@@ -348,3 +368,21 @@ def test_search_out_onto_the_indexs_milvus_lite_file_is_refused(lite, tmp_path, 
         "is the input of the index's --uri",
     )
     assert file_sha256(lite) == before
+
+
+def test_a_servers_credentials_come_from_the_environment(monkeypatch):
+    """DMUH_MILVUS_TOKEN reaches the server's client (never a flag, never the index file)."""
+    import dmuh.retrieval.index.milvus as backend
+
+    made = []
+
+    class Client:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(backend, "_check_reachable", lambda uri: None)
+    monkeypatch.setattr(backend._pymilvus(), "MilvusClient", Client)
+    monkeypatch.setattr(backend, "_CLIENTS", {})
+    monkeypatch.setenv("DMUH_MILVUS_TOKEN", "reader:secret")
+    backend._open_client("http://milvus.example:19530", create=False)
+    assert made[-1]["uri"] == "http://milvus.example:19530" and made[-1]["token"] == "reader:secret"

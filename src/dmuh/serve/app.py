@@ -24,7 +24,7 @@ import re
 from importlib import resources
 from typing import Any, Dict, Optional
 
-from dmuh.errors import DmuhError
+from dmuh.errors import DmuhError, UnavailableError
 from dmuh.retrieval.service import SearchService
 from dmuh.utils.io import parse_json
 
@@ -266,11 +266,15 @@ def create_app(service: SearchService, threads: int = 4):
         return error(500, f"internal error: {type(exc).__name__}")
 
     async def in_worker(function, *args, **kwargs):
-        """Run a blocking call in the worker pool; a DmuhError is the client's 400."""
+        """Run a blocking call in the worker pool; a DmuhError is the client's 400, an
+        UnavailableError (the index's Milvus server down or loading) a 503: the same request may
+        succeed later, and the next one tries the server again."""
         try:
             return await anyio.to_thread.run_sync(
                 lambda: function(*args, **kwargs), limiter=workers, abandon_on_cancel=True
             )
+        except UnavailableError as exc:
+            raise HTTPException(503, str(exc)) from None
         except DmuhError as exc:
             raise HTTPException(400, str(exc)) from None
 

@@ -29,14 +29,28 @@ distance below the bound is known. A flat result is therefore exactly FAISS flat
 smallest (distance, position) pairs. ivf is approximate: the codes Milvus finds, re-sorted.
 Distances are Milvus's (exact Hamming counts of the stored codes).
 
-Adding inserts rows at positions from the file's next position on, and is committed when the file
-is rewritten (`save`): searches only see positions below the next position the loaded file
-records, and an add that was interrupted before its save leaves rows that the next add deletes
-first. Removing deletes the rows (Milvus deletes are immediate; a search never returns them).
-One writer at a time: two index files naming one collection must not both add.
+Adding inserts rows at positions from the next position on, and is committed by `save`: searches
+only see positions below the commit, so an add that was interrupted before its save (a killed
+`dmuh index add`, a server that went down) is never searched, and the next add deletes its rows
+first; rerunning it therefore ends with each code exactly once (positions are the primary keys and
+only the committed ones count). On Milvus Lite the index file is the commit (its next position). On
+a server the commit is also written into the collection's properties (`dmuh.next_position`,
+`dmuh.next_id`) before the file, and every reader reads it at each search: several `dmuh serve`
+processes (on any machines) over one collection see an add once it is saved, and a copy of the index
+file that is behind still opens at the collection's commit. If a command dies between the
+collection's commit and the file's rename, the add is done (`dmuh index info` counts it). Removing
+deletes the rows at once. One writer at a time: two processes must not add to one collection at
+once (`dmuh index add` locks its index file; writers on other machines must take turns).
+
+Consistency: on a server a Strong read waits for the next time tick (~0.3 s), so searches and
+lookups read at Bounded consistency (what the query nodes have consumed, no wait), and each write
+(an add, a remove, a commit) waits once, with a Strong count, until its rows are visible before it
+returns. A server's credentials come from the environment variable DMUH_MILVUS_TOKEN
+("user:password" or an API key), never from the index file.
 
 pymilvus is imported on first use, and every Milvus failure (connection, a missing collection, a
-refused request) is a one-line DmuhError.
+refused request) is a one-line DmuhError; a server that is down, restarting or still loading the
+collection is an `UnavailableError` (`dmuh serve` answers 503), and the next call connects again.
 """
 
 from __future__ import annotations
@@ -44,9 +58,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import socket
 import threading
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -55,7 +71,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from dmuh.errors import ConfigError, DmuhError, first_line
+from dmuh.errors import ConfigError, DmuhError, UnavailableError, first_line
 from dmuh.retrieval.index.base import (
     CodeIndex,
     SearchParams,
@@ -88,6 +104,39 @@ HITS_PER_REQUEST = 1 << 18  # queries x limit per search request
 ROW_CACHE = 1 << 20  # rows (id, name, code) kept after a lookup
 WINDOW_GROWTH = 8  # how much a flat search widens its window while the k-th distance's codes reach past it
 RETRIES = 3  # pymilvus retries a failed call 75 times by default (minutes on a refused request)
+# A server's credentials ("user:password", or an API key) come from this environment variable: a
+# secret on a command line is visible to every user of the machine, and an index file is shared.
+TOKEN_VARIABLE = "DMUH_MILVUS_TOKEN"
+INDEX_WAIT_S = 600.0
+# A server searches codes in a growing (unflushed) segment by brute force in its own loop, ~8x slower
+# than a sealed BIN_FLAT segment (200,000 codes, measured): a build of this many codes or more is
+# flushed and indexed before it returns (an ivf build always: its lists exist only then).
+SETTLE_ROWS = 10_000  # how long a build on a server waits for Milvus to index the flushed codes
+# The commit of a collection on a server, in its properties: every reader (any process, any
+# machine) searches the positions below it. Milvus Lite has no collection properties: there the
+# index file alone commits.
+NEXT_POSITION_PROPERTY = "dmuh.next_position"
+NEXT_ID_PROPERTY = "dmuh.next_id"
+# Reads see what the query nodes have consumed (Bounded: no wait); a write waits once, with a
+# Strong query, until its rows are visible before it commits or returns (see the module's docstring).
+READ = {"consistency_level": "Bounded"}
+STRONG = {"consistency_level": "Strong"}
+# What pymilvus and gRPC say when the server is down, restarting or still loading the collection:
+# the request may succeed later (UnavailableError, a 503 in `dmuh serve`).
+_UNAVAILABLE = (
+    "unavailable",
+    "failed to connect",
+    "connection refused",
+    "retry timeout",
+    "deadline exceeded",
+    "deadline_exceeded",
+    "not loaded",
+    "not ready",
+    "create connection first",
+    "server unavailable",
+    "socket closed",
+    "connection reset",
+)
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 
 # One client per uri in this process (pymilvus shares one connection per uri anyway), kept open
@@ -140,7 +189,14 @@ def milvus_errors(what: str) -> Iterator[None]:
         with _quiet():
             yield
     except (MilvusException, grpc.RpcError) as error:
-        raise DmuhError(f"{what}: {first_line(error)}") from None
+        line = first_line(error)
+        code = error.code() if isinstance(error, grpc.RpcError) else None
+        text = f"{line} {error}".lower()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or any(
+            needle in text for needle in _UNAVAILABLE
+        ):
+            raise UnavailableError(f"{what}: the Milvus server does not answer now ({line})") from None
+        raise DmuhError(f"{what}: {line}") from None
 
 
 # -- where: the uri and the collection ----------------------------------------------------------
@@ -194,7 +250,7 @@ def _check_reachable(uri: str) -> None:
         socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as error:
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        raise ConfigError(
+        raise UnavailableError(
             f"uri {uri}: cannot reach a Milvus server at {parsed.hostname}:{port} ({reason.lower()})", field="uri"
         ) from None
 
@@ -254,7 +310,8 @@ def _open_client(uri: str, create: bool):
                 ) from None
         try:
             with milvus_errors(f"--uri {uri}"):
-                client = pymilvus.MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT_S)
+                token = os.environ.get(TOKEN_VARIABLE, "") if is_server(uri) else ""
+                client = pymilvus.MilvusClient(uri=uri, token=token, timeout=CONNECT_TIMEOUT_S)
         except DmuhError as error:
             if not is_server(uri) and "Open local milvus failed" in str(error):
                 raise DmuhError(
@@ -280,12 +337,30 @@ def _release(uri: str) -> None:
                 server_manager_instance.release_server(uri)
 
 
+def _drop_client(uri: str, client) -> None:
+    """Forget `client` of a server that stopped answering: the next call opens a new connection
+    (gRPC's own reconnection backs off up to two minutes)."""
+    with _CLIENTS_LOCK:
+        if _CLIENTS.get(uri) is client:
+            _release(uri)
+
+
 def close_connections() -> None:
     """Close every Milvus connection of this process (and stop its Milvus Lite servers); the next
     index opens its own again. Exit does it too."""
     with _CLIENTS_LOCK:
         for uri in list(_CLIENTS):
             _release(uri)
+
+
+def _committed_in(described) -> Tuple[int, int]:
+    """(next position, next id) a server's collection records as committed; (0, 0) where it records
+    none (Milvus Lite, or a collection an older dmuh built)."""
+    properties = (described or {}).get("properties") or {}
+    try:
+        return int(properties.get(NEXT_POSITION_PROPERTY, 0)), int(properties.get(NEXT_ID_PROPERTY, 0))
+    except (TypeError, ValueError):
+        return 0, 0
 
 
 def _code_bytes(value) -> bytes:
@@ -330,8 +405,13 @@ class MilvusIndex(CodeIndex):
         self.next_position = int(next_position)
         self.next_id = int(next_id)
         self.decoder = None
-        self.client = None
+        self.client = None  # None after the server stopped answering: the next call connects again
+        self._closed = False
+        self._connect_lock = threading.Lock()
         self._count = 0
+        self._committed_seen: Optional[int] = None  # the server's commit when `_count` was last counted
+        self._visible_at: Optional[int] = None  # next_position when a Strong query last saw every row
+        self._fresh = False  # a collection this object just created: no rows of an earlier add in it
         self._rows: Dict[int, Tuple[int, str, bytes]] = {}  # position -> (id, name, code), from lookups
         self._all: Optional[Tuple[np.ndarray, np.ndarray, List[str]]] = None  # every (position, id, name)
         self._rows_lock = threading.RLock()  # the two caches above, under concurrent searches
@@ -373,7 +453,12 @@ class MilvusIndex(CodeIndex):
         index.client = _open_client(uri, create=True)
         try:
             index._create(force)
+            index._fresh = True
             index.add(packed, ids, names)
+            if is_server(uri):  # committed; ivf or many codes: sealed and indexed first
+                if kind == "ivf" or n >= SETTLE_ROWS:
+                    index._settle()
+                index._commit()
         except BaseException:
             index.close()
             raise
@@ -383,10 +468,10 @@ class MilvusIndex(CodeIndex):
         pymilvus = _pymilvus()
         where = f"Milvus collection {self.collection!r} at {self.uri}"
         with milvus_errors(where):
-            if self.client.has_collection(self.collection):
+            if self.client.has_collection(self.collection, retry_times=RETRIES):
                 if not force:
                     raise DmuhError(f"{where} already exists; pass --force to drop and recreate it")
-                self.client.drop_collection(self.collection)
+                self.client.drop_collection(self.collection, retry_times=RETRIES)
             description = json.dumps(
                 {
                     "format": DESCRIPTION_FORMAT,
@@ -412,11 +497,26 @@ class MilvusIndex(CodeIndex):
                 metric_type="HAMMING",
                 params={"nlist": self.params["nlist"]} if self.kind == "ivf" else {},
             )
-            # Strong: a search right after an add or a remove sees it.
+            # Strong for what asks for no level (deletes by filter, the row iterator); searches and
+            # lookups ask for Bounded, and each write waits for its rows itself (module docstring).
             self.client.create_collection(
-                self.collection, schema=schema, index_params=index_params, consistency_level="Strong"
+                self.collection, schema=schema, consistency_level="Strong", retry_times=RETRIES
             )
-            self.client.load_collection(self.collection)
+            self.client.create_index(self.collection, index_params, retry_times=RETRIES)
+            self._load()
+
+    def _load(self) -> None:
+        """Load the collection: asked for, then waited for here (pymilvus polls once a second)."""
+        with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: load"):
+            client = self._client()
+            client.load_collection(self.collection, _async=True, retry_times=RETRIES)
+            deadline = time.monotonic() + INDEX_WAIT_S
+            while "Loaded" not in str(client.get_load_state(self.collection, retry_times=RETRIES).get("state")):
+                if time.monotonic() > deadline:
+                    raise UnavailableError(
+                        f"Milvus collection {self.collection!r} at {self.uri}: not loaded in {INDEX_WAIT_S:g} s"
+                    )
+                time.sleep(0.05)
 
     @classmethod
     def from_file(cls, path: Path, header: Dict[str, Any], sections: Dict[str, bytes]) -> "MilvusIndex":
@@ -451,11 +551,11 @@ class MilvusIndex(CodeIndex):
     def _check_collection(self, path: Path) -> None:
         where = f"Milvus collection {self.collection!r} at {self.uri}"
         with milvus_errors(f"{path}: {where}"):
-            if not self.client.has_collection(self.collection):
+            if not self.client.has_collection(self.collection, retry_times=RETRIES):
                 raise DmuhError(
                     f"{path}: {where} not found (dropped? rebuild it with `dmuh index build --backend milvus`)"
                 )
-            described = self.client.describe_collection(self.collection)
+            described = self.client.describe_collection(self.collection, retry_times=RETRIES)
             try:
                 description = parse_json(described.get("description") or "")
             except ValueError:
@@ -475,29 +575,112 @@ class MilvusIndex(CodeIndex):
                 )
             self.meta = dict(description.get("meta") or {})  # the collection's: it is what the codes came from
             self._has_names = bool(description.get("has_names"))
-            self.client.load_collection(self.collection)
-        self._count = self._live_count()
+            self.client.load_collection(self.collection, retry_times=RETRIES)
+            # On a server the collection's commit is the truth: another index file (a replica's copy)
+            # may have added since this file was written.
+            committed = _committed_in(described)
+            self.next_position = max(self.next_position, committed[0])
+            self.next_id = max(self.next_id, committed[1])
+        self._count = self._live_count(self.next_position)
+        self._committed_seen = committed[0]
 
     def close(self) -> None:
         """This index is done with its connection (which stays open for the process's next index
         of the uri; `close_connections` closes them all)."""
+        self._closed = True
         self.client = None
 
     # -- Milvus calls ---------------------------------------------------------------------------
 
-    def _call(self, what: str, method: str, *args, **kwargs):
-        if self.client is None:
+    def _client(self):
+        if self._closed:
             raise DmuhError(f"Milvus collection {self.collection!r} at {self.uri}: this index was closed")
-        with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: {what}"):
-            return getattr(self.client, method)(self.collection, *args, retry_times=RETRIES, **kwargs)
+        client = self.client
+        if client is None:  # the server stopped answering earlier: connect again (a 503 until it answers)
+            with self._connect_lock:
+                if self.client is None:
+                    self.client = _open_client(self.uri, create=False)
+                client = self.client
+        return client
 
-    def _committed(self) -> str:
-        """The filter of the rows the index file knows of (see the module's docstring)."""
-        return f"pos < {self.next_position}"
+    def _call(self, what: str, method: str, *args, **kwargs):
+        client = self._client()
+        try:
+            with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: {what}"):
+                return getattr(client, method)(self.collection, *args, retry_times=RETRIES, **kwargs)
+        except UnavailableError:
+            if is_server(self.uri):
+                _drop_client(self.uri, client)
+                with self._connect_lock:
+                    if self.client is client:
+                        self.client = None
+            raise
 
-    def _live_count(self) -> int:
-        rows = self._call("count", "query", filter=self._committed(), output_fields=["count(*)"])
+    def _bound(self) -> int:
+        """The first position past the committed codes: this object's next position (its own adds
+        included), or on a server the collection's commit when another writer moved it further
+        (then the count is read again)."""
+        if not is_server(self.uri):
+            return self.next_position
+        committed, _ = _committed_in(self._call("read the commit", "describe_collection"))
+        bound = max(self.next_position, committed)
+        if committed != self._committed_seen:
+            self._count = self._live_count(bound)
+            self._committed_seen = committed
+            with self._rows_lock:
+                self._all = None
+        return bound
+
+    def _live_count(self, bound: int, strong: bool = False) -> int:
+        rows = self._call(
+            "count", "query", filter=f"pos < {bound}", output_fields=["count(*)"], **(STRONG if strong else READ)
+        )
         return int(rows[0]["count(*)"])
+
+    def _settle(self) -> None:
+        """Seal the inserted codes and wait until Milvus has indexed them (a server builds
+        BIN_IVF_FLAT's lists per sealed segment; growing segments are searched by brute force)."""
+        self._call("flush", "flush")
+        with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: index"):
+            names = self._client().list_indexes(self.collection, retry_times=RETRIES) or [""]
+        deadline = time.monotonic() + INDEX_WAIT_S
+        while True:
+            state = self._call("index state", "describe_index", index_name=names[0]) or {}
+            if int(state.get("pending_index_rows", 0) or 0) == 0 and str(state.get("state", "Finished")) in (
+                "Finished",
+                "IndexState.Finished",
+                "3",
+            ):
+                break
+            if str(state.get("state")) in ("Failed", "IndexState.Failed", "4"):
+                raise DmuhError(
+                    f"Milvus collection {self.collection!r} at {self.uri}: building the index failed "
+                    f"({state.get('fail_reason') or 'no reason given'})"
+                )
+            if time.monotonic() > deadline:
+                raise UnavailableError(
+                    f"Milvus collection {self.collection!r} at {self.uri}: the index was not built in {INDEX_WAIT_S:g} s"
+                )
+            time.sleep(0.5)
+        # A query node keeps searching a flushed segment's growing copy until it hands over to the
+        # indexed one; loading again takes the indexed segments.
+        self._call("release", "release_collection")
+        self._load()
+
+    def _commit(self) -> None:
+        """Make the positions below `next_position` the committed ones: wait (a Strong query) until
+        they are visible to every search, then, on a server, write the commit into the collection's
+        properties. Nothing past it is searched, so an add that did not get here is invisible."""
+        if self._visible_at != self.next_position:
+            self._count = self._live_count(self.next_position, strong=True)
+            self._visible_at = self.next_position
+        if is_server(self.uri):
+            self._call(
+                "commit",
+                "alter_collection_properties",
+                properties={NEXT_POSITION_PROPERTY: str(self.next_position), NEXT_ID_PROPERTY: str(self.next_id)},
+            )
+            self._committed_seen = self.next_position
 
     def _search(
         self, packed: np.ndarray, limit: int, params: Dict[str, Any], where: str
@@ -515,6 +698,7 @@ class MilvusIndex(CodeIndex):
                 filter=where,
                 search_params=params,
                 anns_field="code",
+                **READ,
             )
             for hits in result:  # pymilvus 2.5 keeps each query's ids and distances as lists too
                 ids = getattr(hits, "ids", None)
@@ -537,9 +721,18 @@ class MilvusIndex(CodeIndex):
         for name in names:
             if len(name.encode("utf-8")) > NAME_LENGTH:
                 raise DmuhError(f"name {name[:60]!r}...: longer than Milvus's {NAME_LENGTH} bytes")
-        # Rows of an add interrupted before its save: not part of the index, and in the way.
-        self._call("clear uncommitted rows", "delete", filter=f"pos >= {self.next_position}")
-        start = self.next_position
+        # Rows of an add interrupted before its commit: not part of the index, and in the way (a
+        # Strong query first, so that rows a killed writer sent just now are seen and deleted too).
+        start = self._bound()
+        self.next_position = start
+        if (
+            not self._fresh
+            and self._call(
+                "find uncommitted rows", "query", filter=f"pos >= {start}", output_fields=["count(*)"], **STRONG
+            )[0]["count(*)"]
+        ):
+            self._call("clear uncommitted rows", "delete", filter=f"pos >= {start}")
+        self._fresh = False
         for offset in range(0, n, INSERT_BATCH):
             stop = min(offset + INSERT_BATCH, n)
             rows = [
@@ -549,27 +742,38 @@ class MilvusIndex(CodeIndex):
             self._call("insert", "insert", data=rows)
         self.next_position = start + n
         self.next_id = max(self.next_id, next_id_after(ids))
-        self._count += n
-        self._all = None
+        with self._rows_lock:
+            self._all = None
+        # Visible to this object's searches (which read at Bounded consistency) before this returns.
+        self._count = self._live_count(self.next_position, strong=True)
+        self._visible_at = self.next_position
 
     def remove(self, ids) -> int:
         """Delete every code whose id is one of `ids`; returns how many were deleted. An id the
         collection does not hold is an error, and then nothing is deleted."""
         wanted = unique_ids(ids)
+        bound = self._bound()
         positions, found = [], []
         for batch in _chunks(wanted.tolist(), LOOKUP_BATCH):
             rows = self._call(
-                "find ids", "query", filter=f"id in {list(batch)} and {self._committed()}", output_fields=["pos", "id"]
+                "find ids",
+                "query",
+                filter=f"id in {list(batch)} and pos < {bound}",
+                output_fields=["pos", "id"],
+                **STRONG,
             )
             positions += [int(row["pos"]) for row in rows]
             found += [int(row["id"]) for row in rows]
         check_ids_known(wanted, np.array(found, dtype=np.int64), f"Milvus collection {self.collection!r}")
         for batch in _chunks(positions, LOOKUP_BATCH):
             self._call("delete", "delete", ids=list(batch))
-        for position in positions:
-            self._rows.pop(position, None)
-        self._count -= len(positions)
-        self._all = None
+        with self._rows_lock:
+            for position in positions:
+                self._rows.pop(position, None)
+            self._all = None
+        # Visible to every search (of any process) before this returns.
+        self._count = self._live_count(self._bound(), strong=True)
+        self._visible_at = self.next_position
         return len(positions)
 
     def ids_named(self, names: Sequence[str]) -> np.ndarray:
@@ -577,11 +781,16 @@ class MilvusIndex(CodeIndex):
         if not self.has_names:
             raise DmuhError("this index holds no names (paths) of its codes; give ids")
         wanted = sorted(set(str(name) for name in names))
+        bound = self._bound()
         ids, seen = [], set()
         for batch in _chunks(wanted, LOOKUP_BATCH):
             literal = "[" + ", ".join(json.dumps(name, ensure_ascii=False) for name in batch) + "]"
             rows = self._call(
-                "find names", "query", filter=f"name in {literal} and {self._committed()}", output_fields=["id", "name"]
+                "find names",
+                "query",
+                filter=f"name in {literal} and pos < {bound}",
+                output_fields=["id", "name"],
+                **STRONG,
             )
             ids += [int(row["id"]) for row in rows]
             seen.update(row["name"] for row in rows)
@@ -611,25 +820,28 @@ class MilvusIndex(CodeIndex):
         positions = np.full((packed.shape[0], k), -1, dtype=np.int64)
         # flat: a window of nearest codes, widened (x WINDOW_GROWTH, all open queries in one request)
         # while the codes at the k-th distance may reach past it; ivf: the k codes Milvus finds.
-        window = k if self.kind == "ivf" else min(len(self), MAX_TOPK, max(2 * k, k + 64))
+        # Fewer codes than the window returned: every code was. (Not len(self): another process may
+        # have added or removed since it was counted.)
+        window = k if self.kind == "ivf" else min(MAX_TOPK, max(2 * k, k + 64))
+        committed = f"pos < {self._bound()}"  # one commit for every request of this search
         pending = np.arange(packed.shape[0])
         while len(pending):
             still = []
-            for q, (d, p) in zip(pending, self._search(packed[pending], window, params, self._committed())):
+            for q, (d, p) in zip(pending, self._search(packed[pending], window, params, committed)):
                 order = np.lexsort((p, d))
                 d, p = d[order], p[order]
-                if self.kind == "flat" and len(p) == window < len(self) and d[-1] == d[k - 1]:
+                if self.kind == "flat" and len(p) == window and d[-1] == d[k - 1]:
                     if window < MAX_TOPK:
                         still.append(q)
                         continue
-                    d, p = self._complete_ties(packed[q : q + 1], d, p, k, params)
+                    d, p = self._complete_ties(packed[q : q + 1], d, p, k, params, committed)
                 distances[q, : min(k, len(p))], positions[q, : min(k, len(p))] = d[:k], p[:k]
             pending = np.array(still, dtype=np.int64)
-            window = min(len(self), MAX_TOPK, window * WINDOW_GROWTH)
+            window = min(MAX_TOPK, window * WINDOW_GROWTH)
         return ordered_by_distance_then_position(distances, positions)
 
     def _complete_ties(
-        self, query: np.ndarray, d: np.ndarray, p: np.ndarray, k: int, params: Dict[str, Any]
+        self, query: np.ndarray, d: np.ndarray, p: np.ndarray, k: int, params: Dict[str, Any], committed: str
     ) -> Tuple[np.ndarray, np.ndarray]:
         """The exact k nearest by (distance, position) when the window ends inside the codes at the
         k-th distance D: every code nearer than D is in the window; the codes at D with the smallest
@@ -639,10 +851,10 @@ class MilvusIndex(CodeIndex):
         nearer = d < kth
         need = k - int(nearer.sum())
         tied = set(p[d == kth].tolist())
-        limit = min(MAX_TOPK, len(self))
+        limit = MAX_TOPK
         while True:
             bound = sorted(tied)[need - 1]  # a better code at D has a smaller position
-            [(dd, pp)] = self._search(query, limit, params, f"pos < {bound}")
+            [(dd, pp)] = self._search(query, limit, params, f"pos < {bound} and {committed}")
             tied.update(pp[dd == kth].tolist())
             if len(pp) < limit or dd.max() > kth:  # every code at D below the bound was returned
                 break
@@ -664,6 +876,7 @@ class MilvusIndex(CodeIndex):
                     "query",
                     filter=f"pos in {list(batch)}",
                     output_fields=["pos", "id", "name", "code"],
+                    **READ,
                 )
                 for row in rows:
                     self._rows[int(row["pos"])] = (int(row["id"]), row["name"], _code_bytes(row["code"]))
@@ -699,15 +912,16 @@ class MilvusIndex(CodeIndex):
 
     def _every_row(self) -> Tuple[np.ndarray, np.ndarray, List[str]]:
         """(positions, ids, names) of every code, by position: one pass over the collection."""
+        bound = self._bound()
         with self._rows_lock:
-            return self._every_row_locked()
+            return self._every_row_locked(bound)
 
-    def _every_row_locked(self) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    def _every_row_locked(self, bound: int) -> Tuple[np.ndarray, np.ndarray, List[str]]:
         if self._all is None:
             positions, ids, names = [], [], []
             with milvus_errors(f"Milvus collection {self.collection!r} at {self.uri}: read every row"):
-                iterator = self.client.query_iterator(
-                    self.collection, batch_size=MAX_TOPK, filter=self._committed(), output_fields=["pos", "id", "name"]
+                iterator = self._client().query_iterator(
+                    self.collection, batch_size=MAX_TOPK, filter=f"pos < {bound}", output_fields=["pos", "id", "name"]
                 )
                 try:
                     while True:
@@ -762,6 +976,7 @@ class MilvusIndex(CodeIndex):
         path = Path(path)
         if path.exists() and not overwrite:
             raise DmuhError(f"{path} already exists; pass --force to replace it")
+        self._commit()  # on a server the collection commits; the file records it
         header = self.info()
         header["milvus"] = {**header["milvus"], "token": self.token, "next_position": self.next_position}
         write_index_file(path, header, decoder_sections(self.decoder))
