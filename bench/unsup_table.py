@@ -87,9 +87,11 @@ def cmd_features(args) -> None:
             -1,
             "--train-map-items",
             0,
+            "--device",
+            args.device,
             threads=args.threads,
         )  # the run is only the encoder
-    encoder = load_encoder(run)
+    encoder = load_encoder(run, args.device)
     source = open_source(args.data)
     images = source.decode(cache_dir=resolve_cache_dir(args.cache_dir))  # the training run's cache, when kept
     features = [
@@ -308,6 +310,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--cache-dir", default="default")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cpu", help="where the backbone runs: cpu or cuda[:N]")
     p.add_argument(
         "--protocol",
         default="cifar10-unsup",
