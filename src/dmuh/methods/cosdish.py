@@ -59,7 +59,7 @@ from dmuh.methods.components.discrete import (
 from dmuh.methods.components.functional import (
     random_sign_codes,
 )
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.utils.schema import Rule
 
@@ -74,7 +74,7 @@ class COSDISH(ShallowMethod):
         "alternations": Param(int, Rule(minimum=1), "alternations of B and W per block (T_alt)"),
         "ridge": Param(float, Rule(above=0.0), "ridge of the out-of-sample regression"),
         "search_starts": Param(int, Rule(minimum=0), "random starts of the discrete code search"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

@@ -34,7 +34,7 @@ from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
 from dmuh.methods.components.functional import random_sign_codes
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.utils.schema import Rule
 
 CENTER_KINDS = ("auto", "hadamard", "bernoulli")
@@ -83,7 +83,7 @@ class CSQ(HashingMethod):
             Rule(choices=CENTER_KINDS),
             "Hadamard rows, Bernoulli draws, or auto (Hadamard when bits is a power of two and classes <= 2 bits)",
         ),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
         "bernoulli_tries": Param(int, Rule(minimum=1), "Bernoulli draws, of which the most spread is kept"),
     }
 

@@ -58,7 +58,7 @@ from dmuh.methods.components.discrete import (
     solve_sampled_codes,
 )
 from dmuh.methods.components.functional import random_sign_codes
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.two_stage import TrainingLabels
 from dmuh.utils.schema import Rule
 
@@ -73,7 +73,7 @@ class DDSH(HashingMethod):
         "columns": Param(int, Rule(minimum=2), "training items sampled as columns per block"),
         "iterations": Param(int, Rule(minimum=1), "epochs between samplings of the columns"),
         "search_starts": Param(int, Rule(minimum=0), "random starts of the discrete code search"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

@@ -31,7 +31,7 @@ import torch
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, register_method
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.methods.components.shallow_toolkit import lite_kmeans
 from dmuh.models.heads import squared_distances
@@ -69,7 +69,7 @@ class DensityHash(ShallowMethod):
         "alpha": Param(float, Rule(above=0.0), "clusters per bit (k-means with round(alpha * bits) clusters)"),
         "neighbours": Param(int, Rule(minimum=1), "nearest centres paired with each centre (r)"),
         "kmeans_iter": Param(int, Rule(minimum=1), "litekmeans rounds"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

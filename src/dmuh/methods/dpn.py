@@ -38,7 +38,7 @@ from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
 from dmuh.methods.components.functional import random_sign_codes
 from dmuh.methods.components.memory import TrainingMemory
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.utils.schema import Rule
 
 MULTI_LABEL_TARGETS = ("merge", "sum")
@@ -56,7 +56,7 @@ class DPN(HashingMethod):
         ),
         "update_every": Param(int, Rule(minimum=0), "epochs between updates of the targets from the codes; 0: never"),
         "update_rate": Param(float, Rule(above=0.0, maximum=1.0), "fraction of a class's codes nearest its target"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

@@ -32,7 +32,7 @@ from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
 from dmuh.methods.components.functional import OUTPUT_KINDS, apply_output, random_sign_codes
 from dmuh.methods.components.memory import LEGACY_MEMORY_KEYS, TrainingMemory
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.utils.schema import Rule
 
 
@@ -47,7 +47,7 @@ class DSDH(HashingMethod):
         "eta": Param(float, Rule(minimum=0.0), "weight of the pull of the codes B to the outputs U"),
         "dcc_iter": Param(int, Rule(minimum=1), "discrete cyclic coordinate passes per B step"),
         "output": Param(str, Rule(choices=OUTPUT_KINDS), "tanh bounds the codes to (-1, 1); linear keeps z"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

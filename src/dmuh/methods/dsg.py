@@ -64,7 +64,7 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import HashingMethod, Requirements, StepInputs, register_method
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.reference import ReferenceFeatures, sample_pair_distances
 from dmuh.utils.schema import Rule
 
@@ -157,7 +157,7 @@ class DSG(HashingMethod):
         "quantization": Param(float, Rule(minimum=0.0), "weight of the quantisation term"),
         "sample_pairs": Param(int, Rule(minimum=1), "pairs sampled to fit the similarity distributions"),
         "kmeans_restarts": Param(int, Rule(minimum=1), "k-means restarts"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

@@ -74,7 +74,7 @@ import torch
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import TreesHead
 from dmuh.utils.schema import Rule
@@ -246,7 +246,7 @@ class FastH(ShallowMethod):
         "block_size": Param(int, Rule(minimum=1), "items per block of the code inference (one min-cut each)"),
         "iterations": Param(int, Rule(minimum=1), "sweeps of the code inference over all blocks"),
         "bins": Param(int, Rule(minimum=2, maximum=255), "histogram bins of the trees (at most 255)"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

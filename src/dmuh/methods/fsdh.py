@@ -27,7 +27,7 @@ import torch
 
 from dmuh.codes.binary import sign
 from dmuh.methods.base import register_method
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.rbf_kernel import RBFKernelMap, checked_sigma, ridge
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import RBFHead
@@ -44,7 +44,7 @@ class FSDH(RBFKernelMap, ShallowMethod):
         "lam": Param(float, Rule(above=0.0), "ridge of the label-to-code regression W"),
         "f_lambda": Param(float, Rule(above=0.0), "ridge of the hash function F"),
         "nu": Param(float, Rule(minimum=0.0), "weight of the fit of B to phi P"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

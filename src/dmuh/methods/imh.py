@@ -34,7 +34,7 @@ import torch
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, register_method
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.methods.components.shallow_toolkit import lite_kmeans
 from dmuh.models.heads import AnchorEmbeddingHead
@@ -52,7 +52,7 @@ class IMH(ShallowMethod):
         "bandwidth": Param(float, Rule(above=0.0), "Gaussian bandwidth of the weights (on squared distances)"),
         "kmeans_iter": Param(int, Rule(minimum=1), "k-means rounds"),
         "perplexity": Param(float, Rule(above=0.0), "t-SNE perplexity"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

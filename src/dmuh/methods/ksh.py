@@ -33,7 +33,7 @@ import torch
 
 from dmuh.codes.binary import sign
 from dmuh.methods.base import register_method
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import RBFHead, squared_distances
 from dmuh.utils.schema import Rule
@@ -104,7 +104,7 @@ class KSH(ShallowMethod):
         "anchors": Param(int, Rule(minimum=1), "RBF anchors"),
         "labelled": Param(int, Rule(minimum=2), "labelled items the pairwise similarities are taken over"),
         "iterations": Param(int, Rule(minimum=0), "accelerated-gradient steps per bit"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

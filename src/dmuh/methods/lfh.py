@@ -63,7 +63,7 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import register_method
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.methods.components.shallow_toolkit import principal_directions
 from dmuh.utils.schema import Rule
@@ -109,7 +109,7 @@ class LFH(ShallowMethod):
         "columns": Param(int, Rule(minimum=1), "sampled columns per update"),
         "iterations": Param(int, Rule(minimum=0), "outer iterations"),
         "lam": Param(float, Rule(above=0.0), "ridge of the out-of-sample regression W"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
         "settings": Param(str, Rule(choices=SETTINGS), "port: TreezzZ/LFH_PyTorch's; authors: LFH_nstop.m's"),
     }
 

@@ -35,7 +35,7 @@ from torch import nn
 from dmuh.codes.binary import sign
 from dmuh.methods.base import HashingMethod, StepInputs, register_method
 from dmuh.methods.components.functional import label_cross_entropy, random_sign_codes
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.utils.schema import Rule
 
 MARGIN_TYPES = ("cos", "arc")
@@ -54,7 +54,7 @@ class OrthoHash(HashingMethod):
         "margin_type": Param(str, Rule(choices=MARGIN_TYPES), "cos: s (cos - m); arc: s cos(angle + m) (ArcFace)"),
         "quantization": Param(float, Rule(minimum=0.0), "weight of the quantisation term"),
         "batch_norm": Param(bool, help="BatchNorm of z before the codes"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

@@ -48,7 +48,7 @@ import torch
 
 from dmuh.codes.binary import sign
 from dmuh.methods.base import register_method
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.rbf_kernel import RBFKernelMap, checked_sigma, ridge
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.models.heads import RBFHead
@@ -94,7 +94,7 @@ class SDH(RBFKernelMap, ShallowMethod):
         "nu": Param(float, Rule(minimum=0.0), "weight of the fit of B to phi P"),
         "dcc_iter": Param(int, Rule(minimum=1), "discrete cyclic coordinate passes"),
         "tol": Param(float, Rule(minimum=0.0), "stop when the objective changes less"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

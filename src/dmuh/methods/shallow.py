@@ -27,7 +27,7 @@ import torch
 from dmuh.codes.binary import sign
 from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, register_method
-from dmuh.methods.components.params import Param
+from dmuh.methods.components.params import SEED, Param
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.methods.components.shallow_toolkit import random_rotation
 from dmuh.utils.schema import Rule
@@ -40,7 +40,7 @@ class ITQ(ShallowMethod):
     requires = Requirements(shallow=True, labels=False)
     hyper_parameters = {
         "iterations": Param(int, Rule(minimum=0), "rotation updates (B, then R)"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, iterations: int = 50, seed: int = 0):
@@ -79,7 +79,7 @@ class LSH(ShallowMethod):
 
     requires = Requirements(shallow=True, labels=False)
     hyper_parameters = {
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(self, bits: int, num_train: int, num_classes: int, seed: int = 0):

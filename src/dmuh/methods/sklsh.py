@@ -31,7 +31,7 @@ import torch
 
 from dmuh.errors import DmuhError
 from dmuh.methods.base import Requirements, register_method
-from dmuh.methods.components.params import Param, check_number
+from dmuh.methods.components.params import SEED, Param, check_number
 from dmuh.methods.components.shallow import ShallowMethod
 from dmuh.methods.components.shallow_toolkit import neighbour_distance_scale
 from dmuh.models.heads import CosineHead
@@ -47,7 +47,7 @@ class SKLSH(ShallowMethod):
     requires = Requirements(shallow=True, labels=False)
     hyper_parameters = {
         "gamma": Param(float, Rule(above=0.0), "Gaussian kernel bandwidth on the scaled data"),
-        "seed": Param(int, Rule(minimum=0), "seed of the random draws"),
+        "seed": SEED,
     }
 
     def __init__(

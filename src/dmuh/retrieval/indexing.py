@@ -47,7 +47,7 @@ def codes_decoder(codes: Codes, run=None):
     if run is None:
         method, recorded = codes.model.get("method"), codes.model.get("run")
         try:
-            trains_decoder = method is not None and method_class(method).requires.decoder
+            trains_decoder = method_class(method).requires.decoder  # a method is recorded (checked above)
         except DmuhError:  # a method this dmuh does not know: no decoder to look for
             trains_decoder = False
         if not trains_decoder or not recorded or not Path(recorded).is_dir():

@@ -126,3 +126,8 @@ def parameter_lines(cls, fixed: Optional[Dict[str, Any]] = None) -> List[str]:
             line += f": {declared[name].allowed()}" + (f"; {declared[name].help}" if declared[name].help else "")
         lines.append(line)
     return lines
+
+
+# A method's own random draws (rotations, centres, anchors, samples). The loop fills it with the run's
+# --seed unless `-p seed=` gives it (`dmuh.engine.builder.method_params_for`).
+SEED = Param(int, Rule(minimum=0), "seed of the random draws")
